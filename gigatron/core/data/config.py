@@ -1,0 +1,114 @@
+"""Data configuration: where the tokens come from and how samples are cut from them.
+
+Field names are Megatron-LM's flag names with ``_`` for ``-``; the string literal under each field
+is its ``--help`` text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+
+@dataclass
+class DataConfig:
+    """Datasets, splits, sample shaping and tokenizer settings."""
+
+    data_path: Optional[list[str]] = None
+    """The weight and prefix list for a set of train, validation, and test datasets which split
+    according to --split. The accepted formats are: (1) a single prefix, (2) a list of weight prefix
+    pairs e.g. weight1 prefix1 weight2 prefix2, (3) a list of prefixes e.g. prefix1 prefix2. For (3),
+    weights are inferred from the lengths of the contributing datasets."""
+
+    split: Optional[str] = None
+    """Comma-separated list of proportions for training, validation, and test split. For example the
+    split `90,5,5` uses 90 percent of the data for training, 5 for validation and 5 for test. Defaults to
+    969, 30, 1 when --data-path is given."""
+
+    train_data_path: Optional[list[str]] = None
+    """The weight and prefix list for an independent train dataset (same formats as --data-path).
+    Cannot be combined with --split."""
+
+    valid_data_path: Optional[list[str]] = None
+    """The weight and prefix list for an independent validation dataset (same formats as
+    --data-path). Cannot be combined with --split."""
+
+    test_data_path: Optional[list[str]] = None
+    """The weight and prefix list for an independent test dataset (same formats as --data-path).
+    Cannot be combined with --split."""
+
+    data_args_path: Optional[str] = None
+    """Path to a file whose whitespace-separated contents are used as --data-path."""
+
+    per_split_data_args_path: Optional[str] = None
+    """Path to a JSON file {"train": [...], "valid": [...], "test": [...]} used as the per-split data
+    paths."""
+
+    data_cache_path: Optional[str] = None
+    """Directory for the cached dataset indices. Defaults to <dataset prefix>/cache/GPTDataset_indices
+    (a folder named after each prefix, as Megatron does)."""
+
+    mock_data: bool = False
+    """Skip data loading and use synthetic documents (for testing and benchmarking)."""
+
+    seq_length: Optional[int] = None
+    """Maximum sequence length to process."""
+
+    reset_position_ids: bool = False
+    """Reset position ids after end-of-document token."""
+
+    reset_attention_mask: bool = False
+    """Reset self attention mask after end-of-document token."""
+
+    eod_mask_loss: bool = False
+    """Mask loss for the end of document tokens."""
+
+    create_attention_mask_in_dataloader: bool = True
+    """Build the [1, s, s] boolean attention mask in the data loader (Megatron:
+    --no-create-attention-mask-in-dataloader turns it off)."""
+
+    mmap_bin_files: bool = True
+    """Memory-map the .bin files (--no-mmap-bin-files reads them with file I/O instead)."""
+
+    num_workers: int = 2
+    """Dataloader number of workers."""
+
+    dataloader_type: Literal["single", "cyclic", "external"] = "single"
+    """Single pass vs multiple pass data loader. `external`: the dataset object is used as the data
+    iterator as is."""
+
+    seed: int = 1234
+    """Random seed used for python, numpy, pytorch, and cuda (and the dataset shuffles)."""
+
+    tokenizer_type: Optional[str] = None
+    """What type of tokenizer to use (GPT2BPETokenizer, BertWordPieceLowerCase, BertWordPieceCase,
+    SentencePieceTokenizer, GPTSentencePieceTokenizer, Llama2Tokenizer, HuggingFaceTokenizer,
+    TikTokenizer, NullTokenizer)."""
+
+    vocab_file: Optional[str] = None
+    """Path to the vocab file."""
+
+    merge_file: Optional[str] = None
+    """Path to the BPE merge file."""
+
+    tokenizer_model: Optional[str] = None
+    """Sentencepiece tokenizer model, HuggingFace model name or directory, or tiktoken JSON file."""
+
+    vocab_size: Optional[int] = None
+    """Size of vocab before EOD or padding (NullTokenizer)."""
+
+    vocab_extra_ids: int = 0
+    """Number of additional vocabulary tokens. They are used for span masking in the T5 model."""
+
+    make_vocab_size_divisible_by: int = 128
+    """Pad the vocab size to be divisible by this value (times the tensor-parallel size). This is
+    added for computational efficiency reasons."""
+
+    tiktoken_pattern: Optional[str] = None
+    """Which tiktoken pre-tokenization pattern to use: v1 or v2."""
+
+    tiktoken_num_special_tokens: int = 1000
+    """Number of special tokens in the tiktoken tokenizer."""
+
+    tiktoken_special_tokens: Optional[list[str]] = None
+    """List of tiktoken special tokens, needs to have ["<unk>", "<s>", "</s>"]."""
