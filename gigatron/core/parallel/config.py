@@ -1,0 +1,54 @@
+"""ParallelConfig: how the ranks of a job are split into tensor, pipeline, context, expert and
+data parallel groups. Field names are Megatron's flag names with `_` for `-`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+__all__ = ["ParallelConfig"]
+
+
+@dataclass
+class ParallelConfig:
+    tensor_model_parallel_size: int = 1
+    """Degree of tensor model parallelism (weights of each layer split across this many ranks)."""
+
+    pipeline_model_parallel_size: int = 1
+    """Degree of pipeline model parallelism (layers split into this many consecutive stages)."""
+
+    context_parallel_size: int = 1
+    """Degree of context parallelism (the sequence split across this many ranks inside attention)."""
+
+    expert_model_parallel_size: int = 1
+    """Degree of expert model parallelism (MoE experts distributed across this many ranks)."""
+
+    expert_tensor_parallel_size: Optional[int] = None
+    """Degree of tensor model parallelism inside experts. Default: the same as
+    --tensor-model-parallel-size."""
+
+    virtual_pipeline_model_parallel_size: Optional[int] = None
+    """Number of virtual pipeline stages (model chunks) per pipeline rank, for the interleaved
+    schedule. Default: no interleaving."""
+
+    sequence_parallel: bool = False
+    """Shard layer norms, dropout and residuals along the sequence across the tensor-parallel ranks
+    (all-gather before and reduce-scatter after each tensor-parallel block). Needs
+    --tensor-model-parallel-size > 1 to have an effect."""
+
+    order: str = "tp-cp-ep-dp-pp"
+    """Order of the parallel dimensions in the rank layout, fastest varying first (Megatron's
+    RankGenerator order). --use-tp-pp-dp-mapping selects tp-cp-ep-pp-dp."""
+
+    distributed_backend: str = "nccl"
+    """Which backend to use for distributed training (nccl on GPU, gloo on CPU)."""
+
+    distributed_timeout_minutes: int = 10
+    """Timeout in minutes for collectives of every process group."""
+
+    @property
+    def effective_expert_tensor_parallel_size(self) -> int:
+        """expert_tensor_parallel_size, or tensor_model_parallel_size when it is None."""
+        if self.expert_tensor_parallel_size is None:
+            return self.tensor_model_parallel_size
+        return self.expert_tensor_parallel_size
