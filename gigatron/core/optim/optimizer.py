@@ -1,0 +1,538 @@
+"""Optimizers over DistributedDataParallel model chunks.
+
+- `FP32Optimizer`: fp32 parameters; the torch optimizer updates them directly from main_grad.
+- `MixedPrecisionOptimizer`: bf16/fp16 parameters; fp32 main copies are what the torch optimizer
+  updates; gradients come from the fp32 main_grad buffers; fp16 uses a loss scaler (unscale,
+  Inf/NaN check agreed over the model-parallel group, skipped step on overflow); after the step the
+  main weights are copied back into the model.
+- `DistributedOptimizer` (distrib_optimizer.py): the same, sharded over data-parallel ranks.
+
+Each keeps a list of entries (model param, flat element range [start, end) of it that this rank
+updates, main param tensor). Non-distributed optimizers own the whole parameter; the distributed
+optimizer owns one contiguous piece. The global grad norm is the L2 norm over every element of the
+model counted once across the job (tensor-parallel duplicates on tp rank 0 only; the tied
+embedding on the first pipeline stage only).
+
+step() returns (update_successful, grad_norm, num_zeros_in_grad).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from gigatron.core.parallel.tags import is_shared_embedding, is_tensor_parallel
+
+from .clip_grads import clip_grads_by_total_norm_fp32, count_zeros_fp32, get_grad_norm_fp32
+from .config import OptimizerConfig
+from .grad_scaler import ConstantGradScaler, DynamicGradScaler, MegatronGradScaler
+
+__all__ = [
+    "MegatronOptimizer",
+    "FP32Optimizer",
+    "MixedPrecisionOptimizer",
+    "get_optimizer",
+    "get_param_groups",
+    "OptimizerStateMismatch",
+    "FULL_STATE_FORMAT",
+]
+
+FULL_STATE_FORMAT = "gigatron-full-optimizer-state/1"
+_STATE_KEYS = {"adam": ("exp_avg", "exp_avg_sq"), "sgd": ("momentum_buffer",)}
+
+
+class OptimizerStateMismatch(ValueError):
+    """A saved optimizer state does not fit this model / optimizer."""
+
+
+@dataclass
+class ParamEntry:
+    """The part of one model parameter this rank's optimizer updates."""
+
+    model_param: torch.nn.Parameter
+    name: str
+    start: int
+    """First flat element of the parameter covered."""
+    end: int
+    """One past the last flat element covered."""
+    main_param: torch.Tensor
+    """fp32 tensor the torch optimizer updates (may be the model parameter itself, or a view)."""
+    group_index: int
+
+
+def _model_param_names(model_chunks) -> dict:
+    """param -> name; names get a `model{i}.` prefix when there are several chunks."""
+    names = {}
+    for i, chunk in enumerate(model_chunks):
+        prefix = f"model{i}." if len(model_chunks) > 1 else ""
+        for name, param in _unwrap(chunk).named_parameters():
+            names.setdefault(param, prefix + name)
+    return names
+
+
+def _unwrap(chunk):
+    return getattr(chunk, "module", chunk)
+
+
+def get_param_groups(
+    model_chunks,
+    no_weight_decay_cond: Optional[Callable[[str, torch.Tensor], bool]] = None,
+    scale_lr_cond: Optional[Callable[[str, torch.Tensor], bool]] = None,
+    lr_mult: float = 1.0,
+) -> list[dict]:
+    """Split trainable parameters into groups keyed by (wd_mult, lr_mult).
+
+    Default: no weight decay on biases and on 1-D parameters (norm weights). `scale_lr_cond`
+    selects parameters whose lr is multiplied by `lr_mult`. Each group dict has 'params' (model
+    params), 'wd_mult', 'lr_mult' and 'names'."""
+    names = _model_param_names(model_chunks)
+    groups: dict[tuple, dict] = {}
+    seen: set = set()
+    for chunk in model_chunks:
+        for param in _unwrap(chunk).parameters():
+            if not param.requires_grad or param in seen:
+                continue
+            seen.add(param)
+            name = names[param]
+            if no_weight_decay_cond is not None:
+                no_wd = bool(no_weight_decay_cond(name, param))
+            else:
+                no_wd = name.endswith(".bias") or param.dim() == 1
+            scaled = bool(scale_lr_cond(name, param)) if scale_lr_cond is not None else False
+            key = (0.0 if no_wd else 1.0, lr_mult if scaled else 1.0)
+            group = groups.setdefault(key, {"params": [], "names": [], "wd_mult": key[0], "lr_mult": key[1]})
+            group["params"].append(param)
+            group["names"].append(name)
+    return list(groups.values())
+
+
+def _make_torch_optimizer(config: OptimizerConfig, groups: list[dict], device: torch.device):
+    """torch AdamW (fused on CUDA, foreach otherwise) or SGD over `groups` of main params."""
+    torch_groups = [
+        {
+            "params": g["params"],
+            "wd_mult": g["wd_mult"],
+            "lr_mult": g["lr_mult"],
+            "lr": config.lr * g["lr_mult"],
+            "weight_decay": config.weight_decay * g["wd_mult"],
+        }
+        for g in groups
+    ]
+    if config.optimizer == "adam":
+        kwargs: dict[str, Any] = dict(lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
+                                      eps=config.adam_eps, weight_decay=config.weight_decay)
+        if device.type == "cuda":
+            kwargs["fused"] = True
+        else:
+            kwargs["foreach"] = True
+        return torch.optim.AdamW(torch_groups, **kwargs)
+    return torch.optim.SGD(torch_groups, lr=config.lr, weight_decay=config.weight_decay,
+                           momentum=config.sgd_momentum, foreach=True)
+
+
+def _make_grad_scaler(config: OptimizerConfig, device) -> Optional[MegatronGradScaler]:
+    """fp16: constant scaler with --loss-scale, else dynamic; bf16: constant only if --loss-scale."""
+    if config.loss_scale is not None and (config.fp16 or config.bf16):
+        return ConstantGradScaler(config.loss_scale, device=device)
+    if config.fp16:
+        return DynamicGradScaler(
+            initial_scale=config.initial_loss_scale,
+            min_scale=config.min_loss_scale,
+            growth_factor=2.0,
+            backoff_factor=0.5,
+            growth_interval=int(config.loss_scale_window),
+            hysteresis=config.hysteresis,
+            device=device,
+        )
+    return None
+
+
+class MegatronOptimizer:
+    """Common machinery; subclasses build `self.entries` and the torch optimizer."""
+
+    def __init__(self, config: OptimizerConfig, model_chunks, groups,
+                 grad_scaler: Optional[MegatronGradScaler] = None) -> None:
+        if config.lr is None:
+            raise ValueError("OptimizerConfig.lr (--lr) is required")
+        for chunk in model_chunks:
+            if not hasattr(chunk, "grad_buffers") or not hasattr(chunk, "zero_grad_buffer"):
+                raise ValueError(
+                    "get_optimizer needs model chunks wrapped in "
+                    "gigatron.core.distributed.DistributedDataParallel (they provide main_grad)"
+                )
+        self.config = config
+        self.model_chunks = list(model_chunks)
+        self.groups = groups
+        self.grad_scaler = grad_scaler
+        self.device = next(iter(_unwrap(self.model_chunks[0]).parameters())).device
+        self.entries: list[ParamEntry] = []
+        self.optimizer = None  # set by subclasses
+        self._one = torch.ones(1, dtype=torch.float32, device=self.device)
+
+    # ------------------------------------------------------------ public API
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.optimizer.param_groups
+
+    @property
+    def state(self):
+        return self.optimizer.state
+
+    def get_loss_scale(self) -> torch.Tensor:
+        return self.grad_scaler.scale if self.grad_scaler is not None else self._one
+
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss * self.get_loss_scale()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for chunk in self.model_chunks:
+            chunk.zero_grad_buffer()
+        for entry in self.entries:
+            entry.main_param.grad = None
+
+    @torch.no_grad()
+    def step(self) -> tuple[bool, Optional[float], Optional[int]]:
+        """Unscale / check, clip, update, copy back. Returns (update_successful, grad_norm,
+        num_zeros_in_grad); (False, None, None) when the loss scaler found Inf/NaN."""
+        try:
+            return self._step()
+        finally:
+            # Drop the .grad aliases of main_grad, so that a later backward cannot accumulate
+            # into the buffer through them.
+            for entry in self.entries:
+                entry.main_param.grad = None
+
+    def _step(self) -> tuple[bool, Optional[float], Optional[int]]:
+        self._before_step()
+        self._copy_model_grads_to_main_grads()
+        if self.grad_scaler is not None:
+            found_inf = self._unscale_main_grads_and_check_for_nan()
+            self.grad_scaler.update(found_inf)
+            if found_inf:
+                return False, None, None
+        grads_for_norm = self._main_grads_for_norm()
+        grad_norm = get_grad_norm_fp32(grads_for_norm, self._grad_stats_groups(), device=self.device)
+        if self.config.clip_grad > 0.0:
+            clip_grads_by_total_norm_fp32(self._main_grads(), self.config.clip_grad, grad_norm)
+        num_zeros = None
+        if self.config.log_num_zeros_in_grad:
+            num_zeros = count_zeros_fp32(grads_for_norm, self._grad_stats_groups(), device=self.device)
+        self.optimizer.step()
+        self._copy_main_params_to_model_params()
+        self._after_step()
+        return True, grad_norm, num_zeros
+
+    @torch.no_grad()
+    def reload_model_params(self) -> None:
+        """Copy the model's parameters into the fp32 main params. Call after loading model weights
+        into an existing optimizer without its state (e.g. --no-load-optim, --finetune); otherwise
+        the next step would write the stale main params back over the loaded weights."""
+        for entry in self.entries:
+            if entry.main_param is entry.model_param:
+                continue
+            source = entry.model_param.detach().reshape(-1)[entry.start:entry.end]
+            if source.data_ptr() != entry.main_param.data_ptr():
+                entry.main_param.copy_(source.view_as(entry.main_param))
+
+    # ------------------------------------------------------------ hooks for subclasses
+    def _before_step(self) -> None:
+        pass
+
+    def _after_step(self) -> None:
+        pass
+
+    def _copy_model_grads_to_main_grads(self) -> None:
+        for entry in self.entries:
+            grad = entry.model_param.main_grad
+            entry.main_param.grad = grad if grad.dtype == entry.main_param.dtype else grad.to(entry.main_param.dtype)
+
+    def _copy_main_params_to_model_params(self) -> None:
+        for entry in self.entries:
+            if entry.main_param is not entry.model_param:
+                entry.model_param.data.copy_(entry.main_param)
+
+    def _grad_stats_groups(self) -> list:
+        """Process groups over which grad norm / inf checks are combined."""
+        return [self.groups.mp.group]
+
+    def _counts_for_norm(self, param) -> bool:
+        if not (is_tensor_parallel(param) or self.groups.tp.rank <= 0):
+            return False
+        if is_shared_embedding(param) and self.groups.pp.rank > 0:
+            return False
+        return True
+
+    def _main_grads(self) -> list:
+        return [e.main_param.grad for e in self.entries if e.main_param.grad is not None]
+
+    def _main_grads_for_norm(self) -> list:
+        return [e.main_param.grad for e in self.entries
+                if e.main_param.grad is not None and self._counts_for_norm(e.model_param)]
+
+    def _unscale_main_grads_and_check_for_nan(self) -> bool:
+        """Divide main grads by the loss scale; True if any rank of the stats groups found Inf/NaN."""
+        grads = self._main_grads()
+        found_inf = torch.zeros(1, dtype=torch.float32, device=self.device)
+        inv_scale = self.grad_scaler.inv_scale.to(self.device)
+        if grads:
+            try:
+                torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, inv_scale)
+            except (RuntimeError, NotImplementedError):
+                torch._foreach_mul_(grads, inv_scale)
+                for g in grads:
+                    found_inf = torch.maximum(found_inf, (~torch.isfinite(g)).any().float().reshape(1))
+        for group in self._grad_stats_groups():
+            if group is not None:
+                dist.all_reduce(found_inf, op=dist.ReduceOp.MAX, group=group)
+        return bool(found_inf.item() > 0)
+
+    # ------------------------------------------------------------ full (layout-free) state
+    def _optimizer_kind(self) -> str:
+        return "adam" if isinstance(self.optimizer, torch.optim.AdamW) else "sgd"
+
+    def _full_state_group(self):
+        """Group over which pieces of one parameter are spread (None: the rank owns it whole)."""
+        return None
+
+    def state_dict_for_save(self) -> dict[str, Any]:
+        """Optimizer state keyed by parameter name with whole fp32 tensors (main param and the
+        optimizer's per-element states), independent of data-parallel sharding. Collective over
+        the data-parallel group for the distributed optimizer (call it on every rank)."""
+        kind = self._optimizer_kind()
+        state_keys = _STATE_KEYS[kind]
+        by_param: dict = {}
+        for entry in self.entries:
+            by_param.setdefault(entry.model_param, []).append(entry)
+        group = self._full_state_group()
+        step, initialized = 0, 0
+        for st in self.optimizer.state.values():
+            initialized = max(initialized, int(bool(st)))
+            if "step" in st:
+                step = max(step, int(float(st["step"])))
+        # [step, whether any state exists yet], agreed over the ranks sharing the parameters
+        step_t = torch.tensor([float(step), float(initialized)], dtype=torch.float64, device=self.device)
+        if group is not None:
+            dist.all_reduce(step_t, op=dist.ReduceOp.MAX, group=group)
+        params: dict[str, dict] = {}
+        for name, param in self._named_model_params():
+            n = param.numel()
+            flat = torch.zeros((1 + len(state_keys)) * n, dtype=torch.float32, device=self.device)
+            pieces = flat.view(1 + len(state_keys), n)  # [main param; states...] x elements
+            for entry in by_param.get(param, []):
+                pieces[0, entry.start:entry.end].copy_(entry.main_param.reshape(-1))
+                st = self.optimizer.state.get(entry.main_param, {})
+                for k, key in enumerate(state_keys):
+                    value = st.get(key)
+                    if value is not None:
+                        pieces[1 + k, entry.start:entry.end].copy_(value.reshape(-1))
+            if group is not None:
+                dist.all_reduce(flat, group=group)
+            record = {"param": pieces[0].view(param.shape).cpu().clone()}
+            for k, key in enumerate(state_keys):
+                record[key] = pieces[1 + k].view(param.shape).cpu().clone()
+            params[name] = record
+        return {
+            "format": FULL_STATE_FORMAT,
+            "optimizer": kind,
+            "step": int(step_t[0].item()),
+            "initialized": bool(step_t[1].item()),
+            "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups],
+            "grad_scaler": self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
+            "params": params,
+        }
+
+    def _named_model_params(self) -> list:
+        names = _model_param_names(self.model_chunks)
+        seen, out = set(), []
+        for chunk in self.model_chunks:
+            for param in _unwrap(chunk).parameters():
+                if param.requires_grad and param not in seen:
+                    seen.add(param)
+                    out.append((names[param], param))
+        return out
+
+    @torch.no_grad()
+    def load_state_dict_from_full(self, full: dict[str, Any]) -> None:
+        """Load a state_dict_for_save() result, taking this rank's pieces (any dp size)."""
+        if full.get("format") != FULL_STATE_FORMAT:
+            raise OptimizerStateMismatch(f"not a full optimizer state (format {full.get('format')!r})")
+        kind = self._optimizer_kind()
+        if full["optimizer"] != kind:
+            raise OptimizerStateMismatch(
+                f"checkpoint holds {full['optimizer']} optimizer state but --optimizer is {kind}; "
+                "use the same optimizer or skip loading it (--no-load-optim)"
+            )
+        saved = full["params"]
+        missing = [name for name, _ in self._named_model_params() if name not in saved]
+        if missing:
+            raise OptimizerStateMismatch(
+                f"checkpoint has no optimizer state for {len(missing)} parameters, e.g. {missing[:3]}; "
+                "is it from a different model? (--no-load-optim skips the optimizer state)"
+            )
+        self._load_param_group_hparams(full["param_groups"])
+        step = int(full["step"])
+        initialized = bool(full.get("initialized", step > 0))
+        state_keys = _STATE_KEYS[kind]
+        for entry in self.entries:
+            record = saved[entry.name]
+            if tuple(record["param"].shape) != tuple(entry.model_param.shape):
+                raise OptimizerStateMismatch(
+                    f"optimizer state of {entry.name} has shape {tuple(record['param'].shape)}, the "
+                    f"model's is {tuple(entry.model_param.shape)}"
+                )
+            piece = record["param"].reshape(-1)[entry.start:entry.end]
+            entry.main_param.copy_(piece.view_as(entry.main_param))
+            self.optimizer.state.pop(entry.main_param, None)
+            if initialized:
+                group = self.optimizer.param_groups[entry.group_index]
+                st: dict[str, Any] = {}
+                on_device = group.get("fused") or group.get("capturable")
+                if kind == "adam":
+                    st["step"] = torch.tensor(float(step), dtype=torch.float32,
+                                              device=self.device if on_device else "cpu")
+                for key in state_keys:
+                    st[key] = record[key].reshape(-1)[entry.start:entry.end].to(
+                        self.device, torch.float32).view_as(entry.main_param).clone()
+                self.optimizer.state[entry.main_param] = st
+        if self.grad_scaler is not None and full.get("grad_scaler"):
+            self.grad_scaler.load_state_dict(full["grad_scaler"])
+        self._copy_main_params_to_model_params()
+        self._after_load()
+
+    def _after_load(self) -> None:
+        pass
+
+    def _load_param_group_hparams(self, saved_groups: list[dict]) -> None:
+        groups = self.optimizer.param_groups
+        if len(saved_groups) != len(groups):
+            raise OptimizerStateMismatch(
+                f"checkpoint has {len(saved_groups)} optimizer param groups, this model has {len(groups)}"
+            )
+        for group, saved in zip(groups, saved_groups):
+            for key, value in saved.items():
+                if key in ("params", "names"):
+                    continue
+                group[key] = value
+
+    # ------------------------------------------------------------ Megatron-layout state
+    def state_dict(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+
+class FP32Optimizer(MegatronOptimizer):
+    """fp32 parameters: the torch optimizer updates the model parameters in place."""
+
+    def __init__(self, config: OptimizerConfig, model_chunks, groups, param_groups: list[dict]) -> None:
+        super().__init__(config, model_chunks, groups, grad_scaler=None)
+        main_groups = []
+        for gi, g in enumerate(param_groups):
+            for param, name in zip(g["params"], g["names"]):
+                self.entries.append(ParamEntry(param, name, 0, param.numel(), param, gi))
+            main_groups.append({**g, "params": list(g["params"])})
+        self.optimizer = _make_torch_optimizer(config, main_groups, self.device)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("format") == FULL_STATE_FORMAT:
+            self.load_state_dict_from_full(state_dict)
+        else:
+            self.optimizer.load_state_dict(state_dict)
+
+
+class MixedPrecisionOptimizer(MegatronOptimizer):
+    """bf16/fp16 parameters with fp32 main copies (fp32 parameters among them are used directly)."""
+
+    def __init__(self, config: OptimizerConfig, model_chunks, groups, param_groups: list[dict],
+                 grad_scaler: Optional[MegatronGradScaler]) -> None:
+        super().__init__(config, model_chunks, groups, grad_scaler=grad_scaler)
+        main_groups = []
+        for gi, g in enumerate(param_groups):
+            mains = []
+            for param, name in zip(g["params"], g["names"]):
+                if param.dtype == torch.float32:
+                    main = param
+                else:
+                    main = param.detach().clone().float()
+                self.entries.append(ParamEntry(param, name, 0, param.numel(), main, gi))
+                mains.append(main)
+            main_groups.append({**g, "params": mains})
+        self.optimizer = _make_torch_optimizer(config, main_groups, self.device)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Megatron's layout: inner optimizer state, fp32 main params per group, grad scaler."""
+        sd: dict[str, Any] = {"optimizer": self.optimizer.state_dict()}
+        if self.grad_scaler is not None:
+            sd["grad_scaler"] = self.grad_scaler.state_dict()
+        sd["fp32_from_fp16_params"] = [list(g["params"]) for g in self.optimizer.param_groups]
+        return sd
+
+    @torch.no_grad()
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("format") == FULL_STATE_FORMAT:
+            self.load_state_dict_from_full(state_dict)
+            return
+        self.optimizer.load_state_dict(state_dict["optimizer"])
+        if self.grad_scaler is not None and state_dict.get("grad_scaler"):
+            self.grad_scaler.load_state_dict(state_dict["grad_scaler"])
+        saved_groups = state_dict["fp32_from_fp16_params"]
+        if len(saved_groups) != len(self.optimizer.param_groups):
+            raise OptimizerStateMismatch("number of main-parameter groups differs from the checkpoint")
+        for group, saved in zip(self.optimizer.param_groups, saved_groups):
+            if len(group["params"]) != len(saved):
+                raise OptimizerStateMismatch("number of main parameters differs from the checkpoint")
+            for main, value in zip(group["params"], saved):
+                main.copy_(value)
+        self._copy_main_params_to_model_params()
+
+
+def get_optimizer(
+    config: OptimizerConfig,
+    model_chunks,
+    groups,
+    no_weight_decay_cond: Optional[Callable[[str, torch.Tensor], bool]] = None,
+    scale_lr_cond: Optional[Callable[[str, torch.Tensor], bool]] = None,
+    lr_mult: float = 1.0,
+) -> MegatronOptimizer:
+    """Build the optimizer for `model_chunks` (DistributedDataParallel-wrapped).
+
+    fp32 params -> FP32Optimizer; --bf16/--fp16 -> MixedPrecisionOptimizer;
+    --use-distributed-optimizer -> DistributedOptimizer (the chunks must use it too)."""
+    model_chunks = list(model_chunks)
+    if not model_chunks:
+        raise ValueError("get_optimizer needs at least one model chunk")
+    for chunk in model_chunks:
+        ddp_config = getattr(chunk, "ddp_config", None)
+        if ddp_config is None:
+            raise ValueError("get_optimizer needs model chunks wrapped in DistributedDataParallel")
+        if bool(ddp_config.use_distributed_optimizer) != bool(config.use_distributed_optimizer):
+            raise ValueError(
+                "--use-distributed-optimizer must be set in both DDPConfig and OptimizerConfig "
+                f"(DDP: {ddp_config.use_distributed_optimizer}, optimizer: {config.use_distributed_optimizer})"
+            )
+    param_groups = get_param_groups(model_chunks, no_weight_decay_cond, scale_lr_cond, lr_mult)
+    if not param_groups:
+        raise ValueError("get_optimizer: the model has no trainable parameters")
+    device = param_groups[0]["params"][0].device
+    dtypes = {p.dtype for g in param_groups for p in g["params"]}
+    unexpected = dtypes - {torch.float32, config.params_dtype}
+    if unexpected:
+        raise ValueError(
+            f"model parameters are {sorted(map(str, unexpected))} but the optimizer expects "
+            f"{config.params_dtype} (--bf16={config.bf16}, --fp16={config.fp16}); build the model and "
+            "the optimizer with the same precision flags"
+        )
+    if config.use_distributed_optimizer:
+        from .distrib_optimizer import DistributedOptimizer
+
+        return DistributedOptimizer(config, model_chunks, groups, param_groups, _make_grad_scaler(config, device))
+    if config.bf16 or config.fp16 or dtypes != {torch.float32}:
+        return MixedPrecisionOptimizer(config, model_chunks, groups, param_groups, _make_grad_scaler(config, device))
+    return FP32Optimizer(config, model_chunks, groups, param_groups)
