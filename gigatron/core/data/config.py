@@ -112,3 +112,20 @@ class DataConfig:
 
     tiktoken_special_tokens: Optional[list[str]] = None
     """List of tiktoken special tokens, needs to have ["<unk>", "<s>", "</s>"]."""
+
+    mask_prob: float = 0.15
+    """Probability of replacing a token with mask (BERT and T5 masked-language-model data)."""
+
+    short_seq_prob: float = 0.1
+    """Probability of producing a short sequence (BERT and T5 sample packing)."""
+
+    encoder_seq_length: Optional[int] = None
+    """Maximum encoder sequence length to process (T5). Defaults to --seq-length."""
+
+    decoder_seq_length: Optional[int] = None
+    """Maximum decoder sequence length to process (T5)."""
+
+    bert_binary_head: bool = True
+    """Train BERT with the sentence-order binary head: samples hold two segments and a label saying
+    whether they were swapped (Megatron: --bert-no-binary-head turns it off; samples then hold one
+    segment and documents of a single sentence are used too)."""
