@@ -15,6 +15,7 @@ import json
 import os
 import pkgutil
 import pydoc
+import re
 import sys
 import warnings
 
@@ -46,6 +47,9 @@ def _module_names():
     return sorted(names)
 
 
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
 @contextlib.contextmanager
 def _quiet():
     with warnings.catch_warnings():
@@ -61,7 +65,8 @@ def render_module(name):
             obj = pydoc.locate(name)
             if obj is None:
                 return None
-            return pydoc.render_doc(obj, title="Python Library Documentation: %s", renderer=pydoc.plaintext)
+            text = pydoc.render_doc(obj, title="Python Library Documentation: %s", renderer=pydoc.plaintext)
+            return _ADDRESS.sub("", text)  # object reprs carry memory addresses that differ per run
     except BaseException:  # noqa: BLE001
         return None
 
