@@ -1,0 +1,275 @@
+"""The loader -> saver protocol of checkpoint conversion.
+
+A loader produces a stream of messages, a saver consumes it. Each message is a pair
+``(name, payload)``:
+
+    ("metadata", md)                         the model description (a plain dict, see below)
+    ("embeddings", tensors)                  embedding.word_embeddings.weight [V, h]
+                                             (+ embedding.position_embeddings.weight [P, h])
+    ("transformer layer {i}", tensors)       every tensor of decoder layer i (global number)
+    ("final norm", tensors)                  decoder.final_layernorm.*
+    ("output layer", tensors)                output_layer.weight [V, h] (untied models only)
+    ("done", {})
+
+Tensors are keyed by Gigatron's (Megatron-Core's) parameter names with the GLOBAL layer number
+and are full logical tensors (see gigatron/core/convert/layout.py): the grouped QKV layout,
+SwiGLU fc1 as [gate; up], vocabulary tensors with the true vocabulary (no padding rows).
+
+The metadata dict holds Megatron's flag names for the model shape (`MODEL_FLAGS`) plus:
+``true_vocab_size``, ``make_vocab_size_divisible_by``, the tokenizer flags (``tokenizer_type``,
+``vocab_file``, ``merge_file``, ``tokenizer_model``, ``vocab_size``), ``tokenizer_dir`` (a folder
+whose tokenizer files a saver copies, or None), ``params_dtype`` (a dtype name), ``iteration``
+(None for a model that never trained here: saved as ``release``), the consumed-sample counts,
+and ``hf_config`` (the HuggingFace config.json the model came from, or None).
+
+`run_conversion` runs a loader in a background thread that feeds a bounded queue
+(``--max-queue-size`` messages) while the saver consumes it in the calling thread, so reading
+and writing overlap and at most that many messages wait in memory.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
+
+import torch
+
+__all__ = [
+    "Message",
+    "MODEL_FLAGS",
+    "ConversionError",
+    "layer_message",
+    "expected_tensors",
+    "message_sequence",
+    "state_to_messages",
+    "MessageReader",
+    "collect_state",
+    "run_conversion",
+    "transformer_config_from_metadata",
+    "dtype_from_name",
+    "dtype_name",
+]
+
+Message = Tuple[str, Dict[str, Any]]
+
+# Model-shape flags carried in the metadata (Megatron's flag names, TransformerConfig fields).
+MODEL_FLAGS = (
+    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "kv_channels",
+    "group_query_attention", "num_query_groups", "seq_length", "max_position_embeddings",
+    "position_embedding_type", "rotary_base", "rotary_percent", "rotary_interleaved", "normalization",
+    "norm_epsilon", "apply_layernorm_1p", "swiglu", "squared_relu", "openai_gelu", "add_bias_linear",
+    "add_qkv_bias", "qk_layernorm", "untie_embeddings_and_output_weights", "attention_dropout",
+    "hidden_dropout",
+)
+
+
+class ConversionError(ValueError):
+    """A checkpoint cannot be converted (unsupported feature, missing or unexpected tensors)."""
+
+
+def layer_message(i: int) -> str:
+    return f"transformer layer {i}"
+
+
+def _norm_names(prefix: str, md: dict) -> List[str]:
+    names = [prefix + ".weight"]
+    if md["normalization"] == "LayerNorm":
+        names.append(prefix + ".bias")
+    return names
+
+
+def expected_tensors(md: dict) -> Dict[str, List[str]]:
+    """Message name -> the tensor names that message must carry for the model `md` describes."""
+    bias = bool(md["add_bias_linear"])
+    out: Dict[str, List[str]] = {}
+    emb = ["embedding.word_embeddings.weight"]
+    if md["position_embedding_type"] == "learned_absolute":
+        emb.append("embedding.position_embeddings.weight")
+    out["embeddings"] = emb
+    for i in range(md["num_layers"]):
+        p = f"decoder.layers.{i}"
+        names = _norm_names(p + ".input_layernorm", md)
+        names.append(p + ".self_attention.linear_qkv.weight")
+        if bias or md.get("add_qkv_bias"):
+            names.append(p + ".self_attention.linear_qkv.bias")
+        if md.get("qk_layernorm"):
+            names += _norm_names(p + ".self_attention.q_layernorm", md)
+            names += _norm_names(p + ".self_attention.k_layernorm", md)
+        names.append(p + ".self_attention.linear_proj.weight")
+        if bias:
+            names.append(p + ".self_attention.linear_proj.bias")
+        names += _norm_names(p + ".pre_mlp_layernorm", md)
+        names.append(p + ".mlp.linear_fc1.weight")
+        if bias:
+            names.append(p + ".mlp.linear_fc1.bias")
+        names.append(p + ".mlp.linear_fc2.weight")
+        if bias:
+            names.append(p + ".mlp.linear_fc2.bias")
+        out[layer_message(i)] = names
+    out["final norm"] = _norm_names("decoder.final_layernorm", md)
+    if md["untie_embeddings_and_output_weights"]:
+        out["output layer"] = ["output_layer.weight"]
+    return out
+
+
+def message_sequence(md: dict) -> List[str]:
+    """The message names in the order a loader sends them (after "metadata", before "done")."""
+    return list(expected_tensors(md))
+
+
+def state_to_messages(md: dict, tensors: Dict[str, torch.Tensor]) -> Iterator[Message]:
+    """Messages for a model held as one dict of full tensors."""
+    yield "metadata", md
+    for name, names in expected_tensors(md).items():
+        missing = [n for n in names if n not in tensors]
+        if missing:
+            raise ConversionError(f"the checkpoint lacks {', '.join(missing[:6])} (needed for '{name}')")
+        yield name, {n: tensors[n] for n in names}
+    yield "done", {}
+
+
+class MessageReader:
+    """Reads a message stream and checks it against the metadata.
+
+    Missing tensors are always an error (the saved model would be broken). With `checking`, the
+    message order must be the expected one and a message must not carry tensors the model does not
+    have; without it (--no-checking) such extra tensors are dropped."""
+
+    def __init__(self, messages: Iterable[Message], checking: bool = True):
+        self._it = iter(messages)
+        self.checking = checking
+        name, md = self._next()
+        if name != "metadata":
+            raise ConversionError(f"the loader's first message is '{name}', expected 'metadata'")
+        self.md = md
+        self._expected = expected_tensors(md)
+        self._order = list(self._expected)
+
+    def _next(self) -> Message:
+        try:
+            return next(self._it)
+        except StopIteration:
+            raise ConversionError("the loader stopped before sending 'done'") from None
+
+    def __iter__(self) -> Iterator[Message]:
+        seen = set()
+        while True:
+            name, payload = self._next()
+            if name == "done":
+                missing = [n for n in self._order if n not in seen]
+                if missing:
+                    raise ConversionError(f"the loader finished without sending {missing[:4]}")
+                return
+            if name not in self._expected:
+                raise ConversionError(f"unexpected message '{name}' for a model with {self.md['num_layers']} "
+                                      "layers; the loader and the metadata disagree")
+            if name in seen:
+                raise ConversionError(f"message '{name}' was sent twice")
+            if self.checking:
+                position = len(seen)
+                if self._order[position] != name:
+                    raise ConversionError(f"message '{name}' arrived where '{self._order[position]}' was expected "
+                                          "(use --no-checking to accept another order)")
+            seen.add(name)
+            wanted = self._expected[name]
+            missing = [n for n in wanted if n not in payload]
+            if missing:
+                raise ConversionError(f"message '{name}' lacks {', '.join(missing)}")
+            extra = [n for n in payload if n not in wanted]
+            if extra and self.checking:
+                raise ConversionError(f"message '{name}' carries tensors this model does not have: "
+                                      f"{', '.join(extra)} (use --no-checking to drop them)")
+            yield name, {n: payload[n] for n in wanted}
+
+
+def collect_state(messages: Iterable[Message], checking: bool = True) -> Tuple[dict, Dict[str, torch.Tensor]]:
+    """(metadata, {name: full tensor}) from a message stream."""
+    reader = MessageReader(messages, checking)
+    tensors: Dict[str, torch.Tensor] = {}
+    for _, payload in reader:
+        tensors.update(payload)
+    return reader.md, tensors
+
+
+_END = object()
+
+
+def run_conversion(loader: Iterable[Message], saver: Callable[[Iterator[Message]], Any],
+                   max_queue_size: int = 50) -> Any:
+    """Run `loader` (an iterable of messages) in a background thread feeding a queue of at most
+    `max_queue_size` messages, and `saver(messages)` in this thread. Errors of either side are
+    raised here; the loader stops when the saver fails."""
+    if max_queue_size < 1:
+        raise ValueError(f"--max-queue-size must be >= 1, got {max_queue_size}")
+    q: "queue.Queue" = queue.Queue(maxsize=max_queue_size)
+    stop = threading.Event()
+    failure: List[BaseException] = []
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for message in loader:
+                if not put(message):
+                    return
+        except BaseException as exc:  # handed to the consumer, raised in the calling thread
+            failure.append(exc)
+        put(_END)
+
+    def consume() -> Iterator[Message]:
+        while True:
+            item = q.get()
+            if item is _END:
+                if failure:
+                    raise failure[0]
+                return
+            yield item
+
+    thread = threading.Thread(target=produce, name="checkpoint-loader", daemon=True)
+    thread.start()
+    try:
+        return saver(consume())
+    finally:
+        stop.set()
+        thread.join()
+
+
+def transformer_config_from_metadata(md: dict, tensor_model_parallel_size: int = 1,
+                                     pipeline_model_parallel_size: int = 1,
+                                     params_dtype: Optional[torch.dtype] = None, **overrides):
+    """A TransformerConfig for the model `md` describes, at the given parallel sizes."""
+    from gigatron.core.transformer.config import TransformerConfig
+
+    kwargs = {name: md[name] for name in MODEL_FLAGS if name in md and md[name] is not None}
+    dtype = params_dtype if params_dtype is not None else dtype_from_name(md.get("params_dtype", "float32"))
+    kwargs.update(params_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
+                  tensor_model_parallel_size=tensor_model_parallel_size,
+                  pipeline_model_parallel_size=pipeline_model_parallel_size)
+    kwargs.update(overrides)
+    return TransformerConfig(**kwargs)
+
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+           "float64": torch.float64}
+
+
+def dtype_from_name(name) -> torch.dtype:
+    """torch dtype from 'bfloat16' / 'torch.bfloat16' / a dtype."""
+    if isinstance(name, torch.dtype):
+        return name
+    key = str(name).replace("torch.", "")
+    if key not in _DTYPES:
+        raise ConversionError(f"unsupported parameter dtype {name!r}; expected one of {sorted(_DTYPES)}")
+    return _DTYPES[key]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")

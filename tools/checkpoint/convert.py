@@ -1,0 +1,75 @@
+"""Convert checkpoints between HuggingFace and Gigatron/Megatron's `torch` layout, or re-shard a
+`torch` checkpoint to another tensor/pipeline parallel size. Megatron's interface:
+
+    python tools/checkpoint/convert.py --model-type GPT --loader hf --saver core \\
+        --load-dir Llama-3-8B-hf --save-dir ckpt --target-tensor-parallel-size 2
+    python tools/checkpoint/convert.py --model-type GPT --loader core --saver hf \\
+        --load-dir ckpt --save-dir exported-hf
+
+Loaders (loader_<name>.py): hf, llama_mistral (--checkpoint-type hf), core, torch.
+Savers (saver_<name>.py): core, torch, hf.
+Each loader module has add_arguments(parser) and load_checkpoint(args) -> iterable of messages;
+each saver module has add_arguments(parser) and save_checkpoint(messages, args). The loader runs in
+a background thread feeding a queue of at most --max-queue-size messages (see
+gigatron/core/convert/protocol.py for the messages).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, _HERE)
+sys.path.insert(0, os.path.dirname(os.path.dirname(_HERE)))
+
+from gigatron.core.convert.protocol import run_conversion  # noqa: E402
+
+
+def _plugin(kind: str, name: str):
+    module_name = f"{kind}_{name}"
+    if not os.path.isfile(os.path.join(_HERE, module_name + ".py")):
+        available = sorted(f[len(kind) + 1:-3] for f in os.listdir(_HERE)
+                           if f.startswith(kind + "_") and f.endswith(".py"))
+        raise SystemExit(f"convert.py: unknown --{kind} {name!r}; available: {', '.join(available)}")
+    return importlib.import_module(module_name)
+
+
+def build_parser(argv) -> tuple[argparse.ArgumentParser, object, object]:
+    parser = argparse.ArgumentParser(description="Gigatron checkpoint converter", allow_abbrev=False,
+                                     conflict_handler="resolve")
+    parser.add_argument("--model-type", type=str, required=True, choices=["GPT", "BERT"],
+                        help="Type of the model.")
+    parser.add_argument("--loader", type=str, default="core", help="Module name of the loader (loader_<name>.py).")
+    parser.add_argument("--saver", type=str, default="core", help="Module name of the saver (saver_<name>.py).")
+    parser.add_argument("--load-dir", type=str, required=True, help="Directory to load the model from.")
+    parser.add_argument("--save-dir", type=str, required=True, help="Directory to save the model to.")
+    parser.add_argument("--max-queue-size", type=int, default=50,
+                        help="Maximum number of messages waiting between the loader and the saver.")
+    parser.add_argument("--no-checking", action="store_false", dest="checking",
+                        help="Do not check message order and drop tensors the saver does not use instead of failing.")
+    known, _ = parser.parse_known_args(argv)
+    loader = _plugin("loader", known.loader)
+    saver = _plugin("saver", known.saver)
+    loader.add_arguments(parser)
+    saver.add_arguments(parser)
+    return parser, loader, saver
+
+
+def main(argv=None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser, loader, saver = build_parser(argv)
+    args = parser.parse_args(argv)
+    if args.model_type != "GPT":
+        parser.error(f"--model-type {args.model_type}: only GPT checkpoints can be converted so far")
+    if os.path.abspath(args.load_dir) == os.path.abspath(args.save_dir):
+        parser.error("--save-dir must differ from --load-dir")
+    run_conversion(loader.load_checkpoint(args), lambda messages: saver.save_checkpoint(messages, args),
+                   args.max_queue_size)
+    print(f"converted {args.load_dir} ({args.loader}) -> {args.save_dir} ({args.saver})", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,19 @@
+"""Loader for Gigatron/Megatron `torch`-format checkpoints saved at any tensor/pipeline parallel
+size (a save directory with latest_checkpointed_iteration.txt, or an iteration directory)."""
+
+from __future__ import annotations
+
+from gigatron.core.convert.torch_format import torch_checkpoint_messages
+
+
+def add_arguments(parser) -> None:
+    group = parser.add_argument_group("torch-format loader")
+    group.add_argument("--true-vocab-size", type=int, default=None,
+                       help="Vocabulary size without padding (default: from the checkpoint's args or tokenizer).")
+    group.add_argument("--allow-pickle", action="store_true",
+                       help="Read the files with full unpickling: needed for checkpoints saved by Megatron-LM itself "
+                            "(args stored as an argparse Namespace). Only for files you trust.")
+
+
+def load_checkpoint(args):
+    return torch_checkpoint_messages(args.load_dir, args.true_vocab_size, args.allow_pickle)

@@ -1,0 +1,38 @@
+"""Saver for Gigatron/Megatron `torch`-format checkpoints at a target tensor/pipeline parallel size.
+Writes `args` so that `--use-checkpoint-args` brings the model up, and copies the tokenizer files
+to <save-dir>/tokenizer."""
+
+from __future__ import annotations
+
+import torch
+
+from gigatron.core.convert.torch_format import save_torch_checkpoint
+
+
+def add_arguments(parser) -> None:
+    group = parser.add_argument_group("torch-format saver")
+    group.add_argument("--target-tensor-parallel-size", type=int, default=1,
+                       help="Tensor parallel size of the saved checkpoint.")
+    group.add_argument("--target-pipeline-parallel-size", type=int, default=1,
+                       help="Pipeline parallel size of the saved checkpoint.")
+    group.add_argument("--target-expert-parallel-size", type=int, default=1,
+                       help="Expert parallel size of the saved checkpoint (1: mixture-of-experts models are not "
+                            "converted yet).")
+    group.add_argument("--make-vocab-size-divisible-by", type=int, default=None,
+                       help="Pad the vocabulary to a multiple of this times the tensor parallel size "
+                            "(default: the source's, 128 for HuggingFace models).")
+    group.add_argument("--saver-params-dtype", type=str, choices=["float32", "bfloat16", "float16"], default=None,
+                       help="Cast the saved weights (default: keep the loaded dtype).")
+
+
+def save_checkpoint(messages, args):
+    if args.target_expert_parallel_size != 1:
+        raise ValueError(f"--target-expert-parallel-size {args.target_expert_parallel_size}: only dense models are "
+                         "converted, which need expert parallel size 1")
+    for flag in ("target_tensor_parallel_size", "target_pipeline_parallel_size"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1")
+    dtype = getattr(torch, args.saver_params_dtype) if args.saver_params_dtype else None
+    return save_torch_checkpoint(messages, args.save_dir, args.target_tensor_parallel_size,
+                                 args.target_pipeline_parallel_size, checking=args.checking,
+                                 make_vocab_size_divisible_by=args.make_vocab_size_divisible_by, params_dtype=dtype)
