@@ -1,0 +1,533 @@
+"""The command line, generated from the config dataclasses.
+
+Every field of every config dataclass becomes a flag: `micro_batch_size` -> `--micro-batch-size`.
+The `--help` text is the string literal written under the field (read from the class source with
+`ast`), the type comes from the annotation:
+
+    bool, default False   ->  --name            (store_true)
+    bool, default True    ->  --no-name         (store_false; --name is accepted too)
+    int / float / str     ->  --name VALUE
+    Literal[a, b]         ->  --name {a,b}
+    list[X]               ->  --name V [V ...]
+    Optional[X]           ->  as X, default None
+
+Fields whose type cannot be written on a command line (torch.dtype, callables, modules) and fields
+declared with `init=False` are derived, not flags. Megatron's flags whose name or sense differs from
+the field sit in `ALIASES`, the one table of such names. Unknown flags are an error (no prefix
+matching either: `allow_abbrev=False`), so a Megatron flag that Gigatron does not implement is never
+silently ignored.
+
+`--yaml-cfg FILE` reads a YAML mapping whose keys are the field names (`-` or `_`); it may group
+keys in sections (one level of nesting). Flags given on the command line win over the YAML file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import difflib
+import importlib
+import inspect
+import sys
+import textwrap
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Optional, Sequence
+
+__all__ = [
+    "CONFIG_SOURCES",
+    "ALIASES",
+    "ACCEPTED_NO_EFFECT",
+    "Alias",
+    "Configs",
+    "FlagSpec",
+    "config_classes",
+    "field_docstrings",
+    "flag_specs",
+    "build_parser",
+    "parse_args",
+    "configs_from_args",
+]
+
+# name in `Configs`, module, class. Imported lazily, on first use.
+CONFIG_SOURCES: tuple[tuple[str, str, str], ...] = (
+    ("transformer", "gigatron.core.transformer.config", "TransformerConfig"),
+    ("parallel", "gigatron.core.parallel.config", "ParallelConfig"),
+    ("ddp", "gigatron.core.distributed.config", "DDPConfig"),
+    ("optimizer", "gigatron.core.optim.config", "OptimizerConfig"),
+    ("scheduler", "gigatron.core.optim.config", "SchedulerConfig"),
+    ("data", "gigatron.core.data.config", "DataConfig"),
+    ("training", "gigatron.training.config", "TrainingConfig"),
+    ("checkpoint", "gigatron.training.config", "CheckpointConfig"),
+    ("logging", "gigatron.training.config", "LoggingConfig"),
+)
+
+
+def config_classes() -> dict[str, type]:
+    """Import and return the config dataclasses named in `CONFIG_SOURCES`, by their `Configs` name."""
+    classes = {}
+    for name, module_name, class_name in CONFIG_SOURCES:
+        module = importlib.import_module(module_name)
+        classes[name] = getattr(module, class_name)
+    return classes
+
+
+class _Rename:
+    """Marker: the alias takes a value like the field's own flag."""
+
+    def __repr__(self) -> str:
+        return "RENAME"
+
+
+RENAME = _Rename()
+
+
+@dataclass(frozen=True)
+class Alias:
+    """A Megatron flag whose name differs from the field it sets.
+
+    With `value` left unset the alias takes a value exactly like the field's own flag (a rename);
+    with `value` set it is a switch that stores `value` in the field (an inverted or derived flag).
+    """
+
+    dest: str
+    value: Any = RENAME
+    help: str = ""
+
+
+ALIASES: dict[str, Alias] = {
+    "--disable-bias-linear": Alias("add_bias_linear", False, "Disable bias in the linear layers."),
+    "--recompute-activations": Alias(
+        "recompute_granularity", "selective", "Recompute the core attention in the backward pass (selective)."
+    ),
+    "--accumulate-allreduce-grads-in-fp32": Alias(
+        "grad_reduce_in_fp32", True, "Accumulate and all-reduce gradients in fp32."
+    ),
+    "--ddp-bucket-size": Alias("bucket_size", help="Bucket size (number of parameters) for data-parallel communication."),
+    "--ddp-average-in-collective": Alias(
+        "average_in_collective", True, "Average gradients inside the collective instead of scaling before it."
+    ),
+    "--ddp-pad-buckets-for-high-nccl-busbw": Alias(
+        "pad_buckets_for_high_nccl_busbw", True, "Pad buckets for higher NCCL bus bandwidth."
+    ),
+    "--no-create-attention-mask-in-dataloader": Alias(
+        "create_attention_mask_in_dataloader", False, "Do not build attention masks in the data loader."
+    ),
+    "--no-mmap-bin-files": Alias("mmap_bin_files", False, "Read .bin files with file reads instead of mmap."),
+    "--num-virtual-stages-per-pipeline-rank": Alias(
+        "virtual_pipeline_model_parallel_size", help="Number of virtual pipeline stages per pipeline rank."
+    ),
+    "--override-opt_param-scheduler": Alias(
+        "override_opt_param_scheduler", True, "Megatron's spelling of --override-opt-param-scheduler."
+    ),
+    "--use-checkpoint-opt_param-scheduler": Alias(
+        "use_checkpoint_opt_param_scheduler", True, "Megatron's spelling of --use-checkpoint-opt-param-scheduler."
+    ),
+    "--local_rank": Alias("local_rank", help="Local rank (spelling used by torch.distributed.launch)."),
+}
+
+# Megatron flags that ask for what Gigatron always does; accepted so that existing launch scripts
+# run, and listed here with the reason they change nothing.
+ACCEPTED_NO_EFFECT: dict[str, str] = {
+    "--use-mcore-models": "Gigatron's models are always Megatron-Core models.",
+    "--no-masked-softmax-fusion": "Gigatron has no fused masked-softmax kernel (attention uses PyTorch SDPA).",
+    "--no-bias-dropout-fusion": "Gigatron has no fused bias-dropout-add kernel.",
+    "--no-bias-gelu-fusion": "Gigatron has no fused bias-GeLU kernel.",
+    "--no-bias-swiglu-fusion": "Gigatron has no fused bias-SwiGLU kernel.",
+    "--no-rope-fusion": "Gigatron has no fused rotary-embedding kernel.",
+    "--no-gradient-accumulation-fusion": "Gigatron accumulates weight gradients into main_grad without a fused kernel.",
+}
+
+
+@dataclass
+class FlagSpec:
+    """One generated flag: the field it sets, its option strings and argparse keywords."""
+
+    dest: str
+    owners: list[str]
+    option_strings: list[str]
+    kwargs: dict
+    default: Any
+    help: str
+
+
+# ------------------------------------------------------------------ docstrings and types
+
+
+def field_docstrings(cls: type) -> dict[str, str]:
+    """Map field name -> the string literal that follows it in the class body (bases included)."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if klass is object or not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            source = textwrap.dedent(inspect.getsource(klass))
+        except (OSError, TypeError):
+            continue
+        tree = ast.parse(source)
+        class_node = next(node for node in tree.body if isinstance(node, ast.ClassDef))
+        body = class_node.body
+        for node, following in zip(body, body[1:]):
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and isinstance(following, ast.Expr)
+                and isinstance(following.value, ast.Constant)
+                and isinstance(following.value.value, str)
+            ):
+                docs[node.target.id] = " ".join(inspect.cleandoc(following.value.value).split())
+    return docs
+
+
+def _resolve_types(cls: type) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(cls)
+    except Exception:
+        pass
+    # Some annotation names only exist under TYPE_CHECKING: resolve field by field.
+    module = sys.modules.get(cls.__module__)
+    namespace = dict(vars(module)) if module else {}
+    hints = {}
+    for f in dataclasses.fields(cls):
+        annotation = f.type
+        if isinstance(annotation, str):
+            try:
+                annotation = eval(annotation, namespace)  # noqa: S307 - annotations of our own modules
+            except Exception:
+                annotation = None
+        hints[f.name] = annotation
+    return hints
+
+
+_SCALARS = (bool, int, float, str)
+
+
+def _strip_optional(tp):
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+        return typing.Union[tuple(args)]
+    return tp
+
+
+def _scalar_parser(tp) -> Optional[Callable[[str], Any]]:
+    """A str -> value converter for a scalar annotation, or None when there is none."""
+    if tp in (int, float, str):
+        return tp
+    origin = typing.get_origin(tp)
+    if origin is typing.Literal:
+        return None  # handled by choices
+    if origin in (typing.Union, types.UnionType):
+        members = [a for a in typing.get_args(tp) if a is not type(None)]
+        if all(m in (int, float, str) for m in members):
+            order = [m for m in (int, float, str) if m in members]
+
+            def convert(text: str, _order=order):
+                for kind in _order:
+                    try:
+                        return kind(text)
+                    except ValueError:
+                        continue
+                raise argparse.ArgumentTypeError(f"{text!r} is not one of {[k.__name__ for k in _order]}")
+
+            convert.__name__ = "/".join(k.__name__ for k in order)
+            return convert
+    return None
+
+
+def _literal_kwargs(tp) -> Optional[dict]:
+    if typing.get_origin(tp) is not typing.Literal:
+        return None
+    choices = list(typing.get_args(tp))
+    kinds = {type(c) for c in choices}
+    if len(kinds) != 1 or next(iter(kinds)) not in (int, float, str):
+        return None
+    return {"choices": choices, "type": next(iter(kinds))}
+
+
+def _value_kwargs(tp) -> Optional[dict]:
+    """argparse keywords for a non-bool field type, or None if it is not a command-line type."""
+    tp = _strip_optional(tp)
+    literal = _literal_kwargs(tp)
+    if literal is not None:
+        return literal
+    scalar = _scalar_parser(tp)
+    if scalar is not None:
+        return {"type": scalar}
+    origin = typing.get_origin(tp)
+    if origin in (list, tuple, Sequence, typing.Sequence) or tp in (list, tuple):
+        args = [a for a in typing.get_args(tp) if a is not Ellipsis]
+        element = args[0] if args else str
+        element_kwargs = _value_kwargs(element) if element is not bool else None
+        if element_kwargs is None:
+            return None
+        return {**element_kwargs, "nargs": "+"}
+    return None
+
+
+def _is_bool(tp) -> bool:
+    return _strip_optional(tp) is bool
+
+
+def _default_of(f: dataclasses.Field):
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return None
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+# ------------------------------------------------------------------ generation
+
+
+def flag_specs(classes: Optional[dict[str, type]] = None) -> tuple[dict[str, FlagSpec], list[str]]:
+    """Generate the flags for `classes` (default: `config_classes()`).
+
+    Returns (specs by field name, conflicts): a field name that occurs in several dataclasses gives
+    one flag setting all of them; `conflicts` lists those whose defaults or kinds disagree.
+    """
+    classes = config_classes() if classes is None else classes
+    specs: dict[str, FlagSpec] = {}
+    conflicts: list[str] = []
+    for owner, cls in classes.items():
+        docs = field_docstrings(cls)
+        hints = _resolve_types(cls)
+        for f in dataclasses.fields(cls):
+            if not f.init or f.name.startswith("_"):
+                continue
+            tp = hints.get(f.name)
+            default = _default_of(f)
+            help_text = docs.get(f.name, "")
+            if _is_bool(tp):
+                if default:
+                    options = [_flag("no_" + f.name), _flag(f.name)]
+                else:
+                    options = [_flag(f.name)]
+                kwargs = {"kind": "bool"}
+            else:
+                value_kwargs = _value_kwargs(tp) if tp is not None else None
+                if value_kwargs is None:
+                    continue  # derived field (dtype, callable, …): not a flag
+                options = [_flag(f.name)]
+                kwargs = value_kwargs
+            if f.name in specs:
+                existing = specs[f.name]
+                existing.owners.append(owner)
+                if existing.default != default or existing.kwargs.get("kind") != kwargs.get("kind"):
+                    conflicts.append(
+                        f"{f.name}: {existing.owners[0]} default {existing.default!r}, {owner} default {default!r}"
+                    )
+                continue
+            specs[f.name] = FlagSpec(f.name, [owner], options, kwargs, default, help_text)
+    return specs, conflicts
+
+
+def _add_spec(group, spec: FlagSpec) -> None:
+    default_text = "" if spec.default in (None, "", False) else f" (default: {spec.default})"
+    if spec.kwargs.get("kind") == "bool":
+        if spec.default:
+            group.add_argument(spec.option_strings[0], dest=spec.dest, action="store_false", help=spec.help)
+            group.add_argument(
+                spec.option_strings[1], dest=spec.dest, action="store_true", help=f"Turn on {spec.dest} (the default)."
+            )
+        else:
+            group.add_argument(spec.option_strings[0], dest=spec.dest, action="store_true", help=spec.help)
+        return
+    kwargs = dict(spec.kwargs)
+    group.add_argument(*spec.option_strings, dest=spec.dest, default=spec.default, help=spec.help + default_text,
+                       **kwargs)
+
+
+def _add_aliases(parser: argparse.ArgumentParser, specs: dict[str, FlagSpec]) -> None:
+    group = parser.add_argument_group("Megatron flag names", "Flags whose name differs from the field they set.")
+    taken = set(parser._option_string_actions)  # noqa: SLF001 - argparse keeps no public index
+    for option, alias in ALIASES.items():
+        spec = specs.get(alias.dest)
+        if spec is None or option in taken:
+            continue
+        text = alias.help or f"Sets {alias.dest}."
+        if alias.value is RENAME:
+            if spec.kwargs.get("kind") == "bool":
+                group.add_argument(option, dest=alias.dest, action="store_true", help=text)
+            else:
+                group.add_argument(option, dest=alias.dest, default=spec.default,
+                                   help=f"{text} Same as {spec.option_strings[0]}.", **spec.kwargs)
+        else:
+            group.add_argument(option, dest=alias.dest, action="store_const", const=alias.value, default=spec.default,
+                               help=f"{text} ({alias.dest}={alias.value!r})")
+    for option, reason in ACCEPTED_NO_EFFECT.items():
+        if option not in taken:
+            group.add_argument(option, action="store_true", dest="_accepted_" + option.strip("-").replace("-", "_"),
+                               help=f"Accepted for compatibility: {reason}")
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose unknown-flag error suggests the closest known flags."""
+
+    def parse_known_args(self, args=None, namespace=None):  # noqa: D401 - argparse override
+        namespace, extras = super().parse_known_args(args, namespace)
+        unknown = [a for a in extras if a.startswith("-")]
+        if unknown:
+            known = list(self._option_string_actions)
+            hints = []
+            for option in unknown:
+                name = option.split("=", 1)[0]
+                close = difflib.get_close_matches(name, known, n=3)
+                hints.append(f"{name} (did you mean {', '.join(close)}?)" if close else name)
+            self.error(
+                "unrecognized arguments: " + "; ".join(hints)
+                + ". Gigatron does not implement these flags; remove them from the command line."
+            )
+        return namespace, extras
+
+
+def build_parser(
+    classes: Optional[dict[str, type]] = None,
+    extra_args_provider: Optional[Callable[[argparse.ArgumentParser], Any]] = None,
+) -> argparse.ArgumentParser:
+    """Build the parser for `classes` (default: all config dataclasses), one group per dataclass."""
+    classes = config_classes() if classes is None else classes
+    specs, _ = flag_specs(classes)
+    parser = _Parser(description="Gigatron arguments", allow_abbrev=False)
+    parser.add_argument("--yaml-cfg", default=None, metavar="FILE",
+                        help="YAML file of field names and values; command-line flags override it.")
+    groups = {}
+    for owner, cls in classes.items():
+        summary = (inspect.getdoc(cls) or "").split("\n")[0]
+        if summary.startswith(cls.__name__ + "("):  # dataclass' generated signature doc
+            summary = ""
+        groups[owner] = parser.add_argument_group(cls.__name__, summary or None)
+    for spec in specs.values():
+        _add_spec(groups[spec.owners[0]], spec)
+    _add_aliases(parser, specs)
+    if extra_args_provider is not None:
+        extra_args_provider(parser)
+    parser.set_defaults(_flag_owners={name: list(spec.owners) for name, spec in specs.items()})
+    return parser
+
+
+def _flatten_yaml(mapping: dict, path: str) -> dict:
+    flat: dict = {}
+    for key, value in mapping.items():
+        if isinstance(value, dict):
+            for inner_key, inner_value in value.items():
+                if isinstance(inner_value, dict):
+                    raise ValueError(f"--yaml-cfg {path}: section {key}.{inner_key} is nested too deeply; "
+                                     "use one level of sections at most")
+                flat[str(inner_key).replace("-", "_")] = inner_value
+        else:
+            flat[str(key).replace("-", "_")] = value
+    return flat
+
+
+def _yaml_defaults(path: str, parser: argparse.ArgumentParser) -> dict:
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as handle:
+            loaded = yaml.safe_load(handle) or {}
+    except FileNotFoundError:
+        raise ValueError(f"--yaml-cfg {path}: file not found") from None
+    if not isinstance(loaded, dict):
+        raise ValueError(f"--yaml-cfg {path}: expected a mapping of field names to values, got {type(loaded).__name__}")
+    values = _flatten_yaml(loaded, path)
+    dests = {action.dest for action in parser._actions}  # noqa: SLF001
+    unknown = sorted(k for k in values if k not in dests)
+    if unknown:
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, sorted(dests), n=2)
+            hints.append(f"{key} (did you mean {', '.join(close)}?)" if close else key)
+        raise ValueError(f"--yaml-cfg {path}: unknown keys: {'; '.join(hints)}")
+    return values
+
+
+def parse_args(
+    argv: Optional[Sequence[str]] = None,
+    extra_args_provider: Optional[Callable[[argparse.ArgumentParser], Any]] = None,
+    defaults: Optional[dict] = None,
+    classes: Optional[dict[str, type]] = None,
+) -> argparse.Namespace:
+    """Parse `argv` (default `sys.argv[1:]`) into a flat namespace of field values.
+
+    `defaults` overrides field defaults (a script's own defaults); a `--yaml-cfg` file overrides
+    those, and flags on the command line override everything.
+    """
+    parser = build_parser(classes, extra_args_provider)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if defaults:
+        parser.set_defaults(**defaults)
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--yaml-cfg", default=None)
+    known, _ = pre.parse_known_args(argv)
+    if known.yaml_cfg:
+        parser.set_defaults(**_yaml_defaults(known.yaml_cfg, parser))
+    args = parser.parse_args(argv)
+    for key in [k for k in vars(args) if k.startswith("_accepted_")]:
+        delattr(args, key)
+    return args
+
+
+# ------------------------------------------------------------------ namespace -> dataclasses
+
+
+@dataclass
+class Configs:
+    """One instance of each config dataclass, built from the parsed flags."""
+
+    transformer: Any = None
+    parallel: Any = None
+    ddp: Any = None
+    optimizer: Any = None
+    scheduler: Any = None
+    data: Any = None
+    training: Any = None
+    checkpoint: Any = None
+    logging: Any = None
+
+    def items(self) -> Iterable[tuple[str, Any]]:
+        return ((f.name, getattr(self, f.name)) for f in dataclasses.fields(self))
+
+
+def derived_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """Values of fields that are not flags but follow from flags (e.g. params_dtype from --bf16)."""
+    import torch
+
+    derived: dict[str, Any] = {}
+    if hasattr(args, "bf16") or hasattr(args, "fp16"):
+        if getattr(args, "bf16", False):
+            derived["params_dtype"] = torch.bfloat16
+        elif getattr(args, "fp16", False):
+            derived["params_dtype"] = torch.float16
+        else:
+            derived["params_dtype"] = torch.float32
+    return derived
+
+
+def build_config(cls: type, args: argparse.Namespace, **overrides):
+    """Instantiate dataclass `cls` from the namespace: each init field present in `args` is passed,
+    derived fields (see `derived_fields`) are filled in, and `overrides` win over both."""
+    init_fields = {f.name for f in dataclasses.fields(cls) if f.init}
+    kwargs = {k: v for k, v in derived_fields(args).items() if k in init_fields}
+    for name in init_fields:
+        if hasattr(args, name):
+            kwargs[name] = getattr(args, name)
+    kwargs.update({k: v for k, v in overrides.items() if k in init_fields})
+    return cls(**kwargs)
+
+
+def configs_from_args(args: argparse.Namespace, classes: Optional[dict[str, type]] = None) -> Configs:
+    """Build every config dataclass from a parsed (and validated) namespace."""
+    classes = config_classes() if classes is None else classes
+    configs = Configs()
+    for name, cls in classes.items():
+        setattr(configs, name, build_config(cls, args))
+    return configs

@@ -1,0 +1,195 @@
+"""Training-only configuration: iterations, batch sizes, exit conditions, checkpoints and logging.
+
+These dataclasses follow the same rules as the ones in `gigatron.core`: field names are Megatron's
+flag names with `_` for `-`, and the string literal under each field is its `--help` text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+
+@dataclass
+class TrainingConfig:
+    """Iterations, batch sizes, exit conditions and process-level settings of a training run."""
+
+    micro_batch_size: Optional[int] = None
+    """Batch size per model instance (local batch size). Global batch size is local batch size times
+    data-parallel size times number of micro-batches."""
+
+    global_batch_size: Optional[int] = None
+    """Training batch size. Defaults to micro-batch-size times data-parallel size (one micro-batch
+    per step); a larger value accumulates gradients over several micro-batches."""
+
+    rampup_batch_size: Optional[list[int]] = None
+    """Batch size ramp up with three values: start batch size, batch size increment and the number
+    of samples over which to ramp up, e.g. `--rampup-batch-size 16 8 300000`."""
+
+    train_iters: Optional[int] = None
+    """Total number of iterations to train over all training runs. Give either this or
+    --train-samples."""
+
+    train_samples: Optional[int] = None
+    """Total number of samples to train over all training runs. Give either this or --train-iters."""
+
+    exit_interval: Optional[int] = None
+    """Exit the program after the iteration is divisible by this value (a checkpoint is saved
+    first when --save is set)."""
+
+    exit_duration_in_mins: Optional[int] = None
+    """Exit the program after this many minutes of training (a checkpoint is saved first when
+    --save is set)."""
+
+    exit_signal_handler: bool = False
+    """On SIGTERM, save a checkpoint at the end of the current iteration and exit cleanly."""
+
+    eval_interval: int = 1000
+    """Interval between runs of evaluation on the validation set, in iterations."""
+
+    eval_iters: int = 100
+    """Number of iterations to run for each evaluation on the validation/test set."""
+
+    skip_train: bool = False
+    """Skip training: only evaluate on the validation and test sets (after loading --load)."""
+
+    seed: int = 1234
+    """Random seed for python, numpy, torch and the model-parallel RNG tracker. Each pipeline stage
+    adds 100 times its rank."""
+
+    data_parallel_random_init: bool = False
+    """Give each data-parallel rank a different seed (seed + 10 * dp rank) for parameter
+    initialization and dropout."""
+
+    check_for_nan_in_loss_and_grad: bool = True
+    """Check the reduced loss and the gradient norm for NaN/Inf and stop with an error naming the
+    iteration. Turn off with --no-check-for-nan-in-loss-and-grad."""
+
+    empty_unused_memory_level: Literal[0, 1, 2] = 0
+    """Call torch.cuda.empty_cache() each iteration: 0 never, 1 after the training step,
+    2 after the training step and after evaluation."""
+
+    manual_gc: bool = False
+    """Disable Python's automatic garbage collector and collect at --manual-gc-interval, so that
+    collections happen at the same iteration on every rank."""
+
+    manual_gc_interval: int = 0
+    """With --manual-gc, run a collection every this many iterations (0: only at checkpoints and
+    evaluation)."""
+
+    manual_gc_eval: bool = True
+    """With --manual-gc, collect before and after each evaluation. Turn off with
+    --no-manual-gc-eval."""
+
+    num_layers_per_virtual_pipeline_stage: Optional[int] = None
+    """Number of layers per virtual pipeline stage (model chunk), for the interleaved schedule; sets
+    the number of virtual stages per pipeline rank to num_layers / pipeline size / this. Exclusive
+    with --num-virtual-stages-per-pipeline-rank."""
+
+    local_rank: Optional[int] = None
+    """Local rank passed by the launcher (torch.distributed.launch); torchrun's LOCAL_RANK
+    environment variable is used when this is not given."""
+
+
+@dataclass
+class CheckpointConfig:
+    """Where and when to save checkpoints, and what to load back."""
+
+    save: Optional[str] = None
+    """Output directory to save checkpoints to."""
+
+    save_interval: Optional[int] = None
+    """Number of iterations between periodic checkpoint saves."""
+
+    load: Optional[str] = None
+    """Directory containing a model checkpoint to resume from."""
+
+    no_save_optim: bool = False
+    """Do not save the current optimizer state."""
+
+    no_save_rng: bool = False
+    """Do not save the current random-number-generator states."""
+
+    no_load_optim: bool = False
+    """Do not load the optimizer state when loading a checkpoint."""
+
+    no_load_rng: bool = False
+    """Do not load the random-number-generator states when loading a checkpoint."""
+
+    finetune: bool = False
+    """Load model weights only (no optimizer, scheduler or RNG state) and start at iteration 0 with
+    consumed samples reset."""
+
+    pretrained_checkpoint: Optional[str] = None
+    """Directory of a pretrained checkpoint to initialize the model from (weights only) when --load
+    holds no checkpoint."""
+
+    ckpt_step: Optional[int] = None
+    """Load the checkpoint of this iteration instead of the one named by the tracker file."""
+
+    use_checkpoint_args: bool = False
+    """Take the model-shape arguments (layers, hidden size, heads, …) from the checkpoint in --load
+    instead of the command line."""
+
+    exit_on_missing_checkpoint: bool = False
+    """With --load, exit with an error if no checkpoint is found instead of starting from a random
+    initialization."""
+
+    ckpt_format: Literal["torch", "torch_dist", "torch_dcp", "zarr", "fsdp_dtensor"] = "torch"
+    """Checkpoint format. Supported: torch (one file per model-parallel rank, Megatron's legacy
+    layout)."""
+
+
+@dataclass
+class LoggingConfig:
+    """What is printed, and what goes to TensorBoard, Weights & Biases and the loss-curve plot."""
+
+    log_interval: int = 100
+    """Report loss and timing every this many iterations."""
+
+    log_throughput: bool = False
+    """Add the model throughput (TFLOP/s per device) to the training log line."""
+
+    log_params_norm: bool = False
+    """Compute and log the L2 norm of the parameters (an extra pass over the parameters)."""
+
+    log_num_zeros_in_grad: bool = False
+    """Compute and log the number of zeros in the gradients."""
+
+    tensorboard_dir: Optional[str] = None
+    """Write TensorBoard logs to this directory."""
+
+    tensorboard_log_interval: int = 1
+    """Report to TensorBoard every this many iterations."""
+
+    tensorboard_queue_size: int = 1000
+    """Size of the TensorBoard writer's queue of pending events and summaries."""
+
+    log_validation_ppl_to_tensorboard: bool = False
+    """Also log the validation perplexity to TensorBoard."""
+
+    log_memory_to_tensorboard: bool = False
+    """Also log device memory (allocated, reserved, peak) to TensorBoard."""
+
+    log_learning_rate_to_tensorboard: bool = True
+    """Log the learning rate to TensorBoard. Turn off with --no-log-learning-rate-to-tensorboard."""
+
+    log_loss_scale_to_tensorboard: bool = True
+    """Log the loss scale to TensorBoard. Turn off with --no-log-loss-scale-to-tensorboard."""
+
+    log_batch_size_to_tensorboard: bool = False
+    """Log the global batch size to TensorBoard."""
+
+    wandb_project: str = ""
+    """Weights & Biases project name; empty disables W&B logging. Runs offline when the W&B
+    service cannot be reached."""
+
+    wandb_exp_name: str = ""
+    """Weights & Biases experiment (run) name."""
+
+    wandb_save_dir: str = ""
+    """Directory for the local Weights & Biases files (default: <save>/wandb)."""
+
+    loss_curve: bool = True
+    """Write loss_curve.png (training and validation loss against iteration) next to the
+    checkpoints or TensorBoard logs at every save and at the end. Turn off with --no-loss-curve."""

@@ -1,0 +1,87 @@
+"""GPT pretraining: the model, batch, loss and dataset providers that `pretrain` runs."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from gigatron.training.logging import print_rank_0
+
+__all__ = ["model_provider", "get_batch", "loss_func", "forward_step", "datasets_provider"]
+
+
+def model_provider(ctx, pre_process: bool = True, post_process: bool = True, vp_stage: Optional[int] = None):
+    """One pipeline stage (model chunk) of a GPT model, initialized from --seed."""
+    from gigatron.core.models.gpt import GPTModel
+
+    return GPTModel(ctx.configs.transformer, ctx.groups, vocab_size=ctx.padded_vocab_size,
+                    pre_process=pre_process, post_process=post_process, vp_stage=vp_stage, seed=ctx.args.seed)
+
+
+def _stage_of(model):
+    inner = getattr(model, "module", model)
+    return inner
+
+
+def get_batch(data_iterator, model):
+    """The next micro-batch on the device of `model`, or Nones on a middle pipeline stage (which
+    reads its input from the previous stage)."""
+    inner = _stage_of(model)
+    if not (inner.pre_process or inner.post_process):
+        return None, None, None, None, None
+    batch = next(data_iterator)
+    device = next(inner.parameters()).device
+    tokens = batch["tokens"].to(device, non_blocking=True).long()  # [b, s]
+    labels = batch["labels"].to(device, non_blocking=True).long()  # [b, s]
+    loss_mask = batch["loss_mask"].to(device, non_blocking=True).float()  # [b, s]
+    position_ids = batch["position_ids"].to(device, non_blocking=True).long()  # [b, s]
+    attention_mask = None
+    if "attention_mask" in batch and inner.config is not None and _needs_mask(inner):
+        attention_mask = batch["attention_mask"].to(device, non_blocking=True)  # [b, 1, s, s]
+    return tokens, labels, loss_mask, attention_mask, position_ids
+
+
+def _needs_mask(inner) -> bool:
+    # A plain causal mask is what attention does without one; only documents reset at EOD
+    # (--reset-attention-mask) need the explicit mask.
+    return bool(getattr(inner, "reset_attention_mask", False))
+
+
+def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    """Mean of the per-token losses [b, s] over the tokens of the loss mask.
+
+    Returns (loss, {"lm loss": tensor([loss_sum, num_tokens])})."""
+    losses = output_tensor.float().reshape(-1)  # [b * s]
+    mask = loss_mask.reshape(-1)  # [b * s]
+    loss_sum = torch.sum(losses * mask)
+    num_tokens = mask.sum()
+    loss = loss_sum / num_tokens.clamp(min=1.0)
+    return loss, {"lm loss": torch.stack([loss_sum.detach(), num_tokens.detach()])}
+
+
+def forward_step(data_iterator, model):
+    """The schedules' forward step: (output_tensor, loss_func bound to this micro-batch's mask)."""
+    tokens, labels, loss_mask, attention_mask, position_ids = get_batch(data_iterator, model)
+    output_tensor = model(tokens, position_ids, attention_mask, labels=labels)
+    return output_tensor, partial(loss_func, loss_mask)
+
+
+def datasets_provider(ctx, train_valid_test_num_samples):
+    """GPT datasets from --data-path / per-split paths / --mock-data and the run's tokenizer."""
+    from gigatron.core.data import MockGPTLowLevelDataset, build_gpt_datasets
+
+    if ctx.args.mock_data and ctx.padded_vocab_size < MockGPTLowLevelDataset.max_sequence_length:
+        raise ValueError(
+            f"--mock-data documents hold token ids up to {MockGPTLowLevelDataset.max_sequence_length - 1}, but the "
+            f"padded vocabulary has {ctx.padded_vocab_size} entries; use --vocab-size "
+            f"{MockGPTLowLevelDataset.max_sequence_length} or more (or a real tokenizer)")
+    print_rank_0(f"> building GPT datasets (train, valid, test samples: {tuple(train_valid_test_num_samples)})")
+    barrier = dist.barrier if dist.is_available() and dist.is_initialized() else None
+    datasets = build_gpt_datasets(ctx.configs.data, ctx.tokenizer, train_valid_test_num_samples,
+                                  barrier=barrier, rank=ctx.run.rank)
+    for chunk in ctx.model:
+        chunk.module.reset_attention_mask = bool(ctx.args.reset_attention_mask)
+    return datasets

@@ -1,0 +1,629 @@
+"""The training loop: `pretrain(datasets_provider, model_provider, forward_step_func, args)`.
+
+    parse + validate flags -> configs -> initialize (process group, device, groups, seeds)
+    -> tokenizer -> model chunks (one per virtual stage) wrapped in DistributedDataParallel
+    -> optimizer + lr schedule -> load checkpoint -> data iterators
+    -> loop: train_step, log, maybe evaluate, maybe save, maybe exit
+    -> final save, validation and test evaluation.
+
+Providers (no globals: they receive the `TrainContext`):
+
+    model_provider(ctx, pre_process: bool, post_process: bool, vp_stage: int | None) -> nn.Module
+    datasets_provider(ctx, train_valid_test_num_samples) -> (train, valid, test)  (each may be None)
+    forward_step_func(data_iterator, model) -> (output_tensor, loss_func)   (the schedules' contract)
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from gigatron.training.arguments import Configs, configs_from_args, parse_args
+from gigatron.training.checkpointing import (
+    LoadedCheckpoint,
+    load_args_from_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from gigatron.training.initialize import RunContext, collective_phase, initialize
+from gigatron.training.logging import TrainingLog, print_rank_0
+from gigatron.training.validate import validate_args
+
+__all__ = [
+    "TrainContext",
+    "MicroBatchCalculator",
+    "NonFiniteLossError",
+    "pretrain",
+    "setup",
+    "get_model",
+    "train_step",
+    "evaluate",
+    "build_data_iterators",
+]
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or the gradient norm became NaN/Inf (--check-for-nan-in-loss-and-grad)."""
+
+
+# ------------------------------------------------------------------ batch sizes
+
+
+class MicroBatchCalculator:
+    """Global batch size and number of micro-batches at a given consumed-sample count.
+
+    Without ramp-up: constant. With --rampup-batch-size START INCREMENT SAMPLES the global batch
+    grows from START by INCREMENT every SAMPLES / ((GBS - START) / INCREMENT) consumed samples,
+    reaching --global-batch-size after SAMPLES samples (Megatron's rule).
+    """
+
+    def __init__(self, global_batch_size: int, micro_batch_size: int, data_parallel_size: int,
+                 rampup_batch_size: Optional[Sequence[int]] = None) -> None:
+        self.global_batch_size = global_batch_size
+        self.micro_batch_size = micro_batch_size
+        self.data_parallel_size = data_parallel_size
+        self.rampup = None
+        if rampup_batch_size:
+            start, increment, samples = (int(v) for v in rampup_batch_size)
+            num_increments = (global_batch_size - start) // increment
+            per_increment = samples / num_increments if num_increments > 0 else 0.0
+            self.rampup = (start, increment, samples, per_increment)
+
+    def global_batch_size_at(self, consumed_samples: int) -> int:
+        if self.rampup is None:
+            return self.global_batch_size
+        start, increment, samples, per_increment = self.rampup
+        if consumed_samples > samples or per_increment <= 0:
+            return self.global_batch_size
+        steps = int(consumed_samples / per_increment)
+        return min(start + steps * increment, self.global_batch_size)
+
+    def num_microbatches_at(self, consumed_samples: int) -> int:
+        return self.global_batch_size_at(consumed_samples) // (self.micro_batch_size * self.data_parallel_size)
+
+    def train_iters_for_samples(self, train_samples: int) -> int:
+        """Iterations needed to consume `train_samples` (ramp-up included)."""
+        if self.rampup is None:
+            return train_samples // self.global_batch_size
+        consumed, iterations = 0, 0
+        while consumed < train_samples:
+            batch = self.global_batch_size_at(consumed)
+            if consumed >= self.rampup[2] and batch == self.global_batch_size:
+                return iterations + (train_samples - consumed) // self.global_batch_size
+            consumed += batch
+            iterations += 1
+        return iterations
+
+
+# ------------------------------------------------------------------ context
+
+
+@dataclass
+class TrainContext:
+    """Everything a run built, handed to providers and to the loop's parts."""
+
+    args: argparse.Namespace
+    configs: Configs
+    run: RunContext
+    tokenizer: Any = None
+    padded_vocab_size: Optional[int] = None
+    model: list = field(default_factory=list)
+    optimizer: Any = None
+    scheduler: Any = None
+    calculator: Optional[MicroBatchCalculator] = None
+    train_iters: int = 0
+    iteration: int = 0
+    consumed_train_samples: int = 0
+    consumed_valid_samples: int = 0
+    num_floating_point_operations_so_far: float = 0.0
+    log: Optional[TrainingLog] = None
+    last_saved_iteration: Optional[int] = None
+
+    @property
+    def groups(self):
+        return self.run.groups
+
+    @property
+    def device(self) -> torch.device:
+        return self.run.device
+
+
+# ------------------------------------------------------------------ building
+
+
+def _world_size_from_environment() -> int:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
+def _build_tokenizer(ctx: TrainContext) -> None:
+    from gigatron.core.tokenizers import build_tokenizer, vocab_size_with_padding
+
+    args = ctx.args
+    if getattr(args, "tokenizer_type", None) is None and getattr(args, "vocab_size", None) is not None:
+        args.tokenizer_type = "NullTokenizer"  # --mock-data / --vocab-size without a tokenizer
+    if getattr(args, "tokenizer_type", None) is None:
+        raise ValueError("give --tokenizer-type (with its files), or --vocab-size V for a NullTokenizer over ids 0..V")
+    ctx.tokenizer = build_tokenizer(args)
+    ctx.padded_vocab_size = vocab_size_with_padding(ctx.tokenizer.vocab_size, args.make_vocab_size_divisible_by,
+                                                    ctx.groups.tp.size)
+    args.padded_vocab_size = ctx.padded_vocab_size
+    print_rank_0(f"> tokenizer {args.tokenizer_type}: vocabulary {ctx.tokenizer.vocab_size}, padded to "
+                 f"{ctx.padded_vocab_size} (divisible by {args.make_vocab_size_divisible_by} x tp {ctx.groups.tp.size})")
+
+
+def get_model(model_provider: Callable, ctx: TrainContext) -> list:
+    """Build this rank's model chunks (one per virtual pipeline stage) and wrap each in DDP."""
+    from gigatron.core.distributed import DistributedDataParallel
+
+    groups = ctx.groups
+    num_chunks = groups.vp_size or 1
+    chunks = []
+    for vp_stage in range(num_chunks):
+        stage = vp_stage if groups.vp_size is not None else None
+        module = model_provider(ctx, groups.is_pipeline_first_stage(stage), groups.is_pipeline_last_stage(stage), stage)
+        module.to(ctx.device)
+        chunks.append(DistributedDataParallel(ctx.configs.ddp, module, groups))
+    num_params = sum(p.numel() for chunk in chunks for p in chunk.module.parameters())
+    if groups.dp.rank == 0 and groups.cp.rank == 0:
+        print(f" > number of parameters on (tensor, pipeline) model parallel rank ({groups.tp.rank}, "
+              f"{groups.pp.rank}): {num_params}", flush=True)
+    return chunks
+
+
+def _finalize_grads_fn(ctx: TrainContext) -> Callable:
+    from gigatron.core.distributed import finalize_model_grads
+
+    def finalize(model_chunks, num_tokens=None):
+        finalize_model_grads(model_chunks, ctx.groups, ctx.configs.transformer, num_tokens)
+
+    return finalize
+
+
+def setup(model_provider: Callable, args: argparse.Namespace) -> TrainContext:
+    """Validate, initialize, build tokenizer, model, optimizer and schedule; load the checkpoint."""
+    from gigatron.core.optim import get_optimizer
+    from gigatron.core.optim.scheduler import OptimizerParamScheduler
+
+    if getattr(args, "use_checkpoint_args", False):
+        load_args_from_checkpoint(args)
+    validate_args(args, _world_size_from_environment())
+    configs = configs_from_args(args)
+    run = initialize(args, configs)
+    ctx = TrainContext(args=args, configs=configs, run=run)
+    _build_tokenizer(ctx)
+    ctx.calculator = MicroBatchCalculator(args.global_batch_size, args.micro_batch_size, args.data_parallel_size,
+                                          args.rampup_batch_size)
+    if args.train_iters is not None:
+        ctx.train_iters = args.train_iters
+    elif args.train_samples is not None:
+        ctx.train_iters = ctx.calculator.train_iters_for_samples(args.train_samples)
+    ctx.model = get_model(model_provider, ctx)
+    ctx.optimizer = get_optimizer(configs.optimizer, ctx.model, ctx.groups)
+    if args.train_iters is not None or args.train_samples is not None:
+        ctx.scheduler = OptimizerParamScheduler(
+            ctx.optimizer, configs.scheduler, configs.optimizer, global_batch_size=args.global_batch_size,
+            train_iters=args.train_iters, train_samples=args.train_samples)
+    _load(ctx)
+    return ctx
+
+
+def _load(ctx: TrainContext) -> None:
+    args = ctx.args
+    loaded = LoadedCheckpoint()
+    common = dict(groups=ctx.groups, rng_tracker=ctx.run.rng_tracker)
+    with collective_phase("loading the checkpoint"):
+        if args.load:
+            loaded = load_checkpoint(
+                args.load, ctx.model, ctx.optimizer, ctx.scheduler, ckpt_step=args.ckpt_step, finetune=args.finetune,
+                load_optim=not args.no_load_optim, load_rng=not args.no_load_rng,
+                exit_on_missing_checkpoint=args.exit_on_missing_checkpoint and not args.pretrained_checkpoint,
+                **common)
+        if loaded.path is None and args.pretrained_checkpoint:
+            loaded = load_checkpoint(args.pretrained_checkpoint, ctx.model, None, None, finetune=True, load_rng=False,
+                                     exit_on_missing_checkpoint=args.exit_on_missing_checkpoint, **common)
+    if loaded.path is not None:
+        print_rank_0(f"> loaded checkpoint {loaded.path} at iteration {loaded.iteration}")
+    ctx.iteration = loaded.iteration
+    ctx.consumed_train_samples = loaded.consumed_train_samples
+    ctx.consumed_valid_samples = loaded.consumed_valid_samples
+    ctx.num_floating_point_operations_so_far = loaded.num_floating_point_operations_so_far
+    ctx.last_saved_iteration = loaded.iteration if loaded.path is not None else None
+
+
+# ------------------------------------------------------------------ data
+
+
+def build_data_iterators(ctx: TrainContext, datasets_provider: Callable):
+    """Train/valid/test iterators (a list with one per model chunk when interleaving), positioned
+    at the consumed-sample counts of a resumed run."""
+    from gigatron.core.data import build_pretraining_data_loader
+    from gigatron.core.data.builder import train_valid_test_num_samples
+
+    args = ctx.args
+    num_samples = train_valid_test_num_samples(ctx.train_iters, args.eval_interval, args.eval_iters,
+                                               args.global_batch_size, args.train_samples)
+    with collective_phase("building the datasets"):
+        train_ds, valid_ds, test_ds = datasets_provider(ctx, num_samples)
+    groups = ctx.groups
+    num_chunks = groups.vp_size or 1
+
+    def loaders(dataset, consumed):
+        if dataset is None:
+            return None
+        if args.dataloader_type == "external":
+            return [dataset for _ in range(num_chunks)]
+        iterators = []
+        for _ in range(num_chunks):
+            loader = build_pretraining_data_loader(dataset, consumed, args.micro_batch_size, groups.dp.rank,
+                                                   groups.dp.size, num_workers=args.num_workers,
+                                                   dataloader_type=args.dataloader_type)
+            iterators.append(_cycle(loader) if args.dataloader_type == "cyclic" else iter(loader))
+        return iterators
+
+    def one_or_list(its):
+        return None if its is None else (its[0] if num_chunks == 1 else its)
+
+    # A DataLoader iterator draws its base seed from the default generator; keep that draw out of
+    # the training RNG stream so a resumed run (RNG restored before this) matches an uninterrupted one.
+    with torch.random.fork_rng(devices=[]):
+        train = loaders(train_ds, ctx.consumed_train_samples)
+        valid = loaders(valid_ds, ctx.consumed_valid_samples)
+        test = loaders(test_ds, 0)
+    return one_or_list(train), one_or_list(valid), one_or_list(test)
+
+
+def _cycle(loader) -> Iterator:
+    """Iterate a loader forever; each pass is one epoch of its (epoch-seeded) sampler. The first
+    pass starts now (inside the caller's RNG fork), later ones when the previous pass ends."""
+    iterator = iter(loader)
+
+    def passes():
+        nonlocal iterator
+        while True:
+            yield from iterator
+            iterator = iter(loader)
+
+    return passes()
+
+
+# ------------------------------------------------------------------ one step
+
+
+def _reduce_losses(losses_reduced: list, groups, device) -> dict[str, torch.Tensor]:
+    """Sum each key's [loss_sum, num_tokens] over micro-batches and data x context ranks; return
+    key -> mean loss (a device scalar, no host sync)."""
+    if not losses_reduced:
+        return {}
+    totals: dict[str, torch.Tensor] = {}
+    for entry in losses_reduced:
+        for key, value in entry.items():
+            value = value.detach().float().reshape(-1)
+            if value.numel() == 1:  # a plain mean: count it as one
+                value = torch.cat([value, torch.ones_like(value)])
+            totals[key] = totals[key] + value if key in totals else value.clone()
+    keys = sorted(totals)
+    stacked = torch.stack([totals[k] for k in keys]).to(device)  # [keys, 2]
+    if groups.dp_cp.group is not None:
+        dist.all_reduce(stacked, group=groups.dp_cp.group)
+    return {k: stacked[i, 0] / stacked[i, 1].clamp(min=1) for i, k in enumerate(keys)}
+
+
+def train_step(ctx: TrainContext, forward_step_func: Callable, data_iterator, num_microbatches: int):
+    """One optimizer step over `num_microbatches` micro-batches per data-parallel rank.
+
+    Returns (losses: key -> device scalar, update_successful, grad_norm, num_zeros_in_grad)."""
+    from gigatron.core.pipeline import get_forward_backward_func
+
+    args, groups = ctx.args, ctx.groups
+    for chunk in ctx.model:
+        chunk.zero_grad_buffer()
+    ctx.optimizer.zero_grad()
+    forward_backward = get_forward_backward_func(groups.pp.size, groups.vp_size)
+    with collective_phase("the forward/backward pass"):
+        losses_reduced = forward_backward(
+            forward_step_func=forward_step_func, data_iterator=data_iterator, model=ctx.model,
+            num_microbatches=num_microbatches, seq_length=args.seq_length, micro_batch_size=args.micro_batch_size,
+            groups=groups, config=ctx.configs.transformer, forward_only=False,
+            grad_scale_func=ctx.optimizer.scale_loss, finalize_model_grads_func=_finalize_grads_fn(ctx))
+    with collective_phase("the optimizer step"):
+        update_successful, grad_norm, num_zeros = ctx.optimizer.step()
+    if args.empty_unused_memory_level >= 1 and ctx.device.type == "cuda":
+        torch.cuda.empty_cache()
+    with collective_phase("the loss all-reduce"):
+        losses = _reduce_losses(losses_reduced, groups, ctx.device)
+    return losses, update_successful, grad_norm, num_zeros
+
+
+# ------------------------------------------------------------------ evaluation
+
+
+def evaluate(ctx: TrainContext, forward_step_func: Callable, data_iterator, num_iters: int) -> dict[str, float]:
+    """Forward-only over `num_iters` global batches; returns key -> mean loss on the last stage
+    (empty elsewhere). Advances consumed_valid_samples."""
+    from gigatron.core.pipeline import get_forward_backward_func
+
+    args, groups = ctx.args, ctx.groups
+    forward_backward = get_forward_backward_func(groups.pp.size, groups.vp_size)
+    num_microbatches = args.global_batch_size // (args.micro_batch_size * args.data_parallel_size)
+    for chunk in ctx.model:
+        chunk.eval()
+    totals: dict[str, torch.Tensor] = {}
+    try:
+        with torch.no_grad(), collective_phase("evaluation"):
+            for _ in range(num_iters):
+                losses_reduced = forward_backward(
+                    forward_step_func=forward_step_func, data_iterator=data_iterator, model=ctx.model,
+                    num_microbatches=num_microbatches, seq_length=args.seq_length,
+                    micro_batch_size=args.micro_batch_size, groups=groups, config=ctx.configs.transformer,
+                    forward_only=True)
+                for entry in losses_reduced:
+                    for key, value in entry.items():
+                        value = value.detach().float().reshape(-1)
+                        if value.numel() == 1:
+                            value = torch.cat([value, torch.ones_like(value)])
+                        totals[key] = totals[key] + value if key in totals else value.clone()
+                ctx.consumed_valid_samples += args.global_batch_size
+            keys = sorted(totals)
+            if not keys:
+                return {}
+            stacked = torch.stack([totals[k] for k in keys]).to(ctx.device)  # [keys, 2]
+            if groups.dp_cp.group is not None:
+                dist.all_reduce(stacked, group=groups.dp_cp.group)
+            values = (stacked[:, 0] / stacked[:, 1].clamp(min=1)).tolist()
+    finally:
+        for chunk in ctx.model:
+            chunk.train()
+    if args.empty_unused_memory_level >= 2 and ctx.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return dict(zip(keys, values))
+
+
+def _evaluate_and_report(ctx: TrainContext, forward_step_func, iterator, prefix: str, record: bool = True) -> dict:
+    if iterator is None or ctx.args.eval_iters == 0:
+        return {}
+    if ctx.args.manual_gc and ctx.args.manual_gc_eval:
+        gc.collect()
+    losses = evaluate(ctx, forward_step_func, iterator, ctx.args.eval_iters)
+    if ctx.args.manual_gc and ctx.args.manual_gc_eval:
+        gc.collect()
+    if losses:
+        ctx.log.report_validation(prefix, ctx.iteration, losses, record=record)
+    return losses
+
+
+# ------------------------------------------------------------------ saving and exiting
+
+
+def _output_dir(args) -> Optional[str]:
+    return args.save or args.tensorboard_dir
+
+
+def _save(ctx: TrainContext) -> None:
+    args = ctx.args
+    if not args.save or ctx.last_saved_iteration == ctx.iteration:
+        return
+    if args.manual_gc:
+        gc.collect()
+    start = time.perf_counter()
+    with collective_phase(f"saving the checkpoint of iteration {ctx.iteration}"):
+        save_checkpoint(
+            args.save, ctx.iteration, ctx.model, ctx.optimizer, ctx.scheduler, args, ctx.groups,
+            num_floating_point_operations_so_far=ctx.num_floating_point_operations_so_far,
+            consumed_train_samples=ctx.consumed_train_samples, consumed_valid_samples=ctx.consumed_valid_samples,
+            save_optim=not args.no_save_optim, save_rng=not args.no_save_rng, rng_tracker=ctx.run.rng_tracker)
+    ctx.last_saved_iteration = ctx.iteration
+    print_rank_0(f"  successfully saved checkpoint from iteration {ctx.iteration:7d} to {args.save} "
+                 f"[ t {time.perf_counter() - start:.2f}s ]")
+    ctx.log.write_loss_curve()
+
+
+class _SignalFlag:
+    """Remembers that SIGTERM arrived; the loop saves and exits at the end of the iteration."""
+
+    def __init__(self) -> None:
+        self.received = False
+        self._previous = None
+
+    def install(self) -> None:
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.received = True
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank if `flag` is True on any rank (one small all-reduce)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item() > 0)
+
+
+def _should_exit(ctx: TrainContext, start_time: float, signal_flag: Optional[_SignalFlag]) -> Optional[str]:
+    args = ctx.args
+    if signal_flag is not None and _any_rank(signal_flag.received, ctx.device):
+        return "exiting on SIGTERM"
+    if args.exit_duration_in_mins is not None:
+        over = (time.time() - start_time) / 60.0 > args.exit_duration_in_mins
+        if _any_rank(over, ctx.device):
+            return f"exiting after {args.exit_duration_in_mins} minutes"
+    if args.exit_interval is not None and ctx.iteration % args.exit_interval == 0:
+        return f"exiting at iteration {ctx.iteration} (--exit-interval {args.exit_interval})"
+    return None
+
+
+# ------------------------------------------------------------------ the loop
+
+
+def _check_finite(ctx: TrainContext, grad_norm, losses: dict) -> None:
+    if not ctx.args.check_for_nan_in_loss_and_grad:
+        return
+    if grad_norm is not None and not math.isfinite(grad_norm):
+        raise NonFiniteLossError(
+            f"iteration {ctx.iteration}: the gradient norm is {grad_norm} (rank {ctx.run.rank}). The loss or a "
+            "gradient became NaN/Inf: lower --lr, use --bf16 instead of --fp16, or check the data; "
+            "--no-check-for-nan-in-loss-and-grad turns this check off.")
+
+
+def _iteration_flops(ctx: TrainContext, batch_size: int) -> float:
+    from gigatron.core.flops import num_floating_point_operations
+
+    return num_floating_point_operations(ctx.configs.transformer, ctx.padded_vocab_size, batch_size,
+                                         ctx.args.seq_length)
+
+
+def train(ctx: TrainContext, forward_step_func: Callable, train_iterator, valid_iterator) -> None:
+    """Run training iterations until --train-iters / --train-samples or an exit condition."""
+    args = ctx.args
+    log = ctx.log
+    signal_flag = None
+    if args.exit_signal_handler:
+        signal_flag = _SignalFlag()
+        signal_flag.install()
+    if args.manual_gc:
+        gc.disable()
+        gc.collect()
+    start_time = time.time()
+    for chunk in ctx.model:
+        chunk.train()
+    flops_cache: dict[int, float] = {}
+    log.start_interval()
+    try:
+        while ctx.iteration < ctx.train_iters:
+            batch_size = ctx.calculator.global_batch_size_at(ctx.consumed_train_samples)
+            num_microbatches = batch_size // (args.micro_batch_size * args.data_parallel_size)
+            losses, update_successful, grad_norm, num_zeros = train_step(ctx, forward_step_func, train_iterator,
+                                                                         num_microbatches)
+            ctx.iteration += 1
+            ctx.consumed_train_samples += batch_size
+            if batch_size not in flops_cache:
+                flops_cache[batch_size] = _iteration_flops(ctx, batch_size)
+            ctx.num_floating_point_operations_so_far += flops_cache[batch_size]
+            if update_successful and ctx.scheduler is not None:
+                ctx.scheduler.step(increment=batch_size)
+            _check_finite(ctx, grad_norm, losses)
+            log.add_iteration(losses, skipped=not update_successful, tokens=batch_size * args.seq_length,
+                              flops=flops_cache[batch_size])
+            if grad_norm is not None and not math.isfinite(grad_norm):
+                log.add_nan()
+            if ctx.iteration % args.log_interval == 0:
+                _report(ctx, batch_size, grad_norm, num_zeros)
+            if args.manual_gc and args.manual_gc_interval and ctx.iteration % args.manual_gc_interval == 0:
+                gc.collect()
+            if valid_iterator is not None and args.eval_interval and ctx.iteration % args.eval_interval == 0:
+                paused = time.perf_counter()
+                _evaluate_and_report(ctx, forward_step_func, valid_iterator, f"iteration {ctx.iteration}")
+                log.exclude_time(time.perf_counter() - paused)
+            if args.save and args.save_interval and ctx.iteration % args.save_interval == 0:
+                paused = time.perf_counter()
+                _save(ctx)
+                log.exclude_time(time.perf_counter() - paused)
+            reason = _should_exit(ctx, start_time, signal_flag)
+            if reason is not None:
+                print_rank_0(f" {reason}")
+                _save(ctx)
+                break
+    finally:
+        if signal_flag is not None:
+            signal_flag.restore()
+        if args.manual_gc:
+            gc.enable()
+
+
+def _report(ctx: TrainContext, batch_size: int, grad_norm, num_zeros) -> None:
+    args = ctx.args
+    params_norm = None
+    if args.log_params_norm:
+        params_norm = _params_norm(ctx)
+    lr = ctx.scheduler.get_lr() if ctx.scheduler is not None else ctx.optimizer.param_groups[0]["lr"]
+    loss_scale = float(ctx.optimizer.get_loss_scale().item())
+    ctx.log.report(
+        iteration=ctx.iteration, consumed_samples=ctx.consumed_train_samples, learning_rate=lr,
+        global_batch_size=batch_size, loss_scale=loss_scale, grad_norm=grad_norm, num_zeros_in_grad=num_zeros,
+        params_norm=params_norm)
+    if args.check_for_nan_in_loss_and_grad and ctx.log.train_history:
+        last_iteration, last_loss = ctx.log.train_history[-1]
+        if last_iteration == ctx.iteration and not math.isfinite(last_loss):
+            raise NonFiniteLossError(f"iteration {ctx.iteration}: the training loss is {last_loss}; lower --lr or "
+                                     "check the data (--no-check-for-nan-in-loss-and-grad turns this check off)")
+
+
+def _params_norm(ctx: TrainContext) -> float:
+    """L2 norm of all parameters, each element counted once over tensor and pipeline ranks."""
+    from gigatron.core.parallel.tags import is_shared_embedding, is_tensor_parallel
+
+    groups = ctx.groups
+    total = torch.zeros(1, dtype=torch.float32, device=ctx.device)
+    for chunk in ctx.model:
+        for param in chunk.module.parameters():
+            duplicate_over_tp = not is_tensor_parallel(param) and groups.tp.rank > 0
+            duplicate_embedding = is_shared_embedding(param) and not groups.is_pipeline_first_stage()
+            if duplicate_over_tp or duplicate_embedding:
+                continue
+            total += param.detach().float().norm() ** 2
+    if groups.mp.group is not None:
+        dist.all_reduce(total, group=groups.mp.group)
+    return float(total.sqrt().item())
+
+
+def _announce_peak(ctx: TrainContext) -> Optional[float]:
+    from gigatron.core.flops import device_peak_flops
+
+    dtype = ctx.configs.transformer.params_dtype
+    peak = device_peak_flops(ctx.device, dtype)
+    if peak is None:
+        print_rank_0(f"> MFU: no known dense peak for {ctx.device.type} / {dtype}; MFU is not reported "
+                     "(model FLOPs follow Megatron's convention)")
+        return None
+    tflops, description = peak
+    print_rank_0(f"> MFU is model FLOPs (Megatron's convention, no recompute) / peak of {description}")
+    return tflops * 1e12
+
+
+def pretrain(datasets_provider: Callable, model_provider: Callable, forward_step_func: Callable,
+             args: Optional[argparse.Namespace] = None, extra_args_provider: Optional[Callable] = None,
+             args_defaults: Optional[dict] = None) -> TrainContext:
+    """Train a model end to end (see the module docstring for the providers). `args` defaults to the
+    command line. Returns the context (model, optimizer, iteration, loss history)."""
+    if args is None:
+        args = parse_args(extra_args_provider=extra_args_provider, defaults=args_defaults)
+    ctx = setup(model_provider, args)
+    ctx.log = TrainingLog(
+        ctx.configs.logging, train_iters=ctx.train_iters, peak_flops=_announce_peak(ctx), device=ctx.device,
+        world_size=ctx.run.world_size, output_dir=_output_dir(args),
+        run_config={k: v for k, v in vars(args).items() if not k.startswith("_")})
+    ctx.log.resume_history(ctx.iteration)
+    try:
+        train_iterator, valid_iterator, test_iterator = build_data_iterators(ctx, datasets_provider)
+        if not args.skip_train and ctx.iteration < ctx.train_iters:
+            print_rank_0(f"> training from iteration {ctx.iteration} to {ctx.train_iters}")
+            train(ctx, forward_step_func, train_iterator, valid_iterator)
+            _save(ctx)
+        finished = ctx.iteration >= ctx.train_iters or args.skip_train
+        if finished:
+            evaluated_here = bool(args.eval_interval) and ctx.iteration % args.eval_interval == 0
+            _evaluate_and_report(ctx, forward_step_func, valid_iterator,
+                                 f"iteration {ctx.iteration} on validation set",
+                                 record=not args.skip_train and not evaluated_here)
+            _evaluate_and_report(ctx, forward_step_func, test_iterator, f"iteration {ctx.iteration} on test set",
+                                 record=False)
+        ctx.log.write_loss_curve()
+    finally:
+        ctx.log.close()
+    return ctx

@@ -1,0 +1,372 @@
+"""Checks on the parsed flags, each a small named function raising ValueError that names the flags
+and the fix. `validate_args` runs them all and fills in the values that follow from the world size
+(data-parallel size, default global batch size, number of micro-batches).
+
+Checks read the flat namespace with `getattr(args, name, default)`, so a namespace holding only some
+of the config groups (a tool's parser) is checked for what it has.
+"""
+
+from __future__ import annotations
+
+import argparse
+import warnings
+from typing import Optional
+
+__all__ = [
+    "validate_args",
+    "check_parallel_sizes",
+    "check_batch_sizes",
+    "check_rampup_batch_size",
+    "check_attention_heads",
+    "check_query_groups",
+    "check_seq_length_fits_positions",
+    "check_context_parallel_seq_length",
+    "check_train_length",
+    "check_precision",
+    "check_lr",
+    "check_lr_schedule_units",
+    "check_lr_warmup",
+    "check_overlap_param_gather",
+    "force_sequence_parallel_off_at_tp1",
+    "check_virtual_pipeline",
+    "resolve_layers_per_virtual_stage",
+    "check_data_source",
+    "check_checkpoint_args",
+    "check_intervals",
+    "check_per_token_loss",
+    "SUPPORTED_CKPT_FORMATS",
+]
+
+SUPPORTED_CKPT_FORMATS = ("torch",)
+
+
+def _get(args, name, default=None):
+    value = getattr(args, name, default)
+    return default if value is None else value
+
+
+def check_parallel_sizes(args, world_size: int) -> int:
+    """world size must be a multiple of tp * pp * cp; returns the data-parallel size."""
+    tp = _get(args, "tensor_model_parallel_size", 1)
+    pp = _get(args, "pipeline_model_parallel_size", 1)
+    cp = _get(args, "context_parallel_size", 1)
+    for flag, value in (("--tensor-model-parallel-size", tp), ("--pipeline-model-parallel-size", pp),
+                        ("--context-parallel-size", cp)):
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}.")
+    model_parallel = tp * pp * cp
+    if world_size % model_parallel != 0:
+        raise ValueError(
+            f"world size ({world_size}) is not divisible by --tensor-model-parallel-size ({tp}) x "
+            f"--pipeline-model-parallel-size ({pp}) x --context-parallel-size ({cp}) = {model_parallel}; "
+            f"launch a multiple of {model_parallel} processes or change the parallel sizes."
+        )
+    ep = _get(args, "expert_model_parallel_size", 1)
+    etp = _get(args, "expert_tensor_parallel_size", tp)
+    if world_size % (etp * ep * pp) != 0:
+        raise ValueError(
+            f"world size ({world_size}) is not divisible by --expert-tensor-parallel-size ({etp}) x "
+            f"--expert-model-parallel-size ({ep}) x --pipeline-model-parallel-size ({pp})."
+        )
+    return world_size // model_parallel
+
+
+def check_batch_sizes(args, data_parallel_size: int) -> int:
+    """--micro-batch-size is required; --global-batch-size defaults to mbs x dp and must be a multiple
+    of it. Returns the number of micro-batches per step (at the full batch size)."""
+    mbs = getattr(args, "micro_batch_size", None)
+    if mbs is None or mbs < 1:
+        raise ValueError(f"--micro-batch-size must be given and >= 1 (got {mbs}).")
+    gbs = getattr(args, "global_batch_size", None)
+    if gbs is None:
+        gbs = mbs * data_parallel_size
+        args.global_batch_size = gbs
+    if gbs < 1 or gbs % (mbs * data_parallel_size) != 0:
+        raise ValueError(
+            f"--global-batch-size ({gbs}) must be a positive multiple of --micro-batch-size ({mbs}) x "
+            f"data-parallel size ({data_parallel_size}) = {mbs * data_parallel_size}; use e.g. "
+            f"--global-batch-size {max(1, round(gbs / (mbs * data_parallel_size))) * mbs * data_parallel_size}."
+        )
+    return gbs // (mbs * data_parallel_size)
+
+
+def check_rampup_batch_size(args, data_parallel_size: int) -> None:
+    """--rampup-batch-size START INCREMENT SAMPLES: every batch size on the way must be a multiple of
+    mbs x dp and the ramp must reach --global-batch-size exactly."""
+    rampup = getattr(args, "rampup_batch_size", None)
+    if not rampup:
+        return
+    if len(rampup) != 3:
+        raise ValueError(
+            f"--rampup-batch-size takes three values (start batch size, increment, ramp-up samples), got {rampup}."
+        )
+    start, increment, samples = (int(v) for v in rampup)
+    gbs = args.global_batch_size
+    step = args.micro_batch_size * data_parallel_size
+    if start < 1 or increment < 1 or samples < 0:
+        raise ValueError(f"--rampup-batch-size values must be positive, got {rampup}.")
+    if start > gbs or (gbs - start) % increment != 0:
+        raise ValueError(
+            f"--rampup-batch-size start {start} + k x increment {increment} must reach --global-batch-size {gbs}; "
+            "choose an increment that divides (global batch size - start)."
+        )
+    if start % step != 0 or increment % step != 0:
+        raise ValueError(
+            f"--rampup-batch-size start ({start}) and increment ({increment}) must be multiples of "
+            f"--micro-batch-size x data-parallel size = {step}."
+        )
+    if getattr(args, "train_samples", None) is None and getattr(args, "train_iters", None) is not None:
+        raise ValueError("--rampup-batch-size needs --train-samples instead of --train-iters (the length of a "
+                         "run with a changing batch size is given in samples).")
+
+
+def check_attention_heads(args) -> None:
+    """--num-attention-heads must divide over the tensor-parallel ranks."""
+    heads = getattr(args, "num_attention_heads", None)
+    tp = _get(args, "tensor_model_parallel_size", 1)
+    if heads is not None and heads % tp != 0:
+        raise ValueError(
+            f"--num-attention-heads ({heads}) is not divisible by --tensor-model-parallel-size ({tp}); "
+            "each tensor-parallel rank must hold whole heads."
+        )
+
+
+def check_query_groups(args) -> None:
+    """With grouped-query attention, --num-query-groups must divide over the tensor-parallel ranks
+    and divide the number of heads."""
+    groups = getattr(args, "num_query_groups", None)
+    if groups is None or not getattr(args, "group_query_attention", True):
+        return
+    tp = _get(args, "tensor_model_parallel_size", 1)
+    heads = getattr(args, "num_attention_heads", None)
+    if groups % tp != 0:
+        raise ValueError(
+            f"--num-query-groups ({groups}) is not divisible by --tensor-model-parallel-size ({tp}); "
+            "each tensor-parallel rank must hold whole key/value groups."
+        )
+    if heads is not None and heads % groups != 0:
+        raise ValueError(f"--num-attention-heads ({heads}) is not divisible by --num-query-groups ({groups}).")
+
+
+def check_seq_length_fits_positions(args) -> None:
+    """Learned absolute positions need --max-position-embeddings >= --seq-length."""
+    position_type = _get(args, "position_embedding_type", "learned_absolute")
+    seq = getattr(args, "seq_length", None)
+    max_pos = getattr(args, "max_position_embeddings", None)
+    if position_type != "learned_absolute" or seq is None:
+        return
+    if max_pos is None:
+        args.max_position_embeddings = seq
+        return
+    if seq > max_pos:
+        raise ValueError(
+            f"--seq-length ({seq}) exceeds --max-position-embeddings ({max_pos}) with learned absolute "
+            "position embeddings; raise --max-position-embeddings or shorten --seq-length."
+        )
+
+
+def check_context_parallel_seq_length(args) -> None:
+    """Context parallelism splits the sequence into 2 x cp chunks."""
+    cp = _get(args, "context_parallel_size", 1)
+    seq = getattr(args, "seq_length", None)
+    if cp > 1 and seq is not None and seq % (2 * cp) != 0:
+        raise ValueError(
+            f"--seq-length ({seq}) must be divisible by 2 x --context-parallel-size ({2 * cp})."
+        )
+
+
+def check_train_length(args) -> None:
+    """Exactly one of --train-iters and --train-samples (neither is allowed with --skip-train)."""
+    iters = getattr(args, "train_iters", None)
+    samples = getattr(args, "train_samples", None)
+    if iters is not None and samples is not None:
+        raise ValueError("--train-iters and --train-samples are mutually exclusive; give one of them.")
+    if iters is None and samples is None and not getattr(args, "skip_train", False):
+        raise ValueError("give the length of training with --train-iters or --train-samples.")
+    for flag, value in (("--train-iters", iters), ("--train-samples", samples)):
+        if value is not None and value < 0:
+            raise ValueError(f"{flag} must be >= 0, got {value}.")
+
+
+def check_precision(args) -> None:
+    """--fp16 and --bf16 exclude each other."""
+    if getattr(args, "fp16", False) and getattr(args, "bf16", False):
+        raise ValueError("--fp16 and --bf16 cannot both be set; choose one.")
+
+
+def check_lr(args) -> None:
+    """--lr is required for training and --min-lr must not exceed it."""
+    if getattr(args, "skip_train", False) or not hasattr(args, "lr"):
+        return
+    if args.lr is None:
+        raise ValueError("--lr (the peak learning rate) is required for training, e.g. --lr 3e-4.")
+    min_lr = _get(args, "min_lr", 0.0)
+    if min_lr > args.lr:
+        raise ValueError(f"--min-lr ({min_lr}) must not exceed --lr ({args.lr}).")
+
+
+def check_lr_schedule_units(args) -> None:
+    """Iteration-based runs take iteration-based schedule flags and sample-based runs sample-based ones."""
+    if getattr(args, "train_samples", None) is not None:
+        wrong = [flag for flag, name in (("--lr-decay-iters", "lr_decay_iters"), ("--lr-warmup-iters", "lr_warmup_iters"),
+                                         ("--lr-wsd-decay-iters", "lr_wsd_decay_iters")) if getattr(args, name, None)]
+        if wrong:
+            raise ValueError(f"with --train-samples use the -samples variants instead of {', '.join(wrong)}.")
+    elif getattr(args, "train_iters", None) is not None:
+        wrong = [flag for flag, name in (("--lr-decay-samples", "lr_decay_samples"),
+                                         ("--lr-warmup-samples", "lr_warmup_samples"),
+                                         ("--lr-wsd-decay-samples", "lr_wsd_decay_samples")) if getattr(args, name, None)]
+        if wrong:
+            raise ValueError(f"with --train-iters use the -iters variants instead of {', '.join(wrong)}.")
+
+
+def check_lr_warmup(args) -> None:
+    """At most one of --lr-warmup-fraction, --lr-warmup-iters and --lr-warmup-samples."""
+    given = [flag for flag, name in (("--lr-warmup-fraction", "lr_warmup_fraction"),
+                                     ("--lr-warmup-iters", "lr_warmup_iters"),
+                                     ("--lr-warmup-samples", "lr_warmup_samples")) if getattr(args, name, None)]
+    if len(given) > 1:
+        raise ValueError(f"{' and '.join(given)} are mutually exclusive; give one warmup length.")
+
+
+def check_overlap_param_gather(args) -> None:
+    """--overlap-param-gather needs --use-distributed-optimizer and --overlap-grad-reduce."""
+    if not getattr(args, "overlap_param_gather", False):
+        return
+    missing = [flag for flag, name in (("--use-distributed-optimizer", "use_distributed_optimizer"),
+                                       ("--overlap-grad-reduce", "overlap_grad_reduce")) if not getattr(args, name, False)]
+    if missing:
+        raise ValueError(f"--overlap-param-gather needs {' and '.join(missing)}; add them or drop --overlap-param-gather.")
+
+
+def force_sequence_parallel_off_at_tp1(args) -> None:
+    """Sequence parallelism shards over the tensor-parallel ranks; at tp=1 it is turned off (with a warning)."""
+    if getattr(args, "sequence_parallel", False) and _get(args, "tensor_model_parallel_size", 1) == 1:
+        warnings.warn("--sequence-parallel has no effect with --tensor-model-parallel-size 1; turning it off.",
+                      stacklevel=2)
+        args.sequence_parallel = False
+
+
+def resolve_layers_per_virtual_stage(args) -> None:
+    """--num-layers-per-virtual-pipeline-stage L sets the virtual stages per rank to layers / pp / L."""
+    per_stage = getattr(args, "num_layers_per_virtual_pipeline_stage", None)
+    if per_stage is None:
+        return
+    if getattr(args, "virtual_pipeline_model_parallel_size", None) is not None:
+        raise ValueError("--num-layers-per-virtual-pipeline-stage and --num-virtual-stages-per-pipeline-rank are "
+                         "mutually exclusive; give one.")
+    pp = _get(args, "pipeline_model_parallel_size", 1)
+    layers = getattr(args, "num_layers", None)
+    if per_stage < 1 or layers is None or layers % pp != 0 or (layers // pp) % per_stage != 0:
+        raise ValueError(f"--num-layers ({layers}) / --pipeline-model-parallel-size ({pp}) must be a multiple of "
+                         f"--num-layers-per-virtual-pipeline-stage ({per_stage}).")
+    args.virtual_pipeline_model_parallel_size = layers // pp // per_stage
+
+
+def check_virtual_pipeline(args) -> None:
+    """Interleaved pipelining: needs pp > 1 and the layers of each stage must split over the virtual stages."""
+    vp = getattr(args, "virtual_pipeline_model_parallel_size", None)
+    if vp is None or vp == 1:
+        if vp == 1:
+            args.virtual_pipeline_model_parallel_size = None
+        return
+    pp = _get(args, "pipeline_model_parallel_size", 1)
+    if pp < 2:
+        raise ValueError(
+            f"--num-virtual-stages-per-pipeline-rank ({vp}) needs --pipeline-model-parallel-size >= 2 (got {pp})."
+        )
+    layers = getattr(args, "num_layers", None)
+    if layers is not None and layers % (pp * vp) != 0:
+        raise ValueError(
+            f"--num-layers ({layers}) must be divisible by --pipeline-model-parallel-size ({pp}) x "
+            f"virtual stages per rank ({vp}) = {pp * vp}."
+        )
+
+
+def check_data_source(args) -> None:
+    """Exactly one data source: --data-path, the per-split paths, or --mock-data."""
+    if not any(hasattr(args, n) for n in ("data_path", "mock_data", "train_data_path")):
+        return
+    sources = []
+    if getattr(args, "data_path", None):
+        sources.append("--data-path")
+    split_paths = [flag for flag, name in (("--train-data-path", "train_data_path"), ("--valid-data-path", "valid_data_path"),
+                                           ("--test-data-path", "test_data_path")) if getattr(args, name, None)]
+    if split_paths:
+        sources.append("/".join(split_paths))
+    if getattr(args, "mock_data", False):
+        sources.append("--mock-data")
+    if len(sources) > 1:
+        raise ValueError(f"give one data source, not {' and '.join(sources)}.")
+    if not sources and not getattr(args, "skip_train", False):
+        raise ValueError("no data source: give --data-path PREFIX (or per-split --train-data-path etc.), "
+                         "or --mock-data for synthetic data.")
+    if split_paths and getattr(args, "split", None):
+        raise ValueError("--split cannot be combined with --train-data-path/--valid-data-path/--test-data-path.")
+
+
+def check_checkpoint_args(args) -> None:
+    """Checkpoint format and the load options that need --load."""
+    fmt = _get(args, "ckpt_format", "torch")
+    if fmt not in SUPPORTED_CKPT_FORMATS:
+        raise ValueError(f"--ckpt-format {fmt} is not supported yet; supported: {', '.join(SUPPORTED_CKPT_FORMATS)} "
+                         "(use --ckpt-format torch).")
+    if getattr(args, "use_checkpoint_args", False) and not getattr(args, "load", None):
+        raise ValueError("--use-checkpoint-args reads the model flags from the checkpoint in --load; give --load DIR.")
+    if getattr(args, "exit_on_missing_checkpoint", False) and not (getattr(args, "load", None)
+                                                                    or getattr(args, "pretrained_checkpoint", None)):
+        raise ValueError("--exit-on-missing-checkpoint needs --load DIR.")
+    if getattr(args, "ckpt_step", None) is not None and not getattr(args, "load", None):
+        raise ValueError("--ckpt-step selects an iteration of the checkpoint in --load; give --load DIR.")
+    if getattr(args, "save_interval", None) is not None and not getattr(args, "save", None):
+        raise ValueError("--save-interval needs --save DIR.")
+
+
+def check_per_token_loss(args) -> None:
+    """--calculate-per-token-loss needs a schedule that hands the token count to the gradient
+    finalization; the schedules divide each micro-batch's mean loss by the number of micro-batches."""
+    if getattr(args, "calculate_per_token_loss", False):
+        raise ValueError("--calculate-per-token-loss is not supported by the training loop yet; drop the flag "
+                         "(each micro-batch's loss is averaged over its tokens, then over micro-batches and ranks).")
+
+
+def check_intervals(args) -> None:
+    """Intervals must be positive."""
+    for flag, name in (("--log-interval", "log_interval"), ("--eval-interval", "eval_interval"),
+                       ("--save-interval", "save_interval"), ("--exit-interval", "exit_interval"),
+                       ("--tensorboard-log-interval", "tensorboard_log_interval")):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}.")
+    eval_iters = getattr(args, "eval_iters", None)
+    if eval_iters is not None and eval_iters < 0:
+        raise ValueError(f"--eval-iters must be >= 0, got {eval_iters}.")
+
+
+def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) -> argparse.Namespace:
+    """Run every check; fill in world_size, data_parallel_size, global_batch_size and
+    num_microbatches (at the full batch size). Returns `args`."""
+    world_size = _get(args, "world_size", 1) if world_size is None else world_size
+    args.world_size = world_size
+    args.data_parallel_size = check_parallel_sizes(args, world_size)
+    check_precision(args)
+    check_train_length(args)
+    check_intervals(args)
+    if hasattr(args, "micro_batch_size"):
+        args.num_microbatches = check_batch_sizes(args, args.data_parallel_size)
+        check_rampup_batch_size(args, args.data_parallel_size)
+    check_attention_heads(args)
+    check_query_groups(args)
+    check_seq_length_fits_positions(args)
+    check_context_parallel_seq_length(args)
+    check_lr(args)
+    check_lr_schedule_units(args)
+    check_lr_warmup(args)
+    check_overlap_param_gather(args)
+    force_sequence_parallel_off_at_tp1(args)
+    resolve_layers_per_virtual_stage(args)
+    check_virtual_pipeline(args)
+    check_data_source(args)
+    check_checkpoint_args(args)
+    check_per_token_loss(args)
+    return args

@@ -1,0 +1,8 @@
+"""Pretrain a GPT model: `python pretrain_gpt.py <Megatron flags>` or `torchrun ... pretrain_gpt.py ...`."""
+
+import sys
+
+from gigatron.training.entry import pretrain_gpt_main
+
+if __name__ == "__main__":
+    sys.exit(pretrain_gpt_main())

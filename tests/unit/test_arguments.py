@@ -1,0 +1,133 @@
+"""The parser generated from the config dataclasses."""
+
+import dataclasses
+import textwrap
+from typing import Literal, Optional
+
+import pytest
+import torch
+
+from gigatron.training import arguments as A
+from gigatron.training.config import CheckpointConfig, LoggingConfig, TrainingConfig
+
+
+@dataclasses.dataclass
+class _Toy:
+    count: int = 3
+    """How many."""
+    rate: Optional[float] = None
+    """A rate."""
+    mode: Literal["a", "b"] = "a"
+    """Which mode."""
+    fused: bool = True
+    """Use the fused path."""
+    names: Optional[list[str]] = None
+    """Some names."""
+    dtype: torch.dtype = torch.float32
+    """Derived, not a flag."""
+
+
+TOY = {"toy": _Toy, "training": TrainingConfig}
+
+
+def test_every_field_of_every_config_has_a_flag_and_help():
+    specs, conflicts = A.flag_specs()
+    assert conflicts == []
+    derived = {"params_dtype"}  # set from --bf16/--fp16 by derived_fields
+    for name, cls in A.config_classes().items():
+        for f in dataclasses.fields(cls):
+            if not f.init or f.name in derived:
+                continue
+            assert f.name in specs, f"{name}.{f.name} has no flag"
+            assert specs[f.name].help, f"{name}.{f.name} has no docstring"
+    parser = A.build_parser()
+    for spec in specs.values():
+        for option in spec.option_strings:
+            assert option in parser._option_string_actions
+
+
+def test_help_text_comes_from_docstrings():
+    docs = A.field_docstrings(TrainingConfig)
+    assert docs["eval_interval"] == "Interval between runs of evaluation on the validation set, in iterations."
+    help_text = A.build_parser(TOY).format_help()
+    assert "How many." in help_text and "Which mode." in help_text
+
+
+def test_types_defaults_and_bool_forms():
+    args = A.parse_args([], classes=TOY)
+    assert args.count == 3 and args.rate is None and args.mode == "a" and args.fused is True
+    assert not hasattr(args, "dtype")
+    args = A.parse_args(["--count", "5", "--rate", "0.5", "--mode", "b", "--no-fused", "--names", "x", "y"], classes=TOY)
+    assert (args.count, args.rate, args.mode, args.fused, args.names) == (5, 0.5, "b", False, ["x", "y"])
+    with pytest.raises(SystemExit):
+        A.parse_args(["--mode", "c"], classes=TOY)
+    with pytest.raises(SystemExit):
+        A.parse_args(["--count", "x"], classes=TOY)
+
+
+def test_megatron_defaults():
+    args = A.parse_args([])
+    assert args.seed == 1234 and args.eval_interval == 1000 and args.eval_iters == 100
+    assert args.log_interval == 100 and args.init_method_std == 0.02 and args.lr_decay_style == "linear"
+    assert args.tensor_model_parallel_size == 1 and args.make_vocab_size_divisible_by == 128
+    assert args.add_bias_linear is True and args.check_for_nan_in_loss_and_grad is True
+
+
+def test_aliases():
+    args = A.parse_args(["--disable-bias-linear", "--ddp-bucket-size", "1000", "--recompute-activations",
+                         "--accumulate-allreduce-grads-in-fp32", "--no-create-attention-mask-in-dataloader",
+                         "--override-opt_param-scheduler", "--num-virtual-stages-per-pipeline-rank", "2",
+                         "--use-mcore-models", "--no-masked-softmax-fusion"])
+    assert args.add_bias_linear is False
+    assert args.bucket_size == 1000
+    assert args.recompute_granularity == "selective"
+    assert args.grad_reduce_in_fp32 is True
+    assert args.create_attention_mask_in_dataloader is False
+    assert args.override_opt_param_scheduler is True
+    assert args.virtual_pipeline_model_parallel_size == 2
+    assert not any(k.startswith("_accepted_") for k in vars(args))
+    specs, _ = A.flag_specs()
+    for option, alias in A.ALIASES.items():
+        assert alias.dest in specs, f"alias {option} names unknown field {alias.dest}"
+
+
+def test_unknown_flag_is_an_error_with_a_suggestion(capsys):
+    with pytest.raises(SystemExit):
+        A.parse_args(["--micro-batch-sise", "2"])
+    err = capsys.readouterr().err
+    assert "--micro-batch-sise" in err and "--micro-batch-size" in err
+    with pytest.raises(SystemExit):  # no prefix matching
+        A.parse_args(["--micro-batch", "2"])
+    with pytest.raises(SystemExit):  # a Megatron flag Gigatron does not implement
+        A.parse_args(["--tp-comm-overlap"])
+
+
+def test_yaml_cfg(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(textwrap.dedent("""\
+        micro-batch-size: 4
+        model:
+          num_layers: 3
+          hidden_size: 64
+        lr: 0.001
+    """))
+    args = A.parse_args(["--yaml-cfg", str(path), "--hidden-size", "32"])
+    assert args.micro_batch_size == 4 and args.num_layers == 3 and args.lr == 0.001
+    assert args.hidden_size == 32  # the command line wins
+    path.write_text("num_layerz: 3\n")
+    with pytest.raises(ValueError, match="num_layerz.*num_layers"):
+        A.parse_args(["--yaml-cfg", str(path)])
+
+
+def test_configs_from_args_builds_every_dataclass():
+    args = A.parse_args(["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
+                         "--seq-length", "16", "--max-position-embeddings", "16", "--micro-batch-size", "2",
+                         "--lr", "1e-3", "--bf16", "--mock-data", "--save", "/tmp/x", "--log-interval", "5"])
+    configs = A.configs_from_args(args)
+    assert configs.transformer.num_layers == 2 and configs.transformer.params_dtype == torch.bfloat16
+    assert configs.optimizer.bf16 and configs.optimizer.params_dtype == torch.bfloat16
+    assert configs.data.mock_data and configs.data.seq_length == 16
+    assert configs.training.micro_batch_size == 2
+    assert configs.checkpoint.save == "/tmp/x" and configs.logging.log_interval == 5
+    assert configs.parallel.tensor_model_parallel_size == 1
+    assert isinstance(configs.checkpoint, CheckpointConfig) and isinstance(configs.logging, LoggingConfig)

@@ -1,0 +1,179 @@
+"""Each named check of gigatron/training/validate.py."""
+
+import argparse
+
+import pytest
+
+from gigatron.training import validate as V
+from gigatron.training.arguments import parse_args
+
+BASE = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16",
+        "--max-position-embeddings", "16", "--micro-batch-size", "2", "--train-iters", "10", "--lr", "1e-3",
+        "--mock-data"]
+
+
+def _without(flag, takes_value=True):
+    i = BASE.index(flag)
+    return BASE[:i] + BASE[i + (2 if takes_value else 1):]
+
+
+def _args(*extra):
+    return parse_args(BASE + list(extra))
+
+
+def test_valid_arguments_fill_derived_values():
+    args = V.validate_args(_args("--tensor-model-parallel-size", "2"), world_size=8)
+    assert args.data_parallel_size == 4
+    assert args.global_batch_size == 8 and args.num_microbatches == 1
+    args = V.validate_args(_args("--global-batch-size", "32"), world_size=2)
+    assert args.num_microbatches == 8
+
+
+def test_world_size_must_divide():
+    with pytest.raises(ValueError, match="world size \\(6\\).*--tensor-model-parallel-size \\(4\\)"):
+        V.validate_args(_args("--tensor-model-parallel-size", "4"), world_size=6)
+    with pytest.raises(ValueError, match="--context-parallel-size"):
+        V.validate_args(_args("--pipeline-model-parallel-size", "2", "--context-parallel-size", "2"), world_size=6)
+
+
+def test_global_batch_must_be_multiple_of_mbs_times_dp():
+    with pytest.raises(ValueError, match="--global-batch-size \\(6\\).*--micro-batch-size \\(2\\) x data-parallel size \\(2\\)"):
+        V.validate_args(_args("--global-batch-size", "6"), world_size=2)
+
+
+def test_micro_batch_size_required():
+    args = parse_args(_without("--micro-batch-size"))
+    with pytest.raises(ValueError, match="--micro-batch-size"):
+        V.validate_args(args, world_size=1)
+
+
+def test_heads_and_query_groups_divide_tp():
+    with pytest.raises(ValueError, match="--num-attention-heads \\(4\\).*--tensor-model-parallel-size \\(8\\)"):
+        V.validate_args(_args("--tensor-model-parallel-size", "8"), world_size=8)
+    with pytest.raises(ValueError, match="--num-query-groups \\(1\\).*--tensor-model-parallel-size \\(2\\)"):
+        V.validate_args(_args("--group-query-attention", "--num-query-groups", "1",
+                              "--tensor-model-parallel-size", "2"), world_size=2)
+
+
+def test_seq_length_fits_learned_positions():
+    with pytest.raises(ValueError, match="--seq-length \\(32\\).*--max-position-embeddings \\(16\\)"):
+        V.validate_args(_args("--seq-length", "32"), world_size=1)
+    V.validate_args(_args("--seq-length", "32", "--position-embedding-type", "rope"), world_size=1)
+
+
+def test_context_parallel_needs_seq_length_divisible():
+    with pytest.raises(ValueError, match="2 x --context-parallel-size"):
+        V.validate_args(_args("--context-parallel-size", "3", "--seq-length", "16"), world_size=3)
+
+
+def test_train_iters_xor_train_samples():
+    with pytest.raises(ValueError, match="mutually exclusive"):
+        V.validate_args(_args("--train-samples", "100"), world_size=1)
+    args = parse_args(_without("--train-iters"))
+    with pytest.raises(ValueError, match="--train-iters or --train-samples"):
+        V.validate_args(args, world_size=1)
+
+
+def test_fp16_xor_bf16():
+    with pytest.raises(ValueError, match="--fp16 and --bf16"):
+        V.validate_args(_args("--fp16", "--bf16"), world_size=1)
+
+
+def test_lr_required_and_bounded():
+    args = parse_args(_without("--lr"))
+    with pytest.raises(ValueError, match="--lr"):
+        V.validate_args(args, world_size=1)
+    with pytest.raises(ValueError, match="--min-lr"):
+        V.validate_args(_args("--min-lr", "1"), world_size=1)
+
+
+def test_warmup_options_exclusive():
+    with pytest.raises(ValueError, match="--lr-warmup-fraction and --lr-warmup-iters"):
+        V.validate_args(_args("--lr-warmup-fraction", "0.1", "--lr-warmup-iters", "3"), world_size=1)
+    with pytest.raises(ValueError, match="-iters variants.*--lr-warmup-samples"):
+        V.validate_args(_args("--lr-warmup-samples", "30"), world_size=1)
+
+
+def test_overlap_param_gather_needs_dist_opt_and_overlap_grad_reduce():
+    with pytest.raises(ValueError, match="--use-distributed-optimizer and --overlap-grad-reduce"):
+        V.validate_args(_args("--overlap-param-gather"), world_size=1)
+    V.validate_args(_args("--overlap-param-gather", "--use-distributed-optimizer", "--overlap-grad-reduce"),
+                    world_size=1)
+
+
+def test_sequence_parallel_forced_off_at_tp1():
+    args = _args("--sequence-parallel")
+    with pytest.warns(UserWarning, match="--sequence-parallel"):
+        V.validate_args(args, world_size=1)
+    assert args.sequence_parallel is False
+    args = V.validate_args(_args("--sequence-parallel", "--tensor-model-parallel-size", "2"), world_size=2)
+    assert args.sequence_parallel is True
+
+
+def test_virtual_pipeline_checks():
+    with pytest.raises(ValueError, match="needs --pipeline-model-parallel-size >= 2"):
+        V.validate_args(_args("--num-virtual-stages-per-pipeline-rank", "2"), world_size=1)
+    with pytest.raises(ValueError, match="--num-layers \\(2\\).*= 4"):
+        V.validate_args(_args("--num-virtual-stages-per-pipeline-rank", "2", "--pipeline-model-parallel-size", "2"),
+                        world_size=2)
+
+
+def test_exactly_one_data_source():
+    with pytest.raises(ValueError, match="--data-path and --mock-data"):
+        V.validate_args(_args("--data-path", "prefix"), world_size=1)
+    args = parse_args(_without("--mock-data", False))
+    with pytest.raises(ValueError, match="no data source"):
+        V.validate_args(args, world_size=1)
+    args = parse_args(_without("--mock-data", False) + ["--train-data-path", "a", "--split", "1,1,1"])
+    with pytest.raises(ValueError, match="--split cannot be combined"):
+        V.validate_args(args, world_size=1)
+
+
+def test_rampup_batch_size():
+    with pytest.raises(ValueError, match="three values"):
+        V.validate_args(_args("--rampup-batch-size", "2", "2"), world_size=1)
+    args = parse_args(_without("--train-iters")
+                      + ["--train-samples", "100", "--global-batch-size", "8", "--rampup-batch-size", "2", "4", "50"])
+    with pytest.raises(ValueError, match="must reach --global-batch-size 8"):
+        V.validate_args(args, world_size=1)
+    args.rampup_batch_size = [2, 2, 50]
+    V.validate_args(args, world_size=1)
+
+
+def test_checkpoint_options():
+    with pytest.raises(ValueError, match="--ckpt-format torch_dist is not supported yet.*torch"):
+        V.validate_args(_args("--ckpt-format", "torch_dist"), world_size=1)
+    with pytest.raises(ValueError, match="--use-checkpoint-args.*--load"):
+        V.validate_args(_args("--use-checkpoint-args"), world_size=1)
+    with pytest.raises(ValueError, match="--ckpt-step.*--load"):
+        V.validate_args(_args("--ckpt-step", "3"), world_size=1)
+    with pytest.raises(ValueError, match="--save-interval needs --save"):
+        V.validate_args(_args("--save-interval", "3"), world_size=1)
+
+
+def test_intervals_positive():
+    with pytest.raises(ValueError, match="--log-interval must be >= 1"):
+        V.validate_args(_args("--log-interval", "0"), world_size=1)
+
+
+def test_checks_work_on_partial_namespaces():
+    V.check_attention_heads(argparse.Namespace())
+    V.check_data_source(argparse.Namespace())
+
+
+def test_per_token_loss_rejected_until_supported():
+    with pytest.raises(ValueError, match="--calculate-per-token-loss"):
+        V.validate_args(_args("--calculate-per-token-loss"), world_size=1)
+
+
+def test_layers_per_virtual_stage_sets_virtual_size():
+    args = V.validate_args(_args("--num-layers", "8", "--pipeline-model-parallel-size", "2",
+                                 "--num-layers-per-virtual-pipeline-stage", "2"), world_size=2)
+    assert args.virtual_pipeline_model_parallel_size == 2
+    with pytest.raises(ValueError, match="mutually exclusive"):
+        V.validate_args(_args("--num-layers", "8", "--pipeline-model-parallel-size", "2",
+                              "--num-layers-per-virtual-pipeline-stage", "2",
+                              "--num-virtual-stages-per-pipeline-rank", "2"), world_size=2)
+    with pytest.raises(ValueError, match="multiple of --num-layers-per-virtual-pipeline-stage \\(3\\)"):
+        V.validate_args(_args("--num-layers", "8", "--pipeline-model-parallel-size", "2",
+                              "--num-layers-per-virtual-pipeline-stage", "3"), world_size=2)
