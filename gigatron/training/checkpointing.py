@@ -349,6 +349,12 @@ def load_checkpoint(
             raise CheckpointError(f"{path} has no '{key}' entry (it holds {sorted(k for k in state if k.startswith('model'))}); "
                                   "the number of virtual pipeline chunks differs from this run")
         _load_model_state(_unwrap(chunk), state[key], path, key, strict)
+    optimizer_state_loaded = load_optim and optimizer is not None and not (finetune or release)
+    reload = getattr(optimizer, "reload_model_params", None)
+    if reload is not None and not optimizer_state_loaded:
+        # The fp32 main params still hold the initial weights: refresh them from the loaded model,
+        # or the first step would write the stale values back over the loaded weights.
+        reload()
     if finetune or release:
         return LoadedCheckpoint(iteration=0, path=path)
     if load_optim and optimizer is not None:

@@ -210,3 +210,35 @@ def test_rng_tracker_states_round_trip_through_a_file(tmp_path):
     C.load_checkpoint(str(tmp_path), [model], optimizer, scheduler, ParallelGroups.single(), rng_tracker=other)
     with other.fork(MODEL_PARALLEL_RNG):
         assert torch.equal(torch.rand(4), expected)
+
+
+def test_loading_weights_without_optimizer_state_refreshes_bf16_main_params(tmp_path):
+    """--no-load-optim / --finetune into a mixed-precision optimizer: the fp32 main params must
+    follow the loaded weights, or the first step writes the initial weights back."""
+    from gigatron.core.distributed import DDPConfig, DistributedDataParallel
+    from gigatron.core.optim import get_optimizer
+
+    def build(seed):
+        torch.manual_seed(seed)
+        module = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 4)).to(torch.bfloat16)
+        groups = ParallelGroups.single()
+        ddp = DistributedDataParallel(DDPConfig(), module, groups)
+        opt = get_optimizer(OptimizerConfig(lr=0.0, weight_decay=0.0, bf16=True, params_dtype=torch.bfloat16),
+                            [ddp], groups)
+        sched = OptimizerParamScheduler(opt, SchedulerConfig(), OptimizerConfig(lr=0.0), global_batch_size=1,
+                                        train_iters=10)
+        return ddp, opt, sched, groups
+
+    saved, opt_a, sched_a, groups = build(seed=1)
+    C.save_checkpoint(str(tmp_path), 3, [saved], opt_a, sched_a, _args(params_dtype=torch.bfloat16), groups,
+                      num_floating_point_operations_so_far=0.0, consumed_train_samples=3, consumed_valid_samples=0)
+    for finetune in (False, True):
+        fresh, opt_b, sched_b, _ = build(seed=2)
+        C.load_checkpoint(str(tmp_path), [fresh], opt_b, sched_b, groups, load_optim=False, load_rng=False,
+                          finetune=finetune)
+        fresh.zero_grad_buffer()
+        for p in fresh.module.parameters():
+            p.main_grad.zero_()
+        opt_b.step()  # lr 0: the weights must stay the loaded ones
+        for a, b in zip(saved.module.parameters(), fresh.module.parameters()):
+            assert torch.equal(a, b)
