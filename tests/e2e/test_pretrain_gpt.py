@@ -237,9 +237,6 @@ def test_collective_timeout_names_rank_and_operation():
             raise RuntimeError("unrelated")
 
 
-@pytest.mark.xfail(reason="the attention-backend probe (gigatron/core/transformer/attention.py, _checked_probe) runs a "
-                          "backward under torch.no_grad when evaluation is its first use for that configuration; "
-                          "wrapping the probe in torch.enable_grad() fixes it", strict=False)
 def test_attention_dropout_with_evaluation():
     from gigatron.core.transformer import attention
 

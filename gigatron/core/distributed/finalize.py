@@ -40,7 +40,7 @@ def finalize_model_grads(model_chunks, groups, config=None, num_tokens: Optional
 
     1. finish_grad_sync on each chunk (data x context parallel reduction);
     2. all-reduce over tp the grads of sequence-parallel-tagged params (norms and biases that see
-       only this rank's part of the sequence) — skipped when `config.sequence_parallel` is False;
+       only this rank's part of the sequence, qk-layernorm weights at tp > 1);
     3. all-reduce over the embedding group (first and last pipeline stage) the grads of the tied
        word embedding / output weight;
     4. with `num_tokens` (per-token loss, --calculate-per-token-loss): take the token count of the
@@ -49,8 +49,9 @@ def finalize_model_grads(model_chunks, groups, config=None, num_tokens: Optional
     for chunk in model_chunks:
         chunk.finish_grad_sync()
 
-    sequence_parallel = True if config is None else bool(getattr(config, "sequence_parallel", True))
-    if sequence_parallel and groups.tp.group is not None:
+    # A sequence-parallel tag means "this gradient is a partial sum over tp" (norms and biases on
+    # sequence shards, and qk-layernorm weights at any tp > 1), so tagged grads are always summed.
+    if groups.tp.group is not None:
         grads = _tagged_main_grads(model_chunks, is_sequence_parallel)
         if grads:
             _all_reduce_coalesced(grads, groups.tp.group)

@@ -1,0 +1,121 @@
+"""Model FLOPs per iteration and the peak of the device they are measured against.
+
+Two conventions:
+
+- `num_floating_point_operations` (the default; Megatron's training.py): for every token,
+  3 (forward, weight-gradient, input-gradient GEMMs) x 2 (multiply-add) x
+      [ per layer: QKV and output projections with GQA groups, h*(nq*d)*(2 + 2*ng/nh)
+                   + core attention, 2*s*(nq*d) at half for the causal mask
+                   + MLP, 2*h*f (x 3/2 with SwiGLU)
+        + logits h*V ].
+  Recompute is never counted.
+- `paper_flops`: 6 * T * (L * (12 h^2 + s h) + h V), the simple dense formula of the
+  pretraining issue (attention projections as 4h^2, MLP as 8h^2, causal attention scores as s h).
+  It equals Megatron's count for a plain GPT (multi-head attention, 4h GeLU MLP) and ignores
+  GQA, SwiGLU and --ffn-hidden-size otherwise.
+
+MFU = achieved FLOP/s / `device_peak_flops(...)` of the card the run is on.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+__all__ = ["num_floating_point_operations", "paper_flops", "device_peak_flops", "PEAK_TFLOPS"]
+
+
+def num_floating_point_operations(config, vocab_size: int, batch_size: int, seq_length: int) -> float:
+    """Megatron's model FLOPs of one training iteration of `batch_size` sequences of `seq_length`
+    tokens (vocab_size: the padded vocabulary the output layer uses)."""
+    h = config.hidden_size
+    layers = config.num_layers
+    heads = config.num_attention_heads
+    groups = config.num_query_groups if config.group_query_attention else heads
+    query_size = config.kv_channels * heads
+    gated = 1.5 if config.swiglu else 1.0
+    per_token_per_layer = (
+        # QKV (queries full size, keys and values per group) and the output projection: 2 GEMMs of
+        # h x query_size plus 2 of h x (groups * d).
+        2 * h * query_size * (1.0 + groups / heads)
+        # Core attention: QK^T and AV, half of the s x s matrix under the causal mask.
+        + query_size * seq_length
+        # MLP: fc1 and fc2 (SwiGLU's fc1 is twice as wide).
+        + 2 * h * config.ffn_hidden_size * gated
+    )
+    per_token = layers * per_token_per_layer + h * vocab_size
+    # 3 passes (fwd, wgrad, dgrad) x 2 FLOPs per multiply-add.
+    return 6.0 * batch_size * seq_length * per_token
+
+
+def paper_flops(config, vocab_size: int, batch_size: int, seq_length: int) -> float:
+    """6 * T * (L * (12 h^2 + s h) + h V) with T = batch_size * seq_length tokens."""
+    h = config.hidden_size
+    tokens = batch_size * seq_length
+    return 6.0 * tokens * (config.num_layers * (12 * h * h + seq_length * h) + h * vocab_size)
+
+
+# Dense (no sparsity) tensor-core peaks in TFLOP/s. fp32 means TF32 tensor cores.
+PEAK_TFLOPS = {
+    "H100 SXM": {"bf16": 989.4, "fp16": 989.4, "fp8": 1978.9, "fp32": 494.7},
+    "H100 PCIe": {"bf16": 756.0, "fp16": 756.0, "fp8": 1513.0, "fp32": 378.0},
+    "H100 NVL": {"bf16": 835.0, "fp16": 835.0, "fp8": 1670.0, "fp32": 417.5},
+    "H200": {"bf16": 989.4, "fp16": 989.4, "fp8": 1978.9, "fp32": 494.7},
+    "GH200": {"bf16": 989.4, "fp16": 989.4, "fp8": 1978.9, "fp32": 494.7},
+    "A100": {"bf16": 312.0, "fp16": 312.0, "fp32": 156.0},
+    "L40S": {"bf16": 362.0, "fp16": 362.0, "fp8": 733.0, "fp32": 183.0},
+    "L4": {"bf16": 121.0, "fp16": 121.0, "fp8": 242.0, "fp32": 60.0},
+    "V100": {"fp16": 125.0, "fp32": 15.7},
+}
+
+
+def _card(name: str) -> Optional[str]:
+    n = name.upper()
+    if "GH200" in n:
+        return "GH200"
+    if "H200" in n:
+        return "H200"
+    if "H100" in n:
+        if "PCIE" in n:
+            return "H100 PCIe"
+        if "NVL" in n:
+            return "H100 NVL"
+        return "H100 SXM"
+    for card in ("A100", "L40S", "L4", "V100"):
+        if card in n:
+            return card
+    return None
+
+
+def _dtype_key(dtype) -> str:
+    if isinstance(dtype, str):
+        return dtype
+    if dtype == torch.bfloat16:
+        return "bf16"
+    if dtype == torch.float16:
+        return "fp16"
+    if dtype == torch.float32:
+        return "fp32"
+    if "float8" in str(dtype):
+        return "fp8"
+    raise ValueError(f"no peak FLOP/s known for dtype {dtype}")
+
+
+def device_peak_flops(device=None, dtype=torch.bfloat16, device_name: Optional[str] = None
+                      ) -> Optional[Tuple[float, str]]:
+    """(dense peak TFLOP/s, description) of the card `device` for `dtype`; None on a CPU or on a
+    card not in PEAK_TFLOPS. `device_name` overrides torch.cuda.get_device_name (for tests)."""
+    if device_name is None:
+        device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+        if device.type != "cuda":
+            return None
+        device_name = torch.cuda.get_device_name(device)
+    card = _card(device_name)
+    if card is None:
+        return None
+    key = _dtype_key(dtype)
+    peak = PEAK_TFLOPS[card].get(key)
+    if peak is None:
+        return None
+    return peak, f"{device_name} ({card}, {key} dense {peak:g} TFLOP/s)"

@@ -1,0 +1,335 @@
+"""TransformerConfig: the shape and numerics of a transformer, named after Megatron's flags.
+
+Every field is a Megatron-LM command-line flag with ``_`` for ``-`` (``num_layers`` is
+``--num-layers``); the string literal under each field is its ``--help`` text. Inverted flags
+(``--disable-bias-linear`` -> ``add_bias_linear=False``) are mapped by the argument parser's alias
+table. ``__post_init__`` fills the derived defaults exactly as Megatron does and validates the
+combination; each check raises ``ValueError`` naming the flags and the fix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+
+POSITION_EMBEDDING_TYPES = ("learned_absolute", "rope", "none")
+NORMALIZATIONS = ("LayerNorm", "RMSNorm")
+ATTENTION_BACKENDS = ("auto", "flash", "fused", "cudnn", "efficient", "unfused", "math", "local")
+RECOMPUTE_GRANULARITIES = ("full", "selective")
+RECOMPUTE_METHODS = ("uniform", "block")
+RECOMPUTE_MODULES = ("core_attn", "mlp", "layernorm")
+CP_COMM_TYPES = ("p2p", "all_gather", "a2a")
+
+
+@dataclass
+class TransformerConfig:
+    # ---------------------------------------------------------------- network size
+    num_layers: Optional[int] = None
+    """Number of transformer layers (required)."""
+    hidden_size: Optional[int] = None
+    """Transformer hidden size (required)."""
+    ffn_hidden_size: Optional[int] = None
+    """Transformer feed-forward (MLP) hidden size. Default: 4 * hidden_size, or with --swiglu
+    int(4 * hidden_size * 2 / 3 / 64) * 64."""
+    num_attention_heads: Optional[int] = None
+    """Number of attention (query) heads (required)."""
+    kv_channels: Optional[int] = None
+    """Projection size per attention head. Default: hidden_size / num_attention_heads."""
+    group_query_attention: bool = False
+    """Use grouped-query attention (GQA): keys and values have --num-query-groups heads."""
+    num_query_groups: Optional[int] = 1
+    """Number of key/value head groups with --group-query-attention (1 = multi-query). Without
+    --group-query-attention it is set to num_attention_heads."""
+    seq_length: Optional[int] = None
+    """Maximum sequence length to process (the training sequence length)."""
+    max_position_embeddings: Optional[int] = None
+    """Maximum number of position embeddings (learned absolute positions). Default: seq_length."""
+    position_embedding_type: str = "learned_absolute"
+    """Position embedding type: learned_absolute, rope or none."""
+    rotary_base: int = 10000
+    """Base of the rotary position embedding frequencies."""
+    rotary_percent: float = 1.0
+    """Fraction of each head's channels that rotary position embeddings rotate (0 < p <= 1)."""
+    rotary_interleaved: bool = False
+    """Rotate interleaved channel pairs (x0,x1),(x2,x3)... instead of the two halves of the head."""
+    rotary_seq_len_interpolation_factor: Optional[float] = None
+    """Divide rotary positions by this factor (linear sequence-length interpolation)."""
+    normalization: str = "LayerNorm"
+    """Normalization layer: LayerNorm or RMSNorm."""
+    norm_epsilon: float = 1e-5
+    """Epsilon of the normalization layers."""
+    apply_layernorm_1p: bool = False
+    """Zero-centered norm weight: the layer scales by (1 + weight) and the weight starts at 0."""
+    swiglu: bool = False
+    """Use the SwiGLU gated MLP (silu(gate) * up); linear_fc1 then holds [gate; up]."""
+    squared_relu: bool = False
+    """Use relu(x)^2 as the MLP activation."""
+    openai_gelu: bool = False
+    """Use OpenAI's tanh approximation of GeLU instead of the exact (erf) GeLU."""
+    untie_embeddings_and_output_weights: bool = False
+    """Give the output layer its own weight instead of reusing the word embedding."""
+    add_bias_linear: bool = True
+    """Add biases to the linear layers (--disable-bias-linear turns this off)."""
+    add_qkv_bias: bool = False
+    """Add a bias to the QKV projection even with --disable-bias-linear."""
+    qk_layernorm: bool = False
+    """Normalize queries and keys per head (with --normalization) before attention."""
+    # ---------------------------------------------------------------- regularization, init
+    attention_dropout: float = 0.1
+    """Dropout probability on the attention probabilities."""
+    hidden_dropout: float = 0.1
+    """Dropout probability on the embeddings and on each sub-layer's output before the residual add."""
+    init_method_std: float = 0.02
+    """Standard deviation of the zero-mean normal weight init; the output projections of each layer
+    (linear_proj, linear_fc2) use init_method_std / sqrt(2 * num_layers)."""
+    apply_residual_connection_post_layernorm: bool = False
+    """Take the residual from after the layer norm (original BERT) instead of before it."""
+    # ---------------------------------------------------------------- numerics
+    fp32_residual_connection: bool = False
+    """Keep the residual stream in fp32."""
+    attention_softmax_in_fp32: bool = False
+    """Compute the attention softmax in fp32 (the local backend; SDPA kernels always accumulate
+    the softmax in fp32)."""
+    attention_backend: str = "auto"
+    """Attention implementation: auto (PyTorch picks), flash, fused/cudnn (cuDNN), efficient
+    (memory-efficient), unfused/math (SDPA's math kernel) or local (plain PyTorch matmul-softmax).
+    A requested backend that cannot run on the device, dtype or head size fails before the first
+    step."""
+    use_flash_attn: bool = False
+    """Use FlashAttention (same as --attention-backend flash)."""
+    bf16: bool = False
+    """Run the model in bfloat16 (weights in bf16 unless --params-dtype says otherwise)."""
+    fp16: bool = False
+    """Run the model in float16 (weights in fp16 unless --params-dtype says otherwise)."""
+    params_dtype: Optional[torch.dtype] = None
+    """dtype of the model weights. Default: bfloat16 with --bf16, float16 with --fp16, else float32."""
+    cross_entropy_loss_fusion: bool = False
+    """Compute the output layer and the cross entropy chunk by chunk, never holding the logits of
+    the whole micro-batch (recomputes the logit GEMM in backward)."""
+    # ---------------------------------------------------------------- parallelism
+    tensor_model_parallel_size: int = 1
+    """Degree of tensor model parallelism."""
+    sequence_parallel: bool = False
+    """Shard norms, dropout and residuals along the sequence across the tensor-parallel group."""
+    pipeline_model_parallel_size: int = 1
+    """Degree of pipeline model parallelism."""
+    virtual_pipeline_model_parallel_size: Optional[int] = None
+    """Number of virtual pipeline stages (model chunks) per pipeline rank (interleaved schedule)."""
+    decoder_first_pipeline_num_layers: Optional[int] = None
+    """Number of layers on the first pipeline stage (uneven split); the rest are spread evenly."""
+    decoder_last_pipeline_num_layers: Optional[int] = None
+    """Number of layers on the last pipeline stage (uneven split); the rest are spread evenly."""
+    cp_comm_type: str = "p2p"
+    """How attention communicates with --context-parallel-size > 1: p2p (ring attention),
+    all_gather (keys and values gathered) or a2a (Ulysses all-to-all over heads)."""
+    use_cpu_initialization: bool = False
+    """Create and initialize the weights on the CPU, then move them to the device."""
+    perform_initialization: bool = True
+    """Initialize the weights when the model is built (off: leave them to a checkpoint load)."""
+    # ---------------------------------------------------------------- activation recompute
+    recompute_granularity: Optional[str] = None
+    """Activation recompute: full (whole layers) or selective (--recompute-modules only)."""
+    recompute_method: Optional[str] = None
+    """With --recompute-granularity full: uniform (checkpoint chunks of --recompute-num-layers
+    layers) or block (checkpoint the first --recompute-num-layers layers of each stage)."""
+    recompute_num_layers: Optional[int] = None
+    """Layers per recompute chunk (uniform) or number of recomputed layers per stage (block)."""
+    recompute_modules: Optional[List[str]] = None
+    """With selective recompute, the parts of each layer to recompute: core_attn, mlp, layernorm.
+    Default: core_attn."""
+    distribute_saved_activations: bool = False
+    """With full recompute, shard each checkpointed layer input across the tensor-parallel group."""
+
+    def __post_init__(self) -> None:
+        _require_network_size(self)
+        _derive_defaults(self)
+        _validate_choices(self)
+        _validate_heads(self)
+        _validate_positions(self)
+        _validate_activation(self)
+        _validate_precision(self)
+        _validate_parallel(self)
+        _validate_recompute(self)
+
+    @property
+    def num_query_groups_per_partition(self) -> int:
+        return self.num_query_groups // self.tensor_model_parallel_size
+
+    @property
+    def num_attention_heads_per_partition(self) -> int:
+        return self.num_attention_heads // self.tensor_model_parallel_size
+
+    @property
+    def resolved_attention_backend(self) -> str:
+        """The attention backend after the aliases: auto, flash, cudnn, efficient, math or local."""
+        if self.use_flash_attn:
+            return "flash"
+        return {"fused": "cudnn", "unfused": "math"}.get(self.attention_backend, self.attention_backend)
+
+
+# ------------------------------------------------------------------------------ validation
+def _require_network_size(c: TransformerConfig) -> None:
+    for name in ("num_layers", "hidden_size", "num_attention_heads"):
+        value = getattr(c, name)
+        if value is None:
+            raise ValueError(f"--{name.replace('_', '-')} is required")
+        if value <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
+
+
+def _derive_defaults(c: TransformerConfig) -> None:
+    if c.ffn_hidden_size is None:
+        if c.swiglu:
+            # 2/3 of 4h keeps the parameter count of a plain 4h MLP; round down to a multiple of 64.
+            c.ffn_hidden_size = int(4 * c.hidden_size * 2 / 3 / 64) * 64
+        else:
+            c.ffn_hidden_size = 4 * c.hidden_size
+    if c.kv_channels is None:
+        if c.hidden_size % c.num_attention_heads != 0:
+            raise ValueError(
+                f"--hidden-size ({c.hidden_size}) is not divisible by --num-attention-heads "
+                f"({c.num_attention_heads}); pick divisible sizes or set --kv-channels explicitly")
+        c.kv_channels = c.hidden_size // c.num_attention_heads
+    if not c.group_query_attention:
+        c.num_query_groups = c.num_attention_heads
+    elif c.num_query_groups is None:
+        c.num_query_groups = 1
+    if c.max_position_embeddings is None:
+        c.max_position_embeddings = c.seq_length
+    if c.params_dtype is None:
+        c.params_dtype = torch.bfloat16 if c.bf16 else torch.float16 if c.fp16 else torch.float32
+    if c.recompute_granularity == "selective" and c.recompute_modules is None:
+        c.recompute_modules = ["core_attn"]
+    if c.tensor_model_parallel_size == 1 and c.sequence_parallel:
+        # As in Megatron: sequence parallelism is meaningless without tensor parallelism.
+        c.sequence_parallel = False
+
+
+def _validate_choices(c: TransformerConfig) -> None:
+    checks = (
+        ("position_embedding_type", POSITION_EMBEDDING_TYPES),
+        ("normalization", NORMALIZATIONS),
+        ("attention_backend", ATTENTION_BACKENDS),
+        ("cp_comm_type", CP_COMM_TYPES),
+    )
+    for name, choices in checks:
+        if getattr(c, name) not in choices:
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(c, name)!r} is not one of {choices}")
+    if c.ffn_hidden_size <= 0 or c.kv_channels <= 0:
+        raise ValueError(f"--ffn-hidden-size ({c.ffn_hidden_size}) and --kv-channels ({c.kv_channels}) "
+                         "must be positive")
+    for name in ("attention_dropout", "hidden_dropout"):
+        p = getattr(c, name)
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1), got {p}")
+    if c.init_method_std <= 0:
+        raise ValueError(f"--init-method-std must be positive, got {c.init_method_std}")
+
+
+def _validate_heads(c: TransformerConfig) -> None:
+    tp = c.tensor_model_parallel_size
+    if tp < 1:
+        raise ValueError(f"--tensor-model-parallel-size must be >= 1, got {tp}")
+    if c.num_query_groups is None or c.num_query_groups < 1:
+        raise ValueError(f"--num-query-groups must be >= 1, got {c.num_query_groups}")
+    if c.num_attention_heads % tp != 0:
+        raise ValueError(
+            f"--num-attention-heads ({c.num_attention_heads}) must be divisible by "
+            f"--tensor-model-parallel-size ({tp})")
+    if c.num_attention_heads % c.num_query_groups != 0:
+        raise ValueError(
+            f"--num-attention-heads ({c.num_attention_heads}) must be divisible by "
+            f"--num-query-groups ({c.num_query_groups})")
+    if c.num_query_groups % tp != 0:
+        raise ValueError(
+            f"--num-query-groups ({c.num_query_groups}) must be divisible by "
+            f"--tensor-model-parallel-size ({tp}); use fewer tensor-parallel ranks or more groups")
+    if c.ffn_hidden_size % tp != 0:
+        raise ValueError(
+            f"--ffn-hidden-size ({c.ffn_hidden_size}) must be divisible by "
+            f"--tensor-model-parallel-size ({tp})")
+
+
+def _validate_positions(c: TransformerConfig) -> None:
+    if c.position_embedding_type == "learned_absolute":
+        if c.max_position_embeddings is None:
+            raise ValueError("--max-position-embeddings (or --seq-length) is required with "
+                             "--position-embedding-type learned_absolute")
+        if c.seq_length is not None and c.seq_length > c.max_position_embeddings:
+            raise ValueError(
+                f"--seq-length ({c.seq_length}) exceeds --max-position-embeddings "
+                f"({c.max_position_embeddings}); raise --max-position-embeddings or shorten the sequences")
+    if c.position_embedding_type == "rope":
+        if not 0.0 < c.rotary_percent <= 1.0:
+            raise ValueError(f"--rotary-percent must be in (0, 1], got {c.rotary_percent}")
+        rotary_dim = int(c.kv_channels * c.rotary_percent)
+        if rotary_dim < 2 or rotary_dim % 2 != 0:
+            raise ValueError(
+                f"--rotary-percent {c.rotary_percent} of --kv-channels {c.kv_channels} gives "
+                f"{rotary_dim} rotary channels; it must be an even number >= 2")
+        if c.rotary_seq_len_interpolation_factor is not None and c.rotary_seq_len_interpolation_factor <= 0:
+            raise ValueError("--rotary-seq-len-interpolation-factor must be positive, got "
+                             f"{c.rotary_seq_len_interpolation_factor}")
+        if c.rotary_base <= 0:
+            raise ValueError(f"--rotary-base must be positive, got {c.rotary_base}")
+
+
+def _validate_activation(c: TransformerConfig) -> None:
+    chosen = [f for f in ("swiglu", "squared_relu", "openai_gelu") if getattr(c, f)]
+    if len(chosen) > 1:
+        raise ValueError("choose at most one MLP activation: " +
+                         ", ".join("--" + f.replace("_", "-") for f in chosen))
+
+
+def _validate_precision(c: TransformerConfig) -> None:
+    if c.bf16 and c.fp16:
+        raise ValueError("--bf16 and --fp16 are exclusive; choose one")
+    if c.use_flash_attn and c.attention_backend not in ("auto", "flash"):
+        raise ValueError(f"--use-flash-attn conflicts with --attention-backend {c.attention_backend}; "
+                         "drop one of them")
+    if not isinstance(c.params_dtype, torch.dtype) or not c.params_dtype.is_floating_point:
+        raise ValueError(f"--params-dtype must be a floating torch dtype, got {c.params_dtype!r}")
+
+
+def _validate_parallel(c: TransformerConfig) -> None:
+    pp = c.pipeline_model_parallel_size
+    if pp < 1:
+        raise ValueError(f"--pipeline-model-parallel-size must be >= 1, got {pp}")
+    vp = c.virtual_pipeline_model_parallel_size
+    if vp is not None and vp < 1:
+        raise ValueError(f"--virtual-pipeline-model-parallel-size must be >= 1, got {vp}")
+    uneven = c.decoder_first_pipeline_num_layers is not None or c.decoder_last_pipeline_num_layers is not None
+    if uneven and pp == 1:
+        raise ValueError("--decoder-first/last-pipeline-num-layers need --pipeline-model-parallel-size > 1")
+    # The per-stage split itself is checked (with the numbers) by block.num_layers_on_stage.
+    from gigatron.core.transformer.block import check_pipeline_split
+    check_pipeline_split(c, pp, vp)
+
+
+def _validate_recompute(c: TransformerConfig) -> None:
+    g = c.recompute_granularity
+    if g is None:
+        if c.recompute_method is not None:
+            raise ValueError("--recompute-method needs --recompute-granularity full")
+        return
+    if g not in RECOMPUTE_GRANULARITIES:
+        raise ValueError(f"--recompute-granularity {g!r} is not one of {RECOMPUTE_GRANULARITIES}")
+    if g == "full":
+        if c.recompute_method not in RECOMPUTE_METHODS:
+            raise ValueError("--recompute-granularity full needs --recompute-method uniform or block, "
+                             f"got {c.recompute_method!r}")
+        if c.recompute_num_layers is None or c.recompute_num_layers < 1:
+            raise ValueError("--recompute-granularity full needs --recompute-num-layers >= 1, got "
+                             f"{c.recompute_num_layers}")
+    else:
+        if c.recompute_method is not None:
+            raise ValueError("--recompute-method applies to --recompute-granularity full only")
+        unknown = [m for m in c.recompute_modules if m not in RECOMPUTE_MODULES]
+        if unknown or not c.recompute_modules:
+            raise ValueError(f"--recompute-modules {c.recompute_modules} must be a non-empty subset of "
+                             f"{RECOMPUTE_MODULES}")
+    if c.distribute_saved_activations and (g != "full" or c.sequence_parallel):
+        raise ValueError("--distribute-saved-activations needs --recompute-granularity full and "
+                         "no --sequence-parallel")

@@ -1,0 +1,100 @@
+"""The transformer MLP: linear_fc1 (column parallel) -> activation -> linear_fc2 (row parallel).
+
+Shape legend: s = sequence (full inside the tensor-parallel region), b = batch, h = hidden,
+f = ffn_hidden_size, tp = tensor-parallel size.
+
+With --swiglu, linear_fc1 produces 2f outputs. Its logical weight is [gate (f rows); up (f rows)]
+tagged with partition stride 2, so tensor-parallel rank r holds [gate_r; up_r] (Megatron's layout)
+and splits its local output in two halves.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["MLP", "gelu", "openai_gelu", "squared_relu", "swiglu", "activation_function",
+           "normal_init_method", "scaled_init_method"]
+
+
+def gelu(x: torch.Tensor) -> torch.Tensor:
+    """Exact GeLU, x * Phi(x) with the erf form (Megatron's default F.gelu)."""
+    return F.gelu(x)
+
+
+def openai_gelu(x: torch.Tensor) -> torch.Tensor:
+    """GeLU's tanh approximation (--openai-gelu): 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x * x * x)))
+
+
+def squared_relu(x: torch.Tensor) -> torch.Tensor:
+    """relu(x)^2 (--squared-relu)."""
+    return torch.pow(F.relu(x), 2)
+
+
+def swiglu(x: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up with x = [gate, up] along the last dim: [..., 2f] -> [..., f]."""
+    gate, up = torch.chunk(x, 2, dim=-1)
+    return F.silu(gate) * up
+
+
+def activation_function(config):
+    if config.swiglu:
+        return swiglu
+    if config.squared_relu:
+        return squared_relu
+    if config.openai_gelu:
+        return openai_gelu
+    return gelu
+
+
+class _NormalInit:
+    """Fill a tensor from N(0, std^2) (a picklable init_fn for tags.set_init)."""
+
+    def __init__(self, std: float):
+        self.std = std
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        return nn.init.normal_(t, mean=0.0, std=self.std)
+
+    def __repr__(self) -> str:
+        return f"normal(std={self.std:g})"
+
+
+def normal_init_method(config) -> _NormalInit:
+    """N(0, init_method_std^2): every weight except the two output projections of each layer."""
+    return _NormalInit(config.init_method_std)
+
+
+def scaled_init_method(config) -> _NormalInit:
+    """N(0, (init_method_std / sqrt(2 * num_layers))^2): linear_proj and linear_fc2 weights."""
+    return _NormalInit(config.init_method_std / math.sqrt(2.0 * config.num_layers))
+
+
+class MLP(nn.Module):
+    """forward(x [s, b, h] or [s/tp, b, h] with sequence parallel) -> (y, bias or None), y in the
+    same sequence layout as x; the fc2 bias is returned for the fused bias-dropout-add."""
+
+    def __init__(self, config, groups, layer_number: int):
+        super().__init__()
+        from gigatron.core.parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+        prefix = f"decoder.layers.{layer_number}.mlp"
+        ffn = config.ffn_hidden_size
+        self.activation = activation_function(config)
+        self.linear_fc1 = ColumnParallelLinear(
+            config.hidden_size, 2 * ffn if config.swiglu else ffn, config=config, tp=groups.tp,
+            init_method=normal_init_method(config), bias=config.add_bias_linear, gather_output=False,
+            skip_bias_add=False, stride=2 if config.swiglu else 1, init_key=prefix + ".linear_fc1")
+        self.linear_fc2 = RowParallelLinear(
+            ffn, config.hidden_size, config=config, tp=groups.tp, init_method=scaled_init_method(config),
+            bias=config.add_bias_linear, input_is_parallel=True, skip_bias_add=True,
+            init_key=prefix + ".linear_fc2")
+
+    def forward(self, x: torch.Tensor):
+        intermediate, _ = self.linear_fc1(x)  # [s, b, f/tp] (x2 with swiglu)
+        intermediate = self.activation(intermediate)  # [s, b, f/tp]
+        return self.linear_fc2(intermediate)
