@@ -86,6 +86,11 @@ class TrainingConfig:
     the number of virtual stages per pipeline rank to num_layers / pipeline size / this. Exclusive
     with --num-virtual-stages-per-pipeline-rank."""
 
+    torch_compile: bool = False
+    """Compile each transformer layer with torch.compile (one graph per layer, shared by all layers
+    of a chunk): fuses norms, activations, residual adds and dropout around the matrix products.
+    Not a Megatron flag. The first iterations are slower while compiling."""
+
     local_rank: Optional[int] = None
     """Local rank passed by the launcher (torch.distributed.launch); torchrun's LOCAL_RANK
     environment variable is used when this is not given."""

@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from gigatron.core.transformer.layer import TransformerLayer
 from gigatron.training.arguments import Configs, configs_from_args, parse_args
 from gigatron.training.checkpointing import (
     LoadedCheckpoint,
@@ -173,12 +174,22 @@ def get_model(model_provider: Callable, ctx: TrainContext) -> list:
         stage = vp_stage if groups.vp_size is not None else None
         module = model_provider(ctx, groups.is_pipeline_first_stage(stage), groups.is_pipeline_last_stage(stage), stage)
         module.to(ctx.device)
+        if ctx.args.torch_compile:
+            compile_transformer_layers(module)
         chunks.append(DistributedDataParallel(ctx.configs.ddp, module, groups))
     num_params = sum(p.numel() for chunk in chunks for p in chunk.module.parameters())
     if groups.dp.rank == 0 and groups.cp.rank == 0:
         print(f" > number of parameters on (tensor, pipeline) model parallel rank ({groups.tp.rank}, "
               f"{groups.pp.rank}): {num_params}", flush=True)
     return chunks
+
+
+def compile_transformer_layers(module: torch.nn.Module) -> int:
+    """--torch-compile: compile every transformer layer of `module` in place; returns how many."""
+    layers = [m for m in module.modules() if isinstance(m, TransformerLayer)]
+    for layer in layers:
+        layer.compile()
+    return len(layers)
 
 
 def _finalize_grads_fn(ctx: TrainContext) -> Callable:

@@ -245,3 +245,21 @@ def test_attention_dropout_with_evaluation():
     argv[argv.index("--attention-dropout") + 1] = "0.1"
     train, valid, _ = _run(argv + ["--train-iters", "3", "--eval-interval", "3"])
     assert valid and len(train) == 3
+
+
+@pytest.mark.slow
+def test_torch_compile_trains_like_eager():
+    """--torch-compile compiles every transformer layer and trains to the same losses as eager
+    (dropout off, so both draw no random numbers)."""
+    from gigatron.core.transformer.layer import TransformerLayer
+
+    torch.set_num_threads(1)
+    argv = [a for a in TINY]
+    argv[argv.index("--hidden-dropout") + 1] = "0"
+    eager, _, _ = _run(argv + ["--train-iters", "3", "--eval-interval", "100"])
+    compiled, _, ctx = _run(argv + ["--train-iters", "3", "--eval-interval", "100", "--torch-compile"])
+    layers = [m for chunk in ctx.model for m in chunk.module.modules() if isinstance(m, TransformerLayer)]
+    assert layers and all(hasattr(layer, "_compiled_call_impl") and layer._compiled_call_impl is not None
+                          for layer in layers)
+    for (i, a), (j, b) in zip(eager, compiled):
+        assert i == j and abs(a - b) <= 1e-4 * abs(a), (eager, compiled)
