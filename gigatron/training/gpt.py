@@ -41,6 +41,13 @@ def get_batch(data_iterator, model):
     attention_mask = None
     if "attention_mask" in batch and inner.config is not None and _needs_mask(inner):
         attention_mask = batch["attention_mask"].to(device, non_blocking=True)  # [b, 1, s, s]
+    if inner.groups.cp.size > 1:
+        from gigatron.core.transformer.context_parallel import get_batch_on_this_cp_rank
+        split = get_batch_on_this_cp_rank(dict(tokens=tokens, labels=labels, loss_mask=loss_mask,
+                                               attention_mask=attention_mask, position_ids=position_ids),
+                                          inner.groups.cp)  # [b, s/cp] each (chunks r and 2C-1-r)
+        tokens, labels, loss_mask = split["tokens"], split["labels"], split["loss_mask"]
+        attention_mask, position_ids = split["attention_mask"], split["position_ids"]
     return tokens, labels, loss_mask, attention_mask, position_ids
 
 
@@ -50,15 +57,24 @@ def _needs_mask(inner) -> bool:
     return bool(getattr(inner, "reset_attention_mask", False))
 
 
-def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor, cp=None):
     """Mean of the per-token losses [b, s] over the tokens of the loss mask.
+
+    With context parallelism each rank holds s/cp tokens of every sequence: it backpropagates
+    cp x (its loss sum / the micro-batch's token count over the cp group), because the gradient
+    reduction averages over dp x cp. The logged [sum, count] stays this rank's share.
 
     Returns (loss, {"lm loss": tensor([loss_sum, num_tokens])})."""
     losses = output_tensor.float().reshape(-1)  # [b * s]
     mask = loss_mask.reshape(-1)  # [b * s]
     loss_sum = torch.sum(losses * mask)
     num_tokens = mask.sum()
-    loss = loss_sum / num_tokens.clamp(min=1.0)
+    if cp is not None and cp.size > 1:
+        total_tokens = num_tokens.detach().clone()
+        dist.all_reduce(total_tokens, group=cp.group)
+        loss = loss_sum * cp.size / total_tokens.clamp(min=1.0)
+    else:
+        loss = loss_sum / num_tokens.clamp(min=1.0)
     return loss, {"lm loss": torch.stack([loss_sum.detach(), num_tokens.detach()])}
 
 
@@ -66,7 +82,7 @@ def forward_step(data_iterator, model):
     """The schedules' forward step: (output_tensor, loss_func bound to this micro-batch's mask)."""
     tokens, labels, loss_mask, attention_mask, position_ids = get_batch(data_iterator, model)
     output_tensor = model(tokens, position_ids, attention_mask, labels=labels)
-    return output_tensor, partial(loss_func, loss_mask)
+    return output_tensor, partial(loss_func, loss_mask, cp=_stage_of(model).groups.cp)
 
 
 def datasets_provider(ctx, train_valid_test_num_samples):

@@ -111,8 +111,10 @@ def _parallel_rank(rank, world_size, extra):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("extra, sizes", [([], (1, 2)), (["--tensor-model-parallel-size", "2"], (2, 1))],
-                         ids=["dp2", "tp2"])
+@pytest.mark.parametrize("extra, sizes", [([], (1, 2)), (["--tensor-model-parallel-size", "2"], (2, 1)),
+                                          (["--context-parallel-size", "2"], (1, 1)),
+                                          (["--pipeline-model-parallel-size", "2"], (1, 1))],
+                         ids=["dp2", "tp2", "cp2", "pp2"])
 def test_two_processes_match_one(extra, sizes):
     from tests.parallel.harness import run_distributed
 

@@ -53,6 +53,9 @@ class GPTModel(nn.Module):
       not post_process:        hidden [s, b, h] ([s/tp, b, h] with sequence parallel)
     attention_mask: None for causal attention, or a bool [b | 1, 1, s, s] with True where a query
     must not see a key (Megatron's convention; e.g. --reset-attention-mask).
+    inference_context (keyword, generation only): a KV cache
+    (gigatron.core.inference.kv_cache.InferenceContext); input_ids are then the new tokens only,
+    position_ids their positions and attention_mask [b, 1, s_new, kv_len] over the cached keys.
     With context parallelism (groups.cp.size > 1) input_ids, position_ids and labels hold this
     rank's tokens as split by context_parallel.get_batch_on_this_cp_rank (s/cp of them; position_ids
     required) and the loss is [b, s/cp].
@@ -131,11 +134,16 @@ class GPTModel(nn.Module):
         return local * self.groups.tp.size if self.sequence_parallel else local
 
     def forward(self, input_ids: Optional[torch.Tensor], position_ids: Optional[torch.Tensor] = None,
-                attention_mask: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None):
-        if position_ids is None and self.groups.cp.size > 1 and (
-                self.rotary_pos_emb is not None or self.config.position_embedding_type == "learned_absolute"):
-            raise ValueError("with --context-parallel-size > 1 pass position_ids (the positions of this "
-                             "rank's tokens, as split by get_batch_on_this_cp_rank)")
+                attention_mask: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
+                inference_context=None):
+        cp = self.groups.cp
+        if position_ids is None and cp.size > 1:
+            # This rank holds chunks r and 2C-1-r of the sequence (also on stages that read no
+            # batch): embed and rotate by their global positions.
+            from gigatron.core.transformer.context_parallel import cp_chunk_indices
+            reference = input_ids if self.pre_process else self.decoder.input_tensor
+            local = self._sequence_length(input_ids)
+            position_ids = cp_chunk_indices(local * cp.size, cp.size, cp.rank, device=reference.device)[None]  # [1, s/cp]
         hidden = self.embedding(input_ids, position_ids) if self.pre_process else None
         rotary = None
         if self.rotary_pos_emb is not None:
@@ -146,7 +154,10 @@ class GPTModel(nn.Module):
             dropout = self.training and self.config.attention_dropout > 0
             check_attention_backend(self.config, reference.device, self.config.params_dtype,
                                     attention_mask is not None, dropout)
-        hidden = self.decoder(hidden, attention_mask, rotary)
+        if inference_context is None:
+            hidden = self.decoder(hidden, attention_mask, rotary)
+        else:
+            hidden = self.decoder(hidden, attention_mask, rotary, inference_context=inference_context)
         if not self.post_process:
             return hidden
         return self._output(hidden, labels)
