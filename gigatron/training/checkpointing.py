@@ -13,6 +13,12 @@ so the file loads with `weights_only=True`), `checkpoint_version` (3.0), `iterat
 
 A save writes each file under a temporary name and renames it; after a barrier, rank 0 writes the
 tracker last (atomically), so an interrupted save leaves the previous checkpoint in charge.
+
+`--ckpt-format torch_dist` (the flag's default; `ckpt_format="torch_dist"` here) saves `iter_{N:07d}/` through
+gigatron/core/checkpoint/dist.py instead (parallelism independent: loads at any tp/pp/dp); the
+keys above other than `model`/`optimizer`/`rng_state` go to its common.pt, and the tracker is
+written by the save's finalize callback, i.e. after metadata.json (with --async-save, at a later
+iteration). A load detects the format of the directory it finds.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from gigatron.core.checkpoint.dist import COMMON_FILENAME, is_torch_dist_checkpoint, load_torch_dist, save_torch_dist
 from gigatron.core.checkpoint.io import CheckpointError, atomic_torch_save, atomic_write_text, safe_torch_load, to_plain
 
 __all__ = [
@@ -200,6 +207,17 @@ def _rank_file(root: str, iteration: int, groups, release: bool = False) -> str:
                            groups.ep.rank if groups.ep.size > 1 else 0, groups.ep.size, release)
 
 
+def _first_rank_of_file(path: str, groups) -> bool:
+    """Whether this rank is the lowest global rank whose file is `path`. With expert parallelism a
+    file holds one (tp, pp, ep) combination of dense and expert shards, and the ranks holding it
+    are not one data-parallel group (experts are replicated over expt_dp, dense weights over dp)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return True
+    paths = [None] * dist.get_world_size()
+    dist.all_gather_object(paths, path)
+    return paths.index(path) == dist.get_rank()
+
+
 def _args_dict(args, consumed_train: int, consumed_valid: int) -> dict:
     plain = {k: v for k, v in vars(args).items() if not k.startswith("_")} if isinstance(args, argparse.Namespace) \
         else dict(args)
@@ -226,15 +244,33 @@ def save_checkpoint(
     save_optim: bool = True,
     save_rng: bool = True,
     rng_tracker=None,
+    ckpt_format: str = "torch",
+    async_saver=None,
 ) -> str:
     """Save this rank's share of a checkpoint of `iteration` and, once all ranks are done, update
-    the tracker. Every rank must call it (it holds collectives). Returns the iteration directory."""
+    the tracker. Every rank must call it (it holds collectives). Returns the iteration directory.
+
+    `ckpt_format` "torch_dist": the parallelism-independent format; with `async_saver` (an
+    AsyncCheckpointSaver, --async-save) the files are written in the background and the tracker is
+    updated when `async_saver.maybe_finalize()` completes the save."""
+    if ckpt_format == "torch_dist":
+        return _save_torch_dist_checkpoint(
+            save_dir, iteration, model_chunks, optimizer, scheduler, args, groups,
+            num_floating_point_operations_so_far=num_floating_point_operations_so_far,
+            consumed_train_samples=consumed_train_samples, consumed_valid_samples=consumed_valid_samples,
+            save_optim=save_optim, save_rng=save_rng, rng_tracker=rng_tracker, async_saver=async_saver)
+    if ckpt_format != "torch":
+        raise ValueError(f"--ckpt-format {ckpt_format} is not supported; use torch_dist or torch")
+    if async_saver is not None:
+        raise ValueError("--async-save needs --ckpt-format torch_dist")
     rng_states = _all_gather_object_in(groups.dp, get_rng_state(rng_tracker)) if save_rng else None
     optimizer_state = None
     if save_optim and optimizer is not None:
         # The optimizer's own state dict (it may gather data-parallel shards: every rank calls it).
         optimizer_state = optimizer.state_dict()
     writer = groups.dp.rank == 0 and groups.cp.rank == 0
+    if groups.ep.size > 1:
+        writer = _first_rank_of_file(_rank_file(save_dir, iteration, groups), groups)
     if writer:
         state: dict[str, Any] = {
             "args": _args_dict(args, consumed_train_samples, consumed_valid_samples),
@@ -258,6 +294,29 @@ def save_checkpoint(
         atomic_write_text(os.path.join(save_dir, TRACKER_FILENAME), str(iteration))
     _barrier()
     return checkpoint_dir(save_dir, iteration)
+
+
+def _save_torch_dist_checkpoint(save_dir, iteration, model_chunks, optimizer, scheduler, args, groups, *,
+                                num_floating_point_operations_so_far, consumed_train_samples, consumed_valid_samples,
+                                save_optim, save_rng, rng_tracker, async_saver) -> str:
+    path = checkpoint_dir(save_dir, iteration)
+    extra = {
+        "args": _args_dict(args, consumed_train_samples, consumed_valid_samples),
+        "checkpoint_version": CHECKPOINT_VERSION,
+        "iteration": iteration,
+        "num_floating_point_operations_so_far": float(num_floating_point_operations_so_far),
+        "consumed_train_samples": int(consumed_train_samples),
+        "consumed_valid_samples": int(consumed_valid_samples),
+        "opt_param_scheduler": scheduler.state_dict() if save_optim and scheduler is not None else None,
+    }
+
+    def update_tracker() -> None:  # runs on every rank after metadata.json is written
+        if groups.rank == 0:
+            atomic_write_text(os.path.join(save_dir, TRACKER_FILENAME), str(iteration))
+
+    save_torch_dist(path, model_chunks, optimizer if save_optim else None, extra, groups, async_saver=async_saver,
+                    rng_state=get_rng_state(rng_tracker) if save_rng else None, finalize_fn=update_tracker)
+    return path
 
 
 # ------------------------------------------------------------------ load
@@ -337,6 +396,11 @@ def load_checkpoint(
             raise CheckpointError(f"--exit-on-missing-checkpoint: no {TRACKER_FILENAME} in {load_dir}; "
                                   "nothing to load")
         return LoadedCheckpoint()
+    iter_dir = checkpoint_dir(load_dir, iteration, release)
+    if is_torch_dist_checkpoint(iter_dir):
+        return _load_torch_dist_checkpoint(iter_dir, model_chunks, optimizer, scheduler, groups, finetune=finetune,
+                                           release=release, load_optim=load_optim, load_rng=load_rng,
+                                           rng_tracker=rng_tracker, strict=strict)
     path = _rank_file(load_dir, iteration, groups, release)
     if not os.path.isfile(path):
         raise CheckpointError(_describe_missing(load_dir, iteration, path, groups))
@@ -381,6 +445,35 @@ def load_checkpoint(
     )
 
 
+def _load_torch_dist_checkpoint(iter_dir, model_chunks, optimizer, scheduler, groups, *, finetune, release,
+                                load_optim, load_rng, rng_tracker, strict) -> LoadedCheckpoint:
+    use_optim = load_optim and optimizer is not None and not (finetune or release)
+    extra = load_torch_dist(iter_dir, model_chunks, optimizer if use_optim else None, groups, strict=strict)
+    if optimizer is not None and not use_optim:
+        optimizer.reload_model_params()
+    if finetune or release:
+        return LoadedCheckpoint(iteration=0, path=iter_dir)
+    if use_optim and scheduler is not None and extra.get("opt_param_scheduler") is not None:
+        scheduler.load_state_dict(extra["opt_param_scheduler"])
+    if load_rng:
+        saved_layout = extra.get("parallel_layout") or {}
+        if extra.get("rng_state") is not None:
+            set_rng_state(extra["rng_state"], rng_tracker)
+        elif saved_layout.get("world_size") == groups.world_size and saved_layout.get("tp") == groups.tp.size \
+                and saved_layout.get("pp") == groups.pp.size:
+            raise CheckpointError(f"{iter_dir} holds no RNG state (saved with --no-save-rng); load it with --no-load-rng")
+        elif groups.rank == 0:
+            print(f"WARNING: {iter_dir} was saved with another parallel layout ({saved_layout}); the random "
+                  "number generators are not restored", flush=True)
+    return LoadedCheckpoint(
+        iteration=int(extra["iteration"]),
+        num_floating_point_operations_so_far=float(extra.get("num_floating_point_operations_so_far", 0.0)),
+        consumed_train_samples=int(extra.get("consumed_train_samples", 0) or 0),
+        consumed_valid_samples=int(extra.get("consumed_valid_samples", 0) or 0),
+        path=iter_dir,
+    )
+
+
 def load_args_from_checkpoint(args: argparse.Namespace, load_dir: Optional[str] = None,
                               names: Sequence[str] = MODEL_SHAPE_ARGS) -> argparse.Namespace:
     """--use-checkpoint-args: copy the model-shape flags stored in the checkpoint into `args`
@@ -390,6 +483,12 @@ def load_args_from_checkpoint(args: argparse.Namespace, load_dir: Optional[str] 
     if iteration is None:
         raise CheckpointError(f"--use-checkpoint-args: no {TRACKER_FILENAME} in {load_dir}")
     directory = checkpoint_dir(load_dir, iteration, release)
+    if is_torch_dist_checkpoint(directory):
+        saved = (safe_torch_load(os.path.join(directory, COMMON_FILENAME)).get("extra_state") or {}).get("args") or {}
+        for name in names:
+            if name in saved and hasattr(args, name):
+                setattr(args, name, saved[name])
+        return args
     candidates = sorted(d for d in os.listdir(directory) if d.startswith("mp_rank_00")) if os.path.isdir(directory) else []
     if not candidates:
         raise CheckpointError(f"--use-checkpoint-args: {directory} holds no mp_rank_00* directory")

@@ -95,6 +95,19 @@ class TrainingConfig:
     """Local rank passed by the launcher (torch.distributed.launch); torchrun's LOCAL_RANK
     environment variable is used when this is not given."""
 
+    dry_run: bool = False
+    """Print the per-rank memory estimate (parameters, gradients, optimizer states, activations,
+    temporary buffers; gigatron/core/memory.py) for these flags and exit without touching a
+    device. Not a Megatron flag."""
+
+    record_memory_history: bool = False
+    """Record the CUDA caching allocator's history from the start of training and write a snapshot
+    (for PyTorch's memory visualizer, pytorch.org/memory_viz) to --memory-snapshot-path at
+    --profile-step-end or at the end of training. Needs CUDA."""
+
+    memory_snapshot_path: str = "snapshot.pickle"
+    """Where --record-memory-history writes the allocator snapshot (rank r > 0 adds _rank{r})."""
+
 
 @dataclass
 class CheckpointConfig:
@@ -140,9 +153,21 @@ class CheckpointConfig:
     """With --load, exit with an error if no checkpoint is found instead of starting from a random
     initialization."""
 
-    ckpt_format: Literal["torch", "torch_dist", "torch_dcp", "zarr", "fsdp_dtensor"] = "torch"
-    """Checkpoint format. Supported: torch (one file per model-parallel rank, Megatron's legacy
-    layout)."""
+    ckpt_format: Literal["torch", "torch_dist", "torch_dcp", "zarr", "fsdp_dtensor"] = "torch_dist"
+    """Checkpoint format: torch_dist (parallelism independent: loads at any tensor, pipeline and
+    data-parallel layout; per-file checksums) or torch (one file per model-parallel rank, Megatron's
+    legacy layout). A load detects the format of the directory it finds."""
+
+    async_save: bool = False
+    """Write torch_dist checkpoints in the background: the state is copied to host memory, training
+    goes on, and the tracker file is updated once every rank has written its files."""
+
+    ckpt_convert_format: Optional[Literal["torch", "torch_dist"]] = None
+    """Convert the checkpoint in --load to this format, save it under --ckpt-convert-save/<format>
+    and exit."""
+
+    ckpt_convert_save: Optional[str] = None
+    """Folder for --ckpt-convert-format."""
 
 
 @dataclass

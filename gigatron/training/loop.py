@@ -128,6 +128,9 @@ class TrainContext:
     num_floating_point_operations_so_far: float = 0.0
     log: Optional[TrainingLog] = None
     last_saved_iteration: Optional[int] = None
+    memory_reported: bool = False
+    async_saver: Any = None
+    memory_snapshot_written: bool = False
 
     @property
     def groups(self):
@@ -226,6 +229,9 @@ def setup(model_provider: Callable, args: argparse.Namespace) -> TrainContext:
             ctx.optimizer, configs.scheduler, configs.optimizer, global_batch_size=args.global_batch_size,
             train_iters=args.train_iters, train_samples=args.train_samples)
     _load(ctx)
+    if args.async_save:
+        from gigatron.core.checkpoint.dist import AsyncCheckpointSaver
+        ctx.async_saver = AsyncCheckpointSaver()
     return ctx
 
 
@@ -340,6 +346,7 @@ def train_step(ctx: TrainContext, forward_step_func: Callable, data_iterator, nu
     for chunk in ctx.model:
         chunk.zero_grad_buffer()
     ctx.optimizer.zero_grad()
+    moe_tracker = _start_moe_step(ctx, num_microbatches)
     forward_backward = get_forward_backward_func(groups.pp.size, groups.vp_size)
     with collective_phase("the forward/backward pass"):
         losses_reduced = forward_backward(
@@ -353,7 +360,51 @@ def train_step(ctx: TrainContext, forward_step_func: Callable, data_iterator, nu
         torch.cuda.empty_cache()
     with collective_phase("the loss all-reduce"):
         losses = _reduce_losses(losses_reduced, groups, ctx.device)
+    if moe_tracker is not None:
+        _finish_moe_step(ctx, moe_tracker, num_microbatches, update_successful, losses)
     return losses, update_successful, grad_norm, num_zeros
+
+
+def _moe_enabled(ctx: TrainContext) -> bool:
+    moe = getattr(ctx.configs, "moe", None)
+    return moe is not None and moe.num_experts is not None
+
+
+def _start_moe_step(ctx: TrainContext, num_microbatches: int):
+    """MoE: clear the aux-loss record and set the aux losses' backward scale to the main loss's
+    (loss scale / micro-batches; the same on every pipeline stage). None for a dense model."""
+    if not _moe_enabled(ctx):
+        return None
+    from gigatron.core.transformer.moe import get_aux_loss_tracker
+
+    tracker = get_aux_loss_tracker()
+    tracker.clear()
+    tracker.set_backward_scale(float(ctx.optimizer.get_loss_scale().item()) / num_microbatches)
+    return tracker
+
+
+def _finish_moe_step(ctx: TrainContext, tracker, num_microbatches: int, update_successful: bool,
+                     losses: dict) -> None:
+    """MoE after the step: move the expert biases (aux-loss-free balancing) when the step was
+    taken, and add the aux losses, reduced over all ranks, to `losses` under Megatron's names
+    (mean over MoE layers; each layer's with --moe-per-layer-logging)."""
+    from gigatron.core.transformer.moe import update_expert_bias
+    from gigatron.core.transformer.moe.aux_losses import aux_loss_names
+    from gigatron.core.transformer.moe.config import moe_layer_pattern
+
+    moe, num_layers = ctx.configs.moe, ctx.configs.transformer.num_layers
+    if update_successful and moe.moe_router_enable_expert_bias:
+        for chunk in ctx.model:
+            update_expert_bias(chunk, ctx.groups)
+    names = aux_loss_names(moe)
+    if names:
+        with collective_phase("the MoE aux-loss reduction"):
+            reduced = tracker.reduce(ctx.groups, num_layers, names, device=ctx.device)
+        moe_layers = [i for i, is_moe in enumerate(moe_layer_pattern(moe, num_layers)) if is_moe]
+        summary = tracker.summary(reduced, num_microbatches, moe_layers, moe.moe_per_layer_logging)
+        for key, value in summary.items():
+            losses[key] = torch.tensor(value, dtype=torch.float32, device=ctx.device)
+    tracker.clear()
 
 
 # ------------------------------------------------------------------ evaluation
@@ -432,7 +483,8 @@ def _save(ctx: TrainContext) -> None:
             args.save, ctx.iteration, ctx.model, ctx.optimizer, ctx.scheduler, args, ctx.groups,
             num_floating_point_operations_so_far=ctx.num_floating_point_operations_so_far,
             consumed_train_samples=ctx.consumed_train_samples, consumed_valid_samples=ctx.consumed_valid_samples,
-            save_optim=not args.no_save_optim, save_rng=not args.no_save_rng, rng_tracker=ctx.run.rng_tracker)
+            save_optim=not args.no_save_optim, save_rng=not args.no_save_rng, rng_tracker=ctx.run.rng_tracker,
+            ckpt_format=args.ckpt_format, async_saver=ctx.async_saver)
     ctx.last_saved_iteration = ctx.iteration
     print_rank_0(f"  successfully saved checkpoint from iteration {ctx.iteration:7d} to {args.save} "
                  f"[ t {time.perf_counter() - start:.2f}s ]")
@@ -522,6 +574,8 @@ def train(ctx: TrainContext, forward_step_func: Callable, train_iterator, valid_
             losses, update_successful, grad_norm, num_zeros = train_step(ctx, forward_step_func, train_iterator,
                                                                          num_microbatches)
             ctx.iteration += 1
+            if ctx.async_saver is not None:
+                ctx.async_saver.maybe_finalize()  # completes a background save once every rank wrote
             ctx.consumed_train_samples += batch_size
             if batch_size not in flops_cache:
                 flops_cache[batch_size] = _iteration_flops(ctx, batch_size)
@@ -535,6 +589,8 @@ def train(ctx: TrainContext, forward_step_func: Callable, train_iterator, valid_
                 log.add_nan()
             if ctx.iteration % args.log_interval == 0:
                 _report(ctx, batch_size, grad_norm, num_zeros)
+            if getattr(args, "profile_step_end", None) == ctx.iteration:
+                dump_memory_snapshot(ctx)
             if args.manual_gc and args.manual_gc_interval and ctx.iteration % args.manual_gc_interval == 0:
                 gc.collect()
             if valid_iterator is not None and args.eval_interval and ctx.iteration % args.eval_interval == 0:
@@ -551,6 +607,8 @@ def train(ctx: TrainContext, forward_step_func: Callable, train_iterator, valid_
                 _save(ctx)
                 break
     finally:
+        if ctx.async_saver is not None:
+            ctx.async_saver.finalize_all()
         if signal_flag is not None:
             signal_flag.restore()
         if args.manual_gc:
@@ -568,11 +626,63 @@ def _report(ctx: TrainContext, batch_size: int, grad_norm, num_zeros) -> None:
         iteration=ctx.iteration, consumed_samples=ctx.consumed_train_samples, learning_rate=lr,
         global_batch_size=batch_size, loss_scale=loss_scale, grad_norm=grad_norm, num_zeros_in_grad=num_zeros,
         params_norm=params_norm)
+    if not ctx.memory_reported:
+        _report_rank_memory(ctx)
     if args.check_for_nan_in_loss_and_grad and ctx.log.train_history:
         last_iteration, last_loss = ctx.log.train_history[-1]
         if last_iteration == ctx.iteration and not math.isfinite(last_loss):
             raise NonFiniteLossError(f"iteration {ctx.iteration}: the training loss is {last_loss}; lower --lr or "
                                      "check the data (--no-check-for-nan-in-loss-and-grad turns this check off)")
+
+
+def _report_rank_memory(ctx: TrainContext) -> None:
+    """Megatron's once-per-run line of each rank of the first data-parallel replica: allocated and
+    peak allocated / reserved device memory in MB after the first logged iteration."""
+    ctx.memory_reported = True
+    if ctx.device.type != "cuda" or ctx.groups.dp.rank != 0:
+        return
+    mb = 1024.0 * 1024.0
+    print(f"[Rank {ctx.run.rank}] (after {ctx.iteration} iterations) memory (MB) | allocated: "
+          f"{torch.cuda.memory_allocated(ctx.device) / mb} | max allocated: "
+          f"{torch.cuda.max_memory_allocated(ctx.device) / mb} | reserved: {torch.cuda.memory_reserved(ctx.device) / mb} | "
+          f"max reserved: {torch.cuda.max_memory_reserved(ctx.device) / mb}", flush=True)
+
+
+# ------------------------------------------------------------------ --record-memory-history
+
+
+def start_memory_history(args) -> bool:
+    """--record-memory-history: start recording the CUDA allocator's history (before anything is
+    allocated). Raises ValueError without CUDA. Returns whether recording started."""
+    if not getattr(args, "record_memory_history", False):
+        return False
+    if not torch.cuda.is_available():
+        raise ValueError("--record-memory-history needs CUDA (it records the CUDA caching allocator), but no CUDA "
+                         "device is available; drop the flag, or use --dry-run / tools/estimate_memory.py for an "
+                         "estimate on the CPU")
+    torch.cuda.memory._record_memory_history(max_entries=1_000_000)
+    return True
+
+
+def dump_memory_snapshot(ctx: TrainContext) -> Optional[str]:
+    """Write the allocator snapshot of --record-memory-history (once) atomically to
+    --memory-snapshot-path (rank r > 0: <name>_rank{r}<ext>); returns the path."""
+    if not getattr(ctx.args, "record_memory_history", False) or ctx.memory_snapshot_written:
+        return None
+    ctx.memory_snapshot_written = True
+    path = ctx.args.memory_snapshot_path
+    if ctx.run.rank > 0:
+        root, ext = os.path.splitext(path)
+        path = f"{root}_rank{ctx.run.rank}{ext}"
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    temporary = f"{path}.tmp{os.getpid()}"
+    torch.cuda.memory._dump_snapshot(temporary)
+    os.replace(temporary, path)
+    torch.cuda.memory._record_memory_history(enabled=None)
+    print(f"> rank {ctx.run.rank}: wrote the allocator snapshot of iteration {ctx.iteration} to {path} "
+          "(open it at https://pytorch.org/memory_viz)", flush=True)
+    return path
 
 
 def _params_norm(ctx: TrainContext) -> float:
@@ -614,7 +724,10 @@ def pretrain(datasets_provider: Callable, model_provider: Callable, forward_step
     command line. Returns the context (model, optimizer, iteration, loss history)."""
     if args is None:
         args = parse_args(extra_args_provider=extra_args_provider, defaults=args_defaults)
+    start_memory_history(args)
     ctx = setup(model_provider, args)
+    if args.ckpt_convert_format:
+        return convert_checkpoint_format(ctx)
     ctx.log = TrainingLog(
         ctx.configs.logging, train_iters=ctx.train_iters, peak_flops=_announce_peak(ctx), device=ctx.device,
         world_size=ctx.run.world_size, output_dir=_output_dir(args),
@@ -635,6 +748,26 @@ def pretrain(datasets_provider: Callable, model_provider: Callable, forward_step
             _evaluate_and_report(ctx, forward_step_func, test_iterator, f"iteration {ctx.iteration} on test set",
                                  record=False)
         ctx.log.write_loss_curve()
+        dump_memory_snapshot(ctx)
     finally:
+        if ctx.async_saver is not None:
+            ctx.async_saver.finalize_all()  # the last save must be complete before the process exits
         ctx.log.close()
+    return ctx
+
+
+def convert_checkpoint_format(ctx: TrainContext) -> TrainContext:
+    """--ckpt-convert-format F --ckpt-convert-save DIR: the checkpoint loaded from --load (either
+    format) is saved again as F under DIR/F, then the run ends (Megatron's behaviour)."""
+    args = ctx.args
+    target = os.path.join(args.ckpt_convert_save, args.ckpt_convert_format)
+    with collective_phase(f"converting the checkpoint to {args.ckpt_convert_format}"):
+        save_checkpoint(
+            target, ctx.iteration, ctx.model, ctx.optimizer, ctx.scheduler, args, ctx.groups,
+            num_floating_point_operations_so_far=ctx.num_floating_point_operations_so_far,
+            consumed_train_samples=ctx.consumed_train_samples, consumed_valid_samples=ctx.consumed_valid_samples,
+            save_optim=not args.no_save_optim, save_rng=not args.no_save_rng, rng_tracker=ctx.run.rng_tracker,
+            ckpt_format=args.ckpt_convert_format)
+    print_rank_0(f"> converted the checkpoint of iteration {ctx.iteration} in {args.load} to "
+                 f"{args.ckpt_convert_format} in {target}")
     return ctx

@@ -34,10 +34,11 @@ __all__ = [
     "check_checkpoint_args",
     "check_intervals",
     "check_per_token_loss",
+    "check_moe",
     "SUPPORTED_CKPT_FORMATS",
 ]
 
-SUPPORTED_CKPT_FORMATS = ("torch",)
+SUPPORTED_CKPT_FORMATS = ("torch", "torch_dist")
 
 
 def _get(args, name, default=None):
@@ -310,7 +311,16 @@ def check_checkpoint_args(args) -> None:
     fmt = _get(args, "ckpt_format", "torch")
     if fmt not in SUPPORTED_CKPT_FORMATS:
         raise ValueError(f"--ckpt-format {fmt} is not supported yet; supported: {', '.join(SUPPORTED_CKPT_FORMATS)} "
-                         "(use --ckpt-format torch).")
+                         "(use --ckpt-format torch_dist or torch).")
+    if getattr(args, "async_save", False):
+        if fmt != "torch_dist":
+            raise ValueError(f"--async-save writes torch_dist checkpoints; drop --ckpt-format {fmt} or --async-save.")
+        if not getattr(args, "save", None):
+            raise ValueError("--async-save needs --save DIR.")
+    if getattr(args, "ckpt_convert_format", None):
+        if not getattr(args, "load", None) or not getattr(args, "ckpt_convert_save", None):
+            raise ValueError("--ckpt-convert-format converts the checkpoint in --load into --ckpt-convert-save; "
+                             "give both --load DIR and --ckpt-convert-save DIR.")
     if getattr(args, "use_checkpoint_args", False) and not getattr(args, "load", None):
         raise ValueError("--use-checkpoint-args reads the model flags from the checkpoint in --load; give --load DIR.")
     if getattr(args, "exit_on_missing_checkpoint", False) and not (getattr(args, "load", None)
@@ -343,6 +353,41 @@ def check_intervals(args) -> None:
         raise ValueError(f"--eval-iters must be >= 0, got {eval_iters}.")
 
 
+def check_moe(args) -> None:
+    """The MoE flags (--num-experts, --moe-*) among themselves and against the model and the
+    expert layout: experts divide over --expert-model-parallel-size, the routed experts' hidden size
+    over --expert-tensor-parallel-size, MoE with tensor parallelism needs --sequence-parallel, the
+    experts have no biases, and --moe-layer-freq fits --num-layers."""
+    num_experts = getattr(args, "num_experts", None)
+    ep = _get(args, "expert_model_parallel_size", 1)
+    if num_experts is None:
+        if ep > 1:
+            raise ValueError(f"--expert-model-parallel-size {ep} needs an MoE model: pass --num-experts "
+                             "(or drop --expert-model-parallel-size).")
+        return
+    from gigatron.core.transformer.moe.config import check_moe_flags, moe_layer_pattern
+
+    check_moe_flags(args)
+    if ep < 1 or num_experts % ep != 0:
+        raise ValueError(f"--num-experts ({num_experts}) must be divisible by --expert-model-parallel-size ({ep}); "
+                         "change one of them.")
+    tp = _get(args, "tensor_model_parallel_size", 1)
+    etp = _get(args, "expert_tensor_parallel_size", tp)
+    if etp < 1:
+        raise ValueError(f"--expert-tensor-parallel-size must be >= 1, got {etp}.")
+    if tp > 1 and not getattr(args, "sequence_parallel", False):
+        raise ValueError(f"MoE with --tensor-model-parallel-size {tp} needs --sequence-parallel (each tensor-parallel "
+                         "rank routes its own part of the sequence); add --sequence-parallel.")
+    if getattr(args, "add_bias_linear", True):
+        raise ValueError("MoE experts have no biases: pass --disable-bias-linear with --num-experts.")
+    ffn = _get(args, "moe_ffn_hidden_size", None) or _get(args, "ffn_hidden_size", None)
+    if ffn is not None and ffn % etp != 0:
+        raise ValueError(f"the expert hidden size (--moe-ffn-hidden-size, default --ffn-hidden-size: {ffn}) must be "
+                         f"divisible by --expert-tensor-parallel-size ({etp}).")
+    if getattr(args, "num_layers", None) is not None:
+        moe_layer_pattern(args, args.num_layers)
+
+
 def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) -> argparse.Namespace:
     """Run every check; fill in world_size, data_parallel_size, global_batch_size and
     num_microbatches (at the full batch size). Returns `args`."""
@@ -369,4 +414,5 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
     check_data_source(args)
     check_checkpoint_args(args)
     check_per_token_loss(args)
+    check_moe(args)
     return args

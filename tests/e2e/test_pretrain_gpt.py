@@ -265,3 +265,37 @@ def test_torch_compile_trains_like_eager():
                           for layer in layers)
     for (i, a), (j, b) in zip(eager, compiled):
         assert i == j and abs(a - b) <= 1e-4 * abs(a), (eager, compiled)
+
+
+@pytest.mark.parametrize("fmt, extra", [("torch_dist", []), ("torch_dist", ["--async-save"]), ("torch", [])],
+                         ids=["torch_dist", "torch_dist-async", "torch"])
+def test_resume_is_exact_in_each_checkpoint_format(tmp_path, fmt, extra):
+    """6 + resume + 6 iterations equal 12 in one run, for each format (the default is torch_dist);
+    with --async-save the tracker names the iteration only once its files are complete."""
+    torch.set_num_threads(1)
+    full_train, _, _ = _run(TINY + ["--train-iters", "12"])
+    save = str(tmp_path / "ckpt")
+    argv = TINY + ["--train-iters", "12", "--save", save, "--ckpt-format", fmt] + extra
+    _run(argv + ["--exit-interval", "6"])
+    with open(os.path.join(save, "latest_checkpointed_iteration.txt")) as handle:
+        assert handle.read().strip() == "6"
+    marker = os.path.join(save, "iter_0000006", "metadata.json")
+    assert os.path.exists(marker) == (fmt == "torch_dist")
+    second_train, _, second = _run(argv + ["--load", save])
+    assert second.iteration == 12 and second_train == full_train
+
+
+def test_ckpt_convert_format_round_trip(tmp_path):
+    """--ckpt-convert-format: torch -> torch_dist, and the converted checkpoint resumes the run."""
+    torch.set_num_threads(1)
+    save = str(tmp_path / "ckpt")
+    full_train, _, _ = _run(TINY + ["--train-iters", "8"])
+    _run(TINY + ["--train-iters", "8", "--save", save, "--ckpt-format", "torch", "--exit-interval", "4"])
+    converted = str(tmp_path / "converted")
+    pretrain(gpt.datasets_provider, gpt.model_provider, gpt.forward_step,
+             args=parse_args(_with_cache(TINY + ["--train-iters", "8", "--load", save, "--ckpt-convert-format",
+                                                 "torch_dist", "--ckpt-convert-save", converted])))
+    target = os.path.join(converted, "torch_dist")
+    assert os.path.exists(os.path.join(target, "iter_0000004", "metadata.json"))
+    resumed, _, ctx = _run(TINY + ["--train-iters", "8", "--load", target, "--save", target])
+    assert ctx.iteration == 8 and resumed == full_train[4:]  # the converted folder holds no earlier history

@@ -141,8 +141,14 @@ def test_rampup_batch_size():
 
 
 def test_checkpoint_options():
-    with pytest.raises(ValueError, match="--ckpt-format torch_dist is not supported yet.*torch"):
-        V.validate_args(_args("--ckpt-format", "torch_dist"), world_size=1)
+    with pytest.raises(ValueError, match="--ckpt-format zarr is not supported yet.*torch"):
+        V.validate_args(_args("--ckpt-format", "zarr"), world_size=1)
+    with pytest.raises(ValueError, match="--async-save writes torch_dist"):
+        V.validate_args(_args("--ckpt-format", "torch", "--async-save", "--save", "x"), world_size=1)
+    with pytest.raises(ValueError, match="--async-save needs --save"):
+        V.validate_args(_args("--async-save"), world_size=1)
+    with pytest.raises(ValueError, match="--ckpt-convert-format.*--ckpt-convert-save"):
+        V.validate_args(_args("--ckpt-convert-format", "torch", "--load", "x"), world_size=1)
     with pytest.raises(ValueError, match="--use-checkpoint-args.*--load"):
         V.validate_args(_args("--use-checkpoint-args"), world_size=1)
     with pytest.raises(ValueError, match="--ckpt-step.*--load"):
