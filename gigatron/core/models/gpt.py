@@ -46,6 +46,8 @@ class GPTModel(nn.Module):
       vp_stage: the virtual pipeline stage (model chunk) this is, with interleaving.
       seed: the initialization seed (Megatron's --seed, default 1234); parameters are initialized
         at construction when config.perform_initialization.
+      moe_config: an MoEConfig; with num_experts set, the layers --moe-layer-freq selects are
+        MoE layers (router + experts under decoder.layers.{i}.mlp). None: a dense model.
 
     forward(input_ids [b, s], position_ids [b, s] | None, attention_mask | None, labels [b, s] | None)
       post_process and labels: per-token loss [b, s] (fp32)
@@ -65,7 +67,7 @@ class GPTModel(nn.Module):
     """
 
     def __init__(self, config, groups, vocab_size: int, pre_process: bool = True, post_process: bool = True,
-                 vp_stage: Optional[int] = None, seed: int = 1234):
+                 vp_stage: Optional[int] = None, seed: int = 1234, moe_config=None):
         super().__init__()
         if vocab_size % groups.tp.size != 0:
             raise ValueError(f"the padded vocabulary ({vocab_size}) must be divisible by "
@@ -91,8 +93,9 @@ class GPTModel(nn.Module):
                 config.rotary_seq_len_interpolation_factor, device=param_device(config))
         else:
             self.rotary_pos_emb = None
+        self.moe_config = moe_config
         self.decoder = TransformerBlock(config, groups, post_process=post_process, vp_stage=vp_stage,
-                                        pre_process=pre_process)
+                                        pre_process=pre_process, moe_config=moe_config)
         if post_process:
             tied_here = self.share_embeddings_and_output_weights and pre_process
             # Tied on a separate last stage: its own copy, seeded like the word embedding so both

@@ -237,6 +237,7 @@ class SelfAttention(nn.Module):
             raise ValueError(f"the tensor-parallel group has {groups.tp.size} ranks but "
                              f"--tensor-model-parallel-size is {tp}; build the groups from the same config")
         self.config = config
+        self.layer_number = layer_number
         self.head_dim = config.kv_channels
         self.num_heads = config.num_attention_heads // tp
         self.num_groups = config.num_query_groups // tp
@@ -275,7 +276,11 @@ class SelfAttention(nn.Module):
         return q, k, v
 
     def forward(self, x: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                rotary_pos_emb: Optional[torch.Tensor] = None):
+                rotary_pos_emb: Optional[torch.Tensor] = None, inference_context=None):
+        """inference_context: None (training, full sequences), or a KV cache
+        (gigatron.core.inference.kv_cache.InferenceContext): the new keys and values are written
+        into it and attention runs over the cached ones, with attention_mask shaped
+        [b, 1, s_new, kv_len] by the caller."""
         mixed, _ = self.linear_qkv(x)  # [s, b, ng*(hpg+2)*d]
         q, k, v = self.split_qkv(mixed)
         if self.q_layernorm is not None:
@@ -285,6 +290,8 @@ class SelfAttention(nn.Module):
             interleaved = self.config.rotary_interleaved
             q = apply_rotary_pos_emb(q, rotary_pos_emb, interleaved)
             k = apply_rotary_pos_emb(k, rotary_pos_emb, interleaved)
+        if inference_context is not None:
+            k, v = inference_context.store(self.layer_number, k, v)  # [kv_len, b, ng, d] each
         if self.recompute_core_attention and self.training and torch.is_grad_enabled():
             from gigatron.core.parallel.random import checkpoint
             if attention_mask is None:

@@ -115,7 +115,7 @@ class TransformerBlock(nn.Module):
     """
 
     def __init__(self, config, groups, post_process: bool = True, vp_stage: Optional[int] = None,
-                 pre_process: bool = True):
+                 pre_process: bool = True, moe_config=None):
         super().__init__()
         from gigatron.core.transformer.layer import TransformerLayer
         from gigatron.core.transformer.norm import build_norm
@@ -142,7 +142,7 @@ class TransformerBlock(nn.Module):
         self.num_local_layers = num_layers_on_stage(config, pp_rank, pp_size, vp_stage, vp_size)
         self.layer_offset = layer_offset(config, pp_rank, pp_size, vp_stage, vp_size)
         self.layers = nn.ModuleList(
-            TransformerLayer(config, groups, layer_number=self.layer_offset + i)
+            TransformerLayer(config, groups, layer_number=self.layer_offset + i, moe_config=moe_config)
             for i in range(self.num_local_layers))
         if post_process:
             self.final_layernorm = build_norm(config, config.hidden_size, groups,
@@ -155,9 +155,12 @@ class TransformerBlock(nn.Module):
         """Input of a stage after the first: [s, b, h] (or [s/tp, b, h] with sequence parallel)."""
         self.input_tensor = tensor
 
-    def _run_layers(self, start: int, end: int, hidden, attention_mask, rotary_pos_emb):
+    def _run_layers(self, start: int, end: int, hidden, attention_mask, rotary_pos_emb, inference_context=None):
         for layer in self.layers[start:end]:
-            hidden = layer(hidden, attention_mask, rotary_pos_emb)
+            if inference_context is None:
+                hidden = layer(hidden, attention_mask, rotary_pos_emb)
+            else:
+                hidden = layer(hidden, attention_mask, rotary_pos_emb, inference_context=inference_context)
         return hidden
 
     def _forward_full_recompute(self, hidden, attention_mask, rotary_pos_emb):
@@ -191,7 +194,7 @@ class TransformerBlock(nn.Module):
         return hidden
 
     def forward(self, hidden: Optional[torch.Tensor], attention_mask: Optional[torch.Tensor] = None,
-                rotary_pos_emb=None) -> torch.Tensor:
+                rotary_pos_emb=None, inference_context=None) -> torch.Tensor:
         if not self.pre_process:
             if self.input_tensor is None:
                 raise RuntimeError("a pipeline stage after the first needs set_input_tensor() before forward")
@@ -199,7 +202,8 @@ class TransformerBlock(nn.Module):
         if self.config.recompute_granularity == "full" and self.training and torch.is_grad_enabled():
             hidden = self._forward_full_recompute(hidden, attention_mask, rotary_pos_emb)
         else:
-            hidden = self._run_layers(0, self.num_local_layers, hidden, attention_mask, rotary_pos_emb)
+            hidden = self._run_layers(0, self.num_local_layers, hidden, attention_mask, rotary_pos_emb,
+                                      inference_context)
         if self.final_layernorm is not None:
             hidden = self.final_layernorm(hidden)
         return hidden

@@ -74,18 +74,29 @@ class _DiscardNormOutput:
 class TransformerLayer(nn.Module):
     """One decoder layer; `layer_number` is the global (0-based) number, used for init keys.
 
-    forward(hidden [s, b, h], attention_mask, rotary_pos_emb) -> [s, b, h]."""
+    forward(hidden [s, b, h], attention_mask, rotary_pos_emb, inference_context=None) -> [s, b, h]
+    (inference_context: an optional KV cache, see SelfAttention.forward)."""
 
-    def __init__(self, config, groups, layer_number: int):
+    def __init__(self, config, groups, layer_number: int, moe_config=None):
         super().__init__()
         self.config = config
         self.layer_number = layer_number
+        # moe_config (an MoEConfig or None): layers that --moe-layer-freq selects use an MoELayer
+        # (returns (out, None)) in place of the dense MLP, under the same name `mlp`.
+        self.is_moe = False
+        if moe_config is not None and moe_config.num_experts is not None:
+            from gigatron.core.transformer.moe.config import is_moe_layer
+            self.is_moe = is_moe_layer(moe_config, layer_number, config.num_layers)
         prefix = f"decoder.layers.{layer_number}"
         self.input_layernorm = build_norm(config, config.hidden_size, groups, init_key=prefix + ".input_layernorm")
         self.self_attention = SelfAttention(config, groups, layer_number)
         self.pre_mlp_layernorm = build_norm(config, config.hidden_size, groups,
                                             init_key=prefix + ".pre_mlp_layernorm")
-        self.mlp = MLP(config, groups, layer_number)
+        if self.is_moe:
+            from gigatron.core.transformer.moe.moe_layer import MoELayer
+            self.mlp = MoELayer(config, moe_config, groups, layer_number)
+        else:
+            self.mlp = MLP(config, groups, layer_number)
         modules = config.recompute_modules if config.recompute_granularity == "selective" else ()
         self.recompute_layernorm = "layernorm" in modules
         self.recompute_mlp = "mlp" in modules
@@ -121,13 +132,14 @@ class TransformerLayer(nn.Module):
         return self.mlp(x)
 
     def forward(self, hidden: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                rotary_pos_emb: Optional[torch.Tensor] = None) -> torch.Tensor:
+                rotary_pos_emb: Optional[torch.Tensor] = None, inference_context=None) -> torch.Tensor:
         cfg = self.config
         p = cfg.hidden_dropout
         # Attention sub-layer.
         normed, consumer_context = self._norm(self.input_layernorm, hidden)
         with consumer_context:
-            attn_out, attn_bias = self.self_attention(normed, attention_mask, rotary_pos_emb)
+            attn_out, attn_bias = self.self_attention(normed, attention_mask, rotary_pos_emb,
+                                                      inference_context=inference_context)
         residual = normed if cfg.apply_residual_connection_post_layernorm else hidden
         with self._dropout_context():
             hidden = bias_dropout_add(attn_out, attn_bias, residual, p, self.training)

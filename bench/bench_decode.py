@@ -1,0 +1,215 @@
+"""Decode throughput of the 1.3B GPT (random weights): tokens/s at batch 1, 8 and 64, next to the
+memory-bandwidth limit and to HuggingFace transformers `generate` on the same weights.
+
+Model: Megatron's classic 1.3B GPT (24 layers, hidden 2048, 16 heads, 2048 positions, vocabulary
+50257 padded to 50304, LayerNorm, GeLU, tied embeddings), bf16, one GPU.
+
+Decode tokens/s = batch * N / (time(prompt + N + 1 tokens) - time(prompt + 1 token)): the prefill
+and the first sampled token are subtracted, so only the KV-cached one-token steps are counted.
+Both engines decode greedily with no early stop (ours: stop_at_eod off; HF: min_new_tokens).
+
+Bandwidth limit: each decode step reads every weight once, so one step cannot take less than
+weight bytes / HBM bandwidth; at batch b that is at most b * bandwidth / weight bytes tokens/s
+(KV-cache reads ignored: they are small at these lengths). The bandwidth is measured in the same
+run with a large device-to-device copy (bytes read + written / time).
+
+The HF model is the same weights exported with gigatron.core.convert (save_hf_checkpoint, GPT-2
+layout) and loaded as GPT2LMHeadModel in bf16 with SDPA attention.
+
+    python bench/bench_decode.py                        # GPU: batch 1, 8, 64; eager and CUDA graphs
+    python bench/bench_decode.py --cpu-smoke            # tiny model on CPU: checks the whole path
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from gigatron.core.inference.engine import InferenceEngine, SamplingParams  # noqa: E402
+from gigatron.core.models.gpt import GPTModel  # noqa: E402
+from gigatron.core.parallel.groups import ParallelGroups  # noqa: E402
+from gigatron.core.tokenizers import NullTokenizer  # noqa: E402
+from gigatron.core.transformer.config import TransformerConfig  # noqa: E402
+
+FULL = dict(layers=24, hidden=2048, heads=16, seq=2048, vocab=50257, padded=50304)
+SMOKE = dict(layers=2, hidden=64, heads=4, seq=128, vocab=500, padded=512)
+
+
+def build_model(shape: dict, device, dtype):
+    config = TransformerConfig(
+        num_layers=shape["layers"], hidden_size=shape["hidden"], num_attention_heads=shape["heads"],
+        seq_length=shape["seq"], max_position_embeddings=shape["seq"], attention_dropout=0.0, hidden_dropout=0.0,
+        bf16=dtype == torch.bfloat16, params_dtype=dtype, use_cpu_initialization=device.type == "cpu")
+    with torch.device(device):
+        model = GPTModel(config, ParallelGroups.single(), vocab_size=shape["padded"])
+    return model.to(device).eval()
+
+
+def export_hf(model, shape: dict, dtype, device):
+    """The same weights as a transformers GPT2LMHeadModel (through the checkpoint converter)."""
+    from transformers import GPT2LMHeadModel
+
+    from gigatron.core.convert.hf import save_hf_checkpoint
+    from gigatron.core.convert.protocol import state_to_messages
+    from gigatron.core.convert.torch_format import metadata_from_args
+
+    args = dict(num_layers=shape["layers"], hidden_size=shape["hidden"], num_attention_heads=shape["heads"],
+                ffn_hidden_size=4 * shape["hidden"], seq_length=shape["seq"], max_position_embeddings=shape["seq"],
+                kv_channels=shape["hidden"] // shape["heads"], make_vocab_size_divisible_by=128,
+                vocab_size=shape["vocab"], hidden_dropout=0.0, attention_dropout=0.0, norm_epsilon=1e-5)
+    md = metadata_from_args(args, shape["vocab"], None, torch.float32)
+    tensors = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
+    # Conversion messages carry the true vocabulary (the padded rows are never used).
+    tensors["embedding.word_embeddings.weight"] = tensors["embedding.word_embeddings.weight"][: shape["vocab"]]
+    with tempfile.TemporaryDirectory() as folder:
+        save_hf_checkpoint(state_to_messages(md, tensors), folder, family="gpt2")
+        hf = GPT2LMHeadModel.from_pretrained(folder, torch_dtype=dtype, attn_implementation="sdpa")
+    return hf.to(device).eval()
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_bandwidth(device, gib: float) -> float:
+    """Bytes per second of a large device copy (read + write)."""
+    n = int(gib * 2**30) // 2
+    src = torch.empty(n, dtype=torch.bfloat16, device=device)
+    dst = torch.empty_like(src)
+    for _ in range(2):
+        dst.copy_(src)
+    sync(device)
+    reps = 10
+    start = time.perf_counter()
+    for _ in range(reps):
+        dst.copy_(src)
+    sync(device)
+    elapsed = time.perf_counter() - start
+    del src, dst
+    return 2 * n * 2 * reps / elapsed
+
+
+def timed(fn, device, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def decode_rate(run, batch: int, new_tokens: int, device, repeats: int):
+    """(tokens/s of the decode steps, outputs of the long run) for run(n) generating n tokens."""
+    run(2)  # warm-up (kernels, graphs)
+    short = timed(lambda: run(1), device, repeats)
+    out = {}
+    long = timed(lambda: out.setdefault("x", run(new_tokens + 1)), device, repeats)
+    return batch * new_tokens / max(long - short, 1e-9), out["x"]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cpu-smoke", action="store_true", help="tiny model on CPU, checks the whole path")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=None)
+    parser.add_argument("--prompt-length", type=int, default=None)
+    parser.add_argument("--new-tokens", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
+    parser.add_argument("--modes", nargs="+", default=None, choices=["eager", "cuda_graph"])
+    parser.add_argument("--copy-gib", type=float, default=4.0, help="size of the bandwidth-measuring copy")
+    parser.add_argument("--json", default=None, help="also write the results here (atomically)")
+    args = parser.parse_args(argv)
+
+    if args.cpu_smoke:
+        device, dtype, shape = torch.device("cpu"), torch.float32, SMOKE
+        batches = args.batch_sizes or [1, 4]
+        prompt_len, new_tokens = args.prompt_length or 8, args.new_tokens or 8
+        modes = args.modes or ["eager"]
+        copy_gib = min(args.copy_gib, 0.125)
+        torch.set_num_threads(1)
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit("bench_decode.py needs a GPU; use --cpu-smoke to check it on CPU")
+        device, dtype, shape = torch.device("cuda"), torch.bfloat16, FULL
+        batches = args.batch_sizes or [1, 8, 64]
+        prompt_len, new_tokens = args.prompt_length or 128, args.new_tokens or 128
+        modes = args.modes or ["eager", "cuda_graph"]
+        copy_gib = args.copy_gib
+
+    torch.manual_seed(0)
+    model = build_model(shape, device, dtype)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    bandwidth = measure_bandwidth(device, copy_gib)
+    tokenizer = NullTokenizer(shape["vocab"] - 1)  # ids 0..V-2 plus the end-of-document id V-1
+    hf = None if args.no_hf else export_hf(model, shape, dtype, device)
+    print(f"device {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'} | weights "
+          f"{weight_bytes / 1e9:.3f} GB | copy bandwidth {bandwidth / 1e9:.1f} GB/s | prompt {prompt_len} | "
+          f"new tokens {new_tokens}")
+    rows = []
+    for batch in batches:
+        g = torch.Generator().manual_seed(batch)
+        prompts = torch.randint(0, shape["vocab"] - 1, (batch, prompt_len), generator=g)
+        row = {"batch": batch, "bandwidth_limit_tokens_per_s": batch * bandwidth / weight_bytes}
+        ours_tokens = None
+        for mode in modes:
+            engine = InferenceEngine(model, tokenizer, max_batch_size=batch,
+                                     max_sequence_length=prompt_len + new_tokens + 2, decode_mode=mode)
+
+            def run(n, engine=engine):
+                params = SamplingParams(tokens_to_generate=n, top_k=1, stop_at_eod=False)
+                return engine.generate_tokens(prompts.tolist(), params).tokens
+
+            rate, tokens = decode_rate(run, batch, new_tokens, device, args.repeats)
+            row[f"gigatron_{mode}_tokens_per_s"] = rate
+            if ours_tokens is None:
+                ours_tokens = tokens
+            elif tokens != ours_tokens:
+                row[f"{mode}_differs_from_eager"] = True
+        if hf is not None:
+            ids = prompts.to(device)
+
+            def run_hf(n):
+                with torch.no_grad():
+                    out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                                      do_sample=False, use_cache=True, pad_token_id=shape["vocab"] - 1)
+                return out.tolist()
+
+            rate, hf_tokens = decode_rate(run_hf, batch, new_tokens, device, args.repeats)
+            row["hf_generate_tokens_per_s"] = rate
+            # Greedy continuations agree until numerics (bf16) first pick a different argmax.
+            agree = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), len(x)) - prompt_len
+                     for x, y in zip(ours_tokens, hf_tokens)]
+            row["greedy_tokens_equal_to_hf"] = min(agree)
+        rows.append(row)
+        print(" | ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True)
+    if args.cpu_smoke:
+        for row in rows:
+            assert all(row[f"gigatron_{m}_tokens_per_s"] > 0 for m in modes)
+            if not args.no_hf:
+                # fp32 on CPU: the same weights must give the same greedy tokens.
+                assert row["greedy_tokens_equal_to_hf"] == new_tokens + 1, row
+        print("cpu smoke: ok")
+    if args.json:
+        result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                  "weight_bytes": weight_bytes, "copy_bandwidth_bytes_per_s": bandwidth,
+                  "prompt_length": prompt_len, "new_tokens": new_tokens, "rows": rows}
+        tmp = args.json + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(result, f, indent=2)
+        os.replace(tmp, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,458 @@
+"""Text generation with a KV cache: batched prefill, then one token per step.
+
+Shape legend: b = rows (prompts), L = longest prompt, s = new tokens in a forward, S = the cache's
+max sequence, V = true vocabulary, Vp = padded vocabulary, tp = tensor-parallel size.
+
+Prompts of different lengths are right-padded into one [b, L] batch whose position ids are
+0..L-1 in every row. The prefill writes each token's key/value at the cache slot equal to its
+position; row r's first generated token is sampled from the logits at its last prompt token
+(index len_r - 1) and goes to slot len_r, overwriting the padding there. Every query attends only
+to slots at or before its own position, so padding is never attended by a real token. Decode steps
+feed one token per row ([b, 1]) at that row's own position.
+
+With tensor parallelism every rank runs the same steps; the vocab-parallel logits are gathered
+over the tensor-parallel group and the sampled tokens are broadcast from its first rank, so all
+ranks keep identical sequences. Only the true vocabulary is ever scored or sampled (the padded
+entries are cut off).
+
+decode_mode "cuda_graph" captures the decode step ([b, 1] tokens over the whole cache, static
+shapes) once per batch size in a CUDA graph and replays it; "eager" (default, and the only choice
+on CPU) runs the model each step and attends only over the slots filled so far.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from gigatron.core.inference.kv_cache import InferenceContext, causal_cache_mask
+from gigatron.core.inference.sampling import check_sampling_params, sample
+
+__all__ = ["InferenceEngine", "SamplingParams", "GenerationResult", "BeamResult", "PromptTooLongError"]
+
+
+class PromptTooLongError(ValueError):
+    """A prompt plus the tokens to generate do not fit the model's maximum sequence length."""
+
+
+@dataclasses.dataclass
+class SamplingParams:
+    """How to pick the next token and when to stop (Megatron's /api fields)."""
+    tokens_to_generate: int = 64
+    """Tokens to generate after each prompt (0 = scoring: log-probabilities of the prompt only)."""
+    return_log_probs: bool = False
+    """Return the log-probability of every token after the first."""
+    temperature: float = 1.0
+    """Divides the logits before sampling (> 0)."""
+    top_k: int = 0
+    """Sample among the k most likely tokens; 1 = greedy; 0 = off."""
+    top_p: float = 0.0
+    """Sample from the smallest set of tokens whose probability reaches top_p; 0 = off."""
+    top_p_decay: float = 0.0
+    """After each step top_p *= top_p_decay (0 = off)."""
+    top_p_bound: float = 0.0
+    """Lower bound of the decayed top_p (0 = none)."""
+    add_BOS: bool = False
+    """Prepend the end-of-document token to every prompt."""
+    stop_on_eol: bool = False
+    """A row stops after a newline (or double newline) token."""
+    stop_on_double_eol: bool = False
+    """A row stops after two newlines."""
+    prevent_newline_after_colon: bool = False
+    """Never generate a newline right after a colon."""
+    random_seed: int = -1
+    """Seed of the sampling generator (>= 0 makes sampling reproducible; -1 = random)."""
+    top_logprobs: int = 0
+    """Also return the n most likely tokens and their log-probabilities at each generated step."""
+    stop_at_eod: bool = True
+    """A row stops after generating the end-of-document token."""
+
+    def batch_key(self):
+        """Requests with the same key can share a batch (everything but the seed decides a step)."""
+        return (self.tokens_to_generate, self.temperature, self.top_k, self.top_p, self.top_p_decay,
+                self.top_p_bound, self.stop_on_eol, self.stop_on_double_eol, self.prevent_newline_after_colon,
+                self.stop_at_eod)
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    """Per prompt: the token ids (prompt + generated, up to and including a stop token), the
+    detokenized text, one string per token, and the log-probability of each token after the first
+    (None unless asked), the prompt length, and per generated step the top log-probabilities."""
+    tokens: List[List[int]]
+    texts: List[str]
+    segments: List[List[str]]
+    logprobs: Optional[List[List[float]]]
+    prompt_lengths: List[int]
+    top_logprobs: Optional[List[List[Dict[int, float]]]] = None
+
+
+@dataclasses.dataclass
+class BeamResult:
+    """The best beams, best first: token ids, texts, segments and length-normalized scores."""
+    tokens: List[List[int]]
+    texts: List[str]
+    segments: List[List[str]]
+    scores: List[float]
+
+
+def _single_token(tokenizer, text: str) -> Optional[int]:
+    try:
+        ids = tokenizer.tokenize(text)
+    except Exception:  # a tokenizer that cannot encode the text has no such token
+        return None
+    return ids[0] if len(ids) == 1 else None
+
+
+class InferenceEngine:
+    """Generation from a GPTModel (one pipeline stage holding every layer).
+
+    InferenceEngine(model, tokenizer, *, groups=None, vocab_size=None, max_batch_size=8,
+                    max_sequence_length=None, decode_mode="eager")
+      model: a GPTModel in eval mode (pre_process and post_process, no sequence parallelism).
+      tokenizer: gigatron.core.tokenizers tokenizer (tokenize, detokenize, eod).
+      vocab_size: the true vocabulary (default tokenizer.vocab_size); logits past it are ignored.
+      max_sequence_length: the cache length (default config.max_position_embeddings or seq_length).
+
+    generate(prompts, params) -> GenerationResult
+    generate_tokens(prompt_tokens, params, on_step=None) -> GenerationResult
+    beam_search(prompt, tokens_to_generate, beam_width, stop_token, length_penalty, add_BOS) -> BeamResult
+    """
+
+    def __init__(self, model, tokenizer, *, groups=None, vocab_size: Optional[int] = None,
+                 max_batch_size: int = 8, max_sequence_length: Optional[int] = None, decode_mode: str = "eager"):
+        config = model.config
+        groups = groups if groups is not None else model.groups
+        if not (model.pre_process and model.post_process) or groups.pp.size != 1:
+            raise ValueError("generation needs the whole model on each rank: build it with "
+                             "--pipeline-model-parallel-size 1")
+        if groups.cp.size != 1:
+            raise ValueError("generation does not support --context-parallel-size > 1; set it to 1")
+        if getattr(model, "sequence_parallel", False):
+            raise ValueError("generation runs one token per step, which --sequence-parallel cannot split; "
+                             "build the model without --sequence-parallel")
+        if decode_mode not in ("eager", "cuda_graph"):
+            raise ValueError(f"decode_mode must be 'eager' or 'cuda_graph', got {decode_mode!r}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.groups = groups
+        self.config = config
+        self.vocab_size = int(vocab_size if vocab_size is not None else tokenizer.vocab_size)
+        if self.vocab_size > model.vocab_size:
+            raise ValueError(f"the true vocabulary ({self.vocab_size}) is larger than the model's "
+                             f"padded vocabulary ({model.vocab_size})")
+        self.max_batch_size = int(max_batch_size)
+        limit = max_sequence_length or config.max_position_embeddings or config.seq_length
+        if config.position_embedding_type == "learned_absolute" and config.max_position_embeddings:
+            limit = min(limit, config.max_position_embeddings)
+        self.max_sequence_length = int(limit)
+        param = next(model.parameters())
+        self.device = param.device
+        if decode_mode == "cuda_graph" and self.device.type != "cuda":
+            raise ValueError("decode_mode='cuda_graph' needs the model on a CUDA device; use 'eager' on CPU")
+        self.decode_mode = decode_mode
+        self.eod = tokenizer.eod
+        self.newline = _single_token(tokenizer, "\n")
+        self.double_newline = _single_token(tokenizer, "\n\n")
+        self.colon = _single_token(tokenizer, ":")
+        self._context: Optional[InferenceContext] = None
+        self._graphs: Dict[int, "_DecodeGraph"] = {}
+
+    # ------------------------------------------------------------------ helpers
+    def context(self) -> InferenceContext:
+        if self._context is None:
+            self._context = InferenceContext.for_model(self.model, self.max_batch_size, self.max_sequence_length)
+        return self._context
+
+    def tokenize_prompts(self, prompts: Sequence[str], add_BOS: bool = False) -> List[List[int]]:
+        out = []
+        for prompt in prompts:
+            ids = list(self.tokenizer.tokenize(prompt)) if prompt else []
+            if add_BOS:
+                ids = [self.eod] + ids
+            if not ids:
+                raise ValueError("an empty prompt needs add_BOS=true (the generation must start from a token)")
+            out.append(ids)
+        return out
+
+    def check_fits(self, prompt_tokens: Sequence[Sequence[int]], tokens_to_generate: int) -> None:
+        """Raise PromptTooLongError if a prompt plus the generation exceeds the max sequence length."""
+        for i, ids in enumerate(prompt_tokens):
+            need = len(ids) + tokens_to_generate
+            if need > self.max_sequence_length:
+                raise PromptTooLongError(
+                    f"prompt {i} has {len(ids)} tokens; with tokens_to_generate={tokens_to_generate} it needs "
+                    f"{need} positions but the model holds {self.max_sequence_length}; shorten the prompt or "
+                    "generate fewer tokens")
+
+    def _full_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Vocab-parallel logits [s, b, Vp/tp] -> [b, s, V] fp32 over the true vocabulary."""
+        if self.groups.tp.size > 1:
+            from gigatron.core.parallel.mappings import gather_from_tensor_parallel_region
+            logits = gather_from_tensor_parallel_region(logits, self.groups.tp)  # [s, b, Vp]
+        return logits[..., : self.vocab_size].transpose(0, 1).float()  # [b, s, V]
+
+    def _sync_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Make every tensor-parallel rank use the first rank's tokens."""
+        tp = self.groups.tp
+        if tp.size > 1:
+            torch.distributed.broadcast(tokens, src=tp.ranks[0], group=tp.group)
+        return tokens
+
+    def _forward(self, ctx: InferenceContext, tokens: torch.Tensor, positions: torch.Tensor,
+                 kv_len: int) -> torch.Tensor:
+        """tokens, positions [b, s] -> logits [b, s, V] (fp32)."""
+        ctx.set_positions(positions, kv_len)
+        mask = causal_cache_mask(positions, kv_len)  # [b, 1, s, kv_len]
+        logits = self.model(tokens, positions, mask, inference_context=ctx)  # [s, b, Vp/tp]
+        return self._full_logits(logits)
+
+    def _decode(self, ctx, tokens, positions, kv_len) -> torch.Tensor:
+        """One decode step: tokens, positions [b, 1] -> logits [b, V]."""
+        if self.decode_mode == "cuda_graph":
+            b = tokens.shape[0]
+            graph = self._graphs.get(b)
+            if graph is None:
+                graph = self._graphs[b] = _DecodeGraph(self, ctx, b)
+            return graph.run(tokens, positions)
+        return self._forward(ctx, tokens, positions, kv_len)[:, -1]
+
+    def _stop_mask(self, new: torch.Tensor, prev: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+        """new, prev [b] -> bool [b]: rows whose new token ends their generation."""
+        stop = torch.zeros_like(new, dtype=torch.bool)
+        if params.stop_at_eod:
+            stop |= new == self.eod
+        if params.stop_on_double_eol or params.stop_on_eol:
+            if self.double_newline is not None:
+                stop |= new == self.double_newline
+            if self.newline is not None:
+                if params.stop_on_eol:
+                    stop |= new == self.newline
+                else:
+                    stop |= (new == self.newline) & (prev == self.newline)
+        return stop
+
+    # ------------------------------------------------------------------ sampling generation
+    def generate(self, prompts: Sequence[str], params: SamplingParams,
+                 on_step: Optional[Callable] = None) -> GenerationResult:
+        return self.generate_tokens(self.tokenize_prompts(prompts, params.add_BOS), params, on_step)
+
+    @torch.no_grad()
+    def generate_tokens(self, prompt_tokens: Sequence[Sequence[int]], params: SamplingParams,
+                        on_step: Optional[Callable] = None) -> GenerationResult:
+        """on_step(step, tokens [b] list, active [b] list of bool) is called after each sampled token
+        (tokens of inactive rows are padding); it may return a list of b bools naming rows to end."""
+        b = len(prompt_tokens)
+        if b == 0:
+            raise ValueError("no prompts to generate from")
+        if b > self.max_batch_size:
+            raise ValueError(f"{b} prompts exceed max_batch_size {self.max_batch_size}; split them into batches")
+        if params.tokens_to_generate < 0:
+            raise ValueError(f"tokens_to_generate must be >= 0, got {params.tokens_to_generate}")
+        if params.tokens_to_generate == 0 and not params.return_log_probs:
+            raise ValueError("tokens_to_generate=0 is scoring mode and needs return_log_probs=true")
+        check_sampling_params(params.top_k, params.top_p, params.temperature, self.vocab_size)
+        if any(len(p) == 0 for p in prompt_tokens):
+            raise ValueError("every prompt needs at least one token (use add_BOS for an empty prompt)")
+        self.check_fits(prompt_tokens, params.tokens_to_generate)
+        self.model.eval()
+        device = self.device
+        lengths = torch.tensor([len(p) for p in prompt_tokens], device=device)  # [b]
+        longest = int(lengths.max())
+        total = longest + params.tokens_to_generate
+        tokens = torch.full((b, total), self.eod, dtype=torch.long, device=device)  # [b, L + T]
+        for i, ids in enumerate(prompt_tokens):
+            tokens[i, : len(ids)] = torch.tensor(list(ids), dtype=torch.long)
+        seed = params.random_seed if params.random_seed >= 0 else random.randrange(2 ** 62)
+        generator = torch.Generator(device=device).manual_seed(seed)
+        want_logprobs = params.return_log_probs
+
+        ctx = self.context()
+        positions = torch.arange(longest, device=device).expand(b, longest)  # [b, L]
+        logits = self._forward(ctx, tokens[:, :longest], positions, longest)  # [b, L, V]
+        token_logprobs = torch.zeros(b, total, device=device)  # [b, L + T]; entry j: log p(token j)
+        if want_logprobs and longest > 1:
+            lp = F.log_softmax(logits[:, :-1], dim=-1)  # [b, L-1, V]
+            token_logprobs[:, 1:longest] = lp.gather(-1, tokens[:, 1:longest, None]).squeeze(-1)
+        rows = torch.arange(b, device=device)
+        next_logits = logits[rows, lengths - 1]  # [b, V]
+        cur = lengths.clone()  # [b] position of the next token of each row
+        active = torch.ones(b, dtype=torch.bool, device=device)
+        top = [[] for _ in range(b)] if params.top_logprobs > 0 else None
+        top_p = params.top_p
+        for step in range(params.tokens_to_generate):
+            if params.prevent_newline_after_colon and self.colon is not None and self.newline is not None:
+                after_colon = tokens[rows, cur - 1] == self.colon  # [b]
+                next_logits[after_colon, self.newline] = float("-inf")
+            new = sample(next_logits, top_k=params.top_k, top_p=top_p, temperature=params.temperature,
+                         generator=generator)  # [b]
+            new = self._sync_tokens(new)
+            new = torch.where(active, new, torch.full_like(new, self.eod))
+            slot = cur.clone()  # where each row's new token goes
+            prev = tokens[rows, cur - 1]
+            tokens[rows[active], cur[active]] = new[active]
+            if want_logprobs or top is not None:
+                lp = F.log_softmax(next_logits, dim=-1)  # [b, V]
+                if want_logprobs:
+                    token_logprobs[rows[active], cur[active]] = lp[rows, new][active]
+                if top is not None:
+                    values, ids = lp.topk(min(params.top_logprobs, self.vocab_size), dim=-1)  # [b, n]
+                    for i in range(b):
+                        if bool(active[i]):
+                            top[i].append(dict(zip(ids[i].tolist(), values[i].tolist())))
+            stopped = self._stop_mask(new, prev, params) & active
+            if on_step is not None:
+                extra = on_step(step, new.tolist(), active.tolist())
+                if extra is not None:  # the caller ends these rows (e.g. a stop string appeared)
+                    stopped |= torch.tensor(list(extra), dtype=torch.bool, device=device) & active
+            if self.groups.tp.size > 1:  # only the serving rank has the callback: follow its choice
+                stopped = self._sync_tokens(stopped.to(torch.long)).bool()
+            cur = torch.where(active, cur + 1, cur)
+            active = active & ~stopped
+            if params.top_p_decay > 0.0 and top_p > 0.0:
+                top_p = top_p * params.top_p_decay
+                if params.top_p_bound > 0.0:
+                    top_p = max(top_p, params.top_p_bound)
+            if step == params.tokens_to_generate - 1 or not bool(active.any()):
+                break
+            # Finished rows still run (static batch), rewriting their last slot, which is never read.
+            step_positions = torch.where(active, slot, cur - 1)[:, None]  # [b, 1]
+            kv_len = int(step_positions.max()) + 1
+            next_logits = self._decode(ctx, new[:, None], step_positions, kv_len)  # [b, V]
+
+        lengths_out = cur.tolist()
+        tokens_out = [tokens[i, : lengths_out[i]].tolist() for i in range(b)]
+        logprobs_out = None
+        if want_logprobs:
+            logprobs_out = [token_logprobs[i, 1: lengths_out[i]].tolist() for i in range(b)]
+        return GenerationResult(
+            tokens=tokens_out,
+            texts=[self.tokenizer.detokenize(t) for t in tokens_out],
+            segments=[[self.tokenizer.detokenize([t]) for t in row] for row in tokens_out],
+            logprobs=logprobs_out,
+            prompt_lengths=[len(p) for p in prompt_tokens],
+            top_logprobs=top,
+        )
+
+    # ------------------------------------------------------------------ beam search
+    @torch.no_grad()
+    def beam_search(self, prompt: str, tokens_to_generate: int, beam_width: int, stop_token: int = 50256,
+                    length_penalty: float = 1.0, add_BOS: bool = False) -> BeamResult:
+        return self.beam_search_tokens(self.tokenize_prompts([prompt], add_BOS)[0], tokens_to_generate,
+                                       beam_width, stop_token, length_penalty)
+
+    @torch.no_grad()
+    def beam_search_tokens(self, prompt_tokens: Sequence[int], tokens_to_generate: int, beam_width: int,
+                           stop_token: int = 50256, length_penalty: float = 1.0) -> BeamResult:
+        """Beam search from one prompt. Each step extends every beam by every token, ranks the
+        2 * beam_width best extensions by summed log-probability and keeps the first beam_width that
+        do not end in stop_token; an extension ending in stop_token that ranks within the first
+        beam_width is a finished hypothesis, scored sum / length ** length_penalty (length = all
+        tokens, prompt included). The search ends when no running beam can beat the worst of
+        beam_width finished ones; unfinished beams then compete on the same score."""
+        if beam_width < 1:
+            raise ValueError(f"beam_width must be >= 1, got {beam_width}")
+        if beam_width > self.max_batch_size:
+            raise ValueError(f"beam_width {beam_width} exceeds max_batch_size {self.max_batch_size}")
+        if tokens_to_generate < 1:
+            raise ValueError("beam search needs tokens_to_generate >= 1")
+        self.check_fits([prompt_tokens], tokens_to_generate)
+        self.model.eval()
+        device = self.device
+        n = len(prompt_tokens)
+        V = self.vocab_size
+        ctx = self.context()
+        prompt = torch.tensor(list(prompt_tokens), dtype=torch.long, device=device)
+        tokens = prompt.expand(beam_width, n).clone()  # [bw, n]; grows by one column per step
+        positions = torch.arange(n, device=device).expand(beam_width, n)
+        logits = self._forward(ctx, tokens, positions, n)[:, -1]  # [bw, V]
+        scores = torch.zeros(beam_width, device=device)
+        finished: List[tuple] = []  # (normalized score, token list)
+
+        def add(hyp: List[int], total: float):
+            finished.append((total / (len(hyp) ** length_penalty), hyp))
+            finished.sort(key=lambda x: -x[0])
+            del finished[beam_width:]
+
+        done = False
+        for step in range(tokens_to_generate):
+            lp = F.log_softmax(logits, dim=-1)  # [bw, V]
+            if step == 0:
+                flat = lp[0]  # all beams are the prompt: extend only the first
+            else:
+                flat = (scores[:, None] + lp).view(-1)  # [bw * V]
+            best, idx = torch.topk(flat, min(2 * beam_width, flat.numel()))
+            best, idx = self._sync_tokens(best), self._sync_tokens(idx)
+            next_beams = []
+            for rank, (score, index) in enumerate(zip(best.tolist(), idx.tolist())):
+                beam, token = divmod(index, V)
+                if token == stop_token:
+                    if rank < beam_width:
+                        add(tokens[beam].tolist() + [token], score)
+                else:
+                    next_beams.append((beam, token, score))
+                if len(next_beams) == beam_width:
+                    break
+            cur_len = n + step + 1
+            if len(finished) >= beam_width:
+                best_running = max(s for _, _, s in next_beams) if next_beams else float("-inf")
+                if finished[-1][0] >= best_running / (cur_len ** length_penalty):
+                    done = True
+            if done or not next_beams or step == tokens_to_generate - 1:
+                if not done:
+                    for beam, token, score in next_beams:
+                        add(tokens[beam].tolist() + [token], score)
+                break
+            while len(next_beams) < beam_width:  # too few candidates (tiny vocabulary): repeat the last
+                next_beams.append(next_beams[-1])
+            beam_idx = torch.tensor([x[0] for x in next_beams], device=device)
+            new = torch.tensor([x[1] for x in next_beams], device=device)
+            scores = torch.tensor([x[2] for x in next_beams], device=device)
+            tokens = torch.cat([tokens[beam_idx], new[:, None]], dim=1)  # [bw, cur_len]
+            for cache in (*ctx.key_cache.values(), *ctx.value_cache.values()):
+                cache[:beam_width] = cache[beam_idx]  # reorder rows to follow their beams
+            pos = torch.full((beam_width, 1), cur_len - 1, device=device, dtype=torch.long)
+            logits = self._forward(ctx, new[:, None], pos, cur_len)[:, -1]  # [bw, V]
+        out_tokens = [hyp for _, hyp in finished]
+        return BeamResult(
+            tokens=out_tokens,
+            texts=[self.tokenizer.detokenize(t) for t in out_tokens],
+            segments=[[self.tokenizer.detokenize([t]) for t in row] for row in out_tokens],
+            scores=[s for s, _ in finished],
+        )
+
+
+class _DecodeGraph:
+    """The decode step for a fixed batch size captured in a CUDA graph: static input buffers
+    (tokens, positions [b, 1]), attention over the whole cache (kv_len = S), output logits [b, V]."""
+
+    def __init__(self, engine: InferenceEngine, ctx: InferenceContext, batch: int):
+        device = engine.device
+        self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.positions = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        S = ctx.max_sequence_length
+        # The warm-up writes slot 0 of the cache; save and restore it around capture.
+        saved = {k: (ctx.key_cache[k][:batch, :1].clone(), ctx.value_cache[k][:batch, :1].clone())
+                 for k in ctx.key_cache}
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                engine._forward(ctx, self.tokens, self.positions, S)
+        torch.cuda.current_stream(device).wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = engine._forward(ctx, self.tokens, self.positions, S)[:, -1]  # [b, V]
+        for k, (kc, vc) in saved.items():
+            ctx.key_cache[k][:batch, :1].copy_(kc)
+            ctx.value_cache[k][:batch, :1].copy_(vc)
+
+    def run(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        self.tokens.copy_(tokens)
+        self.positions.copy_(positions)
+        self.graph.replay()
+        return self.logits.clone()

@@ -1,0 +1,238 @@
+"""Request validation for the text generation server.
+
+Every invalid request raises RequestError(field, message); the server answers HTTP 400 with
+{"error": message, "field": field}. Messages for `PUT /api` follow Megatron's server.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, List, Optional, Union
+
+from gigatron.core.inference.engine import SamplingParams
+
+__all__ = ["RequestError", "ServerDefaults", "ApiRequest", "CompletionRequest", "parse_api_request",
+           "parse_completion_request", "MAX_PROMPTS"]
+
+MAX_PROMPTS = 128
+
+
+class RequestError(ValueError):
+    """An invalid request: `field` names the offending JSON field."""
+
+    def __init__(self, field: Optional[str], message: str):
+        super().__init__(message)
+        self.field = field
+        self.message = message
+
+
+@dataclasses.dataclass
+class ServerDefaults:
+    """Values used when a request leaves a field out (the server's command-line flags)."""
+    tokens_to_generate: int = 64
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 0.0
+    logprobs: bool = False
+
+
+@dataclasses.dataclass
+class ApiRequest:
+    prompts: List[str]
+    params: SamplingParams
+    beam_width: Optional[int] = None
+    stop_token: int = 50256
+    length_penalty: float = 1.0
+    no_log: bool = False
+
+
+@dataclasses.dataclass
+class CompletionRequest:
+    prompts: List[Union[str, List[int]]]
+    params: SamplingParams
+    echo: bool = False
+    logprobs: Optional[int] = None
+    stop: List[str] = dataclasses.field(default_factory=list)
+    stream: bool = False
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _bool(payload: dict, name: str, default: bool) -> bool:
+    value = payload.get(name, default)
+    if not isinstance(value, bool):
+        raise RequestError(name, f"{name} must be a boolean value")
+    return value
+
+
+def parse_api_request(payload: Any, defaults: ServerDefaults = ServerDefaults()) -> ApiRequest:
+    """Validate the JSON body of `PUT /api` (Megatron's fields and rules)."""
+    if not isinstance(payload, dict):
+        raise RequestError("body", "the request body must be a JSON object")
+    if "sentences" in payload:
+        raise RequestError("sentences", "sentences is no longer used.  Replace with prompts")
+    if "max_len" in payload:
+        raise RequestError("max_len", "max_len is no longer used.  Replace with tokens_to_generate")
+    if "prompts" not in payload:
+        raise RequestError("prompts", "prompts argument required")
+    prompts = payload["prompts"]
+    if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+        raise RequestError("prompts", "prompts is not a list of strings")
+    if len(prompts) == 0:
+        raise RequestError("prompts", "prompts is empty")
+    if len(prompts) > MAX_PROMPTS:
+        raise RequestError("prompts", f"Maximum number of prompts is {MAX_PROMPTS}")
+
+    tokens_to_generate = payload.get("tokens_to_generate", defaults.tokens_to_generate)
+    if not _is_int(tokens_to_generate):
+        raise RequestError("tokens_to_generate", "tokens_to_generate must be an integer greater than or equal to 0")
+    if tokens_to_generate < 0:
+        raise RequestError("tokens_to_generate", "tokens_to_generate must be an integer greater than or equal to 0")
+    logprobs = _bool(payload, "logprobs", defaults.logprobs)
+    if tokens_to_generate == 0 and not logprobs:
+        raise RequestError("tokens_to_generate", "tokens_to_generate=0 implies logprobs should be True")
+
+    temperature = payload.get("temperature", defaults.temperature)
+    if not _is_number(temperature):
+        raise RequestError("temperature", "temperature must be a positive number less than or equal to 100.0")
+    if not 0.0 < temperature <= 100.0:
+        raise RequestError("temperature", "temperature must be a positive number less than or equal to 100.0")
+
+    top_k = payload.get("top_k", defaults.top_k)
+    if not _is_int(top_k):
+        raise RequestError("top_k", "top_k must be an integer equal to or greater than 0 and less than or equal to 1000")
+    if not 0 <= top_k <= 1000:
+        raise RequestError("top_k", "top_k must be equal to or greater than 0 and less than or equal to 1000")
+
+    top_p = payload.get("top_p", defaults.top_p)
+    if not _is_number(top_p):
+        raise RequestError("top_p", "top_p must be a positive float less than or equal to 1.0")
+    top_p = float(top_p)
+    if top_p > 0.0 and top_k > 0:
+        raise RequestError("top_p", "cannot set both top-k and top-p samplings.")
+    if not 0.0 <= top_p <= 1.0:
+        raise RequestError("top_p", "top_p must be less than or equal to 1.0")
+
+    top_p_decay = payload.get("top_p_decay", 0.0)
+    if not _is_number(top_p_decay):
+        raise RequestError("top_p_decay", "top_p_decay must be a positive float less than or equal to 1.0")
+    if top_p == 0.0 and top_p_decay != 0.0:
+        raise RequestError("top_p_decay", "top_p_decay cannot be set without top_p")
+    if not 0.0 <= top_p_decay <= 1.0:
+        raise RequestError("top_p_decay", "top_p_decay must be less than or equal to 1.0")
+
+    top_p_bound = payload.get("top_p_bound", 0.0)
+    if not _is_number(top_p_bound):
+        raise RequestError("top_p_bound", "top_p_bound must be a positive float less than or equal to top_p")
+    if top_p == 0.0 and top_p_bound != 0.0:
+        raise RequestError("top_p_bound", "top_p_bound cannot be set without top_p")
+    if not 0.0 <= top_p_bound <= top_p:
+        raise RequestError("top_p_bound", "top_p_bound needs to be greater than 0 and less than top_p")
+
+    add_BOS = _bool(payload, "add_BOS", False)
+    if any(len(p) == 0 for p in prompts) and not add_BOS:
+        raise RequestError("prompts", "Empty prompts require add_BOS=true")
+    stop_on_double_eol = _bool(payload, "stop_on_double_eol", False)
+    stop_on_eol = _bool(payload, "stop_on_eol", False)
+    prevent_newline_after_colon = _bool(payload, "prevent_newline_after_colon", False)
+
+    random_seed = payload.get("random_seed", -1)
+    if not _is_int(random_seed):
+        raise RequestError("random_seed", "random_seed must be integer")
+    if random_seed < -1:
+        raise RequestError("random_seed", "random_seed must be a positive integer (or -1 for none)")
+    no_log = _bool(payload, "no_log", False)
+
+    beam_width = payload.get("beam_width", None)
+    if beam_width is not None:
+        if not _is_int(beam_width):
+            raise RequestError("beam_width", "beam_width must be integer")
+        if beam_width < 1:
+            raise RequestError("beam_width", "beam_width must be an integer > 0")
+        if len(prompts) > 1:
+            raise RequestError("beam_width", "When doing beam_search, batch size must be 1")
+        if tokens_to_generate < 1:
+            raise RequestError("tokens_to_generate", "beam search needs tokens_to_generate >= 1")
+    stop_token = payload.get("stop_token", 50256)
+    if not _is_int(stop_token):
+        raise RequestError("stop_token", "stop_token must be an integer")
+    length_penalty = payload.get("length_penalty", 1)
+    if not _is_number(length_penalty):
+        raise RequestError("length_penalty", "length_penalty must be a float")
+
+    params = SamplingParams(
+        tokens_to_generate=tokens_to_generate, return_log_probs=logprobs, temperature=float(temperature),
+        top_k=top_k, top_p=top_p, top_p_decay=float(top_p_decay), top_p_bound=float(top_p_bound), add_BOS=add_BOS,
+        stop_on_eol=stop_on_eol, stop_on_double_eol=stop_on_double_eol,
+        prevent_newline_after_colon=prevent_newline_after_colon, random_seed=random_seed)
+    return ApiRequest(prompts=prompts, params=params, beam_width=beam_width, stop_token=stop_token,
+                      length_penalty=float(length_penalty), no_log=no_log)
+
+
+def parse_completion_request(payload: Any, defaults: ServerDefaults = ServerDefaults()) -> CompletionRequest:
+    """Validate the JSON body of `POST /v1/completions` (OpenAI's fields)."""
+    if not isinstance(payload, dict):
+        raise RequestError("body", "the request body must be a JSON object")
+    if "prompt" not in payload:
+        raise RequestError("prompt", "prompt is required (a string, a list of strings or a list of token ids)")
+    prompt = payload["prompt"]
+    if isinstance(prompt, str):
+        prompts = [prompt]
+    elif isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
+        prompts = [list(prompt)]
+    elif isinstance(prompt, list) and prompt and all(
+            isinstance(p, str) or (isinstance(p, list) and p and all(_is_int(t) for t in p)) for p in prompt):
+        prompts = list(prompt)
+    else:
+        raise RequestError("prompt", "prompt must be a string, a non-empty list of strings, or token ids")
+    if len(prompts) > MAX_PROMPTS:
+        raise RequestError("prompt", f"Maximum number of prompts is {MAX_PROMPTS}")
+    n = payload.get("n", 1)
+    if n != 1:
+        raise RequestError("n", "only n=1 is supported")
+    max_tokens = payload.get("max_tokens", 16)
+    if not _is_int(max_tokens) or max_tokens < 0:
+        raise RequestError("max_tokens", "max_tokens must be an integer >= 0")
+    echo = _bool(payload, "echo", False)
+    stream = _bool(payload, "stream", False)
+    logprobs = payload.get("logprobs", None)
+    if logprobs is not None and (not _is_int(logprobs) or not 0 <= logprobs <= 10):
+        raise RequestError("logprobs", "logprobs must be an integer between 0 and 10 (or null)")
+    if max_tokens == 0 and not (echo and logprobs is not None):
+        raise RequestError("max_tokens", "max_tokens=0 scores the prompt and needs echo=true and logprobs")
+    temperature = payload.get("temperature", defaults.temperature)
+    if not _is_number(temperature) or not 0.0 <= temperature <= 100.0:
+        raise RequestError("temperature", "temperature must be a number in [0, 100] (0 = greedy)")
+    top_p = payload.get("top_p", 1.0)
+    if not _is_number(top_p) or not 0.0 < top_p <= 1.0:
+        raise RequestError("top_p", "top_p must be a number in (0, 1]")
+    top_k = payload.get("top_k", 0)
+    if not _is_int(top_k) or not 0 <= top_k <= 1000:
+        raise RequestError("top_k", "top_k must be an integer in [0, 1000]")
+    if top_k > 1 and top_p < 1.0:
+        raise RequestError("top_p", "cannot set both top_k and top_p")
+    seed = payload.get("seed", None)
+    if seed is not None and (not _is_int(seed) or seed < 0):
+        raise RequestError("seed", "seed must be an integer >= 0")
+    stop = payload.get("stop", None)
+    if stop is None:
+        stop = []
+    elif isinstance(stop, str):
+        stop = [stop]
+    elif not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
+        raise RequestError("stop", "stop must be a string or a list of strings")
+    if len(stop) > 4 or any(s == "" for s in stop):
+        raise RequestError("stop", "stop takes at most 4 non-empty strings")
+    greedy = temperature == 0.0
+    params = SamplingParams(
+        tokens_to_generate=max_tokens, return_log_probs=logprobs is not None or max_tokens == 0,
+        temperature=1.0 if greedy else float(temperature), top_k=1 if greedy else top_k,
+        top_p=0.0 if (greedy or top_p >= 1.0) else float(top_p), random_seed=-1 if seed is None else seed,
+        top_logprobs=logprobs or 0)
+    return CompletionRequest(prompts=prompts, params=params, echo=echo, logprobs=logprobs, stop=stop, stream=stream)

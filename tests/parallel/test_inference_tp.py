@@ -1,0 +1,74 @@
+"""Generation with tensor parallelism (2 gloo ranks) equals generation with one process.
+
+Rank 0 serves: it batches requests through a LeaderRunner, which broadcasts each command; rank 1
+runs follower_loop and joins every generation. Greedy tokens, log-probabilities, seeded sampling
+and beam search must equal the tp=1 engine on the same (layout-independently initialized) model.
+"""
+
+import os
+import sys
+
+import pytest
+import torch
+
+from gigatron.core.inference.broadcast import LeaderRunner, follower_loop
+from gigatron.core.inference.engine import InferenceEngine, SamplingParams
+from gigatron.core.parallel.config import ParallelConfig
+from gigatron.core.parallel.groups import ParallelGroups
+from tests.parallel.harness import run_distributed
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "unit"))
+from _inference_fixtures import CharTokenizer, tiny_model  # noqa: E402
+
+TOK = CharTokenizer()
+MODEL = dict(position_embedding_type="rope", num_query_groups=2, group_query_attention=True, swiglu=True,
+             normalization="RMSNorm", add_bias_linear=False)
+PROMPTS = ["hello", "a cat: the", "xy"]
+GREEDY = SamplingParams(tokens_to_generate=10, top_k=1, return_log_probs=True)
+SAMPLED = SamplingParams(tokens_to_generate=10, top_p=0.9, temperature=0.9, random_seed=4, return_log_probs=True,
+                         stop_at_eod=False)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _run(engine_or_runner):
+    out = []
+    for params in (GREEDY, SAMPLED):
+        prompt_tokens = [TOK.tokenize(p) for p in PROMPTS]
+        r = engine_or_runner.generate_tokens(prompt_tokens, params)
+        out.append((r.tokens, r.logprobs))
+    b = engine_or_runner.beam_search_tokens(TOK.tokenize("ab"), 4, 3, 0, 1.0)
+    out.append((b.tokens, b.scores))
+    return out
+
+
+def _tp_worker(rank, world_size):
+    groups = ParallelGroups.build(ParallelConfig(tensor_model_parallel_size=world_size))
+    model = tiny_model(seed=9, groups=groups, tensor_model_parallel_size=world_size, **MODEL)
+    engine = InferenceEngine(model, TOK, groups=groups, max_batch_size=4)
+    if rank == 0:
+        runner = LeaderRunner(engine)
+        try:
+            # A bad request fails on every rank before any collective; the loop carries on.
+            with pytest.raises(ValueError):
+                runner.generate_tokens([[1, 2]], SamplingParams(tokens_to_generate=0))
+            return _run(runner)
+        finally:
+            runner.shutdown()
+    return follower_loop(engine)
+
+
+def test_tp2_generation_equals_tp1():
+    reference = _run(InferenceEngine(tiny_model(seed=9, **MODEL), TOK, max_batch_size=4))
+    results = run_distributed(_tp_worker, 2)
+    assert results[1] == 4  # the follower ran the failing command and the four generations
+    for (tokens, values), (ref_tokens, ref_values) in zip(results[0], reference):
+        assert tokens == ref_tokens
+        for a, b in zip(values, ref_values):
+            torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=1e-4, atol=1e-4)

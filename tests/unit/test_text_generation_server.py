@@ -1,0 +1,357 @@
+"""The text generation server on 127.0.0.1: validation (HTTP 400 naming the field), concurrent
+batched requests against direct engine calls, SSE streaming, beam search and the CLI."""
+
+import concurrent.futures
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _inference_fixtures import CharTokenizer, tiny_model  # noqa: E402
+
+from gigatron.core.inference.broadcast import LocalRunner  # noqa: E402
+from gigatron.core.inference.engine import InferenceEngine, SamplingParams  # noqa: E402
+from gigatron.core.inference.server.app import build_app  # noqa: E402
+from gigatron.core.inference.server.validation import ServerDefaults  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TOK = CharTokenizer()
+MAX_BATCH = 4
+
+
+@pytest.fixture(scope="module")
+def server():
+    import uvicorn
+    from tests.parallel.harness import free_port
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    model = tiny_model(seed=5, position_embedding_type="rope")
+    engine = InferenceEngine(model, TOK, max_batch_size=MAX_BATCH)
+    reference = InferenceEngine(model, TOK, max_batch_size=MAX_BATCH)  # its own KV cache
+    app = build_app(LocalRunner(engine), TOK, max_batch_size=MAX_BATCH, max_sequence_length=engine.max_sequence_length,
+                    defaults=ServerDefaults(tokens_to_generate=8))
+    port = free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
+    srv = uvicorn.Server(config)
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(200):
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.05)
+    yield url, reference, app
+    srv.should_exit = True
+    thread.join(timeout=10)
+    app.state.scheduler.close()
+    torch.set_num_threads(threads)
+
+
+def put(url, payload, **kw):
+    return httpx.put(url + "/api", json=payload, timeout=60, **kw)
+
+
+BAD_API = [
+    ({"sentences": ["a"]}, "sentences"),
+    ({"prompts": ["a"], "max_len": 3}, "max_len"),
+    ({}, "prompts"),
+    ({"prompts": "abc"}, "prompts"),
+    ({"prompts": []}, "prompts"),
+    ({"prompts": ["a"] * 129}, "prompts"),
+    ({"prompts": [""]}, "prompts"),
+    ({"prompts": ["a"], "tokens_to_generate": -1}, "tokens_to_generate"),
+    ({"prompts": ["a"], "tokens_to_generate": "5"}, "tokens_to_generate"),
+    ({"prompts": ["a"], "tokens_to_generate": 0}, "tokens_to_generate"),
+    ({"prompts": ["a"], "logprobs": "yes"}, "logprobs"),
+    ({"prompts": ["a"], "temperature": 0}, "temperature"),
+    ({"prompts": ["a"], "temperature": 101}, "temperature"),
+    ({"prompts": ["a"], "top_k": -1}, "top_k"),
+    ({"prompts": ["a"], "top_k": 1001}, "top_k"),
+    ({"prompts": ["a"], "top_p": 1.5}, "top_p"),
+    ({"prompts": ["a"], "top_p": 0.5, "top_k": 3}, "top_p"),
+    ({"prompts": ["a"], "top_p_decay": 0.5}, "top_p_decay"),
+    ({"prompts": ["a"], "top_p": 0.5, "top_p_decay": 2.0}, "top_p_decay"),
+    ({"prompts": ["a"], "top_p_bound": 0.1}, "top_p_bound"),
+    ({"prompts": ["a"], "top_p": 0.5, "top_p_bound": 0.9}, "top_p_bound"),
+    ({"prompts": ["a"], "add_BOS": 1}, "add_BOS"),
+    ({"prompts": ["a"], "stop_on_eol": "no"}, "stop_on_eol"),
+    ({"prompts": ["a"], "random_seed": 1.5}, "random_seed"),
+    ({"prompts": ["a"], "random_seed": -5}, "random_seed"),
+    ({"prompts": ["a", "b"], "beam_width": 2}, "beam_width"),
+    ({"prompts": ["a"], "beam_width": 0}, "beam_width"),
+    ({"prompts": ["a"], "beam_width": MAX_BATCH + 1}, "beam_width"),
+    ({"prompts": ["a"], "beam_width": 2, "stop_token": "x"}, "stop_token"),
+    ({"prompts": ["a" * 60], "tokens_to_generate": 10}, "tokens_to_generate"),
+    ({"prompts": ["a" * 70], "tokens_to_generate": 1}, "prompts"),
+    ([1, 2], "body"),
+]
+
+
+def test_invalid_api_requests_get_400_naming_the_field(server):
+    url, _, _ = server
+    for payload, field in BAD_API:
+        r = put(url, payload)
+        assert r.status_code == 400, (payload, r.text)
+        body = r.json()
+        assert body["field"] == field, (payload, body)
+        assert body["error"]
+    r = httpx.put(url + "/api", content=b"{not json", headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and r.json()["field"] == "body"
+    # Megatron's own messages.
+    assert put(url, {}).json()["error"] == "prompts argument required"
+    assert put(url, {"prompts": []}).json()["error"] == "prompts is empty"
+    assert put(url, {"prompts": ["a"] * 129}).json()["error"] == "Maximum number of prompts is 128"
+    # Still serving after all of that.
+    r = put(url, {"prompts": ["abc"], "tokens_to_generate": 3, "top_k": 1})
+    assert r.status_code == 200 and r.json()["text"][0].startswith("abc")
+
+
+BAD_COMPLETIONS = [
+    ({}, "prompt"),
+    ({"prompt": 5}, "prompt"),
+    ({"prompt": []}, "prompt"),
+    ({"prompt": "a", "max_tokens": -1}, "max_tokens"),
+    ({"prompt": "a", "max_tokens": 0}, "max_tokens"),
+    ({"prompt": "a", "temperature": -1}, "temperature"),
+    ({"prompt": "a", "top_p": 0}, "top_p"),
+    ({"prompt": "a", "logprobs": 11}, "logprobs"),
+    ({"prompt": "a", "stop": 3}, "stop"),
+    ({"prompt": "a", "seed": -2}, "seed"),
+    ({"prompt": "a", "n": 2}, "n"),
+    ({"prompt": "a", "stream": "yes"}, "stream"),
+    ({"prompt": [1, 999]}, "prompt"),
+    ({"prompt": "a" * 60, "max_tokens": 10}, "max_tokens"),
+]
+
+
+def test_invalid_completion_requests_get_400(server):
+    url, _, _ = server
+    for payload, field in BAD_COMPLETIONS:
+        r = httpx.post(url + "/v1/completions", json=payload, timeout=60)
+        assert r.status_code == 400, (payload, r.text)
+        assert r.json()["field"] == field, (payload, r.json())
+
+
+def test_api_matches_engine_and_response_shape(server):
+    url, reference, _ = server
+    prompts = ["hello", "a longer prompt: x"]
+    r = put(url, {"prompts": prompts, "tokens_to_generate": 6, "top_k": 1, "logprobs": True})
+    assert r.status_code == 200
+    body = r.json()
+    assert set(body) == {"text", "segments", "logprobs"}
+    ref = reference.generate(prompts, SamplingParams(tokens_to_generate=6, top_k=1, return_log_probs=True))
+    assert body["text"] == ref.texts and body["segments"] == ref.segments
+    for a, b in zip(body["logprobs"], ref.logprobs):
+        assert a == pytest.approx(b, abs=1e-5)
+    r = put(url, {"prompts": ["hello"], "tokens_to_generate": 2, "top_k": 1})
+    assert r.json()["logprobs"] is None
+    # Scoring mode.
+    r = put(url, {"prompts": ["hello"], "tokens_to_generate": 0, "logprobs": True})
+    assert r.json()["text"] == ["hello"] and len(r.json()["logprobs"][0]) == 4
+    # More prompts than --max-batch-size: served in consecutive batches.
+    many = [f"p{c}" for c in "abcdefghij"]
+    r = put(url, {"prompts": many, "tokens_to_generate": 4, "top_k": 1})
+    ref = reference.generate(many[:4], SamplingParams(tokens_to_generate=4, top_k=1))
+    assert r.status_code == 200 and len(r.json()["text"]) == 10 and r.json()["text"][:4] == ref.texts
+    # Seeded sampling repeats.
+    seeded = {"prompts": ["abc"], "tokens_to_generate": 10, "random_seed": 42, "temperature": 1.3}
+    assert put(url, seeded).json() == put(url, seeded).json()
+
+
+def test_beam_search_request(server):
+    url, reference, _ = server
+    r = put(url, {"prompts": ["ab"], "tokens_to_generate": 4, "beam_width": 3, "stop_token": 0})
+    assert r.status_code == 200
+    body = r.json()
+    assert set(body) == {"text", "segments", "scores"}
+    ref = reference.beam_search("ab", 4, 3, stop_token=0)
+    assert body["text"] == ref.texts
+    assert body["scores"] == pytest.approx(ref.scores, abs=1e-5)
+
+
+def test_concurrent_requests_are_batched_and_correct(server):
+    url, reference, app = server
+    prompts = [("abcdefghij"[i % 10] * (1 + i % 5)) + " x" for i in range(20)]
+    lengths = [5 if i % 2 else 7 for i in range(20)]
+    expected = []
+    for p, n in zip(prompts, lengths):
+        expected.append(reference.generate([p], SamplingParams(tokens_to_generate=n, top_k=1)).texts[0])
+    before = app.state.scheduler.batches_run
+    barrier = threading.Barrier(20)
+
+    def one(i):
+        barrier.wait()
+        r = put(url, {"prompts": [prompts[i]], "tokens_to_generate": lengths[i], "top_k": 1, "no_log": True})
+        return r.status_code, r.json()
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=20) as pool:
+        results = list(pool.map(one, range(20)))
+    for (status, body), want in zip(results, expected):
+        assert status == 200
+        assert body["text"] == [want]
+    runs = app.state.scheduler.batches_run - before
+    assert runs < 20 and app.state.scheduler.largest_batch > 1  # requests shared batches
+
+
+def _sse(url, payload):
+    chunks = []
+    with httpx.stream("POST", url + "/v1/completions", json=payload, timeout=60) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        for line in r.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            data = line[len("data: "):]
+            if data == "[DONE]":
+                chunks.append(None)
+                break
+            chunks.append(json.loads(data))
+    assert chunks[-1] is None
+    return chunks[:-1]
+
+
+@pytest.mark.parametrize("extra", [{}, {"stop": [" x", "q"]}, {"echo": True, "logprobs": 2}])
+def test_streaming_equals_non_streamed(server, extra):
+    url, _, _ = server
+    payload = {"prompt": ["hello", "ab: "], "max_tokens": 12, "temperature": 0, **extra}
+    plain = httpx.post(url + "/v1/completions", json=payload, timeout=60).json()
+    chunks = _sse(url, {**payload, "stream": True})
+    texts, reasons = ["", ""], [None, None]
+    for c in chunks:
+        for choice in c["choices"]:
+            texts[choice["index"]] += choice["text"]
+            reasons[choice["index"]] = choice["finish_reason"] or reasons[choice["index"]]
+    assert texts == [c["text"] for c in plain["choices"]]
+    assert reasons == [c["finish_reason"] for c in plain["choices"]]
+    if "stop" in extra:
+        for c in plain["choices"]:
+            assert " x" not in c["text"] and "q" not in c["text"]
+
+
+def test_completions_logprobs_and_echo_scoring(server):
+    url, reference, _ = server
+    r = httpx.post(url + "/v1/completions", json={"prompt": "hello", "max_tokens": 0, "echo": True, "logprobs": 0},
+                   timeout=60).json()
+    choice = r["choices"][0]
+    assert choice["text"] == "hello"
+    ref = reference.generate(["hello"], SamplingParams(tokens_to_generate=0, return_log_probs=True))
+    assert choice["logprobs"]["token_logprobs"][0] is None
+    assert choice["logprobs"]["token_logprobs"][1:] == pytest.approx(ref.logprobs[0], abs=1e-5)
+    assert choice["logprobs"]["tokens"] == list("hello")
+    r = httpx.post(url + "/v1/completions", json={"prompt": [[8, 5, 12]], "max_tokens": 3, "temperature": 0,
+                                                  "logprobs": 3}, timeout=60).json()
+    lp = r["choices"][0]["logprobs"]
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"])
+    assert all(len(t) == 3 for t in lp["top_logprobs"])
+    assert r["usage"]["prompt_tokens"] == 3
+
+
+def _cli():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("text_generation_cli", os.path.join(ROOT, "tools", "text_generation_cli.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cli_one_shot_and_interactive(server, capsys, monkeypatch):
+    import io
+
+    url, reference, _ = server
+    host = url[len("http://"):]
+    ref = reference.generate(["hello"], SamplingParams(tokens_to_generate=5, top_k=1)).texts[0]
+    # One shot, as a script would run it.
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "text_generation_cli.py"), host,
+                          "--prompt", "hello", "--tokens", "5", "--top-k", "1"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.rstrip("\n") == ref
+    cli = _cli()
+    # The server's default sampling is random; the text starts with the prompt.
+    assert cli.main([host, "--prompt", "hello", "--tokens", "5"]) == 0
+    assert capsys.readouterr().out.startswith("hello")
+    assert cli.main([host, "--prompt", "hello", "--tokens", "-3"]) == 1
+    assert "tokens_to_generate" in capsys.readouterr().err
+    # Interactive: prompt, number of tokens, then end of input.
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\n5\n"))
+    assert cli.main([host, "--top-k", "1"]) == 0
+    assert ref in capsys.readouterr().out
+
+
+def test_generate_text_tool_from_a_checkpoint(tmp_path):
+    """tools/generate_text.py loads a saved checkpoint and prints the same greedy text as the
+    engine on the same weights (loaded with gigatron.from_pretrained)."""
+    import gigatron
+    from gigatron.core.tokenizers import NullTokenizer
+    from gigatron.training import gpt
+    from gigatron.training.arguments import parse_args
+    from gigatron.training.loop import pretrain
+
+    save = str(tmp_path / "ckpt")
+    flags = ["--num-layers", "2", "--hidden-size", "16", "--num-attention-heads", "2", "--seq-length", "32",
+             "--max-position-embeddings", "32", "--micro-batch-size", "2", "--global-batch-size", "2", "--lr", "1e-3",
+             "--mock-data", "--vocab-size", "4096", "--num-workers", "0", "--eval-iters", "0", "--train-iters", "1",
+             "--save", save, "--data-cache-path", str(tmp_path / "cache"), "--log-interval", "1",
+             "--ckpt-format", "torch"]
+    pretrain(gpt.datasets_provider, gpt.model_provider, gpt.forward_step, args=parse_args(flags))
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "generate_text.py"), "--load", save,
+                          "--use-checkpoint-args", "--vocab-size", "4096", "--prompt", "1 2 3", "--prompt", "7",
+                          "--tokens-to-generate", "4", "--greedy"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    loaded = gigatron.from_pretrained(save)
+    engine = InferenceEngine(loaded.model, NullTokenizer(4096), max_batch_size=2)
+    ref = engine.generate(["1 2 3", "7"], SamplingParams(tokens_to_generate=4, top_k=1)).texts
+    assert [block for block in out.stdout.split("\n\n") if block.strip()] == ref
+    bad = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "generate_text.py"), "--load",
+                          str(tmp_path / "missing"), "--use-checkpoint-args", "--vocab-size", "4096", "--prompt", "1"],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "latest_checkpointed_iteration" in bad.stderr
+
+
+def test_scheduler_batches_compatible_jobs_and_unions_outputs():
+    from gigatron.core.inference.server.scheduler import Job, Scheduler
+
+    model = tiny_model(seed=5)
+    engine = InferenceEngine(model, TOK, max_batch_size=4)
+    gate = threading.Event()
+    calls = []
+
+    class GatedRunner(LocalRunner):
+        def generate_tokens(self, prompt_tokens, params, on_step=None):
+            gate.wait(30)
+            calls.append((len(prompt_tokens), params.return_log_probs))
+            return super().generate_tokens(prompt_tokens, params, on_step)
+
+    scheduler = Scheduler(GatedRunner(engine), max_batch_size=4)
+    try:
+        greedy = SamplingParams(tokens_to_generate=3, top_k=1)
+        first = scheduler.submit(Job([TOK.tokenize("ab")], greedy))  # the worker takes it and waits
+        time.sleep(0.2)
+        jobs = [
+            Job([TOK.tokenize("cd")], greedy),
+            Job([TOK.tokenize("ef"), TOK.tokenize("g")], SamplingParams(tokens_to_generate=3, top_k=1,
+                                                                        return_log_probs=True)),
+            Job([TOK.tokenize("hi")], SamplingParams(tokens_to_generate=5, top_k=1)),  # other key
+            Job([TOK.tokenize("jk")], SamplingParams(tokens_to_generate=3, top_k=1, random_seed=1)),  # alone
+            Job([TOK.tokenize("l")], greedy),
+        ]
+        futures = [scheduler.submit(job) for job in jobs]
+        gate.set()
+        results = [f.result(timeout=60) for f in [first] + futures]
+    finally:
+        scheduler.close()
+    assert calls == [(1, False), (4, True), (1, False), (1, False)]
+    for job, result in zip(jobs, results[1:]):
+        alone = engine.generate_tokens(job.prompt_tokens, job.params)
+        assert result.tokens == alone.tokens
+    assert results[2].logprobs is not None and len(results[2].logprobs) == 2

@@ -1,0 +1,127 @@
+"""Serve a checkpoint over HTTP (Megatron's tools/run_text_generation_server.py).
+
+    python tools/run_text_generation_server.py <model flags> --load CKPT [--use-checkpoint-args] \
+        [--tokenizer-type ... ] [--port 5000] [--host 127.0.0.1] [--temperature 1.0] [--top_k 0] \
+        [--top_p 0.0] [--return-log-probs] [--num-tokens-to-generate 30] [--max-batch-size 8]
+    torchrun --nproc-per-node 2 tools/run_text_generation_server.py --tensor-model-parallel-size 2 ...
+
+Endpoints: PUT /api (Megatron's fields), POST /v1/completions and /completions (OpenAI style,
+stream=true for server-sent events), GET /health. With tensor parallelism rank 0 serves and the
+other ranks follow its broadcasts. The server binds to 127.0.0.1 unless --host says otherwise.
+Example:
+    curl 'http://localhost:5000/api' -X 'PUT' -H 'Content-Type: application/json; charset=UTF-8' \
+         -d '{"prompts":["Hello world"], "tokens_to_generate":1}'
+"""
+
+import argparse
+import logging
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def add_text_generate_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    group = parser.add_argument_group("text generation")
+    group.add_argument("--port", type=int, default=5000, help="HTTP port of the server")
+    group.add_argument("--host", default="127.0.0.1",
+                       help="address to bind (default 127.0.0.1; 0.0.0.0 serves every interface)")
+    group.add_argument("--temperature", type=float, default=1.0, help="default sampling temperature")
+    group.add_argument("--top_k", "--top-k", dest="top_k", type=int, default=0,
+                       help="default top-k (0 = off, 1 = greedy)")
+    group.add_argument("--top_p", "--top-p", dest="top_p", type=float, default=0.0, help="default top-p (0 = off)")
+    group.add_argument("--return-log-probs", action="store_true", help="return log-probabilities by default")
+    group.add_argument("--num-tokens-to-generate", type=int, default=30, help="default tokens to generate")
+    group.add_argument("--max-batch-size", type=int, default=8,
+                       help="rows generated together; larger requests run in consecutive batches")
+    group.add_argument("--inference-max-seq-length", type=int, default=None,
+                       help="KV cache length (default --max-position-embeddings, else --seq-length)")
+    group.add_argument("--cuda-graphs", action="store_true",
+                       help="capture the decode step in CUDA graphs (GPU only)")
+    return parser
+
+
+def build_engine_from_args(args):
+    """Initialize (torch.distributed when launched with torchrun), build the model and tokenizer,
+    load --load and return (engine, groups)."""
+    from gigatron.core.inference.engine import InferenceEngine
+    from gigatron.core.models.gpt import GPTModel
+    from gigatron.core.tokenizers import build_tokenizer, vocab_size_with_padding
+    from gigatron.training import validate
+    from gigatron.training.arguments import configs_from_args
+    from gigatron.training.checkpointing import load_args_from_checkpoint, load_checkpoint
+    from gigatron.training.initialize import initialize
+
+    if not args.load:
+        raise ValueError("give the checkpoint to serve with --load")
+    if args.use_checkpoint_args:
+        load_args_from_checkpoint(args)
+    if getattr(args, "virtual_pipeline_model_parallel_size", None):
+        raise ValueError("generation does not support --virtual-pipeline-model-parallel-size; drop it")
+    if args.pipeline_model_parallel_size != 1 or args.context_parallel_size != 1:
+        raise ValueError("generation runs with --pipeline-model-parallel-size 1 and --context-parallel-size 1; "
+                         "convert the checkpoint to tensor parallelism only (tools/checkpoint/convert.py)")
+    world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    args.world_size = world_size
+    args.data_parallel_size = validate.check_parallel_sizes(args, world_size)
+    if args.data_parallel_size != 1:
+        raise ValueError(f"{world_size} processes with --tensor-model-parallel-size {args.tensor_model_parallel_size}: "
+                         "a generation server uses exactly tensor-model-parallel-size processes")
+    validate.check_precision(args)
+    validate.check_attention_heads(args)
+    validate.check_query_groups(args)
+    validate.check_seq_length_fits_positions(args)
+    # One token per step cannot be split over sequence-parallel ranks; dropout is off for inference.
+    args.sequence_parallel = False
+    args.attention_dropout = 0.0
+    args.hidden_dropout = 0.0
+    args.recompute_granularity = None
+    configs = configs_from_args(args)
+    run = initialize(args, configs)
+    if getattr(args, "tokenizer_type", None) is None and getattr(args, "vocab_size", None) is not None:
+        args.tokenizer_type = "NullTokenizer"
+    if getattr(args, "tokenizer_type", None) is None:
+        raise ValueError("give --tokenizer-type (with its files), or --vocab-size V for a NullTokenizer")
+    tokenizer = build_tokenizer(args)
+    padded = vocab_size_with_padding(tokenizer.vocab_size, args.make_vocab_size_divisible_by, run.groups.tp.size)
+    model = GPTModel(configs.transformer, run.groups, padded, seed=args.seed).to(run.device)
+    load_checkpoint(args.load, [model], None, None, run.groups, ckpt_step=getattr(args, "ckpt_step", None),
+                    load_optim=False, load_rng=False, exit_on_missing_checkpoint=True, rng_tracker=run.rng_tracker,
+                    finetune=True)
+    model.eval()
+    engine = InferenceEngine(model, tokenizer, groups=run.groups, max_batch_size=args.max_batch_size,
+                             max_sequence_length=args.inference_max_seq_length,
+                             decode_mode="cuda_graph" if args.cuda_graphs else "eager")
+    return engine, run
+
+
+def main(argv=None) -> int:
+    from gigatron.core.inference.broadcast import LeaderRunner, LocalRunner, follower_loop
+    from gigatron.core.inference.server.app import build_app, serve
+    from gigatron.core.inference.server.validation import ServerDefaults
+    from gigatron.training.arguments import parse_args
+
+    import torch.distributed as dist
+
+    args = parse_args(argv, extra_args_provider=add_text_generate_args,
+                      defaults={"no_load_rng": True, "no_load_optim": True, "exit_on_missing_checkpoint": True})
+    engine, run = build_engine_from_args(args)
+    try:
+        if run.rank != 0:
+            follower_loop(engine)
+            return 0
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+        runner = LeaderRunner(engine) if run.world_size > 1 else LocalRunner(engine)
+        defaults = ServerDefaults(tokens_to_generate=args.num_tokens_to_generate, temperature=args.temperature,
+                                  top_k=args.top_k, top_p=args.top_p, logprobs=args.return_log_probs)
+        app = build_app(runner, engine.tokenizer, max_batch_size=args.max_batch_size,
+                        max_sequence_length=engine.max_sequence_length, defaults=defaults)
+        serve(app, host=args.host, port=args.port)
+        return 0
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
