@@ -2,21 +2,96 @@
 
 from __future__ import annotations
 
+import argparse
+import os
 import sys
 from typing import Optional, Sequence
 
-__all__ = ["pretrain_gpt_main"]
+__all__ = ["pretrain_gpt_main", "padded_vocab_size_from_args", "memory_estimate_from_args", "memory_report_text"]
+
+
+def padded_vocab_size_from_args(args: argparse.Namespace) -> int:
+    """The padded vocabulary the run will use, from the tokenizer flags (CPU only)."""
+    from gigatron.core.tokenizers import build_tokenizer, vocab_size_with_padding
+
+    if getattr(args, "tokenizer_type", None) is None and getattr(args, "vocab_size", None) is not None:
+        args.tokenizer_type = "NullTokenizer"
+    if getattr(args, "tokenizer_type", None) is None:
+        raise ValueError("give --tokenizer-type (with its files), or --vocab-size V for a NullTokenizer over ids 0..V")
+    tokenizer = build_tokenizer(args)
+    return vocab_size_with_padding(tokenizer.vocab_size, args.make_vocab_size_divisible_by,
+                                   args.tensor_model_parallel_size)
+
+
+def memory_estimate_from_args(args: argparse.Namespace, world_size: int, *, micro_batch_size: Optional[int] = None,
+                              allocator_overhead_fraction: float = 0.0, cuda_context_bytes: int = 0):
+    """Validate the flags for `world_size` processes and estimate each pipeline stage's memory
+    (gigatron.core.memory.estimate_memory). Returns (configs, padded vocab, [RankMemory])."""
+    from gigatron.core.memory import estimate_memory
+    from gigatron.training.arguments import configs_from_args
+    from gigatron.training.validate import validate_args
+
+    if getattr(args, "num_experts", None):
+        raise ValueError("the memory estimate (--dry-run, tools/estimate_memory.py) models dense layers only; "
+                         "--num-experts (MoE layers) is not covered yet: drop it for a dense estimate")
+    validate_args(args, world_size)
+    configs = configs_from_args(args)
+    vocab = padded_vocab_size_from_args(args)
+    mbs = micro_batch_size or args.micro_batch_size
+    num_microbatches = args.global_batch_size // (mbs * args.data_parallel_size)
+    ranks = estimate_memory(
+        configs.transformer, configs.ddp, configs.optimizer, vocab_size=vocab, micro_batch_size=mbs,
+        seq_length=args.seq_length, num_microbatches=num_microbatches, data_parallel_size=args.data_parallel_size,
+        context_parallel_size=getattr(args, "context_parallel_size", 1) or 1,
+        microbatch_group_size=getattr(args, "microbatch_group_size_per_vp_stage", None),
+        allocator_overhead_fraction=allocator_overhead_fraction, cuda_context_bytes=cuda_context_bytes)
+    return configs, vocab, ranks
+
+
+def memory_report_text(args: argparse.Namespace, configs, vocab: int, ranks) -> str:
+    """The estimate as printed by --dry-run and tools/estimate_memory.py."""
+    from gigatron.core.memory import format_memory_table
+
+    t = configs.transformer
+    recompute = t.recompute_granularity or "none"
+    if t.recompute_granularity == "full":
+        recompute += f" ({t.recompute_method}, {t.recompute_num_layers} layers)"
+    elif t.recompute_granularity == "selective":
+        recompute += f" ({', '.join(t.recompute_modules)})"
+    head = (f"memory estimate per rank: tp={t.tensor_model_parallel_size} pp={t.pipeline_model_parallel_size} "
+            f"vp={t.virtual_pipeline_model_parallel_size or 1} dp={args.data_parallel_size} | micro batch "
+            f"{args.micro_batch_size} x seq {args.seq_length}, "
+            f"{args.global_batch_size // (args.micro_batch_size * args.data_parallel_size)} micro-batches | "
+            f"{t.params_dtype} | recompute {recompute} | sequence parallel {bool(t.sequence_parallel)} | "
+            f"distributed optimizer {bool(configs.ddp.use_distributed_optimizer)} | "
+            f"{'fused chunked' if t.cross_entropy_loss_fusion else 'plain'} loss | padded vocab {vocab}")
+    notes = ("assumes eager layers on CUDA with a flash/cuDNN/memory-efficient attention kernel"
+             + (" (--torch-compile changes what is saved; treat the activations as an upper bound)"
+                if getattr(args, "torch_compile", False) else ""))
+    return "\n".join([head, format_memory_table(ranks, tp_size=t.tensor_model_parallel_size), notes])
+
+
+def _dry_run(args: argparse.Namespace) -> int:
+    world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    configs, vocab, ranks = memory_estimate_from_args(args, world_size)
+    if int(os.environ.get("RANK", "0") or 0) == 0:
+        print(memory_report_text(args, configs, vocab, ranks), flush=True)
+    return 0
 
 
 def pretrain_gpt_main(argv: Optional[Sequence[str]] = None) -> int:
     """Pretrain a GPT model from Megatron-style flags (`pretrain_gpt --help` lists them)."""
-    from gigatron.training import gpt
     from gigatron.training.arguments import parse_args
+
+    args = parse_args(argv)
+    if args.dry_run:
+        return _dry_run(args)
+
+    from gigatron.training import gpt
     from gigatron.training.loop import pretrain
 
     import torch.distributed as dist
 
-    args = parse_args(argv)
     try:
         pretrain(gpt.datasets_provider, gpt.model_provider, gpt.forward_step, args=args)
     finally:

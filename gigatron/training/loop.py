@@ -548,7 +548,7 @@ def _iteration_flops(ctx: TrainContext, batch_size: int) -> float:
     from gigatron.core.flops import num_floating_point_operations
 
     return num_floating_point_operations(ctx.configs.transformer, ctx.padded_vocab_size, batch_size,
-                                         ctx.args.seq_length)
+                                         ctx.args.seq_length, moe_config=getattr(ctx.configs, "moe", None))
 
 
 def train(ctx: TrainContext, forward_step_func: Callable, train_iterator, valid_iterator) -> None:

@@ -64,7 +64,7 @@ def test_pretrain_gpt_script_log_format(tmp_path):
                      r"lm loss PPL: \d\.\d{6}E[+-]\d\d \| \n-+$", result.stdout, re.M), result.stdout
     assert "validation loss at iteration 5 on test set" in result.stdout
     assert (save / "latest_checkpointed_iteration.txt").read_text() == "5"
-    assert (save / "iter_0000005" / "mp_rank_00" / "model_optim_rng.pt").is_file()
+    assert (save / "iter_0000005" / "metadata.json").is_file()  # torch_dist, the default format
     assert (save / "loss_curve.png").stat().st_size > 1000
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(tb))
 
@@ -299,3 +299,25 @@ def test_ckpt_convert_format_round_trip(tmp_path):
     assert os.path.exists(os.path.join(target, "iter_0000004", "metadata.json"))
     resumed, _, ctx = _run(TINY + ["--train-iters", "8", "--load", target, "--save", target])
     assert ctx.iteration == 8 and resumed == full_train[4:]  # the converted folder holds no earlier history
+
+
+def test_from_pretrained_reads_both_checkpoint_formats(tmp_path):
+    """gigatron.from_pretrained merges a torch_dist checkpoint and a torch one of the same run into
+    the same model, and its logits equal the training model's over the true vocabulary."""
+    import gigatron
+
+    torch.set_num_threads(1)
+    logits = {}
+    for fmt in ("torch_dist", "torch"):
+        save = str(tmp_path / fmt)
+        _, _, ctx = _run(TINY + ["--train-iters", "3", "--save", save, "--ckpt-format", fmt])
+        model = gigatron.from_pretrained(save)
+        ids = torch.arange(16).reshape(2, 8) % model.vocab_size
+        logits[fmt] = model(ids)
+        assert logits[fmt].shape == (2, 8, model.vocab_size)
+        trained = ctx.model[0].module.eval()
+        with torch.no_grad():
+            reference = trained(ids, None, None).transpose(0, 1)[..., :model.vocab_size]  # [b, s, V]
+        torch.testing.assert_close(logits[fmt], reference, rtol=1e-5, atol=1e-5)
+    assert logits["torch_dist"].shape == logits["torch"].shape, {k: v.shape for k, v in logits.items()}
+    assert torch.equal(logits["torch_dist"], logits["torch"])

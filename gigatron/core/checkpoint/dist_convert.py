@@ -65,7 +65,17 @@ def convert_torch_dist_to_torch(src: str, save_dir: str, target_tp: int = 1, tar
     convert_torch_to_torch_dist). The vocabulary kept is `true_vocab_size`, else `args`'
     true_vocab_size, else every stored row."""
     from gigatron.core.convert.protocol import state_to_messages
-    from gigatron.core.convert.torch_format import metadata_from_args, save_torch_checkpoint
+    from gigatron.core.convert.torch_format import save_torch_checkpoint
+
+    md, tensors = read_torch_dist_model(src, true_vocab_size)
+    return save_torch_checkpoint(state_to_messages(md, tensors), save_dir, target_tp, target_pp)
+
+
+def read_torch_dist_model(src: str, true_vocab_size: Optional[int] = None) -> tuple:
+    """(conversion metadata, {global name: full tensor}) of the model in the torch_dist checkpoint
+    directory `src`, with the vocabulary cut to its true size and a tied output layer left out —
+    the same shape of result as gigatron.core.convert.torch_format.read_torch_checkpoint."""
+    from gigatron.core.convert.torch_format import _true_vocab_size, metadata_from_args
 
     tensors, common = read_full_model_tensors(src)
     extra = common.get("extra_state") or {}
@@ -74,7 +84,8 @@ def convert_torch_dist_to_torch(src: str, save_dir: str, target_tp: int = 1, tar
         raise CheckpointError(f"{src} holds no model flags (args) in common.pt; it cannot be converted "
                               "without knowing the model shape")
     stored_rows = tensors["embedding.word_embeddings.weight"].shape[0]
-    vocab = int(true_vocab_size or args.get("true_vocab_size") or stored_rows)
+    # The same rule as the torch-format reader: explicit size, saved true size, else the tokenizer's.
+    vocab = _true_vocab_size(args, stored_rows, true_vocab_size)
     if vocab > stored_rows:
         raise CheckpointError(f"true vocabulary size {vocab} exceeds the {stored_rows} rows stored in {src}")
     for name in _VOCAB_PARAMS:
@@ -84,4 +95,4 @@ def convert_torch_dist_to_torch(src: str, save_dir: str, target_tp: int = 1, tar
         tensors.pop("output_layer.weight", None)
     dtype = tensors["embedding.word_embeddings.weight"].dtype
     md = metadata_from_args(args, vocab, int(extra.get("iteration") or 0), dtype)
-    return save_torch_checkpoint(state_to_messages(md, tensors), save_dir, target_tp, target_pp)
+    return md, tensors

@@ -86,7 +86,7 @@ def resolve_checkpoint_dir(path: str) -> Tuple[str, Optional[int]]:
                                   "expected an iteration or 'release'") from None
         return os.path.join(path, f"iter_{iteration:07d}"), iteration
     name = os.path.basename(os.path.normpath(path))
-    if _rank_dirs(path):
+    if _rank_dirs(path) or os.path.isfile(os.path.join(path, "metadata.json")):
         match = re.fullmatch(r"iter_(\d+)", name)
         return path, (int(match.group(1)) if match else None)
     raise CheckpointError(f"{path} is neither a checkpoint directory with {TRACKER_FILENAME} nor an "
@@ -203,11 +203,16 @@ def _load_file(path: str, allow_pickle: bool) -> dict:
 
 def read_torch_checkpoint(path: str, true_vocab_size: Optional[int] = None,
                           allow_pickle: bool = False) -> Tuple[dict, Dict[str, torch.Tensor]]:
-    """Read a `torch`-format checkpoint saved at any tp/pp (virtual stages too) and merge it:
+    """Read a checkpoint of ours — `torch` format saved at any tp/pp (virtual stages too), or a
+    torch_dist directory — and merge it:
     (metadata, {global name: full tensor}). `path`: a save directory with a tracker file, or an
     iteration directory. `allow_pickle` reads files with full unpickling (Megatron-LM's own
     checkpoints, whose args are a Namespace; their Transformer Engine norm names are mapped too)."""
     iter_dir, iteration = resolve_checkpoint_dir(path)
+    from gigatron.core.checkpoint.dist import is_torch_dist_checkpoint
+    if is_torch_dist_checkpoint(iter_dir):  # the parallelism-independent format: one logical copy
+        from gigatron.core.checkpoint.dist_convert import read_torch_dist_model
+        return read_torch_dist_model(iter_dir, true_vocab_size)
     rank_dirs = _rank_dirs(iter_dir)
     if not rank_dirs:
         raise CheckpointError(f"{iter_dir} holds no mp_rank_*/{MODEL_FILENAME} files")
