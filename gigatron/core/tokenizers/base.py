@@ -111,3 +111,23 @@ def hf_encode_batch(tokenizer, texts: list, add_special_tokens: bool = True) -> 
     """Ids of each text from a HuggingFace ``tokenizers.Tokenizer`` (without offsets where supported)."""
     encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)  # _fast: tokenizers >= 0.20
     return [e.ids for e in encode(texts, add_special_tokens=add_special_tokens)]
+
+
+class DictVocabTokenizer(Tokenizer):
+    """A tokenizer whose vocabulary is held as ``self._vocab`` (token -> id) and
+    ``self._inv_vocab`` (id -> token), both built by the subclass's constructor."""
+
+    _vocab: dict
+    _inv_vocab: dict
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._vocab)
+
+    @property
+    def vocab(self) -> dict:
+        return self._vocab
+
+    @property
+    def inv_vocab(self) -> dict:
+        return self._inv_vocab

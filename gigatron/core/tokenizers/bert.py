@@ -21,7 +21,7 @@ from typing import Sequence
 import numpy as np
 
 from . import bert_basic
-from .base import Tokenizer, flatten_ids, hf_encode_batch
+from .base import DictVocabTokenizer, flatten_ids, hf_encode_batch
 
 MAX_WORD_CHARS = 200
 
@@ -38,7 +38,7 @@ def load_vocab_txt(path: str) -> dict[str, int]:
     return vocab
 
 
-class BertWordPieceTokenizer(Tokenizer):
+class BertWordPieceTokenizer(DictVocabTokenizer):
     """Google BERT basic tokenizer + WordPiece over ``vocab.txt``."""
 
     def __init__(self, vocab_file: str, lower_case: bool = True, vocab_extra_ids: int = 0):
@@ -64,18 +64,6 @@ class BertWordPieceTokenizer(Tokenizer):
         self._wordpiece = HFTokenizer(models.WordPiece(vocab=dict(vocab), unk_token="[UNK]",
                                                        max_input_chars_per_word=MAX_WORD_CHARS))
         bert_basic.tables()  # build the character classes now (forked workers inherit them)
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self._vocab)
-
-    @property
-    def vocab(self) -> dict:
-        return self._vocab
-
-    @property
-    def inv_vocab(self) -> dict:
-        return self._inv_vocab
 
     def tokenize(self, text: str) -> list[int]:
         return self.tokenize_batch([text])[0]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from typing import Sequence
 
-from .base import Tokenizer, hf_encode_batch
+from .base import DictVocabTokenizer, hf_encode_batch
 
 #: OpenAI's GPT-2 pre-tokenization pattern.
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -86,7 +86,7 @@ def _tiktoken_ranks(vocab: dict[str, int], merges: list[tuple[str, str]]):
     return mergeable, special
 
 
-class GPT2BPETokenizer(Tokenizer):
+class GPT2BPETokenizer(DictVocabTokenizer):
     """Byte-level BPE from ``vocab.json`` (token -> id) and ``merges.txt``."""
 
     name = "GPT2BPETokenizer"
@@ -133,18 +133,6 @@ class GPT2BPETokenizer(Tokenizer):
     def backend(self) -> str:
         """Which library encodes: ``"tiktoken"`` or ``"tokenizers"``."""
         return "tiktoken" if self._tiktoken is not None else "tokenizers"
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self._vocab)
-
-    @property
-    def vocab(self) -> dict:
-        return self._vocab
-
-    @property
-    def inv_vocab(self) -> dict:
-        return self._inv_vocab
 
     @property
     def eod(self) -> int:

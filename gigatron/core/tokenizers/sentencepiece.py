@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from typing import Sequence
 
-from .base import Tokenizer
+from .base import DictVocabTokenizer
 
 
 def _load(model_file: str):
@@ -28,24 +28,12 @@ def _load(model_file: str):
                          "pass a .model file as --tokenizer-model") from e
 
 
-class _SentencePieceBase(Tokenizer):
+class _SentencePieceBase(DictVocabTokenizer):
     def __init__(self, model_file: str):
         super().__init__()
         self._sp = _load(model_file)
         self._vocab = {self._sp.id_to_piece(i): i for i in range(self._sp.get_piece_size())}
         self._inv_vocab = {i: t for t, i in self._vocab.items()}
-
-    @property
-    def vocab(self) -> dict:
-        return self._vocab
-
-    @property
-    def inv_vocab(self) -> dict:
-        return self._inv_vocab
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self._vocab)
 
     def _encode_many(self, texts: list[str]) -> list[list[int]]:
         if not texts:
