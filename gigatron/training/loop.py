@@ -189,7 +189,9 @@ def get_model(model_provider: Callable, ctx: TrainContext) -> list:
 
 def compile_transformer_layers(module: torch.nn.Module) -> int:
     """--torch-compile: compile every transformer layer of `module` in place; returns how many."""
-    layers = [m for m in module.modules() if isinstance(m, TransformerLayer)]
+    from gigatron.core.models.bert import PostLNTransformerLayer
+
+    layers = [m for m in module.modules() if isinstance(m, (TransformerLayer, PostLNTransformerLayer))]
     for layer in layers:
         layer.compile()
     return len(layers)

