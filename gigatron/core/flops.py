@@ -26,9 +26,15 @@ import torch
 __all__ = ["num_floating_point_operations", "paper_flops", "device_peak_flops", "PEAK_TFLOPS"]
 
 
-def num_floating_point_operations(config, vocab_size: int, batch_size: int, seq_length: int) -> float:
+def num_floating_point_operations(config, vocab_size: int, batch_size: int, seq_length: int,
+                                  moe_config=None) -> float:
     """Megatron's model FLOPs of one training iteration of `batch_size` sequences of `seq_length`
-    tokens (vocab_size: the padded vocabulary the output layer uses)."""
+    tokens (vocab_size: the padded vocabulary the output layer uses).
+
+    `moe_config` (an MoEConfig with num_experts): the MLP of each MoE layer (--moe-layer-freq)
+    counts the active parameters, --moe-router-topk experts of --moe-ffn-hidden-size, plus the
+    shared experts of --moe-shared-expert-intermediate-size (Megatron's convention: the router
+    GEMM is not counted)."""
     h = config.hidden_size
     layers = config.num_layers
     heads = config.num_attention_heads
@@ -45,6 +51,14 @@ def num_floating_point_operations(config, vocab_size: int, batch_size: int, seq_
         + 2 * h * config.ffn_hidden_size * gated
     )
     per_token = layers * per_token_per_layer + h * vocab_size
+    if moe_config is not None and moe_config.num_experts is not None:
+        from gigatron.core.transformer.moe.config import moe_layer_pattern
+
+        num_moe = sum(moe_layer_pattern(moe_config, layers))
+        moe_ffn = moe_config.moe_ffn_hidden_size or config.ffn_hidden_size
+        shared = moe_config.moe_shared_expert_intermediate_size or 0
+        moe_mlp = 2 * h * (moe_ffn * moe_config.moe_router_topk + shared) * gated
+        per_token += num_moe * (moe_mlp - 2 * h * config.ffn_hidden_size * gated)
     # 3 passes (fwd, wgrad, dgrad) x 2 FLOPs per multiply-add.
     return 6.0 * batch_size * seq_length * per_token
 

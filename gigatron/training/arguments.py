@@ -55,6 +55,7 @@ __all__ = [
 CONFIG_SOURCES: tuple[tuple[str, str, str], ...] = (
     ("transformer", "gigatron.core.transformer.config", "TransformerConfig"),
     ("parallel", "gigatron.core.parallel.config", "ParallelConfig"),
+    ("moe", "gigatron.core.transformer.moe.config", "MoEConfig"),
     ("ddp", "gigatron.core.distributed.config", "DDPConfig"),
     ("optimizer", "gigatron.core.optim.config", "OptimizerConfig"),
     ("scheduler", "gigatron.core.optim.config", "SchedulerConfig"),
@@ -249,9 +250,42 @@ def _literal_kwargs(tp) -> Optional[dict]:
     return {"choices": choices, "type": next(iter(kinds))}
 
 
+def _int_or_int_list(text: str):
+    """An int ("2") or a list of ints written as a Python expression of lists, `+` and `*`
+    (Megatron's --moe-layer-freq spelling: "[1,0,1,0]", "([1]*3+[0]*1)*2")."""
+
+    def value(node):
+        if isinstance(node, ast.Constant) and type(node.value) is int:
+            return node.value
+        if isinstance(node, (ast.List, ast.Tuple)):
+            return [value(e) for e in node.elts]
+        if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Mult)):
+            left, right = value(node.left), value(node.right)
+            return left + right if isinstance(node.op, ast.Add) else left * right
+        raise ValueError
+
+    try:
+        result = value(ast.parse(text.strip(), mode="eval").body)
+    except (SyntaxError, ValueError, TypeError):
+        result = None
+    if isinstance(result, int) or (isinstance(result, list) and all(type(v) is int for v in result)):
+        return result
+    raise argparse.ArgumentTypeError(f"{text!r} is neither an int nor a list of ints such as [1,0,1,0] or ([1]*3+[0])*2")
+
+
+def _is_int_or_int_list(tp) -> bool:
+    if typing.get_origin(tp) not in (typing.Union, types.UnionType):
+        return False
+    members = [a for a in typing.get_args(tp) if a is not type(None)]
+    return len(members) == 2 and int in members and any(
+        typing.get_origin(m) in (list, typing.List) and typing.get_args(m) == (int,) for m in members)
+
+
 def _value_kwargs(tp) -> Optional[dict]:
     """argparse keywords for a non-bool field type, or None if it is not a command-line type."""
     tp = _strip_optional(tp)
+    if _is_int_or_int_list(tp):
+        return {"type": _int_or_int_list}
     literal = _literal_kwargs(tp)
     if literal is not None:
         return literal
@@ -485,6 +519,7 @@ class Configs:
 
     transformer: Any = None
     parallel: Any = None
+    moe: Any = None
     ddp: Any = None
     optimizer: Any = None
     scheduler: Any = None

@@ -18,7 +18,8 @@ def model_provider(ctx, pre_process: bool = True, post_process: bool = True, vp_
     from gigatron.core.models.gpt import GPTModel
 
     return GPTModel(ctx.configs.transformer, ctx.groups, vocab_size=ctx.padded_vocab_size,
-                    pre_process=pre_process, post_process=post_process, vp_stage=vp_stage, seed=ctx.args.seed)
+                    pre_process=pre_process, post_process=post_process, vp_stage=vp_stage, seed=ctx.args.seed,
+                    moe_config=getattr(ctx.configs, "moe", None))
 
 
 def _stage_of(model):

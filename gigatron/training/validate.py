@@ -386,6 +386,11 @@ def check_moe(args) -> None:
                          f"divisible by --expert-tensor-parallel-size ({etp}).")
     if getattr(args, "num_layers", None) is not None:
         moe_layer_pattern(args, args.num_layers)
+    saves_or_loads = getattr(args, "save", None) or getattr(args, "load", None)
+    if saves_or_loads and getattr(args, "ckpt_format", "torch") == "torch_dist" and (ep > 1 or etp != tp):
+        raise ValueError(f"--ckpt-format torch_dist does not yet lay out expert-parallel weights "
+                         f"(--expert-model-parallel-size {ep}, --expert-tensor-parallel-size {etp}); pass "
+                         "--ckpt-format torch (one mp_rank_TT[_PPP]_EEE file per expert-parallel rank).")
 
 
 def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) -> argparse.Namespace:

@@ -26,13 +26,16 @@ import torch.distributed as dist
 from torch import nn
 
 from .config import DDPConfig
+from gigatron.core.parallel.tags import is_expert_parallel
+
 from .param_and_grad_buffer import ParamAndGradBuffer
 
 __all__ = ["DistributedDataParallel"]
 
 
 class DistributedDataParallel(nn.Module):
-    """Wrap `module` for data-parallel training over `groups.dp_cp` (data x context parallel ranks).
+    """Wrap `module` for data-parallel training over `groups.dp_cp` (data x context parallel ranks);
+    expert-parallel parameters (tags.is_expert_parallel) over `groups.expt_dp` in buffers of their own.
 
     Every trainable parameter gets `.main_grad`, a view into a contiguous gradient buffer where
     gradients accumulate across micro-batches (fp32 by default, also for bf16 parameters).
@@ -62,30 +65,44 @@ class DistributedDataParallel(nn.Module):
         else:
             scaling = 1.0 / self.dp_size
 
-        # One buffer per (param dtype, grad dtype), parameters in reverse registration order.
+        # Expert-parallel parameters (MoE experts) are replicated only over the expert
+        # data-parallel group: their gradients already hold the contributions of every token of
+        # their expert-parallel group, so they are reduced over groups.expt_dp (and sharded over it
+        # with the distributed optimizer) and scaled by 1/dp_cp like the dense ones (also when
+        # expt_dp has one rank).
+        expt = getattr(groups, "expt_dp", None)
+        self.expt_dp_group = expt.group if expt is not None else None
+        self.expt_dp_size = max(expt.size, 1) if expt is not None else 1
+        self.expt_dp_rank = max(expt.rank, 0) if expt is not None else 0
+        expt_average = False  # SUM with the 1/dp_cp factor (an AVG over expt_dp would divide by expt_dp)
+        expt_scaling = 1.0 if config.calculate_per_token_loss else 1.0 / self.dp_size
+
+        # One buffer per (param dtype, grad dtype, expert or dense), parameters in reverse
+        # registration order.
         by_dtype: dict[tuple, list] = {}
         for param in reversed(params):
-            key = (param.dtype, config.grad_dtype_for(param.dtype))
+            key = (param.dtype, config.grad_dtype_for(param.dtype), is_expert_parallel(param))
             by_dtype.setdefault(key, []).append(param)
         self.grad_buffers: list[ParamAndGradBuffer] = []  # (not `buffers`: nn.Module.buffers())
-        for (param_dtype, grad_dtype), dtype_params in by_dtype.items():
+        for (param_dtype, grad_dtype, expert), dtype_params in by_dtype.items():
             self.grad_buffers.append(
                 ParamAndGradBuffer(
                     dtype_params,
                     param_dtype,
                     grad_dtype,
-                    bucket_size=bucket_size,
-                    dp_group=self.dp_group,
-                    dp_size=self.dp_size,
-                    dp_rank=self.dp_rank,
+                    bucket_size=config.bucket_size_for(self.expt_dp_size) if expert else bucket_size,
+                    dp_group=self.expt_dp_group if expert else self.dp_group,
+                    dp_size=self.expt_dp_size if expert else self.dp_size,
+                    dp_rank=self.expt_dp_rank if expert else self.dp_rank,
                     use_distributed_optimizer=config.use_distributed_optimizer,
                     pad_buckets_for_high_nccl_busbw=config.pad_buckets_for_high_nccl_busbw,
-                    gradient_scaling_factor=scaling,
-                    average_in_collective=average_in_collective,
+                    gradient_scaling_factor=expt_scaling if expert else scaling,
+                    average_in_collective=expt_average if expert else average_in_collective,
                     check_for_nan_in_grad=config.check_for_nan_in_grad,
                     param_names=names,
                 )
             )
+            self.grad_buffers[-1].is_expert = expert
         self.param_to_buffer = {p: buf for buf in self.grad_buffers for p in buf.params}
         self.buckets = [b for buf in self.grad_buffers for b in buf.buckets]
 
@@ -181,11 +198,10 @@ class DistributedDataParallel(nn.Module):
     def broadcast_params(self) -> None:
         """Copy every parameter of data-parallel rank 0 to the other data-parallel ranks (makes
         replicas identical at the start of training whatever their initialization)."""
-        if self.dp_group is None:
-            return
-        src = dist.get_global_rank(self.dp_group, 0)
         for param in self.module.parameters():
-            dist.broadcast(param.data, src=src, group=self.dp_group)
+            group = self.expt_dp_group if is_expert_parallel(param) else self.dp_group
+            if group is not None:
+                dist.broadcast(param.data, src=dist.get_global_rank(group, 0), group=group)
 
     def state_dict(self, *args, **kwargs):
         self.finish_param_sync()

@@ -117,6 +117,10 @@ class Bucket:
                     "check the data"
                 )
         if buf.dp_group is None:
+            # One rank: no collective, but the scaling still applies (expert buffers whose expert
+            # data-parallel group has one rank are scaled by 1/dp_cp).
+            if not buf.average_in_collective and buf.gradient_scaling_factor != 1.0:
+                self.grad_data.mul_(buf.gradient_scaling_factor)
             return
         if buf.average_in_collective:
             op = dist.ReduceOp.AVG

@@ -18,6 +18,8 @@ from typing import Any, Optional
 
 import torch
 
+from gigatron.core.parallel.tags import is_expert_parallel
+
 from .config import OptimizerConfig
 from .grad_scaler import MegatronGradScaler
 from .optimizer import (
@@ -98,6 +100,13 @@ class DistributedOptimizer(MegatronOptimizer):
 
     def _full_state_group(self):
         return self.groups.dp_cp.group
+
+    def _expert_grad_stats_groups(self) -> list:
+        # Expert shards live on one expert-data-parallel rank each: add over expt_dp too.
+        return [self.groups.tp_ep_pp.group, self.groups.expt_dp.group]
+
+    def _param_state_group(self, param):
+        return self.groups.expt_dp.group if is_expert_parallel(param) else self.groups.dp_cp.group
 
     # ------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict[str, Any]:

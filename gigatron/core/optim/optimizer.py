@@ -18,13 +18,14 @@ step() returns (update_successful, grad_norm, num_zeros_in_grad).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
 
-from gigatron.core.parallel.tags import is_shared_embedding, is_tensor_parallel
+from gigatron.core.parallel.tags import is_expert_parallel, is_shared_embedding, is_tensor_parallel
 
 from .clip_grads import clip_grads_by_total_norm_fp32, count_zeros_fp32, get_grad_norm_fp32
 from .config import OptimizerConfig
@@ -215,11 +216,20 @@ class MegatronOptimizer:
                 return False, None, None
         grads_for_norm = self._main_grads_for_norm()
         grad_norm = get_grad_norm_fp32(grads_for_norm, self._grad_stats_groups(), device=self.device)
+        if self._has_expert_params():
+            # Each expert counted once globally: summed over the expert model-parallel ranks
+            # (expert tp x ep x pp; with the distributed optimizer also its expert-dp shards).
+            expert_grads = self._main_grads_for_norm(expert=True)
+            expert_norm = get_grad_norm_fp32(expert_grads, self._expert_grad_stats_groups(), device=self.device)
+            grad_norm = math.sqrt(grad_norm ** 2 + expert_norm ** 2)
         if self.config.clip_grad > 0.0:
             clip_grads_by_total_norm_fp32(self._main_grads(), self.config.clip_grad, grad_norm)
         num_zeros = None
         if self.config.log_num_zeros_in_grad:
             num_zeros = count_zeros_fp32(grads_for_norm, self._grad_stats_groups(), device=self.device)
+            if self._has_expert_params():
+                num_zeros += count_zeros_fp32(self._main_grads_for_norm(expert=True),
+                                              self._expert_grad_stats_groups(), device=self.device)
         self.optimizer.step()
         self._copy_main_params_to_model_params()
         self._after_step()
@@ -258,7 +268,26 @@ class MegatronOptimizer:
         """Process groups over which grad norm / inf checks are combined."""
         return [self.groups.mp.group]
 
+    def _expert_grad_stats_groups(self) -> list:
+        """Process groups over which the expert parameters' grad norm is combined."""
+        return [self.groups.tp_ep_pp.group]
+
+    def _has_expert_params(self) -> bool:
+        """Whether the model has expert-parallel parameters, agreed once over the expert
+        model-parallel group (the group of the expert-norm collectives), so that pipeline stages
+        without MoE layers join them too; its expert-data-parallel replicas hold the same layers."""
+        if getattr(self, "_expert_params_anywhere", None) is None:
+            local = any(is_expert_parallel(p) for c in self.model_chunks for p in _unwrap(c).parameters())
+            flag = torch.tensor([float(local)], dtype=torch.float32, device=self.device)
+            if self.groups.tp_ep_pp.group is not None:
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.groups.tp_ep_pp.group)
+            self._expert_params_anywhere = bool(flag.item() > 0)
+        return self._expert_params_anywhere
+
     def _counts_for_norm(self, param) -> bool:
+        if is_expert_parallel(param):
+            # Expert weights are split over the expert tensor-parallel group, not over tp.
+            return is_tensor_parallel(param) or self.groups.expt_tp.rank <= 0
         if not (is_tensor_parallel(param) or self.groups.tp.rank <= 0):
             return False
         if is_shared_embedding(param) and self.groups.pp.rank > 0:
@@ -268,9 +297,12 @@ class MegatronOptimizer:
     def _main_grads(self) -> list:
         return [e.main_param.grad for e in self.entries if e.main_param.grad is not None]
 
-    def _main_grads_for_norm(self) -> list:
+    def _main_grads_for_norm(self, expert: bool = False) -> list:
+        """The gradients counted in the norm on this rank: dense ones, or with `expert` the
+        expert-parallel ones."""
         return [e.main_param.grad for e in self.entries
-                if e.main_param.grad is not None and self._counts_for_norm(e.model_param)]
+                if e.main_param.grad is not None and is_expert_parallel(e.model_param) == expert
+                and self._counts_for_norm(e.model_param)]
 
     def _unscale_main_grads_and_check_for_nan(self) -> bool:
         """Divide main grads by the loss scale; True if any rank of the stats groups found Inf/NaN."""
@@ -284,7 +316,10 @@ class MegatronOptimizer:
                 torch._foreach_mul_(grads, inv_scale)
                 for g in grads:
                     found_inf = torch.maximum(found_inf, (~torch.isfinite(g)).any().float().reshape(1))
-        for group in self._grad_stats_groups():
+        stats_groups = list(self._grad_stats_groups())
+        if self._has_expert_params():
+            stats_groups += self._expert_grad_stats_groups()
+        for group in stats_groups:
             if group is not None:
                 dist.all_reduce(found_inf, op=dist.ReduceOp.MAX, group=group)
         return bool(found_inf.item() > 0)
@@ -296,6 +331,10 @@ class MegatronOptimizer:
     def _full_state_group(self):
         """Group over which pieces of one parameter are spread (None: the rank owns it whole)."""
         return None
+
+    def _param_state_group(self, param):
+        """The group over which pieces of `param` are spread (expert parameters may differ)."""
+        return self._full_state_group()
 
     def state_dict_for_save(self) -> dict[str, Any]:
         """Optimizer state keyed by parameter name with whole fp32 tensors (main param and the
@@ -328,8 +367,9 @@ class MegatronOptimizer:
                     value = st.get(key)
                     if value is not None:
                         pieces[1 + k, entry.start:entry.end].copy_(value.reshape(-1))
-            if group is not None:
-                dist.all_reduce(flat, group=group)
+            param_group = self._param_state_group(param)
+            if param_group is not None:
+                dist.all_reduce(flat, group=param_group)
             record = {"param": pieces[0].view(param.shape).cpu().clone()}
             for k, key in enumerate(state_keys):
                 record[key] = pieces[1 + k].view(param.shape).cpu().clone()

@@ -25,6 +25,7 @@ __all__ = [
     "set_tensor_parallel_attributes",
     "mark_sequence_parallel",
     "mark_shared_embedding",
+    "mark_expert_parallel",
     "set_init",
     "is_tensor_parallel",
     "partition_dim",
@@ -32,6 +33,7 @@ __all__ = [
     "partition_shard",
     "is_sequence_parallel",
     "is_shared_embedding",
+    "is_expert_parallel",
     "init_spec",
 ]
 
@@ -97,6 +99,13 @@ def mark_shared_embedding(param: torch.Tensor) -> None:
     param.shared = True
 
 
+def mark_expert_parallel(param: torch.Tensor) -> None:
+    """The parameter belongs to this rank's experts: its gradient is reduced over the expert
+    data-parallel group (groups.expt_dp), not the dense data-parallel group. Megatron's attribute
+    name (`allreduce = False`)."""
+    param.allreduce = False
+
+
 def set_init(param: torch.Tensor, init_fn: Callable[[torch.Tensor], object], key: Optional[str]) -> None:
     """Record how initialize_parameters creates this parameter (see InitSpec)."""
     if not callable(init_fn):
@@ -130,6 +139,10 @@ def is_sequence_parallel(param: torch.Tensor) -> bool:
 
 def is_shared_embedding(param: torch.Tensor) -> bool:
     return bool(getattr(param, "shared_embedding", False))
+
+
+def is_expert_parallel(param: torch.Tensor) -> bool:
+    return getattr(param, "allreduce", True) is False
 
 
 def init_spec(param: torch.Tensor) -> Optional[InitSpec]:

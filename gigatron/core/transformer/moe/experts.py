@@ -25,21 +25,11 @@ import torch
 from torch import nn
 
 from gigatron.core.parallel.init import local_shard
-from gigatron.core.parallel.tags import set_init, set_tensor_parallel_attributes
+from gigatron.core.parallel.tags import (is_expert_parallel, mark_expert_parallel, set_init,
+                                         set_tensor_parallel_attributes)
 from gigatron.core.transformer.moe.grouped_gemm import grouped_mm
 
 __all__ = ["SequentialMLP", "GroupedMLP", "build_experts", "mark_expert_parallel", "is_expert_parallel"]
-
-
-def mark_expert_parallel(param: torch.Tensor) -> None:
-    """The parameter belongs to this rank's experts: its gradient is reduced over the expert
-    data-parallel group (groups.expt_dp), not the dense data-parallel group. Megatron's attribute
-    name (`allreduce = False`)."""
-    param.allreduce = False
-
-
-def is_expert_parallel(param: torch.Tensor) -> bool:
-    return getattr(param, "allreduce", True) is False
 
 
 def _expert_weight(seeds: torch.Tensor, expert: int, shape, std: float) -> torch.Tensor:
