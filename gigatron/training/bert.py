@@ -106,14 +106,20 @@ def forward_step(data_iterator, model):
     return output_tensor, partial(loss_func, loss_mask, sentence_order)
 
 
-def datasets_provider(ctx, train_valid_test_num_samples):
-    """BERT datasets (sentence-level --data-path made with tools/preprocess_data.py --split-sentences)."""
+def masked_datasets(ctx, train_valid_test_num_samples, kind: str):
+    """BERT or T5 datasets of the run (rank 0 builds the index caches, the others wait and load)."""
     from gigatron.core.data import build_masked_datasets
 
-    print_rank_0(f"> building BERT datasets (train, valid, test samples: {tuple(train_valid_test_num_samples)})")
+    print_rank_0(f"> building {kind.upper()} datasets (train, valid, test samples: "
+                 f"{tuple(train_valid_test_num_samples)})")
     barrier = dist.barrier if dist.is_available() and dist.is_initialized() else None
-    return build_masked_datasets(ctx.configs.data, ctx.tokenizer, train_valid_test_num_samples, kind="bert",
+    return build_masked_datasets(ctx.configs.data, ctx.tokenizer, train_valid_test_num_samples, kind=kind,
                                  barrier=barrier, rank=ctx.run.rank)
+
+
+def datasets_provider(ctx, train_valid_test_num_samples):
+    """BERT datasets (sentence-level --data-path made with tools/preprocess_data.py --split-sentences)."""
+    return masked_datasets(ctx, train_valid_test_num_samples, kind="bert")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -20,7 +20,6 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from gigatron.training.logging import print_rank_0
 
 __all__ = ["extra_args_provider", "resolve_args", "resolve_num_layers", "resolve_sequence_lengths",
            "resolve_position_embedding", "model_provider", "get_batch", "loss_func", "forward_step",
@@ -154,12 +153,9 @@ def forward_step(data_iterator, model):
 
 def datasets_provider(ctx, train_valid_test_num_samples):
     """T5 datasets (sentence-level --data-path; the tokenizer needs --vocab-extra-ids for sentinels)."""
-    from gigatron.core.data import build_masked_datasets
+    from gigatron.training.bert import masked_datasets
 
-    print_rank_0(f"> building T5 datasets (train, valid, test samples: {tuple(train_valid_test_num_samples)})")
-    barrier = dist.barrier if dist.is_available() and dist.is_initialized() else None
-    return build_masked_datasets(ctx.configs.data, ctx.tokenizer, train_valid_test_num_samples, kind="t5",
-                                 barrier=barrier, rank=ctx.run.rank)
+    return masked_datasets(ctx, train_valid_test_num_samples, kind="t5")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

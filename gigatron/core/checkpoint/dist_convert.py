@@ -14,8 +14,6 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-import torch
-
 from gigatron.core.checkpoint.dist import (
     ShardPiece,
     _Comm,
