@@ -18,7 +18,12 @@ import torch
 from torch import nn
 
 from gigatron.core.convert.hf import hf_messages, is_hf_checkpoint
-from gigatron.core.convert.protocol import collect_state, dtype_from_name, transformer_config_from_metadata
+from gigatron.core.convert.protocol import (
+    collect_state,
+    dtype_from_name,
+    moe_config_from_metadata,
+    transformer_config_from_metadata,
+)
 from gigatron.core.convert.torch_format import (
     TOKENIZER_DIRNAME,
     rank_state_dicts,
@@ -97,7 +102,8 @@ def from_pretrained(path: Union[str, os.PathLike], device: Union[str, torch.devi
                     dtype: Optional[Union[torch.dtype, str]] = None) -> PretrainedGPT:
     """Load a model for inference on one device.
 
-    path: a HuggingFace folder (config.json + safetensors/bin weights; GPT-2, Llama, Mistral), or
+    path: a HuggingFace folder (config.json + safetensors/bin weights; GPT-2, Llama, Mistral,
+      Mixtral), or
       a `torch`-format checkpoint: a save directory with latest_checkpointed_iteration.txt, or an
       iter_NNNNNNN / release directory, saved at any tensor/pipeline parallel layout.
     device: where the model runs. dtype: the parameter dtype (default: the checkpoint's).
@@ -117,7 +123,7 @@ def from_pretrained(path: Union[str, os.PathLike], device: Union[str, torch.devi
         md, 1, 1, params_dtype=params_dtype, attention_dropout=0.0, hidden_dropout=0.0,
         perform_initialization=False, use_cpu_initialization=True)
     padded = vocab_size_with_padding(int(md["true_vocab_size"]), md["make_vocab_size_divisible_by"], 1)
-    model = GPTModel(config, ParallelGroups.single(), padded)
+    model = GPTModel(config, ParallelGroups.single(), padded, moe_config=moe_config_from_metadata(md))
     state = rank_state_dicts(md, tensors, 1, 1, padded)[(0, 0)]
     model.load_state_dict(state, strict=True)
     model.to(device)

@@ -66,7 +66,8 @@ MODEL_SHAPE_ARGS = (
     "seq_length", "padded_vocab_size", "vocab_size", "make_vocab_size_divisible_by", "tokenizer_type",
     "vocab_file", "merge_file", "tokenizer_model", "num_experts", "moe_router_topk", "moe_ffn_hidden_size",
     "tensor_model_parallel_size", "pipeline_model_parallel_size", "virtual_pipeline_model_parallel_size",
-    "expert_model_parallel_size", "bert_layernorm", "num_tokentypes", "bert_binary_head",
+    "expert_model_parallel_size", "moe_layer_freq", "moe_router_pre_softmax", "moe_router_score_function",
+    "moe_router_topk_scaling_factor", "bert_layernorm", "num_tokentypes", "bert_binary_head",
     "rotary_seq_len_interpolation_factor",
 )
 

@@ -6,8 +6,13 @@
     python tools/checkpoint/convert.py --model-type GPT --loader core --saver hf \\
         --load-dir ckpt --save-dir exported-hf
 
-Loaders (loader_<name>.py): hf, llama_mistral (--checkpoint-type hf), core, torch.
+Loaders (loader_<name>.py): hf, llama_mistral (--checkpoint-type hf), mixtral_hf, core, torch.
 Savers (saver_<name>.py): core, torch, hf.
+--model-type BERT (a HuggingFace BERT into BertModel with --bert-layernorm post) takes --loader hf and
+--saver core or torch:
+
+    python tools/checkpoint/convert.py --model-type BERT --loader hf --saver core \
+        --load-dir bert-base-uncased --save-dir bert-ckpt --target-tensor-parallel-size 2
 Each loader module has add_arguments(parser) and load_checkpoint(args) -> iterable of messages;
 each saver module has add_arguments(parser) and save_checkpoint(messages, args). The loader runs in
 a background thread feeding a queue of at most --max-queue-size messages (see
@@ -26,6 +31,11 @@ sys.path.insert(0, _HERE)
 sys.path.insert(0, os.path.dirname(os.path.dirname(_HERE)))
 
 from gigatron.core.convert.protocol import run_conversion  # noqa: E402
+
+
+# The loaders and savers that handle --model-type BERT (the others are GPT-only).
+_BERT_LOADERS = ("hf",)
+_BERT_SAVERS = ("core", "torch")
 
 
 def _plugin(kind: str, name: str):
@@ -62,8 +72,10 @@ def main(argv=None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser, loader, saver = build_parser(argv)
     args = parser.parse_args(argv)
-    if args.model_type != "GPT":
-        parser.error(f"--model-type {args.model_type}: only GPT checkpoints can be converted so far")
+    if args.model_type == "BERT" and (args.loader not in _BERT_LOADERS or args.saver not in _BERT_SAVERS):
+        parser.error(f"--model-type BERT is converted with --loader {' or '.join(_BERT_LOADERS)} (a HuggingFace BERT "
+                     f"folder) and --saver {' or '.join(_BERT_SAVERS)}; --loader {args.loader} --saver {args.saver} "
+                     "handle GPT models only")
     if os.path.abspath(args.load_dir) == os.path.abspath(args.save_dir):
         parser.error("--save-dir must differ from --load-dir")
     run_conversion(loader.load_checkpoint(args), lambda messages: saver.save_checkpoint(messages, args),

@@ -1,10 +1,12 @@
 """Loader for HuggingFace folders (config.json + safetensors or pytorch_model.bin): GPT-2, Llama 2/3,
-Mistral. The family is read from config.json's model_type."""
+Mistral, Mixtral. The family is read from config.json's model_type. With --model-type BERT it reads a
+HuggingFace BERT (BertModel, BertForPreTraining, MiniLM; see gigatron/core/convert/bert_hf.py)."""
 
 from __future__ import annotations
 
 import os
 
+from gigatron.core.convert.bert_hf import hf_bert_messages
 from gigatron.core.convert.hf import hf_messages
 from gigatron.core.convert.torch_format import tokenizer_flags_for_dir
 
@@ -26,7 +28,11 @@ def load_checkpoint(args):
     tokenizer = getattr(args, "tokenizer_model", None)
     if tokenizer is not None and not os.path.isdir(tokenizer):
         raise ValueError(f"--tokenizer-model {tokenizer} is not a folder of tokenizer files")
-    for name, payload in hf_messages(args.load_dir, dtype):
+    if getattr(args, "model_type", "GPT") == "BERT":
+        messages = hf_bert_messages(args.load_dir, dtype)
+    else:
+        messages = hf_messages(args.load_dir, dtype)
+    for name, payload in messages:
         if name == "metadata":
             if tokenizer is not None:
                 payload["tokenizer_dir"] = os.path.abspath(tokenizer)

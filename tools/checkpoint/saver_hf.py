@@ -1,5 +1,5 @@
 """Saver for HuggingFace folders: model.safetensors (sharded above --max-shard-size-gb), config.json
-and the tokenizer files. The family (gpt2, llama, mistral) is the source model's, or the one the
+and the tokenizer files. The family (gpt2, llama, mistral, mixtral) is the source model's, or the one the
 checkpoint's args fit, unless --hf-family names it."""
 
 from __future__ import annotations

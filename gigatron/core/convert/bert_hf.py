@@ -42,7 +42,8 @@ from gigatron.core.convert.layout import pad_vocab, qkv_to_grouped
 from gigatron.core.parallel import tags
 from gigatron.core.parallel.init import local_shard
 
-__all__ = ["read_hf_bert", "bert_config_from_hf", "hf_bert_to_ours", "load_hf_bert", "HFBertLoad"]
+__all__ = ["read_hf_bert", "bert_config_from_hf", "hf_bert_to_ours", "load_hf_bert", "HFBertLoad",
+           "BERT_WEIGHTS_MESSAGE", "bert_metadata_from_hf", "hf_bert_messages", "save_bert_torch_checkpoint"]
 
 
 def read_hf_bert(path: str) -> tuple[dict, Dict[str, torch.Tensor]]:
@@ -173,3 +174,161 @@ def load_hf_bert(path: str, groups=None, padded_vocab_size: Optional[int] = None
     if unused:
         raise ValueError(f"checkpoint tensors with no place in the model: {unused}")
     return result
+
+
+
+# ------------------------------------------------------------------ conversion to the `torch` layout
+#
+# A BERT conversion is the message stream ("metadata", md), (BERT_WEIGHTS_MESSAGE, tensors),
+# ("done", {}), where `tensors` are the full BertModel(layer_norm="post") tensors of
+# `hf_bert_to_ours` with the TRUE vocabulary (no padding rows) and md["model_type"] == "BERT".
+
+BERT_WEIGHTS_MESSAGE = "bert weights"
+
+
+def bert_metadata_from_hf(cfg: dict, params_dtype: str = "float32") -> dict:
+    """Conversion metadata (Megatron flag names) of a HuggingFace BERT config.json dict."""
+    config = bert_config_from_hf(cfg)  # validates the activation and position embedding type
+    heads = cfg["num_attention_heads"]
+    return dict(
+        model_type="BERT", num_layers=config.num_layers, hidden_size=config.hidden_size,
+        ffn_hidden_size=config.ffn_hidden_size, num_attention_heads=heads, kv_channels=config.hidden_size // heads,
+        group_query_attention=False, num_query_groups=heads, seq_length=cfg["max_position_embeddings"],
+        max_position_embeddings=cfg["max_position_embeddings"], position_embedding_type="learned_absolute",
+        normalization="LayerNorm", norm_epsilon=config.norm_epsilon, apply_layernorm_1p=False, swiglu=False,
+        squared_relu=False, openai_gelu=config.openai_gelu, add_bias_linear=True, add_qkv_bias=False,
+        qk_layernorm=False, untie_embeddings_and_output_weights=False,
+        attention_dropout=config.attention_dropout, hidden_dropout=config.hidden_dropout,
+        bert_layernorm="post", num_tokentypes=int(cfg.get("type_vocab_size", 2)), bert_binary_head=True,
+        true_vocab_size=int(cfg["vocab_size"]), make_vocab_size_divisible_by=128, tokenizer_type=None,
+        vocab_file=None, merge_file=None, tokenizer_model=None, vocab_size=None, tokenizer_dir=None,
+        params_dtype=params_dtype, iteration=None, consumed_train_samples=0, consumed_valid_samples=0,
+        hf_config=dict(cfg),
+    )
+
+
+def hf_bert_messages(path: str, dtype: Optional[torch.dtype] = None):
+    """The conversion messages of a HuggingFace BERT folder; its tokenizer files go with it."""
+    cfg, state = read_hf_bert(path)
+    if dtype is not None:
+        state = {k: v.to(dtype) for k, v in state.items()}
+    probe = next((v for k, v in state.items() if k.endswith("word_embeddings.weight")), None)
+    if probe is None:
+        raise ValueError(f"{path} lacks embeddings.word_embeddings.weight; it is not a BERT encoder checkpoint")
+    from gigatron.core.convert.protocol import dtype_name
+
+    md = bert_metadata_from_hf(cfg, dtype_name(probe.dtype))
+    md["tokenizer_dir"] = os.path.abspath(path)
+    yield "metadata", md
+    yield BERT_WEIGHTS_MESSAGE, hf_bert_to_ours(cfg, state, int(cfg["vocab_size"]))
+    yield "done", {}
+
+
+def _bert_stream(messages) -> tuple[dict, Dict[str, torch.Tensor]]:
+    from gigatron.core.convert.protocol import ConversionError
+
+    it = iter(messages)
+    first = next(it, None)
+    if first is None or first[0] != "metadata":
+        raise ConversionError("the loader sent no metadata message first")
+    md = dict(first[1])
+    if md.get("model_type") != "BERT":
+        raise ConversionError("--model-type BERT: the loader produced a GPT model; use --model-type GPT, or load a "
+                              "HuggingFace BERT folder (model_type 'bert') with --loader hf")
+    tensors: Dict[str, torch.Tensor] = {}
+    done = False
+    for name, payload in it:
+        if name == BERT_WEIGHTS_MESSAGE:
+            tensors.update(payload)
+        elif name == "done":
+            done = True
+        else:
+            raise ConversionError(f"unexpected message {name!r} in a BERT conversion")
+    if not done:
+        raise ConversionError("the loader stopped before its 'done' message")
+    return md, tensors
+
+
+def save_bert_torch_checkpoint(messages, save_dir: str, target_tp: int = 1, target_pp: int = 1,
+                               make_vocab_size_divisible_by: Optional[int] = None,
+                               params_dtype: Optional[torch.dtype] = None, seed: int = 1234) -> str:
+    """Write a BERT message stream as a `torch`-format checkpoint of BertModel(layer_norm="post")
+    at tensor-parallel size `target_tp` (<save_dir>/release/mp_rank_TT/model_optim_rng.pt).
+
+    The model pretrain_bert.py builds (binary head on, `num_tokentypes` token types) is made at
+    tp = 1 with `seed`; the checkpoint's tensors replace its weights and the ones it lacks (the
+    masked-LM head, and the binary head of a plain BertModel) keep that seeded initialization.
+    Each parameter is then split as its tensor-parallel tags say. `args` hold the model flags plus
+    bert_layernorm, num_tokentypes and the tokenizer flags of the copied tokenizer files. Returns
+    the iteration directory."""
+    from gigatron.core.checkpoint.io import atomic_torch_save, atomic_write_text
+    from gigatron.core.convert.protocol import ConversionError, dtype_name
+    from gigatron.core.convert.torch_format import (CHECKPOINT_VERSION, MODEL_FILENAME, TOKENIZER_DIRNAME,
+                                                    TRACKER_FILENAME, _args_for, _rank_dirs, copy_tokenizer_files)
+    from gigatron.core.models.bert import BertModel
+    from gigatron.core.parallel.groups import ParallelGroups
+    from gigatron.core.parallel.init import local_shard
+    from gigatron.core.tokenizers import vocab_size_with_padding
+
+    if target_pp != 1:
+        raise ValueError(f"--target-pipeline-parallel-size {target_pp}: BERT runs as one pipeline stage; use 1")
+    if target_tp < 1:
+        raise ValueError(f"--target-tensor-parallel-size must be >= 1, got {target_tp}")
+    md, tensors = _bert_stream(messages)
+    if make_vocab_size_divisible_by is not None:
+        md["make_vocab_size_divisible_by"] = int(make_vocab_size_divisible_by)
+    if params_dtype is not None:
+        md["params_dtype"] = dtype_name(params_dtype)
+    cfg = md["hf_config"]
+    heads = md["num_attention_heads"]
+    for name, size in (("num_attention_heads", heads), ("ffn_hidden_size", md["ffn_hidden_size"])):
+        if size % target_tp != 0:
+            raise ValueError(f"--target-tensor-parallel-size {target_tp} does not divide {name} {size}")
+    padded = vocab_size_with_padding(int(md["true_vocab_size"]), md["make_vocab_size_divisible_by"], target_tp)
+    iter_dir = os.path.join(save_dir, "release")
+    if _rank_dirs(iter_dir):
+        raise ValueError(f"{iter_dir} already holds a checkpoint; its files would mix with the new layout's. "
+                         "Choose an empty --save-dir or remove it first")
+    full = {k: (pad_vocab(v, padded) if k in ("embedding.word_embeddings.weight", "output_layer.bias") else v)
+            for k, v in tensors.items()}
+    config = bert_config_from_hf(cfg, tensor_model_parallel_size=1)
+    model = BertModel(config, ParallelGroups.single(), padded, num_tokentypes=int(md["num_tokentypes"]),
+                      add_binary_head=bool(md["bert_binary_head"]), layer_norm="post", seed=seed)
+    own = model.state_dict(keep_vars=True)  # parameters (with their tensor-parallel tags) and buffers
+    unused = sorted(set(full) - set(own))
+    if unused:
+        raise ConversionError(f"checkpoint tensors with no place in BertModel: {unused}")
+    seeded = sorted(set(own) - set(full))
+    if seeded:
+        print(f"BERT conversion: {len(seeded)} tensors are not in the source checkpoint and keep their seeded "
+              f"initialization (--seed {seed}): {', '.join(seeded)}", flush=True)
+    dtype = getattr(torch, md["params_dtype"])
+    os.makedirs(save_dir, exist_ok=True)
+    tokenizer_flags = copy_tokenizer_files(md, os.path.join(save_dir, TOKENIZER_DIRNAME))
+    args = _args_for(md, target_tp, 1, padded, tokenizer_flags)
+    args.update(bert_layernorm="post", num_tokentypes=int(md["num_tokentypes"]),
+                bert_binary_head=bool(md["bert_binary_head"]), seed=seed)
+    shards: List[Dict[str, torch.Tensor]] = [{} for _ in range(target_tp)]
+    for name, param in own.items():
+        if not isinstance(param, torch.Tensor):
+            for shard in shards:
+                shard[name] = param
+            continue
+        value = full.get(name, param.detach())
+        if tuple(value.shape) != tuple(param.shape):
+            raise ConversionError(f"{name}: the checkpoint gives shape {tuple(value.shape)}, BertModel expects "
+                                  f"{tuple(param.shape)}; config.json does not match the weights")
+        value = value.to(dtype)
+        for rank in range(target_tp):
+            if tags.is_tensor_parallel(param):
+                piece = local_shard(value, tags.partition_dim(param), tags.partition_stride(param), rank, target_tp)
+            else:
+                piece = value
+            shards[rank][name] = piece.contiguous().clone()
+    for rank, state_dict in enumerate(shards):
+        state = {"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": 0, "model": state_dict,
+                 "num_floating_point_operations_so_far": 0.0, "consumed_train_samples": 0,
+                 "consumed_valid_samples": 0}
+        atomic_torch_save(state, os.path.join(iter_dir, f"mp_rank_{rank:02d}", MODEL_FILENAME))
+    atomic_write_text(os.path.join(save_dir, TRACKER_FILENAME), "release")
+    return iter_dir

@@ -1,4 +1,5 @@
-"""HuggingFace checkpoints (GPT-2, Llama 2/3, Mistral) <-> the conversion messages.
+"""HuggingFace checkpoints (GPT-2, Llama 2/3, Mistral, Mixtral) <-> the conversion messages.
+Mixtral is Mistral with mixture-of-experts MLPs; its expert and router map is in mixtral.py.
 
 Shape legend: h = hidden, f = ffn hidden, d = head dim, nh = query heads, ng = key/value heads,
 V = vocabulary.
@@ -66,8 +67,9 @@ __all__ = [
     "save_hf_checkpoint",
 ]
 
-FAMILIES = ("gpt2", "llama", "mistral")
-_ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
+FAMILIES = ("gpt2", "llama", "mistral", "mixtral")
+_ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                  "mixtral": "MixtralForCausalLM"}
 _DEFAULT_SHARD_BYTES = 5 * 1024 ** 3
 
 
@@ -163,6 +165,9 @@ class HFWeights:
 
 def _family(cfg: dict) -> str:
     family = cfg.get("model_type")
+    if family == "bert":
+        raise ConversionError("this HuggingFace folder holds a BERT (model_type 'bert'): convert it with "
+                              "--model-type BERT --loader hf --saver core")
     if family not in FAMILIES:
         raise ConversionError(f"HuggingFace model_type {family!r} is not supported; supported: {', '.join(FAMILIES)}")
     return family
@@ -192,6 +197,10 @@ def metadata_from_hf_config(cfg: dict, params_dtype: str = "float32") -> dict:
         md = _gpt2_metadata(cfg)
     else:
         md = _llama_metadata(cfg, family)
+    if family == "mixtral":
+        from gigatron.core.convert.mixtral import mixtral_metadata
+
+        md.update(mixtral_metadata(cfg))
     md.update(
         make_vocab_size_divisible_by=128, tokenizer_type=None, vocab_file=None, merge_file=None,
         tokenizer_model=None, vocab_size=None, tokenizer_dir=None, params_dtype=params_dtype, iteration=None,
@@ -234,7 +243,7 @@ def _llama_metadata(cfg: dict, family: str) -> dict:
     h, nh = cfg["hidden_size"], cfg["num_attention_heads"]
     nkv = cfg.get("num_key_value_heads") or nh
     positions = cfg.get("max_position_embeddings", 2048)
-    window = cfg.get("sliding_window") if family == "mistral" else None
+    window = cfg.get("sliding_window") if family in ("mistral", "mixtral") else None
     if window is not None and window < positions:
         warnings.warn(f"Mistral sliding_window={window}: Gigatron attends over the whole sequence, which equals "
                       f"the sliding window only for sequences of up to {window} tokens", stacklevel=3)
@@ -256,6 +265,8 @@ def _llama_metadata(cfg: dict, family: str) -> dict:
 def infer_family(md: dict) -> str:
     """The HuggingFace family of a model: from its hf_config, else from its shape flags."""
     source = (md.get("hf_config") or {}).get("model_type")
+    if md.get("num_experts"):
+        return "mixtral"
     if source in FAMILIES:
         return source
     llama_like = (md["swiglu"] and md["normalization"] == "RMSNorm" and md["position_embedding_type"] == "rope"
@@ -281,6 +292,12 @@ def _check_exportable(md: dict, family: str) -> None:
         problems.append("--qk-layernorm")
     if md.get("add_qkv_bias") and not md["add_bias_linear"]:
         problems.append("--add-qkv-bias without linear biases")
+    if family == "mixtral":
+        from gigatron.core.convert.mixtral import mixtral_export_problems
+
+        problems += mixtral_export_problems(md)
+    elif md.get("num_experts"):
+        problems.append("mixture-of-experts layers (export them as mixtral)")
     if family == "gpt2":
         if md["swiglu"] or md.get("squared_relu") or md["normalization"] != "LayerNorm" \
                 or md["position_embedding_type"] != "learned_absolute" or not md["add_bias_linear"] \
@@ -338,6 +355,10 @@ def hf_config_from_metadata(md: dict, family: str, bias_flags: Optional[Dict[str
     cfg.pop("rope_scaling", None)
     if md.get("rotary_percent", 1.0) != 1.0:
         cfg["partial_rotary_factor"] = md["rotary_percent"]
+    if family == "mixtral":
+        from gigatron.core.convert.mixtral import mixtral_config_fields
+
+        cfg.update(mixtral_config_fields(md))
     if family == "llama":
         cfg.update(attention_bias=flags["attention_bias"], mlp_bias=flags["mlp_bias"])
     else:
@@ -388,6 +409,11 @@ def _hf_layer_to_ours(family: str, md: dict, i: int, get: Callable[[str], torch.
     out[p + ".self_attention.linear_qkv.weight"] = qkv_to_grouped(q, k, v, nh, ng, d)
     out[p + ".self_attention.linear_proj.weight"] = get(hp + "self_attn.o_proj.weight")
     out[p + ".pre_mlp_layernorm.weight"] = get(hp + "post_attention_layernorm.weight")
+    if family == "mixtral":
+        from gigatron.core.convert.mixtral import hf_moe_to_ours
+
+        out.update(hf_moe_to_ours(md, i, get))
+        return out
     gate, up = get(hp + "mlp.gate_proj.weight"), get(hp + "mlp.up_proj.weight")
     out[p + ".mlp.linear_fc1.weight"] = torch.cat([gate, up], dim=0)  # [2f, h]
     out[p + ".mlp.linear_fc2.weight"] = get(hp + "mlp.down_proj.weight")
@@ -490,6 +516,11 @@ def _ours_layer_to_hf(family: str, md: dict, i: int, t: Dict[str, torch.Tensor])
         out[hp + f"self_attn.{x}_proj.weight"] = tensor
     out[hp + "self_attn.o_proj.weight"] = t[p + ".self_attention.linear_proj.weight"]
     out[hp + "post_attention_layernorm.weight"] = t[p + ".pre_mlp_layernorm.weight"]
+    if family == "mixtral":
+        from gigatron.core.convert.mixtral import ours_moe_to_hf
+
+        out.update(ours_moe_to_hf(md, i, t))
+        return out
     gate, up = torch.chunk(t[p + ".mlp.linear_fc1.weight"], 2, dim=0)
     out[hp + "mlp.gate_proj.weight"], out[hp + "mlp.up_proj.weight"] = gate, up
     out[hp + "mlp.down_proj.weight"] = t[p + ".mlp.linear_fc2.weight"]

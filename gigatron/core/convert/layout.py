@@ -15,6 +15,9 @@ The shards are what GPTModel holds on tensor-parallel rank r:
 - column-parallel (linear_qkv, linear_fc1, word embedding, output layer): contiguous dim-0 chunks,
   except the SwiGLU fc1, where rank r holds [gate_r; up_r];
 - row-parallel (linear_proj.weight, linear_fc2.weight): contiguous dim-1 chunks;
+- routed experts (mlp.experts.local_experts.j.*, split over the expert tensor-parallel ranks,
+  which the converter takes to be the tp ranks): linear_fc1 like the dense fc1, linear_fc2 like
+  the dense fc2; the router (mlp.router.weight [E, h]) is replicated;
 - everything else (norms, row-parallel biases, position embeddings): replicated.
 """
 
@@ -47,6 +50,13 @@ def partition_of(name: str, swiglu: bool) -> tuple[Optional[int], int]:
     """(partition dim or None if replicated, stride) of the parameter called `name`."""
     if name in VOCAB_PARAMS:
         return 0, 1
+    if ".mlp.experts.local_experts." in name:
+        # Routed experts, split over the expert tensor-parallel ranks (Megatron's default: the
+        # tensor-parallel size): fc1 [fo, h] by rows ([gate_r; up_r] with SwiGLU), fc2 [h, f] by columns.
+        if name.endswith(".linear_fc1.weight"):
+            return 0, 2 if swiglu else 1
+        if name.endswith(".linear_fc2.weight"):
+            return 1, 1
     if name.endswith(_COLUMN_SUFFIXES):
         stride = 2 if swiglu and ".mlp.linear_fc1." in name else 1
         return 0, stride

@@ -20,7 +20,9 @@ The metadata dict holds Megatron's flag names for the model shape (`MODEL_FLAGS`
 ``vocab_file``, ``merge_file``, ``tokenizer_model``, ``vocab_size``), ``tokenizer_dir`` (a folder
 whose tokenizer files a saver copies, or None), ``params_dtype`` (a dtype name), ``iteration``
 (None for a model that never trained here: saved as ``release``), the consumed-sample counts,
-and ``hf_config`` (the HuggingFace config.json the model came from, or None).
+and ``hf_config`` (the HuggingFace config.json the model came from, or None). Mixture-of-experts
+models also carry `MOE_FLAGS` (``num_experts`` set), and their MoE layers' messages hold the router
+and every expert's weights (global expert numbers) instead of the dense MLP.
 
 `run_conversion` runs a loader in a background thread that feeds a bounded queue
 (``--max-queue-size`` messages) while the saver consumes it in the calling thread, so reading
@@ -38,6 +40,7 @@ import torch
 __all__ = [
     "Message",
     "MODEL_FLAGS",
+    "MOE_FLAGS",
     "ConversionError",
     "layer_message",
     "expected_tensors",
@@ -49,6 +52,8 @@ __all__ = [
     "transformer_config_from_metadata",
     "dtype_from_name",
     "dtype_name",
+    "moe_layer_flags",
+    "moe_config_from_metadata",
 ]
 
 Message = Tuple[str, Dict[str, Any]]
@@ -61,6 +66,16 @@ MODEL_FLAGS = (
     "norm_epsilon", "apply_layernorm_1p", "swiglu", "squared_relu", "openai_gelu", "add_bias_linear",
     "add_qkv_bias", "qk_layernorm", "untie_embeddings_and_output_weights", "attention_dropout",
     "hidden_dropout",
+)
+
+# Mixture-of-experts flags carried in the metadata (MoEConfig fields; absent or num_experts None:
+# a dense model). MoE layers hold decoder.layers.i.mlp.router.weight [E, h] and, per expert j,
+# mlp.experts.local_experts.j.linear_fc1.weight [fo, h] / linear_fc2.weight [h, f] (full tensors,
+# global expert numbers) instead of mlp.linear_fc1 / linear_fc2.
+MOE_FLAGS = (
+    "num_experts", "moe_layer_freq", "moe_ffn_hidden_size", "moe_router_topk", "moe_router_score_function",
+    "moe_router_pre_softmax", "moe_router_topk_scaling_factor", "moe_router_load_balancing_type",
+    "moe_aux_loss_coeff", "moe_router_dtype",
 )
 
 
@@ -87,6 +102,7 @@ def expected_tensors(md: dict) -> Dict[str, List[str]]:
     if md["position_embedding_type"] == "learned_absolute":
         emb.append("embedding.position_embeddings.weight")
     out["embeddings"] = emb
+    moe_layers = moe_layer_flags(md)
     for i in range(md["num_layers"]):
         p = f"decoder.layers.{i}"
         names = _norm_names(p + ".input_layernorm", md)
@@ -100,6 +116,13 @@ def expected_tensors(md: dict) -> Dict[str, List[str]]:
         if bias:
             names.append(p + ".self_attention.linear_proj.bias")
         names += _norm_names(p + ".pre_mlp_layernorm", md)
+        if moe_layers[i]:
+            names.append(p + ".mlp.router.weight")
+            for j in range(int(md["num_experts"])):
+                names += [f"{p}.mlp.experts.local_experts.{j}.linear_fc1.weight",
+                          f"{p}.mlp.experts.local_experts.{j}.linear_fc2.weight"]
+            out[layer_message(i)] = names
+            continue
         names.append(p + ".mlp.linear_fc1.weight")
         if bias:
             names.append(p + ".mlp.linear_fc1.bias")
@@ -111,6 +134,26 @@ def expected_tensors(md: dict) -> Dict[str, List[str]]:
     if md["untie_embeddings_and_output_weights"]:
         out["output layer"] = ["output_layer.weight"]
     return out
+
+
+def moe_config_from_metadata(md: dict):
+    """The MoEConfig of the model `md` describes, or None for a dense model."""
+    if not md.get("num_experts"):
+        return None
+    from gigatron.core.transformer.moe.config import MoEConfig
+
+    kwargs = {name: md[name] for name in MOE_FLAGS if md.get(name) is not None}
+    return MoEConfig(**kwargs)
+
+
+def moe_layer_flags(md: dict) -> List[bool]:
+    """For each layer of the model `md` describes, whether it is an MoE layer."""
+    config = moe_config_from_metadata(md)
+    if config is None:
+        return [False] * int(md["num_layers"])
+    from gigatron.core.transformer.moe.config import moe_layer_pattern
+
+    return moe_layer_pattern(config, int(md["num_layers"]))
 
 
 def message_sequence(md: dict) -> List[str]:

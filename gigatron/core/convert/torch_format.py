@@ -19,6 +19,7 @@ absent, so a `release` checkpoint starts at iteration 0 and an `iter_*` one need
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -30,6 +31,7 @@ from gigatron.core.checkpoint.io import CheckpointError, atomic_torch_save, atom
 from gigatron.core.convert.layout import VOCAB_PARAMS, compact, merge_from_tp, pad_vocab, split_for_tp
 from gigatron.core.convert.protocol import (
     MODEL_FLAGS,
+    MOE_FLAGS,
     ConversionError,
     Message,
     MessageReader,
@@ -48,6 +50,7 @@ __all__ = [
     "metadata_from_args",
     "save_torch_checkpoint",
     "rank_state_dicts",
+    "split_for_ep",
     "copy_tokenizer_files",
     "tokenizer_flags_for_dir",
 ]
@@ -59,6 +62,7 @@ TOKENIZER_DIRNAME = "tokenizer"
 
 _RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?(?:_(\d{3}))?$")
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+_EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(.+)$")
 
 # Files that make up a tokenizer, copied next to a converted checkpoint.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -100,19 +104,46 @@ def _rank_dirs(iter_dir: str) -> List[str]:
                   and os.path.isfile(os.path.join(iter_dir, d, MODEL_FILENAME)))
 
 
-def _parse_rank_dirs(iter_dir: str, args: dict) -> Dict[Tuple[int, int], str]:
-    """{(tp_rank, pp_rank): file} for every model-parallel rank."""
+def _check_moe_args(args: dict) -> None:
+    if not args.get("num_experts"):
+        return
+    if args.get("moe_grouped_gemm"):
+        raise ConversionError("this checkpoint stores its experts as GroupedMLP weight1/weight2 (--moe-grouped-gemm); "
+                              "only SequentialMLP experts (mlp.experts.local_experts.*) are converted: save it "
+                              "without --moe-grouped-gemm first")
+    if args.get("moe_shared_expert_intermediate_size"):
+        raise ConversionError("converting MoE checkpoints with shared experts is not supported")
+    if args.get("moe_router_enable_expert_bias"):
+        raise ConversionError("converting MoE checkpoints with --moe-router-enable-expert-bias is not supported")
+    etp = args.get("expert_tensor_parallel_size")
+    tp = int(args.get("tensor_model_parallel_size") or 1)
+    if etp is not None and int(etp) != tp:
+        raise ConversionError(f"expert tensor-parallel size {etp} differs from the tensor-parallel size {tp}; "
+                              "only checkpoints whose experts are split like the dense layers are converted")
+
+
+def _parse_rank_dirs(iter_dir: str, args: dict) -> Dict[Tuple[int, int, int], str]:
+    """{(tp_rank, pp_rank, ep_rank): file} for every model-parallel rank. Folder names:
+    mp_rank_TT, mp_rank_TT_PPP (pipeline), mp_rank_TT_EEE (expert parallel, no pipeline),
+    mp_rank_TT_PPP_EEE (both)."""
     pp_size = args.get("pipeline_model_parallel_size")  # None: the folder names tell
     ep_size = int(args.get("expert_model_parallel_size") or 1)
-    if ep_size > 1 or args.get("num_experts"):
-        raise ConversionError("converting mixture-of-experts checkpoints is not supported")
+    _check_moe_args(args)
     files = {}
     for d in _rank_dirs(iter_dir):
         tp_s, second, third = _RANK_DIR.match(d).groups()
-        if third is not None or (pp_size is not None and int(pp_size) == 1 and second is not None):
-            raise ConversionError(f"{d}: expert-parallel rank folders are not supported")
-        pp_rank = int(second) if second is not None else 0
-        files[(int(tp_s), pp_rank)] = os.path.join(iter_dir, d, MODEL_FILENAME)
+        if third is not None:
+            if ep_size == 1:
+                raise ConversionError(f"{d}: an expert-parallel rank folder, but the checkpoint's args say "
+                                      "expert_model_parallel_size 1")
+            pp_rank, ep_rank = int(second), int(third)
+        elif second is not None and ep_size > 1 and (pp_size is None or int(pp_size) == 1):
+            pp_rank, ep_rank = 0, int(second)
+        elif second is not None and pp_size is not None and int(pp_size) == 1:
+            raise ConversionError(f"{d}: a pipeline or expert rank folder, but the checkpoint's args say neither")
+        else:
+            pp_rank, ep_rank = (int(second) if second is not None else 0), 0
+        files[(int(tp_s), pp_rank, ep_rank)] = os.path.join(iter_dir, d, MODEL_FILENAME)
     return files
 
 
@@ -148,6 +179,10 @@ def metadata_from_args(args: dict, true_vocab_size: int, iteration: Optional[int
             md[key] = value
     if not md["group_query_attention"]:
         md["num_query_groups"] = md["num_attention_heads"]
+    if md.get("kv_channels") is None and md.get("hidden_size") and md.get("num_attention_heads"):
+        md["kv_channels"] = md["hidden_size"] // md["num_attention_heads"]  # the training engine's default
+    if args.get("num_experts"):
+        md.update({name: args[name] for name in MOE_FLAGS if args.get(name) is not None})
     for name in ("num_layers", "hidden_size", "num_attention_heads"):
         if md.get(name) is None:
             raise ConversionError(f"the checkpoint's args lack {name}; it was not saved by Gigatron or Megatron")
@@ -224,43 +259,58 @@ def read_torch_checkpoint(path: str, true_vocab_size: Optional[int] = None,
     if iteration is None and first.get("iteration") and os.path.basename(os.path.normpath(iter_dir)) != "release":
         iteration = int(first["iteration"])
     files = _parse_rank_dirs(iter_dir, args)
-    tp_size = 1 + max(t for t, _ in files)
-    pp_size = 1 + max(p for _, p in files)
-    expected = {(t, p) for t in range(tp_size) for p in range(pp_size)}
+    tp_size = 1 + max(t for t, _, _ in files)
+    pp_size = 1 + max(p for _, p, _ in files)
+    ep_size = 1 + max(e for _, _, e in files)
+    expected = {(t, p, e) for t in range(tp_size) for p in range(pp_size) for e in range(ep_size)}
     if set(files) != expected:
         missing = sorted(expected - set(files))
-        raise CheckpointError(f"{iter_dir} lacks the files of (tp, pp) ranks {missing}")
+        raise CheckpointError(f"{iter_dir} lacks the files of (tp, pp, ep) ranks {missing}")
+    num_experts = int(args.get("num_experts") or 0)
+    if ep_size > 1 and (not num_experts or num_experts % ep_size != 0):
+        raise CheckpointError(f"{iter_dir} has {ep_size} expert-parallel ranks but its args say num_experts "
+                              f"{args.get('num_experts')}")
+    local_experts = num_experts // ep_size
     states = {key: (first if f == first_file else _load_file(f, allow_pickle)) for key, f in files.items()}
     swiglu = bool(args.get("swiglu"))
 
     # Model chunks in global order: virtual stage first, then pipeline rank.
-    num_chunks = len(_chunk_keys(states[(0, 0)]))
+    num_chunks = len(_chunk_keys(states[(0, 0, 0)]))
     ordered: List[Tuple[int, str]] = [(p, key) for v in range(num_chunks)
-                                      for p in range(pp_size) for key in [_chunk_keys(states[(0, p)])[v]]]
+                                      for p in range(pp_size) for key in [_chunk_keys(states[(0, p, 0)])[v]]]
     merged: Dict[str, torch.Tensor] = {}
     offset = 0
     dtype = None
     for pp_rank, key in ordered:
-        shards = [states[(t, pp_rank)][key] for t in range(tp_size)]
         local_layers = set()
-        for name in shards[0]:
-            if name.endswith("._extra_state"):
-                continue
-            tensor_list = [s[name] for s in shards]
-            if any(not isinstance(t, torch.Tensor) for t in tensor_list):
-                continue
-            match = _LAYER.match(name)
-            if match:
-                local = int(match.group(1))
-                local_layers.add(local)
-                suffix = _TE_NORM_NAMES.get(match.group(2), match.group(2))
-                global_name = f"decoder.layers.{local + offset}.{suffix}"
-            else:
-                global_name = name
-            if global_name in merged:
-                continue  # the tied output layer's copy on the last stage
-            merged[global_name] = merge_from_tp(global_name, tensor_list, swiglu)
-            dtype = dtype or merged[global_name].dtype
+        for ep_rank in range(ep_size):
+            shards = [states[(t, pp_rank, ep_rank)][key] for t in range(tp_size)]
+            for name in shards[0]:
+                if name.endswith("._extra_state"):
+                    continue
+                tensor_list = [s[name] for s in shards]
+                if any(not isinstance(t, torch.Tensor) for t in tensor_list):
+                    continue
+                match = _LAYER.match(name)
+                if match:
+                    local = int(match.group(1))
+                    local_layers.add(local)
+                    suffix = _TE_NORM_NAMES.get(match.group(2), match.group(2))
+                    expert = _EXPERT.match(suffix)
+                    if expert:  # local expert j of expert-parallel rank e is global expert e * G + j
+                        suffix = (f"mlp.experts.local_experts.{int(expert.group(1)) + ep_rank * local_experts}."
+                                  f"{expert.group(2)}")
+                    elif ep_rank > 0:
+                        continue  # everything but the experts is the same on every expert-parallel rank
+                    global_name = f"decoder.layers.{local + offset}.{suffix}"
+                elif ep_rank > 0:
+                    continue
+                else:
+                    global_name = name
+                if global_name in merged:
+                    continue  # the tied output layer's copy on the last stage
+                merged[global_name] = merge_from_tp(global_name, tensor_list, swiglu)
+                dtype = dtype or merged[global_name].dtype
         if local_layers and sorted(local_layers) != list(range(len(local_layers))):
             raise CheckpointError(f"pipeline rank {pp_rank} ({key}) holds layers {sorted(local_layers)}; "
                                   "expected 0..n-1")
@@ -345,6 +395,14 @@ def tokenizer_flags_for_dir(folder: str, md: dict) -> dict:
     if family == "gpt2" and has["vocab.json"] and has["merges.txt"]:
         flags.update(tokenizer_type="GPT2BPETokenizer", vocab_file=os.path.join(folder, "vocab.json"),
                      merge_file=os.path.join(folder, "merges.txt"))
+    elif family == "bert" and has["vocab.txt"]:
+        # BERT WordPiece: lower-cased unless tokenizer_config.json says do_lower_case false.
+        lower = True
+        if has["tokenizer_config.json"]:
+            with open(os.path.join(folder, "tokenizer_config.json"), encoding="utf-8") as handle:
+                lower = bool(json.load(handle).get("do_lower_case", True))
+        flags.update(tokenizer_type="BertWordPieceLowerCase" if lower else "BertWordPieceCase",
+                     vocab_file=os.path.join(folder, "vocab.txt"))
     elif has["tokenizer.json"]:
         flags.update(tokenizer_type="HuggingFaceTokenizer", tokenizer_model=folder)
     elif has["tokenizer.model"]:
@@ -366,14 +424,18 @@ def _stage_layout(md: dict, tp: int, pp: int) -> List[Tuple[int, int]]:
     return [(layer_offset(config, r, pp), num_layers_on_stage(config, r, pp)) for r in range(pp)]
 
 
-def _args_for(md: dict, tp: int, pp: int, padded: int, tokenizer_flags: dict) -> dict:
+def _args_for(md: dict, tp: int, pp: int, padded: int, tokenizer_flags: dict, ep: int = 1) -> dict:
     args = {name: md.get(name) for name in MODEL_FLAGS}
+    if md.get("num_experts"):
+        args.update({name: md.get(name) for name in MOE_FLAGS})
+        # MoE layers at tensor-parallel size > 1 need sequence parallelism (validate_moe).
+        args.update(moe_grouped_gemm=False, expert_tensor_parallel_size=None, sequence_parallel=tp > 1)
     dtype = md.get("params_dtype", "float32")
     args.update(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=None,
-        expert_model_parallel_size=1,
+        expert_model_parallel_size=ep,
         padded_vocab_size=padded,
         true_vocab_size=int(md["true_vocab_size"]),
         make_vocab_size_divisible_by=int(md["make_vocab_size_divisible_by"]),
@@ -429,15 +491,41 @@ def rank_state_dicts(md: dict, tensors: Dict[str, torch.Tensor], tp: int = 1, pp
     return out
 
 
-def _rank_file(iter_dir: str, tp_rank: int, pp_rank: int, pp: int) -> str:
+def _rank_file(iter_dir: str, tp_rank: int, pp_rank: int, pp: int, ep_rank: int = 0, ep: int = 1) -> str:
     name = f"mp_rank_{tp_rank:02d}" if pp == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+    if ep > 1:
+        name += f"_{ep_rank:03d}"
     return os.path.join(iter_dir, name, MODEL_FILENAME)
+
+
+def split_for_ep(state: Dict[str, torch.Tensor], ep: int, num_experts: int) -> List[Dict[str, torch.Tensor]]:
+    """The per-expert-parallel-rank state dicts of one (tp, pp) rank's state dict that holds all
+    experts: rank e keeps experts e*G .. (e+1)*G-1 (G = num_experts / ep), renumbered 0..G-1, and
+    every non-expert tensor."""
+    if ep == 1:
+        return [state]
+    local = num_experts // ep
+    out: List[Dict[str, torch.Tensor]] = [{} for _ in range(ep)]
+    for name, tensor in state.items():
+        match = _LAYER.match(name)
+        expert = _EXPERT.match(match.group(2)) if match else None
+        if expert is None:
+            for rank_state in out:
+                rank_state[name] = tensor
+            continue
+        j = int(expert.group(1))
+        out[j // local][f"decoder.layers.{match.group(1)}.mlp.experts.local_experts.{j % local}.{expert.group(2)}"] = \
+            tensor
+    return out
 
 
 def save_torch_checkpoint(messages: Iterable[Message], save_dir: str, target_tp: int = 1, target_pp: int = 1,
                           checking: bool = True, make_vocab_size_divisible_by: Optional[int] = None,
-                          params_dtype: Optional[torch.dtype] = None) -> str:
-    """Write the model of a message stream as a `torch`-format checkpoint at (target_tp, target_pp).
+                          params_dtype: Optional[torch.dtype] = None, target_ep: int = 1) -> str:
+    """Write the model of a message stream as a `torch`-format checkpoint at (target_tp, target_pp),
+    and for a mixture-of-experts model at expert-parallel size target_ep (each expert-parallel
+    rank's files hold num_experts / target_ep experts; experts are split over the tensor-parallel
+    ranks like the dense MLP).
 
     Stages are written as soon as their layers have arrived. The tokenizer files named by the
     metadata are copied to `<save_dir>/tokenizer` and `args` points at them. Returns the iteration
@@ -449,6 +537,16 @@ def save_torch_checkpoint(messages: Iterable[Message], save_dir: str, target_tp:
     if params_dtype is not None:
         md["params_dtype"] = dtype_name(params_dtype)
     stages = _stage_layout(md, target_tp, target_pp)  # validates the sizes before any work
+    num_experts = int(md.get("num_experts") or 0)
+    if target_ep < 1:
+        raise ValueError(f"--target-expert-parallel-size must be >= 1, got {target_ep}")
+    if target_ep > 1 and (not num_experts or num_experts % target_ep != 0):
+        raise ValueError(f"--target-expert-parallel-size {target_ep} must divide the number of experts "
+                         f"({num_experts or 'none: a dense model needs 1'})")
+    expert_ffn = int(md.get("moe_ffn_hidden_size") or md.get("ffn_hidden_size") or 0)
+    if num_experts and expert_ffn % target_tp != 0:
+        raise ValueError(f"the experts' ffn hidden size {expert_ffn} does not split over "
+                         f"--target-tensor-parallel-size {target_tp} (experts are split like the dense MLP)")
     from gigatron.core.tokenizers import vocab_size_with_padding
 
     padded = vocab_size_with_padding(int(md["true_vocab_size"]), md["make_vocab_size_divisible_by"], target_tp)
@@ -459,7 +557,7 @@ def save_torch_checkpoint(messages: Iterable[Message], save_dir: str, target_tp:
                          "Choose an empty --save-dir or remove it first")
     os.makedirs(save_dir, exist_ok=True)
     tokenizer_flags = copy_tokenizer_files(md, os.path.join(save_dir, TOKENIZER_DIRNAME))
-    args = _args_for(md, target_tp, target_pp, padded, tokenizer_flags)
+    args = _args_for(md, target_tp, target_pp, padded, tokenizer_flags, target_ep)
     swiglu = bool(md["swiglu"])
     tied = not md["untie_embeddings_and_output_weights"]
     dtype = None if params_dtype is None else params_dtype
@@ -475,17 +573,18 @@ def save_torch_checkpoint(messages: Iterable[Message], save_dir: str, target_tp:
             stage["output_layer.weight"] = tensors["embedding.word_embeddings.weight"]
         if dtype is not None:
             stage = {k: v.to(dtype) for k, v in stage.items()}
-        for tp_rank, state_dict in enumerate(_shard_stage(stage, first, count, target_tp, swiglu, padded)):
-            state = {
-                "args": args,
-                "checkpoint_version": CHECKPOINT_VERSION,
-                "iteration": 0 if iteration is None else int(iteration),
-                "model": state_dict,
-                "num_floating_point_operations_so_far": 0.0,
-                "consumed_train_samples": args["consumed_train_samples"],
-                "consumed_valid_samples": args["consumed_valid_samples"],
-            }
-            atomic_torch_save(state, _rank_file(iter_dir, tp_rank, pp_rank, target_pp))
+        for tp_rank, tp_state in enumerate(_shard_stage(stage, first, count, target_tp, swiglu, padded)):
+            for ep_rank, state_dict in enumerate(split_for_ep(tp_state, target_ep, num_experts)):
+                state = {
+                    "args": args,
+                    "checkpoint_version": CHECKPOINT_VERSION,
+                    "iteration": 0 if iteration is None else int(iteration),
+                    "model": state_dict,
+                    "num_floating_point_operations_so_far": 0.0,
+                    "consumed_train_samples": args["consumed_train_samples"],
+                    "consumed_valid_samples": args["consumed_valid_samples"],
+                }
+                atomic_torch_save(state, _rank_file(iter_dir, tp_rank, pp_rank, target_pp, ep_rank, target_ep))
 
     buffer: Dict[str, torch.Tensor] = {}
     stage = 0
