@@ -387,10 +387,12 @@ def check_moe(args) -> None:
     if getattr(args, "num_layers", None) is not None:
         moe_layer_pattern(args, args.num_layers)
     saves_or_loads = getattr(args, "save", None) or getattr(args, "load", None)
-    if saves_or_loads and getattr(args, "ckpt_format", "torch") == "torch_dist" and (ep > 1 or etp != tp):
-        raise ValueError(f"--ckpt-format torch_dist does not yet lay out expert-parallel weights "
-                         f"(--expert-model-parallel-size {ep}, --expert-tensor-parallel-size {etp}); pass "
-                         "--ckpt-format torch (one mp_rank_TT[_PPP]_EEE file per expert-parallel rank).")
+    if (saves_or_loads and getattr(args, "ckpt_format", "torch") == "torch_dist" and (ep > 1 or etp != tp)
+            and getattr(args, "moe_grouped_gemm", False)):
+        raise ValueError(f"--ckpt-format torch_dist stores experts one by one and cannot lay out --moe-grouped-gemm "
+                         f"weights at --expert-model-parallel-size {ep} / --expert-tensor-parallel-size {etp}; "
+                         "drop --moe-grouped-gemm or pass --ckpt-format torch (one mp_rank_TT[_PPP]_EEE file per "
+                         "expert-parallel rank).")
 
 
 def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) -> argparse.Namespace:

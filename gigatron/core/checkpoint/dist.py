@@ -13,7 +13,11 @@ tensor). Tensor-parallel shards map to chunks along the partition dim; a stride-
 SwiGLU fc1 `[gate_r; up_r]`) gives k chunks per rank, so the stored tensor is the tp=1 layout
 `[gate; up]`. Replicated tensors are written by one replica only (tensor-parallel rank 0 of
 data/context-parallel rank 0); a tied output layer on the last pipeline stage is not written: it
-is the word embedding. Optimizer state (fp32 main params and the optimizer's per-element states)
+is the word embedding. Routed experts (SequentialMLP) are stored under their GLOBAL expert number
+(`….mlp.experts.local_experts.{g}.…`), each written by expert-data-parallel rank 0 of the ranks
+holding it (sharded over the expert tensor-parallel ranks like tensor-parallel weights), so they
+load at any expert-parallel size; GroupedMLP weights load only where the expert layout is the
+tensor-parallel one (expert-parallel size 1, expert tensor-parallel size = tensor-parallel size). Optimizer state (fp32 main params and the optimizer's per-element states)
 is stored the same way under `optimizer.state.{fp32_param,exp_avg,exp_avg_sq}.{global name}`;
 the distributed optimizer's flat ranges become rectangular chunks in model space, so a checkpoint
 loads at any tensor / pipeline / data parallel size, with or without the distributed optimizer.
@@ -58,6 +62,7 @@ from torch.distributed.checkpoint.planner_helpers import create_read_items_for_c
 
 from gigatron.core.checkpoint.io import CheckpointError, atomic_torch_save, atomic_write_text, safe_torch_load, to_plain
 from gigatron.core.parallel.tags import (
+    is_expert_parallel,
     is_shared_embedding,
     is_tensor_parallel,
     partition_dim,
@@ -94,6 +99,7 @@ OPTIMIZER_PREFIX = "optimizer.state."
 _VOCAB_PARAMS = ("embedding.word_embeddings.weight", "output_layer.weight")
 _STATE_KEYS = {"adam": ("exp_avg", "exp_avg_sq"), "sgd": ("momentum_buffer",)}
 _LAYER_NAME = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
+_LOCAL_EXPERT_NAME = re.compile(r"^(decoder\.layers\.\d+\.mlp\.experts)\.local_experts\.(\d+)\.(.*)$")
 _CRC_BLOCK = 16 << 20
 
 
@@ -135,9 +141,24 @@ def _unwrap(chunk):
     return getattr(chunk, "module", chunk)
 
 
+def _global_expert_name(module: torch.nn.Module, name: str) -> str:
+    """`name` with a local expert number (`….mlp.experts.local_experts.{j}.…`, j counted on this
+    expert-parallel rank) replaced by the global one (the experts module's `local_expert_ids[j]`)."""
+    match = _LOCAL_EXPERT_NAME.match(name)
+    if match is None:
+        return name
+    experts = module.get_submodule(match.group(1))
+    ids = getattr(experts, "local_expert_ids", None)
+    if ids is None:
+        return name
+    return f"{match.group(1)}.local_experts.{ids[int(match.group(2))]}.{match.group(3)}"
+
+
 def global_param_name(module: torch.nn.Module, name: str) -> str:
     """`name` of a parameter of one model stage with the stage's layer number made global
-    (`decoder.layers.{i + layer_offset}.…`)."""
+    (`decoder.layers.{i + layer_offset}.…`) and, for a routed expert, its expert number made global
+    (`….local_experts.{g}.…`, g in [0, num_experts))."""
+    name = _global_expert_name(module, name)
     match = _LAYER_NAME.match(name)
     if match is None:
         return name
@@ -235,11 +256,32 @@ def _pieces_of_flat_range(key: str, flat: torch.Tensor, param: torch.Tensor, sta
     return pieces
 
 
-def _check_groups(groups) -> None:
+def _check_groups(groups, model_chunks: Sequence[torch.nn.Module] = ()) -> None:
+    """Refuse expert weights that are not stored per expert (GroupedMLP's weight1/weight2 hold all
+    local experts in one tensor) when the expert layout is not the tensor-parallel one."""
     ep = getattr(groups, "ep", None)
-    if ep is not None and ep.size > 1:
-        raise ValueError("--ckpt-format torch_dist does not support expert parallelism "
-                         f"(--expert-model-parallel-size {ep.size}) yet; use --ckpt-format torch")
+    expt_tp = getattr(groups, "expt_tp", None)
+    ep_size = ep.size if ep is not None else 1
+    etp_size = expt_tp.size if expt_tp is not None else groups.tp.size
+    if ep_size == 1 and etp_size == groups.tp.size:
+        return
+    for module, name, param in _named_chunk_params(model_chunks):
+        if is_expert_parallel(param) and _LOCAL_EXPERT_NAME.match(name) is None:
+            raise ValueError(f"--ckpt-format torch_dist stores expert weights per expert; {name} holds several "
+                             f"experts (--moe-grouped-gemm) and cannot be saved at --expert-model-parallel-size "
+                             f"{ep_size} / --expert-tensor-parallel-size {etp_size}. Drop --moe-grouped-gemm "
+                             "or use --ckpt-format torch.")
+
+
+def _is_writer(param: torch.Tensor, groups, data_sharded: bool = False) -> bool:
+    """Whether this rank writes its copy of `param` (or of its optimizer state): rank 0 of the
+    data-parallel replicas (data/context-parallel group; expert-data-parallel group for an expert
+    weight), unless `data_sharded` (the distributed optimizer: each rank holds its own range), and
+    tensor-parallel rank 0 (expert tensor-parallel for an expert weight) of a replicated tensor."""
+    expert = is_expert_parallel(param) and getattr(groups, "expt_dp", None) is not None
+    data_group = groups.expt_dp if expert else groups.dp_cp
+    model_group = groups.expt_tp if expert else groups.tp
+    return (data_sharded or data_group.rank == 0) and (is_tensor_parallel(param) or model_group.rank == 0)
 
 
 def _named_chunk_params(model_chunks) -> Iterable[tuple[torch.nn.Module, str, torch.nn.Parameter]]:
@@ -256,12 +298,11 @@ def _named_chunk_params(model_chunks) -> Iterable[tuple[torch.nn.Module, str, to
 def sharded_model_state(model_chunks: Sequence[torch.nn.Module], groups) -> list[ShardPiece]:
     """This rank's chunks of every model parameter, keyed by global name, with global shapes and
     offsets. `write` is set on one replica of each chunk only."""
-    _check_groups(groups)
-    data_replica0 = groups.dp_cp.rank == 0
+    _check_groups(groups, model_chunks)
     pieces = []
     for module, name, param in _named_chunk_params(model_chunks):
         key, written = _storage_key(module, name, param)
-        replica0 = data_replica0 and (is_tensor_parallel(param) or groups.tp.rank == 0)
+        replica0 = _is_writer(param, groups)
         vocab = key in _VOCAB_PARAMS
         zeros = (0,) * param.dim()
         for data, offsets in _local_box_to_global(param.detach(), zeros, param):
@@ -303,7 +344,7 @@ def sharded_optimizer_state(optimizer, model_chunks: Sequence[torch.nn.Module], 
                             ) -> tuple[list[ShardPiece], dict]:
     """(pieces of the fp32 main params and per-element optimizer states, non-sharded optimizer
     state: kind, step, param group hyper-parameters, grad scaler). Collective (agrees the step)."""
-    _check_groups(groups)
+    _check_groups(groups, model_chunks)
     kind = _optimizer_kind(optimizer)
     step, initialized = _optimizer_step(optimizer)
     keys = _param_keys(model_chunks)
@@ -311,8 +352,7 @@ def sharded_optimizer_state(optimizer, model_chunks: Sequence[torch.nn.Module], 
     pieces = []
     for entry in optimizer.entries:
         key, written, vocab = keys[entry.model_param]
-        replica0 = (sharded or groups.dp_cp.rank == 0) and (is_tensor_parallel(entry.model_param)
-                                                              or groups.tp.rank == 0)
+        replica0 = _is_writer(entry.model_param, groups, data_sharded=sharded)
         tensors = {"fp32_param": entry.main_param}
         state = optimizer.optimizer.state.get(entry.main_param, {})
         if initialized:
@@ -404,8 +444,13 @@ def _file_crc32(path: str) -> tuple[int, int]:
 
 
 def _parallel_layout(groups) -> dict:
-    return {"world_size": _world_size(), "tp": groups.tp.size, "pp": groups.pp.size, "dp": groups.dp.size,
-            "cp": groups.cp.size, "vp": groups.vp_size}
+    layout = {"world_size": _world_size(), "tp": groups.tp.size, "pp": groups.pp.size, "dp": groups.dp.size,
+              "cp": groups.cp.size, "vp": groups.vp_size}
+    ep = getattr(groups, "ep", None)
+    expt_tp = getattr(groups, "expt_tp", None)
+    if ep is not None and expt_tp is not None and (ep.size > 1 or expt_tp.size != groups.tp.size):
+        layout.update(ep=ep.size, etp=expt_tp.size)
+    return layout
 
 
 # ---------------------------------------------------------------------------------------------
@@ -674,7 +719,7 @@ def save_torch_dist(path: str, model_chunks: Sequence[torch.nn.Module], optimize
     written, `finalize_fn` called) when this returns; with it, the files are written in the
     background and `async_saver.maybe_finalize()` completes the save later.
     """
-    _check_groups(groups)
+    _check_groups(groups, model_chunks)
     layout = _parallel_layout(groups)
     pieces = sharded_model_state(model_chunks, groups)
     model_keys = sorted({p.key for p in pieces})
@@ -890,7 +935,7 @@ def load_torch_dist(path: str, model_chunks: Sequence[torch.nn.Module], optimize
     `strict`: every checkpoint model tensor must be used by some rank and every model parameter
     must be in the checkpoint. `verify_checksums`: check the CRC-32 of every file this rank reads
     (sizes are always checked)."""
-    _check_groups(groups)
+    _check_groups(groups, model_chunks)
     path = os.path.abspath(path)
     record = read_checkpoint_metadata(path)
     _verify_files(path, record, [DCP_METADATA_FILENAME, COMMON_FILENAME], verify_checksums)
