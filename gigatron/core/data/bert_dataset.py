@@ -16,7 +16,8 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 import torch
 
-from .masked_dataset import MaskedDatasetConfig, MaskedWordPieceDataset, _named_id, build_masked_datasets
+from .masked_dataset import (MaskedDatasetConfig, MaskedWordPieceDataset, _named_id, build_masked_datasets,
+                             tokenizer_attribute)
 from .utils import Split
 
 __all__ = ["BERTDataset", "truncate_segments", "build_masked_datasets"]
@@ -85,11 +86,9 @@ class BERTDataset(MaskedWordPieceDataset):
         if missing:
             raise ValueError(f"BERT samples need a tokenizer with {', '.join(missing)} ids; use "
                              f"--tokenizer-type BertWordPieceLowerCase or BertWordPieceCase")
-        try:
-            tokenizer.inv_vocab
-        except (AttributeError, NotImplementedError):
+        if tokenizer_attribute(tokenizer, "inv_vocab") is None:
             raise ValueError("BERT masking needs the tokenizer's vocabulary (inv_vocab) to find whole words "
-                             "and random replacement tokens") from None
+                             "and random replacement tokens")
 
     def __getitem__(self, idx: int) -> Dict[str, torch.Tensor]:
         idx = int(idx)

@@ -220,6 +220,14 @@ def build_gpt_datasets(
     """
     gpt_config = gpt_dataset_config_from_data_config(config, tokenizer)
     builder = GPTDatasetBuilder(gpt_config, list(train_valid_test_num_samples))
+    return build_rank_0_first(builder, is_built_on_rank, barrier, rank)
+
+
+def build_rank_0_first(builder, is_built_on_rank: Callable[[], bool], barrier: Optional[Callable[[], None]],
+                       rank: int) -> Tuple:
+    """Run `builder.build()` on rank 0 first (it writes the index caches), then — after `barrier` —
+    on the other ranks (they load them). Ranks where `is_built_on_rank()` is False get
+    (None, None, None) but still join the barrier."""
     datasets: List = [None, None, None]
     build_here = bool(is_built_on_rank())
     if rank == 0 and build_here:

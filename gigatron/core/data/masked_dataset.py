@@ -29,6 +29,7 @@ draw of a sample comes from ``numpy.random.RandomState((seed + index) % 2**32)``
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import logging
 import math
@@ -39,7 +40,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .builder import GPTDatasetBuilder, gpt_dataset_config_from_data_config
+from .builder import GPTDatasetBuilder, build_rank_0_first, gpt_dataset_config_from_data_config
 from .cache import IndexCache, build_or_load, describe
 from .config import DataConfig
 from .gpt_dataset import tokenizer_identifiers
@@ -358,11 +359,17 @@ class WordPieceMasker:
         return MaskingResult(np.flatnonzero(token_covered).astype(np.int64), spans, [b - a for a, b in chosen])
 
 
-def _inv_vocab(tokenizer) -> Dict[int, Any]:
+def tokenizer_attribute(tokenizer, name: str, default: Any = None) -> Any:
+    """`tokenizer.<name>`, or `default` when this tokenizer has no such attribute (the Tokenizer
+    base class raises NotImplementedError for a vocabulary or special id it does not have)."""
     try:
-        inv = tokenizer.inv_vocab
+        return getattr(tokenizer, name)
     except (AttributeError, NotImplementedError):
-        return {}
+        return default
+
+
+def _inv_vocab(tokenizer) -> Dict[int, Any]:
+    inv = tokenizer_attribute(tokenizer, "inv_vocab")
     return inv if isinstance(inv, dict) else {}
 
 
@@ -371,17 +378,9 @@ def special_token_ids(tokenizer) -> List[int]:
     its sentinels and vocabulary entries written ``[...]`` (``[UNK]``, ``[unused0]`` ...)."""
     ids = set()
     for name in ("cls", "sep", "pad", "mask", "bos", "eos", "eod"):
-        try:
-            value = getattr(tokenizer, name)
-        except (AttributeError, NotImplementedError):
-            continue
-        if value is not None and int(value) >= 0:
-            ids.add(int(value))
-    try:
-        extra = tokenizer.additional_special_tokens_ids
-    except (AttributeError, NotImplementedError):
-        extra = None
-    ids.update(int(i) for i in (extra or []))
+        if _named_id(tokenizer, name) >= 0:
+            ids.add(_named_id(tokenizer, name))
+    ids.update(int(i) for i in (tokenizer_attribute(tokenizer, "additional_special_tokens_ids") or []))
     for i, token in _inv_vocab(tokenizer).items():
         if isinstance(token, str) and len(token) > 2 and token.startswith("[") and token.endswith("]"):
             ids.add(int(i))
@@ -389,10 +388,8 @@ def special_token_ids(tokenizer) -> List[int]:
 
 
 def _named_id(tokenizer, name: str) -> int:
-    try:
-        value = getattr(tokenizer, name)
-    except (AttributeError, NotImplementedError):
-        return -1
+    """The tokenizer's `name` id (cls, sep, mask …), or -1 when it has none."""
+    value = tokenizer_attribute(tokenizer, name)
     return -1 if value is None else int(value)
 
 
@@ -401,7 +398,7 @@ def _named_id(tokenizer, name: str) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-class MaskedWordPieceDataset(torch.utils.data.Dataset):
+class MaskedWordPieceDataset(torch.utils.data.Dataset, abc.ABC):
     """Samples of one document split of a sentence-level indexed dataset (BERT / T5 base class).
 
     Subclasses set ``min_sentences`` / ``max_seq_length`` for the mapping and build samples in
@@ -461,14 +458,14 @@ class MaskedWordPieceDataset(torch.utils.data.Dataset):
 
     # -- what subclasses define --------------------------------------------------------------
     @property
+    @abc.abstractmethod
     def max_seq_length(self) -> int:
         """Longest sample the mapping packs (tokens of text, specials excluded)."""
-        raise NotImplementedError
 
     @property
+    @abc.abstractmethod
     def min_sentences(self) -> int:
         """Fewest sentences per sample (documents with fewer are skipped)."""
-        raise NotImplementedError
 
     def _check_tokenizer(self, tokenizer) -> None:
         """Raise ValueError when the tokenizer lacks an id the samples need."""
@@ -641,12 +638,4 @@ def build_masked_datasets(
     masked_config = masked_dataset_config_from_data_config(config, tokenizer, kind)
     dataset_class = BERTDataset if kind == "bert" else T5Dataset
     builder = MaskedDatasetBuilder(dataset_class, masked_config, list(train_valid_test_num_samples))
-    datasets: List = [None, None, None]
-    build_here = bool(is_built_on_rank())
-    if rank == 0 and build_here:
-        datasets = builder.build()
-    if barrier is not None:
-        barrier()
-    if rank != 0 and build_here:
-        datasets = builder.build()
-    return tuple(datasets)
+    return build_rank_0_first(builder, is_built_on_rank, barrier, rank)

@@ -19,7 +19,8 @@ from typing import Dict, Optional
 import numpy as np
 import torch
 
-from .masked_dataset import MaskedDatasetConfig, MaskedWordPieceDataset, _named_id, build_masked_datasets
+from .masked_dataset import (MaskedDatasetConfig, MaskedWordPieceDataset, _named_id, build_masked_datasets,
+                             tokenizer_attribute)
 from .utils import Split
 
 __all__ = ["T5Dataset", "build_masked_datasets"]
@@ -58,11 +59,7 @@ class T5Dataset(MaskedWordPieceDataset):
     def _check_tokenizer(self, tokenizer) -> None:
         if self.config.decoder_sequence_length is None:
             raise ValueError("T5 samples need --decoder-seq-length")
-        try:
-            sentinels = tokenizer.additional_special_tokens_ids
-        except (AttributeError, NotImplementedError):
-            sentinels = None
-        if not sentinels:
+        if not tokenizer_attribute(tokenizer, "additional_special_tokens_ids"):
             raise ValueError("T5 span masking needs sentinel tokens: pass --vocab-extra-ids 100 (a tokenizer with "
                              "additional_special_tokens_ids <extra_id_0> ...)")
         if _named_id(tokenizer, "bos") < 0 and _named_id(tokenizer, "cls") < 0:
