@@ -88,14 +88,12 @@ def _tokenizer_args(md: dict, path: str, from_hf: bool) -> dict:
 
 
 def _check_attention(config, device, dtype: torch.dtype) -> None:
-    """Probe the attention kernel once, with autograd on, for causal and explicit-mask calls: the
-    probe runs a backward, which inference under torch.no_grad() could not; the cached result then
-    serves every later call."""
+    """Probe the attention kernel at load time, for causal and explicit-mask calls, so that a backend
+    that cannot run here fails now rather than at the first call (results are cached)."""
     from gigatron.core.transformer.attention import check_attention_backend
 
-    with torch.enable_grad():
-        for with_mask in (False, True):
-            check_attention_backend(config, torch.device(device), dtype, with_mask, False)
+    for with_mask in (False, True):
+        check_attention_backend(config, torch.device(device), dtype, with_mask, False)
 
 
 def from_pretrained(path: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu",
