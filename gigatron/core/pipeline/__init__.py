@@ -2,6 +2,7 @@
 
 from .p2p import P2PCommunicator, pipeline_dtype, pipeline_tensor_shape
 from .schedules import (
+    ComputeTimer,
     PipelinePlan,
     PlanStep,
     build_1f1b_plan,
@@ -18,6 +19,7 @@ __all__ = [
     "P2PCommunicator",
     "pipeline_dtype",
     "pipeline_tensor_shape",
+    "ComputeTimer",
     "PipelinePlan",
     "PlanStep",
     "build_1f1b_plan",

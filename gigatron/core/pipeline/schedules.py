@@ -4,7 +4,8 @@
 
     forward_backward(*, forward_step_func, data_iterator, model, num_microbatches, seq_length,
                      micro_batch_size, groups, config, forward_only=False,
-                     grad_scale_func=None, finalize_model_grads_func=None) -> list[dict]
+                     grad_scale_func=None, finalize_model_grads_func=None,
+                     compute_timer=None) -> list[dict]
 
 and the same per-micro-batch steps: `forward_step_func(data_iterator, model_chunk)` returns
 `(output_tensor, loss_func)`; on the last stage `loss_func(output_tensor)` returns
@@ -52,11 +53,25 @@ reversed.
 so rank r runs (pp - r - 1) * 2 + (V - 1) G warm-up forwards, then one forward and one backward
 per step, each step's sends and receives in one exchange. The last stage's chunk v feeds the first
 stage's chunk v + 1 (the ring), which is why PP <= G: the tensor must arrive G >= pp steps later.
+
+Compute timer
+-------------
+`compute_timer=ComputeTimer()` (any schedule) brackets each micro-batch's forward compute
+(`forward_step_func`, plus `loss_func` on the last stage) and backward compute (the autograd
+backward of that micro-batch through this stage) -- Megatron's forward-compute and
+backward-compute timers. A bracket opens after the tensor that the step consumes (the previous
+stage's output, the next stage's gradient) has been waited for, so it measures computing, not
+waiting; sends, receives and the schedule's bookkeeping fall outside. On CUDA the brackets are
+pairs of timing events recorded on the current stream (nothing synchronises during the
+schedule); on the CPU they are `time.perf_counter` readings. `busy_seconds()` then gives the time
+this rank computed; the rest of the schedule's wall time is waiting -- the pipeline bubble and
+communication (bench/bench_pipeline.py). Without a timer the schedules record nothing.
 """
 
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -66,6 +81,7 @@ from torch.autograd.graph import get_gradient_edge
 from .p2p import P2PCommunicator, pipeline_tensor_shape
 
 __all__ = [
+    "ComputeTimer",
     "get_forward_backward_func",
     "forward_backward_no_pipelining",
     "forward_backward_pipelining_without_interleaving",
@@ -105,12 +121,14 @@ def get_forward_backward_func(pp_size: int, vp_size: Optional[int] = None) -> Ca
 def forward_backward_no_pipelining(*, forward_step_func, data_iterator, model, num_microbatches: int,
                                    seq_length: Optional[int] = None, micro_batch_size: Optional[int] = None,
                                    groups=None, config=None, forward_only: bool = False,
-                                   grad_scale_func=None, finalize_model_grads_func=None) -> list:
+                                   grad_scale_func=None, finalize_model_grads_func=None,
+                                   compute_timer: Optional[ComputeTimer] = None) -> list:
     """One stage: forward and backward each micro-batch in turn, accumulating gradients.
 
     The data-parallel reduction is held back (`no_sync`) for all but the last micro-batch, whose
     forward and backward run with it enabled. `seq_length`, `micro_batch_size` and `groups` are
     not needed here (no tensors cross stages) and are accepted for the common signature.
+    `compute_timer` (a ComputeTimer, optional) measures each forward and backward step.
     """
     _check_num_microbatches(num_microbatches)
     chunk = _single_chunk(model)
@@ -123,10 +141,12 @@ def forward_backward_no_pipelining(*, forward_step_func, data_iterator, model, n
             for index in range(num_microbatches):
                 if index == num_microbatches - 1:
                     sync.release(0)
-                output = _forward_step(forward_step_func, iterator, chunk, None, num_microbatches,
-                                       is_last_stage=True, logging_dicts=logging_dicts)
+                with _timed(compute_timer, "forward"):
+                    output = _forward_step(forward_step_func, iterator, chunk, None, num_microbatches,
+                                           is_last_stage=True, logging_dicts=logging_dicts)
                 if not forward_only:
-                    _backward_step(None, output, None, grad_scale_func)
+                    with _timed(compute_timer, "backward"):
+                        _backward_step(None, output, None, grad_scale_func)
     finally:
         sync.close()
     if not forward_only and finalize_model_grads_func is not None:
@@ -141,7 +161,8 @@ def forward_backward_pipelining_without_interleaving(*, forward_step_func, data_
                                                      num_microbatches: int, seq_length: int,
                                                      micro_batch_size: int, groups, config,
                                                      forward_only: bool = False, grad_scale_func=None,
-                                                     finalize_model_grads_func=None) -> list:
+                                                     finalize_model_grads_func=None,
+                                                     compute_timer: Optional[ComputeTimer] = None) -> list:
     """1F1B: warm-up forwards, one-forward-one-backward steady state, cool-down backwards.
 
     `model` is this stage's module (or a one-element list of it); `groups.pp` is the pipeline
@@ -155,14 +176,15 @@ def forward_backward_pipelining_without_interleaving(*, forward_step_func, data_
     return _run_plan(plan, forward_step_func=forward_step_func, iterators=iterators, chunks=chunks,
                      seq_length=seq_length, micro_batch_size=micro_batch_size, groups=groups, config=config,
                      forward_only=forward_only, grad_scale_func=grad_scale_func,
-                     finalize_model_grads_func=finalize_model_grads_func)
+                     finalize_model_grads_func=finalize_model_grads_func, compute_timer=compute_timer)
 
 
 def forward_backward_pipelining_with_interleaving(*, forward_step_func, data_iterator, model,
                                                   num_microbatches: int, seq_length: int,
                                                   micro_batch_size: int, groups, config,
                                                   forward_only: bool = False, grad_scale_func=None,
-                                                  finalize_model_grads_func=None) -> list:
+                                                  finalize_model_grads_func=None,
+                                                  compute_timer: Optional[ComputeTimer] = None) -> list:
     """Interleaved 1F1B over the model chunks of this rank (`model` is a list, chunk v holding
     virtual stage v * pp + pp_rank). `data_iterator` is one iterator shared by the chunks or a
     list with one per chunk. The micro-batch group size is
@@ -195,7 +217,7 @@ def forward_backward_pipelining_with_interleaving(*, forward_step_func, data_ite
     return _run_plan(plan, forward_step_func=forward_step_func, iterators=iterators, chunks=chunks,
                      seq_length=seq_length, micro_batch_size=micro_batch_size, groups=groups, config=config,
                      forward_only=forward_only, grad_scale_func=grad_scale_func,
-                     finalize_model_grads_func=finalize_model_grads_func)
+                     finalize_model_grads_func=finalize_model_grads_func, compute_timer=compute_timer)
 
 
 def check_interleaved_num_microbatches(num_microbatches: int, pp_size: int, group_size: int) -> None:
@@ -362,7 +384,8 @@ def build_interleaved_plan(pp_rank: int, pp_size: int, num_chunks: int, num_micr
 
 
 def _run_plan(plan: PipelinePlan, *, forward_step_func, iterators, chunks, seq_length, micro_batch_size,
-              groups, config, forward_only, grad_scale_func, finalize_model_grads_func) -> list:
+              groups, config, forward_only, grad_scale_func, finalize_model_grads_func,
+              compute_timer=None) -> list:
     comm = P2PCommunicator(groups.pp, config)
     comm.prepare()
     tensor_shape = None if comm.variable_seq_lengths else pipeline_tensor_shape(
@@ -387,9 +410,11 @@ def _run_plan(plan: PipelinePlan, *, forward_step_func, iterators, chunks, seq_l
                 if step.forward is not None:
                     _, chunk = plan.forward_order[step.forward]
                     input_tensor = _arrived(inputs.pop(step.forward, None))
-                    output = _forward_step(forward_step_func, iterators[chunk], chunks[chunk], input_tensor,
-                                           plan.num_microbatches, is_last_stage=is_last_rank and chunk == last_chunk,
-                                           logging_dicts=logging_dicts)
+                    with _timed(compute_timer, "forward"):  # opened after the input has arrived
+                        output = _forward_step(forward_step_func, iterators[chunk], chunks[chunk], input_tensor,
+                                               plan.num_microbatches,
+                                               is_last_stage=is_last_rank and chunk == last_chunk,
+                                               logging_dicts=logging_dicts)
                     if step.send_output:
                         output_to_send = output
                     if not forward_only:
@@ -400,7 +425,8 @@ def _run_plan(plan: PipelinePlan, *, forward_step_func, iterators, chunks, seq_l
                     if last_backward_of_chunk[item[1]] == step.backward:
                         sync.release(item[1])
                     output_grad = _arrived(output_grads.pop(step.backward, None))
-                    input_grad = _backward_step(input_tensor, output, output_grad, grad_scale_func)
+                    with _timed(compute_timer, "backward"):  # opened after the gradient has arrived
+                        input_grad = _backward_step(input_tensor, output, output_grad, grad_scale_func)
                     if step.send_grad:
                         grad_to_send = input_grad
                 want_input, want_grad = step.recv_input is not None, step.recv_grad is not None
@@ -506,6 +532,95 @@ def deallocate_output_tensor(output: Optional[torch.Tensor]) -> bool:
         return False
     output.data = torch.empty((1,), device=output.device, dtype=output.dtype)
     return True
+
+
+# ====================================================================== compute timer
+
+
+class ComputeTimer:
+    """Time that the schedules spend computing forward and backward steps on this rank.
+
+    Pass it as `compute_timer=` to any schedule; each micro-batch's forward (with the loss on the
+    last stage) and backward through each model chunk is bracketed (see the module docstring).
+    `device`: a CUDA device times with CUDA events on that device's current stream, without
+    synchronising until a total is asked for; anything else (the CPU) with `time.perf_counter`.
+    Default: the current CUDA device when CUDA is available, else the CPU.
+
+    Totals accumulate over calls until `reset()`; reading one synchronises the device once.
+    """
+
+    KINDS = ("forward", "backward")
+
+    def __init__(self, device=None):
+        if device is None:
+            device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        self._use_events = self.device.type == "cuda"
+        if self._use_events and not torch.cuda.is_available():
+            raise ValueError(f"ComputeTimer(device={self.device}) needs CUDA, which is not available here; "
+                             "pass device='cpu' to time with time.perf_counter")
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every measurement and count."""
+        self.num_forward_steps = 0   # forward steps measured (micro-batches x model chunks)
+        self.num_backward_steps = 0  # backward steps measured (micro-batches x model chunks)
+        self._seconds = {kind: 0.0 for kind in self.KINDS}
+        self._pending = {kind: [] for kind in self.KINDS}  # CUDA (start, end) event pairs not yet summed
+
+    @contextlib.contextmanager
+    def measure(self, kind: str):
+        """Bracket one step of `kind` ("forward" or "backward"); a step that raises is not counted."""
+        if kind not in self.KINDS:
+            raise ValueError(f"ComputeTimer.measure: kind must be one of {self.KINDS}, got {kind!r}")
+        if self._use_events:
+            stream = torch.cuda.current_stream(self.device)
+            start = torch.cuda.Event(enable_timing=True)
+            start.record(stream)
+            yield
+            end = torch.cuda.Event(enable_timing=True)
+            end.record(stream)
+            self._pending[kind].append((start, end))
+        else:
+            begin = time.perf_counter()
+            yield
+            self._seconds[kind] += time.perf_counter() - begin
+        if kind == "forward":
+            self.num_forward_steps += 1
+        else:
+            self.num_backward_steps += 1
+
+    def forward_seconds(self) -> float:
+        """Seconds spent in forward steps (including the loss on the last stage)."""
+        self._collect()
+        return self._seconds["forward"]
+
+    def backward_seconds(self) -> float:
+        """Seconds spent in backward steps."""
+        self._collect()
+        return self._seconds["backward"]
+
+    def busy_seconds(self) -> float:
+        """Seconds spent computing: forward plus backward."""
+        self._collect()
+        return self._seconds["forward"] + self._seconds["backward"]
+
+    def _collect(self) -> None:
+        """Sum the recorded CUDA event pairs (one device synchronisation) into the totals."""
+        if not any(self._pending.values()):
+            return
+        torch.cuda.synchronize(self.device)
+        for kind, pairs in self._pending.items():
+            self._seconds[kind] += sum(start.elapsed_time(end) for start, end in pairs) / 1000.0
+            pairs.clear()
+
+
+_NOT_TIMED = contextlib.nullcontext()
+
+
+def _timed(compute_timer: Optional[ComputeTimer], kind: str):
+    """The timer's bracket for one step, or a shared do-nothing context without a timer."""
+    return _NOT_TIMED if compute_timer is None else compute_timer.measure(kind)
 
 
 # ====================================================================== helpers
