@@ -6,18 +6,27 @@ Model: Megatron's classic 1.3B GPT (24 layers, hidden 2048, 16 heads, 2048 posit
 
 Decode tokens/s = batch * N / (time(prompt + N + 1 tokens) - time(prompt + 1 token)): the prefill
 and the first sampled token are subtracted, so only the KV-cached one-token steps are counted.
+ms/token is the time of one such step (one new token in every row), 1000 * batch / tokens/s.
 Both engines decode greedily with no early stop (ours: stop_at_eod off; HF: min_new_tokens).
 
 Bandwidth limit: each decode step reads every weight once, so one step cannot take less than
 weight bytes / HBM bandwidth; at batch b that is at most b * bandwidth / weight bytes tokens/s
-(KV-cache reads ignored: they are small at these lengths). The bandwidth is measured in the same
+(KV-cache reads ignored: they are small at these lengths), i.e. weight bytes / bandwidth ms per
+token; "fraction of limit" is our tokens/s over that limit. The bandwidth is measured in the same
 run with a large device-to-device copy (bytes read + written / time).
+
+--profile runs torch.profiler over the decode steps (prefill excluded) of one batch-1 generation
+per mode (CUDA graphs first) and prints the 15 ops with the most device time and the 15 with the
+most CPU time, after a line with the wall time, device busy time and kernel count per step: a
+device busy far below the wall time means the host is the bottleneck, a busy time near the wall
+time points at the kernels in the table.
 
 The HF model is the same weights exported with gigatron.core.convert (save_hf_checkpoint, GPT-2
 layout) and loaded as GPT2LMHeadModel in bf16 with SDPA attention.
 
     python bench/bench_decode.py                        # GPU: batch 1, 8, 64; eager and CUDA graphs
     python bench/bench_decode.py --cpu-smoke            # tiny model on CPU: checks the whole path
+    python bench/bench_decode.py --profile --no-hf --batch-sizes 1   # plus where a decode step's time goes
 """
 
 from __future__ import annotations
@@ -110,12 +119,63 @@ def timed(fn, device, repeats: int) -> float:
 
 
 def decode_rate(run, batch: int, new_tokens: int, device, repeats: int):
-    """(tokens/s of the decode steps, outputs of the long run) for run(n) generating n tokens."""
-    run(2)  # warm-up (kernels, graphs)
+    """(tokens/s of the decode steps, ms per decode step, outputs of the long run) for run(n)
+    generating n tokens."""
+    run(new_tokens + 1)  # warm-up (kernels, and a CUDA graph for every attention length the run uses)
     short = timed(lambda: run(1), device, repeats)
     out = {}
     long = timed(lambda: out.setdefault("x", run(new_tokens + 1)), device, repeats)
-    return batch * new_tokens / max(long - short, 1e-9), out["x"]
+    step = max(long - short, 1e-9) / new_tokens
+    return batch / step, 1000.0 * step, out["x"]
+
+
+def profile_decode(engine, prompt, steps: int, device) -> None:
+    """Profile the decode steps (not the prefill) of one greedy generation and print the tables."""
+    from torch.profiler import ProfilerActivity, profile
+
+    params = SamplingParams(tokens_to_generate=steps + 1, top_k=1, stop_at_eod=False)
+    engine.generate_tokens([prompt], params)  # warm-up: kernels, CUDA graphs
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    decode_steps = engine._decode_steps
+    result = {}
+
+    def profiled(*args, **kwargs):  # the engine's step loop, under the profiler
+        sync(device)
+        with profile(activities=activities) as prof:
+            start = time.perf_counter()
+            out = decode_steps(*args, **kwargs)
+            sync(device)
+            result["wall"] = time.perf_counter() - start
+        result["prof"] = prof
+        return out
+
+    engine._decode_steps = profiled
+    try:
+        engine.generate_tokens([prompt], params)
+    finally:
+        del engine._decode_steps  # back to the class's method
+    events = result["prof"].key_averages()
+    line = f"profile {engine.decode_mode} batch 1: {steps} decode steps, wall {1000 * result['wall'] / steps:.3f} ms/step"
+    if device.type == "cuda":
+        # Device-side events only (kernels, copies): the CPU ops that launch them carry the same time.
+        on_device = [e for e in result["prof"].events() if e.device_type == torch.autograd.DeviceType.CUDA
+                     and not getattr(e, "is_user_annotation", False)]
+        busy = sum(e.self_device_time_total for e in on_device) / 1000.0  # ms
+        line += f", device busy {busy / steps:.3f} ms/step, {len(on_device) / steps:.0f} kernels and copies/step"
+    print(line)
+    if device.type == "cuda":
+        print(events.table(sort_by="self_cuda_time_total", row_limit=15))
+    print(events.table(sort_by="self_cpu_time_total", row_limit=15))
+
+
+def _fmt(key: str, value) -> str:
+    if not isinstance(value, float):
+        return str(value)
+    if key.endswith("fraction_of_limit"):
+        return f"{value:.3f}"
+    if key.endswith("ms_per_token"):
+        return f"{value:.3f}"
+    return f"{value:.1f}"
 
 
 def main(argv=None) -> int:
@@ -129,6 +189,9 @@ def main(argv=None) -> int:
     parser.add_argument("--modes", nargs="+", default=None, choices=["eager", "cuda_graph"])
     parser.add_argument("--copy-gib", type=float, default=4.0, help="size of the bandwidth-measuring copy")
     parser.add_argument("--json", default=None, help="also write the results here (atomically)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile the decode steps at batch 1 (torch.profiler) and print the top ops")
+    parser.add_argument("--profile-steps", type=int, default=16, help="decode steps under the profiler")
     args = parser.parse_args(argv)
 
     if args.cpu_smoke:
@@ -160,7 +223,9 @@ def main(argv=None) -> int:
     for batch in batches:
         g = torch.Generator().manual_seed(batch)
         prompts = torch.randint(0, shape["vocab"] - 1, (batch, prompt_len), generator=g)
-        row = {"batch": batch, "bandwidth_limit_tokens_per_s": batch * bandwidth / weight_bytes}
+        limit = batch * bandwidth / weight_bytes
+        row = {"batch": batch, "bandwidth_limit_tokens_per_s": limit,
+               "bandwidth_limit_ms_per_token": 1000.0 * weight_bytes / bandwidth}
         ours_tokens = None
         for mode in modes:
             engine = InferenceEngine(model, tokenizer, max_batch_size=batch,
@@ -170,8 +235,10 @@ def main(argv=None) -> int:
                 params = SamplingParams(tokens_to_generate=n, top_k=1, stop_at_eod=False)
                 return engine.generate_tokens(prompts.tolist(), params).tokens
 
-            rate, tokens = decode_rate(run, batch, new_tokens, device, args.repeats)
+            rate, ms, tokens = decode_rate(run, batch, new_tokens, device, args.repeats)
             row[f"gigatron_{mode}_tokens_per_s"] = rate
+            row[f"gigatron_{mode}_ms_per_token"] = ms
+            row[f"gigatron_{mode}_fraction_of_limit"] = rate / limit
             if ours_tokens is None:
                 ours_tokens = tokens
             elif tokens != ours_tokens:
@@ -185,17 +252,24 @@ def main(argv=None) -> int:
                                       do_sample=False, use_cache=True, pad_token_id=shape["vocab"] - 1)
                 return out.tolist()
 
-            rate, hf_tokens = decode_rate(run_hf, batch, new_tokens, device, args.repeats)
+            rate, ms, hf_tokens = decode_rate(run_hf, batch, new_tokens, device, args.repeats)
             row["hf_generate_tokens_per_s"] = rate
+            row["hf_generate_ms_per_token"] = ms
             # Greedy continuations agree until numerics (bf16) first pick a different argmax.
             agree = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), len(x)) - prompt_len
                      for x, y in zip(ours_tokens, hf_tokens)]
             row["greedy_tokens_equal_to_hf"] = min(agree)
         rows.append(row)
-        print(" | ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True)
+        print(" | ".join(f"{k} {_fmt(k, v)}" for k, v in row.items()), flush=True)
+    if args.profile:
+        prompt = torch.randint(0, shape["vocab"] - 1, (prompt_len,), generator=torch.Generator().manual_seed(1)).tolist()
+        for mode in sorted(modes, key=lambda m: m != "cuda_graph"):
+            engine = InferenceEngine(model, tokenizer, max_batch_size=1,
+                                     max_sequence_length=prompt_len + args.profile_steps + 2, decode_mode=mode)
+            profile_decode(engine, prompt, args.profile_steps, device)
     if args.cpu_smoke:
         for row in rows:
-            assert all(row[f"gigatron_{m}_tokens_per_s"] > 0 for m in modes)
+            assert all(row[f"gigatron_{m}_tokens_per_s"] > 0 and row[f"gigatron_{m}_ms_per_token"] > 0 for m in modes)
             if not args.no_hf:
                 # fp32 on CPU: the same weights must give the same greedy tokens.
                 assert row["greedy_tokens_equal_to_hf"] == new_tokens + 1, row

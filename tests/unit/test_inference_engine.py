@@ -1,6 +1,9 @@
 """Generation engine: KV-cached decoding against full recomputation, batching, sampling masks,
-seeds, stop rules, scoring, padded vocabulary and beam search against brute force."""
+seeds, stop rules, scoring, padded vocabulary and beam search against brute force; rows that stop
+at different steps against a step-by-step reference loop (with the all-stopped check read at once
+and one step late); the kv-bucket choice; a decode step that never reads the device on the host."""
 
+import contextlib
 import math
 import os
 import sys
@@ -12,9 +15,10 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(__file__))
 from _inference_fixtures import PADDED_VOCAB, CharTokenizer, tiny_model  # noqa: E402
 
+import gigatron.core.inference.engine as engine_module  # noqa: E402
 from gigatron.core.inference.engine import InferenceEngine, PromptTooLongError, SamplingParams  # noqa: E402
-from gigatron.core.inference.kv_cache import InferenceContext  # noqa: E402
-from gigatron.core.inference.sampling import sample, top_k_mask, top_p_mask  # noqa: E402
+from gigatron.core.inference.kv_cache import InferenceContext, decode_kv_bucket  # noqa: E402
+from gigatron.core.inference.sampling import draw_from, sample, top_k_mask, top_p_mask  # noqa: E402
 
 TOK = CharTokenizer()
 V = TOK.vocab_size
@@ -255,7 +259,11 @@ def test_kv_cache_writes_in_place():
     assert float(ctx.key_cache[0][0, :7].abs().sum()) > 0
 
 
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
 @pytest.mark.gpu
+@needs_cuda
 def test_cuda_graph_decode_equals_eager():
     model = _model("rope_gqa_swiglu").cuda()
     eager = InferenceEngine(model, TOK, max_batch_size=4)
@@ -265,3 +273,281 @@ def test_cuda_graph_decode_equals_eager():
     b = graph.generate(["hello", "a b c: x"], params)
     assert a.tokens == b.tokens
     torch.testing.assert_close(torch.tensor(a.logprobs[0]), torch.tensor(b.logprobs[0]), rtol=1e-3, atol=1e-3)
+
+
+# ---------------------------------------------------------------------- rows stopping at different steps
+NEWLINE, COLON = TOK.index["\n"], TOK.index[":"]
+
+
+@torch.no_grad()
+def reference_batch_generate(model, prompts, params):
+    """Reference loop: every step recomputes each row's whole sequence (no cache), draws the tokens
+    of all rows at once from one generator seeded like the engine's, and applies the stop rules
+    row by row; a stopped row takes no more tokens. Returns (tokens, generated-token log-probs,
+    top log-probs) per row."""
+    generator = torch.Generator().manual_seed(params.random_seed)
+    rows = [list(p) for p in prompts]
+    logprobs = [[] for _ in prompts]
+    tops = [[] for _ in prompts]
+    active = [True] * len(prompts)
+    top_p = params.top_p
+    for _ in range(params.tokens_to_generate):
+        logits = torch.stack([model(torch.tensor([row]))[-1, 0, :V].float() for row in rows])  # [b, V]
+        if params.prevent_newline_after_colon:
+            for i, row in enumerate(rows):
+                if row[-1] == COLON:
+                    logits[i, NEWLINE] = float("-inf")
+        new = sample(logits, top_k=params.top_k, top_p=top_p, temperature=params.temperature, generator=generator)
+        lp = F.log_softmax(logits, dim=-1)  # [b, V]
+        for i, row in enumerate(rows):
+            if not active[i]:
+                continue
+            token = int(new[i])
+            row.append(token)
+            logprobs[i].append(float(lp[i, token]))
+            if params.top_logprobs:
+                values, ids = lp[i].topk(params.top_logprobs)
+                tops[i].append(dict(zip(ids.tolist(), values.tolist())))
+            if ((params.stop_at_eod and token == TOK.eod) or (params.stop_on_eol and token == NEWLINE)
+                    or (params.stop_on_double_eol and token == NEWLINE and row[-2] == NEWLINE)):
+                active[i] = False
+        if params.top_p_decay > 0.0 and top_p > 0.0:
+            top_p = max(top_p * params.top_p_decay, params.top_p_bound)
+        if not any(active):
+            break
+    return rows, logprobs, tops
+
+
+STOP_CASES = {
+    # greedy: the longest prompt's row stops first, one row runs to the end
+    "greedy": dict(kind="learned", bonus=0.4, forced=[TOK.eod], params=dict(top_k=1), all_stop=False),
+    # nucleus sampling: every row stops before the end, each at its own step
+    "top_p": dict(kind="rope_gqa_swiglu", bonus=1.5, forced=[TOK.eod, NEWLINE],
+                  params=dict(temperature=0.9, top_p=0.9, top_p_decay=0.95, top_p_bound=0.5), all_stop=True),
+}
+STOP_PROMPTS = ["the cat", "a", "hello: wor", "xy z:"]
+
+
+@contextlib.contextmanager
+def deferred_stop_check(monkeypatch, deferred: bool):
+    """Make the engine read the all-rows-stopped flag one step late (as on CUDA) or at once."""
+    with monkeypatch.context() as patch:
+        patch.setattr(engine_module, "_defer_stop_check", lambda device, on_step: deferred and on_step is None)
+        yield
+
+
+@pytest.mark.parametrize("case", sorted(STOP_CASES))
+def test_rows_stopping_at_different_steps_equal_reference_loop(case, monkeypatch):
+    spec = STOP_CASES[case]
+    model = _model(spec["kind"])
+    handle = _force(model, spec["forced"], bonus=spec["bonus"])
+    try:
+        engine = InferenceEngine(model, TOK, max_batch_size=4)
+        params = SamplingParams(tokens_to_generate=16, return_log_probs=True, top_logprobs=3, stop_on_eol=True,
+                                prevent_newline_after_colon=True, random_seed=5, **spec["params"])
+        prompt_tokens = [TOK.tokenize(p) for p in STOP_PROMPTS]
+        results = {}
+        for deferred in (False, True):
+            with deferred_stop_check(monkeypatch, deferred):
+                results[deferred] = engine.generate_tokens(prompt_tokens, params)
+        ref_tokens, ref_logprobs, ref_tops = reference_batch_generate(model, prompt_tokens, params)
+    finally:
+        handle.remove()
+    exact, late = results[False], results[True]
+    # Reading the flag one step late runs one more step in which no row is active: same results.
+    assert (late.tokens, late.logprobs, late.top_logprobs) == (exact.tokens, exact.logprobs, exact.top_logprobs)
+    generated = [len(t) - len(p) for t, p in zip(exact.tokens, prompt_tokens)]
+    assert len(set(generated)) >= 3, generated  # the rows really stop at different steps
+    if spec["all_stop"]:
+        assert max(generated) < params.tokens_to_generate, generated  # all stop early: the late check ends it
+    else:
+        # The longest prompt's row stops while another runs to the end: later steps attend over
+        # more slots than the longest position (the host's bound), which the mask makes exact.
+        longest = max(range(len(prompt_tokens)), key=lambda i: len(prompt_tokens[i]))
+        assert generated[longest] < max(generated) == params.tokens_to_generate, generated
+    assert exact.tokens == ref_tokens
+    for i, prompt in enumerate(prompt_tokens):
+        torch.testing.assert_close(torch.tensor(exact.logprobs[i][len(prompt) - 1:]), torch.tensor(ref_logprobs[i]),
+                                   rtol=1e-4, atol=1e-4)
+        assert len(exact.top_logprobs[i]) == generated[i] == len(ref_tops[i])
+        for got, want in zip(exact.top_logprobs[i], ref_tops[i]):
+            assert list(got) == list(want)
+            torch.testing.assert_close(torch.tensor(list(got.values())), torch.tensor(list(want.values())),
+                                       rtol=1e-4, atol=1e-4)
+
+
+def test_deferred_stop_check_with_on_step_reads_at_once(monkeypatch):
+    """An on_step callback that ends rows is obeyed at once whichever way the flag is read."""
+    model = _model()
+    engine = InferenceEngine(model, TOK, max_batch_size=2)
+    params = SamplingParams(tokens_to_generate=10, top_k=1, stop_at_eod=False)
+    calls = []
+
+    def on_step(step, tokens, active):
+        calls.append((step, list(active)))
+        return [step == 1, step == 3]
+
+    with deferred_stop_check(monkeypatch, True):
+        out = engine.generate(["ab", "cde"], params, on_step=on_step)
+    assert [len(t) for t in out.tokens] == [2 + 2, 3 + 4]
+    assert calls == [(0, [True, True]), (1, [True, True]), (2, [False, True]), (3, [False, True])]
+
+
+def test_draw_from_equals_multinomial():
+    g = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        logits = torch.randn(3, 50, generator=g) * 3
+        logits[:, :10] = float("-inf")
+        probs = torch.softmax(logits, -1)
+        a, b = torch.Generator().manual_seed(trial), torch.Generator().manual_seed(trial)
+        assert torch.equal(draw_from(probs, a), torch.multinomial(probs, 1, generator=b).view(-1))
+        assert torch.equal(a.get_state(), b.get_state())
+
+
+# ---------------------------------------------------------------------- kv buckets
+def test_decode_kv_bucket():
+    assert [decode_kv_bucket(n, 2048) for n in (1, 255, 256, 257, 512, 513, 1024, 1025, 2047, 2048)] == \
+        [256, 256, 256, 512, 512, 1024, 1024, 2048, 2048, 2048]
+    assert [decode_kv_bucket(n, 1500) for n in (1, 256, 300, 1024, 1025, 1500)] == [256, 256, 512, 1024, 1500, 1500]
+    assert decode_kv_bucket(10, 64) == 64  # a cache shorter than the smallest bucket has one bucket
+    assert decode_kv_bucket(5, 100, smallest=16) == 16
+    for S in (64, 258, 1000, 2048):  # smallest covering bucket of the set {256 * 2^k < S} | {S}
+        buckets = sorted({b for b in (256 * 2 ** k for k in range(8)) if b < S} | {S})
+        for n in range(1, S + 1):
+            assert decode_kv_bucket(n, S) == min(b for b in buckets if b >= n)
+    with pytest.raises(ValueError, match="outside"):
+        decode_kv_bucket(0, 64)
+    with pytest.raises(ValueError, match="outside"):
+        decode_kv_bucket(65, 64)
+    with pytest.raises(ValueError, match="smallest"):
+        decode_kv_bucket(5, 64, smallest=0)
+
+
+# ---------------------------------------------------------------------- no host reads in a decode step
+class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the ops that make the host wait for a CUDA device: reading a value (item, bool(),
+    int()), nonzero, masked_select, boolean-mask indexing and multinomial (whose validity check
+    reads the tensor); reads of the tensors in `allowed` (host memory) are fine."""
+
+    SYNCING = {"aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::is_nonzero",
+               "aten::multinomial", "aten::equal", "aten::allclose"}
+    INDEXING = {"aten::index", "aten::index_put_", "aten::index_put", "aten::_index_put_impl_"}
+
+    def __init__(self, allowed):
+        super().__init__()
+        self.allowed = allowed
+        self.reads = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name
+        if name in self.SYNCING:
+            if not (name == "aten::_local_scalar_dense" and args[0].data_ptr() in self.allowed):
+                self.reads.append(name)
+        if name in self.INDEXING and any(i is not None and i.dtype == torch.bool for i in args[1]):
+            self.reads.append(name + " with a boolean mask")
+        return func(*args, **(kwargs or {}))
+
+
+def _watch_decode_steps(monkeypatch):
+    """Run the engine's step loop under _HostReads (and count .tolist() calls); returns the list
+    that collects what was read."""
+    reads = []
+    allowed = set()
+
+    class Check(engine_module._AllStoppedCheck):  # its flags live in host memory: reading them is free
+        def __init__(self, device, deferred):
+            super().__init__(device, deferred)
+            if deferred:
+                allowed.update(flag.data_ptr() for flag in self.flags)
+
+    steps = InferenceEngine._decode_steps
+    tolist = torch.Tensor.tolist
+
+    def watched(self, *args, **kwargs):
+        mode = _HostReads(allowed)
+
+        def counting_tolist(tensor):
+            reads.append("tolist")
+            return tolist(tensor)
+
+        with monkeypatch.context() as patch:
+            patch.setattr(torch.Tensor, "tolist", counting_tolist)
+            with mode:
+                out = steps(self, *args, **kwargs)
+        reads.extend(mode.reads)
+        return out
+
+    monkeypatch.setattr(engine_module, "_AllStoppedCheck", Check)
+    monkeypatch.setattr(InferenceEngine, "_decode_steps", watched)
+    return reads
+
+
+@pytest.mark.parametrize("sampling", [dict(top_k=1), dict(top_p=0.9, temperature=0.8),
+                                      dict(top_k=4, temperature=1.2)])
+def test_decode_steps_read_nothing_on_the_host(sampling, monkeypatch):
+    model = _model("rope_gqa_swiglu")
+    handle = _force(model, [TOK.eod, NEWLINE], bonus=1.5)
+    engine = InferenceEngine(model, TOK, max_batch_size=4)
+    params = SamplingParams(tokens_to_generate=16, return_log_probs=True, top_logprobs=2, stop_on_eol=True,
+                            prevent_newline_after_colon=True, random_seed=5, **sampling)
+    prompts = [TOK.tokenize(p) for p in STOP_PROMPTS]
+    try:
+        expected = engine.generate_tokens(prompts, params)
+        with deferred_stop_check(monkeypatch, True):
+            reads = _watch_decode_steps(monkeypatch)
+            out = engine.generate_tokens(prompts, params)
+            assert reads == []
+            assert (out.tokens, out.logprobs, out.top_logprobs) == (expected.tokens, expected.logprobs,
+                                                                    expected.top_logprobs)
+            # The watch sees host reads where there are some: a callback gets every step's tokens.
+            engine.generate_tokens(prompts, params, on_step=lambda step, tokens, active: None)
+            assert "tolist" in reads
+    finally:
+        handle.remove()
+
+
+# ---------------------------------------------------------------------- CUDA
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_graph_buckets_equal_eager_across_a_bucket_boundary():
+    """Positions cross the 256-slot bucket mid-generation: two graphs (256 and 512 slots) in one
+    memory pool give eager's greedy tokens; rows stop at different steps."""
+    model = _model("rope_gqa_swiglu").cuda()
+    kwargs = dict(max_batch_size=2, max_sequence_length=600)
+    eager = InferenceEngine(model, TOK, **kwargs)
+    graph = InferenceEngine(model, TOK, decode_mode="cuda_graph", **kwargs)
+    prompts = [("the quick brown fox jumps over the lazy dog. " * 6)[:245], "a b c: x"]
+    for params in (SamplingParams(tokens_to_generate=24, top_k=1, return_log_probs=True, stop_at_eod=False),
+                   SamplingParams(tokens_to_generate=24, top_k=1, return_log_probs=True, stop_on_eol=True)):
+        a = eager.generate(prompts, params)
+        b = graph.generate(prompts, params)
+        assert a.tokens == b.tokens
+        for x, y in zip(a.logprobs, b.logprobs):
+            torch.testing.assert_close(torch.tensor(x), torch.tensor(y), rtol=1e-3, atol=1e-3)
+    assert {bucket for _, bucket in graph._graphs} == {256, 512}
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("mode", ["eager", "cuda_graph"])
+def test_decode_steps_do_not_synchronize_on_cuda(mode, monkeypatch):
+    """torch.cuda.set_sync_debug_mode('error') raises on any synchronizing CUDA call (item,
+    nonzero, a blocking device-to-host copy) made during the decode steps."""
+    model = _model("rope_gqa_swiglu").cuda()
+    engine = InferenceEngine(model, TOK, max_batch_size=2, decode_mode=mode)
+    prompts = [TOK.tokenize("hello there"), TOK.tokenize("a b c: x")]
+    params = SamplingParams(tokens_to_generate=12, top_p=0.9, random_seed=1, return_log_probs=True, top_logprobs=2,
+                            prevent_newline_after_colon=True)
+    expected = engine.generate_tokens(prompts, params)  # warm-up: kernels, the attention probe, graphs
+    steps = InferenceEngine._decode_steps
+
+    def strict(self, *args, **kwargs):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return steps(self, *args, **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    monkeypatch.setattr(InferenceEngine, "_decode_steps", strict)
+    out = engine.generate_tokens(prompts, params)
+    assert (out.tokens, out.logprobs) == (expected.tokens, expected.logprobs)

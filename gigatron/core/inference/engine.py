@@ -1,7 +1,8 @@
 """Text generation with a KV cache: batched prefill, then one token per step.
 
 Shape legend: b = rows (prompts), L = longest prompt, s = new tokens in a forward, S = the cache's
-max sequence, V = true vocabulary, Vp = padded vocabulary, tp = tensor-parallel size.
+max sequence, V = true vocabulary, Vp = padded vocabulary, tp = tensor-parallel size, n = top
+log-probabilities asked for.
 
 Prompts of different lengths are right-padded into one [b, L] batch whose position ids are
 0..L-1 in every row. The prefill writes each token's key/value at the cache slot equal to its
@@ -15,21 +16,51 @@ over the tensor-parallel group and the sampled tokens are broadcast from its fir
 ranks keep identical sequences. Only the true vocabulary is ever scored or sampled (the padded
 entries are cut off).
 
-decode_mode "cuda_graph" captures the decode step ([b, 1] tokens over the whole cache, static
-shapes) once per batch size in a CUDA graph and replays it; "eager" (default, and the only choice
-on CPU) runs the model each step and attends only over the slots filled so far.
+The decode step and host synchronisation
+----------------------------------------
+A step only queues device work, so the host can run ahead of the device and prepare the next step
+while the current one computes. Per step, in order:
+
+1. sample the next token of every row from the logits [b, V] (greedy: one argmax; see sampling.py,
+   which never reads a tensor on the host);
+2. rows that already stopped get the padding token (torch.where, not a boolean mask);
+3. write every row's token (and log-probability) at its column `cur` with full-row index tensors;
+   a finished row writes padding at its end column, which is never returned;
+4. stop rules give `stopped` [b]; `cur` advances for the rows still active; `active` drops the
+   stopped rows;
+5. is every row done? On CUDA the step copies active.any() into pinned host memory behind an
+   event and reads the flag of the previous step (one step late: the host is one step ahead).
+   When it says that every row had stopped, the loop ends; the work queued since (one more
+   decode and one sampling step, in which no row is active) changes nothing that is returned;
+6. the next decode feeds each row's new token at position cur - 1 (a finished row re-feeds
+   padding at its last slot, which nothing reads again). The attention length is bounded on the
+   host: after step t no position exceeds L + t, so kv_len = L + t + 1 (exact while the longest
+   prompt's row runs; beyond that the mask hides every slot past a row's position, so a longer
+   kv_len attends exactly the same slots).
+
+The host reads the device only where the caller asks for per-step values: an `on_step` callback
+gets each step's tokens as lists (and then the all-done check is read at once), and everything
+else (tokens, lengths, log-probabilities, top log-probabilities) is read once after the loop.
+
+decode_mode "cuda_graph" captures the decode step (static [b, 1] inputs, logits [b, V] out) in one
+CUDA graph per (batch size, attention length), the attention length being the smallest of the
+buckets 256, 512, 1024, ... (capped at S) that covers the step's positions
+(kv_cache.decode_kv_bucket): a step early in a long cache reads only the slots it may need. The
+graphs share one memory pool; this is safe because they replay one at a time on one stream and
+each step consumes the logits of a replay before the next replay. "eager" (default, and the only
+choice on CPU) runs the model each step and attends over the bounded kv_len above.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import random
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from gigatron.core.inference.kv_cache import InferenceContext, causal_cache_mask
+from gigatron.core.inference.kv_cache import InferenceContext, causal_cache_mask, decode_kv_bucket
 from gigatron.core.inference.sampling import check_sampling_params, sample
 
 __all__ = ["InferenceEngine", "SamplingParams", "GenerationResult", "BeamResult", "PromptTooLongError"]
@@ -160,7 +191,8 @@ class InferenceEngine:
         self.double_newline = _single_token(tokenizer, "\n\n")
         self.colon = _single_token(tokenizer, ":")
         self._context: Optional[InferenceContext] = None
-        self._graphs: Dict[int, "_DecodeGraph"] = {}
+        self._graphs: Dict[Tuple[int, int], "_DecodeGraph"] = {}  # (batch, attention length) -> graph
+        self._graph_pool = None  # one memory pool for every captured decode graph
 
     # ------------------------------------------------------------------ helpers
     def context(self) -> InferenceContext:
@@ -211,30 +243,39 @@ class InferenceEngine:
         logits = self.model(tokens, positions, mask, inference_context=ctx)  # [s, b, Vp/tp]
         return self._full_logits(logits)
 
-    def _decode(self, ctx, tokens, positions, kv_len) -> torch.Tensor:
-        """One decode step: tokens, positions [b, 1] -> logits [b, V]."""
+    def _decode(self, ctx, tokens, positions, kv_len: int) -> torch.Tensor:
+        """One decode step: tokens, positions [b, 1], kv_len >= every position + 1 -> logits [b, V].
+        With CUDA graphs the logits are the graph's output buffer, valid until the next replay."""
         if self.decode_mode == "cuda_graph":
             b = tokens.shape[0]
-            graph = self._graphs.get(b)
+            bucket = decode_kv_bucket(kv_len, ctx.max_sequence_length)
+            graph = self._graphs.get((b, bucket))
             if graph is None:
-                graph = self._graphs[b] = _DecodeGraph(self, ctx, b)
+                if self._graph_pool is None:
+                    self._graph_pool = torch.cuda.graph_pool_handle()
+                graph = self._graphs[(b, bucket)] = _DecodeGraph(self, ctx, b, bucket, self._graph_pool)
             return graph.run(tokens, positions)
         return self._forward(ctx, tokens, positions, kv_len)[:, -1]
 
     def _stop_mask(self, new: torch.Tensor, prev: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         """new, prev [b] -> bool [b]: rows whose new token ends their generation."""
-        stop = torch.zeros_like(new, dtype=torch.bool)
+        stop = None
+
+        def add(condition):
+            nonlocal stop
+            stop = condition if stop is None else stop | condition
+
         if params.stop_at_eod:
-            stop |= new == self.eod
+            add(new == self.eod)
         if params.stop_on_double_eol or params.stop_on_eol:
             if self.double_newline is not None:
-                stop |= new == self.double_newline
+                add(new == self.double_newline)
             if self.newline is not None:
                 if params.stop_on_eol:
-                    stop |= new == self.newline
+                    add(new == self.newline)
                 else:
-                    stop |= (new == self.newline) & (prev == self.newline)
-        return stop
+                    add((new == self.newline) & (prev == self.newline))
+        return stop if stop is not None else torch.zeros_like(new, dtype=torch.bool)
 
     # ------------------------------------------------------------------ sampling generation
     def generate(self, prompts: Sequence[str], params: SamplingParams,
@@ -261,82 +302,102 @@ class InferenceEngine:
         self.check_fits(prompt_tokens, params.tokens_to_generate)
         self.model.eval()
         device = self.device
-        lengths = torch.tensor([len(p) for p in prompt_tokens], device=device)  # [b]
-        longest = int(lengths.max())
+        prompt_lengths = [len(p) for p in prompt_tokens]
+        longest = max(prompt_lengths)
         total = longest + params.tokens_to_generate
-        tokens = torch.full((b, total), self.eod, dtype=torch.long, device=device)  # [b, L + T]
+        table = torch.full((b, total), self.eod, dtype=torch.long)  # [b, L + T], built on the host
         for i, ids in enumerate(prompt_tokens):
-            tokens[i, : len(ids)] = torch.tensor(list(ids), dtype=torch.long)
+            table[i, : len(ids)] = torch.tensor(list(ids), dtype=torch.long)
+        tokens = table.to(device)  # [b, L + T]
+        lengths = torch.tensor(prompt_lengths, device=device)  # [b]
         seed = params.random_seed if params.random_seed >= 0 else random.randrange(2 ** 62)
         generator = torch.Generator(device=device).manual_seed(seed)
-        want_logprobs = params.return_log_probs
 
         ctx = self.context()
         positions = torch.arange(longest, device=device).expand(b, longest)  # [b, L]
         logits = self._forward(ctx, tokens[:, :longest], positions, longest)  # [b, L, V]
         token_logprobs = torch.zeros(b, total, device=device)  # [b, L + T]; entry j: log p(token j)
-        if want_logprobs and longest > 1:
+        if params.return_log_probs and longest > 1:
             lp = F.log_softmax(logits[:, :-1], dim=-1)  # [b, L-1, V]
             token_logprobs[:, 1:longest] = lp.gather(-1, tokens[:, 1:longest, None]).squeeze(-1)
         rows = torch.arange(b, device=device)
         next_logits = logits[rows, lengths - 1]  # [b, V]
-        cur = lengths.clone()  # [b] position of the next token of each row
-        active = torch.ones(b, dtype=torch.bool, device=device)
-        top = [[] for _ in range(b)] if params.top_logprobs > 0 else None
-        top_p = params.top_p
-        for step in range(params.tokens_to_generate):
-            if params.prevent_newline_after_colon and self.colon is not None and self.newline is not None:
-                after_colon = tokens[rows, cur - 1] == self.colon  # [b]
-                next_logits[after_colon, self.newline] = float("-inf")
-            new = sample(next_logits, top_k=params.top_k, top_p=top_p, temperature=params.temperature,
-                         generator=generator)  # [b]
-            new = self._sync_tokens(new)
-            new = torch.where(active, new, torch.full_like(new, self.eod))
-            slot = cur.clone()  # where each row's new token goes
-            prev = tokens[rows, cur - 1]
-            tokens[rows[active], cur[active]] = new[active]
-            if want_logprobs or top is not None:
-                lp = F.log_softmax(next_logits, dim=-1)  # [b, V]
-                if want_logprobs:
-                    token_logprobs[rows[active], cur[active]] = lp[rows, new][active]
-                if top is not None:
-                    values, ids = lp.topk(min(params.top_logprobs, self.vocab_size), dim=-1)  # [b, n]
-                    for i in range(b):
-                        if bool(active[i]):
-                            top[i].append(dict(zip(ids[i].tolist(), values[i].tolist())))
-            stopped = self._stop_mask(new, prev, params) & active
-            if on_step is not None:
-                extra = on_step(step, new.tolist(), active.tolist())
-                if extra is not None:  # the caller ends these rows (e.g. a stop string appeared)
-                    stopped |= torch.tensor(list(extra), dtype=torch.bool, device=device) & active
-            if self.groups.tp.size > 1:  # only the serving rank has the callback: follow its choice
-                stopped = self._sync_tokens(stopped.to(torch.long)).bool()
-            cur = torch.where(active, cur + 1, cur)
-            active = active & ~stopped
-            if params.top_p_decay > 0.0 and top_p > 0.0:
-                top_p = top_p * params.top_p_decay
-                if params.top_p_bound > 0.0:
-                    top_p = max(top_p, params.top_p_bound)
-            if step == params.tokens_to_generate - 1 or not bool(active.any()):
-                break
-            # Finished rows still run (static batch), rewriting their last slot, which is never read.
-            step_positions = torch.where(active, slot, cur - 1)[:, None]  # [b, 1]
-            kv_len = int(step_positions.max()) + 1
-            next_logits = self._decode(ctx, new[:, None], step_positions, kv_len)  # [b, V]
+        del logits
+        cur, top_steps = self._decode_steps(ctx, tokens, token_logprobs, next_logits, lengths, longest, params,
+                                            generator, on_step)
 
         lengths_out = cur.tolist()
         tokens_out = [tokens[i, : lengths_out[i]].tolist() for i in range(b)]
         logprobs_out = None
-        if want_logprobs:
+        if params.return_log_probs:
             logprobs_out = [token_logprobs[i, 1: lengths_out[i]].tolist() for i in range(b)]
         return GenerationResult(
             tokens=tokens_out,
             texts=[self.tokenizer.detokenize(t) for t in tokens_out],
             segments=[[self.tokenizer.detokenize([t]) for t in row] for row in tokens_out],
             logprobs=logprobs_out,
-            prompt_lengths=[len(p) for p in prompt_tokens],
-            top_logprobs=top,
+            prompt_lengths=prompt_lengths,
+            top_logprobs=_top_logprobs_lists(top_steps, b) if params.top_logprobs > 0 else None,
         )
+
+    def _decode_steps(self, ctx: InferenceContext, tokens: torch.Tensor, token_logprobs: torch.Tensor,
+                      next_logits: torch.Tensor, lengths: torch.Tensor, longest: int, params: SamplingParams,
+                      generator: torch.Generator, on_step: Optional[Callable]):
+        """The sampling loop after the prefill (the step the module docstring lays out). Writes the
+        generated tokens and their log-probabilities into tokens and token_logprobs [b, L + T] in
+        place; returns (cur [b]: each row's final length, top_steps: per step (values [b, n],
+        ids [b, n], active [b]) on the device, empty unless params.top_logprobs > 0)."""
+        b = tokens.shape[0]
+        device = tokens.device
+        rows = torch.arange(b, device=device)  # [b]
+        cur = lengths.clone()  # [b] column of each row's next token
+        active = torch.ones(b, dtype=torch.bool, device=device)  # [b] rows still generating
+        last = tokens[rows, cur - 1]  # [b] each row's latest token
+        want_logprobs = params.return_log_probs
+        num_top = min(params.top_logprobs, self.vocab_size) if params.top_logprobs > 0 else 0
+        top_steps: List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        block_newline = (params.prevent_newline_after_colon and self.colon is not None
+                         and self.newline is not None)
+        all_stopped = _AllStoppedCheck(device, deferred=_defer_stop_check(device, on_step))
+        top_p = params.top_p
+        for step in range(params.tokens_to_generate):
+            if block_newline:  # no newline right after a colon
+                column = next_logits[:, self.newline]  # [b]
+                next_logits[:, self.newline] = column.masked_fill(last == self.colon, float("-inf"))
+            new = sample(next_logits, top_k=params.top_k, top_p=top_p, temperature=params.temperature,
+                         generator=generator)  # [b]
+            new = self._sync_tokens(new)
+            new = torch.where(active, new, self.eod)  # stopped rows: padding
+            # Every row writes at its column; a stopped row writes padding past its end (never returned).
+            tokens[rows, cur] = new
+            if want_logprobs or num_top:
+                lp = F.log_softmax(next_logits, dim=-1)  # [b, V]
+                if want_logprobs:
+                    token_logprobs[rows, cur] = lp.gather(-1, new[:, None]).squeeze(-1)
+                if num_top:
+                    values, ids = lp.topk(num_top, dim=-1)  # [b, n]
+                    top_steps.append((values, ids, active))
+            stopped = self._stop_mask(new, last, params) & active
+            if on_step is not None:
+                extra = on_step(step, new.tolist(), active.tolist())
+                if extra is not None:  # the caller ends these rows (e.g. a stop string appeared)
+                    stopped |= torch.tensor(list(extra), dtype=torch.bool, device=device) & active
+            if self.groups.tp.size > 1:  # only the serving rank has the callback: follow its choice
+                stopped = self._sync_tokens(stopped.to(torch.long)).bool()
+            cur = cur + active  # [b] long
+            active = active & ~stopped
+            last = new
+            if params.top_p_decay > 0.0 and top_p > 0.0:
+                top_p = top_p * params.top_p_decay
+                if params.top_p_bound > 0.0:
+                    top_p = max(top_p, params.top_p_bound)
+            if step == params.tokens_to_generate - 1 or all_stopped(active):
+                break
+            # Row r's new token sits at position cur - 1 (a stopped row re-feeds padding at its last
+            # slot). No position exceeds longest + step, so longest + step + 1 slots cover them all.
+            positions = (cur - 1)[:, None]  # [b, 1]
+            next_logits = self._decode(ctx, new[:, None], positions, longest + step + 1)  # [b, V]
+        return cur, top_steps
 
     # ------------------------------------------------------------------ beam search
     @torch.no_grad()
@@ -426,33 +487,89 @@ class InferenceEngine:
         )
 
 
-class _DecodeGraph:
-    """The decode step for a fixed batch size captured in a CUDA graph: static input buffers
-    (tokens, positions [b, 1]), attention over the whole cache (kv_len = S), output logits [b, V]."""
+def _defer_stop_check(device: torch.device, on_step: Optional[Callable]) -> bool:
+    """Read the all-rows-stopped flag one step late (without stalling) on CUDA, unless an on_step
+    callback reads every step's tokens anyway; on CPU reading it costs nothing."""
+    return device.type == "cuda" and on_step is None
 
-    def __init__(self, engine: InferenceEngine, ctx: InferenceContext, batch: int):
+
+class _AllStoppedCheck:
+    """check(active [b]) -> True once every row has stopped.
+
+    Exact (deferred=False): reads active.any() at once. Deferred: queues a copy of active.any()
+    into pinned host memory behind an event and answers from the previous call's flag, waiting for
+    that event only (the device has by then finished the previous step's bookkeeping, and the
+    decode queued after it keeps it busy). So it answers one call late: after the step in which the
+    last row stopped, one more step runs in which no row is active."""
+
+    def __init__(self, device: torch.device, deferred: bool):
+        self.deferred = deferred
+        self.calls = 0
+        if deferred:
+            on_cuda = device.type == "cuda"
+            self.flags = [torch.zeros((), dtype=torch.bool, pin_memory=on_cuda) for _ in range(2)]
+            self.events = [torch.cuda.Event() for _ in range(2)] if on_cuda else None
+
+    def __call__(self, active: torch.Tensor) -> bool:
+        if not self.deferred:
+            return not bool(active.any())
+        slot = self.calls % 2
+        self.flags[slot].copy_(active.any(), non_blocking=True)
+        if self.events is not None:
+            self.events[slot].record()
+        self.calls += 1
+        if self.calls == 1:
+            return False
+        previous = 1 - slot
+        if self.events is not None:
+            self.events[previous].synchronize()
+        return not bool(self.flags[previous])
+
+
+def _top_logprobs_lists(top_steps, b: int) -> List[List[Dict[int, float]]]:
+    """Per row, per step in which the row was active, {token id: log-probability} of the top n."""
+    top: List[List[Dict[int, float]]] = [[] for _ in range(b)]
+    if not top_steps:
+        return top
+    values = torch.stack([v for v, _, _ in top_steps]).tolist()  # [steps, b, n]
+    ids = torch.stack([i for _, i, _ in top_steps]).tolist()  # [steps, b, n]
+    active = torch.stack([a for _, _, a in top_steps]).tolist()  # [steps, b]
+    for step_values, step_ids, step_active in zip(values, ids, active):
+        for i in range(b):
+            if step_active[i]:
+                top[i].append(dict(zip(step_ids[i], step_values[i])))
+    return top
+
+
+class _DecodeGraph:
+    """The decode step for a fixed batch size and attention length captured in a CUDA graph:
+    static inputs tokens, positions [b, 1] (every position < kv_len), output logits [b, V]."""
+
+    def __init__(self, engine: InferenceEngine, ctx: InferenceContext, batch: int, kv_len: int, pool):
         device = engine.device
+        self.kv_len = kv_len
         self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.positions = torch.zeros(batch, 1, dtype=torch.long, device=device)
-        S = ctx.max_sequence_length
-        # The warm-up writes slot 0 of the cache; save and restore it around capture.
+        # The warm-up and the capture write slot 0 of the cache; save and restore it around them.
         saved = {k: (ctx.key_cache[k][:batch, :1].clone(), ctx.value_cache[k][:batch, :1].clone())
                  for k in ctx.key_cache}
         stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
             for _ in range(2):
-                engine._forward(ctx, self.tokens, self.positions, S)
+                engine._forward(ctx, self.tokens, self.positions, kv_len)
         torch.cuda.current_stream(device).wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = engine._forward(ctx, self.tokens, self.positions, S)[:, -1]  # [b, V]
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.logits = engine._forward(ctx, self.tokens, self.positions, kv_len)[:, -1]  # [b, V]
         for k, (kc, vc) in saved.items():
             ctx.key_cache[k][:batch, :1].copy_(kc)
             ctx.value_cache[k][:batch, :1].copy_(vc)
 
     def run(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """tokens, positions [b, 1] -> logits [b, V]: the graph's output buffer, overwritten by the
+        next replay of any decode graph (the caller consumes it first, in stream order)."""
         self.tokens.copy_(tokens)
         self.positions.copy_(positions)
         self.graph.replay()
-        return self.logits.clone()
+        return self.logits

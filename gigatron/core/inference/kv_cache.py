@@ -7,8 +7,10 @@ Each layer owns two preallocated tensors [B, S, ng, d]. Slot j of row r holds th
 token at position j of that row, so a row's cache slot is its position id. A forward step writes
 its new keys/values in place at the positions the caller set (`set_positions`) and attends over
 slots 0..kv_len-1 with a mask that hides every slot after the query's own position; slots that
-hold padding or stale values are therefore never attended. With `kv_len == S` every decode step
-has the same shapes, which is what CUDA graphs and torch.compile need.
+hold padding or stale values are therefore never attended. With a fixed kv_len every decode step
+has the same shapes, which is what CUDA graphs and torch.compile need; `decode_kv_bucket` picks
+that fixed length from a few sizes (256, 512, 1024, ... up to S) so that a step early in a long
+cache does not read all S slots of every layer.
 """
 
 from __future__ import annotations
@@ -17,7 +19,25 @@ from typing import Dict, Iterable, Optional
 
 import torch
 
-__all__ = ["InferenceContext", "causal_cache_mask"]
+__all__ = ["InferenceContext", "causal_cache_mask", "decode_kv_bucket", "SMALLEST_KV_BUCKET"]
+
+SMALLEST_KV_BUCKET = 256
+"""The smallest attention length of a captured decode step; larger ones double up to the cache length."""
+
+
+def decode_kv_bucket(kv_len: int, max_sequence_length: int, smallest: int = SMALLEST_KV_BUCKET) -> int:
+    """The attention length a static-shape decode step uses when it must cover kv_len slots: the
+    smallest of smallest, 2 * smallest, 4 * smallest, ... that is >= kv_len, capped at
+    max_sequence_length (so the buckets of a cache of S slots are those sizes below S, then S)."""
+    if smallest < 1:
+        raise ValueError(f"the smallest kv bucket must be >= 1, got {smallest}")
+    if not 0 < kv_len <= max_sequence_length:
+        raise ValueError(f"kv_len {kv_len} is outside (0, {max_sequence_length}]: the step's positions must "
+                         "lie inside the KV cache")
+    bucket = smallest
+    while bucket < kv_len:
+        bucket *= 2
+    return min(bucket, max_sequence_length)
 
 
 def causal_cache_mask(positions: torch.Tensor, kv_len: int) -> torch.Tensor:
@@ -52,6 +72,7 @@ class InferenceContext:
             self.key_cache[number] = torch.zeros(shape, dtype=dtype, device=device)
             self.value_cache[number] = torch.zeros(shape, dtype=dtype, device=device)
         self.positions: Optional[torch.Tensor] = None
+        self._rows: Optional[torch.Tensor] = None  # [b, s] row index of each new token
         self.kv_len = self.max_sequence_length
 
     @classmethod
@@ -77,6 +98,8 @@ class InferenceContext:
         if not 0 < kv_len <= self.max_sequence_length:
             raise ValueError(f"kv_len {kv_len} is outside (0, {self.max_sequence_length}]")
         self.positions = positions
+        # Built once per forward (not once per layer): every layer writes the same (row, slot) pairs.
+        self._rows = torch.arange(positions.shape[0], device=positions.device)[:, None].expand_as(positions)  # [b, s]
         self.kv_len = kv_len
 
     def store(self, layer_number: int, k: torch.Tensor, v: torch.Tensor):
@@ -85,7 +108,7 @@ class InferenceContext:
         key_cache = self.key_cache[layer_number]
         value_cache = self.value_cache[layer_number]
         b = k.shape[1]
-        rows = torch.arange(b, device=k.device)[:, None].expand_as(self.positions)  # [b, s]
+        rows = self._rows
         key_cache.index_put_((rows, self.positions), k.transpose(0, 1).to(key_cache.dtype))  # [b, s, ng, d]
         value_cache.index_put_((rows, self.positions), v.transpose(0, 1).to(value_cache.dtype))
         keys = key_cache[:b, : self.kv_len].transpose(0, 1)  # [kv_len, b, ng, d]

@@ -7,6 +7,11 @@ temperature, everything below the k-th largest logit is masked (top_k > 1), then
 of tokens whose probability reaches top_p is kept (the token that crosses top_p stays; top_p > 0),
 and a token is drawn from the softmax of what is left. Masked entries get -inf, so they are never
 drawn.
+
+Nothing here reads a tensor on the host, so a decode step can queue its sampling behind the model
+without waiting for the device. The draw (`draw_from`) is the exponential race that
+torch.multinomial(probs, 1) itself runs (argmax of probs / q with q ~ Exp(1)), giving the same
+token from the same generator state, minus torch's validity check of probs, which synchronises.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["top_k_mask", "top_p_mask", "sample", "check_sampling_params"]
+__all__ = ["top_k_mask", "top_p_mask", "sample", "draw_from", "check_sampling_params"]
 
 
 def check_sampling_params(top_k: int, top_p: float, temperature: float, vocab_size: int) -> None:
@@ -60,4 +65,13 @@ def sample(logits: torch.Tensor, *, top_k: int = 0, top_p: float = 0.0, temperat
     elif top_p > 0.0:
         logits = logits.masked_fill(top_p_mask(logits, top_p), float("-inf"))
     probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).view(-1)  # [b]
+    return draw_from(probs, generator)
+
+
+def draw_from(probs: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """probs [b, V] (rows summing to 1, zeros allowed) -> one index per row [b] (long), drawn with
+    probability probs[r, i]: the index of the largest probs / q for independent q ~ Exp(1).
+    The same draw, and the same generator advance, as torch.multinomial(probs, 1, generator=...)."""
+    race = torch.empty_like(probs).exponential_(1.0, generator=generator)  # [b, V]
+    race = torch.div(probs, race, out=race)
+    return torch.argmax(race, dim=-1)  # [b]
