@@ -166,7 +166,10 @@ def main() -> None:
             if saver.maybe_finalize():
                 break
         done = time.perf_counter() - start
-        assert dir_bytes(path) == size or args.cpu_smoke, "async checkpoint size differs from the sync one"
+        async_size = dir_bytes(path)
+        if abs(async_size - size) > max(size // 1000, 1 << 20):  # the same tensors; metadata may differ slightly
+            raise RuntimeError(f"async checkpoint {path} holds {async_size} bytes, the sync one {size}")
+        report[f"async{n}_bytes"] = async_size
         report.update({f"async{n}_stall_s": stall, f"async{n}_until_finalized_s": done,
                        f"async{n}_steps_while_writing": len(during),
                        f"async{n}_step_s_while_writing": sum(during) / len(during)})

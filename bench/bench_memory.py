@@ -21,6 +21,7 @@ activations kept for backward (saved-tensor hooks), compared with the estimate w
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 import time
@@ -125,6 +126,9 @@ class _Held:
 
 def run_case(case: Case, shape: dict, args, device: torch.device, world: int, rank: int):
     cpu = device.type == "cpu"
+    # Bytes still allocated from earlier configurations (none once they are collected); they
+    # are left out of this configuration's measured peak and reported.
+    leftover = torch.cuda.memory_allocated(device) if not cpu else 0
     config = _config(case, shape, bf16=not cpu)
     groups = ParallelGroups.build(ParallelConfig(tensor_model_parallel_size=case.tp,
                                                  pipeline_model_parallel_size=case.pp,
@@ -191,8 +195,11 @@ def run_case(case: Case, shape: dict, args, device: torch.device, world: int, ra
         reserved = None
         del start
     else:
-        measured = torch.cuda.max_memory_allocated(device)
+        measured = torch.cuda.max_memory_allocated(device) - leftover
         reserved = torch.cuda.max_memory_reserved(device)
+        if leftover > 2**20:
+            print(f"{case.name}: {leftover / 2**30:.3f} GiB of earlier configurations still allocated "
+                  "(left out of the measured peak)", flush=True)
         estimated = estimate.allocated
     tokens_per_s = (world // (case.tp * case.pp)) * m * b * s / (elapsed_ms / 1000.0) if elapsed_ms else None
     row = dict(case=case.name, rank=rank, tp_rank=groups.tp.rank, pp_rank=groups.pp.rank, dp=dp,
@@ -318,6 +325,10 @@ def main() -> int:
             row = run_case(case, shape, args, device, world, rank)
         except torch.OutOfMemoryError:
             row = dict(case=case.name, rank=rank, oom=True)
+        # The model, DDP hooks and optimizer of a case form reference cycles: collect them before
+        # the next case, whose peak would otherwise include them.
+        gc.collect()
+        if device.type == "cuda":
             torch.cuda.empty_cache()
         gathered = [None] * world
         dist.all_gather_object(gathered, row)

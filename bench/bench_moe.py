@@ -90,6 +90,30 @@ def bench_layer(args, dtype, device):
         raise SystemExit("SequentialMLP and GroupedMLP disagree")
 
 
+def profile_layer(args, dtype, device):
+    """Where a GroupedMLP layer's forward + backward spends its time: torch.profiler's top ops."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    layer = build_layer(args, True, dtype, device)
+    x = torch.randn(args.tokens, 1, args.hidden, device=device, dtype=dtype, requires_grad=True)
+    grad = torch.randn_like(x)
+
+    def step():
+        out, _ = layer(x)
+        out.backward(grad)
+
+    time_it(step, 1, args.warmup, device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(5):
+            step()
+        synchronize(device)
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(f"profile of 5 forward + backward steps of the GroupedMLP layer (sorted by {sort}):")
+    print(prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=60))
+
+
 def bench_grouped_gemm(args, dtype, device):
     rows = args.tokens * args.topk
     counts = torch.full((args.experts,), rows // args.experts, dtype=torch.long)
@@ -116,6 +140,7 @@ def main(argv=None):
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny fp32 shapes on the CPU (checks the script runs)")
+    parser.add_argument("--profile", action="store_true", help="also print torch.profiler's top ops of the grouped layer")
     args = parser.parse_args(argv)
     if args.cpu_smoke:
         args.hidden, args.moe_ffn, args.experts, args.topk, args.tokens = 32, 48, 8, 2, 64
@@ -132,6 +157,8 @@ def main(argv=None):
           f"{args.tokens} tokens, {dtype}")
     bench_layer(args, dtype, device)
     bench_grouped_gemm(args, dtype, device)
+    if args.profile:
+        profile_layer(args, dtype, device)
 
 
 if __name__ == "__main__":

@@ -557,10 +557,10 @@ def _write_job(path: str, writer: FileSystemWriter, plan: SavePlan, planner: _Sn
         if common is not None:
             atomic_torch_save(common, os.path.join(path, COMMON_FILENAME))
             names.append(COMMON_FILENAME)
-        files = {}
-        for name in names:
-            size, crc = _file_crc32(os.path.join(path, name))
-            files[name] = {"size": size, "crc32": crc}
+        # One thread per file: zlib.crc32 releases the GIL, so the files are checksummed in parallel.
+        with ThreadPoolExecutor(max_workers=max(1, min(len(names), 16)), thread_name_prefix="crc32") as pool:
+            sums = list(pool.map(lambda name: _file_crc32(os.path.join(path, name)), names))
+        files = {name: {"size": size, "crc32": crc} for name, (size, crc) in zip(names, sums)}
         return {"results": results, "files": files}
     except BaseException as exc:  # reported to every rank at finalize
         return {"error": f"rank {rank}: {type(exc).__name__}: {exc}"}
