@@ -250,3 +250,35 @@ def test_moe_layer_cuda_bf16_grouped_equals_sequential():
         outs.append((out.float(), inp.grad.float()))
     assert_close(outs[0][0], outs[1][0], rtol=2e-2, atol=2e-3)
     assert_close(outs[0][1], outs[1][1], rtol=2e-2, atol=2e-3)
+
+
+def test_topk_permutation_equals_nonzero_permutation_forward_and_backward():
+    """The gather-only permutation of dropless top-k routing gives the rows, the combination and
+    the gradients of the nonzero/index_add reference."""
+    from gigatron.core.transformer.moe.token_dispatcher import TopKPermutation, permute, unpermute
+
+    torch.manual_seed(0)
+    T, E, k, h = 37, 6, 2, 8
+    logits = torch.randn(T, E)
+    top = logits.topk(k, dim=1).indices
+    routing_map = torch.zeros(T, E, dtype=torch.bool).scatter(1, top, True)
+    probs = torch.softmax(logits, dim=1) * routing_map
+    w_expert = torch.randn(E, h)  # a stand-in "expert": scale each row by its expert's vector
+
+    def run(fast):
+        tokens = torch.randn(T, h, generator=torch.Generator().manual_seed(1)).requires_grad_()
+        p = probs.clone().requires_grad_()
+        if fast:
+            perm = TopKPermutation(routing_map, k)
+            rows, counts = perm.permute(tokens), perm.tokens_per_expert
+            expert_of_row = torch.repeat_interleave(torch.arange(E), counts)
+            out = perm.unpermute(rows * w_expert[expert_of_row], p)
+        else:
+            rows, token_index, expert_index, counts = permute(tokens, routing_map)
+            out = unpermute(rows * w_expert[expert_index], p, token_index, expert_index, T)
+        out.backward(torch.ones_like(out))
+        return rows.detach(), out.detach(), tokens.grad, p.grad
+
+    fast, reference = run(True), run(False)
+    for a, b in zip(fast, reference):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)

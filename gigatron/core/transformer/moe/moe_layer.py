@@ -68,8 +68,10 @@ class MoELayer(nn.Module):
         self.layer_number = layer_number
         self.router = TopKRouter(config, moe_config, groups, layer_number, aux_loss_tracker)
         self.experts = build_experts(config, moe_config, groups, layer_number)
+        dropless = moe_config.moe_expert_capacity_factor is None  # every token keeps its k experts
         self.token_dispatcher = build_token_dispatcher(moe_config.moe_token_dispatcher_type,
-                                                       moe_config.num_experts, groups)
+                                                       moe_config.num_experts, groups,
+                                                       exact_topk=moe_config.moe_router_topk if dropless else None)
         if moe_config.moe_shared_expert_intermediate_size:
             self.shared_experts = SharedExpertMLP(config, groups, layer_number,
                                                   moe_config.moe_shared_expert_intermediate_size)

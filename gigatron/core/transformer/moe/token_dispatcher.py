@@ -23,7 +23,7 @@ Ranks that receive no tokens take part in every collective with empty tensors.
 
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -41,6 +41,7 @@ __all__ = [
     "reduce_scatter_uneven",
     "permute",
     "unpermute",
+    "TopKPermutation",
     "AllGatherTokenDispatcher",
     "AllToAllTokenDispatcher",
     "build_token_dispatcher",
@@ -145,6 +146,72 @@ def unpermute(rows: torch.Tensor, probs: torch.Tensor, token_index: torch.Tensor
     return out.index_add(0, token_index, rows * weights)
 
 
+class _GatherRows(torch.autograd.Function):
+    """forward: x[index] for a permutation `index` of x's rows; backward: grad[inverse] (a gather,
+    where autograd's index_select backward would scatter-add with atomics)."""
+
+    @staticmethod
+    def forward(ctx, x, index, inverse):
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
+
+
+class _RowsOfTokens(torch.autograd.Function):
+    """forward: tokens[token_index] [N, h], N = T*k rows sorted by expert, every token present k
+    times; backward: each token's k row gradients summed, by gathering them in (token, slot) order
+    (`inverse`) and adding the k slots: no scatter, no atomics, a fixed summation order."""
+
+    @staticmethod
+    def forward(ctx, tokens, token_index, inverse, topk: int):
+        ctx.save_for_backward(inverse)
+        ctx.topk = topk
+        return tokens.index_select(0, token_index)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        pairs = grad.index_select(0, inverse)  # [T*k, h], (token, slot) order
+        return pairs.view(-1, ctx.topk, grad.shape[1]).sum(dim=1), None, None, None  # [T, h]
+
+
+class TopKPermutation:
+    """The expert-sorted order of dropless top-k routing, where every token has exactly k experts.
+
+    Pairs p = t*k + j are (token t, its j-th expert in ascending expert order). `order` [N] lists
+    the pairs sorted by expert, then token -- the row order of `permute` -- and `inverse` [N] is
+    its inverse; N = T*k is known without reading the device (no nonzero), and both the
+    permutation and the combination are gathers whose backward passes are gathers too."""
+
+    def __init__(self, routing_map: torch.Tensor, topk: int):
+        num_tokens = routing_map.shape[0]
+        self.topk = topk
+        # The k marked experts of each token, ascending (a stable sort puts the marked ones first).
+        self.pair_expert = torch.sort(routing_map.to(torch.uint8), dim=1, descending=True,
+                                      stable=True).indices[:, :topk]  # [T, k]
+        flat = self.pair_expert.reshape(-1)  # [N]
+        self.order = torch.sort(flat, stable=True).indices  # [N] pairs by expert, then token
+        self.inverse = torch.empty_like(self.order).index_copy_(
+            0, self.order, torch.arange(flat.numel(), device=flat.device))  # [N]
+        self.token_index = torch.div(self.order, topk, rounding_mode="floor")  # [N]
+        self.tokens_per_expert = routing_map.sum(dim=0)  # [E]
+        self.num_tokens = num_tokens
+
+    def permute(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [T, h] -> rows [N, h] sorted by expert (then token)."""
+        return _RowsOfTokens.apply(tokens, self.token_index, self.inverse, self.topk)
+
+    def unpermute(self, rows: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+        """rows [N, h] in `permute`'s order, probs [T, E] -> sum_j probs[t, e_j] * row of (t, j): [T, h]."""
+        pairs = _GatherRows.apply(rows, self.inverse, self.order)  # [T*k, h], (token, slot) order
+        weights = probs.gather(1, self.pair_expert).to(rows.dtype)  # [T, k]
+        return (pairs.view(self.num_tokens, self.topk, -1) * weights.unsqueeze(-1)).sum(dim=1)  # [T, h]
+
+
 def _sort_chunks_index(counts: torch.Tensor) -> torch.Tensor:
     """counts [C, G]: rows arrive as chunks ordered (c, g); the index that orders them (g, c)."""
     num_chunks, num_groups = counts.shape
@@ -195,16 +262,27 @@ class AllToAllTokenDispatcher:
     """Send each token copy to the rank of its expert (uneven all-to-all over groups.ep), gather
     over the expert tensor-parallel group, run the experts sorted by local expert, and back."""
 
-    def __init__(self, num_experts: int, groups):
+    def __init__(self, num_experts: int, groups, exact_topk: Optional[int] = None):
         self.num_experts = num_experts
         self.ep = groups.ep
         self.etp = groups.expt_tp
         self.num_local_experts = num_experts // groups.ep.size
+        self.exact_topk = exact_topk
 
     def forward(self, tokens: torch.Tensor, probs: torch.Tensor, routing_map: torch.Tensor, experts) -> torch.Tensor:
         ep, etp, g = self.ep, self.etp, self.num_local_experts
         num_tokens = tokens.shape[0]
-        rows, token_index, expert_index, tokens_per_expert = permute(tokens, routing_map)  # rows by global expert
+        if self.exact_topk is not None:  # dropless: k experts per token, gathers only
+            perm = TopKPermutation(routing_map, self.exact_topk)
+            rows, tokens_per_expert = perm.permute(tokens), perm.tokens_per_expert  # rows by global expert
+            combine = perm.unpermute
+        else:
+            rows, token_index, expert_index, tokens_per_expert = permute(tokens, routing_map)  # rows by global expert
+
+            def combine(returned, probs):
+                return unpermute(returned, probs, token_index, expert_index, num_tokens)
+        if ep.size == 1 and etp.size == 1:  # the rows are already in local expert order: no exchange
+            return combine(experts(rows, tokens_per_expert), probs)  # [T, h]
         send_counts = tokens_per_expert.view(ep.size, g)  # [ep, G]: rows for each rank's experts
         recv_counts = _exchange_counts(send_counts, ep)  # [ep, G]: rows from each source rank
         # The only host synchronisation: split sizes of the uneven exchanges.
@@ -225,12 +303,14 @@ class AllToAllTokenDispatcher:
         if etp.size > 1:
             restored = reduce_scatter_uneven(restored, etp, etp_sizes)  # [sum(output_splits), h]
         returned = all_to_all_uneven(restored, ep, input_splits, output_splits)  # [N_local, h]
-        return unpermute(returned, probs, token_index, expert_index, num_tokens)  # [T, h]
+        return combine(returned, probs)  # [T, h]
 
 
-def build_token_dispatcher(dispatcher_type: str, num_experts: int, groups):
+def build_token_dispatcher(dispatcher_type: str, num_experts: int, groups, exact_topk: Optional[int] = None):
+    """`exact_topk`: k when every token is routed to exactly k experts (dropless routing); the
+    all-to-all dispatcher then permutes with TopKPermutation (gathers, no device reads)."""
     if dispatcher_type == "allgather":
         return AllGatherTokenDispatcher(num_experts, groups)
     if dispatcher_type == "alltoall":
-        return AllToAllTokenDispatcher(num_experts, groups)
+        return AllToAllTokenDispatcher(num_experts, groups, exact_topk)
     raise ValueError(f"unknown --moe-token-dispatcher-type {dispatcher_type!r}; use allgather or alltoall")
