@@ -43,6 +43,7 @@ from gigatron.core.pipeline import get_forward_backward_func  # noqa: E402
 from gigatron.core.transformer.config import TransformerConfig  # noqa: E402
 
 FULL = dict(num_layers=24, hidden_size=2048, num_attention_heads=16, seq_length=2048, vocab=50304)
+LARGE = dict(num_layers=32, hidden_size=2560, num_attention_heads=32, seq_length=4096, vocab=50304)
 SMOKE = dict(num_layers=4, hidden_size=64, num_attention_heads=4, seq_length=64, vocab=256)
 
 
@@ -122,6 +123,19 @@ class _Held:
             del self.tracker.refs[self.ptr]
         else:
             self.tracker.refs[self.ptr] = (count - 1, nbytes)
+
+
+def _estimate_first_rank(case: Case, shape: dict, device: torch.device, world: int) -> int:
+    """The estimate of rank 0's peak (for a configuration that ran out of memory)."""
+    config = _config(case, shape, bf16=device.type != "cpu")
+    ddp_config = DDPConfig(use_distributed_optimizer=case.distributed_optimizer)
+    opt_config = OptimizerConfig(lr=1e-4, bf16=config.bf16, params_dtype=config.params_dtype,
+                                 use_distributed_optimizer=case.distributed_optimizer)
+    estimate = memory.estimate_rank_memory(
+        config, ddp_config, opt_config, vocab_size=shape["vocab"], micro_batch_size=case.micro_batch_size,
+        seq_length=shape["seq_length"], num_microbatches=case.num_microbatches,
+        data_parallel_size=world // (case.tp * case.pp), pp_rank=0, dp_rank=0, device_type=device.type)
+    return estimate.allocated
 
 
 def run_case(case: Case, shape: dict, args, device: torch.device, world: int, rank: int):
@@ -293,6 +307,9 @@ def main() -> int:
     parser.add_argument("--iters", type=int, default=3, help="timed steps per configuration (after one warm-up)")
     parser.add_argument("--cases", nargs="+", default=None, help="names of configurations to run (default: all)")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny model on the CPU, gloo (self-check)")
+    parser.add_argument("--model", choices=["1.3b", "2.7b"], default="1.3b",
+                        help="1.3b: 24 x 2048, seq 2048; 2.7b: 32 x 2560, 32 heads, seq 4096 (one that needs "
+                             "recompute on one GPU at a large micro batch)")
     args = parser.parse_args()
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -304,7 +321,7 @@ def main() -> int:
     else:
         if not torch.cuda.is_available():
             raise SystemExit("bench_memory.py measures CUDA memory: run it on a GPU (or use --cpu-smoke)")
-        device, backend, shape = torch.device("cuda", local_rank), "nccl", FULL
+        device, backend, shape = torch.device("cuda", local_rank), "nccl", (LARGE if args.model == "2.7b" else FULL)
         torch.cuda.set_device(device)
     if world > 1:
         kwargs = {"device_id": device} if backend == "nccl" else {}
@@ -324,7 +341,7 @@ def main() -> int:
         try:
             row = run_case(case, shape, args, device, world, rank)
         except torch.OutOfMemoryError:
-            row = dict(case=case.name, rank=rank, oom=True)
+            row = dict(case=case.name, rank=rank, oom=True, estimated=_estimate_first_rank(case, shape, device, world))
         # The model, DDP hooks and optimizer of a case form reference cycles: collect them before
         # the next case, whose peak would otherwise include them.
         gc.collect()
@@ -355,7 +372,9 @@ def _print(rows, skipped, device, shape, args, world) -> None:
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if r.get("oom"):
-            print(f"| {r['case']} | {r['rank']} | | | out of memory | | | | | |")
+            capacity = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+            print(f"| {r['case']} | {r['rank']} | | {_gib(r.get('estimated'))} | out of memory"
+                  f"{f' (device {_gib(capacity)})' if capacity else ''} | | | | | |")
             continue
         error = 100.0 * (r["estimated"] - r["measured"]) / r["measured"]
         print(f"| {r['case']} | {r['rank']} ({r['tp_rank']}, {r['pp_rank']}) | {r['dp']} | {_gib(r['estimated'])} | "

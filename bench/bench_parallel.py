@@ -118,9 +118,9 @@ SUITES = {
         Row("tp2-sp-dp2", 4, _tp(2) + OVERLAP, tp=2),
     ],
     "moe": [
-        Row("ep1-grouped", 1, ["--moe-grouped-gemm"]),
-        Row("ep1-sequential", 1, []),
-        Row("ep1-grouped-compile", 1, ["--moe-grouped-gemm"], compile=True),
+        Row("ep1-grouped", 1, ["--moe-grouped-gemm", "--moe-token-dispatcher-type", "alltoall"]),
+        Row("ep1-sequential", 1, ["--moe-token-dispatcher-type", "alltoall"]),
+        Row("ep1-grouped-compile", 1, ["--moe-grouped-gemm", "--moe-token-dispatcher-type", "alltoall"], compile=True),
         Row("ep2-alltoall", 2, _ep(2) + ["--moe-grouped-gemm", "--moe-token-dispatcher-type", "alltoall"] + OVERLAP),
         Row("ep4-alltoall", 4, _ep(4) + ["--moe-grouped-gemm", "--moe-token-dispatcher-type", "alltoall"] + OVERLAP),
         Row("ep4-allgather", 4, _ep(4) + ["--moe-grouped-gemm", "--moe-token-dispatcher-type", "allgather"] + OVERLAP),

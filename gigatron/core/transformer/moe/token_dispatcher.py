@@ -234,15 +234,19 @@ class AllGatherTokenDispatcher:
     """Gather every token of the tensor x expert parallel group; each rank runs its experts on
     the tokens routed to them; reduce-scatter back."""
 
-    def __init__(self, num_experts: int, groups):
+    def __init__(self, num_experts: int, groups, exact_topk: Optional[int] = None):
         self.num_experts = num_experts
         self.group = groups.tp_ep
         self.num_local_experts = num_experts // groups.ep.size
         self.first_local_expert = max(groups.ep.rank, 0) * self.num_local_experts
+        self.exact_topk = exact_topk
 
     def forward(self, tokens: torch.Tensor, probs: torch.Tensor, routing_map: torch.Tensor, experts) -> torch.Tensor:
         group = self.group
         num_local_tokens = tokens.shape[0]
+        if group.size == 1 and self.exact_topk is not None:  # every expert local, k per token: gathers only
+            perm = TopKPermutation(routing_map, self.exact_topk)
+            return perm.unpermute(experts(perm.permute(tokens), perm.tokens_per_expert), probs)  # [T, h]
         if group.size > 1:
             tokens = gather_from_sequence_parallel_region(tokens, group)  # [t*ep*T, h]
             probs = gather_from_sequence_parallel_region(probs, group)  # [t*ep*T, E]
@@ -308,9 +312,10 @@ class AllToAllTokenDispatcher:
 
 def build_token_dispatcher(dispatcher_type: str, num_experts: int, groups, exact_topk: Optional[int] = None):
     """`exact_topk`: k when every token is routed to exactly k experts (dropless routing); the
-    all-to-all dispatcher then permutes with TopKPermutation (gathers, no device reads)."""
+    all-to-all dispatcher (and the all-gather one on a single rank) then permutes with
+    TopKPermutation (gathers, no device reads)."""
     if dispatcher_type == "allgather":
-        return AllGatherTokenDispatcher(num_experts, groups)
+        return AllGatherTokenDispatcher(num_experts, groups, exact_topk)
     if dispatcher_type == "alltoall":
         return AllToAllTokenDispatcher(num_experts, groups, exact_topk)
     raise ValueError(f"unknown --moe-token-dispatcher-type {dispatcher_type!r}; use allgather or alltoall")
