@@ -13,7 +13,8 @@ Suites (rows needing more GPUs than --gpus are skipped):
   scaling  the 1.3B GPT (24 x 2048, 16 heads, seq 2048, vocab 50257, bf16, Adam, cuDNN attention,
            --torch-compile): dp 1/2/4 with and without overlapped gradient reduction, dp 4 with the
            distributed optimizer and overlapped parameter gather, tp 2/4 with sequence parallelism,
-           tp 2 x dp 2. Every replica takes --micro-batch-size x --num-microbatches sequences.
+           tp 2 x dp 2; tp 2 at micro batch 16; dp 1/2 without compile, with and without overlap.
+           Every replica takes micro batch x micro-batches sequences.
   moe      a Mixtral-style MoE GPT (16 layers, hidden 2048, 16 heads / 8 query groups, RoPE,
            RMSNorm, SwiGLU, 8 experts of ffn 4096, top-2, aux loss, vocab 32000, untied, eager):
            ep 1 with the grouped GEMM and with the sequential experts, ep 2 and ep 4 (all-to-all),
@@ -72,6 +73,8 @@ class Row:
     seq: Optional[int] = None
     compile: Optional[bool] = None
     """--torch-compile for this row (None: the suite's choice)."""
+    mbs: Optional[int] = None
+    """Micro batch of this row (None: the suite's)."""
 
     @property
     def dp(self) -> int:
@@ -114,6 +117,10 @@ SUITES = {
         Row("dp4-no-overlap", 4),
         Row("dp4-distopt", 4, DIST_OPT),
         Row("tp2-sp", 2, _tp(2), tp=2),
+        Row("tp2-sp-mbs16", 2, _tp(2), tp=2, mbs=16),
+        Row("dp2-eager", 2, OVERLAP, compile=False),
+        Row("dp2-no-overlap-eager", 2, compile=False),
+        Row("dp1-eager", 1, compile=False),
         Row("tp4-sp", 4, _tp(4), tp=4),
         Row("tp2-sp-dp2", 4, _tp(2) + OVERLAP, tp=2),
     ],
@@ -176,12 +183,13 @@ def command(row: Row, suite: dict, args, smoke: bool) -> list:
     seq = row.seq or suite["seq"]
     if smoke and row.seq:
         seq = SMOKE_SEQ.get(row.seq, 64)
-    gbs = suite["mbs"] * suite["m"] * row.dp
+    mbs = row.mbs or suite["mbs"]
+    gbs = mbs * suite["m"] * row.dp
     log_interval = args.train_iters // 2
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={row.gpus}",
            os.path.join(ROOT, "pretrain_gpt.py"), *suite["model"],
            "--seq-length", str(seq), "--max-position-embeddings", str(seq),
-           "--micro-batch-size", str(suite["mbs"]), "--global-batch-size", str(gbs),
+           "--micro-batch-size", str(mbs), "--global-batch-size", str(gbs),
            "--train-iters", str(args.train_iters), "--log-interval", str(log_interval),
            "--eval-iters", "0", "--mock-data", "--lr", "1e-4", "--min-lr", "1e-5", "--lr-decay-style", "cosine",
            "--attention-dropout", "0.0", "--hidden-dropout", "0.0", "--log-throughput", "--seed", "1234",
