@@ -9,9 +9,9 @@ and a token is drawn from the softmax of what is left. Masked entries get -inf, 
 drawn.
 
 Nothing here reads a tensor on the host, so a decode step can queue its sampling behind the model
-without waiting for the device. The draw (`draw_from`) is the exponential race that
-torch.multinomial(probs, 1) itself runs (argmax of probs / q with q ~ Exp(1)), giving the same
-token from the same generator state, minus torch's validity check of probs, which synchronises.
+without waiting for the device. The draw (`draw_from`) is an exponential race (argmax of probs / q
+with q ~ Exp(1)): on the CPU the very draw torch.multinomial(probs, 1) makes from the same
+generator state (tested), without torch's validity check of probs, which synchronises.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def sample(logits: torch.Tensor, *, top_k: int = 0, top_p: float = 0.0, temperat
 def draw_from(probs: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """probs [b, V] (rows summing to 1, zeros allowed) -> one index per row [b] (long), drawn with
     probability probs[r, i]: the index of the largest probs / q for independent q ~ Exp(1).
-    The same draw, and the same generator advance, as torch.multinomial(probs, 1, generator=...)."""
+    On the CPU the same draw and generator advance as torch.multinomial(probs, 1, generator=...)."""
     race = torch.empty_like(probs).exponential_(1.0, generator=generator)  # [b, V]
     race = torch.div(probs, race, out=race)
     return torch.argmax(race, dim=-1)  # [b]
