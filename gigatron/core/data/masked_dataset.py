@@ -360,12 +360,9 @@ class WordPieceMasker:
 
 
 def tokenizer_attribute(tokenizer, name: str, default: Any = None) -> Any:
-    """`tokenizer.<name>`, or `default` when this tokenizer has no such attribute (the Tokenizer
-    base class raises NotImplementedError for a vocabulary or special id it does not have)."""
-    try:
-        return getattr(tokenizer, name)
-    except (AttributeError, NotImplementedError):
-        return default
+    """`tokenizer.<name>`, or `default` when this tokenizer has no such attribute (a tokenizer
+    without a token vocabulary raises NoVocabularyError, an AttributeError, for `vocab`)."""
+    return getattr(tokenizer, name, default)
 
 
 def _inv_vocab(tokenizer) -> Dict[int, Any]:

@@ -9,6 +9,7 @@ multiplies it by `growth_factor` and re-arms the hysteresis.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Any
 
 import torch
@@ -16,7 +17,7 @@ import torch
 __all__ = ["MegatronGradScaler", "ConstantGradScaler", "DynamicGradScaler"]
 
 
-class MegatronGradScaler:
+class MegatronGradScaler(ABC):
     """Base: holds the scale as a 1-element fp32 tensor on `device`."""
 
     def __init__(self, initial_scale: float, device: torch.device | str = "cpu") -> None:
@@ -32,14 +33,17 @@ class MegatronGradScaler:
     def inv_scale(self) -> torch.Tensor:
         return self._scale.double().reciprocal().float()
 
+    @abstractmethod
     def update(self, found_inf: bool) -> None:
-        raise NotImplementedError
+        """Adjust the scale after a step whose gradients did (or did not) hold Inf/NaN."""
 
+    @abstractmethod
     def state_dict(self) -> dict[str, Any]:
-        raise NotImplementedError
+        """The scaler's state for a checkpoint."""
 
+    @abstractmethod
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        raise NotImplementedError
+        """Restore what state_dict() returned."""
 
 
 class ConstantGradScaler(MegatronGradScaler):

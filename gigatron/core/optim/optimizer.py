@@ -19,6 +19,7 @@ step() returns (update_successful, grad_norm, num_zeros_in_grad).
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -151,7 +152,7 @@ def _make_grad_scaler(config: OptimizerConfig, device) -> Optional[MegatronGradS
     return None
 
 
-class MegatronOptimizer:
+class MegatronOptimizer(ABC):
     """Common machinery; subclasses build `self.entries` and the torch optimizer."""
 
     def __init__(self, config: OptimizerConfig, model_chunks, groups,
@@ -458,11 +459,13 @@ class MegatronOptimizer:
                 group[key] = value
 
     # ------------------------------------------------------------ Megatron-layout state
+    @abstractmethod
     def state_dict(self) -> dict[str, Any]:
-        raise NotImplementedError
+        """This rank's optimizer state in Megatron's layout (each subclass defines it)."""
 
+    @abstractmethod
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        raise NotImplementedError
+        """Restore what state_dict() returned."""
 
 
 class FP32Optimizer(MegatronOptimizer):

@@ -9,12 +9,17 @@ dataset then pads with -1 and masks those positions out of the loss).
 from __future__ import annotations
 
 import itertools
+from abc import ABC, abstractmethod
 from typing import Iterable, Sequence
 
 import numpy as np
 
 
-class Tokenizer:
+class NoVocabularyError(AttributeError):
+    """Asked for the token vocabulary of a tokenizer that has none (e.g. NullTokenizer)."""
+
+
+class Tokenizer(ABC):
     """Base class: subclasses implement ``tokenize``, ``detokenize``, ``vocab_size`` and ``eod``.
 
     ``tokenize_batch`` encodes many texts at once; subclasses backed by a Rust or C++ library
@@ -30,20 +35,22 @@ class Tokenizer:
 
     # -- the per-text interface -------------------------------------------------------------
     @property
+    @abstractmethod
     def vocab_size(self) -> int:
         """Number of ids, special tokens included (before padding for the embedding table)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def tokenize(self, text: str) -> list[int]:
-        raise NotImplementedError
+        """Text -> ids."""
 
+    @abstractmethod
     def detokenize(self, ids: Sequence[int]) -> str:
-        raise NotImplementedError
+        """Ids -> text."""
 
     @property
     def vocab(self) -> dict:
         """Token string (or bytes) -> id."""
-        raise NotImplementedError(f"{type(self).__name__} has no token vocabulary")
+        raise NoVocabularyError(f"{type(self).__name__} has no token vocabulary")
 
     @property
     def inv_vocab(self) -> dict:
@@ -52,9 +59,9 @@ class Tokenizer:
 
     # -- special ids (-1: this tokenizer has none) -------------------------------------------
     @property
+    @abstractmethod
     def eod(self) -> int:
         """End-of-document id appended by ``--append-eod`` and used by ``--eod-mask-loss``."""
-        raise NotImplementedError
 
     @property
     def pad(self) -> int:
