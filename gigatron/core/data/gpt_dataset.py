@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -22,7 +22,7 @@ from .index_helpers import (
     build_sample_index,
     build_shuffle_index,
 )
-from .utils import Split, convert_split_vector_to_split_matrix, parse_and_normalize_split
+from .utils import BlendedDatasetConfig, Split
 
 logger = logging.getLogger(__name__)
 
@@ -31,35 +31,9 @@ _SEPARATE_FINAL_EPOCH_THRESHOLD = 0.80
 
 
 @dataclass
-class GPTDatasetConfig:
-    """Everything a GPTDataset / BlendedDataset needs (built from DataConfig by the builder)."""
-
-    random_seed: int
-    """Seed of the numpy RandomState that shuffles documents and samples."""
-
-    sequence_length: int
-    """Tokens per sample (inputs); each sample reads one more token for the labels."""
-
-    tokenizer: Any = None
-    """Tokenizer with ``eod`` (and optionally ``pad``)."""
-
-    blend: Optional[Tuple[List[str], Optional[List[float]]]] = None
-    """(prefixes, weights or None) split by ``split``."""
-
-    blend_per_split: Optional[List[Optional[Tuple[List[str], Optional[List[float]]]]]] = None
-    """One (prefixes, weights) per split, for --train/valid/test-data-path."""
-
-    split: Optional[str] = None
-    """The --split string, e.g. "969,30,1"."""
-
-    split_matrix: Optional[List[Optional[Tuple[float, float]]]] = field(init=False, default=None)
-    """Bookends of each split (derived from ``split``)."""
-
-    path_to_cache: Optional[str] = None
-    """Cache directory for the indices (default: <prefix>/cache/GPTDataset_indices, as Megatron)."""
-
-    mmap_bin_files: bool = True
-    """Memory-map the .bin files."""
+class GPTDatasetConfig(BlendedDatasetConfig):
+    """Everything a GPTDataset / BlendedDataset needs (built from DataConfig by the builder);
+    ``tokenizer`` needs ``eod`` (and optionally ``pad``)."""
 
     mock: bool = False
     """Use synthetic documents instead of files."""
@@ -81,18 +55,6 @@ class GPTDatasetConfig:
 
     add_extra_token_to_sequence: bool = True
     """Read seq_length + 1 tokens per sample so the labels are the inputs shifted by one."""
-
-    def __post_init__(self):
-        if self.sequence_length is None or self.sequence_length < 1:
-            raise ValueError(f"--seq-length must be a positive integer, got {self.sequence_length}")
-        if self.blend_per_split is not None and any(self.blend_per_split):
-            if self.split is not None:
-                raise ValueError(
-                    "--split cannot be combined with --train-data-path/--valid-data-path/--test-data-path: "
-                    "per-split paths already say which data each split uses; drop --split"
-                )
-        elif self.split is not None:
-            self.split_matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(self.split))
 
 
 def tokenizer_identifiers(tokenizer) -> Dict[str, Any]:

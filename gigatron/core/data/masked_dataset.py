@@ -45,7 +45,7 @@ from .cache import IndexCache, build_or_load, describe
 from .config import DataConfig
 from .gpt_dataset import tokenizer_identifiers
 from .indexed_dataset import IndexedDataset
-from .utils import Split, convert_split_vector_to_split_matrix, parse_and_normalize_split, split_indices
+from .utils import BlendedDatasetConfig, Split, split_indices
 
 logger = logging.getLogger(__name__)
 
@@ -61,36 +61,11 @@ _BERT_MAX_NGRAM = 3
 
 
 @dataclass
-class MaskedDatasetConfig:
-    """Everything a BERTDataset / T5Dataset (and their blend) needs; built from DataConfig."""
-
-    random_seed: int
-    """Seed of the sample mapping shuffle; sample i's masking uses ``RandomState((seed + i) % 2**32)``."""
-
-    sequence_length: int
-    """Tokens per sample: the BERT sequence (specials included) or the T5 encoder sequence."""
-
-    tokenizer: Any = None
-    """WordPiece-style tokenizer: ``cls``, ``sep``, ``mask``, ``pad``, ``inv_vocab`` (T5 also
-    ``additional_special_tokens_ids``, ``bos``/``eos``)."""
-
-    blend: Optional[Tuple[List[str], Optional[List[float]]]] = None
-    """(prefixes, weights or None) split by ``split``."""
-
-    blend_per_split: Optional[List[Optional[Tuple[List[str], Optional[List[float]]]]]] = None
-    """One (prefixes, weights) per split, for --train/valid/test-data-path."""
-
-    split: Optional[str] = None
-    """The --split string, e.g. "969,30,1" (proportions of DOCUMENTS)."""
-
-    split_matrix: Optional[List[Optional[Tuple[float, float]]]] = field(init=False, default=None)
-    """Bookends of each split (derived from ``split``)."""
-
-    path_to_cache: Optional[str] = None
-    """Cache directory for the sample mappings (default: <prefix>/cache/<Class>_indices)."""
-
-    mmap_bin_files: bool = True
-    """Memory-map the .bin files."""
+class MaskedDatasetConfig(BlendedDatasetConfig):
+    """Everything a BERTDataset / T5Dataset (and their blend) needs; built from DataConfig.
+    ``sequence_length`` is the BERT sequence (specials included) or the T5 encoder sequence;
+    ``tokenizer`` is WordPiece-style (``cls``, ``sep``, ``mask``, ``pad``, ``inv_vocab``; T5 also
+    ``additional_special_tokens_ids``, ``bos``/``eos``); ``split`` gives proportions of documents."""
 
     masking_probability: float = 0.15
     """Share of the tokens of a sample that are masked (--mask-prob)."""
@@ -114,22 +89,13 @@ class MaskedDatasetConfig:
     """Masked datasets read real files only (the GPT builder reads this field)."""
 
     def __post_init__(self):
-        if self.sequence_length is None or self.sequence_length < 1:
-            raise ValueError(f"the sequence length must be a positive integer, got {self.sequence_length}")
+        super().__post_init__()
         if not 0.0 < self.masking_probability <= 1.0:
             raise ValueError(f"--mask-prob must be in (0, 1], got {self.masking_probability}")
         if not 0.0 <= self.short_sequence_probability <= 1.0:
             raise ValueError(f"--short-seq-prob must be in [0, 1], got {self.short_sequence_probability}")
         if self.masking_max_ngram < 1:
             raise ValueError(f"masking_max_ngram must be >= 1, got {self.masking_max_ngram}")
-        if self.blend_per_split is not None and any(self.blend_per_split):
-            if self.split is not None:
-                raise ValueError(
-                    "--split cannot be combined with --train-data-path/--valid-data-path/--test-data-path: "
-                    "per-split paths already say which data each split uses; drop --split"
-                )
-        elif self.split is not None:
-            self.split_matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(self.split))
 
 
 # --------------------------------------------------------------------------------------------

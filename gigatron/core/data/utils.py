@@ -5,7 +5,8 @@ from __future__ import annotations
 import enum
 import json
 import re
-from typing import List, Optional, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -121,3 +122,48 @@ def read_per_split_data_args_file(path: str) -> List[Optional[List[str]]]:
             value = value.split()
         out.append([str(v) for v in value] if value else None)
     return out
+
+
+@dataclass
+class BlendedDatasetConfig:
+    """What every dataset built from --data-path / --split / per-split paths shares (the GPT and
+    the masked dataset configs extend it)."""
+
+    random_seed: int
+    """Seed of the numpy RandomState that shuffles documents and samples."""
+
+    sequence_length: int
+    """Tokens per sample."""
+
+    tokenizer: Any = None
+    """The run's tokenizer (each dataset names the ids it needs)."""
+
+    blend: Optional[Tuple[List[str], Optional[List[float]]]] = None
+    """(prefixes, weights or None) split by ``split``."""
+
+    blend_per_split: Optional[List[Optional[Tuple[List[str], Optional[List[float]]]]]] = None
+    """One (prefixes, weights) per split, for --train/valid/test-data-path."""
+
+    split: Optional[str] = None
+    """The --split string, e.g. "969,30,1"."""
+
+    split_matrix: Optional[List[Optional[Tuple[float, float]]]] = field(init=False, default=None)
+    """Bookends of each split (derived from ``split``)."""
+
+    path_to_cache: Optional[str] = None
+    """Cache directory for the indices (default: <prefix>/cache/<Class>_indices, as Megatron)."""
+
+    mmap_bin_files: bool = True
+    """Memory-map the .bin files."""
+
+    def __post_init__(self):
+        if self.sequence_length is None or self.sequence_length < 1:
+            raise ValueError(f"--seq-length must be a positive integer, got {self.sequence_length}")
+        if self.blend_per_split is not None and any(self.blend_per_split):
+            if self.split is not None:
+                raise ValueError(
+                    "--split cannot be combined with --train-data-path/--valid-data-path/--test-data-path: "
+                    "per-split paths already say which data each split uses; drop --split"
+                )
+        elif self.split is not None:
+            self.split_matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(self.split))
