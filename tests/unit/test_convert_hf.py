@@ -8,7 +8,6 @@ bitwise identical. The converted checkpoint must load through the training engin
 
 import json
 import os
-import sys
 
 import pytest
 import torch
@@ -26,63 +25,7 @@ from gigatron.core.convert import (
     state_to_messages,
 )
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.join(ROOT, "tools", "checkpoint"))
-import convert  # noqa: E402
-
-VOCAB = 100
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _randomize(model, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in sorted(model.named_parameters()):
-            noise = torch.randn(p.shape, generator=g) * 0.1
-            p.copy_(1.0 + noise if "norm" in name or "ln_" in name else noise)
-
-
-def make_hf_model(family, path, seed=0, **overrides):
-    """A tiny random `family` model saved with save_pretrained; returns the model (eval, eager attention)."""
-    import transformers
-
-    if family == "gpt2":
-        kw = dict(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=32, attn_implementation="eager")
-        kw.update(overrides)
-        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**kw))
-    else:
-        kw = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, intermediate_size=48, max_position_embeddings=64,
-                  attn_implementation="eager")
-        kw.update(overrides)
-        cls, cfg = {"llama": (transformers.LlamaForCausalLM, transformers.LlamaConfig),
-                    "mistral": (transformers.MistralForCausalLM, transformers.MistralConfig)}[family]
-        model = cls(cfg(**kw))
-    _randomize(model, seed)
-    model.eval()
-    model.save_pretrained(path)
-    return model
-
-
-def load_safetensors_dir(path):
-    from safetensors.torch import load_file
-
-    out = {}
-    for name in sorted(os.listdir(path)):
-        if name.endswith(".safetensors"):
-            out.update(load_file(os.path.join(path, name)))
-    return out
-
-
-def run_convert(*argv):
-    convert.main(["--model-type", "GPT", *map(str, argv)])
+from _hf_fixtures import VOCAB, load_safetensors_dir, make_hf_model, one_thread, run_convert  # noqa: E402,F401
 
 
 FAMILIES = {

@@ -4,7 +4,6 @@ transformers' logits (fp32, eager attention); the router's top-k renormalisation
 
 import json
 import os
-import sys
 
 import pytest
 import torch
@@ -15,20 +14,9 @@ from gigatron.core.convert import ConversionError, collect_state, hf_messages, s
 from gigatron.core.convert.protocol import moe_config_from_metadata
 from gigatron.core.convert.torch_format import read_torch_checkpoint, split_for_ep
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.join(ROOT, "tools", "checkpoint"))
-import convert  # noqa: E402
+from _hf_fixtures import VOCAB, load_safetensors_dir, one_thread, run_convert, save_model  # noqa: E402,F401
 
-VOCAB = 100
 EXPERTS = 4
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make_mixtral(path, seed=0, **overrides):
@@ -40,30 +28,9 @@ def make_mixtral(path, seed=0, **overrides):
               rope_theta=5000.0, rms_norm_eps=1e-5, router_aux_loss_coef=0.02, attn_implementation="eager")
     kw.update(overrides)
     model = transformers.MixtralForCausalLM(transformers.MixtralConfig(**kw))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in sorted(model.named_parameters()):
-            noise = torch.randn(p.shape, generator=g) * 0.1
-            # Larger router weights: clear top-k choices, so rounding never flips an expert.
-            scale = 8.0 if name.endswith("gate.weight") and "experts" not in name else 1.0
-            p.copy_(1.0 + noise if "norm" in name else noise * scale)
-    model.eval()
-    model.save_pretrained(path)
-    return model
-
-
-def load_safetensors_dir(path):
-    from safetensors.torch import load_file
-
-    out = {}
-    for name in sorted(os.listdir(path)):
-        if name.endswith(".safetensors"):
-            out.update(load_file(os.path.join(path, name)))
-    return out
-
-
-def run_convert(*argv):
-    convert.main(["--model-type", "GPT", *map(str, argv)])
+    # Larger router weights: clear top-k choices, so rounding never flips an expert.
+    return save_model(model, seed, path,
+                      scale=lambda name: 8.0 if name.endswith("gate.weight") and "experts" not in name else 1.0)
 
 
 def _ids(batch=2, seq=12):

@@ -3,55 +3,21 @@ HuggingFace's logits (fp32, eager attention) over the true vocabulary."""
 
 import os
 import shutil
-import sys
 
 import pytest
 import torch
 
 import gigatron
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.join(ROOT, "tools", "checkpoint"))
-import convert  # noqa: E402
-
-VOCAB = 100
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _randomize(model, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in sorted(model.named_parameters()):
-            noise = torch.randn(p.shape, generator=g) * 0.1
-            p.copy_(1.0 + noise if "norm" in name or "ln_" in name else noise)
+from _hf_fixtures import VOCAB, convert, one_thread  # noqa: E402,F401
+from _hf_fixtures import make_hf_model as _make_hf_model  # noqa: E402
 
 
 def make_hf_model(family, path, seed=0, **overrides):
-    import transformers
-
-    if family == "gpt2":
-        kw = dict(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=32, attn_implementation="eager")
-        kw.update(overrides)
-        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**kw))
-    else:
-        kw = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, intermediate_size=48, max_position_embeddings=64,
-                  rope_theta=5000.0, rms_norm_eps=1e-5, attn_implementation="eager")
-        kw.update(overrides)
-        cls, cfg = {"llama": (transformers.LlamaForCausalLM, transformers.LlamaConfig),
-                    "mistral": (transformers.MistralForCausalLM, transformers.MistralConfig)}[family]
-        model = cls(cfg(**kw))
-    _randomize(model, seed)
-    model.eval()
-    model.save_pretrained(path)
-    return model
+    """The shared tiny model, with Llama/Mistral's rope base and norm epsilon set explicitly."""
+    if family != "gpt2":
+        overrides = dict(dict(rope_theta=5000.0, rms_norm_eps=1e-5), **overrides)
+    return _make_hf_model(family, path, seed, **overrides)
 
 
 def _ids(vocab=VOCAB, batch=2, seq=12):
