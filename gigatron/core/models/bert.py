@@ -89,6 +89,13 @@ def check_single_stage_model(config, groups, model: str, position_types=("learne
                          f"{config.position_embedding_type}")
 
 
+def reject_pipeline_input(input_tensor, model: str) -> None:
+    """set_input_tensor of a one-stage model: accept only "no input" (None, or a list of Nones)."""
+    if input_tensor is not None and not (isinstance(input_tensor, (list, tuple))
+                                         and all(t is None for t in input_tensor)):
+        raise ValueError(f"{model} has no pipeline stages and takes no input tensor")
+
+
 def replicated_linear(in_features: int, out_features: int, config, init_key: str) -> nn.Linear:
     """An nn.Linear replicated over tensor-parallel ranks (its input is the full hidden state, so
     every rank computes the same output and gets the same gradient), N(0, init_method_std^2)
@@ -334,9 +341,7 @@ class BertModel(nn.Module):
 
     def set_input_tensor(self, input_tensor) -> None:
         """BERT runs as one stage: there is never an input from a previous stage."""
-        if input_tensor is not None and not (isinstance(input_tensor, (list, tuple))
-                                             and all(t is None for t in input_tensor)):
-            raise ValueError("BERT has no pipeline stages and takes no input tensor")
+        reject_pipeline_input(input_tensor, "BERT")
 
     def encode(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                tokentype_ids: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None

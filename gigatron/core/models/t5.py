@@ -33,7 +33,13 @@ from typing import Optional
 import torch
 from torch import nn
 
-from gigatron.core.models.bert import build_encoder, check_single_stage_model, run_layers, unmask_empty_rows
+from gigatron.core.models.bert import (
+    build_encoder,
+    check_single_stage_model,
+    reject_pipeline_input,
+    run_layers,
+    unmask_empty_rows,
+)
 from gigatron.core.models.common import LanguageModelEmbedding
 from gigatron.core.parallel.cross_entropy import vocab_parallel_cross_entropy
 from gigatron.core.parallel.layers import ColumnParallelLinear
@@ -202,9 +208,7 @@ class T5Model(nn.Module):
 
     def set_input_tensor(self, input_tensor) -> None:
         """T5 runs as one stage: there is never an input from a previous stage."""
-        if input_tensor is not None and not (isinstance(input_tensor, (list, tuple))
-                                             and all(t is None for t in input_tensor)):
-            raise ValueError("T5 has no pipeline stages and takes no input tensor")
+        reject_pipeline_input(input_tensor, "T5")
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         if self.position_embedding_type == "learned_absolute" and ids.shape[1] > self.config.max_position_embeddings:
