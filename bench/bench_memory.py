@@ -125,17 +125,27 @@ class _Held:
             self.tracker.refs[self.ptr] = (count - 1, nbytes)
 
 
-def _estimate_first_rank(case: Case, shape: dict, device: torch.device, world: int) -> int:
-    """The estimate of rank 0's peak (for a configuration that ran out of memory)."""
+def _configs(case: Case, shape: dict, device: torch.device):
+    """(TransformerConfig, DDPConfig, OptimizerConfig) of a configuration."""
     config = _config(case, shape, bf16=device.type != "cpu")
     ddp_config = DDPConfig(use_distributed_optimizer=case.distributed_optimizer)
     opt_config = OptimizerConfig(lr=1e-4, bf16=config.bf16, params_dtype=config.params_dtype,
                                  use_distributed_optimizer=case.distributed_optimizer)
-    estimate = memory.estimate_rank_memory(
-        config, ddp_config, opt_config, vocab_size=shape["vocab"], micro_batch_size=case.micro_batch_size,
+    return config, ddp_config, opt_config
+
+
+def _estimate(case: Case, shape: dict, device: torch.device, configs, data_parallel_size: int,
+              pp_rank: int = 0, dp_rank: int = 0):
+    """gigatron.core.memory's estimate for one rank of a configuration."""
+    return memory.estimate_rank_memory(
+        *configs, vocab_size=shape["vocab"], micro_batch_size=case.micro_batch_size,
         seq_length=shape["seq_length"], num_microbatches=case.num_microbatches,
-        data_parallel_size=world // (case.tp * case.pp), pp_rank=0, dp_rank=0, device_type=device.type)
-    return estimate.allocated
+        data_parallel_size=data_parallel_size, pp_rank=pp_rank, dp_rank=dp_rank, device_type=device.type)
+
+
+def _estimate_first_rank(case: Case, shape: dict, device: torch.device, world: int) -> int:
+    """The estimate of rank 0's peak (for a configuration that ran out of memory)."""
+    return _estimate(case, shape, device, _configs(case, shape, device), world // (case.tp * case.pp)).allocated
 
 
 def run_case(case: Case, shape: dict, args, device: torch.device, world: int, rank: int):
@@ -143,7 +153,7 @@ def run_case(case: Case, shape: dict, args, device: torch.device, world: int, ra
     # Bytes still allocated from earlier configurations (none once they are collected); they
     # are left out of this configuration's measured peak and reported.
     leftover = torch.cuda.memory_allocated(device) if not cpu else 0
-    config = _config(case, shape, bf16=not cpu)
+    config, ddp_config, opt_config = _configs(case, shape, device)
     groups = ParallelGroups.build(ParallelConfig(tensor_model_parallel_size=case.tp,
                                                  pipeline_model_parallel_size=case.pp,
                                                  sequence_parallel=config.sequence_parallel))
@@ -153,10 +163,7 @@ def run_case(case: Case, shape: dict, args, device: torch.device, world: int, ra
     with torch.device(device):
         model = GPTModel(config, groups, vocab, pre_process=groups.is_pipeline_first_stage(),
                          post_process=groups.is_pipeline_last_stage())
-    ddp_config = DDPConfig(use_distributed_optimizer=case.distributed_optimizer)
     ddp = DistributedDataParallel(ddp_config, model, groups)
-    opt_config = OptimizerConfig(lr=1e-4, bf16=config.bf16, params_dtype=config.params_dtype,
-                                 use_distributed_optimizer=case.distributed_optimizer)
     optimizer = get_optimizer(opt_config, [ddp], groups)
     s, b, m = shape["seq_length"], case.micro_batch_size, case.num_microbatches
     gen = torch.Generator(device=device).manual_seed(rank)
@@ -200,9 +207,8 @@ def run_case(case: Case, shape: dict, args, device: torch.device, world: int, ra
         torch.cuda.synchronize(device)
         elapsed_ms = begin.elapsed_time(end) / args.iters
         start = None
-    estimate = memory.estimate_rank_memory(
-        config, ddp_config, opt_config, vocab_size=vocab, micro_batch_size=b, seq_length=s, num_microbatches=m,
-        data_parallel_size=dp, pp_rank=groups.pp.rank, dp_rank=groups.dp.rank, device_type=device.type)
+    estimate = _estimate(case, shape, device, (config, ddp_config, opt_config), dp,
+                         pp_rank=groups.pp.rank, dp_rank=groups.dp.rank)
     if cpu:
         measured = _counted_state(ddp, optimizer) + tracker.peak
         estimated = estimate.state + _cpu_activation_peak(config, estimate, b, s)
