@@ -11,23 +11,37 @@ per-replica batch), the scaling efficiency the issue targets are stated in.
 
 Suites (rows needing more GPUs than --gpus are skipped):
   scaling  the 1.3B GPT (24 x 2048, 16 heads, seq 2048, vocab 50257, bf16, Adam, cuDNN attention,
-           --torch-compile): dp 1/2/4 with and without overlapped gradient reduction, dp 4 with the
-           distributed optimizer and overlapped parameter gather, tp 2/4 with sequence parallelism,
+           --torch-compile): dp 1/2/4 with and without overlapped gradient reduction, dp 2 with the
+           distributed optimizer with and without overlapped reduce-scatter / parameter all-gather,
+           dp 4 with the distributed optimizer and overlapped parameter gather, tp 2/4 with sequence parallelism,
            tp 2 x dp 2; tp 2 at micro batch 16; dp 1/2 without compile, with and without overlap.
            Every replica takes micro batch x micro-batches sequences.
   moe      a Mixtral-style MoE GPT (16 layers, hidden 2048, 16 heads / 8 query groups, RoPE,
            RMSNorm, SwiGLU, 8 experts of ffn 4096, top-2, aux loss, vocab 32000, untied, eager):
-           ep 1 with the grouped GEMM and with the sequential experts, ep 2 and ep 4 (all-to-all),
-           ep 4 with the all-gather dispatcher. Expert parallelism runs inside data parallelism.
+           ep 1 with the grouped GEMM and with the sequential experts, and compiled, also at micro
+           batch 8 x 4 micro-batches (the per-step work on 3.6B parameters -- optimizer, gradient
+           buffers -- spread over 4x the tokens); ep 2 and ep 4 (all-to-all), ep 4 with the
+           all-gather dispatcher. Expert parallelism runs inside data parallelism.
   cp       the 1.3B GPT at seq 8192 / 16384 / 32768 (micro batch 1, eager) at cp 1, 2, 4 with the
            ring attention (--cp-comm-type p2p).
 
     python bench/bench_parallel.py --suite scaling moe cp --log-dir logs   # on a 4-GPU host
     python bench/bench_parallel.py --suite scaling --rows dp1 tp2-sp        # some rows
     python bench/bench_parallel.py --cpu-smoke                              # tiny models, gloo, CPU
+    python bench/bench_parallel.py --suite scaling --profile --log-dir logs # plus hidden/exposed communication
 
 --cpu-smoke runs every suite with tiny shapes on the CPU (gloo, --gpus processes at most, default 2) to check
 that each row's flags train; its figures are not measurements.
+
+--profile runs each row 3 iterations longer, after the measured interval (so neither the profiler nor
+writing its trace touches the timings; --lr-decay-iters keeps the measured iterations' learning rate):
+one profiler warm-up iteration, then two iterations traced on rank 0 with Gigatron's --profile
+--use-pytorch-profiler, into <log-dir>/<suite>_<row>/ (a temporary directory without --log-dir).
+gigatron.training.profiling.overlap_summary reads the trace and adds two columns, per iteration:
+"comm ms/iter", the time the GPU runs NCCL kernels (every collective: gradient reduce-scatter /
+all-reduce, parameter all-gather, and the row's tp/sp/ep/cp collectives), and "exposed comm
+ms/iter", the part of it no compute kernel overlaps. On the CPU (--cpu-smoke) the same figures come
+from the gloo worker threads against the operators' CPU time (not measurements either).
 """
 
 from __future__ import annotations
@@ -44,6 +58,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # gigatron.training.profiling for --profile
 
 GPT_1P3B = ["--num-layers", "24", "--hidden-size", "2048", "--num-attention-heads", "16",
             "--vocab-size", "50257", "--attention-backend", "cudnn"]
@@ -75,6 +90,8 @@ class Row:
     """--torch-compile for this row (None: the suite's choice)."""
     mbs: Optional[int] = None
     """Micro batch of this row (None: the suite's)."""
+    m: Optional[int] = None
+    """Micro-batches per replica per iteration (None: the suite's)."""
 
     @property
     def dp(self) -> int:
@@ -113,6 +130,8 @@ SUITES = {
         Row("dp1", 1),
         Row("dp2", 2, OVERLAP),
         Row("dp2-no-overlap", 2),
+        Row("dp2-dist-opt", 2, DIST_OPT),
+        Row("dp2-dist-opt-no-overlap", 2, ["--use-distributed-optimizer"]),
         Row("dp4", 4, OVERLAP),
         Row("dp4-no-overlap", 4),
         Row("dp4-distopt", 4, DIST_OPT),
@@ -128,6 +147,8 @@ SUITES = {
         Row("ep1-grouped", 1, ["--moe-grouped-gemm", "--moe-token-dispatcher-type", "alltoall"]),
         Row("ep1-sequential", 1, ["--moe-token-dispatcher-type", "alltoall"]),
         Row("ep1-grouped-compile", 1, ["--moe-grouped-gemm", "--moe-token-dispatcher-type", "alltoall"], compile=True),
+        Row("ep1-grouped-compile-mbs8x4", 1, ["--moe-grouped-gemm", "--moe-token-dispatcher-type", "alltoall"],
+            compile=True, mbs=8, m=4),
         Row("ep2-alltoall", 2, _ep(2) + ["--moe-grouped-gemm", "--moe-token-dispatcher-type", "alltoall"] + OVERLAP),
         Row("ep4-alltoall", 4, _ep(4) + ["--moe-grouped-gemm", "--moe-token-dispatcher-type", "alltoall"] + OVERLAP),
         Row("ep4-allgather", 4, _ep(4) + ["--moe-grouped-gemm", "--moe-token-dispatcher-type", "allgather"] + OVERLAP),
@@ -167,9 +188,12 @@ _FIELDS = {
 }
 
 
-def parse_log(text: str) -> Optional[dict]:
-    """The figures of the last training log line (None when the run logged no iteration)."""
+def parse_log(text: str, iteration: Optional[int] = None) -> Optional[dict]:
+    """The figures of the last training log line, or of the line of `iteration` (None when the run
+    logged no such iteration)."""
     lines = [line for line in text.splitlines() if re.search(r"iteration\s+\d+/\s*\d+ \|", line)]
+    if iteration is not None:
+        lines = [line for line in lines if re.search(rf"iteration\s+{iteration}/", line)]
     if not lines:
         return None
     result = {}
@@ -179,12 +203,18 @@ def parse_log(text: str) -> Optional[dict]:
     return result
 
 
-def command(row: Row, suite: dict, args, smoke: bool) -> list:
+def profile_window(args) -> tuple[int, int]:
+    """--profile: the iteration counts [start, end) traced, after the measured interval and one
+    profiler warm-up iteration."""
+    return args.train_iters + 1, args.train_iters + 3
+
+
+def command(row: Row, suite: dict, args, smoke: bool, trace_dir: Optional[str] = None) -> list:
     seq = row.seq or suite["seq"]
     if smoke and row.seq:
         seq = SMOKE_SEQ.get(row.seq, 64)
     mbs = row.mbs or suite["mbs"]
-    gbs = mbs * suite["m"] * row.dp
+    gbs = mbs * (row.m or suite["m"]) * row.dp
     log_interval = args.train_iters // 2
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={row.gpus}",
            os.path.join(ROOT, "pretrain_gpt.py"), *suite["model"],
@@ -194,6 +224,12 @@ def command(row: Row, suite: dict, args, smoke: bool) -> list:
            "--eval-iters", "0", "--mock-data", "--lr", "1e-4", "--min-lr", "1e-5", "--lr-decay-style", "cosine",
            "--attention-dropout", "0.0", "--hidden-dropout", "0.0", "--log-throughput", "--seed", "1234",
            "--distributed-timeout-minutes", "5", *row.flags]
+    if trace_dir is not None:
+        start, end = profile_window(args)
+        cmd[cmd.index("--train-iters") + 1] = str(end)
+        cmd += ["--lr-decay-iters", str(args.train_iters), "--profile", "--use-pytorch-profiler",
+                "--profile-step-start", str(start), "--profile-step-end", str(end), "--profile-ranks", "0",
+                "--tensorboard-dir", trace_dir]
     if smoke:
         cmd += ["--attention-backend", "math"]
     else:
@@ -203,8 +239,16 @@ def command(row: Row, suite: dict, args, smoke: bool) -> list:
     return cmd
 
 
-def run_row(row: Row, suite_name: str, suite: dict, args, smoke: bool) -> dict:
-    cmd = command(row, suite, args, smoke)
+def run_row(row: Row, suite_name: str, suite: dict, args, smoke: bool, trace_root: Optional[str] = None) -> dict:
+    trace_dir = trace_path = None
+    if trace_root is not None:
+        from gigatron.training.profiling import trace_file_name
+
+        trace_dir = os.path.join(trace_root, f"{suite_name}_{row.name}")
+        trace_path = os.path.join(trace_dir, trace_file_name(0, *profile_window(args)))
+        if os.path.exists(trace_path):  # an earlier run's trace must not stand in for this one's
+            os.remove(trace_path)
+    cmd = command(row, suite, args, smoke, trace_dir)
     env = dict(os.environ)
     if smoke:
         env.setdefault("OMP_NUM_THREADS", "1")
@@ -221,13 +265,29 @@ def run_row(row: Row, suite_name: str, suite: dict, args, smoke: bool) -> dict:
         os.makedirs(args.log_dir, exist_ok=True)
         with open(os.path.join(args.log_dir, f"{suite_name}_{row.name}.log"), "w") as f:
             f.write(" ".join(cmd) + "\n\n" + output)
-    figures = parse_log(output) or {}
+    figures = parse_log(output, args.train_iters) or {}
     status = "ok" if returncode == 0 and figures else f"failed ({returncode})"
+    if trace_path is not None:
+        figures.update(profile_figures(trace_path, args.log_dir is not None))
+        if status == "ok" and figures["comm_ms_per_iter"] is None:
+            status = "no trace"
     if status != "ok":
         tail = "\n".join(line for line in output.splitlines()[-400:] if "Error" in line or "error" in line)
         print(f"  {row.name}: {status}; {tail[-1500:] or output[-1500:]}", flush=True)
     seq = (SMOKE_SEQ.get(row.seq, 64) if smoke and row.seq else row.seq) or suite["seq"]
     return dict(suite=suite_name, row=row.name, gpus=row.gpus, layout=row.layout(), seq=seq, status=status, wall_s=round(wall, 1), **figures)
+
+
+def profile_figures(trace_path: str, keep: bool) -> dict:
+    """The communication columns of one row from its rank-0 trace (None when there is no trace)."""
+    from gigatron.training.profiling import overlap_summary
+
+    if not os.path.exists(trace_path):
+        return dict(comm_ms_per_iter=None, exposed_comm_ms_per_iter=None, comm_timeline=None, trace=None)
+    summary = overlap_summary(trace_path)
+    return dict(comm_ms_per_iter=round(summary["comm_ms"], 3),
+                exposed_comm_ms_per_iter=round(summary["exposed_comm_ms"], 3),
+                comm_timeline=summary["timeline"], trace=trace_path if keep else None)
 
 
 def _fmt(value, spec: str) -> str:
@@ -239,10 +299,11 @@ def print_table(results: list, device: str) -> str:
     for suite_name in dict.fromkeys(r["suite"] for r in results):
         rows = [r for r in results if r["suite"] == suite_name]
         base = next((r for r in rows if r["status"] == "ok" and r["gpus"] == 1), None)
+        profiled = any("comm_ms_per_iter" in r for r in rows)
         lines.append(f"suite {suite_name}")
         lines.append("| row | GPUs | layout | seq | ms/iter | tokens/s/GPU | TFLOP/s/GPU | MFU % | vs base | "
-                     "peak alloc GiB | status |")
-        lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
+                     + ("comm ms/iter | exposed comm ms/iter | " if profiled else "") + "peak alloc GiB | status |")
+        lines.append("|---" * (13 if profiled else 11) + "|")
         for r in rows:
             tok = r.get("tokens_per_gpu")
             if base is not None and tok is not None and base.get("tokens_per_gpu"):
@@ -252,9 +313,11 @@ def print_table(results: list, device: str) -> str:
                 vs = _fmt(None if ratio is None else 100 * ratio, ".1f") + ("%" if ratio is not None else "")
             else:
                 vs = "-"
+            comm = (f"{_fmt(r.get('comm_ms_per_iter'), '.2f')} | {_fmt(r.get('exposed_comm_ms_per_iter'), '.2f')} | "
+                    if profiled else "")
             lines.append(f"| {r['row']} | {r['gpus']} | {r['layout']} | {r['seq']} | {_fmt(r.get('ms_per_iter'), '.1f')} | "
                          f"{_fmt(tok, '.0f')} | {_fmt(r.get('tflops_per_gpu'), '.1f')} | {_fmt(r.get('mfu'), '.1f')} | "
-                         f"{vs} | {_fmt(r.get('peak_gib'), '.1f')} | {r['status']} |")
+                         f"{vs} | {comm}{_fmt(r.get('peak_gib'), '.1f')} | {r['status']} |")
         lines.append("")
     text = "\n".join(lines)
     print(text, flush=True)
@@ -272,6 +335,9 @@ def main() -> None:
     parser.add_argument("--log-dir", default=None, help="write each row's full output here")
     parser.add_argument("--json", default=None, help="also write the results here (atomically)")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny models on the CPU (gloo): checks the rows run")
+    parser.add_argument("--profile", action="store_true",
+                        help="trace two more iterations on rank 0 after the measured ones (torch.profiler) and add "
+                             "the columns 'comm ms/iter' and 'exposed comm ms/iter' (communication no compute hides)")
     parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                         help="print one table from the --json files of earlier runs (e.g. the one-GPU rows "
                              "run apart from the multi-GPU rows) and run nothing")
@@ -299,6 +365,15 @@ def main() -> None:
             parser.error("no CUDA device; use --cpu-smoke on a machine without GPUs")
         gpus = args.gpus or torch.cuda.device_count()
         device = f"{torch.cuda.get_device_name(0)} x {gpus}"
+    trace_root, temporary = None, None
+    if args.profile:
+        if args.log_dir:
+            trace_root = args.log_dir
+        else:
+            temporary = tempfile.TemporaryDirectory(prefix="bench_parallel_traces_")
+            trace_root = temporary.name
+            print("--profile without --log-dir: the traces are deleted at the end; add --log-dir to keep them",
+                  flush=True)
     results = []
     for suite_name in args.suite:
         suite = (SMOKE if smoke else FULL)[suite_name]
@@ -309,10 +384,16 @@ def main() -> None:
                 print(f"skipping {suite_name}/{row.name}: needs {row.gpus} GPUs, {gpus} available", flush=True)
                 continue
             print(f"running {suite_name}/{row.name} on {row.gpus} {'processes' if smoke else 'GPUs'} ...", flush=True)
-            result = run_row(row, suite_name, suite, args, smoke)
+            result = run_row(row, suite_name, suite, args, smoke, trace_root)
+            comm = ""
+            if args.profile:
+                comm = (f"{_fmt(result.get('comm_ms_per_iter'), '.2f')} comm ms/iter "
+                        f"({_fmt(result.get('exposed_comm_ms_per_iter'), '.2f')} exposed), ")
             print(f"  {row.name}: {result['status']}, {_fmt(result.get('tokens_per_gpu'), '.0f')} tokens/s/GPU, "
-                  f"{_fmt(result.get('mfu'), '.1f')}% MFU, {result['wall_s']} s", flush=True)
+                  f"{_fmt(result.get('mfu'), '.1f')}% MFU, {comm}{result['wall_s']} s", flush=True)
             results.append(result)
+    if temporary is not None:
+        temporary.cleanup()
     table = print_table(results, device)
     if args.json:
         directory = os.path.dirname(os.path.abspath(args.json))

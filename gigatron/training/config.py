@@ -6,7 +6,7 @@ flag names with `_` for `-`, and the string literal under each field is its `--h
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 
@@ -103,10 +103,38 @@ class TrainingConfig:
     record_memory_history: bool = False
     """Record the CUDA caching allocator's history from the start of training and write a snapshot
     (for PyTorch's memory visualizer, pytorch.org/memory_viz) to --memory-snapshot-path at
-    --profile-step-end or at the end of training. Needs CUDA."""
+    --profile-step-end (with --profile) or at the end of training. Needs CUDA."""
 
     memory_snapshot_path: str = "snapshot.pickle"
     """Where --record-memory-history writes the allocator snapshot (rank r > 0 adds _rank{r})."""
+
+    profile: bool = False
+    """Profile training iterations --profile-step-start to --profile-step-end on the ranks of
+    --profile-ranks. Without --use-pytorch-profiler this calls cudaProfilerStart/Stop around those
+    iterations (with NVTX ranges per op) for an nsys capture, e.g. `nsys profile -s none -t nvtx,cuda
+    -o <file> --force-overwrite true --capture-range=cudaProfilerApi --capture-range-end=stop
+    torchrun ...`; that needs CUDA."""
+
+    use_pytorch_profiler: bool = False
+    """With --profile: use torch.profiler (CPU and, when available, CUDA activities) instead of the
+    CUDA profiler API, and write the Chrome/TensorBoard trace rank{r}_iterations_{start}-{end}.pt.trace.json
+    (atomically) into --tensorboard-dir, which must be given. That is where Megatron writes it: there is
+    no separate trace-directory flag, so launch scripts keep Megatron's flags and TensorBoard's profiler
+    plugin finds the trace next to the run's logs. Works on the CPU."""
+
+    profile_step_start: int = 10
+    """With --profile: the iteration count at which profiling starts. Profiling covers the iterations
+    run while the count goes from --profile-step-start to --profile-step-end, i.e. those logged as
+    iterations start+1 ... end."""
+
+    profile_step_end: int = 12
+    """With --profile: the iteration count at which profiling stops (exclusive end of the profiled
+    range; must be larger than --profile-step-start and at most the number of training iterations).
+    With --profile, --record-memory-history writes its allocator snapshot at this iteration
+    (otherwise at the end of training)."""
+
+    profile_ranks: list[int] = field(default_factory=lambda: [0])
+    """With --profile: the global ranks that profile (the others run normally)."""
 
 
 @dataclass

@@ -37,6 +37,7 @@ from gigatron.training.checkpointing import (
 )
 from gigatron.training.initialize import RunContext, collective_phase, initialize
 from gigatron.training.logging import TrainingLog, print_rank_0
+from gigatron.training.profiling import start_profiler, validate_profile_args
 from gigatron.training.validate import validate_args
 
 __all__ = [
@@ -568,9 +569,12 @@ def train(ctx: TrainContext, forward_step_func: Callable, train_iterator, valid_
     for chunk in ctx.model:
         chunk.train()
     flops_cache: dict[int, float] = {}
+    profiler = start_profiler(args, ctx.run.rank, ctx.iteration, ctx.train_iters, ctx.device.type == "cuda")
     log.start_interval()
     try:
         while ctx.iteration < ctx.train_iters:
+            if profiler is not None:
+                profiler.before_iteration(ctx.iteration)
             batch_size = ctx.calculator.global_batch_size_at(ctx.consumed_train_samples)
             num_microbatches = batch_size // (args.micro_batch_size * args.data_parallel_size)
             losses, update_successful, grad_norm, num_zeros = train_step(ctx, forward_step_func, train_iterator,
@@ -591,7 +595,7 @@ def train(ctx: TrainContext, forward_step_func: Callable, train_iterator, valid_
                 log.add_nan()
             if ctx.iteration % args.log_interval == 0:
                 _report(ctx, batch_size, grad_norm, num_zeros)
-            if getattr(args, "profile_step_end", None) == ctx.iteration:
+            if args.profile and args.profile_step_end == ctx.iteration:
                 dump_memory_snapshot(ctx)
             if args.manual_gc and args.manual_gc_interval and ctx.iteration % args.manual_gc_interval == 0:
                 gc.collect()
@@ -609,6 +613,8 @@ def train(ctx: TrainContext, forward_step_func: Callable, train_iterator, valid_
                 _save(ctx)
                 break
     finally:
+        if profiler is not None:
+            profiler.close(ctx.iteration)
         if ctx.async_saver is not None:
             ctx.async_saver.finalize_all()
         if signal_flag is not None:
@@ -726,6 +732,7 @@ def pretrain(datasets_provider: Callable, model_provider: Callable, forward_step
     command line. Returns the context (model, optimizer, iteration, loss history)."""
     if args is None:
         args = parse_args(extra_args_provider=extra_args_provider, defaults=args_defaults)
+    validate_profile_args(args, _world_size_from_environment())
     start_memory_history(args)
     ctx = setup(model_provider, args)
     if args.ckpt_convert_format:
