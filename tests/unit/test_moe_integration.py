@@ -99,6 +99,49 @@ def test_tiny_moe_gpt_overfits_one_batch_with_aux_loss():
     tracker.clear()
 
 
+@pytest.mark.slow
+def test_compiled_moe_layers_compile_once_and_record_every_layers_aux_losses():
+    """--torch-compile compiles each layer: the MoE layers of every depth and micro-batch must share
+    one graph (no recompile per layer number or per tracker state, which would end in the
+    recompile limit and eager layers), and the aux losses queued by the compiled routers reach
+    the tracker with the eager values."""
+    from gigatron.core.transformer.moe import get_aux_loss_tracker
+
+    # bf16 and the grouped GEMM: the one expert path without a host read (the loop reads the
+    # per-expert counts, a graph break whose resumed frame depends on them).
+    moe = MoEConfig(num_experts=4, moe_router_topk=2, moe_aux_loss_coeff=1e-2, moe_z_loss_coeff=1e-3,
+                    moe_grouped_gemm=True)
+    dtypes = dict(bf16=True, params_dtype=torch.bfloat16)
+    tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(3))
+    labels = torch.roll(tokens, -1, dims=1)
+    tracker = get_aux_loss_tracker()
+
+    def two_microbatches(model):
+        tracker.clear()
+        tracker.set_backward_scale(0.5)
+        for _ in range(2):
+            model(tokens, None, None, labels=labels).mean().backward()
+        values = {name: tracker.values(name) for name in ("load_balancing_loss", "z_loss")}
+        tracker.clear()
+        return values
+
+    expected = two_microbatches(_gpt(moe, **dtypes))
+    model = _gpt(moe, **dtypes)
+    for layer in model.decoder.layers:
+        layer.compile(backend="eager")  # dynamo's tracing and guards, without Inductor's build time
+    torch._dynamo.reset()
+    try:
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            got = two_microbatches(model)
+    finally:
+        torch._dynamo.reset()
+    assert sorted(got["load_balancing_loss"]) == [0, 1, 2, 3]
+    for name in expected:
+        assert got[name].keys() == expected[name].keys()
+        for layer_number, value in expected[name].items():
+            assert got[name][layer_number] == pytest.approx(value, rel=1e-5)
+
+
 TINY = ["--num-layers", "2", "--hidden-size", "16", "--num-attention-heads", "2", "--seq-length", "32",
         "--max-position-embeddings", "32", "--micro-batch-size", "2", "--global-batch-size", "4", "--lr", "1e-2",
         "--mock-data", "--vocab-size", "4096", "--num-workers", "0", "--log-interval", "1",

@@ -34,7 +34,8 @@ def reference_grouped_mm(x: torch.Tensor, w: torch.Tensor, tokens_per_expert: to
 
 def grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether torch._grouped_mm can run these inputs: CUDA needs bf16, compute capability 9.0+
-    and 16-byte aligned rows (K and M multiples of 8); the CPU implementation takes float/bf16."""
+    and 16-byte aligned rows (K and M multiples of 8); the CPU implementation takes float/bf16 (bf16
+    only under torch.compile)."""
     if not hasattr(torch, "_grouped_mm") or x.dtype != w.dtype:
         return False
     if x.device.type == "cuda":
@@ -42,7 +43,8 @@ def grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
             return False
         return x.shape[-1] % 8 == 0 and w.shape[-1] % 8 == 0
     if x.device.type == "cpu":
-        return x.dtype in (torch.float32, torch.bfloat16)
+        # torch.compile's shape function for _grouped_mm takes bf16 only, even where eager runs fp32.
+        return x.dtype == torch.bfloat16 or (x.dtype == torch.float32 and not torch.compiler.is_compiling())
     return False
 
 

@@ -144,6 +144,9 @@ class TopKRouter(nn.Module):
         self.num_experts = moe_config.num_experts
         self.topk = moe_config.moe_router_topk
         self.tracker = aux_loss_tracker if aux_loss_tracker is not None else get_aux_loss_tracker()
+        # Aux-loss values recorded while torch.compile traces the layer, handed to the tracker by
+        # flush_aux_losses() outside the compiled region (see _record).
+        self.pending_aux_losses: list = []
         # The sequence is split over tp (sequence parallelism is required with tp > 1) and cp: the
         # aux losses are partial sums over that group.
         self.seq_group = groups.tp_cp
@@ -168,6 +171,23 @@ class TopKRouter(nn.Module):
     def _training_losses(self) -> bool:
         return self.training and torch.is_grad_enabled()
 
+    def _record(self, name: str, value: torch.Tensor) -> None:
+        """Log an aux-loss value for this layer. Under torch.compile the value is only queued:
+        recording it in the tracker from compiled code would make the graph depend on the
+        tracker's dictionaries and on this layer's number, so every layer and every micro-batch
+        would compile its own graph until the recompile limit sends the rest to eager.
+        TransformerBlock calls flush_aux_losses() after each layer."""
+        if torch.compiler.is_compiling():
+            self.pending_aux_losses.append((name, value.detach()))
+        else:
+            self.tracker.record(name, self.layer_number, value)
+
+    def flush_aux_losses(self) -> None:
+        """Hand the values queued under torch.compile to the tracker (in eager code)."""
+        pending, self.pending_aux_losses = self.pending_aux_losses, []
+        for name, value in pending:
+            self.tracker.record(name, self.layer_number, value)
+
     def gating(self, tokens: torch.Tensor) -> torch.Tensor:
         """logits [T, E] = tokens [T, h] @ weight^T, in --moe-router-dtype when set."""
         dtype = self.router_dtype
@@ -187,7 +207,7 @@ class TopKRouter(nn.Module):
         if mc.moe_z_loss_coeff and self._training_losses():
             loss = z_loss(logits, mc.moe_z_loss_coeff / self.seq_group.size)
             logits = attach_aux_loss(logits, loss, self.tracker)
-            self.tracker.record("z_loss", self.layer_number, loss / mc.moe_z_loss_coeff)
+            self._record("z_loss", loss / mc.moe_z_loss_coeff)
 
         balancing = mc.moe_router_load_balancing_type
         if balancing == "sinkhorn":
@@ -245,7 +265,7 @@ class TopKRouter(nn.Module):
                                                 seq_length * group.size, self.topk, mc.moe_aux_loss_coeff,
                                                 tokens_per_expert_per_seq=counts)
             name = "seq_load_balancing_loss"
-        self.tracker.record(name, self.layer_number, loss / mc.moe_aux_loss_coeff)
+        self._record(name, loss / mc.moe_aux_loss_coeff)
         return attach_aux_loss(probs, loss, self.tracker)
 
 
