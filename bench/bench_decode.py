@@ -15,8 +15,13 @@ weight bytes / HBM bandwidth; at batch b that is at most b * bandwidth / weight 
 token; "fraction of limit" is our tokens/s over that limit. The bandwidth is measured in the same
 run with a large device-to-device copy (bytes read + written / time).
 
+Modes: eager (the model run op by op each step), cuda_graph (each step one CUDA graph replay),
+compiled (the step compiled by torch.compile, then captured in a CUDA graph); the graph modes run
+one-row steps (batch 1) through the Triton GEMV, and a "-cublas" suffix (cuda_graph-cublas,
+compiled-cublas) keeps cuBLAS there, to show what the kernel brings.
+
 --profile runs torch.profiler over the decode steps (prefill excluded) of one batch-1 generation
-per mode (CUDA graphs first) and prints the 15 ops with the most device time and the 15 with the
+per graph mode and prints the 15 ops with the most device time and the 15 with the
 most CPU time, after a line with the wall time, device busy time and kernel count per step: a
 device busy far below the wall time means the host is the bottleneck, a busy time near the wall
 time points at the kernels in the table.
@@ -48,6 +53,7 @@ from gigatron.core.parallel.groups import ParallelGroups  # noqa: E402
 from gigatron.core.tokenizers import NullTokenizer  # noqa: E402
 from gigatron.core.transformer.config import TransformerConfig  # noqa: E402
 
+MODES = ["eager", "cuda_graph", "compiled", "cuda_graph-cublas", "compiled-cublas"]
 FULL = dict(layers=24, hidden=2048, heads=16, seq=2048, vocab=50257, padded=50304)
 SMOKE = dict(layers=2, hidden=64, heads=4, seq=128, vocab=500, padded=512)
 
@@ -129,7 +135,14 @@ def decode_rate(run, batch: int, new_tokens: int, device, repeats: int):
     return batch / step, 1000.0 * step, out["x"]
 
 
-def profile_decode(engine, prompt, steps: int, device) -> None:
+def make_engine(model, tokenizer, batch: int, max_sequence_length: int, mode: str) -> InferenceEngine:
+    """The engine a bench mode names: "<decode mode>" or "<decode mode>-cublas" (no Triton GEMV)."""
+    decode_mode, _, variant = mode.partition("-")
+    return InferenceEngine(model, tokenizer, max_batch_size=batch, max_sequence_length=max_sequence_length,
+                           decode_mode=decode_mode, gemv=variant != "cublas")
+
+
+def profile_decode(engine, prompt, steps: int, device, mode: str) -> None:
     """Profile the decode steps (not the prefill) of one greedy generation and print the tables."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -155,7 +168,7 @@ def profile_decode(engine, prompt, steps: int, device) -> None:
     finally:
         del engine._decode_steps  # back to the class's method
     events = result["prof"].key_averages()
-    line = f"profile {engine.decode_mode} batch 1: {steps} decode steps, wall {1000 * result['wall'] / steps:.3f} ms/step"
+    line = f"profile {mode} batch 1: {steps} decode steps, wall {1000 * result['wall'] / steps:.3f} ms/step"
     if device.type == "cuda":
         # Device-side events only (kernels, copies): the CPU ops that launch them carry the same time.
         on_device = [e for e in result["prof"].events() if e.device_type == torch.autograd.DeviceType.CUDA
@@ -186,7 +199,9 @@ def main(argv=None) -> int:
     parser.add_argument("--new-tokens", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
-    parser.add_argument("--modes", nargs="+", default=None, choices=["eager", "cuda_graph"])
+    parser.add_argument("--modes", nargs="+", default=None, choices=MODES,
+                        help="engines to time: eager, cuda_graph, compiled (torch.compile + CUDA graph), with the "
+                             "Triton GEMV for one-row steps; a -cublas suffix keeps cuBLAS for them")
     parser.add_argument("--copy-gib", type=float, default=4.0, help="size of the bandwidth-measuring copy")
     parser.add_argument("--json", default=None, help="also write the results here (atomically)")
     parser.add_argument("--profile", action="store_true",
@@ -207,7 +222,7 @@ def main(argv=None) -> int:
         device, dtype, shape = torch.device("cuda"), torch.bfloat16, FULL
         batches = args.batch_sizes or [1, 8, 64]
         prompt_len, new_tokens = args.prompt_length or 128, args.new_tokens or 128
-        modes = args.modes or ["eager", "cuda_graph"]
+        modes = args.modes or ["eager", "cuda_graph-cublas", "cuda_graph", "compiled"]
         copy_gib = args.copy_gib
 
     torch.manual_seed(0)
@@ -228,8 +243,7 @@ def main(argv=None) -> int:
                "bandwidth_limit_ms_per_token": 1000.0 * weight_bytes / bandwidth}
         ours_tokens = None
         for mode in modes:
-            engine = InferenceEngine(model, tokenizer, max_batch_size=batch,
-                                     max_sequence_length=prompt_len + new_tokens + 2, decode_mode=mode)
+            engine = make_engine(model, tokenizer, batch, prompt_len + new_tokens + 2, mode)
 
             def run(n, engine=engine):
                 params = SamplingParams(tokens_to_generate=n, top_k=1, stop_at_eod=False)
@@ -263,10 +277,9 @@ def main(argv=None) -> int:
         print(" | ".join(f"{k} {_fmt(k, v)}" for k, v in row.items()), flush=True)
     if args.profile:
         prompt = torch.randint(0, shape["vocab"] - 1, (prompt_len,), generator=torch.Generator().manual_seed(1)).tolist()
-        for mode in sorted(modes, key=lambda m: m != "cuda_graph"):
-            engine = InferenceEngine(model, tokenizer, max_batch_size=1,
-                                     max_sequence_length=prompt_len + args.profile_steps + 2, decode_mode=mode)
-            profile_decode(engine, prompt, args.profile_steps, device)
+        for mode in [m for m in modes if m != "eager" or device.type == "cpu"]:
+            engine = make_engine(model, tokenizer, 1, prompt_len + args.profile_steps + 2, mode)
+            profile_decode(engine, prompt, args.profile_steps, device, mode)
     if args.cpu_smoke:
         for row in rows:
             assert all(row[f"gigatron_{m}_tokens_per_s"] > 0 and row[f"gigatron_{m}_ms_per_token"] > 0 for m in modes)

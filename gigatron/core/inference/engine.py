@@ -47,8 +47,17 @@ CUDA graph per (batch size, attention length), the attention length being the sm
 buckets 256, 512, 1024, ... (capped at S) that covers the step's positions
 (kv_cache.decode_kv_bucket): a step early in a long cache reads only the slots it may need. The
 graphs share one memory pool; this is safe because they replay one at a time on one stream and
-each step consumes the logits of a replay before the next replay. "eager" (default, and the only
-choice on CPU) runs the model each step and attends over the bounded kv_len above.
+each step consumes the logits of a replay before the next replay. "compiled" does the same with
+the step compiled by torch.compile first (one compilation per batch size and attention length):
+Inductor fuses the norms, residual adds, bias and activation epilogues, the KV-cache writes and
+the sampling-side slicing into a few kernels, so the captured graph holds about a third of the
+launches. On CPU "compiled" runs the compiled step without a graph. "eager" (default) runs the
+model each step and attends over the bounded kv_len above.
+
+On CUDA the captured steps at batch 1 run every linear layer through the Triton GEMV of
+gigatron/core/ops/gemv.py (weight rows streamed once with wide loads, no split-K pass), which
+reads the weights closer to the HBM bandwidth than cuBLAS's tilings for one row; `gemv=False`
+keeps cuBLAS.
 """
 
 from __future__ import annotations
@@ -62,8 +71,12 @@ import torch.nn.functional as F
 
 from gigatron.core.inference.kv_cache import InferenceContext, causal_cache_mask, decode_kv_bucket
 from gigatron.core.inference.sampling import check_sampling_params, sample
+from gigatron.core.ops.gemv import decode_gemv
 
-__all__ = ["InferenceEngine", "SamplingParams", "GenerationResult", "BeamResult", "PromptTooLongError"]
+__all__ = ["InferenceEngine", "SamplingParams", "GenerationResult", "BeamResult", "PromptTooLongError",
+           "DECODE_MODES"]
+
+DECODE_MODES = ("eager", "cuda_graph", "compiled")
 
 
 class PromptTooLongError(ValueError):
@@ -148,6 +161,8 @@ class InferenceEngine:
       tokenizer: gigatron.core.tokenizers tokenizer (tokenize, detokenize, eod).
       vocab_size: the true vocabulary (default tokenizer.vocab_size); logits past it are ignored.
       max_sequence_length: the cache length (default config.max_position_embeddings or seq_length).
+      decode_mode: "eager", "cuda_graph" or "compiled" (see the module docstring).
+      gemv: captured decode steps use the Triton GEMV for one-row linear layers (CUDA only).
 
     generate(prompts, params) -> GenerationResult
     generate_tokens(prompt_tokens, params, on_step=None) -> GenerationResult
@@ -155,7 +170,8 @@ class InferenceEngine:
     """
 
     def __init__(self, model, tokenizer, *, groups=None, vocab_size: Optional[int] = None,
-                 max_batch_size: int = 8, max_sequence_length: Optional[int] = None, decode_mode: str = "eager"):
+                 max_batch_size: int = 8, max_sequence_length: Optional[int] = None, decode_mode: str = "eager",
+                 gemv: bool = True):
         config = model.config
         groups = groups if groups is not None else model.groups
         if not (model.pre_process and model.post_process) or groups.pp.size != 1:
@@ -166,8 +182,8 @@ class InferenceEngine:
         if getattr(model, "sequence_parallel", False):
             raise ValueError("generation runs one token per step, which --sequence-parallel cannot split; "
                              "build the model without --sequence-parallel")
-        if decode_mode not in ("eager", "cuda_graph"):
-            raise ValueError(f"decode_mode must be 'eager' or 'cuda_graph', got {decode_mode!r}")
+        if decode_mode not in DECODE_MODES:
+            raise ValueError(f"decode_mode must be one of {', '.join(DECODE_MODES)}, got {decode_mode!r}")
         self.model = model
         self.tokenizer = tokenizer
         self.groups = groups
@@ -186,6 +202,8 @@ class InferenceEngine:
         if decode_mode == "cuda_graph" and self.device.type != "cuda":
             raise ValueError("decode_mode='cuda_graph' needs the model on a CUDA device; use 'eager' on CPU")
         self.decode_mode = decode_mode
+        self.gemv = bool(gemv)
+        self._compiled_step = None  # torch.compile of _decode_forward (decode_mode "compiled")
         self.eod = tokenizer.eod
         self.newline = _single_token(tokenizer, "\n")
         self.double_newline = _single_token(tokenizer, "\n\n")
@@ -243,19 +261,38 @@ class InferenceEngine:
         logits = self.model(tokens, positions, mask, inference_context=ctx)  # [s, b, Vp/tp]
         return self._full_logits(logits)
 
+    def _decode_forward(self, ctx, tokens, positions, kv_len: int) -> torch.Tensor:
+        """The decode step's computation: tokens, positions [b, 1] -> logits [b, V] (fp32)."""
+        return self._forward(ctx, tokens, positions, kv_len)[:, -1]
+
+    def _step_function(self, batch: int):
+        """What a captured decode step runs: the plain forward, or its torch.compile."""
+        if self.decode_mode != "compiled":
+            return self._decode_forward
+        if self._compiled_step is None:
+            # One compilation per (batch size, attention length); let dynamo keep all of them.
+            buckets = len({decode_kv_bucket(n, self.max_sequence_length)
+                           for n in range(1, self.max_sequence_length + 1)})
+            config = torch._dynamo.config
+            config.recompile_limit = max(config.recompile_limit, 2 * self.max_batch_size * buckets)
+            self._compiled_step = torch.compile(self._decode_forward, dynamic=False)
+        return self._compiled_step
+
     def _decode(self, ctx, tokens, positions, kv_len: int) -> torch.Tensor:
         """One decode step: tokens, positions [b, 1], kv_len >= every position + 1 -> logits [b, V].
         With CUDA graphs the logits are the graph's output buffer, valid until the next replay."""
-        if self.decode_mode == "cuda_graph":
-            b = tokens.shape[0]
-            bucket = decode_kv_bucket(kv_len, ctx.max_sequence_length)
-            graph = self._graphs.get((b, bucket))
-            if graph is None:
-                if self._graph_pool is None:
-                    self._graph_pool = torch.cuda.graph_pool_handle()
-                graph = self._graphs[(b, bucket)] = _DecodeGraph(self, ctx, b, bucket, self._graph_pool)
-            return graph.run(tokens, positions)
-        return self._forward(ctx, tokens, positions, kv_len)[:, -1]
+        b = tokens.shape[0]
+        if self.decode_mode == "eager":
+            return self._decode_forward(ctx, tokens, positions, kv_len)
+        bucket = decode_kv_bucket(kv_len, ctx.max_sequence_length)
+        if self.device.type != "cuda":  # "compiled" on CPU: the compiled step, no graph
+            return self._step_function(b)(ctx, tokens, positions, bucket)
+        graph = self._graphs.get((b, bucket))
+        if graph is None:
+            if self._graph_pool is None:
+                self._graph_pool = torch.cuda.graph_pool_handle()
+            graph = self._graphs[(b, bucket)] = _DecodeGraph(self, ctx, b, bucket, self._graph_pool)
+        return graph.run(tokens, positions)
 
     def _stop_mask(self, new: torch.Tensor, prev: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         """new, prev [b] -> bool [b]: rows whose new token ends their generation."""
@@ -553,15 +590,19 @@ class _DecodeGraph:
         # The warm-up and the capture write slot 0 of the cache; save and restore it around them.
         saved = {k: (ctx.key_cache[k][:batch, :1].clone(), ctx.value_cache[k][:batch, :1].clone())
                  for k in ctx.key_cache}
+        step = engine._step_function(batch)
         stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                engine._forward(ctx, self.tokens, self.positions, kv_len)
-        torch.cuda.current_stream(device).wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
-            self.logits = engine._forward(ctx, self.tokens, self.positions, kv_len)[:, -1]  # [b, V]
+        # The warm-up compiles (decode_mode "compiled") and autotunes the GEMV, neither of which
+        # may happen during the capture.
+        with decode_gemv(engine.gemv):
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    step(ctx, self.tokens, self.positions, kv_len)
+            torch.cuda.current_stream(device).wait_stream(stream)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph, pool=pool):
+                self.logits = step(ctx, self.tokens, self.positions, kv_len)  # [b, V]
         for k, (kc, vc) in saved.items():
             ctx.key_cache[k][:batch, :1].copy_(kc)
             ctx.value_cache[k][:batch, :1].copy_(vc)
