@@ -54,7 +54,7 @@ def parse_args():
     p.add_argument("--seq-lengths", type=int, nargs="+", default=[8192, 16384, 32768])
     p.add_argument("--cp-sizes", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--comm-types", nargs="+", default=["p2p"], choices=COMM_TYPES)
-    p.add_argument("--kernel", default="auto", choices=["auto", "flash", "math"])
+    p.add_argument("--kernel", default="auto", choices=["auto", "cudnn", "flash", "math"])
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU with gloo, results checked")

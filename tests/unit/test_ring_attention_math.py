@@ -246,23 +246,49 @@ def test_flash_block_kernel_matches_math_on_cpu(causal):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["flash", "cudnn"])
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("heads", [(8, 8), (8, 2)])
-def test_flash_block_kernel_matches_math(causal, heads):
+def test_gpu_block_kernels_match_math(kernel, causal, heads):
     nq, ng = heads
     q, k, v = _qkv(b=2, nq=nq, ng=ng, s=256, d=64, dtype=torch.bfloat16, device="cuda")
     scale = 0.125
-    out_f, lse_f, aux = cpa.block_attention_forward(q, k, v, causal, scale, "flash")
+    out_f, lse_f, aux = cpa.block_attention_forward(q, k, v, causal, scale, kernel)
     out_m, lse_m, _ = cpa.block_attention_forward(q, k, v, causal, scale, "math")
     assert_close(out_f.float(), out_m.float(), rtol=2e-2, atol=2e-2)
     assert_close(lse_f.float(), lse_m.float(), rtol=1e-3, atol=1e-3)
     dout = torch.randn_like(q)
     out = out_m.to(q.dtype)
     delta = (dout.float() * out.float()).sum(-1)
-    grads_f = cpa.block_attention_backward(dout, q, k, v, out, lse_m, delta, causal, scale, "flash", aux)
+    grads_f = cpa.block_attention_backward(dout, q, k, v, out, lse_m, delta, causal, scale, kernel, aux)
     grads_m = cpa.block_attention_backward(dout, q, k, v, out, lse_m, delta, causal, scale, "math")
     for gf, gm in zip(grads_f, grads_m):
         assert_close(gf.float(), gm.float(), rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["flash", "cudnn"])
+def test_gpu_block_kernels_on_ring_slices(kernel):
+    """What the ring does with a GPU kernel: half the query rows or half the key columns per block,
+    the backward given the FINAL output and log-sum-exp, and the first block's aux reused."""
+    q, k, v = _qkv(b=1, nq=8, ng=2, s=256, d=128, dtype=torch.bfloat16, device="cuda", seed=3)
+    scale = 1.0 / math.sqrt(128)
+    _, _, aux = cpa.block_attention_forward(q, k, v, True, scale, kernel)  # step 0's aux
+    out_m, lse_m, _ = cpa.block_attention_forward(q, k, v, False, scale, "math")
+    out = out_m.to(q.dtype)
+    dout = torch.randn_like(q)
+    delta = (dout.float() * out.float()).sum(-1)
+    for rows, cols in ((slice(128, None), slice(None)), (slice(None), slice(0, 128))):
+        got_out, got_lse, _ = cpa.block_attention_forward(q[:, :, rows], k[:, :, cols], v[:, :, cols], False,
+                                                          scale, kernel)
+        want_out, want_lse, _ = cpa.block_attention_forward(q[:, :, rows], k[:, :, cols], v[:, :, cols], False,
+                                                            scale, "math")
+        assert_close(got_out.float(), want_out.float(), rtol=2e-2, atol=2e-2)
+        assert_close(got_lse.float(), want_lse.float(), rtol=1e-3, atol=1e-3)
+        args = (dout[:, :, rows], q[:, :, rows], k[:, :, cols], v[:, :, cols], out[:, :, rows], lse_m[:, :, rows],
+                delta[:, :, rows], False, scale)
+        for gf, gm in zip(cpa.block_attention_backward(*args, kernel, aux), cpa.block_attention_backward(*args, "math")):
+            assert_close(gf.float(), gm.float(), rtol=5e-2, atol=5e-2)
 
 
 @pytest.mark.gpu

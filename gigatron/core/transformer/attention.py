@@ -192,7 +192,7 @@ class CoreAttention(nn.Module):
         if attention_mask is not None:
             raise ValueError("context parallelism supports causal attention only; drop the attention "
                              "mask (--reset-attention-mask) or --context-parallel-size")
-        kernel = {"flash": "flash", "math": "math", "local": "math"}.get(self.backend, "auto")
+        kernel = {"cudnn": "cudnn", "flash": "flash", "math": "math", "local": "math"}.get(self.backend, "auto")
         return ring_attention(q, k, v, self.cp, causal=True, softmax_scale=self.scale,
                               comm_type=self.config.cp_comm_type, kernel=kernel)  # [b, nq, s/cp, d]
 
