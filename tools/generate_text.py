@@ -28,7 +28,9 @@ def add_args(parser):
     group.add_argument("--add-BOS", dest="add_BOS", action="store_true")
     group.add_argument("--max-batch-size", type=int, default=8)
     group.add_argument("--inference-max-seq-length", type=int, default=None)
-    group.add_argument("--cuda-graphs", action="store_true")
+    group.add_argument("--cuda-graphs", action="store_true", help="capture the decode step in CUDA graphs (GPU only)")
+    group.add_argument("--compile-decode", action="store_true",
+                       help="compile the decode step with torch.compile (on a GPU also captured in CUDA graphs)")
     return parser
 
 

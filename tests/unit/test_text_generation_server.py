@@ -355,3 +355,18 @@ def test_scheduler_batches_compatible_jobs_and_unions_outputs():
         alone = engine.generate_tokens(job.prompt_tokens, job.params)
         assert result.tokens == alone.tokens
     assert results[2].logprobs is not None and len(results[2].logprobs) == 2
+
+
+def test_decode_mode_flags_of_the_tools():
+    import argparse
+
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    from run_text_generation_server import decode_mode_from_args
+
+    def mode(**kw):
+        return decode_mode_from_args(argparse.Namespace(**{"cuda_graphs": False, "compile_decode": False, **kw}))
+
+    assert mode() == "eager"
+    assert mode(cuda_graphs=True) == "cuda_graph"
+    assert mode(compile_decode=True) == "compiled"
+    assert mode(cuda_graphs=True, compile_decode=True) == "compiled"
