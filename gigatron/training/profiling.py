@@ -22,8 +22,11 @@ iterations S+1 ... E; Megatron's [start, end)) on the listed global ranks:
 communication runs, how long compute runs and how much communication no compute hides (the
 "exposed" communication), by interval unions over each device's timeline (see its docstring).
 
-This module imports torch only inside the profiler, so `overlap_summary` is usable from tools and
-benches without it.
+`top_kernels(trace, steps, n)` lists the kernels with the most device time per step, and
+`python -m gigatron.training.profiling TRACE` prints both.
+
+This module imports torch only inside the profiler, so `overlap_summary` and `top_kernels` are
+usable from tools and benches without it.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ __all__ = [
     "start_profiler",
     "trace_file_name",
     "overlap_summary",
+    "top_kernels",
 ]
 
 
