@@ -161,7 +161,7 @@ class TransformerBlock(nn.Module):
                 hidden = layer(hidden, attention_mask, rotary_pos_emb)
             else:
                 hidden = layer(hidden, attention_mask, rotary_pos_emb, inference_context=inference_context)
-            router = getattr(layer.mlp, "router", None)
+            router = getattr(getattr(layer, "mlp", None), "router", None)
             if router is not None and router.pending_aux_losses:
                 router.flush_aux_losses()  # values a compiled MoE layer queued (TopKRouter._record)
         return hidden
