@@ -20,7 +20,7 @@ Suites (rows needing more GPUs than --gpus are skipped):
            RMSNorm, SwiGLU, 8 experts of ffn 4096, top-2, aux loss, vocab 32000, untied, eager):
            ep 1 with the grouped GEMM and with the sequential experts, and compiled, also at micro
            batch 8 x 4 micro-batches (the per-step work on 3.6B parameters -- optimizer, gradient
-           buffers -- spread over 4x the tokens); ep 2 and ep 4 (all-to-all), ep 4 with the
+           buffers -- spread over 4x the tokens); ep 2 and ep 4 (all-to-all), ep 2 and ep 4 with the
            all-gather dispatcher. Expert parallelism runs inside data parallelism.
   cp       the 1.3B GPT at seq 8192 / 16384 / 32768 (micro batch 1, eager) at cp 1, 2, 4 with the
            ring attention (--cp-comm-type p2p).
@@ -151,6 +151,7 @@ SUITES = {
             compile=True, mbs=8, m=4),
         Row("ep2-alltoall", 2, _ep(2) + ["--moe-grouped-gemm", "--moe-token-dispatcher-type", "alltoall"] + OVERLAP),
         Row("ep4-alltoall", 4, _ep(4) + ["--moe-grouped-gemm", "--moe-token-dispatcher-type", "alltoall"] + OVERLAP),
+        Row("ep2-allgather", 2, _ep(2) + ["--moe-grouped-gemm", "--moe-token-dispatcher-type", "allgather"] + OVERLAP),
         Row("ep4-allgather", 4, _ep(4) + ["--moe-grouped-gemm", "--moe-token-dispatcher-type", "allgather"] + OVERLAP),
     ],
     "cp": [
