@@ -274,7 +274,8 @@ class InferenceEngine:
             buckets = len({decode_kv_bucket(n, self.max_sequence_length)
                            for n in range(1, self.max_sequence_length + 1)})
             config = torch._dynamo.config
-            config.recompile_limit = max(config.recompile_limit, 2 * self.max_batch_size * buckets)
+            name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.6
+            setattr(config, name, max(getattr(config, name), 2 * self.max_batch_size * buckets))
             self._compiled_step = torch.compile(self._decode_forward, dynamic=False)
         return self._compiled_step
 
