@@ -206,3 +206,63 @@ def test_harness_returns_values_and_reraises_child_errors():
     with pytest.raises(KeyError, match="missing on rank 1") as info:
         run_distributed(failing_worker, 2, timeout=60)
     assert any("failing_worker" in note for note in info.value.__notes__)
+
+
+# ------------------------------------------------------------------ --nccl-communicator-config-path
+def test_nccl_communicator_config_is_read_with_megatrons_defaults(tmp_path):
+    from gigatron.core.parallel.groups import load_nccl_communicator_config
+
+    path = tmp_path / "nccl.yaml"
+    path.write_text("dp:\n  max_ctas: 8\ntp:\n  cga_cluster_size: 2\n  net_name: IB\nembd:\n")
+    assert load_nccl_communicator_config(str(path)) == {
+        "dp": {"cga_cluster_size": 4, "max_ctas": 8, "min_ctas": 1},
+        "tp": {"cga_cluster_size": 2, "max_ctas": 32, "min_ctas": 1, "net_name": "IB"},
+        "embd": {"cga_cluster_size": 4, "max_ctas": 32, "min_ctas": 1},
+    }
+    path.write_text("")
+    assert load_nccl_communicator_config(str(path)) == {}
+    with pytest.raises(ValueError, match="no such file"):
+        load_nccl_communicator_config(str(tmp_path / "missing.yaml"))
+
+
+@pytest.mark.parametrize("text, message", [
+    ("dpp: {max_ctas: 8}", "unknown process group 'dpp'"),
+    ("dp: {max_cta: 8}", "unknown option"),
+    ("dp: {max_ctas: 0}", "dp.max_ctas must be a positive integer"),
+    ("dp: {max_ctas: eight}", "dp.max_ctas must be a positive integer"),
+    ("dp: {min_ctas: 16, max_ctas: 8}", "min_ctas \\(16\\) is larger than max_ctas \\(8\\)"),
+    ("dp: 8", "must be a mapping"),
+    ("[dp, tp]", "expected a mapping"),
+    ("dp: {max_ctas: [", "not valid YAML"),
+])
+def test_bad_nccl_communicator_config_names_the_problem(tmp_path, text, message):
+    from gigatron.core.parallel.groups import load_nccl_communicator_config
+
+    path = tmp_path / "nccl.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match="--nccl-communicator-config-path .*" + message):
+        load_nccl_communicator_config(str(path))
+
+
+def nccl_config_worker(rank, world_size, path):
+    config = ParallelConfig(distributed_backend="gloo", tensor_model_parallel_size=2,
+                            nccl_communicator_config_path=path)
+    groups = ParallelGroups.build(config)  # gloo: the options are read, checked and ignored
+    total = torch.tensor([1.0])
+    dist.all_reduce(total, group=groups.dp.group)
+    return groups.dp.ranks, total.item()
+
+
+def test_nccl_communicator_config_on_gloo_builds_the_usual_groups(tmp_path):
+    path = tmp_path / "nccl.yaml"
+    path.write_text("dp: {max_ctas: 8}\n")
+    reports = run_distributed(nccl_config_worker, 4, str(path))
+    assert reports == [([0, 2], 2.0), ([1, 3], 2.0), ([0, 2], 2.0), ([1, 3], 2.0)]
+
+
+@pytest.mark.gpu
+def test_nccl_options_object_carries_the_group_options():
+    from gigatron.core.parallel.groups import _nccl_options
+
+    options = _nccl_options({"cga_cluster_size": 2, "max_ctas": 8, "min_ctas": 1})
+    assert (options.config.cga_cluster_size, options.config.max_ctas, options.config.min_ctas) == (2, 8, 1)

@@ -46,6 +46,14 @@ class ParallelConfig:
     distributed_timeout_minutes: int = 10
     """Timeout in minutes for collectives of every process group."""
 
+    nccl_communicator_config_path: Optional[str] = None
+    """YAML file of NCCL communicator options per process group, as Megatron's: keys are group
+    names (dp, dp_cp, cp, mp, tp_pp, tp, pp, embd, pos_embd, tp_dp_cp, tp_dp, tp_cp, ep, expt_tp,
+    tp_ep, tp_ep_pp, expt_dp), values mappings of cga_cluster_size (default 4), max_ctas (32),
+    min_ctas (1) and net_name. For example `dp_cp: {max_ctas: 8}` caps the SMs the gradient
+    reduction (over dp_cp; expert parameters over expt_dp) takes from the GEMMs it overlaps. A group given options gets a communicator of its
+    own. NCCL only (ignored, with a note, on gloo)."""
+
     @property
     def effective_expert_tensor_parallel_size(self) -> int:
         """expert_tensor_parallel_size, or tensor_model_parallel_size when it is None."""

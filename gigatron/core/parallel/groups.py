@@ -16,13 +16,67 @@ import torch.distributed as dist
 from .config import ParallelConfig
 from .grid import generate_rank_groups
 
-__all__ = ["Group", "ParallelGroups", "GROUP_KEYS"]
+__all__ = ["Group", "ParallelGroups", "GROUP_KEYS", "load_nccl_communicator_config"]
 
 # Order in which groups are created (identical on every rank, as torch.distributed requires).
 GROUP_KEYS = (
     "dp", "dp_cp", "cp", "mp", "tp_pp", "tp", "pp", "embd", "pos_embd",
     "tp_dp_cp", "tp_dp", "tp_cp", "ep", "expt_tp", "tp_ep", "tp_ep_pp", "expt_dp",
 )
+
+
+_NCCL_OPTION_DEFAULTS = {"cga_cluster_size": 4, "max_ctas": 32, "min_ctas": 1}
+_NCCL_OPTION_KEYS = tuple(_NCCL_OPTION_DEFAULTS) + ("net_name",)
+
+
+def load_nccl_communicator_config(path: str) -> dict:
+    """--nccl-communicator-config-path: {group name: {cga_cluster_size, max_ctas, min_ctas[, net_name]}}
+    with Megatron's defaults filled in. Raises ValueError naming the file and the problem."""
+    import yaml
+
+    flag = f"--nccl-communicator-config-path {path}"
+    try:
+        with open(path, encoding="utf-8") as handle:
+            raw = yaml.safe_load(handle)
+    except FileNotFoundError:
+        raise ValueError(f"{flag}: no such file; give the YAML file of per-group NCCL options") from None
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{flag}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{flag}: expected a mapping of group names to options, got {type(raw).__name__}")
+    config = {}
+    for name, options in raw.items():
+        if name not in GROUP_KEYS:
+            raise ValueError(f"{flag}: unknown process group {name!r}; the groups are {', '.join(GROUP_KEYS)}")
+        options = options or {}
+        if not isinstance(options, dict):
+            raise ValueError(f"{flag}: the options of {name!r} must be a mapping, e.g. {{max_ctas: 8}}")
+        unknown = sorted(set(options) - set(_NCCL_OPTION_KEYS))
+        if unknown:
+            raise ValueError(f"{flag}: unknown option(s) {', '.join(map(str, unknown))} for {name!r}; "
+                             f"known: {', '.join(_NCCL_OPTION_KEYS)}")
+        merged = {**_NCCL_OPTION_DEFAULTS, **options}
+        for key in _NCCL_OPTION_DEFAULTS:
+            value = merged[key]
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{flag}: {name}.{key} must be a positive integer, got {value!r}")
+        if merged["min_ctas"] > merged["max_ctas"]:
+            raise ValueError(f"{flag}: {name}.min_ctas ({merged['min_ctas']}) is larger than max_ctas "
+                             f"({merged['max_ctas']})")
+        if "net_name" in merged and not isinstance(merged["net_name"], str):
+            raise ValueError(f"{flag}: {name}.net_name must be a string (an NCCL network name such as IB or Socket)")
+        config[name] = merged
+    return config
+
+
+def _nccl_options(options: dict):
+    """ProcessGroupNCCL.Options carrying one group's communicator options."""
+    pg_options = dist.ProcessGroupNCCL.Options()
+    for key, value in options.items():
+        setattr(pg_options.config, key, value)
+    return pg_options
 
 
 @dataclass
@@ -119,15 +173,27 @@ class ParallelGroups:
             order=config.order,
         )
         timeout = datetime.timedelta(minutes=config.distributed_timeout_minutes)
+        nccl_config = {}
+        if config.nccl_communicator_config_path:
+            nccl_config = load_nccl_communicator_config(config.nccl_communicator_config_path)
+            if str(dist.get_backend()).lower() != "nccl":
+                if rank == 0:
+                    print(f"> --nccl-communicator-config-path: the {dist.get_backend()} backend has no NCCL "
+                          "communicators; the options are ignored", flush=True)
+                nccl_config = {}
         created: dict[tuple, object] = {}
         mine: dict[str, Group] = {}
         for key in GROUP_KEYS:
             mine[key] = Group.absent()
+            options = nccl_config.get(key)
             for ranks in layout[key]:
-                ranks_key = tuple(ranks)
+                # A group with communicator options of its own does not share another kind's
+                # communicator over the same ranks.
+                ranks_key = (tuple(ranks), tuple(sorted(options.items())) if options else None)
                 if len(ranks) > 1 and ranks_key not in created:
                     # Every rank creates every group, in the same order, member or not.
-                    created[ranks_key] = dist.new_group(ranks=list(ranks), timeout=timeout)
+                    kwargs = {"pg_options": _nccl_options(options)} if options else {}
+                    created[ranks_key] = dist.new_group(ranks=list(ranks), timeout=timeout, **kwargs)
                 if rank in ranks:
                     process_group = created.get(ranks_key) if len(ranks) > 1 else None
                     mine[key] = Group(group=process_group, size=len(ranks), rank=ranks.index(rank),
