@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench_decode import measure_bandwidth  # noqa: E402  (this script's folder is on sys.path)
 from gigatron.core.ops.gemv import linear_one_row  # noqa: E402
 
 L2_FLUSH_BYTES = 400 * 10**6  # the weight copies one timed graph cycles through
@@ -65,22 +66,6 @@ def graph_time(fn, calls: int = 50, repeats: int = 5) -> float:
     return best
 
 
-def copy_bandwidth(gib: float = 4.0) -> float:
-    """Bytes read + written per second by a large device copy (outside a graph, as bench_decode)."""
-    n = int(gib * 2**30) // 2
-    src = torch.empty(n, dtype=torch.bfloat16, device="cuda")
-    dst = torch.empty_like(src)
-    for _ in range(2):
-        dst.copy_(src)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(10):
-        dst.copy_(src)
-    end.record()
-    end.synchronize()
-    return 2 * n * 2 * 10 / (start.elapsed_time(end) / 1000.0)
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", default=None, help="also write the rows here (atomically)")
@@ -88,7 +73,7 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         raise SystemExit("bench_gemv.py needs a GPU (the Triton GEMV is CUDA-only)")
     torch.manual_seed(0)
-    bandwidth = copy_bandwidth()
+    bandwidth = measure_bandwidth(torch.device("cuda"), 4.0)
     print(f"device {torch.cuda.get_device_name()} | copy bandwidth {bandwidth / 1e9:.1f} GB/s | bf16, one row")
     print("| shape | N x K | MB | cuBLAS us | cuBLAS GB/s | cuBLAS frac | Triton us | Triton GB/s | Triton frac "
           "| speed-up | max rel diff |")

@@ -29,12 +29,7 @@ SAMPLED = SamplingParams(tokens_to_generate=10, top_p=0.9, temperature=0.9, rand
                          stop_at_eod=False)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _run(engine_or_runner):

@@ -38,12 +38,7 @@ VOCAB, SEQ, GLOBAL_BATCH, MICRO_BATCH = 64, 8, 8, 2
 TRAIN_STEPS = 2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _batches(steps):

@@ -1,10 +1,9 @@
 """Shared pieces of the HuggingFace conversion tests: tiny random HF models saved with
-save_pretrained, the conversion tool's entry point, and a one-thread fixture."""
+save_pretrained and the conversion tool's entry point."""
 
 import os
 import sys
 
-import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -12,15 +11,6 @@ sys.path.insert(0, os.path.join(ROOT, "tools", "checkpoint"))
 import convert  # noqa: E402
 
 VOCAB = 100
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Use it with `from _hf_fixtures import one_thread` (autouse in the importing module)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def randomize(model, seed, scale=lambda name: 1.0):

@@ -25,7 +25,9 @@ from gigatron.core.convert import (
     state_to_messages,
 )
 
-from _hf_fixtures import VOCAB, load_safetensors_dir, make_hf_model, one_thread, run_convert  # noqa: E402,F401
+from _hf_fixtures import VOCAB, load_safetensors_dir, make_hf_model, run_convert  # noqa: E402,F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 FAMILIES = {

@@ -14,7 +14,9 @@ from gigatron.core.convert import ConversionError, collect_state, hf_messages, s
 from gigatron.core.convert.protocol import moe_config_from_metadata
 from gigatron.core.convert.torch_format import read_torch_checkpoint, split_for_ep
 
-from _hf_fixtures import VOCAB, load_safetensors_dir, one_thread, run_convert, save_model  # noqa: E402,F401
+from _hf_fixtures import VOCAB, load_safetensors_dir, run_convert, save_model  # noqa: E402,F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 EXPERTS = 4
 

@@ -7,13 +7,7 @@ from gigatron.core.flops import device_peak_flops, num_floating_point_operations
 from gigatron.core.transformer.config import TransformerConfig
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids thread contention on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def gpt_1p3b(**kw):

@@ -9,7 +9,9 @@ import torch
 
 import gigatron
 
-from _hf_fixtures import VOCAB, convert, one_thread  # noqa: E402,F401
+from _hf_fixtures import VOCAB, convert  # noqa: E402,F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 from _hf_fixtures import make_hf_model as _make_hf_model  # noqa: E402
 
 

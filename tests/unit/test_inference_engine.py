@@ -24,12 +24,7 @@ TOK = CharTokenizer()
 V = TOK.vocab_size
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 MODELS = {
@@ -507,6 +502,18 @@ def test_decode_steps_read_nothing_on_the_host(sampling, monkeypatch):
 
 
 # ---------------------------------------------------------------------- CUDA
+def _assert_greedy_equal(eager, other, prompts, steps, tolerance):
+    """`other` gives eager's greedy tokens and log-probabilities, running to the end and stopping
+    at end of line (rows that stop at different steps)."""
+    for params in (SamplingParams(tokens_to_generate=steps, top_k=1, return_log_probs=True, stop_at_eod=False),
+                   SamplingParams(tokens_to_generate=steps, top_k=1, return_log_probs=True, stop_on_eol=True)):
+        a = eager.generate(prompts, params)
+        b = other.generate(prompts, params)
+        assert a.tokens == b.tokens
+        for x, y in zip(a.logprobs, b.logprobs):
+            torch.testing.assert_close(torch.tensor(x), torch.tensor(y), rtol=tolerance, atol=tolerance)
+
+
 @pytest.mark.gpu
 @needs_cuda
 def test_cuda_graph_buckets_equal_eager_across_a_bucket_boundary():
@@ -517,13 +524,7 @@ def test_cuda_graph_buckets_equal_eager_across_a_bucket_boundary():
     eager = InferenceEngine(model, TOK, **kwargs)
     graph = InferenceEngine(model, TOK, decode_mode="cuda_graph", **kwargs)
     prompts = [("the quick brown fox jumps over the lazy dog. " * 6)[:245], "a b c: x"]
-    for params in (SamplingParams(tokens_to_generate=24, top_k=1, return_log_probs=True, stop_at_eod=False),
-                   SamplingParams(tokens_to_generate=24, top_k=1, return_log_probs=True, stop_on_eol=True)):
-        a = eager.generate(prompts, params)
-        b = graph.generate(prompts, params)
-        assert a.tokens == b.tokens
-        for x, y in zip(a.logprobs, b.logprobs):
-            torch.testing.assert_close(torch.tensor(x), torch.tensor(y), rtol=1e-3, atol=1e-3)
+    _assert_greedy_equal(eager, graph, prompts, 24, tolerance=1e-3)
     assert {bucket for _, bucket in graph._graphs} == {256, 512}
 
 
@@ -562,13 +563,7 @@ def test_compiled_decode_equals_eager_on_cpu():
     eager = InferenceEngine(model, TOK, max_batch_size=2)
     compiled = InferenceEngine(model, TOK, max_batch_size=2, decode_mode="compiled")
     prompts = ["hello there", "a b c: x"]
-    for params in (SamplingParams(tokens_to_generate=12, top_k=1, return_log_probs=True, stop_at_eod=False),
-                   SamplingParams(tokens_to_generate=12, top_k=1, return_log_probs=True, stop_on_eol=True)):
-        a = eager.generate(prompts, params)
-        b = compiled.generate(prompts, params)
-        assert a.tokens == b.tokens
-        for x, y in zip(a.logprobs, b.logprobs):
-            torch.testing.assert_close(torch.tensor(x), torch.tensor(y), rtol=1e-4, atol=1e-4)
+    _assert_greedy_equal(eager, compiled, prompts, 12, tolerance=1e-4)
     assert compiled._compiled_step is not None
 
 

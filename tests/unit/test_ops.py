@@ -7,13 +7,7 @@ from gigatron.core.ops.cross_entropy import (chunked_output_cross_entropy, defau
                                              reference_output_cross_entropy)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids thread contention on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _inputs(dtype, s=9, b=3, h=16, v=50, seed=0):

@@ -26,12 +26,7 @@ from tests.parallel.harness import run_distributed
 VOCAB, SEQ, MBS, HIDDEN, HEADS = 96, 32, 2, 64, 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def tiny(**kw):

@@ -31,12 +31,7 @@ def _tokenizer():
     return build_tokenizer(SimpleNamespace(tokenizer_type="BertWordPieceLowerCase", vocab_file=_bert_vocab()))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 # ------------------------------------------------------------------ files

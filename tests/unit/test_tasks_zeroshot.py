@@ -32,12 +32,7 @@ from tasks.zeroshot_gpt.evaluate import (
 VOCAB, PADDED = 50, 64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 class WordTokenizer:

@@ -76,8 +76,8 @@ def decode_gemv(enabled: bool = True):
 
 def maybe_gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """F.linear(x, weight, bias), through the Triton GEMV when decode_gemv is on and it applies."""
-    if _ENABLED and gemv_applies(x, weight):
-        return linear_one_row(x, weight, bias)
+    if _ENABLED and gemv_applies(x, weight) and x.shape[-1] == weight.shape[1]:
+        return _gemv_op(x, weight, bias)
     return F.linear(x, weight, bias)
 
 
