@@ -24,7 +24,9 @@ compiled-cublas) keeps cuBLAS there, to show what the kernel brings.
 per graph mode and prints the 15 ops with the most device time and the 15 with the
 most CPU time, after a line with the wall time, device busy time and kernel count per step: a
 device busy far below the wall time means the host is the bottleneck, a busy time near the wall
-time points at the kernels in the table.
+time points at the kernels in the table. A second line sums the device's idle time between
+consecutive kernels per step, with the kernel pairs around the largest gaps: small gaps mean
+fewer (fused) kernels would not pay, the kernels themselves must get faster.
 
 The HF model is the same weights exported with gigatron.core.convert (save_hf_checkpoint, GPT-2
 layout) and loaded as GPT2LMHeadModel in bf16 with SDPA attention.
@@ -142,6 +144,17 @@ def make_engine(model, tokenizer, batch: int, max_sequence_length: int, mode: st
                            decode_mode=decode_mode, gemv=variant != "cublas")
 
 
+def format_idle_gaps(device_events, steps: int) -> str:
+    """gigatron.training.profiling.idle_gaps of the profiled device events, as printed lines."""
+    from gigatron.training.profiling import idle_gaps
+    gaps = idle_gaps(((e.time_range.start, e.time_range.end, e.name) for e in device_events), steps)
+    lines = [f"idle between kernels: {gaps['idle_ms']:.3f} ms/step over {gaps['gaps']:.0f} gaps/step, "
+             f"median {gaps['median_us']:.2f} us (the gap between steps included)"]
+    lines += [f"  {ms:.4f} ms/step in {count:.1f} gaps/step: {before} -> {after}"
+              for before, after, ms, count in gaps["pairs"]]
+    return "\n".join(lines)
+
+
 def profile_decode(engine, prompt, steps: int, device, mode: str) -> None:
     """Profile the decode steps (not the prefill) of one greedy generation and print the tables."""
     from torch.profiler import ProfilerActivity, profile
@@ -176,6 +189,8 @@ def profile_decode(engine, prompt, steps: int, device, mode: str) -> None:
         busy = sum(e.self_device_time_total for e in on_device) / 1000.0  # ms
         line += f", device busy {busy / steps:.3f} ms/step, {len(on_device) / steps:.0f} kernels and copies/step"
     print(line)
+    if device.type == "cuda":
+        print(format_idle_gaps(on_device, steps))
     if device.type == "cuda":
         print(events.table(sort_by="self_cuda_time_total", row_limit=15))
     print(events.table(sort_by="self_cpu_time_total", row_limit=15))

@@ -46,6 +46,7 @@ __all__ = [
     "trace_file_name",
     "overlap_summary",
     "top_kernels",
+    "idle_gaps",
 ]
 
 
@@ -472,6 +473,32 @@ def top_kernels(trace_path_or_dict: Union[str, os.PathLike, dict, list], steps: 
         entry[1] += 1
     ranked = sorted(totals.items(), key=lambda item: -item[1][0])[:n]
     return [(name, us / 1000.0 / steps, count / steps) for name, (us, count) in ranked]
+
+
+def idle_gaps(spans: Iterable[tuple[float, float, str]], steps: int = 1, top: int = 8) -> dict:
+    """Where a device sits idle between consecutive kernels. spans: (start us, end us, name) of
+    the device's kernels and copies (overlapping spans leave no gap). Returns idle_ms and gaps
+    per step, the median gap in us, and `pairs`: the `top` (kernel before, kernel after) name
+    pairs (cut to 40 characters) with the most idle time, as (before, after, ms per step, gaps
+    per step). Small gaps mean fusing kernels would save little: the kernels must get faster."""
+    steps = max(int(steps), 1)
+    gaps: list[float] = []
+    by_pair: dict[tuple[str, str], list[float]] = {}
+    end: Optional[float] = None
+    previous = ""
+    for start, stop, name in sorted(spans):
+        if end is not None and start > end:
+            entry = by_pair.setdefault((previous[:40], str(name)[:40]), [0.0, 0.0])
+            entry[0] += start - end
+            entry[1] += 1
+            gaps.append(start - end)
+        if end is None or stop > end:
+            end, previous = stop, str(name)
+    gaps.sort()
+    ranked = sorted(by_pair.items(), key=lambda item: -item[1][0])[:top]
+    return dict(idle_ms=sum(gaps) / 1000.0 / steps, gaps=len(gaps) / steps,
+                median_us=gaps[len(gaps) // 2] if gaps else 0.0,
+                pairs=[(a, b, us / 1000.0 / steps, count / steps) for (a, b), (us, count) in ranked])
 
 
 def main(argv=None) -> int:

@@ -327,3 +327,17 @@ def test_top_kernels_ranks_device_time_per_step():
     ]}
     assert top_kernels(trace) == [("gemm", 0.03, 1.0), ("ncclAllReduce", 0.025, 0.5)]
     assert top_kernels(trace, n=1) == [("gemm", 0.03, 1.0)]
+
+
+def test_idle_gaps_between_kernels():
+    from gigatron.training.profiling import idle_gaps
+
+    spans = [(0, 5, "gemv"), (6, 9, "attention"), (8, 10, "copy"), (12, 20, "gemv"), (21, 25, "attention")]
+    gaps = idle_gaps(spans, steps=2)
+    # Gaps: gemv->attention 1, copy->gemv 2 (the overlapping copy ends the busy span at 10), gemv->attention 1.
+    assert gaps["idle_ms"] == pytest.approx(4 / 1000 / 2)
+    assert gaps["gaps"] == 1.5 and gaps["median_us"] == 1
+    pairs = {(a, b): (ms, count) for a, b, ms, count in gaps["pairs"]}
+    assert pairs == {("copy", "gemv"): (pytest.approx(0.001), 0.5), ("gemv", "attention"): (pytest.approx(0.001), 1.0)}
+    assert [p[:2] for p in idle_gaps(spans, steps=2, top=1)["pairs"]] == [("gemv", "attention")]  # ties: first seen
+    assert idle_gaps([(0, 5, "gemv")]) == dict(idle_ms=0.0, gaps=0.0, median_us=0.0, pairs=[])
