@@ -191,7 +191,6 @@ def profile_decode(engine, prompt, steps: int, device, mode: str) -> None:
     print(line)
     if device.type == "cuda":
         print(format_idle_gaps(on_device, steps))
-    if device.type == "cuda":
         print(events.table(sort_by="self_cuda_time_total", row_limit=15))
     print(events.table(sort_by="self_cpu_time_total", row_limit=15))
 
