@@ -17,7 +17,7 @@ from _inference_fixtures import PADDED_VOCAB, CharTokenizer, tiny_model  # noqa:
 
 import gigatron.core.inference.engine as engine_module  # noqa: E402
 from gigatron.core.inference.engine import InferenceEngine, PromptTooLongError, SamplingParams  # noqa: E402
-from gigatron.core.inference.kv_cache import InferenceContext, decode_kv_bucket  # noqa: E402
+from gigatron.core.inference.kv_cache import InferenceContext, decode_kv_bucket, decode_kv_buckets  # noqa: E402
 from gigatron.core.inference.sampling import draw_from, sample, top_k_mask, top_p_mask  # noqa: E402
 
 TOK = CharTokenizer()
@@ -410,6 +410,7 @@ def test_decode_kv_bucket():
         buckets = sorted({b for b in (256 * 2 ** k for k in range(8)) if b < S} | {S})
         for n in range(1, S + 1):
             assert decode_kv_bucket(n, S) == min(b for b in buckets if b >= n)
+        assert decode_kv_buckets(S) == buckets
     with pytest.raises(ValueError, match="outside"):
         decode_kv_bucket(0, 64)
     with pytest.raises(ValueError, match="outside"):

@@ -69,7 +69,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from gigatron.core.inference.kv_cache import InferenceContext, causal_cache_mask, decode_kv_bucket
+from gigatron.core.inference.kv_cache import InferenceContext, causal_cache_mask, decode_kv_bucket, decode_kv_buckets
 from gigatron.core.inference.sampling import check_sampling_params, sample
 from gigatron.core.ops.gemv import decode_gemv
 
@@ -271,8 +271,7 @@ class InferenceEngine:
             return self._decode_forward
         if self._compiled_step is None:
             # One compilation per (batch size, attention length); let dynamo keep all of them.
-            buckets = len({decode_kv_bucket(n, self.max_sequence_length)
-                           for n in range(1, self.max_sequence_length + 1)})
+            buckets = len(decode_kv_buckets(self.max_sequence_length))
             config = torch._dynamo.config
             name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.6
             setattr(config, name, max(getattr(config, name), 2 * self.max_batch_size * buckets))

@@ -19,7 +19,7 @@ from typing import Dict, Iterable, Optional
 
 import torch
 
-__all__ = ["InferenceContext", "causal_cache_mask", "decode_kv_bucket", "SMALLEST_KV_BUCKET"]
+__all__ = ["InferenceContext", "causal_cache_mask", "decode_kv_bucket", "decode_kv_buckets", "SMALLEST_KV_BUCKET"]
 
 SMALLEST_KV_BUCKET = 256
 """The smallest attention length of a captured decode step; larger ones double up to the cache length."""
@@ -38,6 +38,15 @@ def decode_kv_bucket(kv_len: int, max_sequence_length: int, smallest: int = SMAL
     while bucket < kv_len:
         bucket *= 2
     return min(bucket, max_sequence_length)
+
+
+def decode_kv_buckets(max_sequence_length: int, smallest: int = SMALLEST_KV_BUCKET) -> list:
+    """Every attention length decode_kv_bucket can return for a cache of max_sequence_length slots."""
+    sizes, bucket = [], smallest
+    while bucket < max_sequence_length:
+        sizes.append(bucket)
+        bucket *= 2
+    return sizes + [max_sequence_length]
 
 
 def causal_cache_mask(positions: torch.Tensor, kv_len: int) -> torch.Tensor:
