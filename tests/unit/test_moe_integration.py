@@ -99,19 +99,16 @@ def test_tiny_moe_gpt_overfits_one_batch_with_aux_loss():
     tracker.clear()
 
 
-@pytest.mark.slow
-def test_compiled_moe_layers_compile_once_and_record_every_layers_aux_losses():
-    """--torch-compile compiles each layer: the MoE layers of every depth and micro-batch must share
-    one graph (no recompile per layer number or per tracker state, which would end in the
-    recompile limit and eager layers), and the aux losses queued by the compiled routers reach
-    the tracker with the eager values."""
+def _eager_and_compiled_aux_losses(error_on_recompile: bool, **config):
+    """The aux and z losses the tracker holds after two micro-batches of a 4-layer MoE GPT, eager
+    and with every layer compiled (dynamo only); also the routers of the compiled model."""
     from gigatron.core.transformer.moe import get_aux_loss_tracker
 
     # bf16 and the grouped GEMM: the one expert path without a host read (the loop reads the
     # per-expert counts, a graph break whose resumed frame depends on them).
     moe = MoEConfig(num_experts=4, moe_router_topk=2, moe_aux_loss_coeff=1e-2, moe_z_loss_coeff=1e-3,
                     moe_grouped_gemm=True)
-    dtypes = dict(bf16=True, params_dtype=torch.bfloat16)
+    config.update(bf16=True, params_dtype=torch.bfloat16)
     tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(3))
     labels = torch.roll(tokens, -1, dims=1)
     tracker = get_aux_loss_tracker()
@@ -125,21 +122,46 @@ def test_compiled_moe_layers_compile_once_and_record_every_layers_aux_losses():
         tracker.clear()
         return values
 
-    expected = two_microbatches(_gpt(moe, **dtypes))
-    model = _gpt(moe, **dtypes)
+    expected = two_microbatches(_gpt(moe, **config))
+    model = _gpt(moe, **config)
     for layer in model.decoder.layers:
         layer.compile(backend="eager")  # dynamo's tracing and guards, without Inductor's build time
     torch._dynamo.reset()
     try:
-        with torch._dynamo.config.patch(error_on_recompile=True):
+        with torch._dynamo.config.patch(error_on_recompile=error_on_recompile):
             got = two_microbatches(model)
     finally:
         torch._dynamo.reset()
+    return expected, got, [layer.mlp.router for layer in model.decoder.layers]
+
+
+def _assert_same_aux_losses(expected, got):
     assert sorted(got["load_balancing_loss"]) == [0, 1, 2, 3]
     for name in expected:
         assert got[name].keys() == expected[name].keys()
         for layer_number, value in expected[name].items():
             assert got[name][layer_number] == pytest.approx(value, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_compiled_moe_layers_compile_once_and_record_every_layers_aux_losses():
+    """--torch-compile compiles each layer: the MoE layers of every depth and micro-batch must share
+    one graph (no recompile per layer number or per tracker state, which would end in the
+    recompile limit and eager layers), and the aux losses queued by the compiled routers reach
+    the tracker with the eager values."""
+    expected, got, _ = _eager_and_compiled_aux_losses(error_on_recompile=True)
+    _assert_same_aux_losses(expected, got)
+
+
+@pytest.mark.slow
+def test_compiled_moe_layers_outside_block_recompute_record_their_aux_losses():
+    """Block recompute of the first 2 of 4 layers: the two layers it runs without a checkpoint
+    also hand their queued aux losses to the tracker (the checkpointed forward runs without grad,
+    a global state dynamo compiles separately, so recompiles are allowed here)."""
+    expected, got, routers = _eager_and_compiled_aux_losses(
+        error_on_recompile=False, recompute_granularity="full", recompute_method="block", recompute_num_layers=2)
+    _assert_same_aux_losses(expected, got)
+    assert not any(router.pending_aux_losses for router in routers)
 
 
 TINY = ["--num-layers", "2", "--hidden-size", "16", "--num-attention-heads", "2", "--seq-length", "32",

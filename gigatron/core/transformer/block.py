@@ -192,8 +192,8 @@ class TransformerBlock(nn.Module):
             if i < num_recomputed:
                 hidden = checkpoint(chunk_fn(i, i + 1), distribute, hidden, attention_mask, rotary_pos_emb,
                                     tp=self.groups.tp)
-            else:
-                hidden = self.layers[i](hidden, attention_mask, rotary_pos_emb)
+            else:  # through _run_layers too: it empties the aux-loss queue of a compiled MoE layer
+                hidden = self._run_layers(i, i + 1, hidden, attention_mask, rotary_pos_emb)
         return hidden
 
     def forward(self, hidden: Optional[torch.Tensor], attention_mask: Optional[torch.Tensor] = None,
