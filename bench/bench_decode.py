@@ -49,6 +49,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from gigatron.core.checkpoint.io import atomic_write_text  # noqa: E402
 from gigatron.core.inference.engine import InferenceEngine, SamplingParams  # noqa: E402
 from gigatron.core.models.gpt import GPTModel  # noqa: E402
 from gigatron.core.parallel.groups import ParallelGroups  # noqa: E402
@@ -305,10 +306,7 @@ def main(argv=None) -> int:
         result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                   "weight_bytes": weight_bytes, "copy_bandwidth_bytes_per_s": bandwidth,
                   "prompt_length": prompt_len, "new_tokens": new_tokens, "rows": rows}
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(result, f, indent=2)
-        os.replace(tmp, args.json)
+        atomic_write_text(args.json, json.dumps(result, indent=2))
     return 0
 
 

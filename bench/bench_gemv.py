@@ -26,6 +26,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench_decode import measure_bandwidth  # noqa: E402  (this script's folder is on sys.path)
+from gigatron.core.checkpoint.io import atomic_write_text  # noqa: E402
 from gigatron.core.ops.gemv import linear_one_row  # noqa: E402
 
 L2_FLUSH_BYTES = 400 * 10**6  # the weight copies one timed graph cycles through
@@ -103,11 +104,8 @@ def main(argv=None) -> int:
                   f"{nbytes / t_cublas / bandwidth:.3f} | {t_triton * 1e6:.2f} | {row['triton_gbps']:.0f} | "
                   f"{nbytes / t_triton / bandwidth:.3f} | {t_cublas / t_triton:.2f}x | {diff:.1e} |", flush=True)
     if args.json:
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "copy_bandwidth_bytes_per_s": bandwidth,
-                       "rows": rows}, f, indent=2)
-        os.replace(tmp, args.json)
+        atomic_write_text(args.json, json.dumps({"device": torch.cuda.get_device_name(),
+                                                 "copy_bandwidth_bytes_per_s": bandwidth, "rows": rows}, indent=2))
     return 0
 
 

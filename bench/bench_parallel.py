@@ -397,11 +397,8 @@ def main() -> None:
         temporary.cleanup()
     table = print_table(results, device)
     if args.json:
-        directory = os.path.dirname(os.path.abspath(args.json))
-        fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(dict(device=device, results=results, table=table), f, indent=1)
-        os.replace(tmp, args.json)
+        from gigatron.core.checkpoint.io import atomic_write_text  # the parent only launches: torch on demand
+        atomic_write_text(args.json, json.dumps(dict(device=device, results=results, table=table), indent=1))
     if any(r["status"] != "ok" for r in results):
         sys.exit(1)
 

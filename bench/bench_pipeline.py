@@ -55,6 +55,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from gigatron.core.checkpoint.io import atomic_write_text  # noqa: E402
 from gigatron.core.distributed import DDPConfig, DistributedDataParallel, finalize_model_grads  # noqa: E402
 from gigatron.core.flops import device_peak_flops, paper_flops  # noqa: E402
 from gigatron.core.models.gpt import GPTModel  # noqa: E402
@@ -285,16 +286,6 @@ def progress_line(row: dict) -> str:
             f"(x{row['measured_over_theory']:.2f}){memory}\n    busy ms per micro-batch: {ranks}")
 
 
-def write_json_atomically(path: str, payload: dict) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    temporary = f"{path}.tmp.{os.getpid()}"
-    with open(temporary, "w") as handle:
-        json.dump(payload, handle, indent=1)
-        handle.write("\n")
-    os.replace(temporary, path)
-
-
 # ====================================================================== main
 
 
@@ -380,14 +371,14 @@ def main(argv=None) -> int:
     if skipped:
         say("\nskipped:\n" + "\n".join(f"- {reason}" for reason in skipped))
     if rank == 0 and args.json:
-        write_json_atomically(args.json, dict(
+        atomic_write_text(args.json, json.dumps(dict(
             device=name, torch=torch.__version__, pp=pp, peak_tflops=peak,
             model=dict(num_layers=args.num_layers, hidden_size=args.hidden_size,
                        num_attention_heads=args.num_attention_heads, seq_length=args.seq_length,
                        vocab_size=args.vocab_size),
             micro_batch_size=args.micro_batch_size, warmup=args.warmup, iters=args.iters,
             bubble_definition="(pipeline forward_backward time - busy compute time) / busy compute time",
-            rows=rows, skipped=skipped))
+            rows=rows, skipped=skipped), indent=1) + "\n")
         say(f"\nwrote {args.json}")
     dist.barrier()
     dist.destroy_process_group()

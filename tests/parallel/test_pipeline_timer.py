@@ -12,18 +12,17 @@ One process checks the no-pipelining schedule the same way.
 from __future__ import annotations
 
 import time
-from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.distributed as dist
 
-from gigatron.core.parallel.groups import Group
 from gigatron.core.pipeline import ComputeTimer, get_forward_backward_func
 from tests.parallel.harness import run_distributed
 from tests.parallel.test_pipeline_schedules import (
-    HIDDEN,
     ToyDataParallel,
+    _config,
+    _pipeline_groups,
     build_stage,
     forward_step,
     make_microbatches,
@@ -38,18 +37,6 @@ SCENARIOS = {
 SLEEP_S = 0.3
 
 
-def _groups(rank: int, world_size: int):
-    ranks = list(range(world_size))
-    pp = Group(group=dist.new_group(ranks), size=world_size, rank=rank, ranks=ranks)
-    return SimpleNamespace(pp=pp, tp=Group.single(rank), cp=Group.single(rank))
-
-
-def _config(overlap: bool = False):
-    return SimpleNamespace(hidden_size=HIDDEN, sequence_parallel=False, params_dtype=torch.float32,
-                           variable_seq_lengths=False, overlap_p2p_comm=overlap,
-                           microbatch_group_size_per_vp_stage=None)
-
-
 def _run(rank, pp_size, groups, *, num_layers, num_microbatches, vp, overlap=False, timer=None,
          forward_only=False, step_func=forward_step):
     """One schedule call on this rank: (losses, grads by global name, wall seconds of the call)."""
@@ -61,7 +48,7 @@ def _run(rank, pp_size, groups, *, num_layers, num_microbatches, vp, overlap=Fal
     begin = time.perf_counter()
     logs = schedule(forward_step_func=step_func, data_iterator=iterators if vp > 1 else iterators[0],
                     model=chunks if vp > 1 else chunks[0], num_microbatches=num_microbatches, seq_length=4,
-                    micro_batch_size=2, groups=groups, config=_config(overlap), forward_only=forward_only,
+                    micro_batch_size=2, groups=groups, config=_config(overlap=overlap), forward_only=forward_only,
                     compute_timer=timer)
     wall = time.perf_counter() - begin
     grads = {name: param.grad.clone() for chunk in chunks
@@ -81,7 +68,7 @@ def _sleepy_forward_step(data_iterator, model):
 
 
 def _worker(rank, world_size):
-    groups = _groups(rank, world_size)
+    groups = _pipeline_groups(rank, world_size)
     results = {}
     for name, scenario in SCENARIOS.items():
         plain_losses, plain_grads, _ = _run(rank, world_size, groups, **scenario)
