@@ -346,7 +346,8 @@ def block_attention_forward(q, k, v, causal: bool, scale: float, kernel: str = "
     """One block of attention: (out [b, nq, sq, d], lse [b, nq, sq] fp32/fp64, aux).
 
     q [b, nq, sq, d]; k, v [b, ng, sk, d]. causal: mask above the diagonal (square blocks).
-    out is in the compute dtype (math) or q's dtype (flash); aux is what the flash backward needs."""
+    out is in the compute dtype (math) or q's dtype (flash, cudnn); aux is what the fused
+    (flash, cudnn) backward needs."""
     if kernel == "flash":
         return _flash_forward(q, k, v, causal, scale)
     if kernel == "cudnn":
@@ -361,7 +362,8 @@ def block_attention_backward(dout, q, k, v, out, lse, delta, causal: bool, scale
     probabilities are exp(s - lse) and the softmax correction is delta = rowsum(dO * O)).
 
     Returns (dq [b, nq, sq, d], dk [b, ng, sk, d], dv [b, ng, sk, d]); math returns the compute
-    dtype, flash q's dtype. `delta` is used by math (flash recomputes it from dout and out)."""
+    dtype, flash and cudnn q's dtype. `delta` is used by math (the fused kernels recompute it from
+    dout and out)."""
     if kernel == "flash":
         return _flash_backward(dout, q, k, v, out.to(q.dtype), lse, causal, scale, aux)
     if kernel == "cudnn":
@@ -556,7 +558,7 @@ class _AllGatherAttention(torch.autograd.Function):
             out[:, :, rows] = merged_out
             lse[:, :, rows] = merged_lse
         out = out.to(q.dtype)
-        lse = lse.float() if kernel == "flash" else lse
+        lse = lse.float() if kernel in ("flash", "cudnn") else lse  # the fused backward kernels take fp32
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.cp, ctx.causal, ctx.scale, ctx.kernel, ctx.aux = cp, causal, scale, kernel, aux
         return out
@@ -649,7 +651,7 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp, causal
     causal: causal attention over the global sequence (False: every query sees every key).
     softmax_scale: default 1/sqrt(d). comm_type: "p2p" (ring), "all_gather" (also spelled
     "allgather") or "a2a" (Ulysses).
-    kernel: "auto", "flash" or "math" for the per-block attention.
+    kernel: "auto", "flash", "cudnn" or "math" for the per-block attention.
     Returns [b, nq, s, d] in q's dtype. With cp.size == 1 this is plain local attention."""
     comm_type = _COMM_ALIASES.get(comm_type, comm_type)
     _check_inputs(q, k, v, cp, causal, comm_type)
