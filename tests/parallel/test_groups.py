@@ -173,11 +173,10 @@ def mappings_worker(rank, world_size):
     assert_close(y, torch.cat([chunk(xs[q], -1, r) for q in range(t)], dim=0))
     a2a_out = (SHAPE[0] * t,) + SHAPE[1:-1] + (SHAPE[-1] // t,)
     assert_close(g, torch.cat([chunk(rank_grad(q, a2a_out), 0, r) for q in range(t)], dim=-1))
-    # Plain collectives along a middle dim, and the reduce-scatter fallback used by old gloo.
+    # Plain collectives along a middle dim.
     assert_close(mappings.all_gather(x, tp, dim=1), torch.cat(xs, dim=1))
     wide = torch.cat([x] * t, dim=1)  # [s, t*b, h]
     assert_close(mappings.reduce_scatter(wide, tp, dim=1), sum(xs))
-    assert_close(mappings._reduce_scatter_via_all_reduce(x, tp, 0), chunk(sum(xs), 0, r))
     with pytest.raises(ValueError, match="not divisible by the group size"):
         mappings.split(torch.zeros(2 * t + 1, 2), tp, dim=0)
     return True

@@ -310,13 +310,8 @@ class MegatronOptimizer(ABC):
         grads = self._main_grads()
         found_inf = torch.zeros(1, dtype=torch.float32, device=self.device)
         inv_scale = self.grad_scaler.inv_scale.to(self.device)
-        if grads:
-            try:
-                torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, inv_scale)
-            except (RuntimeError, NotImplementedError):
-                torch._foreach_mul_(grads, inv_scale)
-                for g in grads:
-                    found_inf = torch.maximum(found_inf, (~torch.isfinite(g)).any().float().reshape(1))
+        if grads:  # one fused kernel on CUDA and CPU (torch >= 2.3)
+            torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, inv_scale)
         stats_groups = list(self._grad_stats_groups())
         if self._has_expert_params():
             stats_groups += self._expert_grad_stats_groups()

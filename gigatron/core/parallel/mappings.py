@@ -36,9 +36,6 @@ __all__ = [
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
-# backend name -> whether it implements reduce-scatter natively (decided on first use).
-_NATIVE_REDUCE_SCATTER: dict[str, bool] = {}
-
 
 # ---------------------------------------------------------------------------------------------
 # Plain collectives (no autograd). Each returns a new tensor and leaves its input untouched.
@@ -85,23 +82,6 @@ def split(x: torch.Tensor, group: Group, dim: int = 0) -> torch.Tensor:
     return x.narrow(dim, group.rank * length, length).contiguous()
 
 
-def _native_reduce_scatter(backend: str, out: torch.Tensor, x: torch.Tensor, group: Group) -> bool:
-    """Run the native reduce-scatter if the backend has one; return whether it ran."""
-    supported = _NATIVE_REDUCE_SCATTER.get(backend)
-    if supported is False:
-        return False
-    try:
-        _reduce_scatter_single(out, x, group=group.group)
-    except (RuntimeError, NotImplementedError, ValueError):
-        if supported or backend != "gloo":
-            raise
-        # Older gloo builds have no reduce-scatter; the check raises before any communication.
-        _NATIVE_REDUCE_SCATTER[backend] = False
-        return False
-    _NATIVE_REDUCE_SCATTER[backend] = True
-    return True
-
-
 def reduce_scatter(x: torch.Tensor, group: Group, dim: int = 0) -> torch.Tensor:
     """Sum over the group, then keep this rank's slice along `dim`."""
     if group.size == 1:
@@ -111,19 +91,9 @@ def reduce_scatter(x: torch.Tensor, group: Group, dim: int = 0) -> torch.Tensor:
     if dim != 0:
         x = torch.cat(x.chunk(group.size, dim=dim), dim=0)  # [t * n0, ..., n_dim / t, ...]
     x = x.contiguous()
-    backend = dist.get_backend(group.group)
     out = torch.empty((x.shape[0] // group.size,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
-    if _native_reduce_scatter(backend, out, x, group):
-        return out
-    return _reduce_scatter_via_all_reduce(x, group, 0)
-
-
-def _reduce_scatter_via_all_reduce(x: torch.Tensor, group: Group, dim: int) -> torch.Tensor:
-    """Reduce-scatter for backends without one: all-reduce, then keep this rank's slice."""
-    total = x.clone(memory_format=torch.contiguous_format)
-    dist.all_reduce(total, group=group.group)
-    length = x.shape[dim] // group.size
-    return total.narrow(dim, group.rank * length, length).contiguous()
+    _reduce_scatter_single(out, x, group=group.group)  # gloo has it too since torch 2.2
+    return out
 
 
 def _all_to_all(x: torch.Tensor, group: Group, split_dim: int, concat_dim: int) -> torch.Tensor:
