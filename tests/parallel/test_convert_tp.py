@@ -2,43 +2,15 @@
 training engine's --use-checkpoint-args / --load path gives HuggingFace's logits (the
 vocab-parallel logits gathered over the tensor-parallel group)."""
 
-import os
-import sys
-
 import pytest
 import torch
 import torch.distributed as dist
 
 from tests.parallel.harness import run_distributed
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.join(ROOT, "tools", "checkpoint"))
-import convert  # noqa: E402
-
-VOCAB = 100
+from tests.unit._hf_fixtures import VOCAB, make_hf_model, run_convert
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
-
-
-def _make_hf_model(family, path):
-    import transformers
-
-    if family == "gpt2":
-        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-            vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=32, attn_implementation="eager"))
-    else:
-        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-            vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            intermediate_size=48, max_position_embeddings=64, attn_implementation="eager"))
-    g = torch.Generator().manual_seed(11)
-    with torch.no_grad():
-        for name, p in sorted(model.named_parameters()):
-            noise = torch.randn(p.shape, generator=g) * 0.1
-            p.copy_(1.0 + noise if "norm" in name or "ln_" in name else noise)
-    model.eval()
-    model.save_pretrained(path)
-    return model
 
 
 def _tp_logits(rank, world_size, ckpt, ids):
@@ -69,9 +41,9 @@ def _tp_logits(rank, world_size, ckpt, ids):
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_tp2_logits_match_hf(tmp_path, family):
-    hf = _make_hf_model(family, tmp_path / "hf")
-    convert.main(["--model-type", "GPT", "--loader", "hf", "--saver", "core", "--load-dir", str(tmp_path / "hf"),
-                  "--save-dir", str(tmp_path / "ckpt"), "--target-tensor-parallel-size", "2"])
+    hf = make_hf_model(family, tmp_path / "hf", seed=11)
+    run_convert("--loader", "hf", "--saver", "core", "--load-dir", tmp_path / "hf", "--save-dir", tmp_path / "ckpt",
+                "--target-tensor-parallel-size", "2")
     ids = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         ref = hf(ids).logits

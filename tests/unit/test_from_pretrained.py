@@ -9,10 +9,10 @@ import torch
 
 import gigatron
 
-from _hf_fixtures import VOCAB, convert  # noqa: E402,F401
+from _hf_fixtures import VOCAB, run_convert
+from _hf_fixtures import make_hf_model as _make_hf_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
-from _hf_fixtures import make_hf_model as _make_hf_model  # noqa: E402
 
 
 def make_hf_model(family, path, seed=0, **overrides):
@@ -62,9 +62,8 @@ def test_hf_folder_matches_transformers(tmp_path, variant):
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_converted_sharded_checkpoint_matches_transformers(tmp_path, family):
     hf = make_hf_model(family, tmp_path / "hf", seed=1)
-    convert.main(["--model-type", "GPT", "--loader", "hf", "--saver", "core", "--load-dir", str(tmp_path / "hf"),
-                  "--save-dir", str(tmp_path / "ckpt"), "--target-tensor-parallel-size", "2",
-                  "--target-pipeline-parallel-size", "2"])
+    run_convert("--loader", "hf", "--saver", "core", "--load-dir", tmp_path / "hf", "--save-dir", tmp_path / "ckpt",
+                "--target-tensor-parallel-size", "2", "--target-pipeline-parallel-size", "2")
     ids = _ids()
     ref = _hf_logits(hf, ids)
     for path in (tmp_path / "ckpt", tmp_path / "ckpt" / "release"):  # save dir or iteration dir
@@ -93,8 +92,7 @@ def test_gpt2_tokenizer_travels_with_the_checkpoint(tmp_path):
     hf = make_hf_model("gpt2", tmp_path / "hf", vocab_size=50257, n_embd=16, n_head=2, n_layer=1)
     shutil.copyfile(os.path.join(data, "encoder.json"), tmp_path / "hf" / "vocab.json")
     shutil.copyfile(os.path.join(data, "vocab.bpe"), tmp_path / "hf" / "merges.txt")
-    convert.main(["--model-type", "GPT", "--loader", "hf", "--saver", "core", "--load-dir", str(tmp_path / "hf"),
-                  "--save-dir", str(tmp_path / "ckpt")])
+    run_convert("--loader", "hf", "--saver", "core", "--load-dir", tmp_path / "hf", "--save-dir", tmp_path / "ckpt")
     assert sorted(os.listdir(tmp_path / "ckpt" / "tokenizer")) == ["merges.txt", "vocab.json"]
     shutil.rmtree(tmp_path / "hf")  # the checkpoint must not need the source folder
     model = gigatron.from_pretrained(tmp_path / "ckpt")
@@ -105,8 +103,7 @@ def test_gpt2_tokenizer_travels_with_the_checkpoint(tmp_path):
     ids = torch.tensor([tokenizer.tokenize("Hello world, this is Gigatron.")])
     torch.testing.assert_close(_ours(model, ids), _hf_logits(hf, ids), atol=1e-4, rtol=1e-4)
     # Exported back: the tokenizer files come along.
-    convert.main(["--model-type", "GPT", "--loader", "core", "--saver", "hf", "--load-dir", str(tmp_path / "ckpt"),
-                  "--save-dir", str(tmp_path / "back")])
+    run_convert("--loader", "core", "--saver", "hf", "--load-dir", tmp_path / "ckpt", "--save-dir", tmp_path / "back")
     assert {"vocab.json", "merges.txt", "config.json", "model.safetensors"} <= set(os.listdir(tmp_path / "back"))
 
 
