@@ -16,8 +16,7 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 import torch
 
-from .masked_dataset import (MaskedDatasetConfig, MaskedWordPieceDataset, _named_id, build_masked_datasets,
-                             tokenizer_attribute)
+from .masked_dataset import MaskedDatasetConfig, MaskedWordPieceDataset, _named_id, build_masked_datasets
 from .utils import Split
 
 __all__ = ["BERTDataset", "truncate_segments", "build_masked_datasets"]
@@ -86,7 +85,7 @@ class BERTDataset(MaskedWordPieceDataset):
         if missing:
             raise ValueError(f"BERT samples need a tokenizer with {', '.join(missing)} ids; use "
                              f"--tokenizer-type BertWordPieceLowerCase or BertWordPieceCase")
-        if tokenizer_attribute(tokenizer, "inv_vocab") is None:
+        if getattr(tokenizer, "inv_vocab", None) is None:
             raise ValueError("BERT masking needs the tokenizer's vocabulary (inv_vocab) to find whole words "
                              "and random replacement tokens")
 

@@ -93,11 +93,6 @@ def gpt_dataset_config_from_data_config(config: DataConfig, tokenizer) -> GPTDat
         raise ValueError(f"give one data source, not {' and '.join(sources)}")
     if not sources:
         raise ValueError("no data: give --data-path PREFIX (or --train-data-path etc.), or --mock-data")
-    if has_per_split and config.split is not None:
-        raise ValueError(
-            "--split cannot be combined with --train-data-path/--valid-data-path/--test-data-path: the per-split "
-            "paths already say which data each split uses; drop --split"
-        )
     if config.seq_length is None:
         raise ValueError("--seq-length is required to build GPT datasets")
     split = config.split

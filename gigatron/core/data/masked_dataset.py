@@ -325,14 +325,8 @@ class WordPieceMasker:
         return MaskingResult(np.flatnonzero(token_covered).astype(np.int64), spans, [b - a for a, b in chosen])
 
 
-def tokenizer_attribute(tokenizer, name: str, default: Any = None) -> Any:
-    """`tokenizer.<name>`, or `default` when this tokenizer has no such attribute (a tokenizer
-    without a token vocabulary raises NoVocabularyError, an AttributeError, for `vocab`)."""
-    return getattr(tokenizer, name, default)
-
-
 def _inv_vocab(tokenizer) -> Dict[int, Any]:
-    inv = tokenizer_attribute(tokenizer, "inv_vocab")
+    inv = getattr(tokenizer, "inv_vocab", None)
     return inv if isinstance(inv, dict) else {}
 
 
@@ -343,7 +337,7 @@ def special_token_ids(tokenizer) -> List[int]:
     for name in ("cls", "sep", "pad", "mask", "bos", "eos", "eod"):
         if _named_id(tokenizer, name) >= 0:
             ids.add(_named_id(tokenizer, name))
-    ids.update(int(i) for i in (tokenizer_attribute(tokenizer, "additional_special_tokens_ids") or []))
+    ids.update(int(i) for i in (getattr(tokenizer, "additional_special_tokens_ids", None) or []))
     for i, token in _inv_vocab(tokenizer).items():
         if isinstance(token, str) and len(token) > 2 and token.startswith("[") and token.endswith("]"):
             ids.add(int(i))
@@ -352,7 +346,7 @@ def special_token_ids(tokenizer) -> List[int]:
 
 def _named_id(tokenizer, name: str) -> int:
     """The tokenizer's `name` id (cls, sep, mask …), or -1 when it has none."""
-    value = tokenizer_attribute(tokenizer, name)
+    value = getattr(tokenizer, name, None)
     return -1 if value is None else int(value)
 
 

@@ -19,8 +19,7 @@ from typing import Dict, Optional
 import numpy as np
 import torch
 
-from .masked_dataset import (MaskedDatasetConfig, MaskedWordPieceDataset, _named_id, build_masked_datasets,
-                             tokenizer_attribute)
+from .masked_dataset import MaskedDatasetConfig, MaskedWordPieceDataset, _named_id, build_masked_datasets
 from .utils import Split
 
 __all__ = ["T5Dataset", "build_masked_datasets"]
@@ -59,7 +58,7 @@ class T5Dataset(MaskedWordPieceDataset):
     def _check_tokenizer(self, tokenizer) -> None:
         if self.config.decoder_sequence_length is None:
             raise ValueError("T5 samples need --decoder-seq-length")
-        if not tokenizer_attribute(tokenizer, "additional_special_tokens_ids"):
+        if not getattr(tokenizer, "additional_special_tokens_ids", None):
             raise ValueError("T5 span masking needs sentinel tokens: pass --vocab-extra-ids 100 (a tokenizer with "
                              "additional_special_tokens_ids <extra_id_0> ...)")
         if _named_id(tokenizer, "bos") < 0 and _named_id(tokenizer, "cls") < 0:
