@@ -199,9 +199,7 @@ def profile_decode(engine, prompt, steps: int, device, mode: str) -> None:
 def _fmt(key: str, value) -> str:
     if not isinstance(value, float):
         return str(value)
-    if key.endswith("fraction_of_limit"):
-        return f"{value:.3f}"
-    if key.endswith("ms_per_token"):
+    if key.endswith(("fraction_of_limit", "ms_per_token")):
         return f"{value:.3f}"
     return f"{value:.1f}"
 

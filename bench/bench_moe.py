@@ -90,10 +90,22 @@ def bench_layer(args, dtype, device):
         raise SystemExit("SequentialMLP and GroupedMLP disagree")
 
 
-def profile_layer(args, dtype, device):
-    """Where a GroupedMLP layer's forward + backward spends its time: torch.profiler's top ops."""
+def print_profile(step, device, title: str, row_limit: int, width: int) -> None:
+    """torch.profiler over 5 calls of step(): the top ops by device time (CPU time on the CPU)."""
     from torch.profiler import ProfilerActivity, profile
 
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(5):
+            step()
+        synchronize(device)
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(f"profile of 5 {title} (sorted by {sort}):")
+    print(prof.key_averages().table(sort_by=sort, row_limit=row_limit, max_name_column_width=width))
+
+
+def profile_layer(args, dtype, device):
+    """Where a GroupedMLP layer's forward + backward spends its time: torch.profiler's top ops."""
     torch.manual_seed(0)
     layer = build_layer(args, True, dtype, device)
     x = torch.randn(args.tokens, 1, args.hidden, device=device, dtype=dtype, requires_grad=True)
@@ -104,14 +116,7 @@ def profile_layer(args, dtype, device):
         out.backward(grad)
 
     time_it(step, 1, args.warmup, device)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
-        for _ in range(5):
-            step()
-        synchronize(device)
-    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    print(f"profile of 5 forward + backward steps of the GroupedMLP layer (sorted by {sort}):")
-    print(prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=60))
+    print_profile(step, device, "forward + backward steps of the GroupedMLP layer", 30, 60)
 
 
 def bench_dispatch_variants(args, dtype, device):
@@ -145,14 +150,7 @@ def bench_dispatch_variants(args, dtype, device):
             print(f"| {permutation} | {'yes' if compiled else 'no'} | {seconds * 1e3:.3f} | "
                   f"{flops / seconds / 1e12:.1f} | {(out - reference).abs().max().item():.2e} |", flush=True)
             if args.profile and compiled and permutation == "topk-sort" and device.type == "cuda":
-                from torch.profiler import ProfilerActivity, profile
-                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                    for _ in range(5):
-                        step()
-                    synchronize(device)
-                print("profile of 5 compiled forward + backward steps (top-k sort permutation):")
-                print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25,
-                                                max_name_column_width=70))
+                print_profile(step, device, "compiled forward + backward steps (top-k sort permutation)", 25, 70)
             del layer, run
 
 

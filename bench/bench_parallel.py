@@ -210,10 +210,15 @@ def profile_window(args) -> tuple[int, int]:
     return args.train_iters + 1, args.train_iters + 3
 
 
-def command(row: Row, suite: dict, args, smoke: bool, trace_dir: Optional[str] = None) -> list:
-    seq = row.seq or suite["seq"]
+def row_seq(row: Row, suite: dict, smoke: bool) -> int:
+    """The sequence length a row trains at (rows with their own length run a short one in --smoke)."""
     if smoke and row.seq:
-        seq = SMOKE_SEQ.get(row.seq, 64)
+        return SMOKE_SEQ.get(row.seq, 64)
+    return row.seq or suite["seq"]
+
+
+def command(row: Row, suite: dict, args, smoke: bool, trace_dir: Optional[str] = None) -> list:
+    seq = row_seq(row, suite, smoke)
     mbs = row.mbs or suite["mbs"]
     gbs = mbs * (row.m or suite["m"]) * row.dp
     log_interval = args.train_iters // 2
@@ -275,8 +280,8 @@ def run_row(row: Row, suite_name: str, suite: dict, args, smoke: bool, trace_roo
     if status != "ok":
         tail = "\n".join(line for line in output.splitlines()[-400:] if "Error" in line or "error" in line)
         print(f"  {row.name}: {status}; {tail[-1500:] or output[-1500:]}", flush=True)
-    seq = (SMOKE_SEQ.get(row.seq, 64) if smoke and row.seq else row.seq) or suite["seq"]
-    return dict(suite=suite_name, row=row.name, gpus=row.gpus, layout=row.layout(), seq=seq, status=status, wall_s=round(wall, 1), **figures)
+    return dict(suite=suite_name, row=row.name, gpus=row.gpus, layout=row.layout(), seq=row_seq(row, suite, smoke),
+                status=status, wall_s=round(wall, 1), **figures)
 
 
 def profile_figures(trace_path: str, keep: bool) -> dict:

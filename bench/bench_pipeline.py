@@ -151,11 +151,9 @@ class Pipeline:
     def train_step(self, batches, micro_batch_size: int, timer: ComputeTimer, device) -> tuple:
         """One iteration started together on all ranks: (forward_backward seconds, iteration seconds)."""
         seq = self.config.seq_length
-        positions = batches[0][2]
-        count = batches[0][3]
 
         def forward_step(data_iterator, model):
-            tokens, labels, _, _ = next(data_iterator)
+            tokens, labels, positions, count = next(data_iterator)
             per_token = model(tokens, positions, None, labels=labels)  # last stage: [b, s] fp32; else [s, b, h]
 
             def loss_func(output):
