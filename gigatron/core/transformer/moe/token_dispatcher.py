@@ -244,22 +244,35 @@ class AllGatherTokenDispatcher:
     def forward(self, tokens: torch.Tensor, probs: torch.Tensor, routing_map: torch.Tensor, experts) -> torch.Tensor:
         group = self.group
         num_local_tokens = tokens.shape[0]
-        if group.size == 1 and self.exact_topk is not None:  # every expert local, k per token: gathers only
-            perm = TopKPermutation(routing_map, self.exact_topk)
-            return perm.unpermute(experts(perm.permute(tokens), perm.tokens_per_expert), probs)  # [T, h]
-        if group.size > 1:
-            tokens = gather_from_sequence_parallel_region(tokens, group)  # [t*ep*T, h]
-            probs = gather_from_sequence_parallel_region(probs, group)  # [t*ep*T, E]
-            routing_map = all_gather(routing_map.to(torch.uint8), group, dim=0).bool()  # [t*ep*T, E]
+        if group.size == 1:  # every expert local: no exchange
+            rows, tokens_per_expert, combine = _local_permutation(tokens, routing_map, self.exact_topk)
+            return combine(experts(rows, tokens_per_expert), probs)  # [T, h]
+        tokens = gather_from_sequence_parallel_region(tokens, group)  # [t*ep*T, h]
+        probs = gather_from_sequence_parallel_region(probs, group)  # [t*ep*T, E]
+        routing_map = all_gather(routing_map.to(torch.uint8), group, dim=0).bool()  # [t*ep*T, E]
         local = slice(self.first_local_expert, self.first_local_expert + self.num_local_experts)
         local_map = routing_map[:, local]  # [T_g, G]
         rows, token_index, expert_index, tokens_per_expert = permute(tokens, local_map)
         expert_out = experts(rows, tokens_per_expert)  # [N, h], partial over expert tp
         combined = unpermute(expert_out, probs[:, local], token_index, expert_index, tokens.shape[0])  # [T_g, h]
-        if group.size > 1:
-            combined = reduce_scatter_to_sequence_parallel_region(combined, group)  # [T, h]
+        combined = reduce_scatter_to_sequence_parallel_region(combined, group)  # [T, h]
         assert combined.shape[0] == num_local_tokens
         return combined
+
+
+def _local_permutation(tokens: torch.Tensor, routing_map: torch.Tensor, exact_topk: Optional[int]):
+    """(rows [N, h] sorted by expert, tokens_per_expert [E], combine(expert rows, probs) -> [T, h]):
+    the top-k permutation (gathers only) when every token has exactly exact_topk experts, else the
+    generic permute / unpermute."""
+    if exact_topk is not None:
+        perm = TopKPermutation(routing_map, exact_topk)
+        return perm.permute(tokens), perm.tokens_per_expert, perm.unpermute
+    rows, token_index, expert_index, tokens_per_expert = permute(tokens, routing_map)
+
+    def combine(returned, probs):
+        return unpermute(returned, probs, token_index, expert_index, tokens.shape[0])
+
+    return rows, tokens_per_expert, combine
 
 
 class AllToAllTokenDispatcher:
@@ -275,16 +288,7 @@ class AllToAllTokenDispatcher:
 
     def forward(self, tokens: torch.Tensor, probs: torch.Tensor, routing_map: torch.Tensor, experts) -> torch.Tensor:
         ep, etp, g = self.ep, self.etp, self.num_local_experts
-        num_tokens = tokens.shape[0]
-        if self.exact_topk is not None:  # dropless: k experts per token, gathers only
-            perm = TopKPermutation(routing_map, self.exact_topk)
-            rows, tokens_per_expert = perm.permute(tokens), perm.tokens_per_expert  # rows by global expert
-            combine = perm.unpermute
-        else:
-            rows, token_index, expert_index, tokens_per_expert = permute(tokens, routing_map)  # rows by global expert
-
-            def combine(returned, probs):
-                return unpermute(returned, probs, token_index, expert_index, num_tokens)
+        rows, tokens_per_expert, combine = _local_permutation(tokens, routing_map, self.exact_topk)  # by global expert
         if ep.size == 1 and etp.size == 1:  # the rows are already in local expert order: no exchange
             return combine(experts(rows, tokens_per_expert), probs)  # [T, h]
         send_counts = tokens_per_expert.view(ep.size, g)  # [ep, G]: rows for each rank's experts
