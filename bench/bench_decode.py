@@ -56,7 +56,8 @@ from gigatron.core.parallel.groups import ParallelGroups  # noqa: E402
 from gigatron.core.tokenizers import NullTokenizer  # noqa: E402
 from gigatron.core.transformer.config import TransformerConfig  # noqa: E402
 
-MODES = ["eager", "cuda_graph", "compiled", "cuda_graph-cublas", "compiled-cublas"]
+MODES = ["eager", "cuda_graph", "compiled", "cuda_graph-cublas", "compiled-cublas", "cuda_graph-unfused",
+         "compiled-unfused", "compiled-nopdl"]
 FULL = dict(layers=24, hidden=2048, heads=16, seq=2048, vocab=50257, padded=50304)
 SMOKE = dict(layers=2, hidden=64, heads=4, seq=128, vocab=500, padded=512)
 
@@ -139,10 +140,14 @@ def decode_rate(run, batch: int, new_tokens: int, device, repeats: int):
 
 
 def make_engine(model, tokenizer, batch: int, max_sequence_length: int, mode: str) -> InferenceEngine:
-    """The engine a bench mode names: "<decode mode>" or "<decode mode>-cublas" (no Triton GEMV)."""
+    """The engine a bench mode names: "<decode mode>", "<decode mode>-cublas" (cuBLAS and cuDNN,
+    no Triton decode kernels) or "<decode mode>-unfused" (the Triton GEMV per linear layer, the
+    rest of a layer as PyTorch ops) or "<decode mode>-nopdl" (the Triton decode kernels launched
+    one after another, without programmatic dependent launch)."""
     decode_mode, _, variant = mode.partition("-")
     return InferenceEngine(model, tokenizer, max_batch_size=batch, max_sequence_length=max_sequence_length,
-                           decode_mode=decode_mode, gemv=variant != "cublas")
+                           decode_mode=decode_mode, gemv=variant != "cublas", fused_decode=variant != "unfused",
+                           decode_attention=variant != "unfused", decode_pdl=variant not in ("unfused", "nopdl"))
 
 
 def format_idle_gaps(device_events, steps: int) -> str:
@@ -214,7 +219,8 @@ def main(argv=None) -> int:
     parser.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
     parser.add_argument("--modes", nargs="+", default=None, choices=MODES,
                         help="engines to time: eager, cuda_graph, compiled (torch.compile + CUDA graph), with the "
-                             "Triton GEMV for one-row steps; a -cublas suffix keeps cuBLAS for them")
+                             "Triton decode kernels; a -cublas suffix keeps cuBLAS and cuDNN, -unfused the plain "
+                             "GEMV per linear layer, -nopdl launches without programmatic dependent launch")
     parser.add_argument("--copy-gib", type=float, default=4.0, help="size of the bandwidth-measuring copy")
     parser.add_argument("--json", default=None, help="also write the results here (atomically)")
     parser.add_argument("--profile", action="store_true",

@@ -18,7 +18,7 @@ from _inference_fixtures import PADDED_VOCAB, CharTokenizer, tiny_model  # noqa:
 import gigatron.core.inference.engine as engine_module  # noqa: E402
 from gigatron.core.inference.engine import InferenceEngine, PromptTooLongError, SamplingParams  # noqa: E402
 from gigatron.core.inference.kv_cache import InferenceContext, decode_kv_bucket, decode_kv_buckets  # noqa: E402
-from gigatron.core.inference.sampling import draw_from, sample, top_k_mask, top_p_mask  # noqa: E402
+from gigatron.core.inference.sampling import draw_from, greedy_tokens, sample, top_k_mask, top_p_mask  # noqa: E402
 
 TOK = CharTokenizer()
 V = TOK.vocab_size
@@ -388,6 +388,17 @@ def test_deferred_stop_check_with_on_step_reads_at_once(monkeypatch):
     assert calls == [(0, [True, True]), (1, [True, True]), (2, [False, True]), (3, [False, True])]
 
 
+def test_greedy_tokens_equal_argmax_with_ties_and_padding():
+    torch.manual_seed(0)
+    for v in (1, 127, 128, 129, 50257):
+        logits = torch.randn(3, v)
+        logits[1] = torch.randint(0, 3, (v,)).float()  # many ties: the first maximum wins
+        logits[2, -1] = 100.0  # the maximum in the padded last chunk
+        assert torch.equal(greedy_tokens(logits), torch.argmax(logits, dim=-1)), v
+        if v in (129, 50257):
+            assert torch.equal(torch.compile(greedy_tokens)(logits), torch.argmax(logits, dim=-1)), v
+
+
 def test_draw_from_equals_multinomial():
     g = torch.Generator().manual_seed(0)
     for trial in range(20):
@@ -582,8 +593,8 @@ def test_bf16_graph_decode_with_gemv_scores_like_eager(mode, monkeypatch):
     import gigatron.core.ops.gemv as gemv_module
 
     calls = []
-    original = gemv_module._gemv_op
-    monkeypatch.setattr(gemv_module, "_gemv_op", lambda *a: calls.append(1) or original(*a))
+    original = gemv_module._launch  # every Triton GEMV launch, plain or fused
+    monkeypatch.setattr(gemv_module, "_launch", lambda *a: calls.append(1) or original(*a))
     model = _model("rope_gqa_swiglu").cuda().to(torch.bfloat16)
     engine = InferenceEngine(model, TOK, max_batch_size=1, decode_mode=mode)
     params = SamplingParams(tokens_to_generate=16, top_k=1, return_log_probs=True, stop_at_eod=False)

