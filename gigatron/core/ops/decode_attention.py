@@ -186,13 +186,14 @@ def _kernels():
 _COUNTERS = {}
 
 
-def _arrival_counters(device, n: int) -> torch.Tensor:
-    """A zeroed int32 counter per (row, head), kept per device and reused: the attention kernel
-    leaves every counter at zero again. Grown outside a CUDA graph capture (the engine's warm-up
-    runs every shape first)."""
+def _arrival_counters(device) -> torch.Tensor:
+    """Zeroed int32 counters, one per (row, head), kept per device and reused: the attention
+    kernel leaves every counter at zero again. Slot ranges are split only while rows * heads <
+    GPU_PROGRAMS, so that many always suffice (allocated by the first call, which the engine
+    makes before any CUDA graph capture)."""
     counters = _COUNTERS.get(device)
-    if counters is None or counters.numel() < n:
-        counters = _COUNTERS[device] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+    if counters is None:
+        counters = _COUNTERS[device] = torch.zeros(GPU_PROGRAMS, dtype=torch.int32, device=device)
     return counters
 
 
@@ -211,7 +212,7 @@ def _triton_decode_attention(q, k, v, key_cache, value_cache, positions, kv_len:
     part = (torch.empty(b, nq, splits, d_p2 + 2, dtype=torch.float32, device=q.device) if splits > 1
             else out)  # unused with one range
     attention_kernel = _kernels()
-    counters = _arrival_counters(q.device, b * nq) if splits > 1 else positions  # unused with one range
+    counters = _arrival_counters(q.device) if splits > 1 else positions  # unused with one range
     args = (q, k, v, key_cache, value_cache, positions, out, part, counters,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
