@@ -173,9 +173,12 @@ class InferenceEngine:
       gemv: captured decode steps use the Triton decode kernels (CUDA only): the GEMV for one-row
         linear layers and the fused decode path (below); False keeps cuBLAS and SDPA.
       fused_decode: with gemv, captured decode steps run each one-row layer as four fused GEMVs
-        (norm prologue; bias, activation and residual epilogues) and every decode step's attention
-        as one kernel that also writes the KV cache; False keeps the plain GEMV per linear layer.
-      decode_attention: with gemv, captured decode steps attend through that kernel (False: SDPA).
+        (norm prologue; bias, activation and residual epilogues) around the decode-attention
+        kernel, and the final norm inside the output layer's GEMV; False keeps the plain GEMV per
+        linear layer.
+      decode_attention: with gemv, captured decode steps whose rows and heads do not fill the GPU
+        attend through one kernel that also writes the KV cache (False: SDPA, and no fused
+        one-row layers, which attend only through it).
       decode_pdl: with gemv, the Triton decode kernels are launched with programmatic dependent
         launch on GPUs that have it (Hopper and later): each starts streaming its weights while
         the kernel before it finishes (gigatron/core/ops/gemv.py, pdl_enabled).

@@ -175,14 +175,11 @@ class GPTModel(nn.Module):
     def _fused_head_applies(self, hidden: Optional[torch.Tensor]) -> bool:
         """The final norm can be folded into the output layer's GEMV: a decode step of one row
         inside decode_gemv(fused=True), on a single-stage model without tensor parallelism."""
-        from gigatron.core.ops.gemv import NORM_CODES, fused_decode_enabled, gemv_applies
+        from gigatron.core.ops.gemv import NORM_CODES, fused_row_applies
         norm = getattr(self.decoder, "final_layernorm", None)
-        if not (fused_decode_enabled() and self.pre_process and self.post_process and hidden is not None
-                and hidden.shape[:2] == (1, 1) and norm is not None and type(norm).__name__ in NORM_CODES
-                and self.groups.tp.size == 1 and not self.training):
-            return False
-        weight = self.output_weight()
-        return hidden.dtype == weight.dtype and (not hidden.is_cuda or gemv_applies(hidden, weight))
+        return (self.pre_process and self.post_process and hidden is not None and norm is not None
+                and type(norm).__name__ in NORM_CODES and self.groups.tp.size == 1 and not self.training
+                and fused_row_applies(hidden, self.output_weight()))
 
     def _output(self, hidden: torch.Tensor, labels: Optional[torch.Tensor]) -> torch.Tensor:
         weight = self.output_weight()

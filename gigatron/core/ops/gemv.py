@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["gemv_available", "gemv_applies", "linear_one_row", "reference_linear_one_row", "decode_gemv",
-           "maybe_gemv", "decode_gemv_enabled", "pdl_enabled", "fused_decode_enabled", "decode_attention_enabled",
+           "maybe_gemv", "pdl_enabled", "fused_row_applies", "decode_attention_enabled",
            "fused_gemv", "reference_fused_gemv", "ACT_CODES", "NORM_CODES"]
 
 _ENABLED = False
@@ -104,14 +104,11 @@ def pdl_enabled() -> bool:
     return _PDL and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
 
 
-def decode_gemv_enabled() -> bool:
-    """Inside a decode_gemv(True) block (read when a layer runs)."""
-    return _ENABLED
-
-
-def fused_decode_enabled() -> bool:
-    """Inside a decode_gemv(True, fused=True) block: one-row layers take the fused GEMVs."""
-    return _FUSED
+def fused_row_applies(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Inside a decode_gemv(True, fused=True) block, hidden [1, 1, K] (one token of one row) can
+    go through fused_gemv with this weight: the same dtype, and on CUDA what the kernel takes."""
+    return (_FUSED and hidden.shape[:2] == (1, 1) and hidden.dtype == weight.dtype
+            and (not hidden.is_cuda or gemv_applies(hidden, weight)))
 
 
 def decode_attention_enabled() -> bool:
@@ -133,6 +130,7 @@ def reference_linear_one_row(x: torch.Tensor, weight: torch.Tensor, bias: Option
 
 NORM_CODES = {None: 0, "LayerNorm": 1, "RMSNorm": 2}
 ACT_CODES = {None: 0, "gelu": 1, "gelu_tanh": 2, "swiglu": 3, "squared_relu": 4}
+_ACT_NAMES = {code: name for name, code in ACT_CODES.items()}
 
 
 def _accumulators(act: int) -> int:
@@ -335,15 +333,9 @@ def reference_fused_gemv(x, weight, bias, residual, norm_weight, norm_bias, norm
         x = xf.to(dtype)
     linear_bias = bias if residual is None else None
     y = F.linear(x, weight, linear_bias)
-    if act == ACT_CODES["swiglu"]:
-        gate, up = torch.chunk(y, 2, dim=-1)
-        y = F.silu(gate) * up
-    elif act == ACT_CODES["gelu"]:
-        y = F.gelu(y)
-    elif act == ACT_CODES["gelu_tanh"]:
-        y = F.gelu(y, approximate="tanh")
-    elif act == ACT_CODES["squared_relu"]:
-        y = torch.pow(F.relu(y), 2)
+    if act:  # the MLP's own activation functions
+        from gigatron.core.transformer.mlp import DECODE_ACTIVATIONS
+        y = DECODE_ACTIVATIONS[_ACT_NAMES[act]](y)
     if residual is not None:
         if bias is not None:
             y = y + bias

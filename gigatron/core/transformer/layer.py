@@ -98,9 +98,9 @@ class TransformerLayer(nn.Module):
         else:
             self.mlp = MLP(config, groups, layer_number)
         # The fused decode GEMV's name for the MLP activation (None: one it does not fold in).
-        from gigatron.core.transformer.mlp import gelu, openai_gelu, squared_relu, swiglu
-        self.decode_activation = {gelu: "gelu", openai_gelu: "gelu_tanh", swiglu: "swiglu",
-                                  squared_relu: "squared_relu"}.get(getattr(self.mlp, "activation", None))
+        from gigatron.core.transformer.mlp import DECODE_ACTIVATIONS
+        activation = getattr(self.mlp, "activation", None)
+        self.decode_activation = next((name for name, fn in DECODE_ACTIVATIONS.items() if fn is activation), None)
         modules = config.recompute_modules if config.recompute_granularity == "selective" else ()
         self.recompute_layernorm = "layernorm" in modules
         self.recompute_mlp = "mlp" in modules
@@ -138,16 +138,13 @@ class TransformerLayer(nn.Module):
     def _fused_decode_applies(self, hidden: torch.Tensor, inference_context) -> bool:
         """A decode step of one row inside decode_gemv runs as four fused GEMVs and the decode
         attention kernel (see _decode_one_row)."""
-        from gigatron.core.ops.gemv import fused_decode_enabled, gemv_applies
+        from gigatron.core.ops.gemv import fused_row_applies
         cfg = self.config
-        if not (fused_decode_enabled() and inference_context is not None and hidden.shape[:2] == (1, 1)):
-            return False
-        weight = self.self_attention.linear_qkv.weight
-        return (not self.is_moe and not self.training and cfg.tensor_model_parallel_size == 1
-                and not cfg.apply_residual_connection_post_layernorm and hidden.dtype == weight.dtype
+        return (inference_context is not None and not self.is_moe and not self.training
+                and cfg.tensor_model_parallel_size == 1 and not cfg.apply_residual_connection_post_layernorm
                 and self.decode_activation is not None
-                and self.self_attention.uses_decode_attention(1, 1, inference_context)
-                and (not hidden.is_cuda or gemv_applies(hidden, weight)))
+                and fused_row_applies(hidden, self.self_attention.linear_qkv.weight)
+                and self.self_attention.uses_decode_attention(1, 1, inference_context))
 
     def _decode_one_row(self, hidden: torch.Tensor, rotary_pos_emb, inference_context) -> torch.Tensor:
         """forward for one token of one row [1, 1, h] in four GEMV kernels with the norms folded

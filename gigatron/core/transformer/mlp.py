@@ -41,6 +41,11 @@ def swiglu(x: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+# The activations the fused decode GEMV applies in its epilogue, by its name for them
+# (gigatron/core/ops/gemv.py ACT_CODES).
+DECODE_ACTIVATIONS = {"gelu": gelu, "gelu_tanh": openai_gelu, "swiglu": swiglu, "squared_relu": squared_relu}
+
+
 def activation_function(config):
     if config.swiglu:
         return swiglu
