@@ -345,12 +345,16 @@ def test_rows_stopping_at_different_steps_equal_reference_loop(case, monkeypatch
         for deferred in (False, True):
             with deferred_stop_check(monkeypatch, deferred):
                 results[deferred] = engine.generate_tokens(prompt_tokens, params)
+        # A callback takes the loop's other branch (ordinary tensor ops instead of advance()).
+        results["callback"] = engine.generate_tokens(prompt_tokens, params, on_step=lambda *args: None)
         ref_tokens, ref_logprobs, ref_tops = reference_batch_generate(model, prompt_tokens, params)
     finally:
         handle.remove()
-    exact, late = results[False], results[True]
+    exact, late, callback = results[False], results[True], results["callback"]
     # Reading the flag one step late runs one more step in which no row is active: same results.
     assert (late.tokens, late.logprobs, late.top_logprobs) == (exact.tokens, exact.logprobs, exact.top_logprobs)
+    assert (callback.tokens, callback.logprobs, callback.top_logprobs) == (exact.tokens, exact.logprobs,
+                                                                           exact.top_logprobs)
     generated = [len(t) - len(p) for t, p in zip(exact.tokens, prompt_tokens)]
     assert len(set(generated)) >= 3, generated  # the rows really stop at different steps
     if spec["all_stop"]:

@@ -38,6 +38,13 @@ while the current one computes. Per step, in order:
    prompt's row runs; beyond that the mask hides every slot past a row's position, so a longer
    kv_len attends exactly the same slots).
 
+Without an on_step callback and without tensor parallelism, steps 2-6 are one kernel
+(advance.py): it updates tokens, cur, active and the last tokens in place, writes the next
+decode's tokens and positions straight into the captured steps' input buffers (shared by every
+graph of a batch size, so a replay needs no copy before it) and the all-done flag straight into
+the pinned host memory that step 5 reads. With a callback (which may end rows) or tensor
+parallelism (whose ranks exchange the stop decisions) the loop runs the same steps as tensor ops.
+
 The host reads the device only where the caller asks for per-step values: an `on_step` callback
 gets each step's tokens as lists (and then the all-done check is read at once), and everything
 else (tokens, lengths, log-probabilities, top log-probabilities) is read once after the loop.
@@ -61,9 +68,9 @@ in the prologue, bias, activation and residual add in the epilogue) and one deco
 kernel that also writes the new key/value into the cache (gigatron/core/ops/decode_attention.py,
 used at any batch whose rows and heads do not fill the GPU); the final norm runs inside the
 output layer's GEMV. On Hopper GPUs these kernels are launched with programmatic dependent
-launch, so each one streams its weights while the one before it finishes. For the 1.3B GPT that
-is about 140 kernels and copies a step instead of 283, and 947 against 751 tokens/s on one
-H200.
+launch, so each one streams its weights while the one before it finishes. For the 1.3B GPT a
+step is 127 kernels (the bookkeeping kernel included) instead of 271, and 1,015 against 775
+tokens/s on one H200.
 `fused_decode=False` keeps one plain GEMV per linear layer with the rest compiled around it,
 `gemv=False` keeps cuBLAS (and cuDNN attention).
 """
@@ -77,6 +84,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from gigatron.core.inference.advance import StopTokens, advance
 from gigatron.core.inference.kv_cache import InferenceContext, causal_cache_mask, decode_kv_bucket, decode_kv_buckets
 from gigatron.core.inference.sampling import check_sampling_params, greedy_tokens, sample
 from gigatron.core.ops.gemv import decode_gemv
@@ -234,6 +242,7 @@ class InferenceEngine:
         self._context: Optional[InferenceContext] = None
         self._graphs: Dict[Tuple[int, int], "_DecodeGraph"] = {}  # (batch, attention length) -> graph
         self._graph_pool = None  # one memory pool for every captured decode graph
+        self._graph_inputs: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}  # batch -> tokens, positions
 
     # ------------------------------------------------------------------ helpers
     def context(self) -> InferenceContext:
@@ -321,28 +330,35 @@ class InferenceEngine:
         if graph is None:
             if self._graph_pool is None:
                 self._graph_pool = torch.cuda.graph_pool_handle()
-            graph = self._graphs[(b, bucket)] = _DecodeGraph(self, ctx, b, bucket, self._graph_pool)
+            graph = self._graphs[(b, bucket)] = _DecodeGraph(self, ctx, bucket, self._graph_pool,
+                                                             *self._decode_inputs(b))
         return graph.run(tokens, positions)
 
-    def _stop_mask(self, new: torch.Tensor, prev: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-        """new, prev [b] -> bool [b]: rows whose new token ends their generation."""
-        stop = None
+    def _decode_inputs(self, b: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Buffers for a decode step's tokens and positions [b, 1]: with CUDA graphs the inputs
+        every captured step of batch size b reads (written there, a step needs no copy before its
+        replay); otherwise new ones."""
+        captured = self.decode_mode != "eager" and self.device.type == "cuda"
+        if not captured or b not in self._graph_inputs:
+            inputs = tuple(torch.zeros(b, 1, dtype=torch.long, device=self.device) for _ in range(2))
+            if not captured:
+                return inputs
+            self._graph_inputs[b] = inputs
+        return self._graph_inputs[b]
 
-        def add(condition):
-            nonlocal stop
-            stop = condition if stop is None else stop | condition
-
-        if params.stop_at_eod:
-            add(new == self.eod)
+    def _stop_tokens(self, params: SamplingParams) -> StopTokens:
+        """The tokens that end a row under params."""
+        singles = [self.eod] if params.stop_at_eod else []
+        pair = None
         if params.stop_on_double_eol or params.stop_on_eol:
             if self.double_newline is not None:
-                add(new == self.double_newline)
+                singles.append(self.double_newline)
             if self.newline is not None:
                 if params.stop_on_eol:
-                    add(new == self.newline)
+                    singles.append(self.newline)
                 else:
-                    add((new == self.newline) & (prev == self.newline))
-        return stop if stop is not None else torch.zeros_like(new, dtype=torch.bool)
+                    pair = self.newline
+        return StopTokens(tuple(singles), pair)
 
     # ------------------------------------------------------------------ sampling generation
     def generate(self, prompts: Sequence[str], params: SamplingParams,
@@ -425,7 +441,13 @@ class InferenceEngine:
         top_steps: List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         block_newline = (params.prevent_newline_after_colon and self.colon is not None
                          and self.newline is not None)
+        stops = self._stop_tokens(params)
         all_stopped = _AllStoppedCheck(device, deferred=_defer_stop_check(device, on_step))
+        # Without a callback or tensor parallelism (whose ranks exchange the stop decisions), one
+        # kernel does steps 2-4 and 6 in place and writes the next decode's inputs (advance.py).
+        in_place = on_step is None and self.groups.tp.size == 1
+        if in_place:
+            next_tokens, next_positions = self._decode_inputs(b)  # [b, 1] each
         top_p = params.top_p
         greedy = None  # the decode step's argmax of next_logits, where it computes one
         for step in range(params.tokens_to_generate):
@@ -438,36 +460,42 @@ class InferenceEngine:
                 new = sample(next_logits, top_k=params.top_k, top_p=top_p, temperature=params.temperature,
                              generator=generator)  # [b]
             new = self._sync_tokens(new)
-            new = torch.where(active, new, self.eod)  # stopped rows: padding
-            # Every row writes at its column; a stopped row writes padding past its end (never returned).
-            tokens[rows, cur] = new
+            # A stopped row's log-probabilities land past its end (never returned), whatever its token.
             if want_logprobs or num_top:
                 lp = F.log_softmax(next_logits, dim=-1)  # [b, V]
                 if want_logprobs:
                     token_logprobs[rows, cur] = lp.gather(-1, new[:, None]).squeeze(-1)
                 if num_top:
                     values, ids = lp.topk(num_top, dim=-1)  # [b, n]
-                    top_steps.append((values, ids, active))
-            stopped = self._stop_mask(new, last, params) & active
-            if on_step is not None:
-                extra = on_step(step, new.tolist(), active.tolist())
+                    top_steps.append((values, ids, active.clone()))
+            last_step = step == params.tokens_to_generate - 1
+            flag = all_stopped.next_flag() if in_place and not last_step else None
+            if in_place:
+                advance(new, active, cur, last, tokens, next_tokens, next_positions, stops, self.eod, flag=flag)
+            else:
+                new = torch.where(active, new, self.eod)  # stopped rows: padding
+                # Every row writes at its column; a stopped row writes padding past its end (never returned).
+                tokens[rows, cur] = new
+                stopped = stops.mask(new, last) & active
+                extra = on_step(step, new.tolist(), active.tolist()) if on_step is not None else None
                 if extra is not None:  # the caller ends these rows (e.g. a stop string appeared)
                     stopped |= torch.tensor(list(extra), dtype=torch.bool, device=device) & active
-            if self.groups.tp.size > 1:  # only the serving rank has the callback: follow its choice
-                stopped = self._sync_tokens(stopped.to(torch.long)).bool()
-            cur = cur + active  # [b] long
-            active = active & ~stopped
-            last = new
+                if self.groups.tp.size > 1:  # only the serving rank has the callback: follow its choice
+                    stopped = self._sync_tokens(stopped.to(torch.long)).bool()
+                cur = cur + active  # [b] long
+                active = active & ~stopped
+                last = new
+                # Row r's new token sits at position cur - 1 (a stopped row re-feeds padding at its
+                # last slot).
+                next_tokens, next_positions = new[:, None], (cur - 1)[:, None]  # [b, 1] each
             if params.top_p_decay > 0.0 and top_p > 0.0:
                 top_p = top_p * params.top_p_decay
                 if params.top_p_bound > 0.0:
                     top_p = max(top_p, params.top_p_bound)
-            if step == params.tokens_to_generate - 1 or all_stopped(active):
+            if last_step or all_stopped(active, written=flag is not None):
                 break
-            # Row r's new token sits at position cur - 1 (a stopped row re-feeds padding at its last
-            # slot). No position exceeds longest + step, so longest + step + 1 slots cover them all.
-            positions = (cur - 1)[:, None]  # [b, 1]
-            next_logits, greedy = self._decode(ctx, new[:, None], positions, longest + step + 1)  # [b, V], [b]
+            # No position exceeds longest + step, so longest + step + 1 slots cover them all.
+            next_logits, greedy = self._decode(ctx, next_tokens, next_positions, longest + step + 1)  # [b, V], [b]
         return cur, top_steps
 
     # ------------------------------------------------------------------ beam search
@@ -565,13 +593,14 @@ def _defer_stop_check(device: torch.device, on_step: Optional[Callable]) -> bool
 
 
 class _AllStoppedCheck:
-    """check(active [b]) -> True once every row has stopped.
+    """check(active [b], written=False) -> True once every row has stopped.
 
     Exact (deferred=False): reads active.any() at once. Deferred: queues a copy of active.any()
-    into pinned host memory behind an event and answers from the previous call's flag, waiting for
-    that event only (the device has by then finished the previous step's bookkeeping, and the
-    decode queued after it keeps it busy). So it answers one call late: after the step in which the
-    last row stopped, one more step runs in which no row is active."""
+    into pinned host memory behind an event (or, with written=True, takes the flag that
+    next_flag() returned as already written by the device) and answers from the previous call's
+    flag, waiting for that event only (the device has by then finished the previous step's
+    bookkeeping, and the decode queued after it keeps it busy). So it answers one call late: after
+    the step in which the last row stopped, one more step runs in which no row is active."""
 
     def __init__(self, device: torch.device, deferred: bool):
         self.deferred = deferred
@@ -581,11 +610,17 @@ class _AllStoppedCheck:
             self.flags = [torch.zeros((), dtype=torch.bool, pin_memory=on_cuda) for _ in range(2)]
             self.events = [torch.cuda.Event() for _ in range(2)] if on_cuda else None
 
-    def __call__(self, active: torch.Tensor) -> bool:
+    def next_flag(self) -> Optional[torch.Tensor]:
+        """Deferred: the 0-dim bool (pinned host memory on CUDA) that the next call reads, for the
+        device to write any(active) into; None when exact."""
+        return self.flags[self.calls % 2] if self.deferred else None
+
+    def __call__(self, active: torch.Tensor, written: bool = False) -> bool:
         if not self.deferred:
             return not bool(active.any())
         slot = self.calls % 2
-        self.flags[slot].copy_(active.any(), non_blocking=True)
+        if not written:
+            self.flags[slot].copy_(active.any(), non_blocking=True)
         if self.events is not None:
             self.events[slot].record()
         self.calls += 1
@@ -616,12 +651,17 @@ class _DecodeGraph:
     """The decode step for a fixed batch size and attention length captured in a CUDA graph:
     static inputs tokens, positions [b, 1] (every position < kv_len), outputs logits [b, V] and their argmax [b]."""
 
-    def __init__(self, engine: InferenceEngine, ctx: InferenceContext, batch: int, kv_len: int, pool):
+    def __init__(self, engine: InferenceEngine, ctx: InferenceContext, kv_len: int, pool,
+                 tokens: torch.Tensor, positions: torch.Tensor):
         device = engine.device
+        batch = tokens.shape[0]
         self.kv_len = kv_len
-        self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
-        self.positions = torch.zeros(batch, 1, dtype=torch.long, device=device)
-        # The warm-up and the capture write slot 0 of the cache; save and restore it around them.
+        self.tokens, self.positions = tokens, positions  # [b, 1] each, shared by the graphs of this batch size
+        # The warm-up and the capture run position 0 and write slot 0 of the cache; save and
+        # restore the inputs (which may hold the next step's) and that slot around them.
+        saved_inputs = (tokens.clone(), positions.clone())
+        tokens.zero_()
+        positions.zero_()
         saved = {k: (ctx.key_cache[k][:batch, :1].clone(), ctx.value_cache[k][:batch, :1].clone())
                  for k in ctx.key_cache}
         step = engine._step_function()
@@ -641,12 +681,16 @@ class _DecodeGraph:
         for k, (kc, vc) in saved.items():
             ctx.key_cache[k][:batch, :1].copy_(kc)
             ctx.value_cache[k][:batch, :1].copy_(vc)
+        tokens.copy_(saved_inputs[0])
+        positions.copy_(saved_inputs[1])
 
     def run(self, tokens: torch.Tensor, positions: torch.Tensor):
         """tokens, positions [b, 1] -> (logits [b, V], greedy tokens [b]): the graph's output
         buffers, overwritten by the next replay of any decode graph (the caller consumes them
         first, in stream order)."""
-        self.tokens.copy_(tokens)
-        self.positions.copy_(positions)
+        if tokens is not self.tokens:
+            self.tokens.copy_(tokens)
+        if positions is not self.positions:
+            self.positions.copy_(positions)
         self.graph.replay()
         return self.logits, self.greedy
