@@ -327,8 +327,19 @@ STOP_PROMPTS = ["the cat", "a", "hello: wor", "xy z:"]
 def deferred_stop_check(monkeypatch, deferred: bool):
     """Make the engine read the all-rows-stopped flag one step late (as on CUDA) or at once."""
     with monkeypatch.context() as patch:
-        patch.setattr(engine_module, "_defer_stop_check", lambda device, on_step: deferred and on_step is None)
+        patch.setattr(engine_module, "_defer_stop_check",
+                      lambda device, on_step, tp_size: deferred and on_step is None and tp_size == 1)
         yield
+
+
+def test_stop_check_is_read_at_once_under_tensor_parallelism():
+    """Only the serving rank has the callback: reading the flag one step late on the other ranks
+    would run them one decode step (and its collectives) past the serving rank."""
+    cuda = torch.device("cuda")
+    assert engine_module._defer_stop_check(cuda, None, 1)
+    assert not engine_module._defer_stop_check(cuda, None, 2)
+    assert not engine_module._defer_stop_check(cuda, lambda *args: None, 1)
+    assert not engine_module._defer_stop_check(torch.device("cpu"), None, 1)
 
 
 @pytest.mark.parametrize("case", sorted(STOP_CASES))

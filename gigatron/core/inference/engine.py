@@ -442,7 +442,7 @@ class InferenceEngine:
         block_newline = (params.prevent_newline_after_colon and self.colon is not None
                          and self.newline is not None)
         stops = self._stop_tokens(params)
-        all_stopped = _AllStoppedCheck(device, deferred=_defer_stop_check(device, on_step))
+        all_stopped = _AllStoppedCheck(device, deferred=_defer_stop_check(device, on_step, self.groups.tp.size))
         # Without a callback or tensor parallelism (whose ranks exchange the stop decisions), one
         # kernel does steps 2-4 and 6 in place and writes the next decode's inputs (advance.py).
         in_place = on_step is None and self.groups.tp.size == 1
@@ -586,10 +586,12 @@ class InferenceEngine:
         )
 
 
-def _defer_stop_check(device: torch.device, on_step: Optional[Callable]) -> bool:
+def _defer_stop_check(device: torch.device, on_step: Optional[Callable], tp_size: int) -> bool:
     """Read the all-rows-stopped flag one step late (without stalling) on CUDA, unless an on_step
-    callback reads every step's tokens anyway; on CPU reading it costs nothing."""
-    return device.type == "cuda" and on_step is None
+    callback reads every step's tokens anyway; on CPU reading it costs nothing. Never under
+    tensor parallelism: the serving rank has the callback and the other ranks do not, and every
+    rank must leave the loop after the same step (each decode step holds collectives)."""
+    return device.type == "cuda" and on_step is None and tp_size == 1
 
 
 class _AllStoppedCheck:
