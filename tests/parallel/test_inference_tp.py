@@ -25,6 +25,7 @@ MODEL = dict(position_embedding_type="rope", num_query_groups=2, group_query_att
              normalization="RMSNorm", add_bias_linear=False)
 PROMPTS = ["hello", "a cat: the", "xy"]
 GREEDY = SamplingParams(tokens_to_generate=10, top_k=1, return_log_probs=True)
+ENDED = SamplingParams(tokens_to_generate=10, top_k=1, stop_at_eod=False)  # rows end by the callback only
 SAMPLED = SamplingParams(tokens_to_generate=10, top_p=0.9, temperature=0.9, random_seed=4, return_log_probs=True,
                          stop_at_eod=False)
 
@@ -67,3 +68,32 @@ def test_tp2_generation_equals_tp1():
         assert tokens == ref_tokens
         for a, b in zip(values, ref_values):
             torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=1e-4, atol=1e-4)
+
+
+def _ends_rows(step, tokens, active):
+    """A serving callback (e.g. a stop string found): ends row 0 after step 1 and row 2 after step 3."""
+    return [step == 1, False, step == 3]
+
+
+def _callback_worker(rank, world_size):
+    groups = ParallelGroups.build(ParallelConfig(tensor_model_parallel_size=world_size))
+    model = tiny_model(seed=9, groups=groups, tensor_model_parallel_size=world_size, **MODEL)
+    engine = InferenceEngine(model, TOK, groups=groups, max_batch_size=4)
+    if rank == 0:
+        runner = LeaderRunner(engine)
+        try:
+            return runner.generate_tokens([TOK.tokenize(p) for p in PROMPTS], ENDED, _ends_rows).tokens
+        finally:
+            runner.shutdown()
+    return follower_loop(engine)
+
+
+def test_tp2_rows_ended_by_the_serving_callback_end_on_every_rank():
+    """Only the serving rank has the callback; the other rank follows its choice and leaves the
+    loop after the same step (else its next collective would meet the leader's next command)."""
+    reference = InferenceEngine(tiny_model(seed=9, **MODEL), TOK, max_batch_size=4).generate_tokens(
+        [TOK.tokenize(p) for p in PROMPTS], ENDED, _ends_rows).tokens
+    assert [len(t) - len(p) for t, p in zip(reference, PROMPTS)] == [2, 10, 4]
+    results = run_distributed(_callback_worker, 2)
+    assert results[1] == 1
+    assert results[0] == reference

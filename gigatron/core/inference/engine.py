@@ -28,8 +28,9 @@ while the current one computes. Per step, in order:
    a finished row writes padding at its end column, which is never returned;
 4. stop rules give `stopped` [b]; `cur` advances for the rows still active; `active` drops the
    stopped rows;
-5. is every row done? On CUDA the step copies active.any() into pinned host memory behind an
-   event and reads the flag of the previous step (one step late: the host is one step ahead).
+5. is every row done? On CUDA the step writes active.any() into pinned host memory, records an
+   event behind it and reads the flag of the previous step (one step late: the host is one step
+   ahead; at once with a callback or under tensor parallelism).
    When it says that every row had stopped, the loop ends; the work queued since (one more
    decode and one sampling step, in which no row is active) changes nothing that is returned;
 6. the next decode feeds each row's new token at position cur - 1 (a finished row re-feeds
@@ -38,12 +39,12 @@ while the current one computes. Per step, in order:
    prompt's row runs; beyond that the mask hides every slot past a row's position, so a longer
    kv_len attends exactly the same slots).
 
-Without an on_step callback and without tensor parallelism, steps 2-6 are one kernel
-(advance.py): it updates tokens, cur, active and the last tokens in place, writes the next
-decode's tokens and positions straight into the captured steps' input buffers (shared by every
-graph of a batch size, so a replay needs no copy before it) and the all-done flag straight into
-the pinned host memory that step 5 reads. With a callback (which may end rows) or tensor
-parallelism (whose ranks exchange the stop decisions) the loop runs the same steps as tensor ops.
+Steps 2-4 and 6 are one kernel (advance.py): it updates tokens, cur, active and the last tokens
+in place, writes the next decode's tokens and positions straight into the captured steps' input
+buffers (shared by every graph of a batch size, so a replay needs no copy before it) and, when
+step 5 reads one step late, the all-done flag straight into the pinned host memory it reads. An
+on_step callback may then end more rows (under tensor parallelism the serving rank's choice,
+broadcast to every rank).
 
 The host reads the device only where the caller asks for per-step values: an `on_step` callback
 gets each step's tokens as lists (and then the all-done check is read at once), and everything
@@ -317,9 +318,9 @@ class InferenceEngine:
         return self._compiled_step
 
     def _decode(self, ctx, tokens, positions, kv_len: int):
-        """One decode step: tokens, positions [b, 1], kv_len >= every position + 1 -> (logits [b, V],
-        their argmax [b] or None in eager mode). With CUDA graphs both are the graph's output
-        buffers, valid until the next replay."""
+        """One decode step: tokens, positions [b, 1] (the buffers of _decode_inputs(b)), kv_len >=
+        every position + 1 -> (logits [b, V], their argmax [b] or None in eager mode). With CUDA
+        graphs both are the graph's output buffers, valid until the next replay."""
         b = tokens.shape[0]
         if self.decode_mode == "eager":
             return self._decode_forward(ctx, tokens, positions, kv_len), None
@@ -332,7 +333,9 @@ class InferenceEngine:
                 self._graph_pool = torch.cuda.graph_pool_handle()
             graph = self._graphs[(b, bucket)] = _DecodeGraph(self, ctx, bucket, self._graph_pool,
                                                              *self._decode_inputs(b))
-        return graph.run(tokens, positions)
+        if tokens is not graph.tokens or positions is not graph.positions:
+            raise ValueError("a captured decode step reads its own inputs: pass the buffers of _decode_inputs(b)")
+        return graph.run()
 
     def _decode_inputs(self, b: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """Buffers for a decode step's tokens and positions [b, 1]: with CUDA graphs the inputs
@@ -443,11 +446,8 @@ class InferenceEngine:
                          and self.newline is not None)
         stops = self._stop_tokens(params)
         all_stopped = _AllStoppedCheck(device, deferred=_defer_stop_check(device, on_step, self.groups.tp.size))
-        # Without a callback or tensor parallelism (whose ranks exchange the stop decisions), one
-        # kernel does steps 2-4 and 6 in place and writes the next decode's inputs (advance.py).
-        in_place = on_step is None and self.groups.tp.size == 1
-        if in_place:
-            next_tokens, next_positions = self._decode_inputs(b)  # [b, 1] each
+        caller_ends_rows = on_step is not None or self.groups.tp.size > 1
+        next_tokens, next_positions = self._decode_inputs(b)  # [b, 1] each, written by advance()
         top_p = params.top_p
         greedy = None  # the decode step's argmax of next_logits, where it computes one
         for step in range(params.tokens_to_generate):
@@ -469,30 +469,24 @@ class InferenceEngine:
                     values, ids = lp.topk(num_top, dim=-1)  # [b, n]
                     top_steps.append((values, ids, active.clone()))
             last_step = step == params.tokens_to_generate - 1
-            flag = all_stopped.next_flag() if in_place and not last_step else None
-            if in_place:
-                advance(new, active, cur, last, tokens, next_tokens, next_positions, stops, self.eod, flag=flag)
-            else:
-                new = torch.where(active, new, self.eod)  # stopped rows: padding
-                # Every row writes at its column; a stopped row writes padding past its end (never returned).
-                tokens[rows, cur] = new
-                stopped = stops.mask(new, last) & active
-                extra = on_step(step, new.tolist(), active.tolist()) if on_step is not None else None
-                if extra is not None:  # the caller ends these rows (e.g. a stop string appeared)
-                    stopped |= torch.tensor(list(extra), dtype=torch.bool, device=device) & active
-                if self.groups.tp.size > 1:  # only the serving rank has the callback: follow its choice
-                    stopped = self._sync_tokens(stopped.to(torch.long)).bool()
-                cur = cur + active  # [b] long
-                active = active & ~stopped
-                last = new
-                # Row r's new token sits at position cur - 1 (a stopped row re-feeds padding at its
-                # last slot).
-                next_tokens, next_positions = new[:, None], (cur - 1)[:, None]  # [b, 1] each
+            was_active = active.clone() if on_step is not None else None
+            # Steps 2-4 and 6; a stopped row writes padding past its end (never returned) and
+            # re-feeds it at its last slot. The flag is written only where it is read late, which
+            # excludes callbacks and tensor parallelism (whose rows may end below).
+            advance(new, active, cur, last, tokens, next_tokens, next_positions, stops, self.eod,
+                    flag=None if last_step else all_stopped.next_flag())
+            if caller_ends_rows:  # the callback may end rows (e.g. a stop string appeared)
+                ends = torch.zeros(b, dtype=torch.long, device=device)
+                extra = on_step(step, last.tolist(), was_active.tolist()) if on_step is not None else None
+                if extra is not None:
+                    ends = torch.tensor([int(bool(e)) for e in extra], device=device)
+                # Only the serving rank has the callback: every rank follows its choice.
+                active &= ~self._sync_tokens(ends).bool()
             if params.top_p_decay > 0.0 and top_p > 0.0:
                 top_p = top_p * params.top_p_decay
                 if params.top_p_bound > 0.0:
                     top_p = max(top_p, params.top_p_bound)
-            if last_step or all_stopped(active, written=flag is not None):
+            if last_step or all_stopped(active):
                 break
             # No position exceeds longest + step, so longest + step + 1 slots cover them all.
             next_logits, greedy = self._decode(ctx, next_tokens, next_positions, longest + step + 1)  # [b, V], [b]
@@ -595,14 +589,14 @@ def _defer_stop_check(device: torch.device, on_step: Optional[Callable], tp_size
 
 
 class _AllStoppedCheck:
-    """check(active [b], written=False) -> True once every row has stopped.
+    """check(active [b]) -> True once every row has stopped.
 
-    Exact (deferred=False): reads active.any() at once. Deferred: queues a copy of active.any()
-    into pinned host memory behind an event (or, with written=True, takes the flag that
-    next_flag() returned as already written by the device) and answers from the previous call's
-    flag, waiting for that event only (the device has by then finished the previous step's
-    bookkeeping, and the decode queued after it keeps it busy). So it answers one call late: after
-    the step in which the last row stopped, one more step runs in which no row is active."""
+    Exact (deferred=False): reads active.any() at once. Deferred: the step has written any(active)
+    into next_flag() (pinned host memory on CUDA, see advance.py); the check records an event
+    behind it and answers from the previous call's flag, waiting for that event only (the device
+    has by then finished the previous step's bookkeeping, and the decode queued after it keeps it
+    busy). So it answers one call late: after the step in which the last row stopped, one more
+    step runs in which no row is active."""
 
     def __init__(self, device: torch.device, deferred: bool):
         self.deferred = deferred
@@ -617,12 +611,10 @@ class _AllStoppedCheck:
         device to write any(active) into; None when exact."""
         return self.flags[self.calls % 2] if self.deferred else None
 
-    def __call__(self, active: torch.Tensor, written: bool = False) -> bool:
+    def __call__(self, active: torch.Tensor) -> bool:
         if not self.deferred:
             return not bool(active.any())
         slot = self.calls % 2
-        if not written:
-            self.flags[slot].copy_(active.any(), non_blocking=True)
         if self.events is not None:
             self.events[slot].record()
         self.calls += 1
@@ -686,13 +678,9 @@ class _DecodeGraph:
         tokens.copy_(saved_inputs[0])
         positions.copy_(saved_inputs[1])
 
-    def run(self, tokens: torch.Tensor, positions: torch.Tensor):
-        """tokens, positions [b, 1] -> (logits [b, V], greedy tokens [b]): the graph's output
-        buffers, overwritten by the next replay of any decode graph (the caller consumes them
-        first, in stream order)."""
-        if tokens is not self.tokens:
-            self.tokens.copy_(tokens)
-        if positions is not self.positions:
-            self.positions.copy_(positions)
+    def run(self):
+        """Replay on the inputs self.tokens, self.positions [b, 1] -> (logits [b, V], greedy tokens
+        [b]): the graph's output buffers, overwritten by the next replay of any decode graph (the
+        caller consumes them first, in stream order)."""
         self.graph.replay()
         return self.logits, self.greedy
