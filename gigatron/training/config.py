@@ -53,10 +53,6 @@ class TrainingConfig:
     skip_train: bool = False
     """Skip training: only evaluate on the validation and test sets (after loading --load)."""
 
-    seed: int = 1234
-    """Random seed for python, numpy, torch and the model-parallel RNG tracker. Each pipeline stage
-    adds 100 times its rank."""
-
     data_parallel_random_init: bool = False
     """Give each data-parallel rank a different seed (seed + 10 * dp rank) for parameter
     initialization and dropout."""
@@ -210,9 +206,6 @@ class LoggingConfig:
 
     log_params_norm: bool = False
     """Compute and log the L2 norm of the parameters (an extra pass over the parameters)."""
-
-    log_num_zeros_in_grad: bool = False
-    """Compute and log the number of zeros in the gradients."""
 
     tensorboard_dir: Optional[str] = None
     """Write TensorBoard logs to this directory."""

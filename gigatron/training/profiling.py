@@ -74,9 +74,9 @@ def _check_profile_ranks(args, world_size: int) -> None:
                          f"process{'es' if world_size != 1 else ''}; give global ranks 0..{world_size - 1}")
 
 
-def _check_profiler_backend(args, cuda_available: bool) -> None:
+def _check_profiler_backend(args, cuda_available: bool, trace_dir: Optional[str]) -> None:
     if args.use_pytorch_profiler:
-        if not getattr(args, "tensorboard_dir", None):
+        if not trace_dir:
             raise ValueError("--profile --use-pytorch-profiler writes its trace into --tensorboard-dir (as Megatron "
                              "does), which is not set: add --tensorboard-dir DIR")
     elif not cuda_available:
@@ -86,9 +86,12 @@ def _check_profiler_backend(args, cuda_available: bool) -> None:
                          "trace on the CPU, or drop --profile")
 
 
-def validate_profile_args(args, world_size: int, cuda_available: Optional[bool] = None) -> None:
+def validate_profile_args(args, world_size: int, cuda_available: Optional[bool] = None,
+                          trace_dir: Optional[str] = None) -> None:
     """Check the --profile flags at start-up; raise ValueError naming the flags and the fix.
 
+    `args` is the TrainingConfig (or anything with its profile fields); `trace_dir` the
+    --tensorboard-dir the trace goes to (default: `args.tensorboard_dir` where `args` has it).
     Without --profile the other profiling flags have no effect (as in Megatron) and are not checked.
     `cuda_available` defaults to torch.cuda.is_available() (the run's device follows it).
     """
@@ -103,7 +106,7 @@ def validate_profile_args(args, world_size: int, cuda_available: Optional[bool] 
         import torch
 
         cuda_available = torch.cuda.is_available()
-    _check_profiler_backend(args, cuda_available)
+    _check_profiler_backend(args, cuda_available, trace_dir or getattr(args, "tensorboard_dir", None))
 
 
 def _check_window_fits(args, train_iters: int) -> None:
@@ -239,8 +242,12 @@ class TrainingProfiler:
                   "--capture-range=cudaProfilerApi)", flush=True)
 
 
-def start_profiler(args, rank: int, first_iteration: int, train_iters: int, cuda: bool) -> Optional[TrainingProfiler]:
+def start_profiler(args, rank: int, first_iteration: int, train_iters: int, cuda: bool,
+                   trace_dir: Optional[str] = None) -> Optional[TrainingProfiler]:
     """The profiler of this rank for --profile, or None (no --profile, or a rank not in --profile-ranks).
+
+    `args` is the TrainingConfig (or anything with its profile fields); `trace_dir` as in
+    `validate_profile_args`.
 
     `first_iteration` is the count the loop starts from (a resumed run's iteration); `train_iters`
     the count it runs to. Raises ValueError if the profiled range ends beyond `train_iters`.
@@ -251,7 +258,8 @@ def start_profiler(args, rank: int, first_iteration: int, train_iters: int, cuda
     if rank not in args.profile_ranks:
         return None
     profiler = TrainingProfiler(start=args.profile_step_start, end=args.profile_step_end, rank=rank,
-                                use_pytorch_profiler=args.use_pytorch_profiler, trace_dir=args.tensorboard_dir,
+                                use_pytorch_profiler=args.use_pytorch_profiler,
+                                trace_dir=trace_dir or getattr(args, "tensorboard_dir", None),
                                 cuda=cuda, first_iteration=first_iteration)
     if first_iteration >= args.profile_step_end:
         print(f"> rank {rank}: --profile: the run resumes at iteration {first_iteration}, after --profile-step-end "

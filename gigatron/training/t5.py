@@ -106,13 +106,13 @@ def model_provider(ctx, pre_process: bool = True, post_process: bool = True, vp_
 
     if vp_stage is not None:
         raise ValueError("T5 does not support virtual pipeline stages; drop --num-layers-per-virtual-pipeline-stage")
+    extra = ctx.configs.extra  # the T5 flags of extra_args_provider, as resolve_args left them
     return T5Model(ctx.configs.transformer, ctx.groups, ctx.padded_vocab_size, pre_process=pre_process,
-                   post_process=post_process, seed=ctx.args.seed,
-                   decoder_num_layers=getattr(ctx.args, "decoder_num_layers", None),
-                   position_embedding_type="relative" if getattr(ctx.args, "t5_relative_attention", False)
-                   else "learned_absolute",
-                   relative_attention_num_buckets=getattr(ctx.args, "relative_attention_num_buckets", 32),
-                   relative_attention_max_distance=getattr(ctx.args, "relative_attention_max_distance", 128))
+                   post_process=post_process, seed=ctx.configs.data.seed,
+                   decoder_num_layers=extra.get("decoder_num_layers"),
+                   position_embedding_type="relative" if extra.get("t5_relative_attention") else "learned_absolute",
+                   relative_attention_num_buckets=extra.get("relative_attention_num_buckets", 32),
+                   relative_attention_max_distance=extra.get("relative_attention_max_distance", 128))
 
 
 def get_batch(data_iterator, model):

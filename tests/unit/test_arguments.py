@@ -41,9 +41,47 @@ def test_every_field_of_every_config_has_a_flag_and_help():
             assert f.name in specs, f"{name}.{f.name} has no flag"
             assert specs[f.name].help, f"{name}.{f.name} has no docstring"
     parser = A.build_parser()
+    replaced = {alias.dest: option for option, alias in A.ALIASES.items() if alias.replaces}
     for spec in specs.values():
+        if spec.dest in replaced:  # Megatron's spelling is the field's only flag
+            assert replaced[spec.dest] in parser._option_string_actions
+            assert not any(option in parser._option_string_actions for option in spec.option_strings)
+            continue
         for option in spec.option_strings:
             assert option in parser._option_string_actions
+
+
+def test_megatron_spellings_replace_gigatron_only_flags():
+    args = A.parse_args(["--ddp-bucket-size", "1000", "--ddp-average-in-collective",
+                         "--ddp-pad-buckets-for-high-nccl-busbw", "--use-tp-pp-dp-mapping"])
+    assert args.bucket_size == 1000 and args.average_in_collective and args.pad_buckets_for_high_nccl_busbw
+    assert args.order == "tp-cp-ep-pp-dp"
+    assert A.parse_args([]).order == "tp-cp-ep-dp-pp"
+    for option in ("--bucket-size", "--average-in-collective", "--pad-buckets-for-high-nccl-busbw"):
+        with pytest.raises(SystemExit):
+            A.parse_args([option, "1"] if option == "--bucket-size" else [option])
+
+
+def test_help_texts_are_true():
+    """--order is a Gigatron addition beside Megatron's --use-tp-pp-dp-mapping (which the parser
+    accepts); --check-for-nan-in-grad does not claim to be fed by --check-for-nan-in-loss-and-grad."""
+    help_text = " ".join(A.build_parser().format_help().split())
+    assert "--use-tp-pp-dp-mapping" in A.build_parser()._option_string_actions
+    specs, _ = A.flag_specs()
+    assert "Gigatron addition" in specs["order"].help and "--use-tp-pp-dp-mapping" in specs["order"].help
+    assert "fed to this field" not in specs["check_for_nan_in_grad"].help
+    assert "does not turn this on" in specs["check_for_nan_in_grad"].help
+    assert "Lay ranks out in Megatron's tp-pp-dp order" in help_text
+
+
+def test_each_setting_has_one_home_in_the_training_configs():
+    """The training layer's configs define no field that a core config already owns."""
+    classes = A.config_classes()
+    core = {f.name for name, cls in classes.items() if name not in ("training", "checkpoint", "logging")
+            for f in dataclasses.fields(cls)}
+    for name in ("training", "checkpoint", "logging"):
+        twice = sorted(f.name for f in dataclasses.fields(classes[name]) if f.name in core)
+        assert twice == [], f"{name} redefines {twice}"
 
 
 def test_help_text_comes_from_docstrings():

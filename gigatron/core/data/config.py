@@ -78,7 +78,8 @@ class DataConfig:
     iterator as is."""
 
     seed: int = 1234
-    """Random seed used for python, numpy, pytorch, and cuda (and the dataset shuffles)."""
+    """Random seed for python, numpy, torch, the model-parallel RNG tracker (each pipeline stage
+    adds 100 times its rank) and the dataset shuffles."""
 
     tokenizer_type: Optional[str] = None
     """What type of tokenizer to use (GPT2BPETokenizer, BertWordPieceLowerCase, BertWordPieceCase,
@@ -129,3 +130,7 @@ class DataConfig:
     """Train BERT with the sentence-order binary head: samples hold two segments and a label saying
     whether they were swapped (Megatron: --bert-no-binary-head turns it off; samples then hold one
     segment and documents of a single sentence are used too)."""
+
+    def __post_init__(self) -> None:
+        if self.tokenizer_type is None and self.vocab_size is not None:
+            self.tokenizer_type = "NullTokenizer"  # --vocab-size V alone: token ids 0..V (e.g. --mock-data)

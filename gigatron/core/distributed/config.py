@@ -51,8 +51,10 @@ class DDPConfig:
     sum (--ddp-average-in-collective). Backends without AVG (gloo) fall back to scale-then-sum."""
 
     check_for_nan_in_grad: bool = False
-    """Raise an error naming the bucket if a gradient holds NaN before it is reduced
-    (Megatron's --check-for-nan-in-loss-and-grad, on by default there, fed to this field)."""
+    """Raise an error naming the bucket if a gradient holds NaN before it is reduced. A Gigatron
+    addition (Megatron-Core's DDP option, which Megatron's training feeds from its own flag): the
+    training loop's --check-for-nan-in-loss-and-grad checks the reduced loss and the gradient norm
+    instead, and does not turn this on."""
 
     calculate_per_token_loss: bool = False
     """The loss is summed over tokens (not averaged): gradients are not scaled by 1/dp before the

@@ -8,6 +8,8 @@ from typing import Optional
 
 import torch
 
+from gigatron.core.transformer.config import check_one_precision
+
 __all__ = ["OptimizerConfig", "SchedulerConfig"]
 
 _OPTIMIZERS = ("adam", "sgd")
@@ -88,8 +90,7 @@ def validate_optimizer_config(config: OptimizerConfig) -> None:
     --bf16 / --fp16 with the default fp32 params_dtype set params_dtype to bf16 / fp16."""
     if config.optimizer not in _OPTIMIZERS:
         raise ValueError(f"--optimizer must be one of {_OPTIMIZERS}, got {config.optimizer!r}.")
-    if config.bf16 and config.fp16:
-        raise ValueError("--bf16 and --fp16 cannot both be set; choose one.")
+    check_one_precision(config.bf16, config.fp16)
     wanted = torch.bfloat16 if config.bf16 else torch.float16 if config.fp16 else torch.float32
     if config.params_dtype == torch.float32 and wanted != torch.float32:
         config.params_dtype = wanted
@@ -188,9 +189,10 @@ def validate_scheduler_config(config: SchedulerConfig) -> None:
             "--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler are mutually "
             "exclusive; keep one."
         )
-    if config.lr_warmup_fraction is not None and (config.lr_warmup_iters or config.lr_warmup_samples):
-        raise ValueError(
-            "--lr-warmup-fraction cannot be combined with --lr-warmup-iters/--lr-warmup-samples; keep one."
-        )
+    given = [flag for flag, value in (("--lr-warmup-fraction", config.lr_warmup_fraction is not None),
+                                      ("--lr-warmup-iters", config.lr_warmup_iters),
+                                      ("--lr-warmup-samples", config.lr_warmup_samples)) if value]
+    if len(given) > 1:
+        raise ValueError(f"{' and '.join(given)} are mutually exclusive; give one warmup length.")
     if config.lr_warmup_fraction is not None and not 0.0 <= config.lr_warmup_fraction < 1.0:
         raise ValueError(f"--lr-warmup-fraction must be in [0, 1), got {config.lr_warmup_fraction}.")

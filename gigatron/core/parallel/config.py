@@ -38,7 +38,8 @@ class ParallelConfig:
 
     order: str = "tp-cp-ep-dp-pp"
     """Order of the parallel dimensions in the rank layout, fastest varying first (Megatron's
-    RankGenerator order). --use-tp-pp-dp-mapping selects tp-cp-ep-pp-dp."""
+    RankGenerator order). A Gigatron addition: Megatron's own flag, --use-tp-pp-dp-mapping, is
+    accepted and sets tp-cp-ep-pp-dp."""
 
     distributed_backend: str = "nccl"
     """Which backend to use for distributed training (nccl on GPU, gloo on CPU)."""

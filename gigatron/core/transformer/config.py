@@ -283,9 +283,14 @@ def _validate_activation(c: TransformerConfig) -> None:
                          ", ".join("--" + f.replace("_", "-") for f in chosen))
 
 
+def check_one_precision(bf16: bool, fp16: bool) -> None:
+    """--bf16 and --fp16 exclude each other (TransformerConfig and OptimizerConfig both carry them)."""
+    if bf16 and fp16:
+        raise ValueError("--bf16 and --fp16 cannot both be set; choose one.")
+
+
 def _validate_precision(c: TransformerConfig) -> None:
-    if c.bf16 and c.fp16:
-        raise ValueError("--bf16 and --fp16 are exclusive; choose one")
+    check_one_precision(c.bf16, c.fp16)
     if c.use_flash_attn and c.attention_backend not in ("auto", "flash"):
         raise ValueError(f"--use-flash-attn conflicts with --attention-backend {c.attention_backend}; "
                          "drop one of them")
