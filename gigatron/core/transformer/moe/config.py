@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Optional, Union
 
+from gigatron.core.transformer.config import run_setting
+
 __all__ = ["MoEConfig", "check_moe_flags", "check_moe_layout", "validate_moe", "moe_layer_pattern", "is_moe_layer",
            "LOAD_BALANCING_TYPES", "SCORE_FUNCTIONS", "TOKEN_DISPATCHER_TYPES", "TOKEN_DROP_POLICIES",
            "ROUTER_DTYPES"]
@@ -32,7 +34,7 @@ class MoEConfig:
     moe_shared_expert_intermediate_size: Optional[int] = None
     """Hidden size of the shared experts (a dense MLP that every token goes through, added to the
     routed output); the total over all shared experts. None: no shared experts."""
-    moe_grouped_gemm: bool = False
+    moe_grouped_gemm: bool = run_setting(False)
     """Run the local experts with one grouped GEMM (torch._grouped_mm where supported, else a loop
     over experts) and store their weights as weight1/weight2 of shape [h, E_local*ffn] and
     [E_local*ffn, h] (Megatron's GroupedMLP)."""
@@ -66,7 +68,7 @@ class MoEConfig:
     """Coefficient of the router z-loss, mean(logsumexp(logits)^2) (None: off)."""
     moe_input_jitter_eps: Optional[float] = None
     """Multiply the router input by uniform noise in [1 - eps, 1 + eps] while training (None: off)."""
-    moe_token_dispatcher_type: str = "allgather"
+    moe_token_dispatcher_type: str = run_setting("allgather")
     """How tokens reach their experts across the expert-parallel ranks: allgather (gather all
     tokens of the tensor x expert parallel group, reduce-scatter back) or alltoall (send each token
     only to the rank of its expert, with uneven all-to-alls)."""
@@ -79,7 +81,7 @@ class MoEConfig:
     moe_token_drop_policy: str = "probs"
     """Which tokens an over-full expert drops: probs (keep the highest routing probabilities) or
     position (keep the earliest tokens)."""
-    moe_per_layer_logging: bool = False
+    moe_per_layer_logging: bool = run_setting(False)
     """Log the auxiliary losses of every MoE layer, not only their mean over layers."""
 
     def __post_init__(self) -> None:
