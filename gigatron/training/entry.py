@@ -7,7 +7,7 @@ import os
 import sys
 from typing import Optional, Sequence
 
-__all__ = ["pretrain_gpt_main", "padded_vocab_size_from_args", "memory_estimate_from_args", "memory_report_text"]
+__all__ = ["main", "pretrain_gpt_main", "padded_vocab_size_from_args", "memory_estimate_from_args", "memory_report_text"]
 
 
 def padded_vocab_size_from_args(data, tensor_model_parallel_size: Optional[int] = None) -> int:
@@ -112,5 +112,13 @@ def pretrain_gpt_main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The `pretrain_gpt` command: `pretrain_gpt_main` with a user error (bad flags, missing file,
+    bad data) reported as one `error:` line and exit status 2 (gigatron.cli.run_cli)."""
+    from gigatron.cli import run_cli
+
+    return run_cli(pretrain_gpt_main, argv)
+
+
 if __name__ == "__main__":
-    sys.exit(pretrain_gpt_main())
+    sys.exit(main())

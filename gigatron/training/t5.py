@@ -174,4 +174,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from gigatron.cli import run_cli
+
+    sys.exit(run_cli(main))
