@@ -131,6 +131,7 @@ class TrainContext:
     memory_reported: bool = False
     async_saver: Any = None
     memory_snapshot_written: bool = False
+    compile_announced: bool = False
     args: Optional[argparse.Namespace] = None
     """The parsed flags the configs were built from, kept for task scripts' own flags; the training
     layer reads `configs` only."""
@@ -585,8 +586,14 @@ def train(ctx: TrainContext, forward_step_func: Callable, train_iterator, valid_
                 profiler.before_iteration(ctx.iteration)
             batch_size = ctx.calculator.global_batch_size_at(ctx.consumed_train_samples)
             num_microbatches = batch_size // (training.micro_batch_size * ctx.groups.dp.size)
+            compiling = _announce_compilation(ctx)
             losses, update_successful, grad_norm, num_zeros = train_step(ctx, forward_step_func, train_iterator,
                                                                          num_microbatches)
+            if compiling is not None:
+                if ctx.device.type == "cuda":
+                    torch.cuda.synchronize(ctx.device)
+                print_rank_0(f"> compiled: the first iteration, compilation included, took "
+                             f"{time.perf_counter() - compiling:.1f} s")
             ctx.iteration += 1
             if ctx.async_saver is not None:
                 ctx.async_saver.maybe_finalize()  # completes a background save once every rank wrote
@@ -629,6 +636,16 @@ def train(ctx: TrainContext, forward_step_func: Callable, train_iterator, valid_
             signal_flag.restore()
         if training.manual_gc:
             gc.enable()
+
+
+def _announce_compilation(ctx: TrainContext) -> Optional[float]:
+    """--torch-compile: torch.compile runs when the layers first execute, so the first iteration of a
+    process takes long (about a minute on a CPU) — say so before it; returns its start time."""
+    if not ctx.configs.training.torch_compile or ctx.compile_announced:
+        return None
+    ctx.compile_announced = True
+    print_rank_0("> compiling the transformer layers (--torch-compile) during the first iteration …")
+    return time.perf_counter()
 
 
 def _report(ctx: TrainContext, batch_size: int, grad_norm, num_zeros) -> None:
@@ -761,9 +778,9 @@ def pretrain(datasets_provider: Callable, model_provider: Callable, forward_step
             _save(ctx)
         finished = ctx.iteration >= ctx.train_iters or training.skip_train
         if finished:
-            evaluated_here = bool(training.eval_interval) and ctx.iteration % training.eval_interval == 0
-            _evaluate_and_report(ctx, forward_step_func, valid_iterator,
-                                 f"iteration {ctx.iteration} on validation set",
+            evaluated_here = (not training.skip_train and bool(training.eval_interval)
+                              and ctx.iteration % training.eval_interval == 0)
+            _evaluate_and_report(ctx, forward_step_func, valid_iterator, _final_validation_label(ctx, evaluated_here),
                                  record=not training.skip_train and not evaluated_here)
             _evaluate_and_report(ctx, forward_step_func, test_iterator, f"iteration {ctx.iteration} on test set",
                                  record=False)
@@ -774,6 +791,17 @@ def pretrain(datasets_provider: Callable, model_provider: Callable, forward_step
             ctx.async_saver.finalize_all()  # the last save must be complete before the process exits
         ctx.log.close()
     return ctx
+
+
+def _final_validation_label(ctx: TrainContext, evaluated_here: bool) -> str:
+    """Megatron's label of the end-of-run validation; when the periodic evaluation has just run at
+    the same iteration, the label says why the two values differ (other validation batches)."""
+    label = f"iteration {ctx.iteration} on validation set"
+    if evaluated_here:
+        batches = ctx.configs.training.eval_iters
+        label += (f" (final evaluation, on the next {batches} validation batch{'es' if batches != 1 else ''}; "
+                  f"the evaluation at iteration {ctx.iteration} above used earlier ones)")
+    return label
 
 
 def _recorded_args(ctx: TrainContext) -> dict:
