@@ -28,13 +28,14 @@ import torch
 import torch.distributed as dist
 
 from gigatron.core.transformer.layer import TransformerLayer
-from gigatron.training.arguments import Configs, args_dict_from_configs, configs_from_args, parse_args
+from gigatron.training.arguments import Configs, args_dict_from_configs, build_config, configs_from_args, parse_args
 from gigatron.training.checkpointing import (
     LoadedCheckpoint,
     load_args_from_checkpoint,
     load_checkpoint,
     save_checkpoint,
 )
+from gigatron.training.config import CheckpointConfig
 from gigatron.training.initialize import RunContext, collective_phase, initialize
 from gigatron.training.logging import TrainingLog, print_rank_0
 from gigatron.training.profiling import start_profiler, validate_profile_args
@@ -209,6 +210,7 @@ def configs_for_run(args: argparse.Namespace) -> Configs:
     """Where the command line ends: --use-checkpoint-args, validation for this world size, and the
     config dataclasses that everything after reads."""
     if getattr(args, "use_checkpoint_args", False):
+        build_config(CheckpointConfig, args)  # its rules first: --use-checkpoint-args needs --load
         load_args_from_checkpoint(args)
     validate_args(args, _world_size_from_environment())
     return configs_from_args(args)

@@ -8,7 +8,8 @@ A rule about the fields of one config lives in that dataclass (`__post_init__`) 
 `configs_from_args` builds it: heads and query groups against tensor parallelism, sequence length
 against positions (TransformerConfig), --bf16 against --fp16, --min-lr against --lr
 (OptimizerConfig), the warmup flags (SchedulerConfig), --overlap-param-gather (DDPConfig), the MoE
-flags among themselves (MoEConfig). The MoE layout rules are one function of the core
+flags among themselves (MoEConfig), the training length's form, the intervals and the checkpoint
+flags (TrainingConfig, LoggingConfig, CheckpointConfig). The MoE layout rules are one function of the core
 (`check_moe_layout`) that this module and the MoE layer both call.
 
 Checks read the flat namespace with `getattr(args, name, default)`, so a namespace holding only some
@@ -34,14 +35,12 @@ __all__ = [
     "check_virtual_pipeline",
     "resolve_layers_per_virtual_stage",
     "check_data_source",
-    "check_checkpoint_args",
-    "check_intervals",
     "check_per_token_loss",
     "check_moe",
     "SUPPORTED_CKPT_FORMATS",
 ]
 
-SUPPORTED_CKPT_FORMATS = ("torch", "torch_dist")
+from gigatron.training.config import SUPPORTED_CKPT_FORMATS  # noqa: E402 - kept importable from here
 
 
 def _get(args, name, default=None):
@@ -135,16 +134,11 @@ def check_context_parallel_seq_length(args) -> None:
 
 
 def check_train_length(args) -> None:
-    """Exactly one of --train-iters and --train-samples (neither is allowed with --skip-train)."""
-    iters = getattr(args, "train_iters", None)
-    samples = getattr(args, "train_samples", None)
-    if iters is not None and samples is not None:
-        raise ValueError("--train-iters and --train-samples are mutually exclusive; give one of them.")
-    if iters is None and samples is None and not getattr(args, "skip_train", False):
+    """A training run needs its length: --train-iters or --train-samples (not with --skip-train).
+    TrainingConfig checks that they exclude each other and are not negative."""
+    if getattr(args, "train_iters", None) is None and getattr(args, "train_samples", None) is None \
+            and not getattr(args, "skip_train", False):
         raise ValueError("give the length of training with --train-iters or --train-samples.")
-    for flag, value in (("--train-iters", iters), ("--train-samples", samples)):
-        if value is not None and value < 0:
-            raise ValueError(f"{flag} must be >= 0, got {value}.")
 
 
 def check_lr(args) -> None:
@@ -195,7 +189,8 @@ def resolve_layers_per_virtual_stage(args) -> None:
 
 
 def check_virtual_pipeline(args) -> None:
-    """Interleaved pipelining: needs pp > 1 and the layers of each stage must split over the virtual stages."""
+    """Interleaved pipelining needs pp > 1 (TransformerConfig checks that each stage's layers split
+    over the virtual stages, uneven first/last stages included)."""
     vp = getattr(args, "virtual_pipeline_model_parallel_size", None)
     if vp is None or vp == 1:
         if vp == 1:
@@ -205,12 +200,6 @@ def check_virtual_pipeline(args) -> None:
     if pp < 2:
         raise ValueError(
             f"--num-virtual-stages-per-pipeline-rank ({vp}) needs --pipeline-model-parallel-size >= 2 (got {pp})."
-        )
-    layers = getattr(args, "num_layers", None)
-    if layers is not None and layers % (pp * vp) != 0:
-        raise ValueError(
-            f"--num-layers ({layers}) must be divisible by --pipeline-model-parallel-size ({pp}) x "
-            f"virtual stages per rank ({vp}) = {pp * vp}."
         )
 
 
@@ -236,51 +225,12 @@ def check_data_source(args) -> None:
         raise ValueError("--split cannot be combined with --train-data-path/--valid-data-path/--test-data-path.")
 
 
-def check_checkpoint_args(args) -> None:
-    """Checkpoint format and the load options that need --load."""
-    fmt = _get(args, "ckpt_format", "torch")
-    if fmt not in SUPPORTED_CKPT_FORMATS:
-        raise ValueError(f"--ckpt-format {fmt} is not supported yet; supported: {', '.join(SUPPORTED_CKPT_FORMATS)} "
-                         "(use --ckpt-format torch_dist or torch).")
-    if getattr(args, "async_save", False):
-        if fmt != "torch_dist":
-            raise ValueError(f"--async-save writes torch_dist checkpoints; drop --ckpt-format {fmt} or --async-save.")
-        if not getattr(args, "save", None):
-            raise ValueError("--async-save needs --save DIR.")
-    if getattr(args, "ckpt_convert_format", None):
-        if not getattr(args, "load", None) or not getattr(args, "ckpt_convert_save", None):
-            raise ValueError("--ckpt-convert-format converts the checkpoint in --load into --ckpt-convert-save; "
-                             "give both --load DIR and --ckpt-convert-save DIR.")
-    if getattr(args, "use_checkpoint_args", False) and not getattr(args, "load", None):
-        raise ValueError("--use-checkpoint-args reads the model flags from the checkpoint in --load; give --load DIR.")
-    if getattr(args, "exit_on_missing_checkpoint", False) and not (getattr(args, "load", None)
-                                                                    or getattr(args, "pretrained_checkpoint", None)):
-        raise ValueError("--exit-on-missing-checkpoint needs --load DIR.")
-    if getattr(args, "ckpt_step", None) is not None and not getattr(args, "load", None):
-        raise ValueError("--ckpt-step selects an iteration of the checkpoint in --load; give --load DIR.")
-    if getattr(args, "save_interval", None) is not None and not getattr(args, "save", None):
-        raise ValueError("--save-interval needs --save DIR.")
-
-
 def check_per_token_loss(args) -> None:
     """--calculate-per-token-loss needs a schedule that hands the token count to the gradient
     finalization; the schedules divide each micro-batch's mean loss by the number of micro-batches."""
     if getattr(args, "calculate_per_token_loss", False):
         raise ValueError("--calculate-per-token-loss is not supported by the training loop yet; drop the flag "
                          "(each micro-batch's loss is averaged over its tokens, then over micro-batches and ranks).")
-
-
-def check_intervals(args) -> None:
-    """Intervals must be positive."""
-    for flag, name in (("--log-interval", "log_interval"), ("--eval-interval", "eval_interval"),
-                       ("--save-interval", "save_interval"), ("--exit-interval", "exit_interval"),
-                       ("--tensorboard-log-interval", "tensorboard_log_interval")):
-        value = getattr(args, name, None)
-        if value is not None and value < 1:
-            raise ValueError(f"{flag} must be >= 1, got {value}.")
-    eval_iters = getattr(args, "eval_iters", None)
-    if eval_iters is not None and eval_iters < 0:
-        raise ValueError(f"--eval-iters must be >= 0, got {eval_iters}.")
 
 
 def check_moe(args) -> None:
@@ -321,7 +271,6 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
     args.world_size = world_size
     args.data_parallel_size = check_parallel_sizes(args, world_size)
     check_train_length(args)
-    check_intervals(args)
     if hasattr(args, "micro_batch_size"):
         args.num_microbatches = check_batch_sizes(args, args.data_parallel_size)
         check_rampup_batch_size(args, args.data_parallel_size)
@@ -332,7 +281,6 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
     resolve_layers_per_virtual_stage(args)
     check_virtual_pipeline(args)
     check_data_source(args)
-    check_checkpoint_args(args)
     check_per_token_loss(args)
     check_moe(args)
     return args
