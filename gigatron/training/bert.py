@@ -128,15 +128,10 @@ def datasets_provider(ctx, train_valid_test_num_samples):
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """pretrain_bert.py: parse Megatron-style flags and train."""
     from gigatron.training.arguments import parse_args
-    from gigatron.training.loop import pretrain
+    from gigatron.training.loop import pretrain_and_exit
 
     args = parse_args(argv, extra_args_provider=extra_args_provider)
-    try:
-        pretrain(datasets_provider, model_provider, forward_step, args=args)
-    finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
+    return pretrain_and_exit(datasets_provider, model_provider, forward_step, args)
 
 
 if __name__ == "__main__":

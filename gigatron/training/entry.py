@@ -100,16 +100,9 @@ def pretrain_gpt_main(argv: Optional[Sequence[str]] = None) -> int:
         return _dry_run(args)
 
     from gigatron.training import gpt
-    from gigatron.training.loop import pretrain
+    from gigatron.training.loop import pretrain_and_exit
 
-    import torch.distributed as dist
-
-    try:
-        pretrain(gpt.datasets_provider, gpt.model_provider, gpt.forward_step, args=args)
-    finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
+    return pretrain_and_exit(gpt.datasets_provider, gpt.model_provider, gpt.forward_step, args)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

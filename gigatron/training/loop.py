@@ -46,6 +46,7 @@ __all__ = [
     "MicroBatchCalculator",
     "NonFiniteLossError",
     "pretrain",
+    "pretrain_and_exit",
     "setup",
     "get_model",
     "train_step",
@@ -793,6 +794,18 @@ def pretrain(datasets_provider: Callable, model_provider: Callable, forward_step
             ctx.async_saver.finalize_all()  # the last save must be complete before the process exits
         ctx.log.close()
     return ctx
+
+
+def pretrain_and_exit(datasets_provider: Callable, model_provider: Callable, forward_step_func: Callable,
+                      args: argparse.Namespace) -> int:
+    """A script's whole run: `pretrain`, then the process group is taken down (also after an error).
+    Returns the exit status 0."""
+    try:
+        pretrain(datasets_provider, model_provider, forward_step_func, args=args)
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
 
 
 def _final_validation_label(ctx: TrainContext, evaluated_here: bool) -> str:

@@ -18,8 +18,6 @@ from functools import partial
 from typing import Optional, Sequence
 
 import torch
-import torch.distributed as dist
-
 
 __all__ = ["extra_args_provider", "resolve_args", "resolve_num_layers", "resolve_sequence_lengths",
            "resolve_position_embedding", "model_provider", "get_batch", "loss_func", "forward_step",
@@ -161,16 +159,11 @@ def datasets_provider(ctx, train_valid_test_num_samples):
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """pretrain_t5.py: parse Megatron-style flags, resolve the T5 lengths and train."""
     from gigatron.training.arguments import parse_args
-    from gigatron.training.loop import pretrain
+    from gigatron.training.loop import pretrain_and_exit
 
     args = parse_args(argv, extra_args_provider=extra_args_provider)
     resolve_args(args)
-    try:
-        pretrain(datasets_provider, model_provider, forward_step, args=args)
-    finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
+    return pretrain_and_exit(datasets_provider, model_provider, forward_step, args)
 
 
 if __name__ == "__main__":
