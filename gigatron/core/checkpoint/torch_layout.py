@@ -142,12 +142,16 @@ def _verify_rank_file(path: str, manifest: Optional[dict]) -> None:
                                      "with --ckpt-step, or restore the file.")
 
 
-def read_rank_file(path: str, allow_namespace: bool = False, manifest: Any = "read") -> dict:
+_READ_MANIFEST = object()
+
+
+def read_rank_file(path: str, allow_namespace: bool = False, manifest: Any = _READ_MANIFEST) -> dict:
     """One rank's file, checked against the iteration's checksums.json first (when it has one),
-    then loaded weights-only (`allow_namespace`: also accept Megatron-LM's argparse.Namespace args)."""
+    then loaded weights-only (`allow_namespace`: also accept Megatron-LM's argparse.Namespace args).
+    `manifest`: the iteration's manifest when the caller has read it already (None: there is none)."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint file {path} does not exist")
-    if manifest == "read":
+    if manifest is _READ_MANIFEST:
         manifest = _read_manifest(os.path.dirname(os.path.dirname(path)))
     _verify_rank_file(path, manifest)
     try:
