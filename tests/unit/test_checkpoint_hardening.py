@@ -239,3 +239,22 @@ def test_registry_formats_share_one_interface():
     for module in formats.FORMATS.values():
         for name in ("NAME", "detect", "read_args", "read_model", "save_training_state", "load_training_state"):
             assert hasattr(module, name), (module.__name__, name)
+
+
+def test_checkpoint_package_does_not_import_convert():
+    """Conversion sits above the checkpoint formats: gigatron.core.checkpoint never imports
+    gigatron.core.convert (at module level or inside functions), so the two cannot form a loop."""
+    import ast
+
+    root = os.path.join(os.path.dirname(gigatron.__file__), "core", "checkpoint")
+    offenders = []
+    for folder, _, files in os.walk(root):
+        for name in files:
+            if not name.endswith(".py"):
+                continue
+            path = os.path.join(folder, name)
+            for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
+                modules = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                    [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+                offenders += [f"{path}:{node.lineno} {m}" for m in modules if m.startswith("gigatron.core.convert")]
+    assert offenders == []
