@@ -366,3 +366,53 @@ def test_clip_grads_helpers_match_torch():
     assert count_zeros_fp32(grads) == 7 + 3
     with pytest.raises(ValueError, match="norm type"):
         get_grad_norm_fp32(grads, norm_type=1)
+
+
+def package_import_cycles(package_dir: str, package: str) -> list:
+    """Import cycles among the modules of one package, counting every import statement (those
+    inside functions too, which only hide a cycle until the function runs). Each cycle is a list
+    of module names."""
+    import ast
+    import os
+
+    modules = {name[:-3] for name in os.listdir(package_dir) if name.endswith(".py") and name != "__init__.py"}
+    edges = {module: set() for module in modules}
+    for module in modules:
+        path = os.path.join(package_dir, module + ".py")
+        for node in ast.walk(ast.parse(open(path, encoding="utf-8").read(), filename=path)):
+            targets = []
+            if isinstance(node, ast.ImportFrom):
+                if node.level == 1:
+                    targets = [node.module] if node.module else [alias.name for alias in node.names]
+                elif node.level == 0 and (node.module or "").startswith(package + "."):
+                    targets = [node.module[len(package) + 1:]]
+            elif isinstance(node, ast.Import):
+                targets = [a.name[len(package) + 1:] for a in node.names if a.name.startswith(package + ".")]
+            edges[module].update(t.split(".")[0] for t in targets if t and t.split(".")[0] in modules)
+    cycles, state = [], {}
+
+    def visit(module, path):
+        state[module] = "open"
+        for target in sorted(edges[module]):
+            if state.get(target) == "open":
+                cycles.append(path[path.index(target):] + [target])
+            elif target not in state:
+                visit(target, path + [target])
+        state[module] = "done"
+
+    for module in sorted(modules):
+        if module not in state:
+            visit(module, [module])
+    return cycles
+
+
+def test_optimizer_modules_import_one_way():
+    """optimizer.py and distrib_optimizer.py do not import each other in a circle: the factory
+    that chooses between them (factory.py) sits above both, and gigatron.core.optim re-exports it."""
+    import os
+
+    import gigatron.core.optim as optim
+    from gigatron.core.optim.factory import get_optimizer as from_factory
+
+    assert package_import_cycles(os.path.dirname(optim.__file__), "gigatron.core.optim") == []
+    assert optim.get_optimizer is from_factory
