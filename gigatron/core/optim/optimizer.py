@@ -227,11 +227,22 @@ class MegatronOptimizer(ABC):
         into an existing optimizer without its state (e.g. --no-load-optim, --finetune); otherwise
         the next step would write the stale main params back over the loaded weights."""
         for entry in self.entries:
-            if entry.main_param is entry.model_param:
-                continue
-            source = entry.model_param.detach().reshape(-1)[entry.start:entry.end]
-            if source.data_ptr() != entry.main_param.data_ptr():
-                entry.main_param.copy_(source.view_as(entry.main_param))
+            self._main_param_from_model(entry)
+
+    def stores_main_copy(self, param) -> bool:
+        """Whether the fp32 main param of model parameter `param` is a tensor of its own (bf16/fp16
+        parameters). An fp32 parameter is its own main param (or, sharded, a view of the model's
+        buffer): the model weights already hold it, so checkpoints store it once, with the model."""
+        return param.dtype != torch.float32
+
+    @torch.no_grad()
+    def _main_param_from_model(self, entry: ParamEntry) -> None:
+        """Set the main param of `entry` from the model's (loaded) weights."""
+        if entry.main_param is entry.model_param:
+            return
+        source = entry.model_param.detach().reshape(-1)[entry.start:entry.end]
+        if source.data_ptr() != entry.main_param.data_ptr():
+            entry.main_param.copy_(source.view_as(entry.main_param))
 
     # ------------------------------------------------------------ hooks for subclasses
     def _before_step(self) -> None:
@@ -320,7 +331,10 @@ class MegatronOptimizer(ABC):
     def state_dict_for_save(self) -> dict[str, Any]:
         """Optimizer state keyed by parameter name with whole fp32 tensors (main param and the
         optimizer's per-element states), independent of data-parallel sharding. Collective over
-        the data-parallel group for the distributed optimizer (call it on every rank)."""
+        the data-parallel group for the distributed optimizer (call it on every rank).
+
+        The main param ("param") is stored only where it is a copy (stores_main_copy): an fp32
+        parameter's main param is the model weight, which the checkpoint holds already."""
         kind = self._optimizer_kind()
         state_keys = _STATE_KEYS[kind]
         by_param: dict = {}
@@ -339,22 +353,19 @@ class MegatronOptimizer(ABC):
         params: dict[str, dict] = {}
         for name, param in self._named_model_params():
             n = param.numel()
-            flat = torch.zeros((1 + len(state_keys)) * n, dtype=torch.float32, device=self.device)
-            pieces = flat.view(1 + len(state_keys), n)  # [main param; states...] x elements
+            rows = (["param"] if self.stores_main_copy(param) else []) + list(state_keys)
+            flat = torch.zeros(len(rows) * n, dtype=torch.float32, device=self.device)
+            pieces = flat.view(len(rows), n)  # [main param (a copy only); states...] x elements
             for entry in by_param.get(param, []):
-                pieces[0, entry.start:entry.end].copy_(entry.main_param.reshape(-1))
                 st = self.optimizer.state.get(entry.main_param, {})
-                for k, key in enumerate(state_keys):
-                    value = st.get(key)
+                for row, key in enumerate(rows):
+                    value = entry.main_param if key == "param" else st.get(key)
                     if value is not None:
-                        pieces[1 + k, entry.start:entry.end].copy_(value.reshape(-1))
+                        pieces[row, entry.start:entry.end].copy_(value.reshape(-1))
             param_group = self._param_state_group(param)
             if param_group is not None:
                 dist.all_reduce(flat, group=param_group)
-            record = {"param": pieces[0].view(param.shape).cpu().clone()}
-            for k, key in enumerate(state_keys):
-                record[key] = pieces[1 + k].view(param.shape).cpu().clone()
-            params[name] = record
+            params[name] = {key: pieces[row].view(param.shape).cpu().clone() for row, key in enumerate(rows)}
         return {
             "format": FULL_STATE_FORMAT,
             "optimizer": kind,
@@ -377,7 +388,9 @@ class MegatronOptimizer(ABC):
 
     @torch.no_grad()
     def load_state_dict_from_full(self, full: dict[str, Any]) -> None:
-        """Load a state_dict_for_save() result, taking this rank's pieces (any dp size)."""
+        """Load a state_dict_for_save() result, taking this rank's pieces (any dp size). Call it
+        after the model weights are loaded: a parameter whose record holds no main param (an fp32
+        one) takes it from the model."""
         if full.get("format") != FULL_STATE_FORMAT:
             raise OptimizerStateMismatch(f"not a full optimizer state (format {full.get('format')!r})")
         kind = self._optimizer_kind()
@@ -399,13 +412,17 @@ class MegatronOptimizer(ABC):
         state_keys = _STATE_KEYS[kind]
         for entry in self.entries:
             record = saved[entry.name]
-            if tuple(record["param"].shape) != tuple(entry.model_param.shape):
+            shape = tuple(next(iter(record.values())).shape)
+            if shape != tuple(entry.model_param.shape):
                 raise OptimizerStateMismatch(
-                    f"optimizer state of {entry.name} has shape {tuple(record['param'].shape)}, the "
-                    f"model's is {tuple(entry.model_param.shape)}"
+                    f"optimizer state of {entry.name} has shape {shape}, the model's is "
+                    f"{tuple(entry.model_param.shape)}"
                 )
-            piece = record["param"].reshape(-1)[entry.start:entry.end]
-            entry.main_param.copy_(piece.view_as(entry.main_param))
+            if "param" in record:
+                piece = record["param"].reshape(-1)[entry.start:entry.end]
+                entry.main_param.copy_(piece.view_as(entry.main_param))
+            else:  # saved from fp32 weights: the main param is the (already loaded) model weight
+                self._main_param_from_model(entry)
             self.optimizer.state.pop(entry.main_param, None)
             if initialized:
                 group = self.optimizer.param_groups[entry.group_index]
