@@ -100,6 +100,15 @@ def test_training_load_refuses(poisoned):
     _refused(str(info.value))
 
 
+def test_pretrain_gpt_load_refuses(poisoned, tmp_path):
+    root, _ = poisoned
+    out = _run_tool([os.path.join(ROOT, "pretrain_gpt.py"), *FLAGS, "--global-batch-size", "2", "--train-iters", "1",
+                     "--mock-data", "--lr", "1e-3", "--load", str(root), "--ckpt-format", "torch_dist",
+                     "--data-cache-path", str(tmp_path / "cache"), "--eval-iters", "0"])
+    assert out.returncode != 0
+    _refused(out.stderr)
+
+
 def test_use_checkpoint_args_then_load_refuses(poisoned):
     from gigatron.training.arguments import parse_args
     from gigatron.training.checkpointing import load_args_from_checkpoint, load_checkpoint
