@@ -176,3 +176,32 @@ def test_data_file_outside_the_checkpoint_is_refused(tmp_path):
     (iter_dir / "metadata.json").write_text(json.dumps(record))
     with pytest.raises(CheckpointError, match="outside the checkpoint directory"):
         gigatron.from_pretrained(tmp_path / "ckpt")
+
+
+def test_allow_pickle_accepts_megatron_args_but_runs_no_code(tmp_path):
+    """convert.py --allow-pickle reads Megatron-LM's argparse.Namespace args, still weights-only:
+    a rank file carrying any other object is refused and its payload never runs."""
+    import argparse
+
+    from gigatron.core.convert.torch_format import read_torch_checkpoint
+
+    from gigatron.training.arguments import parse_args
+    from gigatron.training.checkpointing import save_checkpoint
+
+    marker = tmp_path / "PWNED"
+    root = tmp_path / "ckpt"
+    args = parse_args(FLAGS)
+    save_checkpoint(str(root), 2, [_model()], None, None, args, ParallelGroups.single(), save_optim=False,
+                      save_rng=False, ckpt_format="torch")
+    rank_file = root / "iter_0000002" / "mp_rank_00" / "model_optim_rng.pt"
+    os.unlink(root / "iter_0000002" / "checksums.json")  # as Megatron writes it: no manifest
+    state = torch.load(rank_file, weights_only=True)
+    state["args"] = argparse.Namespace(**state["args"])
+    torch.save(state, rank_file)
+    md, _ = read_torch_checkpoint(str(root), allow_pickle=True)
+    assert md["num_layers"] == 2
+    state["args"].evil = _Payload(marker)
+    torch.save(state, rank_file)
+    with pytest.raises(CheckpointError, match="weights-only"):
+        read_torch_checkpoint(str(root), allow_pickle=True)
+    assert not marker.exists()
