@@ -134,6 +134,8 @@ class TrainContext:
     async_saver: Any = None
     memory_snapshot_written: bool = False
     compile_announced: bool = False
+    evaluation_hook: Optional[Callable[["TrainContext"], None]] = None
+    evaluation_hook_iteration: Optional[int] = None
     args: Optional[argparse.Namespace] = None
     """The parsed flags the configs were built from, kept for task scripts' own flags; the training
     layer reads `configs` only."""
@@ -210,6 +212,9 @@ def _finalize_grads_fn(ctx: TrainContext) -> Callable:
 def configs_for_run(args: argparse.Namespace) -> Configs:
     """Where the command line ends: --use-checkpoint-args, validation for this world size, and the
     config dataclasses that everything after reads."""
+    from gigatron.training import checkpointing
+
+    checkpointing.check_checkpoint_paths(args)  # --save writable, --load present (or a prominent warning)
     if getattr(args, "use_checkpoint_args", False):
         build_config(CheckpointConfig, args)  # its rules first: --use-checkpoint-args needs --load
         load_args_from_checkpoint(args)
@@ -222,9 +227,14 @@ def setup(model_provider: Callable, args: argparse.Namespace | Configs) -> Train
     parsed flags (validated here) or configs already built from them."""
     from gigatron.core.optim import get_optimizer
     from gigatron.core.optim.scheduler import OptimizerParamScheduler
+    from gigatron.training import checkpointing
 
     namespace = args if isinstance(args, argparse.Namespace) else None
-    configs = configs_for_run(args) if namespace is not None else args
+    if namespace is not None:
+        configs = configs_for_run(namespace)
+    else:
+        configs = args
+        checkpointing.check_checkpoint_paths(configs.checkpoint)  # --save writable, --load present
     training = configs.training
     run = initialize(configs)
     ctx = TrainContext(configs=configs, run=run, args=namespace)
@@ -464,6 +474,14 @@ def evaluate(ctx: TrainContext, forward_step_func: Callable, data_iterator, num_
     return dict(zip(keys, values))
 
 
+def _run_evaluation_hook(ctx: TrainContext) -> None:
+    """pretrain's `evaluation_hook(ctx)` (a task's own evaluation), at most once per iteration."""
+    if ctx.evaluation_hook is None or ctx.evaluation_hook_iteration == ctx.iteration:
+        return
+    ctx.evaluation_hook_iteration = ctx.iteration
+    ctx.evaluation_hook(ctx)
+
+
 def _evaluate_and_report(ctx: TrainContext, forward_step_func, iterator, prefix: str, record: bool = True) -> dict:
     training = ctx.configs.training
     if iterator is None or training.eval_iters == 0:
@@ -617,9 +635,11 @@ def train(ctx: TrainContext, forward_step_func: Callable, train_iterator, valid_
                 dump_memory_snapshot(ctx)
             if training.manual_gc and training.manual_gc_interval and ctx.iteration % training.manual_gc_interval == 0:
                 gc.collect()
-            if valid_iterator is not None and training.eval_interval and ctx.iteration % training.eval_interval == 0:
+            evaluates = valid_iterator is not None or ctx.evaluation_hook is not None
+            if evaluates and training.eval_interval and ctx.iteration % training.eval_interval == 0:
                 paused = time.perf_counter()
                 _evaluate_and_report(ctx, forward_step_func, valid_iterator, f"iteration {ctx.iteration}")
+                _run_evaluation_hook(ctx)
                 log.exclude_time(time.perf_counter() - paused)
             if checkpoint.save and checkpoint.save_interval and ctx.iteration % checkpoint.save_interval == 0:
                 paused = time.perf_counter()
@@ -755,9 +775,12 @@ def _announce_peak(ctx: TrainContext) -> Optional[float]:
 
 def pretrain(datasets_provider: Callable, model_provider: Callable, forward_step_func: Callable,
              args: Optional[argparse.Namespace] = None, extra_args_provider: Optional[Callable] = None,
-             args_defaults: Optional[dict] = None) -> TrainContext:
+             args_defaults: Optional[dict] = None,
+             evaluation_hook: Optional[Callable[[TrainContext], None]] = None) -> TrainContext:
     """Train a model end to end (see the module docstring for the providers). `args` defaults to the
-    command line; it ends in the config dataclasses here, and nothing after reads it. Returns the
+    command line; it ends in the config dataclasses here, and nothing after reads it.
+    `evaluation_hook(ctx)`, if given, runs at every evaluation (each --eval-interval and the final
+    one, at most once per iteration) after the validation loss: a task's own metric. Returns the
     context (configs, model, optimizer, iteration, loss history)."""
     if args is None:
         args = parse_args(extra_args_provider=extra_args_provider, defaults=args_defaults)
@@ -766,6 +789,7 @@ def pretrain(datasets_provider: Callable, model_provider: Callable, forward_step
     start_memory_history(configs.training)
     ctx = setup(model_provider, configs)
     ctx.args = args
+    ctx.evaluation_hook = evaluation_hook
     if configs.checkpoint.ckpt_convert_format:
         return convert_checkpoint_format(ctx)
     training = configs.training
@@ -785,6 +809,7 @@ def pretrain(datasets_provider: Callable, model_provider: Callable, forward_step
                               and ctx.iteration % training.eval_interval == 0)
             _evaluate_and_report(ctx, forward_step_func, valid_iterator, _final_validation_label(ctx, evaluated_here),
                                  record=not training.skip_train and not evaluated_here)
+            _run_evaluation_hook(ctx)
             _evaluate_and_report(ctx, forward_step_func, test_iterator, f"iteration {ctx.iteration} on test set",
                                  record=False)
         ctx.log.write_loss_curve()
