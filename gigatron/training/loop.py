@@ -162,6 +162,8 @@ def _build_tokenizer(ctx: TrainContext) -> None:
     from gigatron.core.tokenizers import build_tokenizer, vocab_size_with_padding
 
     data = ctx.configs.data
+    if data.tokenizer_type is None:  # DataConfig makes --vocab-size alone a NullTokenizer
+        raise ValueError("give --tokenizer-type (with its files), or --vocab-size V for a NullTokenizer over ids 0..V")
     ctx.tokenizer = build_tokenizer(data)
     ctx.padded_vocab_size = vocab_size_with_padding(ctx.tokenizer.vocab_size, data.make_vocab_size_divisible_by,
                                                     ctx.groups.tp.size)

@@ -25,10 +25,12 @@ def _run(argv, env_extra=None):
     ("pretrain_bert.py", MODEL + ["--num-tokentypes", "-1", "--tokenizer-type", "BertWordPieceLowerCase",
                                   "--vocab-file", "/nonexistent/vocab.txt"], "vocab"),
     ("pretrain_t5.py", MODEL, "T5 needs --decoder-seq-length"),
+    ("pretrain_gpt.py", MODEL[:-2], "give --tokenizer-type (with its files), or --vocab-size V"),
     ("pretrain_gpt.py", MODEL + ["--use-checkpoint-args"], "--use-checkpoint-args reads the model flags from the "
                                                            "checkpoint in --load; give --load DIR"),
     ("-m", ["gigatron.training.entry"] + MODEL + ["--min-lr", "1"], "--min-lr (1.0) must not exceed --lr"),
-], ids=["gpt-precision", "gpt-world-size", "bert-missing-vocab", "t5-lengths", "use-checkpoint-args-without-load",
+], ids=["gpt-precision", "gpt-world-size", "bert-missing-vocab", "t5-lengths", "gpt-no-tokenizer",
+        "use-checkpoint-args-without-load",
         "entry-module"])
 def test_a_bad_flag_combination_is_one_error_line(script, argv, message):
     result = _run([script, *argv] if script != "-m" else ["-m", *argv])
