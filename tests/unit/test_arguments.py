@@ -169,3 +169,19 @@ def test_configs_from_args_builds_every_dataclass():
     assert configs.checkpoint.save == "/tmp/x" and configs.logging.log_interval == 5
     assert configs.parallel.tensor_model_parallel_size == 1
     assert isinstance(configs.checkpoint, CheckpointConfig) and isinstance(configs.logging, LoggingConfig)
+
+
+def test_the_training_layer_reads_configs_not_the_namespace():
+    """After configs_from_args nothing in the training loop, its start-up and the providers reads the
+    parsed flags: no `ctx.args` / `self.args` attribute reads (pretrain only stores it for tasks)."""
+    import ast
+    import importlib
+    import inspect
+
+    for name in ("loop", "initialize", "logging", "profiling", "gpt", "bert", "t5"):
+        module = importlib.import_module(f"gigatron.training.{name}")
+        tree = ast.parse(inspect.getsource(module))
+        reads = [node.lineno for node in ast.walk(tree)
+                 if isinstance(node, ast.Attribute) and node.attr == "args" and isinstance(node.ctx, ast.Load)
+                 and isinstance(node.value, ast.Name) and node.value.id in ("ctx", "self")]
+        assert reads == [], f"gigatron/training/{name}.py reads ctx.args at lines {reads}"
