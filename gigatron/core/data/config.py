@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Literal, Optional
 
+from gigatron.core.fields import SequenceLengthConfig
+
 TOKENIZER_SETTING = "tokenizer_setting"
 
 
@@ -25,7 +27,7 @@ def tokenizer_fields() -> tuple[str, ...]:
 
 
 @dataclass
-class DataConfig:
+class DataConfig(SequenceLengthConfig):
     """Datasets, splits, sample shaping and tokenizer settings."""
 
     data_path: Optional[list[str]] = None
@@ -64,9 +66,6 @@ class DataConfig:
 
     mock_data: bool = False
     """Skip data loading and use synthetic documents (for testing and benchmarking)."""
-
-    seq_length: Optional[int] = None
-    """Maximum sequence length to process."""
 
     reset_position_ids: bool = False
     """Reset position ids after end-of-document token."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from gigatron.core.fields import DistributedOptimizerConfig
+
 __all__ = ["DDPConfig", "default_bucket_size"]
 
 
@@ -14,7 +16,7 @@ def default_bucket_size(dp_size: int) -> int:
 
 
 @dataclass
-class DDPConfig:
+class DDPConfig(DistributedOptimizerConfig):
     """Flags of `DistributedDataParallel`. Field names are those of Megatron-Core's
     DistributedDataParallelConfig; where the command-line flag differs it is named in the field's
     docstring (the argument layer's alias table maps it)."""
@@ -37,10 +39,6 @@ class DDPConfig:
     """With the distributed optimizer, all-gather updated parameters asynchronously after the step
     and wait for each bucket in the forward pre-hook of the modules that use it
     (--overlap-param-gather). Needs use_distributed_optimizer and overlap_grad_reduce."""
-
-    use_distributed_optimizer: bool = False
-    """Shard the fp32 main parameters and optimizer states over the data-parallel ranks; gradients
-    are reduce-scattered and parameters all-gathered (--use-distributed-optimizer)."""
 
     bucket_size: Optional[int] = None
     """Bucket size in parameters (--ddp-bucket-size). None: max(40M, 1M x data-parallel size).

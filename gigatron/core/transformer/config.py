@@ -9,10 +9,13 @@ combination; each check raises ``ValueError`` naming the flags and the fix.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from typing import List, Optional
 
 import torch
+
+from gigatron.core.fields import RUN_SETTING, SequenceLengthConfig, model_fields, run_setting  # noqa: F401
+from gigatron.core.parallel.config import ModelParallelConfig
 
 POSITION_EMBEDDING_TYPES = ("learned_absolute", "rope", "none")
 NORMALIZATIONS = ("LayerNorm", "RMSNorm")
@@ -23,27 +26,23 @@ RECOMPUTE_MODULES = ("core_attn", "mlp", "layernorm")
 CP_COMM_TYPES = ("p2p", "all_gather", "a2a")
 
 
-RUN_SETTING = "run_setting"
+@dataclass
+class PrecisionConfig:
+    """The precision flags that both the model (TransformerConfig) and the optimizer
+    (OptimizerConfig) need: defined once here, inherited by both."""
 
-
-def run_setting(default):
-    """A field that says how a run executes the model (parallel layout, precision, kernels,
-    recompute, initialization), not what the model computes: a checkpoint records it with the
-    run's flags, but it is not part of the model's description (`model_fields`), so loading a
-    checkpoint never imposes it on another run."""
-    return field(default=default, metadata={RUN_SETTING: True})
-
-
-def model_fields(cls) -> tuple[str, ...]:
-    """The fields of config dataclass `cls` that describe the model: every init field that is not
-    a `run_setting`. What a checkpoint records about a model (conversion metadata,
-    --use-checkpoint-args, from_pretrained) is derived from these, so a new model field is carried
-    everywhere without a list to update."""
-    return tuple(f.name for f in fields(cls) if f.init and not f.metadata.get(RUN_SETTING))
+    bf16: bool = run_setting(False)
+    """Run the model in bfloat16 (weights in bf16 unless --params-dtype says otherwise); the
+    optimizer keeps fp32 main weights."""
+    fp16: bool = run_setting(False)
+    """Run the model in float16 (weights in fp16 unless --params-dtype says otherwise); the
+    optimizer keeps fp32 main weights and scales the loss."""
+    params_dtype: Optional[torch.dtype] = run_setting(None)
+    """dtype of the model weights. Default: bfloat16 with --bf16, float16 with --fp16, else float32."""
 
 
 @dataclass
-class TransformerConfig:
+class TransformerConfig(ModelParallelConfig, PrecisionConfig, SequenceLengthConfig):
     # ---------------------------------------------------------------- network size
     num_layers: Optional[int] = None
     """Number of transformer layers (required)."""
@@ -61,8 +60,6 @@ class TransformerConfig:
     num_query_groups: Optional[int] = 1
     """Number of key/value head groups with --group-query-attention (1 = multi-query). Without
     --group-query-attention it is set to num_attention_heads."""
-    seq_length: Optional[int] = None
-    """Maximum sequence length to process (the training sequence length)."""
     max_position_embeddings: Optional[int] = None
     """Maximum number of position embeddings (learned absolute positions). Default: seq_length."""
     position_embedding_type: str = "learned_absolute"
@@ -118,24 +115,10 @@ class TransformerConfig:
     step."""
     use_flash_attn: bool = run_setting(False)
     """Use FlashAttention (same as --attention-backend flash)."""
-    bf16: bool = run_setting(False)
-    """Run the model in bfloat16 (weights in bf16 unless --params-dtype says otherwise)."""
-    fp16: bool = run_setting(False)
-    """Run the model in float16 (weights in fp16 unless --params-dtype says otherwise)."""
-    params_dtype: Optional[torch.dtype] = run_setting(None)
-    """dtype of the model weights. Default: bfloat16 with --bf16, float16 with --fp16, else float32."""
     cross_entropy_loss_fusion: bool = run_setting(False)
     """Compute the output layer and the cross entropy chunk by chunk, never holding the logits of
     the whole micro-batch (recomputes the logit GEMM in backward)."""
     # ---------------------------------------------------------------- parallelism
-    tensor_model_parallel_size: int = run_setting(1)
-    """Degree of tensor model parallelism."""
-    sequence_parallel: bool = run_setting(False)
-    """Shard norms, dropout and residuals along the sequence across the tensor-parallel group."""
-    pipeline_model_parallel_size: int = run_setting(1)
-    """Degree of pipeline model parallelism."""
-    virtual_pipeline_model_parallel_size: Optional[int] = run_setting(None)
-    """Number of virtual pipeline stages (model chunks) per pipeline rank (interleaved schedule)."""
     decoder_first_pipeline_num_layers: Optional[int] = run_setting(None)
     """Number of layers on the first pipeline stage (uneven split); the rest are spread evenly."""
     decoder_last_pipeline_num_layers: Optional[int] = run_setting(None)
