@@ -597,3 +597,21 @@ def test_decode_mode_flags_of_the_tools():
     assert mode(cuda_graphs=True) == "cuda_graph"
     assert mode(compile_decode=True) == "compiled"
     assert mode(cuda_graphs=True, compile_decode=True) == "compiled"
+
+
+@pytest.mark.slow
+def test_server_compiles_the_one_row_step_before_serving(capsys):
+    """--compile-decode: the server compiles (on a GPU also captures) the decode step of one row
+    before it listens, printing that it does and how long it took; the first request of one row
+    then reuses it."""
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    from run_text_generation_server import warm_up_decode
+
+    engine = InferenceEngine(tiny_model(seed=5), TOK, max_batch_size=2, decode_mode="compiled")
+    seconds = warm_up_decode(engine)
+    out = capsys.readouterr().out
+    assert "compiling the decode step (--compile-decode; once per batch size, tens of seconds) ..." in out
+    assert f"compiled the decode step in {seconds:.1f} s" in out
+    assert engine._compiled_shapes == {(1, 64)}  # one row, the 64-slot cache of the tiny model
+    engine.generate(["hello"], SamplingParams(tokens_to_generate=3, top_k=1))
+    assert engine._compiled_shapes == {(1, 64)}
