@@ -151,6 +151,7 @@ MALFORMED = [
     (b"[" * 1500 + b"]" * 1500, "/api", "body"),
     (b'{"prompts": ' + b"[" * 1500 + b"]" * 1500 + b"}", "/api", "body"),
     (b'{"prompt": ' + b"[" * 1500 + b"]" * 1500 + b"}", "/v1/completions", "body"),
+    (b'{"prompts": ["a"], "stop_token": ' + b"[" * 900 + b"]" * 900 + b"}", "/api", "stop_token"),
     (b'{"prompts": ["ABC"]}', "/api", "prompts"),  # the tokenizer cannot encode it
     (b'{"prompt": "ABC"}', "/v1/completions", "prompt"),
     (b'{"prompts": ["a"], "random_seed": 18446744073709551616}', "/api", "random_seed"),

@@ -239,8 +239,12 @@ def build_app(runner, tokenizer, *, max_batch_size: int, max_sequence_length: in
             payload = _parse_json(body)
             req = parse(payload, defaults)
             if parse is parse_api_request and not req.no_log:
+                try:
+                    text = json.dumps(payload)[:2000]
+                except (RecursionError, ValueError):
+                    text = "(a body that cannot be shown)"
                 log.info("request from %s at %s: %s", request.client.host if request.client else "?",
-                         datetime.datetime.now().isoformat(), json.dumps(payload)[:2000])
+                         datetime.datetime.now().isoformat(), text)
             add_BOS = req.params.add_BOS if parse is parse_api_request else False
             field = "prompts" if parse is parse_api_request else "prompt"
             return req, tokenize(req.prompts, add_BOS, field)
