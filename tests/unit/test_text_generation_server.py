@@ -585,6 +585,17 @@ def test_scheduler_batches_compatible_jobs_and_unions_outputs():
     assert results[2].logprobs is not None and len(results[2].logprobs) == 2
 
 
+def test_server_tool_reports_user_errors_in_one_line():
+    """tools/run_text_generation_server.py runs through gigatron.cli.run_cli: a user error is one
+    'error:' line and exit status 2, not a traceback."""
+    tool = os.path.join(ROOT, "tools", "run_text_generation_server.py")
+    for flags, message in ((["--vocab-size", "100"], "error: give the checkpoint to serve with --load"),
+                           (["--load", "ckpt", "--vocab-size", "100", "--max-request-bytes", "0"],
+                            "error: --max-request-bytes must be >= 1, got 0")):
+        out = subprocess.run([sys.executable, tool, *flags], capture_output=True, text=True, timeout=300)
+        assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
 def test_decode_mode_flags_of_the_tools():
     import argparse
 
