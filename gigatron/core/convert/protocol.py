@@ -70,7 +70,8 @@ class ConversionError(ValueError):
 
 
 from gigatron.core.data.config import DataConfig, tokenizer_fields  # noqa: E402
-from gigatron.core.transformer.config import TransformerConfig, model_fields  # noqa: E402
+from gigatron.core.fields import model_fields  # noqa: E402
+from gigatron.core.transformer.config import TransformerConfig  # noqa: E402
 from gigatron.core.transformer.moe.config import MoEConfig  # noqa: E402
 
 # The model flags carried in the metadata (Megatron's flag names, TransformerConfig fields).

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Optional, Union
 
-from gigatron.core.transformer.config import run_setting
+from gigatron.core.fields import run_setting
 
 __all__ = ["MoEConfig", "check_moe_flags", "check_moe_layout", "validate_moe", "moe_layer_pattern", "is_moe_layer",
            "LOAD_BALANCING_TYPES", "SCORE_FUNCTIONS", "TOKEN_DISPATCHER_TYPES", "TOKEN_DROP_POLICIES",
