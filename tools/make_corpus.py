@@ -19,7 +19,8 @@ version and set of importable modules:
   replaced by neutral words (``python3``, ``PREFIX``);
 - as a last guard, any line that still holds a path or name of this machine (home and working
   directory, the temporary directory, user and host name) or the value of an environment variable
-  of the calling process (8 characters or more) is dropped and counted.
+  of the calling process (8 characters or more; not the locale, terminal, shell or editor, whose
+  values are ordinary words of the documentation) is dropped and counted.
 """
 
 import argparse
@@ -118,6 +119,11 @@ def python_paths() -> list:
     return sorted(((k, v) for k, v in found.items() if k), key=lambda kv: -len(kv[0]))
 
 
+# Variables whose values are common words of the documentation itself ("en_US.UTF-8", "/bin/bash")
+# and say nothing secret: their lines are not dropped, so the corpus stays the same across machines.
+_COMMON_VARIABLES = {"LANG", "LANGUAGE", "TERM", "COLORTERM", "SHELL", "EDITOR", "VISUAL", "PAGER", "SHLVL", "_"}
+
+
 def machine_strings(environ=None) -> list:
     """Strings that identify this machine or process: no corpus line may contain one."""
     environ = os.environ if environ is None else environ
@@ -129,7 +135,8 @@ def machine_strings(environ=None) -> list:
             continue
         if value:
             found.update({f"/{value}", f"{value}@", f"@{value}"} if len(value) < 8 else {value})
-    found.update(v for v in environ.values() if len(v) >= 8)
+    found.update(v for k, v in environ.items() if len(v) >= 8 and k not in _COMMON_VARIABLES
+                 and not k.startswith("LC_"))
     return sorted(v for v in found if v and v not in _GENERIC_PATHS)
 
 
@@ -229,8 +236,13 @@ def _run_in_clean_process(argv, output) -> int:
         elif item.startswith("--output="):
             argv[i] = "--output=" + os.path.abspath(item.split("=", 1)[1])
     flags = ["-s"] + (["-P"] if sys.version_info >= (3, 11) else [])  # no user site, no script folder
+    env = dict(_CLEAN_ENV)
+    # Some Python builds find their shared library only through it; its value is in the forbidden list,
+    # so any line that would show it is dropped.
+    if os.environ.get("LD_LIBRARY_PATH"):
+        env["LD_LIBRARY_PATH"] = os.environ["LD_LIBRARY_PATH"]
     done = subprocess.run([sys.executable, *flags, os.path.abspath(__file__), *argv, _CHILD_FLAG],
-                          input=json.dumps(machine_strings()), text=True, env=_CLEAN_ENV, cwd="/")
+                          input=json.dumps(machine_strings()), text=True, env=env, cwd="/")
     return done.returncode
 
 
