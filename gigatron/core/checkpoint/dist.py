@@ -18,7 +18,8 @@ is the word embedding. Routed experts (SequentialMLP) are stored under their GLO
 holding it (sharded over the expert tensor-parallel ranks like tensor-parallel weights), so they
 load at any expert-parallel size; GroupedMLP weights load only where the expert layout is the
 tensor-parallel one (expert-parallel size 1, expert tensor-parallel size = tensor-parallel size). Optimizer state (fp32 main params and the optimizer's per-element states)
-is stored the same way under `optimizer.state.{fp32_param,exp_avg,exp_avg_sq}.{global name}`;
+is stored the same way under `optimizer.state.{fp32_param,exp_avg,exp_avg_sq}.{global name}`
+(`fp32_param` only for bf16/fp16 parameters: an fp32 parameter's main param is the model weight);
 the distributed optimizer's flat ranges become rectangular chunks in model space, so a checkpoint
 loads at any tensor / pipeline / data parallel size, with or without the distributed optimizer.
 The word embedding and output layer may differ in vocabulary padding between layouts: the common
@@ -353,7 +354,8 @@ def sharded_optimizer_state(optimizer, model_chunks: Sequence[torch.nn.Module], 
     for entry in optimizer.entries:
         key, written, vocab = keys[entry.model_param]
         replica0 = _is_writer(entry.model_param, groups, data_sharded=sharded)
-        tensors = {"fp32_param": entry.main_param}
+        # an fp32 parameter is its own main param: the model entry above already stores it
+        tensors = {"fp32_param": entry.main_param} if optimizer.stores_main_copy(entry.model_param) else {}
         state = optimizer.optimizer.state.get(entry.main_param, {})
         if initialized:
             for name in _STATE_KEYS[kind]:
@@ -884,15 +886,19 @@ def _raise_everywhere(problems: list[str], what: str, error: type = CheckpointEr
         raise error(f"{what}: " + "; ".join(merged[:10]) + (" …" if len(merged) > 10 else ""))
 
 
-def _optimizer_load_pieces(optimizer, model_chunks, kind: str, initialized: bool
+def _optimizer_load_pieces(optimizer, model_chunks, kind: str, initialized: bool, saved_keys
                            ) -> tuple[list[ShardPiece], list[tuple]]:
-    """Destination pieces for the optimizer state and (main param, {state name: new tensor})."""
+    """Destination pieces for the optimizer state and (main param, {state name: new tensor}).
+    A main param is read where this run keeps a copy and the checkpoint stored one; otherwise it
+    is the loaded model weight (_install_optimizer_state)."""
     keys = _param_keys(model_chunks)
     pieces, states = [], []
     for entry in optimizer.entries:
         key, _, vocab = keys[entry.model_param]
-        targets = {"fp32_param": entry.main_param}
-        new_state = {}
+        targets = {}
+        if optimizer.stores_main_copy(entry.model_param) and f"{OPTIMIZER_PREFIX}fp32_param.{key}" in saved_keys:
+            targets["fp32_param"] = entry.main_param
+        new_state = {"main_param_read": "fp32_param" in targets}
         if initialized:
             for name in _STATE_KEYS[kind]:
                 new_state[name] = torch.zeros_like(entry.main_param, dtype=torch.float32)
@@ -908,6 +914,8 @@ def _optimizer_load_pieces(optimizer, model_chunks, kind: str, initialized: bool
 def _install_optimizer_state(optimizer, states: list, common: dict) -> None:
     optimizer._load_param_group_hparams(common["param_groups"])
     for entry, new_state in states:
+        if not new_state.pop("main_param_read"):
+            optimizer._main_param_from_model(entry)
         optimizer.optimizer.state.pop(entry.main_param, None)
         if not new_state:
             continue
@@ -960,7 +968,7 @@ def load_torch_dist(path: str, model_chunks: Sequence[torch.nn.Module], optimize
                             f"this model has {len(optimizer.optimizer.param_groups)}")
         else:
             opt_pieces, states = _optimizer_load_pieces(optimizer, model_chunks, opt_common["kind"],
-                                                        opt_common["initialized"])
+                                                        opt_common["initialized"], metadata.state_dict_metadata)
             pieces += opt_pieces
     items, destinations, plan_problems = _plan_reads(pieces, metadata)
     problems += plan_problems if strict else [p for p in plan_problems if not p.startswith("missing")]
