@@ -28,10 +28,11 @@ and holds tokens; an old dataset of the same name has its ``.idx`` removed befor
 moved in, so an interrupted, failed or empty run never leaves a pair that looks valid and never
 replaces an existing dataset. An input without documents or tokens is refused.
 
-Interrupts: workers ignore SIGINT (Ctrl-C reaches the whole process group) and die with their parent;
-the main process turns SIGTERM into an exit that runs the same clean-up as Ctrl-C: the workers are
-terminated at once (never waited for), temporaries are removed, and nothing is renamed into place.
-A worker that dies (killed, out of memory) stops the run with an error instead of a wait forever.
+Interrupts: workers and partition processes ignore SIGINT (Ctrl-C reaches the whole process group)
+and die with their parent; the main process turns SIGTERM into an exit that runs the same clean-up
+as Ctrl-C: the workers are terminated at once (never waited for; see ``_stop_pool``), partition
+processes are killed, temporaries are removed, and nothing is renamed into place. A worker or
+partition that dies (killed, out of memory) stops the run with an error instead of a wait forever.
 """
 
 from __future__ import annotations
@@ -467,6 +468,28 @@ def _wait_for(result, pool, worker_pids: set, poll_seconds: float = 0.5):
     return result.get()
 
 
+def _stop_pool(pool, grace_seconds: float = 1.0) -> None:
+    """Terminate `pool` without waiting on its blocks, and never hang doing so.
+
+    `Pool.terminate` alone can deadlock: once its result thread has stopped reading, a worker that is
+    writing a result larger than the pipe holds the result queue's lock forever, and terminate waits
+    for that lock to send its sentinel. So terminate runs in a helper thread (it first stops the pool
+    from replacing workers); if it has not finished after `grace_seconds`, the workers are killed and
+    the helper thread is left behind (a daemon, blocked on a lock no live process holds)."""
+    stopper = threading.Thread(target=pool.terminate, name="preprocess-pool-terminate", daemon=True)
+    stopper.start()
+    stopper.join(grace_seconds)
+    if stopper.is_alive():
+        for worker in list(pool._pool):
+            if worker.exitcode is None:
+                worker.kill()
+        for worker in list(pool._pool):
+            worker.join(grace_seconds)
+        stopper.join(0.1)
+    if not stopper.is_alive():
+        pool.join()
+
+
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -528,9 +551,9 @@ def _process_range(config: PreprocessConfig, workers: int, start: int, end: Opti
     finally:
         if done:
             pool.close()
+            pool.join()
         else:
-            pool.terminate()  # at once: a worker's block is never waited for after a failure or an interrupt
-        pool.join()
+            _stop_pool(pool)  # at once: a worker's block is never waited for after a failure or an interrupt
         for key, builder in builders.items():
             builder.close()
             if not done:
@@ -555,9 +578,12 @@ def _write_documents(builder: IndexedDatasetBuilder, ids: np.ndarray, seq_length
 
 
 def _partition_main(config, workers, start, end, out_prefixes, dtype, label, queue, parent_pid) -> None:
-    # SIGTERM raises Terminated here too (the handler is inherited), so this process cleans up its pool.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops the partitions on Ctrl-C
-    _die_with_parent(parent_pid, signal.SIGTERM)
+    # The parent stops a partition with SIGKILL (on Ctrl-C, SIGTERM or another partition's error) and
+    # removes its files; its pool workers die with it. No exception is ever raised here at an
+    # arbitrary point, which could leave the pool half torn down and the process unable to exit.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _die_with_parent(parent_pid, signal.SIGKILL)
     try:
         stats = _process_range(config, workers, start, end, out_prefixes, dtype, label)
         queue.put(("ok", stats))
@@ -688,8 +714,9 @@ def _run_partitions(config: PreprocessConfig, finals: dict, dtype):
     except BaseException:
         for p in procs:
             if p.is_alive():
-                p.terminate()
-            p.join()
+                p.kill()
+        for p in procs:
+            p.join(10)
         for k, p in finals.items():
             _remove_pair(_temp_prefix(p))
         raise
