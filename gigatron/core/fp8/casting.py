@@ -49,8 +49,9 @@ def format_dtypes(fp8_format: str) -> tuple[torch.dtype, torch.dtype]:
 
 
 def amax(x: torch.Tensor) -> torch.Tensor:
-    """max |x| as a 0-dim fp32 tensor (no host synchronisation)."""
-    return x.abs().amax().float()
+    """max |x| as a 0-dim fp32 tensor (no host synchronisation; one pass over x)."""
+    low, high = torch.aminmax(x)
+    return torch.maximum(low.neg(), high).float()
 
 
 def scale_from_amax(amax_value: torch.Tensor, fp8_max, margin: int = 0,
