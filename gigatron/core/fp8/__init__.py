@@ -30,6 +30,7 @@ from .config import (
     layer_uses_fp8,
 )
 from .linear import FP8Recipe, blockwise_scaled_mm_works, fp8_linear, scaled_gemm
+from .sequence_parallel import all_gather_fp8, fp8_linear_with_sequence_parallel_gather
 from .state import FP8LinearState, update_fp8_states
 
 __all__ = [
@@ -37,5 +38,5 @@ __all__ = [
     "quantize_1x128", "quantize_tensorwise", "saturating_cast", "scale_from_amax",
     "FP8Config", "check_bf16_layer_counts", "check_fp8_device", "check_fp8_param_gather", "layer_uses_fp8",
     "FP8Recipe", "blockwise_scaled_mm_works", "fp8_linear", "scaled_gemm",
-    "FP8LinearState", "update_fp8_states",
+    "FP8LinearState", "update_fp8_states", "all_gather_fp8", "fp8_linear_with_sequence_parallel_gather",
 ]
