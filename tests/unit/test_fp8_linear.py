@@ -185,7 +185,7 @@ def test_blockwise_uses_the_dequantized_gemm_on_cpu():
 
 
 # ---------------------------------------------------------------------- GPU
-def _gpu_data(seed=0, m=512, k=1024, n=768):
+def _gpu_data(seed=0, m=512, k=1024, n=1024):  # whole 128-tiles, K/128 % 4 == 0: the fast blockwise path
     x, w, bias, dy = _data(seed, s=m // 2, b=2, k=k, n=n, device="cuda", dtype=torch.bfloat16)
     return x, w, bias, dy
 
