@@ -243,3 +243,34 @@ def test_gpu_blockwise_runs_scaled_mm_on_hopper():
         pytest.skip("blockwise torch._scaled_mm is a Hopper (9.x) path")
     recipe, _ = _setup("blockwise", "hybrid", device="cuda")
     assert recipe.blockwise_backend == "scaled_mm"
+
+
+
+@pytest.mark.parametrize("recipe_name", RECIPES)
+def test_activation_recompute_gives_the_same_gradients(recipe_name):
+    """The recomputed forward casts with the same scales (delayed: updated only after the step;
+    its amaxes are recorded again, a max of equal values)."""
+    from gigatron.core.parallel.random import checkpoint
+
+    recipe, _ = _setup(recipe_name, "hybrid")
+    x, w1, _, _ = _data()
+    w2 = _data(1, n=256, k=192)[1]  # [256, 192]
+
+    def two_linears(t, a, b, states):
+        return fp8_linear(torch.relu(fp8_linear(t, a, None, recipe, states[0])), b, None, recipe, states[1])
+
+    results = []
+    for recompute in (False, True):
+        states = [_setup(recipe_name, "hybrid")[1] for _ in range(2)]
+        if recipe_name == "delayed":  # start from scales that are not the defaults
+            with torch.no_grad():
+                two_linears(x, w1, w2, states)
+            update_fp8_states(states)
+        xi, ai, bi = (t.clone().requires_grad_(True) for t in (x, w1, w2))
+        out = checkpoint(two_linears, False, xi, ai, bi, states) if recompute else two_linears(xi, ai, bi, states)
+        out.backward(torch.ones_like(out))
+        results.append((xi.grad, ai.grad, bi.grad, [s.amax_history.clone() for s in states if s is not None]))
+    for a, b in zip(results[0][:3], results[1][:3]):
+        assert torch.equal(a, b)
+    for a, b in zip(results[0][3], results[1][3]):
+        assert torch.equal(a, b)
