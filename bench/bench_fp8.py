@@ -16,8 +16,8 @@ FLOPs: 3 GEMMs (forward, dgrad, wgrad) x 2 x T x N x K per linear, summed; TFLOP
 against the detected card's dense bf16 and FP8 peaks (gigatron.core.flops.PEAK_TFLOPS).
 The first step's outputs are compared with bf16 (relative Frobenius error of the layer outputs).
 
-    python bench/bench_fp8.py                                  # GPU: bf16, tensorwise, delayed, blockwise
-    python bench/bench_fp8.py --compile --json fp8.json        # each layer's step under torch.compile
+    python bench/bench_fp8.py                                  # GPU: bf16 and each recipe, eager and compiled
+    python bench/bench_fp8.py --modes compiled --json fp8.json # each layer's step under torch.compile only
     python bench/bench_fp8.py --micro-batch-size 2 --layers 4 --format e4m3
     python bench/bench_fp8.py --cpu-smoke                      # tiny shapes on the CPU (checks the script)
 """
@@ -105,7 +105,7 @@ def gemm_flops(shapes, tokens: int, num_layers: int) -> float:
     return num_layers * sum(3 * 2 * tokens * n * k for n, k in shapes.values())
 
 
-def run_variant(name, args, shapes, device, inputs, grads):
+def run_variant(name, args, shapes, device, inputs, grads, compiled: bool):
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     config = None if name == "bf16" else FP8Config(fp8=args.format, fp8_recipe=name,
                                                    fp8_amax_history_len=args.amax_history_len if name == "delayed" else 1,
@@ -116,7 +116,8 @@ def run_variant(name, args, shapes, device, inputs, grads):
     gen = torch.Generator().manual_seed(1234)
     layers = [Layer(shapes, device, dtype, config, gen) for _ in range(args.layers)]
     steps = [make_step(layer, recipe) for layer in layers]
-    if args.compile:
+    if compiled:
+        torch._dynamo.reset()  # a fresh cache per variant: one step function, compiled once per layer
         steps = [torch.compile(s) for s in steps]
     states = [s for layer in layers for s in layer.states.values()]
     x, attn = inputs
@@ -164,7 +165,9 @@ def main(argv=None) -> int:
     parser.add_argument("--format", choices=("e4m3", "hybrid"), default="hybrid", help="--fp8-format")
     parser.add_argument("--amax-history-len", type=int, default=1024, help="delayed recipe's history")
     parser.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated FP8 recipes to time")
-    parser.add_argument("--compile", action="store_true", help="torch.compile each layer's step")
+    parser.add_argument("--modes", default="eager,compiled",
+                        help="comma-separated: eager, compiled (torch.compile of each layer's step); "
+                             "each mode has its own bf16 baseline")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--json", default=None, help="also write the rows here (atomically)")
@@ -177,10 +180,16 @@ def main(argv=None) -> int:
         args.seq_length, args.micro_batch_size, args.layers = 32, 2, 1
         args.hidden_size, args.ffn_hidden_size, args.num_attention_heads, args.num_query_groups = 128, 256, 2, 1
         args.warmup, args.iters, args.amax_history_len = 0, 1, 4
+        if args.modes == parser.get_default("modes"):
+            args.modes = "eager"  # compiling on the CPU takes minutes
     else:
         if not torch.cuda.is_available():
             parser.error("needs a CUDA device (or --cpu-smoke)")
         device = torch.device("cuda")
+    modes = [m for m in args.modes.split(",") if m]
+    for m in modes:
+        if m not in ("eager", "compiled"):
+            parser.error(f"--modes: {m!r} is not one of eager, compiled")
     recipes = [r for r in args.recipes.split(",") if r]
     for r in recipes:
         if r not in RECIPES:
@@ -199,45 +208,49 @@ def main(argv=None) -> int:
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     peaks = {k: device_peak_flops(device, k) for k in ("bf16", "fp8")}
     print(f"device: {card}; torch {torch.__version__}; tokens/step {tokens}; layers {args.layers}; "
-          f"--fp8-format {args.format}; compile {args.compile}")
+          f"--fp8-format {args.format}; modes {', '.join(modes)}")
     for k, p in peaks.items():
         print(f"  {k} peak: {p[1] if p else 'unknown for this device'}")
     print(f"  GEMM FLOPs per step: {flops / 1e12:.3f} TFLOP (3 x 2 x T x N x K per linear)")
 
     rows = []
-    baseline_ms, baseline_out = None, None
-    for name in ["bf16"] + recipes:
-        ms, outputs, backend = run_variant(name, args, shapes, device, inputs, grads)
-        if name == "bf16":
-            baseline_ms, baseline_out = ms, outputs
-        err = max(((o.float() - r.float()).norm() / r.float().norm()).item() for o, r in zip(outputs, baseline_out))
-        tflops = flops / (ms * 1e-3) / 1e12
-        label = name if name != "bf16" or device.type == "cuda" else "fp32 (CPU baseline)"
-        rows.append({
-            "variant": label if not backend else f"{label} ({backend})",
-            "ms": ms,
-            "tflops": tflops,
-            "pct_bf16_peak": 100 * tflops / peaks["bf16"][0] if peaks["bf16"] else None,
-            "pct_fp8_peak": 100 * tflops / peaks["fp8"][0] if peaks["fp8"] else None,
-            "speedup": baseline_ms / ms,
-            "rel_err_vs_bf16": err,
-            "tokens_per_s": tokens / (ms * 1e-3),
-        })
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    for mode in modes:
+        baseline_ms, baseline_out = None, None
+        for name in ["bf16"] + recipes:
+            ms, outputs, backend = run_variant(name, args, shapes, device, inputs, grads, mode == "compiled")
+            if name == "bf16":
+                baseline_ms, baseline_out = ms, outputs
+            err = max(((o.float() - r.float()).norm() / r.float().norm()).item()
+                      for o, r in zip(outputs, baseline_out))
+            tflops = flops / (ms * 1e-3) / 1e12
+            label = name if name != "bf16" or device.type == "cuda" else "fp32 (CPU baseline)"
+            rows.append({
+                "mode": mode,
+                "variant": label if not backend else f"{label} ({backend})",
+                "ms": ms,
+                "tflops": tflops,
+                "pct_bf16_peak": 100 * tflops / peaks["bf16"][0] if peaks["bf16"] else None,
+                "pct_fp8_peak": 100 * tflops / peaks["fp8"][0] if peaks["fp8"] else None,
+                "speedup": baseline_ms / ms,
+                "rel_err_vs_bf16": err,
+                "tokens_per_s": tokens / (ms * 1e-3),
+            })
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
 
     def pct(v):
         return "   n/a" if v is None else f"{v:5.1f}%"
 
-    print(f"\n{'variant':<26} {'ms/step':>9} {'TFLOP/s':>9} {'of bf16 pk':>10} {'of fp8 pk':>10} "
+    print(f"\n{'mode':<9} {'variant':<26} {'ms/step':>9} {'TFLOP/s':>9} {'of bf16 pk':>10} {'of fp8 pk':>10} "
           f"{'speed-up':>9} {'rel err':>8}")
+    print("(speed-up: against the bf16 row of the same mode; rel err: layer outputs against bf16)")
     for r in rows:
-        print(f"{r['variant']:<26} {r['ms']:9.2f} {r['tflops']:9.1f} {pct(r['pct_bf16_peak']):>10} "
+        print(f"{r['mode']:<9} {r['variant']:<26} {r['ms']:9.2f} {r['tflops']:9.1f} {pct(r['pct_bf16_peak']):>10} "
               f"{pct(r['pct_fp8_peak']):>10} {r['speedup']:8.2f}x {r['rel_err_vs_bf16']:8.4f}")
     if args.json:
         atomic_write_text(args.json, json.dumps({"device": card, "torch": torch.__version__, "tokens": tokens,
                                                  "layers": args.layers, "format": args.format,
-                                                 "compile": args.compile, "rows": rows}, indent=2))
+                                                 "modes": modes, "rows": rows}, indent=2))
     return 0
 
 
