@@ -165,9 +165,9 @@ def main(argv=None) -> int:
     parser.add_argument("--format", choices=("e4m3", "hybrid"), default="hybrid", help="--fp8-format")
     parser.add_argument("--amax-history-len", type=int, default=1024, help="delayed recipe's history")
     parser.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated FP8 recipes to time")
-    parser.add_argument("--modes", default="eager,compiled",
-                        help="comma-separated: eager, compiled (torch.compile of each layer's step); "
-                             "each mode has its own bf16 baseline")
+    parser.add_argument("--modes", default=None,
+                        help="comma-separated: eager, compiled (torch.compile of each layer's step); each mode "
+                             "has its own bf16 baseline. Default: eager,compiled (--cpu-smoke: eager)")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--json", default=None, help="also write the rows here (atomically)")
@@ -180,13 +180,13 @@ def main(argv=None) -> int:
         args.seq_length, args.micro_batch_size, args.layers = 32, 2, 1
         args.hidden_size, args.ffn_hidden_size, args.num_attention_heads, args.num_query_groups = 128, 256, 2, 1
         args.warmup, args.iters, args.amax_history_len = 0, 1, 4
-        if args.modes == parser.get_default("modes"):
+        if args.modes is None:
             args.modes = "eager"  # compiling on the CPU takes minutes
     else:
         if not torch.cuda.is_available():
             parser.error("needs a CUDA device (or --cpu-smoke)")
         device = torch.device("cuda")
-    modes = [m for m in args.modes.split(",") if m]
+    modes = [m for m in (args.modes or "eager,compiled").split(",") if m]
     for m in modes:
         if m not in ("eager", "compiled"):
             parser.error(f"--modes: {m!r} is not one of eager, compiled")

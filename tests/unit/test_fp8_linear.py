@@ -274,3 +274,20 @@ def test_activation_recompute_gives_the_same_gradients(recipe_name):
         assert torch.equal(a, b)
     for a, b in zip(results[0][3], results[1][3]):
         assert torch.equal(a, b)
+
+
+def test_bench_cpu_smoke_writes_its_table(tmp_path):
+    import importlib.util
+    import json
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[2] / "bench" / "bench_fp8.py"
+    spec = importlib.util.spec_from_file_location("bench_fp8", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "fp8.json"
+    assert bench.main(["--cpu-smoke", "--recipes", "delayed,blockwise", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["fp32 (CPU baseline)", "delayed", "blockwise (dequantize)"]
+    assert all(r["ms"] > 0 for r in rows)
+    assert all(0.01 < r["rel_err_vs_bf16"] < 0.12 for r in rows[1:])
