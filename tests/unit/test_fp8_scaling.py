@@ -195,3 +195,26 @@ def test_load_state_dict_rejects_bad_state():
         state.load_state_dict({"scale": torch.ones(3)})
     with pytest.raises(ValueError, match="expected"):
         state.load_state_dict({"amax_history": torch.zeros(2, 4), "scale": torch.ones(3)})
+
+
+def test_batched_update_equals_one_state_at_a_time():
+    gen = torch.Generator().manual_seed(3)
+    configs = [dict(history_len=4, amax_compute_algo="max", margin=0),
+               dict(history_len=4, amax_compute_algo="most_recent", margin=2),
+               dict(history_len=1, amax_compute_algo="most_recent", margin=0)] * 2
+    batched = [FP8LinearState(fwd_dtype=E4M3, bwd_dtype=E5M2, **c) for c in configs]
+    single = [FP8LinearState(fwd_dtype=E4M3, bwd_dtype=E5M2, **c) for c in configs]
+    for step in range(5):
+        for a, b in zip(batched, single):
+            values = torch.rand(3, generator=gen) * 10 ** step
+            if step == 2:
+                values[1] = 0.0  # a kind not seen this step: its scale stays
+            for kind in range(3):
+                record_amax(a.amax_history, kind, values[kind:kind + 1])
+                record_amax(b.amax_history, kind, values[kind:kind + 1])
+        update_fp8_states(batched)
+        for b in single:
+            b.update_scales()
+        for a, b in zip(batched, single):
+            assert torch.equal(a.amax_history, b.amax_history)
+            assert torch.equal(a.scale, b.scale)

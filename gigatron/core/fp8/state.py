@@ -123,7 +123,9 @@ def record_amax(history: torch.Tensor, kind: int, x: torch.Tensor) -> None:
 def update_fp8_states(states: Iterable[FP8LinearState], group=None) -> None:
     """End of a training step: reduce the step's amaxes (row 0 of every history) with MAX over
     `group` (a gigatron Group; Transformer Engine reduces over tensor x data x context parallel
-    ranks, so that every replica keeps the same scales) in one all-reduce, then update each state."""
+    ranks, so that every replica keeps the same scales) in one all-reduce, then update each state
+    exactly as `FP8LinearState.update_scales` does, batched: a few kernels per group of states
+    sharing history length, margin and algorithm instead of several per layer."""
     states = list(states)
     if not states:
         return
@@ -131,7 +133,18 @@ def update_fp8_states(states: Iterable[FP8LinearState], group=None) -> None:
     if process_group is not None and getattr(group, "size", 1) > 1:
         rows = torch.cat([s.amax_history[0] for s in states])  # [3 * len(states)]
         dist.all_reduce(rows, op=dist.ReduceOp.MAX, group=process_group)
-        for i, s in enumerate(states):
-            s.amax_history[0].copy_(rows[NUM_KINDS * i:NUM_KINDS * (i + 1)])
+        torch._foreach_copy_([s.amax_history[0] for s in states], list(rows.view(-1, NUM_KINDS).unbind(0)))
+    batches: dict[tuple, list[FP8LinearState]] = {}
     for s in states:
-        s.update_scales()
+        key = (s.history_len, s.margin, s.amax_compute_algo, s.amax_history.device)
+        batches.setdefault(key, []).append(s)
+    for (_, margin, algo, _), batch in batches.items():
+        history = torch.stack([s.amax_history for s in batch])  # [S, L, 3]
+        current = history.amax(dim=1) if algo == "max" else history[:, 0]  # [S, 3]
+        old_scale = torch.stack([s.scale for s in batch])  # [S, 3]
+        fp8_max = torch.stack([s.fp8_max for s in batch])  # [S, 3]
+        new_scale = scale_from_amax(current, fp8_max, margin, fallback=old_scale)
+        history = torch.roll(history, -1, dims=1)
+        history[:, 0] = 0.0
+        torch._foreach_copy_([s.scale for s in batch], list(new_scale.unbind(0)))
+        torch._foreach_copy_([s.amax_history for s in batch], list(history.unbind(0)))
