@@ -291,3 +291,16 @@ def test_bench_cpu_smoke_writes_its_table(tmp_path):
     assert [r["variant"] for r in rows] == ["fp32 (CPU baseline)", "delayed", "blockwise (dequantize)"]
     assert all(r["ms"] > 0 for r in rows)
     assert all(0.01 < r["rel_err_vs_bf16"] < 0.12 for r in rows[1:])
+
+
+@pytest.mark.parametrize("recipe_name", RECIPES)
+def test_no_tokens(recipe_name):
+    """An input without rows (an MoE expert that received no tokens) gives empty outputs and zero
+    weight gradients."""
+    recipe, state = _setup(recipe_name, "hybrid")
+    x = torch.randn(0, 2, 256, requires_grad=True)
+    w = torch.randn(128, 256, requires_grad=True)
+    y = fp8_linear(x, w, None, recipe, state)
+    y.sum().backward()
+    assert y.shape == (0, 2, 128) and x.grad.shape == x.shape
+    assert torch.equal(w.grad, torch.zeros_like(w))

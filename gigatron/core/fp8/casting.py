@@ -49,7 +49,9 @@ def format_dtypes(fp8_format: str) -> tuple[torch.dtype, torch.dtype]:
 
 
 def amax(x: torch.Tensor) -> torch.Tensor:
-    """max |x| as a 0-dim fp32 tensor (no host synchronisation; one pass over x)."""
+    """max |x| as a 0-dim fp32 tensor (no host synchronisation; one pass over x); 0 for no elements."""
+    if x.numel() == 0:
+        return torch.zeros((), dtype=torch.float32, device=x.device)
     low, high = torch.aminmax(x)
     return torch.maximum(low.neg(), high).float()
 
@@ -117,9 +119,9 @@ def _padded_blocks(x: torch.Tensor, rows: int) -> tuple[torch.Tensor, int, int]:
 def quantize_1x128(x: torch.Tensor, fp8_dtype: torch.dtype) -> Quantized:
     """x [R, K]: one power-of-two scale per 1x128 tile along K (DeepSeek-V3's activation tiles)."""
     padded, r, k = _padded_blocks(x, 1)
-    tiles = padded.float().reshape(r, -1, BLOCK)  # [R, K/128, 128]
+    tiles = padded.float().reshape(r, padded.shape[1] // BLOCK, BLOCK)  # [R, K/128, 128]
     scale = scale_from_amax(tiles.abs().amax(dim=-1), FP8_MAX[fp8_dtype], power_of_two=True)  # [R, K/128]
-    data = saturating_cast(tiles, scale.unsqueeze(-1), fp8_dtype).reshape(r, -1)[:, :k]  # [R, K]
+    data = saturating_cast(tiles, scale.unsqueeze(-1), fp8_dtype).reshape(r, padded.shape[1])[:, :k]  # [R, K]
     return Quantized(data.contiguous(), scale.reciprocal(), "1x128")
 
 

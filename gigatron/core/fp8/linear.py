@@ -90,8 +90,9 @@ def _tensorwise_scaled_mm_ok(a: Quantized, b: Quantized) -> bool:
 def _blockwise_scaled_mm_ok(a: Quantized, b: Quantized) -> bool:
     m, k = a.data.shape
     n = b.data.shape[0]
-    # Whole tiles only, and K/128 a multiple of 4 (the 128x128 scale layout cuBLASLt reads).
-    return m % BLOCK == 0 and n % BLOCK == 0 and k % (4 * BLOCK) == 0
+    # Whole tiles only, and K/128 a multiple of 4 (the 128x128 scale layout cuBLASLt reads); no
+    # empty operand (an expert without tokens takes the dequantized path).
+    return min(m, n, k) > 0 and m % BLOCK == 0 and n % BLOCK == 0 and k % (4 * BLOCK) == 0
 
 
 def _blockwise_scales(a: Quantized, b: Quantized) -> tuple[torch.Tensor, torch.Tensor]:
