@@ -88,16 +88,16 @@ def test_cpu_runs_every_recipe_but_mxfp8():
 
 def test_layer_uses_fp8_keeps_first_and_last_layers_in_bf16():
     c = FP8Config(fp8="hybrid", first_last_layers_bf16=True)
-    assert [layer_uses_fp8(c, n, 4) for n in range(1, 5)] == [False, True, True, False]
+    assert [layer_uses_fp8(c, n, 4) for n in range(4)] == [False, True, True, False]
     c = FP8Config(fp8="hybrid", first_last_layers_bf16=True, num_layers_at_start_in_bf16=2,
                   num_layers_at_end_in_bf16=0)
-    assert [layer_uses_fp8(c, n, 4) for n in range(1, 5)] == [False, False, True, True]
+    assert [layer_uses_fp8(c, n, 4) for n in range(4)] == [False, False, True, True]
     # Without --first-last-layers-bf16 the counts do nothing; without FP8 no layer uses it.
     c = FP8Config(fp8="e4m3", num_layers_at_start_in_bf16=3)
-    assert all(layer_uses_fp8(c, n, 4) for n in range(1, 5))
-    assert not any(layer_uses_fp8(FP8Config(), n, 4) for n in range(1, 5))
-    with pytest.raises(ValueError, match="outside 1..4"):
-        layer_uses_fp8(c, 0, 4)
+    assert all(layer_uses_fp8(c, n, 4) for n in range(4))
+    assert not any(layer_uses_fp8(FP8Config(), n, 4) for n in range(4))
+    with pytest.raises(ValueError, match="outside 0..3"):
+        layer_uses_fp8(c, 4, 4)
 
 
 def test_bf16_layer_counts_must_leave_an_fp8_layer():

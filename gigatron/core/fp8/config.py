@@ -158,16 +158,18 @@ def check_fp8_param_gather(config: FP8Config, use_distributed_optimizer: bool) -
 
 
 def layer_uses_fp8(config: FP8Config, layer_number: int, num_layers: int) -> bool:
-    """Whether transformer layer `layer_number` (1-based, global over pipeline stages, as
-    Megatron numbers layers) of a `num_layers`-layer model runs its linear layers in FP8."""
-    if not 1 <= layer_number <= num_layers:
-        raise ValueError(f"layer_number {layer_number} is outside 1..{num_layers}")
+    """Whether global transformer layer `layer_number` (0-based over all pipeline stages, as
+    TransformerLayer.layer_number and is_moe_layer count) of a `num_layers`-layer model runs its
+    linear layers in FP8. With --first-last-layers-bf16 the first --num-layers-at-start-in-bf16
+    and the last --num-layers-at-end-in-bf16 layers stay in bf16."""
+    if not 0 <= layer_number < num_layers:
+        raise ValueError(f"layer_number {layer_number} is outside 0..{num_layers - 1}")
     if not config.enabled:
         return False
     if config.first_last_layers_bf16:
-        if layer_number <= config.num_layers_at_start_in_bf16:
+        if layer_number < config.num_layers_at_start_in_bf16:
             return False
-        if layer_number > num_layers - config.num_layers_at_end_in_bf16:
+        if layer_number >= num_layers - config.num_layers_at_end_in_bf16:
             return False
     return True
 
