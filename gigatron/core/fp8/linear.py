@@ -18,8 +18,9 @@ Recipes:
   blocks; dy^T and x^T for the weight gradient are tiled again along M from the high-precision
   tensors (x^T is quantized in forward and saved in FP8). Block scales are powers of two.
   The GEMM is `torch._scaled_mm` with 1x128 / 128x128 scales where this PyTorch and card run it
-  (probed once by `FP8Recipe.for_device` on Hopper), else the blocks are dequantized to bf16 (exact
-  for power-of-two scales) and multiplied there.
+  (probed once by `FP8Recipe.for_device` on Hopper), else the blocks are dequantized (exact for
+  power-of-two scales) and multiplied in bf16 on CUDA (the product rounded to bf16, as a bf16
+  layer's) or in fp32 on the CPU.
 
 Saved for backward: the FP8 x (x^T for blockwise) and FP8 W, half the bytes of bf16 (with
 --no-fp8-wgrad: x in its own dtype). Outputs and input gradients come in x's dtype. The weight
