@@ -82,23 +82,23 @@ def _move_grad_to_main_grad(param):
         param.grad = None
 
 
-def make_step(layer: Layer, recipe: FP8Recipe | None):
-    """(x [s, b, h], attn [s, b, h]) -> (qkv, proj, out): one layer's linears."""
+NAMES = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
 
-    def linear(t, name):
-        w = layer.weights[name]
+
+def layer_step(x, attn, weights, states, recipe: FP8Recipe | None):
+    """(x [s, b, h], attn [s, b, h]) -> (qkv, proj, out): one layer's linears. The weights and
+    states are arguments, so that one compiled graph serves every layer."""
+
+    def linear(t, i):
         if recipe is None:
-            return F.linear(t, w)
-        return fp8_linear(t, w, None, recipe, layer.states.get(name))
+            return F.linear(t, weights[i])
+        return fp8_linear(t, weights[i], None, recipe, states[i])
 
-    def step(x, attn):
-        qkv = linear(x, "linear_qkv")  # [s, b, qkv]
-        proj = linear(attn, "linear_proj")  # [s, b, h]
-        gate, up = linear(x, "linear_fc1").chunk(2, dim=-1)  # [s, b, ffn] each
-        out = linear(F.silu(gate) * up, "linear_fc2")  # [s, b, h]
-        return qkv, proj, out
-
-    return step
+    qkv = linear(x, 0)  # [s, b, qkv]
+    proj = linear(attn, 1)  # [s, b, h]
+    gate, up = linear(x, 2).chunk(2, dim=-1)  # [s, b, ffn] each
+    out = linear(F.silu(gate) * up, 3)  # [s, b, h]
+    return qkv, proj, out
 
 
 def gemm_flops(shapes, tokens: int, num_layers: int) -> float:
@@ -115,18 +115,20 @@ def run_variant(name, args, shapes, device, inputs, grads, compiled: bool):
     recipe = None if config is None else FP8Recipe.for_device(config, device)
     gen = torch.Generator().manual_seed(1234)
     layers = [Layer(shapes, device, dtype, config, gen) for _ in range(args.layers)]
-    steps = [make_step(layer, recipe) for layer in layers]
+    step = layer_step
     if compiled:
-        torch._dynamo.reset()  # a fresh cache per variant: one step function, compiled once per layer
-        steps = [torch.compile(s) for s in steps]
+        torch._dynamo.reset()  # a fresh cache for each variant
+        step = torch.compile(layer_step)
+    per_layer = [(tuple(layer.weights[n] for n in NAMES), tuple(layer.states.get(n) for n in NAMES))
+                 for layer in layers]
     states = [s for layer in layers for s in layer.states.values()]
     x, attn = inputs
 
     def iteration():
         outputs = []
-        for step in steps:
-            outputs.extend(step(x, attn))
-        torch.autograd.backward(outputs, grads * len(steps))
+        for weights, layer_states in per_layer:
+            outputs.extend(step(x, attn, weights, layer_states, recipe))
+        torch.autograd.backward(outputs, grads * len(per_layer))
         if states:
             update_fp8_states(states)
         return outputs
@@ -149,7 +151,7 @@ def run_variant(name, args, shapes, device, inputs, grads, compiled: bool):
             iteration()
         ms = (time.perf_counter() - t0) * 1000 / args.iters
     backend = "" if recipe is None or recipe.kind != "blockwise" else recipe.blockwise_backend
-    del layers, steps
+    del layers, per_layer
     return ms, first, backend
 
 
@@ -177,7 +179,7 @@ def main(argv=None) -> int:
 
     if args.cpu_smoke:
         device = torch.device("cpu")
-        args.seq_length, args.micro_batch_size, args.layers = 32, 2, 1
+        args.seq_length, args.micro_batch_size, args.layers = 32, 2, 2
         args.hidden_size, args.ffn_hidden_size, args.num_attention_heads, args.num_query_groups = 128, 256, 2, 1
         args.warmup, args.iters, args.amax_history_len = 0, 1, 4
         if args.modes is None:
