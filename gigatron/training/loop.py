@@ -213,7 +213,9 @@ def setup(model_provider: Callable, args: argparse.Namespace) -> TrainContext:
     """Validate, initialize, build tokenizer, model, optimizer and schedule; load the checkpoint."""
     from gigatron.core.optim import get_optimizer
     from gigatron.core.optim.scheduler import OptimizerParamScheduler
+    from gigatron.training import checkpointing
 
+    checkpointing.check_checkpoint_paths(args)  # --save writable, --load present (or a prominent warning)
     if getattr(args, "use_checkpoint_args", False):
         load_args_from_checkpoint(args)
     validate_args(args, _world_size_from_environment())
