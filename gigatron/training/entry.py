@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import textwrap
 from typing import Optional, Sequence
 
 __all__ = ["main", "pretrain_gpt_main", "padded_vocab_size_from_args", "memory_estimate_from_args", "memory_report_text"]
@@ -26,9 +27,11 @@ def padded_vocab_size_from_args(data, tensor_model_parallel_size: Optional[int] 
 
 
 def memory_estimate_from_args(args: argparse.Namespace, world_size: int, *, micro_batch_size: Optional[int] = None,
-                              allocator_overhead_fraction: float = 0.0, cuda_context_bytes: int = 0):
+                              allocator_overhead_fraction: float = 0.0, cuda_context_bytes: int = 0,
+                              padded_vocab_size: Optional[int] = None):
     """Validate the flags for `world_size` processes and estimate each pipeline stage's memory
-    (gigatron.core.memory.estimate_memory). Returns (configs, padded vocab, [RankMemory])."""
+    (gigatron.core.memory.estimate_memory). Returns (configs, padded vocab, [RankMemory]).
+    `padded_vocab_size` (the embedding rows) replaces the tokenizer flags when given."""
     from gigatron.core.memory import estimate_memory
     from gigatron.training.arguments import configs_from_args
     from gigatron.training.validate import validate_args
@@ -39,7 +42,7 @@ def memory_estimate_from_args(args: argparse.Namespace, world_size: int, *, micr
     validate_args(args, world_size)
     configs = configs_from_args(args)
     training, parallel = configs.training, configs.parallel
-    vocab = padded_vocab_size_from_args(configs.data, parallel.tensor_model_parallel_size)
+    vocab = padded_vocab_size or padded_vocab_size_from_args(configs.data, parallel.tensor_model_parallel_size)
     data_parallel_size = _data_parallel_size(configs)
     mbs = micro_batch_size or training.micro_batch_size
     num_microbatches = training.global_batch_size // (mbs * data_parallel_size)
@@ -80,6 +83,8 @@ def memory_report_text(args, configs, vocab: int, ranks) -> str:
     notes = ("assumes eager layers on CUDA with a flash/cuDNN/memory-efficient attention kernel"
              + (" (--torch-compile changes what is saved; treat the activations as an upper bound)"
                 if training.torch_compile else ""))
+    head = textwrap.fill(head, width=80, subsequent_indent="  ", break_on_hyphens=False)  # fits a terminal
+    notes = textwrap.fill(notes, width=80, break_on_hyphens=False)
     return "\n".join([head, format_memory_table(ranks, tp_size=t.tensor_model_parallel_size), notes])
 
 
