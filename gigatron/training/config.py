@@ -141,6 +141,16 @@ class TrainingConfig:
     profile_ranks: list[int] = field(default_factory=lambda: [0])
     """With --profile: the global ranks that profile (the others run normally)."""
 
+    deterministic_mode: bool = False
+    """Make runs bitwise reproducible on one device layout: torch.use_deterministic_algorithms(True)
+    (an op without a deterministic kernel raises instead of running), CUBLAS_WORKSPACE_CONFIG set to
+    :4096:8 when unset, and no FlashAttention (its backward is not deterministic)."""
+
+    use_legacy_models: bool = False
+    """Megatron's pre-Core (legacy) model classes. Gigatron has only Megatron-Core models: the flag
+    is refused with a pointer to converting the legacy checkpoint to a Core one first (Megatron-LM's
+    `tools/checkpoint/convert.py --loader legacy --saver core`), which then trains without it."""
+
     def __post_init__(self) -> None:
         if self.train_iters is not None and self.train_samples is not None:
             raise ValueError("--train-iters and --train-samples are mutually exclusive; give one of them.")
@@ -197,6 +207,14 @@ class CheckpointConfig:
     """Checkpoint format: torch_dist (parallelism independent: loads at any tensor, pipeline and
     data-parallel layout; per-file checksums) or torch (one file per model-parallel rank, Megatron's
     legacy layout). A load detects the format of the directory it finds."""
+
+    dist_ckpt_strictness: Literal["assume_ok_unexpected", "log_unexpected", "log_all", "raise_unexpected",
+                                  "raise_all", "return_unexpected", "return_all", "ignore_all"] = "assume_ok_unexpected"
+    """What a load does with checkpoint keys that do not fit the model (either format). The
+    assume_ok_unexpected (default) and raise_* modes stop the load, naming the missing and the
+    unexpected keys (a checkpoint with keys the model lacks is never silently accepted); log_*,
+    return_* and ignore_all load the keys that fit and leave the rest (the log says so, except
+    with ignore_all). A tensor of the wrong shape always stops the load."""
 
     async_save: bool = False
     """Write torch_dist checkpoints in the background: the state is copied to host memory, training

@@ -165,10 +165,26 @@ def _build_tokenizer(ctx: TrainContext) -> None:
     if data.tokenizer_type is None:  # DataConfig makes --vocab-size alone a NullTokenizer
         raise ValueError("give --tokenizer-type (with its files), or --vocab-size V for a NullTokenizer over ids 0..V")
     ctx.tokenizer = build_tokenizer(data)
+    if data.padded_vocab_size is not None:
+        ctx.padded_vocab_size = checked_padded_vocab_size(data.padded_vocab_size, ctx.tokenizer.vocab_size,
+                                                          ctx.groups.tp.size)
+        print_rank_0(f"> tokenizer {data.tokenizer_type}: vocabulary {ctx.tokenizer.vocab_size}, "
+                     f"--padded-vocab-size {ctx.padded_vocab_size}")
+        return
     ctx.padded_vocab_size = vocab_size_with_padding(ctx.tokenizer.vocab_size, data.make_vocab_size_divisible_by,
                                                     ctx.groups.tp.size)
     print_rank_0(f"> tokenizer {data.tokenizer_type}: vocabulary {ctx.tokenizer.vocab_size}, padded to "
                  f"{ctx.padded_vocab_size} (divisible by {data.make_vocab_size_divisible_by} x tp {ctx.groups.tp.size})")
+
+
+def checked_padded_vocab_size(padded: int, vocab_size: int, tp: int) -> int:
+    """--padded-vocab-size: at least the tokenizer's vocabulary and divisible by the tensor-parallel size."""
+    if padded < vocab_size:
+        raise ValueError(f"--padded-vocab-size ({padded}) is smaller than the tokenizer's vocabulary ({vocab_size}); "
+                         f"give at least {vocab_size} or drop the flag to pad automatically.")
+    if padded % tp != 0:
+        raise ValueError(f"--padded-vocab-size ({padded}) must be divisible by --tensor-model-parallel-size ({tp}).")
+    return padded
 
 
 def get_model(model_provider: Callable, ctx: TrainContext) -> list:
@@ -240,6 +256,8 @@ def setup(model_provider: Callable, args: argparse.Namespace | Configs) -> Train
     training = configs.training
     run = initialize(configs)
     ctx = TrainContext(configs=configs, run=run, args=namespace)
+    print_rank_0(f"> --transformer-impl {configs.transformer.transformer_impl}: Gigatron's own PyTorch layers "
+                 "(one implementation serves both local and transformer_engine)")
     _build_tokenizer(ctx)
     ctx.calculator = MicroBatchCalculator(training.global_batch_size, training.micro_batch_size, ctx.groups.dp.size,
                                           training.rampup_batch_size)
@@ -263,7 +281,11 @@ def setup(model_provider: Callable, args: argparse.Namespace | Configs) -> Train
 def _load(ctx: TrainContext) -> None:
     c = ctx.configs.checkpoint
     loaded = LoadedCheckpoint()
-    common = dict(groups=ctx.groups, rng_tracker=ctx.run.rng_tracker)
+    strict = c.dist_ckpt_strictness in ("assume_ok_unexpected", "raise_unexpected", "raise_all")
+    if not strict and c.dist_ckpt_strictness != "ignore_all":
+        print_rank_0(f"> --dist-ckpt-strictness {c.dist_ckpt_strictness}: checkpoint keys that do not fit the model "
+                     "are left out of the load")
+    common = dict(groups=ctx.groups, rng_tracker=ctx.run.rng_tracker, strict=strict)
     with collective_phase("loading the checkpoint"):
         if c.load:
             loaded = load_checkpoint(

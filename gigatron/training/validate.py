@@ -37,6 +37,10 @@ __all__ = [
     "check_data_source",
     "check_per_token_loss",
     "check_moe",
+    "check_legacy_models",
+    "check_deterministic_mode",
+    "check_xavier_init",
+    "check_padded_vocab_size",
     "SUPPORTED_CKPT_FORMATS",
 ]
 
@@ -264,6 +268,43 @@ def check_moe(args) -> None:
                          "expert-parallel rank).")
 
 
+def check_legacy_models(args) -> None:
+    """--use-legacy-models asks for Megatron's pre-Core model classes, which Gigatron does not have."""
+    if getattr(args, "use_legacy_models", False):
+        raise ValueError("--use-legacy-models: Gigatron has only Megatron-Core models. Convert a legacy checkpoint "
+                         "to a Core one with Megatron-LM's `tools/checkpoint/convert.py --model-type GPT --loader "
+                         "legacy --saver core` (or train from scratch), then drop --use-legacy-models.")
+
+
+def check_deterministic_mode(args) -> None:
+    """--deterministic-mode excludes FlashAttention, whose backward pass is not deterministic."""
+    if not getattr(args, "deterministic_mode", False):
+        return
+    if getattr(args, "use_flash_attn", False) or getattr(args, "attention_backend", "auto") == "flash":
+        raise ValueError("--deterministic-mode cannot use FlashAttention (its backward is not deterministic); "
+                         "drop --use-flash-attn / --attention-backend flash.")
+
+
+def check_xavier_init(args) -> None:
+    """--init-method-xavier-uniform covers the dense layers; the routed experts are initialized from
+    --init-method-std expert by expert, so the two are not combined."""
+    if getattr(args, "init_method_xavier_uniform", False) and getattr(args, "num_experts", None):
+        raise ValueError("--init-method-xavier-uniform is not supported with --num-experts (the routed experts "
+                         "are initialized from --init-method-std); drop one of them.")
+
+
+def check_padded_vocab_size(args) -> None:
+    """--padded-vocab-size splits over the tensor-parallel ranks (the tokenizer's size is checked
+    when the tokenizer is built)."""
+    padded = getattr(args, "padded_vocab_size", None)
+    if padded is None:
+        return
+    tp = _get(args, "tensor_model_parallel_size", 1)
+    if padded < 1 or padded % tp != 0:
+        raise ValueError(f"--padded-vocab-size ({padded}) must be a positive multiple of "
+                         f"--tensor-model-parallel-size ({tp}).")
+
+
 def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) -> argparse.Namespace:
     """Run every check; fill in world_size, data_parallel_size, global_batch_size and
     num_microbatches (at the full batch size). Returns `args`."""
@@ -283,4 +324,8 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
     check_data_source(args)
     check_per_token_loss(args)
     check_moe(args)
+    check_legacy_models(args)
+    check_deterministic_mode(args)
+    check_xavier_init(args)
+    check_padded_vocab_size(args)
     return args

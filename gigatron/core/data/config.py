@@ -114,6 +114,12 @@ class DataConfig(SequenceLengthConfig):
     vocab_extra_ids: int = tokenizer_setting(0)
     """Number of additional vocabulary tokens. They are used for span masking in the T5 model."""
 
+    padded_vocab_size: Optional[int] = None
+    """Number of rows of the word embedding and the output layer, given instead of padding the
+    tokenizer's vocabulary to a multiple of --make-vocab-size-divisible-by x tp (e.g. to match a
+    converted checkpoint). Must be at least the tokenizer's vocabulary size and divisible by the
+    tensor-parallel size."""
+
     make_vocab_size_divisible_by: int = tokenizer_setting(128)
     """Pad the vocab size to be divisible by this value (times the tensor-parallel size). This is
     added for computational efficiency reasons."""

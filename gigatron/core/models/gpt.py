@@ -90,7 +90,8 @@ class GPTModel(nn.Module):
         if config.position_embedding_type == "rope":
             self.rotary_pos_emb = RotaryEmbedding(
                 config.kv_channels, config.rotary_percent, config.rotary_base, config.rotary_interleaved,
-                config.rotary_seq_len_interpolation_factor, device=param_device(config))
+                config.rotary_seq_len_interpolation_factor, device=param_device(config),
+                rope_scaling=config.use_rope_scaling, rope_scaling_factor=config.rope_scaling_factor)
         else:
             self.rotary_pos_emb = None
         self.moe_config = moe_config

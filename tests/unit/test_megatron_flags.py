@@ -1,0 +1,293 @@
+"""Megatron's flags as its example scripts use them: every flag of the GPT/BERT/T5 training scripts
+is either accepted by all three of our training parsers, or refused with one line that names the
+capability Gigatron does not have yet (never argparse's "unrecognized arguments").
+
+The list of flags is this test's own data file, tests/data/megatron_flags.tsv: each flag that
+Megatron's example scripts use and that Gigatron's GPT parser did not accept when the list was
+taken, with the entry point it belongs to and what to expect of it."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from pathlib import Path
+
+import pytest
+import torch
+
+from gigatron.training import arguments as A
+from gigatron.training import bert, t5
+
+FLAGS_FILE = Path(__file__).resolve().parents[1] / "data" / "megatron_flags.tsv"
+TRAINING_ENTRIES = {"training", "pretrain_t5"}
+OTHER_ENTRIES = {"inference", "multimodal", "rl", "export", "launcher", "tools", "removed"}
+
+# A valid value for the flags whose generic value (first choice, "2") would not do.
+VALUES = {
+    "--window-size": ["4,0"],
+    "--padded-vocab-size": ["512"],
+    "--dist-ckpt-strictness": ["assume_ok_unexpected"],
+    "--rope-scaling-factor": ["8.0"],
+}
+
+
+def _rows():
+    rows = []
+    for line in FLAGS_FILE.read_text(encoding="utf-8").splitlines():
+        if not line or line.startswith("#") or line.startswith("flag\t"):
+            continue
+        flag, scripts, entry, expect, note = line.split("\t")
+        rows.append((flag, int(scripts), entry, expect, note))
+    return rows
+
+
+ROWS = _rows()
+PROVIDERS = {"pretrain_gpt": None, "pretrain_bert": bert.extra_args_provider, "pretrain_t5": t5.extra_args_provider}
+
+
+def _argv_for(parser, flag):
+    if flag in VALUES:
+        return [flag, *VALUES[flag]]
+    action = parser._option_string_actions.get(flag)  # noqa: SLF001
+    if action is None or action.nargs == 0:
+        return [flag]
+    if action.choices:
+        return [flag, str(list(action.choices)[-1])]
+    kind = getattr(action.type, "__name__", "str")
+    return [flag, "2.0" if kind == "float" else "2"]
+
+
+def _parse_error(argv, provider=None) -> str:
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), pytest.raises(SystemExit):
+        A.parse_args(argv, extra_args_provider=provider)
+    return err.getvalue()
+
+
+def test_the_data_file_is_complete_and_classified():
+    assert len(ROWS) == 286
+    assert len({r[0] for r in ROWS}) == len(ROWS)
+    for flag, _, entry, expect, _ in ROWS:
+        assert entry in TRAINING_ENTRIES | OTHER_ENTRIES, flag
+        if entry in TRAINING_ENTRIES:
+            assert expect == "accepted" or expect.startswith("needs: "), flag
+
+
+@pytest.mark.parametrize("script", sorted(PROVIDERS))
+def test_every_training_flag_is_accepted_or_names_its_missing_capability(script):
+    provider = PROVIDERS[script]
+    parser = A.build_parser(extra_args_provider=provider)
+    for flag, _, entry, expect, _ in ROWS:
+        if entry not in TRAINING_ENTRIES or (entry == "pretrain_t5" and script != "pretrain_t5"):
+            continue
+        if expect == "accepted":
+            args = A.parse_args(_argv_for(parser, flag), extra_args_provider=provider)
+            assert args._explicit or flag in A.ACCEPTED_NO_EFFECT, f"{script}: {flag} parsed but set nothing"
+        else:
+            message = _parse_error([flag], provider)
+            capability = expect[len("needs: "):]
+            assert f"{flag} needs {capability}, which Gigatron does not have yet" in message, (script, message)
+            assert "unrecognized" not in message
+
+
+def test_flags_of_other_scripts_are_never_silently_accepted():
+    for flag, _, entry, _, _ in ROWS:
+        if entry in OTHER_ENTRIES:
+            message = _parse_error([flag])
+            assert "error:" in message, flag
+
+
+def test_a_missing_capability_is_one_line_naming_it():
+    message = _parse_error(["--mamba-state-dim", "128", "--num-layers", "2"])
+    lines = [line for line in message.splitlines() if "error:" in line]
+    assert lines == [lines[0]]
+    assert "--mamba-state-dim needs Mamba support, which Gigatron does not have yet" in lines[0]
+    assert "unrecognized" not in message
+    # The family prefix covers flags that the list does not name.
+    assert "needs Mamba support" in _parse_error(["--mamba-expand", "2"])
+    # A plain typo is still an unknown flag with suggestions.
+    assert "unrecognized arguments: --num-layer" in _parse_error(["--num-layer", "2"])
+
+
+# ------------------------------------------------------------------ flags with behaviour
+
+
+def _configs(argv, provider=None, world_size=1):
+    from gigatron.training.validate import validate_args
+
+    base = ["--num-layers", "2", "--hidden-size", "16", "--num-attention-heads", "4", "--seq-length", "8",
+            "--max-position-embeddings", "8", "--micro-batch-size", "1", "--train-iters", "1", "--lr", "1e-3",
+            "--mock-data", "--vocab-size", "64"]
+    args = A.parse_args(base + list(argv), extra_args_provider=provider)
+    return A.configs_from_args(validate_args(args, world_size))
+
+
+@pytest.mark.parametrize("impl", ["local", "transformer_engine"])
+def test_transformer_impl_selects_our_layers(impl):
+    assert _configs(["--transformer-impl", impl]).transformer.transformer_impl == impl
+    assert _configs([]).transformer.transformer_impl == "transformer_engine"  # Megatron's default
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--use-rotary-position-embeddings"], "rope"),
+    (["--use-rotary-position-embeddings", "--no-position-embedding"], "rope"),
+    (["--no-position-embedding", "--use-rotary-position-embeddings"], "rope"),
+    (["--no-position-embedding"], "none"),
+    (["--no-position-embedding", "--position-embedding-type", "rope"], "rope"),
+])
+def test_megatron_position_embedding_switches(argv, expected):
+    assert _configs(argv).transformer.position_embedding_type == expected
+
+
+def test_llama3_rope_scaling_matches_transformers():
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from gigatron.core.transformer.rope import RotaryEmbedding
+
+    head_dim, base, factor = 64, 500000.0, 8.0
+    cfg = LlamaConfig(hidden_size=head_dim * 2, num_attention_heads=2, head_dim=head_dim,
+                      max_position_embeddings=131072,
+                      rope_parameters={"rope_type": "llama3", "rope_theta": base, "factor": factor,
+                                       "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                       "original_max_position_embeddings": 8192})
+    hf_inv_freq, attention_factor = ROPE_INIT_FUNCTIONS["llama3"](cfg, "cpu")
+    assert attention_factor == 1.0
+    ours = RotaryEmbedding(head_dim, rotary_base=base, rope_scaling=True, rope_scaling_factor=factor)
+    plain = RotaryEmbedding(head_dim, rotary_base=base)
+    torch.testing.assert_close(ours.inv_freq, hf_inv_freq.float(), rtol=1e-6, atol=0)
+    # The scaling changes the low frequencies only: the highest ones are kept, the lowest divided by 8.
+    assert ours.inv_freq[0] == plain.inv_freq[0]
+    torch.testing.assert_close(ours.inv_freq[-1], plain.inv_freq[-1] / factor)
+    t = _configs(["--use-rotary-position-embeddings", "--use-rope-scaling", "--rope-scaling-factor", "16"]).transformer
+    assert t.use_rope_scaling and t.rope_scaling_factor == 16.0
+    with pytest.raises(ValueError, match="--use-rope-scaling .* needs --position-embedding-type rope"):
+        _configs(["--use-rope-scaling"])
+
+
+def test_sliding_window_attention_masks_the_far_past():
+    from gigatron.core.transformer.attention import core_attention, sliding_window_mask
+
+    mask = sliding_window_mask(5, 5, (1, 0))
+    expected = ~(torch.eye(5, dtype=torch.bool) | torch.eye(5, dtype=torch.bool).roll(-1, dims=1).tril())
+    expected |= torch.ones(5, 5, dtype=torch.bool).triu(1)
+    assert torch.equal(mask | torch.ones(5, 5, dtype=torch.bool).triu(1), expected)
+    # With a KV cache the queries are the newest positions.
+    assert torch.equal(sliding_window_mask(1, 5, (1, 0)), torch.tensor([[True, True, True, False, False]]))
+    # Our attention with a window equals attention over the window only.
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 6, 4) for _ in range(3))
+    causal = torch.ones(6, 6, dtype=torch.bool).triu(1)
+    out = core_attention(q, k, v, (causal | sliding_window_mask(6, 6, (2, 0)))[None, None], backend="local")
+    last = core_attention(q[:, :, 5:], k[:, :, 3:], v[:, :, 3:], torch.zeros(1, 3, dtype=torch.bool)[None, None],
+                          backend="local")
+    torch.testing.assert_close(out[:, :, 5:], last)
+    assert _configs(["--window-size", "4,0"]).transformer.window_size == (4, 0)
+    assert _configs(["--window-size", "(4, -1)"]).transformer.window_size == (4, -1)
+    assert "is not two integers" in _parse_error(["--window-size", "4"])
+
+
+def test_mistral_with_a_short_sliding_window_matches_transformers(tmp_path):
+    import gigatron
+    from _hf_fixtures import make_hf_model
+
+    hf = make_hf_model("mistral", tmp_path / "hf", sliding_window=4, rope_theta=5000.0, rms_norm_eps=1e-5)
+    model = gigatron.from_pretrained(tmp_path / "hf")
+    assert model.config.window_size == (3, 0)
+    ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = hf(ids).logits
+        full = gigatron.from_pretrained(tmp_path / "hf")
+        full.config.window_size = None
+        for module in full.modules():
+            if hasattr(module, "window_size"):
+                module.window_size = None
+        torch.testing.assert_close(model(ids), ref, atol=1e-4, rtol=1e-4)
+        assert not torch.allclose(full(ids), ref, atol=1e-3)  # the window matters at this length
+    # Exported back to HuggingFace, the window is kept.
+    from _hf_fixtures import run_convert
+    run_convert("--loader", "hf", "--saver", "core", "--load-dir", tmp_path / "hf", "--save-dir", tmp_path / "ckpt")
+    run_convert("--loader", "core", "--saver", "hf", "--load-dir", tmp_path / "ckpt", "--save-dir", tmp_path / "back")
+    import json
+    assert json.loads((tmp_path / "back" / "config.json").read_text())["sliding_window"] == 4
+
+
+def test_llama3_scaled_llama_matches_transformers(tmp_path):
+    import gigatron
+    from _hf_fixtures import make_hf_model
+
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+    hf = make_hf_model("llama", tmp_path / "hf", rope_scaling=scaling, rope_theta=500000.0, rms_norm_eps=1e-5,
+                       max_position_embeddings=16384)
+    model = gigatron.from_pretrained(tmp_path / "hf")
+    assert model.config.use_rope_scaling and model.config.rope_scaling_factor == 8.0
+    ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), hf(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_apply_query_key_layer_scaling_means_an_fp32_softmax():
+    t = _configs(["--apply-query-key-layer-scaling"]).transformer
+    assert t.apply_query_key_layer_scaling and t.attention_softmax_in_fp32
+
+
+def test_xavier_uniform_init():
+    from gigatron.core.transformer.mlp import normal_init_method, scaled_init_method
+
+    t = _configs(["--init-method-xavier-uniform"]).transformer
+    torch.manual_seed(0)
+    w = normal_init_method(t)(torch.empty(300, 100))
+    bound = (6 / 400) ** 0.5
+    assert w.abs().max() <= bound and w.abs().max() > 0.95 * bound  # uniform on [-a, a], not normal
+    assert repr(scaled_init_method(t)) == "xavier_uniform"
+    assert repr(normal_init_method(_configs([]).transformer)) == "normal(std=0.02)"
+    with pytest.raises(ValueError, match="--init-method-xavier-uniform is not supported with --num-experts"):
+        _configs(["--init-method-xavier-uniform", "--num-experts", "2", "--disable-bias-linear"])
+
+
+def test_use_legacy_models_points_to_conversion():
+    with pytest.raises(ValueError, match="convert.py --model-type GPT --loader legacy --saver core"):
+        _configs(["--use-legacy-models"])
+
+
+def test_deterministic_mode(monkeypatch):
+    from gigatron.training import initialize as init
+
+    with pytest.raises(ValueError, match="--deterministic-mode cannot use FlashAttention"):
+        _configs(["--deterministic-mode", "--use-flash-attn"])
+    assert _configs(["--deterministic-mode"]).training.deterministic_mode
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    calls = []
+    monkeypatch.setattr(init.torch, "use_deterministic_algorithms", lambda flag: calls.append(flag))
+    init.enable_deterministic_mode()
+    assert calls == [True]
+    import os
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+
+
+def test_padded_vocab_size():
+    from gigatron.training.entry import padded_vocab_size_from_args
+
+    data = _configs(["--padded-vocab-size", "100"]).data
+    assert padded_vocab_size_from_args(data, 1) == 100
+    data.padded_vocab_size = 10
+    with pytest.raises(ValueError, match=r"--padded-vocab-size \(10\) is smaller than the tokenizer's vocabulary"):
+        padded_vocab_size_from_args(data, 1)
+    with pytest.raises(ValueError, match="must be a positive multiple of --tensor-model-parallel-size"):
+        _configs(["--padded-vocab-size", "101", "--tensor-model-parallel-size", "2"], world_size=2)
+
+
+def test_dist_ckpt_strictness_choices():
+    assert _configs([]).checkpoint.dist_ckpt_strictness == "assume_ok_unexpected"
+    assert _configs(["--dist-ckpt-strictness", "log_all"]).checkpoint.dist_ckpt_strictness == "log_all"
+    assert "invalid choice" in _parse_error(["--dist-ckpt-strictness", "lenient"])
+
+
+def test_scripts_default_their_tokenizer_as_megatron_does():
+    args = A.default_tokenizer_type(A.parse_args([]), "GPT2BPETokenizer")
+    assert args.tokenizer_type == "GPT2BPETokenizer"
+    # --vocab-size alone still means a NullTokenizer; an explicit type is kept.
+    assert A.default_tokenizer_type(A.parse_args(["--vocab-size", "64"]), "GPT2BPETokenizer").tokenizer_type is None
+    given = A.parse_args(["--tokenizer-type", "NullTokenizer"])
+    assert A.default_tokenizer_type(given, "BertWordPieceLowerCase").tokenizer_type == "NullTokenizer"
