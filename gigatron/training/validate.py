@@ -35,7 +35,6 @@ __all__ = [
     "check_virtual_pipeline",
     "resolve_layers_per_virtual_stage",
     "check_data_source",
-    "check_per_token_loss",
     "check_moe",
     "check_legacy_models",
     "check_deterministic_mode",
@@ -229,14 +228,6 @@ def check_data_source(args) -> None:
         raise ValueError("--split cannot be combined with --train-data-path/--valid-data-path/--test-data-path.")
 
 
-def check_per_token_loss(args) -> None:
-    """--calculate-per-token-loss needs a schedule that hands the token count to the gradient
-    finalization; the schedules divide each micro-batch's mean loss by the number of micro-batches."""
-    if getattr(args, "calculate_per_token_loss", False):
-        raise ValueError("--calculate-per-token-loss is not supported by the training loop yet; drop the flag "
-                         "(each micro-batch's loss is averaged over its tokens, then over micro-batches and ranks).")
-
-
 def check_moe(args) -> None:
     """The MoE flags (--num-experts, --moe-*) among themselves and against the model and the
     expert layout: experts divide over --expert-model-parallel-size, the routed experts' hidden size
@@ -322,7 +313,6 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
     resolve_layers_per_virtual_stage(args)
     check_virtual_pipeline(args)
     check_data_source(args)
-    check_per_token_loss(args)
     check_moe(args)
     check_legacy_models(args)
     check_deterministic_mode(args)

@@ -291,3 +291,71 @@ def test_scripts_default_their_tokenizer_as_megatron_does():
     assert A.default_tokenizer_type(A.parse_args(["--vocab-size", "64"]), "GPT2BPETokenizer").tokenizer_type is None
     given = A.parse_args(["--tokenizer-type", "NullTokenizer"])
     assert A.default_tokenizer_type(given, "BertWordPieceLowerCase").tokenizer_type == "NullTokenizer"
+
+
+def test_calculate_per_token_loss_divides_once_by_the_tokens_of_the_step():
+    """Micro-batches with different token counts: the per-token loss weighs every token alike
+    (sum over the step / its token count), the default weighs every micro-batch alike."""
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from gigatron.core.pipeline import forward_backward_no_pipelining
+    from gigatron.training.gpt import loss_func
+
+    def run(per_token):
+        torch.manual_seed(0)
+        model = nn.Linear(3, 1)
+        model.ddp_config = SimpleNamespace(calculate_per_token_loss=per_token)
+        model.no_sync = contextlib.nullcontext
+        gen = torch.Generator().manual_seed(1)
+        batches = [(torch.randn(2, 4, 3, generator=gen), torch.randn(2, 4, generator=gen), mask)
+                   for mask in (torch.ones(2, 4), torch.tensor([[1.0, 0, 0, 0], [0, 0, 0, 0]]))]
+        it = iter(batches)
+        seen = []
+
+        def forward_step(_iterator, chunk):
+            x, y, mask = next(it)
+            losses = (chunk(x).squeeze(-1) - y) ** 2  # [b, s]
+            return losses, lambda out: loss_func(mask, out, per_token=per_token)
+
+        def finalize(chunks, num_tokens=None):
+            seen.append(num_tokens)
+            if num_tokens is not None:
+                for p in chunks[0].parameters():
+                    p.grad /= num_tokens
+        forward_backward_no_pipelining(forward_step_func=forward_step, data_iterator=None, model=model,
+                                       num_microbatches=2, finalize_model_grads_func=finalize)
+        return model, batches, seen
+
+    model, batches, seen = run(per_token=True)
+    assert float(seen[0]) == 9.0  # 8 + 1 tokens
+    reference = nn.Linear(3, 1)
+    reference.load_state_dict({k: v for k, v in model.state_dict().items()})
+    total = sum((((reference(x).squeeze(-1) - y) ** 2) * m).sum() for x, y, m in batches) / 9.0
+    total.backward()
+    for ours, ref in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(ours.grad, ref.grad)
+    mean_model, _, seen = run(per_token=False)
+    assert seen == [None]
+    assert not torch.allclose(mean_model.weight.grad, model.weight.grad)
+
+
+def test_per_token_loss_needs_a_loss_func_that_returns_the_token_count():
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from gigatron.core.pipeline import forward_backward_no_pipelining
+
+    model = nn.Linear(1, 1)
+    model.ddp_config = SimpleNamespace(calculate_per_token_loss=True)
+    model.no_sync = contextlib.nullcontext
+
+    def forward_step(_iterator, chunk):
+        return chunk(torch.ones(1, 1)).sum(), lambda out: (out, {})
+
+    with pytest.raises(ValueError, match="--calculate-per-token-loss needs a loss_func that returns"):
+        forward_backward_no_pipelining(forward_step_func=forward_step, data_iterator=None, model=model,
+                                       num_microbatches=1)
+    assert _configs(["--calculate-per-token-loss"]).ddp.calculate_per_token_loss
