@@ -653,6 +653,9 @@ def train(ctx: TrainContext, forward_step_func: Callable, train_iterator, valid_
                               flops=flops_cache[batch_size])
             if grad_norm is not None and not math.isfinite(grad_norm):
                 log.add_nan()
+            if log.has_backends and ctx.iteration % logging.tensorboard_log_interval == 0:
+                log.tensorboard_step(ctx.iteration, losses, learning_rate=_current_lr(ctx), global_batch_size=batch_size,
+                                     loss_scale=float(ctx.optimizer.get_loss_scale().item()), grad_norm=grad_norm)
             if ctx.iteration % logging.log_interval == 0:
                 _report(ctx, batch_size, grad_norm, num_zeros)
             if training.profile and training.profile_step_end == ctx.iteration:
@@ -695,11 +698,15 @@ def _announce_compilation(ctx: TrainContext) -> Optional[float]:
     return time.perf_counter()
 
 
+def _current_lr(ctx: TrainContext) -> float:
+    return ctx.scheduler.get_lr() if ctx.scheduler is not None else ctx.optimizer.param_groups[0]["lr"]
+
+
 def _report(ctx: TrainContext, batch_size: int, grad_norm, num_zeros) -> None:
     params_norm = None
     if ctx.configs.logging.log_params_norm:
         params_norm = _params_norm(ctx)
-    lr = ctx.scheduler.get_lr() if ctx.scheduler is not None else ctx.optimizer.param_groups[0]["lr"]
+    lr = _current_lr(ctx)
     loss_scale = float(ctx.optimizer.get_loss_scale().item())
     ctx.log.report(
         iteration=ctx.iteration, consumed_samples=ctx.consumed_train_samples, learning_rate=lr,

@@ -359,3 +359,32 @@ def test_per_token_loss_needs_a_loss_func_that_returns_the_token_count():
         forward_backward_no_pipelining(forward_step_func=forward_step, data_iterator=None, model=model,
                                        num_microbatches=1)
     assert _configs(["--calculate-per-token-loss"]).ddp.calculate_per_token_loss
+
+
+TINY_RUN = ["--num-layers", "1", "--hidden-size", "16", "--num-attention-heads", "2", "--seq-length", "16",
+            "--max-position-embeddings", "16", "--micro-batch-size", "1", "--lr", "1e-3", "--mock-data",
+            "--vocab-size", "4100", "--make-vocab-size-divisible-by", "64", "--num-workers", "0", "--eval-iters", "0",
+            "--no-loss-curve"]
+
+
+def _pretrain_gpt(argv):
+    from gigatron.training import gpt
+    from gigatron.training.loop import pretrain
+
+    return pretrain(gpt.datasets_provider, gpt.model_provider, gpt.forward_step, args=A.parse_args(TINY_RUN + argv))
+
+
+def test_tensorboard_log_interval_is_honoured(tmp_path, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    torch.set_num_threads(1)
+    _pretrain_gpt(["--train-iters", "6", "--log-interval", "3", "--tensorboard-dir", str(tmp_path / "tb"),
+                   "--tensorboard-log-interval", "2", "--data-cache-path", str(tmp_path / "cache"),
+                   "--transformer-impl", "local"])
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    steps = {tag: [e.step for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    assert steps["lm loss"] == [2, 4, 6] and steps["learning-rate"] == [2, 4, 6] and steps["grad-norm"] == [2, 4, 6]
+    assert steps["iteration-time"] == [3, 6]  # measured over a log interval
+    out = capsys.readouterr().out
+    assert out.count("--transformer-impl local: Gigatron's own PyTorch layers") == 1
