@@ -326,7 +326,7 @@ def build_data_iterators(ctx: TrainContext, datasets_provider: Callable):
         if dataset is None:
             return None
         if data.dataloader_type == "external":
-            return [dataset for _ in range(num_chunks)]
+            return [external_iterator(dataset) for _ in range(num_chunks)]
         iterators = []
         for _ in range(num_chunks):
             loader = build_pretraining_data_loader(dataset, consumed, training.micro_batch_size, groups.dp.rank,
@@ -345,6 +345,19 @@ def build_data_iterators(ctx: TrainContext, datasets_provider: Callable):
         valid = loaders(valid_ds, ctx.consumed_valid_samples)
         test = loaders(test_ds, 0)
     return one_or_list(train), one_or_list(valid), one_or_list(test)
+
+
+def external_iterator(data) -> Iterator:
+    """--dataloader-type external: what the datasets provider returned is the data itself, an
+    iterator or iterable of micro-batches (e.g. a torch DataLoader with its own sampler), used as is."""
+    if hasattr(data, "__next__"):
+        return data
+    if hasattr(type(data), "__iter__"):
+        return iter(data)
+    raise ValueError(f"--dataloader-type external takes the datasets provider's result as the data iterator, but it "
+                     f"returned a {type(data).__name__}, which is not iterable (a map-style dataset); return an "
+                     "iterator or a DataLoader of micro-batches from the provider, or use --dataloader-type single "
+                     "or cyclic")
 
 
 def _cycle(loader) -> Iterator:

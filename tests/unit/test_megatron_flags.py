@@ -388,3 +388,26 @@ def test_tensorboard_log_interval_is_honoured(tmp_path, capsys):
     assert steps["iteration-time"] == [3, 6]  # measured over a log interval
     out = capsys.readouterr().out
     assert out.count("--transformer-impl local: Gigatron's own PyTorch layers") == 1
+
+
+def test_dataloader_type_external_uses_the_providers_iterators(tmp_path):
+    from gigatron.training import gpt
+    from gigatron.training.loop import pretrain
+
+    torch.set_num_threads(1)
+    argv = TINY_RUN + ["--train-iters", "2", "--dataloader-type", "external", "--data-cache-path", str(tmp_path)]
+    drawn = []
+
+    def provider(ctx, num_samples):
+        train, valid, test = gpt.datasets_provider(ctx, num_samples)
+
+        def batches():  # the user's own loader: micro-batches of one sample, counted
+            for index in range(len(train)):
+                drawn.append(index)
+                yield torch.utils.data.default_collate([train[index]])
+        return batches(), None, None
+
+    ctx = pretrain(provider, gpt.model_provider, gpt.forward_step, args=A.parse_args(argv))
+    assert ctx.iteration == 2 and drawn == [0, 1]
+    with pytest.raises(ValueError, match="--dataloader-type external takes the datasets provider's result"):
+        pretrain(gpt.datasets_provider, gpt.model_provider, gpt.forward_step, args=A.parse_args(argv))
