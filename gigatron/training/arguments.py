@@ -267,7 +267,6 @@ NOT_BUILT: dict[str, str] = {
     "--spec": "user-supplied layer specs",
     "--timing-log-level": "Megatron's timers",
     "--log-timers-to-tensorboard": "Megatron's timers",
-    "--no-data-sharding": "the cyclic sampler without data sharding",
     "--inference-": "the inference server's flags (tools/run_text_generation_server.py takes its own)",
     "--grpo-": "reinforcement learning (GRPO)",
     "--rl-": "reinforcement learning (GRPO)",

@@ -331,7 +331,8 @@ def build_data_iterators(ctx: TrainContext, datasets_provider: Callable):
         for _ in range(num_chunks):
             loader = build_pretraining_data_loader(dataset, consumed, training.micro_batch_size, groups.dp.rank,
                                                    groups.dp.size, num_workers=data.num_workers,
-                                                   dataloader_type=data.dataloader_type)
+                                                   dataloader_type=data.dataloader_type,
+                                                   data_sharding=data.data_sharding)
             iterators.append(_cycle(loader) if data.dataloader_type == "cyclic" else iter(loader))
         return iterators
 

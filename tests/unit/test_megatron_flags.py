@@ -411,3 +411,22 @@ def test_dataloader_type_external_uses_the_providers_iterators(tmp_path):
     assert ctx.iteration == 2 and drawn == [0, 1]
     with pytest.raises(ValueError, match="--dataloader-type external takes the datasets provider's result"):
         pretrain(gpt.datasets_provider, gpt.model_provider, gpt.forward_step, args=A.parse_args(argv))
+
+
+def test_no_data_sharding_reaches_the_cyclic_sampler(tmp_path, monkeypatch):
+    import gigatron.core.data as data_module
+    from gigatron.core.data.samplers import RandomSampler
+
+    samplers = []
+    original = data_module.build_pretraining_data_loader
+
+    def recording(*args, **kwargs):
+        loader = original(*args, **kwargs)
+        samplers.append(loader.batch_sampler)
+        return loader
+    monkeypatch.setattr(data_module, "build_pretraining_data_loader", recording)
+    torch.set_num_threads(1)
+    _pretrain_gpt(["--train-iters", "1", "--dataloader-type", "cyclic", "--no-data-sharding",
+                   "--data-cache-path", str(tmp_path)])
+    assert isinstance(samplers[0], RandomSampler) and samplers[0].data_sharding is False
+    assert _configs([]).data.data_sharding is True

@@ -90,6 +90,11 @@ class DataConfig(SequenceLengthConfig):
     """Single pass vs multiple pass data loader. `external`: the dataset object is used as the data
     iterator as is."""
 
+    data_sharding: bool = True
+    """With --dataloader-type cyclic, give each data-parallel rank its own contiguous part of the
+    dataset to shuffle each epoch (Megatron's default); --no-data-sharding shuffles the whole
+    dataset once per epoch and deals it out to the ranks in turn."""
+
     seed: int = 1234
     """Random seed for python, numpy, torch, the model-parallel RNG tracker (each pipeline stage
     adds 100 times its rank) and the dataset shuffles."""
