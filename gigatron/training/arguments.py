@@ -261,8 +261,6 @@ NOT_BUILT: dict[str, str] = {
     "--tensor-parallel-num-weight-shards": "weight sharding within tensor parallelism",
     "--expert-tensor-parallel-num-weight-shards": "weight sharding within tensor parallelism",
     "--sft": "supervised fine-tuning datasets",
-    "--decoupled-lr": "a separate learning rate for the embedding and output layers",
-    "--decoupled-min-lr": "a separate learning rate for the embedding and output layers",
     "--step-batch-size-schedule": "step batch-size schedules",
     "--spec": "user-supplied layer specs",
     "--timing-log-level": "Megatron's timers",

@@ -430,3 +430,23 @@ def test_no_data_sharding_reaches_the_cyclic_sampler(tmp_path, monkeypatch):
                    "--data-cache-path", str(tmp_path)])
     assert isinstance(samplers[0], RandomSampler) and samplers[0].data_sharding is False
     assert _configs([]).data.data_sharding is True
+
+
+def test_decoupled_lr_trains_the_embedding_and_output_layer_at_their_own_rate(tmp_path):
+    torch.set_num_threads(1)
+    ctx = _pretrain_gpt(["--train-iters", "4", "--lr", "1e-3", "--min-lr", "1e-5", "--decoupled-lr", "5e-3",
+                         "--decoupled-min-lr", "1e-4", "--lr-decay-style", "linear", "--lr-decay-iters", "8",
+                         "--untie-embeddings-and-output-weights", "--data-cache-path", str(tmp_path)])
+    groups = ctx.optimizer.param_groups
+    decoupled = [g for g in groups if "max_lr" in g]
+    others = [g for g in groups if "max_lr" not in g]
+    assert decoupled and others
+    # Half way through the linear decay: min + (max - min) / 2 for each schedule.
+    for g in decoupled:
+        assert g["lr"] == pytest.approx(1e-4 + (5e-3 - 1e-4) / 2)
+    for g in others:
+        assert g["lr"] == pytest.approx(1e-5 + (1e-3 - 1e-5) / 2)
+    ctx_plain = _pretrain_gpt(["--train-iters", "1", "--data-cache-path", str(tmp_path)])
+    assert all("max_lr" not in g for g in ctx_plain.optimizer.param_groups)
+    with pytest.raises(ValueError, match="--decoupled-min-lr needs --decoupled-lr"):
+        _configs(["--decoupled-min-lr", "1e-5"])
