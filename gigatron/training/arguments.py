@@ -222,8 +222,6 @@ NOT_BUILT: dict[str, str] = {
     "--moe-router-force-load-balancing": "forced MoE load balancing (a benchmarking mode)",
     "--moe-router-fusion": "fused MoE router kernels",
     "--ddp-num-buckets": "a bucket count for data-parallel communication (--ddp-bucket-size sets the size)",
-    "--moe-layer-recompute": "MoE-layer activation recompute",
-    "--moe-apply-probs-on-input": "MoE routing probabilities applied to the expert input",
     "--moe-pad-experts-for-cuda-graph-inference": "CUDA graphs",
     "--cuda-graph-": "CUDA graphs",
     "--decode-only-cuda-graphs": "CUDA graphs",

@@ -36,6 +36,7 @@ __all__ = [
     "resolve_layers_per_virtual_stage",
     "check_data_source",
     "check_moe",
+    "resolve_moe_layer_recompute",
     "check_legacy_models",
     "check_deterministic_mode",
     "check_xavier_init",
@@ -259,6 +260,18 @@ def check_moe(args) -> None:
                          "expert-parallel rank).")
 
 
+def resolve_moe_layer_recompute(args) -> None:
+    """--moe-layer-recompute means selective recompute of the `moe` module (as in Megatron); with
+    full recompute the whole layers are recomputed already."""
+    if not getattr(args, "moe_layer_recompute", False) or getattr(args, "recompute_granularity", None) == "full":
+        return
+    args.recompute_granularity = "selective"
+    modules = list(getattr(args, "recompute_modules", None) or ["core_attn"])
+    if "moe" not in modules:
+        modules.append("moe")
+    args.recompute_modules = modules
+
+
 def check_legacy_models(args) -> None:
     """--use-legacy-models asks for Megatron's pre-Core model classes, which Gigatron does not have."""
     if getattr(args, "use_legacy_models", False):
@@ -314,6 +327,7 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
     check_virtual_pipeline(args)
     check_data_source(args)
     check_moe(args)
+    resolve_moe_layer_recompute(args)
     check_legacy_models(args)
     check_deterministic_mode(args)
     check_xavier_init(args)

@@ -450,3 +450,44 @@ def test_decoupled_lr_trains_the_embedding_and_output_layer_at_their_own_rate(tm
     assert all("max_lr" not in g for g in ctx_plain.optimizer.param_groups)
     with pytest.raises(ValueError, match="--decoupled-min-lr needs --decoupled-lr"):
         _configs(["--decoupled-min-lr", "1e-5"])
+
+
+def test_moe_apply_probs_on_input_scales_the_expert_input():
+    from gigatron.core.parallel.groups import ParallelGroups
+    from gigatron.core.parallel.init import initialize_parameters
+    from gigatron.core.transformer.config import TransformerConfig
+    from gigatron.core.transformer.moe import MoEConfig, MoELayer
+    from gigatron.core.transformer.moe.aux_losses import MoEAuxLossTracker
+
+    config = TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=2, ffn_hidden_size=12,
+                               seq_length=4, add_bias_linear=False)
+    moe = MoEConfig(num_experts=3, moe_router_topk=1, moe_apply_probs_on_input=True)
+    layer = MoELayer(config, moe, ParallelGroups.single(), 0, aux_loss_tracker=MoEAuxLossTracker())
+    initialize_parameters(layer, 3)
+    x = torch.randn(4, 2, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = layer(x)[0].reshape(-1, 8)
+        probs, routing_map = layer.router(x)
+        for t, token in enumerate(x.reshape(-1, 8)):
+            e = int(routing_map[t].nonzero())
+            expert = layer.experts.local_experts[e]
+            hidden = (token * probs[t, e]) @ expert.linear_fc1.weight.t()
+            expected = layer.experts.activation(hidden) @ expert.linear_fc2.weight.t()
+            torch.testing.assert_close(out[t], expected)
+    with pytest.raises(ValueError, match="--moe-apply-probs-on-input .* needs --moe-router-topk 1"):
+        MoEConfig(num_experts=3, moe_router_topk=2, moe_apply_probs_on_input=True)
+
+
+def test_moe_layer_recompute_is_selective_recompute_of_the_moe_layers():
+    from gigatron.core.parallel.groups import ParallelGroups
+    from gigatron.core.transformer.layer import TransformerLayer
+
+    moe = ["--num-experts", "2", "--disable-bias-linear", "--moe-layer-freq", "[1,0]"]
+    configs = _configs(moe + ["--moe-layer-recompute"])
+    t = configs.transformer
+    assert t.recompute_granularity == "selective" and t.recompute_modules == ["core_attn", "moe"]
+    assert _configs(moe + ["--moe-layer-recompute", "--recompute-granularity", "full", "--recompute-method",
+                           "uniform", "--recompute-num-layers", "1"]).transformer.recompute_granularity == "full"
+    groups = ParallelGroups.single()
+    assert TransformerLayer(t, groups, 0, configs.moe).recompute_mlp  # the MoE layer
+    assert not TransformerLayer(t, groups, 1, configs.moe).recompute_mlp  # a dense layer

@@ -399,6 +399,9 @@ def hf_config_from_metadata(md: dict, family: str, bias_flags: Optional[Dict[str
     if family == "mixtral":
         from gigatron.core.convert.mixtral import mixtral_config_fields
 
+        if md.get("moe_apply_probs_on_input"):
+            raise ConversionError("--moe-apply-probs-on-input has no HuggingFace Mixtral equivalent (Mixtral weighs "
+                                  "the expert outputs)")
         cfg.update(mixtral_config_fields(md))
     if family == "llama":
         if md.get("window_size") is not None:

@@ -22,7 +22,7 @@ NORMALIZATIONS = ("LayerNorm", "RMSNorm")
 ATTENTION_BACKENDS = ("auto", "flash", "fused", "cudnn", "efficient", "unfused", "math", "local")
 RECOMPUTE_GRANULARITIES = ("full", "selective")
 RECOMPUTE_METHODS = ("uniform", "block")
-RECOMPUTE_MODULES = ("core_attn", "mlp", "layernorm")
+RECOMPUTE_MODULES = ("core_attn", "mlp", "layernorm", "moe")
 CP_COMM_TYPES = ("p2p", "all_gather", "a2a")
 
 
@@ -161,8 +161,8 @@ class TransformerConfig(ModelParallelConfig, PrecisionConfig, SequenceLengthConf
     recompute_num_layers: Optional[int] = run_setting(None)
     """Layers per recompute chunk (uniform) or number of recomputed layers per stage (block)."""
     recompute_modules: Optional[List[str]] = run_setting(None)
-    """With selective recompute, the parts of each layer to recompute: core_attn, mlp, layernorm.
-    Default: core_attn."""
+    """With selective recompute, the parts of each layer to recompute: core_attn, mlp (the layer's
+    MLP, dense or MoE), layernorm, moe (the MoE layers only). Default: core_attn."""
     distribute_saved_activations: bool = run_setting(False)
     """With full recompute, shard each checkpointed layer input across the tensor-parallel group."""
 
