@@ -261,8 +261,6 @@ NOT_BUILT: dict[str, str] = {
     "--sft": "supervised fine-tuning datasets",
     "--step-batch-size-schedule": "step batch-size schedules",
     "--spec": "user-supplied layer specs",
-    "--timing-log-level": "Megatron's timers",
-    "--log-timers-to-tensorboard": "Megatron's timers",
     "--inference-": "the inference server's flags (tools/run_text_generation_server.py takes its own)",
     "--grpo-": "reinforcement learning (GRPO)",
     "--rl-": "reinforcement learning (GRPO)",

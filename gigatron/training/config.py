@@ -250,6 +250,15 @@ class LoggingConfig:
     tensorboard_log_interval: int = 1
     """Report to TensorBoard every this many iterations."""
 
+    timing_log_level: Literal[0, 1, 2] = 0
+    """How many step timers to print with each log line: 0 none beyond the iteration time, 1 the
+    forward/backward pass, the optimizer step and the loss all-reduce, 2 also the forward and
+    backward compute inside the schedule (this rank's, ms per iteration over the log interval;
+    timing synchronises the device)."""
+
+    log_timers_to_tensorboard: bool = False
+    """Also write the step timers of --timing-log-level to TensorBoard/W&B ("<name>-time", ms)."""
+
     tensorboard_queue_size: int = 1000
     """Size of the TensorBoard writer's queue of pending events and summaries."""
 

@@ -37,7 +37,7 @@ from gigatron.training.checkpointing import (
 )
 from gigatron.training.config import CheckpointConfig
 from gigatron.training.initialize import RunContext, collective_phase, initialize
-from gigatron.training.logging import TrainingLog, print_rank_0
+from gigatron.training.logging import TrainingLog, print_rank_0, print_rank_last
 from gigatron.training.profiling import start_profiler, validate_profile_args
 from gigatron.training.validate import validate_args
 
@@ -136,6 +136,8 @@ class TrainContext:
     compile_announced: bool = False
     evaluation_hook: Optional[Callable[["TrainContext"], None]] = None
     evaluation_hook_iteration: Optional[int] = None
+    timers: Any = None
+    """The step timers of --timing-log-level (gigatron/training/timers.py), made at the first step."""
     args: Optional[argparse.Namespace] = None
     """The parsed flags the configs were built from, kept for task scripts' own flags; the training
     layer reads `configs` only."""
@@ -409,18 +411,31 @@ def train_step(ctx: TrainContext, forward_step_func: Callable, data_iterator, nu
     ctx.optimizer.zero_grad()
     moe_tracker = _start_moe_step(ctx, num_microbatches)
     forward_backward = get_forward_backward_func(groups.pp.size, groups.vp_size)
-    with collective_phase("the forward/backward pass"):
+    if ctx.timers is None:
+        from gigatron.training.timers import StepTimers
+        ctx.timers = StepTimers(ctx.configs.logging.timing_log_level, ctx.device)
+    timers = ctx.timers
+    compute_timer = None
+    if timers.active("forward-compute"):
+        from gigatron.core.pipeline import ComputeTimer
+        compute_timer = ComputeTimer(ctx.device)
+    with collective_phase("the forward/backward pass"), timers.time("forward-backward"):
         losses_reduced = forward_backward(
             forward_step_func=forward_step_func, data_iterator=data_iterator, model=ctx.model,
             num_microbatches=num_microbatches, seq_length=ctx.configs.transformer.seq_length,
             micro_batch_size=training.micro_batch_size, groups=groups, config=ctx.configs.transformer, forward_only=False,
-            grad_scale_func=ctx.optimizer.scale_loss, finalize_model_grads_func=_finalize_grads_fn(ctx))
-    with collective_phase("the optimizer step"):
+            grad_scale_func=ctx.optimizer.scale_loss, finalize_model_grads_func=_finalize_grads_fn(ctx),
+            **({"compute_timer": compute_timer} if compute_timer is not None else {}))
+    if compute_timer is not None:
+        timers.add("forward-compute", compute_timer.forward_seconds())
+        timers.add("backward-compute", compute_timer.backward_seconds())
+    with collective_phase("the optimizer step"), timers.time("optimizer"):
         update_successful, grad_norm, num_zeros = ctx.optimizer.step()
     if training.empty_unused_memory_level >= 1 and ctx.device.type == "cuda":
         torch.cuda.empty_cache()
-    with collective_phase("the loss all-reduce"):
+    with collective_phase("the loss all-reduce"), timers.time("loss-all-reduce"):
         losses = _reduce_losses(losses_reduced, groups, ctx.device)
+    timers.end_iteration()
     if moe_tracker is not None:
         _finish_moe_step(ctx, moe_tracker, num_microbatches, update_successful, losses)
     return losses, update_successful, grad_norm, num_zeros
@@ -712,6 +727,21 @@ def _announce_compilation(ctx: TrainContext) -> Optional[float]:
     return time.perf_counter()
 
 
+def _report_timers(ctx: TrainContext) -> None:
+    """--timing-log-level: the step timers' line after the log line (the rank that prints it), and
+    with --log-timers-to-tensorboard the timers in TensorBoard/W&B."""
+    if ctx.timers is None:
+        return
+    means = ctx.timers.means_ms()
+    line = ctx.timers.report()
+    if line is None:
+        return
+    print_rank_last(line)
+    if ctx.configs.logging.log_timers_to_tensorboard and ctx.log.has_backends:
+        for name, value in means.items():
+            ctx.log._scalar(f"{name}-time", value, ctx.iteration)  # noqa: SLF001 - the log's one writer
+
+
 def _current_lr(ctx: TrainContext) -> float:
     return ctx.scheduler.get_lr() if ctx.scheduler is not None else ctx.optimizer.param_groups[0]["lr"]
 
@@ -726,6 +756,7 @@ def _report(ctx: TrainContext, batch_size: int, grad_norm, num_zeros) -> None:
         iteration=ctx.iteration, consumed_samples=ctx.consumed_train_samples, learning_rate=lr,
         global_batch_size=batch_size, loss_scale=loss_scale, grad_norm=grad_norm, num_zeros_in_grad=num_zeros,
         params_norm=params_norm)
+    _report_timers(ctx)
     if not ctx.memory_reported:
         _report_rank_memory(ctx)
     if ctx.configs.training.check_for_nan_in_loss_and_grad and ctx.log.train_history:

@@ -491,3 +491,25 @@ def test_moe_layer_recompute_is_selective_recompute_of_the_moe_layers():
     groups = ParallelGroups.single()
     assert TransformerLayer(t, groups, 0, configs.moe).recompute_mlp  # the MoE layer
     assert not TransformerLayer(t, groups, 1, configs.moe).recompute_mlp  # a dense layer
+
+
+@pytest.mark.parametrize("level, names", [
+    (0, set()),
+    (1, {"forward-backward", "optimizer", "loss-all-reduce"}),
+    (2, {"forward-backward", "optimizer", "loss-all-reduce", "forward-compute", "backward-compute"}),
+])
+def test_timing_log_level_and_timers_in_tensorboard(tmp_path, capsys, level, names):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    torch.set_num_threads(1)
+    _pretrain_gpt(["--train-iters", "2", "--log-interval", "2", "--timing-log-level", str(level),
+                   "--log-timers-to-tensorboard", "--tensorboard-dir", str(tmp_path / "tb"),
+                   "--data-cache-path", str(tmp_path / "cache")])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("timers (ms per iteration)")]
+    assert len(lines) == (1 if names else 0)
+    if names:
+        assert {part.split(":")[0].strip() for part in lines[0].split(": ", 1)[1].split(" | ")} == names
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert {t[:-len("-time")] for t in events.Tags()["scalars"] if t.endswith("-time") and t != "iteration-time"} \
+        == names
