@@ -260,7 +260,6 @@ NOT_BUILT: dict[str, str] = {
     "--expert-tensor-parallel-num-weight-shards": "weight sharding within tensor parallelism",
     "--sft": "supervised fine-tuning datasets",
     "--step-batch-size-schedule": "step batch-size schedules",
-    "--spec": "user-supplied layer specs",
     "--inference-": "the inference server's flags (tools/run_text_generation_server.py takes its own)",
     "--grpo-": "reinforcement learning (GRPO)",
     "--rl-": "reinforcement learning (GRPO)",

@@ -141,6 +141,14 @@ class TrainingConfig:
     profile_ranks: list[int] = field(default_factory=lambda: [0])
     """With --profile: the global ranks that profile (the others run normally)."""
 
+    spec: Optional[list[str]] = None
+    """A user-supplied layer spec, `--spec MODULE FUNCTION`: the function of that importable Python
+    module (a dotted name on PYTHONPATH, or a .py file) builds each decoder layer of the GPT model in
+    place of Gigatron's TransformerLayer, called as FUNCTION(config, groups, layer_number=...,
+    moe_config=...) (config: the TransformerConfig; layer_number: global and 0-based) and returning a
+    module with TransformerLayer's forward(hidden, attention_mask, rotary_pos_emb,
+    inference_context=None) -> hidden. The module is the user's code and runs as such."""
+
     deterministic_mode: bool = False
     """Make runs bitwise reproducible on one device layout: torch.use_deterministic_algorithms(True)
     (an op without a deterministic kernel raises instead of running), CUBLAS_WORKSPACE_CONFIG set to

@@ -18,9 +18,39 @@ def model_provider(ctx, pre_process: bool = True, post_process: bool = True, vp_
     """One pipeline stage (model chunk) of a GPT model, initialized from --seed."""
     from gigatron.core.models.gpt import GPTModel
 
+    spec = ctx.configs.training.spec
     return GPTModel(ctx.configs.transformer, ctx.groups, vocab_size=ctx.padded_vocab_size,
                     pre_process=pre_process, post_process=post_process, vp_stage=vp_stage, seed=ctx.configs.data.seed,
-                    moe_config=getattr(ctx.configs, "moe", None))
+                    moe_config=getattr(ctx.configs, "moe", None), layer_spec=load_layer_spec(spec) if spec else None)
+
+
+def load_layer_spec(spec):
+    """--spec MODULE FUNCTION: the layer-building function (MODULE: a dotted importable name or a
+    path to a .py file)."""
+    import importlib
+    import importlib.util
+    import os
+
+    if len(spec) != 2:
+        raise ValueError(f"--spec takes MODULE FUNCTION (a Python module and the function in it that builds a "
+                         f"decoder layer), got {' '.join(spec)}")
+    module_name, function_name = spec
+    try:
+        if module_name.endswith(".py"):
+            if not os.path.isfile(module_name):
+                raise FileNotFoundError(f"--spec: {module_name} does not exist")
+            loaded = importlib.util.spec_from_file_location(os.path.basename(module_name)[:-3], module_name)
+            module = importlib.util.module_from_spec(loaded)
+            loaded.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        raise ValueError(f"--spec: cannot import {module_name} ({exc}); put it on PYTHONPATH or give a .py file") \
+            from None
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        raise ValueError(f"--spec: {module_name} has no function {function_name!r} (the layer builder)")
+    return function
 
 
 def _stage_of(model):

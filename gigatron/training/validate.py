@@ -38,6 +38,7 @@ __all__ = [
     "check_moe",
     "resolve_moe_layer_recompute",
     "check_legacy_models",
+    "check_spec",
     "check_deterministic_mode",
     "check_xavier_init",
     "check_padded_vocab_size",
@@ -280,6 +281,14 @@ def check_legacy_models(args) -> None:
                          "legacy --saver core` (or train from scratch), then drop --use-legacy-models.")
 
 
+def check_spec(args) -> None:
+    """--spec MODULE FUNCTION (the layer builder of the GPT model)."""
+    spec = getattr(args, "spec", None)
+    if spec is not None and len(spec) != 2:
+        raise ValueError(f"--spec takes MODULE FUNCTION (a Python module and the function in it that builds a "
+                         f"decoder layer), got {' '.join(spec)}")
+
+
 def check_deterministic_mode(args) -> None:
     """--deterministic-mode excludes FlashAttention, whose backward pass is not deterministic."""
     if not getattr(args, "deterministic_mode", False):
@@ -329,6 +338,7 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
     check_moe(args)
     resolve_moe_layer_recompute(args)
     check_legacy_models(args)
+    check_spec(args)
     check_deterministic_mode(args)
     check_xavier_init(args)
     check_padded_vocab_size(args)

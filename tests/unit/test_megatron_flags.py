@@ -513,3 +513,28 @@ def test_timing_log_level_and_timers_in_tensorboard(tmp_path, capsys, level, nam
     events.Reload()
     assert {t[:-len("-time")] for t in events.Tags()["scalars"] if t.endswith("-time") and t != "iteration-time"} \
         == names
+
+
+def test_spec_builds_the_layers_with_the_users_function(tmp_path):
+    module = tmp_path / "my_layers.py"
+    module.write_text(
+        "from gigatron.core.transformer.layer import TransformerLayer\n"
+        "BUILT = []\n"
+        "class Doubled(TransformerLayer):\n"
+        "    def forward(self, hidden, *args, **kwargs):\n"
+        "        return 2 * super().forward(hidden, *args, **kwargs)\n"
+        "def layer_spec(config, groups, layer_number, moe_config=None):\n"
+        "    BUILT.append(layer_number)\n"
+        "    return Doubled(config, groups, layer_number, moe_config=moe_config)\n", encoding="utf-8")
+    torch.set_num_threads(1)
+    ctx = _pretrain_gpt(["--train-iters", "1", "--num-layers", "2", "--spec", str(module), "layer_spec",
+                         "--data-cache-path", str(tmp_path / "cache")])
+    layers = ctx.model[0].module.decoder.layers
+    assert [type(layer).__name__ for layer in layers] == ["Doubled", "Doubled"]
+    with pytest.raises(ValueError, match="--spec takes MODULE FUNCTION"):
+        _configs(["--spec", str(module)])
+    from gigatron.training.gpt import load_layer_spec
+    with pytest.raises(ValueError, match="has no function 'missing'"):
+        load_layer_spec([str(module), "missing"])
+    with pytest.raises(ValueError, match="cannot import no_such_module_here"):
+        load_layer_spec(["no_such_module_here", "f"])
