@@ -9,6 +9,7 @@ taken, with the entry point it belongs to and what to expect of it."""
 from __future__ import annotations
 
 import contextlib
+import re
 import io
 from pathlib import Path
 
@@ -538,3 +539,10 @@ def test_spec_builds_the_layers_with_the_users_function(tmp_path):
         load_layer_spec([str(module), "missing"])
     with pytest.raises(ValueError, match="cannot import no_such_module_here"):
         load_layer_spec(["no_such_module_here", "f"])
+
+
+def test_the_readme_lists_every_flag_accepted_without_effect():
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("Accepted without effect", 1)[1].split("Refused with one line", 1)[0]
+    listed = set(re.findall(r"^\| `(--[a-z0-9-]+)` \|", section, flags=re.M))
+    assert listed == set(A.ACCEPTED_NO_EFFECT)
