@@ -28,7 +28,8 @@ __all__ = ["Job", "Scheduler"]
 @dataclasses.dataclass
 class Job:
     """prompt_tokens: token ids per prompt; on_step(step, tokens, active, offset) per sampled token
-    for rows offset.. of this job (may return bools ending those rows); beam: (width, stop_token,
+    for rows offset.. of this job (may return bools ending those rows; with wants_logprobs also the
+    engine's log-probability keywords, sliced to the job's rows); beam: (width, stop_token,
     length_penalty); withdrawn: the client went away (see withdraw)."""
     prompt_tokens: List[List[int]]
     params: SamplingParams
@@ -36,6 +37,8 @@ class Job:
     beam: Optional[tuple] = None
     future: concurrent.futures.Future = dataclasses.field(default_factory=concurrent.futures.Future)
     withdrawn: bool = False
+    wants_logprobs: bool = False
+    """on_step takes the engine's per-step log-probability keywords (engine.generate_tokens)."""
 
     def alone(self) -> bool:
         return self.beam is not None or self.params.random_seed >= 0
@@ -53,7 +56,7 @@ def _merge(results: List[GenerationResult]) -> GenerationResult:
         return None if any(v is None for v in values) else [x for v in values for x in v]
     return GenerationResult(tokens=cat("tokens"), texts=cat("texts"), segments=cat("segments"),
                             logprobs=cat("logprobs"), prompt_lengths=cat("prompt_lengths"),
-                            top_logprobs=cat("top_logprobs"))
+                            top_logprobs=cat("top_logprobs"), prompt_top_logprobs=cat("prompt_top_logprobs"))
 
 
 class Scheduler:
@@ -145,21 +148,25 @@ class Scheduler:
 
         on_step = None
         if any(job.on_step is not None for job in batch):
-            def on_step(step, tokens, active):
+            def on_step(step, tokens, active, **scores):
                 stop = [False] * len(tokens)
                 for job, (lo, hi) in zip(batch, bounds):
                     if job.on_step is None:
                         continue
-                    extra = job.on_step(step, tokens[lo:hi], active[lo:hi], offset=0)
+                    mine = ({k: None if v is None else v[lo:hi] for k, v in scores.items()}
+                            if job.wants_logprobs else {})
+                    extra = job.on_step(step, tokens[lo:hi], active[lo:hi], offset=0, **mine)
                     if extra is not None:
                         stop[lo:hi] = list(extra)
                 return stop
+            on_step.wants_logprobs = any(job.wants_logprobs for job in batch)
         self.batches_run += 1
         self.largest_batch = max(self.largest_batch, len(prompts))
         # Same batch key; the outputs asked for are the union of what the jobs want.
         params = dataclasses.replace(batch[0].params,
                                      return_log_probs=any(job.params.return_log_probs for job in batch),
-                                     top_logprobs=max(job.params.top_logprobs for job in batch))
+                                     top_logprobs=max(job.params.top_logprobs for job in batch),
+                                     prompt_top_logprobs=any(job.params.prompt_top_logprobs for job in batch))
         result = self.runner.generate_tokens(prompts, params, on_step, cancelled)
         for job, (lo, hi) in zip(batch, bounds):
             job.future.set_result(_slice(result, lo, hi))
@@ -175,8 +182,9 @@ class Scheduler:
             on_step = None
             if job.on_step is not None:
                 # Streaming a request split into batches: rows are reported with their offset.
-                def on_step(step, tokens, active, lo=lo):
-                    return job.on_step(step, tokens, active, offset=lo)
+                def on_step(step, tokens, active, lo=lo, **scores):
+                    return job.on_step(step, tokens, active, offset=lo, **scores)
+                on_step.wants_logprobs = job.wants_logprobs
             self.batches_run += 1
             self.largest_batch = max(self.largest_batch, len(chunk))
             results.append(self.runner.generate_tokens(chunk, job.params, on_step,
@@ -189,4 +197,5 @@ def _slice(result: GenerationResult, lo: int, hi: int) -> GenerationResult:
         return None if value is None else value[lo:hi]
     return GenerationResult(tokens=result.tokens[lo:hi], texts=result.texts[lo:hi], segments=result.segments[lo:hi],
                             logprobs=part(result.logprobs), prompt_lengths=result.prompt_lengths[lo:hi],
-                            top_logprobs=part(result.top_logprobs))
+                            top_logprobs=part(result.top_logprobs),
+                            prompt_top_logprobs=part(result.prompt_top_logprobs))
