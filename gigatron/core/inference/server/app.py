@@ -201,8 +201,8 @@ def build_app(runner, tokenizer, *, max_batch_size: int, max_sequence_length: in
                                              f"{max_sequence_length}; shorten the prompt")
         try:
             engine.check_fits(prompt_tokens, tokens_to_generate)
-        except PromptTooLongError as exc:
-            raise RequestError(tokens_field, str(exc)) from None
+        except PromptTooLongError as exc:  # named as the route names the count
+            raise RequestError(tokens_field, str(exc).replace("tokens_to_generate", tokens_field)) from None
 
     async def wait(job: Job, request: Request):
         """The job's result, or _DISCONNECTED once the client has gone (the job is then withdrawn)."""
@@ -488,7 +488,12 @@ def build_app(runner, tokenizer, *, max_batch_size: int, max_sequence_length: in
                 text = template.render(req.messages)
             except ChatTemplateError as exc:
                 raise RequestError("messages", str(exc)) from None
-            ids = tokenize([text], False, "messages")[0]
+            try:
+                ids = list(tokenizer.tokenize(text))
+            except Exception as exc:  # noqa: BLE001 - text the tokenizer cannot encode is bad input
+                raise RequestError("messages", f"the messages cannot be tokenized: {type(exc).__name__}: {exc}") from None
+            if not ids:
+                raise RequestError("messages", "the chat template made an empty prompt of these messages")
             bos = getattr(tokenizer, "bos", None)
             if isinstance(bos, int) and bos >= 0 and len(ids) > 1 and ids[0] == ids[1] == bos:
                 ids = ids[1:]  # the template wrote the BOS and the tokenizer added another
