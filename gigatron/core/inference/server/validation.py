@@ -309,7 +309,8 @@ def _sampling(payload: dict, defaults: ServerDefaults, tokens: int, return_log_p
     return SamplingParams(
         tokens_to_generate=tokens, return_log_probs=return_log_probs,
         temperature=1.0 if greedy else float(temperature), top_k=1 if greedy else top_k,
-        top_p=0.0 if (greedy or top_p >= 1.0) else float(top_p), random_seed=-1 if seed is None else seed,
+        # A greedy request draws nothing: its seed is dropped, so that it can share a batch.
+        top_p=0.0 if (greedy or top_p >= 1.0) else float(top_p), random_seed=-1 if seed is None or greedy else seed,
         top_logprobs=top_logprobs, presence_penalty=_penalty(payload, "presence_penalty"),
         frequency_penalty=_penalty(payload, "frequency_penalty"), logit_bias=_logit_bias(payload),
         prompt_top_logprobs=prompt_top_logprobs)

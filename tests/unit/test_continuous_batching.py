@@ -1,0 +1,104 @@
+"""Continuous batching (gigatron/core/inference/continuous.py and the server's
+--inference-dynamic-batching): sequences that join and leave the running batch at different steps,
+with chunked prefill and fewer slots than requests, give what each request gives alone."""
+
+import os
+import sys
+import threading
+
+import httpx
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _inference_fixtures import CharTokenizer, tiny_model  # noqa: E402
+
+from gigatron.core.inference.continuous import ContinuousBatcher, Sequence  # noqa: E402
+from gigatron.core.inference.engine import InferenceEngine, SamplingParams  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+TOK = CharTokenizer()
+
+
+@pytest.fixture(scope="module")
+def engines():
+    model = tiny_model(seed=5, position_embedding_type="rope")
+    return InferenceEngine(model, TOK, max_batch_size=4), InferenceEngine(model, TOK, max_batch_size=4)
+
+
+def _alone(engine, prompt, params):
+    r = engine.generate_tokens([TOK.tokenize(prompt)], params)
+    return r.tokens[0][len(prompt):], r
+
+
+PROMPTS = ["hello", "a much longer prompt than the others, read in chunks", "ab", "the cat", "x", "zzz top",
+           "one two three four"]
+
+
+def test_joining_and_leaving_equals_each_request_alone(engines):
+    engine, reference = engines
+    batcher = ContinuousBatcher(engine, max_requests=3, prefill_chunk=4)
+    seqs = []
+    for i, prompt in enumerate(PROMPTS):
+        params = SamplingParams(tokens_to_generate=3 + (5 * i) % 9, top_k=1, stop_at_eod=i % 2 == 0,
+                                return_log_probs=True, top_logprobs=2)
+        seqs.append(Sequence(TOK.tokenize(prompt), params))
+    # Requests arrive while others run: two now, the rest one every other step.
+    batcher.add(seqs[0])
+    batcher.add(seqs[1])
+    pending = list(seqs[2:])
+    step = 0
+    while batcher.busy() or pending:
+        if pending and step % 2 == 1:
+            batcher.add(pending.pop(0))
+        batcher.step()
+        assert batcher.running() <= 3
+        step += 1
+    assert batcher.largest_batch == 3  # the slots were shared
+    for prompt, seq in zip(PROMPTS, seqs):
+        want, ref = _alone(reference, prompt, seq.params)
+        assert seq.done and seq.generated == want, prompt
+        lps = ref.logprobs[0][len(prompt) - 1:]
+        assert seq.logprobs == pytest.approx(lps, abs=1e-4)
+        assert seq.prompt_logprobs == pytest.approx(ref.logprobs[0][: len(prompt) - 1], abs=1e-4)
+        assert [max(t, key=t.get) for t in seq.top_logprobs] == [max(t, key=t.get) for t in ref.top_logprobs[0]]
+
+
+def test_seeded_sampling_and_penalties_equal_alone(engines):
+    engine, reference = engines
+    batcher = ContinuousBatcher(engine, max_requests=2, prefill_chunk=3)
+    cases = [("hello", SamplingParams(tokens_to_generate=12, temperature=0.8, top_p=0.9, random_seed=7)),
+             ("abc", SamplingParams(tokens_to_generate=10, temperature=1.3, top_k=5, random_seed=3)),
+             ("the cat", SamplingParams(tokens_to_generate=8, top_k=1, frequency_penalty=1.5, presence_penalty=0.5,
+                                        logit_bias=((TOK.tokenize("q")[0], 3.0),)))]
+    seqs = [Sequence(TOK.tokenize(p), params, seed=params.random_seed) for p, params in cases]
+    for seq in seqs:
+        batcher.add(seq)
+    while batcher.busy():
+        batcher.step()
+    for (prompt, params), seq in zip(cases, seqs):
+        want, _ = _alone(reference, prompt, params)
+        assert seq.generated == want, prompt
+
+
+def test_withdrawn_and_stopped_sequences_free_their_slots(engines):
+    engine, _ = engines
+    batcher = ContinuousBatcher(engine, max_requests=1, prefill_chunk=8)
+    gone = {"flag": False}
+    long = Sequence(TOK.tokenize("ab"), SamplingParams(tokens_to_generate=40, top_k=1, stop_at_eod=False),
+                    withdrawn=lambda: gone["flag"])
+    stops = []
+    short = Sequence(TOK.tokenize("cd"), SamplingParams(tokens_to_generate=40, top_k=1, stop_at_eod=False),
+                     on_token=lambda token, lp, top, prompt: stops.append(token) or len(stops) == 3)
+    batcher.add(long)
+    batcher.add(short)  # waits: one slot
+    for _ in range(5):
+        batcher.step()
+    assert batcher.running() == 1 and len(short.generated) == 0 and len(long.generated) == 5
+    gone["flag"] = True
+    while batcher.busy():
+        batcher.step()
+    assert long.done and len(long.generated) == 5  # ended at the next step
+    assert short.done and len(short.generated) == 3  # its callback ended it
+    with pytest.raises(ValueError, match="inference-max-seq-length"):
+        batcher.add(Sequence([1] * 60, SamplingParams(tokens_to_generate=10, top_k=1)))
