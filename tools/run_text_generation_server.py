@@ -52,6 +52,15 @@ def add_text_generate_args(parser: argparse.ArgumentParser) -> argparse.Argument
                             "request (tens of seconds each)")
     group.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
                        help="largest request body served; larger ones get HTTP 413 (default 8 MiB)")
+    group.add_argument("--inference-dynamic-batching", action="store_true",
+                       help="continuous batching: requests join and leave one running batch at every decode step "
+                            "(one process; see docs/architecture.md, Inference)")
+    group.add_argument("--inference-max-requests", type=int, default=None,
+                       help="with --inference-dynamic-batching: KV-cache slots, i.e. sequences decoded together; "
+                            "more wait in a queue (default --max-batch-size)")
+    group.add_argument("--inference-prefill-chunk-size", type=int, default=256,
+                       help="with --inference-dynamic-batching: prompt tokens read per step, so that a long prompt "
+                            "does not stall the sequences being decoded")
     group.add_argument("--chat-template", default=None,
                        help="Jinja chat template of /v1/chat/completions (a file, or a tokenizer_config.json "
                             "holding one); default: the tokenizer's own, if it has one")
@@ -160,6 +169,12 @@ def main(argv=None) -> int:
                       defaults={"no_load_rng": True, "no_load_optim": True, "exit_on_missing_checkpoint": True})
     if args.max_request_bytes < 1:
         raise ValueError(f"--max-request-bytes must be >= 1, got {args.max_request_bytes}")
+    if args.inference_dynamic_batching and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        raise ValueError("--inference-dynamic-batching serves from one process; drop it or run without torchrun")
+    for flag in ("inference_max_requests", "inference_prefill_chunk_size"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
     if args.chat_template:
         from gigatron.core.inference.server.chat import load_chat_template
         load_chat_template(args.chat_template)  # a missing or empty file fails before the model loads
@@ -178,7 +193,9 @@ def main(argv=None) -> int:
         app = build_app(runner, engine.tokenizer, max_batch_size=args.max_batch_size,
                         max_sequence_length=engine.max_sequence_length, defaults=defaults,
                         max_request_bytes=args.max_request_bytes, model_name=args.served_model_name,
-                        chat_template=chat_template_from_args(args, engine.tokenizer))
+                        chat_template=chat_template_from_args(args, engine.tokenizer),
+                        dynamic_batching=args.inference_dynamic_batching, max_requests=args.inference_max_requests,
+                        prefill_chunk=args.inference_prefill_chunk_size)
         serve(app, host=args.host, port=args.port)
         return 0
     finally:

@@ -102,3 +102,63 @@ def test_withdrawn_and_stopped_sequences_free_their_slots(engines):
     assert short.done and len(short.generated) == 3  # its callback ended it
     with pytest.raises(ValueError, match="inference-max-seq-length"):
         batcher.add(Sequence([1] * 60, SamplingParams(tokens_to_generate=10, top_k=1)))
+
+
+def test_server_with_dynamic_batching_serves_concurrent_clients(engines):
+    """--inference-dynamic-batching: 12 clients at once (more than the 3 slots), through PUT /api
+    and /v1/completions, get what each request gives alone; the rows shared decode steps."""
+    import concurrent.futures
+
+    import uvicorn
+
+    from gigatron.core.inference.broadcast import LocalRunner
+    from gigatron.core.inference.server.app import build_app
+    from tests.parallel.harness import free_port
+
+    engine, reference = engines
+    app = build_app(LocalRunner(engine), TOK, max_batch_size=4, max_sequence_length=64, dynamic_batching=True,
+                    max_requests=3, prefill_chunk=5)
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    import time
+    for _ in range(200):
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.05)
+    try:
+        prompts = [PROMPTS[i % len(PROMPTS)] for i in range(12)]
+        lengths = [3 + (7 * i) % 11 for i in range(12)]
+        barrier = threading.Barrier(12)
+
+        def one(i):
+            barrier.wait()
+            if i % 2:
+                r = httpx.put(url + "/api", json={"prompts": [prompts[i]], "tokens_to_generate": lengths[i], "top_k": 1},
+                              timeout=120)
+                return r.json()["tokens"][0][len(prompts[i]):]
+            r = httpx.post(url + "/v1/completions", json={"prompt": prompts[i], "max_tokens": lengths[i],
+                                                          "temperature": 0}, timeout=120)
+            return TOK.tokenize(r.json()["choices"][0]["text"])
+
+        with concurrent.futures.ThreadPoolExecutor(max_workers=12) as pool:
+            got = list(pool.map(one, range(12)))
+        for i, tokens in enumerate(got):
+            want, _ = _alone(reference, prompts[i], SamplingParams(tokens_to_generate=lengths[i], top_k=1))
+            assert tokens == [t for t in want if t != TOK.eod], i
+        assert app.state.scheduler.largest_batch > 1
+        # Beam search and scoring still work (static engine between steps).
+        r = httpx.put(url + "/api", json={"prompts": ["ab"], "tokens_to_generate": 3, "beam_width": 2, "stop_token": 0},
+                      timeout=60)
+        assert r.status_code == 200 and r.json()["text"] == reference.beam_search("ab", 3, 2, stop_token=0).texts
+        r = httpx.post(url + "/v1/completions", json={"prompt": "hello", "max_tokens": 0, "echo": True, "logprobs": 1},
+                       timeout=60)
+        assert r.status_code == 200 and len(r.json()["choices"][0]["logprobs"]["tokens"]) == 5
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)
+        app.state.scheduler.close()

@@ -47,22 +47,44 @@ def _start(app):
     return url, srv, thread
 
 
-@pytest.fixture(scope="module")
-def served():
+@pytest.fixture(scope="module", params=["static", "continuous"])
+def served(request):
+    """The server with whole-batch scheduling, and with continuous batching (3 slots, prompts read
+    4 tokens a step)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     model = tiny_model(seed=11, position_embedding_type="rope")
     engine = InferenceEngine(model, TOK, max_batch_size=8)
     reference = InferenceEngine(model, TOK, max_batch_size=8)  # its own KV cache
     app = build_app(LocalRunner(engine), TOK, max_batch_size=8, max_sequence_length=engine.max_sequence_length,
-                    defaults=ServerDefaults(tokens_to_generate=8), model_name=MODEL, chat_template=TEMPLATE)
+                    defaults=ServerDefaults(tokens_to_generate=8), model_name=MODEL, chat_template=TEMPLATE,
+                    dynamic_batching=request.param == "continuous", max_requests=3, prefill_chunk=4)
+    assert type(app.state.scheduler).__name__ == ("ContinuousScheduler" if request.param == "continuous" else "Scheduler")
     url, srv, thread = _start(app)
     client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
-    yield client, reference, url
+    yield client, Reference(reference, request.param == "continuous"), url
     srv.should_exit = True
     thread.join(timeout=10)
     app.state.scheduler.close()
     torch.set_num_threads(threads)
+
+
+class Reference:
+    """The engine, called directly: generate_tokens as the server's scheduler runs a request. With
+    continuous batching row i of a seeded request draws alone from seed + i."""
+
+    def __init__(self, engine, continuous):
+        self.engine = engine
+        self.continuous = continuous
+
+    def generate_tokens(self, rows, params):
+        if not self.continuous or params.random_seed < 0 or len(rows) == 1:
+            return self.engine.generate_tokens(rows, params)
+        import dataclasses
+
+        from gigatron.core.inference.server.scheduler import _merge
+        return _merge([self.engine.generate_tokens([row], dataclasses.replace(params, random_seed=params.random_seed + i))
+                       for i, row in enumerate(rows)])
 
 
 def _greedy(reference, prompt, n, **kw):

@@ -59,7 +59,7 @@ def continuous_capable(params: SamplingParams) -> bool:
                 or params.top_p_decay > 0.0)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)  # compared by identity
 class Sequence:
     """One row of a request. on_token(token, logprob, top, prompt_scores) is called on the host for
     each sampled token (prompt_scores: (prompt log-probabilities, prompt top dicts or None) with the
@@ -93,7 +93,7 @@ class ContinuousBatcher:
         if max_requests < 1:
             raise ValueError(f"--inference-max-requests must be >= 1, got {max_requests}")
         if prefill_chunk < 1:
-            raise ValueError(f"--inference-dynamic-batching-chunk-size must be >= 1, got {prefill_chunk}")
+            raise ValueError(f"--inference-prefill-chunk-size must be >= 1, got {prefill_chunk}")
         if engine.groups.tp.size != 1:
             raise ValueError("continuous batching runs on one process; use --tensor-model-parallel-size 1 "
                              "or leave --inference-dynamic-batching off")
@@ -202,11 +202,12 @@ class ContinuousBatcher:
         self.largest_batch = max(self.largest_batch, len(decoding))
         tokens = [engine.eod] * m
         positions = [0] * m
+        now = {id(s) for s in decoding}
         for slot in range(m):
             seq = self.slots[slot]
             if seq is None:
                 continue
-            if seq in decoding:
+            if id(seq) in now:
                 tokens[slot] = seq.generated[-1]
                 positions[slot] = len(seq.prompt) + len(seq.generated) - 1
             else:  # in prefill: padding at the first position it has not written (overwritten later)

@@ -33,7 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from gigatron.core.inference.engine import PromptTooLongError
 from gigatron.core.inference.server.chat import ChatTemplate, ChatTemplateError
 from gigatron.core.inference.server.completions import CompletionTracker, chat_logprobs, completion_logprobs
-from gigatron.core.inference.server.scheduler import Job, Scheduler
+from gigatron.core.inference.server.scheduler import ContinuousScheduler, Job, Scheduler
 from gigatron.core.inference.server.validation import (
     DEFAULT_MAX_REQUEST_BYTES,
     RequestError,
@@ -137,17 +137,24 @@ async def _until_disconnected(request: Request) -> None:
 
 def build_app(runner, tokenizer, *, max_batch_size: int, max_sequence_length: int,
               defaults: ServerDefaults = ServerDefaults(), model_name: str = "gigatron",
-              max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, chat_template: Optional[str] = None):
+              max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, chat_template: Optional[str] = None,
+              dynamic_batching: bool = False, max_requests: Optional[int] = None, prefill_chunk: int = 256):
     """The FastAPI app; `runner` is a LocalRunner or LeaderRunner (gigatron.core.inference.broadcast).
     model_name: the id of GET /v1/models (a request naming another model gets 404); chat_template:
-    the Jinja chat template of /v1/chat/completions (server/chat.py; None: that route answers 400)."""
+    the Jinja chat template of /v1/chat/completions (server/chat.py; None: that route answers 400).
+    dynamic_batching: requests join and leave one running batch at every step (ContinuousScheduler,
+    max_requests slots, default max_batch_size; prompts read prefill_chunk tokens a step);
+    otherwise compatible requests are batched whole (Scheduler)."""
     if max_request_bytes < 1:
         raise ValueError(f"--max-request-bytes must be >= 1, got {max_request_bytes}")
     template = None
     if chat_template is not None:
         template = ChatTemplate(chat_template, bos_token=_special_text(tokenizer, "bos"),
                                 eos_token=_special_text(tokenizer, "eod"))
-    scheduler = Scheduler(runner, max_batch_size)
+    if dynamic_batching:
+        scheduler = ContinuousScheduler(runner, max_requests or max_batch_size, prefill_chunk)
+    else:
+        scheduler = Scheduler(runner, max_batch_size)
     app = FastAPI(title="Gigatron text generation")
     app.state.scheduler = scheduler
     engine = runner.engine
