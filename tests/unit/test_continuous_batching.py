@@ -162,3 +162,20 @@ def test_server_with_dynamic_batching_serves_concurrent_clients(engines):
         srv.should_exit = True
         thread.join(timeout=10)
         app.state.scheduler.close()
+
+
+def test_serving_benchmark_cpu_smoke(tmp_path, capsys):
+    """bench/bench_serving.py --cpu-smoke runs both schedulers end to end and writes its rows."""
+    import json
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                                    "bench"))
+    import bench_serving
+
+    out = tmp_path / "serving.json"
+    assert bench_serving.main(["--cpu-smoke", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["scheduler"] for r in rows] == ["static", "continuous"]
+    for row in rows:
+        assert row["requests"] == 8 and row["output_tokens_per_s"] > 0 and row["ttft_p99_ms"] >= row["ttft_p50_ms"]
+    assert "itl_p99_ms" in capsys.readouterr().out
