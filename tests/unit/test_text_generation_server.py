@@ -613,7 +613,12 @@ def test_server_tool_reports_user_errors_in_one_line():
     tool = os.path.join(ROOT, "tools", "run_text_generation_server.py")
     for flags, message in ((["--vocab-size", "100"], "error: give the checkpoint to serve with --load"),
                            (["--load", "ckpt", "--vocab-size", "100", "--max-request-bytes", "0"],
-                            "error: --max-request-bytes must be >= 1, got 0")):
+                            "error: --max-request-bytes must be >= 1, got 0"),
+                           (["--load", "ckpt", "--vocab-size", "100", "--chat-template", "missing.jinja"],
+                            "error: --chat-template missing.jinja: no such file"),
+                           (["--load", "ckpt", "--vocab-size", "100", "--inference-dynamic-batching",
+                             "--inference-max-requests", "0"],
+                            "error: --inference-max-requests must be >= 1, got 0")):
         out = subprocess.run([sys.executable, tool, *flags], capture_output=True, text=True, timeout=300)
         assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
 

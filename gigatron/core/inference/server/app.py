@@ -1,17 +1,21 @@
-"""The HTTP server: Megatron's `PUT /api`, OpenAI-style `POST /v1/completions`, `GET /health`.
+"""The HTTP server: Megatron's `PUT /api`; OpenAI's `POST /v1/completions`, `POST /v1/chat/completions`
+and `GET /v1/models`; `GET /health`.
 
     app = build_app(runner, tokenizer, max_batch_size=8, max_sequence_length=2048,
-                    max_request_bytes=DEFAULT_MAX_REQUEST_BYTES)
+                    max_request_bytes=DEFAULT_MAX_REQUEST_BYTES, model_name="gigatron",
+                    chat_template=None, dynamic_batching=False)
     serve(app, host="127.0.0.1", port=5000)          # blocks; binds to localhost unless told
 
-The app owns a Scheduler (one worker thread runs the model); handlers read the body (HTTP 413 above
-max_request_bytes, refused from Content-Length before reading where the client sends one),
-validate the request (HTTP 400 {"error", "field"} on anything wrong, before any model work),
-tokenize, check that the prompts plus the tokens to generate fit the model, queue the job and
-wait for its result. Parsing, logging and tokenizing a body run in a worker thread, never on the
-event loop, so a large request does not hold up /health or other clients. A client that
-disconnects before its answer withdraws its job (scheduler.Job.withdraw): queued, it never runs;
-running, its rows end at the next decode step.
+The app owns a scheduler (one worker thread runs the model: whole batches, or with
+dynamic_batching one continuous batch); handlers read the body (HTTP 413 above max_request_bytes,
+refused from Content-Length before reading where the client sends one), validate the request
+(HTTP 400 naming the field, before any model work: `{"error", "field"}` on /api, OpenAI's
+`{"error": {"message", "type", "param", "code"}}` elsewhere), tokenize, check that the prompts plus
+the tokens to generate fit the model, queue the job and wait for its result. Parsing, logging and
+tokenizing a body run in a worker thread, never on the event loop, so a large request does not
+hold up /health or other clients. A client that disconnects before its answer withdraws its job
+(scheduler.Job.withdraw): queued, it never runs; running, its rows end at the next decode step.
+What the OpenAI routes answer is built by server/completions.py (CompletionTracker).
 """
 
 from __future__ import annotations
