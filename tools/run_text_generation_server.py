@@ -129,10 +129,7 @@ def build_engine_from_args(args):
     if args.data_parallel_size != 1:
         raise ValueError(f"{world_size} processes with --tensor-model-parallel-size {args.tensor_model_parallel_size}: "
                          "a generation server uses exactly tensor-model-parallel-size processes")
-    validate.check_precision(args)
-    validate.check_attention_heads(args)
-    validate.check_query_groups(args)
-    validate.check_seq_length_fits_positions(args)
+    # Heads, query groups, positions and precision are checked by the configs (configs_from_args below).
     # One token per step cannot be split over sequence-parallel ranks; dropout is off for inference.
     args.sequence_parallel = False
     args.attention_dropout = 0.0
