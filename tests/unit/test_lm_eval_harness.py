@@ -1,7 +1,8 @@
 """lm-evaluation-harness's `local-completions` backend against the server, with offline YAML
 tasks over local JSONL files (loglikelihood with acc = is_greedy and perplexity,
 loglikelihood_rolling, multiple_choice, generate_until), and its numbers against the harness's
-own HuggingFace backend on the same weights.
+own HuggingFace backend on the same weights, with the server's whole-batch scheduler and with
+continuous batching (3 slots, prompts read 16 tokens a step, 4 concurrent harness requests).
 
 The weights: a tiny random GPT-2 saved by transformers with a character-level tokenizer
 (tokenizer.json); the server loads that folder with gigatron.from_pretrained (the HuggingFace ->
@@ -107,6 +108,7 @@ def _write_tasks(folder, model, tokenizer):
 
 @pytest.fixture(scope="module")
 def harness_setup(tmp_path_factory):
+    """The HF folder, the tasks, and a server per scheduler: harness_setup[1](name) -> url."""
     import gigatron
     import uvicorn
     from gigatron.core.tokenizers.huggingface import HuggingFaceTokenizer
@@ -122,23 +124,42 @@ def harness_setup(tmp_path_factory):
     loaded = gigatron.from_pretrained(hf_dir)
     tokenizer = HuggingFaceTokenizer(hf_dir)
     vocab = hf_model.config.vocab_size
-    engine = InferenceEngine(loaded.model, tokenizer, vocab_size=vocab, max_batch_size=8, max_sequence_length=CONTEXT)
-    app = build_app(LocalRunner(engine), tokenizer, max_batch_size=8, max_sequence_length=CONTEXT, model_name=MODEL)
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(200):
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.05)
-    yield url, hf_dir, str(root), tasks
-    srv.should_exit = True
-    thread.join(timeout=10)
-    app.state.scheduler.close()
+    servers = {}
+
+    def url_of(scheduler):
+        if scheduler not in servers:
+            engine = InferenceEngine(loaded.model, tokenizer, vocab_size=vocab, max_batch_size=8,
+                                     max_sequence_length=CONTEXT)
+            app = build_app(LocalRunner(engine), tokenizer, max_batch_size=8, max_sequence_length=CONTEXT,
+                            model_name=MODEL, dynamic_batching=scheduler == "continuous", max_requests=3,
+                            prefill_chunk=16)
+            port = free_port()
+            srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+            thread = threading.Thread(target=srv.run, daemon=True)
+            thread.start()
+            url = f"http://127.0.0.1:{port}"
+            for _ in range(200):
+                try:
+                    if httpx.get(url + "/health", timeout=1).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    time.sleep(0.05)
+            servers[scheduler] = (url, srv, thread, app)
+        return servers[scheduler][0]
+
+    hf_results = {}
+
+    def hf_reference():
+        if not hf_results:
+            hf_results.update(_evaluate("hf", {"pretrained": hf_dir, "device": "cpu", "dtype": "float32",
+                                               "max_length": CONTEXT - 1}, str(root), tasks))
+        return hf_results
+
+    yield url_of, hf_dir, str(root), tasks, hf_reference
+    for url, srv, thread, app in servers.values():
+        srv.should_exit = True
+        thread.join(timeout=10)
+        app.state.scheduler.close()
 
 
 def _evaluate(model, model_args, root, tasks):
@@ -151,13 +172,14 @@ def _evaluate(model, model_args, root, tasks):
     return out
 
 
-def test_local_completions_match_the_hf_backend(harness_setup):
-    url, hf_dir, root, tasks = harness_setup
-    ours = _evaluate("local-completions", {"base_url": url + "/v1/completions", "model": MODEL, "tokenizer": hf_dir,
-                                           "tokenizer_backend": "huggingface", "max_length": CONTEXT,
-                                           "num_concurrent": 1, "max_retries": 1}, root, tasks)
-    hf = _evaluate("hf", {"pretrained": hf_dir, "device": "cpu", "dtype": "float32", "max_length": CONTEXT - 1},
-                   root, tasks)
+@pytest.mark.parametrize("scheduler", ["static", "continuous"])
+def test_local_completions_match_the_hf_backend(harness_setup, scheduler):
+    url_of, hf_dir, root, tasks, hf_reference = harness_setup
+    ours = _evaluate("local-completions", {"base_url": url_of(scheduler) + "/v1/completions", "model": MODEL,
+                                           "tokenizer": hf_dir, "tokenizer_backend": "huggingface",
+                                           "max_length": CONTEXT, "num_concurrent": 4 if scheduler == "continuous" else 1,
+                                           "max_retries": 1}, root, tasks)
+    hf = hf_reference()
     for task in tasks:
         a, b = ours["results"][task], hf["results"][task]
         metrics = [k for k in b if k.endswith(",none") and not k.endswith("_stderr,none")]
