@@ -58,6 +58,9 @@ def add_text_generate_args(parser: argparse.ArgumentParser) -> argparse.Argument
     group.add_argument("--inference-max-requests", type=int, default=None,
                        help="with --inference-dynamic-batching: KV-cache slots, i.e. sequences decoded together; "
                             "more wait in a queue (default --max-batch-size)")
+    group.add_argument("--inference-dynamic-batching-buffer-size-gb", type=float, default=None,
+                       help="with --inference-dynamic-batching: the KV-cache memory; the slots are as many as fit "
+                            "(at most --inference-max-requests where given)")
     group.add_argument("--inference-prefill-chunk-size", type=int, default=256,
                        help="with --inference-dynamic-batching: prompt tokens read per step, so that a long prompt "
                             "does not stall the sequences being decoded")
@@ -94,6 +97,19 @@ def chat_template_from_args(args, tokenizer):
     if getattr(args, "chat_template", None):
         return load_chat_template(args.chat_template)
     return find_chat_template(tokenizer, getattr(args, "tokenizer_model", None))
+
+
+def dynamic_slots(args, engine):
+    """The continuous batch's slots: --inference-max-requests, capped by what
+    --inference-dynamic-batching-buffer-size-gb holds; None: --max-batch-size."""
+    from gigatron.core.inference.continuous import slots_for_buffer
+
+    slots = getattr(args, "inference_max_requests", None)
+    buffer_gb = getattr(args, "inference_dynamic_batching_buffer_size_gb", None)
+    if buffer_gb is not None:
+        fit = slots_for_buffer(engine.model, engine.max_sequence_length, buffer_gb)
+        slots = fit if slots is None else min(slots, fit)
+    return slots
 
 
 def decode_mode_from_args(args) -> str:
@@ -191,7 +207,7 @@ def main(argv=None) -> int:
                         max_sequence_length=engine.max_sequence_length, defaults=defaults,
                         max_request_bytes=args.max_request_bytes, model_name=args.served_model_name,
                         chat_template=chat_template_from_args(args, engine.tokenizer),
-                        dynamic_batching=args.inference_dynamic_batching, max_requests=args.inference_max_requests,
+                        dynamic_batching=args.inference_dynamic_batching, max_requests=dynamic_slots(args, engine),
                         prefill_chunk=args.inference_prefill_chunk_size)
         serve(app, host=args.host, port=args.port)
         return 0

@@ -179,3 +179,28 @@ def test_serving_benchmark_cpu_smoke(tmp_path, capsys):
     for row in rows:
         assert row["requests"] == 8 and row["output_tokens_per_s"] > 0 and row["ttft_p99_ms"] >= row["ttft_p50_ms"]
     assert "itl_p99_ms" in capsys.readouterr().out
+
+
+def test_slots_from_a_memory_buffer(engines):
+    """--inference-dynamic-batching-buffer-size-gb: as many slots as the buffer holds, capped by
+    --inference-max-requests; a buffer too small for one sequence is an error naming the flag."""
+    import argparse
+
+    from gigatron.core.inference.continuous import slot_bytes, slots_for_buffer
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                                    "tools"))
+    from run_text_generation_server import dynamic_slots
+
+    engine, _ = engines
+    per_slot = slot_bytes(engine.model, 64)
+    assert per_slot == 2 * 2 * 64 * 4 * 8 * 4  # k and v, 2 layers, 64 positions, 4 groups, head dim 8, fp32
+    gib = 10.5 * per_slot / 2 ** 30
+    assert slots_for_buffer(engine.model, 64, gib) == 10
+    assert engine.context().nbytes() == engine.max_batch_size * per_slot  # the same count as the cache holds
+    args = argparse.Namespace(inference_max_requests=None, inference_dynamic_batching_buffer_size_gb=gib)
+    assert dynamic_slots(args, engine) == 10
+    args.inference_max_requests = 4
+    assert dynamic_slots(args, engine) == 4
+    with pytest.raises(ValueError, match="--inference-dynamic-batching-buffer-size-gb .* holds no sequence"):
+        slots_for_buffer(engine.model, 64, per_slot / 2 / 2 ** 30)

@@ -49,7 +49,28 @@ from gigatron.core.inference.engine import InferenceEngine, SamplingParams
 from gigatron.core.inference.kv_cache import InferenceContext
 from gigatron.core.inference.sampling import sample
 
-__all__ = ["Sequence", "ContinuousBatcher", "continuous_capable"]
+__all__ = ["Sequence", "ContinuousBatcher", "continuous_capable", "slot_bytes", "slots_for_buffer"]
+
+
+def slot_bytes(model, max_sequence_length: int) -> int:
+    """KV-cache bytes of one slot: keys and values of every local layer for S positions
+    (2 * layers * S * key/value groups on this rank * head dim * bytes per element)."""
+    config = model.config
+    element = next(model.parameters()).element_size()
+    groups = config.num_query_groups // config.tensor_model_parallel_size
+    return 2 * len(model.decoder.layers) * max_sequence_length * groups * config.kv_channels * element
+
+
+def slots_for_buffer(model, max_sequence_length: int, buffer_gb: float) -> int:
+    """How many slots a KV-cache buffer of buffer_gb GiB holds (--inference-dynamic-batching-buffer-size-gb);
+    ValueError if not even one."""
+    per_slot = slot_bytes(model, max_sequence_length)
+    slots = int(buffer_gb * 2 ** 30) // per_slot
+    if slots < 1:
+        raise ValueError(f"--inference-dynamic-batching-buffer-size-gb {buffer_gb} holds no sequence: one slot of "
+                         f"{max_sequence_length} positions takes {per_slot / 2 ** 30:.3g} GiB; give a larger buffer "
+                         "or a smaller --inference-max-seq-length")
+    return slots
 
 
 def continuous_capable(params: SamplingParams) -> bool:
