@@ -24,7 +24,8 @@ One call of step():
   3. decode: every sequence past its prefill feeds its latest token ([m, 1], each row at its own
      position; a slot that is free or still in prefill feeds a padding token at the first position
      it has not written, which its own next write overwrites before anything reads it); each row
-     samples its next token with its own sampling parameters and generator;
+     samples its next token with its own sampling parameters and generator (greedy rows share one
+     argmax; the step reads the device once, for every row's token and log-probabilities);
   4. bookkeeping on the host: a sequence ends at the end-of-document token, at its token limit,
      when its on_token callback says so (a stop string) or when it is withdrawn (its client went
      away); its slot is free for the next step.
@@ -214,7 +215,7 @@ class ContinuousBatcher:
                 values, ids = lp[:k].topk(n, dim=-1)
                 seq.prompt_top_logprobs += [dict(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
         if hi == len(seq.prompt):  # the prompt is read: its last logits give the first token
-            self._take(seq, logits[-1:], lp[-1:], ended, first=True)
+            self._take([seq], logits[-1:], lp[-1:], ended, first=True)
 
     def _decode(self, decoding: List[Sequence], ended: List[Sequence]) -> None:
         engine = self.engine
@@ -242,44 +243,66 @@ class ContinuousBatcher:
         view.positions, view._rows, view.kv_len = None, None, self.S
         logits = engine._forward(view, torch.tensor(tokens, device=device)[:, None],
                                  torch.tensor(positions, device=device)[:, None], kv_len)[:, -1]  # [m, V]
-        lp = F.log_softmax(logits, dim=-1)  # [m, V]
-        for seq in decoding:
-            if not seq.done:
-                self._take(seq, logits[seq.slot: seq.slot + 1], lp[seq.slot: seq.slot + 1], ended)
+        rows = torch.tensor([seq.slot for seq in decoding], device=device)
+        logits = logits[rows]  # [k, V], in the order of `decoding`
+        self._take(decoding, logits, F.log_softmax(logits, dim=-1), ended)
 
-    def _take(self, seq: Sequence, logits: torch.Tensor, lp: torch.Tensor, ended: List[Sequence],
+    def _take(self, seqs: List[Sequence], logits: torch.Tensor, lp: torch.Tensor, ended: List[Sequence],
               first: bool = False) -> None:
-        """Sample seq's next token from logits [1, V] (log-probabilities lp [1, V]) and apply the
-        stop rules."""
+        """Sample the next token of each of seqs from its row of logits [k, V] (log-probabilities
+        lp [k, V]) and apply the stop rules. The device work is queued for every row first (greedy
+        rows share one argmax, the others sample one by one from their own generators) and read
+        back once: tokens, their log-probabilities and the top log-probabilities."""
         engine = self.engine
-        params = seq.params
-        shaped = logits
-        if params.shapes_logits():
-            shaped = logits.clone()
+        device = logits.device
+        k = len(seqs)
+        plain = [i for i, s in enumerate(seqs) if s.params.top_k == 1 and not s.params.shapes_logits()]
+        new = torch.empty(k, dtype=torch.long, device=device)  # [k]
+        if plain:
+            index = torch.tensor(plain, device=device)
+            new[index] = logits[index].argmax(dim=-1)
+        greedy = set(plain)
+        for i, seq in enumerate(seqs):
+            if i in greedy:
+                continue
+            params = seq.params
+            shaped = logits[i: i + 1]
+            if params.shapes_logits():
+                if seq.counts is not None:
+                    shaped = (shaped - params.frequency_penalty * seq.counts
+                              - params.presence_penalty * (seq.counts > 0).float())
+                else:
+                    shaped = shaped.clone()
+                for token, bias in params.logit_bias:
+                    shaped[0, token] += bias
+            new[i] = sample(shaped, top_k=params.top_k, top_p=params.top_p, temperature=params.temperature,
+                            generator=seq.generator)[0]
+        for i, seq in enumerate(seqs):
             if seq.counts is not None:
-                shaped = shaped - params.frequency_penalty * seq.counts - params.presence_penalty * (seq.counts > 0).float()
-            for token, bias in params.logit_bias:
-                shaped[0, token] += bias
-        token = int(sample(shaped, top_k=params.top_k, top_p=params.top_p, temperature=params.temperature,
-                           generator=seq.generator)[0])
-        if seq.counts is not None:
-            seq.counts[token] += 1
-        logprob = float(lp[0, token])
-        top = None
-        n = min(params.top_logprobs, engine.vocab_size)
+                seq.counts.index_add_(0, new[i: i + 1], torch.ones(1, device=device))
+        chosen = lp.gather(-1, new[:, None])[:, 0]  # [k]
+        n = min(max(s.params.top_logprobs for s in seqs), engine.vocab_size)
+        top_values = top_ids = None
         if n > 0:
-            values, ids = lp[0].topk(n)
-            top = dict(zip(ids.tolist(), values.tolist()))
-        seq.generated.append(token)
-        seq.logprobs.append(logprob)
-        if top is not None:
-            seq.top_logprobs.append(top)
-        stop = False
-        if seq.on_token is not None:
-            prompt_scores = ((seq.prompt_logprobs, seq.prompt_top_logprobs if params.prompt_top_logprobs else None)
-                             if first else None)
-            stop = bool(seq.on_token(token, logprob, top, prompt_scores))
-        if (stop or (params.stop_at_eod and token == engine.eod)
-                or len(seq.generated) >= params.tokens_to_generate
-                or (seq.withdrawn is not None and seq.withdrawn())):
-            self._end(seq, ended)
+            top_values, top_ids = lp.topk(n, dim=-1)  # [k, n]
+            top_values, top_ids = top_values.tolist(), top_ids.tolist()
+        tokens, logprobs = new.tolist(), chosen.tolist()  # the one read of the step
+        for i, seq in enumerate(seqs):
+            params = seq.params
+            token = tokens[i]
+            top = None
+            if params.top_logprobs > 0:
+                m = min(params.top_logprobs, engine.vocab_size)
+                top = dict(zip(top_ids[i][:m], top_values[i][:m]))
+                seq.top_logprobs.append(top)
+            seq.generated.append(token)
+            seq.logprobs.append(logprobs[i])
+            stop = False
+            if seq.on_token is not None:
+                prompt_scores = ((seq.prompt_logprobs, seq.prompt_top_logprobs if params.prompt_top_logprobs else None)
+                                 if first else None)
+                stop = bool(seq.on_token(token, logprobs[i], top, prompt_scores))
+            if (stop or (params.stop_at_eod and token == engine.eod)
+                    or len(seq.generated) >= params.tokens_to_generate
+                    or (seq.withdrawn is not None and seq.withdrawn())):
+                self._end(seq, ended)
