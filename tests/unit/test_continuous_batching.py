@@ -204,3 +204,23 @@ def test_slots_from_a_memory_buffer(engines):
     assert dynamic_slots(args, engine) == 4
     with pytest.raises(ValueError, match="--inference-dynamic-batching-buffer-size-gb .* holds no sequence"):
         slots_for_buffer(engine.model, 64, per_slot / 2 / 2 ** 30)
+
+
+def test_prefill_budget_spreads_long_prompts_and_groups_short_ones(engines):
+    """A step reads at most --inference-prefill-chunk-size prompt tokens, oldest prompt first: three
+    short prompts start in one step; a long one takes several steps while the others decode."""
+    engine, _ = engines
+    batcher = ContinuousBatcher(engine, max_requests=4, prefill_chunk=10)
+    short = [Sequence(TOK.tokenize(p), SamplingParams(tokens_to_generate=20, top_k=1, stop_at_eod=False))
+             for p in ("abc", "de", "fgh")]
+    long = Sequence(TOK.tokenize("a prompt of thirty five characters"),
+                    SamplingParams(tokens_to_generate=5, top_k=1, stop_at_eod=False))
+    for seq in short + [long]:
+        batcher.add(seq)
+    batcher.step()
+    assert [len(s.generated) for s in short] == [1, 1, 1] and long.prefilled == 2  # 3 + 2 + 3 + 2 = 10
+    batcher.step()
+    assert [len(s.generated) for s in short] == [2, 2, 2] and long.prefilled == 12
+    for _ in range(3):
+        batcher.step()
+    assert long.prefilled == len(long.prompt) and len(long.generated) == 1 and len(short[0].generated) == 5

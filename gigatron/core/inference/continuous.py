@@ -17,10 +17,11 @@ left to the GPU benchmark, bench/bench_serving.py).
 One call of step():
   1. admission: waiting sequences take free slots, oldest first (a request waits while all B
      slots are taken: the memory cap queues, it never fails);
-  2. prefill: the oldest sequence still reading its prompt runs its next chunk of at most
-     `prefill_chunk` tokens (positions p..p+c-1 of its own slot, a [1, c] forward over the slot's
-     cache view), so a long prompt is spread over several steps and never stalls the decoding
-     sequences for long; the chunk that ends the prompt samples the first token;
+  2. prefill: sequences still reading their prompt, oldest first, run their next chunk
+     (positions p..p+c-1 of their own slot, a [1, c] forward over the slot's cache view) until
+     the step has read `prefill_chunk` prompt tokens, so a long prompt is spread over several
+     steps and never stalls the decoding sequences for long, while several short ones are read in
+     one step; the chunk that ends a prompt samples its first token;
   3. decode: every sequence past its prefill feeds its latest token ([m, 1], each row at its own
      position; a slot that is free or still in prefill feeds a padding token at the first position
      it has not written, which its own next write overwrites before anything reads it); each row
@@ -170,8 +171,11 @@ class ContinuousBatcher:
             self.slots[seq.slot] = seq
         decoding = [s for s in self.slots if s is not None and s.prefilled == len(s.prompt) and s.generated]
         prefilling = [s for s in self.slots if s is not None and s.prefilled < len(s.prompt)]
-        if prefilling:  # 2. one chunk of the oldest prompt still being read
-            self._prefill_chunk(min(prefilling, key=lambda s: s.admitted), ended)
+        budget = self.prefill_chunk  # 2. prompt tokens read this step, oldest prompt first
+        for seq in sorted(prefilling, key=lambda s: s.admitted):
+            if budget <= 0:
+                break
+            budget -= self._prefill_chunk(seq, ended, budget)
         if decoding:  # 3. one token for every decoding sequence
             self._decode(decoding, ended)
         self.steps += 1
@@ -196,10 +200,11 @@ class ContinuousBatcher:
         view.positions, view._rows, view.kv_len = None, None, self.S
         return view
 
-    def _prefill_chunk(self, seq: Sequence, ended: List[Sequence]) -> None:
+    def _prefill_chunk(self, seq: Sequence, ended: List[Sequence], budget: int) -> int:
+        """Read the next at most `budget` prompt tokens of seq; returns how many."""
         engine = self.engine
         lo = seq.prefilled
-        hi = min(len(seq.prompt), lo + self.prefill_chunk)
+        hi = min(len(seq.prompt), lo + budget)
         device = engine.device
         tokens = torch.tensor([seq.prompt[lo:hi]], dtype=torch.long, device=device)  # [1, c]
         positions = torch.arange(lo, hi, device=device)[None]  # [1, c]
@@ -216,6 +221,7 @@ class ContinuousBatcher:
                 seq.prompt_top_logprobs += [dict(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
         if hi == len(seq.prompt):  # the prompt is read: its last logits give the first token
             self._take([seq], logits[-1:], lp[-1:], ended, first=True)
+        return hi - lo
 
     def _decode(self, decoding: List[Sequence], ended: List[Sequence]) -> None:
         engine = self.engine
