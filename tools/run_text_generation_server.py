@@ -64,6 +64,10 @@ def add_text_generate_args(parser: argparse.ArgumentParser) -> argparse.Argument
     group.add_argument("--inference-prefill-chunk-size", type=int, default=256,
                        help="with --inference-dynamic-batching: prompt tokens read per step, so that a long prompt "
                             "does not stall the sequences being decoded")
+    group.add_argument("--max-tokens-to-oom", type=int, default=None,
+                       help="refuse (HTTP 400) a request whose rows times (longest prompt + tokens to generate) "
+                            "exceed this, before it can run out of memory (default: no limit; with "
+                            "--inference-dynamic-batching the slots are the cap and requests queue)")
     group.add_argument("--chat-template", default=None,
                        help="Jinja chat template of /v1/chat/completions (a file, or a tokenizer_config.json "
                             "holding one); default: the tokenizer's own, if it has one")
@@ -184,7 +188,7 @@ def main(argv=None) -> int:
         raise ValueError(f"--max-request-bytes must be >= 1, got {args.max_request_bytes}")
     if args.inference_dynamic_batching and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
         raise ValueError("--inference-dynamic-batching serves from one process; drop it or run without torchrun")
-    for flag in ("inference_max_requests", "inference_prefill_chunk_size"):
+    for flag in ("inference_max_requests", "inference_prefill_chunk_size", "max_tokens_to_oom"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
@@ -208,7 +212,7 @@ def main(argv=None) -> int:
                         max_request_bytes=args.max_request_bytes, model_name=args.served_model_name,
                         chat_template=chat_template_from_args(args, engine.tokenizer),
                         dynamic_batching=args.inference_dynamic_batching, max_requests=dynamic_slots(args, engine),
-                        prefill_chunk=args.inference_prefill_chunk_size)
+                        prefill_chunk=args.inference_prefill_chunk_size, max_tokens_to_oom=args.max_tokens_to_oom)
         serve(app, host=args.host, port=args.port)
         return 0
     finally:

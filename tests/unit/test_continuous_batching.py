@@ -224,3 +224,26 @@ def test_prefill_budget_spreads_long_prompts_and_groups_short_ones(engines):
     for _ in range(3):
         batcher.step()
     assert long.prefilled == len(long.prompt) and len(long.generated) == 1 and len(short[0].generated) == 5
+
+
+def test_max_tokens_to_oom_refuses_whole_batches_that_are_too_large(engines):
+    """--max-tokens-to-oom (static scheduling): rows x (longest prompt + tokens) above it is a 400
+    naming the token count; smaller requests run."""
+    from fastapi.testclient import TestClient
+
+    from gigatron.core.inference.broadcast import LocalRunner
+    from gigatron.core.inference.server.app import build_app
+
+    engine, _ = engines
+    app = build_app(LocalRunner(engine), TOK, max_batch_size=4, max_sequence_length=64, max_tokens_to_oom=40)
+    try:
+        client = TestClient(app)
+        r = client.put("/api", json={"prompts": ["abcd", "ab"], "tokens_to_generate": 20, "top_k": 1})
+        assert r.status_code == 400 and r.json()["field"] == "tokens_to_generate"
+        assert "2 rows x (4 prompt + 20 generated) = 48 exceeds the server's --max-tokens-to-oom 40" in r.json()["error"]
+        r = client.post("/v1/completions", json={"prompt": "abcd", "max_tokens": 10, "n": 3, "temperature": 0})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+        r = client.post("/v1/completions", json={"prompt": "abcd", "max_tokens": 10, "n": 2, "temperature": 0})
+        assert r.status_code == 200 and len(r.json()["choices"]) == 2
+    finally:
+        app.state.scheduler.close()

@@ -142,15 +142,20 @@ async def _until_disconnected(request: Request) -> None:
 def build_app(runner, tokenizer, *, max_batch_size: int, max_sequence_length: int,
               defaults: ServerDefaults = ServerDefaults(), model_name: str = "gigatron",
               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, chat_template: Optional[str] = None,
-              dynamic_batching: bool = False, max_requests: Optional[int] = None, prefill_chunk: int = 256):
+              dynamic_batching: bool = False, max_requests: Optional[int] = None, prefill_chunk: int = 256,
+              max_tokens_to_oom: Optional[int] = None):
     """The FastAPI app; `runner` is a LocalRunner or LeaderRunner (gigatron.core.inference.broadcast).
     model_name: the id of GET /v1/models (a request naming another model gets 404); chat_template:
     the Jinja chat template of /v1/chat/completions (server/chat.py; None: that route answers 400).
     dynamic_batching: requests join and leave one running batch at every step (ContinuousScheduler,
     max_requests slots, default max_batch_size; prompts read prefill_chunk tokens a step);
-    otherwise compatible requests are batched whole (Scheduler)."""
+    otherwise compatible requests are batched whole (Scheduler), and a request whose rows (up to
+    max_batch_size) times its longest prompt plus the tokens to generate exceed max_tokens_to_oom
+    is refused with 400 (Megatron's --max-tokens-to-oom; continuous batching queues instead)."""
     if max_request_bytes < 1:
         raise ValueError(f"--max-request-bytes must be >= 1, got {max_request_bytes}")
+    if max_tokens_to_oom is not None and max_tokens_to_oom < 1:
+        raise ValueError(f"--max-tokens-to-oom must be >= 1, got {max_tokens_to_oom}")
     template = None
     if chat_template is not None:
         template = ChatTemplate(chat_template, bos_token=_special_text(tokenizer, "bos"),
@@ -205,11 +210,19 @@ def build_app(runner, tokenizer, *, max_batch_size: int, max_sequence_length: in
             out.append(ids)
         return out
 
-    def check_fits(prompt_tokens, tokens_to_generate: int, tokens_field: str, prompt_field: str):
+    def check_fits(prompt_tokens, tokens_to_generate: int, tokens_field: str, prompt_field: str, copies: int = 1):
         longest = max(len(p) for p in prompt_tokens)
         if longest > max_sequence_length:
             raise RequestError(prompt_field, f"a prompt has {longest} tokens but the model holds "
                                              f"{max_sequence_length}; shorten the prompt")
+        if max_tokens_to_oom is not None and not dynamic_batching:  # Megatron's guard of whole batches
+            rows = min(len(prompt_tokens) * copies, max_batch_size)
+            total = rows * (longest + tokens_to_generate)
+            if total > max_tokens_to_oom:
+                raise RequestError(tokens_field, f"too many tokens: {rows} rows x ({longest} prompt + "
+                                                 f"{tokens_to_generate} generated) = {total} exceeds the server's "
+                                                 f"--max-tokens-to-oom {max_tokens_to_oom}; send fewer or shorter "
+                                                 "prompts or generate fewer tokens")
         try:
             engine.check_fits(prompt_tokens, tokens_to_generate)
         except PromptTooLongError as exc:  # named as the route names the count
@@ -262,7 +275,8 @@ def build_app(runner, tokenizer, *, max_batch_size: int, max_sequence_length: in
         req, prompt_tokens = await read_request(request, parse_api_request)
         if req.params.top_k > engine.vocab_size:
             raise RequestError("top_k", f"top_k ({req.params.top_k}) is larger than the vocabulary ({engine.vocab_size})")
-        check_fits(prompt_tokens, req.params.tokens_to_generate, "tokens_to_generate", "prompts")
+        check_fits(prompt_tokens, req.params.tokens_to_generate, "tokens_to_generate", "prompts",
+                   copies=req.beam_width or 1)
         if req.beam_width is not None:
             if req.beam_width > max_batch_size:
                 raise RequestError("beam_width", f"beam_width {req.beam_width} exceeds the server's "
@@ -384,7 +398,7 @@ def build_app(runner, tokenizer, *, max_batch_size: int, max_sequence_length: in
         req, prompt_tokens = await read_request(request, parse_completion_request)
         check_model(req.model)
         check_top_k(req.params)
-        check_fits(prompt_tokens, req.params.tokens_to_generate, "max_tokens", "prompt")
+        check_fits(prompt_tokens, req.params.tokens_to_generate, "max_tokens", "prompt", copies=req.best_of)
         created = int(time.time())
         ident = f"cmpl-{uuid.uuid4().hex}"
         rows = [ids for ids in prompt_tokens for _ in range(req.best_of)]  # best_of rows per prompt
@@ -519,7 +533,7 @@ def build_app(runner, tokenizer, *, max_batch_size: int, max_sequence_length: in
         tokens_to_generate = req.max_tokens if req.max_tokens is not None else max_sequence_length - len(ids)
         params = dataclasses.replace(req.params, tokens_to_generate=tokens_to_generate)
         field = "max_completion_tokens" if req.max_tokens is not None else "messages"
-        check_fits([ids], tokens_to_generate, field, "messages")
+        check_fits([ids], tokens_to_generate, field, "messages", copies=req.n)
         created = int(time.time())
         ident = f"chatcmpl-{uuid.uuid4().hex}"
         rows = [ids] * req.n
