@@ -177,11 +177,13 @@ def bandwidth_bound(model, engine, rows: float, kv_len: float, bandwidth: float)
 
 
 def serve(app):
+    import socket
+
     import uvicorn
 
-    from tests.parallel.harness import free_port
-
-    port = free_port()
+    with socket.socket() as sock:  # a free port on 127.0.0.1
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
