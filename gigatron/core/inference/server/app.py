@@ -25,7 +25,6 @@ import dataclasses
 import datetime
 import json
 import logging
-import threading
 import time
 import uuid
 from typing import Any, Optional
