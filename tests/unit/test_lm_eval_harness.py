@@ -172,13 +172,24 @@ def _evaluate(model, model_args, root, tasks):
     return out
 
 
-@pytest.mark.parametrize("scheduler", ["static", "continuous"])
-def test_local_completions_match_the_hf_backend(harness_setup, scheduler):
+@pytest.mark.parametrize("scheduler,tokenizer", [("static", "huggingface"), ("continuous", "huggingface"),
+                                                 ("static", "remote")])
+def test_local_completions_match_the_hf_backend(harness_setup, scheduler, tokenizer, monkeypatch):
+    """tokenizer "remote": the harness finds the server's /tokenizer_info and /tokenize by itself
+    (tokenizer_backend auto) and needs no tokenizer files."""
+    import lm_eval.utils
+
     url_of, hf_dir, root, tasks, hf_reference = harness_setup
-    ours = _evaluate("local-completions", {"base_url": url_of(scheduler) + "/v1/completions", "model": MODEL,
-                                           "tokenizer": hf_dir, "tokenizer_backend": "huggingface",
-                                           "max_length": CONTEXT, "num_concurrent": 4 if scheduler == "continuous" else 1,
-                                           "max_retries": 1}, root, tasks)
+    found = []
+    check = lm_eval.utils.check_remote_tokenizer_support
+    monkeypatch.setattr(lm_eval.utils, "check_remote_tokenizer_support",
+                        lambda *a, **k: found.append(check(*a, **k)) or found[-1])
+    model_args = {"base_url": url_of(scheduler) + "/v1/completions", "model": MODEL, "max_length": CONTEXT,
+                  "num_concurrent": 4 if scheduler == "continuous" else 1, "max_retries": 1}
+    if tokenizer == "huggingface":
+        model_args.update(tokenizer=hf_dir, tokenizer_backend="huggingface")
+    ours = _evaluate("local-completions", model_args, root, tasks)
+    assert found == ([True] if tokenizer == "remote" else [])
     hf = hf_reference()
     for task in tasks:
         a, b = ours["results"][task], hf["results"][task]

@@ -100,6 +100,21 @@ def test_models_list(served):
         client.models.retrieve("no-such-model")
 
 
+def test_tokenizer_routes(served):
+    """/tokenizer_info, /tokenize and /detokenize: what lm-evaluation-harness's remote tokenizer reads."""
+    _, _, url = served
+    info = httpx.get(url + "/tokenizer_info", timeout=10).json()
+    assert info["eos_token"] == "<eod>" and info["model_max_length"] == 64 and info["chat_template"] == TEMPLATE
+    r = httpx.post(url + "/tokenize", json={"prompt": "abc", "add_special_tokens": False}, timeout=10).json()
+    assert r["tokens"] == TOK.tokenize("abc") and r["count"] == 3
+    assert httpx.post(url + "/tokenize", json={"prompt": "<eod>"}, timeout=10).json()["tokens"] == [TOK.eod]
+    assert httpx.post(url + "/detokenize", json={"tokens": TOK.tokenize("abc")}, timeout=10).json() == {"prompt": "abc"}
+    r = httpx.post(url + "/detokenize", json={"tokens": [1, 999]}, timeout=10)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tokens"
+    r = httpx.post(url + "/tokenize", json={"prompt": "ABC"}, timeout=10)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+
+
 def test_n_and_seed_equal_the_engine(served):
     client, reference, _ = served
     out = client.completions.create(model=MODEL, prompt=["ab", "cd"], n=3, max_tokens=6, temperature=1.2, seed=7)

@@ -1,5 +1,6 @@
 """The HTTP server: Megatron's `PUT /api`; OpenAI's `POST /v1/completions`, `POST /v1/chat/completions`
-and `GET /v1/models`; `GET /health`.
+and `GET /v1/models`; `GET /tokenizer_info`, `POST /tokenize` and `POST /detokenize` (what
+lm-evaluation-harness's remote tokenizer backend reads); `GET /health`.
 
     app = build_app(runner, tokenizer, max_batch_size=8, max_sequence_length=2048,
                     max_request_bytes=DEFAULT_MAX_REQUEST_BYTES, model_name="gigatron",
@@ -380,6 +381,45 @@ def build_app(runner, tokenizer, *, max_batch_size: int, max_sequence_length: in
             raise
         except ValueError as exc:
             raise RequestError(None, str(exc)) from None
+
+    eos_text = _special_text(tokenizer, "eod")
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        """The tokenizer, as lm-evaluation-harness's remote tokenizer backend reads it."""
+        return {"tokenizer_class": type(tokenizer).__name__, "eos_token": eos_text or None,
+                "bos_token": _special_text(tokenizer, "bos") or None, "pad_token": None,
+                "vocab_size": engine.vocab_size, "model_max_length": max_sequence_length,
+                "chat_template": template.source if template is not None else None}
+
+    @app.post("/tokenize")
+    async def tokenize_route(request: Request):
+        """{"prompt": text} -> {"tokens", "count", "max_model_len"}; the end-of-document token's own text
+        is that token (as tokenizers that parse special tokens give it)."""
+        body = await _read_body(request, max_request_bytes)
+
+        def run():
+            payload = _parse_json(body)
+            if not isinstance(payload, dict) or not isinstance(payload.get("prompt"), str):
+                raise RequestError("prompt", "prompt must be a string")
+            text = payload["prompt"]
+            ids = [tokenizer.eod] if eos_text and text == eos_text else tokenize([text], False, "prompt")[0] if text else []
+            return {"tokens": ids, "count": len(ids), "max_model_len": max_sequence_length}
+
+        return await asyncio.to_thread(run)
+
+    @app.post("/detokenize")
+    async def detokenize_route(request: Request):
+        """{"tokens": ids} -> {"prompt": text}."""
+        body = await _read_body(request, max_request_bytes)
+        payload = _parse_json(body)
+        ids = payload.get("tokens") if isinstance(payload, dict) else None
+        if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            raise RequestError("tokens", "tokens must be a list of token ids")
+        bad = [t for t in ids if not 0 <= t < engine.vocab_size]
+        if bad:
+            raise RequestError("tokens", f"token ids outside the vocabulary [0, {engine.vocab_size}): {bad[:5]}")
+        return {"prompt": await asyncio.to_thread(tokenizer.detokenize, ids) if ids else ""}
 
     @app.get("/v1/models")
     @app.get("/models")
