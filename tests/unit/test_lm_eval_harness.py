@@ -31,7 +31,7 @@ from gigatron.core.inference.broadcast import LocalRunner  # noqa: E402
 from gigatron.core.inference.engine import InferenceEngine  # noqa: E402
 from gigatron.core.inference.server.app import build_app  # noqa: E402
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]  # one_thread: tests/conftest.py
 
 MODEL = "tiny-gpt2"
 CONTEXT = 64
