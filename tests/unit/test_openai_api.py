@@ -297,6 +297,15 @@ def test_chat_completions(served):
     assert text == choice.message.content
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == choice.finish_reason
     assert chunks[-1].choices == [] and chunks[-1].usage == out.usage
+    # Streamed with log-probabilities: each content chunk carries its tokens' entries.
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0,
+                                                 logprobs=True, top_logprobs=2, stream=True))
+    entries = []
+    for c in chunks:
+        if c.choices and c.choices[0].delta.content:
+            assert c.choices[0].logprobs is not None and c.choices[0].logprobs.content
+            entries += c.choices[0].logprobs.content
+    assert [(e.token, e.logprob) for e in entries] == [(e.token, e.logprob) for e in choice.logprobs.content]
     # n choices; without max_tokens the answer may run to the model's length.
     many = client.chat.completions.create(model=MODEL, messages=messages, n=3, temperature=1.0, seed=2)
     assert [c.index for c in many.choices] == [0, 1, 2]
