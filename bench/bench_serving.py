@@ -19,6 +19,8 @@ Reported (p50 / p99 over requests or gaps):
   - offline tokens/s: the same requests' output tokens / the time of running them through the
     scheduler's engine with no HTTP (static: batches of --max-batch-size; continuous: all added at
     once to a ContinuousBatcher), the bound "under load within 10% of offline" is measured against;
+  - kv_slot_use: the mean share of a KV-cache slot (S positions) a request fills at its end, what
+    fixed slots leave unused and paged blocks would lend to other sequences;
   - on a GPU, the decode bandwidth bound: a step of b rows at kv positions each reads every weight
     once and each row's keys and values up to its position, so
         step time >= (W + sum_r 2 * L * kv_len_r * g * d * e) / BW,
@@ -229,6 +231,9 @@ def run_one(args, scheduler: str, model, vocab: int, device) -> dict:
            "offline_tokens_per_s": offline(engine, scheduler, requests, args.max_batch_size, tokenizer.eod,
                                            args.max_requests or args.max_batch_size, args.prefill_chunk)}
     row["under_load_over_offline"] = row["output_tokens_per_s"] / row["offline_tokens_per_s"]
+    # What fixed slots cost: the share of a slot's S positions a request fills at its end (paged
+    # blocks would lend the rest to other sequences).
+    row["kv_slot_use"] = statistics.mean((len(p) + n) / seq for p, n in requests)
     if device.type == "cuda":
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         from bench_decode import measure_bandwidth
