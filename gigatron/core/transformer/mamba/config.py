@@ -58,6 +58,10 @@ class MambaConfig:
     docstring)."""
     hybrid_mlp_ratio: float = 0.0
     """The target ratio of MLP layers to total layers."""
+    is_hybrid_model: bool = False
+    """Indicates whether this is a hybrid model: the output projections of every layer (mixer
+    out_proj, attention linear_proj, MLP linear_fc2) then start from N(0, init_method_std^2 /
+    num_layers) instead of N(0, init_method_std^2 / (2 num_layers))."""
 
     def __post_init__(self) -> None:
         check_mamba_flags(self)
