@@ -224,3 +224,19 @@ def test_triton_causal_conv1d(dtype, tol, seq_major):
                                        msg=f"{name} silu={silu}")
         if seq_major:
             assert results[1][0].stride(0) < results[1][0].stride(1)  # the layout is kept
+
+
+def test_bench_cpu_smoke(capsys):
+    """bench/bench_ssd.py --cpu-smoke times the chunked scan and SDPA at tiny shapes."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "bench", "bench_ssd.py")
+    spec = importlib.util.spec_from_file_location("bench_ssd", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--cpu-smoke"])
+    out = capsys.readouterr().out
+    assert "sdpa (causal)" in out and "ssd chunked" in out
+    # Causal attention: 3 passes x 4 b h s^2 d / 2.
+    assert bench.attention_flops(1, 16, 4096, 128) == 3 * 2 * 16 * 4096 * 4096 * 128
