@@ -46,7 +46,7 @@ def _conv_forward_kernel(X, Wt, Bias, OUT, l, d,
                          stride_xb, stride_xl, stride_xd, stride_ob, stride_ol, stride_od,
                          WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
                          BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)
     offs_l = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
     offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
     acc = _preactivation(X, Wt, Bias, b, offs_l, offs_d, l, d, stride_xb, stride_xl, stride_xd,
@@ -64,7 +64,7 @@ def _conv_grad_pre_kernel(X, Wt, Bias, DOUT, G, l, d,
                           WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
                           BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
     """G[b, t, c] (fp32, contiguous [b, l, d]) = dout * act'(pre)."""
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)
     offs_l = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
     offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask = (offs_l[:, None] < l) & (offs_d[None, :] < d)
@@ -83,7 +83,7 @@ def _conv_backward_kernel(X, Wt, G, DX, DW_PART, DB_PART, l, d, nblocks_l,
                           stride_xb, stride_xl, stride_xd, stride_dxb, stride_dxl, stride_dxd,
                           WIDTH: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
     """dx for this tile, and this tile's partial sums of dweight [W, d] and dbias [d]."""
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)
     lb = tl.program_id(1)
     offs_l = lb * BLOCK_L + tl.arange(0, BLOCK_L)
     offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)

@@ -54,7 +54,7 @@ def _chunk_state_kernel(
     pid = tl.program_id(0)
     h = pid % nheads
     c = (pid // nheads) % nchunks
-    b = pid // (nheads * nchunks)
+    b = (pid // (nheads * nchunks)).to(tl.int64)  # 64-bit offsets from here on
     g = h // heads_per_group
     offs_p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -88,7 +88,7 @@ def _state_forward_kernel(
     """S_ALL[b, 0, h] = init; S_ALL[b, c + 1, h] = exp(cs_last(c)) S_ALL[b, c, h] + STATES[b, c, h]."""
     pid = tl.program_id(0)
     h = pid % nheads
-    b = pid // nheads
+    b = (pid // nheads).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < PN
     if HAS_INIT:
@@ -115,7 +115,7 @@ def _state_backward_kernel(
     pid = tl.program_id(0)
     blk = tl.program_id(1)
     h = pid % nheads
-    b = pid // nheads
+    b = (pid // nheads).to(tl.int64)
     offs = blk * BLOCK + tl.arange(0, BLOCK)
     mask = offs < PN
     if HAS_DFINAL:
@@ -156,11 +156,10 @@ def _chunk_scan_kernel(
         backward modes (DX, DB): exp(cs_last - cs_i) U_i @ R + sum_{k>=i} (U_i . V_k) exp(cs_k - cs_i) W_k
     then the mode's epilogue (Y: + D W_i; DX: dt_i * . + D W_i and XDU = X_i . acc; DB: dt_i * .).
     U, V, W are [b, L, heads or groups, dim] with head index h // *_div; OUT is [b, L, h, J]."""
-    FORWARD: tl.constexpr = MODE == 0 or MODE == 1
     pid = tl.program_id(0)
     h = pid % nheads
     c = (pid // nheads) % nchunks
-    b = pid // (nheads * nchunks)
+    b = (pid // (nheads * nchunks)).to(tl.int64)
     m0 = tl.program_id(1) * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)  # rows inside the chunk
     offs_d = tl.arange(0, BLOCK_D)
@@ -181,14 +180,14 @@ def _chunk_scan_kernel(
     r = tl.load(R + b * stride_rb + c * stride_rc + h * stride_rh + offs_d[:, None] * stride_rd
                 + offs_j[None, :] * stride_rj, mask=mask_d[:, None] & mask_j[None, :], other=0.0)
     acc = tl.dot(u, r.to(u.dtype), input_precision=PRECISION)  # [BLOCK_M, BLOCK_J]
-    if FORWARD:
+    if MODE < 2:  # forward modes
         acc = acc * tl.exp(cs_m)[:, None]
     else:
         cs_last = tl.load(cs_row + CHUNK - 1)
         acc = acc * tl.exp(cs_last - cs_m)[:, None]
 
     # The masked in-chunk term.
-    if FORWARD:
+    if MODE < 2:  # forward modes
         k_lo = 0
         k_hi = m0 + BLOCK_M
     else:
@@ -200,7 +199,7 @@ def _chunk_scan_kernel(
                      mask=mask_d[:, None], other=0.0)  # [BLOCK_D, BLOCK_M]
         scores = tl.dot(u, vt.to(u.dtype), input_precision=PRECISION)  # [BLOCK_M, BLOCK_M]
         cs_k = tl.load(cs_row + offs_k)
-        if FORWARD:
+        if MODE < 2:  # forward modes
             keep = offs_k[None, :] <= offs_m[:, None]
             decay = tl.exp(tl.where(keep, cs_m[:, None] - cs_k[None, :], float("-inf")))
             decay = decay * tl.load(dt_row + offs_k)[None, :]
