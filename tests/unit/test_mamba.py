@@ -317,6 +317,22 @@ def test_unsupported_layouts_are_refused():
         MambaModel(tconfig(), mconfig(hybrid_override_pattern="MEM-"), ParallelGroups.single(), VOCAB)
 
 
+def test_moe_layers_of_the_pattern():
+    """`E` layers hold an MoE layer (router and experts) under `mlp`, after `pre_mlp_layernorm`."""
+    from gigatron.core.transformer.moe.config import MoEConfig
+    from gigatron.core.transformer.moe.moe_layer import MoELayer
+    moe = MoEConfig(num_experts=4, moe_router_topk=2)
+    model = MambaModel(tconfig(), mconfig(hybrid_override_pattern="ME*E"), ParallelGroups.single(), VOCAB,
+                       moe_config=moe)
+    assert isinstance(model.decoder.layers[1].mlp, MoELayer) and isinstance(model.decoder.layers[3].mlp, MoELayer)
+    names = {n for n, _ in model.named_parameters()}
+    assert {"decoder.layers.1.pre_mlp_layernorm.weight", "decoder.layers.1.mlp.router.weight"} <= names
+    ids, labels = batch(4)
+    loss = model(ids, labels=labels).mean()
+    loss.backward()
+    assert torch.isfinite(loss) and model.decoder.layers[3].mlp.router.weight.grad is not None
+
+
 def train_losses(model, steps=8, lr=3e-3):
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     ids, labels = batch(2)
