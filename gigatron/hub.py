@@ -1,10 +1,10 @@
 """`gigatron.from_pretrained`: a ready-to-run model from a checkpoint folder.
 
-    model = gigatron.from_pretrained("ckpt/")            # a Gigatron/Megatron `torch` checkpoint
+    model = gigatron.from_pretrained("ckpt/")            # a Gigatron/Megatron checkpoint (torch, torch_dist)
     model = gigatron.from_pretrained("Llama-3-8B-hf/")   # or a HuggingFace folder
     logits = model(token_ids)                            # [b, s] -> [b, s, V] over the true vocabulary
 
-A `torch` checkpoint saved at any tensor/pipeline parallel layout is merged onto one device.
+A checkpoint saved at any tensor/pipeline parallel layout is merged onto one device.
 Shape legend: b = batch, s = sequence, V = true vocabulary, Vp = padded vocabulary.
 """
 
@@ -17,7 +17,8 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from gigatron.core.convert.hf import hf_messages, is_hf_checkpoint
+from gigatron.core.checkpoint.formats import is_hf_folder, locate
+from gigatron.core.convert.hf import hf_messages
 from gigatron.core.convert.protocol import (
     collect_state,
     dtype_from_name,
@@ -27,7 +28,6 @@ from gigatron.core.convert.protocol import (
 from gigatron.core.convert.torch_format import (
     TOKENIZER_DIRNAME,
     rank_state_dicts,
-    resolve_checkpoint_dir,
     tokenizer_flags_for_dir,
     torch_checkpoint_messages,
 )
@@ -80,7 +80,7 @@ def _tokenizer_args(md: dict, path: str, from_hf: bool) -> dict:
     # A moved checkpoint: fall back to the tokenizer copied next to it.
     paths = [flags.get(k) for k in ("vocab_file", "merge_file", "tokenizer_model") if flags.get(k)]
     if paths and not all(os.path.exists(p) for p in paths):
-        iter_dir, _ = resolve_checkpoint_dir(path)
+        iter_dir, _, _ = locate(path)
         local = os.path.join(os.path.dirname(os.path.normpath(iter_dir)), TOKENIZER_DIRNAME)
         if os.path.isdir(local):
             flags.update(tokenizer_flags_for_dir(local, md))
@@ -102,8 +102,11 @@ def from_pretrained(path: Union[str, os.PathLike], device: Union[str, torch.devi
 
     path: a HuggingFace folder (config.json + safetensors/bin weights; GPT-2, Llama, Mistral,
       Mixtral), or
-      a `torch`-format checkpoint: a save directory with latest_checkpointed_iteration.txt, or an
-      iter_NNNNNNN / release directory, saved at any tensor/pipeline parallel layout.
+      a Gigatron/Megatron checkpoint in any format the registry reads (gigatron/core/checkpoint/
+      formats.py: `torch` at any tensor/pipeline parallel layout, torch_dist): a save directory with
+      latest_checkpointed_iteration.txt, or an iter_NNNNNNN / release directory. Every file is
+      checked against the checkpoint's checksums before it is read, and loading never runs code
+      stored in the checkpoint.
     device: where the model runs. dtype: the parameter dtype (default: the checkpoint's).
     Returns a PretrainedGPT in eval mode."""
     from gigatron.core.models.gpt import GPTModel
@@ -113,7 +116,7 @@ def from_pretrained(path: Union[str, os.PathLike], device: Union[str, torch.devi
     path = os.fspath(path)
     if dtype is not None:
         dtype = dtype_from_name(dtype)
-    from_hf = is_hf_checkpoint(path)
+    from_hf = is_hf_folder(path)
     messages = hf_messages(path) if from_hf else torch_checkpoint_messages(path)
     md, tensors = collect_state(messages)
     params_dtype = dtype or dtype_from_name(md.get("params_dtype", "float32"))

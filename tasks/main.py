@@ -7,14 +7,15 @@
     python tasks/main.py --task MNLI --train-data train.tsv --valid-data dev_matched.tsv dev_mismatched.tsv \\
         --pretrained-checkpoint BERT_CKPT --epochs 5 --lr 5e-5 --lr-warmup-fraction 0.065 ...
 
-Zero-shot GPT tasks (WIKITEXT103, LAMBADA) print a results table and write
-<load>/eval_results/<task>.json. Fine-tuning tasks (MNLI, QQP, RACE) train a classification or
-multiple-choice head on a BERT encoder and print the accuracy on every --valid-data set per epoch.
+Zero-shot GPT tasks (WIKITEXT103, LAMBADA) print a results table. Fine-tuning tasks (MNLI, QQP,
+RACE) train a classification or multiple-choice head on a BERT encoder through the training loop
+and print the accuracy on every --valid-data set after each epoch. Both write their results as
+JSON to --results-path or, by default, beside the checkpoint (--load; fine-tuning: --save), named
+with the task, the data files and the time; an existing file is never overwritten.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from typing import Optional, Sequence
@@ -24,38 +25,28 @@ import torch
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-__all__ = ["ZEROSHOT_TASKS", "FINETUNE_TASKS", "add_task_args", "args_provider", "BertPooledEncoder", "bert_encoder", "run_finetune",
-           "main"]
+from tasks.config import FINETUNE_TASKS, ZEROSHOT_TASKS, TaskConfig  # noqa: E402
 
-ZEROSHOT_TASKS = ("WIKITEXT103", "LAMBADA")
-FINETUNE_TASKS = ("MNLI", "QQP", "RACE")
+__all__ = ["ZEROSHOT_TASKS", "FINETUNE_TASKS", "parse_task_args", "BertPooledEncoder", "bert_encoder",
+           "run_finetune", "main"]
 
 
-def add_task_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The task flags (Megatron's names), added to the generated parser. Flags the parser already
-    has (e.g. --pretrained-checkpoint, --finetune) keep their meaning there."""
-    group = parser.add_argument_group("tasks", "Evaluation and fine-tuning tasks")
-    have = set(parser._option_string_actions)  # noqa: SLF001 - argparse keeps no public index
+def parse_task_args(argv: Optional[Sequence[str]] = None):
+    """(parsed flags, TaskConfig): the run's flags plus the task flags generated from TaskConfig
+    (and, for the fine-tuning tasks, the BERT model flags --bert-no-binary-head, --num-tokentypes,
+    --bert-layernorm)."""
+    import argparse
 
-    def add(option, **kwargs):
-        if option not in have:
-            group.add_argument(option, **kwargs)
+    from gigatron.training.arguments import build_config, config_classes, parse_args
 
-    add("--task", required=True, choices=ZEROSHOT_TASKS + FINETUNE_TASKS, help="The task to run.")
-    add("--epochs", type=int, default=None, help="Fine-tuning: number of passes over the training data.")
-    add("--pretrained-checkpoint", type=str, default=None,
-        help="Fine-tuning: checkpoint whose weights initialize the encoder.")
-    add("--keep-last", action="store_true",
-        help="Fine-tuning: keep the last, incomplete batch of each epoch (dropped by default).")
-    add("--train-data", nargs="+", default=None, help="Fine-tuning: training files (RACE: folders).")
-    add("--valid-data", nargs="*", default=None, help="Validation / evaluation files (RACE: folders).")
-    add("--overlapping-eval", type=int, default=32,
-        help="WIKITEXT103: stride of the overlapping windows; only the last stride targets of a window count.")
-    add("--strict-lambada", action="store_true",
-        help="LAMBADA: the target is the whole last word (all its tokens must be predicted).")
-    add("--eval-micro-batch-size", type=int, default=None,
-        help="Micro-batch size for evaluation (default: --micro-batch-size).")
-    return parser
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--task", default=None)
+    extra = None
+    if pre.parse_known_args(argv)[0].task in FINETUNE_TASKS:
+        from gigatron.training.bert import extra_args_provider as extra
+    args = parse_args(argv, extra_args_provider=extra, classes={**config_classes(), "task": TaskConfig})
+    return args, build_config(TaskConfig, args)
 
 
 class BertPooledEncoder(torch.nn.Module):
@@ -87,27 +78,12 @@ class BertPooledEncoder(torch.nn.Module):
         return pooler(hidden, 0)  # [b, h]
 
 
-def args_provider(task: Optional[str]):
-    """The extra-flags provider for `task`: the task flags, plus the BERT model flags
-    (--bert-no-binary-head, --num-tokentypes, --bert-layernorm) for the fine-tuning tasks."""
-    if task not in FINETUNE_TASKS:
-        return add_task_args
-
-    def provider(parser):
-        from gigatron.training.bert import extra_args_provider as bert_args
-
-        add_task_args(parser)
-        return bert_args(parser)
-
-    return provider
-
-
 def bert_encoder(ctx):
     """The BERT encoder (gigatron.training.bert's model, built from the BERT flags) behind the
     fine-tuning interface encoder(tokens, types, padding_mask) -> pooled [b, h]."""
     from gigatron.training.bert import model_provider
 
-    return BertPooledEncoder(model_provider(ctx), seed=ctx.args.seed)
+    return BertPooledEncoder(model_provider(ctx), seed=ctx.configs.training.seed)
 
 
 def _task_dataset(task: str):
@@ -125,53 +101,93 @@ def _task_dataset(task: str):
     return QQPDataset, NUM_CLASSES
 
 
-def run_finetune(args, encoder_provider=None):
-    """Build the task's datasets and model and fine-tune (see tasks/finetune_utils.py).
+def _head_builder(task: TaskConfig, num_classes: Optional[int]):
+    """build_head(ctx, encoder): the task model in the encoder's parameter dtype."""
 
-    `encoder_provider(ctx) -> encoder` (default: `bert_encoder`) builds the encoder the head sits on."""
-    from tasks.eval_utils import initialize_task
-    from tasks.finetune_utils import Classification, MultipleChoice, finetune
+    def build_head(ctx, encoder):
+        from tasks.finetune_utils import Classification, MultipleChoice
+
+        transformer = ctx.configs.transformer
+        common = dict(dropout=transformer.hidden_dropout, init_std=transformer.init_method_std,
+                      seed=ctx.configs.training.seed, params_dtype=transformer.params_dtype)
+        if task.task == "RACE":
+            return MultipleChoice(encoder, transformer.hidden_size, **common)
+        return Classification(encoder, transformer.hidden_size, num_classes, **common)
+
+    return build_head
+
+
+def _finetune_results_writer(args, task: TaskConfig):
+    """write(result) after each evaluated epoch (rank 0): the accuracies so far, to --results-path
+    or beside --save (or --load / --pretrained-checkpoint); one file per run, chosen at the first
+    write (never an existing one) and replaced atomically by the later writes of the same run."""
+    from gigatron.core.checkpoint.io import atomic_write_text
+    from tasks.eval_utils import results_path, write_results_file
+
+    checkpoint = args.save or args.load or task.pretrained_checkpoint
+    destination = results_path(task, checkpoint)
+    chosen = {}
+
+    def write(result) -> None:
+        import json
+
+        import torch.distributed as dist
+
+        if destination is None or (dist.is_available() and dist.is_initialized() and dist.get_rank() != 0):
+            return
+        record = {"task": task.task, "checkpoint": os.path.abspath(checkpoint) if checkpoint else None,
+                  "iteration": result.iteration, "train_data": [os.path.abspath(p) for p in task.train_data],
+                  "epochs": [{"accuracy": {os.path.abspath(k): v for k, v in acc.items()}, "mean_training_loss": loss}
+                             for acc, loss in zip(result.accuracies, result.train_losses)]}
+        if "path" in chosen:
+            atomic_write_text(chosen["path"], json.dumps(record, indent=2, sort_keys=True) + "\n")
+            return
+        chosen["path"] = write_results_file(destination, record)
+        if chosen["path"] != destination:
+            print(f"> {destination} exists and is kept; results written to {chosen['path']}", flush=True)
+        else:
+            print(f"> results written to {chosen['path']}", flush=True)
+
+    return write
+
+
+def run_finetune(args, task: Optional[TaskConfig] = None, encoder_provider=None):
+    """Fine-tune `task` (default: the TaskConfig of `args`) through the training loop (see
+    tasks/finetune_utils.py). `encoder_provider(ctx) -> encoder` (default: `bert_encoder`) builds the
+    encoder the head sits on."""
+    from gigatron.training.arguments import build_config
+    from tasks.finetune_utils import finetune
     from tasks.glue.data import collate
 
-    if not args.train_data:
-        raise ValueError(f"--task {args.task} needs --train-data")
-    if not args.valid_data:
-        raise ValueError(f"--task {args.task} needs --valid-data")
-    ctx = initialize_task(args)
-    encoder = (encoder_provider or bert_encoder)(ctx)
-    dataset_class, num_classes = _task_dataset(args.task)
-    train = dataset_class(args.train_data, ctx.tokenizer, args.seq_length)
-    valid = {path: dataset_class([path], ctx.tokenizer, args.seq_length) for path in args.valid_data}
-    hidden = ctx.configs.transformer.hidden_size
-    dropout = ctx.configs.transformer.hidden_dropout
-    if args.task == "RACE":
-        model = MultipleChoice(encoder, hidden, dropout, args.init_method_std, args.seed)
-    else:
-        model = Classification(encoder, hidden, num_classes, dropout, args.init_method_std, args.seed)
-    return finetune(model, train, valid, collate, args=args, configs=ctx.configs, groups=ctx.groups,
-                    device=ctx.device, rng_tracker=ctx.run.rng_tracker)
+    task = build_config(TaskConfig, args) if task is None else task
+    dataset_class, num_classes = _task_dataset(task.task)
+    return finetune(args, task, encoder_provider=encoder_provider or bert_encoder,
+                    build_head=_head_builder(task, num_classes), dataset_class=dataset_class, collate=collate,
+                    write_results=_finetune_results_writer(args, task))
 
 
 def main(argv: Optional[Sequence[str]] = None):
     """Parse the flags and run --task; returns the task's results."""
-    from gigatron.training.arguments import parse_args
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    pre.add_argument("--task", default=None)
-    args = parse_args(argv, extra_args_provider=args_provider(pre.parse_known_args(argv)[0].task))
-    if args.task in ZEROSHOT_TASKS:
+    args, task = parse_task_args(argv)
+    if task.task in ZEROSHOT_TASKS:
         from tasks.zeroshot_gpt.evaluate import run
 
-        return run(args)
-    return run_finetune(args)
+        return run(args, task)
+    return run_finetune(args, task)
 
 
-if __name__ == "__main__":
+def _cli_main(argv: Optional[Sequence[str]] = None) -> int:
     import torch.distributed as dist
 
     try:
-        main()
+        main(argv)
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    from gigatron.cli import run_cli
+
+    sys.exit(run_cli(_cli_main))

@@ -132,6 +132,8 @@ class TrainContext:
     memory_reported: bool = False
     async_saver: Any = None
     memory_snapshot_written: bool = False
+    evaluation_hook: Optional[Callable[["TrainContext"], None]] = None
+    evaluation_hook_iteration: Optional[int] = None
 
     @property
     def groups(self):
@@ -211,7 +213,9 @@ def setup(model_provider: Callable, args: argparse.Namespace) -> TrainContext:
     """Validate, initialize, build tokenizer, model, optimizer and schedule; load the checkpoint."""
     from gigatron.core.optim import get_optimizer
     from gigatron.core.optim.scheduler import OptimizerParamScheduler
+    from gigatron.training import checkpointing
 
+    checkpointing.check_checkpoint_paths(args)  # --save writable, --load present (or a prominent warning)
     if getattr(args, "use_checkpoint_args", False):
         load_args_from_checkpoint(args)
     validate_args(args, _world_size_from_environment())
@@ -454,6 +458,14 @@ def evaluate(ctx: TrainContext, forward_step_func: Callable, data_iterator, num_
     return dict(zip(keys, values))
 
 
+def _run_evaluation_hook(ctx: TrainContext) -> None:
+    """pretrain's `evaluation_hook(ctx)` (a task's own evaluation), at most once per iteration."""
+    if ctx.evaluation_hook is None or ctx.evaluation_hook_iteration == ctx.iteration:
+        return
+    ctx.evaluation_hook_iteration = ctx.iteration
+    ctx.evaluation_hook(ctx)
+
+
 def _evaluate_and_report(ctx: TrainContext, forward_step_func, iterator, prefix: str, record: bool = True) -> dict:
     if iterator is None or ctx.args.eval_iters == 0:
         return {}
@@ -599,9 +611,11 @@ def train(ctx: TrainContext, forward_step_func: Callable, train_iterator, valid_
                 dump_memory_snapshot(ctx)
             if args.manual_gc and args.manual_gc_interval and ctx.iteration % args.manual_gc_interval == 0:
                 gc.collect()
-            if valid_iterator is not None and args.eval_interval and ctx.iteration % args.eval_interval == 0:
+            evaluates = valid_iterator is not None or ctx.evaluation_hook is not None
+            if evaluates and args.eval_interval and ctx.iteration % args.eval_interval == 0:
                 paused = time.perf_counter()
                 _evaluate_and_report(ctx, forward_step_func, valid_iterator, f"iteration {ctx.iteration}")
+                _run_evaluation_hook(ctx)
                 log.exclude_time(time.perf_counter() - paused)
             if args.save and args.save_interval and ctx.iteration % args.save_interval == 0:
                 paused = time.perf_counter()
@@ -727,14 +741,18 @@ def _announce_peak(ctx: TrainContext) -> Optional[float]:
 
 def pretrain(datasets_provider: Callable, model_provider: Callable, forward_step_func: Callable,
              args: Optional[argparse.Namespace] = None, extra_args_provider: Optional[Callable] = None,
-             args_defaults: Optional[dict] = None) -> TrainContext:
+             args_defaults: Optional[dict] = None,
+             evaluation_hook: Optional[Callable[[TrainContext], None]] = None) -> TrainContext:
     """Train a model end to end (see the module docstring for the providers). `args` defaults to the
-    command line. Returns the context (model, optimizer, iteration, loss history)."""
+    command line. `evaluation_hook(ctx)`, if given, runs at every evaluation (each --eval-interval
+    and the final one, at most once per iteration) after the validation loss: a task's own metric.
+    Returns the context (model, optimizer, iteration, loss history)."""
     if args is None:
         args = parse_args(extra_args_provider=extra_args_provider, defaults=args_defaults)
     validate_profile_args(args, _world_size_from_environment())
     start_memory_history(args)
     ctx = setup(model_provider, args)
+    ctx.evaluation_hook = evaluation_hook
     if args.ckpt_convert_format:
         return convert_checkpoint_format(ctx)
     ctx.log = TrainingLog(
@@ -754,6 +772,7 @@ def pretrain(datasets_provider: Callable, model_provider: Callable, forward_step
             _evaluate_and_report(ctx, forward_step_func, valid_iterator,
                                  f"iteration {ctx.iteration} on validation set",
                                  record=not args.skip_train and not evaluated_here)
+            _run_evaluation_hook(ctx)
             _evaluate_and_report(ctx, forward_step_func, test_iterator, f"iteration {ctx.iteration} on test set",
                                  record=False)
         ctx.log.write_loss_curve()

@@ -14,7 +14,6 @@ and are never the argmax.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from typing import Optional, Sequence
@@ -34,7 +33,6 @@ __all__ = [
     "wikitext_results",
     "lambada_results",
     "format_results",
-    "write_results",
 ]
 
 
@@ -229,15 +227,6 @@ def format_results(task: str, results: dict) -> str:
     return "\n".join(lines)
 
 
-def write_results(directory: str, task: str, record: dict) -> str:
-    """Write `record` as JSON to <directory>/<task>.json atomically; returns the path."""
-    from gigatron.core.checkpoint.io import atomic_write_text
-
-    path = os.path.join(directory, f"{task}.json")
-    atomic_write_text(path, json.dumps(record, indent=2, sort_keys=True) + "\n")
-    return path
-
-
 # ------------------------------------------------------------------ the task driver
 
 
@@ -259,52 +248,58 @@ def _load_weights(ctx, chunks) -> Optional[dict]:
     from gigatron.training.checkpointing import load_checkpoint, read_tracker
     from gigatron.training.logging import print_rank_0
 
-    args = ctx.args
-    if not args.load:
-        print_rank_0("WARNING: no --load given: evaluating a randomly initialized model; results are not saved")
+    checkpoint = ctx.configs.checkpoint
+    if not checkpoint.load:
+        print_rank_0("WARNING: no --load given: evaluating a randomly initialized model")
         return None
-    loaded = load_checkpoint(args.load, chunks, None, None, ctx.groups, ckpt_step=args.ckpt_step,
+    loaded = load_checkpoint(checkpoint.load, chunks, None, None, ctx.groups, ckpt_step=checkpoint.ckpt_step,
                              load_optim=False, load_rng=False, exit_on_missing_checkpoint=True)
-    iteration = args.ckpt_step if args.ckpt_step is not None else read_tracker(args.load)[0]
+    iteration = checkpoint.ckpt_step if checkpoint.ckpt_step is not None else read_tracker(checkpoint.load)[0]
     print_rank_0(f"> loaded {loaded.path}")
-    return {"checkpoint": os.path.abspath(args.load), "iteration": iteration}
+    return {"checkpoint": os.path.abspath(checkpoint.load), "iteration": iteration}
 
 
-def run(args) -> dict:
-    """Evaluate --task WIKITEXT103 or LAMBADA on each --valid-data file; print the results, write
-    them to <load>/eval_results/<task>.json (rank 0) and return {file: results}."""
-    from tasks.eval_utils import initialize_task
+def run(args, task) -> dict:
+    """Evaluate `task` (a TaskConfig: WIKITEXT103 or LAMBADA) on each --valid-data file; print the
+    results, write them (rank 0) to --results-path or beside the --load checkpoint (never over an
+    existing file) and return {file: results}."""
+    from tasks.eval_utils import initialize_task, results_path, write_results_file
     from tasks.zeroshot_gpt.datasets import build_lambada_dataset, build_wikitext_dataset
     from gigatron.training.logging import print_rank_0
 
-    if not args.valid_data:
-        raise ValueError(f"--task {args.task} needs --valid-data FILE [FILE ...]")
-    ctx = initialize_task(args)
+    ctx = initialize_task(args, task)
     chunks = _build_model(ctx)
     source = _load_weights(ctx, chunks)
-    mbs = args.eval_micro_batch_size or args.micro_batch_size
+    seq_length = ctx.configs.data.seq_length
+    mbs = task.eval_micro_batch_size or ctx.configs.training.micro_batch_size
     all_results = {}
-    for path in args.valid_data:
-        if args.task == "WIKITEXT103":
-            dataset, corpus = build_wikitext_dataset(path, ctx.tokenizer, args.seq_length, args.overlapping_eval)
+    for path in task.valid_data:
+        if task.task == "WIKITEXT103":
+            dataset, corpus = build_wikitext_dataset(path, ctx.tokenizer, seq_length, task.overlapping_eval)
             sums = evaluate_sums(chunks, dataset, "loss", groups=ctx.groups, config=ctx.configs.transformer,
                                  micro_batch_size=mbs, vocab_size=ctx.tokenizer.vocab_size, device=ctx.device)
             results = wikitext_results(float(sums[0]), float(sums[1]), corpus.num_tokenized_tokens,
                                        corpus.num_original_tokens)
-            results["overlapping_eval"] = args.overlapping_eval
-        elif args.task == "LAMBADA":
-            dataset = build_lambada_dataset(path, ctx.tokenizer, args.seq_length, args.strict_lambada)
+            results["overlapping_eval"] = task.overlapping_eval
+        elif task.task == "LAMBADA":
+            dataset = build_lambada_dataset(path, ctx.tokenizer, seq_length, task.strict_lambada)
             sums = evaluate_sums(chunks, dataset, "accuracy", groups=ctx.groups, config=ctx.configs.transformer,
                                  micro_batch_size=mbs, vocab_size=ctx.tokenizer.vocab_size, device=ctx.device)
             results = lambada_results(float(sums[0]), float(sums[1]))
-            results["strict_lambada"] = bool(args.strict_lambada)
+            results["strict_lambada"] = bool(task.strict_lambada)
         else:
-            raise ValueError(f"--task {args.task} is not a zero-shot GPT task (WIKITEXT103, LAMBADA)")
-        results["seq_length"] = args.seq_length
-        print_rank_0(format_results(f"{args.task} ({path})", results))
+            raise ValueError(f"--task {task.task} is not a zero-shot GPT task (WIKITEXT103, LAMBADA)")
+        results["seq_length"] = seq_length
+        print_rank_0(format_results(f"{task.task} ({path})", results))
         all_results[os.path.abspath(path)] = results
-    if source is not None and ctx.run.rank == 0:
-        record = {"task": args.task, **source, "results": all_results}
-        written = write_results(os.path.join(args.load, "eval_results"), args.task, record)
-        print(f"> results written to {written}", flush=True)
+    destination = results_path(task, source["checkpoint"] if source else None)
+    if destination is None:
+        print_rank_0("> results are not written (no --load checkpoint; give --results-path FILE to keep them)")
+    elif ctx.run.rank == 0:
+        record = {"task": task.task, **(source or {"checkpoint": None}), "results": all_results}
+        written = write_results_file(destination, record)
+        if written != destination:
+            print(f"> {destination} exists and is kept; results written to {written}", flush=True)
+        else:
+            print(f"> results written to {written}", flush=True)
     return all_results

@@ -103,11 +103,10 @@ def test_zeroshot_evaluation_parallel_equals_single_process():
 
 def _finetune_worker(rank, world_size, flags, save_dir):
     from tests.unit.test_tasks_finetune import TinyEncoder
-    from gigatron.training.arguments import parse_args
-    from tasks.main import add_task_args, run_finetune
+    from tasks.main import parse_task_args, run_finetune
 
     torch.set_num_threads(1)
-    args = parse_args(flags + ["--save", save_dir], extra_args_provider=add_task_args)
+    args, _ = parse_task_args(flags + ["--save", save_dir, "--ckpt-format", "torch"])
     result = run_finetune(args, encoder_provider=lambda ctx: TinyEncoder(ctx.padded_vocab_size, 16))
     return result.iteration, result.accuracies, result.train_losses
 

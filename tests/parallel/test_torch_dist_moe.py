@@ -69,10 +69,13 @@ def test_ep2_save_resumes_at_ep1_and_ep2(runs):
     iteration = os.path.join(save, "iter_0000002")
     keys = set(FileSystemReader(iteration).read_metadata().state_dict_metadata)
     for layer in (0, 1):
-        for state in ("", "optimizer.state.fp32_param.", "optimizer.state.exp_avg."):
+        for state in ("", "optimizer.state.exp_avg.", "optimizer.state.exp_avg_sq."):
             stored = {k for k in keys if k.startswith(f"{state}decoder.layers.{layer}.mlp.experts.")}
             assert stored == {f"{state}decoder.layers.{layer}.mlp.experts.local_experts.{g}.linear_fc{n}.weight"
                               for g in range(4) for n in (1, 2)}
+
+    # fp32 weights are their own main params: stored once, with the model
+    assert not any(k.startswith("optimizer.state.fp32_param.") for k in keys)
 
     # ep=2 -> ep=1 (one process, plain optimizer)
     history, _ = _train(base + ["--load", save])

@@ -6,9 +6,9 @@ import torch
 
 from gigatron.core.data import DataConfig, IndexedDataset, IndexedDatasetBuilder
 from gigatron.core.data.bert_dataset import BERTDataset, truncate_segments
+from gigatron.core.data.masked_builder import build_masked_datasets
 from gigatron.core.data.masked_dataset import (
     WordPieceMasker,
-    build_masked_datasets,
     build_sample_mapping,
     draw_ngram_lengths,
     ngram_probabilities,
@@ -394,3 +394,14 @@ def test_bert_per_split_data_paths(tmp_path, tokenizer):
     # each split uses all documents of its own file
     assert valid.sample_index[:, 1].max() <= IndexedDataset(b).document_indices[-1]
     assert int(valid[0]["padding_mask"].sum()) > 3
+
+
+def test_masked_dataset_modules_import_one_way():
+    """masked_dataset.py (shared by BERT and T5) imports neither sample class; the builder of the
+    splits (masked_builder.py) sits above all three, and gigatron.core.data re-exports it."""
+    import gigatron.core.data as data
+    from gigatron.core.data.masked_builder import build_masked_datasets as from_builder
+    from tests.unit.test_optimizer import package_import_cycles
+
+    assert package_import_cycles(os.path.dirname(data.__file__), "gigatron.core.data") == []
+    assert data.build_masked_datasets is from_builder

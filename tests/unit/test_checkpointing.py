@@ -91,6 +91,9 @@ def test_truncated_file_is_named(tmp_path):
     data = open(path, "rb").read()
     with open(path, "wb") as handle:
         handle.write(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"corrupt: .*mp_rank_00/model_optim_rng.pt has \d+ bytes, \d+ were written"):
+        C.load_checkpoint(str(tmp_path), [model], optimizer, scheduler, ParallelGroups.single())
+    os.unlink(tmp_path / "iter_0000003" / "checksums.json")  # a checkpoint from before the manifest
     with pytest.raises(CheckpointError, match=r"mp_rank_00/model_optim_rng.pt .*truncated or corrupt"):
         C.load_checkpoint(str(tmp_path), [model], optimizer, scheduler, ParallelGroups.single())
 

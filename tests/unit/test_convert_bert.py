@@ -116,7 +116,7 @@ def _engine_model(save_dir, groups):
 def test_layout_args_and_tokenizer(converted):
     for tp, save_dir in converted.items():
         assert (save_dir / "latest_checkpointed_iteration.txt").read_text() == "release"
-        assert sorted(os.listdir(save_dir / "release")) == [f"mp_rank_{r:02d}" for r in range(tp)]
+        assert sorted(os.listdir(save_dir / "release")) == ["checksums.json"] + [f"mp_rank_{r:02d}" for r in range(tp)]
         args = _rank_state(save_dir, 0)["args"]
         assert args["bert_layernorm"] == "post" and args["num_tokentypes"] == 2 and args["bert_binary_head"]
         assert args["tensor_model_parallel_size"] == tp and args["pipeline_model_parallel_size"] == 1

@@ -51,6 +51,7 @@ def test_hf_roundtrip_is_bitwise(tmp_path, variant, tp, pp):
                 "--target-tensor-parallel-size", tp, "--target-pipeline-parallel-size", pp)
     files = sorted(os.listdir(tmp_path / "ckpt" / "release"))
     expected = [f"mp_rank_{t:02d}" if pp == 1 else f"mp_rank_{t:02d}_{p:03d}" for t in range(tp) for p in range(pp)]
+    expected.append("checksums.json")
     assert files == sorted(expected)
     run_convert("--loader", "core", "--saver", "hf", "--load-dir", tmp_path / "ckpt", "--save-dir", tmp_path / "back")
     original = load_safetensors_dir(tmp_path / "hf")

@@ -91,7 +91,7 @@ def test_roundtrip_is_bitwise(tmp_path, tp, pp, ep):
         for p in range(pp):
             name = f"mp_rank_{t:02d}" if pp == 1 else f"mp_rank_{t:02d}_{p:03d}"
             expected += [name] if ep == 1 else [f"{name}_{e:03d}" for e in range(ep)]
-    assert files == sorted(expected)
+    assert files == sorted(expected + ["checksums.json"])
     # Each expert-parallel rank holds num_experts / ep experts, numbered locally.
     last = expected[-1]
     state = torch.load(tmp_path / "ckpt" / "release" / last / "model_optim_rng.pt", weights_only=True)
@@ -183,7 +183,8 @@ def test_direct_api_and_dense_export_refused(tmp_path):
 
     make_mixtral(tmp_path / "hf", num_hidden_layers=1)
     save_torch_checkpoint(hf_messages(str(tmp_path / "hf")), str(tmp_path / "ckpt"), target_ep=4)
-    assert sorted(os.listdir(tmp_path / "ckpt" / "release")) == [f"mp_rank_00_{e:03d}" for e in range(4)]
+    assert sorted(os.listdir(tmp_path / "ckpt" / "release")) == ["checksums.json"] + [f"mp_rank_00_{e:03d}"
+                                                                                        for e in range(4)]
     with pytest.raises(ConversionError, match="export them as mixtral"):
         save_hf_checkpoint(torch_checkpoint_messages(str(tmp_path / "ckpt")), str(tmp_path / "back"), family="llama")
 
@@ -293,7 +294,7 @@ def test_training_engine_moe_checkpoint_exports_to_transformers(tmp_path):
 
     ids = _ids(seq=10)
     results = run_distributed(_train_engine_save, 2, str(tmp_path / "ckpt"), ids)
-    assert sorted(os.listdir(tmp_path / "ckpt" / "iter_0000005")) == ["mp_rank_00_000", "mp_rank_00_001"]
+    assert sorted(os.listdir(tmp_path / "ckpt" / "iter_0000005")) == ["checksums.json", "mp_rank_00_000", "mp_rank_00_001"]
     run_convert("--loader", "core", "--saver", "hf", "--load-dir", tmp_path / "ckpt", "--save-dir", tmp_path / "hf")
     cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert (cfg["model_type"], cfg["num_local_experts"], cfg["num_experts_per_tok"]) == ("mixtral", EXPERTS, 2)

@@ -110,7 +110,7 @@ def test_gpt2_tokenizer_travels_with_the_checkpoint(tmp_path):
 def test_not_a_checkpoint_is_named(tmp_path):
     from gigatron.core.checkpoint.io import CheckpointError
 
-    with pytest.raises(CheckpointError, match="neither a checkpoint directory"):
+    with pytest.raises(CheckpointError, match="empty directory: neither a checkpoint directory"):
         gigatron.from_pretrained(tmp_path)
 
 

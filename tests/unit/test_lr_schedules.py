@@ -172,3 +172,27 @@ def test_bad_settings_raise():
         _scheduler(start_weight_decay=0.0, end_weight_decay=0.1)
     with pytest.raises(ValueError, match="mutually exclusive"):
         SchedulerConfig(override_opt_param_scheduler=True, use_checkpoint_opt_param_scheduler=True)
+
+
+def test_changed_train_iters_on_resume_is_named_in_samples_and_iterations():
+    """Resuming with another --train-iters: one ValueError that says what differs, in samples and
+    iterations (not "iterations" for a sample count), names the flags, and leaves the schedule as it
+    was; --override-opt-param-scheduler accepts the new length."""
+    sched = _scheduler(train_iters=100, lr_decay_style="cosine", wd=0.01)
+    _walk(sched, 20)
+    saved = sched.state_dict()
+    longer = _scheduler(train_iters=150, lr_decay_style="cosine", wd=0.01)
+    with pytest.raises(SchedulerCheckpointMismatch) as caught:
+        longer.load_state_dict(saved)
+    message = str(caught.value)
+    assert isinstance(caught.value, ValueError)
+    assert "\n" not in message
+    assert "the learning-rate decay span is 1,200 samples (150 iterations of 8 samples) in this run but 800 " \
+           "samples (100 iterations of 8 samples) in the checkpoint" in message
+    assert "the weight-decay increment span is 1,200 samples" in message
+    assert "--train-iters" in message and "--override-opt-param-scheduler" in message
+    assert "total number of iterations" not in message
+    assert longer.lr_decay_steps == 150 * GBS and longer.num_steps == 0  # nothing half-loaded
+    accepted = _scheduler(train_iters=150, lr_decay_style="cosine", wd=0.01, override_opt_param_scheduler=True)
+    accepted.load_state_dict(saved)
+    assert accepted.lr_decay_steps == 150 * GBS and accepted.num_steps == 20 * GBS

@@ -366,3 +366,104 @@ def test_clip_grads_helpers_match_torch():
     assert count_zeros_fp32(grads) == 7 + 3
     with pytest.raises(ValueError, match="norm type"):
         get_grad_norm_fp32(grads, norm_type=1)
+
+
+def package_import_cycles(package_dir: str, package: str) -> list:
+    """Import cycles among the modules of one package, counting every import statement (those
+    inside functions too, which only hide a cycle until the function runs). Each cycle is a list
+    of module names."""
+    import ast
+    import os
+
+    modules = {name[:-3] for name in os.listdir(package_dir) if name.endswith(".py") and name != "__init__.py"}
+    edges = {module: set() for module in modules}
+    for module in modules:
+        path = os.path.join(package_dir, module + ".py")
+        for node in ast.walk(ast.parse(open(path, encoding="utf-8").read(), filename=path)):
+            targets = []
+            if isinstance(node, ast.ImportFrom):
+                if node.level == 1:
+                    targets = [node.module] if node.module else [alias.name for alias in node.names]
+                elif node.level == 0 and (node.module or "").startswith(package + "."):
+                    targets = [node.module[len(package) + 1:]]
+            elif isinstance(node, ast.Import):
+                targets = [a.name[len(package) + 1:] for a in node.names if a.name.startswith(package + ".")]
+            edges[module].update(t.split(".")[0] for t in targets if t and t.split(".")[0] in modules)
+    cycles, state = [], {}
+
+    def visit(module, path):
+        state[module] = "open"
+        for target in sorted(edges[module]):
+            if state.get(target) == "open":
+                cycles.append(path[path.index(target):] + [target])
+            elif target not in state:
+                visit(target, path + [target])
+        state[module] = "done"
+
+    for module in sorted(modules):
+        if module not in state:
+            visit(module, [module])
+    return cycles
+
+
+def test_optimizer_modules_import_one_way():
+    """optimizer.py and distrib_optimizer.py do not import each other in a circle: the factory
+    that chooses between them (factory.py) sits above both, and gigatron.core.optim re-exports it."""
+    import os
+
+    import gigatron.core.optim as optim
+    from gigatron.core.optim.factory import get_optimizer as from_factory
+
+    assert package_import_cycles(os.path.dirname(optim.__file__), "gigatron.core.optim") == []
+    assert optim.get_optimizer is from_factory
+
+
+@pytest.mark.parametrize("dist_opt", [False, True], ids=["plain", "distributed"])
+def test_fp32_weights_are_checkpointed_once_and_resume_exactly(tmp_path, dist_opt):
+    """With fp32 weights the main params are the model weights: the full optimizer state and the
+    torch_dist checkpoint store them once (with the model), bf16 runs keep their fp32 copy, and a
+    resume from either continues bit for bit."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from gigatron.core.checkpoint.dist import load_torch_dist, save_torch_dist
+
+    groups = ParallelGroups.single()
+    num_params = sum(p.numel() for p in _model().parameters())
+    for bf16 in (False, True):
+        dtype = torch.bfloat16 if bf16 else torch.float32
+        cfg = OptimizerConfig(lr=1e-2, bf16=bf16, params_dtype=dtype, use_distributed_optimizer=dist_opt)
+
+        def build(seed):
+            ddp = _wrap(_model(dtype, seed=seed), use_distributed_optimizer=dist_opt)
+            return ddp, get_optimizer(cfg, [ddp], groups)
+
+        a, opt_a = build(0)
+        batches = _batches(5, dtype)
+        _train(a, opt_a, batches[:3])
+        full = opt_a.state_dict_for_save()
+        assert all(("param" in record) == bf16 for record in full["params"].values())
+        path = str(tmp_path / f"ckpt_bf16_{bf16}")
+        save_torch_dist(path, [a], opt_a, {"iteration": 3}, groups)
+        metadata = FileSystemReader(path).read_metadata().state_dict_metadata
+        main_keys = [k for k in metadata if k.startswith("optimizer.state.fp32_param.")]
+        stored_bytes = sum(md.size.numel() * md.properties.dtype.itemsize for md in metadata.values()
+                           if hasattr(md, "size"))
+        model_bytes = num_params * (2 if bf16 else 4)
+        assert len(main_keys) == (len(list(a.module.parameters())) if bf16 else 0)
+        # model weights + Adam's two fp32 moments (+ the fp32 main copy with bf16 weights)
+        assert stored_bytes == model_bytes + num_params * 4 * (3 if bf16 else 2)
+
+        resumed = []
+        for load in ("full", "torch_dist"):
+            b, opt_b = build(5)
+            if load == "full":
+                b.module.load_state_dict(a.module.state_dict())
+                opt_b.load_state_dict_from_full(copy.deepcopy(full))
+            else:
+                load_torch_dist(path, [b], opt_b, groups)
+            _train(b, opt_b, batches[3:])
+            resumed.append([p.detach().clone() for p in b.module.parameters()])
+        _train(a, opt_a, batches[3:])
+        for params in resumed:
+            for p, q in zip(a.module.parameters(), params):
+                torch.testing.assert_close(q, p, rtol=0, atol=0)

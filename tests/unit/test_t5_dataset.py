@@ -6,7 +6,8 @@ import torch
 
 from gigatron.core.data import DataConfig, IndexedDataset, IndexedDatasetBuilder
 from gigatron.core.data.masked_dataset import draw_ngram_lengths, special_token_ids
-from gigatron.core.data.t5_dataset import T5Dataset, build_masked_datasets
+from gigatron.core.data.masked_builder import build_masked_datasets
+from gigatron.core.data.t5_dataset import T5Dataset
 from gigatron.core.tokenizers import BertWordPieceTokenizer
 
 

@@ -168,15 +168,14 @@ def _synthetic_mnli(path, n, seed):
 
 
 def _task_args(tmp_path, task, train, valid, extra=()):
-    from gigatron.training.arguments import parse_args
-    from tasks.main import args_provider
+    from tasks.main import parse_task_args
 
     flags = ["--task", task, "--train-data", *train, "--valid-data", *valid, "--num-layers", "1", "--hidden-size",
              "16", "--num-attention-heads", "2", "--seq-length", "24", "--max-position-embeddings", "24",
              "--micro-batch-size", "8", "--tokenizer-type", "BertWordPieceLowerCase", "--vocab-file", _bert_vocab(),
              "--lr", "0.02", "--lr-warmup-fraction", "0.05", "--hidden-dropout", "0.0", "--attention-dropout", "0",
              "--weight-decay", "0.0", "--log-interval", "1000", "--distributed-backend", "gloo", *extra]
-    return parse_args(flags, extra_args_provider=args_provider(task))
+    return parse_task_args(flags)[0]
 
 
 def _stand_in(ctx):
@@ -220,8 +219,12 @@ def test_interrupted_finetuning_resumes_exactly(tmp_path):
                                                                                  "--load", str(tmp_path / "b")]),
                         encoder_provider=_stand_in)
     assert rest.iteration == 12 and len(rest.accuracies) == 1
-    (it_a, state_a), (it_b, state_b) = _head_weights(str(tmp_path / "a")), _head_weights(str(tmp_path / "b"))
-    assert it_a == it_b == 12 and set(state_a) == set(state_b)
+    (whole_results,) = tmp_path.glob("a.MNLI.dev.tsv.*.json")  # rewritten after each epoch of the run
+    assert [e["mean_training_loss"] for e in json.loads(whole_results.read_text())["epochs"]] == whole.train_losses
+    # the training loop's default checkpoint format (torch_dist) resumes bit for bit
+    state_a = whole.context.model[0].module.state_dict()
+    state_b = rest.context.model[0].module.state_dict()
+    assert set(state_a) == set(state_b)
     for name in state_a:
         torch.testing.assert_close(state_b[name], state_a[name], rtol=0, atol=0, msg=name)
 
@@ -329,17 +332,71 @@ def test_main_finetunes_bert_from_pretrained_checkpoint(tmp_path):
     config = TransformerConfig(num_layers=1, hidden_size=32, num_attention_heads=2, seq_length=24,
                                max_position_embeddings=24, use_cpu_initialization=True)
     pretrained = BertModel(config, ParallelGroups.single(), 30592, seed=77)
-    args = _task_args(tmp_path, "QQP", [train], [train], [])
+    args = _task_args(tmp_path, "QQP", [train], [train], ["--epochs", "1"])
     save_checkpoint(str(tmp_path / "bert"), 5, [pretrained], None, None, args, ParallelGroups.single(),
                     save_optim=False, save_rng=False)
     flags = ["--task", "QQP", "--train-data", train, "--valid-data", train, "--num-layers", "1", "--hidden-size",
              "32", "--num-attention-heads", "2", "--seq-length", "24", "--max-position-embeddings", "24",
              "--micro-batch-size", "4", "--tokenizer-type", "BertWordPieceLowerCase", "--vocab-file", _bert_vocab(),
              "--lr", "1e-12", "--epochs", "1", "--pretrained-checkpoint", str(tmp_path / "bert"),
-             "--save", str(tmp_path / "ft"), "--distributed-backend", "gloo"]
+             "--save", str(tmp_path / "ft"), "--ckpt-format", "torch", "--distributed-backend", "gloo"]
     result = main(flags)
     assert result.iteration == 3
     saved = safe_torch_load(checkpoint_file(str(tmp_path / "ft"), 3, 0, 0, 1))["model"]
     for name, value in pretrained.state_dict().items():
         torch.testing.assert_close(saved["encoder.module." + name], value, rtol=0, atol=1e-6, msg=name)
     assert "classification_head.dense.weight" in saved and saved["classification_head.dense.weight"].shape == (2, 32)
+    # the accuracies are written beside the --save checkpoint, not into it
+    (written,) = tmp_path.glob("ft.QQP.train.tsv.*.json")
+    record = json.loads(written.read_text())
+    assert record["task"] == "QQP" and record["iteration"] == 3 and len(record["epochs"]) == 1
+    assert record["epochs"][0]["accuracy"][os.path.abspath(train)] == result.accuracies[0][train]
+
+
+def test_main_reports_a_user_error_in_one_line(tmp_path):
+    """tasks/main.py runs through gigatron.cli.run_cli: a missing flag is one 'error:' line, status 2."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {k: v for k, v in os.environ.items() if k != "GIGATRON_DEBUG"}
+    done = subprocess.run([sys.executable, os.path.join(root, "tasks", "main.py"), "--task", "MNLI", "--valid-data",
+                           "dev.tsv", "--epochs", "1"], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "error: --task MNLI needs --train-data" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("precision", ["--bf16", "--fp16"])
+def test_finetuning_in_mixed_precision(tmp_path, precision):
+    """--bf16 / --fp16: the head is built in the encoder's dtype, so the whole task model holds one
+    precision and the run trains (the head used to stay fp32 and the first forward failed)."""
+    import math
+
+    from tasks.main import run_finetune
+
+    train = _synthetic_mnli(tmp_path / "train.tsv", 48, seed=0)
+    dev = _synthetic_mnli(tmp_path / "dev.tsv", 12, seed=1)
+    extra = ["--epochs", "2", "--lr", "3e-3", "--hidden-size", "32", precision]
+    if precision == "--fp16":
+        extra += ["--initial-loss-scale", "1024"]  # the default 2**32 would skip every one of these few steps
+    result = run_finetune(_task_args(tmp_path, "MNLI", [train], [dev], extra))
+    dtype = torch.bfloat16 if precision == "--bf16" else torch.float16
+    model = result.context.model[0].module
+    assert {p.dtype for p in model.parameters()} == {dtype}
+    assert model.classification_head.dense.weight.dtype == dtype
+    assert result.iteration == 2 * (48 // 8) and len(result.accuracies) == 2
+    assert all(math.isfinite(loss) for loss in result.train_losses)
+    assert result.train_losses[-1] < result.train_losses[0]
+
+
+def test_finetuning_refuses_pretraining_length_and_data_flags(tmp_path):
+    from tasks.main import run_finetune
+
+    train = _synthetic_mnli(tmp_path / "train.tsv", 16, seed=0)
+    for extra, message in ((["--train-iters", "5"], "runs --epochs 1 over --train-data; drop --train-iters"),
+                           (["--mock-data"], "reads --train-data/--valid-data; drop --mock-data"),
+                           (["--rampup-batch-size", "4", "4", "8"], "drop --rampup-batch-size")):
+        with pytest.raises(ValueError, match=message):
+            run_finetune(_task_args(tmp_path, "MNLI", [train], [train], ["--epochs", "1", *extra]),
+                         encoder_provider=_stand_in)

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 
 import numpy as np
 import pytest
@@ -264,10 +265,11 @@ def _model_flags(tmp_path):
             "--hidden-dropout", "0", "--seed", "11", "--use-cpu-initialization", "--distributed-backend", "gloo"]
 
 
-def test_main_wikitext_and_lambada_write_results(tmp_path):
-    from gigatron.training.arguments import parse_args
+def test_main_wikitext_and_lambada_write_results(tmp_path, capsys):
+    """Results go beside the checkpoint (named with the task, the data file and the time) or to
+    --results-path; the checkpoint folder is left alone and no results file is ever replaced."""
     from gigatron.training.checkpointing import save_checkpoint
-    from tasks.main import add_task_args, main
+    from tasks.main import main, parse_task_args
 
     flags = _model_flags(tmp_path)
     wiki = tmp_path / "wiki.test.tokens"
@@ -276,25 +278,77 @@ def test_main_wikitext_and_lambada_write_results(tmp_path):
     lambada.write_text("".join(json.dumps({"text": f"{i} {i + 1} {i + 2}"}) + "\n" for i in range(1, 8)))
 
     # A checkpoint of a model with known weights (seed 5); the task must load it.
-    args = parse_args(flags + ["--task", "WIKITEXT103"], extra_args_provider=add_task_args)
+    args, _ = parse_task_args(flags + ["--task", "WIKITEXT103", "--valid-data", str(wiki)])
     config = _config(seq_length=8)
     model = GPTModel(config, ParallelGroups.single(), PADDED, seed=5)
     ckpt = tmp_path / "ckpt"
     save_checkpoint(str(ckpt), 3, [model], None, None, args, ParallelGroups.single(), save_optim=False,
                     save_rng=False)
+    checkpoint_files = sorted(os.listdir(ckpt))
 
-    results = main(flags + ["--task", "WIKITEXT103", "--valid-data", str(wiki), "--overlapping-eval", "3",
-                            "--load", str(ckpt)])
+    wiki_flags = flags + ["--task", "WIKITEXT103", "--valid-data", str(wiki), "--overlapping-eval", "3",
+                          "--load", str(ckpt)]
+    results = main(wiki_flags)
     got = results[os.path.abspath(wiki)]
     tokens = [int(t) for t in wiki.read_text().split()]
     sums = _eval(model, LMWindowDataset(tokens, 8, pad_id=VOCAB - 1, stride=3), "loss")
     expected = wikitext_results(float(sums[0]), float(sums[1]), len(tokens), len(wiki.read_text().strip().split(" ")))
     assert got["avg_loss"] == pytest.approx(expected["avg_loss"], rel=1e-6)
     assert got["adjusted_ppl"] == pytest.approx(expected["adjusted_ppl"], rel=1e-6)
-    record = json.loads((ckpt / "eval_results" / "WIKITEXT103.json").read_text())
+    assert sorted(os.listdir(ckpt)) == checkpoint_files  # nothing written into the checkpoint
+    (first,) = sorted(tmp_path.glob("ckpt.WIKITEXT103.wiki.test.tokens.*.json"))
+    assert re.fullmatch(r"ckpt\.WIKITEXT103\.wiki\.test\.tokens\.\d{8}-\d{6}\.json", first.name)
+    record = json.loads(first.read_text())
     assert record["iteration"] == 3 and record["results"][os.path.abspath(wiki)]["ppl"] == pytest.approx(got["ppl"])
+    first_text = first.read_text()
+    main(wiki_flags)  # a second run (possibly within the same second) keeps the first file
+    assert len(list(tmp_path.glob("ckpt.WIKITEXT103.wiki.test.tokens.*.json"))) == 2
+    assert first.read_text() == first_text
 
-    results = main(flags + ["--task", "LAMBADA", "--valid-data", str(lambada), "--strict-lambada", "--load", str(ckpt)])
+    chosen = tmp_path / "out" / "lambada.json"
+    lambada_flags = flags + ["--task", "LAMBADA", "--valid-data", str(lambada), "--strict-lambada", "--load",
+                             str(ckpt), "--results-path", str(chosen)]
+    results = main(lambada_flags)
     acc = results[os.path.abspath(lambada)]
     assert acc["total_examples"] == 7 and 0 <= acc["number_correct"] <= 7
-    assert (ckpt / "eval_results" / "LAMBADA.json").is_file()
+    assert json.loads(chosen.read_text())["results"][os.path.abspath(lambada)]["total_examples"] == 7
+    chosen.write_text("kept")
+    capsys.readouterr()
+    main(lambada_flags)
+    assert chosen.read_text() == "kept"
+    again = tmp_path / "out" / "lambada-1.json"
+    assert json.loads(again.read_text())["task"] == "LAMBADA"
+    assert f"{chosen} exists and is kept; results written to {again}" in capsys.readouterr().out
+    assert sorted(os.listdir(tmp_path / "out")) == ["lambada-1.json", "lambada.json"]  # no temporary left
+
+
+def test_results_file_names_and_never_replaces(tmp_path):
+    from tasks.eval_utils import default_results_path, write_results_file
+
+    when = 1_800_000_000.0
+    stamp = __import__("time").strftime("%Y%m%d-%H%M%S", __import__("time").localtime(when))
+    path = default_results_path(str(tmp_path / "runs" / "gpt"), "LAMBADA", ["/data/lambada test.jsonl"], when)
+    assert path == str(tmp_path / "runs" / f"gpt.LAMBADA.lambada_test.jsonl.{stamp}.json")
+    many = default_results_path(str(tmp_path / "c/"), "RACE", ["a/dev/middle", "b/dev/high", "x", "y"], when)
+    assert os.path.basename(many) == f"c.RACE.middle+high+x+1more.{stamp}.json"
+    target = str(tmp_path / "new" / "r.json")
+    assert write_results_file(target, {"n": 1}) == target
+    assert write_results_file(target, {"n": 2}) == str(tmp_path / "new" / "r-1.json")
+    assert write_results_file(target, {"n": 3}) == str(tmp_path / "new" / "r-2.json")
+    assert json.loads(open(target).read()) == {"n": 1}
+    assert sorted(os.listdir(tmp_path / "new")) == ["r-1.json", "r-2.json", "r.json"]
+
+
+def test_results_file_without_hard_links(tmp_path, monkeypatch):
+    """Where the file system has no hard links the name is claimed exclusively, then replaced."""
+    from tasks.eval_utils import write_results_file
+
+    def no_links(src, dst):
+        raise PermissionError("hard links not supported")
+
+    monkeypatch.setattr(os, "link", no_links)
+    target = str(tmp_path / "r.json")
+    assert write_results_file(target, {"n": 1}) == target
+    assert write_results_file(target, {"n": 2}) == str(tmp_path / "r-1.json")
+    assert json.loads(open(target).read()) == {"n": 1}
+    assert sorted(os.listdir(tmp_path)) == ["r-1.json", "r.json"]

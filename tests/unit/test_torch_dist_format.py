@@ -8,7 +8,8 @@ import os
 import pytest
 import torch
 
-from gigatron.core.checkpoint import dist as tdist
+from gigatron.core.checkpoint.dist import save as dist_save
+from gigatron.core.checkpoint.dist import sharding
 from gigatron.core.checkpoint.dist import (
     AsyncCheckpointSaver,
     CorruptCheckpointError,
@@ -18,7 +19,7 @@ from gigatron.core.checkpoint.dist import (
     save_torch_dist,
     verify_torch_dist_checkpoint,
 )
-from gigatron.core.checkpoint.dist_convert import convert_torch_dist_to_torch, convert_torch_to_torch_dist
+from gigatron.core.convert.dist_convert import convert_torch_dist_to_torch, convert_torch_to_torch_dist
 from gigatron.core.checkpoint.io import CheckpointError
 from gigatron.core.distributed import DDPConfig, DistributedDataParallel, finalize_model_grads
 from gigatron.core.models.gpt import GPTModel
@@ -77,7 +78,7 @@ def test_flat_range_boxes_tile_every_range(shape):
     for start in range(n):
         for end in range(start + 1, n + 1):
             position = start
-            for offsets, sizes, flat in tdist._flat_range_boxes(shape, start, end):
+            for offsets, sizes, flat in sharding.flat_range_boxes(shape, start, end):
                 assert flat == position
                 values = index[tuple(slice(o, o + s) for o, s in zip(offsets, sizes))].reshape(-1)
                 assert torch.equal(values, torch.arange(flat, flat + values.numel()))  # contiguous box
@@ -93,10 +94,10 @@ def test_tensor_parallel_shard_maps_to_global_chunks(stride):
     for rank in range(tp):
         shard = torch.nn.Parameter(local_shard(full, 0, stride, rank, tp).clone())
         tags.set_tensor_parallel_attributes(shard, True, 0, stride, rank=rank, world_size=tp)
-        for data, offsets in tdist._local_box_to_global(shard.detach(), (0, 0), shard):
+        for data, offsets in sharding.local_box_to_global(shard.detach(), (0, 0), shard):
             rebuilt[offsets[0]:offsets[0] + data.shape[0]] = data
         # a flat range crossing the stride block boundary
-        pieces = tdist._pieces_of_flat_range("k", shard.detach().reshape(-1)[2:10], shard, 2, True, False)
+        pieces = sharding.pieces_of_flat_range("k", shard.detach().reshape(-1)[2:10], shard, 2, True, False)
         assert sum(p.tensor.numel() for p in pieces) == 8
         for p in pieces:
             region = full[tuple(slice(o, o + s) for o, s in zip(p.global_offsets, p.sizes))]
@@ -192,7 +193,7 @@ def test_save_interrupted_before_metadata_json_is_incomplete(tmp_path, monkeypat
     def crash(*args, **kwargs):
         raise KeyboardInterrupt("killed")
 
-    monkeypatch.setattr(tdist, "atomic_write_text", crash)
+    monkeypatch.setattr(dist_save, "atomic_write_text", crash)
     with pytest.raises(KeyboardInterrupt):
         save_torch_dist(str(tmp_path), [ddp], opt, {"iteration": 3}, groups)
     assert ".metadata" in os.listdir(tmp_path) and "metadata.json" not in os.listdir(tmp_path)
@@ -208,7 +209,7 @@ def test_background_write_failure_is_reported_and_leaves_no_marker(tmp_path, mon
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(tdist, "atomic_torch_save", broken)  # common.pt write fails in the background
+    monkeypatch.setattr(dist_save, "atomic_torch_save", broken)  # common.pt write fails in the background
     save_torch_dist(str(tmp_path), [ddp], opt, {"iteration": 3}, groups, async_saver=saver)
     with pytest.raises(CheckpointError, match="disk full"):
         saver.finalize_all()

@@ -16,7 +16,8 @@ Savers (saver_<name>.py): core, torch, hf.
 Each loader module has add_arguments(parser) and load_checkpoint(args) -> iterable of messages;
 each saver module has add_arguments(parser) and save_checkpoint(messages, args). The loader runs in
 a background thread feeding a queue of at most --max-queue-size messages (see
-gigatron/core/convert/protocol.py for the messages).
+gigatron/core/convert/protocol.py for the messages). A user error (a bad flag, a missing or
+corrupt checkpoint) is printed as one `error: ...` line with exit status 2 (gigatron/cli.py).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, _HERE)
 sys.path.insert(0, os.path.dirname(os.path.dirname(_HERE)))
 
+from gigatron.cli import run_cli  # noqa: E402
 from gigatron.core.convert.protocol import run_conversion  # noqa: E402
 
 
@@ -84,4 +86,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

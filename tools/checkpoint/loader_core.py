@@ -1,5 +1,6 @@
-"""Loader for Gigatron/Megatron `torch`-format checkpoints saved at any tensor/pipeline parallel
-size (a save directory with latest_checkpointed_iteration.txt, or an iteration directory)."""
+"""Loader for Gigatron/Megatron checkpoints in any format the checkpoint registry reads (`torch` saved
+at any tensor/pipeline/expert parallel size, torch_dist): a save directory with
+latest_checkpointed_iteration.txt, or an iteration directory."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ def add_arguments(parser) -> None:
     group.add_argument("--true-vocab-size", type=int, default=None,
                        help="Vocabulary size without padding (default: from the checkpoint's args or tokenizer).")
     group.add_argument("--allow-pickle", action="store_true",
-                       help="Read the files with full unpickling: needed for checkpoints saved by Megatron-LM itself "
-                            "(args stored as an argparse Namespace). Only for files you trust.")
+                       help="Also accept args stored as an argparse Namespace (checkpoints saved by Megatron-LM "
+                            "itself). The files are still read weights-only: no other object is built, no code runs.")
 
 
 def load_checkpoint(args):

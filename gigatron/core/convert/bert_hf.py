@@ -261,10 +261,10 @@ def save_bert_torch_checkpoint(messages, save_dir: str, target_tp: int = 1, targ
     Each parameter is then split as its tensor-parallel tags say. `args` hold the model flags plus
     bert_layernorm, num_tokentypes and the tokenizer flags of the copied tokenizer files. Returns
     the iteration directory."""
-    from gigatron.core.checkpoint.io import atomic_torch_save, atomic_write_text
+    from gigatron.core.checkpoint import torch_layout
+    from gigatron.core.checkpoint.header import checkpoint_header
     from gigatron.core.convert.protocol import ConversionError, dtype_name
-    from gigatron.core.convert.torch_format import (CHECKPOINT_VERSION, MODEL_FILENAME, TOKENIZER_DIRNAME,
-                                                    TRACKER_FILENAME, _args_for, _rank_dirs, copy_tokenizer_files)
+    from gigatron.core.convert.torch_format import TOKENIZER_DIRNAME, args_for_target, copy_tokenizer_files
     from gigatron.core.models.bert import BertModel
     from gigatron.core.parallel.groups import ParallelGroups
     from gigatron.core.parallel.init import local_shard
@@ -286,7 +286,7 @@ def save_bert_torch_checkpoint(messages, save_dir: str, target_tp: int = 1, targ
             raise ValueError(f"--target-tensor-parallel-size {target_tp} does not divide {name} {size}")
     padded = vocab_size_with_padding(int(md["true_vocab_size"]), md["make_vocab_size_divisible_by"], target_tp)
     iter_dir = os.path.join(save_dir, "release")
-    if _rank_dirs(iter_dir):
+    if torch_layout.rank_dirs(iter_dir):
         raise ValueError(f"{iter_dir} already holds a checkpoint; its files would mix with the new layout's. "
                          "Choose an empty --save-dir or remove it first")
     full = {k: (pad_vocab(v, padded) if k in ("embedding.word_embeddings.weight", "output_layer.bias") else v)
@@ -305,7 +305,7 @@ def save_bert_torch_checkpoint(messages, save_dir: str, target_tp: int = 1, targ
     dtype = getattr(torch, md["params_dtype"])
     os.makedirs(save_dir, exist_ok=True)
     tokenizer_flags = copy_tokenizer_files(md, os.path.join(save_dir, TOKENIZER_DIRNAME))
-    args = _args_for(md, target_tp, 1, padded, tokenizer_flags)
+    args = args_for_target(md, target_tp, 1, padded, tokenizer_flags)
     args.update(bert_layernorm="post", num_tokentypes=int(md["num_tokentypes"]),
                 bert_binary_head=bool(md["bert_binary_head"]), seed=seed)
     shards: List[Dict[str, torch.Tensor]] = [{} for _ in range(target_tp)]
@@ -325,10 +325,10 @@ def save_bert_torch_checkpoint(messages, save_dir: str, target_tp: int = 1, targ
             else:
                 piece = value
             shards[rank][name] = piece.contiguous().clone()
-    for rank, state_dict in enumerate(shards):
-        state = {"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": 0, "model": state_dict,
-                 "num_floating_point_operations_so_far": 0.0, "consumed_train_samples": 0,
-                 "consumed_valid_samples": 0}
-        atomic_torch_save(state, os.path.join(iter_dir, f"mp_rank_{rank:02d}", MODEL_FILENAME))
-    atomic_write_text(os.path.join(save_dir, TRACKER_FILENAME), "release")
+    header = checkpoint_header(args, None)
+    records = dict(torch_layout.write_rank_file(iter_dir, os.path.join(torch_layout.rank_dir_name(rank, 0, 1),
+                                                                       torch_layout.MODEL_FILENAME),
+                                                dict(header, model=state_dict))
+                   for rank, state_dict in enumerate(shards))
+    torch_layout.finish_save(save_dir, iter_dir, None, records)  # checksum manifest, then the tracker
     return iter_dir

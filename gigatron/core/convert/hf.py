@@ -44,6 +44,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional
 
 import torch
 
+from gigatron.core.checkpoint.formats import is_hf_folder
 from gigatron.core.checkpoint.io import atomic_write_bytes, atomic_write_text
 from gigatron.core.convert.layout import compact, grouped_to_qkv, qkv_to_grouped
 from gigatron.core.convert.protocol import (
@@ -77,11 +78,8 @@ _DEFAULT_SHARD_BYTES = 5 * 1024 ** 3
 
 
 def is_hf_checkpoint(path: str) -> bool:
-    """A folder with a config.json and HuggingFace weight files."""
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        return False
-    return any(os.path.isfile(os.path.join(path, name)) for name in (
-        "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json"))
+    """A folder with a config.json and HuggingFace weight files (the checkpoint registry decides)."""
+    return is_hf_folder(path)
 
 
 def read_hf_config(path: str) -> dict:

@@ -1,15 +1,12 @@
-"""Read and write Megatron's `torch` checkpoint layout at any tensor/pipeline parallel layout.
+"""Conversion's side of Megatron's checkpoints: full tensors <-> the conversion messages.
 
-    <dir>/latest_checkpointed_iteration.txt                   iteration number or "release"
-    <dir>/iter_{N:07d}/mp_rank_{tp:02d}/model_optim_rng.pt          pipeline size 1
-    <dir>/iter_{N:07d}/mp_rank_{tp:02d}_{pp:03d}/model_optim_rng.pt pipeline size > 1
-    (<dir>/release/... for a model imported without training iterations)
-
-Each file holds `model` (or `model0`, `model1`, ... per virtual pipeline stage) with the state
-dict of that rank's GPTModel stage, and `args`, a plain dict of the run's flags. The reader merges
-all ranks into full tensors (gigatron/core/convert/layout.py) and produces the conversion
-messages; the writer shards full tensors for a target layout, writes one file per rank (each
-atomically) and the tracker last, so an interrupted conversion never looks complete.
+Reading goes through the checkpoint-format registry (gigatron/core/checkpoint/formats.py), which
+detects the format of a directory (`torch` at any tensor/pipeline/expert layout, `torch_dist`) and
+returns the model as full tensors; `read_torch_checkpoint` adds the conversion metadata and cuts
+the vocabulary to its true size. Writing shards full tensors for a target layout and hands each
+rank's state dict to the `torch` layout's writer (gigatron/core/checkpoint/torch_layout.py: one
+file per rank, each atomically, then the checksum manifest and the tracker last), so an
+interrupted conversion never looks complete.
 
 Files written here load with the training engine's `--load` (weights; optimizer and RNG state are
 absent, so a `release` checkpoint starts at iteration 0 and an `iter_*` one needs --no-load-optim
@@ -27,8 +24,13 @@ from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 
-from gigatron.core.checkpoint.io import CheckpointError, atomic_torch_save, atomic_write_text, safe_torch_load
-from gigatron.core.convert.layout import VOCAB_PARAMS, compact, merge_from_tp, pad_vocab, split_for_tp
+from gigatron.core.checkpoint import formats as checkpoint_formats
+from gigatron.core.checkpoint import torch_layout
+from gigatron.core.checkpoint.header import CHECKPOINT_VERSION, checkpoint_header
+from gigatron.core.checkpoint.io import CheckpointError
+from gigatron.core.checkpoint.paths import TRACKER_FILENAME, resolve_checkpoint_dir
+from gigatron.core.checkpoint.state import ModelState
+from gigatron.core.checkpoint.tp_layout import VOCAB_PARAMS, compact, pad_vocab, split_for_tp
 from gigatron.core.convert.protocol import (
     MODEL_FLAGS,
     MOE_FLAGS,
@@ -46,21 +48,21 @@ __all__ = [
     "TOKENIZER_DIRNAME",
     "resolve_checkpoint_dir",
     "read_torch_checkpoint",
+    "model_state_to_metadata",
     "torch_checkpoint_messages",
+    "true_vocab_size_of",
     "metadata_from_args",
     "save_torch_checkpoint",
     "rank_state_dicts",
+    "args_for_target",
     "split_for_ep",
     "copy_tokenizer_files",
     "tokenizer_flags_for_dir",
 ]
 
-CHECKPOINT_VERSION = 3.0
-TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
-MODEL_FILENAME = "model_optim_rng.pt"
+MODEL_FILENAME = torch_layout.MODEL_FILENAME
 TOKENIZER_DIRNAME = "tokenizer"
 
-_RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?(?:_(\d{3}))?$")
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 _EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(.+)$")
 
@@ -69,42 +71,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "vocab.json", "merges.txt", "added_tokens.json", "vocab.txt")
 
 
-# ------------------------------------------------------------------ locating
-
-
-def resolve_checkpoint_dir(path: str) -> Tuple[str, Optional[int]]:
-    """(iteration directory, iteration or None for `release`) for a save directory with a tracker
-    file or for an `iter_NNNNNNN` / `release` directory itself."""
-    if not os.path.isdir(path):
-        raise CheckpointError(f"{path} is not a directory")
-    tracker = os.path.join(path, TRACKER_FILENAME)
-    if os.path.isfile(tracker):
-        with open(tracker, encoding="utf-8") as handle:
-            text = handle.read().strip()
-        if text == "release":
-            return os.path.join(path, "release"), None
-        try:
-            iteration = int(text)
-        except ValueError:
-            raise CheckpointError(f"tracker file {tracker} holds {text!r}; "
-                                  "expected an iteration or 'release'") from None
-        return os.path.join(path, f"iter_{iteration:07d}"), iteration
-    name = os.path.basename(os.path.normpath(path))
-    if _rank_dirs(path) or os.path.isfile(os.path.join(path, "metadata.json")):
-        match = re.fullmatch(r"iter_(\d+)", name)
-        return path, (int(match.group(1)) if match else None)
-    raise CheckpointError(f"{path} is neither a checkpoint directory with {TRACKER_FILENAME} nor an "
-                          "iter_NNNNNNN / release directory holding mp_rank_* folders")
-
-
-def _rank_dirs(iter_dir: str) -> List[str]:
-    if not os.path.isdir(iter_dir):
-        return []
-    return sorted(d for d in os.listdir(iter_dir) if _RANK_DIR.match(d)
-                  and os.path.isfile(os.path.join(iter_dir, d, MODEL_FILENAME)))
-
-
 def _check_moe_args(args: dict) -> None:
+    """What the conversion messages cannot carry (the torch layout's reader refuses grouped-GEMM
+    experts and an expert tensor-parallel split that differs from the dense one)."""
     if not args.get("num_experts"):
         return
     if args.get("moe_grouped_gemm"):
@@ -115,42 +84,13 @@ def _check_moe_args(args: dict) -> None:
         raise ConversionError("converting MoE checkpoints with shared experts is not supported")
     if args.get("moe_router_enable_expert_bias"):
         raise ConversionError("converting MoE checkpoints with --moe-router-enable-expert-bias is not supported")
-    etp = args.get("expert_tensor_parallel_size")
-    tp = int(args.get("tensor_model_parallel_size") or 1)
-    if etp is not None and int(etp) != tp:
-        raise ConversionError(f"expert tensor-parallel size {etp} differs from the tensor-parallel size {tp}; "
-                              "only checkpoints whose experts are split like the dense layers are converted")
-
-
-def _parse_rank_dirs(iter_dir: str, args: dict) -> Dict[Tuple[int, int, int], str]:
-    """{(tp_rank, pp_rank, ep_rank): file} for every model-parallel rank. Folder names:
-    mp_rank_TT, mp_rank_TT_PPP (pipeline), mp_rank_TT_EEE (expert parallel, no pipeline),
-    mp_rank_TT_PPP_EEE (both)."""
-    pp_size = args.get("pipeline_model_parallel_size")  # None: the folder names tell
-    ep_size = int(args.get("expert_model_parallel_size") or 1)
-    _check_moe_args(args)
-    files = {}
-    for d in _rank_dirs(iter_dir):
-        tp_s, second, third = _RANK_DIR.match(d).groups()
-        if third is not None:
-            if ep_size == 1:
-                raise ConversionError(f"{d}: an expert-parallel rank folder, but the checkpoint's args say "
-                                      "expert_model_parallel_size 1")
-            pp_rank, ep_rank = int(second), int(third)
-        elif second is not None and ep_size > 1 and (pp_size is None or int(pp_size) == 1):
-            pp_rank, ep_rank = 0, int(second)
-        elif second is not None and pp_size is not None and int(pp_size) == 1:
-            raise ConversionError(f"{d}: a pipeline or expert rank folder, but the checkpoint's args say neither")
-        else:
-            pp_rank, ep_rank = (int(second) if second is not None else 0), 0
-        files[(int(tp_s), pp_rank, ep_rank)] = os.path.join(iter_dir, d, MODEL_FILENAME)
-    return files
 
 
 # ------------------------------------------------------------------ reading
 
 
-def _true_vocab_size(args: dict, padded: int, override: Optional[int]) -> int:
+def true_vocab_size_of(args: dict, padded: int, override: Optional[int]) -> int:
+    """The true vocabulary: `override`, else the saved true size, else the tokenizer's, else `padded`."""
     if override is not None:
         return int(override)
     if args.get("true_vocab_size"):
@@ -204,130 +144,36 @@ def metadata_from_args(args: dict, true_vocab_size: int, iteration: Optional[int
     return md
 
 
-def _chunk_keys(state: dict) -> List[str]:
-    if "model" in state:
-        return ["model"]
-    keys = sorted((k for k in state if re.fullmatch(r"model\d+", k)), key=lambda k: int(k[5:]))
-    if not keys:
-        raise CheckpointError("checkpoint file holds no 'model' entry")
-    return keys
-
-
-# Megatron-LM's Transformer Engine layer spec fuses the norms into the following linear layer.
-_TE_NORM_NAMES = {
-    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
-    "self_attention.linear_qkv.layer_norm_bias": "input_layernorm.bias",
-    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
-    "mlp.linear_fc1.layer_norm_bias": "pre_mlp_layernorm.bias",
-}
-
-
-def _load_file(path: str, allow_pickle: bool) -> dict:
-    if allow_pickle:
-        if not os.path.isfile(path):
-            raise CheckpointError(f"checkpoint file {path} does not exist")
-        return torch.load(path, map_location="cpu", weights_only=False)
-    try:
-        return safe_torch_load(path)
-    except CheckpointError as exc:
-        if "weights-only" not in str(exc):
-            raise
-        raise CheckpointError(f"{exc}. A checkpoint saved by Megatron-LM itself stores its args as an argparse "
-                              "Namespace: load it with --allow-pickle (only for files you trust)") from exc
-
-
 def read_torch_checkpoint(path: str, true_vocab_size: Optional[int] = None,
                           allow_pickle: bool = False) -> Tuple[dict, Dict[str, torch.Tensor]]:
-    """Read a checkpoint of ours — `torch` format saved at any tp/pp (virtual stages too), or a
-    torch_dist directory — and merge it:
-    (metadata, {global name: full tensor}). `path`: a save directory with a tracker file, or an
-    iteration directory. `allow_pickle` reads files with full unpickling (Megatron-LM's own
-    checkpoints, whose args are a Namespace; their Transformer Engine norm names are mapped too)."""
-    iter_dir, iteration = resolve_checkpoint_dir(path)
-    from gigatron.core.checkpoint.dist import is_torch_dist_checkpoint
-    if is_torch_dist_checkpoint(iter_dir):  # the parallelism-independent format: one logical copy
-        from gigatron.core.checkpoint.dist_convert import read_torch_dist_model
-        return read_torch_dist_model(iter_dir, true_vocab_size)
-    rank_dirs = _rank_dirs(iter_dir)
-    if not rank_dirs:
-        raise CheckpointError(f"{iter_dir} holds no mp_rank_*/{MODEL_FILENAME} files")
-    first_file = os.path.join(iter_dir, rank_dirs[0], MODEL_FILENAME)
-    first = _load_file(first_file, allow_pickle)
-    args = first.get("args") or {}
-    if isinstance(args, argparse.Namespace):
-        args = vars(args)
-    if iteration is None and first.get("iteration") and os.path.basename(os.path.normpath(iter_dir)) != "release":
-        iteration = int(first["iteration"])
-    files = _parse_rank_dirs(iter_dir, args)
-    tp_size = 1 + max(t for t, _, _ in files)
-    pp_size = 1 + max(p for _, p, _ in files)
-    ep_size = 1 + max(e for _, _, e in files)
-    expected = {(t, p, e) for t in range(tp_size) for p in range(pp_size) for e in range(ep_size)}
-    if set(files) != expected:
-        missing = sorted(expected - set(files))
-        raise CheckpointError(f"{iter_dir} lacks the files of (tp, pp, ep) ranks {missing}")
-    num_experts = int(args.get("num_experts") or 0)
-    if ep_size > 1 and (not num_experts or num_experts % ep_size != 0):
-        raise CheckpointError(f"{iter_dir} has {ep_size} expert-parallel ranks but its args say num_experts "
-                              f"{args.get('num_experts')}")
-    local_experts = num_experts // ep_size
-    states = {key: (first if f == first_file else _load_file(f, allow_pickle)) for key, f in files.items()}
-    swiglu = bool(args.get("swiglu"))
+    """Read a checkpoint of any registered format — `torch` saved at any tp/pp/ep (virtual stages
+    too), or torch_dist — as (metadata, {global name: full tensor}). `path`: a save directory with a
+    tracker file, or an iteration directory. `allow_pickle` also accepts Megatron-LM's own files,
+    whose args are an argparse.Namespace (still a weights-only load: no other object is built);
+    their Transformer Engine norm names are mapped too."""
+    return model_state_to_metadata(checkpoint_formats.read_model(path, allow_namespace=allow_pickle), true_vocab_size)
 
-    # Model chunks in global order: virtual stage first, then pipeline rank.
-    num_chunks = len(_chunk_keys(states[(0, 0, 0)]))
-    ordered: List[Tuple[int, str]] = [(p, key) for v in range(num_chunks)
-                                      for p in range(pp_size) for key in [_chunk_keys(states[(0, p, 0)])[v]]]
-    merged: Dict[str, torch.Tensor] = {}
-    offset = 0
-    dtype = None
-    for pp_rank, key in ordered:
-        local_layers = set()
-        for ep_rank in range(ep_size):
-            shards = [states[(t, pp_rank, ep_rank)][key] for t in range(tp_size)]
-            for name in shards[0]:
-                if name.endswith("._extra_state"):
-                    continue
-                tensor_list = [s[name] for s in shards]
-                if any(not isinstance(t, torch.Tensor) for t in tensor_list):
-                    continue
-                match = _LAYER.match(name)
-                if match:
-                    local = int(match.group(1))
-                    local_layers.add(local)
-                    suffix = _TE_NORM_NAMES.get(match.group(2), match.group(2))
-                    expert = _EXPERT.match(suffix)
-                    if expert:  # local expert j of expert-parallel rank e is global expert e * G + j
-                        suffix = (f"mlp.experts.local_experts.{int(expert.group(1)) + ep_rank * local_experts}."
-                                  f"{expert.group(2)}")
-                    elif ep_rank > 0:
-                        continue  # everything but the experts is the same on every expert-parallel rank
-                    global_name = f"decoder.layers.{local + offset}.{suffix}"
-                elif ep_rank > 0:
-                    continue
-                else:
-                    global_name = name
-                if global_name in merged:
-                    continue  # the tied output layer's copy on the last stage
-                merged[global_name] = merge_from_tp(global_name, tensor_list, swiglu)
-                dtype = dtype or merged[global_name].dtype
-        if local_layers and sorted(local_layers) != list(range(len(local_layers))):
-            raise CheckpointError(f"pipeline rank {pp_rank} ({key}) holds layers {sorted(local_layers)}; "
-                                  "expected 0..n-1")
-        offset += len(local_layers)
-    padded = merged["embedding.word_embeddings.weight"].shape[0]
-    vocab = _true_vocab_size(args, padded, true_vocab_size)
-    if vocab > padded:
-        raise ConversionError(f"true vocabulary size {vocab} exceeds the checkpoint's padded vocabulary {padded}")
+
+def model_state_to_metadata(state: ModelState, true_vocab_size: Optional[int] = None
+                            ) -> Tuple[dict, Dict[str, torch.Tensor]]:
+    """(conversion metadata, tensors) of a model read from a checkpoint: the vocabulary cut to its
+    true size (explicit size, saved true size, else the tokenizer's) and a tied output layer left out."""
+    args = state.args
+    if not args:
+        raise CheckpointError(f"{state.path} holds no model flags (args); it cannot be converted without knowing "
+                              "the model shape")
+    _check_moe_args(args)
+    tensors = dict(state.tensors)
+    stored_rows = tensors["embedding.word_embeddings.weight"].shape[0]
+    vocab = true_vocab_size_of(args, stored_rows, true_vocab_size)
+    if vocab > stored_rows:
+        raise ConversionError(f"true vocabulary size {vocab} exceeds the {stored_rows} rows stored in {state.path}")
     if not args.get("untie_embeddings_and_output_weights"):
-        merged.pop("output_layer.weight", None)
+        tensors.pop("output_layer.weight", None)
     for name in VOCAB_PARAMS:
-        if name in merged:
-            merged[name] = merged[name][:vocab].contiguous()
-    md = metadata_from_args(args, vocab, iteration, dtype or torch.float32)
-    if md["num_layers"] != offset:
-        raise CheckpointError(f"the checkpoint's args say {md['num_layers']} layers but its files hold {offset}")
-    return md, merged
+        if name in tensors:
+            tensors[name] = tensors[name][:vocab].contiguous()
+    return metadata_from_args(args, vocab, state.iteration, state.dtype), tensors
 
 
 def torch_checkpoint_messages(path: str, true_vocab_size: Optional[int] = None,
@@ -424,7 +270,7 @@ def _stage_layout(md: dict, tp: int, pp: int) -> List[Tuple[int, int]]:
     return [(layer_offset(config, r, pp), num_layers_on_stage(config, r, pp)) for r in range(pp)]
 
 
-def _args_for(md: dict, tp: int, pp: int, padded: int, tokenizer_flags: dict, ep: int = 1) -> dict:
+def args_for_target(md: dict, tp: int, pp: int, padded: int, tokenizer_flags: dict, ep: int = 1) -> dict:
     args = {name: md.get(name) for name in MODEL_FLAGS}
     if md.get("num_experts"):
         args.update({name: md.get(name) for name in MOE_FLAGS})
@@ -491,13 +337,6 @@ def rank_state_dicts(md: dict, tensors: Dict[str, torch.Tensor], tp: int = 1, pp
     return out
 
 
-def _rank_file(iter_dir: str, tp_rank: int, pp_rank: int, pp: int, ep_rank: int = 0, ep: int = 1) -> str:
-    name = f"mp_rank_{tp_rank:02d}" if pp == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
-    if ep > 1:
-        name += f"_{ep_rank:03d}"
-    return os.path.join(iter_dir, name, MODEL_FILENAME)
-
-
 def split_for_ep(state: Dict[str, torch.Tensor], ep: int, num_experts: int) -> List[Dict[str, torch.Tensor]]:
     """The per-expert-parallel-rank state dicts of one (tp, pp) rank's state dict that holds all
     experts: rank e keeps experts e*G .. (e+1)*G-1 (G = num_experts / ep), renumbered 0..G-1, and
@@ -552,15 +391,18 @@ def save_torch_checkpoint(messages: Iterable[Message], save_dir: str, target_tp:
     padded = vocab_size_with_padding(int(md["true_vocab_size"]), md["make_vocab_size_divisible_by"], target_tp)
     iteration = md.get("iteration")
     iter_dir = os.path.join(save_dir, "release" if iteration is None else f"iter_{int(iteration):07d}")
-    if _rank_dirs(iter_dir):
+    if torch_layout.rank_dirs(iter_dir):
         raise ValueError(f"{iter_dir} already holds a checkpoint; its files would mix with the new layout's. "
                          "Choose an empty --save-dir or remove it first")
     os.makedirs(save_dir, exist_ok=True)
     tokenizer_flags = copy_tokenizer_files(md, os.path.join(save_dir, TOKENIZER_DIRNAME))
-    args = _args_for(md, target_tp, target_pp, padded, tokenizer_flags, target_ep)
+    args = args_for_target(md, target_tp, target_pp, padded, tokenizer_flags, target_ep)
     swiglu = bool(md["swiglu"])
     tied = not md["untie_embeddings_and_output_weights"]
     dtype = None if params_dtype is None else params_dtype
+    header = checkpoint_header(args, iteration, consumed_train_samples=args["consumed_train_samples"],
+                               consumed_valid_samples=args["consumed_valid_samples"])
+    records: Dict[str, dict] = {}
 
     def write_stage(pp_rank: int, tensors: Dict[str, torch.Tensor]) -> None:
         first, count = stages[pp_rank]
@@ -575,16 +417,10 @@ def save_torch_checkpoint(messages: Iterable[Message], save_dir: str, target_tp:
             stage = {k: v.to(dtype) for k, v in stage.items()}
         for tp_rank, tp_state in enumerate(_shard_stage(stage, first, count, target_tp, swiglu, padded)):
             for ep_rank, state_dict in enumerate(split_for_ep(tp_state, target_ep, num_experts)):
-                state = {
-                    "args": args,
-                    "checkpoint_version": CHECKPOINT_VERSION,
-                    "iteration": 0 if iteration is None else int(iteration),
-                    "model": state_dict,
-                    "num_floating_point_operations_so_far": 0.0,
-                    "consumed_train_samples": args["consumed_train_samples"],
-                    "consumed_valid_samples": args["consumed_valid_samples"],
-                }
-                atomic_torch_save(state, _rank_file(iter_dir, tp_rank, pp_rank, target_pp, ep_rank, target_ep))
+                relative = os.path.join(torch_layout.rank_dir_name(tp_rank, pp_rank, target_pp, ep_rank, target_ep),
+                                        torch_layout.MODEL_FILENAME)
+                name, record = torch_layout.write_rank_file(iter_dir, relative, dict(header, model=state_dict))
+                records[name] = record
 
     buffer: Dict[str, torch.Tensor] = {}
     stage = 0
@@ -598,8 +434,7 @@ def save_torch_checkpoint(messages: Iterable[Message], save_dir: str, target_tp:
                       and _layer_of(k) >= first + count}
             stage += 1
     write_stage(target_pp - 1, buffer)
-    atomic_write_text(os.path.join(save_dir, TRACKER_FILENAME),
-                      "release" if iteration is None else str(int(iteration)))
+    torch_layout.finish_save(save_dir, iter_dir, iteration, records)
     return iter_dir
 
 

@@ -26,7 +26,7 @@ _EXPORTS = {
     "build_exhaustive_blending_indices": "index_helpers",
     "build_gpt_datasets": "builder",
     "build_gpt_indices": "gpt_dataset",
-    "build_masked_datasets": "masked_dataset",
+    "build_masked_datasets": "masked_builder",
     "build_pretraining_data_loader": "samplers",
     "collate_samples": "samplers",
     "get_ltor_masks_and_position_ids": "gpt_dataset",

@@ -16,10 +16,10 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 import torch
 
-from .masked_dataset import MaskedDatasetConfig, MaskedWordPieceDataset, _named_id, build_masked_datasets
+from .masked_dataset import MaskedDatasetConfig, MaskedWordPieceDataset, _named_id
 from .utils import Split
 
-__all__ = ["BERTDataset", "truncate_segments", "build_masked_datasets"]
+__all__ = ["BERTDataset", "truncate_segments"]
 
 
 def truncate_segments(a: np.ndarray, b: np.ndarray, target: int, rng: np.random.RandomState

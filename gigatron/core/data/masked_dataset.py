@@ -35,12 +35,12 @@ import logging
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
-from .builder import GPTDatasetBuilder, build_rank_0_first, gpt_dataset_config_from_data_config
+from .builder import GPTDatasetBuilder, gpt_dataset_config_from_data_config
 from .cache import IndexCache, build_or_load, describe
 from .config import DataConfig
 from .gpt_dataset import tokenizer_identifiers
@@ -572,27 +572,3 @@ def masked_dataset_config_from_data_config(config: DataConfig, tokenizer, kind: 
         classification_head=bool(config.bert_binary_head) if kind == "bert" else False,
         decoder_sequence_length=decoder,
     )
-
-
-def build_masked_datasets(
-    config: DataConfig,
-    tokenizer,
-    train_valid_test_num_samples: Sequence[Optional[int]],
-    kind: str = "bert",
-    is_built_on_rank: Callable[[], bool] = lambda: True,
-    *,
-    barrier: Optional[Callable[[], None]] = None,
-    rank: int = 0,
-):
-    """Build ``(train, valid, test)`` BERT (``kind="bert"``) or T5 (``kind="t5"``) datasets.
-
-    Same sources, blends, caching and rank protocol as :func:`build_gpt_datasets`; a split with zero
-    weight or zero samples is None.
-    """
-    from .bert_dataset import BERTDataset
-    from .t5_dataset import T5Dataset
-
-    masked_config = masked_dataset_config_from_data_config(config, tokenizer, kind)
-    dataset_class = BERTDataset if kind == "bert" else T5Dataset
-    builder = MaskedDatasetBuilder(dataset_class, masked_config, list(train_valid_test_num_samples))
-    return build_rank_0_first(builder, is_built_on_rank, barrier, rank)

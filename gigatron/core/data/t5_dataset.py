@@ -19,10 +19,10 @@ from typing import Dict, Optional
 import numpy as np
 import torch
 
-from .masked_dataset import MaskedDatasetConfig, MaskedWordPieceDataset, _named_id, build_masked_datasets
+from .masked_dataset import MaskedDatasetConfig, MaskedWordPieceDataset, _named_id
 from .utils import Split
 
-__all__ = ["T5Dataset", "build_masked_datasets"]
+__all__ = ["T5Dataset"]
 
 
 class T5Dataset(MaskedWordPieceDataset):

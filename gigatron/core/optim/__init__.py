@@ -3,7 +3,8 @@
 from .config import OptimizerConfig, SchedulerConfig
 from .distrib_optimizer import DistributedOptimizer
 from .grad_scaler import ConstantGradScaler, DynamicGradScaler, MegatronGradScaler
-from .optimizer import FP32Optimizer, MegatronOptimizer, MixedPrecisionOptimizer, get_optimizer
+from .factory import get_optimizer
+from .optimizer import FP32Optimizer, MegatronOptimizer, MixedPrecisionOptimizer
 from .scheduler import OptimizerParamScheduler, SchedulerCheckpointMismatch
 
 __all__ = [

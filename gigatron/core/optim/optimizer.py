@@ -7,6 +7,9 @@
   main weights are copied back into the model.
 - `DistributedOptimizer` (distrib_optimizer.py): the same, sharded over data-parallel ranks.
 
+`get_optimizer` (factory.py, re-exported by gigatron.core.optim) picks one of them; this module
+imports none of its subclasses.
+
 Each keeps a list of entries (model param, flat element range [start, end) of it that this rank
 updates, main param tensor). Non-distributed optimizers own the whole parameter; the distributed
 optimizer owns one contiguous piece. The global grad norm is the L2 norm over every element of the
@@ -30,13 +33,12 @@ from gigatron.core.parallel.tags import is_expert_parallel, is_shared_embedding,
 
 from .clip_grads import clip_grads_by_total_norm_fp32, count_zeros_fp32, get_grad_norm_fp32
 from .config import OptimizerConfig
-from .grad_scaler import ConstantGradScaler, DynamicGradScaler, MegatronGradScaler
+from .grad_scaler import MegatronGradScaler
 
 __all__ = [
     "MegatronOptimizer",
     "FP32Optimizer",
     "MixedPrecisionOptimizer",
-    "get_optimizer",
     "get_param_groups",
     "OptimizerStateMismatch",
     "FULL_STATE_FORMAT",
@@ -135,23 +137,6 @@ def _make_torch_optimizer(config: OptimizerConfig, groups: list[dict], device: t
                            momentum=config.sgd_momentum, foreach=True)
 
 
-def _make_grad_scaler(config: OptimizerConfig, device) -> Optional[MegatronGradScaler]:
-    """fp16: constant scaler with --loss-scale, else dynamic; bf16: constant only if --loss-scale."""
-    if config.loss_scale is not None and (config.fp16 or config.bf16):
-        return ConstantGradScaler(config.loss_scale, device=device)
-    if config.fp16:
-        return DynamicGradScaler(
-            initial_scale=config.initial_loss_scale,
-            min_scale=config.min_loss_scale,
-            growth_factor=2.0,
-            backoff_factor=0.5,
-            growth_interval=int(config.loss_scale_window),
-            hysteresis=config.hysteresis,
-            device=device,
-        )
-    return None
-
-
 class MegatronOptimizer(ABC):
     """Common machinery; subclasses build `self.entries` and the torch optimizer."""
 
@@ -242,11 +227,22 @@ class MegatronOptimizer(ABC):
         into an existing optimizer without its state (e.g. --no-load-optim, --finetune); otherwise
         the next step would write the stale main params back over the loaded weights."""
         for entry in self.entries:
-            if entry.main_param is entry.model_param:
-                continue
-            source = entry.model_param.detach().reshape(-1)[entry.start:entry.end]
-            if source.data_ptr() != entry.main_param.data_ptr():
-                entry.main_param.copy_(source.view_as(entry.main_param))
+            self._main_param_from_model(entry)
+
+    def stores_main_copy(self, param) -> bool:
+        """Whether the fp32 main param of model parameter `param` is a tensor of its own (bf16/fp16
+        parameters). An fp32 parameter is its own main param (or, sharded, a view of the model's
+        buffer): the model weights already hold it, so checkpoints store it once, with the model."""
+        return param.dtype != torch.float32
+
+    @torch.no_grad()
+    def _main_param_from_model(self, entry: ParamEntry) -> None:
+        """Set the main param of `entry` from the model's (loaded) weights."""
+        if entry.main_param is entry.model_param:
+            return
+        source = entry.model_param.detach().reshape(-1)[entry.start:entry.end]
+        if source.data_ptr() != entry.main_param.data_ptr():
+            entry.main_param.copy_(source.view_as(entry.main_param))
 
     # ------------------------------------------------------------ hooks for subclasses
     def _before_step(self) -> None:
@@ -335,7 +331,10 @@ class MegatronOptimizer(ABC):
     def state_dict_for_save(self) -> dict[str, Any]:
         """Optimizer state keyed by parameter name with whole fp32 tensors (main param and the
         optimizer's per-element states), independent of data-parallel sharding. Collective over
-        the data-parallel group for the distributed optimizer (call it on every rank)."""
+        the data-parallel group for the distributed optimizer (call it on every rank).
+
+        The main param ("param") is stored only where it is a copy (stores_main_copy): an fp32
+        parameter's main param is the model weight, which the checkpoint holds already."""
         kind = self._optimizer_kind()
         state_keys = _STATE_KEYS[kind]
         by_param: dict = {}
@@ -354,22 +353,19 @@ class MegatronOptimizer(ABC):
         params: dict[str, dict] = {}
         for name, param in self._named_model_params():
             n = param.numel()
-            flat = torch.zeros((1 + len(state_keys)) * n, dtype=torch.float32, device=self.device)
-            pieces = flat.view(1 + len(state_keys), n)  # [main param; states...] x elements
+            rows = (["param"] if self.stores_main_copy(param) else []) + list(state_keys)
+            flat = torch.zeros(len(rows) * n, dtype=torch.float32, device=self.device)
+            pieces = flat.view(len(rows), n)  # [main param (a copy only); states...] x elements
             for entry in by_param.get(param, []):
-                pieces[0, entry.start:entry.end].copy_(entry.main_param.reshape(-1))
                 st = self.optimizer.state.get(entry.main_param, {})
-                for k, key in enumerate(state_keys):
-                    value = st.get(key)
+                for row, key in enumerate(rows):
+                    value = entry.main_param if key == "param" else st.get(key)
                     if value is not None:
-                        pieces[1 + k, entry.start:entry.end].copy_(value.reshape(-1))
+                        pieces[row, entry.start:entry.end].copy_(value.reshape(-1))
             param_group = self._param_state_group(param)
             if param_group is not None:
                 dist.all_reduce(flat, group=param_group)
-            record = {"param": pieces[0].view(param.shape).cpu().clone()}
-            for k, key in enumerate(state_keys):
-                record[key] = pieces[1 + k].view(param.shape).cpu().clone()
-            params[name] = record
+            params[name] = {key: pieces[row].view(param.shape).cpu().clone() for row, key in enumerate(rows)}
         return {
             "format": FULL_STATE_FORMAT,
             "optimizer": kind,
@@ -392,7 +388,9 @@ class MegatronOptimizer(ABC):
 
     @torch.no_grad()
     def load_state_dict_from_full(self, full: dict[str, Any]) -> None:
-        """Load a state_dict_for_save() result, taking this rank's pieces (any dp size)."""
+        """Load a state_dict_for_save() result, taking this rank's pieces (any dp size). Call it
+        after the model weights are loaded: a parameter whose record holds no main param (an fp32
+        one) takes it from the model."""
         if full.get("format") != FULL_STATE_FORMAT:
             raise OptimizerStateMismatch(f"not a full optimizer state (format {full.get('format')!r})")
         kind = self._optimizer_kind()
@@ -414,13 +412,17 @@ class MegatronOptimizer(ABC):
         state_keys = _STATE_KEYS[kind]
         for entry in self.entries:
             record = saved[entry.name]
-            if tuple(record["param"].shape) != tuple(entry.model_param.shape):
+            shape = tuple(next(iter(record.values())).shape)
+            if shape != tuple(entry.model_param.shape):
                 raise OptimizerStateMismatch(
-                    f"optimizer state of {entry.name} has shape {tuple(record['param'].shape)}, the "
-                    f"model's is {tuple(entry.model_param.shape)}"
+                    f"optimizer state of {entry.name} has shape {shape}, the model's is "
+                    f"{tuple(entry.model_param.shape)}"
                 )
-            piece = record["param"].reshape(-1)[entry.start:entry.end]
-            entry.main_param.copy_(piece.view_as(entry.main_param))
+            if "param" in record:
+                piece = record["param"].reshape(-1)[entry.start:entry.end]
+                entry.main_param.copy_(piece.view_as(entry.main_param))
+            else:  # saved from fp32 weights: the main param is the (already loaded) model weight
+                self._main_param_from_model(entry)
             self.optimizer.state.pop(entry.main_param, None)
             if initialized:
                 group = self.optimizer.param_groups[entry.group_index]
@@ -529,48 +531,3 @@ class MixedPrecisionOptimizer(MegatronOptimizer):
             for main, value in zip(group["params"], saved):
                 main.copy_(value)
         self._copy_main_params_to_model_params()
-
-
-def get_optimizer(
-    config: OptimizerConfig,
-    model_chunks,
-    groups,
-    no_weight_decay_cond: Optional[Callable[[str, torch.Tensor], bool]] = None,
-    scale_lr_cond: Optional[Callable[[str, torch.Tensor], bool]] = None,
-    lr_mult: float = 1.0,
-) -> MegatronOptimizer:
-    """Build the optimizer for `model_chunks` (DistributedDataParallel-wrapped).
-
-    fp32 params -> FP32Optimizer; --bf16/--fp16 -> MixedPrecisionOptimizer;
-    --use-distributed-optimizer -> DistributedOptimizer (the chunks must use it too)."""
-    model_chunks = list(model_chunks)
-    if not model_chunks:
-        raise ValueError("get_optimizer needs at least one model chunk")
-    for chunk in model_chunks:
-        ddp_config = getattr(chunk, "ddp_config", None)
-        if ddp_config is None:
-            raise ValueError("get_optimizer needs model chunks wrapped in DistributedDataParallel")
-        if bool(ddp_config.use_distributed_optimizer) != bool(config.use_distributed_optimizer):
-            raise ValueError(
-                "--use-distributed-optimizer must be set in both DDPConfig and OptimizerConfig "
-                f"(DDP: {ddp_config.use_distributed_optimizer}, optimizer: {config.use_distributed_optimizer})"
-            )
-    param_groups = get_param_groups(model_chunks, no_weight_decay_cond, scale_lr_cond, lr_mult)
-    if not param_groups:
-        raise ValueError("get_optimizer: the model has no trainable parameters")
-    device = param_groups[0]["params"][0].device
-    dtypes = {p.dtype for g in param_groups for p in g["params"]}
-    unexpected = dtypes - {torch.float32, config.params_dtype}
-    if unexpected:
-        raise ValueError(
-            f"model parameters are {sorted(map(str, unexpected))} but the optimizer expects "
-            f"{config.params_dtype} (--bf16={config.bf16}, --fp16={config.fp16}); build the model and "
-            "the optimizer with the same precision flags"
-        )
-    if config.use_distributed_optimizer:
-        from .distrib_optimizer import DistributedOptimizer
-
-        return DistributedOptimizer(config, model_chunks, groups, param_groups, _make_grad_scaler(config, device))
-    if config.bf16 or config.fp16 or dtypes != {torch.float32}:
-        return MixedPrecisionOptimizer(config, model_chunks, groups, param_groups, _make_grad_scaler(config, device))
-    return FP32Optimizer(config, model_chunks, groups, param_groups)

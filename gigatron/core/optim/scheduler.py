@@ -32,6 +32,21 @@ __all__ = ["OptimizerParamScheduler", "SchedulerCheckpointMismatch"]
 
 logger = logging.getLogger(__name__)
 
+# The schedule values a checkpoint must agree on: attribute -> (what it is, unit, the flags that set it).
+_CHECKED = {
+    "max_lr": ("the peak learning rate", None, "--lr"),
+    "min_lr": ("the minimum learning rate", None, "--min-lr"),
+    "lr_warmup_steps": ("the learning-rate warmup", "samples",
+                        "--lr-warmup-iters, --lr-warmup-samples or --lr-warmup-fraction"),
+    "lr_decay_steps": ("the learning-rate decay span", "samples",
+                       "--train-iters or --train-samples, unless --lr-decay-iters/--lr-decay-samples is given"),
+    "lr_decay_style": ("the learning-rate decay style", None, "--lr-decay-style"),
+    "start_wd": ("the start weight decay", None, "--start-weight-decay or --weight-decay"),
+    "end_wd": ("the end weight decay", None, "--end-weight-decay or --weight-decay"),
+    "wd_incr_steps": ("the weight-decay increment span", "samples", "--train-iters or --train-samples"),
+    "wd_incr_style": ("the weight-decay increment style", None, "--weight-decay-incr-style"),
+}
+
 
 class SchedulerCheckpointMismatch(ValueError):
     """A scheduler value in the checkpoint differs from the one given on the command line."""
@@ -68,6 +83,7 @@ class OptimizerParamScheduler:
             raise ValueError(f"global batch size must be positive, got {global_batch_size}.")
         self.optimizer = optimizer
         self.config = config
+        self.global_batch_size = global_batch_size
         gbs = global_batch_size
         if train_iters is not None:
             if config.lr_decay_samples is not None or config.lr_wsd_decay_samples is not None or config.lr_warmup_samples:
@@ -221,42 +237,54 @@ class OptimizerParamScheduler:
             "wd_incr_steps": self.wd_incr_steps,
         }
 
-    def _check_and_set(self, current, saved, name: str):
-        """--override-opt_param-scheduler keeps `current`; --use-checkpoint-opt_param-scheduler takes
-        `saved`; otherwise they must agree."""
+    def _describe(self, key: str, value) -> str:
+        """`value` of the checked quantity `key` in words, with its unit."""
+        unit = _CHECKED[key][1]
+        if unit != "samples" or not isinstance(value, (int, float)):
+            return f"{value:g}" if isinstance(value, float) else str(value)
+        text = f"{value:,.10g} samples"
+        if value and value % self.global_batch_size == 0:
+            text += f" ({value / self.global_batch_size:,.10g} iterations of {self.global_batch_size} samples)"
+        return text
+
+    def _resolve(self, key: str, current, saved, mismatches: list):
+        """--override-opt-param-scheduler keeps `current`; --use-checkpoint-opt-param-scheduler takes
+        `saved`; otherwise a difference is recorded in `mismatches` and `current` kept."""
+        name = _CHECKED[key][0]
         if self.override_opt_param_scheduler:
             logger.info(" > overriding %s value to %s", name, current)
             return current
-        if not self.use_checkpoint_opt_param_scheduler and current != saved:
-            raise SchedulerCheckpointMismatch(
-                f"OptimizerParamScheduler: {name} is {current} here but {saved} in the checkpoint; pass "
-                "--override-opt_param-scheduler to keep the new value or "
-                "--use-checkpoint-opt_param-scheduler to take the checkpoint's."
-            )
-        logger.info(" > using checkpoint value %s for %s", saved, name)
-        return saved
+        if self.use_checkpoint_opt_param_scheduler:
+            logger.info(" > using checkpoint value %s for %s", saved, name)
+            return saved
+        if current != saved:
+            mismatches.append(f"{name} is {self._describe(key, current)} in this run but "
+                              f"{self._describe(key, saved)} in the checkpoint (set by {_CHECKED[key][2]})")
+        return current
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore the schedule (accepts Megatron's older key names too)."""
+        """Restore the schedule (accepts Megatron's older key names too). Raises
+        SchedulerCheckpointMismatch naming every value that differs from this run's flags."""
         sd = state_dict
-        max_lr = sd["start_lr"] if "start_lr" in sd else sd["max_lr"]
-        self.max_lr = self._check_and_set(self.max_lr, max_lr, "learning rate")
-        self.min_lr = self._check_and_set(self.min_lr, sd["min_lr"], "minimum learning rate")
-        warmup = sd.get("warmup_iter", sd.get("warmup_steps", sd.get("lr_warmup_steps")))
-        self.lr_warmup_steps = self._check_and_set(self.lr_warmup_steps, warmup, "warmup iterations")
-        decay = sd.get("end_iter", sd.get("decay_steps", sd.get("lr_decay_steps")))
-        self.lr_decay_steps = self._check_and_set(self.lr_decay_steps, decay, "total number of iterations")
-        style = sd.get("decay_style", sd.get("lr_decay_style"))
-        self.lr_decay_style = self._check_and_set(self.lr_decay_style, style, "learning rate decay style")
-        num_steps = sd["num_iters"] if "num_iters" in sd else sd["num_steps"]
+        saved = {
+            "max_lr": sd["start_lr"] if "start_lr" in sd else sd["max_lr"],
+            "min_lr": sd["min_lr"],
+            "lr_warmup_steps": sd.get("warmup_iter", sd.get("warmup_steps", sd.get("lr_warmup_steps"))),
+            "lr_decay_steps": sd.get("end_iter", sd.get("decay_steps", sd.get("lr_decay_steps"))),
+            "lr_decay_style": sd.get("decay_style", sd.get("lr_decay_style")),
+        }
         if "start_wd" in sd:
-            self.start_wd = self._check_and_set(self.start_wd, sd["start_wd"], "start weight decay")
-            self.end_wd = self._check_and_set(self.end_wd, sd["end_wd"], "end weight decay")
-            self.wd_incr_steps = self._check_and_set(
-                self.wd_incr_steps, sd["wd_incr_steps"], "total number of weight decay iterations"
-            )
-            self.wd_incr_style = self._check_and_set(
-                self.wd_incr_style, sd["wd_incr_style"], "weight decay incr style"
-            )
+            saved.update({key: sd[key] for key in ("start_wd", "end_wd", "wd_incr_steps", "wd_incr_style")})
+        num_steps = sd["num_iters"] if "num_iters" in sd else sd["num_steps"]
+        mismatches: list[str] = []
+        resolved = {key: self._resolve(key, getattr(self, key), value, mismatches) for key, value in saved.items()}
+        if mismatches:
+            raise SchedulerCheckpointMismatch(
+                "the checkpoint's learning-rate schedule differs from this run's: " + "; ".join(mismatches)
+                + ". Resume with the flags the checkpoint was trained with, or pass --override-opt-param-scheduler "
+                "to continue with this run's schedule (or --use-checkpoint-opt-param-scheduler to keep the "
+                "checkpoint's).")
+        for key, value in resolved.items():
+            setattr(self, key, value)
         self.num_steps = 0
         self.step(increment=num_steps)
