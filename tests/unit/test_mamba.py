@@ -388,7 +388,7 @@ def test_mixer_on_gpu_equals_cpu_chunked_path():
         for device in ("cpu", "cuda"):
             m = mixer.to(device)
             m.zero_grad()
-            h = hidden.to(device).requires_grad_()
+            h = hidden.detach().to(device).requires_grad_()
             out, _ = m(h)
             (out.float() * grad.to(device).float()).sum().backward()
             results.append([out.detach().cpu(), h.grad.cpu()] + [p.grad.detach().cpu() for p in m.parameters()])

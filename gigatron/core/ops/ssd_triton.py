@@ -21,9 +21,15 @@ Backward, with dy and the final state's gradient dS_final; M[t, s] = (C_t . B_s)
                     dx_s = dt_s du_s + D dy_s, and x_s . du_s (dt's gradient through u)
   _chunk_scan dC    dC_t = exp(cs_t) dy_t @ S_all[c] + sum_{s<=t} (dy_t . x_s) dt_s exp(cs_t - cs_s) B_s
   _chunk_scan dB    dB_s = dt_s (exp(cs_last - cs_s) x_s @ dR[c+1] + sum_{t>=s} (x_s . dy_t) exp(cs_t - cs_s) C_t)
-and in PyTorch: the gradient of cs_t is dy_t . (y_t - D x_t) - dt_t (x_t . du_t) (plus the chunk-end
-term at the last position), which a reversed cumulative sum inside each chunk turns into the
-gradient of dt * A. dB and dC are computed per head and summed over the heads of a group.
+  _chunk_scan y_off  dy_t . exp(cs_t) S_all[c] @ C_t  (the state term of y, dotted with dy)
+  _chunk_da         the in-chunk part of the gradient of a = dt * A: da_s = sum over pairs t >= s > s'
+                    of E[t, s'] = (dy_t . x_s') M[t, s'] dt_s', summed in fp32 where they are formed
+and in PyTorch the state part: the gradient of cs_t through the state terms,
+dy_t . y_off_t - dt_t (x_t . du_state_t) (+ <dR[c+1], S_all[c+1]> at the chunk's last position),
+turned into a's gradient by a reversed cumulative sum inside each chunk. (The shorter closed form
+dcs_t = dy_t . (y_t - D x_t) - dt_t x_t . du_t sums the in-chunk pairs twice with opposite signs:
+with bf16 operands the rounding of the large diagonal terms then swamps dA.) dB and dC are
+computed per head and summed over the heads of a group.
 Products run on tensor cores in the input dtype (fp32 inputs: exact fp32, not tf32) and
 accumulate in fp32.
 """
@@ -136,12 +142,66 @@ def _state_backward_kernel(
 
 # _chunk_scan modes (see the module docstring): operands U (rows), V (the other side of the inner
 # product), W (what the masked scores multiply), R (a chunk state, read as [inner, out]).
-MODE_Y, MODE_DC, MODE_DX, MODE_DB = 0, 1, 2, 3
+MODE_Y, MODE_DC, MODE_DX, MODE_DB, MODE_Y_OFF = 0, 1, 2, 3, 4
+
+
+@triton.jit
+def _chunk_da_kernel(
+    DY, X, Bm, Cm, DT, CS, DA_PART,
+    stride_yb, stride_yl, stride_yh, stride_yp,
+    stride_xb, stride_xl, stride_xh, stride_xp,
+    stride_bb, stride_bl, stride_bg, stride_bn,
+    stride_cb, stride_cl, stride_cg, stride_cn,
+    nchunks, nheads, heads_per_group, L, P, N,
+    CHUNK: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """The in-chunk part of the gradient of a_s = dt_s A (the cumulative sum's input), in fp32
+    without cancellation: with E[t, s'] = (dy_t . x_s') (C_t . B_s') exp(cs_t - cs_s') dt_s' (s' < t),
+    da_s = sum_{t >= s} sum_{s' < s} E[t, s'] (the pairs the boundary before s separates).
+    Rows t of this program's block: an exclusive prefix sum over s' along each row, summed over the
+    rows t >= s; DA_PART[b, h, row block, s] holds this row block's share."""
+    pid = tl.program_id(0)
+    h = pid % nheads
+    c = (pid // nheads) % nchunks
+    b = (pid // (nheads * nchunks)).to(tl.int64)
+    g = h // heads_per_group
+    rb = tl.program_id(1)
+    m0 = rb * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_p = tl.arange(0, BLOCK_P)
+    offs_n = tl.arange(0, BLOCK_N)
+    base = c * CHUNK
+    cs_row = CS + (b * nheads + h) * L + base
+    dt_row = DT + (b * nheads + h) * L + base
+    cs_m = tl.load(cs_row + offs_m)
+    dy = tl.load(DY + b * stride_yb + h * stride_yh + (base + offs_m)[:, None] * stride_yl
+                 + offs_p[None, :] * stride_yp, mask=offs_p[None, :] < P, other=0.0)  # [BLOCK_M, BLOCK_P]
+    cm = tl.load(Cm + b * stride_cb + g * stride_cg + (base + offs_m)[:, None] * stride_cl
+                 + offs_n[None, :] * stride_cn, mask=offs_n[None, :] < N, other=0.0)  # [BLOCK_M, BLOCK_N]
+    running = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    out_row = DA_PART + ((b * nheads + h) * (CHUNK // BLOCK_M) + rb) * L + base
+    for k0 in range(0, m0 + BLOCK_M, BLOCK_M):
+        offs_k = k0 + tl.arange(0, BLOCK_M)
+        xt = tl.load(X + b * stride_xb + h * stride_xh + (base + offs_k)[None, :] * stride_xl
+                     + offs_p[:, None] * stride_xp, mask=offs_p[:, None] < P, other=0.0)  # [BLOCK_P, BLOCK_M]
+        bt = tl.load(Bm + b * stride_bb + g * stride_bg + (base + offs_k)[None, :] * stride_bl
+                     + offs_n[:, None] * stride_bn, mask=offs_n[:, None] < N, other=0.0)  # [BLOCK_N, BLOCK_M]
+        dyx = tl.dot(dy, xt.to(dy.dtype), input_precision=PRECISION)  # [BLOCK_M, BLOCK_M]
+        cb = tl.dot(cm, bt.to(cm.dtype), input_precision=PRECISION)
+        cs_k = tl.load(cs_row + offs_k)
+        strict = offs_k[None, :] < offs_m[:, None]
+        e = dyx * cb * tl.exp(tl.where(strict, cs_m[:, None] - cs_k[None, :], float("-inf")))
+        e = e * tl.load(dt_row + offs_k)[None, :]
+        before = tl.cumsum(e, axis=1) - e + running[:, None]  # sum_{s' < s} E[t, s'] along the row
+        keep = offs_k[None, :] <= offs_m[:, None]  # rows t >= s
+        tl.store(out_row + offs_k, tl.sum(tl.where(keep, before, 0.0), axis=0))
+        running += tl.sum(e, axis=1)
 
 
 @triton.jit
 def _chunk_scan_kernel(
-    U, V, W, R, DT, CS, Dskip, X, OUT, XDU,
+    U, V, W, R, DT, CS, Dskip, X, OUT, XDU, XDU2,
     stride_ub, stride_ul, stride_uh, stride_ud,
     stride_vb, stride_vl, stride_vh, stride_vd,
     stride_wb, stride_wl, stride_wh, stride_wj,
@@ -154,8 +214,10 @@ def _chunk_scan_kernel(
     """For rows i of one chunk (BLOCK_M at a time) and a block of the J output columns:
         forward modes (Y, DC):  exp(cs_i) U_i @ R + sum_{k<=i} (U_i . V_k) exp(cs_i - cs_k) dt_k W_k
         backward modes (DX, DB): exp(cs_last - cs_i) U_i @ R + sum_{k>=i} (U_i . V_k) exp(cs_k - cs_i) W_k
-    then the mode's epilogue (Y: + D W_i; DX: dt_i * . + D W_i and XDU = X_i . acc; DB: dt_i * .).
-    U, V, W are [b, L, heads or groups, dim] with head index h // *_div; OUT is [b, L, h, J]."""
+    then the mode's epilogue (Y: + D W_i; DX: dt_i * . + D W_i, XDU = X_i . acc and XDU2 = X_i . the
+    state term alone; DB: dt_i * .). MODE_Y_OFF computes the state term only and writes
+    XDU = X_i . it (X = dy), no OUT. U, V, W are [b, L, heads or groups, dim] with head index
+    h // *_div; OUT is [b, L, h, J]."""
     pid = tl.program_id(0)
     h = pid % nheads
     c = (pid // nheads) % nchunks
@@ -180,51 +242,57 @@ def _chunk_scan_kernel(
     r = tl.load(R + b * stride_rb + c * stride_rc + h * stride_rh + offs_d[:, None] * stride_rd
                 + offs_j[None, :] * stride_rj, mask=mask_d[:, None] & mask_j[None, :], other=0.0)
     acc = tl.dot(u, r.to(u.dtype), input_precision=PRECISION)  # [BLOCK_M, BLOCK_J]
-    if MODE < 2:  # forward modes
-        acc = acc * tl.exp(cs_m)[:, None]
-    else:
+    if MODE == 2 or MODE == 3:  # backward modes
         cs_last = tl.load(cs_row + CHUNK - 1)
         acc = acc * tl.exp(cs_last - cs_m)[:, None]
-
-    # The masked in-chunk term.
-    if MODE < 2:  # forward modes
-        k_lo = 0
-        k_hi = m0 + BLOCK_M
     else:
-        k_lo = m0
-        k_hi = CHUNK
-    for k0 in range(k_lo, k_hi, BLOCK_M):
-        offs_k = k0 + tl.arange(0, BLOCK_M)
-        vt = tl.load(v_ptr + (base + offs_k)[None, :] * stride_vl + offs_d[:, None] * stride_vd,
-                     mask=mask_d[:, None], other=0.0)  # [BLOCK_D, BLOCK_M]
-        scores = tl.dot(u, vt.to(u.dtype), input_precision=PRECISION)  # [BLOCK_M, BLOCK_M]
-        cs_k = tl.load(cs_row + offs_k)
-        if MODE < 2:  # forward modes
-            keep = offs_k[None, :] <= offs_m[:, None]
-            decay = tl.exp(tl.where(keep, cs_m[:, None] - cs_k[None, :], float("-inf")))
-            decay = decay * tl.load(dt_row + offs_k)[None, :]
-        else:
-            keep = offs_k[None, :] >= offs_m[:, None]
-            decay = tl.exp(tl.where(keep, cs_k[None, :] - cs_m[:, None], float("-inf")))
-        w = tl.load(w_ptr + (base + offs_k)[:, None] * stride_wl + offs_j[None, :] * stride_wj,
-                    mask=mask_j[None, :], other=0.0)  # [BLOCK_M, BLOCK_J]
-        acc += tl.dot((scores * decay).to(w.dtype), w, input_precision=PRECISION)
-
+        acc = acc * tl.exp(cs_m)[:, None]
     rows = base + offs_m
-    if MODE == 2:  # dx; XDU = x . du before the dt and D terms
+    if MODE == 2 or MODE == 4:  # X . (the state term)
         xv = tl.load(X + b * stride_xb + h * stride_xh + rows[:, None] * stride_xl + offs_j[None, :] * stride_xj,
                      mask=mask_j[None, :], other=0.0).to(tl.float32)
-        tl.store(XDU + (b * nheads + h) * L + rows, tl.sum(xv * acc, axis=1))
-        acc = acc * tl.load(dt_row + offs_m)[:, None]
-    if MODE == 3:
-        acc = acc * tl.load(dt_row + offs_m)[:, None]
-    if MODE == 0 or MODE == 2:
-        if HAS_D:
-            w_own = tl.load(w_ptr + rows[:, None] * stride_wl + offs_j[None, :] * stride_wj,
-                            mask=mask_j[None, :], other=0.0).to(tl.float32)
-            acc += tl.load(Dskip + h).to(tl.float32) * w_own
-    out = OUT + ((b * L + rows[:, None]) * nheads + h) * J + offs_j[None, :]
-    tl.store(out, acc.to(OUT.dtype.element_ty), mask=mask_j[None, :])
+        if MODE == 2:
+            tl.store(XDU2 + (b * nheads + h) * L + rows, tl.sum(xv * acc, axis=1))
+        else:
+            tl.store(XDU + (b * nheads + h) * L + rows, tl.sum(xv * acc, axis=1))
+
+    if MODE != 4:
+        # The masked in-chunk term.
+        if MODE < 2:  # forward modes
+            k_lo = 0
+            k_hi = m0 + BLOCK_M
+        else:
+            k_lo = m0
+            k_hi = CHUNK
+        for k0 in range(k_lo, k_hi, BLOCK_M):
+            offs_k = k0 + tl.arange(0, BLOCK_M)
+            vt = tl.load(v_ptr + (base + offs_k)[None, :] * stride_vl + offs_d[:, None] * stride_vd,
+                         mask=mask_d[:, None], other=0.0)  # [BLOCK_D, BLOCK_M]
+            scores = tl.dot(u, vt.to(u.dtype), input_precision=PRECISION)  # [BLOCK_M, BLOCK_M]
+            cs_k = tl.load(cs_row + offs_k)
+            if MODE < 2:  # forward modes
+                keep = offs_k[None, :] <= offs_m[:, None]
+                decay = tl.exp(tl.where(keep, cs_m[:, None] - cs_k[None, :], float("-inf")))
+                decay = decay * tl.load(dt_row + offs_k)[None, :]
+            else:
+                keep = offs_k[None, :] >= offs_m[:, None]
+                decay = tl.exp(tl.where(keep, cs_k[None, :] - cs_m[:, None], float("-inf")))
+            w = tl.load(w_ptr + (base + offs_k)[:, None] * stride_wl + offs_j[None, :] * stride_wj,
+                        mask=mask_j[None, :], other=0.0)  # [BLOCK_M, BLOCK_J]
+            acc += tl.dot((scores * decay).to(w.dtype), w, input_precision=PRECISION)
+
+        if MODE == 2:  # dx; XDU = x . du before the dt and D terms
+            tl.store(XDU + (b * nheads + h) * L + rows, tl.sum(xv * acc, axis=1))
+            acc = acc * tl.load(dt_row + offs_m)[:, None]
+        if MODE == 3:
+            acc = acc * tl.load(dt_row + offs_m)[:, None]
+        if MODE == 0 or MODE == 2:
+            if HAS_D:
+                w_own = tl.load(w_ptr + rows[:, None] * stride_wl + offs_j[None, :] * stride_wj,
+                                mask=mask_j[None, :], other=0.0).to(tl.float32)
+                acc += tl.load(Dskip + h).to(tl.float32) * w_own
+        out = OUT + ((b * L + rows[:, None]) * nheads + h) * J + offs_j[None, :]
+        tl.store(out, acc.to(OUT.dtype.element_ty), mask=mask_j[None, :])
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -285,29 +353,48 @@ def _state_backward(local, s_all, cs, dfinal, chunk: int):
 
 def _chunk_scan(mode: int, U, V, W, R, r_inner_is_n: bool, dt, cs, D, chunk: int, heads: int,
                 out_dtype: torch.dtype, x=None):
-    """One _chunk_scan_kernel launch; returns OUT [b, L, h, J] (and XDU [b, h, L] for MODE_DX)."""
+    """One _chunk_scan_kernel launch; returns OUT [b, L, h, J] (MODE_DX: and XDU, XDU2 [b, h, L];
+    MODE_Y_OFF: XDU only)."""
     b, L = U.shape[0], U.shape[1]
     kd = U.shape[3]
     j = W.shape[3]
     nc = L // chunk
-    out = torch.empty(b, L, heads, j, dtype=out_dtype, device=U.device)
-    xdu = torch.empty(b, heads, L, dtype=torch.float32, device=U.device) if mode == MODE_DX else out
+    needs_xdu = mode in (MODE_DX, MODE_Y_OFF)
+    out = torch.empty(b, L, heads, j, dtype=out_dtype, device=U.device) if mode != MODE_Y_OFF else cs
+    xdu = torch.empty(b, heads, L, dtype=torch.float32, device=U.device) if needs_xdu else cs
+    xdu2 = torch.empty(b, heads, L, dtype=torch.float32, device=U.device) if mode == MODE_DX else cs
     # R is a state tensor [b, c', h, p, n]: read as [inner, J] (inner = n: transposed).
     if r_inner_is_n:
         r_strides = (R.stride(0), R.stride(1), R.stride(2), R.stride(4), R.stride(3))
     else:
         r_strides = (R.stride(0), R.stride(1), R.stride(2), R.stride(3), R.stride(4))
-    block_j = _pow2(j) if mode == MODE_DX else min(64, _pow2(j))
+    block_j = _pow2(j) if needs_xdu else min(64, _pow2(j))
     block_m = min(64, chunk)
     x_arg = x if x is not None else W
     grid = (b * nc * heads, chunk // block_m, triton.cdiv(j, block_j))
     _chunk_scan_kernel[grid](
-        U, V, W, R, dt, cs, D if D is not None else cs, x_arg, out, xdu,
+        U, V, W, R, dt, cs, D if D is not None else cs, x_arg, out, xdu, xdu2,
         *_strides4(U), *_strides4(V), *_strides4(W), *r_strides, *_strides4(x_arg),
         nc, heads, L, kd, j, heads // U.shape[2], heads // V.shape[2], heads // W.shape[2],
         CHUNK=chunk, MODE=mode, HAS_D=D is not None, PRECISION=_precision(U.dtype),
         BLOCK_M=block_m, BLOCK_D=_pow2(kd), BLOCK_J=block_j, num_warps=4)
-    return (out, xdu) if mode == MODE_DX else out
+    if mode == MODE_DX:
+        return out, xdu, xdu2
+    return xdu if mode == MODE_Y_OFF else out
+
+
+def _chunk_da(dy, x, Bm, Cm, dt, cs, chunk: int) -> torch.Tensor:
+    """The in-chunk part of d(dt * A) [b, h, L] fp32 (see _chunk_da_kernel)."""
+    b, L, h, p = x.shape
+    g, n = Bm.shape[2], Bm.shape[3]
+    nc = L // chunk
+    block_m = min(64, chunk)
+    parts = torch.zeros(b, h, chunk // block_m, L, dtype=torch.float32, device=x.device)
+    _chunk_da_kernel[(b * nc * h, chunk // block_m)](
+        dy, x, Bm, Cm, dt, cs, parts, *_strides4(dy), *_strides4(x), *_strides4(Bm), *_strides4(Cm),
+        nc, h, h // g, L, p, n, CHUNK=chunk, PRECISION=_precision(x.dtype),
+        BLOCK_M=block_m, BLOCK_P=_pow2(p), BLOCK_N=_pow2(n), num_warps=4)
+    return parts.sum(2)
 
 
 def _pad_seq(t: torch.Tensor, pad: int) -> torch.Tensor:
@@ -338,14 +425,14 @@ class _SSDScan(torch.autograd.Function):
         del states
         y = _chunk_scan(MODE_Y, Cp, Bp, xp, s_all, True, dt_t, cs, D, chunk, h, x.dtype)  # [b, L, h, p]
         final = s_all[:, nc].clone()  # [b, h, p, n]
-        ctx.save_for_backward(xp, Bp, Cp, dt_t, A32, cs, D, initial_state, y)
+        ctx.save_for_backward(xp, Bp, Cp, dt_t, A32, cs, D, initial_state)
         ctx.chunk, ctx.length = chunk, l
         ctx.dtypes = (dt.dtype, A.dtype)
         return y[:, :l], final
 
     @staticmethod
     def backward(ctx, dy, dfinal):
-        xp, Bp, Cp, dt_t, A32, cs, D, initial_state, y = ctx.saved_tensors
+        xp, Bp, Cp, dt_t, A32, cs, D, initial_state = ctx.saved_tensors
         chunk, l = ctx.chunk, ctx.length
         b, L, h, p = xp.shape
         g = Bp.shape[2]
@@ -360,17 +447,18 @@ class _SSDScan(torch.autograd.Function):
         local = _chunk_state(dyp, Cp, dt_t, cs, chunk, dy_mode=True)  # [b, c, h, p, n]
         dstates, dinit, last = _state_backward(local, s_all, cs, dfinal, chunk)
         del local
-        dx, xdu = _chunk_scan(MODE_DX, Bp, Cp, dyp, dstates, True, dt_t, cs, D, chunk, h, xp.dtype, x=xp)
+        dx, xdu, xdu_state = _chunk_scan(MODE_DX, Bp, Cp, dyp, dstates, True, dt_t, cs, D, chunk, h, xp.dtype, x=xp)
         dC = _chunk_scan(MODE_DC, dyp, xp, Bp, s_all, False, dt_t, cs, None, chunk, h, torch.float32)
         dB = _chunk_scan(MODE_DB, xp, dyp, Cp, dstates, False, dt_t, cs, None, chunk, h, torch.float32)
+        dy_y_off = _chunk_scan(MODE_Y_OFF, Cp, Bp, dyp, s_all, True, dt_t, cs, None, chunk, h, torch.float32,
+                               x=dyp)  # [b, h, L]: dy_t . (the state term of y_t)
         del s_all, dstates
-        dyf, xf = dyp.float(), xp.float()
-        dD = (dyf * xf).sum((0, 1, 3)) if D is not None else None  # [h]
-        y_minus_skip = y.float() - (D.float()[:, None] * xf if D is not None else 0.0)
-        dcs = (dyf * y_minus_skip).sum(-1).transpose(1, 2) - dt_t * xdu  # [b, h, L]
-        dcs = dcs.contiguous().view(b, h, nc, chunk)
+        dD = (dyp.float() * xp.float()).sum((0, 1, 3)) if D is not None else None  # [h]
+        # d(dt * A): the in-chunk pairs summed without cancellation (_chunk_da_kernel), plus the
+        # state terms through cs (reverse cumulative sum inside each chunk).
+        dcs = (dy_y_off - dt_t * xdu_state).view(b, h, nc, chunk)
         dcs[..., -1] += last
-        da = dcs.flip(-1).cumsum(-1).flip(-1).reshape(b, h, L)  # d(dt * A) per position
+        da = dcs.flip(-1).cumsum(-1).flip(-1).reshape(b, h, L) + _chunk_da(dyp, xp, Bp, Cp, dt_t, cs, chunk)
         ddt = xdu + da * A32[None, :, None]  # [b, h, L]
         dA = (da * dt_t).sum((0, 2))  # [h]
         ddt = ddt.transpose(1, 2)[:, :l].to(ctx.dtypes[0])  # [b, l, h]
