@@ -20,6 +20,7 @@ from torch import nn
 from gigatron.core.checkpoint.formats import is_hf_folder, locate
 from gigatron.core.convert.hf import hf_messages
 from gigatron.core.convert.protocol import (
+    TOKENIZER_FLAGS,
     collect_state,
     dtype_from_name,
     moe_config_from_metadata,
@@ -34,7 +35,7 @@ from gigatron.core.convert.torch_format import (
 
 __all__ = ["PretrainedGPT", "from_pretrained"]
 
-_TOKENIZER_FLAGS = ("tokenizer_type", "vocab_file", "merge_file", "tokenizer_model", "vocab_size")
+_TOKENIZER_FLAGS = TOKENIZER_FLAGS  # what the checkpoint's metadata says about its tokenizer
 
 
 class PretrainedGPT(nn.Module):
@@ -63,6 +64,12 @@ class PretrainedGPT(nn.Module):
             raise ValueError(f"input_ids must be [batch, sequence] token ids, got shape {tuple(input_ids.shape)}")
         logits = self.model(input_ids, position_ids, attention_mask)  # [s, b, Vp]
         return logits[..., : self.vocab_size].transpose(0, 1).contiguous()  # [b, s, V]
+
+    def generate(self, prompt_ids, max_new_tokens: int = 32, **options):
+        """Token ids of the prompt(s) followed by up to max_new_tokens generated ones, greedy unless
+        sampling options are given (gigatron.generation.generate)."""
+        from gigatron.generation import generate
+        return generate(self, prompt_ids, max_new_tokens, **options)
 
     def tokenizer(self):
         """The checkpoint's tokenizer (gigatron.core.tokenizers), built from `tokenizer_args`."""
