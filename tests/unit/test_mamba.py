@@ -395,3 +395,46 @@ def test_mixer_on_gpu_equals_cpu_chunked_path():
         for a, b in zip(results[1], results[0]):
             scale = b.float().abs().max().clamp(min=1e-3)
             assert ((a.float() - b.float()).abs().max() / scale) <= tol
+
+
+def test_hybrid_model_trains_with_the_product_stack():
+    """The data-parallel wrapper, the bf16 mixed-precision optimizer and the schedule of one process
+    (what pretrain_gpt.py runs) train a hybrid model: the loss of a repeated batch falls."""
+    from functools import partial
+
+    from gigatron.core.distributed import DDPConfig, DistributedDataParallel, finalize_model_grads
+    from gigatron.core.optim import OptimizerConfig, get_optimizer
+    from gigatron.core.pipeline import get_forward_backward_func
+
+    groups = ParallelGroups.single()
+    cfg = tconfig(bf16=True)
+    model = DistributedDataParallel(
+        DDPConfig(), MambaModel(cfg, mconfig(hybrid_override_pattern="M*M-", is_hybrid_model=True), groups, VOCAB,
+                                seed=3), groups)
+    optimizer = get_optimizer(OptimizerConfig(lr=3e-3, bf16=True, clip_grad=1.0), [model], groups)
+    ids, labels = batch(5)
+
+    def forward_step(data_iterator, model):
+        tokens, targets = next(data_iterator)
+        per_token = model(tokens, labels=targets)  # [b, s]
+
+        def loss_func(out):
+            loss = out.float().mean()
+            return loss, {"lm loss": torch.stack([out.float().sum().detach(), torch.tensor(float(out.numel()))])}
+        return per_token, partial(loss_func)
+
+    forward_backward = get_forward_backward_func(1, None)
+    losses = []
+    for _ in range(6):
+        model.zero_grad_buffer()
+        optimizer.zero_grad()
+        logged = forward_backward(
+            forward_step_func=forward_step, data_iterator=iter([(ids, labels)] * 2), model=[model],
+            num_microbatches=2, seq_length=24, micro_batch_size=2, groups=groups, config=cfg,
+            grad_scale_func=optimizer.scale_loss,
+            finalize_model_grads_func=lambda chunks: finalize_model_grads(chunks, groups, cfg))
+        ok, grad_norm, _ = optimizer.step()
+        assert ok and math.isfinite(grad_norm)
+        total = torch.stack([d["lm loss"] for d in logged]).sum(0)
+        losses.append(float(total[0] / total[1]))
+    assert losses[-1] < losses[0] - 0.2, losses
