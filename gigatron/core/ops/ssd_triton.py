@@ -16,7 +16,7 @@ Backward, with dy and the final state's gradient dS_final; M[t, s] = (C_t . B_s)
   _chunk_state (dy mode)  local_c = sum_t exp(cs_t) outer(dy_t, C_t)   (S_all[c]'s gradient from y)
   _state_backward   dR[c] = local_c + exp(cs_last(c)) dR[c + 1]  (dR[c] for c = chunks is dS_final);
                     writes dR[c + 1] per chunk, dR[0] (the initial state's gradient) and
-                    <dR[c + 1], S_all[c + 1]> (cs_last's gradient through the chunk's end)
+                    exp(cs_last(c)) <dR[c + 1], S_all[c]> (through the entering state's decay)
   _chunk_scan dx    du_s = sum_{t>=s} M[t, s] dy_t + exp(cs_last - cs_s) dR[c+1] @ B_s;
                     dx_s = dt_s du_s + D dy_s, and x_s . du_s (dt's gradient through u)
   _chunk_scan dC    dC_t = exp(cs_t) dy_t @ S_all[c] + sum_{s<=t} (dy_t . x_s) dt_s exp(cs_t - cs_s) B_s
@@ -24,9 +24,9 @@ Backward, with dy and the final state's gradient dS_final; M[t, s] = (C_t . B_s)
   _chunk_scan y_off  dy_t . exp(cs_t) S_all[c] @ C_t  (the state term of y, dotted with dy)
   _chunk_da         the in-chunk part of the gradient of a = dt * A: da_s = sum over pairs t >= s > s'
                     of E[t, s'] = (dy_t . x_s') M[t, s'] dt_s', summed in fp32 where they are formed
-and in PyTorch the state part: the gradient of cs_t through the state terms,
-dy_t . y_off_t - dt_t (x_t . du_state_t) (+ <dR[c+1], S_all[c+1]> at the chunk's last position),
-turned into a's gradient by a reversed cumulative sum inside each chunk. (The shorter closed form
+and in PyTorch the state part of a's gradient: da_s = sum_{t>=s} dy_t . y_off_t
++ sum_{t<s} dt_t (x_t . du_state_t) + exp(cs_last) <dR[c+1], S_all[c]> (cumulative sums inside each
+chunk; every term enters once, so none cancels). (The shorter closed form
 dcs_t = dy_t . (y_t - D x_t) - dt_t x_t . du_t sums the in-chunk pairs twice with opposite signs:
 with bf16 operands the rounding of the large diagonal terms then swamps dA.) dB and dC are
 computed per head and summed over the heads of a group.
@@ -116,8 +116,8 @@ def _state_backward_kernel(
     CHUNK: tl.constexpr, HAS_DFINAL: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Walk the chunks backwards: DSTATES[b, c, h] = dR[c + 1]; LAST[b, h, c, block] =
-    <dR[c + 1], S_ALL[c + 1]> over this block; dR[c] = LOCAL[c] + exp(cs_last(c)) dR[c + 1];
-    DINIT[b, h] = dR[0]."""
+    exp(cs_last(c)) <dR[c + 1], S_ALL[c]> over this block (cs_last's gradient through the decay of
+    the entering state); dR[c] = LOCAL[c] + exp(cs_last(c)) dR[c + 1]; DINIT[b, h] = dR[0]."""
     pid = tl.program_id(0)
     blk = tl.program_id(1)
     h = pid % nheads
@@ -132,9 +132,9 @@ def _state_backward_kernel(
     for i in range(nchunks):
         c = nchunks - 1 - i
         tl.store(DSTATES + ((b * nchunks + c) * nheads + h) * PN + offs, grad, mask=mask)
-        after = tl.load(S_ALL + ((b * (nchunks + 1) + c + 1) * nheads + h) * PN + offs, mask=mask, other=0.0)
-        tl.store(LAST + ((b * nheads + h) * nchunks + c) * nblocks + blk, tl.sum(grad * after, axis=0))
         decay = tl.exp(tl.load(cs_row + c * CHUNK + CHUNK - 1))
+        entering = tl.load(S_ALL + ((b * (nchunks + 1) + c) * nheads + h) * PN + offs, mask=mask, other=0.0)
+        tl.store(LAST + ((b * nheads + h) * nchunks + c) * nblocks + blk, decay * tl.sum(grad * entering, axis=0))
         local = tl.load(LOCAL + ((b * nchunks + c) * nheads + h) * PN + offs, mask=mask, other=0.0)
         grad = local + decay * grad
     tl.store(DINIT + (b * nheads + h) * PN + offs, grad, mask=mask)
@@ -456,9 +456,14 @@ class _SSDScan(torch.autograd.Function):
         dD = (dyp.float() * xp.float()).sum((0, 1, 3)) if D is not None else None  # [h]
         # d(dt * A): the in-chunk pairs summed without cancellation (_chunk_da_kernel), plus the
         # state terms through cs (reverse cumulative sum inside each chunk).
-        dcs = (dy_y_off - dt_t * xdu_state).view(b, h, nc, chunk)
-        dcs[..., -1] += last
-        da = dcs.flip(-1).cumsum(-1).flip(-1).reshape(b, h, L) + _chunk_da(dyp, xp, Bp, Cp, dt_t, cs, chunk)
+        # With S_all[c + 1] = exp(cs_last) S_all[c] + sum_t exp(cs_last - cs_t) u_t B_t^T, the state
+        # terms give da_s = sum_{t >= s} dy_t . y_off_t + sum_{t < s} u_t . du_state_t
+        # + exp(cs_last) <dR[c + 1], S_all[c]>: each a sum of its own terms, no cancellation.
+        from_y = dy_y_off.view(b, h, nc, chunk)
+        from_states = (dt_t * xdu_state).view(b, h, nc, chunk)
+        da = (from_y.flip(-1).cumsum(-1).flip(-1) + from_states.cumsum(-1) - from_states
+              + last[..., None]).reshape(b, h, L)
+        da = da + _chunk_da(dyp, xp, Bp, Cp, dt_t, cs, chunk)
         ddt = xdu + da * A32[None, :, None]  # [b, h, L]
         dA = (da * dt_t).sum((0, 2))  # [h]
         ddt = ddt.transpose(1, 2)[:, :l].to(ctx.dtypes[0])  # [b, l, h]
