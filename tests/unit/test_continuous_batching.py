@@ -247,3 +247,56 @@ def test_max_tokens_to_oom_refuses_whole_batches_that_are_too_large(engines):
         assert r.status_code == 200 and len(r.json()["choices"]) == 2
     finally:
         app.state.scheduler.close()
+
+
+def test_a_client_that_goes_away_frees_its_slot(engines):
+    """With --inference-dynamic-batching a streaming client that disconnects ends its row at the next
+    step (slow steps: 20 ms each) and a waiting request takes the slot."""
+    import time
+
+    import uvicorn
+
+    from gigatron.core.inference.broadcast import LocalRunner
+    from gigatron.core.inference.server.app import build_app
+    from tests.parallel.harness import free_port
+
+    engine, _ = engines
+    app = build_app(LocalRunner(engine), TOK, max_batch_size=4, max_sequence_length=64, dynamic_batching=True,
+                    max_requests=1)
+    batcher = app.state.scheduler.batcher
+    step, ended = batcher.step, []
+
+    def slow_step():
+        time.sleep(0.02)
+        out = step()
+        ended.extend(out)
+        return out
+
+    batcher.step = slow_step
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(200):
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.05)
+    try:
+        ban = {str(TOK.eod): -100}  # no early end-of-document
+        payload = {"prompt": "ab", "max_tokens": 55, "temperature": 0, "stream": True, "logit_bias": ban}
+        with httpx.stream("POST", url + "/v1/completions", json=payload, timeout=30) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: ") and '"text": ""' not in line:
+                    break  # the first token arrived; the client leaves
+        r = httpx.post(url + "/v1/completions", json={"prompt": "cd", "max_tokens": 3, "temperature": 0,
+                                                      "logit_bias": ban}, timeout=30)
+        assert r.status_code == 200 and len(r.json()["choices"][0]["text"]) == 3
+        # The first row ended long before its 55 tokens (at 20 ms a step), which freed the one slot.
+        assert ended[0].prompt == TOK.tokenize("ab") and len(ended[0].generated) < 40
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)
+        app.state.scheduler.close()
