@@ -324,7 +324,7 @@ class ContinuousScheduler:
                             scores["prompt_top_logprobs"] = None if prompt_scores[1] is None else [prompt_scores[1]]
                     stop = job.on_step(len(seq_list[i].generated) - 1, [token], [True], offset=i, **scores)
                     return bool(stop and stop[0])
-            seqs.append(Sequence(list(prompt), params, seed=params.random_seed + i if params.random_seed >= 0 else -1,
+            seqs.append(Sequence(list(prompt), params, seed=(params.random_seed + i) % 2 ** 63 if params.random_seed >= 0 else -1,
                                  on_token=on_token, withdrawn=lambda: job.withdrawn, on_done=on_done))
         added = []
         try:
