@@ -186,8 +186,9 @@ ACCEPTED_NO_EFFECT: dict[str, str] = {
                             "scatter_add, which compute the same result.",
     "--moe-shared-expert-overlap": "an overlap of the shared expert's computation with the token dispatch: a "
                                    "scheduling change with the same result; Gigatron runs them one after the other.",
-    "--ckpt-fully-parallel-save": "Gigatron's torch_dist saves already spread the writes: each rank writes only its "
-                                  "own shards (Megatron's default is on too).",
+    "--ckpt-fully-parallel-save": "a speed-up with the same files: Megatron spreads the writing of data-parallel "
+                                  "replicated weights over the replicas; Gigatron writes each shard once, from the "
+                                  "first replica (distributed-optimizer states from every rank).",
     "--ckpt-fully-parallel-load": "each rank reads only the shards it needs, so the reads are already spread.",
     "--no-use-tokenizer-model-from-checkpoint-args": "with --use-checkpoint-args the tokenizer settings given "
                                                      "for the run are always the run's.",
