@@ -13,6 +13,7 @@ import re
 import io
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -546,3 +547,35 @@ def test_the_readme_lists_every_flag_accepted_without_effect():
     section = readme.split("Accepted without effect", 1)[1].split("Refused with one line", 1)[0]
     listed = set(re.findall(r"^\| `(--[a-z0-9-]+)` \|", section, flags=re.M))
     assert listed == set(A.ACCEPTED_NO_EFFECT)
+
+
+def _lm_losses(output: str) -> list:
+    return [float(v) for v in re.findall(r"lm loss: ([0-9.E+-]+)", output)]
+
+
+def test_per_token_loss_over_two_data_parallel_ranks_equals_one_rank(tmp_path):
+    """The step's gradient is the sum over all its tokens (micro-batches and data-parallel ranks)
+    divided once by their count: two data-parallel ranks train as one rank does."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    argv = TINY_RUN + ["--train-iters", "3", "--global-batch-size", "4", "--log-interval", "1",
+                       "--calculate-per-token-loss", "--eod-mask-loss", "--seed", "7", "--hidden-dropout", "0",
+                       "--attention-dropout", "0", "--optimizer", "sgd", "--lr", "0.5",
+                       "--data-cache-path", str(tmp_path / "cache")]
+    env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    runs = {}
+    for procs in (1, 2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(procs), "--master-port",
+               str(port), str(root / "pretrain_gpt.py"), *argv]
+        result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
+        assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+        runs[procs] = _lm_losses(result.stdout + result.stderr)
+    assert len(runs[1]) == len(runs[2]) == 3
+    np.testing.assert_allclose(runs[2], runs[1], rtol=2e-5)
