@@ -65,6 +65,7 @@ CONFIG_SOURCES: tuple[tuple[str, str, str], ...] = (
     ("training", "gigatron.training.config", "TrainingConfig"),
     ("checkpoint", "gigatron.training.config", "CheckpointConfig"),
     ("logging", "gigatron.training.config", "LoggingConfig"),
+    ("fp8", "gigatron.core.fp8.config", "FP8Config"),
 )
 
 
@@ -137,6 +138,7 @@ ALIASES: dict[str, Alias] = {
         "use_checkpoint_opt_param_scheduler", True, "Megatron's spelling of --use-checkpoint-opt-param-scheduler."
     ),
     "--local_rank": Alias("local_rank", help="Local rank (spelling used by torch.distributed.launch)."),
+    "--fp8-format": Alias("fp8", help="FP8 format of the linear layers' GEMMs.", replaces=True),
 }
 
 # Megatron flags that ask for what Gigatron always does; accepted so that existing launch scripts
@@ -564,6 +566,7 @@ class Configs:
     training: Any = None
     checkpoint: Any = None
     logging: Any = None
+    fp8: Any = None
     extra: dict = dataclasses.field(default_factory=dict)
     world_size: Optional[int] = None
 

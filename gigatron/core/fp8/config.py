@@ -68,6 +68,9 @@ class FP8Config:
     """Number of layers at the start of the model kept in bf16 with --first-last-layers-bf16."""
     num_layers_at_end_in_bf16: int = 1
     """Number of layers at the end of the model kept in bf16 with --first-last-layers-bf16."""
+    fp8_interval: int = 1
+    """Deprecated in Megatron-LM, which ignores it; accepted (and ignored) so that its launch
+    scripts run: the delayed recipe updates its scales after every iteration."""
 
     def __post_init__(self) -> None:
         _check_format(self)
