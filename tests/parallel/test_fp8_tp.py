@@ -68,3 +68,25 @@ def test_fp8_tp2_sequence_parallel_matches_one_process(recipe, tmp_path):
             assert torch.equal(scale, second["scales"][name]), name
             assert torch.allclose(scale[:2], serial["scales"][name][:2], rtol=1e-2), name
             assert torch.allclose(scale[2], serial["scales"][name][2], rtol=5e-2), name
+
+
+@pytest.mark.parametrize("layout, flags", [
+    ("pp2", ["--pipeline-model-parallel-size", "2"]),
+    ("dp2", []),
+])
+def test_fp8_delayed_under_pipeline_and_data_parallel(layout, flags, tmp_path):
+    """Each pipeline stage updates its own layers' states; data-parallel ranks reduce their amaxes
+    (max over both ranks' micro-batches, what one process sees) and keep equal scales."""
+    recipe, tolerance = RECIPES["delayed"]
+    argv = BASE + recipe + ["--data-cache-path", str(tmp_path / "cache")]
+    torch.set_num_threads(1)
+    serial = _run(argv)
+    results = run_distributed(_rank_run, 2, argv + flags, timeout=300)
+    if layout == "pp2":
+        assert sorted(n for r in results for n in r["scales"]) == sorted(serial["scales"])
+        last = results[1]
+    else:
+        assert torch.equal(torch.stack(list(results[0]["scales"].values())),
+                           torch.stack(list(results[1]["scales"].values())))
+        last = results[0]
+    assert last["train"] == pytest.approx(serial["train"], **tolerance), (layout, last["train"], serial["train"])
