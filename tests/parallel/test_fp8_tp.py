@@ -70,20 +70,26 @@ def test_fp8_tp2_sequence_parallel_matches_one_process(recipe, tmp_path):
             assert torch.allclose(scale[2], serial["scales"][name][2], rtol=5e-2), name
 
 
-@pytest.mark.parametrize("layout, flags", [
-    ("pp2", ["--pipeline-model-parallel-size", "2"]),
-    ("dp2", []),
+MOE = ["--num-experts", "4", "--moe-router-topk", "2", "--moe-ffn-hidden-size", "32"]
+
+
+@pytest.mark.parametrize("layout, flags, model", [
+    ("pp2", ["--pipeline-model-parallel-size", "2"], []),
+    ("dp2", ["--use-distributed-optimizer", "--overlap-grad-reduce"], []),
+    ("ep2", ["--expert-model-parallel-size", "2"], MOE),
 ])
-def test_fp8_delayed_under_pipeline_and_data_parallel(layout, flags, tmp_path):
+def test_fp8_delayed_under_pipeline_data_and_expert_parallel(layout, flags, model, tmp_path):
     """Each pipeline stage updates its own layers' states; data-parallel ranks reduce their amaxes
-    (max over both ranks' micro-batches, what one process sees) and keep equal scales."""
+    (max over both ranks' micro-batches, what one process sees) and keep equal scales, also with
+    the distributed optimizer and overlapped gradient reduction (FP8 weight gradients go into
+    main_grad); with expert parallelism each rank holds its own experts' states."""
     recipe, tolerance = RECIPES["delayed"]
-    argv = BASE + recipe + ["--data-cache-path", str(tmp_path / "cache")]
+    argv = BASE + model + recipe + ["--data-cache-path", str(tmp_path / "cache")]
     torch.set_num_threads(1)
     serial = _run(argv)
     results = run_distributed(_rank_run, 2, argv + flags, timeout=300)
-    if layout == "pp2":
-        assert sorted(n for r in results for n in r["scales"]) == sorted(serial["scales"])
+    if layout in ("pp2", "ep2"):
+        assert sorted({n for r in results for n in r["scales"]}) == sorted(serial["scales"])
         last = results[1]
     else:
         assert torch.equal(torch.stack(list(results[0]["scales"].values())),
