@@ -30,6 +30,10 @@ BASE = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4"
 RECIPES = {
     "delayed": (["--fp8-format", "hybrid", "--fp8-recipe", "delayed", "--fp8-amax-history-len", "4",
                  "--fp8-amax-compute-algo", "max"], dict(rel=2e-3)),
+    # --no-fp8-wgrad: the sequence-parallel input is gathered in its own dtype, the weight gradient
+    # computed from it in high precision.
+    "delayed-no-fp8-wgrad": (["--fp8-format", "hybrid", "--fp8-recipe", "delayed", "--fp8-amax-history-len", "4",
+                              "--fp8-amax-compute-algo", "max", "--no-fp8-wgrad"], dict(rel=2e-3)),
     "tensorwise": (["--fp8-format", "hybrid", "--fp8-recipe", "tensorwise"], dict(abs=0.02)),
     "blockwise": (["--fp8-format", "e4m3", "--fp8-recipe", "blockwise"], dict(abs=0.02)),
 }
@@ -59,7 +63,7 @@ def test_fp8_tp2_sequence_parallel_matches_one_process(recipe, tmp_path):
         assert result["sp_fp8_linears"] == 2 * 4  # every linear of both layers, sequence-parallel, in FP8
         assert result["train"] == pytest.approx(serial["train"], **tolerance), (recipe, result["train"],
                                                                                 serial["train"])
-    if recipe == "delayed":
+    if recipe.startswith("delayed"):
         # The amax reduction over tp leaves both ranks with the same scales, and nearly the scales of
         # one process (input and weight to 1%; the gradients' amaxes follow the slightly different
         # trajectory: 5%).
@@ -96,3 +100,31 @@ def test_fp8_delayed_under_pipeline_data_and_expert_parallel(layout, flags, mode
                            torch.stack(list(results[1]["scales"].values())))
         last = results[0]
     assert last["train"] == pytest.approx(serial["train"], **tolerance), (layout, last["train"], serial["train"])
+
+
+def _rank_load(rank, world_size, argv):
+    from gigatron.training.loop import setup
+
+    ctx = setup(gpt.model_provider, parse_args(argv))
+    return {name: (state.amax_history.clone(), state.scale.clone()) for name, state in ctx.fp8_states.items()}
+
+
+@pytest.mark.parametrize("layout", [["--pipeline-model-parallel-size", "2"],
+                                    ["--tensor-model-parallel-size", "2", "--sequence-parallel"]])
+def test_fp8_state_of_a_one_process_checkpoint_loads_at_another_layout(layout, tmp_path):
+    """States are saved by global linear name: a torch_dist checkpoint of one process resumes at
+    pp=2 (each stage takes its layers' states) and tp=2 (each rank takes all of them)."""
+    recipe, _ = RECIPES["delayed"]
+    save = str(tmp_path / "ckpt")
+    argv = BASE + recipe + ["--data-cache-path", str(tmp_path / "cache"), "--train-iters", "2"]
+    torch.set_num_threads(1)
+    ctx = pretrain(gpt.datasets_provider, gpt.model_provider, gpt.forward_step,
+                   args=parse_args(argv + ["--save", save, "--ckpt-format", "torch_dist"]))
+    saved = {name: (state.amax_history, state.scale) for name, state in ctx.fp8_states.items()}
+    results = run_distributed(_rank_load, 2, argv + ["--load", save] + layout, timeout=300)
+    loaded = {}
+    for result in results:
+        loaded.update(result)
+    assert sorted(loaded) == sorted(saved)
+    for name, (history, scale) in saved.items():
+        assert torch.equal(loaded[name][0], history) and torch.equal(loaded[name][1], scale), name
