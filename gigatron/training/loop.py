@@ -526,7 +526,10 @@ def _run_evaluation_hook(ctx: TrainContext) -> None:
     if ctx.evaluation_hook is None or ctx.evaluation_hook_iteration == ctx.iteration:
         return
     ctx.evaluation_hook_iteration = ctx.iteration
-    ctx.evaluation_hook(ctx)
+    from gigatron.core.fp8.model import amax_recording_paused
+
+    with amax_recording_paused(ctx.fp8_states):  # a task's forward passes leave the FP8 scales alone
+        ctx.evaluation_hook(ctx)
 
 
 def _evaluate_and_report(ctx: TrainContext, forward_step_func, iterator, prefix: str, record: bool = True) -> dict:

@@ -188,6 +188,15 @@ def test_torch_compile_matches_eager():
     assert _losses(compiled) == eager
 
 
+def test_evaluation_leaves_the_training_scales_alone():
+    """Validation forwards run with the training scales but record no amax: a run that evaluates
+    every 2 iterations trains bitwise like one that never evaluates."""
+    evaluated = _train(DELAYED + ["--eval-interval", "2"])
+    silent = _train(DELAYED + ["--eval-iters", "0"])
+    assert len(evaluated.log.valid_history) > 0 and len(silent.log.valid_history) == 0
+    assert _losses(evaluated) == _losses(silent)
+
+
 def test_megatron_llama3_8b_fp8_recipe_shrunk():
     """Megatron's Llama-3 8B FP8 flags, unchanged but for the sizes (and --fp8-param-gather,
     which is refused: test_unsupported_fp8_runs_fail_with_one_clear_error)."""
