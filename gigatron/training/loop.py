@@ -215,7 +215,19 @@ def _enable_fp8(ctx: TrainContext, module: torch.nn.Module, recipe) -> None:
     if not isinstance(module, GPTModel):
         raise ValueError(f"--fp8-format {ctx.configs.fp8.fp8} is wired into GPT models only (pretrain_gpt.py); "
                          f"this script builds a {type(module).__name__}: drop --fp8-format")
-    ctx.fp8_states.update(enable_fp8(module, ctx.configs.fp8, recipe, ctx.device))
+    from gigatron.core.fp8.model import fp8_linears
+    from gigatron.core.transformer.moe.experts import GroupedMLP
+
+    fp8 = ctx.configs.fp8
+    ctx.fp8_states.update(enable_fp8(module, fp8, recipe, ctx.device))
+    linears = [linear for _, linear in fp8_linears(module)]
+    in_fp8 = sum(linear.fp8_recipe is not None for linear in linears)
+    print_rank_0(f"> FP8 (--fp8-format {fp8.fp8}, --fp8-recipe {fp8.fp8_recipe}): {in_fp8} of the {len(linears)} "
+                 f"transformer-layer linears of this stage in FP8; the output layer and embeddings in "
+                 f"{module.config.params_dtype}")
+    if any(isinstance(m, GroupedMLP) for m in module.modules()):
+        print_rank_0("> FP8: --moe-grouped-gemm experts run in the parameters' dtype (no FP8 grouped GEMM yet); "
+                     "drop --moe-grouped-gemm to run the experts in FP8")
 
 
 def compile_transformer_layers(module: torch.nn.Module) -> int:

@@ -133,14 +133,16 @@ def test_first_last_layers_bf16_selects_the_linears():
     assert not any("amax" in n for n, _ in model.named_buffers())
 
 
-def test_moe_sequential_experts_run_in_fp8_and_grouped_gemm_stays_bf16():
+def test_moe_sequential_experts_run_in_fp8_and_grouped_gemm_stays_bf16(capsys):
     moe = ["--num-experts", "4", "--moe-router-topk", "2", "--moe-ffn-hidden-size", "32"]
     ctx = setup(gpt.model_provider, _args(DELAYED + moe))
     layers = _fp8_layers(ctx)
     experts = sorted(n for n in layers if ".experts." in n)
     assert "decoder.layers.0.mlp.experts.local_experts.3.linear_fc2" in experts
     assert len(experts) == 4 * 4 * 2 and all(layers[n] == "delayed" for n in experts)
+    assert "40 of the 40 transformer-layer linears of this stage in FP8" in capsys.readouterr().out
     grouped = setup(gpt.model_provider, _args(DELAYED + moe + ["--moe-grouped-gemm"]))
+    assert "--moe-grouped-gemm experts run in the parameters' dtype" in capsys.readouterr().out
     assert not any(".experts." in n for n in _fp8_layers(grouped))
     assert all(kind == "delayed" for kind in _fp8_layers(grouped).values())  # attention linears still FP8
 
