@@ -4,7 +4,8 @@
 # for the embedding and output layers, context parallelism 2, distributed optimizer. Usage:
 #   bash examples/recipes/llama3_8b.sh CHECKPOINT_DIR TENSORBOARD_DIR TOKENIZER_MODEL DATA_PREFIX
 # Megatron's H100 recipe adds --fp8-format hybrid --fp8-amax-history-len 1024
-# --fp8-amax-compute-algo max --fp8-param-gather; add them where FP8 training is available.
+# --fp8-amax-compute-algo max --fp8-param-gather: FP8 needs a GPU with FP8 tensor cores, so this
+# script (which also runs shrunk on CPUs) leaves them out.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 

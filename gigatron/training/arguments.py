@@ -68,6 +68,7 @@ CONFIG_SOURCES: tuple[tuple[str, str, str], ...] = (
     ("training", "gigatron.training.config", "TrainingConfig"),
     ("checkpoint", "gigatron.training.config", "CheckpointConfig"),
     ("logging", "gigatron.training.config", "LoggingConfig"),
+    ("fp8", "gigatron.core.fp8.config", "FP8Config"),
 )
 
 
@@ -143,6 +144,7 @@ ALIASES: dict[str, Alias] = {
     "--use-rotary-position-embeddings": Alias(
         "position_embedding_type", "rope", "Megatron's older spelling of --position-embedding-type rope."
     ),
+    "--fp8-format": Alias("fp8", help="FP8 format of the linear layers' GEMMs.", replaces=True),
 }
 
 # Megatron switches that are resolved against other flags after parsing, whatever their order on
@@ -203,10 +205,6 @@ NOT_BUILT: dict[str, str] = {
     "--hybrid-": "Mamba support (hybrid Mamba/attention models)",
     "--is-hybrid-model": "Mamba support (hybrid Mamba/attention models)",
     "--linear-conv-kernel-dim": "Mamba support (linear-attention convolutions)",
-    "--fp8-": "FP8 training",
-    "--first-last-layers-bf16": "FP8 training",
-    "--num-layers-at-start-in-bf16": "FP8 training",
-    "--num-layers-at-end-in-bf16": "FP8 training",
     "--te-rng-tracker": "Transformer Engine",
     "--multi-latent-attention": "multi-latent attention (MLA)",
     "--q-lora-rank": "multi-latent attention (MLA)",
@@ -740,6 +738,7 @@ class Configs:
     training: Any = None
     checkpoint: Any = None
     logging: Any = None
+    fp8: Any = None
     extra: dict = dataclasses.field(default_factory=dict)
     world_size: Optional[int] = None
 
