@@ -30,6 +30,7 @@ from types import ModuleType
 from typing import Optional
 
 from gigatron.core.checkpoint import dist as torch_dist
+from gigatron.core.checkpoint import megatron_torch
 from gigatron.core.checkpoint import torch_layout
 from gigatron.core.checkpoint.io import CheckpointError
 from gigatron.core.checkpoint.paths import TRACKER_FILENAME, resolve_checkpoint_dir
@@ -39,6 +40,7 @@ __all__ = [
     "FORMATS",
     "HF_WEIGHT_FILES",
     "get_format",
+    "writable_formats",
     "detect_format",
     "is_hf_folder",
     "describe_unreadable",
@@ -49,6 +51,7 @@ __all__ = [
 
 FORMATS: dict[str, ModuleType] = {
     torch_dist.NAME: torch_dist,
+    megatron_torch.NAME: megatron_torch,  # before torch: the same rank-file layout, written by Megatron-LM
     torch_layout.NAME: torch_layout,
 }
 
@@ -56,10 +59,15 @@ HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch
                    "pytorch_model.bin.index.json")
 
 
+def writable_formats() -> list[str]:
+    """The --ckpt-format values Gigatron saves (formats whose module has `WRITES = False` are read only)."""
+    return [name for name, module in FORMATS.items() if getattr(module, "WRITES", True)]
+
+
 def get_format(name: str) -> ModuleType:
-    """The format module registered as `name` (a --ckpt-format value)."""
-    if name not in FORMATS:
-        raise ValueError(f"--ckpt-format {name} is not supported; use one of {', '.join(FORMATS)}")
+    """The format module registered as `name` (a --ckpt-format value Gigatron saves)."""
+    if name not in writable_formats():
+        raise ValueError(f"--ckpt-format {name} is not supported; use one of {', '.join(writable_formats())}")
     return FORMATS[name]
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -275,14 +275,22 @@ def _merge_stage(states: dict, key: str, pp_rank: int, sizes: Tuple[int, int], o
     return len(local_layers)
 
 
-def read_model(iter_dir: str, allow_namespace: bool = False) -> ModelState:
-    """Every rank's file of `iter_dir` (any tp/pp/ep, virtual stages too) merged into full tensors."""
+def read_model(iter_dir: str, allow_namespace: bool = False,
+               transform: Optional[Callable[[dict, str], dict]] = None) -> ModelState:
+    """Every rank's file of `iter_dir` (any tp/pp/ep, virtual stages too) merged into full tensors.
+    `transform(state, path)`: applied to each file's content as read (another layout's names, e.g.
+    the legacy ones, mapped to ours; args made plain)."""
     found = rank_dirs(iter_dir)
     if not found:
         raise CheckpointError(f"{iter_dir} holds no mp_rank_*/{MODEL_FILENAME} files")
     manifest = _read_manifest(iter_dir)
+
+    def read(path: str) -> dict:
+        state = read_rank_file(path, allow_namespace, manifest)
+        return transform(state, path) if transform is not None else state
+
     first_file = os.path.join(iter_dir, found[0], MODEL_FILENAME)
-    first = read_rank_file(first_file, allow_namespace, manifest)
+    first = read(first_file)
     args = _args_of(first)
     release = os.path.basename(os.path.normpath(iter_dir)) == "release"
     iteration = None if release else int(first.get("iteration") or 0)
@@ -296,8 +304,7 @@ def read_model(iter_dir: str, allow_namespace: bool = False) -> ModelState:
     if ep_size > 1 and (not num_experts or num_experts % ep_size != 0):
         raise CheckpointError(f"{iter_dir} has {ep_size} expert-parallel ranks but its args say num_experts "
                               f"{args.get('num_experts')}")
-    states = {key: (first if f == first_file else read_rank_file(f, allow_namespace, manifest))
-              for key, f in files.items()}
+    states = {key: (first if f == first_file else read(f)) for key, f in files.items()}
     # Model chunks in global order: virtual stage first, then pipeline rank.
     num_chunks = len(_chunk_keys(states[(0, 0, 0)]))
     merged: Dict[str, torch.Tensor] = {}

@@ -20,6 +20,7 @@ from typing import Iterable, Optional
 
 import torch
 from torch.distributed.checkpoint import metadata as dcp_metadata
+from torch.distributed.checkpoint import planner as dcp_planner
 from torch.distributed.checkpoint.filesystem import _StorageInfo as DcpStorageInfo  # PyTorch's own record class
 
 from gigatron.core.checkpoint.dist.common import (
@@ -49,6 +50,13 @@ _METADATA_CLASSES = {
 }
 _METADATA_CLASSES[("torch.distributed.checkpoint.filesystem", "_StorageInfo")] = DcpStorageInfo
 _METADATA_CLASSES[("torch", "Size")] = torch.Size
+# Megatron-Core's dist_checkpointing also stores its cached save plans in `.metadata`: PyTorch's
+# planner records (dataclasses of names, offsets and sizes, and one enum).
+_METADATA_CLASSES.update({
+    ("torch.distributed.checkpoint.planner", name): getattr(dcp_planner, name)
+    for name in ("SavePlan", "WriteItem", "WriteItemType", "TensorWriteData", "BytesIOWriteData")
+    if hasattr(dcp_planner, name)
+})
 
 
 def _layout_by_name(name: str) -> torch.layout:
