@@ -14,7 +14,8 @@ into the test process (it would hide exactly the refusals the tests check). Test
 Every command writes DIR/reference.pt: {"tokens", "logits"} (fp32, Megatron-Core's forward).
 
 Megatron-Core needs torch.distributed and its model-parallel state even in one process; its RoPE
-moves a buffer to `torch.cuda.current_device()` and its attention forks the CUDA RNG tracker and its checkpoint writer synchronises CUDA, so on a CPU-only machine `cpu_only()` points that
+moves a buffer to `torch.cuda.current_device()` and its attention forks the CUDA RNG tracker and its checkpoint writer synchronises CUDA (and a tied embedding at pipeline size > 1 is
+moved to CUDA for its all-reduce), so on a CPU-only machine `cpu_only()` points that
 at the CPU for the duration of a test."""
 
 from __future__ import annotations
@@ -45,14 +46,15 @@ def cpu_only():
     from megatron.core import tensor_parallel
 
     tracker = tensor_parallel.get_cuda_rng_tracker()
-    original = torch.cuda.current_device, torch.cuda.synchronize
+    original = torch.cuda.current_device, torch.cuda.synchronize, torch.Tensor.cuda
     torch.cuda.current_device = lambda: "cpu"
     torch.cuda.synchronize = lambda *args, **kwargs: None
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self  # the tied embedding's all-reduce at pp > 1
     tracker.fork = lambda *args, **kwargs: contextlib.nullcontext()  # dropout is 0: no CUDA RNG to fork
     try:
         yield
     finally:
-        torch.cuda.current_device, torch.cuda.synchronize = original
+        torch.cuda.current_device, torch.cuda.synchronize, torch.Tensor.cuda = original
         del tracker.fork
 
 
@@ -106,11 +108,13 @@ def build_model(kind: str = "gpt", num_layers: int = 2, hidden: int = 64, heads:
         bias_activation_fusion=False, masked_softmax_fusion=False, bias_dropout_fusion=False,
         apply_rope_fusion=False, gradient_accumulation_fusion=False, persist_layer_norm=False,
         hidden_dropout=0.0, attention_dropout=0.0, use_cpu_initialization=True, init_method_std=0.05,
-        tensor_model_parallel_size=_tp_size(), pipeline_model_parallel_size=_pp_size(), layernorm_epsilon=1e-5)
-    model = GPTModel(config, get_gpt_layer_local_spec(normalization=opts["normalization"]), vocab_size=VOCAB,
-                     max_sequence_length=SEQ * 2, position_embedding_type=opts["position_embedding_type"],
-                     share_embeddings_and_output_weights=not opts["untie"], pre_process=pre_process,
-                     post_process=post_process)
+        tensor_model_parallel_size=_tp_size(), pipeline_model_parallel_size=_pp_size(), layernorm_epsilon=1e-5,
+        pipeline_dtype=torch.float32)
+    with cpu_only():
+        model = GPTModel(config, get_gpt_layer_local_spec(normalization=opts["normalization"]), vocab_size=VOCAB,
+                         max_sequence_length=SEQ * 2, position_embedding_type=opts["position_embedding_type"],
+                         share_embeddings_and_output_weights=not opts["untie"], pre_process=pre_process,
+                         post_process=post_process)
     with torch.no_grad():  # non-trivial norms, so that a swapped norm weight shows in the logits
         for name, p in model.named_parameters():
             if "layernorm" in name or "layer_norm" in name:

@@ -30,7 +30,7 @@ from types import ModuleType
 from typing import Optional
 
 from gigatron.core.checkpoint import dist as torch_dist
-from gigatron.core.checkpoint import megatron_torch
+from gigatron.core.checkpoint import megatron_dist, megatron_torch
 from gigatron.core.checkpoint import torch_layout
 from gigatron.core.checkpoint.io import CheckpointError
 from gigatron.core.checkpoint.paths import TRACKER_FILENAME, resolve_checkpoint_dir
@@ -50,6 +50,7 @@ __all__ = [
 ]
 
 FORMATS: dict[str, ModuleType] = {
+    megatron_dist.NAME: megatron_dist,  # Megatron-Core's own torch_dist (ours has a checksum manifest)
     torch_dist.NAME: torch_dist,
     megatron_torch.NAME: megatron_torch,  # before torch: the same rank-file layout, written by Megatron-LM
     torch_layout.NAME: torch_layout,
@@ -92,10 +93,6 @@ def describe_unreadable(path: str) -> str:
     if is_hf_folder(path):
         return (f"{path} is a HuggingFace model folder, not a Megatron checkpoint: gigatron.from_pretrained reads it "
                 f"as it is; to train from it, convert it first: {_convert_hint(path, 'hf')}")
-    if torch_dist.looks_like_megatron_torch_dist(path):
-        return (f"{path} looks like a torch_dist checkpoint written by Megatron-Core's dist_checkpointing "
-                "(metadata.json without Gigatron's checksum manifest); Gigatron does not read that layout yet. Save "
-                "it in the `torch` format with Megatron-LM (--ckpt-convert-format torch) and load that")
     if os.path.isfile(os.path.join(path, ".zarray")) or any(n.endswith(".zarr") for n in names):
         return (f"{path} looks like a zarr checkpoint (Megatron's deprecated --ckpt-format zarr), which Gigatron "
                 "does not read; save it as torch or torch_dist with Megatron-LM first")

@@ -1,0 +1,185 @@
+"""Megatron-Core's own `torch_dist` checkpoints (written by `megatron.core.dist_checkpointing.save`,
+Megatron-LM's default --ckpt-format), read as they are.
+
+    iter_N/metadata.json     {"sharded_backend": "torch_dist", ...} without our checksum manifest
+    iter_N/.metadata         PyTorch's tensor index (plus Megatron's cached save plans)
+    iter_N/__R_K.distcp      tensor data of every writing rank
+    iter_N/common.pt         what is not sharded: args (a pickled Namespace), iteration,
+                             checkpoint_version, opt_param_scheduler, FLOPs counter
+
+Keys are Megatron-Core's (megatron_names.py: decoder layers stacked under one key with a leading
+layer axis, fused-norm names). `.metadata` is read with dist/metadata.py's allow-list unpickler,
+common.pt with megatron_pickle.py's allow-list, and only tensor entries of the data files are
+read (weights-only); byte entries (Transformer Engine's `_extra_state`, Megatron's pickled
+ShardedObjects) are never unpickled. Megatron writes no checksums, so there are none to check.
+
+`read_model` reads the model tensors whole (from_pretrained, convert.py --loader core). `--load`
+(`load_training_state`) plans, for each chunk of each parameter this rank holds (dist/sharding.py,
+at ANY tensor/pipeline layout), the read of the matching box of Megatron's global tensor — the
+layer number becomes an offset along the stacked axis — and reads only those. The iteration,
+consumed samples (in args), FLOPs counter and learning-rate schedule come from common.pt; the
+optimizer state is refused with the flags to use instead. Read only: Gigatron's torch_dist is
+written by dist/.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import torch
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.planner import LoadPlan
+
+from gigatron.core.checkpoint.dist.common import COMMON_FILENAME, Comm, process_rank
+from gigatron.core.checkpoint.dist.load import ViewLoadPlanner, plan_reads
+from gigatron.core.checkpoint.dist.metadata import looks_like_megatron_torch_dist, read_dcp_metadata
+from gigatron.core.checkpoint.dist.sharding import ShardPiece, sharded_model_state
+from gigatron.core.checkpoint.io import CheckpointError, CorruptCheckpointError, safe_torch_load
+from gigatron.core.checkpoint.megatron_names import (
+    is_stacked_key,
+    split_layer_name,
+    stacked_candidates,
+    unstacked_name,
+)
+from gigatron.core.checkpoint.megatron_torch import OPTIMIZER_HINT, header_of, plain_args
+from gigatron.core.checkpoint.state import ModelState, TrainingState
+
+__all__ = ["NAME", "WRITES", "detect", "read_common", "read_args", "read_model", "save_training_state",
+           "load_training_state", "megatron_pieces"]
+
+NAME = "megatron_torch_dist"
+WRITES = False
+
+_OPTIMIZER_PREFIX = "optimizer."
+
+
+def detect(iter_dir: str) -> bool:
+    """A directory written by Megatron-Core's dist_checkpointing (metadata.json without our manifest)."""
+    return looks_like_megatron_torch_dist(iter_dir)
+
+
+def read_common(iter_dir: str) -> dict:
+    """common.pt (through the Megatron allow-list), its args made plain."""
+    path = os.path.join(iter_dir, COMMON_FILENAME)
+    if not os.path.isfile(path):
+        raise CorruptCheckpointError(f"{iter_dir} has no {COMMON_FILENAME}: the Megatron-Core checkpoint is "
+                                     "incomplete or was not saved by Megatron-LM's training loop")
+    common = safe_torch_load(path, allow_namespace=True)
+    if not isinstance(common, dict):
+        raise CorruptCheckpointError(f"{path} holds a {type(common).__name__}, not Megatron's common state")
+    common = dict(common)
+    common["args"] = plain_args(common.get("args"))
+    return common
+
+
+def read_args(iter_dir: str, allow_namespace: bool = True) -> dict:
+    del allow_namespace
+    return read_common(iter_dir)["args"]
+
+
+def _model_entries(metadata) -> dict:
+    return {key: md for key, md in metadata.state_dict_metadata.items()
+            if isinstance(md, TensorStorageMetadata) and not key.startswith(_OPTIMIZER_PREFIX)}
+
+
+def _read(iter_dir: str, metadata, pieces: list[ShardPiece]) -> None:
+    """Read the boxes `pieces` describe (keys and offsets in Megatron's global tensors) in place."""
+    items, destinations, problems = plan_reads(pieces, metadata)
+    if problems:
+        raise CheckpointError(f"{iter_dir}: " + "; ".join(problems[:10]))
+    reader = FileSystemReader(os.path.abspath(iter_dir))
+    reader.set_up_storage_reader(metadata, process_rank() == 0, rank=process_rank(), use_collectives=False)
+    plan = reader.prepare_local_plan(LoadPlan(items))
+    try:
+        with torch.no_grad():
+            reader.read_data(plan, ViewLoadPlanner(destinations)).wait()
+    except Exception as exc:
+        files = sorted({reader.storage_data[i.storage_index].relative_path for i in items})
+        raise CorruptCheckpointError(f"reading {iter_dir} ({', '.join(files[:8])}) failed: "
+                                     f"{type(exc).__name__}: {exc}") from exc
+
+
+def read_model(iter_dir: str, allow_namespace: bool = True) -> ModelState:
+    """The model tensors, whole, under our names (stacked layers split, fused norms renamed)."""
+    del allow_namespace
+    common = read_common(iter_dir)
+    metadata = read_dcp_metadata(iter_dir)
+    whole, pieces = {}, []
+    for key, md in _model_entries(metadata).items():
+        whole[key] = torch.empty(tuple(md.size), dtype=md.properties.dtype)
+        pieces.append(ShardPiece(key, whole[key], tuple(md.size), (0,) * len(md.size)))
+    _read(iter_dir, metadata, pieces)
+    tensors = {}
+    for key, tensor in whole.items():
+        if is_stacked_key(key):
+            for layer in range(tensor.shape[0]):
+                tensors[unstacked_name(key, layer)] = tensor[layer].clone()
+        else:
+            tensors[key] = tensor
+    if "embedding.word_embeddings.weight" not in tensors:
+        raise CheckpointError(f"{iter_dir} holds no embedding.word_embeddings.weight; it is not a GPT checkpoint")
+    release = os.path.basename(os.path.normpath(iter_dir)) == "release"
+    return ModelState(args=common["args"], tensors=tensors,
+                      iteration=None if release else int(common.get("iteration") or 0), path=iter_dir,
+                      dtype=tensors["embedding.word_embeddings.weight"].dtype)
+
+
+def save_training_state(root: str, iteration: int, model_chunks, optimizer, groups, header: dict, **kwargs) -> str:
+    raise CheckpointError("megatron_torch_dist is read-only here: Gigatron saves --ckpt-format torch_dist in its own "
+                          "layout (gigatron/core/checkpoint/dist)")
+
+
+def megatron_pieces(pieces: list[ShardPiece], entries: dict) -> tuple[list[ShardPiece], list[str]]:
+    """Our chunks (global names) as chunks of Megatron-Core's keys: a layer parameter becomes a
+    [1, ...] box of the stacked key at the layer's offset. Returns (pieces, problems)."""
+    mapped, problems = [], []
+    for piece in pieces:
+        split = split_layer_name(piece.key)
+        if split is None:
+            mapped.append(piece)
+            continue
+        layer, suffix = split
+        key = next((k for k in stacked_candidates(suffix) if k in entries), None)
+        if key is None:
+            problems.append(f"missing from checkpoint: {piece.key} (Megatron key {stacked_candidates(suffix)[0]})")
+            continue
+        layers = int(entries[key].size[0])
+        if layer >= layers:
+            problems.append(f"{piece.key}: the checkpoint holds {layers} layers")
+            continue
+        mapped.append(ShardPiece(key, piece.tensor.unsqueeze(0), (layers, *piece.global_shape),
+                                 (layer, *piece.global_offsets), piece.write, piece.vocab))
+    return mapped, problems
+
+
+def load_training_state(iter_dir: str, model_chunks: Sequence[torch.nn.Module], optimizer, groups, *,
+                        strict: bool = True) -> TrainingState:
+    """Load the weights into the model chunks at this run's layout (collective); header and schedule
+    from common.pt. `optimizer` must be None."""
+    if optimizer is not None:
+        raise CheckpointError(f"{iter_dir} was written by Megatron-Core, whose optimizer state Gigatron does not "
+                              f"read yet: {OPTIMIZER_HINT}")
+    common = read_common(iter_dir)
+    metadata = read_dcp_metadata(iter_dir)
+    entries = _model_entries(metadata)
+    pieces, problems = megatron_pieces(sharded_model_state(model_chunks, groups), entries)
+    if strict:
+        used = {(p.key, p.global_offsets[0] if is_stacked_key(p.key) else 0) for p in pieces}
+        everywhere = set().union(*[set(u) for u in Comm().all_gather_object(sorted(used))])
+        unused = sorted(key for key, md in entries.items()
+                        if any((key, i) not in everywhere for i in range(int(md.size[0]) if is_stacked_key(key) else 1)))
+        if unused and groups.rank == 0:
+            problems.append(f"not in the model (or not every layer of it): {unused[:8]}")
+    gathered = Comm().all_gather_object(problems)
+    merged = [p for ps in gathered for p in ps]
+    if merged:
+        raise CheckpointError(f"Megatron-Core checkpoint {iter_dir} does not fit this model (check the model flags, "
+                              "or use --use-checkpoint-args): " + "; ".join(merged[:10]))
+    _read(iter_dir, metadata, pieces)
+    header = header_of(common, common["args"])
+    return TrainingState(header=header, path=iter_dir, optimizer_loaded=False,
+                         scheduler_state=common.get("opt_param_scheduler"), rng_state=None,
+                         rng_missing=f"{iter_dir} (Megatron-Core torch_dist): the random number generators are not "
+                                     "restored", rng_missing_is_error=False)
