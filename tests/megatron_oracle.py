@@ -260,8 +260,17 @@ def _main(argv=None) -> None:
         _write_reference(opts.root, toks, logits(model, toks))
     elif opts.command == "write-dist":
         model = build_model(opts.kind, num_layers=opts.layers, seed=1234 + rank, pre_process=pre, post_process=post)
+        from megatron.core.dist_checkpointing.mapping import ShardedObject
+
         state = _sharded_common(args, opts.iteration)
         state["model"] = model.sharded_state_dict()
+        # Megatron-LM's training loop stores each (pp, tp) rank's RNG states as one ShardedObject.
+        torch.manual_seed(1000 + rank)
+        state["rng_state"] = ShardedObject(
+            "rng_state", [rng_state()], (opts.pp, opts.tp),
+            (parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_tensor_model_parallel_rank()),
+            replica_id=parallel_state.get_data_parallel_rank())
+        torch.save(rng_state()["torch_rng_state"], os.path.join(opts.root, f"torch_rng_rank{rank}.pt"))
         save_dist(state, iter_dir)
         if rank == 0:
             write_tracker(opts.root, opts.iteration)

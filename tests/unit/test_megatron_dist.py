@@ -86,6 +86,24 @@ def test_load_checkpoint_matches_megatron_logits(megatron_ckpt):
         load_checkpoint(str(root), [model], object(), None, ParallelGroups.single())
 
 
+def test_load_restores_megatron_rng_state_at_the_writers_layout(megatron_ckpt):
+    """Megatron-LM's rng_state ShardedObject (a pickled list with numpy arrays) is restored."""
+    from gigatron.core.models.gpt import GPTModel
+    from gigatron.core.parallel.groups import ParallelGroups
+    from gigatron.training.checkpointing import load_checkpoint
+
+    root, _ = megatron_ckpt
+    args = formats.read_args(str(root))
+    if (args["tensor_model_parallel_size"], args["pipeline_model_parallel_size"]) != (1, 1):
+        pytest.skip("RNG states are restored at the writer's layout only")
+    template = gigatron.from_pretrained(root)
+    model = GPTModel(template.config, ParallelGroups.single(), template.padded_vocab_size, seed=42)
+    torch.manual_seed(0)
+    load_checkpoint(str(root), [model], None, None, ParallelGroups.single(), load_optim=False)
+    saved = torch.load(os.path.join(root, "torch_rng_rank0.pt"), weights_only=True)
+    assert torch.equal(torch.get_rng_state(), saved)
+
+
 def test_convert_loader_core(megatron_ckpt, tmp_path):
     root, kind = megatron_ckpt
     if kind != "llama":
@@ -143,3 +161,20 @@ def test_poisoned_files_are_refused_and_run_nothing(megatron_ckpt, tmp_path, poi
     with pytest.raises(CheckpointError):
         formats.read_args(str(copy)) if poisoned == "common.pt" else formats.read_model(str(copy))
     assert not marker.exists()
+
+
+def test_pretrain_gpt_resumes_a_megatron_core_run(megatron_ckpt, tmp_path):
+    root, kind = megatron_ckpt
+    args = formats.read_args(str(root))
+    if kind != "gpt" or args["pipeline_model_parallel_size"] != 1:
+        pytest.skip("one end-to-end run is enough")
+    out = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "pretrain_gpt.py"), "--load", str(root), "--use-checkpoint-args",
+         "--no-load-optim", "--micro-batch-size", "2", "--global-batch-size", "8", "--train-iters", "6",
+         "--mock-data", "--lr", "1e-4", "--eval-iters", "0", "--attention-dropout", "0", "--hidden-dropout", "0",
+         "--distributed-backend", "gloo", "--use-cpu-initialization", "--log-interval", "1",
+         "--data-cache-path", str(tmp_path / "cache")],
+        capture_output=True, text=True, timeout=300, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    log = out.stdout + out.stderr
+    assert "iteration        6/       6" in log and "iteration        5/" not in log

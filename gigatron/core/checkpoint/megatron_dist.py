@@ -10,20 +10,24 @@ Megatron-LM's default --ckpt-format), read as they are.
 Keys are Megatron-Core's (megatron_names.py: decoder layers stacked under one key with a leading
 layer axis, fused-norm names). `.metadata` is read with dist/metadata.py's allow-list unpickler,
 common.pt with megatron_pickle.py's allow-list, and only tensor entries of the data files are
-read (weights-only); byte entries (Transformer Engine's `_extra_state`, Megatron's pickled
-ShardedObjects) are never unpickled. Megatron writes no checksums, so there are none to check.
+read (weights-only) through PyTorch's reader; byte entries (Transformer Engine's `_extra_state`,
+Megatron's pickled ShardedObjects) never go through it: the one byte entry used, the RNG state, is
+read by offset and unpickled with the Megatron allow-list. Megatron writes no checksums, so there are none to check.
 
 `read_model` reads the model tensors whole (from_pretrained, convert.py --loader core). `--load`
 (`load_training_state`) plans, for each chunk of each parameter this rank holds (dist/sharding.py,
 at ANY tensor/pipeline layout), the read of the matching box of Megatron's global tensor — the
 layer number becomes an offset along the stacked axis — and reads only those. The iteration,
-consumed samples (in args), FLOPs counter and learning-rate schedule come from common.pt; the
-optimizer state is refused with the flags to use instead. Read only: Gigatron's torch_dist is
+consumed samples (in args), FLOPs counter and learning-rate schedule come from common.pt, and at
+the writer's tp/pp this rank's RNG state from Megatron's `rng_state` ShardedObject (its bytes
+entry read directly and unpickled through the Megatron allow-list); the optimizer state is
+refused with the flags to use instead. Read only: Gigatron's torch_dist is
 written by dist/.
 """
 
 from __future__ import annotations
 
+import io
 import os
 from typing import Sequence
 
@@ -36,6 +40,7 @@ from gigatron.core.checkpoint.dist.common import COMMON_FILENAME, Comm, process_
 from gigatron.core.checkpoint.dist.load import ViewLoadPlanner, plan_reads
 from gigatron.core.checkpoint.dist.metadata import looks_like_megatron_torch_dist, read_dcp_metadata
 from gigatron.core.checkpoint.dist.sharding import ShardPiece, sharded_model_state
+from gigatron.core.checkpoint.foreign import rng_state_from_megatron
 from gigatron.core.checkpoint.io import CheckpointError, CorruptCheckpointError, safe_torch_load
 from gigatron.core.checkpoint.megatron_names import (
     is_stacked_key,
@@ -179,7 +184,40 @@ def load_training_state(iter_dir: str, model_chunks: Sequence[torch.nn.Module], 
                               "or use --use-checkpoint-args): " + "; ".join(merged[:10]))
     _read(iter_dir, metadata, pieces)
     header = header_of(common, common["args"])
+    rng_state, missing = _rng_state(iter_dir, metadata, common["args"], groups)
     return TrainingState(header=header, path=iter_dir, optimizer_loaded=False,
-                         scheduler_state=common.get("opt_param_scheduler"), rng_state=None,
-                         rng_missing=f"{iter_dir} (Megatron-Core torch_dist): the random number generators are not "
-                                     "restored", rng_missing_is_error=False)
+                         scheduler_state=common.get("opt_param_scheduler"), rng_state=rng_state,
+                         rng_missing=missing, rng_missing_is_error=False)
+
+
+def _read_object(iter_dir: str, metadata, key: str):
+    """A ShardedObject's value: its bytes entry read from the data file (checked to lie inside it),
+    then unpickled through the Megatron allow-list (never PyTorch's unrestricted byte loading)."""
+    index = next((i for i in metadata.storage_data if i.fqn == key), None)
+    if index is None:
+        return None
+    info = metadata.storage_data[index]
+    path = os.path.join(iter_dir, info.relative_path)
+    if not os.path.isfile(path) or info.offset < 0 or info.offset + info.length > os.path.getsize(path):
+        raise CorruptCheckpointError(f"{path} does not hold the {info.length} bytes of {key} at offset {info.offset}")
+    with open(path, "rb") as handle:
+        handle.seek(info.offset)
+        data = handle.read(info.length)
+    value = safe_torch_load(io.BytesIO(data), allow_namespace=True)
+    if not isinstance(value, list) or len(value) != 1:  # Megatron stores [object] per entry
+        raise CorruptCheckpointError(f"{path}: the entry {key} does not hold one Megatron ShardedObject")
+    return value[0]
+
+
+def _rng_state(iter_dir: str, metadata, args: dict, groups):
+    """(this rank's RNG state in our form, or None; why not). Megatron-LM stores each (pp, tp)
+    rank's list of data-parallel RNG states as the ShardedObject `rng_state`."""
+    saved = (int(args.get("pipeline_model_parallel_size") or 1), int(args.get("tensor_model_parallel_size") or 1))
+    if saved != (groups.pp.size, groups.tp.size):
+        return None, (f"{iter_dir} was saved at tensor/pipeline parallel size {saved[1]}/{saved[0]}, this run uses "
+                      f"{groups.tp.size}/{groups.pp.size}: the random number generators are not restored")
+    key = f"rng_state/shard_{groups.pp.rank}.{groups.tp.rank}_{saved[0]}.{saved[1]}"
+    states = _read_object(iter_dir, metadata, key)
+    if not states:
+        return None, f"{iter_dir} holds no RNG state for this rank ({key}; saved with --no-save-rng?)"
+    return rng_state_from_megatron(states[groups.dp.rank] if groups.dp.rank < len(states) else states[0]), None
