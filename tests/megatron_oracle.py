@@ -9,6 +9,7 @@ into the test process (it would hide exactly the refusals the tests check). Test
 
     python tests/megatron_oracle.py write-torch --kind gpt --root DIR --iteration 5
     python tests/megatron_oracle.py write-dist --kind llama --root DIR --tp 2 --pp 1  (tp*pp processes)
+    python tests/megatron_oracle.py write-legacy --root DIR --release --version 0 --tp 2
     python tests/megatron_oracle.py logits --kind llama --root DIR    (Megatron loads DIR at tp=pp=1)
 
 Every command writes DIR/reference.pt: {"tokens", "logits"} (fp32, Megatron-Core's forward).
@@ -227,13 +228,68 @@ def _sharded_common(args: argparse.Namespace, iteration: int) -> dict:
             "num_floating_point_operations_so_far": 123.0}
 
 
+# Megatron-LM's documented pre-Megatron-Core names for the layers (megatron/model/transformer.py)
+# and Megatron-Core's local-spec names of the same weights; the legacy fixtures are written from these.
+LEGACY_LAYER = {
+    "input_layernorm": "input_layernorm", "self_attention.linear_qkv": "self_attention.query_key_value",
+    "self_attention.linear_proj": "self_attention.dense", "pre_mlp_layernorm": "post_attention_layernorm",
+    "mlp.linear_fc1": "mlp.dense_h_to_4h", "mlp.linear_fc2": "mlp.dense_4h_to_h",
+}
+# Tensor-parallel split of Megatron's column-parallel (dim 0) and row-parallel (dim 1) weights.
+ROW_PARALLEL = ("self_attention.dense.weight", "mlp.dense_4h_to_h.weight")
+COLUMN_PARALLEL = ("query_key_value", "dense_h_to_4h", "word_embeddings", "output_layer")
+
+
+def legacy_rank_files(model, args: argparse.Namespace, tp: int, version: float, heads: int) -> list:
+    """The `model` entry of each tensor-parallel rank of a legacy (pre-Megatron-Core) GPT
+    checkpoint holding the Megatron-Core model's weights, at checkpoint_version `version`."""
+    ranks = [{"language_model": {"embedding": {}, "encoder": {}}} for _ in range(tp)]
+    head_dim = args.hidden_size // heads
+    for name, tensor in model.state_dict().items():
+        if name.endswith("_extra_state"):
+            continue
+        if name.startswith("decoder.layers."):
+            layer, rest = name[len("decoder.layers."):].split(".", 1)
+            module, leaf = rest.rsplit(".", 1)
+            legacy, where = f"layers.{layer}.{LEGACY_LAYER[module]}.{leaf}", "encoder"
+        elif name.startswith("decoder.final_layernorm."):
+            legacy, where = "final_layernorm." + name.rsplit(".", 1)[1], "encoder"
+        elif name.startswith("embedding."):
+            legacy, where = name[len("embedding."):], "embedding"
+        elif name == "output_layer.weight":
+            legacy, where = "weight", "output_layer"
+        else:
+            raise KeyError(name)
+        if any(c in legacy or c == where for c in COLUMN_PARALLEL) and not legacy.startswith("position"):
+            shards = list(tensor.chunk(tp, dim=0))
+        elif any(legacy.endswith(r) for r in ROW_PARALLEL):
+            shards = list(tensor.chunk(tp, dim=1))
+        else:
+            shards = [tensor] * tp
+        for rank, shard in enumerate(shards):
+            if "query_key_value" in legacy and version < 2.0:
+                rest = tuple(shard.shape[1:])
+                per_head = shard.reshape(-1, 3, head_dim, *rest)  # [heads][q, k, v][head_dim]
+                order = (1, 0, 2) if version < 1.0 else (0, 2, 1)  # v0: [3][heads][d]; v1: [heads][d][3]
+                shard = per_head.permute(*order, *range(3, 3 + len(rest))).reshape(shard.shape)
+            target = ranks[rank]["language_model"]
+            if where == "embedding":
+                module, leaf = legacy.rsplit(".", 1)
+                target["embedding"].setdefault(module, {})[leaf] = shard.clone()
+            else:
+                target.setdefault(where, {})[legacy] = shard.clone()
+    return ranks
+
+
 def _write_reference(root: str, toks: torch.Tensor, out: torch.Tensor) -> None:
     torch.save({"tokens": toks, "logits": out.detach().float()}, os.path.join(root, "reference.pt"))
 
 
 def _main(argv=None) -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("command", choices=["write-torch", "write-dist", "logits"])
+    parser.add_argument("command", choices=["write-torch", "write-dist", "write-legacy", "logits"])
+    parser.add_argument("--version", type=float, default=3.0, help="write-legacy: checkpoint_version")
+    parser.add_argument("--release", action="store_true", help="write-legacy: release/ and tracker 'release'")
     parser.add_argument("--kind", default="gpt", choices=sorted(OPTIONS))
     parser.add_argument("--root", required=True)
     parser.add_argument("--iteration", type=int, default=5)
@@ -243,7 +299,8 @@ def _main(argv=None) -> None:
     parser.add_argument("--port", type=int, default=29650)
     opts = parser.parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
-    init_parallel(opts.tp, opts.pp, opts.port)
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    init_parallel(opts.tp if processes > 1 else 1, opts.pp if processes > 1 else 1, opts.port)
     from megatron.core import parallel_state
 
     pre = parallel_state.is_pipeline_first_stage()
@@ -256,6 +313,18 @@ def _main(argv=None) -> None:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         torch.save(torch_state(model, args, opts.iteration), path)
         write_tracker(opts.root, opts.iteration)
+        toks = tokens()
+        _write_reference(opts.root, toks, logits(model, toks))
+    elif opts.command == "write-legacy":  # one process; tensor-parallel files split here
+        model = build_model(opts.kind, num_layers=opts.layers)
+        args = megatron_args(opts.kind, num_layers=opts.layers, tp=opts.tp, iteration=opts.iteration)
+        directory = os.path.join(opts.root, "release" if opts.release else f"iter_{opts.iteration:07d}")
+        for rank, state in enumerate(legacy_rank_files(model, args, opts.tp, opts.version, 4)):
+            path = os.path.join(directory, f"mp_rank_{rank:02d}", "model_optim_rng.pt")
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            torch.save({"args": args, "checkpoint_version": opts.version, "iteration": opts.iteration,
+                        "model": state}, path)
+        write_tracker(opts.root, "release" if opts.release else opts.iteration)
         toks = tokens()
         _write_reference(opts.root, toks, logits(model, toks))
     elif opts.command == "write-dist":

@@ -30,7 +30,7 @@ from types import ModuleType
 from typing import Optional
 
 from gigatron.core.checkpoint import dist as torch_dist
-from gigatron.core.checkpoint import megatron_dist, megatron_torch
+from gigatron.core.checkpoint import legacy, megatron_dist, megatron_torch
 from gigatron.core.checkpoint import torch_layout
 from gigatron.core.checkpoint.io import CheckpointError
 from gigatron.core.checkpoint.paths import TRACKER_FILENAME, resolve_checkpoint_dir
@@ -52,6 +52,7 @@ __all__ = [
 FORMATS: dict[str, ModuleType] = {
     megatron_dist.NAME: megatron_dist,  # Megatron-Core's own torch_dist (ours has a checksum manifest)
     torch_dist.NAME: torch_dist,
+    legacy.NAME: legacy,  # pre-Megatron-Core names, in the torch rank-file layout (checked first)
     megatron_torch.NAME: megatron_torch,  # before torch: the same rank-file layout, written by Megatron-LM
     torch_layout.NAME: torch_layout,
 }

@@ -64,3 +64,121 @@ def stacked_candidates(suffix: str) -> list[str]:
     if suffix in FUSED_NORMS:
         keys.insert(0, STACKED_PREFIX + FUSED_NORMS[suffix])
     return keys
+
+
+# ------------------------------------------------------------------ pre-Megatron-Core ("legacy") names
+#
+# Megatron-LM before Megatron-Core (megatron/model/, the published 345M GPT and BERT checkpoints)
+# saves a nested state dict; flattened with dots, a GPT rank file's `model` holds
+#
+#   language_model.embedding.word_embeddings.weight        embedding.word_embeddings.weight
+#   language_model.embedding.position_embeddings.weight    embedding.position_embeddings.weight
+#   language_model.encoder.layers.{i}.                     decoder.layers.{i}.   (older: .transformer.)
+#       input_layernorm.{weight,bias}                          input_layernorm.*
+#       self_attention.query_key_value.{weight,bias}           self_attention.linear_qkv.*  (older: attention.)
+#       self_attention.dense.{weight,bias}                     self_attention.linear_proj.*
+#       post_attention_layernorm.{weight,bias}                 pre_mlp_layernorm.*
+#       mlp.dense_h_to_4h.{weight,bias}                        mlp.linear_fc1.*
+#       mlp.dense_4h_to_h.{weight,bias}                        mlp.linear_fc2.*
+#   language_model.encoder.final_layernorm.{weight,bias}   decoder.final_layernorm.*
+#   language_model.output_layer.weight                     output_layer.weight  (untied)
+#   word_embeddings_for_head.weight                        output_layer.weight  (tied copy, last stage)
+#
+# The fused QKV rows are per head [q; k; v] (per query group with GQA) from checkpoint_version 2.0
+# on, which is Megatron-Core's layout; version 0 stored [all q; all k; all v] and version 1.0
+# [head][head dim][q, k, v] (legacy_qkv_to_ours reorders both).
+
+LEGACY_LAYER_NAMES = {
+    "input_layernorm": "input_layernorm",
+    "self_attention.query_key_value": "self_attention.linear_qkv",
+    "attention.query_key_value": "self_attention.linear_qkv",
+    "self_attention.dense": "self_attention.linear_proj",
+    "attention.dense": "self_attention.linear_proj",
+    "post_attention_layernorm": "pre_mlp_layernorm",
+    "mlp.dense_h_to_4h": "mlp.linear_fc1",
+    "mlp.dense_4h_to_h": "mlp.linear_fc2",
+}
+OUR_LAYER_NAMES = {ours: legacy for legacy, ours in LEGACY_LAYER_NAMES.items()
+                   if not legacy.startswith("attention.")}
+_LEGACY_LAYER = re.compile(r"^language_model\.(?:encoder|transformer)\.layers\.(\d+)\.(.+)\.(weight|bias)$")
+_LEGACY_OTHER = {
+    "language_model.embedding.word_embeddings.weight": "embedding.word_embeddings.weight",
+    "language_model.embedding.position_embeddings.weight": "embedding.position_embeddings.weight",
+    "language_model.encoder.final_layernorm.weight": "decoder.final_layernorm.weight",
+    "language_model.encoder.final_layernorm.bias": "decoder.final_layernorm.bias",
+    "language_model.transformer.final_layernorm.weight": "decoder.final_layernorm.weight",
+    "language_model.transformer.final_layernorm.bias": "decoder.final_layernorm.bias",
+    "language_model.output_layer.weight": "output_layer.weight",
+    "word_embeddings_for_head.weight": "output_layer.weight",
+}
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """A nested state dict as {dotted name: value}."""
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def legacy_to_ours(name: str) -> Optional[str]:
+    """Our name for a flattened legacy name, or None if it is not a GPT weight we know."""
+    if name in _LEGACY_OTHER:
+        return _LEGACY_OTHER[name]
+    match = _LEGACY_LAYER.match(name)
+    if match and match.group(2) in LEGACY_LAYER_NAMES:
+        return f"decoder.layers.{match.group(1)}.{LEGACY_LAYER_NAMES[match.group(2)]}.{match.group(3)}"
+    return None
+
+
+def ours_to_legacy(name: str, tied_head: bool = False) -> str:
+    """The flattened legacy name of one of our (stage-local) names. `tied_head`: the last stage's
+    copy of a tied embedding (`word_embeddings_for_head.weight`)."""
+    if name == "output_layer.weight" and tied_head:
+        return "word_embeddings_for_head.weight"
+    for legacy, ours in _LEGACY_OTHER.items():
+        if ours == name and ".transformer." not in legacy and not legacy.startswith("word_embeddings_for_head"):
+            return legacy
+    split = split_layer_name(name)
+    if split is not None:
+        layer, suffix = split
+        module, _, leaf = suffix.rpartition(".")
+        if module in OUR_LAYER_NAMES:
+            return f"language_model.encoder.layers.{layer}.{OUR_LAYER_NAMES[module]}.{leaf}"
+    raise KeyError(f"{name} has no pre-Megatron-Core (legacy) name")
+
+
+def nest(flat: dict) -> dict:
+    """{dotted name: value} as the nested dict legacy Megatron-LM saves: the language model's
+    `embedding` as `{word_embeddings: {weight}}`, `encoder` and `output_layer` as flat state dicts."""
+    tree: dict = {}
+    for name, value in flat.items():
+        if name.startswith("language_model.embedding."):
+            module, leaf = name[len("language_model.embedding."):].rsplit(".", 1)
+            tree.setdefault("language_model", {}).setdefault("embedding", {}).setdefault(module, {})[leaf] = value
+        elif name.startswith("language_model."):
+            part, rest = name[len("language_model."):].split(".", 1)
+            tree.setdefault("language_model", {}).setdefault(part, {})[rest] = value
+        else:
+            part, rest = name.split(".", 1)
+            tree.setdefault(part, {})[rest] = value
+    return tree
+
+
+def legacy_qkv_to_ours(tensor, version: float, head_dim: int):
+    """A rank's fused QKV weight or bias of checkpoint_version `version` in the per-head [q; k; v]
+    row order (versions >= 2.0 already are)."""
+    if version >= 2.0:
+        return tensor
+    rows = tensor.shape[0]
+    heads = rows // (3 * head_dim)
+    rest = tuple(tensor.shape[1:])
+    if version < 1.0:  # [3][heads][head_dim] -> [heads][3][head_dim]
+        ordered = tensor.reshape(3, heads, head_dim, *rest).transpose(0, 1)
+    else:  # [heads][head_dim][3] -> [heads][3][head_dim]
+        ordered = tensor.reshape(heads, head_dim, 3, *rest).transpose(1, 2)
+    return ordered.reshape(rows, *rest).contiguous()

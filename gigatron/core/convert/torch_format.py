@@ -20,7 +20,7 @@ import json
 import os
 import re
 import shutil
-from typing import Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -360,15 +360,17 @@ def split_for_ep(state: Dict[str, torch.Tensor], ep: int, num_experts: int) -> L
 
 def save_torch_checkpoint(messages: Iterable[Message], save_dir: str, target_tp: int = 1, target_pp: int = 1,
                           checking: bool = True, make_vocab_size_divisible_by: Optional[int] = None,
-                          params_dtype: Optional[torch.dtype] = None, target_ep: int = 1) -> str:
+                          params_dtype: Optional[torch.dtype] = None, target_ep: int = 1,
+                          file_content: Optional[Callable[[dict, dict, dict], dict]] = None) -> str:
     """Write the model of a message stream as a `torch`-format checkpoint at (target_tp, target_pp),
     and for a mixture-of-experts model at expert-parallel size target_ep (each expert-parallel
     rank's files hold num_experts / target_ep experts; experts are split over the tensor-parallel
     ranks like the dense MLP).
 
     Stages are written as soon as their layers have arrived. The tokenizer files named by the
-    metadata are copied to `<save_dir>/tokenizer` and `args` points at them. Returns the iteration
-    directory."""
+    metadata are copied to `<save_dir>/tokenizer` and `args` points at them. `file_content(header,
+    state_dict, metadata)` builds a rank file's content (default: the header plus `model`; the
+    legacy saver gives Megatron's pre-Megatron-Core layout). Returns the iteration directory."""
     reader = MessageReader(messages, checking)
     md = dict(reader.md)
     if make_vocab_size_divisible_by is not None:
@@ -419,7 +421,9 @@ def save_torch_checkpoint(messages: Iterable[Message], save_dir: str, target_tp:
             for ep_rank, state_dict in enumerate(split_for_ep(tp_state, target_ep, num_experts)):
                 relative = os.path.join(torch_layout.rank_dir_name(tp_rank, pp_rank, target_pp, ep_rank, target_ep),
                                         torch_layout.MODEL_FILENAME)
-                name, record = torch_layout.write_rank_file(iter_dir, relative, dict(header, model=state_dict))
+                content = (dict(header, model=state_dict) if file_content is None
+                           else file_content(header, state_dict, md))
+                name, record = torch_layout.write_rank_file(iter_dir, relative, content)
                 records[name] = record
 
     buffer: Dict[str, torch.Tensor] = {}
