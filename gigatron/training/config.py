@@ -186,6 +186,11 @@ class CheckpointConfig:
     data-parallel layout; per-file checksums) or torch (one file per model-parallel rank, Megatron's
     legacy layout). A load detects the format of the directory it finds."""
 
+    auto_detect_ckpt_format: bool = False
+    """Determine the format of the checkpoint in --load from its files (Gigatron always does:
+    torch, torch_dist, and Megatron-LM's own torch, Megatron-Core torch_dist and pre-Megatron-Core
+    legacy checkpoints are told apart and read); saves keep --ckpt-format."""
+
     async_save: bool = False
     """Write torch_dist checkpoints in the background: the state is copied to host memory, training
     goes on, and the tracker file is updated once every rank has written its files."""

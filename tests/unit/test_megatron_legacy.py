@@ -140,5 +140,5 @@ def test_unknown_legacy_names_are_named(tmp_path):
                 "checkpoint_version": 3.0,
                 "model": {"language_model": {"embedding": {"word_embeddings": {"weight": torch.zeros(8, 4)}}},
                           "lm_head": {"bias": torch.zeros(8)}}}, iter_dir / "model_optim_rng.pt")
-    with pytest.raises(CheckpointError, match="lm_head.bias.*--model-type BERT"):
+    with pytest.raises(CheckpointError, match="lm_head.bias.*BERT checkpoint"):
         formats.read_model(str(tmp_path))

@@ -94,6 +94,11 @@ def describe_unreadable(path: str) -> str:
     if is_hf_folder(path):
         return (f"{path} is a HuggingFace model folder, not a Megatron checkpoint: gigatron.from_pretrained reads it "
                 f"as it is; to train from it, convert it first: {_convert_hint(path, 'hf')}")
+    backend = _sharded_backend(path)
+    if backend is not None and backend != "torch_dist":
+        return (f"{path} was written by Megatron-Core's dist_checkpointing with the {backend} backend "
+                f"(--ckpt-format {backend}), which Gigatron does not read: re-save it with Megatron-LM as torch_dist "
+                "(--ckpt-convert-format torch_dist --ckpt-convert-save DIR) and load DIR/torch_dist")
     if os.path.isfile(os.path.join(path, ".zarray")) or any(n.endswith(".zarr") for n in names):
         return (f"{path} looks like a zarr checkpoint (Megatron's deprecated --ckpt-format zarr), which Gigatron "
                 "does not read; save it as torch or torch_dist with Megatron-LM first")
@@ -109,6 +114,19 @@ def describe_unreadable(path: str) -> str:
                 "iter_NNNNNNN / release directory")
     return (f"{path} is neither a checkpoint directory with {TRACKER_FILENAME} nor an iter_NNNNNNN / release "
             f"directory of a format Gigatron reads ({', '.join(FORMATS)}); it holds {names[:10]}")
+
+
+def _sharded_backend(path: str) -> Optional[str]:
+    """The `sharded_backend` named by Megatron-Core's metadata.json in `path`, if any."""
+    import json
+
+    try:
+        with open(os.path.join(path, "metadata.json"), encoding="utf-8") as handle:
+            record = json.load(handle)
+    except (OSError, ValueError):
+        return None
+    backend = record.get("sharded_backend") if isinstance(record, dict) else None
+    return backend if isinstance(backend, str) else None
 
 
 def detect_format(iter_dir: str) -> ModuleType:

@@ -70,7 +70,7 @@ def to_our_names(state: dict, path: str) -> dict:
         model[ours] = value
     if unknown:
         raise CheckpointError(f"{path} holds legacy names that are not a GPT model's: {unknown[:8]}"
-                              + (" (a BERT checkpoint: convert it with --model-type BERT)"
+                              + (" (a BERT checkpoint: the legacy layout is read for GPT models only)"
                                  if any(n.startswith(("lm_head", "binary_head")) or ".pooler." in n for n in unknown)
                                  else ""))
     state["model"] = model

@@ -84,9 +84,16 @@ def read_args(iter_dir: str, allow_namespace: bool = True) -> dict:
     return read_common(iter_dir)["args"]
 
 
-def _model_entries(metadata) -> dict:
-    return {key: md for key, md in metadata.state_dict_metadata.items()
-            if isinstance(md, TensorStorageMetadata) and not key.startswith(_OPTIMIZER_PREFIX)}
+def _model_entries(metadata, iter_dir: str = "") -> dict:
+    entries = {key: md for key, md in metadata.state_dict_metadata.items()
+               if isinstance(md, TensorStorageMetadata) and not key.startswith(_OPTIMIZER_PREFIX)}
+    experts = sorted(key for key in entries if ".mlp.experts." in key or ".mlp.router." in key)
+    if experts:
+        raise CheckpointError(f"{iter_dir} is a Megatron-Core mixture-of-experts checkpoint ({experts[0]}, ...), whose "
+                              "expert layout Gigatron does not read from torch_dist yet: save it with Megatron-LM as "
+                              "--ckpt-format torch without --moe-grouped-gemm (--ckpt-convert-format torch "
+                              "--ckpt-convert-save DIR) and load DIR/torch")
+    return entries
 
 
 def _read(iter_dir: str, metadata, pieces: list[ShardPiece]) -> None:
@@ -112,7 +119,7 @@ def read_model(iter_dir: str, allow_namespace: bool = True) -> ModelState:
     common = read_common(iter_dir)
     metadata = read_dcp_metadata(iter_dir)
     whole, pieces = {}, []
-    for key, md in _model_entries(metadata).items():
+    for key, md in _model_entries(metadata, iter_dir).items():
         whole[key] = torch.empty(tuple(md.size), dtype=md.properties.dtype)
         pieces.append(ShardPiece(key, whole[key], tuple(md.size), (0,) * len(md.size)))
     _read(iter_dir, metadata, pieces)
@@ -168,7 +175,7 @@ def load_training_state(iter_dir: str, model_chunks: Sequence[torch.nn.Module], 
                               f"read yet: {OPTIMIZER_HINT}")
     common = read_common(iter_dir)
     metadata = read_dcp_metadata(iter_dir)
-    entries = _model_entries(metadata)
+    entries = _model_entries(metadata, iter_dir)
     pieces, problems = megatron_pieces(sharded_model_state(model_chunks, groups), entries)
     if strict:
         used = {(p.key, p.global_offsets[0] if is_stacked_key(p.key) else 0) for p in pieces}
