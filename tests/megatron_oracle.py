@@ -10,7 +10,8 @@ into the test process (it would hide exactly the refusals the tests check). Test
     python tests/megatron_oracle.py write-torch --kind gpt --root DIR --iteration 5
     python tests/megatron_oracle.py write-dist --kind llama --root DIR --tp 2 --pp 1  (tp*pp processes)
     python tests/megatron_oracle.py write-legacy --root DIR --release --version 0 --tp 2
-    python tests/megatron_oracle.py logits --kind llama --root DIR    (Megatron loads DIR at tp=pp=1)
+    python tests/megatron_oracle.py logits --kind llama --root DIR    (Megatron loads DIR at tp=pp=1;
+                                                          with --tp 2 in two processes at tp=2)
 
 Every command writes DIR/reference.pt: {"tokens", "logits"} (fp32, Megatron-Core's forward).
 
@@ -297,6 +298,7 @@ def _main(argv=None) -> None:
     parser.add_argument("--pp", type=int, default=1)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--port", type=int, default=29650)
+    parser.add_argument("--iter-dir", default=None, help="logits: the iteration directory to load")
     opts = parser.parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
     processes = int(os.environ.get("WORLD_SIZE", "1"))
@@ -339,19 +341,29 @@ def _main(argv=None) -> None:
             "rng_state", [rng_state()], (opts.pp, opts.tp),
             (parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_tensor_model_parallel_rank()),
             replica_id=parallel_state.get_data_parallel_rank())
+        os.makedirs(opts.root, exist_ok=True)
         torch.save(rng_state()["torch_rng_state"], os.path.join(opts.root, f"torch_rng_rank{rank}.pt"))
         save_dist(state, iter_dir)
         if rank == 0:
             write_tracker(opts.root, opts.iteration)
-    else:  # logits: Megatron-Core loads the torch_dist checkpoint at tp = pp = 1
+    else:  # logits: Megatron-Core loads the torch_dist checkpoint at tp (pp = 1) and runs its forward
         from megatron.core import dist_checkpointing
 
         model = build_model(opts.kind, num_layers=opts.layers, seed=99)
         with cpu_only():
-            loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, iter_dir)
-        model.load_state_dict(loaded["model"], strict=False)
+            loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, opts.iter_dir or iter_dir)
+        model.load_state_dict(loaded["model"], strict=True)
         toks = tokens()
-        _write_reference(opts.root, toks, logits(model, toks))
+        out = logits(model, toks)
+        if parallel_state.get_tensor_model_parallel_world_size() > 1:  # vocab-parallel logits: gather
+            import torch.distributed as dist
+
+            group = parallel_state.get_tensor_model_parallel_group()
+            parts = [torch.empty_like(out) for _ in range(dist.get_world_size(group))]
+            dist.all_gather(parts, out.contiguous(), group=group)
+            out = torch.cat(parts, dim=-1)
+        if rank == 0:
+            _write_reference(opts.root, toks, out)
     destroy_parallel()
 
 

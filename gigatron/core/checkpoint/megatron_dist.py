@@ -21,15 +21,19 @@ layer number becomes an offset along the stacked axis — and reads only those. 
 consumed samples (in args), FLOPs counter and learning-rate schedule come from common.pt, and at
 the writer's tp/pp this rank's RNG state from Megatron's `rng_state` ShardedObject (its bytes
 entry read directly and unpickled through the Megatron allow-list); the optimizer state is
-refused with the flags to use instead. Read only: Gigatron's torch_dist is
-written by dist/.
+refused with the flags to use instead.
+
+Writing (`write_megatron_dist`, convert.py --saver megatron_dist): a model as Megatron-Core's own
+torch_dist, loadable by `megatron.core.dist_checkpointing.load` into its GPTModel: stacked keys,
+fused-norm names, the `_extra_state` objects its loader expects, common.pt with a Namespace `args`
+and Megatron's four-key metadata.json. Training saves Gigatron's own torch_dist (dist/).
 """
 
 from __future__ import annotations
 
 import io
 import os
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch.distributed.checkpoint import FileSystemReader
@@ -52,7 +56,7 @@ from gigatron.core.checkpoint.megatron_torch import OPTIMIZER_HINT, header_of, p
 from gigatron.core.checkpoint.state import ModelState, TrainingState
 
 __all__ = ["NAME", "WRITES", "detect", "read_common", "read_args", "read_model", "save_training_state",
-           "load_training_state", "megatron_pieces"]
+           "load_training_state", "megatron_pieces", "megatron_state", "write_megatron_dist", "MEGATRON_RECORD"]
 
 NAME = "megatron_torch_dist"
 WRITES = False
@@ -228,3 +232,84 @@ def _rng_state(iter_dir: str, metadata, args: dict, groups):
     if not states:
         return None, f"{iter_dir} holds no RNG state for this rank ({key}; saved with --no-save-rng?)"
     return rng_state_from_megatron(states[groups.dp.rank] if groups.dp.rank < len(states) else states[0]), None
+
+
+# ------------------------------------------------------------------ writing Megatron-Core's layout
+
+# Megatron-Core's GPT layers carry one `_extra_state` entry (Transformer Engine's FP8 metadata;
+# None without it) per linear module; its loader expects them as ShardedObjects.
+_EXTRA_STATE_MODULES = ("self_attention.linear_proj", "self_attention.linear_qkv", "mlp.linear_fc1",
+                        "mlp.linear_fc2")
+MEGATRON_RECORD = {"sharded_backend": "torch_dist", "sharded_backend_version": 1, "common_backend": "torch",
+                   "common_backend_version": 1}
+
+
+def megatron_state(tensors: dict, num_layers: int, tied: bool) -> dict:
+    """Our full tensors (global names) as Megatron-Core's torch_dist state: layer parameters stacked
+    under one key with the fused-norm names, a tied output layer left out, and the `_extra_state`
+    ShardedObjects Megatron's loader expects (`[None]`, stored as torch.save bytes, as it writes them)."""
+    from gigatron.core.checkpoint.megatron_names import FUSED_NORMS, STACKED_PREFIX
+
+    per_suffix: dict[str, dict[int, torch.Tensor]] = {}
+    state = {}
+    for name, tensor in tensors.items():
+        split = split_layer_name(name)
+        if split is None:
+            if name == "output_layer.weight" and tied:
+                continue
+            state[name] = tensor.contiguous()
+            continue
+        layer, suffix = split
+        if ".mlp.experts." in f".{suffix}" or suffix.startswith("mlp.router"):
+            raise CheckpointError("writing Megatron-Core's torch_dist layout of mixture-of-experts models is not "
+                                  "supported; save them as torch (--saver core)")
+        per_suffix.setdefault(suffix, {})[layer] = tensor
+    for suffix, layers in per_suffix.items():
+        if sorted(layers) != list(range(num_layers)):
+            raise CheckpointError(f"decoder.layers.*.{suffix} is present for layers {sorted(layers)}, not for all "
+                                  f"{num_layers}")
+        state[STACKED_PREFIX + FUSED_NORMS.get(suffix, suffix)] = torch.stack([layers[i] for i in range(num_layers)])
+    for module in _EXTRA_STATE_MODULES:
+        if any(s.startswith(module + ".") for s in per_suffix):
+            for layer in range(num_layers):  # PyTorch's writer stores a non-tensor value with torch.save
+                state[f"{STACKED_PREFIX}{module}._extra_state/shard_{layer}_{num_layers}"] = [None]
+    return state
+
+
+def write_megatron_dist(root: str, tensors: dict, args: dict, iteration: Optional[int]) -> str:
+    """Write a model (our full tensors, padded vocabulary) as Megatron-Core's torch_dist under
+    `root`: iter_N/ (release/ without an iteration) with the data file and `.metadata`, common.pt
+    (`args` as an argparse.Namespace of plain values, `iteration`, `checkpoint_version`), then
+    Megatron's metadata.json (its completeness marker) and the tracker last. One process."""
+    import argparse
+    import json
+    import shutil
+
+    from torch.distributed.checkpoint import FileSystemWriter
+    from torch.distributed.checkpoint import save as dcp_save
+
+    from gigatron.core.checkpoint.header import CHECKPOINT_VERSION
+    from gigatron.core.checkpoint.io import atomic_torch_save, atomic_write_text
+    from gigatron.core.checkpoint.paths import checkpoint_dir, write_tracker
+
+    iter_dir = checkpoint_dir(root, int(iteration or 0), release=iteration is None)
+    if os.path.exists(iter_dir) and os.listdir(iter_dir):
+        raise ValueError(f"{iter_dir} already exists and is not empty; choose an empty --save-dir")
+    state = megatron_state(tensors, int(args["num_layers"]), not args.get("untie_embeddings_and_output_weights"))
+    staging = iter_dir + ".partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    os.makedirs(staging)
+    import warnings
+
+    with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        dcp_save(state, storage_writer=FileSystemWriter(staging, single_file_per_rank=True), no_dist=True)
+    atomic_torch_save({"args": argparse.Namespace(**args), "checkpoint_version": CHECKPOINT_VERSION,
+                       "iteration": int(iteration or 0),
+                       "num_floating_point_operations_so_far": 0.0}, os.path.join(staging, COMMON_FILENAME))
+    atomic_write_text(os.path.join(staging, "metadata.json"), json.dumps(MEGATRON_RECORD))
+    if os.path.exists(iter_dir):
+        os.rmdir(iter_dir)
+    os.replace(staging, iter_dir)
+    write_tracker(root, iteration)
+    return iter_dir
