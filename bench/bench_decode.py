@@ -50,6 +50,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from gigatron.core.checkpoint.io import atomic_write_text  # noqa: E402
+from gigatron.core.inference.decode_step import DecodeKernels  # noqa: E402
 from gigatron.core.inference.engine import InferenceEngine, SamplingParams  # noqa: E402
 from gigatron.core.models.gpt import GPTModel  # noqa: E402
 from gigatron.core.parallel.groups import ParallelGroups  # noqa: E402
@@ -145,9 +146,10 @@ def make_engine(model, tokenizer, batch: int, max_sequence_length: int, mode: st
     rest of a layer as PyTorch ops) or "<decode mode>-nopdl" (the Triton decode kernels launched
     one after another, without programmatic dependent launch)."""
     decode_mode, _, variant = mode.partition("-")
+    kernels = DecodeKernels(gemv=variant != "cublas", fused=variant != "unfused", attention=variant != "unfused",
+                            pdl=variant not in ("unfused", "nopdl"))
     return InferenceEngine(model, tokenizer, max_batch_size=batch, max_sequence_length=max_sequence_length,
-                           decode_mode=decode_mode, gemv=variant != "cublas", fused_decode=variant != "unfused",
-                           decode_attention=variant != "unfused", decode_pdl=variant not in ("unfused", "nopdl"))
+                           decode_mode=decode_mode, _decode_kernels=kernels)
 
 
 def format_idle_gaps(device_events, steps: int) -> str:

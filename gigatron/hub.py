@@ -64,6 +64,12 @@ class PretrainedGPT(nn.Module):
         logits = self.model(input_ids, position_ids, attention_mask)  # [s, b, Vp]
         return logits[..., : self.vocab_size].transpose(0, 1).contiguous()  # [b, s, V]
 
+    def generate(self, prompt_ids, max_new_tokens: int = 32, **options):
+        """Token ids of the prompt(s) followed by up to max_new_tokens generated ones, greedy unless
+        sampling options are given (gigatron.generation.generate)."""
+        from gigatron.generation import generate
+        return generate(self, prompt_ids, max_new_tokens, **options)
+
     def tokenizer(self):
         """The checkpoint's tokenizer (gigatron.core.tokenizers), built from `tokenizer_args`."""
         from gigatron.core.tokenizers import build_tokenizer

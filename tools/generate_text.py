@@ -6,7 +6,9 @@
         [--random-seed 1] [--greedy]
 
 Prints the prompt followed by the generated text (one block per --prompt). Model flags as for
-pretrain_gpt.py, or --use-checkpoint-args to take the model shape from the checkpoint.
+pretrain_gpt.py, or --use-checkpoint-args to take the model shape from the checkpoint. With
+--compile-decode the decode step compiles once per batch size first; standard error says so and
+how long it took.
 """
 
 import os
@@ -34,12 +36,22 @@ def add_args(parser):
     return parser
 
 
+def _announce_compiles() -> None:
+    """Show the engine's compile messages (which shape, how long) on standard error."""
+    import logging
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger("gigatron.inference.engine")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
 def main(argv=None) -> int:
     import torch.distributed as dist
 
     from gigatron.core.inference.broadcast import LocalRunner
     from gigatron.core.inference.engine import SamplingParams
-    from gigatron.core.checkpoint.io import CheckpointError
     from gigatron.training.arguments import parse_args
     from run_text_generation_server import build_engine_from_args
 
@@ -50,6 +62,8 @@ def main(argv=None) -> int:
                             add_BOS=args.add_BOS)
     try:
         engine, run = build_engine_from_args(args)
+        if args.compile_decode and run.rank == 0:
+            _announce_compiles()
         prompt_tokens = engine.tokenize_prompts(args.prompt, args.add_BOS)
         n = engine.max_batch_size
         texts = []
@@ -63,13 +77,12 @@ def main(argv=None) -> int:
                 print(text)
                 print()
         return 0
-    except (ValueError, CheckpointError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from gigatron.cli import run_cli
+
+    sys.exit(run_cli(main))

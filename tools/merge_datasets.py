@@ -13,6 +13,7 @@ import sys
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.path.pardir)))
 
+from gigatron.cli import run_cli  # noqa: E402
 from gigatron.core.data.indexed_dataset import IndexedDataset, IndexedDatasetBuilder  # noqa: E402
 from gigatron.core.data.preprocess import commit_pair  # noqa: E402
 
@@ -74,15 +75,11 @@ def main(argv=None) -> int:
                         help="A folder of .bin/.idx pairs, or dataset prefixes in the order to merge.")
     parser.add_argument("--output-prefix", required=True, help="Prefix of the merged .bin/.idx pair.")
     args = parser.parse_args(argv)
-    try:
-        prefixes = find_prefixes(args.input, args.output_prefix)
-        merge(prefixes, args.output_prefix)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    prefixes = find_prefixes(args.input, args.output_prefix)
+    merge(prefixes, args.output_prefix)
     print(f"merged {len(prefixes)} datasets into {args.output_prefix}.bin / .idx", file=sys.stderr)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

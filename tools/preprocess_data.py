@@ -12,7 +12,8 @@ import sys
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.path.pardir)))
 
-from gigatron.core.data.preprocess import PreprocessConfig, PreprocessError, preprocess  # noqa: E402
+from gigatron.cli import run_cli  # noqa: E402
+from gigatron.core.data.preprocess import PreprocessConfig, preprocess  # noqa: E402
 from gigatron.core.tokenizers import TOKENIZER_TYPES  # noqa: E402
 
 
@@ -77,18 +78,15 @@ def get_args(argv=None):
 
 
 def main(argv=None) -> int:
+    """Parse the flags and run; bad input raises (run through `run_cli`, it is one `error:` line)."""
     args = get_args(argv)
     fields = set(PreprocessConfig.__dataclass_fields__)
     config = PreprocessConfig(**{k: v for k, v in vars(args).items() if k in fields})
     if args.tokenizer_type.lower().startswith("bert") and not args.split_sentences:
         print("note: BERT models are usually trained on sentence-level data (--split-sentences)", file=sys.stderr)
-    try:
-        preprocess(config)
-    except (PreprocessError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    preprocess(config)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

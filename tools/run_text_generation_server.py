@@ -2,12 +2,16 @@
 
     python tools/run_text_generation_server.py <model flags> --load CKPT [--use-checkpoint-args] \
         [--tokenizer-type ... ] [--port 5000] [--host 127.0.0.1] [--temperature 1.0] [--top_k 0] \
-        [--top_p 0.0] [--return-log-probs] [--num-tokens-to-generate 30] [--max-batch-size 8]
+        [--top_p 0.0] [--return-log-probs] [--num-tokens-to-generate 30] [--max-batch-size 8] \
+        [--max-request-bytes 8388608] [--cuda-graphs | --compile-decode]
     torchrun --nproc-per-node 2 tools/run_text_generation_server.py --tensor-model-parallel-size 2 ...
 
 Endpoints: PUT /api (Megatron's fields), POST /v1/completions and /completions (OpenAI style,
 stream=true for server-sent events), GET /health. With tensor parallelism rank 0 serves and the
 other ranks follow its broadcasts. The server binds to 127.0.0.1 unless --host says otherwise.
+With --compile-decode the decode step of one row is compiled (and on a GPU captured) before the
+server starts listening, saying so and how long it took; each other batch size a request brings
+compiles at its first use, logged the same way.
 Example:
     curl 'http://localhost:5000/api' -X 'PUT' -H 'Content-Type: application/json; charset=UTF-8' \
          -d '{"prompts":["Hello world"], "tokens_to_generate":1}'
@@ -17,8 +21,11 @@ import argparse
 import logging
 import os
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from gigatron.core.inference.server.validation import DEFAULT_MAX_REQUEST_BYTES  # noqa: E402
 
 
 def add_text_generate_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -40,8 +47,28 @@ def add_text_generate_args(parser: argparse.ArgumentParser) -> argparse.Argument
                        help="capture the decode step in CUDA graphs (GPU only)")
     group.add_argument("--compile-decode", action="store_true",
                        help="compile the decode step with torch.compile (on a GPU also captured in CUDA graphs): the "
-                            "fastest decode; each new batch size compiles once first (tens of seconds)")
+                            "fastest decode; one row compiles before serving, each other batch size at its first "
+                            "request (tens of seconds each)")
+    group.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
+                       help="largest request body served; larger ones get HTTP 413 (default 8 MiB)")
     return parser
+
+
+def warm_up_decode(engine, announce: bool = True) -> float:
+    """Compile (and on a GPU capture) the decode step of one row now, so that the first request
+    does not wait for it: a two-token greedy generation, on every rank of a tensor-parallel run
+    (each joins the collectives). Prints what it does and how long it took where `announce`;
+    returns the seconds."""
+    from gigatron.core.inference.engine import SamplingParams
+
+    if announce:
+        print("compiling the decode step (--compile-decode; once per batch size, tens of seconds) ...", flush=True)
+    start = time.perf_counter()
+    engine.generate_tokens([[engine.eod]], SamplingParams(tokens_to_generate=2, top_k=1, stop_at_eod=False))
+    seconds = time.perf_counter() - start
+    if announce:
+        print(f"compiled the decode step in {seconds:.1f} s", flush=True)
+    return seconds
 
 
 def decode_mode_from_args(args) -> str:
@@ -115,17 +142,23 @@ def main(argv=None) -> int:
 
     args = parse_args(argv, extra_args_provider=add_text_generate_args,
                       defaults={"no_load_rng": True, "no_load_optim": True, "exit_on_missing_checkpoint": True})
+    if args.max_request_bytes < 1:
+        raise ValueError(f"--max-request-bytes must be >= 1, got {args.max_request_bytes}")
     engine, run = build_engine_from_args(args)
     try:
+        if run.rank == 0:
+            logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+        if args.compile_decode:
+            warm_up_decode(engine, announce=run.rank == 0)
         if run.rank != 0:
             follower_loop(engine)
             return 0
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
         runner = LeaderRunner(engine) if run.world_size > 1 else LocalRunner(engine)
         defaults = ServerDefaults(tokens_to_generate=args.num_tokens_to_generate, temperature=args.temperature,
                                   top_k=args.top_k, top_p=args.top_p, logprobs=args.return_log_probs)
         app = build_app(runner, engine.tokenizer, max_batch_size=args.max_batch_size,
-                        max_sequence_length=engine.max_sequence_length, defaults=defaults)
+                        max_sequence_length=engine.max_sequence_length, defaults=defaults,
+                        max_request_bytes=args.max_request_bytes)
         serve(app, host=args.host, port=args.port)
         return 0
     finally:
@@ -134,4 +167,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from gigatron.cli import run_cli
+
+    sys.exit(run_cli(main))

@@ -745,29 +745,45 @@ def largest_micro_batch(device_bytes: int, transformer, ddp, optimizer, *, vocab
     return best
 
 
+# (column heading, legend, value) of the memory table; every value is in GiB.
+_TABLE_COLUMNS = [
+    ("params", "parameters", lambda t: t.params),
+    ("grads", "gradients (the DDP buffer)", lambda t: t.grads),
+    ("main", "fp32 main parameters", lambda t: t.main_params),
+    ("optim", "optimizer states", lambda t: t.optimizer_states),
+    ("activ", "activations kept for backward", lambda t: t.activations),
+    ("(loss)", "of which the output layer and loss", lambda t: t.output_logits),
+    ("temp", "temporary buffers (peak)", lambda t: t.temporary),
+    ("=alloc", "peak allocated: params + grads + main + optim + activ + temp", lambda t: t.allocated),
+    ("reserve", "caching allocator reserve", lambda t: t.allocator_reserve),
+    ("context", "CUDA context", lambda t: t.cuda_context),
+    ("=total", "alloc + reserve + context", lambda t: t.total),
+]
+_OVERHEAD_COLUMNS = ("reserve", "context", "=total")
+
+
 def format_memory_table(ranks: List[RankMemory], *, tp_size: int = 1) -> str:
-    """A text table, one column per pipeline stage, values in GiB."""
-    rows = [
-        ("parameters", lambda t: t.params),
-        ("gradients (DDP buffer)", lambda t: t.grads),
-        ("fp32 main parameters", lambda t: t.main_params),
-        ("optimizer states", lambda t: t.optimizer_states),
-        ("activations (kept for backward)", lambda t: t.activations),
-        ("  of which output layer / loss", lambda t: t.output_logits),
-        ("temporary buffers (peak)", lambda t: t.temporary),
-        ("= peak allocated", lambda t: t.allocated),
-        ("caching allocator reserve", lambda t: t.allocator_reserve),
-        ("CUDA context", lambda t: t.cuda_context),
-        ("= total", lambda t: t.total),
-    ]
-    headers = [f"stage pp={r.pp_rank} (x{tp_size} tp ranks)" for r in ranks]
-    counts = [f"{r.terms.num_parameters / 1e6:.1f}M params/rank" for r in ranks]
-    flights = [f"{r.terms.in_flight} micro-batch(es) in flight" for r in ranks]
-    width = max(34, max(len(name) for name, _ in rows) + 2)
-    col = max(len(text) for text in headers + counts + flights) + 3
-    lines = ["".ljust(width) + "".join(hd.rjust(col) for hd in headers)]
-    lines.append("".ljust(width) + "".join(text.rjust(col) for text in counts))
-    lines.append("".ljust(width) + "".join(text.rjust(col) for text in flights))
-    for name, get in rows:
-        lines.append(name.ljust(width) + "".join(f"{get(r.terms) / GIB:.3f} GiB".rjust(col) for r in ranks))
-    return "\n".join(lines)
+    """A text table, one row per pipeline stage, values in GiB, and a legend of the columns.
+
+    Fits an 80-column terminal at any pipeline size (the caching-allocator reserve and CUDA context
+    columns, shown only when one of them is set, widen it to at most 100 columns)."""
+    columns = list(_TABLE_COLUMNS)
+    if not any(r.terms.allocator_reserve or r.terms.cuda_context for r in ranks):
+        columns = [c for c in columns if c[0] not in _OVERHEAD_COLUMNS]  # total == alloc
+    head = ["stage", "params/rank", "flight"] + [name for name, _, _ in columns]
+    rows = [[f"pp={r.pp_rank}", f"{r.terms.num_parameters / 1e6:.1f}M", str(r.terms.in_flight)]
+            + [f"{get(r.terms) / GIB:.2f}" for _, _, get in columns] for r in ranks]
+    widths = [max(len(row[i]) for row in [head] + rows) for i in range(len(head))]
+
+    def line(cells):
+        first = cells[0].ljust(widths[0])
+        return (first + "".join(" " + c.rjust(w) for c, w in zip(cells[1:], widths[1:]))).rstrip()
+
+    out = [line(head)] + [line(row) for row in rows]
+    out.append(f"GiB per rank; the {tp_size} tensor-parallel rank(s) of a stage hold the same.")
+    out.append("flight: micro-batches in flight; main: fp32 main params; optim: optimizer state;")
+    out.append("activ: activations kept for backward, (loss): of them the output layer and loss;")
+    out.append("temp: temporary buffers at their peak; =alloc: peak allocated, the sum of these")
+    if columns[-1][0] == "=total":
+        out.append("reserve: caching-allocator reserve; context: CUDA context; =total: alloc + both")
+    return "\n".join(out)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import textwrap
 from typing import Optional, Sequence
 
 __all__ = ["pretrain_gpt_main", "padded_vocab_size_from_args", "memory_estimate_from_args", "memory_report_text"]
@@ -24,9 +25,11 @@ def padded_vocab_size_from_args(args: argparse.Namespace) -> int:
 
 
 def memory_estimate_from_args(args: argparse.Namespace, world_size: int, *, micro_batch_size: Optional[int] = None,
-                              allocator_overhead_fraction: float = 0.0, cuda_context_bytes: int = 0):
+                              allocator_overhead_fraction: float = 0.0, cuda_context_bytes: int = 0,
+                              padded_vocab_size: Optional[int] = None):
     """Validate the flags for `world_size` processes and estimate each pipeline stage's memory
-    (gigatron.core.memory.estimate_memory). Returns (configs, padded vocab, [RankMemory])."""
+    (gigatron.core.memory.estimate_memory). Returns (configs, padded vocab, [RankMemory]).
+    `padded_vocab_size` (the embedding rows) replaces the tokenizer flags when given."""
     from gigatron.core.memory import estimate_memory
     from gigatron.training.arguments import configs_from_args
     from gigatron.training.validate import validate_args
@@ -36,7 +39,7 @@ def memory_estimate_from_args(args: argparse.Namespace, world_size: int, *, micr
                          "--num-experts (MoE layers) is not covered yet: drop it for a dense estimate")
     validate_args(args, world_size)
     configs = configs_from_args(args)
-    vocab = padded_vocab_size_from_args(args)
+    vocab = padded_vocab_size or padded_vocab_size_from_args(args)
     mbs = micro_batch_size or args.micro_batch_size
     num_microbatches = args.global_batch_size // (mbs * args.data_parallel_size)
     ranks = estimate_memory(
@@ -68,6 +71,8 @@ def memory_report_text(args: argparse.Namespace, configs, vocab: int, ranks) -> 
     notes = ("assumes eager layers on CUDA with a flash/cuDNN/memory-efficient attention kernel"
              + (" (--torch-compile changes what is saved; treat the activations as an upper bound)"
                 if getattr(args, "torch_compile", False) else ""))
+    head = textwrap.fill(head, width=80, subsequent_indent="  ", break_on_hyphens=False)  # fits a terminal
+    notes = textwrap.fill(notes, width=80, break_on_hyphens=False)
     return "\n".join([head, format_memory_table(ranks, tp_size=t.tensor_model_parallel_size), notes])
 
 

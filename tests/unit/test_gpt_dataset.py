@@ -441,3 +441,64 @@ def test_rank_zero_builds_and_others_load_in_processes(corpus, tmp_path):
     r0, r1 = run_distributed(_build_on_ranks, 2, prefix, local)
     assert r0["built"] == [True, True] and r1["built"] == [True, True]
     assert r0["shuffle"] == r1["shuffle"] and torch.equal(r0["tokens"], r1["tokens"])
+
+
+# ---------------------------------------------------------------------------------------------
+# token ids outside the vocabulary
+# ---------------------------------------------------------------------------------------------
+
+
+def _crafted_dataset(tmp_path, bad_document, bad_id):
+    """Five documents of two sequences each (ids 2..40); one token of `bad_document` is `bad_id`."""
+    prefix = str(tmp_path / "crafted_text_document")
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.int32)
+    for d in range(5):
+        first = np.arange(2, 10, dtype=np.int32) + d
+        second = np.arange(20, 30, dtype=np.int32) + d
+        if d == bad_document:
+            second[4] = bad_id
+        builder.add_document(np.concatenate([first, second]), [len(first), len(second)])
+    builder.finalize(prefix + ".idx")
+    builder.close()
+    return prefix
+
+
+def _all_samples(dataset):
+    for i in range(len(dataset)):
+        dataset[i]
+
+
+@pytest.mark.parametrize("bad_id", [100, 70000, -3])
+def test_token_id_outside_the_vocabulary_names_file_document_and_size(tmp_path, bad_id):
+    from gigatron.core.data import TokenIdError
+    from gigatron.core.tokenizers import NullTokenizer
+
+    prefix = _crafted_dataset(tmp_path, bad_document=3, bad_id=bad_id)
+    tokenizer = NullTokenizer(99)  # ids 0..99: 100 ids, the last one the end-of-document
+    config = DataConfig(data_path=[prefix], split="1,0,0", seq_length=6, data_cache_path=str(tmp_path / "cache"))
+    train, _, _ = build_gpt_datasets(config, tokenizer, [None, 0, 0])
+    with pytest.raises(TokenIdError) as error:
+        _all_samples(train)
+    message = str(error.value)
+    assert f"{prefix}.bin: document 3 (sequence 7) holds token id {bad_id}" in message
+    assert "vocabulary of 100 ids (0..99)" in message and "tokenizer" in message
+    assert isinstance(error.value, ValueError)  # a user error: one line from the command-line tools
+
+
+def test_token_ids_inside_the_vocabulary_pass_and_the_size_can_be_given(tmp_path):
+    from gigatron.core.data import TokenIdError
+
+    prefix = _crafted_dataset(tmp_path, bad_document=None, bad_id=0)
+    config = DataConfig(data_path=[prefix], split="1,0,0", seq_length=6, data_cache_path=str(tmp_path / "cache"))
+    train, _, _ = build_gpt_datasets(config, StandInTokenizer(vocab_size=34), [None, 0, 0])  # largest id: 33
+    _all_samples(train)
+    assert int(max(train[i]["labels"].max() for i in range(len(train)))) == 33
+    # an explicit vocab_size in the dataset config (e.g. the model's embedding rows) overrides the tokenizer's
+    import dataclasses
+
+    from gigatron.core.data.builder import GPTDatasetBuilder, gpt_dataset_config_from_data_config
+
+    gpt_config = gpt_dataset_config_from_data_config(config, StandInTokenizer(vocab_size=34))
+    (train, _, _) = GPTDatasetBuilder(dataclasses.replace(gpt_config, vocab_size=30), [None, 0, 0]).build()
+    with pytest.raises(TokenIdError, match=r"crafted_text_document\.bin: document \d \(sequence \d\) holds token id 3\d"):
+        _all_samples(train)

@@ -583,15 +583,75 @@ def test_decode_steps_do_not_synchronize_on_cuda(mode, monkeypatch):
 
 # ---------------------------------------------------------------------- compiled decode step
 @pytest.mark.slow
-def test_compiled_decode_equals_eager_on_cpu():
+def test_compiled_decode_equals_eager_on_cpu(caplog):
     """decode_mode "compiled" (torch.compile of the step; on CPU without a CUDA graph) gives eager's
-    greedy tokens and log-probabilities, for rows of different lengths that stop at different steps."""
+    greedy tokens and log-probabilities, for rows of different lengths that stop at different steps;
+    it says when it compiles a shape and how long that took, once per shape."""
     model = _model("rope_gqa_swiglu")
     eager = InferenceEngine(model, TOK, max_batch_size=2)
     compiled = InferenceEngine(model, TOK, max_batch_size=2, decode_mode="compiled")
     prompts = ["hello there", "a b c: x"]
-    _assert_greedy_equal(eager, compiled, prompts, 12, tolerance=1e-4)
+    with caplog.at_level("INFO", logger="gigatron.inference.engine"):
+        _assert_greedy_equal(eager, compiled, prompts, 12, tolerance=1e-4)
     assert compiled._compiled_step is not None
+    messages = [r.getMessage() for r in caplog.records if r.name == "gigatron.inference.engine"]
+    assert messages[0] == ("compiling the decode step for 2 rows and 64 cache slots (torch.compile, "
+                           "once per shape) ...")
+    assert messages[1].startswith("compiled the decode step for 2 rows and 64 cache slots in ")
+    assert len(messages) == 2  # the second generation reuses the compiled shape
+
+
+@pytest.mark.slow
+def test_compiled_decode_step_with_the_decode_kernels_equals_eager_on_cpu():
+    """The compiled step through the engine's own decode step (decode_step.py; on CUDA the one a
+    captured step runs, here with the kernels' plain-PyTorch references): one row, so every
+    layer runs as fused GEMVs around the attention op and the head folds the final norm; eager's
+    greedy tokens and log-probabilities."""
+    from gigatron.core.inference.decode_step import DecodeStep
+
+    model = _model("rope_gqa_swiglu")
+    eager = InferenceEngine(model, TOK, max_batch_size=1)
+    compiled = InferenceEngine(model, TOK, max_batch_size=1, decode_mode="compiled")
+    assert compiled._decode_model is model  # on CPU captured steps run the model's own forward
+    compiled._decode_model = step = DecodeStep(model)
+    calls = []
+    fused_layer = step._fused_layer
+    step._fused_layer = lambda *a: calls.append(1) or fused_layer(*a)  # counted while traced
+    _assert_greedy_equal(eager, compiled, ["hello there"], 12, tolerance=1e-4)
+    assert calls
+
+
+def test_decode_kernels_are_a_private_engine_option():
+    from gigatron.core.inference.decode_step import DecodeKernels
+
+    model = _model()
+    with pytest.raises(TypeError):
+        InferenceEngine(model, TOK, gemv=False)  # no longer public
+    engine = InferenceEngine(model, TOK, _decode_kernels=DecodeKernels(gemv=False))
+    assert engine._decode_model is model
+
+
+@pytest.mark.parametrize("with_callback", [False, True])
+def test_withdrawn_rows_end_and_a_fully_withdrawn_generation_stops(with_callback):
+    """cancelled() (host only) ends the rows it names at that step; once every row is withdrawn the
+    loop stops; the other rows are unchanged."""
+    model = _model()
+    engine = InferenceEngine(model, TOK, max_batch_size=3)
+    prompts = [TOK.tokenize(p) for p in ["hello", "a cat: the", "xy"]]
+    params = SamplingParams(tokens_to_generate=10, top_k=1, stop_at_eod=False)
+    full = engine.generate_tokens(prompts, params).tokens
+    calls = []
+
+    def cancelled():
+        calls.append(1)
+        step = len(calls) - 1
+        return [True] * 3 if step >= 5 else ([False, True, False] if step >= 2 else None)
+
+    on_step = (lambda step, tokens, active: None) if with_callback else None
+    out = engine.generate_tokens(prompts, params, on_step, cancelled).tokens
+    assert [len(t) - len(p) for t, p in zip(out, prompts)] == [6, 3, 6]
+    assert len(calls) == 6  # stopped at the step where every row was withdrawn
+    assert all(o == f[:len(o)] for o, f in zip(out, full))
 
 
 def test_unknown_decode_mode_is_refused():

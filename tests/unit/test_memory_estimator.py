@@ -13,6 +13,7 @@ the table and exits 0, tools/estimate_memory.py runs for the 1.3B and a 70B conf
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import pytest
 import torch
@@ -289,10 +290,72 @@ def test_estimate_tool_runs_for_1p3b_and_70b(capsys):
 
     assert tool.main(ONE3B + ["--device-memory-gib", "80"]) == 0
     out = capsys.readouterr().out
-    assert "1315.8M params/rank" in out and "largest micro-batch size that fits in 80 GiB" in out
+    rows = [line.split() for line in out.splitlines() if line.startswith("pp=")]
+    assert rows == [rows[0]] and rows[0][1] == "1315.8M"
+    assert "largest micro-batch size that fits in 80 GiB" in " ".join(out.split())
     assert tool.main(LLAMA70B + ["--world-size", "64"]) == 0
     out = capsys.readouterr().out
-    assert out.count("stage pp=") == 4 and "recompute full (uniform, 1 layers)" in out
+    assert [line.split()[0] for line in out.splitlines() if line.startswith("pp=")] == ["pp=0", "pp=1", "pp=2", "pp=3"]
+    assert "recompute full (uniform, 1 layers)" in " ".join(out.split())
+
+
+def _tool_output(capsys, argv):
+    import tools.estimate_memory as tool
+
+    assert tool.main(argv) == 0
+    return capsys.readouterr().out
+
+
+MODEL_ONLY = ["--num-layers", "32", "--hidden-size", "4096", "--num-attention-heads", "32", "--seq-length", "4096",
+              "--max-position-embeddings", "4096", "--micro-batch-size", "1", "--global-batch-size", "256", "--bf16"]
+
+
+def test_estimate_tool_needs_only_model_layout_batch_and_precision(capsys):
+    out = _tool_output(capsys, MODEL_ONLY)  # no --train-iters, --lr, data source or tokenizer
+    text = " ".join(out.split())
+    assert "padded vocab 50304" in text and "assumed GPT-2's 50257 ids, padded to 50304" in text
+    default_row = [line for line in out.splitlines() if line.startswith("pp=0")]
+    out = _tool_output(capsys, MODEL_ONLY + ["--vocab-size", "32000"])  # NullTokenizer: 32001 ids, padded
+    assert "padded vocab 32128" in " ".join(out.split()) and "assumed" not in out
+    out = _tool_output(capsys, MODEL_ONLY + ["--padded-vocab-size", "50304"])  # as given
+    assert "padded vocab 50304" in " ".join(out.split()) and "assumed" not in out
+    assert [line for line in out.splitlines() if line.startswith("pp=0")] == default_row
+    # training flags, when given, are still checked
+    import tools.estimate_memory as tool
+
+    with pytest.raises(ValueError, match="--train-iters and --train-samples are mutually exclusive"):
+        tool.main(MODEL_ONLY + ["--train-iters", "10", "--train-samples", "100"])
+    with pytest.raises(ValueError, match="--padded-vocab-size or the tokenizer flags"):
+        tool.main(MODEL_ONLY + ["--padded-vocab-size", "50304", "--vocab-size", "50257"])
+
+
+@pytest.mark.parametrize("overheads", [[], ["--cuda-context-gib", "0.5", "--allocator-overhead-fraction", "0.05"]])
+def test_estimate_table_fits_a_terminal_at_pp16(capsys, overheads):
+    argv = ["--num-layers", "128", "--hidden-size", "16384", "--num-attention-heads", "128", "--seq-length", "8192",
+            "--max-position-embeddings", "8192", "--micro-batch-size", "1", "--global-batch-size", "1024",
+            "--tensor-model-parallel-size", "8", "--pipeline-model-parallel-size", "16", "--world-size", "256",
+            "--num-layers-per-virtual-pipeline-stage", "2", "--use-distributed-optimizer", "--sequence-parallel",
+            "--bf16", "--vocab-size", "128256", "--device-memory-gib", "80", *overheads]
+    out = _tool_output(capsys, argv)
+    lines = out.splitlines()
+    assert [line.split()[0] for line in lines if line.startswith("pp=")] == [f"pp={i}" for i in range(16)]
+    assert max(len(line) for line in lines) <= (80 if not overheads else 100), max(lines, key=len)
+    if overheads:
+        assert "reserve" in lines[3] and "context" in lines[3] and "=total" in lines[3]
+
+
+def test_estimate_tool_user_errors_are_one_line():
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    done = subprocess.run([sys.executable, os.path.join(root, "tools", "estimate_memory.py"), "--num-layers", "2",
+                           "--hidden-size", "64", "--num-attention-heads", "3", "--seq-length", "16",
+                           "--max-position-embeddings", "16", "--micro-batch-size", "1"],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": root})
+    assert done.returncode == 2
+    assert done.stderr.startswith("error: ") and "num-attention-heads" in done.stderr
+    assert "Traceback" not in done.stderr
 
 
 def test_1p3b_state_is_18_bytes_per_parameter_and_activations_follow_the_layers():
@@ -323,7 +386,7 @@ def test_dry_run_prints_the_estimate_and_exits_zero(capsys):
 
     assert pretrain_gpt_main(ONE3B + ["--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "memory estimate per rank" in out and "= peak allocated" in out and "optimizer states" in out
+    assert "memory estimate per rank" in out and "=alloc" in out and "optim: optimizer state" in out
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given without CUDA")

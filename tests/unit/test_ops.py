@@ -76,14 +76,13 @@ def test_chunked_output_cross_entropy_cuda_compiled_kernels_match_reference():
 
 # ---------------------------------------------------------------------- one-row GEMV (decode)
 def test_gemv_falls_back_to_linear_where_it_does_not_apply():
-    from gigatron.core.ops.gemv import decode_gemv, gemv_applies, maybe_gemv
+    from gigatron.core.ops.gemv import gemv_applies, maybe_gemv
 
     x = torch.randn(1, 1, 16)
     w = torch.randn(8, 16)
     b = torch.randn(8)
     assert not gemv_applies(x, w)  # CPU, fp32
-    with decode_gemv(True):
-        torch.testing.assert_close(maybe_gemv(x, w, b), torch.nn.functional.linear(x, w, b), rtol=0, atol=0)
+    torch.testing.assert_close(maybe_gemv(x, w, b), torch.nn.functional.linear(x, w, b), rtol=0, atol=0)
 
 
 def test_linear_one_row_refuses_inputs_it_cannot_run():
@@ -97,7 +96,7 @@ def test_linear_one_row_refuses_inputs_it_cannot_run():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [(6144, 2048, True), (2048, 8192, False), (1000, 520, True), (50304, 2048, False)])
 def test_gemv_matches_linear_on_random_inputs(dtype, shape):
-    from gigatron.core.ops.gemv import decode_gemv, gemv_applies, linear_one_row, maybe_gemv, reference_linear_one_row
+    from gigatron.core.ops.gemv import gemv_applies, linear_one_row, maybe_gemv, reference_linear_one_row
 
     n, k, has_bias = shape
     gen = torch.Generator(device="cuda").manual_seed(n + k)
@@ -109,8 +108,8 @@ def test_gemv_matches_linear_on_random_inputs(dtype, shape):
     got = linear_one_row(x, w, b)
     assert got.shape == (1, 1, n) and got.dtype == dtype
     torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2 * float(want.abs().max()))
-    with decode_gemv(True):
-        torch.testing.assert_close(maybe_gemv(x, w, b), got, rtol=0, atol=0)
+    torch.testing.assert_close(maybe_gemv(x, w, b), got, rtol=0, atol=0)
+    torch.testing.assert_close(linear_one_row(x, w, b, pdl=True), got, rtol=0, atol=0)  # only the launch differs
     # More than one row is not a GEMV: maybe_gemv keeps cuBLAS.
     x2 = torch.randn(2, 1, k, device="cuda", generator=gen).to(dtype)
     assert not gemv_applies(x2, w)

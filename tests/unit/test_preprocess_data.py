@@ -8,11 +8,13 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
 import pytest
 
+from gigatron.cli import USER_ERROR_EXIT_CODE, run_cli
 from gigatron.core.data.indexed_dataset import IndexedDataset
 from gigatron.core.data.preprocess import PreprocessConfig, PreprocessError, iter_line_chunks, preprocess
 from gigatron.core.tokenizers import GPT2BPETokenizer
@@ -63,7 +65,7 @@ def _write_jsonl(path, docs, opener=open):
 
 
 def _run_tool(*args):
-    return preprocess_tool.main([str(a) for a in args])
+    return run_cli(preprocess_tool.main, [str(a) for a in args])
 
 
 def _megatron_bytes(docs_sequences, dtype):
@@ -211,8 +213,9 @@ def test_malformed_line_names_file_and_line(tmp_path, documents, capsys):
         with pytest.raises(PreprocessError, match=rf"bad\.jsonl:3: malformed JSON.*--skip-bad-lines"):
             preprocess(PreprocessConfig(input=src, output_prefix=str(tmp_path / "o"), workers=workers,
                                         partitions=partitions, chunk_bytes=100, **base))
-    assert _run_tool("--input", src, "--output-prefix", tmp_path / "o", *GPT2_FLAGS, "--workers", 1) == 1
-    assert "bad.jsonl:3: malformed JSON" in capsys.readouterr().err
+    assert _run_tool("--input", src, "--output-prefix", tmp_path / "o", *GPT2_FLAGS, "--workers", 1) == USER_ERROR_EXIT_CODE
+    err = capsys.readouterr().err
+    assert "error: " in err and "bad.jsonl:3: malformed JSON" in err and "Traceback" not in err
     assert os.listdir(tmp_path) == ["bad.jsonl"]  # nothing written, no temporary files left
 
 
@@ -318,6 +321,157 @@ def test_merge_datasets(tmp_path, capsys):
     src = _write_jsonl(tmp_path / "w.jsonl", [{"text": "1"}])
     preprocess(PreprocessConfig(input=src, output_prefix=str(tmp_path / "shards" / "wide"),
                                 tokenizer_type="NullTokenizer", vocab_size=70000, log_interval=0))
-    assert merge_tool.main(["--input", str(tmp_path / "shards"), "--output-prefix", str(tmp_path / "x")]) == 1
+    assert run_cli(merge_tool.main, ["--input", str(tmp_path / "shards"), "--output-prefix", str(tmp_path / "x")]) == 2
     assert "same dtype" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "x.idx")
+
+
+# ------------------------------------------------------------------------------- interrupts
+
+
+@pytest.fixture(scope="module")
+def big_input(tmp_path_factory, documents):
+    """About 30 MB of JSON lines: many seconds of tokenizing on this machine, at any worker count."""
+    return _write_jsonl(tmp_path_factory.mktemp("big") / "big.jsonl", documents * 400)
+
+
+def _old_dataset(tmp_path):
+    out = tmp_path / "out"
+    _write_jsonl(tmp_path / "old.jsonl", [{"text": "1 2"}])
+    preprocess(PreprocessConfig(input=str(tmp_path / "old.jsonl"), output_prefix=str(out),
+                                tokenizer_type="NullTokenizer", vocab_size=10, log_interval=0))
+    return out
+
+
+class _Run:
+    """tools/preprocess_data.py in its own process group; its stderr is drained by a thread (a full
+    pipe would block the run) and kept."""
+
+    def __init__(self, src, out, *flags):
+        self.proc = subprocess.Popen(
+            [sys.executable, os.path.join(ROOT, "tools", "preprocess_data.py"), "--input", src, "--output-prefix",
+             str(out), *GPT2_FLAGS, "--log-interval", "1", *map(str, flags)],
+            stderr=subprocess.PIPE, start_new_session=True, env={**os.environ, "PYTHONPATH": ROOT})
+        self.lines = []
+        self.progress = threading.Event()
+        self.reader = threading.Thread(target=self._drain, daemon=True)
+        self.reader.start()
+
+    def _drain(self):
+        for line in self.proc.stderr:
+            self.lines.append(line.decode())
+            if b"Processed" in line:
+                self.progress.set()  # blocks are in flight in the workers
+
+    def wait_for_progress(self):
+        assert self.progress.wait(60), "".join(self.lines)
+
+    def wait(self, timeout):
+        code = self.proc.wait(timeout=timeout)
+        self.reader.join(10)
+        return code
+
+    @property
+    def err(self):
+        return "".join(self.lines)
+
+    def kill_if_running(self):
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+def _group_gone(pgid, seconds=10.0):
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _assert_old_dataset_kept(tmp_path, out):
+    ds = IndexedDataset(str(out) + "_text_document")
+    assert [ds[i].tolist() for i in range(len(ds))] == [[1, 2]]
+    assert sorted(os.listdir(tmp_path)) == ["old.jsonl", "out_text_document.bin", "out_text_document.idx"]
+
+
+@pytest.mark.parametrize("workers,partitions,sig", [
+    (1, 1, signal.SIGINT), (2, 1, signal.SIGINT), (4, 1, signal.SIGINT),
+    (1, 1, signal.SIGTERM), (2, 1, signal.SIGTERM), (4, 2, signal.SIGTERM), (4, 2, signal.SIGINT),
+])
+def test_ctrl_c_and_sigterm_stop_within_seconds(tmp_path, big_input, workers, partitions, sig):
+    out = _old_dataset(tmp_path)
+    run = _Run(big_input, out, "--workers", workers, "--partitions", partitions, "--threads-per-worker", "1")
+    proc = run.proc
+    try:
+        run.wait_for_progress()
+        if sig == signal.SIGINT:
+            os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the whole foreground process group
+        else:
+            os.kill(proc.pid, signal.SIGTERM)  # `kill PID` reaches the main process only
+        t0 = time.time()
+        code = run.wait(timeout=30)
+        took = time.time() - t0
+        err = run.err
+    finally:
+        run.kill_if_running()
+    assert took < 10, took
+    assert code == (130 if sig == signal.SIGINT else 128 + signal.SIGTERM), err
+    assert "nothing was written" in err and "Traceback" not in err
+    assert _group_gone(proc.pid), "worker processes outlived the main process"
+    _assert_old_dataset_kept(tmp_path, out)  # and the temporaries were removed
+
+
+def test_a_killed_worker_stops_the_run_with_an_error(tmp_path, big_input):
+    out = _old_dataset(tmp_path)
+    run = _Run(big_input, out, "--workers", "2", "--threads-per-worker", "1")
+    proc = run.proc
+    try:
+        run.wait_for_progress()
+        with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
+            workers = [int(p) for p in f.read().split()]
+        assert len(workers) == 2
+        os.kill(workers[0], signal.SIGKILL)
+        code = run.wait(timeout=30)
+        err = run.err
+    finally:
+        run.kill_if_running()
+    assert code == USER_ERROR_EXIT_CODE
+    assert "error: a worker process died" in err and "Traceback" not in err
+    assert _group_gone(proc.pid)
+    _assert_old_dataset_kept(tmp_path, out)
+
+
+# ------------------------------------------------------------------------------- empty input
+
+
+@pytest.mark.parametrize("content,message", [
+    ("", "holds no documents (it is empty)"),
+    ("\n  \n\n", "holds no documents (3 blank lines)"),
+    ('{"text": ""}\n{"text": "   "}\n', "none of its 2 documents has any tokens"),
+])
+def test_empty_input_is_refused_and_keeps_the_existing_dataset(tmp_path, content, message, capsys):
+    out = _old_dataset(tmp_path)
+    (tmp_path / "empty.jsonl").write_text(content)
+    for workers, partitions in ((1, 1), (2, 2)):
+        code = _run_tool("--input", tmp_path / "empty.jsonl", "--output-prefix", out, "--tokenizer-type",
+                         "NullTokenizer", "--vocab-size", 10, "--workers", workers, "--partitions", partitions)
+        assert code == USER_ERROR_EXIT_CODE
+        err = capsys.readouterr().err
+        assert message in err and "nothing was written" in err and "Traceback" not in err
+        os.remove(tmp_path / "empty.jsonl")
+        _assert_old_dataset_kept(tmp_path, out)
+        (tmp_path / "empty.jsonl").write_text(content)
+
+
+def test_every_line_skipped_is_an_empty_input(tmp_path, capsys):
+    out = _old_dataset(tmp_path)
+    _write_lines(tmp_path / "bad.jsonl", ["not json", "[1]"])
+    assert _run_tool("--input", tmp_path / "bad.jsonl", "--output-prefix", out, "--tokenizer-type", "NullTokenizer",
+                     "--vocab-size", 10, "--workers", 1, "--skip-bad-lines") == USER_ERROR_EXIT_CODE
+    assert "holds no documents (2 bad lines skipped)" in capsys.readouterr().err
+    os.remove(tmp_path / "bad.jsonl")
+    _assert_old_dataset_kept(tmp_path, out)

@@ -57,6 +57,182 @@ def server():
     torch.set_num_threads(threads)
 
 
+class SlowTokenizer(CharTokenizer):
+    """Takes 2 s to tokenize a prompt that starts with "zz"."""
+
+    def tokenize(self, text):
+        if text.startswith("zz"):
+            time.sleep(2.0)
+        return super().tokenize(text)
+
+
+class SlowRunner(LocalRunner):
+    """At least 20 ms a decode step, no row ever stops on its own (no end-of-document stop, the
+    token never shown to a callback), and a record of each generation's steps."""
+
+    def __init__(self, engine):
+        super().__init__(engine)
+        self.steps = []
+        self.finished = threading.Event()
+
+    def generate_tokens(self, prompt_tokens, params, on_step=None, cancelled=None):
+        import dataclasses
+
+        steps = [0]
+
+        def slow():
+            steps[0] += 1
+            time.sleep(0.02)
+            return cancelled() if cancelled is not None else None
+
+        shown = None
+        if on_step is not None:
+            def shown(step, tokens, active, **kw):
+                return on_step(step, [t or 1 for t in tokens], active, **kw)
+        try:
+            return super().generate_tokens(prompt_tokens, dataclasses.replace(params, stop_at_eod=False), shown, slow)
+        finally:
+            self.steps.append(steps[0])
+            self.finished.set()
+
+
+GUARDED_LIMIT = 2000
+
+
+@pytest.fixture(scope="module")
+def guarded():
+    """A server with a small body limit, a slow tokenizer and slow decode steps."""
+    import uvicorn
+    from tests.parallel.harness import free_port
+
+    model = tiny_model(seed=5, position_embedding_type="rope")
+    runner = SlowRunner(InferenceEngine(model, TOK, max_batch_size=MAX_BATCH))
+    app = build_app(runner, SlowTokenizer(), max_batch_size=MAX_BATCH, max_sequence_length=64,
+                    defaults=ServerDefaults(tokens_to_generate=4), max_request_bytes=GUARDED_LIMIT)
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(200):
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.05)
+    yield url, runner
+    srv.should_exit = True
+    thread.join(timeout=10)
+    app.state.scheduler.close()
+
+
+def test_bodies_over_the_limit_get_413(guarded):
+    url, _ = guarded
+    big = b'{"prompts": ["' + b"a" * GUARDED_LIMIT + b'"]}'
+    headers = {"Content-Type": "application/json"}
+    r = httpx.put(url + "/api", content=big, headers=headers, timeout=30)  # with a Content-Length
+    assert r.status_code == 413 and r.json()["field"] == "body"
+    assert f"limit of {GUARDED_LIMIT} bytes (--max-request-bytes)" in r.json()["error"]
+    r = httpx.post(url + "/v1/completions", content=iter([big[:1000], big[1000:]]), headers=headers,
+                   timeout=30)  # chunked: no Content-Length
+    assert "content-length" not in r.request.headers
+    assert r.status_code == 413 and r.json()["field"] == "body"
+    r = httpx.put(url + "/api", json={"prompts": ["ab"], "tokens_to_generate": 2}, timeout=30)
+    assert r.status_code == 200
+
+
+MALFORMED = [
+    (b'{"prompts": ["a"], "beam_width": 2, "length_penalty": NaN}', "/api", "length_penalty"),
+    (b'{"prompts": ["a"], "length_penalty": Infinity}', "/api", "length_penalty"),
+    (b'{"prompts": ["a"], "temperature": NaN}', "/api", "temperature"),
+    (b'{"prompts": ["a"], "top_p": NaN}', "/api", "top_p"),
+    (b'{"prompt": "a", "temperature": NaN}', "/v1/completions", "temperature"),
+    (b'{"prompt": "a", "top_p": -Infinity}', "/v1/completions", "top_p"),
+    (b"[" * 1500 + b"]" * 1500, "/api", "body"),
+    (b'{"prompts": ' + b"[" * 1500 + b"]" * 1500 + b"}", "/api", "body"),
+    (b'{"prompt": ' + b"[" * 1500 + b"]" * 1500 + b"}", "/v1/completions", "body"),
+    (b'{"prompts": ["a"], "stop_token": ' + b"[" * 900 + b"]" * 900 + b"}", "/api", "stop_token"),
+    (b'{"prompts": ["ABC"]}', "/api", "prompts"),  # the tokenizer cannot encode it
+    (b'{"prompt": "ABC"}', "/v1/completions", "prompt"),
+    (b'{"prompts": ["a"], "random_seed": 18446744073709551616}', "/api", "random_seed"),
+    (b'{"prompt": "a", "seed": 18446744073709551616}', "/v1/completions", "seed"),
+    (b'{"prompts": ["a"], "length_penalty": 1e999}', "/api", "length_penalty"),
+    (b'{"prompts": ["a"], "beam_width": 2, "length_penalty": ' + b"9" * 400 + b"}", "/api", "length_penalty"),
+    (b'{"prompts": ["a"], "top_k": 100}', "/api", "top_k"),  # more than the 32 tokens
+    (b'{"prompt": "a", "top_k": 100}', "/v1/completions", "top_k"),
+]
+
+
+def test_malformed_requests_get_4xx_naming_the_field(server):
+    url, _, _ = server
+    for body, path, field in MALFORMED:
+        method = httpx.put if path == "/api" else httpx.post
+        r = method(url + path, content=body, headers={"Content-Type": "application/json"}, timeout=60)
+        assert 400 <= r.status_code < 500, (body[:80], path, r.status_code, r.text)
+        assert r.json()["field"] == field, (body[:80], r.json())
+    assert httpx.get(url + "/health", timeout=5).status_code == 200
+
+
+def test_tokenizing_does_not_hold_up_the_event_loop(guarded):
+    url, _ = guarded
+    slow = threading.Thread(target=lambda: httpx.put(url + "/api", json={"prompts": ["zzab"], "tokens_to_generate": 1},
+                                                     timeout=60))
+    slow.start()
+    time.sleep(0.3)  # the request is being tokenized (2 s)
+    start = time.perf_counter()
+    assert httpx.get(url + "/health", timeout=10).status_code == 200
+    assert time.perf_counter() - start < 1.0
+    slow.join()
+
+
+def test_a_client_that_goes_away_stops_its_generation(guarded):
+    url, runner = guarded
+    for streamed in (False, True):
+        runner.finished.clear()
+        before = len(runner.steps)
+        if streamed:
+            payload = {"prompt": "ab", "max_tokens": 55, "temperature": 0, "stream": True}
+            with httpx.stream("POST", url + "/v1/completions", json=payload, timeout=30) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: "):
+                        break  # the first token arrived; the client leaves
+        else:
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.put(url + "/api", json={"prompts": ["ab"], "tokens_to_generate": 55, "top_k": 1}, timeout=0.4)
+        assert runner.finished.wait(10)
+        assert runner.steps[before] < 40, runner.steps  # of 55 (each at least 20 ms)
+        start = time.perf_counter()
+        r = httpx.put(url + "/api", json={"prompts": ["ab"], "tokens_to_generate": 2, "top_k": 1}, timeout=30)
+        assert r.status_code == 200 and time.perf_counter() - start < 1.0
+
+
+def test_a_queued_job_withdrawn_never_runs():
+    from gigatron.core.inference.server.scheduler import Job, Scheduler
+
+    gate = threading.Event()
+    calls = []
+
+    class GatedRunner(LocalRunner):
+        def generate_tokens(self, prompt_tokens, params, on_step=None, cancelled=None):
+            gate.wait(30)
+            calls.append(prompt_tokens)
+            return super().generate_tokens(prompt_tokens, params, on_step, cancelled)
+
+    scheduler = Scheduler(GatedRunner(InferenceEngine(tiny_model(seed=5), TOK, max_batch_size=4)), max_batch_size=4)
+    try:
+        greedy = SamplingParams(tokens_to_generate=2, top_k=1)
+        first = scheduler.submit(Job([TOK.tokenize("ab")], greedy))
+        time.sleep(0.2)  # the worker holds the first job
+        gone = Job([TOK.tokenize("cd")], SamplingParams(tokens_to_generate=3, top_k=1))
+        scheduler.submit(gone)
+        gone.withdraw()
+        gate.set()
+        first.result(timeout=60)
+    finally:
+        scheduler.close()
+    assert gone.future.cancelled() and calls == [[TOK.tokenize("ab")]]
+
+
 def put(url, payload, **kw):
     return httpx.put(url + "/api", json=payload, timeout=60, **kw)
 
@@ -288,15 +464,14 @@ def test_cli_one_shot_and_interactive(server, capsys, monkeypatch):
     assert ref in capsys.readouterr().out
 
 
-def test_generate_text_tool_from_a_checkpoint(tmp_path):
-    """tools/generate_text.py loads a saved checkpoint and prints the same greedy text as the
-    engine on the same weights (loaded with gigatron.from_pretrained)."""
-    import gigatron
-    from gigatron.core.tokenizers import NullTokenizer
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A tiny GPT trained for one iteration and saved in the `torch` format (NullTokenizer, 4096 ids)."""
     from gigatron.training import gpt
     from gigatron.training.arguments import parse_args
     from gigatron.training.loop import pretrain
 
+    tmp_path = tmp_path_factory.mktemp("generation_checkpoint")
     save = str(tmp_path / "ckpt")
     flags = ["--num-layers", "2", "--hidden-size", "16", "--num-attention-heads", "2", "--seq-length", "32",
              "--max-position-embeddings", "32", "--micro-batch-size", "2", "--global-batch-size", "2", "--lr", "1e-3",
@@ -304,6 +479,16 @@ def test_generate_text_tool_from_a_checkpoint(tmp_path):
              "--save", save, "--data-cache-path", str(tmp_path / "cache"), "--log-interval", "1",
              "--ckpt-format", "torch"]
     pretrain(gpt.datasets_provider, gpt.model_provider, gpt.forward_step, args=parse_args(flags))
+    return save
+
+
+def test_generate_text_tool_from_a_checkpoint(checkpoint, tmp_path):
+    """tools/generate_text.py loads a saved checkpoint and prints the same greedy text as the
+    engine on the same weights (loaded with gigatron.from_pretrained)."""
+    import gigatron
+    from gigatron.core.tokenizers import NullTokenizer
+
+    save = checkpoint
     out = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "generate_text.py"), "--load", save,
                           "--use-checkpoint-args", "--vocab-size", "4096", "--prompt", "1 2 3", "--prompt", "7",
                           "--tokens-to-generate", "4", "--greedy"], capture_output=True, text=True, timeout=300)
@@ -315,7 +500,50 @@ def test_generate_text_tool_from_a_checkpoint(tmp_path):
     bad = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "generate_text.py"), "--load",
                           str(tmp_path / "missing"), "--use-checkpoint-args", "--vocab-size", "4096", "--prompt", "1"],
                          capture_output=True, text=True, timeout=300)
-    assert bad.returncode != 0 and "latest_checkpointed_iteration" in bad.stderr
+    assert bad.returncode == 2 and "latest_checkpointed_iteration" in bad.stderr
+    assert "error: " in bad.stderr and "Traceback" not in bad.stderr  # gigatron.cli.run_cli: one line
+
+
+@pytest.mark.slow
+def test_generate_text_tool_says_when_it_compiles(checkpoint):
+    """--compile-decode: standard error says that the decode step compiles, for which shape, and
+    how long it took; the text is the same as without it."""
+    run = [sys.executable, os.path.join(ROOT, "tools", "generate_text.py"), "--load", checkpoint,
+           "--use-checkpoint-args", "--vocab-size", "4096", "--prompt", "1 2 3", "--tokens-to-generate", "4", "--greedy"]
+    plain = subprocess.run(run, capture_output=True, text=True, timeout=300)
+    compiled = subprocess.run(run + ["--compile-decode"], capture_output=True, text=True, timeout=600)
+    assert compiled.returncode == 0, compiled.stderr
+    assert compiled.stdout == plain.stdout
+    assert "compiling the decode step for 1 row and 32 cache slots (torch.compile, once per shape) ..." in compiled.stderr
+    assert "compiled the decode step for 1 row and 32 cache slots in " in compiled.stderr
+    assert "compiling" not in plain.stderr
+
+
+def test_from_pretrained_generate_equals_the_engine(checkpoint):
+    """gigatron.from_pretrained(path).generate(ids, max_new_tokens=...) is the engine's greedy
+    generation by default and passes sampling options through; the checkpoint's tokenizer comes
+    with the model."""
+    import gigatron
+    from gigatron.core.tokenizers import NullTokenizer
+
+    model = gigatron.from_pretrained(checkpoint)
+    engine = InferenceEngine(model.model, NullTokenizer(4096), max_batch_size=2)
+    prompts = [[1, 2, 3], [7]]
+    greedy = engine.generate_tokens(prompts, SamplingParams(tokens_to_generate=5, top_k=1)).tokens
+    assert model.generate([1, 2, 3], max_new_tokens=5) == greedy[0]
+    assert model.generate(prompts, max_new_tokens=5) == greedy
+    assert model.generate(torch.tensor([1, 2, 3]), max_new_tokens=5) == greedy[0]
+    sampled = engine.generate_tokens(prompts, SamplingParams(tokens_to_generate=5, temperature=0.7, top_p=0.9,
+                                                             random_seed=3)).tokens
+    assert model.generate(prompts, max_new_tokens=5, temperature=0.7, top_p=0.9, seed=3) == sampled
+    tokenizer = model.tokenizer()
+    assert tokenizer.tokenize("1 2 3") == [1, 2, 3] and tokenizer.eod == 4096
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        model.generate([5000], max_new_tokens=2)
+    with pytest.raises(ValueError, match="prompt_ids must be token ids"):
+        model.generate("1 2 3", max_new_tokens=2)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        model.generate([1], max_new_tokens=0)
 
 
 def test_scheduler_batches_compatible_jobs_and_unions_outputs():
@@ -327,10 +555,10 @@ def test_scheduler_batches_compatible_jobs_and_unions_outputs():
     calls = []
 
     class GatedRunner(LocalRunner):
-        def generate_tokens(self, prompt_tokens, params, on_step=None):
+        def generate_tokens(self, prompt_tokens, params, on_step=None, cancelled=None):
             gate.wait(30)
             calls.append((len(prompt_tokens), params.return_log_probs))
-            return super().generate_tokens(prompt_tokens, params, on_step)
+            return super().generate_tokens(prompt_tokens, params, on_step, cancelled)
 
     scheduler = Scheduler(GatedRunner(engine), max_batch_size=4)
     try:
@@ -357,6 +585,17 @@ def test_scheduler_batches_compatible_jobs_and_unions_outputs():
     assert results[2].logprobs is not None and len(results[2].logprobs) == 2
 
 
+def test_server_tool_reports_user_errors_in_one_line():
+    """tools/run_text_generation_server.py runs through gigatron.cli.run_cli: a user error is one
+    'error:' line and exit status 2, not a traceback."""
+    tool = os.path.join(ROOT, "tools", "run_text_generation_server.py")
+    for flags, message in ((["--vocab-size", "100"], "error: give the checkpoint to serve with --load"),
+                           (["--load", "ckpt", "--vocab-size", "100", "--max-request-bytes", "0"],
+                            "error: --max-request-bytes must be >= 1, got 0")):
+        out = subprocess.run([sys.executable, tool, *flags], capture_output=True, text=True, timeout=300)
+        assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
 def test_decode_mode_flags_of_the_tools():
     import argparse
 
@@ -370,3 +609,21 @@ def test_decode_mode_flags_of_the_tools():
     assert mode(cuda_graphs=True) == "cuda_graph"
     assert mode(compile_decode=True) == "compiled"
     assert mode(cuda_graphs=True, compile_decode=True) == "compiled"
+
+
+@pytest.mark.slow
+def test_server_compiles_the_one_row_step_before_serving(capsys):
+    """--compile-decode: the server compiles (on a GPU also captures) the decode step of one row
+    before it listens, printing that it does and how long it took; the first request of one row
+    then reuses it."""
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    from run_text_generation_server import warm_up_decode
+
+    engine = InferenceEngine(tiny_model(seed=5), TOK, max_batch_size=2, decode_mode="compiled")
+    seconds = warm_up_decode(engine)
+    out = capsys.readouterr().out
+    assert "compiling the decode step (--compile-decode; once per batch size, tens of seconds) ..." in out
+    assert f"compiled the decode step in {seconds:.1f} s" in out
+    assert engine._compiled_shapes == {(1, 64)}  # one row, the 64-slot cache of the tiny model
+    engine.generate(["hello"], SamplingParams(tokens_to_generate=3, top_k=1))
+    assert engine._compiled_shapes == {(1, 64)}

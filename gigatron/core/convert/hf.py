@@ -37,8 +37,10 @@ bitwise identical tensors.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import shutil
 import warnings
 from typing import Callable, Dict, Iterable, Iterator, List, Optional
 
@@ -66,6 +68,7 @@ __all__ = [
     "infer_family",
     "hf_messages",
     "save_hf_checkpoint",
+    "export_tokenizer",
 ]
 
 FAMILIES = ("gpt2", "llama", "mistral", "mixtral")
@@ -580,14 +583,136 @@ def _write_safetensors(tensors: Dict[str, torch.Tensor], save_dir: str, max_shar
     atomic_write_text(os.path.join(save_dir, "model.safetensors.index.json"), json.dumps(index, indent=2) + "\n")
 
 
+# ------------------------------------------------------------------ tokenizer of an export
+
+_TOKENIZER_FLAGS = ("tokenizer_type", "vocab_file", "merge_file", "tokenizer_model", "vocab_size", "vocab_extra_ids",
+                    "tiktoken_pattern", "tiktoken_num_special_tokens", "tiktoken_special_tokens")
+_SENTENCEPIECE_TYPES = ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer")
+# The files a HuggingFace tokenizer folder may hold (AutoTokenizer reads them by these names).
+_HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                       "vocab.json", "merges.txt", "added_tokens.json", "vocab.txt")
+
+
+def _valid_id(value, vocab: int) -> Optional[int]:
+    return int(value) if isinstance(value, int) and 0 <= value < vocab else None
+
+
+def _copy_file(src: str, dst: str) -> None:
+    tmp = dst + ".tmp"
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def _token_text(tokenizer, token_id: Optional[int]) -> Optional[str]:
+    if token_id is None:
+        return None
+    try:
+        text = tokenizer.inv_vocab.get(token_id)
+    except Exception:  # noqa: BLE001 - a tokenizer without an id -> text table
+        return None
+    return text if isinstance(text, str) else None
+
+
+def export_tokenizer(md: dict, save_dir: str, model_max_length: Optional[int] = None) -> Dict[str, int]:
+    """Write the checkpoint's tokenizer into `save_dir` under the names `AutoTokenizer` reads, and
+    return its special ids (`bos_token_id`, `eos_token_id` = the end-of-document token, and
+    `pad_token_id` where it has one).
+
+    GPT2BPETokenizer: vocab.json and merges.txt (whatever the source files were called);
+    HuggingFaceTokenizer: its folder's files, or tokenizer.json; SentencePiece tokenizers:
+    tokenizer.model; a tokenizer_config.json naming the class and special tokens is written unless
+    the source folder had one. NullTokenizer and TikTokenizer have no HuggingFace form: only the ids
+    are returned. Tokenizer files that no longer exist leave the export without a tokenizer (with a
+    warning), never without weights."""
+    kind = md.get("tokenizer_type")
+    if not kind:
+        return {}
+    from gigatron.core.tokenizers import build_tokenizer
+
+    try:
+        tokenizer = build_tokenizer(argparse.Namespace(**{k: md.get(k) for k in _TOKENIZER_FLAGS}))
+    except (OSError, ValueError) as exc:
+        warnings.warn(f"the checkpoint's tokenizer ({kind}) cannot be built ({exc}); the export gets no tokenizer "
+                      "files and no bos/eos token ids from it: copy the files in by hand", stacklevel=2)
+        return {}
+    vocab = int(tokenizer.vocab_size)
+    eos = _valid_id(tokenizer.eod, vocab)
+    bos = _valid_id(getattr(tokenizer, "bos", None), vocab)
+    pad = _valid_id(getattr(tokenizer, "pad", None), vocab)
+    ids = {}
+    if eos is not None:
+        ids["eos_token_id"] = eos
+        ids["bos_token_id"] = bos if bos is not None else eos  # GPT-2's convention: one token for both
+    if pad is not None:
+        ids["pad_token_id"] = pad
+
+    written = set()
+
+    def copy(src: Optional[str], name: str) -> None:
+        if src and os.path.isfile(src):
+            _copy_file(src, os.path.join(save_dir, name))
+            written.add(name)
+
+    def copy_folder(folder: str) -> None:
+        for name in _HF_TOKENIZER_FILES:
+            copy(os.path.join(folder, name), name)
+
+    source_dir = md.get("tokenizer_dir")
+    model = md.get("tokenizer_model")
+    if source_dir and os.path.isdir(source_dir):
+        copy_folder(source_dir)
+    elif kind == "GPT2BPETokenizer":
+        copy(md.get("vocab_file"), "vocab.json")
+        copy(md.get("merge_file"), "merges.txt")
+    elif kind == "HuggingFaceTokenizer" and model and os.path.isdir(model):
+        copy_folder(model)
+    elif kind == "HuggingFaceTokenizer":
+        copy(model, "tokenizer.json")
+    elif kind in _SENTENCEPIECE_TYPES:
+        copy(model, "tokenizer.model")
+    if not written:
+        if kind != "NullTokenizer":
+            warnings.warn(f"the checkpoint's tokenizer ({kind}) has no HuggingFace form here; the export holds "
+                          "the bos/eos token ids but no tokenizer files", stacklevel=2)
+        return ids
+    if "tokenizer_config.json" not in written:
+        config = _tokenizer_config(kind, tokenizer, ids, written, model_max_length)
+        if config is not None:
+            atomic_write_text(os.path.join(save_dir, "tokenizer_config.json"),
+                              json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return ids
+
+
+def _tokenizer_config(kind: str, tokenizer, ids: Dict[str, int], written: set,
+                      model_max_length: Optional[int]) -> Optional[dict]:
+    """tokenizer_config.json for files written without one: the class and the special tokens."""
+    if "tokenizer.json" in written:
+        config = {"tokenizer_class": "PreTrainedTokenizerFast"}
+    elif kind == "GPT2BPETokenizer":
+        config = {"tokenizer_class": "GPT2Tokenizer", "add_prefix_space": False,
+                  "unk_token": _token_text(tokenizer, ids.get("eos_token_id"))}
+    elif kind in _SENTENCEPIECE_TYPES:
+        # Llama2Tokenizer starts every text with <s>; the other SentencePiece tokenizers add nothing.
+        config = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": kind == "Llama2Tokenizer",
+                  "add_eos_token": False, "legacy": True}
+    else:
+        return None
+    for key in ("bos", "eos", "pad"):
+        text = _token_text(tokenizer, ids.get(f"{key}_token_id"))
+        if text is not None:
+            config[f"{key}_token"] = text
+    if model_max_length:
+        config["model_max_length"] = int(model_max_length)
+    return {k: v for k, v in config.items() if v is not None}
+
+
 def save_hf_checkpoint(messages: Iterable[Message], save_dir: str, checking: bool = True,
                        family: Optional[str] = None, params_dtype: Optional[torch.dtype] = None,
                        max_shard_bytes: int = _DEFAULT_SHARD_BYTES) -> str:
     """Write the model of a message stream as a HuggingFace folder: safetensors weights (the true
-    vocabulary only), config.json and the tokenizer files. `family` defaults to the source
-    model's (hf_config) or the one its shape fits. Returns `save_dir`."""
-    from gigatron.core.convert.torch_format import copy_tokenizer_files
-
+    vocabulary only), config.json and generation_config.json with the tokenizer's bos/eos ids, and
+    the tokenizer files (see export_tokenizer). `family` defaults to the source model's (hf_config)
+    or the one its shape fits. Returns `save_dir`."""
     reader = MessageReader(messages, checking)
     md = dict(reader.md)
     if params_dtype is not None:
@@ -627,6 +752,18 @@ def save_hf_checkpoint(messages: Iterable[Message], save_dir: str, checking: boo
         tensors.pop("lm_head.weight", None)
     os.makedirs(save_dir, exist_ok=True)
     _write_safetensors(tensors, save_dir, max_shard_bytes)
-    copy_tokenizer_files(md, save_dir)
+    special = export_tokenizer(md, save_dir, md.get("max_position_embeddings"))
+    for key in ("bos_token_id", "eos_token_id"):  # a source model's own ids are kept
+        if cfg.get(key) is None and key in special:
+            cfg[key] = special[key]
     atomic_write_text(os.path.join(save_dir, "config.json"), json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    generation = {key: cfg[key] for key in ("bos_token_id", "eos_token_id") if cfg.get(key) is not None}
+    if "eos_token_id" in generation:
+        # Without a pad id, generate() warns and pads with the end-of-document token: say so once here.
+        generation["pad_token_id"] = special.get("pad_token_id", cfg.get("pad_token_id"))
+        if generation["pad_token_id"] is None:
+            eos = generation["eos_token_id"]
+            generation["pad_token_id"] = eos[0] if isinstance(eos, list) else eos
+        atomic_write_text(os.path.join(save_dir, "generation_config.json"),
+                          json.dumps(generation, indent=2, sort_keys=True) + "\n")
     return save_dir

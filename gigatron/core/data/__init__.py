@@ -12,6 +12,7 @@ _EXPORTS = {
     "DataConfig": "config",
     "GPTDataset": "gpt_dataset",
     "GPTDatasetConfig": "gpt_dataset",
+    "TokenIdError": "gpt_dataset",
     "IndexedDataset": "indexed_dataset",
     "IndexedDatasetBuilder": "indexed_dataset",
     "IndexedDatasetError": "indexed_dataset",

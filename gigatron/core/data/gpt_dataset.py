@@ -56,6 +56,11 @@ class GPTDatasetConfig(BlendedDatasetConfig):
     add_extra_token_to_sequence: bool = True
     """Read seq_length + 1 tokens per sample so the labels are the inputs shifted by one."""
 
+    vocab_size: Optional[int] = None
+    """Token ids must lie in [0, vocab_size); a sample holding another id raises an error naming the
+    file and the document. None: the tokenizer's ``vocab_size`` (its ids, special tokens included,
+    before padding: an id beyond them cannot come from this tokenizer). Mock data is not checked."""
+
 
 def tokenizer_identifiers(tokenizer) -> Dict[str, Any]:
     """What of the tokenizer a cache description records."""
@@ -72,6 +77,18 @@ def tokenizer_identifiers(tokenizer) -> Dict[str, Any]:
         if isinstance(value, (int, np.integer)):
             out[name] = int(value)
     return out
+
+
+class TokenIdError(ValueError):
+    """A sample holds a token id outside the vocabulary."""
+
+
+def _tokenizer_vocab_size(tokenizer) -> Optional[int]:
+    try:
+        value = tokenizer.vocab_size
+    except Exception:  # noqa: BLE001 - a stand-in tokenizer without one: nothing to check against
+        return None
+    return int(value) if isinstance(value, (int, np.integer)) and value > 0 else None
 
 
 def pad_token_id(tokenizer) -> int:
@@ -205,6 +222,7 @@ class GPTDataset(torch.utils.data.Dataset):
             raise ValueError("GPTDataset needs a tokenizer with an `eod` token id")
         self._eod = int(config.tokenizer.eod)
         self._pad_token_id = pad_token_id(config.tokenizer)
+        self._vocab_size = None if config.mock else (config.vocab_size or _tokenizer_vocab_size(config.tokenizer))
 
         self.unique_identifiers = {
             "class": type(self).__name__,
@@ -289,11 +307,29 @@ class GPTDataset(torch.utils.data.Dataset):
             length = (end_offset + extra - offset) if i == end else None
             document_ids.append(doc)
             parts.append(self.dataset.get(doc, offset=offset, length=length))
+        if self._vocab_size is not None:
+            for doc, part in zip(document_ids, parts):
+                if part.size and (part.max() >= self._vocab_size or part.min() < 0):
+                    raise TokenIdError(self._token_id_error(doc, part))
         wanted = self.config.sequence_length + extra
         num = sum(len(p) for p in parts)
         if num < wanted:
             parts.append(np.full(wanted - num, self._pad_token_id, dtype=np.int64))
         return np.concatenate(parts).astype(np.int64, copy=False), np.array(document_ids, dtype=np.int64)
+
+    def _token_id_error(self, sequence: int, part: np.ndarray) -> str:
+        bad = np.flatnonzero((part >= self._vocab_size) | (part < 0))
+        token = int(part[bad[0]])
+        where = f"sequence {sequence}"
+        bounds = getattr(self.dataset, "document_indices", None)
+        if bounds is not None and len(bounds):
+            document = int(np.searchsorted(bounds, sequence, side="right")) - 1
+            where = f"document {document}" + (f" (sequence {sequence})" if document != sequence else "")
+        source = f"{self.dataset_path}.bin" if self.dataset_path else type(self.dataset).__name__
+        return (f"{source}: {where} holds token id {token}, outside the vocabulary of {self._vocab_size} ids "
+                f"(0..{self._vocab_size - 1}), so the model's embedding cannot look it up. The data was made "
+                "with another tokenizer (or is corrupt): preprocess it again with this run's tokenizer flags, "
+                "or train with the tokenizer it was made with")
 
     def __getitem__(self, idx: Optional[int]) -> Dict[str, torch.Tensor]:
         text, _ = self._sample_tokens(0 if idx is None else int(idx))

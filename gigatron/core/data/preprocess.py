@@ -23,9 +23,16 @@ a document with no tokens at all still closes a document (a boundary with no seq
 documents are counted and reported. ``append_eod`` adds the end-of-document id to the last sequence
 of every non-empty document.
 
-Outputs are written under hidden temporary names and renamed only when every output is complete;
-an old dataset of the same name has its ``.idx`` removed before the new pair is moved in, so an
-interrupted run never leaves a pair that looks valid.
+Outputs are written under hidden temporary names and renamed only when every output is complete
+and holds tokens; an old dataset of the same name has its ``.idx`` removed before the new pair is
+moved in, so an interrupted, failed or empty run never leaves a pair that looks valid and never
+replaces an existing dataset. An input without documents or tokens is refused.
+
+Interrupts: workers and partition processes ignore SIGINT (Ctrl-C reaches the whole process group)
+and die with their parent; the main process turns SIGTERM into an exit that runs the same clean-up
+as Ctrl-C: the workers are terminated at once (never waited for; see ``_stop_pool``), partition
+processes are killed, temporaries are removed, and nothing is renamed into place. A worker or
+partition that dies (killed, out of memory) stops the run with an error instead of a wait forever.
 """
 
 from __future__ import annotations
@@ -35,7 +42,10 @@ import glob
 import gzip
 import multiprocessing
 import os
+import queue as queue_module
+import signal
 import sys
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -254,7 +264,25 @@ def _tokenizer_args(config: PreprocessConfig):
     return SimpleNamespace(**{f.name: getattr(config, f.name) for f in dataclasses.fields(config)})
 
 
-def _init_worker(config: PreprocessConfig, threads: int) -> None:
+def _die_with_parent(parent_pid: int, sig: int) -> None:
+    """Have the kernel send `sig` to this process when its parent exits (Linux), so that a main
+    process killed outright leaves no worker behind; exit now if the parent is already gone."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(sig), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # pragma: no cover - not Linux
+        pass
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
+def _init_worker(config: PreprocessConfig, threads: int, parent_pid: int) -> None:
+    # Ctrl-C is for the main process: it terminates the workers. SIGTERM (sent by terminate) just ends them.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _die_with_parent(parent_pid, signal.SIGKILL)
     # The Rust tokenizers library sizes its thread pool from this variable on first use.
     os.environ["RAYON_NUM_THREADS"] = str(threads)
     from gigatron.core.tokenizers import build_tokenizer
@@ -400,6 +428,68 @@ def commit_pair(tmp_prefix: str, final_prefix: str) -> None:
     os.replace(tmp_prefix + ".idx", final_prefix + ".idx")
 
 
+class Terminated(SystemExit):
+    """Raised in the main process by SIGTERM, so that the clean-up of an interrupt runs."""
+
+    def __init__(self):
+        super().__init__(128 + signal.SIGTERM)
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
+class _TerminateRaises:
+    """While active (main thread only), SIGTERM raises `Terminated`; the old handler comes back after."""
+
+    def __enter__(self):
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, _raise_terminated)
+        return self
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+        return False
+
+
+class _WorkersDied(Exception):
+    """A pool worker exited while blocks were in flight (its block would never come back)."""
+
+
+def _wait_for(result, pool, worker_pids: set, poll_seconds: float = 0.5):
+    """`result.get()`, but raise `_WorkersDied` if a worker of `pool` has gone (the pool replaces a
+    dead worker silently and its task is lost). Our workers never exit on their own."""
+    while not result.ready():
+        result.wait(poll_seconds)
+        if not result.ready() and {p.pid for p in pool._pool} != worker_pids:
+            raise _WorkersDied()
+    return result.get()
+
+
+def _stop_pool(pool, grace_seconds: float = 1.0) -> None:
+    """Terminate `pool` without waiting on its blocks, and never hang doing so.
+
+    `Pool.terminate` alone can deadlock: once its result thread has stopped reading, a worker that is
+    writing a result larger than the pipe holds the result queue's lock forever, and terminate waits
+    for that lock to send its sentinel. So terminate runs in a helper thread (it first stops the pool
+    from replacing workers); if it has not finished after `grace_seconds`, the workers are killed and
+    the helper thread is left behind (a daemon, blocked on a lock no live process holds)."""
+    stopper = threading.Thread(target=pool.terminate, name="preprocess-pool-terminate", daemon=True)
+    stopper.start()
+    stopper.join(grace_seconds)
+    if stopper.is_alive():
+        for worker in list(pool._pool):
+            if worker.exitcode is None:
+                worker.kill()
+        for worker in list(pool._pool):
+            worker.join(grace_seconds)
+        stopper.join(0.1)
+    if not stopper.is_alive():
+        pool.join()
+
+
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -419,7 +509,8 @@ def _process_range(config: PreprocessConfig, workers: int, start: int, end: Opti
     builders = {k: IndexedDatasetBuilder(out_prefixes[k] + ".bin", dtype=dtype) for k in config.json_keys}
     t0 = time.time()
     done = False
-    pool = _mp_context().Pool(workers, initializer=_init_worker, initargs=(config, threads))
+    pool = _mp_context().Pool(workers, initializer=_init_worker, initargs=(config, threads, os.getpid()))
+    worker_pids = {p.pid for p in pool._pool}
     pending: deque = deque()
     try:
         window = 2 * workers + 1
@@ -444,23 +535,25 @@ def _process_range(config: PreprocessConfig, workers: int, start: int, end: Opti
         for block, offset in iter_line_chunks(config.input, config.chunk_bytes, start, end):
             pending.append(pool.apply_async(_encode_block, (block, offset)))
             if len(pending) >= window:
-                collect(pending.popleft().get())
+                collect(_wait_for(pending.popleft(), pool, worker_pids))
         while pending:
-            collect(pending.popleft().get())
+            collect(_wait_for(pending.popleft(), pool, worker_pids))
         for key, builder in builders.items():
             builder.finalize(out_prefixes[key] + ".idx")
         done = True
     except _LineError as e:
         line = line_numbers_at(config.input, [e.offset])[e.offset]
         raise PreprocessError(f"{config.input}:{line}: {e.message}") from None
+    except _WorkersDied:
+        raise PreprocessError(f"{label}a worker process died while tokenizing {config.input} (killed, or out of "
+                              "memory?); nothing was written. Run again, with fewer --workers if memory is "
+                              "short") from None
     finally:
         if done:
             pool.close()
+            pool.join()
         else:
-            for result in pending:  # let in-flight blocks finish so workers exit quietly
-                result.wait()
-            pool.terminate()
-        pool.join()
+            _stop_pool(pool)  # at once: a worker's block is never waited for after a failure or an interrupt
         for key, builder in builders.items():
             builder.close()
             if not done:
@@ -484,7 +577,13 @@ def _write_documents(builder: IndexedDatasetBuilder, ids: np.ndarray, seq_length
         builder.add_document(ids[token_bounds[d]:token_bounds[d + 1]], seq_lengths[sb[d]:sb[d + 1]])
 
 
-def _partition_main(config, workers, start, end, out_prefixes, dtype, label, queue) -> None:
+def _partition_main(config, workers, start, end, out_prefixes, dtype, label, queue, parent_pid) -> None:
+    # The parent stops a partition with SIGKILL (on Ctrl-C, SIGTERM or another partition's error) and
+    # removes its files; its pool workers die with it. No exception is ever raised here at an
+    # arbitrary point, which could leave the pool half torn down and the process unable to exit.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _die_with_parent(parent_pid, signal.SIGKILL)
     try:
         stats = _process_range(config, workers, start, end, out_prefixes, dtype, label)
         queue.put(("ok", stats))
@@ -515,7 +614,11 @@ def validate_config(config: PreprocessConfig) -> None:
 
 
 def preprocess(config: PreprocessConfig) -> PreprocessStats:
-    """Run the whole pipeline; returns the statistics (also printed to stderr)."""
+    """Run the whole pipeline; returns the statistics (also printed to stderr).
+
+    Raises PreprocessError for bad options or input (nothing is written, an existing dataset of the
+    same name is kept). Ctrl-C raises KeyboardInterrupt and SIGTERM `Terminated` (exit status 143)
+    after the same clean-up."""
     validate_config(config)
     from gigatron.core.tokenizers import build_tokenizer
 
@@ -525,22 +628,46 @@ def preprocess(config: PreprocessConfig) -> PreprocessStats:
     finals = {k: output_prefix_for(config, k) for k in config.json_keys}
     dtype = DType.optimal_dtype(tokenizer.vocab_size)
     t0 = time.time()
-    if config.partitions == 1:
-        temps = {k: _temp_prefix(p) for k, p in finals.items()}
-        stats = _process_range(config, config.workers, 0, None, temps, dtype)
-    else:
-        temps, stats = _run_partitions(config, finals, dtype)
-    try:
-        for key in config.json_keys:
-            commit_pair(temps[key], finals[key])
-    except BaseException:
-        for p in temps.values():
-            _remove_pair(p)
-        raise
+    with _TerminateRaises():
+        try:
+            if config.partitions == 1:
+                temps = {k: _temp_prefix(p) for k, p in finals.items()}
+                stats = _process_range(config, config.workers, 0, None, temps, dtype)
+            else:
+                temps, stats = _run_partitions(config, finals, dtype)
+            try:
+                check_not_empty(stats, config)
+                for key in config.json_keys:
+                    commit_pair(temps[key], finals[key])
+            except BaseException:
+                for p in temps.values():
+                    _remove_pair(p)
+                raise
+        except (KeyboardInterrupt, Terminated) as stop:
+            what = "interrupted" if isinstance(stop, KeyboardInterrupt) else "terminated (SIGTERM)"
+            existing = [p for p in finals.values() if os.path.exists(p + ".idx")]
+            _log(f"{what}: nothing was written" + (f"; the existing {', '.join(existing)} is unchanged" if existing else ""))
+            raise
     stats.elapsed = time.time() - t0
     stats.outputs = [finals[k] for k in config.json_keys]
     _report(stats, config)
     return stats
+
+
+def check_not_empty(stats: PreprocessStats, config: PreprocessConfig) -> None:
+    """Refuse to write a dataset without documents or without tokens (an empty or wrong input)."""
+    if stats.documents == 0:
+        found = []
+        if stats.blank_lines:
+            found.append(f"{stats.blank_lines} blank lines")
+        if stats.bad_lines:
+            found.append(f"{stats.bad_lines} bad lines skipped")
+        raise PreprocessError(f"--input {config.input} holds no documents ({', '.join(found) or 'it is empty'}); "
+                              "nothing was written. Give a JSON-lines file with one object per line")
+    if stats.tokens == 0:
+        raise PreprocessError(f"--input {config.input}: none of its {stats.documents} documents has any tokens "
+                              f"in --json-keys {' '.join(config.json_keys)}; nothing was written. Check the keys "
+                              "and the tokenizer")
 
 
 def _run_partitions(config: PreprocessConfig, finals: dict, dtype):
@@ -556,11 +683,18 @@ def _run_partitions(config: PreprocessConfig, finals: dict, dtype):
         for i in range(P):
             p = ctx.Process(target=_partition_main,
                             args=(config, config.workers // P, bounds[i], bounds[i + 1], part_prefixes[i],
-                                  dtype, f"[partition {i}] ", queue))
+                                  dtype, f"[partition {i}] ", queue, os.getpid()))
             p.start()
             procs.append(p)
-        for _ in range(P):
-            status, payload = queue.get()
+        while len(results) < P:
+            try:
+                status, payload = queue.get(timeout=0.5)
+            except queue_module.Empty:
+                dead = [(i, p.exitcode) for i, p in enumerate(procs) if p.exitcode not in (None, 0)]
+                if dead:
+                    raise PreprocessError(f"partition {dead[0][0]}'s process died (exit code {dead[0][1]}: killed, or "
+                                          "out of memory?); nothing was written") from None
+                continue
             if status == "error":
                 raise PreprocessError(payload)
             results[len(results)] = payload
@@ -580,8 +714,9 @@ def _run_partitions(config: PreprocessConfig, finals: dict, dtype):
     except BaseException:
         for p in procs:
             if p.is_alive():
-                p.terminate()
-            p.join()
+                p.kill()
+        for p in procs:
+            p.join(10)
         for k, p in finals.items():
             _remove_pair(_temp_prefix(p))
         raise

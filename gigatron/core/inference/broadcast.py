@@ -24,8 +24,8 @@ class LocalRunner:
     def __init__(self, engine):
         self.engine = engine
 
-    def generate_tokens(self, prompt_tokens, params, on_step=None):
-        return self.engine.generate_tokens(prompt_tokens, params, on_step)
+    def generate_tokens(self, prompt_tokens, params, on_step=None, cancelled=None):
+        return self.engine.generate_tokens(prompt_tokens, params, on_step, cancelled)
 
     def beam_search_tokens(self, prompt_tokens, tokens_to_generate, beam_width, stop_token, length_penalty):
         return self.engine.beam_search_tokens(prompt_tokens, tokens_to_generate, beam_width, stop_token,
@@ -48,9 +48,10 @@ class LeaderRunner(LocalRunner):
         super().__init__(engine)
         self.src = src
 
-    def generate_tokens(self, prompt_tokens, params, on_step=None):
+    def generate_tokens(self, prompt_tokens, params, on_step=None, cancelled=None):
         _broadcast((GENERATE, ([list(p) for p in prompt_tokens], params)), self.src)
-        return self.engine.generate_tokens(prompt_tokens, params, on_step)
+        # The callbacks run here only; the engine broadcasts the rows they end to the other ranks.
+        return self.engine.generate_tokens(prompt_tokens, params, on_step, cancelled)
 
     def beam_search_tokens(self, prompt_tokens, tokens_to_generate, beam_width, stop_token, length_penalty):
         args = (list(prompt_tokens), tokens_to_generate, beam_width, stop_token, length_penalty)

@@ -59,41 +59,48 @@ each step consumes the logits of a replay before the next replay. "compiled" doe
 the step compiled by torch.compile first (one compilation per batch size and attention length):
 Inductor fuses the norms, residual adds, bias and activation epilogues, the KV-cache writes and
 the logits' slicing and casting, so the captured graph holds fewer, larger kernels (283 against
-456 per step for the 1.3B GPT at batch 1 with fused_decode=False). On CPU "compiled" runs the
+456 per step for the 1.3B GPT at batch 1 with DecodeKernels(fused=False)). On CPU "compiled" runs the
 compiled step without a graph. "eager" (default) runs the model each step and attends over the
 bounded kv_len above.
 
-On CUDA the captured steps at batch 1 run each layer as four fused Triton GEMVs
-(gigatron/core/ops/gemv.py: weight rows streamed once with wide loads, no split-K pass, the norm
-in the prologue, bias, activation and residual add in the epilogue) and one decode-attention
-kernel that also writes the new key/value into the cache (gigatron/core/ops/decode_attention.py,
-used at any batch whose rows and heads do not fill the GPU); the final norm runs inside the
-output layer's GEMV. On Hopper GPUs these kernels are launched with programmatic dependent
-launch, so each one streams its weights while the one before it finishes. For the 1.3B GPT a
-step is 127 kernels (the bookkeeping kernel included) instead of 271, and 1,015 against 775
-tokens/s on one H200.
-`fused_decode=False` keeps one plain GEMV per linear layer with the rest compiled around it,
-`gemv=False` keeps cuBLAS (and cuDNN attention).
+On CUDA a captured step is the engine's own decode step (decode_step.py, built from the model's
+weights; the model's layers carry no inference switch): at batch 1 it runs each layer as four
+fused Triton GEMVs (gigatron/core/ops/gemv.py: weight rows streamed once with wide loads, no
+split-K pass, the norm in the prologue, bias, activation and residual add in the epilogue) and one
+decode-attention kernel that also writes the new key/value into the cache
+(gigatron/core/ops/decode_attention.py, used at any batch whose rows and heads do not fill the
+GPU); the final norm runs inside the output layer's GEMV. On Hopper GPUs these kernels are
+launched with programmatic dependent launch, so each one streams its weights while the one before
+it finishes. For the 1.3B GPT a step is 127 kernels (the bookkeeping kernel included) instead of
+271, and 1,015 against 775 tokens/s on one H200. Benchmarks switch kernels off through the
+private `_decode_kernels` argument (decode_step.DecodeKernels): `fused=False` keeps one plain GEMV
+per linear layer with the rest compiled around it, `gemv=False` keeps cuBLAS (and cuDNN attention).
+Eager steps, the prefill and CPU steps run the model's own forward.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import random
+import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from gigatron.core.inference.advance import StopTokens, advance
+from gigatron.core.inference.decode_step import DecodeKernels, DecodeStep
 from gigatron.core.inference.kv_cache import InferenceContext, causal_cache_mask, decode_kv_bucket, decode_kv_buckets
 from gigatron.core.inference.sampling import check_sampling_params, greedy_tokens, sample
-from gigatron.core.ops.gemv import decode_gemv
 
 __all__ = ["InferenceEngine", "SamplingParams", "GenerationResult", "BeamResult", "PromptTooLongError",
            "DECODE_MODES"]
 
 DECODE_MODES = ("eager", "cuda_graph", "compiled")
+
+log = logging.getLogger("gigatron.inference.engine")
 
 
 class PromptTooLongError(ValueError):
@@ -178,29 +185,19 @@ class InferenceEngine:
       tokenizer: gigatron.core.tokenizers tokenizer (tokenize, detokenize, eod).
       vocab_size: the true vocabulary (default tokenizer.vocab_size); logits past it are ignored.
       max_sequence_length: the cache length (default config.max_position_embeddings or seq_length).
-      decode_mode: "eager", "cuda_graph" or "compiled" (see the module docstring).
-      gemv: captured decode steps use the Triton decode kernels (CUDA only): the GEMV for one-row
-        linear layers and the fused decode path (below); False keeps cuBLAS and SDPA.
-      fused_decode: with gemv, captured decode steps run each one-row layer as four fused GEMVs
-        (norm prologue; bias, activation and residual epilogues) around the decode-attention
-        kernel, and the final norm inside the output layer's GEMV; False keeps the plain GEMV per
-        linear layer.
-      decode_attention: with gemv, captured decode steps whose rows and heads do not fill the GPU
-        attend through one kernel that also writes the KV cache (False: SDPA, and no fused
-        one-row layers, which attend only through it).
-      decode_pdl: with gemv, the Triton decode kernels are launched with programmatic dependent
-        launch on GPUs that have it (Hopper and later): each starts streaming its weights while
-        the kernel before it finishes (gigatron/core/ops/gemv.py, pdl_enabled).
+      decode_mode: "eager", "cuda_graph" or "compiled" (see the module docstring); captured
+        steps on CUDA use every Triton decode kernel (decode_step.py).
+      _decode_kernels: private, for benchmarks: a decode_step.DecodeKernels naming the kernels the
+        captured steps use (default: all).
 
     generate(prompts, params) -> GenerationResult
-    generate_tokens(prompt_tokens, params, on_step=None) -> GenerationResult
+    generate_tokens(prompt_tokens, params, on_step=None, cancelled=None) -> GenerationResult
     beam_search(prompt, tokens_to_generate, beam_width, stop_token, length_penalty, add_BOS) -> BeamResult
     """
 
     def __init__(self, model, tokenizer, *, groups=None, vocab_size: Optional[int] = None,
                  max_batch_size: int = 8, max_sequence_length: Optional[int] = None, decode_mode: str = "eager",
-                 gemv: bool = True, fused_decode: bool = True, decode_attention: bool = True,
-                 decode_pdl: bool = True):
+                 _decode_kernels: Optional[DecodeKernels] = None):
         config = model.config
         groups = groups if groups is not None else model.groups
         if not (model.pre_process and model.post_process) or groups.pp.size != 1:
@@ -231,10 +228,11 @@ class InferenceEngine:
         if decode_mode == "cuda_graph" and self.device.type != "cuda":
             raise ValueError("decode_mode='cuda_graph' needs the model on a CUDA device; use 'eager' on CPU")
         self.decode_mode = decode_mode
-        self.gemv = bool(gemv)
-        self.fused_decode = bool(fused_decode)
-        self.decode_attention = bool(decode_attention)
-        self.decode_pdl = bool(decode_pdl)
+        kernels = _decode_kernels if _decode_kernels is not None else DecodeKernels()
+        # What a captured decode step runs: the decode step with the Triton kernels on CUDA, the
+        # model's own forward elsewhere (and with the kernels off).
+        self._decode_model = (DecodeStep(model, kernels) if self.device.type == "cuda" and kernels.gemv
+                              else model)
         self._compiled_step = None  # torch.compile of _decode_forward (decode_mode "compiled")
         self.eod = tokenizer.eod
         self.newline = _single_token(tokenizer, "\n")
@@ -244,6 +242,7 @@ class InferenceEngine:
         self._graphs: Dict[Tuple[int, int], "_DecodeGraph"] = {}  # (batch, attention length) -> graph
         self._graph_pool = None  # one memory pool for every captured decode graph
         self._graph_inputs: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}  # batch -> tokens, positions
+        self._compiled_shapes = set()  # (batch, attention length) of the compiled steps run on CPU
 
     # ------------------------------------------------------------------ helpers
     def context(self) -> InferenceContext:
@@ -287,21 +286,22 @@ class InferenceEngine:
         return tokens
 
     def _forward(self, ctx: InferenceContext, tokens: torch.Tensor, positions: torch.Tensor,
-                 kv_len: int) -> torch.Tensor:
-        """tokens, positions [b, s] -> logits [b, s, V] (fp32)."""
+                 kv_len: int, model=None) -> torch.Tensor:
+        """tokens, positions [b, s] -> logits [b, s, V] (fp32), through `model` (default: the
+        model's own forward; captured decode steps pass the decode step)."""
         ctx.set_positions(positions, kv_len)
         mask = causal_cache_mask(positions, kv_len)  # [b, 1, s, kv_len]
-        logits = self.model(tokens, positions, mask, inference_context=ctx)  # [s, b, Vp/tp]
+        logits = (self.model if model is None else model)(tokens, positions, mask, inference_context=ctx)  # [s, b, Vp/tp]
         return self._full_logits(logits)
 
     def _decode_forward(self, ctx, tokens, positions, kv_len: int) -> torch.Tensor:
-        """The decode step's computation: tokens, positions [b, 1] -> logits [b, V] (fp32)."""
+        """An eager decode step's computation: tokens, positions [b, 1] -> logits [b, V] (fp32)."""
         return self._forward(ctx, tokens, positions, kv_len)[:, -1]
 
     def _graph_step(self, ctx, tokens, positions, kv_len: int):
         """What a captured decode step computes: (logits [b, V] fp32, their argmax [b]: the greedy
         token, so greedy decoding needs no reduction outside the graph)."""
-        logits = self._decode_forward(ctx, tokens, positions, kv_len)
+        logits = self._forward(ctx, tokens, positions, kv_len, self._decode_model)[:, -1]
         return logits, greedy_tokens(logits)
 
     def _step_function(self):
@@ -326,16 +326,33 @@ class InferenceEngine:
             return self._decode_forward(ctx, tokens, positions, kv_len), None
         bucket = decode_kv_bucket(kv_len, ctx.max_sequence_length)
         if self.device.type != "cuda":  # "compiled" on CPU: the compiled step, no graph
-            return self._step_function()(ctx, tokens, positions, bucket)
+            if (b, bucket) in self._compiled_shapes:
+                return self._step_function()(ctx, tokens, positions, bucket)
+            with self._compiling(b, bucket):
+                out = self._step_function()(ctx, tokens, positions, bucket)
+            self._compiled_shapes.add((b, bucket))
+            return out
         graph = self._graphs.get((b, bucket))
         if graph is None:
             if self._graph_pool is None:
                 self._graph_pool = torch.cuda.graph_pool_handle()
-            graph = self._graphs[(b, bucket)] = _DecodeGraph(self, ctx, bucket, self._graph_pool,
-                                                             *self._decode_inputs(b))
+            with self._compiling(b, bucket) if self.decode_mode == "compiled" else contextlib.nullcontext():
+                graph = self._graphs[(b, bucket)] = _DecodeGraph(self, ctx, bucket, self._graph_pool,
+                                                                 *self._decode_inputs(b))
         if tokens is not graph.tokens or positions is not graph.positions:
             raise ValueError("a captured decode step reads its own inputs: pass the buffers of _decode_inputs(b)")
         return graph.run()
+
+    @contextlib.contextmanager
+    def _compiling(self, b: int, kv_len: int):
+        """Say (log level INFO) that the decode step of this shape is being compiled, which takes
+        tens of seconds once per shape, and how long it took."""
+        log.info("compiling the decode step for %d row%s and %d cache slots (torch.compile, once per shape) ...",
+                 b, "" if b == 1 else "s", kv_len)
+        start = time.perf_counter()
+        yield
+        log.info("compiled the decode step for %d row%s and %d cache slots in %.1f s",
+                 b, "" if b == 1 else "s", kv_len, time.perf_counter() - start)
 
     def _decode_inputs(self, b: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """Buffers for a decode step's tokens and positions [b, 1]: with CUDA graphs the inputs
@@ -370,9 +387,14 @@ class InferenceEngine:
 
     @torch.no_grad()
     def generate_tokens(self, prompt_tokens: Sequence[Sequence[int]], params: SamplingParams,
-                        on_step: Optional[Callable] = None) -> GenerationResult:
+                        on_step: Optional[Callable] = None,
+                        cancelled: Optional[Callable[[], Optional[Sequence[bool]]]] = None) -> GenerationResult:
         """on_step(step, tokens [b] list, active [b] list of bool) is called after each sampled token
-        (tokens of inactive rows are padding); it may return a list of b bools naming rows to end."""
+        (tokens of inactive rows are padding); it may return a list of b bools naming rows to end.
+        cancelled() is called on the host after each sampled token and reads nothing from the
+        device: None, or b bools naming the rows whose requests were withdrawn (a client that went
+        away). Those rows end there; once every row is withdrawn the generation stops. Under
+        tensor parallelism only the serving rank passes it (its choice is broadcast)."""
         b = len(prompt_tokens)
         if b == 0:
             raise ValueError("no prompts to generate from")
@@ -410,7 +432,7 @@ class InferenceEngine:
         next_logits = logits[rows, lengths - 1]  # [b, V]
         del logits
         cur, top_steps = self._decode_steps(ctx, tokens, token_logprobs, next_logits, lengths, longest, params,
-                                            generator, on_step)
+                                            generator, on_step, cancelled)
 
         lengths_out = cur.tolist()
         tokens_out = [tokens[i, : lengths_out[i]].tolist() for i in range(b)]
@@ -428,7 +450,8 @@ class InferenceEngine:
 
     def _decode_steps(self, ctx: InferenceContext, tokens: torch.Tensor, token_logprobs: torch.Tensor,
                       next_logits: torch.Tensor, lengths: torch.Tensor, longest: int, params: SamplingParams,
-                      generator: torch.Generator, on_step: Optional[Callable]):
+                      generator: torch.Generator, on_step: Optional[Callable],
+                      cancelled: Optional[Callable[[], Optional[Sequence[bool]]]] = None):
         """The sampling loop after the prefill (the step the module docstring lays out). Writes the
         generated tokens and their log-probabilities into tokens and token_logprobs [b, L + T] in
         place; returns (cur [b]: each row's final length, top_steps: per step (values [b, n],
@@ -475,18 +498,24 @@ class InferenceEngine:
             # excludes callbacks and tensor parallelism (whose rows may end below).
             advance(new, active, cur, last, tokens, next_tokens, next_positions, stops, self.eod,
                     flag=None if last_step else all_stopped.next_flag())
+            withdrawn = cancelled() if cancelled is not None else None  # host only: no device read
+            withdrawn = list(withdrawn) if withdrawn is not None and any(withdrawn) else None
             if caller_ends_rows:  # the callback may end rows (e.g. a stop string appeared)
                 ends = torch.zeros(b, dtype=torch.long, device=device)
                 extra = on_step(step, last.tolist(), was_active.tolist()) if on_step is not None else None
-                if extra is not None:
-                    ends = torch.tensor([int(bool(e)) for e in extra], device=device)
-                # Only the serving rank has the callback: every rank follows its choice.
+                if extra is not None or withdrawn is not None:
+                    extra = extra if extra is not None else [False] * b
+                    withdrawn = withdrawn if withdrawn is not None else [False] * b
+                    ends = torch.tensor([int(bool(e) or bool(w)) for e, w in zip(extra, withdrawn)], device=device)
+                # Only the serving rank has the callbacks: every rank follows its choice.
                 active &= ~self._sync_tokens(ends).bool()
+            elif withdrawn is not None:
+                active &= ~torch.tensor([bool(w) for w in withdrawn], device=device)
             if params.top_p_decay > 0.0 and top_p > 0.0:
                 top_p = top_p * params.top_p_decay
                 if params.top_p_bound > 0.0:
                     top_p = max(top_p, params.top_p_bound)
-            if last_step or all_stopped(active):
+            if last_step or (withdrawn is not None and all(withdrawn)) or all_stopped(active):
                 break
             # No position exceeds longest + step, so longest + step + 1 slots cover them all.
             next_logits, greedy = self._decode(ctx, next_tokens, next_positions, longest + step + 1)  # [b, V], [b]
@@ -663,15 +692,13 @@ class _DecodeGraph:
         stream.wait_stream(torch.cuda.current_stream(device))
         # The warm-up compiles (decode_mode "compiled") and autotunes the GEMV, neither of which
         # may happen during the capture.
-        with decode_gemv(engine.gemv, fused=engine.fused_decode, attention=engine.decode_attention,
-                         pdl=engine.decode_pdl):
-            with torch.cuda.stream(stream):
-                for _ in range(2):
-                    step(ctx, self.tokens, self.positions, kv_len)
-            torch.cuda.current_stream(device).wait_stream(stream)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph, pool=pool):
-                self.logits, self.greedy = step(ctx, self.tokens, self.positions, kv_len)  # [b, V], [b]
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                step(ctx, self.tokens, self.positions, kv_len)
+        torch.cuda.current_stream(device).wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.logits, self.greedy = step(ctx, self.tokens, self.positions, kv_len)  # [b, V], [b]
         for k, (kc, vc) in saved.items():
             ctx.key_cache[k][:batch, :1].copy_(kc)
             ctx.value_cache[k][:batch, :1].copy_(vc)

@@ -111,10 +111,12 @@ class InferenceContext:
         self._rows = torch.arange(positions.shape[0], device=positions.device)[:, None].expand_as(positions)  # [b, s]
         self.kv_len = kv_len
 
-    def attend(self, layer_number: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
+    def attend(self, layer_number: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+               pdl: bool = False):
         """A decode step's attention (one new token per row): q [1, b, nq, d], k, v [1, b, ng, d] ->
         context [1, b, nq*d]; writes k, v at the rows' positions and attends over slots
-        0..position of each row (one fused kernel on CUDA, see gigatron/core/ops/decode_attention.py)."""
+        0..position of each row (one fused kernel on CUDA, see gigatron/core/ops/decode_attention.py;
+        pdl: launched with programmatic dependent launch where the GPU has it)."""
         from gigatron.core.ops.decode_attention import decode_attention
         if self.positions is None:
             raise RuntimeError("InferenceContext.set_positions must be called before the forward")
@@ -122,7 +124,7 @@ class InferenceContext:
             raise ValueError(f"InferenceContext.attend takes one new token per row, got {q.shape[0]}")
         b = q.shape[1]
         out = decode_attention(q[0], k[0], v[0], self.key_cache[layer_number], self.value_cache[layer_number],
-                               self.positions[:, 0], self.kv_len, scale)  # [b, nq, d]
+                               self.positions[:, 0], self.kv_len, scale, pdl=pdl)  # [b, nq, d]
         return out.reshape(1, b, -1)
 
     def store(self, layer_number: int, k: torch.Tensor, v: torch.Tensor):

@@ -159,27 +159,11 @@ class GPTModel(nn.Module):
                                     attention_mask is not None, dropout)
         if inference_context is None:
             hidden = self.decoder(hidden, attention_mask, rotary)
-        elif labels is None and self._fused_head_applies(hidden):
-            # A one-row decode step inside decode_gemv(fused=True): the final norm runs inside the
-            # output layer's GEMV (one kernel instead of two, see gigatron/core/ops/gemv.py).
-            from gigatron.core.ops.gemv import fused_gemv
-            hidden = self.decoder(hidden, attention_mask, rotary, inference_context=inference_context,
-                                  final_norm=False)
-            return fused_gemv(hidden, self.output_weight(), None, norm=self.decoder.final_layernorm)  # [1, 1, V]
         else:
             hidden = self.decoder(hidden, attention_mask, rotary, inference_context=inference_context)
         if not self.post_process:
             return hidden
         return self._output(hidden, labels)
-
-    def _fused_head_applies(self, hidden: Optional[torch.Tensor]) -> bool:
-        """The final norm can be folded into the output layer's GEMV: a decode step of one row
-        inside decode_gemv(fused=True), on a single-stage model without tensor parallelism."""
-        from gigatron.core.ops.gemv import NORM_CODES, fused_row_applies
-        norm = getattr(self.decoder, "final_layernorm", None)
-        return (self.pre_process and self.post_process and hidden is not None and norm is not None
-                and type(norm).__name__ in NORM_CODES and self.groups.tp.size == 1 and not self.training
-                and fused_row_applies(hidden, self.output_weight()))
 
     def _output(self, hidden: torch.Tensor, labels: Optional[torch.Tensor]) -> torch.Tensor:
         weight = self.output_weight()

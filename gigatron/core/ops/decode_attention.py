@@ -6,7 +6,7 @@ d = head dim, B = cache rows (b <= B), S = cache slots per row.
 
     decode_attention(q [b, nq, d], k [b, ng, d], v [b, ng, d],
                      key_cache [B, S, ng, d], value_cache [B, S, ng, d],
-                     positions [b] (long), kv_len, scale) -> [b, nq, d]
+                     positions [b] (long), kv_len, scale, pdl=False) -> [b, nq, d]
 
 writes k and v into slot positions[r] of row r of the caches and returns, for every row and query
 head, softmax(q . K^T * scale) V over that row's slots 0..positions[r] (the causal cache mask of
@@ -27,7 +27,8 @@ itself in with an atomic add; the last program of a (row, head) to arrive combin
 
 It is registered as the custom op gigatron::decode_attention (mutating the two caches) so that
 torch.compile keeps it as one call and a CUDA graph captures it; without CUDA or Triton the op
-runs the reference.
+runs the reference. `pdl=True` launches it with programmatic dependent launch where the GPU has
+it (gemv.pdl_supported).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import math
 
 import torch
 
-from gigatron.core.ops.gemv import gemv_available
+from gigatron.core.ops.gemv import gemv_available, pdl_supported
 
 BLOCK_L = 64
 
@@ -91,7 +92,7 @@ def _kernels():
                          sq_b, sq_h, sk_b, sk_h, sv_b, sv_h, sc_b, sc_s, sc_h, svc_b, svc_s, svc_h, so_b, so_h,
                          chunk, scale, HPG: tl.constexpr, D: tl.constexpr, D_P2: tl.constexpr,
                          BLOCK_L: tl.constexpr, SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, PDL: tl.constexpr):
-        if PDL:  # see gemv.pdl_enabled
+        if PDL:  # see gemv.pdl_supported
             tl.extra.cuda.gdc_launch_dependents()
         row = tl.program_id(0)
         head = tl.program_id(1)
@@ -197,10 +198,8 @@ def _arrival_counters(device) -> torch.Tensor:
     return counters
 
 
-def _triton_decode_attention(q, k, v, key_cache, value_cache, positions, kv_len: int, scale: float):
+def _triton_decode_attention(q, k, v, key_cache, value_cache, positions, kv_len: int, scale: float, pdl: bool):
     import triton
-
-    from gigatron.core.ops.gemv import pdl_enabled
 
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     b, nq, d = q.shape
@@ -218,7 +217,7 @@ def _triton_decode_attention(q, k, v, key_cache, value_cache, positions, kv_len:
             key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
             value_cache.stride(0), value_cache.stride(1), value_cache.stride(2), out.stride(0), out.stride(1),
             chunk, float(scale))
-    pdl = pdl_enabled()
+    pdl = pdl_supported(pdl)
     attention_kernel[(b, nq, splits)](*args, HPG=nq // ng, D=d, D_P2=d_p2, BLOCK_L=BLOCK_L, SPLITS=splits,
                                       SPLITS_P2=triton.next_power_of_2(splits), PDL=pdl, num_warps=4,
                                       **({"launch_pdl": True} if pdl else {}))
@@ -228,20 +227,20 @@ def _triton_decode_attention(q, k, v, key_cache, value_cache, positions, kv_len:
 @torch.library.custom_op("gigatron::decode_attention", mutates_args=("key_cache", "value_cache"))
 def _decode_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_cache: torch.Tensor,
                          value_cache: torch.Tensor, positions: torch.Tensor, kv_len: int,
-                         scale: float) -> torch.Tensor:
+                         scale: float, pdl: bool = False) -> torch.Tensor:
     if q.is_cuda and gemv_available() and key_cache.stride(-1) == 1 and value_cache.stride(-1) == 1:
-        return _triton_decode_attention(q, k, v, key_cache, value_cache, positions, kv_len, scale)
+        return _triton_decode_attention(q, k, v, key_cache, value_cache, positions, kv_len, scale, pdl)
     return reference_decode_attention(q, k, v, key_cache, value_cache, positions, kv_len, scale)
 
 
 @_decode_attention_op.register_fake
-def _decode_attention_fake(q, k, v, key_cache, value_cache, positions, kv_len, scale):
+def _decode_attention_fake(q, k, v, key_cache, value_cache, positions, kv_len, scale, pdl=False):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_cache: torch.Tensor,
                      value_cache: torch.Tensor, positions: torch.Tensor, kv_len: int,
-                     scale: float = None) -> torch.Tensor:
+                     scale: float = None, pdl: bool = False) -> torch.Tensor:
     """See the module docstring; scale defaults to 1/sqrt(d)."""
     if q.dim() != 3 or k.shape != v.shape or k.dim() != 3 or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
         raise ValueError(f"decode_attention wants q [b, nq, d] and k, v [b, ng, d]; got {tuple(q.shape)}, "
@@ -256,4 +255,4 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_cach
         raise ValueError(f"kv_len {kv_len} is outside (0, {key_cache.shape[1]}]")
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    return _decode_attention_op(q, k, v, key_cache, value_cache, positions, int(kv_len), float(scale))
+    return _decode_attention_op(q, k, v, key_cache, value_cache, positions, int(kv_len), float(scale), bool(pdl))

@@ -17,37 +17,32 @@ the custom op gigatron::gemv so that torch.compile treats it as one opaque kerne
 graph captures it like any other launch (autotuning must have run before the capture: the
 inference engine's warm-up forwards do that).
 
-`decode_gemv(enabled)` is the switch the inference engine turns on around its decode steps; the
-linear layers call `maybe_gemv` which falls back to F.linear whenever it is off.
+`maybe_gemv(x, weight, bias)` is F.linear through the Triton GEMV wherever it applies.
 
-The same kernel, as `fused_gemv`, runs a whole one-row layer in four launches
-(TransformerLayer._decode_one_row): LayerNorm/RMSNorm of x in the prologue (every program reads
-the row once from L2 and reduces it, with a slice as wide as the row, while its first weight
-tile is in flight), then bias, GeLU / SwiGLU / squared ReLU and the residual add in the
-epilogue, rounding where the unfused layers round. Inside `decode_gemv(..., pdl=True)` on a
+The same kernel, as `fused_gemv`, runs a whole one-row layer in four launches (the inference
+engine's decode step, gigatron/core/inference/decode_step.py): LayerNorm/RMSNorm of x in the
+prologue (every program reads the row once from L2 and reduces it, with a slice as wide as the
+row, while its first weight tile is in flight), then bias, GeLU / SwiGLU / squared ReLU and the
+residual add in the epilogue, rounding where the unfused layers round. With `pdl=True` on a
 Hopper GPU the decode kernels are launched with programmatic dependent launch: a kernel's
 programs start while the kernel before it finishes, request their weights, bias and norm weights
 (nothing an earlier kernel wrote), and only then wait (griddepcontrol.wait) for the previous
-kernel's output, so the ramp and tail of consecutive small kernels overlap (see pdl_enabled).
+kernel's output, so the ramp and tail of consecutive small kernels overlap (see pdl_supported).
+No state is kept between calls: whoever calls an op says how it is launched.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["gemv_available", "gemv_applies", "linear_one_row", "reference_linear_one_row", "decode_gemv",
-           "maybe_gemv", "pdl_enabled", "fused_row_applies", "decode_attention_enabled",
-           "fused_gemv", "reference_fused_gemv", "ACT_CODES", "NORM_CODES"]
+from gigatron.core.ops.activations import FUSED_ACTIVATIONS
 
-_ENABLED = False
-_FUSED = False
-_ATTENTION = False
-_PDL = False
+__all__ = ["gemv_available", "gemv_applies", "linear_one_row", "reference_linear_one_row", "maybe_gemv",
+           "pdl_supported", "fused_gemv", "reference_fused_gemv", "ACT_CODES", "NORM_CODES"]
 
 
 _AVAILABLE: Optional[bool] = None
@@ -75,51 +70,21 @@ def gemv_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and gemv_available())
 
 
-@contextlib.contextmanager
-def decode_gemv(enabled: bool = True, fused: bool = True, attention: bool = True, pdl: bool = False):
-    """Route one-row linear layers through the Triton GEMV inside this block (the inference
-    engine's decode steps); with `fused`, one-row layers run as fused GEMVs
-    (TransformerLayer._decode_one_row); with `attention`, decode steps attend through the
-    decode-attention kernel; with `pdl`, those kernels are launched with programmatic dependent
-    launch (see `pdl_enabled`). Read when a layer runs, so a CUDA graph captured inside the block
-    replays the kernels."""
-    global _ENABLED, _FUSED, _ATTENTION, _PDL
-    previous = _ENABLED, _FUSED, _ATTENTION, _PDL
-    _ENABLED, _FUSED, _ATTENTION = bool(enabled), bool(enabled and fused), bool(enabled and attention)
-    _PDL = bool(enabled and pdl)
-    try:
-        yield
-    finally:
-        _ENABLED, _FUSED, _ATTENTION, _PDL = previous
-
-
-def pdl_enabled() -> bool:
-    """Inside a decode_gemv(True, pdl=True) block on a GPU that has programmatic dependent launch
-    (compute capability 9.0 or later): the decode kernels are launched so that each may start
-    while the one before it finishes. Every such kernel first requests what does not depend on
-    the kernels before it (its first weight tile), then waits for them to complete
+def pdl_supported(pdl: bool) -> bool:
+    """Launch with programmatic dependent launch: asked for (`pdl`) and the GPU has it (compute
+    capability 9.0 or later). Every decode kernel launched this way first requests what does not
+    depend on the kernels before it (its first weight tile), then waits for them to complete
     (griddepcontrol.wait) before it reads anything they wrote and before it writes anything, so
-    the overlap is safe and transitive along the chain; a kernel launched this way after an
-    ordinary one simply starts when that one completes."""
-    return _PDL and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
+    the overlap with the kernel before it is safe and transitive along a chain of such kernels; a
+    kernel launched this way after an ordinary one simply starts when that one completes."""
+    return pdl and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
 
 
-def fused_row_applies(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Inside a decode_gemv(True, fused=True) block, hidden [1, 1, K] (one token of one row) can
-    go through fused_gemv with this weight: the same dtype, and on CUDA what the kernel takes."""
-    return (_FUSED and hidden.shape[:2] == (1, 1) and hidden.dtype == weight.dtype
-            and (not hidden.is_cuda or gemv_applies(hidden, weight)))
-
-
-def decode_attention_enabled() -> bool:
-    """Inside a decode_gemv(True, attention=True) block: decode steps use the decode-attention kernel."""
-    return _ATTENTION
-
-
-def maybe_gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """F.linear(x, weight, bias), through the Triton GEMV when decode_gemv is on and it applies."""
-    if _ENABLED and gemv_applies(x, weight) and x.shape[-1] == weight.shape[1]:
-        return _gemv_op(x, weight, bias)
+def maybe_gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
+               pdl: bool = False) -> torch.Tensor:
+    """F.linear(x, weight, bias), through the Triton GEMV where it applies (gemv_applies)."""
+    if gemv_applies(x, weight) and x.shape[-1] == weight.shape[1]:
+        return _gemv_op(x, weight, bias, pdl)
     return F.linear(x, weight, bias)
 
 
@@ -129,7 +94,7 @@ def reference_linear_one_row(x: torch.Tensor, weight: torch.Tensor, bias: Option
 
 
 NORM_CODES = {None: 0, "LayerNorm": 1, "RMSNorm": 2}
-ACT_CODES = {None: 0, "gelu": 1, "gelu_tanh": 2, "swiglu": 3, "squared_relu": 4}
+ACT_CODES = {None: 0, "gelu": 1, "gelu_tanh": 2, "swiglu": 3, "squared_relu": 4}  # names as in FUSED_ACTIVATIONS
 _ACT_NAMES = {code: name for name, code in ACT_CODES.items()}
 
 
@@ -285,7 +250,7 @@ def _kernel():
     return gemv_kernel
 
 
-def _launch(x_row, weight, bias, residual, norm_weight, norm_bias, y, n_out, eps, gamma_offset, norm, act):
+def _launch(x_row, weight, bias, residual, norm_weight, norm_bias, y, n_out, eps, gamma_offset, norm, act, pdl):
     k = weight.shape[1]
     kernel = _kernel()
 
@@ -293,7 +258,7 @@ def _launch(x_row, weight, bias, residual, norm_weight, norm_bias, y, n_out, eps
         return ((n_out + meta["BLOCK_N"] - 1) // meta["BLOCK_N"],)
 
     dummy = weight  # never read: the constexpr flags switch those loads off
-    pdl = pdl_enabled()
+    pdl = pdl_supported(pdl)
     kernel[grid](x_row, weight, dummy if bias is None else bias, y, dummy if residual is None else residual,
                  dummy if norm_weight is None else norm_weight, dummy if norm_bias is None else norm_bias,
                  n_out, k, float(eps), float(gamma_offset), HAS_BIAS=bias is not None, NORM=norm,
@@ -302,15 +267,15 @@ def _launch(x_row, weight, bias, residual, norm_weight, norm_bias, y, n_out, eps
 
 
 @torch.library.custom_op("gigatron::gemv", mutates_args=())
-def _gemv_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+def _gemv_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], pdl: bool = False) -> torch.Tensor:
     n, k = weight.shape
     y = torch.empty(n, dtype=x.dtype, device=x.device)
-    _launch(x.reshape(k).contiguous(), weight, bias, None, None, None, y, n, 0.0, 0.0, 0, 0)
+    _launch(x.reshape(k).contiguous(), weight, bias, None, None, None, y, n, 0.0, 0.0, 0, 0, pdl)
     return y.reshape(*x.shape[:-1], n)
 
 
 @_gemv_op.register_fake
-def _gemv_fake(x, weight, bias):
+def _gemv_fake(x, weight, bias, pdl=False):
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
@@ -334,8 +299,7 @@ def reference_fused_gemv(x, weight, bias, residual, norm_weight, norm_bias, norm
     linear_bias = bias if residual is None else None
     y = F.linear(x, weight, linear_bias)
     if act:  # the MLP's own activation functions
-        from gigatron.core.transformer.mlp import DECODE_ACTIVATIONS
-        y = DECODE_ACTIVATIONS[_ACT_NAMES[act]](y)
+        y = FUSED_ACTIVATIONS[_ACT_NAMES[act]](y)
     if residual is not None:
         if bias is not None:
             y = y + bias
@@ -347,25 +311,25 @@ def reference_fused_gemv(x, weight, bias, residual, norm_weight, norm_bias, norm
 def _fused_gemv_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                    residual: Optional[torch.Tensor], norm_weight: Optional[torch.Tensor],
                    norm_bias: Optional[torch.Tensor], norm: int, eps: float, gamma_offset: float,
-                   act: int) -> torch.Tensor:
+                   act: int, pdl: bool = False) -> torch.Tensor:
     if not (gemv_available() and x.is_cuda):  # CPU: the same computation in plain PyTorch
         return reference_fused_gemv(x, weight, bias, residual, norm_weight, norm_bias, norm, eps, gamma_offset, act)
     k = weight.shape[1]
     n_out = _out_features(weight, act)
     y = torch.empty(n_out, dtype=x.dtype, device=x.device)
     _launch(x.reshape(k).contiguous(), weight, bias, None if residual is None else residual.reshape(n_out).contiguous(),
-            norm_weight, norm_bias, y, n_out, eps, gamma_offset, norm, act)
+            norm_weight, norm_bias, y, n_out, eps, gamma_offset, norm, act, pdl)
     return y.reshape(*x.shape[:-1], n_out)
 
 
 @_fused_gemv_op.register_fake
-def _fused_gemv_fake(x, weight, bias, residual, norm_weight, norm_bias, norm, eps, gamma_offset, act):
+def _fused_gemv_fake(x, weight, bias, residual, norm_weight, norm_bias, norm, eps, gamma_offset, act, pdl=False):
     return x.new_empty(*x.shape[:-1], _out_features(weight, act))
 
 
 def fused_gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
                norm: Optional[torch.nn.Module] = None, activation: Optional[str] = None,
-               residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+               residual: Optional[torch.Tensor] = None, pdl: bool = False) -> torch.Tensor:
     """One-row linear layer with its neighbours fused in (one kernel on CUDA):
 
         y = residual + (act(norm(x) @ weight^T + bias))      [..., K] -> [..., N]
@@ -375,7 +339,8 @@ def fused_gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     "swiglu" (weight [2F, K] = [gate; up] -> F outputs); residual [..., N]: added last, with the
     bias added to the rounded linear output before it (the unfused bias-dropout-add's order).
     On CUDA with Triton it needs `gemv_applies(x, weight)`; elsewhere it runs the same
-    computation in plain PyTorch."""
+    computation in plain PyTorch. pdl: launch with programmatic dependent launch where the GPU
+    has it (pdl_supported)."""
     if activation not in ACT_CODES:
         raise ValueError(f"unknown activation {activation!r} for the fused GEMV; one of "
                          f"{', '.join(str(a) for a in ACT_CODES if a)}")
@@ -392,10 +357,11 @@ def fused_gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
         raise ValueError(f"the fused GEMV needs one bf16/fp16 CUDA row and a contiguous weight of the same dtype "
                          f"(got x {tuple(x.shape)} {x.dtype}, weight {tuple(weight.shape)} {weight.dtype})")
     return _fused_gemv_op(x, weight, bias, residual, norm_weight, norm_bias, norm_code, float(eps), offset,
-                          ACT_CODES[activation])
+                          ACT_CODES[activation], bool(pdl))
 
 
-def linear_one_row(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+def linear_one_row(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
+                   pdl: bool = False) -> torch.Tensor:
     """x [..., K] holding one row, weight [N, K], bias [N] -> [..., N] (the Triton GEMV)."""
     if not gemv_applies(x, weight):
         raise ValueError(f"the Triton GEMV needs one bf16/fp16 CUDA row and a contiguous weight of the same dtype "
@@ -403,4 +369,4 @@ def linear_one_row(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
                          f"{weight.dtype}); use F.linear")
     if x.shape[-1] != weight.shape[1]:
         raise ValueError(f"x has {x.shape[-1]} features but the weight expects {weight.shape[1]}")
-    return _gemv_op(x, weight, bias)
+    return _gemv_op(x, weight, bias, bool(pdl))

@@ -37,7 +37,6 @@ from .mappings import (
     scatter_to_tensor_parallel_region,
 )
 from .tags import mark_sequence_parallel, set_init, set_tensor_parallel_attributes
-from gigatron.core.ops.gemv import maybe_gemv
 
 __all__ = [
     "ColumnParallelLinear",
@@ -181,7 +180,7 @@ class ColumnParallelLinear(torch.nn.Module):
         if self.sequence_parallel:
             y = linear_with_sequence_parallel_gather(x, weight, bias, self.tp)  # [s, b, out/t]
         else:
-            y = maybe_gemv(copy_to_tensor_parallel_region(x, self.tp), weight, bias)  # [s, b, out/t]
+            y = F.linear(copy_to_tensor_parallel_region(x, self.tp), weight, bias)  # [s, b, out/t]
         if self.gather_output:
             y = gather_from_tensor_parallel_region(y, self.tp)  # [s, b, out]
         return y, (self.bias if self.skip_bias_add else None)
@@ -244,7 +243,7 @@ class RowParallelLinear(torch.nn.Module):
     def forward(self, x: torch.Tensor):
         if not self.input_is_parallel:
             x = scatter_to_tensor_parallel_region(x, self.tp)  # [s, b, in/t]
-        partial = maybe_gemv(x, self.weight)  # [s, b, out], a partial sum over tp
+        partial = F.linear(x, self.weight)  # [s, b, out], a partial sum over tp
         if self.sequence_parallel:
             y = reduce_scatter_to_sequence_parallel_region(partial, self.tp)  # [s/t, b, out]
         else:

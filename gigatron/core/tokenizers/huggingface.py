@@ -70,7 +70,7 @@ class HuggingFaceTokenizer(Tokenizer):
             raise ValueError(f"--tokenizer-model {name!r} is neither a tokenizer.json nor a folder with one; "
                              "loading other formats or hub names needs the 'transformers' package") from e
         try:
-            self._auto = transformers.AutoTokenizer.from_pretrained(name)
+            self._auto = transformers.AutoTokenizer.from_pretrained(name, trust_remote_code=False)  # never run a folder's code
         except Exception as e:  # noqa: BLE001 - report whatever the hub loader says
             raise ValueError(f"cannot load HuggingFace tokenizer {name!r}: {e}. Pass a local folder or "
                              "tokenizer.json as --tokenizer-model") from e

@@ -285,20 +285,9 @@ class SelfAttention(nn.Module):
         context = self.attend(mixed, attention_mask, rotary_pos_emb, inference_context)  # [s, b, nq*d]
         return self.linear_proj(context)
 
-    def uses_decode_attention(self, s: int, b: int, inference_context) -> bool:
-        """A decode step (one new token per row, inside decode_gemv) of few enough rows attends
-        with the fused decode-attention kernel, which also writes the cache
-        (gigatron/core/ops/decode_attention.py, decode_attention_preferred)."""
-        from gigatron.core.ops.decode_attention import decode_attention_preferred
-        from gigatron.core.ops.gemv import decode_attention_enabled
-        return (inference_context is not None and s == 1 and decode_attention_enabled()
-                and decode_attention_preferred(b, self.num_heads)
-                and self.core_attention.cp is None and not self.training)
-
-    def attend(self, mixed: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-               rotary_pos_emb: Optional[torch.Tensor] = None, inference_context=None) -> torch.Tensor:
-        """The QKV projection's output [s, b, ng*(hpg+2)*d] -> the attention context [s, b, nq*d]
-        (split, q/k norms, RoPE, the KV cache, core attention)."""
+    def query_key_value(self, mixed: torch.Tensor, rotary_pos_emb: Optional[torch.Tensor] = None):
+        """The QKV projection's output [s, b, ng*(hpg+2)*d] -> q [s, b, nq, d], k, v [s, b, ng, d]:
+        split, q/k norms, RoPE."""
         q, k, v = self.split_qkv(mixed)
         if self.q_layernorm is not None:
             q = self.q_layernorm(q)
@@ -307,8 +296,13 @@ class SelfAttention(nn.Module):
             interleaved = self.config.rotary_interleaved
             q = apply_rotary_pos_emb(q, rotary_pos_emb, interleaved)
             k = apply_rotary_pos_emb(k, rotary_pos_emb, interleaved)
-        if self.uses_decode_attention(q.shape[0], q.shape[1], inference_context):
-            return inference_context.attend(self.layer_number, q, k, v, self.core_attention.scale)  # [1, b, nq*d]
+        return q, k, v
+
+    def attend(self, mixed: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+               rotary_pos_emb: Optional[torch.Tensor] = None, inference_context=None) -> torch.Tensor:
+        """The QKV projection's output [s, b, ng*(hpg+2)*d] -> the attention context [s, b, nq*d]
+        (query_key_value, the KV cache, core attention)."""
+        q, k, v = self.query_key_value(mixed, rotary_pos_emb)
         if inference_context is not None:
             k, v = inference_context.store(self.layer_number, k, v)  # [kv_len, b, ng, d] each
         if self.recompute_core_attention and self.training and torch.is_grad_enabled():

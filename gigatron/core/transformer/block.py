@@ -197,9 +197,7 @@ class TransformerBlock(nn.Module):
         return hidden
 
     def forward(self, hidden: Optional[torch.Tensor], attention_mask: Optional[torch.Tensor] = None,
-                rotary_pos_emb=None, inference_context=None, final_norm: bool = True) -> torch.Tensor:
-        """final_norm=False leaves the final norm to the caller (GPTModel folds it into its output
-        layer in one-row decode steps)."""
+                rotary_pos_emb=None, inference_context=None) -> torch.Tensor:
         if not self.pre_process:
             if self.input_tensor is None:
                 raise RuntimeError("a pipeline stage after the first needs set_input_tensor() before forward")
@@ -209,6 +207,6 @@ class TransformerBlock(nn.Module):
         else:
             hidden = self._run_layers(0, self.num_local_layers, hidden, attention_mask, rotary_pos_emb,
                                       inference_context)
-        if self.final_layernorm is not None and final_norm:
+        if self.final_layernorm is not None:
             hidden = self.final_layernorm(hidden)
         return hidden

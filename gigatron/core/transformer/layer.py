@@ -97,10 +97,6 @@ class TransformerLayer(nn.Module):
             self.mlp = MoELayer(config, moe_config, groups, layer_number)
         else:
             self.mlp = MLP(config, groups, layer_number)
-        # The fused decode GEMV's name for the MLP activation (None: one it does not fold in).
-        from gigatron.core.transformer.mlp import DECODE_ACTIVATIONS
-        activation = getattr(self.mlp, "activation", None)
-        self.decode_activation = next((name for name, fn in DECODE_ACTIVATIONS.items() if fn is activation), None)
         modules = config.recompute_modules if config.recompute_granularity == "selective" else ()
         self.recompute_layernorm = "layernorm" in modules
         self.recompute_mlp = "mlp" in modules
@@ -135,38 +131,9 @@ class TransformerLayer(nn.Module):
             return checkpoint(self._mlp_with_bias, False, x), None
         return self.mlp(x)
 
-    def _fused_decode_applies(self, hidden: torch.Tensor, inference_context) -> bool:
-        """A decode step of one row inside decode_gemv runs as four fused GEMVs and the decode
-        attention kernel (see _decode_one_row)."""
-        from gigatron.core.ops.gemv import fused_row_applies
-        cfg = self.config
-        return (inference_context is not None and not self.is_moe and not self.training
-                and cfg.tensor_model_parallel_size == 1 and not cfg.apply_residual_connection_post_layernorm
-                and self.decode_activation is not None
-                and fused_row_applies(hidden, self.self_attention.linear_qkv.weight)
-                and self.self_attention.uses_decode_attention(1, 1, inference_context))
-
-    def _decode_one_row(self, hidden: torch.Tensor, rotary_pos_emb, inference_context) -> torch.Tensor:
-        """forward for one token of one row [1, 1, h] in four GEMV kernels with the norms folded
-        into their prologues and the bias, activation and residual adds into their epilogues,
-        plus one attention kernel (which also writes the KV cache): 5 kernels a layer instead of
-        about 12 (gigatron/core/ops/gemv.py, decode_attention.py). Same arithmetic and roundings
-        as forward."""
-        from gigatron.core.ops.gemv import fused_gemv
-        attention, mlp = self.self_attention, self.mlp
-        mixed = fused_gemv(hidden, attention.linear_qkv.weight, attention.linear_qkv.bias,
-                           norm=self.input_layernorm)  # [1, 1, ng*(hpg+2)*d]
-        context = attention.attend(mixed, None, rotary_pos_emb, inference_context)  # [1, 1, nq*d]
-        hidden = fused_gemv(context, attention.linear_proj.weight, attention.linear_proj.bias, residual=hidden)
-        intermediate = fused_gemv(hidden, mlp.linear_fc1.weight, mlp.linear_fc1.bias, norm=self.pre_mlp_layernorm,
-                                  activation=self.decode_activation)  # [1, 1, f]
-        return fused_gemv(intermediate, mlp.linear_fc2.weight, mlp.linear_fc2.bias, residual=hidden)
-
     def forward(self, hidden: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 rotary_pos_emb: Optional[torch.Tensor] = None, inference_context=None) -> torch.Tensor:
         cfg = self.config
-        if self._fused_decode_applies(hidden, inference_context):
-            return self._decode_one_row(hidden, rotary_pos_emb, inference_context)
         p = cfg.hidden_dropout
         # Attention sub-layer.
         normed, consumer_context = self._norm(self.input_layernorm, hidden)

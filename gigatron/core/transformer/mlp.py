@@ -13,37 +13,12 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from gigatron.core.ops.activations import gelu, openai_gelu, squared_relu, swiglu
 
 __all__ = ["MLP", "gelu", "openai_gelu", "squared_relu", "swiglu", "activation_function",
            "normal_init_method", "scaled_init_method"]
-
-
-def gelu(x: torch.Tensor) -> torch.Tensor:
-    """Exact GeLU, x * Phi(x) with the erf form (Megatron's default F.gelu)."""
-    return F.gelu(x)
-
-
-def openai_gelu(x: torch.Tensor) -> torch.Tensor:
-    """GeLU's tanh approximation (--openai-gelu): 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
-    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x * x * x)))
-
-
-def squared_relu(x: torch.Tensor) -> torch.Tensor:
-    """relu(x)^2 (--squared-relu)."""
-    return torch.pow(F.relu(x), 2)
-
-
-def swiglu(x: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up with x = [gate, up] along the last dim: [..., 2f] -> [..., f]."""
-    gate, up = torch.chunk(x, 2, dim=-1)
-    return F.silu(gate) * up
-
-
-# The activations the fused decode GEMV applies in its epilogue, by its name for them
-# (gigatron/core/ops/gemv.py ACT_CODES).
-DECODE_ACTIVATIONS = {"gelu": gelu, "gelu_tanh": openai_gelu, "swiglu": swiglu, "squared_relu": squared_relu}
 
 
 def activation_function(config):

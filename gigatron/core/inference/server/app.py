@@ -1,11 +1,17 @@
 """The HTTP server: Megatron's `PUT /api`, OpenAI-style `POST /v1/completions`, `GET /health`.
 
-    app = build_app(runner, tokenizer, max_batch_size=8, max_sequence_length=2048)
+    app = build_app(runner, tokenizer, max_batch_size=8, max_sequence_length=2048,
+                    max_request_bytes=DEFAULT_MAX_REQUEST_BYTES)
     serve(app, host="127.0.0.1", port=5000)          # blocks; binds to localhost unless told
 
-The app owns a Scheduler (one worker thread runs the model); handlers validate the request
-(HTTP 400 {"error", "field"} on anything wrong, before any model work), tokenize, check that the
-prompts plus the tokens to generate fit the model, queue the job and wait for its result.
+The app owns a Scheduler (one worker thread runs the model); handlers read the body (HTTP 413 above
+max_request_bytes, refused from Content-Length before reading where the client sends one),
+validate the request (HTTP 400 {"error", "field"} on anything wrong, before any model work),
+tokenize, check that the prompts plus the tokens to generate fit the model, queue the job and
+wait for its result. Parsing, logging and tokenizing a body run in a worker thread, never on the
+event loop, so a large request does not hold up /health or other clients. A client that
+disconnects before its answer withdraws its job (scheduler.Job.withdraw): queued, it never runs;
+running, its rows end at the next decode step.
 """
 
 from __future__ import annotations
@@ -14,39 +20,86 @@ import asyncio
 import datetime
 import json
 import logging
-import queue
 import threading
 import time
 import uuid
-from typing import Any, List, Optional
+from typing import Any, List
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from gigatron.core.inference.engine import PromptTooLongError
 from gigatron.core.inference.server.scheduler import Job, Scheduler
 from gigatron.core.inference.server.validation import (
+    DEFAULT_MAX_REQUEST_BYTES,
     RequestError,
     ServerDefaults,
     parse_api_request,
     parse_completion_request,
 )
 
-__all__ = ["build_app", "serve", "CompletionTracker"]
+__all__ = ["build_app", "serve", "CompletionTracker", "DEFAULT_MAX_REQUEST_BYTES"]
 
 log = logging.getLogger("gigatron.inference.server")
 
+_DISCONNECTED = object()
+
 
 def _error(exc: RequestError):
-    return JSONResponse(status_code=400, content={"error": exc.message, "field": exc.field})
+    return JSONResponse(status_code=exc.status, content={"error": exc.message, "field": exc.field})
 
 
-async def _json_body(request) -> Any:
-    body = await request.body()
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body; RequestError (HTTP 413) above `limit` bytes, checked from Content-Length
+    before anything is read and while the body streams in (chunked uploads)."""
+    too_large = RequestError("body", f"the request body is larger than the server's limit of {limit} bytes "
+                                     "(--max-request-bytes); send fewer or shorter prompts", status=413)
+    length = request.headers.get("content-length")
+    if length is not None:
+        if not length.strip().isdigit():
+            raise RequestError("body", f"Content-Length {length!r} is not a number of bytes")
+        if int(length) > limit:
+            raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _parse_json(body: bytes) -> Any:
     try:
         return json.loads(body)
+    except RecursionError:
+        raise RequestError("body", "the request body nests JSON arrays/objects too deeply") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise RequestError("body", f"the request body is not valid JSON: {exc}") from None
+
+
+class _LoopQueue:
+    """Events the generation thread puts and the event loop reads (no thread waits on them)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.queue: asyncio.Queue = asyncio.Queue()
+
+    def put(self, item) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the server has stopped: nobody reads any more
+            pass
+
+
+async def _until_disconnected(request: Request) -> None:
+    """Returns once the client has gone (the body has been read, so the next ASGI message is the
+    disconnect)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+        await asyncio.sleep(0.05)  # a server that repeats empty body messages: do not spin
 
 
 class CompletionTracker:
@@ -55,7 +108,7 @@ class CompletionTracker:
     start of a possible stop string). The same object finalizes streamed and non-streamed answers,
     so both give the same text."""
 
-    def __init__(self, tokenizer, num_rows: int, stop: List[str], events: Optional[queue.Queue] = None):
+    def __init__(self, tokenizer, num_rows: int, stop: List[str], events=None):
         self.tokenizer = tokenizer
         self.stop = stop
         self.ids = [[] for _ in range(num_rows)]
@@ -117,8 +170,11 @@ class CompletionTracker:
 
 
 def build_app(runner, tokenizer, *, max_batch_size: int, max_sequence_length: int,
-              defaults: ServerDefaults = ServerDefaults(), model_name: str = "gigatron"):
+              defaults: ServerDefaults = ServerDefaults(), model_name: str = "gigatron",
+              max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES):
     """The FastAPI app; `runner` is a LocalRunner or LeaderRunner (gigatron.core.inference.broadcast)."""
+    if max_request_bytes < 1:
+        raise ValueError(f"--max-request-bytes must be >= 1, got {max_request_bytes}")
     scheduler = Scheduler(runner, max_batch_size)
     app = FastAPI(title="Gigatron text generation")
     app.state.scheduler = scheduler
@@ -137,7 +193,10 @@ def build_app(runner, tokenizer, *, max_batch_size: int, max_sequence_length: in
                     raise RequestError(field, f"prompt {i} has token ids outside the vocabulary [0, {engine.vocab_size}): {bad[:5]}")
                 ids = list(prompt)
             else:
-                ids = list(tokenizer.tokenize(prompt)) if prompt else []
+                try:
+                    ids = list(tokenizer.tokenize(prompt)) if prompt else []
+                except Exception as exc:  # noqa: BLE001 - text the tokenizer cannot encode is bad input
+                    raise RequestError(field, f"prompt {i} cannot be tokenized: {type(exc).__name__}: {exc}") from None
             if add_BOS:
                 ids = [tokenizer.eod] + ids
             if not ids:
@@ -155,8 +214,42 @@ def build_app(runner, tokenizer, *, max_batch_size: int, max_sequence_length: in
         except PromptTooLongError as exc:
             raise RequestError(tokens_field, str(exc)) from None
 
-    async def wait(job: Job):
-        return await asyncio.wrap_future(scheduler.submit(job))
+    async def wait(job: Job, request: Request):
+        """The job's result, or _DISCONNECTED once the client has gone (the job is then withdrawn)."""
+        result = asyncio.wrap_future(scheduler.submit(job))
+        gone = asyncio.ensure_future(_until_disconnected(request))
+        try:
+            await asyncio.wait({result, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not result.done():  # the client went away (or this handler was cancelled)
+                job.withdraw()
+        if not result.done():
+            result.add_done_callback(lambda f: f.cancelled() or f.exception())  # nobody reads it
+            log.info("client %s went away; its generation was withdrawn",
+                     request.client.host if request.client else "?")
+            return _DISCONNECTED
+        return result.result()
+
+    async def read_request(request: Request, parse):
+        """Body -> (the parsed request, its prompt token ids), off the event loop."""
+        body = await _read_body(request, max_request_bytes)
+
+        def prepare():
+            payload = _parse_json(body)
+            req = parse(payload, defaults)
+            if parse is parse_api_request and not req.no_log:
+                try:
+                    text = json.dumps(payload)[:2000]
+                except (RecursionError, ValueError):
+                    text = "(a body that cannot be shown)"
+                log.info("request from %s at %s: %s", request.client.host if request.client else "?",
+                         datetime.datetime.now().isoformat(), text)
+            add_BOS = req.params.add_BOS if parse is parse_api_request else False
+            field = "prompts" if parse is parse_api_request else "prompt"
+            return req, tokenize(req.prompts, add_BOS, field)
+
+        return await asyncio.to_thread(prepare)
 
     @app.get("/health")
     @app.get("/v1/health")
@@ -165,24 +258,25 @@ def build_app(runner, tokenizer, *, max_batch_size: int, max_sequence_length: in
 
     @app.put("/api")
     async def api(request: Request):
-        payload = await _json_body(request)
-        req = parse_api_request(payload, defaults)
-        if not req.no_log:
-            log.info("request from %s at %s: %s", request.client.host if request.client else "?",
-                     datetime.datetime.now().isoformat(), json.dumps(payload)[:2000])
-        prompt_tokens = tokenize(req.prompts, req.params.add_BOS, "prompts")
+        req, prompt_tokens = await read_request(request, parse_api_request)
+        if req.params.top_k > engine.vocab_size:
+            raise RequestError("top_k", f"top_k ({req.params.top_k}) is larger than the vocabulary ({engine.vocab_size})")
         check_fits(prompt_tokens, req.params.tokens_to_generate, "tokens_to_generate", "prompts")
         if req.beam_width is not None:
             if req.beam_width > max_batch_size:
                 raise RequestError("beam_width", f"beam_width {req.beam_width} exceeds the server's "
                                                  f"--max-batch-size {max_batch_size}")
             result = await wait(Job(prompt_tokens, req.params,
-                                    beam=(req.beam_width, req.stop_token, req.length_penalty)))
+                                    beam=(req.beam_width, req.stop_token, req.length_penalty)), request)
+            if result is _DISCONNECTED:
+                return Response(status_code=499)
             return {"text": result.texts, "segments": result.segments, "scores": result.scores}
         try:
-            result = await wait(Job(prompt_tokens, req.params))
+            result = await wait(Job(prompt_tokens, req.params), request)
         except ValueError as exc:
             return JSONResponse(status_code=400, content={"error": str(exc), "field": None})
+        if result is _DISCONNECTED:
+            return Response(status_code=499)
         return {"text": result.texts, "segments": result.segments,
                 "logprobs": result.logprobs if req.params.return_log_probs else None}
 
@@ -224,16 +318,15 @@ def build_app(runner, tokenizer, *, max_batch_size: int, max_sequence_length: in
     @app.post("/v1/completions")
     @app.post("/completions")
     async def completions(request: Request):
-        payload = await _json_body(request)
-        req = parse_completion_request(payload, defaults)
-        prompt_tokens = tokenize(req.prompts, False, "prompt")
+        req, prompt_tokens = await read_request(request, parse_completion_request)
+        if req.params.top_k > engine.vocab_size:
+            raise RequestError("top_k", f"top_k ({req.params.top_k}) is larger than the vocabulary ({engine.vocab_size})")
         check_fits(prompt_tokens, req.params.tokens_to_generate, "max_tokens", "prompt")
         created = int(time.time())
         ident = f"cmpl-{uuid.uuid4().hex}"
-        events = queue.Queue() if req.stream else None
+        events = _LoopQueue(asyncio.get_running_loop()) if req.stream else None
         tracker = CompletionTracker(tokenizer, len(prompt_tokens), req.stop, events)
         job = Job(prompt_tokens, req.params, on_step=tracker.on_step)
-        future = scheduler.submit(job)
 
         def finalize(result):
             choices = []
@@ -248,9 +341,11 @@ def build_app(runner, tokenizer, *, max_batch_size: int, max_sequence_length: in
 
         if not req.stream:
             try:
-                result = await asyncio.wrap_future(future)
+                result = await wait(job, request)
             except ValueError as exc:
                 return JSONResponse(status_code=400, content={"error": str(exc), "field": None})
+            if result is _DISCONNECTED:
+                return Response(status_code=499)
             choices, usage = finalize(result)
             return {"id": ident, "object": "text_completion", "created": created, "model": model_name,
                     "choices": choices, "usage": usage}
@@ -266,35 +361,53 @@ def build_app(runner, tokenizer, *, max_batch_size: int, max_sequence_length: in
                 events.put(("error", str(exc)))
             events.put(done)
 
+        future = scheduler.submit(job)
         future.add_done_callback(on_done)
 
         def chunk(choices):
             return "data: " + json.dumps({"id": ident, "object": "text_completion", "created": created,
                                           "model": model_name, "choices": choices}) + "\n\n"
 
-        def stream():
-            if req.echo:
-                for row, (prompt, ids) in enumerate(zip(req.prompts, prompt_tokens)):
-                    text = prompt if isinstance(prompt, str) else tokenizer.detokenize(ids)
-                    yield chunk([{"index": row, "text": text, "logprobs": None, "finish_reason": None}])
+        async def next_event():
+            """The next event of the generation; None once the client has gone."""
             while True:
-                item = events.get()
-                if item is done:
-                    break
-                if item[0] == "final":
-                    if req.logprobs is not None:  # the log-probabilities come with the last chunk
-                        yield chunk([{"index": c["index"], "text": "", "logprobs": c["logprobs"],
-                                      "finish_reason": c["finish_reason"]} for c in item[1]])
-                    continue
-                if item[0] == "error":
-                    yield "data: " + json.dumps({"error": item[1]}) + "\n\n"
-                    continue
-                row, delta, reason = item
-                if req.logprobs is not None:
-                    reason = None  # the finish reason comes with the log-probabilities chunk
-                if delta or reason:
-                    yield chunk([{"index": row, "text": delta, "logprobs": None, "finish_reason": reason}])
-            yield "data: [DONE]\n\n"
+                try:
+                    return await asyncio.wait_for(events.queue.get(), 0.25)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        return None
+
+        async def stream():
+            finished = False
+            try:
+                if req.echo:
+                    for row, (prompt, ids) in enumerate(zip(req.prompts, prompt_tokens)):
+                        text = prompt if isinstance(prompt, str) else tokenizer.detokenize(ids)
+                        yield chunk([{"index": row, "text": text, "logprobs": None, "finish_reason": None}])
+                while True:
+                    item = await next_event()
+                    if item is None:  # the client went away
+                        return
+                    if item is done:
+                        break
+                    if item[0] == "final":
+                        if req.logprobs is not None:  # the log-probabilities come with the last chunk
+                            yield chunk([{"index": c["index"], "text": "", "logprobs": c["logprobs"],
+                                          "finish_reason": c["finish_reason"]} for c in item[1]])
+                        continue
+                    if item[0] == "error":
+                        yield "data: " + json.dumps({"error": item[1]}) + "\n\n"
+                        continue
+                    row, delta, reason = item
+                    if req.logprobs is not None:
+                        reason = None  # the finish reason comes with the log-probabilities chunk
+                    if delta or reason:
+                        yield chunk([{"index": row, "text": delta, "logprobs": None, "finish_reason": reason}])
+                finished = True
+                yield "data: [DONE]\n\n"
+            finally:  # the client went away (the response was cancelled or closed): stop generating
+                if not finished:
+                    job.withdraw()
 
         return StreamingResponse(stream(), media_type="text/event-stream")
 

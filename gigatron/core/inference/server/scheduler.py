@@ -5,6 +5,11 @@ request with the same sampling parameters (`SamplingParams.batch_key`) while the
 max_batch_size, so concurrent requests share one generation. A request with more prompts than
 max_batch_size runs alone, in consecutive batches; a request with a random seed runs alone (so the
 same seed gives the same text whatever else is queued); beam search runs alone.
+
+A job whose client went away is withdrawn (`Job.withdraw`): still queued, it never runs; running,
+its rows end at the next decode step (the engine's `cancelled` callback, read on the host), and a
+generation whose every row is withdrawn stops there, so the next request does not wait for it.
+A beam search runs to its end.
 """
 
 from __future__ import annotations
@@ -24,15 +29,22 @@ __all__ = ["Job", "Scheduler"]
 class Job:
     """prompt_tokens: token ids per prompt; on_step(step, tokens, active, offset) per sampled token
     for rows offset.. of this job (may return bools ending those rows); beam: (width, stop_token,
-    length_penalty)."""
+    length_penalty); withdrawn: the client went away (see withdraw)."""
     prompt_tokens: List[List[int]]
     params: SamplingParams
     on_step: Optional[Callable] = None
     beam: Optional[tuple] = None
     future: concurrent.futures.Future = dataclasses.field(default_factory=concurrent.futures.Future)
+    withdrawn: bool = False
 
     def alone(self) -> bool:
         return self.beam is not None or self.params.random_seed >= 0
+
+    def withdraw(self) -> None:
+        """Nobody waits for the result any more: a queued job is dropped, a running one ends its
+        rows at the next decode step."""
+        self.withdrawn = True
+        self.future.cancel()  # succeeds only while the job is still queued
 
 
 def _merge(results: List[GenerationResult]) -> GenerationResult:
@@ -126,6 +138,11 @@ class Scheduler:
         for job in batch:
             bounds.append((start, start + len(job.prompt_tokens)))
             start += len(job.prompt_tokens)
+        def cancelled():
+            if not any(job.withdrawn for job in batch):
+                return None
+            return [job.withdrawn for job, (lo, hi) in zip(batch, bounds) for _ in range(hi - lo)]
+
         on_step = None
         if any(job.on_step is not None for job in batch):
             def on_step(step, tokens, active):
@@ -143,7 +160,7 @@ class Scheduler:
         params = dataclasses.replace(batch[0].params,
                                      return_log_probs=any(job.params.return_log_probs for job in batch),
                                      top_logprobs=max(job.params.top_logprobs for job in batch))
-        result = self.runner.generate_tokens(prompts, params, on_step)
+        result = self.runner.generate_tokens(prompts, params, on_step, cancelled)
         for job, (lo, hi) in zip(batch, bounds):
             job.future.set_result(_slice(result, lo, hi))
 
@@ -151,6 +168,9 @@ class Scheduler:
         results = []
         n = self.max_batch_size
         for lo in range(0, len(job.prompt_tokens), n):
+            if job.withdrawn:
+                job.future.set_exception(concurrent.futures.CancelledError("the client went away"))
+                return
             chunk = job.prompt_tokens[lo: lo + n]
             on_step = None
             if job.on_step is not None:
@@ -159,7 +179,8 @@ class Scheduler:
                     return job.on_step(step, tokens, active, offset=lo)
             self.batches_run += 1
             self.largest_batch = max(self.largest_batch, len(chunk))
-            results.append(self.runner.generate_tokens(chunk, job.params, on_step))
+            results.append(self.runner.generate_tokens(chunk, job.params, on_step,
+                                                       lambda size=len(chunk): [True] * size if job.withdrawn else None))
         job.future.set_result(_merge(results))
 
 

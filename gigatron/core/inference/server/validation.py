@@ -1,29 +1,36 @@
 """Request validation for the text generation server.
 
-Every invalid request raises RequestError(field, message); the server answers HTTP 400 with
-{"error": message, "field": field}. Messages for `PUT /api` follow Megatron's server.
+Every invalid request raises RequestError(field, message); the server answers HTTP 400 (413 for
+a body over --max-request-bytes) with {"error": message, "field": field}. Messages for `PUT /api`
+follow Megatron's server. Numbers must be finite (Python's JSON reader accepts NaN and Infinity).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, List, Optional, Union
 
 from gigatron.core.inference.engine import SamplingParams
 
 __all__ = ["RequestError", "ServerDefaults", "ApiRequest", "CompletionRequest", "parse_api_request",
-           "parse_completion_request", "MAX_PROMPTS"]
+           "parse_completion_request", "MAX_PROMPTS", "DEFAULT_MAX_REQUEST_BYTES"]
 
 MAX_PROMPTS = 128
+DEFAULT_MAX_REQUEST_BYTES = 8 * 1024 * 1024
+"""The largest request body served by default (--max-request-bytes): 128 prompts of 2,048 tokens
+sent as token ids take about 1.5 MB of JSON."""
+MAX_SEED = 2 ** 63 - 1  # what torch.Generator.manual_seed takes
 
 
 class RequestError(ValueError):
     """An invalid request: `field` names the offending JSON field."""
 
-    def __init__(self, field: Optional[str], message: str):
+    def __init__(self, field: Optional[str], message: str, status: int = 400):
         super().__init__(message)
         self.field = field
         self.message = message
+        self.status = status
 
 
 @dataclasses.dataclass
@@ -61,7 +68,13 @@ def _is_int(x) -> bool:
 
 
 def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+    """A finite JSON number that fits a float (not a boolean, not NaN or Infinity)."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(x))
+    except OverflowError:
+        return False
 
 
 def _bool(payload: dict, name: str, default: bool) -> bool:
@@ -145,8 +158,8 @@ def parse_api_request(payload: Any, defaults: ServerDefaults = ServerDefaults())
     random_seed = payload.get("random_seed", -1)
     if not _is_int(random_seed):
         raise RequestError("random_seed", "random_seed must be integer")
-    if random_seed < -1:
-        raise RequestError("random_seed", "random_seed must be a positive integer (or -1 for none)")
+    if not -1 <= random_seed <= MAX_SEED:
+        raise RequestError("random_seed", f"random_seed must be a positive integer up to {MAX_SEED} (or -1 for none)")
     no_log = _bool(payload, "no_log", False)
 
     beam_width = payload.get("beam_width", None)
@@ -164,7 +177,7 @@ def parse_api_request(payload: Any, defaults: ServerDefaults = ServerDefaults())
         raise RequestError("stop_token", "stop_token must be an integer")
     length_penalty = payload.get("length_penalty", 1)
     if not _is_number(length_penalty):
-        raise RequestError("length_penalty", "length_penalty must be a float")
+        raise RequestError("length_penalty", "length_penalty must be a finite float")
 
     params = SamplingParams(
         tokens_to_generate=tokens_to_generate, return_log_probs=logprobs, temperature=float(temperature),
@@ -218,8 +231,8 @@ def parse_completion_request(payload: Any, defaults: ServerDefaults = ServerDefa
     if top_k > 1 and top_p < 1.0:
         raise RequestError("top_p", "cannot set both top_k and top_p")
     seed = payload.get("seed", None)
-    if seed is not None and (not _is_int(seed) or seed < 0):
-        raise RequestError("seed", "seed must be an integer >= 0")
+    if seed is not None and (not _is_int(seed) or not 0 <= seed <= MAX_SEED):
+        raise RequestError("seed", f"seed must be an integer in [0, {MAX_SEED}]")
     stop = payload.get("stop", None)
     if stop is None:
         stop = []
