@@ -60,7 +60,7 @@ def cpu_only():
         del tracker.fork
 
 
-def init_parallel(tp: int = 1, pp: int = 1, port: Optional[int] = None) -> None:
+def init_parallel(tp: int = 1, pp: int = 1, port: Optional[int] = None, ep: int = 1) -> None:
     """torch.distributed (gloo) and Megatron-Core's parallel state for this process."""
     import torch.distributed as dist
     from megatron.core import parallel_state
@@ -71,7 +71,8 @@ def init_parallel(tp: int = 1, pp: int = 1, port: Optional[int] = None) -> None:
         dist.init_process_group("gloo", rank=int(os.environ.get("RANK", "0")),
                                 world_size=int(os.environ.get("WORLD_SIZE", "1")))
     parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                             expert_model_parallel_size=ep)
 
 
 def destroy_parallel() -> None:
@@ -88,6 +89,10 @@ def destroy_parallel() -> None:
 OPTIONS = {
     "gpt": dict(normalization="LayerNorm", position_embedding_type="learned_absolute", swiglu=False,
                 add_bias_linear=True, num_query_groups=None, untie=False),
+    # mixture of experts: 4 SequentialMLP experts (top-2) in every layer. Megatron-Core's MoE
+    # forward needs CUDA, so its oracle is the weights (model.state_dict()), not logits.
+    "moe": dict(normalization="RMSNorm", position_embedding_type="rope", swiglu=True, add_bias_linear=False,
+                num_query_groups=None, untie=True, num_experts=4),
     "llama": dict(normalization="RMSNorm", position_embedding_type="rope", swiglu=True, add_bias_linear=False,
                   num_query_groups=2, untie=True),
 }
@@ -111,9 +116,13 @@ def build_model(kind: str = "gpt", num_layers: int = 2, hidden: int = 64, heads:
         apply_rope_fusion=False, gradient_accumulation_fusion=False, persist_layer_norm=False,
         hidden_dropout=0.0, attention_dropout=0.0, use_cpu_initialization=True, init_method_std=0.05,
         tensor_model_parallel_size=_tp_size(), pipeline_model_parallel_size=_pp_size(), layernorm_epsilon=1e-5,
-        pipeline_dtype=torch.float32)
+        pipeline_dtype=torch.float32, expert_model_parallel_size=_ep_size(), num_moe_experts=opts.get("num_experts"),
+        moe_router_topk=2 if opts.get("num_experts") else 2, moe_ffn_hidden_size=96 if opts.get("num_experts") else None,
+        moe_token_dispatcher_type="allgather", sequence_parallel=_tp_size() > 1 and bool(opts.get("num_experts")))
+    spec = get_gpt_layer_local_spec(normalization=opts["normalization"], num_experts=opts.get("num_experts"),
+                                    moe_grouped_gemm=False)
     with cpu_only():
-        model = GPTModel(config, get_gpt_layer_local_spec(normalization=opts["normalization"]), vocab_size=VOCAB,
+        model = GPTModel(config, spec, vocab_size=VOCAB,
                          max_sequence_length=SEQ * 2, position_embedding_type=opts["position_embedding_type"],
                          share_embeddings_and_output_weights=not opts["untie"], pre_process=pre_process,
                          post_process=post_process)
@@ -130,6 +139,12 @@ def _tp_size() -> int:
     from megatron.core import parallel_state
 
     return parallel_state.get_tensor_model_parallel_world_size()
+
+
+def _ep_size() -> int:
+    from megatron.core import parallel_state
+
+    return parallel_state.get_expert_model_parallel_world_size()
 
 
 def _pp_size() -> int:
@@ -171,12 +186,16 @@ def megatron_args(kind: str = "gpt", num_layers: int = 2, hidden: int = 64, head
         untie_embeddings_and_output_weights=opts["untie"], squared_relu=False, openai_gelu=False,
         qk_layernorm=False, padded_vocab_size=VOCAB, vocab_size=VOCAB - 1, make_vocab_size_divisible_by=VOCAB,
         tokenizer_type="NullTokenizer", tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-        virtual_pipeline_model_parallel_size=None, expert_model_parallel_size=1, num_experts=None,
+        virtual_pipeline_model_parallel_size=None, expert_model_parallel_size=1, num_experts=opts.get("num_experts"),
         params_dtype=torch.float32, fp16=False, bf16=False, model_type=ModelType.encoder_or_decoder,
         attention_backend=AttnBackend.auto, exit_signal=signal.SIGTERM, data_path=[pathlib.PosixPath("/data/x")],
         consumed_train_samples=iteration * 8, consumed_valid_samples=iteration * 2, iteration=iteration,
         ckpt_format="torch", transformer_impl="local", micro_batch_size=2, global_batch_size=8, seed=1234,
         lr=1e-4, train_iters=100)
+    if opts.get("num_experts"):
+        values.update(moe_router_topk=2, moe_ffn_hidden_size=96, moe_grouped_gemm=False, moe_layer_freq=1,
+                      moe_router_score_function="softmax", moe_router_load_balancing_type="aux_loss",
+                      moe_token_dispatcher_type="allgather")
     values.update(extra)
     return argparse.Namespace(**values)
 
@@ -296,19 +315,22 @@ def _main(argv=None) -> None:
     parser.add_argument("--iteration", type=int, default=5)
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--pp", type=int, default=1)
+    parser.add_argument("--ep", type=int, default=1)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--port", type=int, default=29650)
     parser.add_argument("--iter-dir", default=None, help="logits: the iteration directory to load")
     opts = parser.parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
     processes = int(os.environ.get("WORLD_SIZE", "1"))
-    init_parallel(opts.tp if processes > 1 else 1, opts.pp if processes > 1 else 1, opts.port)
+    init_parallel(opts.tp if processes > 1 else 1, opts.pp if processes > 1 else 1, opts.port,
+                  opts.ep if processes > 1 else 1)
     from megatron.core import parallel_state
 
     pre = parallel_state.is_pipeline_first_stage()
     post = parallel_state.is_pipeline_last_stage()
     iter_dir = os.path.join(opts.root, f"iter_{opts.iteration:07d}")
-    args = megatron_args(opts.kind, num_layers=opts.layers, tp=opts.tp, pp=opts.pp, iteration=opts.iteration)
+    args = megatron_args(opts.kind, num_layers=opts.layers, tp=opts.tp, pp=opts.pp, iteration=opts.iteration,
+                         expert_model_parallel_size=opts.ep)
     if opts.command == "write-torch":  # one process, tp = pp = 1
         model = build_model(opts.kind, num_layers=opts.layers)
         path = os.path.join(iter_dir, "mp_rank_00", "model_optim_rng.pt")
@@ -346,6 +368,9 @@ def _main(argv=None) -> None:
         save_dist(state, iter_dir)
         if rank == 0:
             write_tracker(opts.root, opts.iteration)
+        if OPTIONS[opts.kind].get("num_experts"):  # the weights are the oracle (see OPTIONS)
+            torch.save({k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)},
+                       os.path.join(opts.root, f"weights_rank{rank}.pt"))
     else:  # logits: Megatron-Core loads the torch_dist checkpoint at tp (pp = 1) and runs its forward
         from megatron.core import dist_checkpointing
 

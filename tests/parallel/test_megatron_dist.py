@@ -86,3 +86,36 @@ def test_read_at_pp2(which, pp2_ckpt, tp2_ckpt):
             torch.testing.assert_close(tensor, whole[name], rtol=0, atol=0)
             names.add(name)
     assert names == {k for k in whole if not k.endswith("_extra_state")}
+
+
+def _ep_weights(rank, world_size, root):
+    import gigatron
+    from gigatron.core.checkpoint.dist.sharding import global_param_name
+    from gigatron.core.convert.protocol import moe_config_from_metadata
+    from gigatron.core.models.gpt import GPTModel
+    from gigatron.core.parallel.config import ParallelConfig
+    from gigatron.core.parallel.groups import ParallelGroups
+    from gigatron.training.checkpointing import load_checkpoint
+
+    template = gigatron.from_pretrained(root)
+    groups = ParallelGroups.build(ParallelConfig(expert_model_parallel_size=2))
+    model = GPTModel(template.config, groups, template.padded_vocab_size, seed=8,
+                     moe_config=moe_config_from_metadata(template.metadata))
+    load_checkpoint(str(root), [model], None, None, groups, load_optim=False)
+    return {global_param_name(model, name): p.detach().clone() for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("writer_ep", [1, 2])
+def test_moe_read_at_expert_parallel_size_2(writer_ep, tmp_path):
+    """Megatron-Core's MoE torch_dist (written at ep 1 or 2) read by two expert-parallel ranks: each
+    holds its own experts (global numbers) and the shared dense weights, exactly Megatron's."""
+    from tests.unit.test_megatron_dist_moe import megatron_moe, megatron_weights
+
+    root = megatron_moe(tmp_path / "moe", writer_ep)
+    theirs = megatron_weights(root)
+    seen = set()
+    for weights in run_distributed(_ep_weights, 2, str(root)):
+        for name, tensor in weights.items():
+            torch.testing.assert_close(tensor, theirs[name], rtol=0, atol=0)
+            seen.add(name)
+    assert seen == set(theirs)

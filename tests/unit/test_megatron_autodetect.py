@@ -43,18 +43,18 @@ def test_plain_dcp_checkpoint_is_named(tmp_path):
         gigatron.from_pretrained(tmp_path)
 
 
-def test_megatron_core_moe_torch_dist_says_what_to_run(tmp_path):
-    """A Megatron-Core torch_dist checkpoint of a mixture-of-experts model (expert keys) is named as
-    such, with the Megatron-LM command that gives a layout Gigatron reads."""
-    size = torch.Size([2, 2, 8, 4])
-    key = "decoder.layers.mlp.experts.experts.linear_fc1.weight"
+def test_megatron_core_shared_experts_say_what_to_run(tmp_path):
+    """A Megatron-Core torch_dist checkpoint with expert tensors Gigatron does not map (shared
+    experts) is named as such, with the Megatron-LM command that gives a layout Gigatron reads."""
+    size = torch.Size([2, 8, 4])
+    key = "decoder.layers.mlp.shared_experts.linear_fc1.weight"
     metadata = Metadata(state_dict_metadata={key: TensorStorageMetadata(
-        TensorProperties(dtype=torch.float32), size, [ChunkStorageMetadata(torch.Size([0, 0, 0, 0]), size)])},
+        TensorProperties(dtype=torch.float32), size, [ChunkStorageMetadata(torch.Size([0, 0, 0]), size)])},
         storage_data={})
     (tmp_path / ".metadata").write_bytes(pickle.dumps(metadata))
     (tmp_path / "metadata.json").write_text(json.dumps({"sharded_backend": "torch_dist", "sharded_backend_version": 1,
                                                         "common_backend": "torch", "common_backend_version": 1}))
     torch.save({"args": {"num_layers": 2}, "iteration": 1}, tmp_path / "common.pt")
     assert formats.detect_format(str(tmp_path)).NAME == "megatron_torch_dist"
-    with pytest.raises(CheckpointError, match="mixture-of-experts.*--ckpt-convert-format torch"):
+    with pytest.raises(CheckpointError, match="mixture-of-experts tensors .*shared_experts.*--ckpt-convert-format torch"):
         formats.read_model(str(tmp_path))

@@ -8,7 +8,7 @@ Megatron-LM's default --ckpt-format), read as they are.
                              checkpoint_version, opt_param_scheduler, FLOPs counter
 
 Keys are Megatron-Core's (megatron_names.py: decoder layers stacked under one key with a leading
-layer axis, fused-norm names). `.metadata` is read with dist/metadata.py's allow-list unpickler,
+layer axis, routed SequentialMLP experts with a second, global-expert axis, fused-norm names). `.metadata` is read with dist/metadata.py's allow-list unpickler,
 common.pt with megatron_pickle.py's allow-list, and only tensor entries of the data files are
 read (weights-only) through PyTorch's reader; byte entries (Transformer Engine's `_extra_state`,
 Megatron's pickled ShardedObjects) never go through it: the one byte entry used, the RNG state, is
@@ -21,7 +21,8 @@ layer number becomes an offset along the stacked axis — and reads only those. 
 consumed samples (in args), FLOPs counter and learning-rate schedule come from common.pt, and at
 the writer's tp/pp this rank's RNG state from Megatron's `rng_state` ShardedObject (its bytes
 entry read directly and unpickled through the Megatron allow-list); the optimizer state is
-refused with the flags to use instead.
+refused with the flags to use instead. Expert tensors other than the routed experts and the router
+(shared experts, for one) are refused with the Megatron-LM command that re-saves the model.
 
 Writing (`write_megatron_dist`, convert.py --saver megatron_dist): a model as Megatron-Core's own
 torch_dist, loadable by `megatron.core.dist_checkpointing.load` into its GPTModel: stacked keys,
@@ -32,6 +33,7 @@ and Megatron's four-key metadata.json. Training saves Gigatron's own torch_dist 
 from __future__ import annotations
 
 import io
+import itertools
 import os
 from typing import Optional, Sequence
 
@@ -47,8 +49,9 @@ from gigatron.core.checkpoint.dist.sharding import ShardPiece, sharded_model_sta
 from gigatron.core.checkpoint.foreign import rng_state_from_megatron
 from gigatron.core.checkpoint.io import CheckpointError, CorruptCheckpointError, safe_torch_load
 from gigatron.core.checkpoint.megatron_names import (
-    is_stacked_key,
+    EXPERTS_PREFIX,
     split_layer_name,
+    stacked_axes,
     stacked_candidates,
     unstacked_name,
 )
@@ -91,12 +94,12 @@ def read_args(iter_dir: str, allow_namespace: bool = True) -> dict:
 def _model_entries(metadata, iter_dir: str = "") -> dict:
     entries = {key: md for key, md in metadata.state_dict_metadata.items()
                if isinstance(md, TensorStorageMetadata) and not key.startswith(_OPTIMIZER_PREFIX)}
-    experts = sorted(key for key in entries if ".mlp.experts." in key or ".mlp.router." in key)
-    if experts:
-        raise CheckpointError(f"{iter_dir} is a Megatron-Core mixture-of-experts checkpoint ({experts[0]}, ...), whose "
-                              "expert layout Gigatron does not read from torch_dist yet: save it with Megatron-LM as "
-                              "--ckpt-format torch without --moe-grouped-gemm (--ckpt-convert-format torch "
-                              "--ckpt-convert-save DIR) and load DIR/torch")
+    unread = sorted(key for key in entries if ".mlp." in key and (".experts." in key or ".router." in key)
+                    and not key.startswith(EXPERTS_PREFIX) and key != "decoder.layers.mlp.router.weight")
+    if unread:
+        raise CheckpointError(f"{iter_dir} holds mixture-of-experts tensors Gigatron does not read from Megatron-Core's "
+                              f"torch_dist ({', '.join(unread[:4])}): save it with Megatron-LM as --ckpt-format torch "
+                              "(--ckpt-convert-format torch --ckpt-convert-save DIR) and load DIR/torch")
     return entries
 
 
@@ -129,11 +132,9 @@ def read_model(iter_dir: str, allow_namespace: bool = True) -> ModelState:
     _read(iter_dir, metadata, pieces)
     tensors = {}
     for key, tensor in whole.items():
-        if is_stacked_key(key):
-            for layer in range(tensor.shape[0]):
-                tensors[unstacked_name(key, layer)] = tensor[layer].clone()
-        else:
-            tensors[key] = tensor
+        axes = stacked_axes(key)
+        for index in itertools.product(*(range(n) for n in tensor.shape[:axes])):
+            tensors[unstacked_name(key, index) if axes else key] = tensor[index].clone()
     if "embedding.word_embeddings.weight" not in tensors:
         raise CheckpointError(f"{iter_dir} holds no embedding.word_embeddings.weight; it is not a GPT checkpoint")
     release = os.path.basename(os.path.normpath(iter_dir)) == "release"
@@ -149,7 +150,8 @@ def save_training_state(root: str, iteration: int, model_chunks, optimizer, grou
 
 def megatron_pieces(pieces: list[ShardPiece], entries: dict) -> tuple[list[ShardPiece], list[str]]:
     """Our chunks (global names) as chunks of Megatron-Core's keys: a layer parameter becomes a
-    [1, ...] box of the stacked key at the layer's offset. Returns (pieces, problems)."""
+    [1, ...] box of the stacked key at the layer's offset (a routed expert a [1, 1, ...] box at
+    (layer, global expert)). Returns (pieces, problems)."""
     mapped, problems = [], []
     for piece in pieces:
         split = split_layer_name(piece.key)
@@ -157,16 +159,19 @@ def megatron_pieces(pieces: list[ShardPiece], entries: dict) -> tuple[list[Shard
             mapped.append(piece)
             continue
         layer, suffix = split
-        key = next((k for k in stacked_candidates(suffix) if k in entries), None)
-        if key is None:
-            problems.append(f"missing from checkpoint: {piece.key} (Megatron key {stacked_candidates(suffix)[0]})")
+        candidates = stacked_candidates(suffix)
+        key, extra = next(((k, e) for k, e in candidates if k in entries), candidates[0])
+        if key not in entries:
+            problems.append(f"missing from checkpoint: {piece.key} (Megatron key {key})")
             continue
-        layers = int(entries[key].size[0])
-        if layer >= layers:
-            problems.append(f"{piece.key}: the checkpoint holds {layers} layers")
+        index = (layer, *extra)
+        stacked = tuple(int(n) for n in entries[key].size[:len(index)])
+        if any(i >= n for i, n in zip(index, stacked)):
+            problems.append(f"{piece.key}: the checkpoint's {key} holds {stacked} (layers, experts)")
             continue
-        mapped.append(ShardPiece(key, piece.tensor.unsqueeze(0), (layers, *piece.global_shape),
-                                 (layer, *piece.global_offsets), piece.write, piece.vocab))
+        tensor = piece.tensor.reshape((1,) * len(index) + tuple(piece.tensor.shape))
+        mapped.append(ShardPiece(key, tensor, (*stacked, *piece.global_shape), (*index, *piece.global_offsets),
+                                 piece.write, piece.vocab))
     return mapped, problems
 
 
@@ -182,10 +187,11 @@ def load_training_state(iter_dir: str, model_chunks: Sequence[torch.nn.Module], 
     entries = _model_entries(metadata, iter_dir)
     pieces, problems = megatron_pieces(sharded_model_state(model_chunks, groups), entries)
     if strict:
-        used = {(p.key, p.global_offsets[0] if is_stacked_key(p.key) else 0) for p in pieces}
+        used = {(p.key, tuple(p.global_offsets[:stacked_axes(p.key)])) for p in pieces}
         everywhere = set().union(*[set(u) for u in Comm().all_gather_object(sorted(used))])
         unused = sorted(key for key, md in entries.items()
-                        if any((key, i) not in everywhere for i in range(int(md.size[0]) if is_stacked_key(key) else 1)))
+                        if any((key, index) not in everywhere for index in
+                               itertools.product(*(range(int(n)) for n in md.size[:stacked_axes(key)]))))
         if unused and groups.rank == 0:
             problems.append(f"not in the model (or not every layer of it): {unused[:8]}")
     gathered = Comm().all_gather_object(problems)

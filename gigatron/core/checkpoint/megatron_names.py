@@ -11,8 +11,12 @@ name: `decoder.layers.{i}.self_attention.linear_qkv.weight`. Megatron-Core's tor
 
       ours                                   Megatron-Core torch_dist (and its TE-spec state dict)
       input_layernorm.{weight,bias}          self_attention.linear_qkv.layer_norm_{weight,bias}
-      pre_mlp_layernorm.{weight,bias}        mlp.linear_fc1.layer_norm_{weight,bias}   (dense MLP;
-                                             a MoE layer keeps pre_mlp_layernorm)
+      pre_mlp_layernorm.{weight,bias}        mlp.linear_fc1.layer_norm_{weight,bias}   (MoE layers too)
+
+- routed experts (SequentialMLP) are stacked twice: `decoder.layers.mlp.experts.experts.linear_fc1.weight`
+  of shape [num_layers, num_experts, rows, cols] (global expert number, whatever the writer's
+  expert-parallel size) holds our `decoder.layers.{i}.mlp.experts.local_experts.{e}.linear_fc1.weight`;
+  the router is `decoder.layers.mlp.router.weight` [num_layers, num_experts, hidden].
 
 The rest is the same: embedding.word_embeddings.weight and embedding.position_embeddings.weight,
 decoder.final_layernorm.*, output_layer.weight (absent when tied to the embedding), the fused
@@ -26,8 +30,9 @@ from __future__ import annotations
 import re
 from typing import Optional
 
-__all__ = ["FUSED_NORMS", "UNFUSED_NORMS", "STACKED_PREFIX", "is_stacked_key", "unstacked_name",
-           "stacked_candidates", "split_layer_name"]
+__all__ = ["FUSED_NORMS", "UNFUSED_NORMS", "STACKED_PREFIX", "EXPERTS_PREFIX", "is_stacked_key", "stacked_axes",
+           "unstacked_name", "stacked_candidates", "split_layer_name", "flatten", "nest", "legacy_to_ours",
+           "ours_to_legacy", "legacy_qkv_to_ours"]
 
 FUSED_NORMS = {
     "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
@@ -46,23 +51,42 @@ def split_layer_name(name: str) -> Optional[tuple[int, str]]:
     return (int(match.group(1)), match.group(2)) if match else None
 
 
+EXPERTS_PREFIX = STACKED_PREFIX + "mlp.experts.experts."
+_LOCAL_EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(.+)$")
+
+
 def is_stacked_key(key: str) -> bool:
     """A Megatron-Core torch_dist key holding all layers of the decoder (leading layer axis)."""
     return key.startswith(STACKED_PREFIX) and not key[len(STACKED_PREFIX):][:1].isdigit()
 
 
-def unstacked_name(key: str, layer: int) -> str:
-    """Our name for layer `layer` of the stacked Megatron key `key`."""
+def stacked_axes(key: str) -> int:
+    """How many leading axes of a Megatron-Core key index layers (and experts): 0, 1, or 2 for the
+    routed experts (`decoder.layers.mlp.experts.experts.*`: [layer, global expert, ...])."""
+    if not is_stacked_key(key):
+        return 0
+    return 2 if key.startswith(EXPERTS_PREFIX) else 1
+
+
+def unstacked_name(key: str, index: tuple) -> str:
+    """Our name for entry `index` ((layer,) or (layer, expert)) of the stacked Megatron key `key`."""
+    if key.startswith(EXPERTS_PREFIX):
+        layer, expert = index
+        return f"decoder.layers.{layer}.mlp.experts.local_experts.{expert}.{key[len(EXPERTS_PREFIX):]}"
     suffix = key[len(STACKED_PREFIX):]
-    return f"decoder.layers.{layer}.{UNFUSED_NORMS.get(suffix, suffix)}"
+    return f"decoder.layers.{index[0]}.{UNFUSED_NORMS.get(suffix, suffix)}"
 
 
-def stacked_candidates(suffix: str) -> list[str]:
-    """The Megatron-Core keys that may hold our layer parameter `decoder.layers.{i}.{suffix}`, in
-    the order to try (a fused norm name first)."""
-    keys = [STACKED_PREFIX + suffix]
+def stacked_candidates(suffix: str) -> list[tuple[str, tuple]]:
+    """(Megatron-Core key, offsets after the layer axis) that may hold our layer parameter
+    `decoder.layers.{i}.{suffix}`, in the order to try (a fused norm name first); a routed
+    expert's global number is the offset along the experts key's second axis."""
+    expert = _LOCAL_EXPERT.match(suffix)
+    if expert:
+        return [(EXPERTS_PREFIX + expert.group(2), (int(expert.group(1)),))]
+    keys = [(STACKED_PREFIX + suffix, ())]
     if suffix in FUSED_NORMS:
-        keys.insert(0, STACKED_PREFIX + FUSED_NORMS[suffix])
+        keys.insert(0, (STACKED_PREFIX + FUSED_NORMS[suffix], ()))
     return keys
 
 
