@@ -150,3 +150,13 @@ def test_objects_outside_the_allow_list_are_refused(megatron_ckpt, tmp_path):
     with pytest.raises(CheckpointError, match="refuses"):
         formats.read_args(str(bad))
     assert not marker.exists()
+
+
+def test_a_flag_named_like_legacy_keys_does_not_make_it_legacy(tmp_path):
+    """Detection looks for the state-dict key `language_model`, not for the text inside a flag name."""
+    rank_dir = tmp_path / "iter_0000001" / "mp_rank_00"
+    rank_dir.mkdir(parents=True)
+    (tmp_path / "latest_checkpointed_iteration.txt").write_text("1")
+    torch.save({"args": argparse.Namespace(num_layers=1, language_model_type="llama3"), "iteration": 1,
+                "model": {"embedding.word_embeddings.weight": torch.zeros(4, 4)}}, rank_dir / "model_optim_rng.pt")
+    assert formats.locate(str(tmp_path))[2].NAME == "megatron_torch"

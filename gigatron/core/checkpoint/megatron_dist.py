@@ -226,6 +226,26 @@ def _read_object(iter_dir: str, metadata, key: str):
     return value[0]
 
 
+def _rng_key(metadata, saved: tuple, groups) -> Optional[str]:
+    """The `rng_state/shard_{offsets}_{shape}` entry of this rank: offsets (pp rank, tp rank[, ep
+    rank]) in a grid of shape (pp, tp[, ep]) (ShardedObject keys join each tuple with dots)."""
+    for index in metadata.storage_data:
+        name = index.fqn
+        if not name.startswith("rng_state/shard_"):
+            continue
+        try:
+            offsets_text, shape_text = name[len("rng_state/shard_"):].split("_")
+            offsets = tuple(int(x) for x in offsets_text.split("."))
+            shape = tuple(int(x) for x in shape_text.split("."))
+        except ValueError:
+            continue
+        if len(offsets) < 2 or shape[:2] != saved or offsets[:2] != (groups.pp.rank, groups.tp.rank):
+            continue
+        if len(offsets) == 2 or (len(offsets) == 3 and offsets[2] == getattr(groups.ep, "rank", 0)):
+            return name
+    return None
+
+
 def _rng_state(iter_dir: str, metadata, args: dict, groups):
     """(this rank's RNG state in our form, or None; why not). Megatron-LM stores each (pp, tp)
     rank's list of data-parallel RNG states as the ShardedObject `rng_state`."""
@@ -233,10 +253,10 @@ def _rng_state(iter_dir: str, metadata, args: dict, groups):
     if saved != (groups.pp.size, groups.tp.size):
         return None, (f"{iter_dir} was saved at tensor/pipeline parallel size {saved[1]}/{saved[0]}, this run uses "
                       f"{groups.tp.size}/{groups.pp.size}: the random number generators are not restored")
-    key = f"rng_state/shard_{groups.pp.rank}.{groups.tp.rank}_{saved[0]}.{saved[1]}"
-    states = _read_object(iter_dir, metadata, key)
+    key = _rng_key(metadata, saved, groups)
+    states = _read_object(iter_dir, metadata, key) if key is not None else None
     if not states:
-        return None, f"{iter_dir} holds no RNG state for this rank ({key}; saved with --no-save-rng?)"
+        return None, f"{iter_dir} holds no RNG state for this rank (saved with --no-save-rng?)"
     return rng_state_from_megatron(states[groups.dp.rank] if groups.dp.rank < len(states) else states[0]), None
 
 

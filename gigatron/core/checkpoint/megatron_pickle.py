@@ -180,6 +180,15 @@ def written_by_megatron(path: str) -> bool:
     return b"argparse\nNamespace" in program or (b"argparse" in program and b"Namespace" in program)
 
 
+def _pickled_string(text: str) -> tuple[bytes, ...]:
+    """The encodings of the string `text` in a pickle program (protocol 2 BINUNICODE, protocol 4
+    SHORT_BINUNICODE): a whole string, not a part of a longer one."""
+    data = text.encode("utf-8")
+    return (b"X" + len(data).to_bytes(4, "little") + data, b"\x8c" + bytes([len(data)]) + data)
+
+
 def holds_legacy_names(path: str) -> bool:
-    """The torch.save file at `path` holds a pre-Megatron-Core model (`language_model.…` names)."""
-    return b"language_model" in pickle_program(path)
+    """The torch.save file at `path` holds a pre-Megatron-Core model: its state dict has the key
+    `language_model` (a flag such as `language_model_type` in the args does not count)."""
+    program = pickle_program(path)
+    return any(encoded in program for encoded in _pickled_string("language_model"))
