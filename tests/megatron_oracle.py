@@ -10,6 +10,7 @@ into the test process (it would hide exactly the refusals the tests check). Test
     python tests/megatron_oracle.py write-torch --kind gpt --root DIR --iteration 5
     python tests/megatron_oracle.py write-dist --kind llama --root DIR --tp 2 --pp 1  (tp*pp processes)
     python tests/megatron_oracle.py write-legacy --root DIR --release --version 0 --tp 2
+    python tests/megatron_oracle.py load-torch --kind llama --root DIR    (Megatron loads our torch file)
     python tests/megatron_oracle.py logits --kind llama --root DIR    (Megatron loads DIR at tp=pp=1;
                                                           with --tp 2 in two processes at tp=2)
 
@@ -307,7 +308,7 @@ def _write_reference(root: str, toks: torch.Tensor, out: torch.Tensor) -> None:
 
 def _main(argv=None) -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("command", choices=["write-torch", "write-dist", "write-legacy", "logits"])
+    parser.add_argument("command", choices=["write-torch", "write-dist", "write-legacy", "logits", "load-torch"])
     parser.add_argument("--version", type=float, default=3.0, help="write-legacy: checkpoint_version")
     parser.add_argument("--release", action="store_true", help="write-legacy: release/ and tracker 'release'")
     parser.add_argument("--kind", default="gpt", choices=sorted(OPTIONS))
@@ -371,6 +372,15 @@ def _main(argv=None) -> None:
         if OPTIONS[opts.kind].get("num_experts"):  # the weights are the oracle (see OPTIONS)
             torch.save({k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)},
                        os.path.join(opts.root, f"weights_rank{rank}.pt"))
+    elif opts.command == "load-torch":  # Megatron-Core's GPTModel loads a tp=pp=1 `torch` rank file, strictly
+        model = build_model(opts.kind, num_layers=opts.layers, seed=99)
+        state = torch.load(os.path.join(iter_dir, "mp_rank_00", "model_optim_rng.pt"), weights_only=True)
+        saved = state["args"]  # what Megatron-LM's loader reads from it
+        assert (saved.tensor_model_parallel_size, saved.pipeline_model_parallel_size) == (1, 1)
+        assert (saved.num_layers, saved.hidden_size, saved.num_attention_heads) == (opts.layers, 64, 4)
+        model.load_state_dict(state["model"], strict=True)
+        toks = tokens()
+        _write_reference(opts.root, toks, logits(model, toks))
     else:  # logits: Megatron-Core loads the torch_dist checkpoint at tp (pp = 1) and runs its forward
         from megatron.core import dist_checkpointing
 

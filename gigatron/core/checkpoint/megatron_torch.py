@@ -5,16 +5,20 @@ The layout is the one torch_layout.py reads and writes; what differs is what the
 run's `args` is a pickled `argparse.Namespace` whose values include Megatron's enums, numpy RNG
 arrays and `signal.Signals`, so the files are read with megatron_pickle.py's allow-list (stand-ins
 for Megatron's classes, Megatron never imported, anything else refused); there is no checksum
-manifest (Megatron writes none); Transformer Engine's fused-norm names
+manifest when Megatron wrote it (one written by convert.py --saver megatron_torch has ours, and it
+is checked); Transformer Engine's fused-norm names
 (`linear_qkv.layer_norm_weight`) and `_extra_state` entries are mapped and dropped by
-torch_layout's merge. `detect` claims a directory of rank files without our checksums.json whose
-rank-0 file pickles a Namespace and no pre-Megatron-Core names (those are legacy.py's).
+torch_layout's merge. `detect` claims a directory of rank files whose rank-0 file pickles a Namespace
+and no pre-Megatron-Core names (those are legacy.py's).
 
 `--load` takes the weights at ANY tensor/pipeline/expert layout of the reader (foreign.py), the
 iteration, consumed samples, FLOPs counter and learning-rate schedule, and the RNG state where
 the layout is the writer's. Megatron's optimizer state is laid out by its own parameter groups,
 which ours do not reproduce: resume with --no-load-optim (or take the weights with --finetune).
-This format is read-only: Gigatron saves `--ckpt-format torch` with torch_layout.py.
+Training saves `--ckpt-format torch` with torch_layout.py (args as a plain dict); `megatron_file_content`
+builds a rank file Megatron-LM loads (convert.py --saver megatron_torch): args as an
+argparse.Namespace of plain values, the `_extra_state` entries (None) Megatron-Core's modules
+expect, and with `transformer_engine=True` the fused-norm names of its Transformer Engine spec.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from gigatron.core.checkpoint.io import CheckpointError, to_plain
 from gigatron.core.checkpoint.megatron_pickle import holds_legacy_names, written_by_megatron
 from gigatron.core.checkpoint.state import ModelState, TrainingState
 
-__all__ = ["NAME", "WRITES", "detect", "read_args", "read_model", "plain_args", "save_training_state",
+__all__ = ["NAME", "WRITES", "megatron_file_content", "detect", "read_args", "read_model", "plain_args", "save_training_state",
            "load_training_state", "header_of", "OPTIMIZER_HINT"]
 
 NAME = "megatron_torch"
@@ -49,11 +53,10 @@ def _first_file(iter_dir: str) -> Optional[str]:
 
 
 def detect(iter_dir: str) -> bool:
-    """Rank files written by Megatron-LM (Namespace args, Megatron-Core names, no checksums.json)."""
+    """Rank files whose args are a Namespace (Megatron-LM's, or written for it by convert.py
+    --saver megatron_torch) with Megatron-Core names. Gigatron's own `torch` files store a dict."""
     first = _first_file(iter_dir)
-    if first is None or os.path.isfile(os.path.join(iter_dir, torch_layout.CHECKSUMS_FILENAME)):
-        return False
-    return written_by_megatron(first) and not holds_legacy_names(first)
+    return first is not None and written_by_megatron(first) and not holds_legacy_names(first)
 
 
 def plain_args(args) -> dict:
@@ -152,3 +155,32 @@ def load_training_state(iter_dir: str, model_chunks: Sequence[torch.nn.Module], 
     return TrainingState(header=header, path=iter_dir, optimizer_loaded=False,
                          scheduler_state=first.get("opt_param_scheduler"), rng_state=rng_state,
                          rng_missing=missing, rng_missing_is_error=False)
+
+
+# The modules of a Megatron-Core GPT layer (and the output layer) that carry an `_extra_state`
+# entry in its state dict (None without Transformer Engine's FP8 metadata).
+_EXTRA_STATE_SUFFIXES = ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1",
+                         "mlp.linear_fc2")
+
+
+def megatron_file_content(header: dict, state_dict: dict, transformer_engine: bool = False) -> dict:
+    """One rank file Megatron-LM's `torch` loader reads: the header with `args` as an
+    argparse.Namespace of plain values (it reads `args.tensor_model_parallel_size` and friends; a
+    Namespace is on our loader's allow-list), and the model with `_extra_state: None` beside each
+    linear module (Megatron-Core's strict load expects them); `transformer_engine`: the norms under
+    the Transformer Engine spec's fused names (`self_attention.linear_qkv.layer_norm_weight`, ...)."""
+    from gigatron.core.checkpoint.megatron_names import FUSED_NORMS, split_layer_name
+
+    model = {}
+    for name, tensor in state_dict.items():
+        split = split_layer_name(name)
+        if transformer_engine and split is not None and split[1] in FUSED_NORMS:
+            name = f"decoder.layers.{split[0]}.{FUSED_NORMS[split[1]]}"
+        model[name] = tensor
+        module, _, leaf = name.rpartition(".")
+        if leaf == "weight" and (module == "output_layer" or module.endswith(_EXTRA_STATE_SUFFIXES)):
+            model[f"{module}._extra_state"] = None
+    content = {key: value for key, value in header.items() if key != "args"}
+    content["args"] = argparse.Namespace(**header["args"])
+    content["model"] = model
+    return content
