@@ -178,3 +178,26 @@ def test_pretrain_gpt_resumes_a_megatron_core_run(megatron_ckpt, tmp_path):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     log = out.stdout + out.stderr
     assert "iteration        6/       6" in log and "iteration        5/" not in log
+
+
+def test_generate_text_and_tasks_accept_it(megatron_ckpt, tmp_path):
+    """The server's engine builder (tools/generate_text.py) and tasks/main.py load a Megatron-Core
+    torch_dist directory like any other checkpoint."""
+    root, kind = megatron_ckpt
+    args = formats.read_args(str(root))
+    if kind != "llama" or args["tensor_model_parallel_size"] != 1 or args["pipeline_model_parallel_size"] != 1:
+        pytest.skip("one model is enough")
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "generate_text.py"), "--load", str(root),
+                          "--use-checkpoint-args", "--prompt", "1 2 3", "--tokens-to-generate", "3"],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    wiki = tmp_path / "wiki.test.tokens"
+    wiki.write_text(" ".join(str(i % 40 + 1) for i in range(60)) + " \n")
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "tasks", "main.py"), "--task", "WIKITEXT103",
+                          "--valid-data", str(wiki), "--load", str(root), "--use-checkpoint-args",
+                          "--micro-batch-size", "1", "--overlapping-eval", "8",
+                          "--results-path", str(tmp_path / "results.json")],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    assert (tmp_path / "results.json").is_file()
