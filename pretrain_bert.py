@@ -5,7 +5,8 @@ tokenizer (--tokenizer-type BertWordPieceLowerCase --vocab-file vocab.txt)."""
 
 import sys
 
+from gigatron.cli import run_cli
 from gigatron.training.bert import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -2,7 +2,8 @@
 
 import sys
 
+from gigatron.cli import run_cli
 from gigatron.training.entry import pretrain_gpt_main
 
 if __name__ == "__main__":
-    sys.exit(pretrain_gpt_main())
+    sys.exit(run_cli(pretrain_gpt_main))

@@ -5,7 +5,8 @@ sentinel tokens (--vocab-extra-ids 100), --encoder-seq-length and --decoder-seq-
 
 import sys
 
+from gigatron.cli import run_cli
 from gigatron.training.t5 import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

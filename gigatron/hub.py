@@ -20,6 +20,7 @@ from torch import nn
 from gigatron.core.checkpoint.formats import is_hf_folder, locate
 from gigatron.core.convert.hf import hf_messages
 from gigatron.core.convert.protocol import (
+    TOKENIZER_FLAGS,
     collect_state,
     dtype_from_name,
     moe_config_from_metadata,
@@ -34,7 +35,7 @@ from gigatron.core.convert.torch_format import (
 
 __all__ = ["PretrainedGPT", "from_pretrained"]
 
-_TOKENIZER_FLAGS = ("tokenizer_type", "vocab_file", "merge_file", "tokenizer_model", "vocab_size")
+_TOKENIZER_FLAGS = TOKENIZER_FLAGS  # what the checkpoint's metadata says about its tokenizer
 
 
 class PretrainedGPT(nn.Module):

@@ -83,7 +83,7 @@ def bert_encoder(ctx):
     fine-tuning interface encoder(tokens, types, padding_mask) -> pooled [b, h]."""
     from gigatron.training.bert import model_provider
 
-    return BertPooledEncoder(model_provider(ctx), seed=ctx.configs.training.seed)
+    return BertPooledEncoder(model_provider(ctx), seed=ctx.configs.data.seed)
 
 
 def _task_dataset(task: str):
@@ -109,7 +109,7 @@ def _head_builder(task: TaskConfig, num_classes: Optional[int]):
 
         transformer = ctx.configs.transformer
         common = dict(dropout=transformer.hidden_dropout, init_std=transformer.init_method_std,
-                      seed=ctx.configs.training.seed, params_dtype=transformer.params_dtype)
+                      seed=ctx.configs.data.seed, params_dtype=transformer.params_dtype)
         if task.task == "RACE":
             return MultipleChoice(encoder, transformer.hidden_size, **common)
         return Classification(encoder, transformer.hidden_size, num_classes, **common)

@@ -49,6 +49,8 @@ __all__ = [
     "build_parser",
     "parse_args",
     "configs_from_args",
+    "args_dict_from_configs",
+    "explicit_flags",
 ]
 
 # name in `Configs`, module, class. Imported lazily, on first use.
@@ -96,6 +98,9 @@ class Alias:
     dest: str
     value: Any = RENAME
     help: str = ""
+    replaces: bool = False
+    """The alias is the field's only flag: the name generated from the field is not offered
+    (a Gigatron spelling that Megatron never had)."""
 
 
 ALIASES: dict[str, Alias] = {
@@ -106,12 +111,17 @@ ALIASES: dict[str, Alias] = {
     "--accumulate-allreduce-grads-in-fp32": Alias(
         "grad_reduce_in_fp32", True, "Accumulate and all-reduce gradients in fp32."
     ),
-    "--ddp-bucket-size": Alias("bucket_size", help="Bucket size (number of parameters) for data-parallel communication."),
+    "--ddp-bucket-size": Alias("bucket_size", help="Bucket size (number of parameters) for data-parallel communication.",
+                               replaces=True),
     "--ddp-average-in-collective": Alias(
-        "average_in_collective", True, "Average gradients inside the collective instead of scaling before it."
+        "average_in_collective", True, "Average gradients inside the collective instead of scaling before it.",
+        replaces=True,
     ),
     "--ddp-pad-buckets-for-high-nccl-busbw": Alias(
-        "pad_buckets_for_high_nccl_busbw", True, "Pad buckets for higher NCCL bus bandwidth."
+        "pad_buckets_for_high_nccl_busbw", True, "Pad buckets for higher NCCL bus bandwidth.", replaces=True,
+    ),
+    "--use-tp-pp-dp-mapping": Alias(
+        "order", "tp-cp-ep-pp-dp", "Lay ranks out in Megatron's tp-pp-dp order (pipeline before data parallel)."
     ),
     "--no-create-attention-mask-in-dataloader": Alias(
         "create_attention_mask_in_dataloader", False, "Do not build attention masks in the data loader."
@@ -387,7 +397,7 @@ def _add_aliases(parser: argparse.ArgumentParser, specs: dict[str, FlagSpec]) ->
         spec = specs.get(alias.dest)
         if spec is None or option in taken:
             continue
-        text = alias.help or f"Sets {alias.dest}."
+        text = (spec.help if alias.replaces and spec.help else alias.help) or f"Sets {alias.dest}."
         if alias.value is RENAME:
             if spec.kwargs.get("kind") == "bool":
                 group.add_argument(option, dest=alias.dest, action="store_true", help=text)
@@ -439,8 +449,10 @@ def build_parser(
         if summary.startswith(cls.__name__ + "("):  # dataclass' generated signature doc
             summary = ""
         groups[owner] = parser.add_argument_group(cls.__name__, summary or None)
+    replaced = {alias.dest for alias in ALIASES.values() if alias.replaces}
     for spec in specs.values():
-        _add_spec(groups[spec.owners[0]], spec)
+        if spec.dest not in replaced:
+            _add_spec(groups[spec.owners[0]], spec)
     _add_aliases(parser, specs)
     if extra_args_provider is not None:
         extra_args_provider(parser)
@@ -502,12 +514,32 @@ def parse_args(
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--yaml-cfg", default=None)
     known, _ = pre.parse_known_args(argv)
+    from_yaml: dict = {}
     if known.yaml_cfg:
-        parser.set_defaults(**_yaml_defaults(known.yaml_cfg, parser))
+        from_yaml = _yaml_defaults(known.yaml_cfg, parser)
+        parser.set_defaults(**from_yaml)
     args = parser.parse_args(argv)
     for key in [k for k in vars(args) if k.startswith("_accepted_")]:
         delattr(args, key)
+    args._explicit = frozenset(from_yaml) | _given_on_command_line(parser, argv)
     return args
+
+
+def _given_on_command_line(parser: argparse.ArgumentParser, argv: Sequence[str]) -> frozenset:
+    """The destinations that `argv` sets (parsed again with every default suppressed)."""
+    actions = parser._actions  # noqa: SLF001 - argparse keeps no public list
+    saved = [(action, action.default) for action in actions]
+    saved_defaults = dict(parser._defaults)  # noqa: SLF001
+    try:
+        for action in actions:
+            action.default = argparse.SUPPRESS
+        parser._defaults.clear()  # noqa: SLF001
+        given = parser.parse_args(list(argv))
+    finally:
+        for action, default in saved:
+            action.default = default
+        parser._defaults.update(saved_defaults)  # noqa: SLF001
+    return frozenset(k for k in vars(given) if not k.startswith("_"))
 
 
 # ------------------------------------------------------------------ namespace -> dataclasses
@@ -515,7 +547,12 @@ def parse_args(
 
 @dataclass
 class Configs:
-    """One instance of each config dataclass, built from the parsed flags."""
+    """One instance of each config dataclass, built from the parsed flags: where the command line
+    ends. Everything after argument parsing reads these (each setting from the config that owns it).
+
+    `extra` holds the values of flags that a script added with its `extra_args_provider` (BERT's
+    --bert-layernorm, T5's --decoder-num-layers, a task's flags …), by name; `world_size` is the
+    number of processes the flags were validated for (None: not validated)."""
 
     transformer: Any = None
     parallel: Any = None
@@ -527,9 +564,12 @@ class Configs:
     training: Any = None
     checkpoint: Any = None
     logging: Any = None
+    extra: dict = dataclasses.field(default_factory=dict)
+    world_size: Optional[int] = None
 
     def items(self) -> Iterable[tuple[str, Any]]:
-        return ((f.name, getattr(self, f.name)) for f in dataclasses.fields(self))
+        """(name, config) for each config dataclass (not `extra`)."""
+        return ((name, getattr(self, name)) for name, _, _ in CONFIG_SOURCES if hasattr(self, name))
 
 
 def derived_fields(args: argparse.Namespace) -> dict[str, Any]:
@@ -559,10 +599,45 @@ def build_config(cls: type, args: argparse.Namespace, **overrides):
     return cls(**kwargs)
 
 
+# Values that validation writes into the namespace; they are not settings (the run reads them from
+# its groups), so they are kept out of `Configs.extra`.
+_VALIDATION_RESULTS = ("world_size", "data_parallel_size", "num_microbatches", "yaml_cfg")
+
+
 def configs_from_args(args: argparse.Namespace, classes: Optional[dict[str, type]] = None) -> Configs:
-    """Build every config dataclass from a parsed (and validated) namespace."""
+    """Build every config dataclass from a parsed (and validated) namespace. Each dataclass checks
+    its own fields (`__post_init__`); the rules across configs are in gigatron/training/validate.py."""
     classes = config_classes() if classes is None else classes
     configs = Configs()
+    owned: set[str] = set()
     for name, cls in classes.items():
         setattr(configs, name, build_config(cls, args))
+        owned.update(f.name for f in dataclasses.fields(cls))
+    configs.extra = {k: v for k, v in vars(args).items()
+                     if not k.startswith("_") and k not in owned and k not in _VALIDATION_RESULTS}
+    configs.world_size = getattr(args, "world_size", None)
     return configs
+
+
+def args_dict_from_configs(configs: Configs, **values) -> dict[str, Any]:
+    """The run's settings as one flat dict of flag values (field name -> value), as Megatron's
+    checkpoints record `args`: every command-line field of every config, the script's extra flags,
+    and `values` (e.g. padded_vocab_size). Settings with several homes (a core config that needs a
+    copy of another's field) appear once; their values agree because one flag set them all."""
+    specs, _ = flag_specs({name: type(config) for name, config in configs.items() if config is not None})
+    flat: dict[str, Any] = {}
+    for name, config in configs.items():
+        if config is None:
+            continue
+        for f in dataclasses.fields(config):
+            if f.name in specs and f.name not in flat:
+                flat[f.name] = getattr(config, f.name)
+    flat.update(configs.extra)
+    flat.update(values)
+    return flat
+
+
+def explicit_flags(args: argparse.Namespace) -> frozenset:
+    """The fields that the user set for this run (on the command line or in --yaml-cfg), as recorded
+    by `parse_args`; empty for a namespace built another way."""
+    return frozenset(getattr(args, "_explicit", ()) or ())

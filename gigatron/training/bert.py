@@ -42,9 +42,12 @@ def extra_args_provider(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
 
 
 def num_tokentypes(args) -> int:
-    value = getattr(args, "num_tokentypes", None)
+    """--num-tokentypes, or its default from the binary head. `args` is a namespace or a dict of
+    flag values (`Configs.extra` with `bert_binary_head` added)."""
+    get = args.get if isinstance(args, dict) else lambda name, default=None: getattr(args, name, default)
+    value = get("num_tokentypes", None)
     if value is None:
-        return 2 if getattr(args, "bert_binary_head", True) else 0
+        return 2 if get("bert_binary_head", True) else 0
     if value < 0:
         raise ValueError(f"--num-tokentypes must be >= 0, got {value}")
     return value
@@ -54,13 +57,13 @@ def model_provider(ctx, pre_process: bool = True, post_process: bool = True, vp_
     """The BERT model (one stage), initialized from --seed."""
     from gigatron.core.models.bert import BertModel
 
-    args = ctx.args
+    extra, data = ctx.configs.extra, ctx.configs.data
     if vp_stage is not None:
         raise ValueError("BERT does not support virtual pipeline stages; drop --num-layers-per-virtual-pipeline-stage")
-    return BertModel(ctx.configs.transformer, ctx.groups, ctx.padded_vocab_size, num_tokentypes=num_tokentypes(args),
-                     add_binary_head=bool(getattr(args, "bert_binary_head", True)),
-                     layer_norm=getattr(args, "bert_layernorm", "pre"), pre_process=pre_process,
-                     post_process=post_process, seed=args.seed)
+    return BertModel(ctx.configs.transformer, ctx.groups, ctx.padded_vocab_size,
+                     num_tokentypes=num_tokentypes({**extra, "bert_binary_head": data.bert_binary_head}),
+                     add_binary_head=bool(data.bert_binary_head), layer_norm=extra.get("bert_layernorm", "pre"),
+                     pre_process=pre_process, post_process=post_process, seed=data.seed)
 
 
 def get_batch(data_iterator, model):
@@ -125,16 +128,13 @@ def datasets_provider(ctx, train_valid_test_num_samples):
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """pretrain_bert.py: parse Megatron-style flags and train."""
     from gigatron.training.arguments import parse_args
-    from gigatron.training.loop import pretrain
+    from gigatron.training.loop import pretrain_and_exit
 
     args = parse_args(argv, extra_args_provider=extra_args_provider)
-    try:
-        pretrain(datasets_provider, model_provider, forward_step, args=args)
-    finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
+    return pretrain_and_exit(datasets_provider, model_provider, forward_step, args)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from gigatron.cli import run_cli
+
+    sys.exit(run_cli(main))

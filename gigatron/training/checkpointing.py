@@ -58,20 +58,25 @@ __all__ = [
     "load_args_from_checkpoint",
 ]
 
-# Flags that describe the model; --use-checkpoint-args takes these from the checkpoint.
-MODEL_SHAPE_ARGS = (
-    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "kv_channels",
-    "group_query_attention", "num_query_groups", "max_position_embeddings", "position_embedding_type",
-    "rotary_base", "rotary_percent", "rotary_interleaved", "normalization", "norm_epsilon",
-    "apply_layernorm_1p", "add_bias_linear", "add_qkv_bias", "swiglu", "squared_relu", "openai_gelu",
-    "share_embeddings_and_output_weights", "untie_embeddings_and_output_weights", "qk_layernorm",
-    "seq_length", "padded_vocab_size", "vocab_size", "make_vocab_size_divisible_by", "tokenizer_type",
-    "vocab_file", "merge_file", "tokenizer_model", "num_experts", "moe_router_topk", "moe_ffn_hidden_size",
-    "tensor_model_parallel_size", "pipeline_model_parallel_size", "virtual_pipeline_model_parallel_size",
-    "expert_model_parallel_size", "moe_layer_freq", "moe_router_pre_softmax", "moe_router_score_function",
-    "moe_router_topk_scaling_factor", "bert_layernorm", "num_tokentypes", "bert_binary_head",
-    "rotary_seq_len_interpolation_factor",
-)
+# The flags a BERT or T5 script adds for its model (extra_args_provider; no config dataclass owns them).
+SCRIPT_MODEL_ARGS = ("bert_layernorm", "num_tokentypes", "bert_binary_head", "encoder_num_layers",
+                     "decoder_num_layers", "t5_relative_attention", "relative_attention_num_buckets",
+                     "relative_attention_max_distance", "encoder_seq_length", "decoder_seq_length")
+
+
+def _model_shape_args() -> tuple[str, ...]:
+    from gigatron.core.convert.protocol import MODEL_FLAGS, MOE_FLAGS, TOKENIZER_FLAGS
+
+    return tuple(dict.fromkeys(MODEL_FLAGS + MOE_FLAGS + TOKENIZER_FLAGS + SCRIPT_MODEL_ARGS + ("padded_vocab_size",)))
+
+
+# What --use-checkpoint-args takes from a checkpoint: the model's description, derived from the config
+# dataclasses' model fields (TransformerConfig, MoEConfig, DataConfig's tokenizer fields) — never the
+# run's parallel layout, precision or recompute settings.
+MODEL_SHAPE_ARGS = _model_shape_args()
+
+# Stored as absolute paths; a load that does not find one looks beside the checkpoint.
+TOKENIZER_PATH_ARGS = ("vocab_file", "merge_file", "tokenizer_model")
 
 
 # ------------------------------------------------------------------ RNG state
@@ -120,10 +125,16 @@ def set_rng_state(state: dict, rng_tracker=None) -> None:
 
 
 def _args_dict(args, consumed_train: int, consumed_valid: int) -> dict:
+    """The `args` entry of a checkpoint: the run's flags as plain data, with the consumed-sample
+    counts and tokenizer paths made absolute (so the checkpoint works from another directory)."""
     plain = {k: v for k, v in vars(args).items() if not k.startswith("_")} if isinstance(args, argparse.Namespace) \
         else dict(args)
     plain["consumed_train_samples"] = consumed_train
     plain["consumed_valid_samples"] = consumed_valid
+    for name in TOKENIZER_PATH_ARGS:
+        value = plain.get(name)
+        if isinstance(value, str) and value and os.path.exists(value):
+            plain[name] = os.path.abspath(value)
     return to_plain(plain)
 
 
@@ -299,17 +310,68 @@ def _restore_rng(state, groups, rng_tracker) -> None:
         print(f"WARNING: {state.rng_missing}", flush=True)
 
 
-def load_args_from_checkpoint(args: argparse.Namespace, load_dir: Optional[str] = None,
-                              names: Sequence[str] = MODEL_SHAPE_ARGS) -> argparse.Namespace:
-    """--use-checkpoint-args: copy the model-shape flags stored in the checkpoint into `args`
-    (read from tensor/pipeline rank 0's file). Raises CheckpointError if there is no checkpoint."""
-    load_dir = load_dir or args.load
-    iteration, release = find_checkpoint_iteration(load_dir, getattr(args, "ckpt_step", None))
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _saved_args(load_dir: str, ckpt_step: Optional[int]) -> tuple[dict, str]:
+    """(the `args` a checkpoint recorded, its iteration directory), from tensor/pipeline rank 0's file."""
+    iteration, release = find_checkpoint_iteration(load_dir, ckpt_step)
     if iteration is None:
         raise CheckpointError(f"--use-checkpoint-args: no {TRACKER_FILENAME} in {load_dir}")
     directory = checkpoint_dir(load_dir, iteration, release)
-    saved = detect_format(directory).read_args(directory)  # the registry's format, its files verified first
-    for name in names:
-        if name in saved and hasattr(args, name):
-            setattr(args, name, saved[name])
+    return detect_format(directory).read_args(directory), directory  # the registry's format, files verified first
+
+
+def resolve_tokenizer_path(name: str, value: Optional[str], load_dir: str, iteration_dir: Optional[str] = None,
+                           tokenizer_type: Optional[str] = None) -> Optional[str]:
+    """A tokenizer path recorded in a checkpoint (`name` is vocab_file, merge_file or
+    tokenizer_model): as stored if it exists, else the file of the same name beside the checkpoint
+    (in `load_dir` or its iteration directory). Raises CheckpointError naming the file when neither
+    exists. A tokenizer_model that is no path (a HuggingFace model name) is returned as it is."""
+    if not value or os.path.exists(value):
+        return value
+    looks_like_path = os.path.isabs(value) or name != "tokenizer_model" or tokenizer_type != "HuggingFaceTokenizer"
+    if not looks_like_path:
+        return value
+    base = os.path.basename(os.path.normpath(value))
+    candidates = [os.path.join(d, base) for d in (load_dir, iteration_dir) if d]
+    for candidate in candidates:
+        if os.path.exists(candidate):
+            return os.path.abspath(candidate)
+    raise CheckpointError(
+        f"--use-checkpoint-args: the checkpoint's --{name.replace('_', '-')} {value} was not found, nor was "
+        f"{' or '.join(candidates)}; copy the file beside the checkpoint or give --{name.replace('_', '-')}")
+
+
+def load_args_from_checkpoint(args: argparse.Namespace, load_dir: Optional[str] = None,
+                              names: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """--use-checkpoint-args, as Megatron: the model's description stored in the checkpoint
+    (`MODEL_SHAPE_ARGS`, derived from the config dataclasses' model fields) replaces the flags; the
+    tokenizer settings the user gave explicitly for this run (recorded by `parse_args`) are kept, and
+    the parallel layout is always the run's. A stored tokenizer path that does not exist is looked
+    for beside the checkpoint. Raises CheckpointError if there is no checkpoint or a tokenizer file
+    is missing."""
+    from gigatron.core.convert.protocol import TOKENIZER_FLAGS
+    from gigatron.training.arguments import explicit_flags
+
+    load_dir = load_dir or args.load
+    saved, directory = _saved_args(load_dir, getattr(args, "ckpt_step", None))
+    explicit = explicit_flags(args)
+    replaced = []
+    for name in MODEL_SHAPE_ARGS if names is None else names:
+        if name not in saved or not hasattr(args, name):
+            continue
+        if name in explicit and name in TOKENIZER_FLAGS:
+            continue  # the run's own tokenizer files
+        value = saved[name]
+        if name in TOKENIZER_PATH_ARGS:
+            value = resolve_tokenizer_path(name, value, load_dir, directory, saved.get("tokenizer_type"))
+        if name in explicit and getattr(args, name) != value:
+            replaced.append(f"--{name.replace('_', '-')} {getattr(args, name)} -> {value}")
+        setattr(args, name, value)
+    if replaced and _rank() == 0:
+        print(f"> --use-checkpoint-args: the checkpoint's model replaces {', '.join(replaced)}", flush=True)
     return args

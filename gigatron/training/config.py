@@ -1,13 +1,22 @@
 """Training-only configuration: iterations, batch sizes, exit conditions, checkpoints and logging.
 
 These dataclasses follow the same rules as the ones in `gigatron.core`: field names are Megatron's
-flag names with `_` for `-`, and the string literal under each field is its `--help` text.
+flag names with `_` for `-`, and the string literal under each field is its `--help` text. Each
+checks its own fields in `__post_init__`; the rules across configs are in validate.py.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Literal, Optional
+
+SUPPORTED_CKPT_FORMATS = ("torch", "torch_dist")
+
+
+def _check_at_least(minimum: int, *flags: tuple[str, Optional[int]]) -> None:
+    for flag, value in flags:
+        if value is not None and value < minimum:
+            raise ValueError(f"{flag} must be >= {minimum}, got {value}.")
 
 
 @dataclass
@@ -52,10 +61,6 @@ class TrainingConfig:
 
     skip_train: bool = False
     """Skip training: only evaluate on the validation and test sets (after loading --load)."""
-
-    seed: int = 1234
-    """Random seed for python, numpy, torch and the model-parallel RNG tracker. Each pipeline stage
-    adds 100 times its rank."""
 
     data_parallel_random_init: bool = False
     """Give each data-parallel rank a different seed (seed + 10 * dp rank) for parameter
@@ -136,6 +141,13 @@ class TrainingConfig:
     profile_ranks: list[int] = field(default_factory=lambda: [0])
     """With --profile: the global ranks that profile (the others run normally)."""
 
+    def __post_init__(self) -> None:
+        if self.train_iters is not None and self.train_samples is not None:
+            raise ValueError("--train-iters and --train-samples are mutually exclusive; give one of them.")
+        _check_at_least(0, ("--train-iters", self.train_iters), ("--train-samples", self.train_samples),
+                        ("--eval-iters", self.eval_iters))
+        _check_at_least(1, ("--eval-interval", self.eval_interval), ("--exit-interval", self.exit_interval))
+
 
 @dataclass
 class CheckpointConfig:
@@ -202,6 +214,9 @@ class CheckpointConfig:
     ckpt_convert_save: Optional[str] = None
     """Folder for --ckpt-convert-format."""
 
+    def __post_init__(self) -> None:
+        check_checkpoint_flags(self)
+
 
 @dataclass
 class LoggingConfig:
@@ -215,9 +230,6 @@ class LoggingConfig:
 
     log_params_norm: bool = False
     """Compute and log the L2 norm of the parameters (an extra pass over the parameters)."""
-
-    log_num_zeros_in_grad: bool = False
-    """Compute and log the number of zeros in the gradients."""
 
     tensorboard_dir: Optional[str] = None
     """Write TensorBoard logs to this directory."""
@@ -256,3 +268,33 @@ class LoggingConfig:
     loss_curve: bool = True
     """Write loss_curve.png (training and validation loss against iteration) next to the
     checkpoints or TensorBoard logs at every save and at the end. Turn off with --no-loss-curve."""
+
+    def __post_init__(self) -> None:
+        _check_at_least(1, ("--log-interval", self.log_interval),
+                        ("--tensorboard-log-interval", self.tensorboard_log_interval))
+
+
+def check_checkpoint_flags(c: CheckpointConfig) -> None:
+    """The checkpoint format, and the save/load options that need --save or --load."""
+    if c.ckpt_format not in SUPPORTED_CKPT_FORMATS:
+        raise ValueError(f"--ckpt-format {c.ckpt_format} is not supported yet; supported: "
+                         f"{', '.join(SUPPORTED_CKPT_FORMATS)} (use --ckpt-format torch_dist or torch).")
+    if c.async_save:
+        if c.ckpt_format != "torch_dist":
+            raise ValueError(f"--async-save writes torch_dist checkpoints; drop --ckpt-format {c.ckpt_format} or "
+                             "--async-save.")
+        if not c.save:
+            raise ValueError("--async-save needs --save DIR.")
+    if c.ckpt_convert_format and (not c.load or not c.ckpt_convert_save):
+        raise ValueError("--ckpt-convert-format converts the checkpoint in --load into --ckpt-convert-save; "
+                         "give both --load DIR and --ckpt-convert-save DIR.")
+    if c.use_checkpoint_args and not c.load:
+        raise ValueError("--use-checkpoint-args reads the model flags from the checkpoint in --load; give --load DIR.")
+    if c.exit_on_missing_checkpoint and not (c.load or c.pretrained_checkpoint):
+        raise ValueError("--exit-on-missing-checkpoint needs --load DIR.")
+    if c.ckpt_step is not None and not c.load:
+        raise ValueError("--ckpt-step selects an iteration of the checkpoint in --load; give --load DIR.")
+    if c.save_interval is not None:
+        if not c.save:
+            raise ValueError("--save-interval needs --save DIR.")
+        _check_at_least(1, ("--save-interval", c.save_interval))

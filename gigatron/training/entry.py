@@ -8,20 +8,22 @@ import sys
 import textwrap
 from typing import Optional, Sequence
 
-__all__ = ["pretrain_gpt_main", "padded_vocab_size_from_args", "memory_estimate_from_args", "memory_report_text"]
+__all__ = ["main", "pretrain_gpt_main", "padded_vocab_size_from_args", "memory_estimate_from_args", "memory_report_text"]
 
 
-def padded_vocab_size_from_args(args: argparse.Namespace) -> int:
-    """The padded vocabulary the run will use, from the tokenizer flags (CPU only)."""
+def padded_vocab_size_from_args(data, tensor_model_parallel_size: Optional[int] = None) -> int:
+    """The padded vocabulary the run will use, from the tokenizer settings (CPU only). `data` is the
+    DataConfig (or a namespace with its tokenizer flags and --tensor-model-parallel-size)."""
     from gigatron.core.tokenizers import build_tokenizer, vocab_size_with_padding
 
-    if getattr(args, "tokenizer_type", None) is None and getattr(args, "vocab_size", None) is not None:
-        args.tokenizer_type = "NullTokenizer"
-    if getattr(args, "tokenizer_type", None) is None:
+    if tensor_model_parallel_size is None:
+        tensor_model_parallel_size = getattr(data, "tensor_model_parallel_size", 1) or 1
+    if getattr(data, "tokenizer_type", None) is None and getattr(data, "vocab_size", None) is not None:
+        data.tokenizer_type = "NullTokenizer"
+    if getattr(data, "tokenizer_type", None) is None:
         raise ValueError("give --tokenizer-type (with its files), or --vocab-size V for a NullTokenizer over ids 0..V")
-    tokenizer = build_tokenizer(args)
-    return vocab_size_with_padding(tokenizer.vocab_size, args.make_vocab_size_divisible_by,
-                                   args.tensor_model_parallel_size)
+    tokenizer = build_tokenizer(data)
+    return vocab_size_with_padding(tokenizer.vocab_size, data.make_vocab_size_divisible_by, tensor_model_parallel_size)
 
 
 def memory_estimate_from_args(args: argparse.Namespace, world_size: int, *, micro_batch_size: Optional[int] = None,
@@ -39,38 +41,48 @@ def memory_estimate_from_args(args: argparse.Namespace, world_size: int, *, micr
                          "--num-experts (MoE layers) is not covered yet: drop it for a dense estimate")
     validate_args(args, world_size)
     configs = configs_from_args(args)
-    vocab = padded_vocab_size or padded_vocab_size_from_args(args)
-    mbs = micro_batch_size or args.micro_batch_size
-    num_microbatches = args.global_batch_size // (mbs * args.data_parallel_size)
+    training, parallel = configs.training, configs.parallel
+    vocab = padded_vocab_size or padded_vocab_size_from_args(configs.data, parallel.tensor_model_parallel_size)
+    data_parallel_size = _data_parallel_size(configs)
+    mbs = micro_batch_size or training.micro_batch_size
+    num_microbatches = training.global_batch_size // (mbs * data_parallel_size)
     ranks = estimate_memory(
         configs.transformer, configs.ddp, configs.optimizer, vocab_size=vocab, micro_batch_size=mbs,
-        seq_length=args.seq_length, num_microbatches=num_microbatches, data_parallel_size=args.data_parallel_size,
-        context_parallel_size=getattr(args, "context_parallel_size", 1) or 1,
-        microbatch_group_size=getattr(args, "microbatch_group_size_per_vp_stage", None),
+        seq_length=configs.transformer.seq_length, num_microbatches=num_microbatches,
+        data_parallel_size=data_parallel_size, context_parallel_size=parallel.context_parallel_size,
+        microbatch_group_size=configs.extra.get("microbatch_group_size_per_vp_stage"),
         allocator_overhead_fraction=allocator_overhead_fraction, cuda_context_bytes=cuda_context_bytes)
     return configs, vocab, ranks
 
 
-def memory_report_text(args: argparse.Namespace, configs, vocab: int, ranks) -> str:
-    """The estimate as printed by --dry-run and tools/estimate_memory.py."""
+def _data_parallel_size(configs) -> int:
+    p = configs.parallel
+    return (configs.world_size or 1) // (p.tensor_model_parallel_size * p.pipeline_model_parallel_size
+                                         * p.context_parallel_size)
+
+
+def memory_report_text(args, configs, vocab: int, ranks) -> str:
+    """The estimate as printed by --dry-run and tools/estimate_memory.py (`args` is not read: the
+    configs say everything; it stays in the signature for the tools that pass it)."""
     from gigatron.core.memory import format_memory_table
 
-    t = configs.transformer
+    t, training = configs.transformer, configs.training
+    dp = _data_parallel_size(configs)
     recompute = t.recompute_granularity or "none"
     if t.recompute_granularity == "full":
         recompute += f" ({t.recompute_method}, {t.recompute_num_layers} layers)"
     elif t.recompute_granularity == "selective":
         recompute += f" ({', '.join(t.recompute_modules)})"
     head = (f"memory estimate per rank: tp={t.tensor_model_parallel_size} pp={t.pipeline_model_parallel_size} "
-            f"vp={t.virtual_pipeline_model_parallel_size or 1} dp={args.data_parallel_size} | micro batch "
-            f"{args.micro_batch_size} x seq {args.seq_length}, "
-            f"{args.global_batch_size // (args.micro_batch_size * args.data_parallel_size)} micro-batches | "
+            f"vp={t.virtual_pipeline_model_parallel_size or 1} dp={dp} | micro batch "
+            f"{training.micro_batch_size} x seq {t.seq_length}, "
+            f"{training.global_batch_size // (training.micro_batch_size * dp)} micro-batches | "
             f"{t.params_dtype} | recompute {recompute} | sequence parallel {bool(t.sequence_parallel)} | "
             f"distributed optimizer {bool(configs.ddp.use_distributed_optimizer)} | "
             f"{'fused chunked' if t.cross_entropy_loss_fusion else 'plain'} loss | padded vocab {vocab}")
     notes = ("assumes eager layers on CUDA with a flash/cuDNN/memory-efficient attention kernel"
              + (" (--torch-compile changes what is saved; treat the activations as an upper bound)"
-                if getattr(args, "torch_compile", False) else ""))
+                if training.torch_compile else ""))
     head = textwrap.fill(head, width=80, subsequent_indent="  ", break_on_hyphens=False)  # fits a terminal
     notes = textwrap.fill(notes, width=80, break_on_hyphens=False)
     return "\n".join([head, format_memory_table(ranks, tp_size=t.tensor_model_parallel_size), notes])
@@ -93,17 +105,18 @@ def pretrain_gpt_main(argv: Optional[Sequence[str]] = None) -> int:
         return _dry_run(args)
 
     from gigatron.training import gpt
-    from gigatron.training.loop import pretrain
+    from gigatron.training.loop import pretrain_and_exit
 
-    import torch.distributed as dist
+    return pretrain_and_exit(gpt.datasets_provider, gpt.model_provider, gpt.forward_step, args)
 
-    try:
-        pretrain(gpt.datasets_provider, gpt.model_provider, gpt.forward_step, args=args)
-    finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The `pretrain_gpt` command: `pretrain_gpt_main` with a user error (bad flags, missing file,
+    bad data) reported as one `error:` line and exit status 2 (gigatron.cli.run_cli)."""
+    from gigatron.cli import run_cli
+
+    return run_cli(pretrain_gpt_main, argv)
 
 
 if __name__ == "__main__":
-    sys.exit(pretrain_gpt_main())
+    sys.exit(main())

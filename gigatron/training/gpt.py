@@ -18,7 +18,7 @@ def model_provider(ctx, pre_process: bool = True, post_process: bool = True, vp_
     from gigatron.core.models.gpt import GPTModel
 
     return GPTModel(ctx.configs.transformer, ctx.groups, vocab_size=ctx.padded_vocab_size,
-                    pre_process=pre_process, post_process=post_process, vp_stage=vp_stage, seed=ctx.args.seed,
+                    pre_process=pre_process, post_process=post_process, vp_stage=vp_stage, seed=ctx.configs.data.seed,
                     moe_config=getattr(ctx.configs, "moe", None))
 
 
@@ -90,7 +90,7 @@ def datasets_provider(ctx, train_valid_test_num_samples):
     """GPT datasets from --data-path / per-split paths / --mock-data and the run's tokenizer."""
     from gigatron.core.data import MockGPTLowLevelDataset, build_gpt_datasets
 
-    if ctx.args.mock_data and ctx.padded_vocab_size < MockGPTLowLevelDataset.max_sequence_length:
+    if ctx.configs.data.mock_data and ctx.padded_vocab_size < MockGPTLowLevelDataset.max_sequence_length:
         raise ValueError(
             f"--mock-data documents hold token ids up to {MockGPTLowLevelDataset.max_sequence_length - 1}, but the "
             f"padded vocabulary has {ctx.padded_vocab_size} entries; use --vocab-size "
@@ -100,5 +100,5 @@ def datasets_provider(ctx, train_valid_test_num_samples):
     datasets = build_gpt_datasets(ctx.configs.data, ctx.tokenizer, train_valid_test_num_samples,
                                   barrier=barrier, rank=ctx.run.rank)
     for chunk in ctx.model:
-        chunk.module.reset_attention_mask = bool(ctx.args.reset_attention_mask)
+        chunk.module.reset_attention_mask = bool(ctx.configs.data.reset_attention_mask)
     return datasets

@@ -7,7 +7,6 @@ group, and `ParallelGroups.build` gives the all-size-one groups (`ParallelGroups
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import os
 import random
@@ -51,21 +50,22 @@ def _env_int(name: str) -> Optional[int]:
     return int(value) if value not in (None, "") else None
 
 
-def initialize_distributed(args: argparse.Namespace) -> tuple[torch.device, int, int, int]:
+def initialize_distributed(parallel, local_rank: Optional[int] = None) -> tuple[torch.device, int, int, int]:
     """Join the process group described by the environment (if any) and pick the device.
 
-    Returns (device, world_size, rank, local_rank). The backend is --distributed-backend, except that
-    nccl without CUDA falls back to gloo (with a warning). An already initialized process group is
-    used as it is.
+    `parallel` is the ParallelConfig (backend, timeout); `local_rank` the launcher's --local-rank,
+    used when the LOCAL_RANK environment variable is not set. Returns (device, world_size, rank,
+    local_rank). The backend is --distributed-backend, except that nccl without CUDA falls back to
+    gloo. An already initialized process group is used as it is.
     """
-    local_rank = _env_int("LOCAL_RANK")
-    if local_rank is None:
-        local_rank = getattr(args, "local_rank", None) or 0
+    env_local_rank = _env_int("LOCAL_RANK")
+    local_rank = env_local_rank if env_local_rank is not None else (local_rank or 0)
     use_cuda = torch.cuda.is_available()
-    backend = getattr(args, "distributed_backend", None) or "nccl"
+    requested = getattr(parallel, "distributed_backend", None)
+    backend = requested or "nccl"
     if backend == "nccl" and not use_cuda:
         backend = "gloo"
-    if backend == "gloo" and use_cuda and getattr(args, "distributed_backend", None) == "gloo":
+    if backend == "gloo" and use_cuda and requested == "gloo":
         warnings.warn("--distributed-backend gloo with CUDA devices: collectives will be slow", stacklevel=2)
     if use_cuda:
         device = torch.device("cuda", local_rank % torch.cuda.device_count())
@@ -79,7 +79,7 @@ def initialize_distributed(args: argparse.Namespace) -> tuple[torch.device, int,
     if world_size > 1:
         if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
             raise RuntimeError(f"WORLD_SIZE={world_size} but MASTER_ADDR/MASTER_PORT are not set; launch with torchrun")
-        timeout = datetime.timedelta(minutes=getattr(args, "distributed_timeout_minutes", None) or 10)
+        timeout = datetime.timedelta(minutes=getattr(parallel, "distributed_timeout_minutes", None) or 10)
         kwargs = {"device_id": device} if backend == "nccl" else {}
         dist.init_process_group(backend=backend, rank=rank, world_size=world_size, timeout=timeout, **kwargs)
     return device, world_size, rank, local_rank
@@ -102,16 +102,22 @@ def set_random_seeds(seed: int, groups, data_parallel_random_init: bool = False)
     return model_parallel_seed(seed, groups)
 
 
-def initialize(args: argparse.Namespace, configs) -> RunContext:
-    """torch.distributed, device, parallel groups and seeds for a validated namespace and its configs."""
+def initialize(configs, legacy_configs=None) -> RunContext:
+    """torch.distributed, device, parallel groups and seeds for the run's configs
+    (`gigatron.training.arguments.Configs`). `initialize(args, configs)`, the older form, is accepted
+    and reads the configs only."""
     from gigatron.core.parallel.groups import ParallelGroups
 
-    device, world_size, rank, local_rank = initialize_distributed(args)
-    if world_size != getattr(args, "world_size", world_size):
-        raise ValueError(f"arguments were validated for world size {args.world_size} but {world_size} processes run")
+    if legacy_configs is not None:
+        configs = legacy_configs
+    training = configs.training
+    device, world_size, rank, local_rank = initialize_distributed(configs.parallel, training.local_rank)
+    if configs.world_size is not None and world_size != configs.world_size:
+        raise ValueError(f"arguments were validated for world size {configs.world_size} but {world_size} "
+                         "processes run")
     with collective_phase("building the parallel groups"):
         groups = ParallelGroups.build(configs.parallel)
-    tracker = set_random_seeds(args.seed, groups, getattr(args, "data_parallel_random_init", False))
+    tracker = set_random_seeds(configs.data.seed, groups, training.data_parallel_random_init)
     return RunContext(device=device, groups=groups, rng_tracker=tracker, world_size=world_size, rank=rank,
                       local_rank=local_rank)
 

@@ -28,13 +28,14 @@ import torch
 import torch.distributed as dist
 
 from gigatron.core.transformer.layer import TransformerLayer
-from gigatron.training.arguments import Configs, configs_from_args, parse_args
+from gigatron.training.arguments import Configs, args_dict_from_configs, build_config, configs_from_args, parse_args
 from gigatron.training.checkpointing import (
     LoadedCheckpoint,
     load_args_from_checkpoint,
     load_checkpoint,
     save_checkpoint,
 )
+from gigatron.training.config import CheckpointConfig
 from gigatron.training.initialize import RunContext, collective_phase, initialize
 from gigatron.training.logging import TrainingLog, print_rank_0
 from gigatron.training.profiling import start_profiler, validate_profile_args
@@ -45,6 +46,7 @@ __all__ = [
     "MicroBatchCalculator",
     "NonFiniteLossError",
     "pretrain",
+    "pretrain_and_exit",
     "setup",
     "get_model",
     "train_step",
@@ -113,7 +115,6 @@ class MicroBatchCalculator:
 class TrainContext:
     """Everything a run built, handed to providers and to the loop's parts."""
 
-    args: argparse.Namespace
     configs: Configs
     run: RunContext
     tokenizer: Any = None
@@ -132,8 +133,12 @@ class TrainContext:
     memory_reported: bool = False
     async_saver: Any = None
     memory_snapshot_written: bool = False
+    compile_announced: bool = False
     evaluation_hook: Optional[Callable[["TrainContext"], None]] = None
     evaluation_hook_iteration: Optional[int] = None
+    args: Optional[argparse.Namespace] = None
+    """The parsed flags the configs were built from, kept for task scripts' own flags; the training
+    layer reads `configs` only."""
 
     @property
     def groups(self):
@@ -156,17 +161,14 @@ def _world_size_from_environment() -> int:
 def _build_tokenizer(ctx: TrainContext) -> None:
     from gigatron.core.tokenizers import build_tokenizer, vocab_size_with_padding
 
-    args = ctx.args
-    if getattr(args, "tokenizer_type", None) is None and getattr(args, "vocab_size", None) is not None:
-        args.tokenizer_type = "NullTokenizer"  # --mock-data / --vocab-size without a tokenizer
-    if getattr(args, "tokenizer_type", None) is None:
+    data = ctx.configs.data
+    if data.tokenizer_type is None:  # DataConfig makes --vocab-size alone a NullTokenizer
         raise ValueError("give --tokenizer-type (with its files), or --vocab-size V for a NullTokenizer over ids 0..V")
-    ctx.tokenizer = build_tokenizer(args)
-    ctx.padded_vocab_size = vocab_size_with_padding(ctx.tokenizer.vocab_size, args.make_vocab_size_divisible_by,
+    ctx.tokenizer = build_tokenizer(data)
+    ctx.padded_vocab_size = vocab_size_with_padding(ctx.tokenizer.vocab_size, data.make_vocab_size_divisible_by,
                                                     ctx.groups.tp.size)
-    args.padded_vocab_size = ctx.padded_vocab_size
-    print_rank_0(f"> tokenizer {args.tokenizer_type}: vocabulary {ctx.tokenizer.vocab_size}, padded to "
-                 f"{ctx.padded_vocab_size} (divisible by {args.make_vocab_size_divisible_by} x tp {ctx.groups.tp.size})")
+    print_rank_0(f"> tokenizer {data.tokenizer_type}: vocabulary {ctx.tokenizer.vocab_size}, padded to "
+                 f"{ctx.padded_vocab_size} (divisible by {data.make_vocab_size_divisible_by} x tp {ctx.groups.tp.size})")
 
 
 def get_model(model_provider: Callable, ctx: TrainContext) -> list:
@@ -180,7 +182,7 @@ def get_model(model_provider: Callable, ctx: TrainContext) -> list:
         stage = vp_stage if groups.vp_size is not None else None
         module = model_provider(ctx, groups.is_pipeline_first_stage(stage), groups.is_pipeline_last_stage(stage), stage)
         module.to(ctx.device)
-        if ctx.args.torch_compile:
+        if ctx.configs.training.torch_compile:
             compile_transformer_layers(module)
         chunks.append(DistributedDataParallel(ctx.configs.ddp, module, groups))
     num_params = sum(p.numel() for chunk in chunks for p in chunk.module.parameters())
@@ -209,53 +211,69 @@ def _finalize_grads_fn(ctx: TrainContext) -> Callable:
     return finalize
 
 
-def setup(model_provider: Callable, args: argparse.Namespace) -> TrainContext:
-    """Validate, initialize, build tokenizer, model, optimizer and schedule; load the checkpoint."""
-    from gigatron.core.optim import get_optimizer
-    from gigatron.core.optim.scheduler import OptimizerParamScheduler
+def configs_for_run(args: argparse.Namespace) -> Configs:
+    """Where the command line ends: --use-checkpoint-args, validation for this world size, and the
+    config dataclasses that everything after reads."""
     from gigatron.training import checkpointing
 
     checkpointing.check_checkpoint_paths(args)  # --save writable, --load present (or a prominent warning)
     if getattr(args, "use_checkpoint_args", False):
+        build_config(CheckpointConfig, args)  # its rules first: --use-checkpoint-args needs --load
         load_args_from_checkpoint(args)
     validate_args(args, _world_size_from_environment())
-    configs = configs_from_args(args)
-    run = initialize(args, configs)
-    ctx = TrainContext(args=args, configs=configs, run=run)
+    return configs_from_args(args)
+
+
+def setup(model_provider: Callable, args: argparse.Namespace | Configs) -> TrainContext:
+    """Initialize, build tokenizer, model, optimizer and schedule; load the checkpoint. `args` is the
+    parsed flags (validated here) or configs already built from them."""
+    from gigatron.core.optim import get_optimizer
+    from gigatron.core.optim.scheduler import OptimizerParamScheduler
+    from gigatron.training import checkpointing
+
+    namespace = args if isinstance(args, argparse.Namespace) else None
+    if namespace is not None:
+        configs = configs_for_run(namespace)
+    else:
+        configs = args
+        checkpointing.check_checkpoint_paths(configs.checkpoint)  # --save writable, --load present
+    training = configs.training
+    run = initialize(configs)
+    ctx = TrainContext(configs=configs, run=run, args=namespace)
     _build_tokenizer(ctx)
-    ctx.calculator = MicroBatchCalculator(args.global_batch_size, args.micro_batch_size, args.data_parallel_size,
-                                          args.rampup_batch_size)
-    if args.train_iters is not None:
-        ctx.train_iters = args.train_iters
-    elif args.train_samples is not None:
-        ctx.train_iters = ctx.calculator.train_iters_for_samples(args.train_samples)
+    ctx.calculator = MicroBatchCalculator(training.global_batch_size, training.micro_batch_size, ctx.groups.dp.size,
+                                          training.rampup_batch_size)
+    if training.train_iters is not None:
+        ctx.train_iters = training.train_iters
+    elif training.train_samples is not None:
+        ctx.train_iters = ctx.calculator.train_iters_for_samples(training.train_samples)
     ctx.model = get_model(model_provider, ctx)
     ctx.optimizer = get_optimizer(configs.optimizer, ctx.model, ctx.groups)
-    if args.train_iters is not None or args.train_samples is not None:
+    if training.train_iters is not None or training.train_samples is not None:
         ctx.scheduler = OptimizerParamScheduler(
-            ctx.optimizer, configs.scheduler, configs.optimizer, global_batch_size=args.global_batch_size,
-            train_iters=args.train_iters, train_samples=args.train_samples)
+            ctx.optimizer, configs.scheduler, configs.optimizer, global_batch_size=training.global_batch_size,
+            train_iters=training.train_iters, train_samples=training.train_samples)
     _load(ctx)
-    if args.async_save:
+    if configs.checkpoint.async_save:
         from gigatron.core.checkpoint.dist import AsyncCheckpointSaver
         ctx.async_saver = AsyncCheckpointSaver()
     return ctx
 
 
 def _load(ctx: TrainContext) -> None:
-    args = ctx.args
+    c = ctx.configs.checkpoint
     loaded = LoadedCheckpoint()
     common = dict(groups=ctx.groups, rng_tracker=ctx.run.rng_tracker)
     with collective_phase("loading the checkpoint"):
-        if args.load:
+        if c.load:
             loaded = load_checkpoint(
-                args.load, ctx.model, ctx.optimizer, ctx.scheduler, ckpt_step=args.ckpt_step, finetune=args.finetune,
-                load_optim=not args.no_load_optim, load_rng=not args.no_load_rng,
-                exit_on_missing_checkpoint=args.exit_on_missing_checkpoint and not args.pretrained_checkpoint,
+                c.load, ctx.model, ctx.optimizer, ctx.scheduler, ckpt_step=c.ckpt_step, finetune=c.finetune,
+                load_optim=not c.no_load_optim, load_rng=not c.no_load_rng,
+                exit_on_missing_checkpoint=c.exit_on_missing_checkpoint and not c.pretrained_checkpoint,
                 **common)
-        if loaded.path is None and args.pretrained_checkpoint:
-            loaded = load_checkpoint(args.pretrained_checkpoint, ctx.model, None, None, finetune=True, load_rng=False,
-                                     exit_on_missing_checkpoint=args.exit_on_missing_checkpoint, **common)
+        if loaded.path is None and c.pretrained_checkpoint:
+            loaded = load_checkpoint(c.pretrained_checkpoint, ctx.model, None, None, finetune=True, load_rng=False,
+                                     exit_on_missing_checkpoint=c.exit_on_missing_checkpoint, **common)
     if loaded.path is not None:
         print_rank_0(f"> loaded checkpoint {loaded.path} at iteration {loaded.iteration}")
     ctx.iteration = loaded.iteration
@@ -274,9 +292,9 @@ def build_data_iterators(ctx: TrainContext, datasets_provider: Callable):
     from gigatron.core.data import build_pretraining_data_loader
     from gigatron.core.data.builder import train_valid_test_num_samples
 
-    args = ctx.args
-    num_samples = train_valid_test_num_samples(ctx.train_iters, args.eval_interval, args.eval_iters,
-                                               args.global_batch_size, args.train_samples)
+    training, data = ctx.configs.training, ctx.configs.data
+    num_samples = train_valid_test_num_samples(ctx.train_iters, training.eval_interval, training.eval_iters,
+                                               training.global_batch_size, training.train_samples)
     with collective_phase("building the datasets"):
         train_ds, valid_ds, test_ds = datasets_provider(ctx, num_samples)
     groups = ctx.groups
@@ -285,14 +303,14 @@ def build_data_iterators(ctx: TrainContext, datasets_provider: Callable):
     def loaders(dataset, consumed):
         if dataset is None:
             return None
-        if args.dataloader_type == "external":
+        if data.dataloader_type == "external":
             return [dataset for _ in range(num_chunks)]
         iterators = []
         for _ in range(num_chunks):
-            loader = build_pretraining_data_loader(dataset, consumed, args.micro_batch_size, groups.dp.rank,
-                                                   groups.dp.size, num_workers=args.num_workers,
-                                                   dataloader_type=args.dataloader_type)
-            iterators.append(_cycle(loader) if args.dataloader_type == "cyclic" else iter(loader))
+            loader = build_pretraining_data_loader(dataset, consumed, training.micro_batch_size, groups.dp.rank,
+                                                   groups.dp.size, num_workers=data.num_workers,
+                                                   dataloader_type=data.dataloader_type)
+            iterators.append(_cycle(loader) if data.dataloader_type == "cyclic" else iter(loader))
         return iterators
 
     def one_or_list(its):
@@ -349,7 +367,7 @@ def train_step(ctx: TrainContext, forward_step_func: Callable, data_iterator, nu
     Returns (losses: key -> device scalar, update_successful, grad_norm, num_zeros_in_grad)."""
     from gigatron.core.pipeline import get_forward_backward_func
 
-    args, groups = ctx.args, ctx.groups
+    training, groups = ctx.configs.training, ctx.groups
     for chunk in ctx.model:
         chunk.zero_grad_buffer()
     ctx.optimizer.zero_grad()
@@ -358,12 +376,12 @@ def train_step(ctx: TrainContext, forward_step_func: Callable, data_iterator, nu
     with collective_phase("the forward/backward pass"):
         losses_reduced = forward_backward(
             forward_step_func=forward_step_func, data_iterator=data_iterator, model=ctx.model,
-            num_microbatches=num_microbatches, seq_length=args.seq_length, micro_batch_size=args.micro_batch_size,
-            groups=groups, config=ctx.configs.transformer, forward_only=False,
+            num_microbatches=num_microbatches, seq_length=ctx.configs.transformer.seq_length,
+            micro_batch_size=training.micro_batch_size, groups=groups, config=ctx.configs.transformer, forward_only=False,
             grad_scale_func=ctx.optimizer.scale_loss, finalize_model_grads_func=_finalize_grads_fn(ctx))
     with collective_phase("the optimizer step"):
         update_successful, grad_norm, num_zeros = ctx.optimizer.step()
-    if args.empty_unused_memory_level >= 1 and ctx.device.type == "cuda":
+    if training.empty_unused_memory_level >= 1 and ctx.device.type == "cuda":
         torch.cuda.empty_cache()
     with collective_phase("the loss all-reduce"):
         losses = _reduce_losses(losses_reduced, groups, ctx.device)
@@ -422,9 +440,9 @@ def evaluate(ctx: TrainContext, forward_step_func: Callable, data_iterator, num_
     (empty elsewhere). Advances consumed_valid_samples."""
     from gigatron.core.pipeline import get_forward_backward_func
 
-    args, groups = ctx.args, ctx.groups
+    training, groups = ctx.configs.training, ctx.groups
     forward_backward = get_forward_backward_func(groups.pp.size, groups.vp_size)
-    num_microbatches = args.global_batch_size // (args.micro_batch_size * args.data_parallel_size)
+    num_microbatches = training.global_batch_size // (training.micro_batch_size * groups.dp.size)
     for chunk in ctx.model:
         chunk.eval()
     totals: dict[str, torch.Tensor] = {}
@@ -433,8 +451,8 @@ def evaluate(ctx: TrainContext, forward_step_func: Callable, data_iterator, num_
             for _ in range(num_iters):
                 losses_reduced = forward_backward(
                     forward_step_func=forward_step_func, data_iterator=data_iterator, model=ctx.model,
-                    num_microbatches=num_microbatches, seq_length=args.seq_length,
-                    micro_batch_size=args.micro_batch_size, groups=groups, config=ctx.configs.transformer,
+                    num_microbatches=num_microbatches, seq_length=ctx.configs.transformer.seq_length,
+                    micro_batch_size=training.micro_batch_size, groups=groups, config=ctx.configs.transformer,
                     forward_only=True)
                 for entry in losses_reduced:
                     for key, value in entry.items():
@@ -442,7 +460,7 @@ def evaluate(ctx: TrainContext, forward_step_func: Callable, data_iterator, num_
                         if value.numel() == 1:
                             value = torch.cat([value, torch.ones_like(value)])
                         totals[key] = totals[key] + value if key in totals else value.clone()
-                ctx.consumed_valid_samples += args.global_batch_size
+                ctx.consumed_valid_samples += training.global_batch_size
             keys = sorted(totals)
             if not keys:
                 return {}
@@ -453,7 +471,7 @@ def evaluate(ctx: TrainContext, forward_step_func: Callable, data_iterator, num_
     finally:
         for chunk in ctx.model:
             chunk.train()
-    if args.empty_unused_memory_level >= 2 and ctx.device.type == "cuda":
+    if training.empty_unused_memory_level >= 2 and ctx.device.type == "cuda":
         torch.cuda.empty_cache()
     return dict(zip(keys, values))
 
@@ -467,12 +485,13 @@ def _run_evaluation_hook(ctx: TrainContext) -> None:
 
 
 def _evaluate_and_report(ctx: TrainContext, forward_step_func, iterator, prefix: str, record: bool = True) -> dict:
-    if iterator is None or ctx.args.eval_iters == 0:
+    training = ctx.configs.training
+    if iterator is None or training.eval_iters == 0:
         return {}
-    if ctx.args.manual_gc and ctx.args.manual_gc_eval:
+    if training.manual_gc and training.manual_gc_eval:
         gc.collect()
-    losses = evaluate(ctx, forward_step_func, iterator, ctx.args.eval_iters)
-    if ctx.args.manual_gc and ctx.args.manual_gc_eval:
+    losses = evaluate(ctx, forward_step_func, iterator, training.eval_iters)
+    if training.manual_gc and training.manual_gc_eval:
         gc.collect()
     if losses:
         ctx.log.report_validation(prefix, ctx.iteration, losses, record=record)
@@ -482,26 +501,26 @@ def _evaluate_and_report(ctx: TrainContext, forward_step_func, iterator, prefix:
 # ------------------------------------------------------------------ saving and exiting
 
 
-def _output_dir(args) -> Optional[str]:
-    return args.save or args.tensorboard_dir
+def _output_dir(configs: Configs) -> Optional[str]:
+    return configs.checkpoint.save or configs.logging.tensorboard_dir
 
 
 def _save(ctx: TrainContext) -> None:
-    args = ctx.args
-    if not args.save or ctx.last_saved_iteration == ctx.iteration:
+    c = ctx.configs.checkpoint
+    if not c.save or ctx.last_saved_iteration == ctx.iteration:
         return
-    if args.manual_gc:
+    if ctx.configs.training.manual_gc:
         gc.collect()
     start = time.perf_counter()
     with collective_phase(f"saving the checkpoint of iteration {ctx.iteration}"):
         save_checkpoint(
-            args.save, ctx.iteration, ctx.model, ctx.optimizer, ctx.scheduler, args, ctx.groups,
+            c.save, ctx.iteration, ctx.model, ctx.optimizer, ctx.scheduler, _recorded_args(ctx), ctx.groups,
             num_floating_point_operations_so_far=ctx.num_floating_point_operations_so_far,
             consumed_train_samples=ctx.consumed_train_samples, consumed_valid_samples=ctx.consumed_valid_samples,
-            save_optim=not args.no_save_optim, save_rng=not args.no_save_rng, rng_tracker=ctx.run.rng_tracker,
-            ckpt_format=args.ckpt_format, async_saver=ctx.async_saver)
+            save_optim=not c.no_save_optim, save_rng=not c.no_save_rng, rng_tracker=ctx.run.rng_tracker,
+            ckpt_format=c.ckpt_format, async_saver=ctx.async_saver)
     ctx.last_saved_iteration = ctx.iteration
-    print_rank_0(f"  successfully saved checkpoint from iteration {ctx.iteration:7d} to {args.save} "
+    print_rank_0(f"  successfully saved checkpoint from iteration {ctx.iteration:7d} to {c.save} "
                  f"[ t {time.perf_counter() - start:.2f}s ]")
     ctx.log.write_loss_curve()
 
@@ -534,15 +553,15 @@ def _any_rank(flag: bool, device: torch.device) -> bool:
 
 
 def _should_exit(ctx: TrainContext, start_time: float, signal_flag: Optional[_SignalFlag]) -> Optional[str]:
-    args = ctx.args
+    training = ctx.configs.training
     if signal_flag is not None and _any_rank(signal_flag.received, ctx.device):
         return "exiting on SIGTERM"
-    if args.exit_duration_in_mins is not None:
-        over = (time.time() - start_time) / 60.0 > args.exit_duration_in_mins
+    if training.exit_duration_in_mins is not None:
+        over = (time.time() - start_time) / 60.0 > training.exit_duration_in_mins
         if _any_rank(over, ctx.device):
-            return f"exiting after {args.exit_duration_in_mins} minutes"
-    if args.exit_interval is not None and ctx.iteration % args.exit_interval == 0:
-        return f"exiting at iteration {ctx.iteration} (--exit-interval {args.exit_interval})"
+            return f"exiting after {training.exit_duration_in_mins} minutes"
+    if training.exit_interval is not None and ctx.iteration % training.exit_interval == 0:
+        return f"exiting at iteration {ctx.iteration} (--exit-interval {training.exit_interval})"
     return None
 
 
@@ -550,7 +569,7 @@ def _should_exit(ctx: TrainContext, start_time: float, signal_flag: Optional[_Si
 
 
 def _check_finite(ctx: TrainContext, grad_norm, losses: dict) -> None:
-    if not ctx.args.check_for_nan_in_loss_and_grad:
+    if not ctx.configs.training.check_for_nan_in_loss_and_grad:
         return
     if grad_norm is not None and not math.isfinite(grad_norm):
         raise NonFiniteLossError(
@@ -563,34 +582,41 @@ def _iteration_flops(ctx: TrainContext, batch_size: int) -> float:
     from gigatron.core.flops import num_floating_point_operations
 
     return num_floating_point_operations(ctx.configs.transformer, ctx.padded_vocab_size, batch_size,
-                                         ctx.args.seq_length, moe_config=getattr(ctx.configs, "moe", None))
+                                         ctx.configs.transformer.seq_length, moe_config=ctx.configs.moe)
 
 
 def train(ctx: TrainContext, forward_step_func: Callable, train_iterator, valid_iterator) -> None:
     """Run training iterations until --train-iters / --train-samples or an exit condition."""
-    args = ctx.args
+    training, checkpoint, logging = ctx.configs.training, ctx.configs.checkpoint, ctx.configs.logging
     log = ctx.log
     signal_flag = None
-    if args.exit_signal_handler:
+    if training.exit_signal_handler:
         signal_flag = _SignalFlag()
         signal_flag.install()
-    if args.manual_gc:
+    if training.manual_gc:
         gc.disable()
         gc.collect()
     start_time = time.time()
     for chunk in ctx.model:
         chunk.train()
     flops_cache: dict[int, float] = {}
-    profiler = start_profiler(args, ctx.run.rank, ctx.iteration, ctx.train_iters, ctx.device.type == "cuda")
+    profiler = start_profiler(training, ctx.run.rank, ctx.iteration, ctx.train_iters, ctx.device.type == "cuda",
+                              trace_dir=logging.tensorboard_dir)
     log.start_interval()
     try:
         while ctx.iteration < ctx.train_iters:
             if profiler is not None:
                 profiler.before_iteration(ctx.iteration)
             batch_size = ctx.calculator.global_batch_size_at(ctx.consumed_train_samples)
-            num_microbatches = batch_size // (args.micro_batch_size * args.data_parallel_size)
+            num_microbatches = batch_size // (training.micro_batch_size * ctx.groups.dp.size)
+            compiling = _announce_compilation(ctx)
             losses, update_successful, grad_norm, num_zeros = train_step(ctx, forward_step_func, train_iterator,
                                                                          num_microbatches)
+            if compiling is not None:
+                if ctx.device.type == "cuda":
+                    torch.cuda.synchronize(ctx.device)
+                print_rank_0(f"> compiled: the first iteration, compilation included, took "
+                             f"{time.perf_counter() - compiling:.1f} s")
             ctx.iteration += 1
             if ctx.async_saver is not None:
                 ctx.async_saver.maybe_finalize()  # completes a background save once every rank wrote
@@ -601,23 +627,23 @@ def train(ctx: TrainContext, forward_step_func: Callable, train_iterator, valid_
             if update_successful and ctx.scheduler is not None:
                 ctx.scheduler.step(increment=batch_size)
             _check_finite(ctx, grad_norm, losses)
-            log.add_iteration(losses, skipped=not update_successful, tokens=batch_size * args.seq_length,
+            log.add_iteration(losses, skipped=not update_successful, tokens=batch_size * ctx.configs.transformer.seq_length,
                               flops=flops_cache[batch_size])
             if grad_norm is not None and not math.isfinite(grad_norm):
                 log.add_nan()
-            if ctx.iteration % args.log_interval == 0:
+            if ctx.iteration % logging.log_interval == 0:
                 _report(ctx, batch_size, grad_norm, num_zeros)
-            if args.profile and args.profile_step_end == ctx.iteration:
+            if training.profile and training.profile_step_end == ctx.iteration:
                 dump_memory_snapshot(ctx)
-            if args.manual_gc and args.manual_gc_interval and ctx.iteration % args.manual_gc_interval == 0:
+            if training.manual_gc and training.manual_gc_interval and ctx.iteration % training.manual_gc_interval == 0:
                 gc.collect()
             evaluates = valid_iterator is not None or ctx.evaluation_hook is not None
-            if evaluates and args.eval_interval and ctx.iteration % args.eval_interval == 0:
+            if evaluates and training.eval_interval and ctx.iteration % training.eval_interval == 0:
                 paused = time.perf_counter()
                 _evaluate_and_report(ctx, forward_step_func, valid_iterator, f"iteration {ctx.iteration}")
                 _run_evaluation_hook(ctx)
                 log.exclude_time(time.perf_counter() - paused)
-            if args.save and args.save_interval and ctx.iteration % args.save_interval == 0:
+            if checkpoint.save and checkpoint.save_interval and ctx.iteration % checkpoint.save_interval == 0:
                 paused = time.perf_counter()
                 _save(ctx)
                 log.exclude_time(time.perf_counter() - paused)
@@ -633,14 +659,23 @@ def train(ctx: TrainContext, forward_step_func: Callable, train_iterator, valid_
             ctx.async_saver.finalize_all()
         if signal_flag is not None:
             signal_flag.restore()
-        if args.manual_gc:
+        if training.manual_gc:
             gc.enable()
 
 
+def _announce_compilation(ctx: TrainContext) -> Optional[float]:
+    """--torch-compile: torch.compile runs when the layers first execute, so the first iteration of a
+    process takes long (about a minute on a CPU) — say so before it; returns its start time."""
+    if not ctx.configs.training.torch_compile or ctx.compile_announced:
+        return None
+    ctx.compile_announced = True
+    print_rank_0("> compiling the transformer layers (--torch-compile) during the first iteration …")
+    return time.perf_counter()
+
+
 def _report(ctx: TrainContext, batch_size: int, grad_norm, num_zeros) -> None:
-    args = ctx.args
     params_norm = None
-    if args.log_params_norm:
+    if ctx.configs.logging.log_params_norm:
         params_norm = _params_norm(ctx)
     lr = ctx.scheduler.get_lr() if ctx.scheduler is not None else ctx.optimizer.param_groups[0]["lr"]
     loss_scale = float(ctx.optimizer.get_loss_scale().item())
@@ -650,7 +685,7 @@ def _report(ctx: TrainContext, batch_size: int, grad_norm, num_zeros) -> None:
         params_norm=params_norm)
     if not ctx.memory_reported:
         _report_rank_memory(ctx)
-    if args.check_for_nan_in_loss_and_grad and ctx.log.train_history:
+    if ctx.configs.training.check_for_nan_in_loss_and_grad and ctx.log.train_history:
         last_iteration, last_loss = ctx.log.train_history[-1]
         if last_iteration == ctx.iteration and not math.isfinite(last_loss):
             raise NonFiniteLossError(f"iteration {ctx.iteration}: the training loss is {last_loss}; lower --lr or "
@@ -673,10 +708,10 @@ def _report_rank_memory(ctx: TrainContext) -> None:
 # ------------------------------------------------------------------ --record-memory-history
 
 
-def start_memory_history(args) -> bool:
-    """--record-memory-history: start recording the CUDA allocator's history (before anything is
-    allocated). Raises ValueError without CUDA. Returns whether recording started."""
-    if not getattr(args, "record_memory_history", False):
+def start_memory_history(training) -> bool:
+    """--record-memory-history (a TrainingConfig field): start recording the CUDA allocator's history
+    (before anything is allocated). Raises ValueError without CUDA. Returns whether recording started."""
+    if not getattr(training, "record_memory_history", False):
         return False
     if not torch.cuda.is_available():
         raise ValueError("--record-memory-history needs CUDA (it records the CUDA caching allocator), but no CUDA "
@@ -689,10 +724,11 @@ def start_memory_history(args) -> bool:
 def dump_memory_snapshot(ctx: TrainContext) -> Optional[str]:
     """Write the allocator snapshot of --record-memory-history (once) atomically to
     --memory-snapshot-path (rank r > 0: <name>_rank{r}<ext>); returns the path."""
-    if not getattr(ctx.args, "record_memory_history", False) or ctx.memory_snapshot_written:
+    training = ctx.configs.training
+    if not training.record_memory_history or ctx.memory_snapshot_written:
         return None
     ctx.memory_snapshot_written = True
-    path = ctx.args.memory_snapshot_path
+    path = training.memory_snapshot_path
     if ctx.run.rank > 0:
         root, ext = os.path.splitext(path)
         path = f"{root}_rank{ctx.run.rank}{ext}"
@@ -744,34 +780,37 @@ def pretrain(datasets_provider: Callable, model_provider: Callable, forward_step
              args_defaults: Optional[dict] = None,
              evaluation_hook: Optional[Callable[[TrainContext], None]] = None) -> TrainContext:
     """Train a model end to end (see the module docstring for the providers). `args` defaults to the
-    command line. `evaluation_hook(ctx)`, if given, runs at every evaluation (each --eval-interval
-    and the final one, at most once per iteration) after the validation loss: a task's own metric.
-    Returns the context (model, optimizer, iteration, loss history)."""
+    command line; it ends in the config dataclasses here, and nothing after reads it.
+    `evaluation_hook(ctx)`, if given, runs at every evaluation (each --eval-interval and the final
+    one, at most once per iteration) after the validation loss: a task's own metric. Returns the
+    context (configs, model, optimizer, iteration, loss history)."""
     if args is None:
         args = parse_args(extra_args_provider=extra_args_provider, defaults=args_defaults)
-    validate_profile_args(args, _world_size_from_environment())
-    start_memory_history(args)
-    ctx = setup(model_provider, args)
+    configs = configs_for_run(args)
+    validate_profile_args(configs.training, _world_size_from_environment(), trace_dir=configs.logging.tensorboard_dir)
+    start_memory_history(configs.training)
+    ctx = setup(model_provider, configs)
+    ctx.args = args
     ctx.evaluation_hook = evaluation_hook
-    if args.ckpt_convert_format:
+    if configs.checkpoint.ckpt_convert_format:
         return convert_checkpoint_format(ctx)
+    training = configs.training
     ctx.log = TrainingLog(
-        ctx.configs.logging, train_iters=ctx.train_iters, peak_flops=_announce_peak(ctx), device=ctx.device,
-        world_size=ctx.run.world_size, output_dir=_output_dir(args),
-        run_config={k: v for k, v in vars(args).items() if not k.startswith("_")})
+        configs.logging, train_iters=ctx.train_iters, peak_flops=_announce_peak(ctx), device=ctx.device,
+        world_size=ctx.run.world_size, output_dir=_output_dir(configs), run_config=_recorded_args(ctx))
     ctx.log.resume_history(ctx.iteration)
     try:
         train_iterator, valid_iterator, test_iterator = build_data_iterators(ctx, datasets_provider)
-        if not args.skip_train and ctx.iteration < ctx.train_iters:
+        if not training.skip_train and ctx.iteration < ctx.train_iters:
             print_rank_0(f"> training from iteration {ctx.iteration} to {ctx.train_iters}")
             train(ctx, forward_step_func, train_iterator, valid_iterator)
             _save(ctx)
-        finished = ctx.iteration >= ctx.train_iters or args.skip_train
+        finished = ctx.iteration >= ctx.train_iters or training.skip_train
         if finished:
-            evaluated_here = bool(args.eval_interval) and ctx.iteration % args.eval_interval == 0
-            _evaluate_and_report(ctx, forward_step_func, valid_iterator,
-                                 f"iteration {ctx.iteration} on validation set",
-                                 record=not args.skip_train and not evaluated_here)
+            evaluated_here = (not training.skip_train and bool(training.eval_interval)
+                              and ctx.iteration % training.eval_interval == 0)
+            _evaluate_and_report(ctx, forward_step_func, valid_iterator, _final_validation_label(ctx, evaluated_here),
+                                 record=not training.skip_train and not evaluated_here)
             _run_evaluation_hook(ctx)
             _evaluate_and_report(ctx, forward_step_func, test_iterator, f"iteration {ctx.iteration} on test set",
                                  record=False)
@@ -784,18 +823,47 @@ def pretrain(datasets_provider: Callable, model_provider: Callable, forward_step
     return ctx
 
 
+def pretrain_and_exit(datasets_provider: Callable, model_provider: Callable, forward_step_func: Callable,
+                      args: argparse.Namespace) -> int:
+    """A script's whole run: `pretrain`, then the process group is taken down (also after an error).
+    Returns the exit status 0."""
+    try:
+        pretrain(datasets_provider, model_provider, forward_step_func, args=args)
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+def _final_validation_label(ctx: TrainContext, evaluated_here: bool) -> str:
+    """Megatron's label of the end-of-run validation; when the periodic evaluation has just run at
+    the same iteration, the label says why the two values differ (other validation batches)."""
+    label = f"iteration {ctx.iteration} on validation set"
+    if evaluated_here:
+        batches = ctx.configs.training.eval_iters
+        label += (f" (final evaluation, on the next {batches} validation batch{'es' if batches != 1 else ''}; "
+                  f"the evaluation at iteration {ctx.iteration} above used earlier ones)")
+    return label
+
+
+def _recorded_args(ctx: TrainContext) -> dict:
+    """The run's settings as a checkpoint records them (Megatron's flat `args`), from the configs."""
+    return args_dict_from_configs(ctx.configs, padded_vocab_size=ctx.padded_vocab_size,
+                                  world_size=ctx.run.world_size, data_parallel_size=ctx.groups.dp.size)
+
+
 def convert_checkpoint_format(ctx: TrainContext) -> TrainContext:
     """--ckpt-convert-format F --ckpt-convert-save DIR: the checkpoint loaded from --load (either
     format) is saved again as F under DIR/F, then the run ends (Megatron's behaviour)."""
-    args = ctx.args
-    target = os.path.join(args.ckpt_convert_save, args.ckpt_convert_format)
-    with collective_phase(f"converting the checkpoint to {args.ckpt_convert_format}"):
+    c = ctx.configs.checkpoint
+    target = os.path.join(c.ckpt_convert_save, c.ckpt_convert_format)
+    with collective_phase(f"converting the checkpoint to {c.ckpt_convert_format}"):
         save_checkpoint(
-            target, ctx.iteration, ctx.model, ctx.optimizer, ctx.scheduler, args, ctx.groups,
+            target, ctx.iteration, ctx.model, ctx.optimizer, ctx.scheduler, _recorded_args(ctx), ctx.groups,
             num_floating_point_operations_so_far=ctx.num_floating_point_operations_so_far,
             consumed_train_samples=ctx.consumed_train_samples, consumed_valid_samples=ctx.consumed_valid_samples,
-            save_optim=not args.no_save_optim, save_rng=not args.no_save_rng, rng_tracker=ctx.run.rng_tracker,
-            ckpt_format=args.ckpt_convert_format)
-    print_rank_0(f"> converted the checkpoint of iteration {ctx.iteration} in {args.load} to "
-                 f"{args.ckpt_convert_format} in {target}")
+            save_optim=not c.no_save_optim, save_rng=not c.no_save_rng, rng_tracker=ctx.run.rng_tracker,
+            ckpt_format=c.ckpt_convert_format)
+    print_rank_0(f"> converted the checkpoint of iteration {ctx.iteration} in {c.load} to "
+                 f"{c.ckpt_convert_format} in {target}")
     return ctx

@@ -53,8 +53,8 @@ __all__ = [
 # ------------------------------------------------------------------ flags
 
 
-def _check_profile_window(args) -> None:
-    start, end = args.profile_step_start, args.profile_step_end
+def _check_profile_window(config) -> None:
+    start, end = config.profile_step_start, config.profile_step_end
     if start < 0:
         raise ValueError(f"--profile-step-start {start} is negative; profiling covers the iterations run while the "
                          "iteration count goes from --profile-step-start to --profile-step-end: give a count >= 0")
@@ -64,8 +64,8 @@ def _check_profile_window(args) -> None:
                          "--profile-step-start 10 --profile-step-end 12 for two iterations")
 
 
-def _check_profile_ranks(args, world_size: int) -> None:
-    ranks = list(args.profile_ranks or [])
+def _check_profile_ranks(config, world_size: int) -> None:
+    ranks = list(config.profile_ranks or [])
     if not ranks:
         raise ValueError("--profile-ranks is empty: give the global ranks to profile, e.g. --profile-ranks 0")
     outside = [r for r in ranks if not 0 <= r < world_size]
@@ -74,9 +74,9 @@ def _check_profile_ranks(args, world_size: int) -> None:
                          f"process{'es' if world_size != 1 else ''}; give global ranks 0..{world_size - 1}")
 
 
-def _check_profiler_backend(args, cuda_available: bool) -> None:
-    if args.use_pytorch_profiler:
-        if not getattr(args, "tensorboard_dir", None):
+def _check_profiler_backend(config, cuda_available: bool, trace_dir: Optional[str]) -> None:
+    if config.use_pytorch_profiler:
+        if not trace_dir:
             raise ValueError("--profile --use-pytorch-profiler writes its trace into --tensorboard-dir (as Megatron "
                              "does), which is not set: add --tensorboard-dir DIR")
     elif not cuda_available:
@@ -86,29 +86,32 @@ def _check_profiler_backend(args, cuda_available: bool) -> None:
                          "trace on the CPU, or drop --profile")
 
 
-def validate_profile_args(args, world_size: int, cuda_available: Optional[bool] = None) -> None:
+def validate_profile_args(config, world_size: int, cuda_available: Optional[bool] = None,
+                          trace_dir: Optional[str] = None) -> None:
     """Check the --profile flags at start-up; raise ValueError naming the flags and the fix.
 
+    `config` is the TrainingConfig (or anything with its profile fields); `trace_dir` the
+    --tensorboard-dir the trace goes to (default: `config.tensorboard_dir` where `config` has it).
     Without --profile the other profiling flags have no effect (as in Megatron) and are not checked.
     `cuda_available` defaults to torch.cuda.is_available() (the run's device follows it).
     """
-    if not getattr(args, "profile", False):
+    if not getattr(config, "profile", False):
         return
-    _check_profile_window(args)
-    _check_profile_ranks(args, world_size)
-    train_iters = getattr(args, "train_iters", None)
+    _check_profile_window(config)
+    _check_profile_ranks(config, world_size)
+    train_iters = getattr(config, "train_iters", None)
     if train_iters is not None:
-        _check_window_fits(args, train_iters)
+        _check_window_fits(config, train_iters)
     if cuda_available is None:
         import torch
 
         cuda_available = torch.cuda.is_available()
-    _check_profiler_backend(args, cuda_available)
+    _check_profiler_backend(config, cuda_available, trace_dir or getattr(config, "tensorboard_dir", None))
 
 
-def _check_window_fits(args, train_iters: int) -> None:
-    if args.profile_step_end > train_iters:
-        raise ValueError(f"--profile-step-end {args.profile_step_end} is beyond the {train_iters} training iterations "
+def _check_window_fits(config, train_iters: int) -> None:
+    if config.profile_step_end > train_iters:
+        raise ValueError(f"--profile-step-end {config.profile_step_end} is beyond the {train_iters} training iterations "
                          "(--train-iters / --train-samples), so the profiled range would be cut short or never "
                          "reached: lower --profile-step-start/--profile-step-end or train longer")
 
@@ -239,23 +242,28 @@ class TrainingProfiler:
                   "--capture-range=cudaProfilerApi)", flush=True)
 
 
-def start_profiler(args, rank: int, first_iteration: int, train_iters: int, cuda: bool) -> Optional[TrainingProfiler]:
+def start_profiler(config, rank: int, first_iteration: int, train_iters: int, cuda: bool,
+                   trace_dir: Optional[str] = None) -> Optional[TrainingProfiler]:
     """The profiler of this rank for --profile, or None (no --profile, or a rank not in --profile-ranks).
+
+    `config` is the TrainingConfig (or anything with its profile fields); `trace_dir` as in
+    `validate_profile_args`.
 
     `first_iteration` is the count the loop starts from (a resumed run's iteration); `train_iters`
     the count it runs to. Raises ValueError if the profiled range ends beyond `train_iters`.
     """
-    if not getattr(args, "profile", False):
+    if not getattr(config, "profile", False):
         return None
-    _check_window_fits(args, train_iters)
-    if rank not in args.profile_ranks:
+    _check_window_fits(config, train_iters)
+    if rank not in config.profile_ranks:
         return None
-    profiler = TrainingProfiler(start=args.profile_step_start, end=args.profile_step_end, rank=rank,
-                                use_pytorch_profiler=args.use_pytorch_profiler, trace_dir=args.tensorboard_dir,
+    profiler = TrainingProfiler(start=config.profile_step_start, end=config.profile_step_end, rank=rank,
+                                use_pytorch_profiler=config.use_pytorch_profiler,
+                                trace_dir=trace_dir or getattr(config, "tensorboard_dir", None),
                                 cuda=cuda, first_iteration=first_iteration)
-    if first_iteration >= args.profile_step_end:
+    if first_iteration >= config.profile_step_end:
         print(f"> rank {rank}: --profile: the run resumes at iteration {first_iteration}, after --profile-step-end "
-              f"{args.profile_step_end}: nothing will be profiled", flush=True)
+              f"{config.profile_step_end}: nothing will be profiled", flush=True)
     return profiler
 
 

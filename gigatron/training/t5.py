@@ -18,8 +18,6 @@ from functools import partial
 from typing import Optional, Sequence
 
 import torch
-import torch.distributed as dist
-
 
 __all__ = ["extra_args_provider", "resolve_args", "resolve_num_layers", "resolve_sequence_lengths",
            "resolve_position_embedding", "model_provider", "get_batch", "loss_func", "forward_step",
@@ -106,13 +104,13 @@ def model_provider(ctx, pre_process: bool = True, post_process: bool = True, vp_
 
     if vp_stage is not None:
         raise ValueError("T5 does not support virtual pipeline stages; drop --num-layers-per-virtual-pipeline-stage")
+    extra = ctx.configs.extra  # the T5 flags of extra_args_provider, as resolve_args left them
     return T5Model(ctx.configs.transformer, ctx.groups, ctx.padded_vocab_size, pre_process=pre_process,
-                   post_process=post_process, seed=ctx.args.seed,
-                   decoder_num_layers=getattr(ctx.args, "decoder_num_layers", None),
-                   position_embedding_type="relative" if getattr(ctx.args, "t5_relative_attention", False)
-                   else "learned_absolute",
-                   relative_attention_num_buckets=getattr(ctx.args, "relative_attention_num_buckets", 32),
-                   relative_attention_max_distance=getattr(ctx.args, "relative_attention_max_distance", 128))
+                   post_process=post_process, seed=ctx.configs.data.seed,
+                   decoder_num_layers=extra.get("decoder_num_layers"),
+                   position_embedding_type="relative" if extra.get("t5_relative_attention") else "learned_absolute",
+                   relative_attention_num_buckets=extra.get("relative_attention_num_buckets", 32),
+                   relative_attention_max_distance=extra.get("relative_attention_max_distance", 128))
 
 
 def get_batch(data_iterator, model):
@@ -161,17 +159,14 @@ def datasets_provider(ctx, train_valid_test_num_samples):
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """pretrain_t5.py: parse Megatron-style flags, resolve the T5 lengths and train."""
     from gigatron.training.arguments import parse_args
-    from gigatron.training.loop import pretrain
+    from gigatron.training.loop import pretrain_and_exit
 
     args = parse_args(argv, extra_args_provider=extra_args_provider)
     resolve_args(args)
-    try:
-        pretrain(datasets_provider, model_provider, forward_step, args=args)
-    finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
+    return pretrain_and_exit(datasets_provider, model_provider, forward_step, args)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from gigatron.cli import run_cli
+
+    sys.exit(run_cli(main))

@@ -1,6 +1,16 @@
-"""Checks on the parsed flags, each a small named function raising ValueError that names the flags
-and the fix. `validate_args` runs them all and fills in the values that follow from the world size
-(data-parallel size, default global batch size, number of micro-batches).
+"""The rules across configs, each a small named function raising ValueError that names the flags
+and the fix, stated once. `validate_args` runs them all on the parsed flags and fills in the values
+that follow from the world size (data-parallel size, default global batch size, number of
+micro-batches) and from other flags (virtual stages from layers per stage, sequence parallelism off
+at tp = 1).
+
+A rule about the fields of one config lives in that dataclass (`__post_init__`) and runs when
+`configs_from_args` builds it: heads and query groups against tensor parallelism, sequence length
+against positions (TransformerConfig), --bf16 against --fp16, --min-lr against --lr
+(OptimizerConfig), the warmup flags (SchedulerConfig), --overlap-param-gather (DDPConfig), the MoE
+flags among themselves (MoEConfig), the training length's form, the intervals and the checkpoint
+flags (TrainingConfig, LoggingConfig, CheckpointConfig). The MoE layout rules are one function of the core
+(`check_moe_layout`) that this module and the MoE layer both call.
 
 Checks read the flat namespace with `getattr(args, name, default)`, so a namespace holding only some
 of the config groups (a tool's parser) is checked for what it has.
@@ -17,28 +27,20 @@ __all__ = [
     "check_parallel_sizes",
     "check_batch_sizes",
     "check_rampup_batch_size",
-    "check_attention_heads",
-    "check_query_groups",
-    "check_seq_length_fits_positions",
     "check_context_parallel_seq_length",
     "check_train_length",
-    "check_precision",
     "check_lr",
     "check_lr_schedule_units",
-    "check_lr_warmup",
-    "check_overlap_param_gather",
     "force_sequence_parallel_off_at_tp1",
     "check_virtual_pipeline",
     "resolve_layers_per_virtual_stage",
     "check_data_source",
-    "check_checkpoint_args",
-    "check_intervals",
     "check_per_token_loss",
     "check_moe",
     "SUPPORTED_CKPT_FORMATS",
 ]
 
-SUPPORTED_CKPT_FORMATS = ("torch", "torch_dist")
+from gigatron.training.config import SUPPORTED_CKPT_FORMATS  # noqa: E402 - kept importable from here
 
 
 def _get(args, name, default=None):
@@ -121,51 +123,6 @@ def check_rampup_batch_size(args, data_parallel_size: int) -> None:
                          "run with a changing batch size is given in samples).")
 
 
-def check_attention_heads(args) -> None:
-    """--num-attention-heads must divide over the tensor-parallel ranks."""
-    heads = getattr(args, "num_attention_heads", None)
-    tp = _get(args, "tensor_model_parallel_size", 1)
-    if heads is not None and heads % tp != 0:
-        raise ValueError(
-            f"--num-attention-heads ({heads}) is not divisible by --tensor-model-parallel-size ({tp}); "
-            "each tensor-parallel rank must hold whole heads."
-        )
-
-
-def check_query_groups(args) -> None:
-    """With grouped-query attention, --num-query-groups must divide over the tensor-parallel ranks
-    and divide the number of heads."""
-    groups = getattr(args, "num_query_groups", None)
-    if groups is None or not getattr(args, "group_query_attention", True):
-        return
-    tp = _get(args, "tensor_model_parallel_size", 1)
-    heads = getattr(args, "num_attention_heads", None)
-    if groups % tp != 0:
-        raise ValueError(
-            f"--num-query-groups ({groups}) is not divisible by --tensor-model-parallel-size ({tp}); "
-            "each tensor-parallel rank must hold whole key/value groups."
-        )
-    if heads is not None and heads % groups != 0:
-        raise ValueError(f"--num-attention-heads ({heads}) is not divisible by --num-query-groups ({groups}).")
-
-
-def check_seq_length_fits_positions(args) -> None:
-    """Learned absolute positions need --max-position-embeddings >= --seq-length."""
-    position_type = _get(args, "position_embedding_type", "learned_absolute")
-    seq = getattr(args, "seq_length", None)
-    max_pos = getattr(args, "max_position_embeddings", None)
-    if position_type != "learned_absolute" or seq is None:
-        return
-    if max_pos is None:
-        args.max_position_embeddings = seq
-        return
-    if seq > max_pos:
-        raise ValueError(
-            f"--seq-length ({seq}) exceeds --max-position-embeddings ({max_pos}) with learned absolute "
-            "position embeddings; raise --max-position-embeddings or shorten --seq-length."
-        )
-
-
 def check_context_parallel_seq_length(args) -> None:
     """Context parallelism splits the sequence into 2 x cp chunks."""
     cp = _get(args, "context_parallel_size", 1)
@@ -177,33 +134,19 @@ def check_context_parallel_seq_length(args) -> None:
 
 
 def check_train_length(args) -> None:
-    """Exactly one of --train-iters and --train-samples (neither is allowed with --skip-train)."""
-    iters = getattr(args, "train_iters", None)
-    samples = getattr(args, "train_samples", None)
-    if iters is not None and samples is not None:
-        raise ValueError("--train-iters and --train-samples are mutually exclusive; give one of them.")
-    if iters is None and samples is None and not getattr(args, "skip_train", False):
+    """A training run needs its length: --train-iters or --train-samples (not with --skip-train).
+    TrainingConfig checks that they exclude each other and are not negative."""
+    if getattr(args, "train_iters", None) is None and getattr(args, "train_samples", None) is None \
+            and not getattr(args, "skip_train", False):
         raise ValueError("give the length of training with --train-iters or --train-samples.")
-    for flag, value in (("--train-iters", iters), ("--train-samples", samples)):
-        if value is not None and value < 0:
-            raise ValueError(f"{flag} must be >= 0, got {value}.")
-
-
-def check_precision(args) -> None:
-    """--fp16 and --bf16 exclude each other."""
-    if getattr(args, "fp16", False) and getattr(args, "bf16", False):
-        raise ValueError("--fp16 and --bf16 cannot both be set; choose one.")
 
 
 def check_lr(args) -> None:
-    """--lr is required for training and --min-lr must not exceed it."""
+    """--lr is required for training (OptimizerConfig checks --min-lr against it)."""
     if getattr(args, "skip_train", False) or not hasattr(args, "lr"):
         return
     if args.lr is None:
         raise ValueError("--lr (the peak learning rate) is required for training, e.g. --lr 3e-4.")
-    min_lr = _get(args, "min_lr", 0.0)
-    if min_lr > args.lr:
-        raise ValueError(f"--min-lr ({min_lr}) must not exceed --lr ({args.lr}).")
 
 
 def check_lr_schedule_units(args) -> None:
@@ -219,25 +162,6 @@ def check_lr_schedule_units(args) -> None:
                                          ("--lr-wsd-decay-samples", "lr_wsd_decay_samples")) if getattr(args, name, None)]
         if wrong:
             raise ValueError(f"with --train-iters use the -iters variants instead of {', '.join(wrong)}.")
-
-
-def check_lr_warmup(args) -> None:
-    """At most one of --lr-warmup-fraction, --lr-warmup-iters and --lr-warmup-samples."""
-    given = [flag for flag, name in (("--lr-warmup-fraction", "lr_warmup_fraction"),
-                                     ("--lr-warmup-iters", "lr_warmup_iters"),
-                                     ("--lr-warmup-samples", "lr_warmup_samples")) if getattr(args, name, None)]
-    if len(given) > 1:
-        raise ValueError(f"{' and '.join(given)} are mutually exclusive; give one warmup length.")
-
-
-def check_overlap_param_gather(args) -> None:
-    """--overlap-param-gather needs --use-distributed-optimizer and --overlap-grad-reduce."""
-    if not getattr(args, "overlap_param_gather", False):
-        return
-    missing = [flag for flag, name in (("--use-distributed-optimizer", "use_distributed_optimizer"),
-                                       ("--overlap-grad-reduce", "overlap_grad_reduce")) if not getattr(args, name, False)]
-    if missing:
-        raise ValueError(f"--overlap-param-gather needs {' and '.join(missing)}; add them or drop --overlap-param-gather.")
 
 
 def force_sequence_parallel_off_at_tp1(args) -> None:
@@ -265,7 +189,8 @@ def resolve_layers_per_virtual_stage(args) -> None:
 
 
 def check_virtual_pipeline(args) -> None:
-    """Interleaved pipelining: needs pp > 1 and the layers of each stage must split over the virtual stages."""
+    """Interleaved pipelining needs pp > 1 (TransformerConfig checks that each stage's layers split
+    over the virtual stages, uneven first/last stages included)."""
     vp = getattr(args, "virtual_pipeline_model_parallel_size", None)
     if vp is None or vp == 1:
         if vp == 1:
@@ -275,12 +200,6 @@ def check_virtual_pipeline(args) -> None:
     if pp < 2:
         raise ValueError(
             f"--num-virtual-stages-per-pipeline-rank ({vp}) needs --pipeline-model-parallel-size >= 2 (got {pp})."
-        )
-    layers = getattr(args, "num_layers", None)
-    if layers is not None and layers % (pp * vp) != 0:
-        raise ValueError(
-            f"--num-layers ({layers}) must be divisible by --pipeline-model-parallel-size ({pp}) x "
-            f"virtual stages per rank ({vp}) = {pp * vp}."
         )
 
 
@@ -306,51 +225,12 @@ def check_data_source(args) -> None:
         raise ValueError("--split cannot be combined with --train-data-path/--valid-data-path/--test-data-path.")
 
 
-def check_checkpoint_args(args) -> None:
-    """Checkpoint format and the load options that need --load."""
-    fmt = _get(args, "ckpt_format", "torch")
-    if fmt not in SUPPORTED_CKPT_FORMATS:
-        raise ValueError(f"--ckpt-format {fmt} is not supported yet; supported: {', '.join(SUPPORTED_CKPT_FORMATS)} "
-                         "(use --ckpt-format torch_dist or torch).")
-    if getattr(args, "async_save", False):
-        if fmt != "torch_dist":
-            raise ValueError(f"--async-save writes torch_dist checkpoints; drop --ckpt-format {fmt} or --async-save.")
-        if not getattr(args, "save", None):
-            raise ValueError("--async-save needs --save DIR.")
-    if getattr(args, "ckpt_convert_format", None):
-        if not getattr(args, "load", None) or not getattr(args, "ckpt_convert_save", None):
-            raise ValueError("--ckpt-convert-format converts the checkpoint in --load into --ckpt-convert-save; "
-                             "give both --load DIR and --ckpt-convert-save DIR.")
-    if getattr(args, "use_checkpoint_args", False) and not getattr(args, "load", None):
-        raise ValueError("--use-checkpoint-args reads the model flags from the checkpoint in --load; give --load DIR.")
-    if getattr(args, "exit_on_missing_checkpoint", False) and not (getattr(args, "load", None)
-                                                                    or getattr(args, "pretrained_checkpoint", None)):
-        raise ValueError("--exit-on-missing-checkpoint needs --load DIR.")
-    if getattr(args, "ckpt_step", None) is not None and not getattr(args, "load", None):
-        raise ValueError("--ckpt-step selects an iteration of the checkpoint in --load; give --load DIR.")
-    if getattr(args, "save_interval", None) is not None and not getattr(args, "save", None):
-        raise ValueError("--save-interval needs --save DIR.")
-
-
 def check_per_token_loss(args) -> None:
     """--calculate-per-token-loss needs a schedule that hands the token count to the gradient
     finalization; the schedules divide each micro-batch's mean loss by the number of micro-batches."""
     if getattr(args, "calculate_per_token_loss", False):
         raise ValueError("--calculate-per-token-loss is not supported by the training loop yet; drop the flag "
                          "(each micro-batch's loss is averaged over its tokens, then over micro-batches and ranks).")
-
-
-def check_intervals(args) -> None:
-    """Intervals must be positive."""
-    for flag, name in (("--log-interval", "log_interval"), ("--eval-interval", "eval_interval"),
-                       ("--save-interval", "save_interval"), ("--exit-interval", "exit_interval"),
-                       ("--tensorboard-log-interval", "tensorboard_log_interval")):
-        value = getattr(args, name, None)
-        if value is not None and value < 1:
-            raise ValueError(f"{flag} must be >= 1, got {value}.")
-    eval_iters = getattr(args, "eval_iters", None)
-    if eval_iters is not None and eval_iters < 0:
-        raise ValueError(f"--eval-iters must be >= 0, got {eval_iters}.")
 
 
 def check_moe(args) -> None:
@@ -365,25 +245,14 @@ def check_moe(args) -> None:
             raise ValueError(f"--expert-model-parallel-size {ep} needs an MoE model: pass --num-experts "
                              "(or drop --expert-model-parallel-size).")
         return
-    from gigatron.core.transformer.moe.config import check_moe_flags, moe_layer_pattern
+    from gigatron.core.transformer.moe.config import check_moe_layout, moe_layer_pattern
 
-    check_moe_flags(args)
-    if ep < 1 or num_experts % ep != 0:
-        raise ValueError(f"--num-experts ({num_experts}) must be divisible by --expert-model-parallel-size ({ep}); "
-                         "change one of them.")
     tp = _get(args, "tensor_model_parallel_size", 1)
     etp = _get(args, "expert_tensor_parallel_size", tp)
-    if etp < 1:
-        raise ValueError(f"--expert-tensor-parallel-size must be >= 1, got {etp}.")
-    if tp > 1 and not getattr(args, "sequence_parallel", False):
-        raise ValueError(f"MoE with --tensor-model-parallel-size {tp} needs --sequence-parallel (each tensor-parallel "
-                         "rank routes its own part of the sequence); add --sequence-parallel.")
-    if getattr(args, "add_bias_linear", True):
-        raise ValueError("MoE experts have no biases: pass --disable-bias-linear with --num-experts.")
-    ffn = _get(args, "moe_ffn_hidden_size", None) or _get(args, "ffn_hidden_size", None)
-    if ffn is not None and ffn % etp != 0:
-        raise ValueError(f"the expert hidden size (--moe-ffn-hidden-size, default --ffn-hidden-size: {ffn}) must be "
-                         f"divisible by --expert-tensor-parallel-size ({etp}).")
+    check_moe_layout(args, tensor_model_parallel_size=tp, expert_model_parallel_size=ep,
+                     expert_tensor_parallel_size=etp, sequence_parallel=getattr(args, "sequence_parallel", False),
+                     add_bias_linear=getattr(args, "add_bias_linear", True),
+                     ffn_hidden_size=_get(args, "ffn_hidden_size", None))
     if getattr(args, "num_layers", None) is not None:
         moe_layer_pattern(args, args.num_layers)
     saves_or_loads = getattr(args, "save", None) or getattr(args, "load", None)
@@ -401,25 +270,17 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
     world_size = _get(args, "world_size", 1) if world_size is None else world_size
     args.world_size = world_size
     args.data_parallel_size = check_parallel_sizes(args, world_size)
-    check_precision(args)
     check_train_length(args)
-    check_intervals(args)
     if hasattr(args, "micro_batch_size"):
         args.num_microbatches = check_batch_sizes(args, args.data_parallel_size)
         check_rampup_batch_size(args, args.data_parallel_size)
-    check_attention_heads(args)
-    check_query_groups(args)
-    check_seq_length_fits_positions(args)
     check_context_parallel_seq_length(args)
     check_lr(args)
     check_lr_schedule_units(args)
-    check_lr_warmup(args)
-    check_overlap_param_gather(args)
     force_sequence_parallel_off_at_tp1(args)
     resolve_layers_per_virtual_stage(args)
     check_virtual_pipeline(args)
     check_data_source(args)
-    check_checkpoint_args(args)
     check_per_token_loss(args)
     check_moe(args)
     return args

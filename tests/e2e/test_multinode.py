@@ -31,7 +31,8 @@ TIMEOUT_S = 180
 
 TRAIN_LINE = re.compile(r"\biteration +(\d+)/ +\d+ \|.* lm loss: ([0-9.]+E[+-]\d+) \|")
 # Periodic evaluations ("... at iteration 2 |") and the final ones ("... at iteration 4 on test set |").
-VALID_LINE = re.compile(r"\bvalidation loss at iteration (\d+)( on \w+ set)? \| lm loss value: ([0-9.]+E[+-]\d+) \|")
+VALID_LINE = re.compile(r"\bvalidation loss at iteration (\d+)( on \w+ set)?(?: \([^)]*\))? \| lm loss value: "
+                        r"([0-9.]+E[+-]\d+) \|")
 
 
 def _env():

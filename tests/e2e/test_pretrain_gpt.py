@@ -321,3 +321,28 @@ def test_from_pretrained_reads_both_checkpoint_formats(tmp_path):
         torch.testing.assert_close(logits[fmt], reference, rtol=1e-5, atol=1e-5)
     assert logits["torch_dist"].shape == logits["torch"].shape, {k: v.shape for k, v in logits.items()}
     assert torch.equal(logits["torch_dist"], logits["torch"])
+
+
+def test_final_validation_says_why_it_differs_from_the_evaluation_just_before(capsys):
+    """At the end of a run whose last iteration also evaluated, the final validation (other batches)
+    is labelled, so the two values at the same iteration are not mistaken for one."""
+    _run(TINY + ["--train-iters", "5"])
+    out = capsys.readouterr().out
+    assert re.search(r"^ validation loss at iteration 5 \| lm loss value", out, re.M), out
+    assert ("validation loss at iteration 5 on validation set (final evaluation, on the next 1 validation batch; "
+            "the evaluation at iteration 5 above used earlier ones) | lm loss value") in out
+    _run(TINY + ["--train-iters", "4"])  # no evaluation at iteration 4: Megatron's plain label
+    out = capsys.readouterr().out
+    assert "validation loss at iteration 4 on validation set | lm loss value" in out
+
+
+def test_torch_compile_says_it_is_compiling_and_how_long_it_took(capsys, monkeypatch):
+    compiled = []
+    # The message is what is tested here; compiling for real takes about a minute on a CPU.
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: compiled.append(type(self).__name__))
+    _run(TINY + ["--train-iters", "3", "--torch-compile"])
+    out = capsys.readouterr().out
+    assert compiled == ["TransformerLayer", "TransformerLayer"]
+    assert out.count("> compiling the transformer layers (--torch-compile) during the first iteration") == 1
+    assert re.search(r"^> compiled: the first iteration, compilation included, took \d+\.\d s$", out, re.M), out
+    assert out.index("compiling the transformer layers") < out.index("compiled: the first iteration")

@@ -23,7 +23,8 @@ def _tp_logits(rank, world_size, ckpt, ids):
     from gigatron.training.checkpointing import load_args_from_checkpoint, load_checkpoint
 
     args = parse_args(["--load", ckpt, "--use-checkpoint-args", "--num-layers", "1", "--hidden-size", "8",
-                       "--num-attention-heads", "2", "--micro-batch-size", "1"])
+                       "--num-attention-heads", "2", "--micro-batch-size", "1",
+                       "--tensor-model-parallel-size", str(world_size)])  # the layout is the run's
     load_args_from_checkpoint(args)
     groups = ParallelGroups.build(ParallelConfig(tensor_model_parallel_size=args.tensor_model_parallel_size))
     padded = vocab_size_with_padding(build_tokenizer(args).vocab_size, args.make_vocab_size_divisible_by,

@@ -144,3 +144,25 @@ def test_dp2_distributed_optimizer_checkpoint_resumes_at_dp1(tmp_path, resume_ex
     assert resumed.groups.dp.size == 1
     _assert_same_curve(resumed.log.train_history, full_train, "training loss across the resume")
     _assert_same_curve(resumed.log.valid_history, full_valid, "validation loss across the resume")
+
+
+def test_tp2_checkpoint_continues_in_one_process_with_use_checkpoint_args(tmp_path):
+    """A tp=2 run saved (torch_dist) and taken up by one process with --use-checkpoint-args and no
+    model flags: the model comes from the checkpoint, the parallel layout (tp=1) is the run's, and
+    the losses continue those of one uninterrupted tp=1 process."""
+    full_train, _ = _serial(RESUME)
+    save = str(tmp_path / "ckpt")
+    first = run_distributed(_rank_run, 2, _argv(RESUME + ["--tensor-model-parallel-size", "2", "--save", save,
+                                                         "--exit-interval", "4"]), timeout=300)
+    assert [r["sizes"]["tp"] for r in first] == [2, 2] and all(r["iteration"] == 4 for r in first)
+    model_flags = ("--num-layers", "--hidden-size", "--num-attention-heads", "--seq-length",
+                   "--max-position-embeddings")
+    argv = _argv(RESUME + ["--load", save, "--use-checkpoint-args"])
+    for flag in model_flags:
+        i = argv.index(flag)
+        argv = argv[:i] + argv[i + 2:]
+    torch.set_num_threads(1)
+    resumed = _pretrain(argv)
+    assert resumed.groups.tp.size == 1 and resumed.iteration == 8
+    assert resumed.configs.transformer.num_layers == 2 and resumed.configs.transformer.hidden_size == 16
+    _assert_same_curve(resumed.log.train_history, full_train[4:], "training loss after taking up the tp=2 run")

@@ -41,9 +41,52 @@ def test_every_field_of_every_config_has_a_flag_and_help():
             assert f.name in specs, f"{name}.{f.name} has no flag"
             assert specs[f.name].help, f"{name}.{f.name} has no docstring"
     parser = A.build_parser()
+    replaced = {alias.dest: option for option, alias in A.ALIASES.items() if alias.replaces}
     for spec in specs.values():
+        if spec.dest in replaced:  # Megatron's spelling is the field's only flag
+            assert replaced[spec.dest] in parser._option_string_actions
+            assert not any(option in parser._option_string_actions for option in spec.option_strings)
+            continue
         for option in spec.option_strings:
             assert option in parser._option_string_actions
+
+
+def test_megatron_spellings_replace_gigatron_only_flags():
+    args = A.parse_args(["--ddp-bucket-size", "1000", "--ddp-average-in-collective",
+                         "--ddp-pad-buckets-for-high-nccl-busbw", "--use-tp-pp-dp-mapping"])
+    assert args.bucket_size == 1000 and args.average_in_collective and args.pad_buckets_for_high_nccl_busbw
+    assert args.order == "tp-cp-ep-pp-dp"
+    assert A.parse_args([]).order == "tp-cp-ep-dp-pp"
+    for option in ("--bucket-size", "--average-in-collective", "--pad-buckets-for-high-nccl-busbw"):
+        with pytest.raises(SystemExit):
+            A.parse_args([option, "1"] if option == "--bucket-size" else [option])
+
+
+def test_help_texts_are_true():
+    """--order is a Gigatron addition beside Megatron's --use-tp-pp-dp-mapping (which the parser
+    accepts); --check-for-nan-in-grad does not claim to be fed by --check-for-nan-in-loss-and-grad."""
+    help_text = " ".join(A.build_parser().format_help().split())
+    assert "--use-tp-pp-dp-mapping" in A.build_parser()._option_string_actions
+    specs, _ = A.flag_specs()
+    assert "Gigatron addition" in specs["order"].help and "--use-tp-pp-dp-mapping" in specs["order"].help
+    assert "fed to this field" not in specs["check_for_nan_in_grad"].help
+    assert "does not turn this on" in specs["check_for_nan_in_grad"].help
+    assert "Lay ranks out in Megatron's tp-pp-dp order" in help_text
+
+
+def test_each_setting_is_defined_once():
+    """A field that two configs need is defined in one class (a shared base both inherit: tp/pp/vp/sp,
+    bf16/fp16/params_dtype, seq_length, use_distributed_optimizer), never written twice."""
+
+    def defining_class(cls, name):
+        return next(k for k in cls.__mro__ if name in k.__dict__.get("__annotations__", {}))
+
+    homes = {}
+    for owner, cls in A.config_classes().items():
+        for f in dataclasses.fields(cls):
+            home = defining_class(cls, f.name)
+            assert homes.setdefault(f.name, home) is home, \
+                f"{f.name} is defined in {homes[f.name].__name__} and again in {home.__name__} ({owner})"
 
 
 def test_help_text_comes_from_docstrings():
@@ -131,3 +174,19 @@ def test_configs_from_args_builds_every_dataclass():
     assert configs.checkpoint.save == "/tmp/x" and configs.logging.log_interval == 5
     assert configs.parallel.tensor_model_parallel_size == 1
     assert isinstance(configs.checkpoint, CheckpointConfig) and isinstance(configs.logging, LoggingConfig)
+
+
+def test_the_training_layer_reads_configs_not_the_namespace():
+    """After configs_from_args nothing in the training loop, its start-up and the providers reads the
+    parsed flags: no `ctx.args` / `self.args` attribute reads (pretrain only stores it for tasks)."""
+    import ast
+    import importlib
+    import inspect
+
+    for name in ("loop", "initialize", "logging", "profiling", "gpt", "bert", "t5"):
+        module = importlib.import_module(f"gigatron.training.{name}")
+        tree = ast.parse(inspect.getsource(module))
+        reads = [node.lineno for node in ast.walk(tree)
+                 if isinstance(node, ast.Attribute) and node.attr == "args" and isinstance(node.ctx, ast.Load)
+                 and isinstance(node.value, ast.Name) and node.value.id in ("ctx", "self")]
+        assert reads == [], f"gigatron/training/{name}.py reads ctx.args at lines {reads}"

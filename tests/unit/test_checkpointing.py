@@ -190,6 +190,63 @@ def test_use_checkpoint_args(tmp_path):
     assert args.num_layers == 6 and args.hidden_size == 8 and args.lr == 0.1
 
 
+def test_use_checkpoint_args_keeps_the_runs_parallel_layout_and_explicit_tokenizer(tmp_path):
+    """Megatron's rule: the checkpoint's model description wins, the parallel layout is the run's, and
+    so are tokenizer settings given for this run."""
+    from gigatron.training.arguments import parse_args
+
+    model, optimizer, scheduler = _setup()
+    saved = _args(tensor_model_parallel_size=2, pipeline_model_parallel_size=2, num_layers=6, hidden_size=8,
+                  tokenizer_type="NullTokenizer", vocab_size=300, make_vocab_size_divisible_by=64)
+    _save(tmp_path, 1, model, optimizer, scheduler, args=saved)
+    args = parse_args(["--load", str(tmp_path), "--use-checkpoint-args", "--num-layers", "2",
+                       "--make-vocab-size-divisible-by", "32"])
+    C.load_args_from_checkpoint(args)
+    assert args.num_layers == 6 and args.hidden_size == 8  # the model is the checkpoint's, even over a flag
+    assert args.tensor_model_parallel_size == 1 and args.pipeline_model_parallel_size == 1  # the run's layout
+    assert args.vocab_size == 300 and args.tokenizer_type == "NullTokenizer"
+    assert args.make_vocab_size_divisible_by == 32  # given for this run
+
+
+def _tokenizer_checkpoint(tmp_path, monkeypatch):
+    """A checkpoint saved from tmp_path/run with --vocab-file vocab.json (relative)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "vocab.json").write_text("{}")
+    (run / "merges.txt").write_text("#version: 0.2\n")
+    monkeypatch.chdir(run)
+    model, optimizer, scheduler = _setup()
+    _save(tmp_path / "ckpt", 1, model, optimizer, scheduler,
+          args=_args(tokenizer_type="GPT2BPETokenizer", vocab_file="vocab.json", merge_file="merges.txt"))
+    return run
+
+
+def test_tokenizer_paths_are_stored_absolute(tmp_path, monkeypatch):
+    run = _tokenizer_checkpoint(tmp_path, monkeypatch)
+    saved = safe_torch_load(C.checkpoint_file(str(tmp_path / "ckpt"), 1, 0, 0, 1))["args"]
+    assert saved["vocab_file"] == str(run / "vocab.json") and saved["merge_file"] == str(run / "merges.txt")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # the stored absolute path still works from another directory
+    args = argparse.Namespace(load=str(tmp_path / "ckpt"), ckpt_step=None, vocab_file=None, merge_file=None)
+    C.load_args_from_checkpoint(args)
+    assert args.vocab_file == str(run / "vocab.json")
+
+
+def test_tokenizer_paths_fall_back_to_the_checkpoint_directory(tmp_path, monkeypatch):
+    run = _tokenizer_checkpoint(tmp_path, monkeypatch)
+    for name in ("vocab.json", "merges.txt"):
+        (run / name).rename(tmp_path / "ckpt" / name)  # the checkpoint was moved with its tokenizer
+    args = argparse.Namespace(load=str(tmp_path / "ckpt"), ckpt_step=None, vocab_file=None, merge_file=None)
+    C.load_args_from_checkpoint(args)
+    assert args.vocab_file == str(tmp_path / "ckpt" / "vocab.json")
+    assert args.merge_file == str(tmp_path / "ckpt" / "merges.txt")
+    (tmp_path / "ckpt" / "merges.txt").unlink()
+    args = argparse.Namespace(load=str(tmp_path / "ckpt"), ckpt_step=None, vocab_file=None, merge_file=None)
+    with pytest.raises(CheckpointError, match=r"--merge-file .*merges.txt was not found, nor was .*ckpt/merges.txt"):
+        C.load_args_from_checkpoint(args)
+
+
 def test_weights_only_refuses_pickled_objects(tmp_path):
     path = tmp_path / "bad.pt"
     torch.save({"args": argparse.Namespace(a=1)}, path)

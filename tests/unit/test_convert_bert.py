@@ -101,7 +101,8 @@ def _engine_model(save_dir, groups):
     from gigatron.training.arguments import build_config
     from gigatron.training.checkpointing import load_checkpoint
 
-    args = _engine_args(save_dir)
+    # The parallel layout is the run's (Megatron's --use-checkpoint-args does not take it from the checkpoint).
+    args = _engine_args(save_dir, ["--tensor-model-parallel-size", str(groups.tp.size)])
     tokenizer = build_tokenizer(args)
     padded = vocab_size_with_padding(tokenizer.vocab_size, args.make_vocab_size_divisible_by, groups.tp.size)
     config = build_config(TransformerConfig, args, attention_dropout=0.0, hidden_dropout=0.0,

@@ -204,7 +204,9 @@ def _engine_logits(rank, world_size, ckpt, ids, tp):
 
     flags = ["--load", ckpt, "--use-checkpoint-args", "--num-layers", "1", "--hidden-size", "8",
              "--num-attention-heads", "2", "--micro-batch-size", "1", "--disable-bias-linear"]
-    args = parse_args(flags + (["--sequence-parallel"] if tp > 1 else []))
+    # The parallel layout is the run's (Megatron's --use-checkpoint-args does not take it from the checkpoint).
+    layout = ["--tensor-model-parallel-size", str(tp), "--expert-model-parallel-size", str(world_size // tp)]
+    args = parse_args(flags + layout + (["--sequence-parallel"] if tp > 1 else []))
     load_args_from_checkpoint(args)
     assert (args.num_experts, args.moe_router_topk) == (EXPERTS, 2)
     assert (args.tensor_model_parallel_size, args.expert_model_parallel_size) == (tp, world_size // tp)

@@ -43,6 +43,8 @@ VARIANTS = {
     "llama_tied_biases": ("llama", dict(tie_word_embeddings=True, attention_bias=True, mlp_bias=True)),
     "llama_attention_bias_only": ("llama", dict(attention_bias=True)),
     "mistral": ("mistral", {}),
+    # HuggingFace's linear RoPE scaling is --rotary-seq-len-interpolation-factor (positions / factor).
+    "llama_linear_rope_scaling": ("llama", dict(rope_scaling={"rope_type": "linear", "factor": 4.0})),
 }
 
 

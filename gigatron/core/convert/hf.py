@@ -174,15 +174,27 @@ def _family(cfg: dict) -> str:
     return family
 
 
-def _rope_theta(cfg: dict) -> float:
+def _rope_scaling(cfg: dict) -> dict:
     params = cfg.get("rope_parameters") or {}
     scaling = cfg.get("rope_scaling") or {}
     kind = params.get("rope_type") or params.get("type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    if kind != "default":
-        raise ConversionError(f"RoPE scaling type {kind!r} is not supported (only plain RoPE); the model would "
-                              "compute different positions")
+    if kind not in ("default", "linear"):
+        raise ConversionError(f"RoPE scaling type {kind!r} is not supported (plain or linear RoPE only); the model "
+                              "would compute different positions")
+    return {"kind": kind, "factor": params.get("factor", scaling.get("factor"))}
+
+
+def _rope_theta(cfg: dict) -> float:
+    _rope_scaling(cfg)
+    params = cfg.get("rope_parameters") or {}
     theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
     return float(theta)
+
+
+def _rope_interpolation_factor(cfg: dict) -> Optional[float]:
+    """HuggingFace's linear RoPE scaling (positions / factor) is --rotary-seq-len-interpolation-factor."""
+    scaling = _rope_scaling(cfg)
+    return float(scaling["factor"]) if scaling["kind"] == "linear" else None
 
 
 def _params_dtype(cfg: dict, weights: Optional[HFWeights], probe: Optional[str]) -> str:
@@ -253,6 +265,7 @@ def _llama_metadata(cfg: dict, family: str) -> dict:
         num_attention_heads=nh, kv_channels=cfg.get("head_dim") or h // nh, group_query_attention=nkv != nh,
         num_query_groups=nkv, seq_length=min(positions, 4096), max_position_embeddings=positions,
         position_embedding_type="rope", rotary_base=_rope_theta(cfg),
+        rotary_seq_len_interpolation_factor=_rope_interpolation_factor(cfg),
         rotary_percent=float(cfg.get("partial_rotary_factor", 1.0)), rotary_interleaved=False,
         normalization="RMSNorm", norm_epsilon=cfg.get("rms_norm_eps", 1e-6), apply_layernorm_1p=False,
         swiglu=True, squared_relu=False, openai_gelu=False,
@@ -291,6 +304,8 @@ def _check_exportable(md: dict, family: str) -> None:
         problems.append("--apply-layernorm-1p")
     if md.get("qk_layernorm"):
         problems.append("--qk-layernorm")
+    if md.get("apply_residual_connection_post_layernorm"):
+        problems.append("--apply-residual-connection-post-layernorm")
     if md.get("add_qkv_bias") and not md["add_bias_linear"]:
         problems.append("--add-qkv-bias without linear biases")
     if family == "mixtral":
@@ -354,6 +369,10 @@ def hf_config_from_metadata(md: dict, family: str, bias_flags: Optional[Dict[str
         attention_dropout=float(md.get("attention_dropout") or 0.0),
     )
     cfg.pop("rope_scaling", None)
+    factor = md.get("rotary_seq_len_interpolation_factor")
+    if factor is not None:  # linear RoPE scaling: positions / factor
+        cfg["rope_parameters"] = {"rope_type": "linear", "factor": float(factor), "rope_theta": float(md["rotary_base"])}
+        cfg["rope_scaling"] = {"rope_type": "linear", "factor": float(factor)}
     if md.get("rotary_percent", 1.0) != 1.0:
         cfg["partial_rotary_factor"] = md["rotary_percent"]
     if family == "mixtral":

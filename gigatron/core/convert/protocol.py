@@ -15,14 +15,17 @@ Tensors are keyed by Gigatron's (Megatron-Core's) parameter names with the GLOBA
 and are full logical tensors (see gigatron/core/convert/layout.py): the grouped QKV layout,
 SwiGLU fc1 as [gate; up], vocabulary tensors with the true vocabulary (no padding rows).
 
-The metadata dict holds Megatron's flag names for the model shape (`MODEL_FLAGS`) plus:
-``true_vocab_size``, ``make_vocab_size_divisible_by``, the tokenizer flags (``tokenizer_type``,
-``vocab_file``, ``merge_file``, ``tokenizer_model``, ``vocab_size``), ``tokenizer_dir`` (a folder
-whose tokenizer files a saver copies, or None), ``params_dtype`` (a dtype name), ``iteration``
-(None for a model that never trained here: saved as ``release``), the consumed-sample counts,
-and ``hf_config`` (the HuggingFace config.json the model came from, or None). Mixture-of-experts
-models also carry `MOE_FLAGS` (``num_experts`` set), and their MoE layers' messages hold the router
-and every expert's weights (global expert numbers) instead of the dense MLP.
+The metadata dict holds Megatron's flag names for the model (`MODEL_FLAGS`: every TransformerConfig
+field that describes the model, i.e. all but its run settings — layout, precision, kernels,
+recompute; see `gigatron.core.transformer.config.model_fields`) plus: ``true_vocab_size``, the
+tokenizer flags (`TOKENIZER_FLAGS`: DataConfig's tokenizer fields, make_vocab_size_divisible_by
+among them), ``tokenizer_dir`` (a folder whose tokenizer files a saver copies, or None),
+``params_dtype`` (a dtype name), ``iteration`` (None for a model that never trained here: saved as
+``release``), the consumed-sample counts, and ``hf_config`` (the HuggingFace config.json the model
+came from, or None). Mixture-of-experts models also carry `MOE_FLAGS` (MoEConfig's model fields;
+``num_experts`` set), and their MoE layers' messages hold the router and every expert's weights
+(global expert numbers) instead of the dense MLP. The three lists are derived from the config
+dataclasses, so a new model field travels through every converter without an edit here.
 
 `run_conversion` runs a loader in a background thread that feeds a bounded queue
 (``--max-queue-size`` messages) while the saver consumes it in the calling thread, so reading
@@ -31,6 +34,7 @@ and writing overlap and at most that many messages wait in memory.
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import threading
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
@@ -41,6 +45,9 @@ __all__ = [
     "Message",
     "MODEL_FLAGS",
     "MOE_FLAGS",
+    "TOKENIZER_FLAGS",
+    "model_metadata_from_args",
+    "complete_metadata",
     "ConversionError",
     "layer_message",
     "expected_tensors",
@@ -58,29 +65,74 @@ __all__ = [
 
 Message = Tuple[str, Dict[str, Any]]
 
-# Model-shape flags carried in the metadata (Megatron's flag names, TransformerConfig fields).
-MODEL_FLAGS = (
-    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "kv_channels",
-    "group_query_attention", "num_query_groups", "seq_length", "max_position_embeddings",
-    "position_embedding_type", "rotary_base", "rotary_percent", "rotary_interleaved", "normalization",
-    "norm_epsilon", "apply_layernorm_1p", "swiglu", "squared_relu", "openai_gelu", "add_bias_linear",
-    "add_qkv_bias", "qk_layernorm", "untie_embeddings_and_output_weights", "attention_dropout",
-    "hidden_dropout",
-)
-
-# Mixture-of-experts flags carried in the metadata (MoEConfig fields; absent or num_experts None:
-# a dense model). MoE layers hold decoder.layers.i.mlp.router.weight [E, h] and, per expert j,
-# mlp.experts.local_experts.j.linear_fc1.weight [fo, h] / linear_fc2.weight [h, f] (full tensors,
-# global expert numbers) instead of mlp.linear_fc1 / linear_fc2.
-MOE_FLAGS = (
-    "num_experts", "moe_layer_freq", "moe_ffn_hidden_size", "moe_router_topk", "moe_router_score_function",
-    "moe_router_pre_softmax", "moe_router_topk_scaling_factor", "moe_router_load_balancing_type",
-    "moe_aux_loss_coeff", "moe_router_dtype",
-)
-
-
 class ConversionError(ValueError):
     """A checkpoint cannot be converted (unsupported feature, missing or unexpected tensors)."""
+
+
+from gigatron.core.data.config import DataConfig, tokenizer_fields  # noqa: E402
+from gigatron.core.fields import model_fields  # noqa: E402
+from gigatron.core.transformer.config import TransformerConfig  # noqa: E402
+from gigatron.core.transformer.moe.config import MoEConfig  # noqa: E402
+
+# The model flags carried in the metadata (Megatron's flag names, TransformerConfig fields).
+MODEL_FLAGS = model_fields(TransformerConfig)
+
+# Mixture-of-experts flags carried in the metadata (MoEConfig's model fields; absent or num_experts
+# None: a dense model). MoE layers hold decoder.layers.i.mlp.router.weight [E, h] and, per expert j,
+# mlp.experts.local_experts.j.linear_fc1.weight [fo, h] / linear_fc2.weight [h, f] (full tensors,
+# global expert numbers) instead of mlp.linear_fc1 / linear_fc2.
+MOE_FLAGS = model_fields(MoEConfig)
+
+# The tokenizer flags carried in the metadata (DataConfig's tokenizer fields).
+TOKENIZER_FLAGS = tokenizer_fields()
+
+
+def _defaults(cls) -> Dict[str, Any]:
+    values = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            values[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            values[f.name] = f.default_factory()  # type: ignore[misc]
+    return values
+
+
+def model_metadata_from_args(args: dict) -> dict:
+    """The model part of the conversion metadata from a checkpoint's flat `args`: every
+    `MODEL_FLAGS` entry (a missing or None one takes TransformerConfig's default, then the
+    defaults that TransformerConfig derives: kv_channels, num_query_groups, ffn_hidden_size, …),
+    the `MOE_FLAGS` of an MoE model and the `TOKENIZER_FLAGS`."""
+    defaults = _defaults(TransformerConfig)
+    md = {name: args.get(name) if args.get(name) is not None else defaults.get(name) for name in MODEL_FLAGS}
+    if all(md.get(name) for name in ("num_layers", "hidden_size", "num_attention_heads")):
+        derived = TransformerConfig(**{k: v for k, v in md.items() if v is not None},
+                                    perform_initialization=False)
+        md.update({name: getattr(derived, name) for name in MODEL_FLAGS})
+    if args.get("num_experts"):
+        # The messages carry the router and the routed experts only.
+        if args.get("moe_shared_expert_intermediate_size"):
+            raise ConversionError("converting MoE checkpoints with shared experts is not supported")
+        if args.get("moe_router_enable_expert_bias"):
+            raise ConversionError("converting MoE checkpoints with --moe-router-enable-expert-bias is not supported")
+        moe_defaults = _defaults(MoEConfig)
+        md.update({name: args.get(name) if args.get(name) is not None else moe_defaults.get(name)
+                   for name in MOE_FLAGS})
+    data_defaults = _defaults(DataConfig)
+    md.update({name: args.get(name) if args.get(name) is not None else data_defaults.get(name)
+               for name in TOKENIZER_FLAGS})
+    return md
+
+
+def complete_metadata(md: dict) -> dict:
+    """`md` with every `MODEL_FLAGS` entry present (and every `MOE_FLAGS` one for an MoE model): a
+    loader that does not know a model field (a HuggingFace family without it, an older checkpoint)
+    leaves it at the config's default, which is what the model it read computes."""
+    missing = {name: value for name, value in _defaults(TransformerConfig).items()
+               if name in MODEL_FLAGS and name not in md}
+    if md.get("num_experts"):
+        missing.update({name: value for name, value in _defaults(MoEConfig).items()
+                        if name in MOE_FLAGS and md.get(name) is None and value is not None})
+    return {**md, **missing} if missing else md
 
 
 def layer_message(i: int) -> str:
@@ -185,7 +237,7 @@ class MessageReader:
         name, md = self._next()
         if name != "metadata":
             raise ConversionError(f"the loader's first message is '{name}', expected 'metadata'")
-        self.md = md
+        self.md = complete_metadata(md)
         self._expected = expected_tensors(md)
         self._order = list(self._expected)
 

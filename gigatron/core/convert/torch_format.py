@@ -34,6 +34,8 @@ from gigatron.core.checkpoint.tp_layout import VOCAB_PARAMS, compact, pad_vocab,
 from gigatron.core.convert.protocol import (
     MODEL_FLAGS,
     MOE_FLAGS,
+    TOKENIZER_FLAGS,
+    model_metadata_from_args,
     ConversionError,
     Message,
     MessageReader,
@@ -80,10 +82,6 @@ def _check_moe_args(args: dict) -> None:
         raise ConversionError("this checkpoint stores its experts as GroupedMLP weight1/weight2 (--moe-grouped-gemm); "
                               "only SequentialMLP experts (mlp.experts.local_experts.*) are converted: save it "
                               "without --moe-grouped-gemm first")
-    if args.get("moe_shared_expert_intermediate_size"):
-        raise ConversionError("converting MoE checkpoints with shared experts is not supported")
-    if args.get("moe_router_enable_expert_bias"):
-        raise ConversionError("converting MoE checkpoints with --moe-router-enable-expert-bias is not supported")
 
 
 # ------------------------------------------------------------------ reading
@@ -108,32 +106,14 @@ def true_vocab_size_of(args: dict, padded: int, override: Optional[int]) -> int:
 
 
 def metadata_from_args(args: dict, true_vocab_size: int, iteration: Optional[int], params_dtype: torch.dtype) -> dict:
-    """The conversion metadata of a checkpoint saved with the flags `args`."""
-    md = {name: args.get(name) for name in MODEL_FLAGS}
-    defaults = dict(position_embedding_type="learned_absolute", normalization="LayerNorm", norm_epsilon=1e-5,
-                    rotary_base=10000, rotary_percent=1.0, rotary_interleaved=False, apply_layernorm_1p=False,
-                    swiglu=False, squared_relu=False, openai_gelu=False, add_bias_linear=True, add_qkv_bias=False,
-                    qk_layernorm=False, untie_embeddings_and_output_weights=False, group_query_attention=False)
-    for key, value in defaults.items():
-        if md.get(key) is None:
-            md[key] = value
-    if not md["group_query_attention"]:
-        md["num_query_groups"] = md["num_attention_heads"]
-    if md.get("kv_channels") is None and md.get("hidden_size") and md.get("num_attention_heads"):
-        md["kv_channels"] = md["hidden_size"] // md["num_attention_heads"]  # the training engine's default
-    if args.get("num_experts"):
-        md.update({name: args[name] for name in MOE_FLAGS if args.get(name) is not None})
+    """The conversion metadata of a checkpoint saved with the flags `args` (the model, MoE and
+    tokenizer flags derived from the config dataclasses: protocol.model_metadata_from_args)."""
     for name in ("num_layers", "hidden_size", "num_attention_heads"):
-        if md.get(name) is None:
+        if args.get(name) is None:
             raise ConversionError(f"the checkpoint's args lack {name}; it was not saved by Gigatron or Megatron")
+    md = model_metadata_from_args(args)
     md.update(
         true_vocab_size=true_vocab_size,
-        make_vocab_size_divisible_by=int(args.get("make_vocab_size_divisible_by") or 128),
-        tokenizer_type=args.get("tokenizer_type"),
-        vocab_file=args.get("vocab_file"),
-        merge_file=args.get("merge_file"),
-        tokenizer_model=args.get("tokenizer_model"),
-        vocab_size=args.get("vocab_size"),
         tokenizer_dir=None,
         params_dtype=dtype_name(params_dtype),
         iteration=iteration,
@@ -272,6 +252,7 @@ def _stage_layout(md: dict, tp: int, pp: int) -> List[Tuple[int, int]]:
 
 def args_for_target(md: dict, tp: int, pp: int, padded: int, tokenizer_flags: dict, ep: int = 1) -> dict:
     args = {name: md.get(name) for name in MODEL_FLAGS}
+    args.update({name: md[name] for name in TOKENIZER_FLAGS if name in md})
     if md.get("num_experts"):
         args.update({name: md.get(name) for name in MOE_FLAGS})
         # MoE layers at tensor-parallel size > 1 need sequence parallelism (validate_moe).

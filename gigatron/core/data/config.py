@@ -6,12 +6,28 @@ is its ``--help`` text.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from typing import Literal, Optional
+
+from gigatron.core.fields import SequenceLengthConfig
+
+TOKENIZER_SETTING = "tokenizer_setting"
+
+
+def tokenizer_setting(default):
+    """A field that, with the others so marked, rebuilds the run's tokenizer: a checkpoint's
+    description of its model carries these (`tokenizer_fields`)."""
+    return field(default=default, metadata={TOKENIZER_SETTING: True})
+
+
+def tokenizer_fields() -> tuple[str, ...]:
+    """The DataConfig fields that describe the tokenizer (what `build_tokenizer` reads), plus
+    make_vocab_size_divisible_by, which with them gives the padded vocabulary."""
+    return tuple(f.name for f in fields(DataConfig) if f.metadata.get(TOKENIZER_SETTING))
 
 
 @dataclass
-class DataConfig:
+class DataConfig(SequenceLengthConfig):
     """Datasets, splits, sample shaping and tokenizer settings."""
 
     data_path: Optional[list[str]] = None
@@ -51,9 +67,6 @@ class DataConfig:
     mock_data: bool = False
     """Skip data loading and use synthetic documents (for testing and benchmarking)."""
 
-    seq_length: Optional[int] = None
-    """Maximum sequence length to process."""
-
     reset_position_ids: bool = False
     """Reset position ids after end-of-document token."""
 
@@ -78,39 +91,40 @@ class DataConfig:
     iterator as is."""
 
     seed: int = 1234
-    """Random seed used for python, numpy, pytorch, and cuda (and the dataset shuffles)."""
+    """Random seed for python, numpy, torch, the model-parallel RNG tracker (each pipeline stage
+    adds 100 times its rank) and the dataset shuffles."""
 
-    tokenizer_type: Optional[str] = None
+    tokenizer_type: Optional[str] = tokenizer_setting(None)
     """What type of tokenizer to use (GPT2BPETokenizer, BertWordPieceLowerCase, BertWordPieceCase,
     SentencePieceTokenizer, GPTSentencePieceTokenizer, Llama2Tokenizer, HuggingFaceTokenizer,
     TikTokenizer, NullTokenizer)."""
 
-    vocab_file: Optional[str] = None
+    vocab_file: Optional[str] = tokenizer_setting(None)
     """Path to the vocab file."""
 
-    merge_file: Optional[str] = None
+    merge_file: Optional[str] = tokenizer_setting(None)
     """Path to the BPE merge file."""
 
-    tokenizer_model: Optional[str] = None
+    tokenizer_model: Optional[str] = tokenizer_setting(None)
     """Sentencepiece tokenizer model, HuggingFace model name or directory, or tiktoken JSON file."""
 
-    vocab_size: Optional[int] = None
+    vocab_size: Optional[int] = tokenizer_setting(None)
     """Size of vocab before EOD or padding (NullTokenizer)."""
 
-    vocab_extra_ids: int = 0
+    vocab_extra_ids: int = tokenizer_setting(0)
     """Number of additional vocabulary tokens. They are used for span masking in the T5 model."""
 
-    make_vocab_size_divisible_by: int = 128
+    make_vocab_size_divisible_by: int = tokenizer_setting(128)
     """Pad the vocab size to be divisible by this value (times the tensor-parallel size). This is
     added for computational efficiency reasons."""
 
-    tiktoken_pattern: Optional[str] = None
+    tiktoken_pattern: Optional[str] = tokenizer_setting(None)
     """Which tiktoken pre-tokenization pattern to use: v1 or v2."""
 
-    tiktoken_num_special_tokens: int = 1000
+    tiktoken_num_special_tokens: int = tokenizer_setting(1000)
     """Number of special tokens in the tiktoken tokenizer."""
 
-    tiktoken_special_tokens: Optional[list[str]] = None
+    tiktoken_special_tokens: Optional[list[str]] = tokenizer_setting(None)
     """List of tiktoken special tokens, needs to have ["<unk>", "<s>", "</s>"]."""
 
     mask_prob: float = 0.15
@@ -129,3 +143,7 @@ class DataConfig:
     """Train BERT with the sentence-order binary head: samples hold two segments and a label saying
     whether they were swapped (Megatron: --bert-no-binary-head turns it off; samples then hold one
     segment and documents of a single sentence are used too)."""
+
+    def __post_init__(self) -> None:
+        if self.tokenizer_type is None and self.vocab_size is not None:
+            self.tokenizer_type = "NullTokenizer"  # --vocab-size V alone: token ids 0..V (e.g. --mock-data)

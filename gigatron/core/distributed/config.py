@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from gigatron.core.fields import DistributedOptimizerConfig
+
 __all__ = ["DDPConfig", "default_bucket_size"]
 
 
@@ -14,7 +16,7 @@ def default_bucket_size(dp_size: int) -> int:
 
 
 @dataclass
-class DDPConfig:
+class DDPConfig(DistributedOptimizerConfig):
     """Flags of `DistributedDataParallel`. Field names are those of Megatron-Core's
     DistributedDataParallelConfig; where the command-line flag differs it is named in the field's
     docstring (the argument layer's alias table maps it)."""
@@ -38,10 +40,6 @@ class DDPConfig:
     and wait for each bucket in the forward pre-hook of the modules that use it
     (--overlap-param-gather). Needs use_distributed_optimizer and overlap_grad_reduce."""
 
-    use_distributed_optimizer: bool = False
-    """Shard the fp32 main parameters and optimizer states over the data-parallel ranks; gradients
-    are reduce-scattered and parameters all-gathered (--use-distributed-optimizer)."""
-
     bucket_size: Optional[int] = None
     """Bucket size in parameters (--ddp-bucket-size). None: max(40M, 1M x data-parallel size).
     Buckets only exist with overlap_grad_reduce; without it each buffer is one bucket."""
@@ -51,8 +49,10 @@ class DDPConfig:
     sum (--ddp-average-in-collective). Backends without AVG (gloo) fall back to scale-then-sum."""
 
     check_for_nan_in_grad: bool = False
-    """Raise an error naming the bucket if a gradient holds NaN before it is reduced
-    (Megatron's --check-for-nan-in-loss-and-grad, on by default there, fed to this field)."""
+    """Raise an error naming the bucket if a gradient holds NaN before it is reduced. A Gigatron
+    addition (Megatron-Core's DDP option, which Megatron's training feeds from its own flag): the
+    training loop's --check-for-nan-in-loss-and-grad checks the reduced loss and the gradient norm
+    instead, and does not turn this on."""
 
     calculate_per_token_loss: bool = False
     """The loss is summed over tokens (not averaged): gradients are not scaled by 1/dp before the

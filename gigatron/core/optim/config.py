@@ -8,6 +8,9 @@ from typing import Optional
 
 import torch
 
+from gigatron.core.fields import DistributedOptimizerConfig
+from gigatron.core.transformer.config import PrecisionConfig, check_one_precision
+
 __all__ = ["OptimizerConfig", "SchedulerConfig"]
 
 _OPTIMIZERS = ("adam", "sgd")
@@ -17,8 +20,10 @@ _WD_INCR_STYLES = ("constant", "linear", "cosine")
 
 
 @dataclass
-class OptimizerConfig:
-    """Optimizer, mixed precision and gradient clipping flags."""
+class OptimizerConfig(PrecisionConfig, DistributedOptimizerConfig):
+    """Optimizer, mixed precision and gradient clipping flags (bf16, fp16 and params_dtype come
+    from PrecisionConfig, shared with TransformerConfig; use_distributed_optimizer from
+    DistributedOptimizerConfig, shared with DDPConfig)."""
 
     optimizer: str = "adam"
     """Optimizer: 'adam' (AdamW, decoupled weight decay) or 'sgd' (--optimizer)."""
@@ -47,15 +52,6 @@ class OptimizerConfig:
     clip_grad: float = 1.0
     """Clip gradients to this global L2 norm over all parameters; 0 disables (--clip-grad)."""
 
-    bf16: bool = False
-    """Model parameters are bf16: keep fp32 main weights in the optimizer (--bf16)."""
-
-    fp16: bool = False
-    """Model parameters are fp16: fp32 main weights and loss scaling (--fp16)."""
-
-    params_dtype: torch.dtype = torch.float32
-    """Dtype of the model parameters (set from --bf16/--fp16 by the argument layer)."""
-
     loss_scale: Optional[float] = None
     """Constant loss scale (a positive power of 2 helps convergence); None means dynamic loss
     scaling for fp16 (--loss-scale)."""
@@ -72,9 +68,6 @@ class OptimizerConfig:
     hysteresis: int = 2
     """Number of overflows tolerated before the dynamic loss scale halves (--hysteresis)."""
 
-    use_distributed_optimizer: bool = False
-    """Shard main weights and optimizer states over data-parallel ranks (--use-distributed-optimizer)."""
-
     log_num_zeros_in_grad: bool = False
     """Count the zeros in the (clipped) gradients each step and return the count (--log-num-zeros-in-grad)."""
 
@@ -88,10 +81,9 @@ def validate_optimizer_config(config: OptimizerConfig) -> None:
     --bf16 / --fp16 with the default fp32 params_dtype set params_dtype to bf16 / fp16."""
     if config.optimizer not in _OPTIMIZERS:
         raise ValueError(f"--optimizer must be one of {_OPTIMIZERS}, got {config.optimizer!r}.")
-    if config.bf16 and config.fp16:
-        raise ValueError("--bf16 and --fp16 cannot both be set; choose one.")
+    check_one_precision(config.bf16, config.fp16)
     wanted = torch.bfloat16 if config.bf16 else torch.float16 if config.fp16 else torch.float32
-    if config.params_dtype == torch.float32 and wanted != torch.float32:
+    if config.params_dtype is None or (config.params_dtype == torch.float32 and wanted != torch.float32):
         config.params_dtype = wanted
     if config.params_dtype != wanted:
         raise ValueError(
@@ -188,9 +180,10 @@ def validate_scheduler_config(config: SchedulerConfig) -> None:
             "--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler are mutually "
             "exclusive; keep one."
         )
-    if config.lr_warmup_fraction is not None and (config.lr_warmup_iters or config.lr_warmup_samples):
-        raise ValueError(
-            "--lr-warmup-fraction cannot be combined with --lr-warmup-iters/--lr-warmup-samples; keep one."
-        )
+    given = [flag for flag, value in (("--lr-warmup-fraction", config.lr_warmup_fraction is not None),
+                                      ("--lr-warmup-iters", config.lr_warmup_iters),
+                                      ("--lr-warmup-samples", config.lr_warmup_samples)) if value]
+    if len(given) > 1:
+        raise ValueError(f"{' and '.join(given)} are mutually exclusive; give one warmup length.")
     if config.lr_warmup_fraction is not None and not 0.0 <= config.lr_warmup_fraction < 1.0:
         raise ValueError(f"--lr-warmup-fraction must be in [0, 1), got {config.lr_warmup_fraction}.")

@@ -6,16 +6,37 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-__all__ = ["ParallelConfig"]
+from gigatron.core.fields import run_setting
+
+__all__ = ["ModelParallelConfig", "ParallelConfig"]
 
 
 @dataclass
-class ParallelConfig:
-    tensor_model_parallel_size: int = 1
+class ModelParallelConfig:
+    """The model-parallel settings that both the rank layout (ParallelConfig) and the layers
+    (TransformerConfig) need: defined once here, inherited by both (as Megatron-Core's
+    ModelParallelConfig). They are run settings: a checkpoint does not impose them on another run."""
+
+    tensor_model_parallel_size: int = run_setting(1)
     """Degree of tensor model parallelism (weights of each layer split across this many ranks)."""
 
-    pipeline_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = run_setting(1)
     """Degree of pipeline model parallelism (layers split into this many consecutive stages)."""
+
+    virtual_pipeline_model_parallel_size: Optional[int] = run_setting(None)
+    """Number of virtual pipeline stages (model chunks) per pipeline rank, for the interleaved
+    schedule. Default: no interleaving."""
+
+    sequence_parallel: bool = run_setting(False)
+    """Shard layer norms, dropout and residuals along the sequence across the tensor-parallel ranks
+    (all-gather before and reduce-scatter after each tensor-parallel block). Needs
+    --tensor-model-parallel-size > 1 to have an effect."""
+
+
+@dataclass
+class ParallelConfig(ModelParallelConfig):
+    """How the ranks of a job are split into tensor, pipeline, context, expert and data-parallel
+    groups."""
 
     context_parallel_size: int = 1
     """Degree of context parallelism (the sequence split across this many ranks inside attention)."""
@@ -27,18 +48,10 @@ class ParallelConfig:
     """Degree of tensor model parallelism inside experts. Default: the same as
     --tensor-model-parallel-size."""
 
-    virtual_pipeline_model_parallel_size: Optional[int] = None
-    """Number of virtual pipeline stages (model chunks) per pipeline rank, for the interleaved
-    schedule. Default: no interleaving."""
-
-    sequence_parallel: bool = False
-    """Shard layer norms, dropout and residuals along the sequence across the tensor-parallel ranks
-    (all-gather before and reduce-scatter after each tensor-parallel block). Needs
-    --tensor-model-parallel-size > 1 to have an effect."""
-
     order: str = "tp-cp-ep-dp-pp"
     """Order of the parallel dimensions in the rank layout, fastest varying first (Megatron's
-    RankGenerator order). --use-tp-pp-dp-mapping selects tp-cp-ep-pp-dp."""
+    RankGenerator order). A Gigatron addition: Megatron's own flag, --use-tp-pp-dp-mapping, is
+    accepted and sets tp-cp-ep-pp-dp."""
 
     distributed_backend: str = "nccl"
     """Which backend to use for distributed training (nccl on GPU, gloo on CPU)."""

@@ -14,6 +14,9 @@ from typing import List, Optional
 
 import torch
 
+from gigatron.core.fields import RUN_SETTING, SequenceLengthConfig, model_fields, run_setting  # noqa: F401
+from gigatron.core.parallel.config import ModelParallelConfig
+
 POSITION_EMBEDDING_TYPES = ("learned_absolute", "rope", "none")
 NORMALIZATIONS = ("LayerNorm", "RMSNorm")
 ATTENTION_BACKENDS = ("auto", "flash", "fused", "cudnn", "efficient", "unfused", "math", "local")
@@ -24,7 +27,22 @@ CP_COMM_TYPES = ("p2p", "all_gather", "a2a")
 
 
 @dataclass
-class TransformerConfig:
+class PrecisionConfig:
+    """The precision flags that both the model (TransformerConfig) and the optimizer
+    (OptimizerConfig) need: defined once here, inherited by both."""
+
+    bf16: bool = run_setting(False)
+    """Run the model in bfloat16 (weights in bf16 unless --params-dtype says otherwise); the
+    optimizer keeps fp32 main weights."""
+    fp16: bool = run_setting(False)
+    """Run the model in float16 (weights in fp16 unless --params-dtype says otherwise); the
+    optimizer keeps fp32 main weights and scales the loss."""
+    params_dtype: Optional[torch.dtype] = run_setting(None)
+    """dtype of the model weights. Default: bfloat16 with --bf16, float16 with --fp16, else float32."""
+
+
+@dataclass
+class TransformerConfig(ModelParallelConfig, PrecisionConfig, SequenceLengthConfig):
     # ---------------------------------------------------------------- network size
     num_layers: Optional[int] = None
     """Number of transformer layers (required)."""
@@ -42,8 +60,6 @@ class TransformerConfig:
     num_query_groups: Optional[int] = 1
     """Number of key/value head groups with --group-query-attention (1 = multi-query). Without
     --group-query-attention it is set to num_attention_heads."""
-    seq_length: Optional[int] = None
-    """Maximum sequence length to process (the training sequence length)."""
     max_position_embeddings: Optional[int] = None
     """Maximum number of position embeddings (learned absolute positions). Default: seq_length."""
     position_embedding_type: str = "learned_absolute"
@@ -81,65 +97,51 @@ class TransformerConfig:
     """Dropout probability on the attention probabilities."""
     hidden_dropout: float = 0.1
     """Dropout probability on the embeddings and on each sub-layer's output before the residual add."""
-    init_method_std: float = 0.02
+    init_method_std: float = run_setting(0.02)
     """Standard deviation of the zero-mean normal weight init; the output projections of each layer
     (linear_proj, linear_fc2) use init_method_std / sqrt(2 * num_layers)."""
     apply_residual_connection_post_layernorm: bool = False
     """Take the residual from after the layer norm (original BERT) instead of before it."""
     # ---------------------------------------------------------------- numerics
-    fp32_residual_connection: bool = False
+    fp32_residual_connection: bool = run_setting(False)
     """Keep the residual stream in fp32."""
-    attention_softmax_in_fp32: bool = False
+    attention_softmax_in_fp32: bool = run_setting(False)
     """Compute the attention softmax in fp32 (the local backend; SDPA kernels always accumulate
     the softmax in fp32)."""
-    attention_backend: str = "auto"
+    attention_backend: str = run_setting("auto")
     """Attention implementation: auto (PyTorch picks), flash, fused/cudnn (cuDNN), efficient
     (memory-efficient), unfused/math (SDPA's math kernel) or local (plain PyTorch matmul-softmax).
     A requested backend that cannot run on the device, dtype or head size fails before the first
     step."""
-    use_flash_attn: bool = False
+    use_flash_attn: bool = run_setting(False)
     """Use FlashAttention (same as --attention-backend flash)."""
-    bf16: bool = False
-    """Run the model in bfloat16 (weights in bf16 unless --params-dtype says otherwise)."""
-    fp16: bool = False
-    """Run the model in float16 (weights in fp16 unless --params-dtype says otherwise)."""
-    params_dtype: Optional[torch.dtype] = None
-    """dtype of the model weights. Default: bfloat16 with --bf16, float16 with --fp16, else float32."""
-    cross_entropy_loss_fusion: bool = False
+    cross_entropy_loss_fusion: bool = run_setting(False)
     """Compute the output layer and the cross entropy chunk by chunk, never holding the logits of
     the whole micro-batch (recomputes the logit GEMM in backward)."""
     # ---------------------------------------------------------------- parallelism
-    tensor_model_parallel_size: int = 1
-    """Degree of tensor model parallelism."""
-    sequence_parallel: bool = False
-    """Shard norms, dropout and residuals along the sequence across the tensor-parallel group."""
-    pipeline_model_parallel_size: int = 1
-    """Degree of pipeline model parallelism."""
-    virtual_pipeline_model_parallel_size: Optional[int] = None
-    """Number of virtual pipeline stages (model chunks) per pipeline rank (interleaved schedule)."""
-    decoder_first_pipeline_num_layers: Optional[int] = None
+    decoder_first_pipeline_num_layers: Optional[int] = run_setting(None)
     """Number of layers on the first pipeline stage (uneven split); the rest are spread evenly."""
-    decoder_last_pipeline_num_layers: Optional[int] = None
+    decoder_last_pipeline_num_layers: Optional[int] = run_setting(None)
     """Number of layers on the last pipeline stage (uneven split); the rest are spread evenly."""
-    cp_comm_type: str = "p2p"
+    cp_comm_type: str = run_setting("p2p")
     """How attention communicates with --context-parallel-size > 1: p2p (ring attention),
     all_gather (keys and values gathered) or a2a (Ulysses all-to-all over heads)."""
-    use_cpu_initialization: bool = False
+    use_cpu_initialization: bool = run_setting(False)
     """Create and initialize the weights on the CPU, then move them to the device."""
-    perform_initialization: bool = True
+    perform_initialization: bool = run_setting(True)
     """Initialize the weights when the model is built (off: leave them to a checkpoint load)."""
     # ---------------------------------------------------------------- activation recompute
-    recompute_granularity: Optional[str] = None
+    recompute_granularity: Optional[str] = run_setting(None)
     """Activation recompute: full (whole layers) or selective (--recompute-modules only)."""
-    recompute_method: Optional[str] = None
+    recompute_method: Optional[str] = run_setting(None)
     """With --recompute-granularity full: uniform (checkpoint chunks of --recompute-num-layers
     layers) or block (checkpoint the first --recompute-num-layers layers of each stage)."""
-    recompute_num_layers: Optional[int] = None
+    recompute_num_layers: Optional[int] = run_setting(None)
     """Layers per recompute chunk (uniform) or number of recomputed layers per stage (block)."""
-    recompute_modules: Optional[List[str]] = None
+    recompute_modules: Optional[List[str]] = run_setting(None)
     """With selective recompute, the parts of each layer to recompute: core_attn, mlp, layernorm.
     Default: core_attn."""
-    distribute_saved_activations: bool = False
+    distribute_saved_activations: bool = run_setting(False)
     """With full recompute, shard each checkpointed layer input across the tensor-parallel group."""
 
     def __post_init__(self) -> None:
@@ -283,9 +285,14 @@ def _validate_activation(c: TransformerConfig) -> None:
                          ", ".join("--" + f.replace("_", "-") for f in chosen))
 
 
+def check_one_precision(bf16: bool, fp16: bool) -> None:
+    """--bf16 and --fp16 exclude each other (TransformerConfig and OptimizerConfig both carry them)."""
+    if bf16 and fp16:
+        raise ValueError("--bf16 and --fp16 cannot both be set; choose one.")
+
+
 def _validate_precision(c: TransformerConfig) -> None:
-    if c.bf16 and c.fp16:
-        raise ValueError("--bf16 and --fp16 are exclusive; choose one")
+    check_one_precision(c.bf16, c.fp16)
     if c.use_flash_attn and c.attention_backend not in ("auto", "flash"):
         raise ValueError(f"--use-flash-attn conflicts with --attention-backend {c.attention_backend}; "
                          "drop one of them")

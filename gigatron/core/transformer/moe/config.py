@@ -9,7 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Optional, Union
 
-__all__ = ["MoEConfig", "check_moe_flags", "validate_moe", "moe_layer_pattern", "is_moe_layer",
+from gigatron.core.fields import run_setting
+
+__all__ = ["MoEConfig", "check_moe_flags", "check_moe_layout", "validate_moe", "moe_layer_pattern", "is_moe_layer",
            "LOAD_BALANCING_TYPES", "SCORE_FUNCTIONS", "TOKEN_DISPATCHER_TYPES", "TOKEN_DROP_POLICIES",
            "ROUTER_DTYPES"]
 
@@ -32,7 +34,7 @@ class MoEConfig:
     moe_shared_expert_intermediate_size: Optional[int] = None
     """Hidden size of the shared experts (a dense MLP that every token goes through, added to the
     routed output); the total over all shared experts. None: no shared experts."""
-    moe_grouped_gemm: bool = False
+    moe_grouped_gemm: bool = run_setting(False)
     """Run the local experts with one grouped GEMM (torch._grouped_mm where supported, else a loop
     over experts) and store their weights as weight1/weight2 of shape [h, E_local*ffn] and
     [E_local*ffn, h] (Megatron's GroupedMLP)."""
@@ -66,7 +68,7 @@ class MoEConfig:
     """Coefficient of the router z-loss, mean(logsumexp(logits)^2) (None: off)."""
     moe_input_jitter_eps: Optional[float] = None
     """Multiply the router input by uniform noise in [1 - eps, 1 + eps] while training (None: off)."""
-    moe_token_dispatcher_type: str = "allgather"
+    moe_token_dispatcher_type: str = run_setting("allgather")
     """How tokens reach their experts across the expert-parallel ranks: allgather (gather all
     tokens of the tensor x expert parallel group, reduce-scatter back) or alltoall (send each token
     only to the rank of its expert, with uneven all-to-alls)."""
@@ -79,7 +81,7 @@ class MoEConfig:
     moe_token_drop_policy: str = "probs"
     """Which tokens an over-full expert drops: probs (keep the highest routing probabilities) or
     position (keep the earliest tokens)."""
-    moe_per_layer_logging: bool = False
+    moe_per_layer_logging: bool = run_setting(False)
     """Log the auxiliary losses of every MoE layer, not only their mean over layers."""
 
     def __post_init__(self) -> None:
@@ -166,20 +168,35 @@ def is_moe_layer(moe_config: Optional[MoEConfig], layer_number: int, num_layers:
     return moe_layer_pattern(moe_config, num_layers)[layer_number]
 
 
+def check_moe_layout(moe_config: MoEConfig, *, tensor_model_parallel_size: int, expert_model_parallel_size: int,
+                     expert_tensor_parallel_size: int, sequence_parallel: bool, add_bias_linear: bool,
+                     ffn_hidden_size: Optional[int]) -> None:
+    """The MoE flags against the model and the expert layout (the one statement of these rules):
+    the experts divide over --expert-model-parallel-size, MoE with tensor parallelism needs
+    --sequence-parallel, the experts have no biases, and the routed experts' hidden size divides
+    over --expert-tensor-parallel-size."""
+    num_experts, ep, etp, tp = (moe_config.num_experts, expert_model_parallel_size, expert_tensor_parallel_size,
+                                tensor_model_parallel_size)
+    if ep < 1 or num_experts % ep != 0:
+        raise ValueError(f"--num-experts ({num_experts}) must be divisible by --expert-model-parallel-size ({ep}); "
+                         "change one of them.")
+    if etp < 1:
+        raise ValueError(f"--expert-tensor-parallel-size must be >= 1, got {etp}.")
+    if tp > 1 and not sequence_parallel:
+        raise ValueError(f"MoE with --tensor-model-parallel-size {tp} needs --sequence-parallel (each tensor-parallel "
+                         "rank routes its own part of the sequence); add --sequence-parallel.")
+    if add_bias_linear:
+        raise ValueError("MoE experts have no biases: pass --disable-bias-linear with --num-experts.")
+    ffn = moe_config.moe_ffn_hidden_size or ffn_hidden_size
+    if ffn is not None and ffn % etp != 0:
+        raise ValueError(f"the expert hidden size (--moe-ffn-hidden-size, default --ffn-hidden-size: {ffn}) must be "
+                         f"divisible by --expert-tensor-parallel-size ({etp}).")
+
+
 def validate_moe(moe_config: MoEConfig, config, groups) -> None:
     """Check the MoE flags against the transformer config and the parallel groups."""
     if moe_config.num_experts is None:
         raise ValueError("an MoE layer needs --num-experts")
-    ep = groups.ep.size
-    if moe_config.num_experts % ep != 0:
-        raise ValueError(f"--num-experts ({moe_config.num_experts}) must be divisible by "
-                         f"--expert-model-parallel-size ({ep})")
-    if groups.tp.size > 1 and not config.sequence_parallel:
-        raise ValueError("MoE layers with --tensor-model-parallel-size > 1 need --sequence-parallel "
-                         "(each tensor-parallel rank routes its own part of the sequence)")
-    if config.add_bias_linear:
-        raise ValueError("MoE experts have no biases; pass --disable-bias-linear")
-    ffn = moe_config.moe_ffn_hidden_size or config.ffn_hidden_size
-    if ffn % groups.expt_tp.size != 0:
-        raise ValueError(f"--moe-ffn-hidden-size ({ffn}) must be divisible by --expert-tensor-parallel-size "
-                         f"({groups.expt_tp.size})")
+    check_moe_layout(moe_config, tensor_model_parallel_size=groups.tp.size, expert_model_parallel_size=groups.ep.size,
+                     expert_tensor_parallel_size=groups.expt_tp.size, sequence_parallel=config.sequence_parallel,
+                     add_bias_linear=config.add_bias_linear, ffn_hidden_size=config.ffn_hidden_size)
