@@ -102,7 +102,7 @@ def test_load_with_use_checkpoint_args(legacy_ckpt):
     root, release = legacy_ckpt
     args = parse_args(["--load", str(root), "--use-checkpoint-args", "--micro-batch-size", "2",
                        "--num-layers", "1", "--hidden-size", "8", "--num-attention-heads", "2", "--seq-length", "4",
-                       "--max-position-embeddings", "4", "--tokenizer-type", "NullTokenizer", "--vocab-size", "7"])
+                       "--max-position-embeddings", "4"])
     load_args_from_checkpoint(args)
     assert (args.num_layers, args.hidden_size, args.num_attention_heads, args.vocab_size) == (2, 64, 4, 4095)
     template = gigatron.from_pretrained(root)

@@ -94,7 +94,7 @@ def read_args(iter_dir: str, allow_namespace: bool = True) -> dict:
 def _model_entries(metadata, iter_dir: str = "") -> dict:
     entries = {key: md for key, md in metadata.state_dict_metadata.items()
                if isinstance(md, TensorStorageMetadata) and not key.startswith(_OPTIMIZER_PREFIX)}
-    unread = sorted(key for key in entries if ".mlp." in key and (".experts." in key or ".router." in key)
+    unread = sorted(key for key in entries if ".mlp." in key and ("experts." in key or ".router." in key)
                     and not key.startswith(EXPERTS_PREFIX) and key != "decoder.layers.mlp.router.weight")
     if unread:
         raise CheckpointError(f"{iter_dir} holds mixture-of-experts tensors Gigatron does not read from Megatron-Core's "
