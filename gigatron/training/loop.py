@@ -138,9 +138,6 @@ class TrainContext:
     evaluation_hook_iteration: Optional[int] = None
     fp8_states: dict = field(default_factory=dict)
     """--fp8-recipe delayed: every FP8 linear's FP8LinearState on this rank, by global name."""
-    args: Optional[argparse.Namespace] = None
-    """The parsed flags the configs were built from, kept for task scripts' own flags; the training
-    layer reads `configs` only."""
 
     @property
     def groups(self):
@@ -277,7 +274,7 @@ def setup(model_provider: Callable, args: argparse.Namespace | Configs) -> Train
         checkpointing.check_checkpoint_paths(configs.checkpoint)  # --save writable, --load present
     training = configs.training
     run = initialize(configs)
-    ctx = TrainContext(configs=configs, run=run, args=namespace)
+    ctx = TrainContext(configs=configs, run=run)
     _build_tokenizer(ctx)
     ctx.calculator = MicroBatchCalculator(training.global_batch_size, training.micro_batch_size, ctx.groups.dp.size,
                                           training.rampup_batch_size)
@@ -860,7 +857,6 @@ def pretrain(datasets_provider: Callable, model_provider: Callable, forward_step
     validate_profile_args(configs.training, _world_size_from_environment(), trace_dir=configs.logging.tensorboard_dir)
     start_memory_history(configs.training)
     ctx = setup(model_provider, configs)
-    ctx.args = args
     ctx.evaluation_hook = evaluation_hook
     if configs.checkpoint.ckpt_convert_format:
         return convert_checkpoint_format(ctx)
