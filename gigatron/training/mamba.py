@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 
 from gigatron.training import gpt
 
-__all__ = ["MAMBA_STACK_SPEC", "extra_args_provider", "check_mamba_args", "model_provider", "forward_step",
+__all__ = ["MAMBA_STACK_SPEC", "extra_args_provider", "check_mamba_args", "is_mamba_run", "model_provider", "forward_step",
            "datasets_provider", "main"]
 
 MAMBA_STACK_SPEC = ("megatron.core.models.mamba.mamba_layer_specs", "mamba_stack_spec")
@@ -55,6 +55,15 @@ def check_mamba_args(args) -> None:
                          "state across document boundaries; drop --reset-attention-mask")
 
 
+def is_mamba_run(args) -> bool:
+    """Whether flags that are not pretrain_mamba's own describe a Mamba / hybrid model (the memory
+    estimate's rule): --spec of the Mamba stack, a hybrid pattern or ratio, or --is-hybrid-model."""
+    spec = getattr(args, "spec", None)
+    return bool((spec and tuple(spec) == MAMBA_STACK_SPEC) or getattr(args, "hybrid_override_pattern", None)
+                or getattr(args, "hybrid_attention_ratio", 0.0) or getattr(args, "hybrid_mlp_ratio", 0.0)
+                or getattr(args, "is_hybrid_model", False))
+
+
 def model_provider(ctx, pre_process: bool = True, post_process: bool = True, vp_stage: Optional[int] = None):
     """One pipeline stage of a Mamba / hybrid model, initialized from --seed."""
     from gigatron.core.models.mamba import MambaModel
@@ -78,7 +87,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     check_mamba_args(args)
     if args.dry_run:
         from gigatron.training.entry import _dry_run
-        return _dry_run(args)
+        return _dry_run(args, mamba=True)
     return pretrain_and_exit(datasets_provider, model_provider, forward_step, args)
 
 
