@@ -125,3 +125,34 @@ def test_segmented_tensor_needs_its_segments():
     assert mamba_segments("decoder.layers.3.mixer.in_proj.weight", ARGS) == [64, 64, 16, 16, 8]
     shards = split_for_tp("decoder.layers.0.mixer.conv1d.bias", torch.arange(96.0), 2, False, [64, 16, 16])
     assert shards[0].tolist() == list(range(32)) + list(range(64, 72)) + list(range(80, 88))
+
+
+def test_megatron_te_names_of_a_mamba_checkpoint_are_read(tmp_path):
+    """A `torch` checkpoint as Megatron's Transformer Engine spec writes it (the Mamba layer's norm
+    fused into in_proj as mixer.in_proj.layer_norm_weight, the attention and MLP norms into
+    linear_qkv / linear_fc1), at tp=2: read_model gives our names and the tp=1 tensors."""
+    from gigatron.core.checkpoint.header import checkpoint_header
+
+    reference, _ = _model(1, SEED)
+    full = reference.state_dict()
+    to_te = {"norm.weight": "mixer.in_proj.layer_norm_weight",
+             "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
+             "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight"}
+    iter_dir = str(tmp_path / "iter_0000001")
+    records = {}
+    for rank in range(2):
+        state = {}
+        for name, tensor in full.items():
+            prefix, _, suffix = name.partition(".layers.")
+            layer, _, rest = suffix.partition(".")
+            te_name = f"{prefix}.layers.{layer}.{to_te[rest]}" if rest in to_te else name
+            state[te_name] = split_for_tp(name, tensor, 2, True, mamba_segments(name, ARGS))[rank].clone()
+        header = checkpoint_header(dict(ARGS), 1)
+        relative, record = torch_layout.write_rank_file(iter_dir, f"mp_rank_{rank:02d}/model_optim_rng.pt",
+                                                        dict(header, model=state))
+        records[relative] = record
+    torch_layout.finish_save(str(tmp_path), iter_dir, 1, records)
+    merged = torch_layout.read_model(iter_dir).tensors
+    assert set(merged) == set(full)
+    for name, tensor in full.items():
+        assert torch.equal(merged[name], tensor), name
