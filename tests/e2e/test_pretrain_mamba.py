@@ -130,3 +130,15 @@ def test_hybrid_layer_pattern_is_megatrons_newer_spelling():
     assert args.hybrid_override_pattern == "M-M*"
     args = parse_args(["--mamba-num-heads", "16", "--hybrid-attention-ratio", "0.25", "--hybrid-mlp-ratio", "0.5"])
     assert (args.mamba_num_heads, args.hybrid_attention_ratio, args.hybrid_mlp_ratio) == (16, 0.25, 0.5)
+
+
+def test_use_checkpoint_args_takes_the_mamba_flags(tmp_path):
+    torch.set_num_threads(1)
+    save = str(tmp_path / "ckpt")
+    _run(TINY + ["--train-iters", "3", "--save", save, "--eval-iters", "0", "--exit-interval", "2"])
+    other = [a for a in TINY]
+    other[other.index("--hybrid-override-pattern") + 1] = "MMMM"
+    other[other.index("--mamba-state-dim") + 1] = "16"
+    _, _, ctx = _run(other + ["--train-iters", "3", "--load", save, "--use-checkpoint-args", "--eval-iters", "0"])
+    assert ctx.iteration == 3
+    assert ctx.configs.mamba.hybrid_override_pattern == "M*M-" and ctx.configs.mamba.mamba_state_dim == 8
