@@ -6,8 +6,9 @@
         [--max-request-bytes 8388608] [--cuda-graphs | --compile-decode]
     torchrun --nproc-per-node 2 tools/run_text_generation_server.py --tensor-model-parallel-size 2 ...
 
-Endpoints: PUT /api (Megatron's fields), POST /v1/completions and /completions (OpenAI style,
-stream=true for server-sent events), GET /health. With tensor parallelism rank 0 serves and the
+Endpoints: PUT /api (Megatron's fields), POST /v1/completions and /v1/chat/completions (OpenAI's
+API, stream=true for server-sent events; the chat route uses the tokenizer's chat template or
+--chat-template FILE), GET /v1/models, GET /health. With tensor parallelism rank 0 serves and the
 other ranks follow its broadcasts. The server binds to 127.0.0.1 unless --host says otherwise.
 With --compile-decode the decode step of one row is compiled (and on a GPU captured) before the
 server starts listening, saying so and how long it took; each other batch size a request brings
@@ -51,6 +52,27 @@ def add_text_generate_args(parser: argparse.ArgumentParser) -> argparse.Argument
                             "request (tens of seconds each)")
     group.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
                        help="largest request body served; larger ones get HTTP 413 (default 8 MiB)")
+    group.add_argument("--inference-dynamic-batching", action="store_true",
+                       help="continuous batching: requests join and leave one running batch at every decode step "
+                            "(one process; see docs/architecture.md, Inference)")
+    group.add_argument("--inference-max-requests", type=int, default=None,
+                       help="with --inference-dynamic-batching: KV-cache slots, i.e. sequences decoded together; "
+                            "more wait in a queue (default --max-batch-size)")
+    group.add_argument("--inference-dynamic-batching-buffer-size-gb", type=float, default=None,
+                       help="with --inference-dynamic-batching: the KV-cache memory; the slots are as many as fit "
+                            "(at most --inference-max-requests where given)")
+    group.add_argument("--inference-prefill-chunk-size", type=int, default=256,
+                       help="with --inference-dynamic-batching: prompt tokens read per step, so that a long prompt "
+                            "does not stall the sequences being decoded")
+    group.add_argument("--max-tokens-to-oom", type=int, default=None,
+                       help="refuse (HTTP 400) a request whose rows times (longest prompt + tokens to generate) "
+                            "exceed this, before it can run out of memory (default: no limit; with "
+                            "--inference-dynamic-batching the slots are the cap and requests queue)")
+    group.add_argument("--chat-template", default=None,
+                       help="Jinja chat template of /v1/chat/completions (a file, or a tokenizer_config.json "
+                            "holding one); default: the tokenizer's own, if it has one")
+    group.add_argument("--served-model-name", default="gigatron",
+                       help="the model id of GET /v1/models, which OpenAI requests name in 'model'")
     return parser
 
 
@@ -69,6 +91,29 @@ def warm_up_decode(engine, announce: bool = True) -> float:
     if announce:
         print(f"compiled the decode step in {seconds:.1f} s", flush=True)
     return seconds
+
+
+def chat_template_from_args(args, tokenizer):
+    """--chat-template FILE, else the tokenizer's own template (from --tokenizer-model), else None
+    (then /v1/chat/completions answers 400 saying so)."""
+    from gigatron.core.inference.server.chat import find_chat_template, load_chat_template
+
+    if getattr(args, "chat_template", None):
+        return load_chat_template(args.chat_template)
+    return find_chat_template(tokenizer, getattr(args, "tokenizer_model", None))
+
+
+def dynamic_slots(args, engine):
+    """The continuous batch's slots: --inference-max-requests, capped by what
+    --inference-dynamic-batching-buffer-size-gb holds; None: --max-batch-size."""
+    from gigatron.core.inference.continuous import slots_for_buffer
+
+    slots = getattr(args, "inference_max_requests", None)
+    buffer_gb = getattr(args, "inference_dynamic_batching_buffer_size_gb", None)
+    if buffer_gb is not None:
+        fit = slots_for_buffer(engine.model, engine.max_sequence_length, buffer_gb)
+        slots = fit if slots is None else min(slots, fit)
+    return slots
 
 
 def decode_mode_from_args(args) -> str:
@@ -141,6 +186,15 @@ def main(argv=None) -> int:
                       defaults={"no_load_rng": True, "no_load_optim": True, "exit_on_missing_checkpoint": True})
     if args.max_request_bytes < 1:
         raise ValueError(f"--max-request-bytes must be >= 1, got {args.max_request_bytes}")
+    if args.inference_dynamic_batching and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        raise ValueError("--inference-dynamic-batching serves from one process; drop it or run without torchrun")
+    for flag in ("inference_max_requests", "inference_prefill_chunk_size", "max_tokens_to_oom"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    if args.chat_template:
+        from gigatron.core.inference.server.chat import load_chat_template
+        load_chat_template(args.chat_template)  # a missing or empty file fails before the model loads
     engine, run = build_engine_from_args(args)
     try:
         if run.rank == 0:
@@ -155,7 +209,10 @@ def main(argv=None) -> int:
                                   top_k=args.top_k, top_p=args.top_p, logprobs=args.return_log_probs)
         app = build_app(runner, engine.tokenizer, max_batch_size=args.max_batch_size,
                         max_sequence_length=engine.max_sequence_length, defaults=defaults,
-                        max_request_bytes=args.max_request_bytes)
+                        max_request_bytes=args.max_request_bytes, model_name=args.served_model_name,
+                        chat_template=chat_template_from_args(args, engine.tokenizer),
+                        dynamic_batching=args.inference_dynamic_batching, max_requests=dynamic_slots(args, engine),
+                        prefill_chunk=args.inference_prefill_chunk_size, max_tokens_to_oom=args.max_tokens_to_oom)
         serve(app, host=args.host, port=args.port)
         return 0
     finally:

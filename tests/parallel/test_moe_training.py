@@ -109,9 +109,10 @@ def test_ep2_matches_serial_losses_grads_and_writes_expert_checkpoints(serial, c
             torch.testing.assert_close(grad, serial["grads"][name], rtol=1e-4, atol=1e-6, msg=name)
     experts_seen = {n for r in results for n in r["grads"] if "local_experts" in n}
     assert experts_seen == {n for n in serial["grads"] if "local_experts" in n}
-    # Megatron's torch layout with the expert-rank suffix: one file per expert-parallel rank.
+    # Megatron's torch layout with the expert-rank suffix: one file per expert-parallel rank, and the
+    # checksum manifest beside them.
     iteration_dir = os.path.join(save, "iter_0000004")
-    assert sorted(os.listdir(iteration_dir)) == ["mp_rank_00_000", "mp_rank_00_001"]
+    assert sorted(os.listdir(iteration_dir)) == ["checksums.json", "mp_rank_00_000", "mp_rank_00_001"]
     for ep_rank in (0, 1):
         state = torch.load(os.path.join(iteration_dir, f"mp_rank_00_{ep_rank:03d}", "model_optim_rng.pt"),
                            weights_only=False)

@@ -136,7 +136,8 @@ def test_bodies_over_the_limit_get_413(guarded):
     r = httpx.post(url + "/v1/completions", content=iter([big[:1000], big[1000:]]), headers=headers,
                    timeout=30)  # chunked: no Content-Length
     assert "content-length" not in r.request.headers
-    assert r.status_code == 413 and r.json()["field"] == "body"
+    assert r.status_code == 413 and r.json()["error"]["param"] == "body"  # OpenAI's error shape
+    assert r.json()["error"]["type"] == "invalid_request_error"
     r = httpx.put(url + "/api", json={"prompts": ["ab"], "tokens_to_generate": 2}, timeout=30)
     assert r.status_code == 200
 
@@ -169,7 +170,7 @@ def test_malformed_requests_get_4xx_naming_the_field(server):
         method = httpx.put if path == "/api" else httpx.post
         r = method(url + path, content=body, headers={"Content-Type": "application/json"}, timeout=60)
         assert 400 <= r.status_code < 500, (body[:80], path, r.status_code, r.text)
-        assert r.json()["field"] == field, (body[:80], r.json())
+        assert error_field(r) == field, (body[:80], r.json())
     assert httpx.get(url + "/health", timeout=5).status_code == 200
 
 
@@ -231,6 +232,16 @@ def test_a_queued_job_withdrawn_never_runs():
     finally:
         scheduler.close()
     assert gone.future.cancelled() and calls == [[TOK.tokenize("ab")]]
+
+
+def error_field(r):
+    """The field an error names: PUT /api answers {"error", "field"}, the OpenAI routes
+    {"error": {"message", "type", "param", "code"}}."""
+    body = r.json()
+    if isinstance(body["error"], dict):
+        assert set(body["error"]) == {"message", "type", "param", "code"} and body["error"]["message"]
+        return body["error"]["param"]
+    return body["field"]
 
 
 def put(url, payload, **kw):
@@ -300,10 +311,19 @@ BAD_COMPLETIONS = [
     ({"prompt": "a", "max_tokens": 0}, "max_tokens"),
     ({"prompt": "a", "temperature": -1}, "temperature"),
     ({"prompt": "a", "top_p": 0}, "top_p"),
-    ({"prompt": "a", "logprobs": 11}, "logprobs"),
+    ({"prompt": "a", "logprobs": 21}, "logprobs"),
     ({"prompt": "a", "stop": 3}, "stop"),
     ({"prompt": "a", "seed": -2}, "seed"),
-    ({"prompt": "a", "n": 2}, "n"),
+    ({"prompt": "a", "n": 0}, "n"),
+    ({"prompt": "a", "n": 2, "best_of": 1}, "best_of"),
+    ({"prompt": "a", "best_of": 3, "stream": True}, "best_of"),
+    ({"prompt": "a", "suffix": "b"}, "suffix"),
+    ({"prompt": "a", "presence_penalty": 2.5}, "presence_penalty"),
+    ({"prompt": "a", "frequency_penalty": "x"}, "frequency_penalty"),
+    ({"prompt": "a", "logit_bias": {"x": 1}}, "logit_bias"),
+    ({"prompt": "a", "logit_bias": {"1": 101}}, "logit_bias"),
+    ({"prompt": "a", "logit_bias": {"999": 1}}, "logit_bias"),
+    ({"prompt": "a", "stream_options": {"include_usage": True}}, "stream_options"),
     ({"prompt": "a", "stream": "yes"}, "stream"),
     ({"prompt": [1, 999]}, "prompt"),
     ({"prompt": "a" * 60, "max_tokens": 10}, "max_tokens"),
@@ -315,7 +335,9 @@ def test_invalid_completion_requests_get_400(server):
     for payload, field in BAD_COMPLETIONS:
         r = httpx.post(url + "/v1/completions", json=payload, timeout=60)
         assert r.status_code == 400, (payload, r.text)
-        assert r.json()["field"] == field, (payload, r.json())
+        assert error_field(r) == field, (payload, r.json())
+    r = httpx.post(url + "/v1/completions", json={"prompt": "a", "model": "other"}, timeout=60)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
 
 
 def test_api_matches_engine_and_response_shape(server):
@@ -324,9 +346,9 @@ def test_api_matches_engine_and_response_shape(server):
     r = put(url, {"prompts": prompts, "tokens_to_generate": 6, "top_k": 1, "logprobs": True})
     assert r.status_code == 200
     body = r.json()
-    assert set(body) == {"text", "segments", "logprobs"}
+    assert set(body) == {"text", "segments", "logprobs", "tokens"}
     ref = reference.generate(prompts, SamplingParams(tokens_to_generate=6, top_k=1, return_log_probs=True))
-    assert body["text"] == ref.texts and body["segments"] == ref.segments
+    assert body["text"] == ref.texts and body["segments"] == ref.segments and body["tokens"] == ref.tokens
     for a, b in zip(body["logprobs"], ref.logprobs):
         assert a == pytest.approx(b, abs=1e-5)
     r = put(url, {"prompts": ["hello"], "tokens_to_generate": 2, "top_k": 1})
@@ -349,9 +371,9 @@ def test_beam_search_request(server):
     r = put(url, {"prompts": ["ab"], "tokens_to_generate": 4, "beam_width": 3, "stop_token": 0})
     assert r.status_code == 200
     body = r.json()
-    assert set(body) == {"text", "segments", "scores"}
+    assert set(body) == {"text", "segments", "scores", "tokens"}
     ref = reference.beam_search("ab", 4, 3, stop_token=0)
-    assert body["text"] == ref.texts
+    assert body["text"] == ref.texts and body["tokens"] == ref.tokens
     assert body["scores"] == pytest.approx(ref.scores, abs=1e-5)
 
 
@@ -591,7 +613,12 @@ def test_server_tool_reports_user_errors_in_one_line():
     tool = os.path.join(ROOT, "tools", "run_text_generation_server.py")
     for flags, message in ((["--vocab-size", "100"], "error: give the checkpoint to serve with --load"),
                            (["--load", "ckpt", "--vocab-size", "100", "--max-request-bytes", "0"],
-                            "error: --max-request-bytes must be >= 1, got 0")):
+                            "error: --max-request-bytes must be >= 1, got 0"),
+                           (["--load", "ckpt", "--vocab-size", "100", "--chat-template", "missing.jinja"],
+                            "error: --chat-template missing.jinja: no such file"),
+                           (["--load", "ckpt", "--vocab-size", "100", "--inference-dynamic-batching",
+                             "--inference-max-requests", "0"],
+                            "error: --inference-max-requests must be >= 1, got 0")):
         out = subprocess.run([sys.executable, tool, *flags], capture_output=True, text=True, timeout=300)
         assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
 

@@ -138,12 +138,29 @@ class SamplingParams:
     """Also return the n most likely tokens and their log-probabilities at each generated step."""
     stop_at_eod: bool = True
     """A row stops after generating the end-of-document token."""
+    presence_penalty: float = 0.0
+    """Subtracted from the logit of every token the row has generated so far (OpenAI's
+    presence_penalty, in [-2, 2]); the prompt does not count."""
+    frequency_penalty: float = 0.0
+    """Subtracted from a token's logit once per time the row has generated it (OpenAI's
+    frequency_penalty, in [-2, 2])."""
+    logit_bias: Tuple[Tuple[int, float], ...] = ()
+    """(token id, bias) pairs added to those logits before sampling (OpenAI's logit_bias; -100
+    bans a token, 100 all but forces it)."""
+    prompt_top_logprobs: bool = False
+    """Also return the top_logprobs most likely tokens at every prompt position after the first
+    (GenerationResult.prompt_top_logprobs)."""
 
     def batch_key(self):
         """Requests with the same key can share a batch (everything but the seed decides a step)."""
         return (self.tokens_to_generate, self.temperature, self.top_k, self.top_p, self.top_p_decay,
                 self.top_p_bound, self.stop_on_eol, self.stop_on_double_eol, self.prevent_newline_after_colon,
-                self.stop_at_eod)
+                self.stop_at_eod, self.presence_penalty, self.frequency_penalty, tuple(self.logit_bias))
+
+    def shapes_logits(self) -> bool:
+        """Whether penalties or biases change the logits before sampling (the greedy token is
+        then the argmax of the changed logits)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias)
 
 
 @dataclasses.dataclass
@@ -157,6 +174,9 @@ class GenerationResult:
     logprobs: Optional[List[List[float]]]
     prompt_lengths: List[int]
     top_logprobs: Optional[List[List[Dict[int, float]]]] = None
+    prompt_top_logprobs: Optional[List[List[Dict[int, float]]]] = None
+    """Per row, per prompt token after the first, {token id: log-probability} of the top n
+    (SamplingParams.prompt_top_logprobs)."""
 
 
 @dataclasses.dataclass
@@ -391,6 +411,12 @@ class InferenceEngine:
                         cancelled: Optional[Callable[[], Optional[Sequence[bool]]]] = None) -> GenerationResult:
         """on_step(step, tokens [b] list, active [b] list of bool) is called after each sampled token
         (tokens of inactive rows are padding); it may return a list of b bools naming rows to end.
+        An on_step with the attribute wants_logprobs=True (and params.return_log_probs) also gets
+        the keywords logprobs (b floats: each sampled token's log-probability) and top_logprobs
+        (b dicts {token id: log-probability}, or None without params.top_logprobs), and at step 0
+        prompt_logprobs (per row, the log-probability of each prompt token after the first) and
+        prompt_top_logprobs (per row, a dict per such token, or None); a streamed answer sends
+        them with each token.
         cancelled() is called on the host after each sampled token and reads nothing from the
         device: None, or b bools naming the rows whose requests were withdrawn (a client that went
         away). Those rows end there; once every row is withdrawn the generation stops. Under
@@ -405,6 +431,7 @@ class InferenceEngine:
         if params.tokens_to_generate == 0 and not params.return_log_probs:
             raise ValueError("tokens_to_generate=0 is scoring mode and needs return_log_probs=true")
         check_sampling_params(params.top_k, params.top_p, params.temperature, self.vocab_size)
+        self._check_logit_shaping(params)
         if any(len(p) == 0 for p in prompt_tokens):
             raise ValueError("every prompt needs at least one token (use add_BOS for an empty prompt)")
         self.check_fits(prompt_tokens, params.tokens_to_generate)
@@ -425,14 +452,32 @@ class InferenceEngine:
         positions = torch.arange(longest, device=device).expand(b, longest)  # [b, L]
         logits = self._forward(ctx, tokens[:, :longest], positions, longest)  # [b, L, V]
         token_logprobs = torch.zeros(b, total, device=device)  # [b, L + T]; entry j: log p(token j)
+        num_top = min(params.top_logprobs, self.vocab_size)
+        prompt_top = None  # (values, ids) [b, L-1, n]: the top n at every prompt position after the first
         if params.return_log_probs and longest > 1:
             lp = F.log_softmax(logits[:, :-1], dim=-1)  # [b, L-1, V]
             token_logprobs[:, 1:longest] = lp.gather(-1, tokens[:, 1:longest, None]).squeeze(-1)
+            if params.prompt_top_logprobs and num_top > 0:
+                prompt_top = lp.topk(num_top, dim=-1)
+            del lp
         rows = torch.arange(b, device=device)
         next_logits = logits[rows, lengths - 1]  # [b, V]
         del logits
+
+        def prompt_scores():
+            """Per row: log p of each prompt token after the first, and the top n there (or None)."""
+            lps = [token_logprobs[i, 1: prompt_lengths[i]].tolist() for i in range(b)] if params.return_log_probs else None
+            tops = None
+            if params.prompt_top_logprobs and num_top > 0:
+                tops = [[] for _ in range(b)]
+                if prompt_top is not None:
+                    values, ids = prompt_top[0].tolist(), prompt_top[1].tolist()  # [b, L-1, n]
+                    tops = [[dict(zip(ids[i][j], values[i][j])) for j in range(prompt_lengths[i] - 1)]
+                            for i in range(b)]
+            return lps, tops
+
         cur, top_steps = self._decode_steps(ctx, tokens, token_logprobs, next_logits, lengths, longest, params,
-                                            generator, on_step, cancelled)
+                                            generator, on_step, cancelled, prompt_scores)
 
         lengths_out = cur.tolist()
         tokens_out = [tokens[i, : lengths_out[i]].tolist() for i in range(b)]
@@ -446,12 +491,35 @@ class InferenceEngine:
             logprobs=logprobs_out,
             prompt_lengths=prompt_lengths,
             top_logprobs=_top_logprobs_lists(top_steps, b) if params.top_logprobs > 0 else None,
+            prompt_top_logprobs=prompt_scores()[1] if params.prompt_top_logprobs and num_top > 0 else None,
         )
+
+    def _check_logit_shaping(self, params: SamplingParams) -> None:
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(params, name)
+            if not -2.0 <= value <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2], got {value}")
+        for token, bias in params.logit_bias:
+            if not 0 <= token < self.vocab_size:
+                raise ValueError(f"logit_bias names token {token}, outside the vocabulary [0, {self.vocab_size})")
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError(f"logit_bias of token {token} must be in [-100, 100], got {bias}")
+
+    def _shaped_logits(self, logits: torch.Tensor, counts: Optional[torch.Tensor],
+                       bias: Optional[torch.Tensor], params: SamplingParams) -> torch.Tensor:
+        """logits [b, V] with the penalties (counts [b, V]: each token's count in the row's
+        generation so far) and the bias [V] applied; a new tensor."""
+        if counts is not None:
+            logits = logits - params.frequency_penalty * counts - params.presence_penalty * (counts > 0).float()
+        if bias is not None:
+            logits = logits + bias
+        return logits
 
     def _decode_steps(self, ctx: InferenceContext, tokens: torch.Tensor, token_logprobs: torch.Tensor,
                       next_logits: torch.Tensor, lengths: torch.Tensor, longest: int, params: SamplingParams,
                       generator: torch.Generator, on_step: Optional[Callable],
-                      cancelled: Optional[Callable[[], Optional[Sequence[bool]]]] = None):
+                      cancelled: Optional[Callable[[], Optional[Sequence[bool]]]] = None,
+                      prompt_scores: Optional[Callable] = None):
         """The sampling loop after the prefill (the step the module docstring lays out). Writes the
         generated tokens and their log-probabilities into tokens and token_logprobs [b, L + T] in
         place; returns (cur [b]: each row's final length, top_steps: per step (values [b, n],
@@ -473,26 +541,49 @@ class InferenceEngine:
         next_tokens, next_positions = self._decode_inputs(b)  # [b, 1] each, written by advance()
         top_p = params.top_p
         greedy = None  # the decode step's argmax of next_logits, where it computes one
+        # Penalties count each row's generated tokens; the bias is one row [V] for the batch.
+        counts = (torch.zeros(b, self.vocab_size, device=device)
+                  if params.presence_penalty or params.frequency_penalty else None)  # [b, V]
+        bias = None
+        if params.logit_bias:
+            bias = torch.zeros(self.vocab_size, device=device)  # [V]
+            for token, value in params.logit_bias:
+                bias[token] = float(value)
+        # An on_step that asks for them gets each step's log-probabilities (and the prompt's at step 0).
+        step_scores = on_step is not None and getattr(on_step, "wants_logprobs", False) and want_logprobs
         for step in range(params.tokens_to_generate):
             if block_newline:  # no newline right after a colon
                 column = next_logits[:, self.newline]  # [b]
                 next_logits[:, self.newline] = column.masked_fill(last == self.colon, float("-inf"))
-            if greedy is not None and params.top_k == 1 and not block_newline:
+            shaped = self._shaped_logits(next_logits, counts, bias, params) if params.shapes_logits() else next_logits
+            if greedy is not None and params.top_k == 1 and not block_newline and shaped is next_logits:
                 new = greedy  # the step's own argmax of next_logits
             else:
-                new = sample(next_logits, top_k=params.top_k, top_p=top_p, temperature=params.temperature,
+                new = sample(shaped, top_k=params.top_k, top_p=top_p, temperature=params.temperature,
                              generator=generator)  # [b]
             new = self._sync_tokens(new)
-            # A stopped row's log-probabilities land past its end (never returned), whatever its token.
+            if counts is not None:
+                counts.scatter_add_(1, new[:, None], active[:, None].float())
+            # Log-probabilities are the model's own (before penalties and bias). A stopped row's
+            # land past its end (never returned), whatever its token.
+            chosen = values = ids = None
             if want_logprobs or num_top:
                 lp = F.log_softmax(next_logits, dim=-1)  # [b, V]
                 if want_logprobs:
-                    token_logprobs[rows, cur] = lp.gather(-1, new[:, None]).squeeze(-1)
+                    chosen = lp.gather(-1, new[:, None]).squeeze(-1)  # [b]
+                    token_logprobs[rows, cur] = chosen
                 if num_top:
                     values, ids = lp.topk(num_top, dim=-1)  # [b, n]
                     top_steps.append((values, ids, active.clone()))
             last_step = step == params.tokens_to_generate - 1
             was_active = active.clone() if on_step is not None else None
+            scores = {}
+            if step_scores:
+                scores["logprobs"] = chosen.tolist()
+                scores["top_logprobs"] = ([dict(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+                                          if num_top else None)
+                if step == 0 and prompt_scores is not None:
+                    scores["prompt_logprobs"], scores["prompt_top_logprobs"] = prompt_scores()
             # Steps 2-4 and 6; a stopped row writes padding past its end (never returned) and
             # re-feeds it at its last slot. The flag is written only where it is read late, which
             # excludes callbacks and tensor parallelism (whose rows may end below).
@@ -502,7 +593,7 @@ class InferenceEngine:
             withdrawn = list(withdrawn) if withdrawn is not None and any(withdrawn) else None
             if caller_ends_rows:  # the callback may end rows (e.g. a stop string appeared)
                 ends = torch.zeros(b, dtype=torch.long, device=device)
-                extra = on_step(step, last.tolist(), was_active.tolist()) if on_step is not None else None
+                extra = on_step(step, last.tolist(), was_active.tolist(), **scores) if on_step is not None else None
                 if extra is not None or withdrawn is not None:
                     extra = extra if extra is not None else [False] * b
                     withdrawn = withdrawn if withdrawn is not None else [False] * b

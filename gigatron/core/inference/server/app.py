@@ -1,40 +1,49 @@
-"""The HTTP server: Megatron's `PUT /api`, OpenAI-style `POST /v1/completions`, `GET /health`.
+"""The HTTP server: Megatron's `PUT /api`; OpenAI's `POST /v1/completions`, `POST /v1/chat/completions`
+and `GET /v1/models`; `GET /tokenizer_info`, `POST /tokenize` and `POST /detokenize` (what
+lm-evaluation-harness's remote tokenizer backend reads); `GET /health`.
 
     app = build_app(runner, tokenizer, max_batch_size=8, max_sequence_length=2048,
-                    max_request_bytes=DEFAULT_MAX_REQUEST_BYTES)
+                    max_request_bytes=DEFAULT_MAX_REQUEST_BYTES, model_name="gigatron",
+                    chat_template=None, dynamic_batching=False)
     serve(app, host="127.0.0.1", port=5000)          # blocks; binds to localhost unless told
 
-The app owns a Scheduler (one worker thread runs the model); handlers read the body (HTTP 413 above
-max_request_bytes, refused from Content-Length before reading where the client sends one),
-validate the request (HTTP 400 {"error", "field"} on anything wrong, before any model work),
-tokenize, check that the prompts plus the tokens to generate fit the model, queue the job and
-wait for its result. Parsing, logging and tokenizing a body run in a worker thread, never on the
-event loop, so a large request does not hold up /health or other clients. A client that
-disconnects before its answer withdraws its job (scheduler.Job.withdraw): queued, it never runs;
-running, its rows end at the next decode step.
+The app owns a scheduler (one worker thread runs the model: whole batches, or with
+dynamic_batching one continuous batch); handlers read the body (HTTP 413 above max_request_bytes,
+refused from Content-Length before reading where the client sends one), validate the request
+(HTTP 400 naming the field, before any model work: `{"error", "field"}` on /api, OpenAI's
+`{"error": {"message", "type", "param", "code"}}` elsewhere), tokenize, check that the prompts plus
+the tokens to generate fit the model, queue the job and wait for its result. Parsing, logging and
+tokenizing a body run in a worker thread, never on the event loop, so a large request does not
+hold up /health or other clients. A client that disconnects before its answer withdraws its job
+(scheduler.Job.withdraw): queued, it never runs; running, its rows end at the next decode step.
+What the OpenAI routes answer is built by server/completions.py (CompletionTracker).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime
 import json
 import logging
-import threading
 import time
 import uuid
-from typing import Any, List
+from typing import Any, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gigatron.core.inference.engine import PromptTooLongError
-from gigatron.core.inference.server.scheduler import Job, Scheduler
+from gigatron.core.inference.server.chat import ChatTemplate, ChatTemplateError
+from gigatron.core.inference.server.completions import CompletionTracker, chat_logprobs, completion_logprobs
+from gigatron.core.inference.server.scheduler import ContinuousScheduler, Job, Scheduler
 from gigatron.core.inference.server.validation import (
     DEFAULT_MAX_REQUEST_BYTES,
     RequestError,
     ServerDefaults,
     parse_api_request,
+    parse_chat_request,
     parse_completion_request,
 )
 
@@ -45,8 +54,36 @@ log = logging.getLogger("gigatron.inference.server")
 _DISCONNECTED = object()
 
 
-def _error(exc: RequestError):
-    return JSONResponse(status_code=exc.status, content={"error": exc.message, "field": exc.field})
+def _error(exc: RequestError, openai: bool = True):
+    """The error response: OpenAI's {"error": {"message", "type", "param", "code"}} on the OpenAI
+    routes, Megatron-style {"error": message, "field": field} on PUT /api."""
+    if not openai:
+        return JSONResponse(status_code=exc.status, content={"error": exc.message, "field": exc.field})
+    return JSONResponse(status_code=exc.status, content=openai_error_body(exc.message, exc.status, exc.field,
+                                                                          exc.code))
+
+
+def openai_error_body(message: str, status: int, param=None, code=None) -> dict:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def _is_megatron_route(request: Request) -> bool:
+    return request.url.path.rstrip("/") == "/api"
+
+
+def _join(first: dict, second: dict) -> dict:
+    """Two /v1/completions logprobs blocks, one after the other."""
+    return {key: None if first[key] is None or second[key] is None else first[key] + second[key] for key in first}
+
+
+def _special_text(tokenizer, name: str) -> str:
+    """The text of the tokenizer's bos/eod token for a chat template ("" where it has none)."""
+    try:
+        token = getattr(tokenizer, name)
+        return tokenizer.detokenize([token]) if isinstance(token, int) and token >= 0 else ""
+    except Exception:  # noqa: BLE001 - a tokenizer without that token
+        return ""
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -102,87 +139,56 @@ async def _until_disconnected(request: Request) -> None:
         await asyncio.sleep(0.05)  # a server that repeats empty body messages: do not spin
 
 
-class CompletionTracker:
-    """Follows the generated tokens of a completion's rows: ends a row at end-of-document or at a
-    stop string, and yields the text that is safe to stream (never a partial character, never the
-    start of a possible stop string). The same object finalizes streamed and non-streamed answers,
-    so both give the same text."""
-
-    def __init__(self, tokenizer, num_rows: int, stop: List[str], events=None):
-        self.tokenizer = tokenizer
-        self.stop = stop
-        self.ids = [[] for _ in range(num_rows)]
-        self.finish = [None] * num_rows  # "stop" or None (still running / "length" at the end)
-        self.emitted = [0] * num_rows
-        self.events = events
-        self.lock = threading.Lock()
-
-    def text(self, row: int) -> str:
-        """Generated text of a row, cut before its first stop string."""
-        text = self.tokenizer.detokenize(self.ids[row]) if self.ids[row] else ""
-        cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
-        return text if cut < 0 else text[:cut]
-
-    def _safe(self, row: int) -> str:
-        text = self.text(row)
-        if self.finish[row] is None:
-            text = text.rstrip("\ufffd")
-            for s in self.stop:  # hold back a suffix that may grow into a stop string
-                for k in range(min(len(s) - 1, len(text)), 0, -1):
-                    if text.endswith(s[:k]):
-                        text = text[:-k]
-                        break
-        return text
-
-    def on_step(self, step, tokens, active, offset=0):
-        stop_rows = [False] * len(tokens)
-        with self.lock:
-            for i, (token, on) in enumerate(zip(tokens, active)):
-                row = offset + i
-                if not on or self.finish[row] is not None:
-                    continue
-                if token == self.tokenizer.eod:
-                    self.finish[row] = "stop"
-                    stop_rows[i] = True
-                else:
-                    self.ids[row].append(token)
-                    text = self.tokenizer.detokenize(self.ids[row])
-                    if any(s in text for s in self.stop):
-                        self.finish[row] = "stop"
-                        stop_rows[i] = True
-                if self.events is not None:
-                    self._emit(row)
-        return stop_rows
-
-    def _emit(self, row: int, finish_reason=None):
-        safe = self._safe(row)
-        delta = safe[self.emitted[row]:]
-        if delta or finish_reason:
-            self.emitted[row] = len(safe)
-            self.events.put((row, delta, finish_reason))
-
-    def finalize(self, row: int, finish_reason: str):
-        with self.lock:
-            if self.finish[row] is None:
-                self.finish[row] = finish_reason
-            if self.events is not None:
-                self._emit(row, self.finish[row])
-
-
 def build_app(runner, tokenizer, *, max_batch_size: int, max_sequence_length: int,
               defaults: ServerDefaults = ServerDefaults(), model_name: str = "gigatron",
-              max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES):
-    """The FastAPI app; `runner` is a LocalRunner or LeaderRunner (gigatron.core.inference.broadcast)."""
+              max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, chat_template: Optional[str] = None,
+              dynamic_batching: bool = False, max_requests: Optional[int] = None, prefill_chunk: int = 256,
+              max_tokens_to_oom: Optional[int] = None):
+    """The FastAPI app; `runner` is a LocalRunner or LeaderRunner (gigatron.core.inference.broadcast).
+    model_name: the id of GET /v1/models (a request naming another model gets 404); chat_template:
+    the Jinja chat template of /v1/chat/completions (server/chat.py; None: that route answers 400).
+    dynamic_batching: requests join and leave one running batch at every step (ContinuousScheduler,
+    max_requests slots, default max_batch_size; prompts read prefill_chunk tokens a step);
+    otherwise compatible requests are batched whole (Scheduler), and a request whose rows (up to
+    max_batch_size) times its longest prompt plus the tokens to generate exceed max_tokens_to_oom
+    is refused with 400 (Megatron's --max-tokens-to-oom; continuous batching queues instead)."""
     if max_request_bytes < 1:
         raise ValueError(f"--max-request-bytes must be >= 1, got {max_request_bytes}")
-    scheduler = Scheduler(runner, max_batch_size)
+    if max_tokens_to_oom is not None and max_tokens_to_oom < 1:
+        raise ValueError(f"--max-tokens-to-oom must be >= 1, got {max_tokens_to_oom}")
+    template = None
+    if chat_template is not None:
+        template = ChatTemplate(chat_template, bos_token=_special_text(tokenizer, "bos"),
+                                eos_token=_special_text(tokenizer, "eod"))
+    if dynamic_batching:
+        scheduler = ContinuousScheduler(runner, max_requests or max_batch_size, prefill_chunk)
+    else:
+        scheduler = Scheduler(runner, max_batch_size)
     app = FastAPI(title="Gigatron text generation")
     app.state.scheduler = scheduler
     engine = runner.engine
+    model_card = {"id": model_name, "object": "model", "created": int(time.time()), "owned_by": "gigatron",
+                  "max_model_len": max_sequence_length}
 
     @app.exception_handler(RequestError)
     async def _on_request_error(request, exc: RequestError):
-        return _error(exc)
+        return _error(exc, openai=not _is_megatron_route(request))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _on_http_error(request, exc: StarletteHTTPException):  # unknown route, wrong method
+        if _is_megatron_route(request):
+            return JSONResponse(status_code=exc.status_code, content={"error": str(exc.detail), "field": None})
+        return JSONResponse(status_code=exc.status_code,
+                            content=openai_error_body(f"{exc.detail}: {request.method} {request.url.path}",
+                                                      exc.status_code))
+
+    @app.exception_handler(Exception)
+    async def _on_failure(request, exc: Exception):  # a bug or a failed device: 500, said plainly
+        log.exception("request %s %s failed", request.method, request.url.path)
+        message = f"the server failed: {type(exc).__name__}: {exc}"
+        if _is_megatron_route(request):
+            return JSONResponse(status_code=500, content={"error": message, "field": None})
+        return JSONResponse(status_code=500, content=openai_error_body(message, 500))
 
     def tokenize(prompts, add_BOS: bool, field: str):
         out = []
@@ -204,15 +210,23 @@ def build_app(runner, tokenizer, *, max_batch_size: int, max_sequence_length: in
             out.append(ids)
         return out
 
-    def check_fits(prompt_tokens, tokens_to_generate: int, tokens_field: str, prompt_field: str):
+    def check_fits(prompt_tokens, tokens_to_generate: int, tokens_field: str, prompt_field: str, copies: int = 1):
         longest = max(len(p) for p in prompt_tokens)
         if longest > max_sequence_length:
             raise RequestError(prompt_field, f"a prompt has {longest} tokens but the model holds "
                                              f"{max_sequence_length}; shorten the prompt")
+        if max_tokens_to_oom is not None and not dynamic_batching:  # Megatron's guard of whole batches
+            rows = min(len(prompt_tokens) * copies, max_batch_size)
+            total = rows * (longest + tokens_to_generate)
+            if total > max_tokens_to_oom:
+                raise RequestError(tokens_field, f"too many tokens: {rows} rows x ({longest} prompt + "
+                                                 f"{tokens_to_generate} generated) = {total} exceeds the server's "
+                                                 f"--max-tokens-to-oom {max_tokens_to_oom}; send fewer or shorter "
+                                                 "prompts or generate fewer tokens")
         try:
             engine.check_fits(prompt_tokens, tokens_to_generate)
-        except PromptTooLongError as exc:
-            raise RequestError(tokens_field, str(exc)) from None
+        except PromptTooLongError as exc:  # named as the route names the count
+            raise RequestError(tokens_field, str(exc).replace("tokens_to_generate", tokens_field)) from None
 
     async def wait(job: Job, request: Request):
         """The job's result, or _DISCONNECTED once the client has gone (the job is then withdrawn)."""
@@ -261,7 +275,8 @@ def build_app(runner, tokenizer, *, max_batch_size: int, max_sequence_length: in
         req, prompt_tokens = await read_request(request, parse_api_request)
         if req.params.top_k > engine.vocab_size:
             raise RequestError("top_k", f"top_k ({req.params.top_k}) is larger than the vocabulary ({engine.vocab_size})")
-        check_fits(prompt_tokens, req.params.tokens_to_generate, "tokens_to_generate", "prompts")
+        check_fits(prompt_tokens, req.params.tokens_to_generate, "tokens_to_generate", "prompts",
+                   copies=req.beam_width or 1)
         if req.beam_width is not None:
             if req.beam_width > max_batch_size:
                 raise RequestError("beam_width", f"beam_width {req.beam_width} exceeds the server's "
@@ -270,103 +285,57 @@ def build_app(runner, tokenizer, *, max_batch_size: int, max_sequence_length: in
                                     beam=(req.beam_width, req.stop_token, req.length_penalty)), request)
             if result is _DISCONNECTED:
                 return Response(status_code=499)
-            return {"text": result.texts, "segments": result.segments, "scores": result.scores}
+            return {"text": result.texts, "segments": result.segments, "scores": result.scores,
+                    "tokens": result.tokens}
         try:
             result = await wait(Job(prompt_tokens, req.params), request)
+        except RequestError:
+            raise
         except ValueError as exc:
             return JSONResponse(status_code=400, content={"error": str(exc), "field": None})
         if result is _DISCONNECTED:
             return Response(status_code=499)
         return {"text": result.texts, "segments": result.segments,
-                "logprobs": result.logprobs if req.params.return_log_probs else None}
+                "logprobs": result.logprobs if req.params.return_log_probs else None, "tokens": result.tokens}
 
-    def completion_choice(req, row, prompt, prompt_ids, result, tracker, index):
-        gen_text = tracker.text(row)
-        text = (prompt if isinstance(prompt, str) else tokenizer.detokenize(prompt_ids)) if req.echo else ""
-        text += gen_text
-        logprobs = None
-        if req.logprobs is not None:
-            n_prompt = result.prompt_lengths[row]
-            all_ids = result.tokens[row]
-            gen_ids = tracker.ids[row]
-            segs = [tokenizer.detokenize([t]) for t in gen_ids]
-            # Keep the generated tokens that make up gen_text (a stop string cuts the rest).
-            kept, length = 0, 0
-            while kept < len(segs) and length < len(gen_text):
-                length += len(segs[kept])
-                kept += 1
-            lps = result.logprobs[row] if result.logprobs is not None else []
-            gen_lps = lps[n_prompt - 1: n_prompt - 1 + kept]
-            tops = (result.top_logprobs[row] if result.top_logprobs is not None else [])[:kept]
-            tokens = segs[:kept]
-            token_logprobs = list(gen_lps)
-            top = [{tokenizer.detokenize([t]): lp for t, lp in sorted(d.items(), key=lambda x: -x[1])[: req.logprobs]}
-                   for d in tops]
-            if req.echo:
-                prompt_segs = [tokenizer.detokenize([t]) for t in all_ids[:n_prompt]]
-                tokens = prompt_segs + tokens
-                token_logprobs = [None] + list(lps[: n_prompt - 1]) + token_logprobs
-                top = [None] * n_prompt + top
-            offsets, pos = [], 0
-            for t in tokens:
-                offsets.append(pos)
-                pos += len(t)
-            logprobs = {"tokens": tokens, "token_logprobs": token_logprobs,
-                        "top_logprobs": top if req.logprobs else None, "text_offset": offsets}
-        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": tracker.finish[row] or "length"}
+    def check_model(name):
+        if name is not None and name != model_name:
+            raise RequestError("model", f"The model `{name}` does not exist: this server serves `{model_name}` "
+                                        "(GET /v1/models)", status=404, code="model_not_found")
 
-    @app.post("/v1/completions")
-    @app.post("/completions")
-    async def completions(request: Request):
-        req, prompt_tokens = await read_request(request, parse_completion_request)
-        if req.params.top_k > engine.vocab_size:
-            raise RequestError("top_k", f"top_k ({req.params.top_k}) is larger than the vocabulary ({engine.vocab_size})")
-        check_fits(prompt_tokens, req.params.tokens_to_generate, "max_tokens", "prompt")
-        created = int(time.time())
-        ident = f"cmpl-{uuid.uuid4().hex}"
-        events = _LoopQueue(asyncio.get_running_loop()) if req.stream else None
-        tracker = CompletionTracker(tokenizer, len(prompt_tokens), req.stop, events)
-        job = Job(prompt_tokens, req.params, on_step=tracker.on_step)
+    def check_top_k(params):
+        if params.top_k > engine.vocab_size:
+            raise RequestError("top_k", f"top_k ({params.top_k}) is larger than the vocabulary ({engine.vocab_size})")
+        for token, _ in params.logit_bias:
+            if not 0 <= token < engine.vocab_size:
+                raise RequestError("logit_bias", f"logit_bias names token {token}, outside the vocabulary "
+                                                 f"[0, {engine.vocab_size})")
 
-        def finalize(result):
-            choices = []
-            for row, (prompt, ids) in enumerate(zip(req.prompts, prompt_tokens)):
-                tracker.finalize(row, "length")
-                choices.append(completion_choice(req, row, prompt, ids, result, tracker, row))
-            completion_tokens = sum(len(ids) for ids in tracker.ids) + sum(
-                1 for r in tracker.finish if r == "stop")
-            usage = {"prompt_tokens": sum(len(p) for p in prompt_tokens), "completion_tokens": completion_tokens,
-                     "total_tokens": sum(len(p) for p in prompt_tokens) + completion_tokens}
-            return choices, usage
+    def usage(prompt_tokens, tracker):
+        prompt = sum(len(p) for p in prompt_tokens)
+        completion = sum(tracker.generated)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
-        if not req.stream:
-            try:
-                result = await wait(job, request)
-            except ValueError as exc:
-                return JSONResponse(status_code=400, content={"error": str(exc), "field": None})
-            if result is _DISCONNECTED:
-                return Response(status_code=499)
-            choices, usage = finalize(result)
-            return {"id": ident, "object": "text_completion", "created": created, "model": model_name,
-                    "choices": choices, "usage": usage}
+    def sse(obj) -> str:
+        return "data: " + json.dumps(obj) + "\n\n"
 
+    def streamed(request: Request, job: Job, events: "_LoopQueue", render, on_result, closing):
+        """The StreamingResponse of a streamed OpenAI request: the worker thread's events (put by
+        the tracker, then by on_result(result) once the job is done) become chunks through
+        render(item) -> list of SSE strings; closing() gives the chunks before [DONE]. A client
+        that goes away withdraws the job."""
         done = object()
 
         def on_done(fut):
             try:
-                result = fut.result()
-                choices, _ = finalize(result)
-                events.put(("final", choices))
+                on_result(fut.result())
             except BaseException as exc:  # reported to the client inside the stream
-                events.put(("error", str(exc)))
+                status = 400 if isinstance(exc, ValueError) else 500
+                events.put(("error", openai_error_body(f"{type(exc).__name__}: {exc}" if status == 500 else str(exc),
+                                                       status)))
             events.put(done)
 
-        future = scheduler.submit(job)
-        future.add_done_callback(on_done)
-
-        def chunk(choices):
-            return "data: " + json.dumps({"id": ident, "object": "text_completion", "created": created,
-                                          "model": model_name, "choices": choices}) + "\n\n"
+        scheduler.submit(job).add_done_callback(on_done)
 
         async def next_event():
             """The next event of the generation; None once the client has gone."""
@@ -380,29 +349,21 @@ def build_app(runner, tokenizer, *, max_batch_size: int, max_sequence_length: in
         async def stream():
             finished = False
             try:
-                if req.echo:
-                    for row, (prompt, ids) in enumerate(zip(req.prompts, prompt_tokens)):
-                        text = prompt if isinstance(prompt, str) else tokenizer.detokenize(ids)
-                        yield chunk([{"index": row, "text": text, "logprobs": None, "finish_reason": None}])
+                for text in render(("start",)):
+                    yield text
                 while True:
                     item = await next_event()
                     if item is None:  # the client went away
                         return
                     if item is done:
                         break
-                    if item[0] == "final":
-                        if req.logprobs is not None:  # the log-probabilities come with the last chunk
-                            yield chunk([{"index": c["index"], "text": "", "logprobs": c["logprobs"],
-                                          "finish_reason": c["finish_reason"]} for c in item[1]])
-                        continue
                     if item[0] == "error":
-                        yield "data: " + json.dumps({"error": item[1]}) + "\n\n"
+                        yield sse(item[1])
                         continue
-                    row, delta, reason = item
-                    if req.logprobs is not None:
-                        reason = None  # the finish reason comes with the log-probabilities chunk
-                    if delta or reason:
-                        yield chunk([{"index": row, "text": delta, "logprobs": None, "finish_reason": reason}])
+                    for text in render(item):
+                        yield text
+                for text in closing():
+                    yield text
                 finished = True
                 yield "data: [DONE]\n\n"
             finally:  # the client went away (the response was cancelled or closed): stop generating
@@ -410,6 +371,263 @@ def build_app(runner, tokenizer, *, max_batch_size: int, max_sequence_length: in
                     job.withdraw()
 
         return StreamingResponse(stream(), media_type="text/event-stream")
+
+    async def run_job(job: Job, request: Request):
+        """The job's result (a ValueError from the engine is the request's fault: 400), or
+        _DISCONNECTED."""
+        try:
+            return await wait(job, request)
+        except RequestError:
+            raise
+        except ValueError as exc:
+            raise RequestError(None, str(exc)) from None
+
+    eos_text = _special_text(tokenizer, "eod")
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        """The tokenizer, as lm-evaluation-harness's remote tokenizer backend reads it."""
+        return {"tokenizer_class": type(tokenizer).__name__, "eos_token": eos_text or None,
+                "bos_token": _special_text(tokenizer, "bos") or None, "pad_token": None,
+                "vocab_size": engine.vocab_size, "model_max_length": max_sequence_length,
+                "chat_template": template.source if template is not None else None}
+
+    @app.post("/tokenize")
+    async def tokenize_route(request: Request):
+        """{"prompt": text} -> {"tokens", "count", "max_model_len"}; the end-of-document token's own text
+        is that token (as tokenizers that parse special tokens give it)."""
+        body = await _read_body(request, max_request_bytes)
+
+        def run():
+            payload = _parse_json(body)
+            if not isinstance(payload, dict) or not isinstance(payload.get("prompt"), str):
+                raise RequestError("prompt", "prompt must be a string")
+            text = payload["prompt"]
+            ids = [tokenizer.eod] if eos_text and text == eos_text else tokenize([text], False, "prompt")[0] if text else []
+            return {"tokens": ids, "count": len(ids), "max_model_len": max_sequence_length}
+
+        return await asyncio.to_thread(run)
+
+    @app.post("/detokenize")
+    async def detokenize_route(request: Request):
+        """{"tokens": ids} -> {"prompt": text}."""
+        body = await _read_body(request, max_request_bytes)
+        payload = _parse_json(body)
+        ids = payload.get("tokens") if isinstance(payload, dict) else None
+        if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            raise RequestError("tokens", "tokens must be a list of token ids")
+        bad = [t for t in ids if not 0 <= t < engine.vocab_size]
+        if bad:
+            raise RequestError("tokens", f"token ids outside the vocabulary [0, {engine.vocab_size}): {bad[:5]}")
+        return {"prompt": await asyncio.to_thread(tokenizer.detokenize, ids) if ids else ""}
+
+    @app.get("/v1/models")
+    @app.get("/models")
+    async def models():
+        return {"object": "list", "data": [model_card]}
+
+    @app.get("/v1/models/{name:path}")
+    async def one_model(name: str):
+        check_model(name)
+        return model_card
+
+    @app.post("/v1/completions")
+    @app.post("/completions")
+    async def completions(request: Request):
+        req, prompt_tokens = await read_request(request, parse_completion_request)
+        check_model(req.model)
+        check_top_k(req.params)
+        check_fits(prompt_tokens, req.params.tokens_to_generate, "max_tokens", "prompt", copies=req.best_of)
+        created = int(time.time())
+        ident = f"cmpl-{uuid.uuid4().hex}"
+        rows = [ids for ids in prompt_tokens for _ in range(req.best_of)]  # best_of rows per prompt
+        texts = [p for p in req.prompts for _ in range(req.best_of)]
+        events = _LoopQueue(asyncio.get_running_loop()) if req.stream else None
+        tracker = CompletionTracker(tokenizer, len(rows), req.stop, events)
+        job = Job(rows, req.params, on_step=tracker.on_step,
+                  wants_logprobs=req.logprobs is not None or req.best_of > req.n)
+        n_top = req.logprobs or 0
+
+        def prompt_text(row):
+            return texts[row] if isinstance(texts[row], str) else tokenizer.detokenize(rows[row])
+
+        def base(row):  # characters of the choice's text before its generated text
+            return len(prompt_text(row)) if req.echo else 0
+
+        def prompt_block(row):
+            lps, tops = tracker.prompt[row]
+            segs = [tokenizer.detokenize([t]) for t in rows[row]]
+            tops = list(tops) if tops is not None else [None] * (len(segs) - 1)
+            return completion_logprobs(tokenizer, segs, [None] + list(lps), [None] + tops, n_top, 0)
+
+        def generated_block(row, first, end, with_end_token):
+            segs = tracker.segments[row]
+            block = completion_logprobs(tokenizer, segs[first:end], tracker.logprobs[row][first:end],
+                                        tracker.top_logprobs[row][first:end], n_top,
+                                        base(row) + sum(len(x) for x in segs[:first]))
+            if with_end_token and tracker.end_token[row] is not None:  # the end-of-document token: no text
+                seg, lp, top = tracker.end_token[row]
+                extra = completion_logprobs(tokenizer, [seg], [lp], [top], n_top, base(row) + len(tracker.text(row)))
+                block = _join(block, extra)
+            return block
+
+        def record_prompts(result):
+            if req.echo and req.logprobs is not None:
+                for row in range(len(rows)):
+                    n_prompt = result.prompt_lengths[row]
+                    tops = result.prompt_top_logprobs[row] if result.prompt_top_logprobs is not None else None
+                    if tracker.set_prompt(row, result.logprobs[row][: n_prompt - 1], tops) and events is not None:
+                        events.put(("prompt", row))
+
+        def choice(row, index):
+            text = (prompt_text(row) if req.echo else "") + tracker.text(row)
+            logprobs = None
+            if req.logprobs is not None:
+                logprobs = generated_block(row, 0, tracker.kept(row), True)
+                if req.echo:
+                    logprobs = _join(prompt_block(row), logprobs)
+            return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": tracker.finish[row] or "length"}
+
+        if not req.stream:
+            result = await run_job(job, request)
+            if result is _DISCONNECTED:
+                return Response(status_code=499)
+            record_prompts(result)
+            choices = []
+            for p in range(len(prompt_tokens)):
+                group = list(range(p * req.best_of, (p + 1) * req.best_of))
+                for row in group:
+                    tracker.finalize(row, "length")
+                if req.best_of > req.n:  # the n rows with the highest mean log-probability per token
+                    group = sorted(group, key=lambda r: -tracker.mean_logprob(r))[: req.n]
+                choices += [choice(row, p * req.n + j) for j, row in enumerate(group)]
+            return {"id": ident, "object": "text_completion", "created": created, "model": model_name,
+                    "choices": choices, "usage": usage(prompt_tokens, tracker)}
+
+        def chunk(choices, **extra):
+            body = {"id": ident, "object": "text_completion", "created": created, "model": model_name,
+                    "choices": choices, **extra}
+            if req.include_usage and "usage" not in body:
+                body["usage"] = None
+            return sse(body)
+
+        def render(item):
+            if item[0] == "start":  # echoed prompts without log-probabilities need no model work
+                if req.echo and req.logprobs is None:
+                    return [chunk([{"index": row, "text": prompt_text(row), "logprobs": None, "finish_reason": None}])
+                            for row in range(len(rows))]
+                return []
+            if item[0] == "prompt":
+                row = item[1]
+                return [chunk([{"index": row, "text": prompt_text(row), "logprobs": prompt_block(row),
+                                "finish_reason": None}])]
+            row, delta, reason, first, end = item
+            logprobs = generated_block(row, first, end, reason is not None) if req.logprobs is not None else None
+            return [chunk([{"index": row, "text": delta, "logprobs": logprobs, "finish_reason": reason}])]
+
+        def on_result(result):
+            record_prompts(result)
+            for row in range(len(rows)):
+                tracker.finalize(row, "length")
+
+        def closing():
+            if req.include_usage:
+                return [chunk([], usage=usage(prompt_tokens, tracker))]
+            return []
+
+        return streamed(request, job, events, render, on_result, closing)
+
+    @app.post("/v1/chat/completions")
+    @app.post("/chat/completions")
+    async def chat_completions(request: Request):
+        if template is None:
+            raise RequestError("messages", "this server has no chat template: the tokenizer does not carry one; "
+                                           "restart it with --chat-template FILE (a Jinja chat template, or a "
+                                           "tokenizer_config.json holding one), or use /v1/completions")
+        body = await _read_body(request, max_request_bytes)
+
+        def prepare():
+            req = parse_chat_request(_parse_json(body), defaults)
+            try:
+                text = template.render(req.messages)
+            except ChatTemplateError as exc:
+                raise RequestError("messages", str(exc)) from None
+            try:
+                ids = list(tokenizer.tokenize(text))
+            except Exception as exc:  # noqa: BLE001 - text the tokenizer cannot encode is bad input
+                raise RequestError("messages", f"the messages cannot be tokenized: {type(exc).__name__}: {exc}") from None
+            if not ids:
+                raise RequestError("messages", "the chat template made an empty prompt of these messages")
+            bos = getattr(tokenizer, "bos", None)
+            if isinstance(bos, int) and bos >= 0 and len(ids) > 1 and ids[0] == ids[1] == bos:
+                ids = ids[1:]  # the template wrote the BOS and the tokenizer added another
+            return req, ids
+
+        req, ids = await asyncio.to_thread(prepare)
+        check_model(req.model)
+        check_top_k(req.params)
+        if len(ids) >= max_sequence_length:
+            raise RequestError("messages", f"the conversation takes {len(ids)} tokens but the model holds "
+                                           f"{max_sequence_length}, leaving none to answer; shorten it")
+        tokens_to_generate = req.max_tokens if req.max_tokens is not None else max_sequence_length - len(ids)
+        params = dataclasses.replace(req.params, tokens_to_generate=tokens_to_generate)
+        field = "max_completion_tokens" if req.max_tokens is not None else "messages"
+        check_fits([ids], tokens_to_generate, field, "messages", copies=req.n)
+        created = int(time.time())
+        ident = f"chatcmpl-{uuid.uuid4().hex}"
+        rows = [ids] * req.n
+        events = _LoopQueue(asyncio.get_running_loop()) if req.stream else None
+        tracker = CompletionTracker(tokenizer, len(rows), req.stop, events)
+        job = Job(rows, params, on_step=tracker.on_step, wants_logprobs=req.logprobs)
+
+        def block(row, first, end):
+            return chat_logprobs(tokenizer, tracker.segments[row][first:end], tracker.logprobs[row][first:end],
+                                 tracker.top_logprobs[row][first:end], req.top_logprobs)
+
+        if not req.stream:
+            result = await run_job(job, request)
+            if result is _DISCONNECTED:
+                return Response(status_code=499)
+            choices = []
+            for row in range(len(rows)):
+                tracker.finalize(row, "length")
+                choices.append({"index": row, "message": {"role": "assistant", "content": tracker.text(row)},
+                                "logprobs": block(row, 0, tracker.kept(row)) if req.logprobs else None,
+                                "finish_reason": tracker.finish[row] or "length"})
+            return {"id": ident, "object": "chat.completion", "created": created, "model": model_name,
+                    "choices": choices, "usage": usage([ids], tracker)}
+
+        def chunk(choices, **extra):
+            body = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model_name,
+                    "choices": choices, **extra}
+            if req.include_usage and "usage" not in body:
+                body["usage"] = None
+            return sse(body)
+
+        def render(item):
+            if item[0] == "start":
+                return [chunk([{"index": row, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                "finish_reason": None}]) for row in range(len(rows))]
+            if item[0] == "prompt":
+                return []
+            row, delta, reason, first, end = item
+            out = []
+            if delta or end > first:
+                out.append(chunk([{"index": row, "delta": {"content": delta},
+                                   "logprobs": block(row, first, end) if req.logprobs else None,
+                                   "finish_reason": None}]))
+            if reason is not None:
+                out.append(chunk([{"index": row, "delta": {}, "logprobs": None, "finish_reason": reason}]))
+            return out
+
+        def on_result(result):
+            for row in range(len(rows)):
+                tracker.finalize(row, "length")
+
+        def closing():
+            return [chunk([], usage=usage([ids], tracker))] if req.include_usage else []
+
+        return streamed(request, job, events, render, on_result, closing)
 
     return app
 

@@ -22,13 +22,14 @@ from typing import Callable, List, Optional
 
 from gigatron.core.inference.engine import GenerationResult, SamplingParams
 
-__all__ = ["Job", "Scheduler"]
+__all__ = ["Job", "Scheduler", "ContinuousScheduler"]
 
 
 @dataclasses.dataclass
 class Job:
     """prompt_tokens: token ids per prompt; on_step(step, tokens, active, offset) per sampled token
-    for rows offset.. of this job (may return bools ending those rows); beam: (width, stop_token,
+    for rows offset.. of this job (may return bools ending those rows; with wants_logprobs also the
+    engine's log-probability keywords, sliced to the job's rows); beam: (width, stop_token,
     length_penalty); withdrawn: the client went away (see withdraw)."""
     prompt_tokens: List[List[int]]
     params: SamplingParams
@@ -36,6 +37,8 @@ class Job:
     beam: Optional[tuple] = None
     future: concurrent.futures.Future = dataclasses.field(default_factory=concurrent.futures.Future)
     withdrawn: bool = False
+    wants_logprobs: bool = False
+    """on_step takes the engine's per-step log-probability keywords (engine.generate_tokens)."""
 
     def alone(self) -> bool:
         return self.beam is not None or self.params.random_seed >= 0
@@ -53,7 +56,7 @@ def _merge(results: List[GenerationResult]) -> GenerationResult:
         return None if any(v is None for v in values) else [x for v in values for x in v]
     return GenerationResult(tokens=cat("tokens"), texts=cat("texts"), segments=cat("segments"),
                             logprobs=cat("logprobs"), prompt_lengths=cat("prompt_lengths"),
-                            top_logprobs=cat("top_logprobs"))
+                            top_logprobs=cat("top_logprobs"), prompt_top_logprobs=cat("prompt_top_logprobs"))
 
 
 class Scheduler:
@@ -145,21 +148,25 @@ class Scheduler:
 
         on_step = None
         if any(job.on_step is not None for job in batch):
-            def on_step(step, tokens, active):
+            def on_step(step, tokens, active, **scores):
                 stop = [False] * len(tokens)
                 for job, (lo, hi) in zip(batch, bounds):
                     if job.on_step is None:
                         continue
-                    extra = job.on_step(step, tokens[lo:hi], active[lo:hi], offset=0)
+                    mine = ({k: None if v is None else v[lo:hi] for k, v in scores.items()}
+                            if job.wants_logprobs else {})
+                    extra = job.on_step(step, tokens[lo:hi], active[lo:hi], offset=0, **mine)
                     if extra is not None:
                         stop[lo:hi] = list(extra)
                 return stop
+            on_step.wants_logprobs = any(job.wants_logprobs for job in batch)
         self.batches_run += 1
         self.largest_batch = max(self.largest_batch, len(prompts))
         # Same batch key; the outputs asked for are the union of what the jobs want.
         params = dataclasses.replace(batch[0].params,
                                      return_log_probs=any(job.params.return_log_probs for job in batch),
-                                     top_logprobs=max(job.params.top_logprobs for job in batch))
+                                     top_logprobs=max(job.params.top_logprobs for job in batch),
+                                     prompt_top_logprobs=any(job.params.prompt_top_logprobs for job in batch))
         result = self.runner.generate_tokens(prompts, params, on_step, cancelled)
         for job, (lo, hi) in zip(batch, bounds):
             job.future.set_result(_slice(result, lo, hi))
@@ -175,8 +182,9 @@ class Scheduler:
             on_step = None
             if job.on_step is not None:
                 # Streaming a request split into batches: rows are reported with their offset.
-                def on_step(step, tokens, active, lo=lo):
-                    return job.on_step(step, tokens, active, offset=lo)
+                def on_step(step, tokens, active, lo=lo, **scores):
+                    return job.on_step(step, tokens, active, offset=lo, **scores)
+                on_step.wants_logprobs = job.wants_logprobs
             self.batches_run += 1
             self.largest_batch = max(self.largest_batch, len(chunk))
             results.append(self.runner.generate_tokens(chunk, job.params, on_step,
@@ -189,4 +197,155 @@ def _slice(result: GenerationResult, lo: int, hi: int) -> GenerationResult:
         return None if value is None else value[lo:hi]
     return GenerationResult(tokens=result.tokens[lo:hi], texts=result.texts[lo:hi], segments=result.segments[lo:hi],
                             logprobs=part(result.logprobs), prompt_lengths=result.prompt_lengths[lo:hi],
-                            top_logprobs=part(result.top_logprobs))
+                            top_logprobs=part(result.top_logprobs),
+                            prompt_top_logprobs=part(result.prompt_top_logprobs))
+
+
+class ContinuousScheduler:
+    """ContinuousScheduler(runner, max_requests, prefill_chunk).submit(job) -> job.future: the rows
+    of every request join one running batch (gigatron.core.inference.continuous) as slots free up
+    and leave it when they end, so a short request does not wait for a long one. Jobs the
+    continuous batch does not run (beam search, scoring with max_tokens=0, Megatron's newline rules
+    and top_p decay) run between two of its steps in the static engine, with its own cache.
+    One process only (tensor parallelism keeps the static Scheduler)."""
+
+    def __init__(self, runner, max_requests: int, prefill_chunk: int = 256):
+        from gigatron.core.inference.continuous import ContinuousBatcher
+
+        self.runner = runner
+        self.batcher = ContinuousBatcher(runner.engine, max_requests, prefill_chunk)
+        self.max_batch_size = int(max_requests)
+        self._queue: collections.deque = collections.deque()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._work, name="generation-worker", daemon=True)
+        self._thread.start()
+
+    @property
+    def batches_run(self) -> int:
+        return self.batcher.steps
+
+    @property
+    def largest_batch(self) -> int:
+        return self.batcher.largest_batch
+
+    def submit(self, job: Job) -> concurrent.futures.Future:
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the generation worker has stopped")
+            self._queue.append(job)
+            self._cond.notify()
+        return job.future
+
+    def close(self) -> None:
+        """Finish the queued and running jobs, then stop the worker and the runner."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join()
+        self.runner.shutdown()
+
+    def _work(self) -> None:
+        from gigatron.core.inference.continuous import continuous_capable
+
+        running: List[Job] = []
+        while True:
+            with self._cond:
+                while not self._queue and not self.batcher.busy() and not self._closed:
+                    self._cond.wait()
+                if self._closed and not self._queue and not self.batcher.busy():
+                    return
+                arrived = list(self._queue)
+                self._queue.clear()
+            for job in arrived:
+                if not job.future.set_running_or_notify_cancel():
+                    continue  # withdrawn while queued
+                if job.beam is not None or job.params.tokens_to_generate == 0 or not continuous_capable(job.params):
+                    self._run_static(job)
+                else:
+                    self._admit(job, running)
+            if not self.batcher.busy():
+                continue
+            try:
+                self.batcher.step()
+            except BaseException as exc:  # every request in the batch hears about the failure
+                for job in running:
+                    if not job.future.done():
+                        job.future.set_exception(exc)
+                running.clear()
+                self.batcher.waiting.clear()
+                self.batcher.slots = [None] * len(self.batcher.slots)
+            running[:] = [job for job in running if not job.future.done()]
+
+    def _run_static(self, job: Job) -> None:
+        try:
+            if job.beam is not None:
+                width, stop_token, length_penalty = job.beam
+                job.future.set_result(self.runner.beam_search_tokens(job.prompt_tokens[0], job.params.tokens_to_generate,
+                                                                     width, stop_token, length_penalty))
+                return
+            results = []
+            n = self.runner.engine.max_batch_size
+            for lo in range(0, len(job.prompt_tokens), n):
+                chunk = job.prompt_tokens[lo: lo + n]
+                on_step = None
+                if job.on_step is not None:
+                    def on_step(step, tokens, active, lo=lo, **scores):
+                        return job.on_step(step, tokens, active, offset=lo, **scores)
+                    on_step.wants_logprobs = job.wants_logprobs
+                results.append(self.runner.generate_tokens(chunk, job.params, on_step,
+                                                           lambda size=len(chunk): [True] * size if job.withdrawn else None))
+            job.future.set_result(_merge(results))
+        except BaseException as exc:
+            job.future.set_exception(exc)
+
+    def _admit(self, job: Job, running: List[Job]) -> None:
+        from gigatron.core.inference.continuous import Sequence
+
+        params = job.params
+        rows = len(job.prompt_tokens)
+        seqs: List[Sequence] = []
+        finished = [0]
+
+        def on_done(seq, job=job):
+            finished[0] += 1
+            if finished[0] == rows and not job.future.done():
+                job.future.set_result(_sequences_result(self.runner.engine.tokenizer, seqs, params))
+
+        for i, prompt in enumerate(job.prompt_tokens):
+            on_token = None
+            if job.on_step is not None:
+                def on_token(token, logprob, top, prompt_scores, i=i, seq_list=seqs):
+                    scores = {}
+                    if job.wants_logprobs:
+                        scores = {"logprobs": [logprob], "top_logprobs": None if top is None else [top]}
+                        if prompt_scores is not None:
+                            scores["prompt_logprobs"] = [prompt_scores[0]]
+                            scores["prompt_top_logprobs"] = None if prompt_scores[1] is None else [prompt_scores[1]]
+                    stop = job.on_step(len(seq_list[i].generated) - 1, [token], [True], offset=i, **scores)
+                    return bool(stop and stop[0])
+            seqs.append(Sequence(list(prompt), params, seed=(params.random_seed + i) % 2 ** 63 if params.random_seed >= 0 else -1,
+                                 on_token=on_token, withdrawn=lambda: job.withdrawn, on_done=on_done))
+        added = []
+        try:
+            for seq in seqs:
+                self.batcher.add(seq)
+                added.append(seq)
+        except ValueError as exc:  # a row that can never fit: the request is refused before it runs
+            self.batcher.waiting = collections.deque(s for s in self.batcher.waiting
+                                                     if not any(s is a for a in added))
+            job.future.set_exception(exc)
+            return
+        running.append(job)
+
+
+def _sequences_result(tokenizer, seqs, params: SamplingParams) -> GenerationResult:
+    tokens = [seq.prompt + seq.generated for seq in seqs]
+    return GenerationResult(
+        tokens=tokens, texts=[tokenizer.detokenize(t) for t in tokens],
+        segments=[[tokenizer.detokenize([t]) for t in row] for row in tokens],
+        logprobs=[seq.prompt_logprobs + seq.logprobs for seq in seqs] if params.return_log_probs else None,
+        prompt_lengths=[len(seq.prompt) for seq in seqs],
+        top_logprobs=[seq.top_logprobs for seq in seqs] if params.top_logprobs > 0 else None,
+        prompt_top_logprobs=[seq.prompt_top_logprobs for seq in seqs]
+        if params.prompt_top_logprobs and params.top_logprobs > 0 else None)
