@@ -142,3 +142,38 @@ def test_use_checkpoint_args_takes_the_mamba_flags(tmp_path):
     _, _, ctx = _run(other + ["--train-iters", "3", "--load", save, "--use-checkpoint-args", "--eval-iters", "0"])
     assert ctx.iteration == 3
     assert ctx.configs.mamba.hybrid_override_pattern == "M*M-" and ctx.configs.mamba.mamba_state_dim == 8
+
+
+def _save_tp2_torch_then_convert(rank, world_size, save, converted, cache):
+    torch.set_num_threads(1)
+    tp2 = PARALLEL_6 + ["--tensor-model-parallel-size", "2", "--sequence-parallel"]
+    _run(tp2 + ["--save", save, "--ckpt-format", "torch", "--exit-interval", "3"], cache)
+    argv = tp2 + ["--load", save, "--ckpt-convert-format", "torch_dist", "--ckpt-convert-save", converted,
+                  "--data-cache-path", cache]
+    pretrain(mamba.datasets_provider, mamba.model_provider, mamba.forward_step,
+             args=parse_args(argv, extra_args_provider=mamba.extra_args_provider))
+    return True
+
+
+PARALLEL_6 = list(PARALLEL)
+PARALLEL_6[PARALLEL_6.index("--train-iters") + 1] = "6"
+
+
+@pytest.mark.slow
+def test_tp2_torch_checkpoint_converted_resumes_at_tp1():
+    """The whole path of a checkpoint across tensor-parallel sizes: saved at tp=2 in Megatron's
+    `torch` layout (the mixer's fused rows split segment by segment), converted to torch_dist by
+    --ckpt-convert-format, resumed in one process: the remaining iterations give the losses of an
+    uninterrupted single-process run (model and Adam state resharded through the segments)."""
+    from tests.parallel.harness import run_distributed
+
+    torch.set_num_threads(1)
+    reference, _, _ = _run(PARALLEL_6)
+    save, converted = os.path.join(_CACHE["path"], "tp2-torch"), os.path.join(_CACHE["path"], "tp2-converted")
+    run_distributed(_save_tp2_torch_then_convert, 2, save, converted, _CACHE["path"], timeout=600)
+    target = os.path.join(converted, "torch_dist")
+    resumed, _, ctx = _run(PARALLEL_6 + ["--load", target, "--distributed-backend", "gloo"])
+    assert ctx.iteration == 6
+    assert [i for i, _ in resumed] == [4, 5, 6]
+    for (_, got), (_, want) in zip(resumed, reference[3:]):
+        assert got == pytest.approx(want, rel=1e-5, abs=1e-6), (resumed, reference)
