@@ -113,6 +113,8 @@ def pretrain_gpt_main(argv: Optional[Sequence[str]] = None) -> int:
     from gigatron.training.arguments import parse_args
 
     args = parse_args(argv)
+    from gigatron.training.mamba import refuse_mamba_flags
+    refuse_mamba_flags(args, "pretrain_gpt.py")
     if args.dry_run:
         return _dry_run(args)
 

@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 
 from gigatron.training import gpt
 
-__all__ = ["MAMBA_STACK_SPEC", "extra_args_provider", "check_mamba_args", "is_mamba_run", "model_provider", "forward_step",
+__all__ = ["MAMBA_STACK_SPEC", "extra_args_provider", "check_mamba_args", "is_mamba_run", "refuse_mamba_flags", "model_provider", "forward_step",
            "datasets_provider", "main"]
 
 MAMBA_STACK_SPEC = ("megatron.core.models.mamba.mamba_layer_specs", "mamba_stack_spec")
@@ -62,6 +62,21 @@ def is_mamba_run(args) -> bool:
     return bool((spec and tuple(spec) == MAMBA_STACK_SPEC) or getattr(args, "hybrid_override_pattern", None)
                 or getattr(args, "hybrid_attention_ratio", 0.0) or getattr(args, "hybrid_mlp_ratio", 0.0)
                 or getattr(args, "is_hybrid_model", False))
+
+
+def refuse_mamba_flags(args, script: str) -> None:
+    """A script that builds no Mamba layers (pretrain_gpt.py) refuses the Mamba flags the user gave,
+    instead of training another model than the flags describe."""
+    import dataclasses
+
+    from gigatron.core.transformer.mamba.config import MambaConfig
+    from gigatron.training.arguments import explicit_flags
+
+    given = sorted(explicit_flags(args) & {f.name for f in dataclasses.fields(MambaConfig)})
+    if given:
+        flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        raise ValueError(f"{flags} describe a Mamba / hybrid model, which {script} does not build; "
+                         "train it with pretrain_mamba.py (or drop the flags)")
 
 
 def model_provider(ctx, pre_process: bool = True, post_process: bool = True, vp_stage: Optional[int] = None):

@@ -177,3 +177,11 @@ def test_tp2_torch_checkpoint_converted_resumes_at_tp1():
     assert [i for i, _ in resumed] == [4, 5, 6]
     for (_, got), (_, want) in zip(resumed, reference[3:]):
         assert got == pytest.approx(want, rel=1e-5, abs=1e-6), (resumed, reference)
+
+
+def test_pretrain_gpt_refuses_the_mamba_flags():
+    from gigatron.training.entry import pretrain_gpt_main
+
+    with pytest.raises(ValueError, match="--hybrid-override-pattern, --mamba-state-dim describe a Mamba / hybrid "
+                                         "model, which pretrain_gpt.py does not build; train it with pretrain_mamba"):
+        pretrain_gpt_main(["--num-layers", "2", "--hybrid-override-pattern", "M*", "--mamba-state-dim", "16"])
