@@ -66,6 +66,7 @@ CONFIG_SOURCES: tuple[tuple[str, str, str], ...] = (
     ("training", "gigatron.training.config", "TrainingConfig"),
     ("checkpoint", "gigatron.training.config", "CheckpointConfig"),
     ("logging", "gigatron.training.config", "LoggingConfig"),
+    ("fp8", "gigatron.core.fp8.config", "FP8Config"),
 )
 
 
@@ -141,6 +142,7 @@ ALIASES: dict[str, Alias] = {
     "--hybrid-layer-pattern": Alias(
         "hybrid_override_pattern", help="Megatron's newer name of --hybrid-override-pattern (one symbol per layer)."
     ),
+    "--fp8-format": Alias("fp8", help="FP8 format of the linear layers' GEMMs.", replaces=True),
 }
 
 # Megatron flags that ask for what Gigatron always does; accepted so that existing launch scripts
@@ -569,6 +571,7 @@ class Configs:
     training: Any = None
     checkpoint: Any = None
     logging: Any = None
+    fp8: Any = None
     extra: dict = dataclasses.field(default_factory=dict)
     world_size: Optional[int] = None
 

@@ -491,6 +491,7 @@ def load_training_state(iter_dir: str, model_chunks: Sequence[torch.nn.Module], 
                                                 saved_args.get("consumed_train_samples", 0)) or 0),
         "consumed_valid_samples": int(state.get("consumed_valid_samples",
                                                 saved_args.get("consumed_valid_samples", 0)) or 0),
+        "fp8_state": state.get("fp8_state"),
     }
     return TrainingState(
         header=header, path=path, optimizer_loaded=optimizer is not None,
