@@ -58,6 +58,7 @@ CONFIG_SOURCES: tuple[tuple[str, str, str], ...] = (
     ("transformer", "gigatron.core.transformer.config", "TransformerConfig"),
     ("parallel", "gigatron.core.parallel.config", "ParallelConfig"),
     ("moe", "gigatron.core.transformer.moe.config", "MoEConfig"),
+    ("mamba", "gigatron.core.transformer.mamba.config", "MambaConfig"),
     ("ddp", "gigatron.core.distributed.config", "DDPConfig"),
     ("optimizer", "gigatron.core.optim.config", "OptimizerConfig"),
     ("scheduler", "gigatron.core.optim.config", "SchedulerConfig"),
@@ -138,6 +139,9 @@ ALIASES: dict[str, Alias] = {
         "use_checkpoint_opt_param_scheduler", True, "Megatron's spelling of --use-checkpoint-opt-param-scheduler."
     ),
     "--local_rank": Alias("local_rank", help="Local rank (spelling used by torch.distributed.launch)."),
+    "--hybrid-layer-pattern": Alias(
+        "hybrid_override_pattern", help="Megatron's newer name of --hybrid-override-pattern (one symbol per layer)."
+    ),
     "--fp8-format": Alias("fp8", help="FP8 format of the linear layers' GEMMs.", replaces=True),
 }
 
@@ -559,6 +563,7 @@ class Configs:
     transformer: Any = None
     parallel: Any = None
     moe: Any = None
+    mamba: Any = None
     ddp: Any = None
     optimizer: Any = None
     scheduler: Any = None

@@ -648,8 +648,11 @@ def _check_finite(ctx: TrainContext, grad_norm, losses: dict) -> None:
 def _iteration_flops(ctx: TrainContext, batch_size: int) -> float:
     from gigatron.core.flops import num_floating_point_operations
 
+    chunk = ctx.model[0] if ctx.model else None
+    mamba_config = getattr(getattr(chunk, "module", chunk), "mamba_config", None)  # a hybrid Mamba model
     return num_floating_point_operations(ctx.configs.transformer, ctx.padded_vocab_size, batch_size,
-                                         ctx.configs.transformer.seq_length, moe_config=ctx.configs.moe)
+                                         ctx.configs.transformer.seq_length, moe_config=ctx.configs.moe,
+                                         mamba_config=mamba_config)
 
 
 def train(ctx: TrainContext, forward_step_func: Callable, train_iterator, valid_iterator) -> None:
