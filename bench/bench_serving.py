@@ -43,7 +43,6 @@ import os
 import random
 import statistics
 import sys
-import threading
 import time
 
 import torch
@@ -178,31 +177,10 @@ def bandwidth_bound(model, engine, rows: float, kv_len: float, bandwidth: float)
     return rows * bandwidth / (weights + rows * kv)
 
 
-def serve(app):
-    import socket
-
-    import uvicorn
-
-    with socket.socket() as sock:  # a free port on 127.0.0.1
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    import httpx
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(400):
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.05)
-    return url, srv, thread
-
-
 def run_one(args, scheduler: str, model, vocab: int, device) -> dict:
     from gigatron.core.inference.broadcast import LocalRunner
     from gigatron.core.inference.server.app import build_app
+    from gigatron.core.inference.server.background import serve_in_background
 
     tokenizer = NullTokenizer(vocab)
     seq = model.config.max_position_embeddings
@@ -214,13 +192,11 @@ def run_one(args, scheduler: str, model, vocab: int, device) -> dict:
     app = build_app(LocalRunner(engine), tokenizer, max_batch_size=args.max_batch_size, max_sequence_length=seq,
                     dynamic_batching=scheduler == "continuous", max_requests=args.max_requests,
                     prefill_chunk=args.prefill_chunk)
-    url, srv, thread = serve(app)
+    server = serve_in_background(app, ready_polls=400)
     try:
-        results, wall = asyncio.run(run_load(url, requests, gaps, args.clients, tokenizer.eod))
+        results, wall = asyncio.run(run_load(server.url, requests, gaps, args.clients, tokenizer.eod))
     finally:
-        srv.should_exit = True
-        thread.join(timeout=30)
-        app.state.scheduler.close()
+        server.stop(join_timeout=30)
     tokens = sum(r["tokens"] for r in results)
     ttft = [r["stamps"][0] - r["sent"] for r in results if r["stamps"]]
     itl = [b - a for r in results for a, b in zip(r["stamps"], r["stamps"][1:])]

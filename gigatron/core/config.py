@@ -5,10 +5,11 @@ are Megatron's flag names with underscores, and the docstring under each field i
 
 from gigatron.core.data.config import DataConfig
 from gigatron.core.distributed.config import DDPConfig
+from gigatron.core.fp8.config import FP8Config
 from gigatron.core.optim.config import OptimizerConfig, SchedulerConfig
 from gigatron.core.parallel.config import ParallelConfig
 from gigatron.core.transformer.config import TransformerConfig
 from gigatron.core.transformer.moe.config import MoEConfig
 
-__all__ = ["DDPConfig", "DataConfig", "MoEConfig", "OptimizerConfig", "ParallelConfig", "SchedulerConfig",
+__all__ = ["DDPConfig", "DataConfig", "FP8Config", "MoEConfig", "OptimizerConfig", "ParallelConfig", "SchedulerConfig",
            "TransformerConfig"]

@@ -58,6 +58,7 @@ CONFIG_SOURCES: tuple[tuple[str, str, str], ...] = (
     ("transformer", "gigatron.core.transformer.config", "TransformerConfig"),
     ("parallel", "gigatron.core.parallel.config", "ParallelConfig"),
     ("moe", "gigatron.core.transformer.moe.config", "MoEConfig"),
+    ("mamba", "gigatron.core.transformer.mamba.config", "MambaConfig"),
     ("ddp", "gigatron.core.distributed.config", "DDPConfig"),
     ("optimizer", "gigatron.core.optim.config", "OptimizerConfig"),
     ("scheduler", "gigatron.core.optim.config", "SchedulerConfig"),
@@ -65,6 +66,7 @@ CONFIG_SOURCES: tuple[tuple[str, str, str], ...] = (
     ("training", "gigatron.training.config", "TrainingConfig"),
     ("checkpoint", "gigatron.training.config", "CheckpointConfig"),
     ("logging", "gigatron.training.config", "LoggingConfig"),
+    ("fp8", "gigatron.core.fp8.config", "FP8Config"),
 )
 
 
@@ -137,6 +139,10 @@ ALIASES: dict[str, Alias] = {
         "use_checkpoint_opt_param_scheduler", True, "Megatron's spelling of --use-checkpoint-opt-param-scheduler."
     ),
     "--local_rank": Alias("local_rank", help="Local rank (spelling used by torch.distributed.launch)."),
+    "--hybrid-layer-pattern": Alias(
+        "hybrid_override_pattern", help="Megatron's newer name of --hybrid-override-pattern (one symbol per layer)."
+    ),
+    "--fp8-format": Alias("fp8", help="FP8 format of the linear layers' GEMMs.", replaces=True),
 }
 
 # Megatron flags that ask for what Gigatron always does; accepted so that existing launch scripts
@@ -557,6 +563,7 @@ class Configs:
     transformer: Any = None
     parallel: Any = None
     moe: Any = None
+    mamba: Any = None
     ddp: Any = None
     optimizer: Any = None
     scheduler: Any = None
@@ -564,6 +571,7 @@ class Configs:
     training: Any = None
     checkpoint: Any = None
     logging: Any = None
+    fp8: Any = None
     extra: dict = dataclasses.field(default_factory=dict)
     world_size: Optional[int] = None
 

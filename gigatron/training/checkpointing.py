@@ -66,12 +66,15 @@ SCRIPT_MODEL_ARGS = ("bert_layernorm", "num_tokentypes", "bert_binary_head", "en
 
 def _model_shape_args() -> tuple[str, ...]:
     from gigatron.core.convert.protocol import MODEL_FLAGS, MOE_FLAGS, TOKENIZER_FLAGS
+    from gigatron.core.fields import model_fields
+    from gigatron.core.transformer.mamba.config import MambaConfig
 
-    return tuple(dict.fromkeys(MODEL_FLAGS + MOE_FLAGS + TOKENIZER_FLAGS + SCRIPT_MODEL_ARGS + ("padded_vocab_size",)))
+    return tuple(dict.fromkeys(MODEL_FLAGS + MOE_FLAGS + model_fields(MambaConfig) + TOKENIZER_FLAGS
+                               + SCRIPT_MODEL_ARGS + ("padded_vocab_size",)))
 
 
 # What --use-checkpoint-args takes from a checkpoint: the model's description, derived from the config
-# dataclasses' model fields (TransformerConfig, MoEConfig, DataConfig's tokenizer fields) — never the
+# dataclasses' model fields (TransformerConfig, MoEConfig, MambaConfig, DataConfig's tokenizer fields) — never the
 # run's parallel layout, precision or recompute settings.
 MODEL_SHAPE_ARGS = _model_shape_args()
 
@@ -214,13 +217,16 @@ def save_checkpoint(
     rng_tracker=None,
     ckpt_format: str = "torch",
     async_saver=None,
+    fp8_state: Optional[dict] = None,
 ) -> str:
     """Save this rank's share of a checkpoint of `iteration` and, once all ranks are done, update
     the tracker. Every rank must call it (it holds collectives). Returns the iteration directory.
 
     `ckpt_format` names a registered format (gigatron/core/checkpoint/formats.py). "torch_dist"
     with `async_saver` (an AsyncCheckpointSaver, --async-save) writes the files in the background
-    and updates the tracker when `async_saver.maybe_finalize()` completes the save."""
+    and updates the tracker when `async_saver.maybe_finalize()` completes the save. `fp8_state`
+    (the whole model's FP8 delayed-scaling state by linear name, gigatron.core.fp8.model) goes into
+    the header's `fp8_state` entry."""
     fmt = get_format(ckpt_format)
     if async_saver is not None and ckpt_format != "torch_dist":
         raise ValueError("--async-save needs --ckpt-format torch_dist")
@@ -228,6 +234,8 @@ def save_checkpoint(
                                num_floating_point_operations_so_far=num_floating_point_operations_so_far,
                                consumed_train_samples=consumed_train_samples,
                                consumed_valid_samples=consumed_valid_samples)
+    if fp8_state:
+        header["fp8_state"] = fp8_state
     extra = {"async_saver": async_saver} if async_saver is not None else {}
     return fmt.save_training_state(
         save_dir, iteration, model_chunks, optimizer, groups, header,
@@ -247,6 +255,8 @@ class LoadedCheckpoint:
     consumed_train_samples: int = 0
     consumed_valid_samples: int = 0
     path: Optional[str] = None
+    fp8_state: Optional[dict] = None
+    """The checkpoint's FP8 delayed-scaling state (None: saved without it)."""
 
 
 def load_checkpoint(
@@ -298,6 +308,7 @@ def load_checkpoint(
         consumed_train_samples=int(header.get("consumed_train_samples") or 0),
         consumed_valid_samples=int(header.get("consumed_valid_samples") or 0),
         path=state.path,
+        fp8_state=header.get("fp8_state"),
     )
 
 

@@ -136,9 +136,8 @@ class TrainContext:
     compile_announced: bool = False
     evaluation_hook: Optional[Callable[["TrainContext"], None]] = None
     evaluation_hook_iteration: Optional[int] = None
-    args: Optional[argparse.Namespace] = None
-    """The parsed flags the configs were built from, kept for task scripts' own flags; the training
-    layer reads `configs` only."""
+    fp8_states: dict = field(default_factory=dict)
+    """--fp8-recipe delayed: every FP8 linear's FP8LinearState on this rank, by global name."""
 
     @property
     def groups(self):
@@ -178,10 +177,13 @@ def get_model(model_provider: Callable, ctx: TrainContext) -> list:
     groups = ctx.groups
     num_chunks = groups.vp_size or 1
     chunks = []
+    fp8_recipe = _fp8_recipe(ctx)
     for vp_stage in range(num_chunks):
         stage = vp_stage if groups.vp_size is not None else None
         module = model_provider(ctx, groups.is_pipeline_first_stage(stage), groups.is_pipeline_last_stage(stage), stage)
         module.to(ctx.device)
+        if fp8_recipe is not None:
+            _enable_fp8(ctx, module, fp8_recipe)
         if ctx.configs.training.torch_compile:
             compile_transformer_layers(module)
         chunks.append(DistributedDataParallel(ctx.configs.ddp, module, groups))
@@ -190,6 +192,39 @@ def get_model(model_provider: Callable, ctx: TrainContext) -> list:
         print(f" > number of parameters on (tensor, pipeline) model parallel rank ({groups.tp.rank}, "
               f"{groups.pp.rank}): {num_params}", flush=True)
     return chunks
+
+
+def _fp8_recipe(ctx: TrainContext):
+    """The model's one FP8Recipe (None without --fp8-format), after checking that this card runs it."""
+    from gigatron.core.fp8 import FP8Recipe, check_fp8_device
+
+    fp8 = getattr(ctx.configs, "fp8", None)
+    if fp8 is None or not fp8.enabled:
+        return None
+    check_fp8_device(fp8, ctx.device)
+    return FP8Recipe.for_device(fp8, ctx.device)
+
+
+def _enable_fp8(ctx: TrainContext, module: torch.nn.Module, recipe) -> None:
+    from gigatron.core.fp8.model import enable_fp8
+    from gigatron.core.models.gpt import GPTModel
+
+    if not isinstance(module, GPTModel):
+        raise ValueError(f"--fp8-format {ctx.configs.fp8.fp8} is wired into GPT models only (pretrain_gpt.py); "
+                         f"this script builds a {type(module).__name__}: drop --fp8-format")
+    from gigatron.core.fp8.model import fp8_linears
+    from gigatron.core.transformer.moe.experts import GroupedMLP
+
+    fp8 = ctx.configs.fp8
+    ctx.fp8_states.update(enable_fp8(module, fp8, recipe, ctx.device))
+    linears = [linear for _, linear in fp8_linears(module)]
+    in_fp8 = sum(linear.fp8_recipe is not None for linear in linears)
+    print_rank_0(f"> FP8 (--fp8-format {fp8.fp8}, --fp8-recipe {fp8.fp8_recipe}): {in_fp8} of the {len(linears)} "
+                 f"transformer-layer linears of this stage in FP8; the output layer and embeddings in "
+                 f"{module.config.params_dtype}")
+    if any(isinstance(m, GroupedMLP) for m in module.modules()):
+        print_rank_0("> FP8: --moe-grouped-gemm experts run in the parameters' dtype (no FP8 grouped GEMM yet); "
+                     "drop --moe-grouped-gemm to run the experts in FP8")
 
 
 def compile_transformer_layers(module: torch.nn.Module) -> int:
@@ -239,7 +274,7 @@ def setup(model_provider: Callable, args: argparse.Namespace | Configs) -> Train
         checkpointing.check_checkpoint_paths(configs.checkpoint)  # --save writable, --load present
     training = configs.training
     run = initialize(configs)
-    ctx = TrainContext(configs=configs, run=run, args=namespace)
+    ctx = TrainContext(configs=configs, run=run)
     _build_tokenizer(ctx)
     ctx.calculator = MicroBatchCalculator(training.global_batch_size, training.micro_batch_size, ctx.groups.dp.size,
                                           training.rampup_batch_size)
@@ -276,11 +311,23 @@ def _load(ctx: TrainContext) -> None:
                                      exit_on_missing_checkpoint=c.exit_on_missing_checkpoint, **common)
     if loaded.path is not None:
         print_rank_0(f"> loaded checkpoint {loaded.path} at iteration {loaded.iteration}")
+    if loaded.path is not None and ctx.fp8_states:
+        _restore_fp8_state(ctx, loaded.fp8_state)
     ctx.iteration = loaded.iteration
     ctx.consumed_train_samples = loaded.consumed_train_samples
     ctx.consumed_valid_samples = loaded.consumed_valid_samples
     ctx.num_floating_point_operations_so_far = loaded.num_floating_point_operations_so_far
     ctx.last_saved_iteration = loaded.iteration if loaded.path is not None else None
+
+
+def _restore_fp8_state(ctx: TrainContext, saved: Optional[dict]) -> None:
+    """A checkpoint's FP8 state into this run's (a bf16 checkpoint, or layers it ran in bf16: fresh)."""
+    from gigatron.core.fp8.model import load_fp8_state_dict
+
+    restored, fresh = load_fp8_state_dict(ctx.fp8_states, saved)
+    if fresh:
+        print_rank_0(f"> FP8: {len(fresh)} linear layer(s) start with a fresh amax history (the checkpoint holds "
+                     f"no FP8 state for them){'' if restored else ': it was saved without --fp8-recipe delayed'}")
 
 
 # ------------------------------------------------------------------ data
@@ -379,6 +426,11 @@ def train_step(ctx: TrainContext, forward_step_func: Callable, data_iterator, nu
             num_microbatches=num_microbatches, seq_length=ctx.configs.transformer.seq_length,
             micro_batch_size=training.micro_batch_size, groups=groups, config=ctx.configs.transformer, forward_only=False,
             grad_scale_func=ctx.optimizer.scale_loss, finalize_model_grads_func=_finalize_grads_fn(ctx))
+    if ctx.fp8_states:
+        from gigatron.core.fp8.model import update_model_fp8_states
+
+        with collective_phase("the FP8 amax reduction"):
+            update_model_fp8_states(ctx.fp8_states, groups)
     with collective_phase("the optimizer step"):
         update_successful, grad_norm, num_zeros = ctx.optimizer.step()
     if training.empty_unused_memory_level >= 1 and ctx.device.type == "cuda":
@@ -443,11 +495,13 @@ def evaluate(ctx: TrainContext, forward_step_func: Callable, data_iterator, num_
     training, groups = ctx.configs.training, ctx.groups
     forward_backward = get_forward_backward_func(groups.pp.size, groups.vp_size)
     num_microbatches = training.global_batch_size // (training.micro_batch_size * groups.dp.size)
+    from gigatron.core.fp8.model import amax_recording_paused
+
     for chunk in ctx.model:
         chunk.eval()
     totals: dict[str, torch.Tensor] = {}
     try:
-        with torch.no_grad(), collective_phase("evaluation"):
+        with torch.no_grad(), collective_phase("evaluation"), amax_recording_paused(ctx.fp8_states):
             for _ in range(num_iters):
                 losses_reduced = forward_backward(
                     forward_step_func=forward_step_func, data_iterator=data_iterator, model=ctx.model,
@@ -481,7 +535,10 @@ def _run_evaluation_hook(ctx: TrainContext) -> None:
     if ctx.evaluation_hook is None or ctx.evaluation_hook_iteration == ctx.iteration:
         return
     ctx.evaluation_hook_iteration = ctx.iteration
-    ctx.evaluation_hook(ctx)
+    from gigatron.core.fp8.model import amax_recording_paused
+
+    with amax_recording_paused(ctx.fp8_states):  # a task's forward passes leave the FP8 scales alone
+        ctx.evaluation_hook(ctx)
 
 
 def _evaluate_and_report(ctx: TrainContext, forward_step_func, iterator, prefix: str, record: bool = True) -> dict:
@@ -518,11 +575,21 @@ def _save(ctx: TrainContext) -> None:
             num_floating_point_operations_so_far=ctx.num_floating_point_operations_so_far,
             consumed_train_samples=ctx.consumed_train_samples, consumed_valid_samples=ctx.consumed_valid_samples,
             save_optim=not c.no_save_optim, save_rng=not c.no_save_rng, rng_tracker=ctx.run.rng_tracker,
-            ckpt_format=c.ckpt_format, async_saver=ctx.async_saver)
+            ckpt_format=c.ckpt_format, async_saver=ctx.async_saver, fp8_state=_fp8_state_to_save(ctx))
     ctx.last_saved_iteration = ctx.iteration
     print_rank_0(f"  successfully saved checkpoint from iteration {ctx.iteration:7d} to {c.save} "
                  f"[ t {time.perf_counter() - start:.2f}s ]")
     ctx.log.write_loss_curve()
+
+
+def _fp8_state_to_save(ctx: TrainContext) -> Optional[dict]:
+    """The whole model's delayed-scaling state (every stage's, gathered: collective), or None."""
+    fp8 = getattr(ctx.configs, "fp8", None)
+    if fp8 is None or not fp8.enabled or fp8.fp8_recipe != "delayed":
+        return None
+    from gigatron.core.fp8.model import gather_fp8_state_dict
+
+    return gather_fp8_state_dict(ctx.fp8_states, ctx.groups.tp_ep_pp)
 
 
 class _SignalFlag:
@@ -581,8 +648,11 @@ def _check_finite(ctx: TrainContext, grad_norm, losses: dict) -> None:
 def _iteration_flops(ctx: TrainContext, batch_size: int) -> float:
     from gigatron.core.flops import num_floating_point_operations
 
+    chunk = ctx.model[0] if ctx.model else None
+    mamba_config = getattr(getattr(chunk, "module", chunk), "mamba_config", None)  # a hybrid Mamba model
     return num_floating_point_operations(ctx.configs.transformer, ctx.padded_vocab_size, batch_size,
-                                         ctx.configs.transformer.seq_length, moe_config=ctx.configs.moe)
+                                         ctx.configs.transformer.seq_length, moe_config=ctx.configs.moe,
+                                         mamba_config=mamba_config)
 
 
 def train(ctx: TrainContext, forward_step_func: Callable, train_iterator, valid_iterator) -> None:
@@ -790,7 +860,6 @@ def pretrain(datasets_provider: Callable, model_provider: Callable, forward_step
     validate_profile_args(configs.training, _world_size_from_environment(), trace_dir=configs.logging.tensorboard_dir)
     start_memory_history(configs.training)
     ctx = setup(model_provider, configs)
-    ctx.args = args
     ctx.evaluation_hook = evaluation_hook
     if configs.checkpoint.ckpt_convert_format:
         return convert_checkpoint_format(ctx)
@@ -863,7 +932,7 @@ def convert_checkpoint_format(ctx: TrainContext) -> TrainContext:
             num_floating_point_operations_so_far=ctx.num_floating_point_operations_so_far,
             consumed_train_samples=ctx.consumed_train_samples, consumed_valid_samples=ctx.consumed_valid_samples,
             save_optim=not c.no_save_optim, save_rng=not c.no_save_rng, rng_tracker=ctx.run.rng_tracker,
-            ckpt_format=c.ckpt_convert_format)
+            ckpt_format=c.ckpt_convert_format, fp8_state=_fp8_state_to_save(ctx))
     print_rank_0(f"> converted the checkpoint of iteration {ctx.iteration} in {c.load} to "
                  f"{c.ckpt_convert_format} in {target}")
     return ctx

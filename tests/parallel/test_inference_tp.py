@@ -44,25 +44,31 @@ def _run(engine_or_runner):
     return out
 
 
-def _tp_worker(rank, world_size):
+def _tp_worker(rank, world_size, lead):
+    """Every rank builds the tensor-parallel engine; rank 0 returns lead(LeaderRunner) and shuts the
+    runner down, the other ranks run follower_loop (returning how many commands they ran)."""
     groups = ParallelGroups.build(ParallelConfig(tensor_model_parallel_size=world_size))
     model = tiny_model(seed=9, groups=groups, tensor_model_parallel_size=world_size, **MODEL)
     engine = InferenceEngine(model, TOK, groups=groups, max_batch_size=4)
     if rank == 0:
         runner = LeaderRunner(engine)
         try:
-            # A bad request fails on every rank before any collective; the loop carries on.
-            with pytest.raises(ValueError):
-                runner.generate_tokens([[1, 2]], SamplingParams(tokens_to_generate=0))
-            return _run(runner)
+            return lead(runner)
         finally:
             runner.shutdown()
     return follower_loop(engine)
 
 
+def _lead_generations(runner):
+    # A bad request fails on every rank before any collective; the loop carries on.
+    with pytest.raises(ValueError):
+        runner.generate_tokens([[1, 2]], SamplingParams(tokens_to_generate=0))
+    return _run(runner)
+
+
 def test_tp2_generation_equals_tp1():
     reference = _run(InferenceEngine(tiny_model(seed=9, **MODEL), TOK, max_batch_size=4))
-    results = run_distributed(_tp_worker, 2)
+    results = run_distributed(_tp_worker, 2, _lead_generations)
     assert results[1] == 4  # the follower ran the failing command and the four generations
     for (tokens, values), (ref_tokens, ref_values) in zip(results[0], reference):
         assert tokens == ref_tokens
@@ -75,17 +81,8 @@ def _ends_rows(step, tokens, active):
     return [step == 1, False, step == 3]
 
 
-def _callback_worker(rank, world_size):
-    groups = ParallelGroups.build(ParallelConfig(tensor_model_parallel_size=world_size))
-    model = tiny_model(seed=9, groups=groups, tensor_model_parallel_size=world_size, **MODEL)
-    engine = InferenceEngine(model, TOK, groups=groups, max_batch_size=4)
-    if rank == 0:
-        runner = LeaderRunner(engine)
-        try:
-            return runner.generate_tokens([TOK.tokenize(p) for p in PROMPTS], ENDED, _ends_rows).tokens
-        finally:
-            runner.shutdown()
-    return follower_loop(engine)
+def _lead_ended_rows(runner):
+    return runner.generate_tokens([TOK.tokenize(p) for p in PROMPTS], ENDED, _ends_rows).tokens
 
 
 def test_tp2_rows_ended_by_the_serving_callback_end_on_every_rank():
@@ -94,7 +91,7 @@ def test_tp2_rows_ended_by_the_serving_callback_end_on_every_rank():
     reference = InferenceEngine(tiny_model(seed=9, **MODEL), TOK, max_batch_size=4).generate_tokens(
         [TOK.tokenize(p) for p in PROMPTS], ENDED, _ends_rows).tokens
     assert [len(t) - len(p) for t, p in zip(reference, PROMPTS)] == [2, 10, 4]
-    results = run_distributed(_callback_worker, 2)
+    results = run_distributed(_tp_worker, 2, _lead_ended_rows)
     assert results[1] == 1
     assert results[0] == reference
 
@@ -112,18 +109,9 @@ class _Withdraws:
         return [False, True, False] if step >= 2 else None
 
 
-def _withdraw_worker(rank, world_size):
-    groups = ParallelGroups.build(ParallelConfig(tensor_model_parallel_size=world_size))
-    model = tiny_model(seed=9, groups=groups, tensor_model_parallel_size=world_size, **MODEL)
-    engine = InferenceEngine(model, TOK, groups=groups, max_batch_size=4)
-    if rank == 0:
-        runner = LeaderRunner(engine)
-        try:
-            first = runner.generate_tokens([TOK.tokenize(p) for p in PROMPTS], ENDED, None, _Withdraws()).tokens
-            return first, runner.generate_tokens([TOK.tokenize(p) for p in PROMPTS], GREEDY).tokens
-        finally:
-            runner.shutdown()
-    return follower_loop(engine)
+def _lead_withdrawn_rows(runner):
+    first = runner.generate_tokens([TOK.tokenize(p) for p in PROMPTS], ENDED, None, _Withdraws()).tokens
+    return first, runner.generate_tokens([TOK.tokenize(p) for p in PROMPTS], GREEDY).tokens
 
 
 def test_tp2_withdrawn_rows_end_on_every_rank():
@@ -133,6 +121,6 @@ def test_tp2_withdrawn_rows_end_on_every_rank():
     prompts = [TOK.tokenize(p) for p in PROMPTS]
     reference = engine.generate_tokens(prompts, ENDED, None, _Withdraws()).tokens
     assert [len(t) - len(p) for t, p in zip(reference, prompts)] == [6, 3, 6]
-    results = run_distributed(_withdraw_worker, 2)
+    results = run_distributed(_tp_worker, 2, _lead_withdrawn_rows)
     assert results[1] == 2
     assert results[0] == (reference, engine.generate_tokens(prompts, GREEDY).tokens)

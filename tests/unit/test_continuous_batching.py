@@ -109,28 +109,15 @@ def test_server_with_dynamic_batching_serves_concurrent_clients(engines):
     and /v1/completions, get what each request gives alone; the rows shared decode steps."""
     import concurrent.futures
 
-    import uvicorn
-
     from gigatron.core.inference.broadcast import LocalRunner
     from gigatron.core.inference.server.app import build_app
-    from tests.parallel.harness import free_port
+    from gigatron.core.inference.server.background import serve_in_background
 
     engine, reference = engines
     app = build_app(LocalRunner(engine), TOK, max_batch_size=4, max_sequence_length=64, dynamic_batching=True,
                     max_requests=3, prefill_chunk=5)
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    import time
-    for _ in range(200):
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.05)
-    try:
+    with serve_in_background(app) as srv:
+        url = srv.url
         prompts = [PROMPTS[i % len(PROMPTS)] for i in range(12)]
         lengths = [3 + (7 * i) % 11 for i in range(12)]
         barrier = threading.Barrier(12)
@@ -158,10 +145,6 @@ def test_server_with_dynamic_batching_serves_concurrent_clients(engines):
         r = httpx.post(url + "/v1/completions", json={"prompt": "hello", "max_tokens": 0, "echo": True, "logprobs": 1},
                        timeout=60)
         assert r.status_code == 200 and len(r.json()["choices"][0]["logprobs"]["tokens"]) == 5
-    finally:
-        srv.should_exit = True
-        thread.join(timeout=10)
-        app.state.scheduler.close()
 
 
 def test_serving_benchmark_cpu_smoke(tmp_path, capsys):
@@ -254,11 +237,9 @@ def test_a_client_that_goes_away_frees_its_slot(engines):
     step (slow steps: 20 ms each) and a waiting request takes the slot."""
     import time
 
-    import uvicorn
-
     from gigatron.core.inference.broadcast import LocalRunner
     from gigatron.core.inference.server.app import build_app
-    from tests.parallel.harness import free_port
+    from gigatron.core.inference.server.background import serve_in_background
 
     engine, _ = engines
     app = build_app(LocalRunner(engine), TOK, max_batch_size=4, max_sequence_length=64, dynamic_batching=True,
@@ -273,18 +254,8 @@ def test_a_client_that_goes_away_frees_its_slot(engines):
         return out
 
     batcher.step = slow_step
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(200):
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.05)
-    try:
+    with serve_in_background(app) as srv:
+        url = srv.url
         ban = {str(TOK.eod): -100}  # no early end-of-document
         payload = {"prompt": "ab", "max_tokens": 55, "temperature": 0, "stream": True, "logit_bias": ban}
         with httpx.stream("POST", url + "/v1/completions", json=payload, timeout=30) as r:
@@ -296,7 +267,3 @@ def test_a_client_that_goes_away_frees_its_slot(engines):
         assert r.status_code == 200 and len(r.json()["choices"][0]["text"]) == 3
         # The first row ended long before its 55 tokens (at 20 ms a step), which freed the one slot.
         assert ended[0].prompt == TOK.tokenize("ab") and len(ended[0].generated) < 40
-    finally:
-        srv.should_exit = True
-        thread.join(timeout=10)
-        app.state.scheduler.close()

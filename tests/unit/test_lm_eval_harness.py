@@ -14,10 +14,7 @@ import json
 import os
 import string
 import sys
-import threading
-import time
 
-import httpx
 import pytest
 import torch
 
@@ -110,9 +107,8 @@ def _write_tasks(folder, model, tokenizer):
 def harness_setup(tmp_path_factory):
     """The HF folder, the tasks, and a server per scheduler: harness_setup[1](name) -> url."""
     import gigatron
-    import uvicorn
+    from gigatron.core.inference.server.background import serve_in_background
     from gigatron.core.tokenizers.huggingface import HuggingFaceTokenizer
-    from tests.parallel.harness import free_port
 
     os.environ["HF_DATASETS_OFFLINE"] = "1"
     os.environ["HF_HUB_OFFLINE"] = "1"
@@ -133,19 +129,8 @@ def harness_setup(tmp_path_factory):
             app = build_app(LocalRunner(engine), tokenizer, max_batch_size=8, max_sequence_length=CONTEXT,
                             model_name=MODEL, dynamic_batching=scheduler == "continuous", max_requests=3,
                             prefill_chunk=16)
-            port = free_port()
-            srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-            thread = threading.Thread(target=srv.run, daemon=True)
-            thread.start()
-            url = f"http://127.0.0.1:{port}"
-            for _ in range(200):
-                try:
-                    if httpx.get(url + "/health", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    time.sleep(0.05)
-            servers[scheduler] = (url, srv, thread, app)
-        return servers[scheduler][0]
+            servers[scheduler] = serve_in_background(app)
+        return servers[scheduler].url
 
     hf_results = {}
 
@@ -156,10 +141,8 @@ def harness_setup(tmp_path_factory):
         return hf_results
 
     yield url_of, hf_dir, str(root), tasks, hf_reference
-    for url, srv, thread, app in servers.values():
-        srv.should_exit = True
-        thread.join(timeout=10)
-        app.state.scheduler.close()
+    for srv in servers.values():
+        srv.stop()
 
 
 def _evaluate(model, model_args, root, tasks):

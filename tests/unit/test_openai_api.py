@@ -6,8 +6,6 @@ and OpenAI's error bodies."""
 
 import os
 import sys
-import threading
-import time
 
 import httpx
 import pytest
@@ -21,30 +19,13 @@ from _inference_fixtures import CharTokenizer, tiny_model  # noqa: E402
 from gigatron.core.inference.broadcast import LocalRunner  # noqa: E402
 from gigatron.core.inference.engine import InferenceEngine, SamplingParams  # noqa: E402
 from gigatron.core.inference.server.app import build_app  # noqa: E402
+from gigatron.core.inference.server.background import serve_in_background  # noqa: E402
 from gigatron.core.inference.server.validation import ServerDefaults  # noqa: E402
 
 TOK = CharTokenizer()
 MODEL = "tiny-gpt"
 TEMPLATE = ("{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
             "{% if add_generation_prompt %}assistant:{% endif %}")
-
-
-def _start(app):
-    import uvicorn
-    from tests.parallel.harness import free_port
-
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(200):
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.05)
-    return url, srv, thread
 
 
 @pytest.fixture(scope="module", params=["static", "continuous"])
@@ -60,12 +41,9 @@ def served(request):
                     defaults=ServerDefaults(tokens_to_generate=8), model_name=MODEL, chat_template=TEMPLATE,
                     dynamic_batching=request.param == "continuous", max_requests=3, prefill_chunk=4)
     assert type(app.state.scheduler).__name__ == ("ContinuousScheduler" if request.param == "continuous" else "Scheduler")
-    url, srv, thread = _start(app)
-    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
-    yield client, Reference(reference, request.param == "continuous"), url
-    srv.should_exit = True
-    thread.join(timeout=10)
-    app.state.scheduler.close()
+    with serve_in_background(app) as srv:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        yield client, Reference(reference, request.param == "continuous"), srv.url
     torch.set_num_threads(threads)
 
 
@@ -318,15 +296,10 @@ def test_chat_without_a_template_is_a_clear_400():
     model = tiny_model(seed=11)
     engine = InferenceEngine(model, TOK, max_batch_size=2)
     app = build_app(LocalRunner(engine), TOK, max_batch_size=2, max_sequence_length=64, model_name=MODEL)
-    url, srv, thread = _start(app)
-    try:
-        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    with serve_in_background(app) as srv:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=60)
         with pytest.raises(openai.BadRequestError, match="--chat-template"):
             client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}])
-    finally:
-        srv.should_exit = True
-        thread.join(timeout=10)
-        app.state.scheduler.close()
 
 
 def test_chat_templates_from_files(tmp_path):

@@ -19,6 +19,7 @@ from _inference_fixtures import CharTokenizer, tiny_model  # noqa: E402
 from gigatron.core.inference.broadcast import LocalRunner  # noqa: E402
 from gigatron.core.inference.engine import InferenceEngine, SamplingParams  # noqa: E402
 from gigatron.core.inference.server.app import build_app  # noqa: E402
+from gigatron.core.inference.server.background import serve_in_background  # noqa: E402
 from gigatron.core.inference.server.validation import ServerDefaults  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -28,9 +29,6 @@ MAX_BATCH = 4
 
 @pytest.fixture(scope="module")
 def server():
-    import uvicorn
-    from tests.parallel.harness import free_port
-
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     model = tiny_model(seed=5, position_embedding_type="rope")
@@ -38,22 +36,8 @@ def server():
     reference = InferenceEngine(model, TOK, max_batch_size=MAX_BATCH)  # its own KV cache
     app = build_app(LocalRunner(engine), TOK, max_batch_size=MAX_BATCH, max_sequence_length=engine.max_sequence_length,
                     defaults=ServerDefaults(tokens_to_generate=8))
-    port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
-    srv = uvicorn.Server(config)
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(200):
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.05)
-    yield url, reference, app
-    srv.should_exit = True
-    thread.join(timeout=10)
-    app.state.scheduler.close()
+    with serve_in_background(app) as srv:
+        yield srv.url, reference, app
     torch.set_num_threads(threads)
 
 
@@ -102,28 +86,12 @@ GUARDED_LIMIT = 2000
 @pytest.fixture(scope="module")
 def guarded():
     """A server with a small body limit, a slow tokenizer and slow decode steps."""
-    import uvicorn
-    from tests.parallel.harness import free_port
-
     model = tiny_model(seed=5, position_embedding_type="rope")
     runner = SlowRunner(InferenceEngine(model, TOK, max_batch_size=MAX_BATCH))
     app = build_app(runner, SlowTokenizer(), max_batch_size=MAX_BATCH, max_sequence_length=64,
                     defaults=ServerDefaults(tokens_to_generate=4), max_request_bytes=GUARDED_LIMIT)
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(200):
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.05)
-    yield url, runner
-    srv.should_exit = True
-    thread.join(timeout=10)
-    app.state.scheduler.close()
+    with serve_in_background(app) as srv:
+        yield srv.url, runner
 
 
 def test_bodies_over_the_limit_get_413(guarded):

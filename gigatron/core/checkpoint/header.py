@@ -6,6 +6,9 @@
     iteration                              the iteration the checkpoint was saved after
     num_floating_point_operations_so_far   for Megatron's throughput logging
     consumed_train_samples / consumed_valid_samples
+    fp8_state                              optional: an FP8 run's delayed-scaling state, the whole
+                                           model's, {linear name: {amax_history, scale}}
+                                           (gigatron.core.fp8.model); the loaders hand it back
 
 The `torch` layout stores these keys at the top level of every rank's file; torch_dist stores them
 in common.pt's `extra_state`. Built here only, so both formats (and the converters) agree.

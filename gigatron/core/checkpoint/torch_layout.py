@@ -41,7 +41,7 @@ from gigatron.core.checkpoint.io import (
 )
 from gigatron.core.checkpoint.paths import checkpoint_dir, write_tracker
 from gigatron.core.checkpoint.state import ModelState, TrainingState
-from gigatron.core.checkpoint.tp_layout import merge_from_tp
+from gigatron.core.checkpoint.tp_layout import mamba_segments, merge_from_tp
 
 __all__ = [
     "NAME",
@@ -70,6 +70,7 @@ _EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(.+)$")
 
 # Megatron-LM's Transformer Engine layer spec fuses the norms into the following linear layer.
 _TE_NORM_NAMES = {
+    "mixer.in_proj.layer_norm_weight": "norm.weight",
     "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
     "self_attention.linear_qkv.layer_norm_bias": "input_layernorm.bias",
     "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
@@ -241,7 +242,7 @@ def _check_expert_layout(args: dict) -> None:
 
 
 def _merge_stage(states: dict, key: str, pp_rank: int, sizes: Tuple[int, int], offset: int, local_experts: int,
-                 swiglu: bool, merged: Dict[str, torch.Tensor]) -> int:
+                 args: dict, merged: Dict[str, torch.Tensor]) -> int:
     """Merge one model chunk of one pipeline rank over its tp (and ep) ranks into `merged`
     (global layer numbers from `offset`); returns the number of layers it holds."""
     tp_size, ep_size = sizes
@@ -269,7 +270,8 @@ def _merge_stage(states: dict, key: str, pp_rank: int, sizes: Tuple[int, int], o
                 global_name = name
             if global_name in merged:
                 continue  # the tied output layer's copy on the last stage
-            merged[global_name] = merge_from_tp(global_name, tensor_list, swiglu)
+            segments = mamba_segments(global_name, args) if tp_size > 1 else None
+            merged[global_name] = merge_from_tp(global_name, tensor_list, bool(args.get("swiglu")), segments)
     if local_layers and sorted(local_layers) != list(range(len(local_layers))):
         raise CheckpointError(f"pipeline rank {pp_rank} ({key}) holds layers {sorted(local_layers)}; expected 0..n-1")
     return len(local_layers)
@@ -313,7 +315,7 @@ def read_model(iter_dir: str, allow_namespace: bool = False,
         for pp_rank in range(pp_size):
             key = _chunk_keys(states[(0, pp_rank, 0)])[v]
             offset += _merge_stage(states, key, pp_rank, (tp_size, ep_size), offset, num_experts // ep_size,
-                                   bool(args.get("swiglu")), merged)
+                                   args, merged)
     if "embedding.word_embeddings.weight" not in merged:
         raise CheckpointError(f"{iter_dir} holds no embedding.word_embeddings.weight; it is not a GPT checkpoint")
     if args.get("num_layers") is not None and int(args["num_layers"]) != offset:
@@ -496,6 +498,7 @@ def load_training_state(iter_dir: str, model_chunks: Sequence[torch.nn.Module], 
                                                 saved_args.get("consumed_train_samples", 0)) or 0),
         "consumed_valid_samples": int(state.get("consumed_valid_samples",
                                                 saved_args.get("consumed_valid_samples", 0)) or 0),
+        "fp8_state": state.get("fp8_state"),
     }
     return TrainingState(
         header=header, path=path, optimizer_loaded=optimizer is not None,

@@ -14,7 +14,7 @@ FP8 weight gradients on, ``--fp8-param-gather`` off, ``--first-last-layers-bf16`
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 
@@ -40,27 +40,29 @@ __all__ = [
 
 @dataclass
 class FP8Config:
-    fp8: Optional[str] = None
+    fp8: Optional[Literal["e4m3", "hybrid"]] = None
     """Which FP8 format to use for the linear layers' GEMMs (flag --fp8-format): e4m3 (E4M3 for
     activations, weights and gradients) or hybrid (E4M3 forward, E5M2 for the gradients). Unset:
     no FP8."""
-    fp8_recipe: str = "delayed"
+    fp8_recipe: Literal["tensorwise", "delayed", "blockwise", "mxfp8", "custom"] = "delayed"
     """FP8 scaling recipe: tensorwise (each tensor scaled by its own current amax), delayed (scales
     from an amax history of earlier steps), blockwise (DeepSeek-V3: 1x128 tiles for activations and
-    gradients, 128x128 blocks for weights) or mxfp8 (Blackwell only)."""
+    gradients, 128x128 blocks for weights); mxfp8 (Blackwell) and custom (a Transformer Engine
+    quantizer factory) are refused."""
     fp8_margin: int = 0
     """Scaling margin for --fp8-recipe delayed: scales are divided by 2^margin, leaving headroom
     for values larger than the recorded amax."""
     fp8_amax_history_len: int = 1
     """Number of steps of amax history kept per tensor for --fp8-recipe delayed."""
-    fp8_amax_compute_algo: str = "most_recent"
+    fp8_amax_compute_algo: Literal["max", "most_recent"] = "most_recent"
     """How --fp8-recipe delayed derives the amax for the next scale from the history: max (the
     largest amax in the history) or most_recent (the amax of the last step)."""
     fp8_wgrad: bool = True
     """Run the weight-gradient GEMM in FP8 (--no-fp8-wgrad runs it in the activation dtype)."""
     fp8_param_gather: bool = False
     """Keep the compute weights in FP8 and all-gather them in FP8 with the distributed optimizer
-    (half the bytes of a bf16 parameter all-gather); needs --use-distributed-optimizer."""
+    (half the bytes of a bf16 parameter all-gather); needs --use-distributed-optimizer. Not
+    implemented yet: pretrain refuses it."""
     first_last_layers_bf16: bool = False
     """Run the first and last transformer layers in bf16 instead of FP8 (how many: --num-layers-at-
     start-in-bf16 and --num-layers-at-end-in-bf16)."""
@@ -68,6 +70,9 @@ class FP8Config:
     """Number of layers at the start of the model kept in bf16 with --first-last-layers-bf16."""
     num_layers_at_end_in_bf16: int = 1
     """Number of layers at the end of the model kept in bf16 with --first-last-layers-bf16."""
+    fp8_interval: int = 1
+    """Deprecated in Megatron-LM, which ignores it; accepted (and ignored) so that its launch
+    scripts run: the delayed recipe updates its scales after every iteration."""
 
     def __post_init__(self) -> None:
         _check_format(self)

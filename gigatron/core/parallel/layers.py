@@ -17,6 +17,12 @@ the parameter's name in the module handed to initialize_parameters (optionally m
 
 `config` is a TransformerConfig; the layers read `sequence_parallel`, `params_dtype` and
 `use_cpu_initialization` from it.
+
+FP8: `enable_fp8(recipe, state)` makes a Column/RowParallelLinear run its three GEMMs through
+gigatron.core.fp8 (`fp8_linear`; under sequence parallelism the column-parallel input is all-gathered
+in FP8 by `fp8_linear_with_sequence_parallel_gather`). `fp8_recipe` (None: the layer computes in its
+parameters' dtype) and `fp8_state` (the delayed recipe's FP8LinearState) are plain attributes: no
+parameter, no buffer, nothing in the state_dict. gigatron.core.fp8.model decides which layers.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from .groups import Group
 from .mappings import (
     all_gather,
     copy_to_tensor_parallel_region,
+    gather_from_sequence_parallel_region,
     gather_from_tensor_parallel_region,
     reduce_from_tensor_parallel_region,
     reduce_scatter,
@@ -67,6 +74,26 @@ def _param_device(config) -> torch.device:
 
 def _child_key(init_key: Optional[str], name: str) -> Optional[str]:
     return None if init_key is None else f"{init_key}.{name}"
+
+
+class _FP8Switch:
+    """The FP8 attributes shared by the two parallel linears (see the module docstring)."""
+
+    fp8_recipe = None
+    fp8_state = None
+
+    def enable_fp8(self, recipe, state=None) -> None:
+        """Run this layer's GEMMs in FP8 with `recipe` (an FP8Recipe); `state` is the layer's
+        FP8LinearState, required by the delayed recipe."""
+        if recipe.kind == "delayed" and state is None:
+            raise ValueError(f"{type(self).__name__}: --fp8-recipe delayed needs the layer's FP8LinearState")
+        self.fp8_recipe = recipe
+        self.fp8_state = state
+
+    def _fp8_linear(self, x, weight, bias):
+        from gigatron.core.fp8 import fp8_linear
+
+        return fp8_linear(x, weight, bias, self.fp8_recipe, self.fp8_state)
 
 
 class _LinearWithSequenceParallelGather(torch.autograd.Function):
@@ -110,7 +137,7 @@ def linear_with_sequence_parallel_gather(x: torch.Tensor, weight: torch.Tensor, 
     return _LinearWithSequenceParallelGather.apply(x, weight, bias, group)
 
 
-class ColumnParallelLinear(torch.nn.Module):
+class ColumnParallelLinear(_FP8Switch, torch.nn.Module):
     """Y = X A^T + b with A split along its output dim: this rank holds A's rows [out/t, in].
 
     forward(x [s, b, in], or [s/t, b, in] with sequence parallel, weight=None)
@@ -177,7 +204,9 @@ class ColumnParallelLinear(torch.nn.Module):
             raise ValueError(f"ColumnParallelLinear: weight of shape {tuple(weight.shape)} given, expected "
                              f"{(self.output_size_per_partition, self.input_size)}")
         bias = None if self.skip_bias_add else self.bias
-        if self.sequence_parallel:
+        if self.fp8_recipe is not None:
+            y = self._fp8_forward(x, weight, bias)  # [s, b, out/t]
+        elif self.sequence_parallel:
             y = linear_with_sequence_parallel_gather(x, weight, bias, self.tp)  # [s, b, out/t]
         else:
             y = F.linear(copy_to_tensor_parallel_region(x, self.tp), weight, bias)  # [s, b, out/t]
@@ -185,13 +214,24 @@ class ColumnParallelLinear(torch.nn.Module):
             y = gather_from_tensor_parallel_region(y, self.tp)  # [s, b, out]
         return y, (self.bias if self.skip_bias_add else None)
 
+    def _fp8_forward(self, x, weight, bias):
+        if not self.sequence_parallel:
+            return self._fp8_linear(copy_to_tensor_parallel_region(x, self.tp), weight, bias)  # [s, b, out/t]
+        if self.fp8_recipe.wgrad_in_fp8:
+            from gigatron.core.fp8 import fp8_linear_with_sequence_parallel_gather
+
+            return fp8_linear_with_sequence_parallel_gather(x, weight, bias, self.fp8_recipe, self.fp8_state,
+                                                            self.tp)  # [s, b, out/t], x gathered in FP8
+        # --no-fp8-wgrad: the weight gradient needs the high-precision input, gathered in its dtype.
+        return self._fp8_linear(gather_from_sequence_parallel_region(x, self.tp), weight, bias)  # [s, b, out/t]
+
     def extra_repr(self) -> str:
         return (f"in={self.input_size}, out={self.output_size}, tp={self.tp.size}, "
                 f"bias={self.bias is not None}, gather_output={self.gather_output}, "
-                f"sequence_parallel={self.sequence_parallel}")
+                f"sequence_parallel={self.sequence_parallel}" + (f", fp8={self.fp8_recipe.kind}" if self.fp8_recipe else ""))
 
 
-class RowParallelLinear(torch.nn.Module):
+class RowParallelLinear(_FP8Switch, torch.nn.Module):
     """Y = X A^T + b with A split along its input dim: this rank holds A's columns [out, in/t].
 
     forward(x [s, b, in/t]) -> (y [s, b, out] ([s/t, b, out] with sequence parallel), bias or None)
@@ -243,7 +283,10 @@ class RowParallelLinear(torch.nn.Module):
     def forward(self, x: torch.Tensor):
         if not self.input_is_parallel:
             x = scatter_to_tensor_parallel_region(x, self.tp)  # [s, b, in/t]
-        partial = F.linear(x, self.weight)  # [s, b, out], a partial sum over tp
+        if self.fp8_recipe is not None:
+            partial = self._fp8_linear(x, self.weight, None)  # [s, b, out], a partial sum over tp
+        else:
+            partial = F.linear(x, self.weight)  # [s, b, out], a partial sum over tp
         if self.sequence_parallel:
             y = reduce_scatter_to_sequence_parallel_region(partial, self.tp)  # [s/t, b, out]
         else:
@@ -256,7 +299,8 @@ class RowParallelLinear(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in={self.input_size}, out={self.output_size}, tp={self.tp.size}, "
-                f"bias={self.bias is not None}, sequence_parallel={self.sequence_parallel}")
+                f"bias={self.bias is not None}, sequence_parallel={self.sequence_parallel}"
+                + (f", fp8={self.fp8_recipe.kind}" if self.fp8_recipe else ""))
 
 
 class VocabParallelEmbedding(torch.nn.Module):

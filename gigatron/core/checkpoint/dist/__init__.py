@@ -177,7 +177,7 @@ def load_training_state(iter_dir: str, model_chunks: Sequence[torch.nn.Module], 
         missing = (f"{iter_dir} was saved with another parallel layout ({saved_layout}); the random number "
                    "generators are not restored")
     header = {key: extra.get(key) for key in ("args", "iteration", "num_floating_point_operations_so_far",
-                                              "consumed_train_samples", "consumed_valid_samples")}
+                                              "consumed_train_samples", "consumed_valid_samples", "fp8_state")}
     header.update(iteration=int(extra["iteration"]),
                   num_floating_point_operations_so_far=float(extra.get("num_floating_point_operations_so_far", 0.0)),
                   consumed_train_samples=int(extra.get("consumed_train_samples", 0) or 0),

@@ -319,6 +319,17 @@ def build_app(runner, tokenizer, *, max_batch_size: int, max_sequence_length: in
     def sse(obj) -> str:
         return "data: " + json.dumps(obj) + "\n\n"
 
+    def chunk_writer(object_name: str, ident: str, created: int, include_usage: bool):
+        """chunk(choices, **extra) -> the SSE text of one chunk of a streamed answer; with
+        stream_options.include_usage every chunk has a "usage" key (null but in the closing one)."""
+        def chunk(choices, **extra):
+            body = {"id": ident, "object": object_name, "created": created, "model": model_name,
+                    "choices": choices, **extra}
+            if include_usage and "usage" not in body:
+                body["usage"] = None
+            return sse(body)
+        return chunk
+
     def streamed(request: Request, job: Job, events: "_LoopQueue", render, on_result, closing):
         """The StreamingResponse of a streamed OpenAI request: the worker thread's events (put by
         the tracker, then by on_result(result) once the job is done) become chunks through
@@ -504,12 +515,7 @@ def build_app(runner, tokenizer, *, max_batch_size: int, max_sequence_length: in
             return {"id": ident, "object": "text_completion", "created": created, "model": model_name,
                     "choices": choices, "usage": usage(prompt_tokens, tracker)}
 
-        def chunk(choices, **extra):
-            body = {"id": ident, "object": "text_completion", "created": created, "model": model_name,
-                    "choices": choices, **extra}
-            if req.include_usage and "usage" not in body:
-                body["usage"] = None
-            return sse(body)
+        chunk = chunk_writer("text_completion", ident, created, req.include_usage)
 
         def render(item):
             if item[0] == "start":  # echoed prompts without log-probabilities need no model work
@@ -597,12 +603,7 @@ def build_app(runner, tokenizer, *, max_batch_size: int, max_sequence_length: in
             return {"id": ident, "object": "chat.completion", "created": created, "model": model_name,
                     "choices": choices, "usage": usage([ids], tracker)}
 
-        def chunk(choices, **extra):
-            body = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model_name,
-                    "choices": choices, **extra}
-            if req.include_usage and "usage" not in body:
-                body["usage"] = None
-            return sse(body)
+        chunk = chunk_writer("chat.completion.chunk", ident, created, req.include_usage)
 
         def render(item):
             if item[0] == "start":

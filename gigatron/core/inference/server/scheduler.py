@@ -59,8 +59,11 @@ def _merge(results: List[GenerationResult]) -> GenerationResult:
                             top_logprobs=cat("top_logprobs"), prompt_top_logprobs=cat("prompt_top_logprobs"))
 
 
-class Scheduler:
-    """Scheduler(runner, max_batch_size).submit(job) -> job.future (a GenerationResult or BeamResult)."""
+class _QueueWorker:
+    """The queue both schedulers share: submit appends a job and wakes the one worker thread, which
+    runs the subclass's _work; close finishes the queued (and running) jobs, then stops the worker
+    and the runner (followers leave their loop). A subclass defines _work and sets its own state
+    before calling __init__, which starts the thread."""
 
     def __init__(self, runner, max_batch_size: int):
         self.runner = runner
@@ -68,8 +71,6 @@ class Scheduler:
         self._queue: collections.deque = collections.deque()
         self._cond = threading.Condition()
         self._closed = False
-        self.batches_run = 0
-        self.largest_batch = 0
         self._thread = threading.Thread(target=self._work, name="generation-worker", daemon=True)
         self._thread.start()
 
@@ -82,12 +83,42 @@ class Scheduler:
         return job.future
 
     def close(self) -> None:
-        """Finish the queued jobs, then stop the worker and the runner (followers leave their loop)."""
+        """Finish the queued and running jobs, then stop the worker and the runner (followers leave
+        their loop)."""
         with self._cond:
             self._closed = True
             self._cond.notify()
         self._thread.join()
         self.runner.shutdown()
+
+
+def _beam_search(runner, job: Job):
+    width, stop_token, length_penalty = job.beam
+    return runner.beam_search_tokens(job.prompt_tokens[0], job.params.tokens_to_generate, width, stop_token,
+                                     length_penalty)
+
+
+def _chunk_calls(job: Job, size: int):
+    """For each batch of at most size of the job's prompts: (prompts, on_step, cancelled) for
+    runner.generate_tokens, the job's on_step told the batch's row offset."""
+    for lo in range(0, len(job.prompt_tokens), size):
+        chunk = job.prompt_tokens[lo: lo + size]
+        on_step = None
+        if job.on_step is not None:
+            # Streaming a request split into batches: rows are reported with their offset.
+            def on_step(step, tokens, active, lo=lo, **scores):
+                return job.on_step(step, tokens, active, offset=lo, **scores)
+            on_step.wants_logprobs = job.wants_logprobs
+        yield chunk, on_step, lambda size=len(chunk): [True] * size if job.withdrawn else None
+
+
+class Scheduler(_QueueWorker):
+    """Scheduler(runner, max_batch_size).submit(job) -> job.future (a GenerationResult or BeamResult)."""
+
+    def __init__(self, runner, max_batch_size: int):
+        self.batches_run = 0
+        self.largest_batch = 0
+        super().__init__(runner, max_batch_size)
 
     def _next_batch(self) -> Optional[List[Job]]:
         with self._cond:
@@ -121,11 +152,7 @@ class Scheduler:
                 continue
             try:
                 if batch[0].beam is not None:
-                    job = batch[0]
-                    width, stop_token, length_penalty = job.beam
-                    result = self.runner.beam_search_tokens(job.prompt_tokens[0], job.params.tokens_to_generate,
-                                                            width, stop_token, length_penalty)
-                    job.future.set_result(result)
+                    batch[0].future.set_result(_beam_search(self.runner, batch[0]))
                 elif len(batch) == 1 and len(batch[0].prompt_tokens) > self.max_batch_size:
                     self._run_in_chunks(batch[0])
                 else:
@@ -173,22 +200,13 @@ class Scheduler:
 
     def _run_in_chunks(self, job: Job) -> None:
         results = []
-        n = self.max_batch_size
-        for lo in range(0, len(job.prompt_tokens), n):
+        for chunk, on_step, cancelled in _chunk_calls(job, self.max_batch_size):
             if job.withdrawn:
                 job.future.set_exception(concurrent.futures.CancelledError("the client went away"))
                 return
-            chunk = job.prompt_tokens[lo: lo + n]
-            on_step = None
-            if job.on_step is not None:
-                # Streaming a request split into batches: rows are reported with their offset.
-                def on_step(step, tokens, active, lo=lo, **scores):
-                    return job.on_step(step, tokens, active, offset=lo, **scores)
-                on_step.wants_logprobs = job.wants_logprobs
             self.batches_run += 1
             self.largest_batch = max(self.largest_batch, len(chunk))
-            results.append(self.runner.generate_tokens(chunk, job.params, on_step,
-                                                       lambda size=len(chunk): [True] * size if job.withdrawn else None))
+            results.append(self.runner.generate_tokens(chunk, job.params, on_step, cancelled))
         job.future.set_result(_merge(results))
 
 
@@ -201,7 +219,7 @@ def _slice(result: GenerationResult, lo: int, hi: int) -> GenerationResult:
                             prompt_top_logprobs=part(result.prompt_top_logprobs))
 
 
-class ContinuousScheduler:
+class ContinuousScheduler(_QueueWorker):
     """ContinuousScheduler(runner, max_requests, prefill_chunk).submit(job) -> job.future: the rows
     of every request join one running batch (gigatron.core.inference.continuous) as slots free up
     and leave it when they end, so a short request does not wait for a long one. Jobs the
@@ -212,14 +230,8 @@ class ContinuousScheduler:
     def __init__(self, runner, max_requests: int, prefill_chunk: int = 256):
         from gigatron.core.inference.continuous import ContinuousBatcher
 
-        self.runner = runner
         self.batcher = ContinuousBatcher(runner.engine, max_requests, prefill_chunk)
-        self.max_batch_size = int(max_requests)
-        self._queue: collections.deque = collections.deque()
-        self._cond = threading.Condition()
-        self._closed = False
-        self._thread = threading.Thread(target=self._work, name="generation-worker", daemon=True)
-        self._thread.start()
+        super().__init__(runner, max_requests)
 
     @property
     def batches_run(self) -> int:
@@ -228,22 +240,6 @@ class ContinuousScheduler:
     @property
     def largest_batch(self) -> int:
         return self.batcher.largest_batch
-
-    def submit(self, job: Job) -> concurrent.futures.Future:
-        with self._cond:
-            if self._closed:
-                raise RuntimeError("the generation worker has stopped")
-            self._queue.append(job)
-            self._cond.notify()
-        return job.future
-
-    def close(self) -> None:
-        """Finish the queued and running jobs, then stop the worker and the runner."""
-        with self._cond:
-            self._closed = True
-            self._cond.notify()
-        self._thread.join()
-        self.runner.shutdown()
 
     def _work(self) -> None:
         from gigatron.core.inference.continuous import continuous_capable
@@ -280,21 +276,10 @@ class ContinuousScheduler:
     def _run_static(self, job: Job) -> None:
         try:
             if job.beam is not None:
-                width, stop_token, length_penalty = job.beam
-                job.future.set_result(self.runner.beam_search_tokens(job.prompt_tokens[0], job.params.tokens_to_generate,
-                                                                     width, stop_token, length_penalty))
+                job.future.set_result(_beam_search(self.runner, job))
                 return
-            results = []
-            n = self.runner.engine.max_batch_size
-            for lo in range(0, len(job.prompt_tokens), n):
-                chunk = job.prompt_tokens[lo: lo + n]
-                on_step = None
-                if job.on_step is not None:
-                    def on_step(step, tokens, active, lo=lo, **scores):
-                        return job.on_step(step, tokens, active, offset=lo, **scores)
-                    on_step.wants_logprobs = job.wants_logprobs
-                results.append(self.runner.generate_tokens(chunk, job.params, on_step,
-                                                           lambda size=len(chunk): [True] * size if job.withdrawn else None))
+            results = [self.runner.generate_tokens(chunk, job.params, on_step, cancelled)
+                       for chunk, on_step, cancelled in _chunk_calls(job, self.runner.engine.max_batch_size)]
             job.future.set_result(_merge(results))
         except BaseException as exc:
             job.future.set_exception(exc)

@@ -21,6 +21,8 @@ experts at any expert/expert-tensor parallel size, in SequentialMLP and GroupedM
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
@@ -93,11 +95,28 @@ def _param_device(config) -> torch.device:
 
 
 class _ExpertLinear(nn.Module):
-    """Holds one expert projection's weight (no communication: the dispatcher does it)."""
+    """Holds one expert projection's weight (no communication: the dispatcher does it).
 
-    def __init__(self, weight: nn.Parameter):
+    forward(x [n, in]) -> x W^T [n, out]; in FP8 after `enable_fp8` (gigatron.core.fp8.model),
+    `fp8_key` naming it by its global expert number."""
+
+    def __init__(self, weight: nn.Parameter, fp8_key: Optional[str] = None):
         super().__init__()
         self.weight = weight
+        self.fp8_key = fp8_key
+        self.fp8_recipe = None
+        self.fp8_state = None
+
+    def enable_fp8(self, recipe, state=None) -> None:
+        self.fp8_recipe = recipe
+        self.fp8_state = state
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fp8_recipe is not None and x.shape[0] > 0:
+            from gigatron.core.fp8 import fp8_linear
+
+            return fp8_linear(x, self.weight, None, self.fp8_recipe, self.fp8_state)
+        return x @ self.weight.t()
 
 
 class _ExpertsBase(nn.Module):
@@ -151,8 +170,8 @@ class SequentialMLP(_ExpertsBase):
             fc1 = self._new_param((self.fc1_local, self.hidden), 0, 2 if self.swiglu else 1,
                                   self._init("fc1", [g], grouped=False), "fc1")
             fc2 = self._new_param((self.hidden, self.ffn_local), 1, 1, self._init("fc2", [g], grouped=False), "fc2")
-            expert.linear_fc1 = _ExpertLinear(fc1)
-            expert.linear_fc2 = _ExpertLinear(fc2)
+            expert.linear_fc1 = _ExpertLinear(fc1, f"{self.key}.local_experts.{g}.linear_fc1")
+            expert.linear_fc2 = _ExpertLinear(fc2, f"{self.key}.local_experts.{g}.linear_fc2")
             experts.append(expert)
         self.local_experts = nn.ModuleList(experts)
 
@@ -161,8 +180,8 @@ class SequentialMLP(_ExpertsBase):
         pieces = torch.split(rows, counts, dim=0)
         outs = []
         for expert, piece in zip(self.local_experts, pieces):
-            inter = piece @ expert.linear_fc1.weight.t()  # [n_j, fo/t]
-            outs.append(self.activation(inter) @ expert.linear_fc2.weight.t())  # [n_j, h]
+            inter = expert.linear_fc1(piece)  # [n_j, fo/t]
+            outs.append(expert.linear_fc2(self.activation(inter)))  # [n_j, h]
         return torch.cat(outs, dim=0) if outs else rows.new_zeros(0, self.hidden)  # [N, h]
 
 
