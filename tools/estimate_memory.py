@@ -22,6 +22,12 @@ loss), of which the output layer and loss, the peak of the temporary buffers, an
 caching allocator's reserve and the CUDA context are separate columns set by
 --allocator-overhead-fraction and --cuda-context-gib.
 
+A hybrid Mamba model (pretrain_mamba.py's flags) is estimated when the flags name one: --spec
+megatron.core.models.mamba.mamba_layer_specs mamba_stack_spec, --hybrid-override-pattern /
+--hybrid-layer-pattern, --hybrid-attention-ratio / --hybrid-mlp-ratio or --is-hybrid-model; the
+--mamba-* flags size its Mamba layers, and each layer counts the parameters and activations of its
+kind.
+
 With --device-memory-gib G it also names the largest micro-batch size (dividing the global batch
 per data-parallel rank) whose busiest stage fits in G GiB.
 """
@@ -41,6 +47,9 @@ DEFAULT_VOCAB_SIZE = 50257  # GPT-2's ids, when no tokenizer or vocabulary size 
 
 
 def _extra_args(parser: argparse.ArgumentParser) -> None:
+    from gigatron.training.mamba import extra_args_provider as mamba_args
+
+    mamba_args(parser)  # --spec
     group = parser.add_argument_group("memory estimate")
     group.add_argument("--world-size", type=int, default=None,
                        help="Number of processes of the run (default: tp x pp x cp, i.e. data-parallel size 1).")
@@ -104,7 +113,8 @@ def main(argv=None) -> int:
             seq_length=args.seq_length, global_batch_size=args.global_batch_size,
             data_parallel_size=args.data_parallel_size,
             context_parallel_size=getattr(args, "context_parallel_size", 1) or 1,
-            allocator_overhead_fraction=args.allocator_overhead_fraction, cuda_context_bytes=context_bytes)
+            allocator_overhead_fraction=args.allocator_overhead_fraction, cuda_context_bytes=context_bytes,
+            mamba_config=configs.mamba if configs.extra.get("estimated_mamba_model") else None)
         if best is None:
             message = (f"no micro-batch size fits in {args.device_memory_gib:g} GiB: add tensor/pipeline "
                        "parallelism, --use-distributed-optimizer, --sequence-parallel or --recompute-granularity full")

@@ -9,6 +9,11 @@ Two conventions:
                    + MLP, 2*h*f (x 3/2 with SwiGLU)
         + logits h*V ].
   Recompute is never counted.
+  A hybrid Mamba model (`mamba_config`) counts each layer by its kind in the pattern: attention
+  layers the QKV, output projection and core attention terms above, MLP layers the MLP term, Mamba
+  layers Megatron's hybrid count, in_proj h*(2I + 2GN + H) + out_proj I*h multiply-adds plus
+  7*I*N FLOPs per token per pass direction for the scan (I = Mamba heads x head dim, G groups, N state
+  dim, H heads; the convolution is not counted), i.e. 6*T*(h(2I + 2GN + H) + I h) + 21*T*I*N.
 - `paper_flops`: 6 * T * (L * (12 h^2 + s h) + h V), the simple dense formula of the
   pretraining issue (attention projections as 4h^2, MLP as 8h^2, causal attention scores as s h).
   It equals Megatron's count for a plain GPT (multi-head attention, 4h GeLU MLP) and ignores
@@ -27,14 +32,19 @@ __all__ = ["num_floating_point_operations", "paper_flops", "device_peak_flops", 
 
 
 def num_floating_point_operations(config, vocab_size: int, batch_size: int, seq_length: int,
-                                  moe_config=None) -> float:
+                                  moe_config=None, mamba_config=None) -> float:
     """Megatron's model FLOPs of one training iteration of `batch_size` sequences of `seq_length`
     tokens (vocab_size: the padded vocabulary the output layer uses).
 
     `moe_config` (an MoEConfig with num_experts): the MLP of each MoE layer (--moe-layer-freq)
     counts the active parameters, --moe-router-topk experts of --moe-ffn-hidden-size, plus the
     shared experts of --moe-shared-expert-intermediate-size (Megatron's convention: the router
-    GEMM is not counted)."""
+    GEMM is not counted).
+
+    `mamba_config` (a MambaConfig): the model is a hybrid Mamba stack; each layer counts the terms
+    of its kind (see the module docstring)."""
+    if mamba_config is not None:
+        return _hybrid_flops(config, mamba_config, vocab_size, batch_size, seq_length, moe_config)
     h = config.hidden_size
     layers = config.num_layers
     heads = config.num_attention_heads
@@ -60,6 +70,34 @@ def num_floating_point_operations(config, vocab_size: int, batch_size: int, seq_
         moe_mlp = 2 * h * (moe_ffn * moe_config.moe_router_topk + shared) * gated
         per_token += num_moe * (moe_mlp - 2 * h * config.ffn_hidden_size * gated)
     # 3 passes (fwd, wgrad, dgrad) x 2 FLOPs per multiply-add.
+    return 6.0 * batch_size * seq_length * per_token
+
+
+def _hybrid_flops(config, mamba_config, vocab_size: int, batch_size: int, seq_length: int, moe_config) -> float:
+    from gigatron.core.transformer.mamba.config import hybrid_layer_types, mamba_num_heads
+
+    h = config.hidden_size
+    heads = config.num_attention_heads
+    groups = config.num_query_groups if config.group_query_attention else heads
+    query_size = config.kv_channels * heads
+    gated = 1.5 if config.swiglu else 1.0
+    attention = 2 * h * query_size * (1.0 + groups / heads) + query_size * seq_length
+    mlp = 2 * h * config.ffn_hidden_size * gated
+    if moe_config is not None and moe_config.num_experts is not None:
+        moe_ffn = moe_config.moe_ffn_hidden_size or config.ffn_hidden_size
+        shared = moe_config.moe_shared_expert_intermediate_size or 0
+        moe = 2 * h * (moe_ffn * moe_config.moe_router_topk + shared) * gated
+    else:
+        moe = mlp
+    m_heads = mamba_num_heads(mamba_config, h)
+    inner = m_heads * mamba_config.mamba_head_dim
+    gn = mamba_config.mamba_num_groups * mamba_config.mamba_state_dim
+    # GEMM multiply-adds per token, plus the scan's 21 I N FLOPs per token (fwd + bwd) as multiply-adds x 6
+    mamba = h * (2 * inner + 2 * gn + m_heads) + inner * h + 3.5 * inner * mamba_config.mamba_state_dim
+    per_kind = {"M": mamba, "*": attention, "-": mlp, "E": moe}
+    layers = hybrid_layer_types(config.num_layers, mamba_config.hybrid_attention_ratio,
+                                mamba_config.hybrid_mlp_ratio, mamba_config.hybrid_override_pattern)
+    per_token = sum(per_kind[kind] for kind in layers) + h * vocab_size
     return 6.0 * batch_size * seq_length * per_token
 
 

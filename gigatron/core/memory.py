@@ -36,6 +36,24 @@ view of the full [s, b, h] embedding output, which therefore stays alive. Output
 the fp32 softmax [T, V / tp] and the int64 target (plain loss) or the full-sequence hidden [T, h],
 the int64 target and the fp32 log-sum-exp [T] (--cross-entropy-loss-fusion).
 
+Hybrid Mamba models (`mamba_config`, a MambaConfig): each layer of the pattern counts its own kind.
+An attention layer (`*`) keeps the input norm, linear_qkv's input, the attention terms and one
+dropout mask; an MLP layer (`-`) the pre-MLP norm (of the residual stream), linear_fc1's input, the
+MLP terms and one dropout mask; a Mamba layer (`M`; per rank I = inner width / tp, G groups / tp,
+N state dim, H heads / tp, conv width C = I + 2GN) what its CUDA kernels and PyTorch ops keep:
+    norm              as the input norm above
+    in_proj           its input [Ts, h] (a) and its output [T, 2I + 2GN + H] (a; the convolution
+                      keeps it through its x/B/C view, z and dt are views too)
+    conv1d            its output [T, C] (a; the scan's x, B and C are views of it; when the scan pads
+                      the sequence to whole chunks it keeps padded copies [b, L, C] instead)
+    dt                softplus's fp32 input [T, H] and the scan's fp32 dt and decay cumsum [b, H, L]
+    A                 -exp(A_log): exp's result and its negation [H] fp32
+    gated norm        fp32 y, silu(z), y * silu(z) and the normalized product [T, I] (plus fp32 z
+                      and the fp32 weight [I] when a != 4), the per-group rsqrt [T, G] fp32
+    out_proj          its input [T, I] (a)
+The Triton scan and convolution keep only those inputs (and recompute the rest in backward); on
+the CPU the chunked PyTorch scan keeps more, so CPU estimates of Mamba layers are a lower bound.
+
 Not modelled: MoE layers, context parallelism's ring-attention buffers (the attention terms use
 the local s / cp), an explicit attention mask from the batch (--reset-attention-mask), and
 --torch-compile (Inductor decides what to save; the eager numbers are then an upper bound).
@@ -67,6 +85,8 @@ __all__ = [
     "ddp_buffer_layout",
     "state_bytes",
     "layer_activation_bytes",
+    "hybrid_layer_kinds",
+    "hybrid_layer_activation_bytes",
     "stage_activation_bytes",
     "microbatches_in_flight",
     "interleaved_activation_peak",
@@ -126,9 +146,70 @@ def _layer_parameter_numels(config) -> List[int]:
     return numels
 
 
-def stage_parameter_numels(config, vocab_size: int, pp_rank: int = 0, vp_stage: Optional[int] = None):
+def _attention_parameter_numels(config) -> List[int]:
+    return _layer_parameter_numels(config)[:-len(_mlp_parameter_numels(config))]
+
+
+def _mlp_parameter_numels(config) -> List[int]:
+    tp = config.tensor_model_parallel_size
+    h = config.hidden_size
+    fc1 = (2 if config.swiglu else 1) * config.ffn_hidden_size // tp
+    numels = _norm_numels(config, h) + [fc1 * h]
+    if config.add_bias_linear:
+        numels.append(fc1)
+    numels.append(h * config.ffn_hidden_size // tp)
+    if config.add_bias_linear:
+        numels.append(h)
+    return numels
+
+
+def _mamba_sizes(config, mamba_config) -> Dict[str, int]:
+    """Per-rank Mamba mixer sizes: I (inner width), G (groups), N (state), H (heads), C (conv channels)."""
+    from gigatron.core.transformer.mamba.config import MAMBA_CONV_KERNEL, mamba_num_heads
+
+    tp = config.tensor_model_parallel_size
+    heads = mamba_num_heads(mamba_config, config.hidden_size)
+    H = _div(heads, tp, "the Mamba heads over --tensor-model-parallel-size")
+    G = _div(mamba_config.mamba_num_groups, tp, "--mamba-num-groups over --tensor-model-parallel-size")
+    N = mamba_config.mamba_state_dim
+    I = H * mamba_config.mamba_head_dim
+    return {"I": I, "G": G, "N": N, "H": H, "C": I + 2 * G * N, "K": MAMBA_CONV_KERNEL}
+
+
+def _mamba_parameter_numels(config, mamba_config) -> List[int]:
+    """norm, dt_bias, A_log, D, in_proj, conv1d weight and bias, the gated norm, out_proj (one rank)."""
+    m = _mamba_sizes(config, mamba_config)
+    h = config.hidden_size
+    I, G, N, H, C = m["I"], m["G"], m["N"], m["H"], m["C"]
+    # the mixer's own tensors (dt_bias, A_log, D) come before its submodules' (nn.Module order)
+    return _norm_numels(config, h) + [H, H, H, h * (2 * I + 2 * G * N + H), C * m["K"], C, I, I * h]
+
+
+def hybrid_layer_kinds(config, mamba_config, pp_rank: int = 0) -> List[str]:
+    """The pattern symbols of the layers on pipeline rank `pp_rank`."""
+    from gigatron.core.transformer.block import layer_offset, num_layers_on_stage
+    from gigatron.core.transformer.mamba.config import hybrid_layer_types
+
+    types = hybrid_layer_types(config.num_layers, mamba_config.hybrid_attention_ratio, mamba_config.hybrid_mlp_ratio,
+                               mamba_config.hybrid_override_pattern)
+    pp = config.pipeline_model_parallel_size
+    if "E" in types:
+        raise ValueError("the memory estimate does not model MoE layers ('E' in the hybrid pattern) yet")
+    start = layer_offset(config, pp_rank, pp)
+    return types[start:start + num_layers_on_stage(config, pp_rank, pp)]
+
+
+def _hybrid_layer_parameter_numels(config, mamba_config, kind: str) -> List[int]:
+    if kind == "M":
+        return _mamba_parameter_numels(config, mamba_config)
+    return _attention_parameter_numels(config) if kind == "*" else _mlp_parameter_numels(config)
+
+
+def stage_parameter_numels(config, vocab_size: int, pp_rank: int = 0, vp_stage: Optional[int] = None,
+                           mamba_config=None):
     """(numel, shared_embedding) of every parameter of one model chunk on one tensor-parallel rank,
-    in the order GPTModel registers them. `vocab_size` is the padded vocabulary."""
+    in the order GPTModel (MambaModel with `mamba_config`) registers them. `vocab_size` is the
+    padded vocabulary."""
     from gigatron.core.transformer.block import num_layers_on_stage
 
     pp = config.pipeline_model_parallel_size
@@ -146,8 +227,12 @@ def stage_parameter_numels(config, vocab_size: int, pp_rank: int = 0, vp_stage: 
         numels.append((vocab_size // tp * h, tied and not post_process))
         if config.position_embedding_type == "learned_absolute":
             numels.append((config.max_position_embeddings * h, False))
-    layers = num_layers_on_stage(config, pp_rank, pp, vp_stage if vp_size else None, vp_size)
-    numels += [(n, False) for _ in range(layers) for n in _layer_parameter_numels(config)]
+    if mamba_config is not None:
+        numels += [(n, False) for kind in hybrid_layer_kinds(config, mamba_config, pp_rank)
+                   for n in _hybrid_layer_parameter_numels(config, mamba_config, kind)]
+    else:
+        layers = num_layers_on_stage(config, pp_rank, pp, vp_stage if vp_size else None, vp_size)
+        numels += [(n, False) for _ in range(layers) for n in _layer_parameter_numels(config)]
     if post_process:
         numels += [(n, False) for n in _norm_numels(config, h)]
         if not (tied and pre_process):
@@ -194,7 +279,7 @@ def ddp_buffer_layout(params, *, dp_size: int, use_distributed_optimizer: bool, 
 
 
 def state_bytes(config, ddp_config, optimizer_config, vocab_size: int, *, pp_rank: int = 0, dp_size: int = 1,
-                dp_rank: int = 0) -> Dict[str, int]:
+                dp_rank: int = 0, mamba_config=None) -> Dict[str, int]:
     """Bytes of model parameters, gradient buffer, fp32 main parameters and optimizer states held
     by one rank (all of its model chunks), as DistributedDataParallel and the optimizers allocate
     them (after the first step, when the optimizer states exist)."""
@@ -209,7 +294,7 @@ def state_bytes(config, ddp_config, optimizer_config, vocab_size: int, *, pp_ran
     chunks = list(range(vp)) if vp is not None and vp > 1 else [None]
     out = {"params": 0, "grads": 0, "main_params": 0, "optimizer_states": 0, "num_parameters": 0}
     for vp_stage in chunks:
-        params = stage_parameter_numels(config, vocab_size, pp_rank, vp_stage)
+        params = stage_parameter_numels(config, vocab_size, pp_rank, vp_stage, mamba_config)
         out["num_parameters"] += sum(n for n, _ in params)
         total, buckets = ddp_buffer_layout(
             params, dp_size=dp_size, use_distributed_optimizer=distributed,
@@ -408,6 +493,55 @@ def layer_activation_bytes(config, micro_batch_size: int, seq_length: int, *, de
     return terms
 
 
+def _mamba_saved(config, mamba_config, shape: _Shape) -> Dict[str, int]:
+    """What one Mamba layer keeps for backward (see the module docstring)."""
+    from gigatron.core.ops.ssd import DEFAULT_CHUNK_SIZE
+
+    m = _mamba_sizes(config, mamba_config)
+    I, G, N, H, C = m["I"], m["G"], m["N"], m["H"], m["C"]
+    T, Ts, a, h = shape.T, shape.Ts, shape.a, config.hidden_size
+    L = -(-shape.s // DEFAULT_CHUNK_SIZE) * DEFAULT_CHUNK_SIZE  # the scan pads to whole chunks
+    out = _prefixed("norm", _norm_saved(config, shape, Ts, h, shape.r))
+    out["in_proj input"] = Ts * h * a
+    out["in_proj output"] = T * (2 * I + 2 * G * N + H) * a
+    if L != shape.s:
+        out["scan padded x, B, C"] = shape.b * L * C * a  # copies: the conv1d output itself is not kept
+    else:
+        out["conv1d output"] = T * C * a  # the scan keeps x, B and C as views of it
+    out["dt (softplus input; scan dt and cumsum)"] = T * H * 4 + 2 * shape.b * L * H * 4
+    out["A"] = 2 * H * 4
+    out["gated norm"] = 4 * T * I * 4 + ((T + 1) * I * 4 if a != 4 else 0) + T * G * 4
+    out["out_proj input"] = T * I * a
+    if config.hidden_dropout > 0:
+        out["hidden dropout mask"] = Ts * h * shape.mask
+    return out
+
+
+def _hybrid_layer_saved(config, mamba_config, kind: str, shape: _Shape, position_ids: bool) -> Dict[str, int]:
+    """What one layer of a hybrid stack keeps for backward: `kind` is its pattern symbol."""
+    if kind == "M":
+        return _mamba_saved(config, mamba_config, shape)
+    h = config.hidden_size
+    if kind == "*":
+        out = _prefixed("input norm", _norm_saved(config, shape, shape.Ts, h, shape.r))
+        out["linear_qkv input"] = shape.Ts * h * shape.a
+        out.update(_prefixed("attention", _attention_saved(config, shape, position_ids, False)))
+    else:
+        out = _prefixed("pre-MLP norm", _norm_saved(config, shape, shape.Ts, h, shape.r))
+        out["linear_fc1 input"] = shape.Ts * h * shape.a
+        out.update(_prefixed("mlp", _mlp_saved(config, shape)))
+    if config.hidden_dropout > 0:
+        out["hidden dropout mask"] = shape.Ts * h * shape.mask
+    return out
+
+
+def hybrid_layer_activation_bytes(config, mamba_config, kind: str, micro_batch_size: int, seq_length: int, *,
+                                  device_type: str = "cuda", position_ids: bool = True) -> Dict[str, int]:
+    """Bytes one layer of kind `kind` (M, *, -) of a hybrid stack keeps for backward, term by term."""
+    shape = _shape(config, micro_batch_size, seq_length, device_type, 1)
+    return _hybrid_layer_saved(config, mamba_config, kind, shape, position_ids)
+
+
 def _shape(config, micro_batch_size, seq_length, device_type, context_parallel_size) -> _Shape:
     tp = config.tensor_model_parallel_size
     sp = bool(config.sequence_parallel) and tp > 1
@@ -446,7 +580,7 @@ def _checkpoint_inputs(config, num_layers: int) -> int:
 
 def stage_activation_bytes(config, micro_batch_size: int, seq_length: int, vocab_size: int, *, pp_rank: int = 0,
                            vp_stage: Optional[int] = None, device_type: str = "cuda", position_ids: bool = True,
-                           context_parallel_size: int = 1) -> Dict[str, int]:
+                           context_parallel_size: int = 1, mamba_config=None) -> Dict[str, int]:
     """Bytes one model chunk keeps for backward for one micro-batch, grouped into terms:
     'embedding', 'transformer layers', 'recompute checkpoints', 'final norm', 'output layer and
     loss' (only those present)."""
@@ -476,10 +610,14 @@ def stage_activation_bytes(config, micro_batch_size: int, seq_length: int, vocab
             emb += (T - Ts) * h * r
         out["embedding"] = emb
     recomputed = set(_recomputed_layers(config, layers))
-    per_layer = layer_activation_bytes(config, micro_batch_size, seq_length, device_type=device_type,
-                                       position_ids=position_ids, context_parallel_size=context_parallel_size)
-    kept = sum(per_layer.values())
-    out["transformer layers"] = kept * (layers - len(recomputed))
+    if mamba_config is not None:
+        kinds = hybrid_layer_kinds(config, mamba_config, pp_rank)
+        out["transformer layers"] = sum(sum(_hybrid_layer_saved(config, mamba_config, kind, shape, position_ids).values())
+                                        for i, kind in enumerate(kinds) if i not in recomputed)
+    else:
+        per_layer = layer_activation_bytes(config, micro_batch_size, seq_length, device_type=device_type,
+                                           position_ids=position_ids, context_parallel_size=context_parallel_size)
+        out["transformer layers"] = sum(per_layer.values()) * (layers - len(recomputed))
     checkpoints = _checkpoint_inputs(config, layers)
     if checkpoints:
         per_input = Ts * h * r
@@ -537,7 +675,7 @@ def interleaved_activation_peak(pp_rank: int, pp_size: int, vp_size: int, num_mi
 
 def temporary_bytes(config, micro_batch_size: int, seq_length: int, vocab_size: int, *, pp_rank: int = 0,
                     device_type: str = "cuda", context_parallel_size: int = 1,
-                    position_ids: bool = True) -> Dict[str, int]:
+                    position_ids: bool = True, mamba_config=None) -> Dict[str, int]:
     """Short-lived memory on top of the kept activations of all micro-batches in flight, one entry
     per phase of the step (phases do not overlap, so the peak is the largest entry):
 
@@ -556,6 +694,9 @@ def temporary_bytes(config, micro_batch_size: int, seq_length: int, vocab_size: 
     h, T, Ts, a, r = config.hidden_size, shape.T, shape.Ts, shape.a, shape.r
     V = vocab_size // shape.tp
     f = (2 if config.swiglu else 1) * config.ffn_hidden_size // shape.tp
+    if mamba_config is not None:
+        m = _mamba_sizes(config, mamba_config)
+        f = max(f, 2 * m["I"] + 2 * m["G"] * m["N"] + m["H"])  # the in_proj output
     layer_grads = 2 * T * max(f, h) * a
     last_stage = pp_rank == pp - 1
     vp_stage = (vp_size - 1 if last_stage else 0) if vp_size else None
@@ -566,14 +707,19 @@ def temporary_bytes(config, micro_batch_size: int, seq_length: int, vocab_size: 
             out["loss (one chunk of logits)"] = c * V * (a + 2 * 4) + V * h * 4
         else:
             out["loss (logits)"] = T * V * a + (T * V * 4 if a == 4 else 0)
-    params = stage_parameter_numels(config, vocab_size, pp_rank, vp_stage)
+    params = stage_parameter_numels(config, vocab_size, pp_rank, vp_stage, mamba_config)
     out["backward (activation + parameter gradients)"] = layer_grads + max(n for n, _ in params) * a
     kept = stage_activation_bytes(config, micro_batch_size, seq_length, vocab_size, pp_rank=pp_rank,
                                   vp_stage=vp_stage, device_type=device_type, position_ids=position_ids,
-                                  context_parallel_size=context_parallel_size)
+                                  context_parallel_size=context_parallel_size, mamba_config=mamba_config)
     plain = _without_recompute(config)
-    per_layer = layer_activation_bytes(plain, micro_batch_size, seq_length, device_type=device_type,
-                                       position_ids=position_ids, context_parallel_size=context_parallel_size)
+    if mamba_config is not None:  # the largest layer of the stage stands for a recomputed one
+        per_layer = max((_hybrid_layer_saved(plain, mamba_config, kind, shape, position_ids)
+                         for kind in hybrid_layer_kinds(config, mamba_config, pp_rank)),
+                        key=lambda terms: sum(terms.values()), default={})
+    else:
+        per_layer = layer_activation_bytes(plain, micro_batch_size, seq_length, device_type=device_type,
+                                           position_ids=position_ids, context_parallel_size=context_parallel_size)
     post = kept.get("output layer and loss", 0) + kept.get("final norm", 0)
     modules = set(config.recompute_modules or ()) if config.recompute_granularity == "selective" else set()
     if config.recompute_granularity == "full":
@@ -651,16 +797,17 @@ def estimate_rank_memory(transformer, ddp, optimizer, *, vocab_size: int, micro_
                          num_microbatches: int, data_parallel_size: int = 1, pp_rank: int = 0, dp_rank: int = 0,
                          context_parallel_size: int = 1, device_type: str = "cuda", position_ids: bool = True,
                          microbatch_group_size: Optional[int] = None, allocator_overhead_fraction: float = 0.0,
-                         cuda_context_bytes: int = 0) -> MemoryTerms:
+                         cuda_context_bytes: int = 0, mamba_config=None) -> MemoryTerms:
     """The memory of pipeline rank `pp_rank` (every tensor-parallel rank of a stage holds the same)."""
     vp = transformer.virtual_pipeline_model_parallel_size
     vp_size = vp if vp is not None and vp > 1 else None
     state = state_bytes(transformer, ddp, optimizer, vocab_size, pp_rank=pp_rank, dp_size=data_parallel_size,
-                        dp_rank=dp_rank)
+                        dp_rank=dp_rank, mamba_config=mamba_config)
     chunks = list(range(vp_size)) if vp_size else [None]
     per_chunk = [stage_activation_bytes(transformer, micro_batch_size, seq_length, vocab_size, pp_rank=pp_rank,
                                         vp_stage=v, device_type=device_type, position_ids=position_ids,
-                                        context_parallel_size=context_parallel_size) for v in chunks]
+                                        context_parallel_size=context_parallel_size, mamba_config=mamba_config)
+                 for v in chunks]
     in_flight = microbatches_in_flight(pp_rank, transformer.pipeline_model_parallel_size, num_microbatches,
                                        vp_size, microbatch_group_size)
     merged: Dict[str, int] = {}
@@ -679,7 +826,7 @@ def estimate_rank_memory(transformer, ddp, optimizer, *, vocab_size: int, micro_
         activations = sum(activation_terms.values())
     temporary_terms = temporary_bytes(transformer, micro_batch_size, seq_length, vocab_size, pp_rank=pp_rank,
                                       device_type=device_type, context_parallel_size=context_parallel_size,
-                                      position_ids=position_ids)
+                                      position_ids=position_ids, mamba_config=mamba_config)
     temporary = max(temporary_terms.values()) if temporary_terms else 0
     allocated = sum(state[k] for k in ("params", "grads", "main_params", "optimizer_states")) + activations + temporary
     return MemoryTerms(params=state["params"], grads=state["grads"], main_params=state["main_params"],
@@ -693,9 +840,11 @@ def estimate_rank_memory(transformer, ddp, optimizer, *, vocab_size: int, micro_
 def estimate_memory(transformer, ddp, optimizer, *, vocab_size: int, micro_batch_size: int, seq_length: int,
                     num_microbatches: int, data_parallel_size: int = 1, context_parallel_size: int = 1,
                     device_type: str = "cuda", microbatch_group_size: Optional[int] = None,
-                    allocator_overhead_fraction: float = 0.0, cuda_context_bytes: int = 0) -> List[RankMemory]:
+                    allocator_overhead_fraction: float = 0.0, cuda_context_bytes: int = 0,
+                    mamba_config=None) -> List[RankMemory]:
     """One estimate per distinct pipeline stage (tensor-parallel ranks of a stage are identical;
-    with the distributed optimizer the data-parallel rank with the largest shard is shown)."""
+    with the distributed optimizer the data-parallel rank with the largest shard is shown).
+    `mamba_config`: a hybrid Mamba model (MambaModel) with that MambaConfig."""
     results = []
     for pp_rank in range(transformer.pipeline_model_parallel_size):
         best = None
@@ -706,7 +855,8 @@ def estimate_memory(transformer, ddp, optimizer, *, vocab_size: int, micro_batch
                 seq_length=seq_length, num_microbatches=num_microbatches, data_parallel_size=data_parallel_size,
                 pp_rank=pp_rank, dp_rank=dp_rank, context_parallel_size=context_parallel_size,
                 device_type=device_type, microbatch_group_size=microbatch_group_size,
-                allocator_overhead_fraction=allocator_overhead_fraction, cuda_context_bytes=cuda_context_bytes)
+                allocator_overhead_fraction=allocator_overhead_fraction, cuda_context_bytes=cuda_context_bytes,
+                mamba_config=mamba_config)
             if best is None or terms.total > best[1].total:
                 best = (dp_rank, terms)
             if data_parallel_size > 8:
@@ -718,7 +868,7 @@ def estimate_memory(transformer, ddp, optimizer, *, vocab_size: int, micro_batch
 def largest_micro_batch(device_bytes: int, transformer, ddp, optimizer, *, vocab_size: int, seq_length: int,
                         global_batch_size: int, data_parallel_size: int = 1, context_parallel_size: int = 1,
                         device_type: str = "cuda", allocator_overhead_fraction: float = 0.0,
-                        cuda_context_bytes: int = 0, limit: int = 1024) -> Optional[int]:
+                        cuda_context_bytes: int = 0, limit: int = 1024, mamba_config=None) -> Optional[int]:
     """The largest micro-batch size that divides the global batch (per data-parallel rank) and whose
     busiest rank fits in `device_bytes`; None if even 1 does not fit."""
     per_dp = global_batch_size // data_parallel_size
@@ -735,7 +885,7 @@ def largest_micro_batch(device_bytes: int, transformer, ddp, optimizer, *, vocab
                                     seq_length=seq_length, num_microbatches=num_microbatches,
                                     data_parallel_size=data_parallel_size, context_parallel_size=context_parallel_size,
                                     device_type=device_type, allocator_overhead_fraction=allocator_overhead_fraction,
-                                    cuda_context_bytes=cuda_context_bytes)
+                                    cuda_context_bytes=cuda_context_bytes, mamba_config=mamba_config)
         except ValueError:
             continue
         if max(r.terms.total for r in ranks) <= device_bytes:

@@ -61,6 +61,7 @@ CONFIG_SOURCES: tuple[tuple[str, str, str], ...] = (
     ("transformer", "gigatron.core.transformer.config", "TransformerConfig"),
     ("parallel", "gigatron.core.parallel.config", "ParallelConfig"),
     ("moe", "gigatron.core.transformer.moe.config", "MoEConfig"),
+    ("mamba", "gigatron.core.transformer.mamba.config", "MambaConfig"),
     ("ddp", "gigatron.core.distributed.config", "DDPConfig"),
     ("optimizer", "gigatron.core.optim.config", "OptimizerConfig"),
     ("scheduler", "gigatron.core.optim.config", "SchedulerConfig"),
@@ -144,6 +145,9 @@ ALIASES: dict[str, Alias] = {
     "--use-rotary-position-embeddings": Alias(
         "position_embedding_type", "rope", "Megatron's older spelling of --position-embedding-type rope."
     ),
+    "--hybrid-layer-pattern": Alias(
+        "hybrid_override_pattern", help="Megatron's newer name of --hybrid-override-pattern (one symbol per layer)."
+    ),
     "--fp8-format": Alias("fp8", help="FP8 format of the linear layers' GEMMs.", replaces=True),
 }
 
@@ -181,8 +185,6 @@ ACCEPTED_NO_EFFECT: dict[str, str] = {
     "--no-bias-swiglu-fusion": "Gigatron has no fused bias-SwiGLU kernel.",
     "--no-rope-fusion": "Gigatron has no fused rotary-embedding kernel.",
     "--no-gradient-accumulation-fusion": "Gigatron accumulates weight gradients into main_grad without a fused kernel.",
-    "--auto-detect-ckpt-format": "a load always detects the format (torch or torch_dist) of the checkpoint it "
-                                 "finds; --ckpt-format says how to save.",
     "--no-persist-layer-norm": "Gigatron has no persistent layer-norm kernel (norms are PyTorch's LayerNorm/RMSNorm).",
     "--moe-permute-fusion": "Gigatron has no fused token-permutation kernel; tokens are permuted with index_select/"
                             "scatter_add, which compute the same result.",
@@ -201,10 +203,7 @@ ACCEPTED_NO_EFFECT: dict[str, str] = {
 # of "unrecognized arguments". A family that gets built adds its flags to a config dataclass; the
 # parser then knows them and this table is never consulted for them.
 NOT_BUILT: dict[str, str] = {
-    "--mamba-": "Mamba support",
-    "--hybrid-": "Mamba support (hybrid Mamba/attention models)",
-    "--is-hybrid-model": "Mamba support (hybrid Mamba/attention models)",
-    "--linear-conv-kernel-dim": "Mamba support (linear-attention convolutions)",
+    "--linear-conv-kernel-dim": "linear attention (Gated DeltaNet convolutions)",
     "--te-rng-tracker": "Transformer Engine",
     "--multi-latent-attention": "multi-latent attention (MLA)",
     "--q-lora-rank": "multi-latent attention (MLA)",
@@ -731,6 +730,7 @@ class Configs:
     transformer: Any = None
     parallel: Any = None
     moe: Any = None
+    mamba: Any = None
     ddp: Any = None
     optimizer: Any = None
     scheduler: Any = None

@@ -66,12 +66,15 @@ SCRIPT_MODEL_ARGS = ("bert_layernorm", "num_tokentypes", "bert_binary_head", "en
 
 def _model_shape_args() -> tuple[str, ...]:
     from gigatron.core.convert.protocol import MODEL_FLAGS, MOE_FLAGS, TOKENIZER_FLAGS
+    from gigatron.core.fields import model_fields
+    from gigatron.core.transformer.mamba.config import MambaConfig
 
-    return tuple(dict.fromkeys(MODEL_FLAGS + MOE_FLAGS + TOKENIZER_FLAGS + SCRIPT_MODEL_ARGS + ("padded_vocab_size",)))
+    return tuple(dict.fromkeys(MODEL_FLAGS + MOE_FLAGS + model_fields(MambaConfig) + TOKENIZER_FLAGS
+                               + SCRIPT_MODEL_ARGS + ("padded_vocab_size",)))
 
 
 # What --use-checkpoint-args takes from a checkpoint: the model's description, derived from the config
-# dataclasses' model fields (TransformerConfig, MoEConfig, DataConfig's tokenizer fields) — never the
+# dataclasses' model fields (TransformerConfig, MoEConfig, MambaConfig, DataConfig's tokenizer fields) — never the
 # run's parallel layout, precision or recompute settings.
 MODEL_SHAPE_ARGS = _model_shape_args()
 

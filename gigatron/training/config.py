@@ -224,6 +224,11 @@ class CheckpointConfig:
     return_* and ignore_all load the keys that fit and leave the rest (the log says so, except
     with ignore_all). A tensor of the wrong shape always stops the load."""
 
+    auto_detect_ckpt_format: bool = False
+    """Determine the format of the checkpoint in --load from its files (Gigatron always does:
+    torch, torch_dist, and Megatron-LM's own torch, Megatron-Core torch_dist and pre-Megatron-Core
+    legacy checkpoints are told apart and read); saves keep --ckpt-format."""
+
     async_save: bool = False
     """Write torch_dist checkpoints in the background: the state is copied to host memory, training
     goes on, and the tracker file is updated once every rank has written its files."""

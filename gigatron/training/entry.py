@@ -31,10 +31,11 @@ def padded_vocab_size_from_args(data, tensor_model_parallel_size: Optional[int] 
 
 def memory_estimate_from_args(args: argparse.Namespace, world_size: int, *, micro_batch_size: Optional[int] = None,
                               allocator_overhead_fraction: float = 0.0, cuda_context_bytes: int = 0,
-                              padded_vocab_size: Optional[int] = None):
+                              padded_vocab_size: Optional[int] = None, mamba: Optional[bool] = None):
     """Validate the flags for `world_size` processes and estimate each pipeline stage's memory
     (gigatron.core.memory.estimate_memory). Returns (configs, padded vocab, [RankMemory]).
-    `padded_vocab_size` (the embedding rows) replaces the tokenizer flags when given."""
+    `padded_vocab_size` (the embedding rows) replaces the tokenizer flags when given. `mamba`: the
+    model is a hybrid Mamba model (None: when the flags say so, gigatron.training.mamba.is_mamba_run)."""
     from gigatron.core.memory import estimate_memory
     from gigatron.training.arguments import configs_from_args
     from gigatron.training.validate import validate_args
@@ -44,6 +45,11 @@ def memory_estimate_from_args(args: argparse.Namespace, world_size: int, *, micr
                          "--num-experts (MoE layers) is not covered yet: drop it for a dense estimate")
     validate_args(args, world_size)
     configs = configs_from_args(args)
+    if mamba is None:
+        from gigatron.training.mamba import is_mamba_run
+        mamba = is_mamba_run(args)
+    mamba_config = configs.mamba if mamba else None
+    configs.extra["estimated_mamba_model"] = bool(mamba)
     training, parallel = configs.training, configs.parallel
     vocab = padded_vocab_size or padded_vocab_size_from_args(configs.data, parallel.tensor_model_parallel_size)
     data_parallel_size = _data_parallel_size(configs)
@@ -54,7 +60,8 @@ def memory_estimate_from_args(args: argparse.Namespace, world_size: int, *, micr
         seq_length=configs.transformer.seq_length, num_microbatches=num_microbatches,
         data_parallel_size=data_parallel_size, context_parallel_size=parallel.context_parallel_size,
         microbatch_group_size=configs.extra.get("microbatch_group_size_per_vp_stage"),
-        allocator_overhead_fraction=allocator_overhead_fraction, cuda_context_bytes=cuda_context_bytes)
+        allocator_overhead_fraction=allocator_overhead_fraction, cuda_context_bytes=cuda_context_bytes,
+        mamba_config=mamba_config)
     return configs, vocab, ranks
 
 
@@ -76,6 +83,11 @@ def memory_report_text(args, configs, vocab: int, ranks) -> str:
         recompute += f" ({t.recompute_method}, {t.recompute_num_layers} layers)"
     elif t.recompute_granularity == "selective":
         recompute += f" ({', '.join(t.recompute_modules)})"
+    if configs.extra.get("estimated_mamba_model"):
+        from gigatron.core.memory import hybrid_layer_kinds
+        pattern = "".join(kind for pp_rank in range(t.pipeline_model_parallel_size)
+                          for kind in hybrid_layer_kinds(t, configs.mamba, pp_rank))
+        recompute += f" | hybrid Mamba pattern {pattern}"
     head = (f"memory estimate per rank: tp={t.tensor_model_parallel_size} pp={t.pipeline_model_parallel_size} "
             f"vp={t.virtual_pipeline_model_parallel_size or 1} dp={dp} | micro batch "
             f"{training.micro_batch_size} x seq {t.seq_length}, "
@@ -91,9 +103,9 @@ def memory_report_text(args, configs, vocab: int, ranks) -> str:
     return "\n".join([head, format_memory_table(ranks, tp_size=t.tensor_model_parallel_size), notes])
 
 
-def _dry_run(args: argparse.Namespace) -> int:
+def _dry_run(args: argparse.Namespace, mamba: Optional[bool] = None) -> int:
     world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    configs, vocab, ranks = memory_estimate_from_args(args, world_size)
+    configs, vocab, ranks = memory_estimate_from_args(args, world_size, mamba=mamba)
     if int(os.environ.get("RANK", "0") or 0) == 0:
         print(memory_report_text(args, configs, vocab, ranks), flush=True)
     return 0
@@ -104,6 +116,8 @@ def pretrain_gpt_main(argv: Optional[Sequence[str]] = None) -> int:
     from gigatron.training.arguments import default_tokenizer_type, parse_args
 
     args = default_tokenizer_type(parse_args(argv), "GPT2BPETokenizer")
+    from gigatron.training.mamba import refuse_mamba_flags
+    refuse_mamba_flags(args, "pretrain_gpt.py")
     if args.dry_run:
         return _dry_run(args)
 

@@ -140,9 +140,6 @@ class TrainContext:
     """The step timers of --timing-log-level (gigatron/training/timers.py), made at the first step."""
     fp8_states: dict = field(default_factory=dict)
     """--fp8-recipe delayed: every FP8 linear's FP8LinearState on this rank, by global name."""
-    args: Optional[argparse.Namespace] = None
-    """The parsed flags the configs were built from, kept for task scripts' own flags; the training
-    layer reads `configs` only."""
 
     @property
     def groups(self):
@@ -295,7 +292,7 @@ def setup(model_provider: Callable, args: argparse.Namespace | Configs) -> Train
         checkpointing.check_checkpoint_paths(configs.checkpoint)  # --save writable, --load present
     training = configs.training
     run = initialize(configs)
-    ctx = TrainContext(configs=configs, run=run, args=namespace)
+    ctx = TrainContext(configs=configs, run=run)
     print_rank_0(f"> --transformer-impl {configs.transformer.transformer_impl}: Gigatron's own PyTorch layers "
                  "(one implementation serves both local and transformer_engine)")
     _build_tokenizer(ctx)
@@ -702,8 +699,11 @@ def _check_finite(ctx: TrainContext, grad_norm, losses: dict) -> None:
 def _iteration_flops(ctx: TrainContext, batch_size: int) -> float:
     from gigatron.core.flops import num_floating_point_operations
 
+    chunk = ctx.model[0] if ctx.model else None
+    mamba_config = getattr(getattr(chunk, "module", chunk), "mamba_config", None)  # a hybrid Mamba model
     return num_floating_point_operations(ctx.configs.transformer, ctx.padded_vocab_size, batch_size,
-                                         ctx.configs.transformer.seq_length, moe_config=ctx.configs.moe)
+                                         ctx.configs.transformer.seq_length, moe_config=ctx.configs.moe,
+                                         mamba_config=mamba_config)
 
 
 def train(ctx: TrainContext, forward_step_func: Callable, train_iterator, valid_iterator) -> None:
@@ -934,7 +934,6 @@ def pretrain(datasets_provider: Callable, model_provider: Callable, forward_step
     validate_profile_args(configs.training, _world_size_from_environment(), trace_dir=configs.logging.tensorboard_dir)
     start_memory_history(configs.training)
     ctx = setup(model_provider, configs)
-    ctx.args = args
     ctx.evaluation_hook = evaluation_hook
     if configs.checkpoint.ckpt_convert_format:
         return convert_checkpoint_format(ctx)

@@ -1,8 +1,8 @@
 """A hybrid Mamba model with tensor parallelism (and sequence parallelism) equals the
 single-process model: two gloo ranks build the tp=2 model with the same seed as a one-process tp=1
 model. The loss must match, and every parameter and gradient, gathered to its full logical shape
-and brought to the canonical (tp=1) order — the mixer's fused in_proj and conv1d rows are split
-segment by segment (gigatron/core/transformer/mamba/layout.py) —, must match the tp=1 ones."""
+through its partition segments where it has them (the mixer's fused in_proj and conv1d rows are
+split segment by segment, gigatron/core/transformer/mamba/layout.py), must match the tp=1 ones."""
 
 import pytest
 import torch
@@ -15,7 +15,7 @@ from gigatron.core.parallel.groups import ParallelGroups
 from gigatron.core.parallel.random import model_parallel_seed
 from gigatron.core.transformer.config import TransformerConfig
 from gigatron.core.transformer.mamba.config import MambaConfig
-from gigatron.core.transformer.mamba.layout import conv_segments, from_rank_major, in_proj_segments
+from gigatron.core.parallel.init import merge_shards
 from tests.parallel.harness import run_distributed
 
 VOCAB = 64
@@ -50,26 +50,13 @@ def _loss_and_grads(model):
 
 
 def _gather_full(t, param, group):
-    """This rank's shard -> the full logical tensor (partition dim and stride; the mixer's fused
-    tensors come out rank-major, see _canonical)."""
+    """This rank's shard -> the full logical tensor (partition dim, stride and segments)."""
     if not tags.is_tensor_parallel(param):
         return t
-    dim, stride = tags.partition_dim(param), tags.partition_stride(param)
-    blocks = []
-    for block in torch.chunk(t.contiguous(), stride, dim=dim):
-        parts = [torch.empty_like(block) for _ in range(group.size)]
-        dist.all_gather(parts, block.contiguous(), group=group.group)
-        blocks.extend(parts)
-    return torch.cat(blocks, dim=dim)
-
-
-def _canonical(name, full, tp):
-    d_inner = HEADS * HEAD_DIM
-    if name.endswith("mixer.in_proj.weight"):
-        return from_rank_major(full, in_proj_segments(d_inner, GROUPS, STATE, HEADS), tp)
-    if name.endswith("mixer.conv1d.weight") or name.endswith("mixer.conv1d.bias"):
-        return from_rank_major(full, conv_segments(d_inner, GROUPS, STATE), tp)
-    return full
+    parts = [torch.empty_like(t) for _ in range(group.size)]
+    dist.all_gather(parts, t.contiguous(), group=group.group)
+    return merge_shards(parts, tags.partition_dim(param), tags.partition_stride(param),
+                        tags.partition_segments(param))
 
 
 def _worker(rank, world_size):
@@ -89,8 +76,8 @@ def _worker(rank, world_size):
             grad = p.grad.detach().clone()
             if tags.is_sequence_parallel(p):
                 dist.all_reduce(grad, group=groups.tp.group)  # what finalize_model_grads does
-            params[name] = _canonical(name, _gather_full(p.detach(), p, groups.tp), world_size)
-            grads[name] = _canonical(name, _gather_full(grad, p, groups.tp), world_size)
+            params[name] = _gather_full(p.detach(), p, groups.tp)
+            grads[name] = _gather_full(grad, p, groups.tp)
         results[sp] = {"loss": loss, "params": params, "grads": grads}
     return results
 

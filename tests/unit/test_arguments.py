@@ -178,7 +178,7 @@ def test_configs_from_args_builds_every_dataclass():
 
 def test_the_training_layer_reads_configs_not_the_namespace():
     """After configs_from_args nothing in the training loop, its start-up and the providers reads the
-    parsed flags: no `ctx.args` / `self.args` attribute reads (pretrain only stores it for tasks)."""
+    parsed flags: no `ctx.args` / `self.args` attribute reads."""
     import ast
     import importlib
     import inspect
@@ -190,3 +190,6 @@ def test_the_training_layer_reads_configs_not_the_namespace():
                  if isinstance(node, ast.Attribute) and node.attr == "args" and isinstance(node.ctx, ast.Load)
                  and isinstance(node.value, ast.Name) and node.value.id in ("ctx", "self")]
         assert reads == [], f"gigatron/training/{name}.py reads ctx.args at lines {reads}"
+    from gigatron.training.loop import TrainContext
+
+    assert "args" not in {f.name for f in dataclasses.fields(TrainContext)}, "the run context keeps no Namespace"

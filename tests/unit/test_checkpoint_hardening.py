@@ -224,8 +224,9 @@ def test_layouts_we_do_not_read_are_described(tmp_path):
                                                      "common_backend": "torch", "common_backend_version": 1}))
     (mcore / "common.pt").write_bytes(b"")
     (mcore / "__0_0.distcp").write_bytes(b"")
-    with pytest.raises(CheckpointError, match="Megatron-Core's dist_checkpointing.*--ckpt-convert-format torch"):
-        formats.detect_format(str(mcore))
+    assert formats.detect_format(str(mcore)).NAME == "megatron_torch_dist"  # read as it is
+    with pytest.raises(CheckpointError, match="common.pt.*truncated or corrupt"):
+        formats.read_args(str(mcore))
     loose = tmp_path / "loose"
     loose.mkdir()
     (loose / "weights.pt").write_bytes(b"")

@@ -22,7 +22,7 @@ from gigatron.training import bert, t5
 
 FLAGS_FILE = Path(__file__).resolve().parents[1] / "data" / "megatron_flags.tsv"
 TRAINING_ENTRIES = {"training", "pretrain_t5"}
-OTHER_ENTRIES = {"inference", "multimodal", "rl", "export", "launcher", "tools", "removed"}
+OTHER_ENTRIES = {"pretrain_mamba", "inference", "multimodal", "rl", "export", "launcher", "tools", "removed"}
 
 # A valid value for the flags whose generic value (first choice, "2") would not do.
 VALUES = {
@@ -94,19 +94,30 @@ def test_every_training_flag_is_accepted_or_names_its_missing_capability(script)
 
 def test_flags_of_other_scripts_are_never_silently_accepted():
     for flag, _, entry, _, _ in ROWS:
-        if entry in OTHER_ENTRIES:
+        if entry in OTHER_ENTRIES - {"pretrain_mamba"}:
             message = _parse_error([flag])
             assert "error:" in message, flag
 
 
+def test_mamba_flags_send_pretrain_gpt_users_to_pretrain_mamba():
+    from gigatron.training.entry import pretrain_gpt_main
+
+    parser = A.build_parser()
+    flags = [row[0] for row in ROWS if row[2] == "pretrain_mamba"]
+    assert flags
+    for flag in flags:
+        with pytest.raises(ValueError, match="pretrain_mamba.py"):
+            pretrain_gpt_main(_argv_for(parser, flag) + ["--vocab-size", "64"])
+
+
 def test_a_missing_capability_is_one_line_naming_it():
-    message = _parse_error(["--mamba-state-dim", "128", "--num-layers", "2"])
+    message = _parse_error(["--mtp-num-layers", "1", "--num-layers", "2"])
     lines = [line for line in message.splitlines() if "error:" in line]
     assert lines == [lines[0]]
-    assert "--mamba-state-dim needs Mamba support, which Gigatron does not have yet" in lines[0]
+    assert "--mtp-num-layers needs multi-token prediction (MTP), which Gigatron does not have yet" in lines[0]
     assert "unrecognized" not in message
     # The family prefix covers flags that the list does not name.
-    assert "needs Mamba support" in _parse_error(["--mamba-expand", "2"])
+    assert "needs multi-token prediction (MTP)" in _parse_error(["--mtp-future-flag", "2"])
     # A plain typo is still an unknown flag with suggestions.
     assert "unrecognized arguments: --num-layer" in _parse_error(["--num-layer", "2"])
 

@@ -6,8 +6,16 @@
     python tools/checkpoint/convert.py --model-type GPT --loader core --saver hf \\
         --load-dir ckpt --save-dir exported-hf
 
-Loaders (loader_<name>.py): hf, llama_mistral (--checkpoint-type hf), mixtral_hf, core, torch.
-Savers (saver_<name>.py): core, torch, hf.
+Loaders (loader_<name>.py): hf, llama_mistral (--checkpoint-type hf), mixtral_hf, core, torch, legacy.
+Savers (saver_<name>.py): core, torch, hf, legacy, megatron_dist (Megatron-Core's own torch_dist),
+megatron_torch (Megatron-LM's torch files, for its loader).
+`--loader core` reads every layout the checkpoint registry reads: Gigatron's torch and torch_dist,
+Megatron-LM's own torch files, Megatron-Core's torch_dist and the pre-Megatron-Core legacy names;
+`--loader legacy` / `--saver legacy` read / write Megatron-LM's pre-Megatron-Core GPT layout
+(`language_model.encoder.layers.N...`, e.g. the published 345M model):
+
+    python tools/checkpoint/convert.py --model-type GPT --loader legacy --saver core \
+        --load-dir megatron_345m --save-dir ckpt
 --model-type BERT (a HuggingFace BERT into BertModel with --bert-layernorm post) takes --loader hf and
 --saver core or torch:
 

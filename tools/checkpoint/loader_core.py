@@ -1,6 +1,6 @@
 """Loader for Gigatron/Megatron checkpoints in any format the checkpoint registry reads (`torch` saved
-at any tensor/pipeline/expert parallel size, torch_dist): a save directory with
-latest_checkpointed_iteration.txt, or an iteration directory."""
+at any tensor/pipeline/expert parallel size, torch_dist, Megatron-LM's own `torch` files): a save
+directory with latest_checkpointed_iteration.txt, or an iteration directory."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ def add_arguments(parser) -> None:
     group.add_argument("--true-vocab-size", type=int, default=None,
                        help="Vocabulary size without padding (default: from the checkpoint's args or tokenizer).")
     group.add_argument("--allow-pickle", action="store_true",
-                       help="Also accept args stored as an argparse Namespace (checkpoints saved by Megatron-LM "
-                            "itself). The files are still read weights-only: no other object is built, no code runs.")
+                       help="Also accept args stored as an argparse Namespace in a file that otherwise looks like "
+                            "Gigatron's. Checkpoints written by Megatron-LM itself are read without it, through an "
+                            "allow-list of what Megatron stores: no other object is built, no code runs.")
 
 
 def load_checkpoint(args):

@@ -30,6 +30,7 @@ from types import ModuleType
 from typing import Optional
 
 from gigatron.core.checkpoint import dist as torch_dist
+from gigatron.core.checkpoint import legacy, megatron_dist, megatron_torch
 from gigatron.core.checkpoint import torch_layout
 from gigatron.core.checkpoint.io import CheckpointError
 from gigatron.core.checkpoint.paths import TRACKER_FILENAME, resolve_checkpoint_dir
@@ -39,6 +40,7 @@ __all__ = [
     "FORMATS",
     "HF_WEIGHT_FILES",
     "get_format",
+    "writable_formats",
     "detect_format",
     "is_hf_folder",
     "describe_unreadable",
@@ -48,7 +50,10 @@ __all__ = [
 ]
 
 FORMATS: dict[str, ModuleType] = {
+    megatron_dist.NAME: megatron_dist,  # Megatron-Core's own torch_dist (ours has a checksum manifest)
     torch_dist.NAME: torch_dist,
+    legacy.NAME: legacy,  # pre-Megatron-Core names, in the torch rank-file layout (checked first)
+    megatron_torch.NAME: megatron_torch,  # before torch: the same rank-file layout, written by Megatron-LM
     torch_layout.NAME: torch_layout,
 }
 
@@ -56,10 +61,15 @@ HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch
                    "pytorch_model.bin.index.json")
 
 
+def writable_formats() -> list[str]:
+    """The --ckpt-format values Gigatron saves (formats whose module has `WRITES = False` are read only)."""
+    return [name for name, module in FORMATS.items() if getattr(module, "WRITES", True)]
+
+
 def get_format(name: str) -> ModuleType:
-    """The format module registered as `name` (a --ckpt-format value)."""
-    if name not in FORMATS:
-        raise ValueError(f"--ckpt-format {name} is not supported; use one of {', '.join(FORMATS)}")
+    """The format module registered as `name` (a --ckpt-format value Gigatron saves)."""
+    if name not in writable_formats():
+        raise ValueError(f"--ckpt-format {name} is not supported; use one of {', '.join(writable_formats())}")
     return FORMATS[name]
 
 
@@ -84,10 +94,11 @@ def describe_unreadable(path: str) -> str:
     if is_hf_folder(path):
         return (f"{path} is a HuggingFace model folder, not a Megatron checkpoint: gigatron.from_pretrained reads it "
                 f"as it is; to train from it, convert it first: {_convert_hint(path, 'hf')}")
-    if torch_dist.looks_like_megatron_torch_dist(path):
-        return (f"{path} looks like a torch_dist checkpoint written by Megatron-Core's dist_checkpointing "
-                "(metadata.json without Gigatron's checksum manifest); Gigatron does not read that layout yet. Save "
-                "it in the `torch` format with Megatron-LM (--ckpt-convert-format torch) and load that")
+    backend = _sharded_backend(path)
+    if backend is not None and backend != "torch_dist":
+        return (f"{path} was written by Megatron-Core's dist_checkpointing with the {backend} backend "
+                f"(--ckpt-format {backend}), which Gigatron does not read: re-save it with Megatron-LM as torch_dist "
+                "(--ckpt-convert-format torch_dist --ckpt-convert-save DIR) and load DIR/torch_dist")
     if os.path.isfile(os.path.join(path, ".zarray")) or any(n.endswith(".zarr") for n in names):
         return (f"{path} looks like a zarr checkpoint (Megatron's deprecated --ckpt-format zarr), which Gigatron "
                 "does not read; save it as torch or torch_dist with Megatron-LM first")
@@ -103,6 +114,19 @@ def describe_unreadable(path: str) -> str:
                 "iter_NNNNNNN / release directory")
     return (f"{path} is neither a checkpoint directory with {TRACKER_FILENAME} nor an iter_NNNNNNN / release "
             f"directory of a format Gigatron reads ({', '.join(FORMATS)}); it holds {names[:10]}")
+
+
+def _sharded_backend(path: str) -> Optional[str]:
+    """The `sharded_backend` named by Megatron-Core's metadata.json in `path`, if any."""
+    import json
+
+    try:
+        with open(os.path.join(path, "metadata.json"), encoding="utf-8") as handle:
+            record = json.load(handle)
+    except (OSError, ValueError):
+        return None
+    backend = record.get("sharded_backend") if isinstance(record, dict) else None
+    return backend if isinstance(backend, str) else None
 
 
 def detect_format(iter_dir: str) -> ModuleType:

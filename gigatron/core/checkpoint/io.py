@@ -13,10 +13,11 @@ CRC-32 before anything reads its content.
 from __future__ import annotations
 
 import argparse
-import io
+import enum
 import os
 import pickle
 import tempfile
+import types
 import zipfile
 import zlib
 from typing import Any, Callable, Optional
@@ -159,28 +160,33 @@ def atomic_torch_save(obj: Any, path: str) -> None:
     atomic_write(path, lambda handle: torch.save(obj, handle))
 
 
-def safe_torch_load(path: str, map_location: Any = "cpu", allow_namespace: bool = False) -> Any:
-    """Load a checkpoint file with `weights_only=True`; errors name the file and the likely cause.
+def safe_torch_load(path: Any, map_location: Any = "cpu", allow_namespace: bool = False) -> Any:
+    """Load a checkpoint file (a path, or a binary stream) with `weights_only=True`; errors name the
+    file and the likely cause.
 
-    `allow_namespace` also accepts what Megatron-LM's own files hold besides tensors and plain data:
-    `argparse.Namespace` (its `args`) and `io.BytesIO` (Transformer Engine's `_extra_state`); anything
-    else is still refused, so no code runs."""
-    if not os.path.exists(path):
+    `allow_namespace` also accepts what Megatron-LM's own files hold besides tensors and plain data
+    (gigatron/core/checkpoint/megatron_pickle.py: `argparse.Namespace` args, Megatron's enums and
+    dataclasses as stand-ins, `signal.Signals`, numpy RNG arrays, Transformer Engine's `io.BytesIO`);
+    anything else is still refused, so no code runs."""
+    name = path if isinstance(path, (str, os.PathLike)) else getattr(path, "name", "<checkpoint bytes>")
+    if isinstance(path, (str, os.PathLike)) and not os.path.exists(path):
         raise CheckpointError(f"checkpoint file {path} does not exist")
     try:
         if allow_namespace:
-            with torch.serialization.safe_globals([argparse.Namespace, io.BytesIO]):
+            from gigatron.core.checkpoint.megatron_pickle import safe_globals
+
+            with torch.serialization.safe_globals(safe_globals()):
                 return torch.load(path, map_location=map_location, weights_only=True)
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         raise CheckpointError(
-            f"checkpoint file {path} holds objects that a weights-only load refuses ({exc}); "
+            f"checkpoint file {name} holds objects that a weights-only load refuses ({exc}); "
             "it was not written by Gigatron's torch format"
         ) from exc
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
-        size = os.path.getsize(path)
+        size = os.path.getsize(path) if isinstance(path, (str, os.PathLike)) else "?"
         raise CheckpointError(
-            f"checkpoint file {path} ({size} bytes) is truncated or corrupt and cannot be read: {exc}. "
+            f"checkpoint file {name} ({size} bytes) is truncated or corrupt and cannot be read: {exc}. "
             "Load an earlier iteration with --ckpt-step, or fix the tracker file."
         ) from exc
 
@@ -189,13 +195,19 @@ def to_plain(value: Any) -> Any:
     """Convert `value` into what a weights-only load accepts: tensors, str/int/float/bool/None and
     lists/tuples/dicts of those. numpy arrays become tensors, numpy scalars Python scalars, dtypes and
     other objects their `str`, namespaces dicts."""
+    if isinstance(value, enum.Enum):  # signal.Signals in Megatron's args, for one
+        return f"{type(value).__name__}.{value.name}"
     if value is None or isinstance(value, (bool, int, float, str, torch.Tensor)):
         return value
     if isinstance(value, np.ndarray):
         return torch.from_numpy(np.ascontiguousarray(value))
     if isinstance(value, np.generic):
         return value.item()
-    if isinstance(value, argparse.Namespace):
+    if hasattr(value, "to_plain") and not isinstance(value, torch.Tensor):  # megatron_pickle's stand-ins
+        value = value.to_plain()
+        if isinstance(value, str):
+            return value
+    if isinstance(value, (argparse.Namespace, types.SimpleNamespace)):
         value = vars(value)
     if isinstance(value, dict):
         return {(k if isinstance(k, (str, int)) else str(k)): to_plain(v) for k, v in value.items()}

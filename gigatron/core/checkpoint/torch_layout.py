@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -41,7 +41,7 @@ from gigatron.core.checkpoint.io import (
 )
 from gigatron.core.checkpoint.paths import checkpoint_dir, write_tracker
 from gigatron.core.checkpoint.state import ModelState, TrainingState
-from gigatron.core.checkpoint.tp_layout import merge_from_tp
+from gigatron.core.checkpoint.tp_layout import mamba_segments, merge_from_tp
 
 __all__ = [
     "NAME",
@@ -70,6 +70,7 @@ _EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(.+)$")
 
 # Megatron-LM's Transformer Engine layer spec fuses the norms into the following linear layer.
 _TE_NORM_NAMES = {
+    "mixer.in_proj.layer_norm_weight": "norm.weight",
     "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
     "self_attention.linear_qkv.layer_norm_bias": "input_layernorm.bias",
     "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
@@ -241,7 +242,7 @@ def _check_expert_layout(args: dict) -> None:
 
 
 def _merge_stage(states: dict, key: str, pp_rank: int, sizes: Tuple[int, int], offset: int, local_experts: int,
-                 swiglu: bool, merged: Dict[str, torch.Tensor]) -> int:
+                 args: dict, merged: Dict[str, torch.Tensor]) -> int:
     """Merge one model chunk of one pipeline rank over its tp (and ep) ranks into `merged`
     (global layer numbers from `offset`); returns the number of layers it holds."""
     tp_size, ep_size = sizes
@@ -269,20 +270,29 @@ def _merge_stage(states: dict, key: str, pp_rank: int, sizes: Tuple[int, int], o
                 global_name = name
             if global_name in merged:
                 continue  # the tied output layer's copy on the last stage
-            merged[global_name] = merge_from_tp(global_name, tensor_list, swiglu)
+            segments = mamba_segments(global_name, args) if tp_size > 1 else None
+            merged[global_name] = merge_from_tp(global_name, tensor_list, bool(args.get("swiglu")), segments)
     if local_layers and sorted(local_layers) != list(range(len(local_layers))):
         raise CheckpointError(f"pipeline rank {pp_rank} ({key}) holds layers {sorted(local_layers)}; expected 0..n-1")
     return len(local_layers)
 
 
-def read_model(iter_dir: str, allow_namespace: bool = False) -> ModelState:
-    """Every rank's file of `iter_dir` (any tp/pp/ep, virtual stages too) merged into full tensors."""
+def read_model(iter_dir: str, allow_namespace: bool = False,
+               transform: Optional[Callable[[dict, str], dict]] = None) -> ModelState:
+    """Every rank's file of `iter_dir` (any tp/pp/ep, virtual stages too) merged into full tensors.
+    `transform(state, path)`: applied to each file's content as read (another layout's names, e.g.
+    the legacy ones, mapped to ours; args made plain)."""
     found = rank_dirs(iter_dir)
     if not found:
         raise CheckpointError(f"{iter_dir} holds no mp_rank_*/{MODEL_FILENAME} files")
     manifest = _read_manifest(iter_dir)
+
+    def read(path: str) -> dict:
+        state = read_rank_file(path, allow_namespace, manifest)
+        return transform(state, path) if transform is not None else state
+
     first_file = os.path.join(iter_dir, found[0], MODEL_FILENAME)
-    first = read_rank_file(first_file, allow_namespace, manifest)
+    first = read(first_file)
     args = _args_of(first)
     release = os.path.basename(os.path.normpath(iter_dir)) == "release"
     iteration = None if release else int(first.get("iteration") or 0)
@@ -296,8 +306,7 @@ def read_model(iter_dir: str, allow_namespace: bool = False) -> ModelState:
     if ep_size > 1 and (not num_experts or num_experts % ep_size != 0):
         raise CheckpointError(f"{iter_dir} has {ep_size} expert-parallel ranks but its args say num_experts "
                               f"{args.get('num_experts')}")
-    states = {key: (first if f == first_file else read_rank_file(f, allow_namespace, manifest))
-              for key, f in files.items()}
+    states = {key: (first if f == first_file else read(f)) for key, f in files.items()}
     # Model chunks in global order: virtual stage first, then pipeline rank.
     num_chunks = len(_chunk_keys(states[(0, 0, 0)]))
     merged: Dict[str, torch.Tensor] = {}
@@ -306,7 +315,7 @@ def read_model(iter_dir: str, allow_namespace: bool = False) -> ModelState:
         for pp_rank in range(pp_size):
             key = _chunk_keys(states[(0, pp_rank, 0)])[v]
             offset += _merge_stage(states, key, pp_rank, (tp_size, ep_size), offset, num_experts // ep_size,
-                                   bool(args.get("swiglu")), merged)
+                                   args, merged)
     if "embedding.word_embeddings.weight" not in merged:
         raise CheckpointError(f"{iter_dir} holds no embedding.word_embeddings.weight; it is not a GPT checkpoint")
     if args.get("num_layers") is not None and int(args["num_layers"]) != offset:

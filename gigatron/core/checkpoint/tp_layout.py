@@ -18,6 +18,10 @@ The shards are what GPTModel holds on tensor-parallel rank r:
 - routed experts (mlp.experts.local_experts.j.*, split over the expert tensor-parallel ranks,
   which the converter takes to be the tp ranks): linear_fc1 like the dense fc1, linear_fc2 like
   the dense fc2; the router (mlp.router.weight [E, h]) is replicated;
+- Mamba mixers (decoder.layers.{i}.mixer.*): in_proj.weight and conv1d.weight/bias split by
+  rows segment by segment (rank r holds [z_r; x_r; B_r; C_r; dt_r] and [x_r; B_r; C_r]; the
+  segment sizes come from the Mamba flags, `mamba_segments`), A_log, D, dt_bias and norm.weight
+  split by rows, out_proj.weight by columns;
 - everything else (norms, row-parallel biases, position embeddings): replicated.
 """
 
@@ -30,6 +34,7 @@ import torch
 __all__ = [
     "VOCAB_PARAMS",
     "partition_of",
+    "mamba_segments",
     "qkv_to_grouped",
     "grouped_to_qkv",
     "split_for_tp",
@@ -43,7 +48,33 @@ VOCAB_PARAMS = ("embedding.word_embeddings.weight", "output_layer.weight")
 
 _COLUMN_SUFFIXES = ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias",
                     "mlp.linear_fc1.weight", "mlp.linear_fc1.bias")
-_ROW_SUFFIXES = ("self_attention.linear_proj.weight", "mlp.linear_fc2.weight")
+_ROW_SUFFIXES = ("self_attention.linear_proj.weight", "mlp.linear_fc2.weight", ".mixer.out_proj.weight")
+_MAMBA_IN_PROJ = ".mixer.in_proj.weight"
+_MAMBA_CONV = (".mixer.conv1d.weight", ".mixer.conv1d.bias")
+_MAMBA_ROWS = (_MAMBA_IN_PROJ,) + _MAMBA_CONV + (".mixer.A_log", ".mixer.D", ".mixer.dt_bias", ".mixer.norm.weight")
+
+
+def mamba_segments(name: str, args: dict) -> Optional[List[int]]:
+    """The logical segment sizes of a Mamba mixer's fused tensor `name` (in_proj: [z, x, B, C, dt];
+    conv1d: [x, B, C]) from the Mamba flags in `args` (a checkpoint's args or conversion metadata);
+    None for any other tensor."""
+    if not (name.endswith(_MAMBA_IN_PROJ) or name.endswith(_MAMBA_CONV)):
+        return None
+    missing = [k for k in ("hidden_size", "mamba_head_dim", "mamba_num_groups", "mamba_state_dim") if args.get(k) is None]
+    if missing:
+        raise ValueError(f"{name} is a Mamba mixer tensor split segment by segment, but the checkpoint's args lack "
+                         f"{missing}; its tensor-parallel shards cannot be merged or split without the Mamba flags")
+    from gigatron.core.transformer.mamba.config import MambaConfig, mamba_num_heads
+    from gigatron.core.transformer.mamba.layout import conv_segments, in_proj_segments
+
+    mc = MambaConfig(mamba_state_dim=int(args["mamba_state_dim"]), mamba_head_dim=int(args["mamba_head_dim"]),
+                     mamba_num_groups=int(args["mamba_num_groups"]),
+                     mamba_num_heads=None if args.get("mamba_num_heads") is None else int(args["mamba_num_heads"]))
+    heads = mamba_num_heads(mc, int(args["hidden_size"]))
+    d_inner = heads * mc.mamba_head_dim
+    if name.endswith(_MAMBA_IN_PROJ):
+        return in_proj_segments(d_inner, mc.mamba_num_groups, mc.mamba_state_dim, heads)
+    return conv_segments(d_inner, mc.mamba_num_groups, mc.mamba_state_dim)
 
 
 def partition_of(name: str, swiglu: bool) -> tuple[Optional[int], int]:
@@ -57,6 +88,8 @@ def partition_of(name: str, swiglu: bool) -> tuple[Optional[int], int]:
             return 0, 2 if swiglu else 1
         if name.endswith(".linear_fc2.weight"):
             return 1, 1
+    if name.endswith(_MAMBA_ROWS):
+        return 0, 1
     if name.endswith(_COLUMN_SUFFIXES):
         stride = 2 if swiglu and ".mlp.linear_fc1." in name else 1
         return 0, stride
@@ -116,27 +149,41 @@ def pad_vocab(t: torch.Tensor, padded_size: int) -> torch.Tensor:
     return torch.cat([t, pad], dim=0)
 
 
-def split_for_tp(name: str, full: torch.Tensor, tp: int, swiglu: bool) -> List[torch.Tensor]:
-    """The tp shards of the full tensor `name` (vocabulary tensors must already be padded)."""
+def _check_segments(name: str, segments) -> None:
+    if segments is None and (name.endswith(_MAMBA_IN_PROJ) or name.endswith(_MAMBA_CONV)):
+        raise ValueError(f"{name} is split over tensor-parallel ranks segment by segment; pass its segments "
+                         "(mamba_segments(name, args))")
+
+
+def split_for_tp(name: str, full: torch.Tensor, tp: int, swiglu: bool,
+                 segments: Optional[Sequence[int]] = None) -> List[torch.Tensor]:
+    """The tp shards of the full tensor `name` (vocabulary tensors must already be padded).
+    `segments`: the logical segment sizes of a tensor split segment by segment (mamba_segments)."""
+    from gigatron.core.parallel.init import local_shard
+
     dim, stride = partition_of(name, swiglu)
     if dim is None or tp == 1:
         return [full.contiguous() for _ in range(tp)] if dim is None else [full.contiguous()]
+    _check_segments(name, segments)
     size = full.shape[dim]
-    if size % (tp * stride) != 0:
+    blocks = list(segments) if segments is not None else [size // stride] * stride
+    if size % stride != 0 or sum(blocks) != size or any(n % tp for n in blocks):
         raise ValueError(f"{name}: dimension {dim} of size {size} does not split over "
-                         f"--target-tensor-parallel-size {tp}" + (" (SwiGLU halves)" if stride > 1 else ""))
-    blocks = torch.chunk(full, stride, dim=dim)  # stride x [size/stride, ...]
-    per_block = [torch.chunk(b, tp, dim=dim) for b in blocks]
-    return [torch.cat([per_block[s][r] for s in range(stride)], dim=dim).contiguous() for r in range(tp)]
+                         f"--target-tensor-parallel-size {tp}" + (" (SwiGLU halves)" if stride > 1 else "")
+                         + (f" segment by segment {tuple(blocks)}" if segments is not None else ""))
+    return [local_shard(full, dim, stride, r, tp, segments).contiguous() for r in range(tp)]
 
 
-def merge_from_tp(name: str, shards: Sequence[torch.Tensor], swiglu: bool) -> torch.Tensor:
+def merge_from_tp(name: str, shards: Sequence[torch.Tensor], swiglu: bool,
+                  segments: Optional[Sequence[int]] = None) -> torch.Tensor:
     """The full tensor from its tp shards (replicated tensors: the first copy)."""
+    from gigatron.core.parallel.init import merge_shards
+
     dim, stride = partition_of(name, swiglu)
     if dim is None or len(shards) == 1:
         return shards[0]
-    pieces = [torch.chunk(s, stride, dim=dim) for s in shards]  # tp x stride x [...]
-    return torch.cat([pieces[r][s] for s in range(stride) for r in range(len(shards))], dim=dim)
+    _check_segments(name, segments)
+    return merge_shards(shards, dim, stride, segments)
 
 
 def compact(t: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ import json
 import os
 import re
 import shutil
-from typing import Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -30,7 +30,7 @@ from gigatron.core.checkpoint.header import CHECKPOINT_VERSION, checkpoint_heade
 from gigatron.core.checkpoint.io import CheckpointError
 from gigatron.core.checkpoint.paths import TRACKER_FILENAME, resolve_checkpoint_dir
 from gigatron.core.checkpoint.state import ModelState
-from gigatron.core.checkpoint.tp_layout import VOCAB_PARAMS, compact, pad_vocab, split_for_tp
+from gigatron.core.checkpoint.tp_layout import VOCAB_PARAMS, compact, mamba_segments, pad_vocab, split_for_tp
 from gigatron.core.convert.protocol import (
     MODEL_FLAGS,
     MOE_FLAGS,
@@ -277,8 +277,9 @@ def args_for_target(md: dict, tp: int, pp: int, padded: int, tokenizer_flags: di
 
 
 def _shard_stage(tensors: Dict[str, torch.Tensor], first_layer: int, num_layers: int, tp: int, swiglu: bool,
-                 padded: int) -> List[Dict[str, torch.Tensor]]:
-    """Per-tp-rank state dicts (local layer numbers) of one pipeline stage."""
+                 padded: int, md: Optional[dict] = None) -> List[Dict[str, torch.Tensor]]:
+    """Per-tp-rank state dicts (local layer numbers) of one pipeline stage. `md`: the flags that
+    size tensors split segment by segment (a Mamba mixer's; see tp_layout.mamba_segments)."""
     out: List[Dict[str, torch.Tensor]] = [{} for _ in range(tp)]
     for name, full in tensors.items():
         match = _LAYER.match(name)
@@ -291,7 +292,8 @@ def _shard_stage(tensors: Dict[str, torch.Tensor], first_layer: int, num_layers:
             local_name = name
         if name in VOCAB_PARAMS:
             full = pad_vocab(full, padded)
-        for rank, shard in enumerate(split_for_tp(name, full, tp, swiglu)):
+        segments = mamba_segments(name, md or {}) if tp > 1 else None
+        for rank, shard in enumerate(split_for_tp(name, full, tp, swiglu, segments)):
             out[rank][local_name] = compact(shard)
     return out
 
@@ -313,7 +315,7 @@ def rank_state_dicts(md: dict, tensors: Dict[str, torch.Tensor], tp: int = 1, pp
                  and k != "output_layer.weight" or pp_rank == pp - 1}
         if pp_rank == pp - 1 and tied and pp > 1:
             stage["output_layer.weight"] = tensors["embedding.word_embeddings.weight"]
-        for tp_rank, state in enumerate(_shard_stage(stage, first, count, tp, bool(md["swiglu"]), padded)):
+        for tp_rank, state in enumerate(_shard_stage(stage, first, count, tp, bool(md["swiglu"]), padded, md)):
             out[(tp_rank, pp_rank)] = state
     return out
 
@@ -341,15 +343,17 @@ def split_for_ep(state: Dict[str, torch.Tensor], ep: int, num_experts: int) -> L
 
 def save_torch_checkpoint(messages: Iterable[Message], save_dir: str, target_tp: int = 1, target_pp: int = 1,
                           checking: bool = True, make_vocab_size_divisible_by: Optional[int] = None,
-                          params_dtype: Optional[torch.dtype] = None, target_ep: int = 1) -> str:
+                          params_dtype: Optional[torch.dtype] = None, target_ep: int = 1,
+                          file_content: Optional[Callable[[dict, dict, dict], dict]] = None) -> str:
     """Write the model of a message stream as a `torch`-format checkpoint at (target_tp, target_pp),
     and for a mixture-of-experts model at expert-parallel size target_ep (each expert-parallel
     rank's files hold num_experts / target_ep experts; experts are split over the tensor-parallel
     ranks like the dense MLP).
 
     Stages are written as soon as their layers have arrived. The tokenizer files named by the
-    metadata are copied to `<save_dir>/tokenizer` and `args` points at them. Returns the iteration
-    directory."""
+    metadata are copied to `<save_dir>/tokenizer` and `args` points at them. `file_content(header,
+    state_dict, metadata)` builds a rank file's content (default: the header plus `model`; the
+    legacy saver gives Megatron's pre-Megatron-Core layout). Returns the iteration directory."""
     reader = MessageReader(messages, checking)
     md = dict(reader.md)
     if make_vocab_size_divisible_by is not None:
@@ -396,11 +400,13 @@ def save_torch_checkpoint(messages: Iterable[Message], save_dir: str, target_tp:
             stage["output_layer.weight"] = tensors["embedding.word_embeddings.weight"]
         if dtype is not None:
             stage = {k: v.to(dtype) for k, v in stage.items()}
-        for tp_rank, tp_state in enumerate(_shard_stage(stage, first, count, target_tp, swiglu, padded)):
+        for tp_rank, tp_state in enumerate(_shard_stage(stage, first, count, target_tp, swiglu, padded, md)):
             for ep_rank, state_dict in enumerate(split_for_ep(tp_state, target_ep, num_experts)):
                 relative = os.path.join(torch_layout.rank_dir_name(tp_rank, pp_rank, target_pp, ep_rank, target_ep),
                                         torch_layout.MODEL_FILENAME)
-                name, record = torch_layout.write_rank_file(iter_dir, relative, dict(header, model=state_dict))
+                content = (dict(header, model=state_dict) if file_content is None
+                           else file_content(header, state_dict, md))
+                name, record = torch_layout.write_rank_file(iter_dir, relative, content)
                 records[name] = record
 
     buffer: Dict[str, torch.Tensor] = {}

@@ -6,8 +6,8 @@ For every parameter tagged with `set_init(param, init_fn, key)` (gigatron/core/p
 2. the default generator of the generating device is seeded from (seed, key) through a stable
    hash (SHA-256), and `init_fn(full)` fills it;
 3. this rank's shard is cut out (partition dim, stride: with stride k the full tensor is k blocks
-   along the partition dim and a shard holds its slice of every block) and copied into the
-   parameter in its dtype.
+   along the partition dim and a shard holds its slice of every block; with partition segments the
+   blocks have the segments' unequal sizes) and copied into the parameter in its dtype.
 
 Keys carry global names (global layer numbers), so the same seed gives the same full model at any
 tensor, pipeline and data parallel size. A tied output layer on the last pipeline stage uses the
@@ -17,13 +17,14 @@ embedding's key and therefore starts equal to it.
 from __future__ import annotations
 
 import hashlib
-from typing import Callable, Optional, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-from .tags import init_spec, is_tensor_parallel, partition_dim, partition_shard, partition_stride
+from .tags import (init_spec, is_tensor_parallel, partition_dim, partition_segments, partition_shard,
+                   partition_stride)
 
-__all__ = ["initialize_parameters", "init_seed", "full_shape", "local_shard"]
+__all__ = ["initialize_parameters", "init_seed", "full_shape", "local_shard", "merge_shards", "partition_blocks"]
 
 
 def init_seed(seed: int, key: str) -> int:
@@ -46,18 +47,51 @@ def full_shape(param: torch.Tensor) -> torch.Size:
     return torch.Size(shape)
 
 
-def local_shard(full: torch.Tensor, dim: int, stride: int, rank: int, world_size: int) -> torch.Tensor:
-    """Shard `rank` of `world_size` of `full` along `dim` with partition stride `stride` (a view
-    for stride 1, a new tensor otherwise)."""
+def partition_blocks(length: int, stride: int = 1, segments: Optional[Sequence[int]] = None) -> list[int]:
+    """Logical sizes of the blocks a tensor of `length` entries along its partition dim is split
+    by: the segments when given (they must sum to `length`), else `stride` equal blocks."""
+    if segments is not None:
+        blocks = [int(n) for n in segments]
+        if sum(blocks) != length:
+            raise ValueError(f"partition segments {tuple(blocks)} sum to {sum(blocks)}, not the logical size {length}")
+        return blocks
+    if length % stride != 0:
+        raise ValueError(f"a dimension of size {length} does not split into {stride} stride blocks")
+    return [length // stride] * stride
+
+
+def local_shard(full: torch.Tensor, dim: int, stride: int, rank: int, world_size: int,
+                segments: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """Shard `rank` of `world_size` of `full` along `dim` with partition stride `stride`, or with
+    partition `segments` (logical segment sizes): the shard's slice of every block, concatenated
+    (a view for a single block, a new tensor otherwise)."""
     if world_size == 1:
         return full
-    length = full.shape[dim]
-    if length % (world_size * stride) != 0:
-        raise ValueError(f"dimension {dim} of size {length} cannot be split into {world_size} shards "
-                         f"with stride {stride}")
-    piece = length // (world_size * stride)
-    pieces = [full.narrow(dim, (block * world_size + rank) * piece, piece) for block in range(stride)]
-    return pieces[0] if stride == 1 else torch.cat(pieces, dim=dim)
+    blocks = partition_blocks(full.shape[dim], stride, segments)
+    if any(n % world_size for n in blocks):
+        raise ValueError(f"dimension {dim} of size {full.shape[dim]} cannot be split into {world_size} shards "
+                         + (f"segment by segment {tuple(blocks)}" if segments is not None else f"with stride {stride}"))
+    pieces, start = [], 0
+    for n in blocks:
+        piece = n // world_size
+        pieces.append(full.narrow(dim, start + rank * piece, piece))
+        start += n
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=dim)
+
+
+def merge_shards(shards: Sequence[torch.Tensor], dim: int, stride: int = 1,
+                 segments: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """Inverse of local_shard: the logical tensor from all shards (in rank order)."""
+    world_size = len(shards)
+    if world_size == 1:
+        return shards[0]
+    blocks = partition_blocks(shards[0].shape[dim] * world_size, stride, segments)
+    out, start = [], 0
+    for n in blocks:
+        piece = n // world_size
+        out.extend(s.narrow(dim, start, piece) for s in shards)
+        start += piece
+    return torch.cat(out, dim=dim)
 
 
 def _generate(init_fn: Callable, shape: torch.Size, device: torch.device, seed: int) -> torch.Tensor:
@@ -102,7 +136,8 @@ def initialize_parameters(
         full = _generate(spec.init_fn, full_shape(param), gen_device, init_seed(seed, key))
         if is_tensor_parallel(param):
             rank, world_size = partition_shard(param)
-            full = local_shard(full, partition_dim(param), partition_stride(param), rank, world_size)
+            full = local_shard(full, partition_dim(param), partition_stride(param), rank, world_size,
+                               partition_segments(param))
         param.copy_(full)
         count += 1
     return count

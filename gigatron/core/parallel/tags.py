@@ -4,7 +4,10 @@ Tags tell the rest of the library how a parameter is laid out and treated:
 
 - tensor-parallel layout (`tensor_model_parallel`, `partition_dim`, `partition_stride`, Megatron's
   attribute names, read by checkpoint conversion, gradient clipping and initialization), plus which
-  shard this rank holds (rank and number of shards, used by layout-independent initialization);
+  shard this rank holds (rank and number of shards, used by layout-independent initialization),
+  and for a fused tensor split segment by segment (the Mamba mixer's in_proj [z; x; B; C; dt] and
+  conv1d [x; B; C]) the sizes of its segments (`partition_segments`, read by initialization and
+  checkpoint sharding);
 - `sequence_parallel`: replicated over tensor-parallel ranks but its gradient is a partial sum
   (sequence-parallel norms and row-parallel biases); finalize_model_grads all-reduces it over tp;
 - `shared_embedding`: the word embedding tied with the output layer (grads all-reduced over the
@@ -16,7 +19,7 @@ Tags tell the rest of the library how a parameter is laid out and treated:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -30,6 +33,7 @@ __all__ = [
     "is_tensor_parallel",
     "partition_dim",
     "partition_stride",
+    "partition_segments",
     "partition_shard",
     "is_sequence_parallel",
     "is_shared_embedding",
@@ -39,6 +43,7 @@ __all__ = [
 
 _INIT_SPEC_ATTR = "gigatron_init_spec"
 _SHARD_ATTR = "gigatron_partition_shard"
+_SEGMENTS_ATTR = "partition_segments"
 
 
 @dataclass(frozen=True)
@@ -59,6 +64,7 @@ def set_tensor_parallel_attributes(
     *,
     rank: Optional[int] = None,
     world_size: Optional[int] = None,
+    segments: Optional[Sequence[int]] = None,
 ) -> None:
     """Declare a parameter's tensor-parallel layout.
 
@@ -68,9 +74,29 @@ def set_tensor_parallel_attributes(
     partition stride; SwiGLU's [gate; up] fc1 weight uses stride 2). `rank` and `world_size` are
     needed by initialize_parameters for a parallel parameter (layers of this package always pass
     them).
+
+    `segments`: the logical tensor is the concatenation of segments of these (logical, unequal)
+    sizes along `partition_dim`, and each shard holds its 1/world_size slice of every segment, in
+    order (the generalization of `stride` to unequal blocks; with segments the stride must be 1).
+    Concatenated shards are then not the logical tensor; initialization and checkpoints go through
+    the segments.
     """
     if stride < 1:
         raise ValueError(f"partition stride must be >= 1, got {stride}")
+    if segments is not None:
+        segments = tuple(int(n) for n in segments)
+        if not is_parallel or stride != 1:
+            raise ValueError("partition segments describe a tensor-parallel parameter of stride 1")
+        if not segments or any(n < 1 for n in segments):
+            raise ValueError(f"partition segments must be positive sizes, got {segments}")
+        if world_size is not None:
+            bad = [n for n in segments if n % world_size != 0]
+            if bad:
+                raise ValueError(f"partition segments {segments} do not split over {world_size} shards")
+            if sum(segments) != param.shape[partition_dim] * world_size:
+                raise ValueError(f"partition segments {segments} sum to {sum(segments)}, but the logical "
+                                 f"tensor has {param.shape[partition_dim] * world_size} entries along dim "
+                                 f"{partition_dim}")
     if (rank is None) != (world_size is None):
         raise ValueError("pass both rank and world_size of the shard, or neither")
     if is_parallel and rank is not None and not 0 <= rank < world_size:
@@ -85,6 +111,7 @@ def set_tensor_parallel_attributes(
     else:
         shard = (int(rank), int(world_size))
     setattr(param, _SHARD_ATTR, shard)
+    setattr(param, _SEGMENTS_ATTR, segments)
 
 
 def mark_sequence_parallel(param: torch.Tensor) -> None:
@@ -123,6 +150,13 @@ def partition_dim(param: torch.Tensor) -> int:
 
 def partition_stride(param: torch.Tensor) -> int:
     return int(getattr(param, "partition_stride", 1))
+
+
+def partition_segments(param: torch.Tensor) -> Optional[tuple[int, ...]]:
+    """Logical sizes of the segments a fused tensor is split by (see set_tensor_parallel_attributes);
+    None where the stride describes the layout."""
+    segments = getattr(param, _SEGMENTS_ATTR, None)
+    return tuple(segments) if segments is not None and is_tensor_parallel(param) else None
 
 
 def partition_shard(param: torch.Tensor) -> Optional[tuple[int, int]]:

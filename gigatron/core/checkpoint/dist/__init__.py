@@ -108,8 +108,21 @@ NAME = FORMAT_NAME
 
 
 def detect(iter_dir: str) -> bool:
-    """True if `iter_dir` is a torch_dist checkpoint directory of ours (complete or not)."""
-    return is_torch_dist_checkpoint(iter_dir) and not looks_like_megatron_torch_dist(iter_dir)
+    """True if `iter_dir` is a torch_dist checkpoint directory of ours (complete or not): not
+    Megatron-Core's own (megatron_dist.py) nor one of its other sharded backends (zarr)."""
+    return (is_torch_dist_checkpoint(iter_dir) and not looks_like_megatron_torch_dist(iter_dir)
+            and _backend_of(iter_dir) in (None, FORMAT_NAME))
+
+
+def _backend_of(iter_dir: str) -> Optional[str]:
+    import json
+
+    try:
+        with open(os.path.join(iter_dir, METADATA_FILENAME), encoding="utf-8") as handle:
+            record = json.load(handle)
+    except (OSError, ValueError):
+        return None  # absent (an interrupted save) or unreadable: ours, refused with that reason on load
+    return record.get("sharded_backend") if isinstance(record, dict) else None
 
 
 def read_args(iter_dir: str, allow_namespace: bool = False) -> dict:

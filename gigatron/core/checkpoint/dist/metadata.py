@@ -20,6 +20,7 @@ from typing import Iterable, Optional
 
 import torch
 from torch.distributed.checkpoint import metadata as dcp_metadata
+from torch.distributed.checkpoint import planner as dcp_planner
 from torch.distributed.checkpoint.filesystem import _StorageInfo as DcpStorageInfo  # PyTorch's own record class
 
 from gigatron.core.checkpoint.dist.common import (
@@ -49,6 +50,13 @@ _METADATA_CLASSES = {
 }
 _METADATA_CLASSES[("torch.distributed.checkpoint.filesystem", "_StorageInfo")] = DcpStorageInfo
 _METADATA_CLASSES[("torch", "Size")] = torch.Size
+# Megatron-Core's dist_checkpointing also stores its cached save plans in `.metadata`: PyTorch's
+# planner records (dataclasses of names, offsets and sizes, and one enum).
+_METADATA_CLASSES.update({
+    ("torch.distributed.checkpoint.planner", name): getattr(dcp_planner, name)
+    for name in ("SavePlan", "WriteItem", "WriteItemType", "TensorWriteData", "BytesIOWriteData")
+    if hasattr(dcp_planner, name)
+})
 
 
 def _layout_by_name(name: str) -> torch.layout:
@@ -95,10 +103,16 @@ def read_checkpoint_metadata(path: str) -> dict:
         raise CheckpointError(f"torch_dist checkpoint directory {path} does not exist")
     if not os.path.isfile(record_path):
         present = sorted(os.listdir(path))
+        plain_dcp = (DCP_METADATA_FILENAME in present and COMMON_FILENAME not in present
+                     and any(n.endswith(".distcp") for n in present))
         raise IncompleteCheckpointError(
             f"{path} is an incomplete torch_dist checkpoint: it has no {METADATA_FILENAME}, so the save was "
             f"interrupted before it finished (files present: {present[:10]}). Load an earlier iteration "
-            "(--ckpt-step) or point the tracker file at a complete checkpoint.")
+            "(--ckpt-step) or point the tracker file at a complete checkpoint."
+            + (" If it is a complete plain PyTorch distributed checkpoint instead (Megatron-LM's --ckpt-format "
+               "torch_dcp or fsdp_dtensor, which Gigatron does not read), re-save it with Megatron-LM as torch_dist "
+               "(--ckpt-convert-format torch_dist --ckpt-convert-save DIR) and load DIR/torch_dist." if plain_dcp
+               else ""))
     try:
         with open(record_path, encoding="utf-8") as handle:
             record = json.load(handle)
@@ -112,9 +126,9 @@ def read_checkpoint_metadata(path: str) -> dict:
                               f"Gigatron reads up to version {FORMAT_VERSION}")
     if not isinstance(record.get("files"), dict):
         raise CheckpointError(
-            f"{path} looks like a torch_dist checkpoint written by Megatron-Core's dist_checkpointing (its "
-            f"{METADATA_FILENAME} has no checksum manifest); Gigatron does not read that layout yet. Convert it "
-            "to the `torch` format with Megatron-LM (--ckpt-convert-format torch), then load or convert that.")
+            f"{path} is a torch_dist checkpoint written by Megatron-Core's dist_checkpointing (its "
+            f"{METADATA_FILENAME} has no checksum manifest): open it through the checkpoint registry "
+            "(gigatron/core/checkpoint/formats.py), which reads it with megatron_dist.py.")
     return record
 
 

@@ -2,7 +2,9 @@
 
 Every tensor is stored under its GLOBAL name (global layer number, global expert number) in its
 global logical shape; a rank's tensor-parallel shard is one or more rectangular chunks of it (a
-stride-k parameter, the SwiGLU fc1 `[gate_r; up_r]`, gives k chunks), and a distributed
+stride-k parameter, the SwiGLU fc1 `[gate_r; up_r]`, gives k chunks; a parameter with partition
+segments, the Mamba mixer's in_proj `[z_r; x_r; B_r; C_r; dt_r]`, one chunk per segment, so the
+stored tensor is the tp=1 one), and a distributed
 optimizer's flat range of a parameter becomes the boxes that tile that range in model space.
 """
 
@@ -23,9 +25,11 @@ from gigatron.core.parallel.tags import (
     is_shared_embedding,
     is_tensor_parallel,
     partition_dim,
+    partition_segments,
     partition_shard,
     partition_stride,
 )
+from gigatron.core.parallel.init import partition_blocks
 
 __all__ = [
     "STATE_KEYS", "ShardPiece", "unwrap", "global_param_name", "storage_key", "global_shape",
@@ -119,21 +123,24 @@ def global_shape(param: torch.Tensor) -> tuple:
 
 def local_box_to_global(local: torch.Tensor, local_offsets: Sequence[int], param: torch.Tensor
                          ) -> list[tuple[torch.Tensor, tuple]]:
-    """Split a box of the local shard (data `local` at `local_offsets`) at the stride blocks of the
-    partition dim; return (data, global offsets) per piece."""
+    """Split a box of the local shard (data `local` at `local_offsets`) at the blocks of the
+    partition dim (stride blocks or partition segments); return (data, global offsets) per piece."""
     dim, stride, rank, num_shards = tp_layout(param)
     if dim < 0:
         return [(local, tuple(local_offsets))]
-    block = param.shape[dim] // stride  # local length of one stride block
+    blocks = partition_blocks(param.shape[dim] * num_shards, stride, partition_segments(param))
     lo, hi = local_offsets[dim], local_offsets[dim] + local.shape[dim]
     pieces = []
-    if hi <= lo:
-        return pieces
-    for b in range(lo // block, (hi - 1) // block + 1):
-        start, end = max(lo, b * block), min(hi, (b + 1) * block)
-        offsets = list(local_offsets)
-        offsets[dim] = (b * num_shards + rank) * block + (start - b * block)
-        pieces.append((local.narrow(dim, start - lo, end - start), tuple(offsets)))
+    local_start = global_start = 0
+    for n in blocks:
+        piece = n // num_shards  # this shard's length of the block
+        start, end = max(lo, local_start), min(hi, local_start + piece)
+        if start < end:
+            offsets = list(local_offsets)
+            offsets[dim] = global_start + rank * piece + (start - local_start)
+            pieces.append((local.narrow(dim, start - lo, end - start), tuple(offsets)))
+        local_start += piece
+        global_start += n
     return pieces
 
 

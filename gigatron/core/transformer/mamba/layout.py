@@ -5,13 +5,13 @@ rank r's `in_proj.weight` rows are [z_r; x_r; B_r; C_r; dt_r] (its slice of each
 `conv1d` weight and bias rows are [x_r; B_r; C_r]. Concatenating the rank shards (what a stride-1
 partition tag describes, and what Megatron's `torch` checkpoints hold per rank) therefore gives the
 *rank-major* order [z_0 x_0 B_0 C_0 dt_0 z_1 x_1 ...]; the *canonical* order is the tp=1 tensor
-[z; x; B; C; dt]. Checkpoint conversion between tensor-parallel sizes must go through the canonical
-order: `to_rank_major` / `from_rank_major` convert, `in_proj_segments` / `conv_segments` give the
-segment sizes (Megatron's torch_dist stores the segments as separate pieces, named z, x, B, C, dt).
+[z; x; B; C; dt]. The mixer therefore tags these parameters with their partition segments
+(`in_proj_segments` / `conv_segments`, gigatron/core/parallel/tags.py), which initialization,
+torch_dist sharding and tp_layout's merge/split honour: the logical tensor is always the canonical
+one, so one seed gives the same model at every tensor-parallel size and a checkpoint loads at any.
+`to_rank_major` / `from_rank_major` convert between the two orders.
 
-The initializers here fill the full logical tensor (gigatron/core/parallel/init.py); those of the
-fused tensors generate the canonical tensor and store it rank-major, so that the model is the same
-at every tensor-parallel size for one seed.
+The initializers here fill the full logical tensor (gigatron/core/parallel/init.py).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 __all__ = ["in_proj_segments", "conv_segments", "rank_major_order", "to_rank_major", "from_rank_major",
-           "RankMajorInit", "UniformInit", "LogUniformInit", "InverseSoftplusDtInit", "OnesInit"]
+           "UniformInit", "LogUniformInit", "InverseSoftplusDtInit", "OnesInit"]
 
 
 def in_proj_segments(d_inner: int, num_groups: int, state_dim: int, num_heads: int) -> List[int]:
@@ -60,26 +60,6 @@ def from_rank_major(rank_major: torch.Tensor, segments: Sequence[int], tp_size: 
     out = torch.empty_like(rank_major)
     out.index_copy_(dim, order, rank_major)
     return out
-
-
-class RankMajorInit:
-    """Fill the full logical (rank-major) tensor: `base` fills the canonical tensor, which is then
-    stored rank-major for `tp_size` ranks."""
-
-    def __init__(self, base, segments: Sequence[int], tp_size: int):
-        self.base = base
-        self.segments = list(segments)
-        self.tp_size = tp_size
-
-    def __call__(self, full: torch.Tensor) -> torch.Tensor:
-        canonical = torch.empty_like(full)
-        self.base(canonical)
-        with torch.no_grad():
-            full.copy_(to_rank_major(canonical, self.segments, self.tp_size))
-        return full
-
-    def __repr__(self) -> str:
-        return f"rank_major({self.base!r}, segments={self.segments}, tp={self.tp_size})"
 
 
 class UniformInit:

@@ -36,7 +36,6 @@ from gigatron.core.transformer.mamba.layout import (
     InverseSoftplusDtInit,
     LogUniformInit,
     OnesInit,
-    RankMajorInit,
     UniformInit,
     conv_segments,
     in_proj_segments,
@@ -107,8 +106,8 @@ class DepthwiseConv1d(nn.Module):
         self.bias = nn.Parameter(torch.empty(channels, dtype=dtype, device=device))
         bound = 1.0 / math.sqrt(kernel)
         for name, p in (("weight", self.weight), ("bias", self.bias)):
-            tags.set_tensor_parallel_attributes(p, True, 0, 1, rank=tp.rank, world_size=tp.size)
-            tags.set_init(p, RankMajorInit(UniformInit(bound), segments, tp.size), f"{init_key}.{name}")
+            tags.set_tensor_parallel_attributes(p, True, 0, 1, rank=tp.rank, world_size=tp.size, segments=segments)
+            tags.set_init(p, UniformInit(bound), f"{init_key}.{name}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return causal_conv1d(x, self.weight[:, 0, :], self.bias, silu=True)
@@ -146,8 +145,9 @@ class MambaMixer(nn.Module):
         proj_segments = in_proj_segments(d_inner, num_groups, self.state_dim, num_heads)
         self.in_proj = ColumnParallelLinear(
             config.hidden_size, sum(proj_segments), config=config, tp=tp,
-            init_method=RankMajorInit(normal_init_method(config), proj_segments, tp.size), bias=False,
-            gather_output=False, init_key=prefix + ".in_proj")
+            init_method=normal_init_method(config), bias=False, gather_output=False, init_key=prefix + ".in_proj")
+        tags.set_tensor_parallel_attributes(self.in_proj.weight, True, 0, 1, rank=tp.rank, world_size=tp.size,
+                                            segments=proj_segments)
         self.conv1d = DepthwiseConv1d(self.conv_dim, MAMBA_CONV_KERNEL, conv_segments(d_inner, num_groups, self.state_dim),
                                       tp, dtype, device, prefix + ".conv1d")
         self.dt_bias = nn.Parameter(torch.empty(self.num_heads, dtype=dtype, device=device))

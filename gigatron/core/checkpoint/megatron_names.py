@@ -1,0 +1,208 @@
+"""Name mapping between Megatron-Core's checkpoint keys and ours.
+
+Our model's parameter names are Megatron-Core's local-spec names, with the layer number in the
+name: `decoder.layers.{i}.self_attention.linear_qkv.weight`. Megatron-Core's torch_dist (its
+`sharded_state_dict`) differs in two ways, checked on files written by megatron-core 0.16.1:
+
+- the layers of a block are STACKED under one key with a leading layer axis (global layer
+  number): `decoder.layers.self_attention.linear_qkv.weight` of shape [num_layers, rows, hidden];
+- the norms that Transformer Engine fuses into the following linear layer are stored under the
+  fused names, whichever layer spec wrote them:
+
+      ours                                   Megatron-Core torch_dist (and its TE-spec state dict)
+      input_layernorm.{weight,bias}          self_attention.linear_qkv.layer_norm_{weight,bias}
+      pre_mlp_layernorm.{weight,bias}        mlp.linear_fc1.layer_norm_{weight,bias}   (MoE layers too)
+
+- routed experts (SequentialMLP) are stacked twice: `decoder.layers.mlp.experts.experts.linear_fc1.weight`
+  of shape [num_layers, num_experts, rows, cols] (global expert number, whatever the writer's
+  expert-parallel size) holds our `decoder.layers.{i}.mlp.experts.local_experts.{e}.linear_fc1.weight`;
+  the router is `decoder.layers.mlp.router.weight` [num_layers, num_experts, hidden].
+
+The rest is the same: embedding.word_embeddings.weight and embedding.position_embeddings.weight,
+decoder.final_layernorm.*, output_layer.weight (absent when tied to the embedding), the fused
+QKV in Megatron's grouped-row layout and the SwiGLU fc1 as `[gate; up]` (both the tensor-parallel
+size 1 layout, which torch_dist's global tensors are), `_extra_state` entries (Transformer Engine
+FP8 metadata, pickled bytes) which carry no weights and are never read.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Optional
+
+__all__ = ["FUSED_NORMS", "UNFUSED_NORMS", "STACKED_PREFIX", "EXPERTS_PREFIX", "is_stacked_key", "stacked_axes",
+           "unstacked_name", "stacked_candidates", "split_layer_name", "flatten", "nest", "legacy_to_ours",
+           "ours_to_legacy", "legacy_qkv_to_ours"]
+
+FUSED_NORMS = {
+    "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
+    "input_layernorm.bias": "self_attention.linear_qkv.layer_norm_bias",
+    "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight",
+    "pre_mlp_layernorm.bias": "mlp.linear_fc1.layer_norm_bias",
+}
+UNFUSED_NORMS = {fused: ours for ours, fused in FUSED_NORMS.items()}
+STACKED_PREFIX = "decoder.layers."
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+
+
+def split_layer_name(name: str) -> Optional[tuple[int, str]]:
+    """(global layer, suffix) of `decoder.layers.{i}.{suffix}`, else None."""
+    match = _LAYER.match(name)
+    return (int(match.group(1)), match.group(2)) if match else None
+
+
+EXPERTS_PREFIX = STACKED_PREFIX + "mlp.experts.experts."
+_LOCAL_EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(.+)$")
+
+
+def is_stacked_key(key: str) -> bool:
+    """A Megatron-Core torch_dist key holding all layers of the decoder (leading layer axis)."""
+    return key.startswith(STACKED_PREFIX) and not key[len(STACKED_PREFIX):][:1].isdigit()
+
+
+def stacked_axes(key: str) -> int:
+    """How many leading axes of a Megatron-Core key index layers (and experts): 0, 1, or 2 for the
+    routed experts (`decoder.layers.mlp.experts.experts.*`: [layer, global expert, ...])."""
+    if not is_stacked_key(key):
+        return 0
+    return 2 if key.startswith(EXPERTS_PREFIX) else 1
+
+
+def unstacked_name(key: str, index: tuple) -> str:
+    """Our name for entry `index` ((layer,) or (layer, expert)) of the stacked Megatron key `key`."""
+    if key.startswith(EXPERTS_PREFIX):
+        layer, expert = index
+        return f"decoder.layers.{layer}.mlp.experts.local_experts.{expert}.{key[len(EXPERTS_PREFIX):]}"
+    suffix = key[len(STACKED_PREFIX):]
+    return f"decoder.layers.{index[0]}.{UNFUSED_NORMS.get(suffix, suffix)}"
+
+
+def stacked_candidates(suffix: str) -> list[tuple[str, tuple]]:
+    """(Megatron-Core key, offsets after the layer axis) that may hold our layer parameter
+    `decoder.layers.{i}.{suffix}`, in the order to try (a fused norm name first); a routed
+    expert's global number is the offset along the experts key's second axis."""
+    expert = _LOCAL_EXPERT.match(suffix)
+    if expert:
+        return [(EXPERTS_PREFIX + expert.group(2), (int(expert.group(1)),))]
+    keys = [(STACKED_PREFIX + suffix, ())]
+    if suffix in FUSED_NORMS:
+        keys.insert(0, (STACKED_PREFIX + FUSED_NORMS[suffix], ()))
+    return keys
+
+
+# ------------------------------------------------------------------ pre-Megatron-Core ("legacy") names
+#
+# Megatron-LM before Megatron-Core (megatron/model/, the published 345M GPT and BERT checkpoints)
+# saves a nested state dict; flattened with dots, a GPT rank file's `model` holds
+#
+#   language_model.embedding.word_embeddings.weight        embedding.word_embeddings.weight
+#   language_model.embedding.position_embeddings.weight    embedding.position_embeddings.weight
+#   language_model.encoder.layers.{i}.                     decoder.layers.{i}.   (older: .transformer.)
+#       input_layernorm.{weight,bias}                          input_layernorm.*
+#       self_attention.query_key_value.{weight,bias}           self_attention.linear_qkv.*  (older: attention.)
+#       self_attention.dense.{weight,bias}                     self_attention.linear_proj.*
+#       post_attention_layernorm.{weight,bias}                 pre_mlp_layernorm.*
+#       mlp.dense_h_to_4h.{weight,bias}                        mlp.linear_fc1.*
+#       mlp.dense_4h_to_h.{weight,bias}                        mlp.linear_fc2.*
+#   language_model.encoder.final_layernorm.{weight,bias}   decoder.final_layernorm.*
+#   language_model.output_layer.weight                     output_layer.weight  (untied)
+#   word_embeddings_for_head.weight                        output_layer.weight  (tied copy, last stage)
+#
+# The fused QKV rows are per head [q; k; v] (per query group with GQA) from checkpoint_version 2.0
+# on, which is Megatron-Core's layout; version 0 stored [all q; all k; all v] and version 1.0
+# [head][head dim][q, k, v] (legacy_qkv_to_ours reorders both).
+
+LEGACY_LAYER_NAMES = {
+    "input_layernorm": "input_layernorm",
+    "self_attention.query_key_value": "self_attention.linear_qkv",
+    "attention.query_key_value": "self_attention.linear_qkv",
+    "self_attention.dense": "self_attention.linear_proj",
+    "attention.dense": "self_attention.linear_proj",
+    "post_attention_layernorm": "pre_mlp_layernorm",
+    "mlp.dense_h_to_4h": "mlp.linear_fc1",
+    "mlp.dense_4h_to_h": "mlp.linear_fc2",
+}
+OUR_LAYER_NAMES = {ours: legacy for legacy, ours in LEGACY_LAYER_NAMES.items()
+                   if not legacy.startswith("attention.")}
+_LEGACY_LAYER = re.compile(r"^language_model\.(?:encoder|transformer)\.layers\.(\d+)\.(.+)\.(weight|bias)$")
+_LEGACY_OTHER = {
+    "language_model.embedding.word_embeddings.weight": "embedding.word_embeddings.weight",
+    "language_model.embedding.position_embeddings.weight": "embedding.position_embeddings.weight",
+    "language_model.encoder.final_layernorm.weight": "decoder.final_layernorm.weight",
+    "language_model.encoder.final_layernorm.bias": "decoder.final_layernorm.bias",
+    "language_model.transformer.final_layernorm.weight": "decoder.final_layernorm.weight",
+    "language_model.transformer.final_layernorm.bias": "decoder.final_layernorm.bias",
+    "language_model.output_layer.weight": "output_layer.weight",
+    "word_embeddings_for_head.weight": "output_layer.weight",
+}
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """A nested state dict as {dotted name: value}."""
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def legacy_to_ours(name: str) -> Optional[str]:
+    """Our name for a flattened legacy name, or None if it is not a GPT weight we know."""
+    if name in _LEGACY_OTHER:
+        return _LEGACY_OTHER[name]
+    match = _LEGACY_LAYER.match(name)
+    if match and match.group(2) in LEGACY_LAYER_NAMES:
+        return f"decoder.layers.{match.group(1)}.{LEGACY_LAYER_NAMES[match.group(2)]}.{match.group(3)}"
+    return None
+
+
+def ours_to_legacy(name: str, tied_head: bool = False) -> str:
+    """The flattened legacy name of one of our (stage-local) names. `tied_head`: the last stage's
+    copy of a tied embedding (`word_embeddings_for_head.weight`)."""
+    if name == "output_layer.weight" and tied_head:
+        return "word_embeddings_for_head.weight"
+    for legacy, ours in _LEGACY_OTHER.items():
+        if ours == name and ".transformer." not in legacy and not legacy.startswith("word_embeddings_for_head"):
+            return legacy
+    split = split_layer_name(name)
+    if split is not None:
+        layer, suffix = split
+        module, _, leaf = suffix.rpartition(".")
+        if module in OUR_LAYER_NAMES:
+            return f"language_model.encoder.layers.{layer}.{OUR_LAYER_NAMES[module]}.{leaf}"
+    raise KeyError(f"{name} has no pre-Megatron-Core (legacy) name")
+
+
+def nest(flat: dict) -> dict:
+    """{dotted name: value} as the nested dict legacy Megatron-LM saves: the language model's
+    `embedding` as `{word_embeddings: {weight}}`, `encoder` and `output_layer` as flat state dicts."""
+    tree: dict = {}
+    for name, value in flat.items():
+        if name.startswith("language_model.embedding."):
+            module, leaf = name[len("language_model.embedding."):].rsplit(".", 1)
+            tree.setdefault("language_model", {}).setdefault("embedding", {}).setdefault(module, {})[leaf] = value
+        elif name.startswith("language_model."):
+            part, rest = name[len("language_model."):].split(".", 1)
+            tree.setdefault("language_model", {}).setdefault(part, {})[rest] = value
+        else:
+            part, rest = name.split(".", 1)
+            tree.setdefault(part, {})[rest] = value
+    return tree
+
+
+def legacy_qkv_to_ours(tensor, version: float, head_dim: int):
+    """A rank's fused QKV weight or bias of checkpoint_version `version` in the per-head [q; k; v]
+    row order (versions >= 2.0 already are)."""
+    if version >= 2.0:
+        return tensor
+    rows = tensor.shape[0]
+    heads = rows // (3 * head_dim)
+    rest = tuple(tensor.shape[1:])
+    if version < 1.0:  # [3][heads][head_dim] -> [heads][3][head_dim]
+        ordered = tensor.reshape(3, heads, head_dim, *rest).transpose(0, 1)
+    else:  # [heads][head_dim][3] -> [heads][3][head_dim]
+        ordered = tensor.reshape(heads, head_dim, 3, *rest).transpose(1, 2)
+    return ordered.reshape(rows, *rest).contiguous()
