@@ -253,13 +253,6 @@ def check_moe(args) -> None:
                      ffn_hidden_size=_get(args, "ffn_hidden_size", None))
     if getattr(args, "num_layers", None) is not None:
         moe_layer_pattern(args, args.num_layers)
-    saves_or_loads = getattr(args, "save", None) or getattr(args, "load", None)
-    if (saves_or_loads and getattr(args, "ckpt_format", "torch") == "torch_dist" and (ep > 1 or etp != tp)
-            and getattr(args, "moe_grouped_gemm", False)):
-        raise ValueError(f"--ckpt-format torch_dist stores experts one by one and cannot lay out --moe-grouped-gemm "
-                         f"weights at --expert-model-parallel-size {ep} / --expert-tensor-parallel-size {etp}; "
-                         "drop --moe-grouped-gemm or pass --ckpt-format torch (one mp_rank_TT[_PPP]_EEE file per "
-                         "expert-parallel rank).")
 
 
 def resolve_moe_layer_recompute(args) -> None:
