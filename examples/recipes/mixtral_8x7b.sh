@@ -2,8 +2,6 @@
 # Mixtral 8x7B (32 layers, hidden 4096, 8 experts of 14336 with top-2 routing, GQA 32/8 heads,
 # RoPE base 1e6) with Megatron's flag set, on pipeline 4 x expert 8 parallelism. Usage:
 #   bash examples/recipes/mixtral_8x7b.sh CHECKPOINT_DIR TENSORBOARD_DIR TOKENIZER_MODEL DATA_PREFIX
-# Unlike Megatron's recipe it saves --ckpt-format torch: Gigatron's torch_dist format cannot yet lay
-# out --moe-grouped-gemm experts sharded over expert-parallel ranks.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -101,7 +99,6 @@ LOGGING_ARGS=(
     --tensorboard-dir $TENSORBOARD_LOGS_PATH
     --no-load-optim
     --no-load-rng
-    --ckpt-format torch
 )
 
 torchrun ${DISTRIBUTED_ARGS[@]} pretrain_gpt.py \
