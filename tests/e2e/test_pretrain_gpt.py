@@ -225,7 +225,7 @@ def test_use_checkpoint_args_takes_model_shape(tmp_path):
     argv[argv.index("--num-layers") + 1] = "5"
     _, _, ctx = _run(argv + ["--train-iters", "3", "--load", save, "--use-checkpoint-args", "--skip-train",
                              "--eval-iters", "0"])
-    assert ctx.args.num_layers == 2 and ctx.iteration == 3
+    assert ctx.configs.transformer.num_layers == 2 and ctx.iteration == 3
 
 
 def test_collective_timeout_names_rank_and_operation():

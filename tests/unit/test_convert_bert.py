@@ -247,7 +247,7 @@ def test_pretrain_bert_continues_from_converted_checkpoint(converted, sentence_d
     ctx = pretrain(bert_training.datasets_provider, bert_training.model_provider, bert_training.forward_step,
                    args=parse_args(argv, extra_args_provider=bert_training.extra_args_provider))
     model = ctx.model[0].module
-    assert (ctx.args.num_layers, ctx.args.hidden_size, ctx.args.tokenizer_type) == (6, 384, "BertWordPieceLowerCase")
+    assert (ctx.configs.transformer.num_layers, ctx.configs.transformer.hidden_size, ctx.configs.data.tokenizer_type) == (6, 384, "BertWordPieceLowerCase")
     assert ctx.iteration == 2 and len(ctx.log.train_history) == 2
     assert all(math.isfinite(v) for _, v in ctx.log.train_history)
     imported = _rank_state(converted[1], 0)["model"]
