@@ -40,6 +40,8 @@ __all__ = [
     "CONFIG_SOURCES",
     "ALIASES",
     "ACCEPTED_NO_EFFECT",
+    "NOT_BUILT",
+    "not_built_capability",
     "Alias",
     "Configs",
     "FlagSpec",
@@ -51,6 +53,7 @@ __all__ = [
     "configs_from_args",
     "args_dict_from_configs",
     "explicit_flags",
+    "default_tokenizer_type",
 ]
 
 # name in `Configs`, module, class. Imported lazily, on first use.
@@ -139,11 +142,38 @@ ALIASES: dict[str, Alias] = {
         "use_checkpoint_opt_param_scheduler", True, "Megatron's spelling of --use-checkpoint-opt-param-scheduler."
     ),
     "--local_rank": Alias("local_rank", help="Local rank (spelling used by torch.distributed.launch)."),
+    "--use-rotary-position-embeddings": Alias(
+        "position_embedding_type", "rope", "Megatron's older spelling of --position-embedding-type rope."
+    ),
     "--hybrid-layer-pattern": Alias(
         "hybrid_override_pattern", help="Megatron's newer name of --hybrid-override-pattern (one symbol per layer)."
     ),
     "--fp8-format": Alias("fp8", help="FP8 format of the linear layers' GEMMs.", replaces=True),
 }
+
+# Megatron switches that are resolved against other flags after parsing, whatever their order on
+# the command line: flag -> (its namespace entry, help).
+LATE_SWITCHES: dict[str, tuple[str, str]] = {
+    "--no-position-embedding": (
+        "_no_position_embedding",
+        "No learned absolute position embeddings: with rotary embeddings (--use-rotary-position-embeddings or "
+        "--position-embedding-type rope) it changes nothing; otherwise the model gets no position information "
+        "(--position-embedding-type none).",
+    ),
+}
+
+
+def _resolve_late_switches(args: argparse.Namespace) -> set:
+    """Apply the `LATE_SWITCHES` given; returns the fields they set."""
+    changed = set()
+    if getattr(args, "_no_position_embedding", False):
+        if getattr(args, "position_embedding_type", None) == "learned_absolute":
+            args.position_embedding_type = "none"
+            changed.add("position_embedding_type")
+    for dest, _ in LATE_SWITCHES.values():
+        if hasattr(args, dest):
+            delattr(args, dest)
+    return changed
 
 # Megatron flags that ask for what Gigatron always does; accepted so that existing launch scripts
 # run, and listed here with the reason they change nothing.
@@ -155,7 +185,107 @@ ACCEPTED_NO_EFFECT: dict[str, str] = {
     "--no-bias-swiglu-fusion": "Gigatron has no fused bias-SwiGLU kernel.",
     "--no-rope-fusion": "Gigatron has no fused rotary-embedding kernel.",
     "--no-gradient-accumulation-fusion": "Gigatron accumulates weight gradients into main_grad without a fused kernel.",
+    "--no-persist-layer-norm": "Gigatron has no persistent layer-norm kernel (norms are PyTorch's LayerNorm/RMSNorm).",
+    "--moe-permute-fusion": "Gigatron has no fused token-permutation kernel; tokens are permuted with index_select/"
+                            "scatter_add, which compute the same result.",
+    "--moe-shared-expert-overlap": "an overlap of the shared expert's computation with the token dispatch: a "
+                                   "scheduling change with the same result; Gigatron runs them one after the other.",
+    "--ckpt-fully-parallel-save": "a speed-up with the same files: Megatron spreads the writing of data-parallel "
+                                  "replicated weights over the replicas; Gigatron writes each shard once, from the "
+                                  "first replica (distributed-optimizer states from every rank).",
+    "--ckpt-fully-parallel-load": "each rank reads only the shards it needs, so the reads are already spread.",
+    "--no-use-tokenizer-model-from-checkpoint-args": "with --use-checkpoint-args the tokenizer settings given "
+                                                     "for the run are always the run's.",
 }
+
+# Megatron flags of capabilities that Gigatron has not built yet, by exact flag or by prefix (an
+# entry ending in "-"). Such a flag is refused with one line naming the missing capability instead
+# of "unrecognized arguments". A family that gets built adds its flags to a config dataclass; the
+# parser then knows them and this table is never consulted for them.
+NOT_BUILT: dict[str, str] = {
+    "--linear-conv-kernel-dim": "linear attention (Gated DeltaNet convolutions)",
+    "--te-rng-tracker": "Transformer Engine",
+    "--multi-latent-attention": "multi-latent attention (MLA)",
+    "--q-lora-rank": "multi-latent attention (MLA)",
+    "--kv-lora-rank": "multi-latent attention (MLA)",
+    "--qk-head-dim": "multi-latent attention (MLA)",
+    "--qk-pos-emb-head-dim": "multi-latent attention (MLA)",
+    "--v-head-dim": "multi-latent attention (MLA)",
+    "--mscale": "multi-latent attention (MLA)",
+    "--mscale-all-dim": "multi-latent attention (MLA)",
+    "--rotary-scaling-factor": "multi-latent attention (MLA: its YaRN rotary scaling)",
+    "--mtp-": "multi-token prediction (MTP)",
+    "--moe-latent-size": "latent MoE",
+    "--moe-flex-dispatcher-backend": "the flex (DeepEP/HybridEP) MoE token dispatcher",
+    "--moe-router-force-load-balancing": "forced MoE load balancing (a benchmarking mode)",
+    "--moe-router-fusion": "fused MoE router kernels",
+    "--ddp-num-buckets": "a bucket count for data-parallel communication (--ddp-bucket-size sets the size)",
+    "--moe-pad-experts-for-cuda-graph-inference": "CUDA graphs",
+    "--cuda-graph-": "CUDA graphs",
+    "--decode-only-cuda-graphs": "CUDA graphs",
+    "--use-megatron-fsdp": "Megatron FSDP",
+    "--megatron-fsdp-": "Megatron FSDP",
+    "--fsdp-": "Megatron FSDP",
+    "--data-parallel-sharding-strategy": "Megatron FSDP",
+    "--use-nccl-ub": "NCCL user buffers",
+    "--enable-gpt-oss": "gpt-oss models",
+    "--softmax-type": "attention sinks (gpt-oss softmax variants)",
+    "--activation-func-clamp-value": "gpt-oss models (clamped activations)",
+    "--glu-linear-offset": "gpt-oss models (GLU with a linear offset)",
+    "--quick-geglu": "gpt-oss models (quick GeGLU)",
+    "--window-attn-skip-freq": "interleaved sliding-window/full attention layers",
+    "--use-fused-weighted-squared-relu": "fused weighted squared-ReLU kernels",
+    "--cross-entropy-fusion-impl": "a choice of cross-entropy fusion kernels",
+    "--init-model-with-meta-device": "building the model on the meta device",
+    "--rerun-mode": "the rerun state machine (result validation by re-running iterations)",
+    "--log-straggler": "straggler detection",
+    "--disable-straggler-on-startup": "straggler detection",
+    "--straggler-minmax-count": "straggler detection",
+    "--check-weight-hash-across-dp-replicas-interval": "weight-hash checks across data-parallel replicas",
+    "--disable-gloo-process-groups": "running without gloo process groups",
+    "--enable-experimental": "Megatron's experimental features",
+    "--param-to-param-group-map-json": "per-parameter optimizer groups from a JSON map",
+    "--save-retain-interval": "checkpoint retention",
+    "--ckpt-assume-constant-structure": "cached checkpoint save plans",
+    "--disable-bf16-reduced-precision-matmul": "switching off bf16 reduced-precision matmul",
+    "--no-rope-freq": "layers without rotary embeddings (NoPE layers)",
+    "--rope-type": "a choice of rotary embedding types (YaRN)",
+    "--tokenizer-hf-include-special-tokens": "HuggingFace special-token handling options",
+    "--logging-level": "Python logging levels",
+    "--log-progress": "progress logging (progress.txt)",
+    "--timing-log-option": "timer reductions over ranks",
+    "--tensor-parallel-num-weight-shards": "weight sharding within tensor parallelism",
+    "--expert-tensor-parallel-num-weight-shards": "weight sharding within tensor parallelism",
+    "--sft": "supervised fine-tuning datasets",
+    "--step-batch-size-schedule": "step batch-size schedules",
+    "--inference-": "the inference server's flags (tools/run_text_generation_server.py takes its own)",
+    "--grpo-": "reinforcement learning (GRPO)",
+    "--rl-": "reinforcement learning (GRPO)",
+    "--no-rl-": "reinforcement learning (GRPO)",
+    "--langrl-": "reinforcement learning (GRPO)",
+    "--img-": "multimodal models",
+    "--vision-": "multimodal models",
+    "--patch-dim": "multimodal models",
+    "--pixel-shuffle": "multimodal models",
+    "--use-tiling": "multimodal models",
+    "--max-num-tiles": "multimodal models",
+    "--use-thumbnail": "multimodal models",
+    "--use-tile-tags": "multimodal models",
+    "--image-tag-type": "multimodal models",
+    "--disable-vision-class-token": "multimodal models",
+    "--language-model-type": "multimodal models",
+    "--num-frames": "multimodal models",
+    "--export-": "ModelOpt export",
+}
+
+
+def not_built_capability(option: str) -> Optional[str]:
+    """The capability a flag of `NOT_BUILT` needs, or None for a flag that is not listed there."""
+    name = option.split("=", 1)[0]
+    if name in NOT_BUILT:
+        return NOT_BUILT[name]
+    prefixes = [p for p in NOT_BUILT if p.endswith("-") and name.startswith(p)]
+    return NOT_BUILT[max(prefixes, key=len)] if prefixes else None
 
 
 @dataclass
@@ -297,9 +427,26 @@ def _is_int_or_int_list(tp) -> bool:
         typing.get_origin(m) in (list, typing.List) and typing.get_args(m) == (int,) for m in members)
 
 
+def _int_pair(text: str) -> tuple:
+    """Two ints written `A,B` (Megatron's tuple spelling; "(A, B)" and "[A, B]" too)."""
+    parts = text.strip().strip("()[]").split(",")
+    try:
+        if len(parts) == 2:
+            return tuple(int(p) for p in parts)
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"{text!r} is not two integers written A,B (e.g. 4096,0)")
+
+
+def _is_int_pair(tp) -> bool:
+    return typing.get_origin(tp) in (tuple, typing.Tuple) and typing.get_args(tp) == (int, int)
+
+
 def _value_kwargs(tp) -> Optional[dict]:
     """argparse keywords for a non-bool field type, or None if it is not a command-line type."""
     tp = _strip_optional(tp)
+    if _is_int_pair(tp):
+        return {"type": _int_pair, "metavar": "A,B"}
     if _is_int_or_int_list(tp):
         return {"type": _int_or_int_list}
     literal = _literal_kwargs(tp)
@@ -413,6 +560,9 @@ def _add_aliases(parser: argparse.ArgumentParser, specs: dict[str, FlagSpec]) ->
         else:
             group.add_argument(option, dest=alias.dest, action="store_const", const=alias.value, default=spec.default,
                                help=f"{text} ({alias.dest}={alias.value!r})")
+    for option, (dest, text) in LATE_SWITCHES.items():
+        if option not in taken:
+            group.add_argument(option, action="store_true", dest=dest, help=text)
     for option, reason in ACCEPTED_NO_EFFECT.items():
         if option not in taken:
             group.add_argument(option, action="store_true", dest="_accepted_" + option.strip("-").replace("-", "_"),
@@ -425,6 +575,13 @@ class _Parser(argparse.ArgumentParser):
     def parse_known_args(self, args=None, namespace=None):  # noqa: D401 - argparse override
         namespace, extras = super().parse_known_args(args, namespace)
         unknown = [a for a in extras if a.startswith("-")]
+        missing = [(a.split("=", 1)[0], not_built_capability(a)) for a in unknown]
+        missing = [(name, capability) for name, capability in missing if capability]
+        if missing:
+            name, capability = missing[0]
+            others = f" (also: {', '.join(n for n, _ in missing[1:])})" if len(missing) > 1 else ""
+            self.error(f"{name} needs {capability}, which Gigatron does not have yet{others}; "
+                       "remove the flag to run without it.")
         if unknown:
             known = list(self._option_string_actions)
             hints = []
@@ -527,7 +684,17 @@ def parse_args(
     args = parser.parse_args(argv)
     for key in [k for k in vars(args) if k.startswith("_accepted_")]:
         delattr(args, key)
-    args._explicit = frozenset(from_yaml) | _given_on_command_line(parser, argv)
+    late = _resolve_late_switches(args)
+    args._explicit = frozenset(from_yaml) | _given_on_command_line(parser, argv) | late
+    return args
+
+
+def default_tokenizer_type(args: argparse.Namespace, tokenizer_type: str) -> argparse.Namespace:
+    """A script's default --tokenizer-type, as Megatron's entry points set it (pretrain_gpt.py:
+    GPT2BPETokenizer, pretrain_bert.py: BertWordPieceLowerCase): used when the run names no
+    tokenizer (neither --tokenizer-type nor --vocab-size, which alone selects a NullTokenizer)."""
+    if getattr(args, "tokenizer_type", None) is None and getattr(args, "vocab_size", None) is None:
+        args.tokenizer_type = tokenizer_type
     return args
 
 

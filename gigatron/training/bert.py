@@ -127,10 +127,10 @@ def datasets_provider(ctx, train_valid_test_num_samples):
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """pretrain_bert.py: parse Megatron-style flags and train."""
-    from gigatron.training.arguments import parse_args
+    from gigatron.training.arguments import default_tokenizer_type, parse_args
     from gigatron.training.loop import pretrain_and_exit
 
-    args = parse_args(argv, extra_args_provider=extra_args_provider)
+    args = default_tokenizer_type(parse_args(argv, extra_args_provider=extra_args_provider), "BertWordPieceLowerCase")
     return pretrain_and_exit(datasets_provider, model_provider, forward_step, args)
 
 

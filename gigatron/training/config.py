@@ -141,6 +141,24 @@ class TrainingConfig:
     profile_ranks: list[int] = field(default_factory=lambda: [0])
     """With --profile: the global ranks that profile (the others run normally)."""
 
+    spec: Optional[list[str]] = None
+    """A user-supplied layer spec, `--spec MODULE FUNCTION`: the function of that importable Python
+    module (a dotted name on PYTHONPATH, or a .py file) builds each decoder layer of the GPT model in
+    place of Gigatron's TransformerLayer, called as FUNCTION(config, groups, layer_number=...,
+    moe_config=...) (config: the TransformerConfig; layer_number: global and 0-based) and returning a
+    module with TransformerLayer's forward(hidden, attention_mask, rotary_pos_emb,
+    inference_context=None) -> hidden. The module is the user's code and runs as such."""
+
+    deterministic_mode: bool = False
+    """Make runs bitwise reproducible on one device layout: torch.use_deterministic_algorithms(True)
+    (an op without a deterministic kernel raises instead of running), CUBLAS_WORKSPACE_CONFIG set to
+    :4096:8 when unset, and no FlashAttention (its backward is not deterministic)."""
+
+    use_legacy_models: bool = False
+    """Megatron's pre-Core (legacy) model classes. Gigatron has only Megatron-Core models: the flag
+    is refused with a pointer to converting the legacy checkpoint to a Core one first (Megatron-LM's
+    `tools/checkpoint/convert.py --loader legacy --saver core`), which then trains without it."""
+
     def __post_init__(self) -> None:
         if self.train_iters is not None and self.train_samples is not None:
             raise ValueError("--train-iters and --train-samples are mutually exclusive; give one of them.")
@@ -198,6 +216,14 @@ class CheckpointConfig:
     data-parallel layout; per-file checksums) or torch (one file per model-parallel rank, Megatron's
     legacy layout). A load detects the format of the directory it finds."""
 
+    dist_ckpt_strictness: Literal["assume_ok_unexpected", "log_unexpected", "log_all", "raise_unexpected",
+                                  "raise_all", "return_unexpected", "return_all", "ignore_all"] = "assume_ok_unexpected"
+    """What a load does with checkpoint keys that do not fit the model (either format). The
+    assume_ok_unexpected (default) and raise_* modes stop the load, naming the missing and the
+    unexpected keys (a checkpoint with keys the model lacks is never silently accepted); log_*,
+    return_* and ignore_all load the keys that fit and leave the rest (the log says so, except
+    with ignore_all). A tensor of the wrong shape always stops the load."""
+
     auto_detect_ckpt_format: bool = False
     """Determine the format of the checkpoint in --load from its files (Gigatron always does:
     torch, torch_dist, and Megatron-LM's own torch, Megatron-Core torch_dist and pre-Megatron-Core
@@ -236,6 +262,15 @@ class LoggingConfig:
 
     tensorboard_log_interval: int = 1
     """Report to TensorBoard every this many iterations."""
+
+    timing_log_level: Literal[0, 1, 2] = 0
+    """How many step timers to print with each log line: 0 none beyond the iteration time, 1 the
+    forward/backward pass, the optimizer step and the loss all-reduce, 2 also the forward and
+    backward compute inside the schedule (this rank's, ms per iteration over the log interval;
+    timing synchronises the device)."""
+
+    log_timers_to_tensorboard: bool = False
+    """Also write the step timers of --timing-log-level to TensorBoard/W&B ("<name>-time", ms)."""
 
     tensorboard_queue_size: int = 1000
     """Size of the TensorBoard writer's queue of pending events and summaries."""

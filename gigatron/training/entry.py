@@ -23,6 +23,9 @@ def padded_vocab_size_from_args(data, tensor_model_parallel_size: Optional[int] 
     if getattr(data, "tokenizer_type", None) is None:
         raise ValueError("give --tokenizer-type (with its files), or --vocab-size V for a NullTokenizer over ids 0..V")
     tokenizer = build_tokenizer(data)
+    if getattr(data, "padded_vocab_size", None) is not None:
+        from gigatron.training.loop import checked_padded_vocab_size
+        return checked_padded_vocab_size(data.padded_vocab_size, tokenizer.vocab_size, tensor_model_parallel_size)
     return vocab_size_with_padding(tokenizer.vocab_size, data.make_vocab_size_divisible_by, tensor_model_parallel_size)
 
 
@@ -110,9 +113,9 @@ def _dry_run(args: argparse.Namespace, mamba: Optional[bool] = None) -> int:
 
 def pretrain_gpt_main(argv: Optional[Sequence[str]] = None) -> int:
     """Pretrain a GPT model from Megatron-style flags (`pretrain_gpt --help` lists them)."""
-    from gigatron.training.arguments import parse_args
+    from gigatron.training.arguments import default_tokenizer_type, parse_args
 
-    args = parse_args(argv)
+    args = default_tokenizer_type(parse_args(argv), "GPT2BPETokenizer")
     from gigatron.training.mamba import refuse_mamba_flags
     refuse_mamba_flags(args, "pretrain_gpt.py")
     if args.dry_run:

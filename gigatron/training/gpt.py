@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from gigatron.core.pipeline.schedules import per_token_loss
 from gigatron.training.logging import print_rank_0
 
 __all__ = ["model_provider", "get_batch", "loss_func", "forward_step", "datasets_provider"]
@@ -17,9 +18,39 @@ def model_provider(ctx, pre_process: bool = True, post_process: bool = True, vp_
     """One pipeline stage (model chunk) of a GPT model, initialized from --seed."""
     from gigatron.core.models.gpt import GPTModel
 
+    spec = ctx.configs.training.spec
     return GPTModel(ctx.configs.transformer, ctx.groups, vocab_size=ctx.padded_vocab_size,
                     pre_process=pre_process, post_process=post_process, vp_stage=vp_stage, seed=ctx.configs.data.seed,
-                    moe_config=getattr(ctx.configs, "moe", None))
+                    moe_config=getattr(ctx.configs, "moe", None), layer_spec=load_layer_spec(spec) if spec else None)
+
+
+def load_layer_spec(spec):
+    """--spec MODULE FUNCTION: the layer-building function (MODULE: a dotted importable name or a
+    path to a .py file)."""
+    import importlib
+    import importlib.util
+    import os
+
+    if len(spec) != 2:
+        raise ValueError(f"--spec takes MODULE FUNCTION (a Python module and the function in it that builds a "
+                         f"decoder layer), got {' '.join(spec)}")
+    module_name, function_name = spec
+    try:
+        if module_name.endswith(".py"):
+            if not os.path.isfile(module_name):
+                raise FileNotFoundError(f"--spec: {module_name} does not exist")
+            loaded = importlib.util.spec_from_file_location(os.path.basename(module_name)[:-3], module_name)
+            module = importlib.util.module_from_spec(loaded)
+            loaded.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        raise ValueError(f"--spec: cannot import {module_name} ({exc}); put it on PYTHONPATH or give a .py file") \
+            from None
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        raise ValueError(f"--spec: {module_name} has no function {function_name!r} (the layer builder)")
+    return function
 
 
 def _stage_of(model):
@@ -58,18 +89,22 @@ def _needs_mask(inner) -> bool:
     return bool(getattr(inner, "reset_attention_mask", False))
 
 
-def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor, cp=None):
+def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor, cp=None, per_token: bool = False):
     """Mean of the per-token losses [b, s] over the tokens of the loss mask.
 
     With context parallelism each rank holds s/cp tokens of every sequence: it backpropagates
     cp x (its loss sum / the micro-batch's token count over the cp group), because the gradient
     reduction averages over dp x cp. The logged [sum, count] stays this rank's share.
 
-    Returns (loss, {"lm loss": tensor([loss_sum, num_tokens])})."""
+    Returns (loss, {"lm loss": tensor([loss_sum, num_tokens])}); with `per_token`
+    (--calculate-per-token-loss) (loss_sum, num_tokens, the same dict): the schedule divides the
+    step's gradients once by its token count over micro-batches and data x context ranks."""
     losses = output_tensor.float().reshape(-1)  # [b * s]
     mask = loss_mask.reshape(-1)  # [b * s]
     loss_sum = torch.sum(losses * mask)
     num_tokens = mask.sum()
+    if per_token:
+        return loss_sum, num_tokens, {"lm loss": torch.stack([loss_sum.detach(), num_tokens.detach()])}
     if cp is not None and cp.size > 1:
         total_tokens = num_tokens.detach().clone()
         dist.all_reduce(total_tokens, group=cp.group)
@@ -83,7 +118,7 @@ def forward_step(data_iterator, model):
     """The schedules' forward step: (output_tensor, loss_func bound to this micro-batch's mask)."""
     tokens, labels, loss_mask, attention_mask, position_ids = get_batch(data_iterator, model)
     output_tensor = model(tokens, position_ids, attention_mask, labels=labels)
-    return output_tensor, partial(loss_func, loss_mask, cp=_stage_of(model).groups.cp)
+    return output_tensor, partial(loss_func, loss_mask, cp=_stage_of(model).groups.cp, per_token=per_token_loss([model]))
 
 
 def datasets_provider(ctx, train_valid_test_num_samples):

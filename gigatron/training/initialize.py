@@ -102,6 +102,13 @@ def set_random_seeds(seed: int, groups, data_parallel_random_init: bool = False)
     return model_parallel_seed(seed, groups)
 
 
+def enable_deterministic_mode() -> None:
+    """--deterministic-mode: deterministic kernels only (an op without one raises), and the cuBLAS
+    workspace setting that deterministic matmuls need (kept when the environment sets it)."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+
+
 def initialize(configs, legacy_configs=None) -> RunContext:
     """torch.distributed, device, parallel groups and seeds for the run's configs
     (`gigatron.training.arguments.Configs`). `initialize(args, configs)`, the older form, is accepted
@@ -111,6 +118,8 @@ def initialize(configs, legacy_configs=None) -> RunContext:
     if legacy_configs is not None:
         configs = legacy_configs
     training = configs.training
+    if training.deterministic_mode:
+        enable_deterministic_mode()
     device, world_size, rank, local_rank = initialize_distributed(configs.parallel, training.local_rank)
     if configs.world_size is not None and world_size != configs.world_size:
         raise ValueError(f"arguments were validated for world size {configs.world_size} but {world_size} "

@@ -264,6 +264,28 @@ class TrainingLog:
             value = value.detach().float()
             self._sums[key] = self._sums[key] + value if key in self._sums else value.clone()
 
+    @property
+    def has_backends(self) -> bool:
+        """TensorBoard or W&B is open (on the last rank)."""
+        return self.writer is not None or self.wandb is not None
+
+    def tensorboard_step(self, iteration: int, losses: dict[str, torch.Tensor], *, learning_rate: Optional[float],
+                         global_batch_size: int, loss_scale: float, grad_norm: Optional[float]) -> None:
+        """Write this iteration's loss, learning rate, batch size, loss scale and gradient norm to
+        TensorBoard/W&B (every --tensorboard-log-interval iterations; the loop calls it each one)."""
+        if not self.has_backends or iteration % self.config.tensorboard_log_interval != 0:
+            return
+        for key, value in losses.items():
+            self._scalar(key, float(value.detach().float().item()), iteration)
+        if learning_rate is not None and self.config.log_learning_rate_to_tensorboard:
+            self._scalar("learning-rate", learning_rate, iteration)
+        if self.config.log_batch_size_to_tensorboard:
+            self._scalar("batch-size", global_batch_size, iteration)
+        if self.config.log_loss_scale_to_tensorboard:
+            self._scalar("loss-scale", loss_scale, iteration)
+        if grad_norm is not None:
+            self._scalar("grad-norm", grad_norm, iteration)
+
     def add_nan(self) -> None:
         self._nan += 1
 
@@ -313,18 +335,11 @@ class TrainingLog:
 
     def _report_backends(self, iteration, averages, learning_rate, global_batch_size, loss_scale, grad_norm,
                          num_zeros_in_grad, params_norm, seconds_per_iteration, tflops_per_device) -> None:
+        # The per-iteration values (losses, learning rate, batch size, loss scale, gradient norm) are
+        # written by tensorboard_step every --tensorboard-log-interval iterations; what is measured
+        # over a log interval is written here.
         if self.writer is None and self.wandb is None:
             return
-        for key, value in averages.items():
-            self._scalar(key, value, iteration)
-        if learning_rate is not None and self.config.log_learning_rate_to_tensorboard:
-            self._scalar("learning-rate", learning_rate, iteration)
-        if self.config.log_batch_size_to_tensorboard:
-            self._scalar("batch-size", global_batch_size, iteration)
-        if self.config.log_loss_scale_to_tensorboard:
-            self._scalar("loss-scale", loss_scale, iteration)
-        if grad_norm is not None:
-            self._scalar("grad-norm", grad_norm, iteration)
         if num_zeros_in_grad is not None:
             self._scalar("num-zeros", num_zeros_in_grad, iteration)
         if params_norm is not None:

@@ -37,7 +37,7 @@ from gigatron.training.checkpointing import (
 )
 from gigatron.training.config import CheckpointConfig
 from gigatron.training.initialize import RunContext, collective_phase, initialize
-from gigatron.training.logging import TrainingLog, print_rank_0
+from gigatron.training.logging import TrainingLog, print_rank_0, print_rank_last
 from gigatron.training.profiling import start_profiler, validate_profile_args
 from gigatron.training.validate import validate_args
 
@@ -136,6 +136,8 @@ class TrainContext:
     compile_announced: bool = False
     evaluation_hook: Optional[Callable[["TrainContext"], None]] = None
     evaluation_hook_iteration: Optional[int] = None
+    timers: Any = None
+    """The step timers of --timing-log-level (gigatron/training/timers.py), made at the first step."""
     fp8_states: dict = field(default_factory=dict)
     """--fp8-recipe delayed: every FP8 linear's FP8LinearState on this rank, by global name."""
 
@@ -164,10 +166,26 @@ def _build_tokenizer(ctx: TrainContext) -> None:
     if data.tokenizer_type is None:  # DataConfig makes --vocab-size alone a NullTokenizer
         raise ValueError("give --tokenizer-type (with its files), or --vocab-size V for a NullTokenizer over ids 0..V")
     ctx.tokenizer = build_tokenizer(data)
+    if data.padded_vocab_size is not None:
+        ctx.padded_vocab_size = checked_padded_vocab_size(data.padded_vocab_size, ctx.tokenizer.vocab_size,
+                                                          ctx.groups.tp.size)
+        print_rank_0(f"> tokenizer {data.tokenizer_type}: vocabulary {ctx.tokenizer.vocab_size}, "
+                     f"--padded-vocab-size {ctx.padded_vocab_size}")
+        return
     ctx.padded_vocab_size = vocab_size_with_padding(ctx.tokenizer.vocab_size, data.make_vocab_size_divisible_by,
                                                     ctx.groups.tp.size)
     print_rank_0(f"> tokenizer {data.tokenizer_type}: vocabulary {ctx.tokenizer.vocab_size}, padded to "
                  f"{ctx.padded_vocab_size} (divisible by {data.make_vocab_size_divisible_by} x tp {ctx.groups.tp.size})")
+
+
+def checked_padded_vocab_size(padded: int, vocab_size: int, tp: int) -> int:
+    """--padded-vocab-size: at least the tokenizer's vocabulary and divisible by the tensor-parallel size."""
+    if padded < vocab_size:
+        raise ValueError(f"--padded-vocab-size ({padded}) is smaller than the tokenizer's vocabulary ({vocab_size}); "
+                         f"give at least {vocab_size} or drop the flag to pad automatically.")
+    if padded % tp != 0:
+        raise ValueError(f"--padded-vocab-size ({padded}) must be divisible by --tensor-model-parallel-size ({tp}).")
+    return padded
 
 
 def get_model(model_provider: Callable, ctx: TrainContext) -> list:
@@ -275,6 +293,8 @@ def setup(model_provider: Callable, args: argparse.Namespace | Configs) -> Train
     training = configs.training
     run = initialize(configs)
     ctx = TrainContext(configs=configs, run=run)
+    print_rank_0(f"> --transformer-impl {configs.transformer.transformer_impl}: Gigatron's own PyTorch layers "
+                 "(one implementation serves both local and transformer_engine)")
     _build_tokenizer(ctx)
     ctx.calculator = MicroBatchCalculator(training.global_batch_size, training.micro_batch_size, ctx.groups.dp.size,
                                           training.rampup_batch_size)
@@ -298,7 +318,11 @@ def setup(model_provider: Callable, args: argparse.Namespace | Configs) -> Train
 def _load(ctx: TrainContext) -> None:
     c = ctx.configs.checkpoint
     loaded = LoadedCheckpoint()
-    common = dict(groups=ctx.groups, rng_tracker=ctx.run.rng_tracker)
+    strict = c.dist_ckpt_strictness in ("assume_ok_unexpected", "raise_unexpected", "raise_all")
+    if not strict and c.dist_ckpt_strictness != "ignore_all":
+        print_rank_0(f"> --dist-ckpt-strictness {c.dist_ckpt_strictness}: checkpoint keys that do not fit the model "
+                     "are left out of the load")
+    common = dict(groups=ctx.groups, rng_tracker=ctx.run.rng_tracker, strict=strict)
     with collective_phase("loading the checkpoint"):
         if c.load:
             loaded = load_checkpoint(
@@ -351,12 +375,13 @@ def build_data_iterators(ctx: TrainContext, datasets_provider: Callable):
         if dataset is None:
             return None
         if data.dataloader_type == "external":
-            return [dataset for _ in range(num_chunks)]
+            return [external_iterator(dataset) for _ in range(num_chunks)]
         iterators = []
         for _ in range(num_chunks):
             loader = build_pretraining_data_loader(dataset, consumed, training.micro_batch_size, groups.dp.rank,
                                                    groups.dp.size, num_workers=data.num_workers,
-                                                   dataloader_type=data.dataloader_type)
+                                                   dataloader_type=data.dataloader_type,
+                                                   data_sharding=data.data_sharding)
             iterators.append(_cycle(loader) if data.dataloader_type == "cyclic" else iter(loader))
         return iterators
 
@@ -370,6 +395,19 @@ def build_data_iterators(ctx: TrainContext, datasets_provider: Callable):
         valid = loaders(valid_ds, ctx.consumed_valid_samples)
         test = loaders(test_ds, 0)
     return one_or_list(train), one_or_list(valid), one_or_list(test)
+
+
+def external_iterator(data) -> Iterator:
+    """--dataloader-type external: what the datasets provider returned is the data itself, an
+    iterator or iterable of micro-batches (e.g. a torch DataLoader with its own sampler), used as is."""
+    if hasattr(data, "__next__"):
+        return data
+    if hasattr(type(data), "__iter__"):
+        return iter(data)
+    raise ValueError(f"--dataloader-type external takes the datasets provider's result as the data iterator, but it "
+                     f"returned a {type(data).__name__}, which is not iterable (a map-style dataset); return an "
+                     "iterator or a DataLoader of micro-batches from the provider, or use --dataloader-type single "
+                     "or cyclic")
 
 
 def _cycle(loader) -> Iterator:
@@ -420,23 +458,36 @@ def train_step(ctx: TrainContext, forward_step_func: Callable, data_iterator, nu
     ctx.optimizer.zero_grad()
     moe_tracker = _start_moe_step(ctx, num_microbatches)
     forward_backward = get_forward_backward_func(groups.pp.size, groups.vp_size)
-    with collective_phase("the forward/backward pass"):
+    if ctx.timers is None:
+        from gigatron.training.timers import StepTimers
+        ctx.timers = StepTimers(ctx.configs.logging.timing_log_level, ctx.device)
+    timers = ctx.timers
+    compute_timer = None
+    if timers.active("forward-compute"):
+        from gigatron.core.pipeline import ComputeTimer
+        compute_timer = ComputeTimer(ctx.device)
+    with collective_phase("the forward/backward pass"), timers.time("forward-backward"):
         losses_reduced = forward_backward(
             forward_step_func=forward_step_func, data_iterator=data_iterator, model=ctx.model,
             num_microbatches=num_microbatches, seq_length=ctx.configs.transformer.seq_length,
             micro_batch_size=training.micro_batch_size, groups=groups, config=ctx.configs.transformer, forward_only=False,
-            grad_scale_func=ctx.optimizer.scale_loss, finalize_model_grads_func=_finalize_grads_fn(ctx))
+            grad_scale_func=ctx.optimizer.scale_loss, finalize_model_grads_func=_finalize_grads_fn(ctx),
+            **({"compute_timer": compute_timer} if compute_timer is not None else {}))
+    if compute_timer is not None:
+        timers.add("forward-compute", compute_timer.forward_seconds())
+        timers.add("backward-compute", compute_timer.backward_seconds())
     if ctx.fp8_states:
         from gigatron.core.fp8.model import update_model_fp8_states
 
         with collective_phase("the FP8 amax reduction"):
             update_model_fp8_states(ctx.fp8_states, groups)
-    with collective_phase("the optimizer step"):
+    with collective_phase("the optimizer step"), timers.time("optimizer"):
         update_successful, grad_norm, num_zeros = ctx.optimizer.step()
     if training.empty_unused_memory_level >= 1 and ctx.device.type == "cuda":
         torch.cuda.empty_cache()
-    with collective_phase("the loss all-reduce"):
+    with collective_phase("the loss all-reduce"), timers.time("loss-all-reduce"):
         losses = _reduce_losses(losses_reduced, groups, ctx.device)
+    timers.end_iteration()
     if moe_tracker is not None:
         _finish_moe_step(ctx, moe_tracker, num_microbatches, update_successful, losses)
     return losses, update_successful, grad_norm, num_zeros
@@ -701,6 +752,9 @@ def train(ctx: TrainContext, forward_step_func: Callable, train_iterator, valid_
                               flops=flops_cache[batch_size])
             if grad_norm is not None and not math.isfinite(grad_norm):
                 log.add_nan()
+            if log.has_backends and ctx.iteration % logging.tensorboard_log_interval == 0:
+                log.tensorboard_step(ctx.iteration, losses, learning_rate=_current_lr(ctx), global_batch_size=batch_size,
+                                     loss_scale=float(ctx.optimizer.get_loss_scale().item()), grad_norm=grad_norm)
             if ctx.iteration % logging.log_interval == 0:
                 _report(ctx, batch_size, grad_norm, num_zeros)
             if training.profile and training.profile_step_end == ctx.iteration:
@@ -743,16 +797,36 @@ def _announce_compilation(ctx: TrainContext) -> Optional[float]:
     return time.perf_counter()
 
 
+def _report_timers(ctx: TrainContext) -> None:
+    """--timing-log-level: the step timers' line after the log line (the rank that prints it), and
+    with --log-timers-to-tensorboard the timers in TensorBoard/W&B."""
+    if ctx.timers is None:
+        return
+    means = ctx.timers.means_ms()
+    line = ctx.timers.report()
+    if line is None:
+        return
+    print_rank_last(line)
+    if ctx.configs.logging.log_timers_to_tensorboard and ctx.log.has_backends:
+        for name, value in means.items():
+            ctx.log._scalar(f"{name}-time", value, ctx.iteration)  # noqa: SLF001 - the log's one writer
+
+
+def _current_lr(ctx: TrainContext) -> float:
+    return ctx.scheduler.get_lr() if ctx.scheduler is not None else ctx.optimizer.param_groups[0]["lr"]
+
+
 def _report(ctx: TrainContext, batch_size: int, grad_norm, num_zeros) -> None:
     params_norm = None
     if ctx.configs.logging.log_params_norm:
         params_norm = _params_norm(ctx)
-    lr = ctx.scheduler.get_lr() if ctx.scheduler is not None else ctx.optimizer.param_groups[0]["lr"]
+    lr = _current_lr(ctx)
     loss_scale = float(ctx.optimizer.get_loss_scale().item())
     ctx.log.report(
         iteration=ctx.iteration, consumed_samples=ctx.consumed_train_samples, learning_rate=lr,
         global_batch_size=batch_size, loss_scale=loss_scale, grad_norm=grad_norm, num_zeros_in_grad=num_zeros,
         params_norm=params_norm)
+    _report_timers(ctx)
     if not ctx.memory_reported:
         _report_rank_memory(ctx)
     if ctx.configs.training.check_for_nan_in_loss_and_grad and ctx.log.train_history:

@@ -85,7 +85,7 @@ def model_provider(ctx, pre_process: bool = True, post_process: bool = True, vp_
 
     if vp_stage is not None:
         raise ValueError("hybrid Mamba models do not support --virtual-pipeline-model-parallel-size; drop it")
-    check_mamba_args(argparse.Namespace(spec=ctx.configs.extra.get("spec"),
+    check_mamba_args(argparse.Namespace(spec=ctx.configs.training.spec,
                                         context_parallel_size=ctx.groups.cp.size,
                                         reset_attention_mask=ctx.configs.data.reset_attention_mask))
     return MambaModel(ctx.configs.transformer, ctx.configs.mamba, ctx.groups, ctx.padded_vocab_size,

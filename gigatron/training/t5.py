@@ -134,11 +134,14 @@ def get_batch(data_iterator, model):
     return tokens_enc, tokens_dec, labels, loss_mask, enc_mask, dec_mask, enc_dec_mask
 
 
-def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
-    """Mean per-token loss over the decoder's real labels. Returns (loss, {"lm loss": [sum, tokens]})."""
+def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor, per_token: bool = False):
+    """Mean per-token loss over the decoder's real labels. Returns (loss, {"lm loss": [sum, tokens]});
+    with `per_token` (--calculate-per-token-loss) (loss_sum, num_tokens, the same dict)."""
     mask = loss_mask.reshape(-1).float()  # [b * sd]
     loss_sum = torch.sum(output_tensor.float().reshape(-1) * mask)
     num_tokens = mask.sum()
+    if per_token:
+        return loss_sum, num_tokens, {"lm loss": torch.stack([loss_sum.detach(), num_tokens.detach()])}
     return loss_sum / num_tokens.clamp(min=1.0), {"lm loss": torch.stack([loss_sum.detach(), num_tokens.detach()])}
 
 
@@ -146,7 +149,9 @@ def forward_step(data_iterator, model):
     """The schedules' forward step: (per-token loss [b, sd], loss_func)."""
     tokens_enc, tokens_dec, labels, loss_mask, enc_mask, dec_mask, enc_dec_mask = get_batch(data_iterator, model)
     output_tensor = model(tokens_enc, tokens_dec, enc_mask, dec_mask, enc_dec_mask, lm_labels=labels)
-    return output_tensor, partial(loss_func, loss_mask)
+    from gigatron.core.pipeline.schedules import per_token_loss
+
+    return output_tensor, partial(loss_func, loss_mask, per_token=per_token_loss([model]))
 
 
 def datasets_provider(ctx, train_valid_test_num_samples):

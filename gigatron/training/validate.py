@@ -35,8 +35,13 @@ __all__ = [
     "check_virtual_pipeline",
     "resolve_layers_per_virtual_stage",
     "check_data_source",
-    "check_per_token_loss",
     "check_moe",
+    "resolve_moe_layer_recompute",
+    "check_legacy_models",
+    "check_spec",
+    "check_deterministic_mode",
+    "check_xavier_init",
+    "check_padded_vocab_size",
     "check_fp8",
     "SUPPORTED_CKPT_FORMATS",
 ]
@@ -226,14 +231,6 @@ def check_data_source(args) -> None:
         raise ValueError("--split cannot be combined with --train-data-path/--valid-data-path/--test-data-path.")
 
 
-def check_per_token_loss(args) -> None:
-    """--calculate-per-token-loss needs a schedule that hands the token count to the gradient
-    finalization; the schedules divide each micro-batch's mean loss by the number of micro-batches."""
-    if getattr(args, "calculate_per_token_loss", False):
-        raise ValueError("--calculate-per-token-loss is not supported by the training loop yet; drop the flag "
-                         "(each micro-batch's loss is averaged over its tokens, then over micro-batches and ranks).")
-
-
 def check_moe(args) -> None:
     """The MoE flags (--num-experts, --moe-*) among themselves and against the model and the
     expert layout: experts divide over --expert-model-parallel-size, the routed experts' hidden size
@@ -256,13 +253,63 @@ def check_moe(args) -> None:
                      ffn_hidden_size=_get(args, "ffn_hidden_size", None))
     if getattr(args, "num_layers", None) is not None:
         moe_layer_pattern(args, args.num_layers)
-    saves_or_loads = getattr(args, "save", None) or getattr(args, "load", None)
-    if (saves_or_loads and getattr(args, "ckpt_format", "torch") == "torch_dist" and (ep > 1 or etp != tp)
-            and getattr(args, "moe_grouped_gemm", False)):
-        raise ValueError(f"--ckpt-format torch_dist stores experts one by one and cannot lay out --moe-grouped-gemm "
-                         f"weights at --expert-model-parallel-size {ep} / --expert-tensor-parallel-size {etp}; "
-                         "drop --moe-grouped-gemm or pass --ckpt-format torch (one mp_rank_TT[_PPP]_EEE file per "
-                         "expert-parallel rank).")
+
+
+def resolve_moe_layer_recompute(args) -> None:
+    """--moe-layer-recompute means selective recompute of the `moe` module (as in Megatron); with
+    full recompute the whole layers are recomputed already."""
+    if not getattr(args, "moe_layer_recompute", False) or getattr(args, "recompute_granularity", None) == "full":
+        return
+    args.recompute_granularity = "selective"
+    modules = list(getattr(args, "recompute_modules", None) or ["core_attn"])
+    if "moe" not in modules:
+        modules.append("moe")
+    args.recompute_modules = modules
+
+
+def check_legacy_models(args) -> None:
+    """--use-legacy-models asks for Megatron's pre-Core model classes, which Gigatron does not have."""
+    if getattr(args, "use_legacy_models", False):
+        raise ValueError("--use-legacy-models: Gigatron has only Megatron-Core models. Convert a legacy checkpoint "
+                         "to a Core one with Megatron-LM's `tools/checkpoint/convert.py --model-type GPT --loader "
+                         "legacy --saver core` (or train from scratch), then drop --use-legacy-models.")
+
+
+def check_spec(args) -> None:
+    """--spec MODULE FUNCTION (the layer builder of the GPT model)."""
+    spec = getattr(args, "spec", None)
+    if spec is not None and len(spec) != 2:
+        raise ValueError(f"--spec takes MODULE FUNCTION (a Python module and the function in it that builds a "
+                         f"decoder layer), got {' '.join(spec)}")
+
+
+def check_deterministic_mode(args) -> None:
+    """--deterministic-mode excludes FlashAttention, whose backward pass is not deterministic."""
+    if not getattr(args, "deterministic_mode", False):
+        return
+    if getattr(args, "use_flash_attn", False) or getattr(args, "attention_backend", "auto") == "flash":
+        raise ValueError("--deterministic-mode cannot use FlashAttention (its backward is not deterministic); "
+                         "drop --use-flash-attn / --attention-backend flash.")
+
+
+def check_xavier_init(args) -> None:
+    """--init-method-xavier-uniform covers the dense layers; the routed experts are initialized from
+    --init-method-std expert by expert, so the two are not combined."""
+    if getattr(args, "init_method_xavier_uniform", False) and getattr(args, "num_experts", None):
+        raise ValueError("--init-method-xavier-uniform is not supported with --num-experts (the routed experts "
+                         "are initialized from --init-method-std); drop one of them.")
+
+
+def check_padded_vocab_size(args) -> None:
+    """--padded-vocab-size splits over the tensor-parallel ranks (the tokenizer's size is checked
+    when the tokenizer is built)."""
+    padded = getattr(args, "padded_vocab_size", None)
+    if padded is None:
+        return
+    tp = _get(args, "tensor_model_parallel_size", 1)
+    if padded < 1 or padded % tp != 0:
+        raise ValueError(f"--padded-vocab-size ({padded}) must be a positive multiple of "
+                         f"--tensor-model-parallel-size ({tp}).")
 
 
 def check_fp8(args) -> None:
@@ -302,7 +349,12 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
     resolve_layers_per_virtual_stage(args)
     check_virtual_pipeline(args)
     check_data_source(args)
-    check_per_token_loss(args)
     check_moe(args)
+    resolve_moe_layer_recompute(args)
+    check_legacy_models(args)
+    check_spec(args)
+    check_deterministic_mode(args)
+    check_xavier_init(args)
+    check_padded_vocab_size(args)
     check_fp8(args)
     return args

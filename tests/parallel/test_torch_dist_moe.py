@@ -17,7 +17,6 @@ from torch.distributed.checkpoint import FileSystemReader
 from gigatron.training import gpt
 from gigatron.training.arguments import parse_args
 from gigatron.training.loop import pretrain
-from gigatron.training.validate import validate_args
 from tests.parallel.harness import run_distributed
 from tests.parallel.test_moe_training import MOE_TINY
 
@@ -118,10 +117,3 @@ def test_expert_tensor_parallel_save_resumes_in_one_process(runs):
     _assert_continues(saved, runs["serial"], (1, 2))
     history, _ = _train(base + ["--load", save])
     _assert_continues([(history, True)], runs["serial"])
-
-
-def test_grouped_gemm_at_ep2_is_refused(tmp_path):
-    args = parse_args(TORCH_DIST + ["--expert-model-parallel-size", "2", "--moe-grouped-gemm",
-                                    "--save", str(tmp_path)])
-    with pytest.raises(ValueError, match="moe-grouped-gemm"):
-        validate_args(args, world_size=2)

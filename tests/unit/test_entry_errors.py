@@ -25,7 +25,8 @@ def _run(argv, env_extra=None):
     ("pretrain_bert.py", MODEL + ["--num-tokentypes", "-1", "--tokenizer-type", "BertWordPieceLowerCase",
                                   "--vocab-file", "/nonexistent/vocab.txt"], "vocab"),
     ("pretrain_t5.py", MODEL, "T5 needs --decoder-seq-length"),
-    ("pretrain_gpt.py", MODEL[:-2], "give --tokenizer-type (with its files), or --vocab-size V"),
+    # Without a tokenizer flag, pretrain_gpt.py takes Megatron's default GPT2BPETokenizer, which needs its files.
+    ("pretrain_gpt.py", MODEL[:-2], "--tokenizer-type GPT2BPETokenizer needs --vocab-file"),
     ("pretrain_gpt.py", MODEL + ["--use-checkpoint-args"], "--use-checkpoint-args reads the model flags from the "
                                                            "checkpoint in --load; give --load DIR"),
     ("-m", ["gigatron.training.entry"] + MODEL + ["--min-lr", "1"], "--min-lr (1.0) must not exceed --lr"),

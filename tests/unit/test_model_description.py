@@ -53,6 +53,15 @@ VARIANTS = {
               "--rotary-seq-len-interpolation-factor", "4.0", "--normalization", "RMSNorm", "--norm-epsilon", "1e-6",
               "--swiglu", "--untie-embeddings-and-output-weights", "--disable-bias-linear",
               "--attention-dropout", "0.05", "--hidden-dropout", "0"],
+    # Llama 3.1 frequency scaling and a sliding attention window.
+    "llama3_window": ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "32",
+                      "--use-rotary-position-embeddings", "--no-position-embedding", "--use-rope-scaling",
+                      "--rope-scaling-factor", "16", "--window-size", "7,0", "--normalization", "RMSNorm",
+                      "--swiglu", "--disable-bias-linear"],
+    # Top-1 MoE with the routing probability applied to the expert input.
+    "moe_top1": ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "32",
+                 "--disable-bias-linear", "--num-experts", "2", "--moe-router-topk", "1",
+                 "--moe-apply-probs-on-input"],
     # Mixture of experts: every router and capacity field the converters carry.
     "moe": ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "32",
             "--position-embedding-type", "rope", "--normalization", "RMSNorm", "--swiglu", "--disable-bias-linear",

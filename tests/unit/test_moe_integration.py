@@ -233,14 +233,13 @@ def test_bad_moe_flag_combinations_fail_with_named_errors(extra, world, match):
         configs_from_args(validate_args(args, world_size=world))  # the MoEConfig checks its own flags
 
 
-def test_grouped_gemm_expert_parallel_checkpoints_need_the_torch_format(tmp_path):
-    """torch_dist saves per-expert weights under global expert numbers; the grouped-GEMM layout
-    (weight1/weight2 over all local experts) at ep > 1 is refused with a pointer to the torch format."""
+def test_grouped_gemm_expert_parallel_checkpoints_take_either_format(tmp_path):
+    """torch_dist saves every expert under its global number, GroupedMLP's weight1/weight2 split
+    per expert, so --moe-grouped-gemm at ep > 1 is accepted in both formats."""
     argv = TINY + MOE + ["--train-iters", "1", "--expert-model-parallel-size", "2", "--save", str(tmp_path)]
-    with pytest.raises(ValueError, match="pass --ckpt-format torch"):
-        validate_args(parse_args(argv + ["--ckpt-format", "torch_dist", "--moe-grouped-gemm"]), world_size=2)
-    validate_args(parse_args(argv + ["--ckpt-format", "torch_dist"]), world_size=2)
-    validate_args(parse_args(argv + ["--ckpt-format", "torch"]), world_size=2)
+    for fmt in ("torch_dist", "torch"):
+        validate_args(parse_args(argv + ["--ckpt-format", fmt, "--moe-grouped-gemm"]), world_size=2)
+        validate_args(parse_args(argv + ["--ckpt-format", fmt]), world_size=2)
 
 
 def test_moe_needs_disable_bias_linear_and_ep_needs_experts():

@@ -55,7 +55,7 @@ def test_config_derived_defaults():
     (dict(use_flash_attn=True, attention_backend="local"), "--use-flash-attn"),
     (dict(recompute_granularity="full"), "--recompute-method"),
     (dict(recompute_granularity="full", recompute_method="uniform"), "--recompute-num-layers"),
-    (dict(recompute_granularity="selective", recompute_modules=["moe"]), "--recompute-modules"),
+    (dict(recompute_granularity="selective", recompute_modules=["mla_up_proj"]), "--recompute-modules"),
     (dict(pipeline_model_parallel_size=3), "--num-layers (2)"),
     (dict(num_layers=8, pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=3), "virtual"),
     (dict(position_embedding_type="rope", rotary_percent=0.1), "--rotary-percent"),

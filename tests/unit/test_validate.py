@@ -172,11 +172,6 @@ def test_checks_work_on_partial_namespaces():
     V.check_data_source(argparse.Namespace())
 
 
-def test_per_token_loss_rejected_until_supported():
-    with pytest.raises(ValueError, match="--calculate-per-token-loss"):
-        V.validate_args(_args("--calculate-per-token-loss"), world_size=1)
-
-
 def test_layers_per_virtual_stage_sets_virtual_size():
     args = V.validate_args(_args("--num-layers", "8", "--pipeline-model-parallel-size", "2",
                                  "--num-layers-per-virtual-pipeline-stage", "2"), world_size=2)

@@ -178,9 +178,20 @@ def _rope_scaling(cfg: dict) -> dict:
     params = cfg.get("rope_parameters") or {}
     scaling = cfg.get("rope_scaling") or {}
     kind = params.get("rope_type") or params.get("type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    if kind not in ("default", "linear"):
-        raise ConversionError(f"RoPE scaling type {kind!r} is not supported (plain or linear RoPE only); the model "
-                              "would compute different positions")
+    if kind not in ("default", "linear", "llama3"):
+        raise ConversionError(f"RoPE scaling type {kind!r} is not supported (plain, linear or llama3 RoPE only); the "
+                              "model would compute different positions")
+    if kind == "llama3":
+        # --use-rope-scaling has Llama 3.1's fixed constants; other values would compute other frequencies.
+        from gigatron.core.transformer.rope import (LLAMA3_HIGH_FREQ_FACTOR, LLAMA3_LOW_FREQ_FACTOR,
+                                                    LLAMA3_ORIGINAL_CONTEXT)
+        merged = {**scaling, **params}
+        expected = {"low_freq_factor": LLAMA3_LOW_FREQ_FACTOR, "high_freq_factor": LLAMA3_HIGH_FREQ_FACTOR,
+                    "original_max_position_embeddings": LLAMA3_ORIGINAL_CONTEXT}
+        wrong = {k: merged.get(k) for k, v in expected.items() if merged.get(k) is not None and merged.get(k) != v}
+        if wrong:
+            raise ConversionError(f"llama3 RoPE scaling with {wrong} is not supported: --use-rope-scaling uses "
+                                  f"Llama 3.1's {expected}")
     return {"kind": kind, "factor": params.get("factor", scaling.get("factor"))}
 
 
@@ -257,10 +268,12 @@ def _llama_metadata(cfg: dict, family: str) -> dict:
     nkv = cfg.get("num_key_value_heads") or nh
     positions = cfg.get("max_position_embeddings", 2048)
     window = cfg.get("sliding_window") if family in ("mistral", "mixtral") else None
-    if window is not None and window < positions:
-        warnings.warn(f"Mistral sliding_window={window}: Gigatron attends over the whole sequence, which equals "
-                      f"the sliding window only for sequences of up to {window} tokens", stacklevel=3)
+    # HuggingFace's sliding_window W: a query attends the W newest positions, itself included.
+    window_size = (int(window) - 1, 0) if window is not None and window < positions else None
+    scaling = _rope_scaling(cfg)
     return dict(
+        window_size=window_size, use_rope_scaling=scaling["kind"] == "llama3",
+        rope_scaling_factor=float(scaling["factor"]) if scaling["kind"] == "llama3" else 8.0,
         num_layers=cfg["num_hidden_layers"], hidden_size=h, ffn_hidden_size=cfg["intermediate_size"],
         num_attention_heads=nh, kv_channels=cfg.get("head_dim") or h // nh, group_query_attention=nkv != nh,
         num_query_groups=nkv, seq_length=min(positions, 4096), max_position_embeddings=positions,
@@ -373,19 +386,40 @@ def hf_config_from_metadata(md: dict, family: str, bias_flags: Optional[Dict[str
     if factor is not None:  # linear RoPE scaling: positions / factor
         cfg["rope_parameters"] = {"rope_type": "linear", "factor": float(factor), "rope_theta": float(md["rotary_base"])}
         cfg["rope_scaling"] = {"rope_type": "linear", "factor": float(factor)}
+    if md.get("use_rope_scaling"):  # Llama 3.1's frequency scaling
+        from gigatron.core.transformer.rope import (LLAMA3_HIGH_FREQ_FACTOR, LLAMA3_LOW_FREQ_FACTOR,
+                                                    LLAMA3_ORIGINAL_CONTEXT)
+        llama3 = {"rope_type": "llama3", "factor": float(md.get("rope_scaling_factor") or 8.0),
+                  "low_freq_factor": LLAMA3_LOW_FREQ_FACTOR, "high_freq_factor": LLAMA3_HIGH_FREQ_FACTOR,
+                  "original_max_position_embeddings": LLAMA3_ORIGINAL_CONTEXT}
+        cfg["rope_parameters"] = {**llama3, "rope_theta": float(md["rotary_base"])}
+        cfg["rope_scaling"] = dict(llama3)
     if md.get("rotary_percent", 1.0) != 1.0:
         cfg["partial_rotary_factor"] = md["rotary_percent"]
     if family == "mixtral":
         from gigatron.core.convert.mixtral import mixtral_config_fields
 
+        if md.get("moe_apply_probs_on_input"):
+            raise ConversionError("--moe-apply-probs-on-input has no HuggingFace Mixtral equivalent (Mixtral weighs "
+                                  "the expert outputs)")
         cfg.update(mixtral_config_fields(md))
     if family == "llama":
+        if md.get("window_size") is not None:
+            raise ConversionError(f"--window-size {tuple(md['window_size'])} (sliding-window attention) has no Llama "
+                                  "equivalent; export this model as mistral")
         cfg.update(attention_bias=flags["attention_bias"], mlp_bias=flags["mlp_bias"])
     else:
         if flags["attention_bias"] or flags["mlp_bias"]:
             raise ConversionError("Mistral has no linear biases; export this model as llama (attention_bias/mlp_bias)")
-        # Gigatron attends over the whole sequence: no sliding window unless the source model had one.
-        cfg.setdefault("sliding_window", None)
+        window = md.get("window_size")
+        if window is not None:
+            if tuple(window)[1] not in (0, -1) or tuple(window)[0] < 0:
+                raise ConversionError(f"--window-size {tuple(window)} has no HuggingFace Mistral sliding_window "
+                                      "(which looks back only)")
+            cfg["sliding_window"] = int(window[0]) + 1
+        else:
+            # Full attention: no sliding window unless the source model had one.
+            cfg.setdefault("sliding_window", None)
     return cfg
 
 

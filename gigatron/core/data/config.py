@@ -90,6 +90,11 @@ class DataConfig(SequenceLengthConfig):
     """Single pass vs multiple pass data loader. `external`: the dataset object is used as the data
     iterator as is."""
 
+    data_sharding: bool = True
+    """With --dataloader-type cyclic, give each data-parallel rank its own contiguous part of the
+    dataset to shuffle each epoch (Megatron's default); --no-data-sharding shuffles the whole
+    dataset once per epoch and deals it out to the ranks in turn."""
+
     seed: int = 1234
     """Random seed for python, numpy, torch, the model-parallel RNG tracker (each pipeline stage
     adds 100 times its rank) and the dataset shuffles."""
@@ -113,6 +118,12 @@ class DataConfig(SequenceLengthConfig):
 
     vocab_extra_ids: int = tokenizer_setting(0)
     """Number of additional vocabulary tokens. They are used for span masking in the T5 model."""
+
+    padded_vocab_size: Optional[int] = None
+    """Number of rows of the word embedding and the output layer, given instead of padding the
+    tokenizer's vocabulary to a multiple of --make-vocab-size-divisible-by x tp (e.g. to match a
+    converted checkpoint). Must be at least the tokenizer's vocabulary size and divisible by the
+    tensor-parallel size."""
 
     make_vocab_size_divisible_by: int = tokenizer_setting(128)
     """Pad the vocab size to be divisible by this value (times the tensor-parallel size). This is

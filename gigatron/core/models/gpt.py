@@ -67,7 +67,7 @@ class GPTModel(nn.Module):
     """
 
     def __init__(self, config, groups, vocab_size: int, pre_process: bool = True, post_process: bool = True,
-                 vp_stage: Optional[int] = None, seed: int = 1234, moe_config=None):
+                 vp_stage: Optional[int] = None, seed: int = 1234, moe_config=None, layer_spec=None):
         super().__init__()
         if vocab_size % groups.tp.size != 0:
             raise ValueError(f"the padded vocabulary ({vocab_size}) must be divisible by "
@@ -90,12 +90,13 @@ class GPTModel(nn.Module):
         if config.position_embedding_type == "rope":
             self.rotary_pos_emb = RotaryEmbedding(
                 config.kv_channels, config.rotary_percent, config.rotary_base, config.rotary_interleaved,
-                config.rotary_seq_len_interpolation_factor, device=param_device(config))
+                config.rotary_seq_len_interpolation_factor, device=param_device(config),
+                rope_scaling=config.use_rope_scaling, rope_scaling_factor=config.rope_scaling_factor)
         else:
             self.rotary_pos_emb = None
         self.moe_config = moe_config
         self.decoder = TransformerBlock(config, groups, post_process=post_process, vp_stage=vp_stage,
-                                        pre_process=pre_process, moe_config=moe_config)
+                                        pre_process=pre_process, moe_config=moe_config, layer_spec=layer_spec)
         if post_process:
             tied_here = self.share_embeddings_and_output_weights and pre_process
             # Tied on a separate last stage: its own copy, seeded like the word embedding so both

@@ -34,6 +34,14 @@ class OptimizerConfig(PrecisionConfig, DistributedOptimizerConfig):
     min_lr: float = 0.0
     """Learning rate floor of the decay (--min-lr)."""
 
+    decoupled_lr: Optional[float] = None
+    """Peak learning rate of the input embedding and the output layer (their own schedule, with the
+    warmup and decay of --lr); the other parameters keep --lr."""
+
+    decoupled_min_lr: Optional[float] = None
+    """Learning rate floor of the input embedding and the output layer with --decoupled-lr.
+    Default: --min-lr."""
+
     weight_decay: float = 0.01
     """Weight decay coefficient for L2 regularization (--weight-decay)."""
 
@@ -92,6 +100,13 @@ def validate_optimizer_config(config: OptimizerConfig) -> None:
         )
     if config.lr is not None and config.min_lr > config.lr:
         raise ValueError(f"--min-lr ({config.min_lr}) must not exceed --lr ({config.lr}).")
+    if config.decoupled_min_lr is not None and config.decoupled_lr is None:
+        raise ValueError("--decoupled-min-lr needs --decoupled-lr (the embedding and output layer's peak learning "
+                         "rate).")
+    if config.decoupled_lr is not None and config.decoupled_min_lr is not None \
+            and config.decoupled_min_lr > config.decoupled_lr:
+        raise ValueError(f"--decoupled-min-lr ({config.decoupled_min_lr}) must not exceed --decoupled-lr "
+                         f"({config.decoupled_lr}).")
     if config.clip_grad < 0:
         raise ValueError(f"--clip-grad must be >= 0 (0 disables clipping), got {config.clip_grad}.")
     if config.loss_scale is not None and config.loss_scale <= 0:

@@ -59,7 +59,9 @@ def get_optimizer(
                 "--use-distributed-optimizer must be set in both DDPConfig and OptimizerConfig "
                 f"(DDP: {ddp_config.use_distributed_optimizer}, optimizer: {config.use_distributed_optimizer})"
             )
-    param_groups = get_param_groups(model_chunks, no_weight_decay_cond, scale_lr_cond, lr_mult)
+    param_groups = get_param_groups(model_chunks, no_weight_decay_cond, scale_lr_cond, lr_mult,
+                                    decoupled_lr=getattr(config, "decoupled_lr", None),
+                                    decoupled_min_lr=getattr(config, "decoupled_min_lr", None))
     if not param_groups:
         raise ValueError("get_optimizer: the model has no trainable parameters")
     device = param_groups[0]["params"][0].device

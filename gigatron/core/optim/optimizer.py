@@ -86,12 +86,16 @@ def get_param_groups(
     no_weight_decay_cond: Optional[Callable[[str, torch.Tensor], bool]] = None,
     scale_lr_cond: Optional[Callable[[str, torch.Tensor], bool]] = None,
     lr_mult: float = 1.0,
+    decoupled_lr: Optional[float] = None,
+    decoupled_min_lr: Optional[float] = None,
 ) -> list[dict]:
-    """Split trainable parameters into groups keyed by (wd_mult, lr_mult).
+    """Split trainable parameters into groups keyed by (wd_mult, lr_mult, decoupled).
 
     Default: no weight decay on biases and on 1-D parameters (norm weights). `scale_lr_cond`
-    selects parameters whose lr is multiplied by `lr_mult`. Each group dict has 'params' (model
-    params), 'wd_mult', 'lr_mult' and 'names'."""
+    selects parameters whose lr is multiplied by `lr_mult`. With `decoupled_lr` (--decoupled-lr)
+    the input embedding and output layer weights form groups of their own whose 'max_lr' /
+    'min_lr' are decoupled_lr / decoupled_min_lr (the scheduler reads them). Each group dict has
+    'params' (model params), 'wd_mult', 'lr_mult' and 'names'."""
     names = _model_param_names(model_chunks)
     groups: dict[tuple, dict] = {}
     seen: set = set()
@@ -106,11 +110,22 @@ def get_param_groups(
             else:
                 no_wd = name.endswith(".bias") or param.dim() == 1
             scaled = bool(scale_lr_cond(name, param)) if scale_lr_cond is not None else False
-            key = (0.0 if no_wd else 1.0, lr_mult if scaled else 1.0)
+            decoupled = decoupled_lr is not None and is_embedding_or_output_parameter(name)
+            key = (0.0 if no_wd else 1.0, lr_mult if scaled else 1.0, decoupled)
             group = groups.setdefault(key, {"params": [], "names": [], "wd_mult": key[0], "lr_mult": key[1]})
+            if decoupled:
+                group["max_lr"] = float(decoupled_lr)
+                if decoupled_min_lr is not None:
+                    group["min_lr"] = float(decoupled_min_lr)
             group["params"].append(param)
             group["names"].append(name)
     return list(groups.values())
+
+
+def is_embedding_or_output_parameter(name: str) -> bool:
+    """The input word embedding and the output layer weight (Megatron's embedding-or-output
+    parameters, which --decoupled-lr trains at their own learning rate)."""
+    return name.endswith("embedding.word_embeddings.weight") or name.endswith("output_layer.weight")
 
 
 def _make_torch_optimizer(config: OptimizerConfig, groups: list[dict], device: torch.device):
@@ -120,8 +135,9 @@ def _make_torch_optimizer(config: OptimizerConfig, groups: list[dict], device: t
             "params": g["params"],
             "wd_mult": g["wd_mult"],
             "lr_mult": g["lr_mult"],
-            "lr": config.lr * g["lr_mult"],
+            "lr": g.get("max_lr", config.lr) * g["lr_mult"],
             "weight_decay": config.weight_decay * g["wd_mult"],
+            **{k: g[k] for k in ("max_lr", "min_lr") if k in g},
         }
         for g in groups
     ]

@@ -14,6 +14,9 @@ and the same per-micro-batch steps: `forward_step_func(data_iterator, model_chun
 list (one per micro-batch) on the last stage and an empty list elsewhere. Data-parallel gradient
 reduction is held back with the chunk's `no_sync()` until the chunk's last backward, and
 `finalize_model_grads_func(model_chunks)` runs once after the last backward.
+With --calculate-per-token-loss (the chunks' DDPConfig) `loss_func` returns
+`(loss_sum, num_tokens, logging_dict)` instead: the sum is back-propagated undivided and
+`finalize_model_grads_func(model_chunks, num_tokens)` gets this rank's token count of the step.
 
 Configuration read (with getattr, so any config object with these attributes will do):
 `hidden_size` and `sequence_parallel` (with `seq_length`, `micro_batch_size` and the tp / cp groups:
@@ -134,6 +137,7 @@ def forward_backward_no_pipelining(*, forward_step_func, data_iterator, model, n
     chunk = _single_chunk(model)
     iterator = _single_iterator(data_iterator)
     logging_dicts: list = []
+    token_counts: list = []
     sync = _GradSyncControl([chunk], hold=not forward_only)
     grad_mode = torch.no_grad() if forward_only else contextlib.nullcontext()
     try:
@@ -143,14 +147,15 @@ def forward_backward_no_pipelining(*, forward_step_func, data_iterator, model, n
                     sync.release(0)
                 with _timed(compute_timer, "forward"):
                     output = _forward_step(forward_step_func, iterator, chunk, None, num_microbatches,
-                                           is_last_stage=True, logging_dicts=logging_dicts)
+                                           is_last_stage=True, logging_dicts=logging_dicts,
+                                           token_counts=token_counts)
                 if not forward_only:
                     with _timed(compute_timer, "backward"):
                         _backward_step(None, output, None, grad_scale_func)
     finally:
         sync.close()
     if not forward_only and finalize_model_grads_func is not None:
-        finalize_model_grads_func([chunk])
+        _finalize(finalize_model_grads_func, [chunk], token_counts, _chunk_device([chunk]))
     return logging_dicts
 
 
@@ -401,6 +406,7 @@ def _run_plan(plan: PipelinePlan, *, forward_step_func, iterators, chunks, seq_l
     saved: dict = {}         # forward index -> (input tensor, output tensor) awaiting backward
     posted: list = []        # with overlap: the exchanges posted at the previous step
     logging_dicts: list = []
+    token_counts: list = []
     sync = _GradSyncControl(chunks, hold=not forward_only)
     grad_mode = torch.no_grad() if forward_only else contextlib.nullcontext()
     try:
@@ -414,7 +420,7 @@ def _run_plan(plan: PipelinePlan, *, forward_step_func, iterators, chunks, seq_l
                         output = _forward_step(forward_step_func, iterators[chunk], chunks[chunk], input_tensor,
                                                plan.num_microbatches,
                                                is_last_stage=is_last_rank and chunk == last_chunk,
-                                               logging_dicts=logging_dicts)
+                                               logging_dicts=logging_dicts, token_counts=token_counts)
                     if step.send_output:
                         output_to_send = output
                     if not forward_only:
@@ -460,7 +466,7 @@ def _run_plan(plan: PipelinePlan, *, forward_step_func, iterators, chunks, seq_l
     if saved or inputs or output_grads:
         raise RuntimeError("pipeline schedule finished with tensors left over (an internal plan error)")
     if not forward_only and finalize_model_grads_func is not None:
-        finalize_model_grads_func(chunks)
+        _finalize(finalize_model_grads_func, chunks, token_counts, _chunk_device(chunks))
     return logging_dicts
 
 
@@ -477,8 +483,28 @@ def _arrived(entry):
 # ====================================================================== one micro-batch
 
 
+def per_token_loss(chunks) -> bool:
+    """--calculate-per-token-loss (DDPConfig): the loss of a step is summed over its tokens and
+    divided once by the step's token count over micro-batches and data x context ranks."""
+    return any(getattr(getattr(c, "ddp_config", None), "calculate_per_token_loss", False) for c in chunks)
+
+
+def _finalize(finalize_model_grads_func, chunks, token_counts: list, device) -> None:
+    """Run finalize_model_grads_func; with per-token loss pass it this rank's token count (zero on
+    stages without the loss: finalize takes the last stage's)."""
+    if not per_token_loss(chunks):
+        finalize_model_grads_func(chunks)
+        return
+    total = torch.stack([t.float() for t in token_counts]).sum() if token_counts else torch.zeros((), device=device)
+    finalize_model_grads_func(chunks, total.detach().to(device).reshape(1))
+
+
+def _chunk_device(chunks):
+    return next(p for c in chunks for p in c.parameters()).device
+
+
 def _forward_step(forward_step_func, data_iterator, model, input_tensor, num_microbatches, *,
-                  is_last_stage: bool, logging_dicts: list):
+                  is_last_stage: bool, logging_dicts: list, token_counts: Optional[list] = None):
     if input_tensor is not None:
         _set_input_tensor(model, input_tensor)
     result = forward_step_func(data_iterator, model)
@@ -490,8 +516,23 @@ def _forward_step(forward_step_func, data_iterator, model, input_tensor, num_mic
             raise TypeError(f"a non-last pipeline stage must output a tensor, got {type(output_tensor).__name__}")
         return output_tensor
     loss_result = loss_func(output_tensor)
+    if isinstance(loss_result, tuple) and len(loss_result) == 3:
+        # Per-token loss (--calculate-per-token-loss): (loss summed over tokens, token count, logging
+        # dict); the sum is back-propagated as is and finalize divides by the step's token count.
+        loss_sum, num_tokens, logging_dict = loss_result
+        if token_counts is None:
+            raise ValueError("loss_func returned (loss_sum, num_tokens, logging_dict) but this schedule does not "
+                             "take per-token losses")
+        logging_dicts.append(logging_dict)
+        token_counts.append(num_tokens.detach())
+        return loss_sum
     if not isinstance(loss_result, tuple) or len(loss_result) != 2:
-        raise TypeError("loss_func(output_tensor) must return (loss, logging_dict)")
+        raise TypeError("loss_func(output_tensor) must return (loss, logging_dict) or, for a per-token loss, "
+                        "(loss_sum, num_tokens, logging_dict)")
+    if per_token_loss([model]):
+        raise ValueError("--calculate-per-token-loss needs a loss_func that returns (loss_sum, num_tokens, "
+                         "logging_dict); this forward step's returns (loss, logging_dict): drop the flag or "
+                         "return the sum and the token count")
     loss, logging_dict = loss_result
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
         raise ValueError("loss_func must return a one-element loss tensor (the micro-batch's mean loss)")

@@ -16,7 +16,9 @@ With a context-parallel group of more than one rank, core attention is ring_atte
 gigatron/core/transformer/context_parallel.py (--cp-comm-type; causal only, no attention dropout).
 The attention mask follows Megatron: a bool tensor [b | 1, 1 | nq, s, s] where True marks a pair
 (query, key) that must NOT be attended; it must include causality. Without a mask the attention is
-causal.
+causal. --window-size LEFT,RIGHT (sliding-window attention) adds `sliding_window_mask` to it: the
+queries are the last s_q of the s_k key positions (the whole sequence in training, the newest
+tokens with a KV cache).
 """
 
 from __future__ import annotations
@@ -36,7 +38,22 @@ from gigatron.core.transformer.norm import build_norm
 from gigatron.core.transformer.rope import apply_rotary_pos_emb
 
 __all__ = ["AttentionBackendError", "CoreAttention", "SelfAttention", "check_attention_backend",
-           "core_attention"]
+           "core_attention", "sliding_window_mask"]
+
+
+def sliding_window_mask(s_q: int, s_k: int, window, device=None) -> torch.Tensor:
+    """[s_q, s_k] bool, True = outside the window: query i (at key position s_k - s_q + i) attends
+    key j only when i - LEFT <= j <= i + RIGHT (a side of -1 is unlimited). Causality is not
+    included; combine it with the causal or given mask."""
+    left, right = window
+    q_pos = torch.arange(s_k - s_q, s_k, device=device)[:, None]  # [s_q, 1]
+    k_pos = torch.arange(s_k, device=device)[None, :]  # [1, s_k]
+    outside = torch.zeros(s_q, s_k, dtype=torch.bool, device=device)
+    if left >= 0:
+        outside |= k_pos < q_pos - left
+    if right >= 0:
+        outside |= k_pos > q_pos + right
+    return outside
 
 
 class AttentionBackendError(RuntimeError):
@@ -182,10 +199,22 @@ class CoreAttention(nn.Module):
         # Context parallelism: this rank holds s/cp tokens (load-balanced chunks) and attends over
         # the whole sequence through gigatron.core.transformer.context_parallel.
         self.cp = groups.cp if groups is not None and groups.cp.size > 1 else None
+        self.window_size = getattr(config, "window_size", None)
+        if self.cp is not None and self.window_size is not None:
+            raise ValueError(f"--window-size {self.window_size} (sliding-window attention) is not supported with "
+                             f"--context-parallel-size {self.cp.size}; drop one of them")
         if self.cp is not None and config.attention_dropout > 0.0:
             raise ValueError(
                 f"--context-parallel-size {self.cp.size} does not support attention dropout "
                 f"(--attention-dropout {config.attention_dropout}); set --attention-dropout 0")
+
+    def _with_window(self, attention_mask, s_q: int, s_k: int, device) -> torch.Tensor:
+        """The mask (None = causal) with the pairs outside --window-size masked out as well."""
+        outside = sliding_window_mask(s_q, s_k, self.window_size, device)  # [s_q, s_k]
+        if attention_mask is None:
+            causal = sliding_window_mask(s_q, s_k, (-1, 0), device)
+            return (outside | causal)[None, None]  # [1, 1, s_q, s_k]
+        return attention_mask | outside
 
     def _context_parallel(self, q, k, v, attention_mask):
         from gigatron.core.transformer.context_parallel import ring_attention
@@ -203,6 +232,8 @@ class CoreAttention(nn.Module):
             out = self._context_parallel(q, k, v, attention_mask)
             return out.permute(2, 0, 1, 3).reshape(s, b, -1)  # [b, nq, s, d] -> [s, b, nq*d]
         dropout_p = self.dropout_p if self.training else 0.0
+        if self.window_size is not None:
+            attention_mask = self._with_window(attention_mask, q.shape[0], k.shape[0], q.device)
         if not torch.compiler.is_compiling():
             check_attention_backend(self.config, q.device, q.dtype, attention_mask is not None, dropout_p > 0)
         s, b = q.shape[0], q.shape[1]

@@ -115,7 +115,7 @@ class TransformerBlock(nn.Module):
     """
 
     def __init__(self, config, groups, post_process: bool = True, vp_stage: Optional[int] = None,
-                 pre_process: bool = True, moe_config=None):
+                 pre_process: bool = True, moe_config=None, layer_spec=None):
         super().__init__()
         from gigatron.core.transformer.layer import TransformerLayer
         from gigatron.core.transformer.norm import build_norm
@@ -141,8 +141,10 @@ class TransformerBlock(nn.Module):
         self.vp_stage = vp_stage
         self.num_local_layers = num_layers_on_stage(config, pp_rank, pp_size, vp_stage, vp_size)
         self.layer_offset = layer_offset(config, pp_rank, pp_size, vp_stage, vp_size)
+        # layer_spec (--spec): a callable building each layer in place of TransformerLayer.
+        build_layer = TransformerLayer if layer_spec is None else layer_spec
         self.layers = nn.ModuleList(
-            TransformerLayer(config, groups, layer_number=self.layer_offset + i, moe_config=moe_config)
+            build_layer(config, groups, layer_number=self.layer_offset + i, moe_config=moe_config)
             for i in range(self.num_local_layers))
         if post_process:
             self.final_layernorm = build_norm(config, config.hidden_size, groups,

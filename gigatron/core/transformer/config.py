@@ -10,7 +10,7 @@ combination; each check raises ``ValueError`` naming the flags and the fix.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Literal, Optional, Tuple
 
 import torch
 
@@ -22,7 +22,7 @@ NORMALIZATIONS = ("LayerNorm", "RMSNorm")
 ATTENTION_BACKENDS = ("auto", "flash", "fused", "cudnn", "efficient", "unfused", "math", "local")
 RECOMPUTE_GRANULARITIES = ("full", "selective")
 RECOMPUTE_METHODS = ("uniform", "block")
-RECOMPUTE_MODULES = ("core_attn", "mlp", "layernorm")
+RECOMPUTE_MODULES = ("core_attn", "mlp", "layernorm", "moe")
 CP_COMM_TYPES = ("p2p", "all_gather", "a2a")
 
 
@@ -72,6 +72,16 @@ class TransformerConfig(ModelParallelConfig, PrecisionConfig, SequenceLengthConf
     """Rotate interleaved channel pairs (x0,x1),(x2,x3)... instead of the two halves of the head."""
     rotary_seq_len_interpolation_factor: Optional[float] = None
     """Divide rotary positions by this factor (linear sequence-length interpolation)."""
+    use_rope_scaling: bool = False
+    """Llama-3.1 rotary frequency scaling: frequencies whose wavelength exceeds 8192/1 positions
+    (the original context / low-frequency factor) are divided by --rope-scaling-factor, those below
+    8192/4 are kept, and the band between is interpolated smoothly (HuggingFace's rope_type llama3)."""
+    rope_scaling_factor: float = 8.0
+    """Divisor of the low rotary frequencies with --use-rope-scaling (Llama-3.1 uses 8)."""
+    window_size: Optional[Tuple[int, int]] = None
+    """Sliding-window attention, written `LEFT,RIGHT` (e.g. `4096,0`): query i attends key j only
+    when i - LEFT <= j <= i + RIGHT, on top of the causal mask; -1 leaves that side unlimited.
+    HuggingFace's Mistral sliding_window W is `W-1,0`."""
     normalization: str = "LayerNorm"
     """Normalization layer: LayerNorm or RMSNorm."""
     norm_epsilon: float = 1e-5
@@ -97,12 +107,24 @@ class TransformerConfig(ModelParallelConfig, PrecisionConfig, SequenceLengthConf
     """Dropout probability on the attention probabilities."""
     hidden_dropout: float = 0.1
     """Dropout probability on the embeddings and on each sub-layer's output before the residual add."""
+    init_method_xavier_uniform: bool = run_setting(False)
+    """Initialize the weights of the linear layers with Xavier (Glorot) uniform instead of the
+    normal distribution of --init-method-std (each tensor-parallel shard gets its slice of the
+    full weight's initialization)."""
     init_method_std: float = run_setting(0.02)
     """Standard deviation of the zero-mean normal weight init; the output projections of each layer
     (linear_proj, linear_fc2) use init_method_std / sqrt(2 * num_layers)."""
     apply_residual_connection_post_layernorm: bool = False
     """Take the residual from after the layer norm (original BERT) instead of before it."""
     # ---------------------------------------------------------------- numerics
+    transformer_impl: Literal["local", "transformer_engine"] = run_setting("transformer_engine")
+    """Megatron's choice of layer implementation. Gigatron has one implementation of its own (plain
+    PyTorch layers, no Transformer Engine), which both values select; the run says so once in its
+    log."""
+    apply_query_key_layer_scaling: bool = run_setting(False)
+    """Megatron's fp16 overflow guard: scale the attention scores down by the layer number and back
+    up inside an fp32 softmax. The two scalings cancel, so Gigatron computes the same by turning on
+    --attention-softmax-in-fp32 (which this flag implies)."""
     fp32_residual_connection: bool = run_setting(False)
     """Keep the residual stream in fp32."""
     attention_softmax_in_fp32: bool = run_setting(False)
@@ -139,8 +161,8 @@ class TransformerConfig(ModelParallelConfig, PrecisionConfig, SequenceLengthConf
     recompute_num_layers: Optional[int] = run_setting(None)
     """Layers per recompute chunk (uniform) or number of recomputed layers per stage (block)."""
     recompute_modules: Optional[List[str]] = run_setting(None)
-    """With selective recompute, the parts of each layer to recompute: core_attn, mlp, layernorm.
-    Default: core_attn."""
+    """With selective recompute, the parts of each layer to recompute: core_attn, mlp (the layer's
+    MLP, dense or MoE), layernorm, moe (the MoE layers only). Default: core_attn."""
     distribute_saved_activations: bool = run_setting(False)
     """With full recompute, shard each checkpointed layer input across the tensor-parallel group."""
 
@@ -202,6 +224,10 @@ def _derive_defaults(c: TransformerConfig) -> None:
         c.max_position_embeddings = c.seq_length
     if c.params_dtype is None:
         c.params_dtype = torch.bfloat16 if c.bf16 else torch.float16 if c.fp16 else torch.float32
+    if c.apply_query_key_layer_scaling:
+        c.attention_softmax_in_fp32 = True  # the scores' layer-number scaling cancels inside an fp32 softmax
+    if c.window_size is not None:
+        c.window_size = tuple(int(v) for v in c.window_size)
     if c.recompute_granularity == "selective" and c.recompute_modules is None:
         c.recompute_modules = ["core_attn"]
     if c.tensor_model_parallel_size == 1 and c.sequence_parallel:
@@ -276,6 +302,14 @@ def _validate_positions(c: TransformerConfig) -> None:
                              f"{c.rotary_seq_len_interpolation_factor}")
         if c.rotary_base <= 0:
             raise ValueError(f"--rotary-base must be positive, got {c.rotary_base}")
+        if c.use_rope_scaling and c.rope_scaling_factor <= 0:
+            raise ValueError(f"--rope-scaling-factor must be positive, got {c.rope_scaling_factor}")
+    elif c.use_rope_scaling:
+        raise ValueError("--use-rope-scaling scales rotary frequencies: it needs --position-embedding-type rope "
+                         "(or --use-rotary-position-embeddings)")
+    if c.window_size is not None:
+        if len(c.window_size) != 2 or any(v < -1 for v in c.window_size):
+            raise ValueError(f"--window-size takes LEFT,RIGHT with each >= 0 or -1 (unlimited), got {c.window_size}")
 
 
 def _validate_activation(c: TransformerConfig) -> None:

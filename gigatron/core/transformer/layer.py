@@ -99,7 +99,7 @@ class TransformerLayer(nn.Module):
             self.mlp = MLP(config, groups, layer_number)
         modules = config.recompute_modules if config.recompute_granularity == "selective" else ()
         self.recompute_layernorm = "layernorm" in modules
-        self.recompute_mlp = "mlp" in modules
+        self.recompute_mlp = "mlp" in modules or (self.is_moe and "moe" in modules)
 
     def _dropout_context(self):
         # With sequence parallelism each tensor-parallel rank holds different tokens, so the

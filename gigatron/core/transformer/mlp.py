@@ -44,13 +44,30 @@ class _NormalInit:
         return f"normal(std={self.std:g})"
 
 
-def normal_init_method(config) -> _NormalInit:
-    """N(0, init_method_std^2): every weight except the two output projections of each layer."""
+class _XavierUniformInit:
+    """Fill a tensor from Xavier (Glorot) uniform: U(-a, a), a = sqrt(6 / (fan_in + fan_out)) of
+    the whole (logical) weight; --init-method-xavier-uniform."""
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        return nn.init.xavier_uniform_(t)
+
+    def __repr__(self) -> str:
+        return "xavier_uniform"
+
+
+def normal_init_method(config):
+    """N(0, init_method_std^2): every weight except the two output projections of each layer
+    (Xavier uniform with --init-method-xavier-uniform)."""
+    if getattr(config, "init_method_xavier_uniform", False):
+        return _XavierUniformInit()
     return _NormalInit(config.init_method_std)
 
 
-def scaled_init_method(config) -> _NormalInit:
-    """N(0, (init_method_std / sqrt(2 * num_layers))^2): linear_proj and linear_fc2 weights."""
+def scaled_init_method(config):
+    """N(0, (init_method_std / sqrt(2 * num_layers))^2): linear_proj and linear_fc2 weights (Xavier
+    uniform with --init-method-xavier-uniform, as Megatron uses it for the output layers too)."""
+    if getattr(config, "init_method_xavier_uniform", False):
+        return _XavierUniformInit()
     return _NormalInit(config.init_method_std / math.sqrt(2.0 * config.num_layers))
 
 

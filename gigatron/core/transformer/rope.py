@@ -7,16 +7,41 @@ The rotary dim r is split into r/2 frequency pairs with inv_freq[i] = base^(-2i/
 - half-split (default, HuggingFace/Llama layout): channel i pairs with channel i + r/2;
 - interleaved (--rotary-interleaved): channel 2i pairs with channel 2i + 1.
 Channels r..d pass through unrotated. --rotary-seq-len-interpolation-factor divides the positions.
+--use-rope-scaling rescales the frequencies as Llama 3.1 does (`llama3_scaled_inv_freq`).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 from torch import nn
 
-__all__ = ["RotaryEmbedding", "apply_rotary_pos_emb", "rotate_half"]
+__all__ = ["RotaryEmbedding", "apply_rotary_pos_emb", "rotate_half", "llama3_scaled_inv_freq"]
+
+# Llama 3.1's fixed constants of its frequency scaling (Megatron hard-codes the same).
+LLAMA3_ORIGINAL_CONTEXT = 8192
+LLAMA3_LOW_FREQ_FACTOR = 1.0
+LLAMA3_HIGH_FREQ_FACTOR = 4.0
+
+
+def llama3_scaled_inv_freq(inv_freq: torch.Tensor, factor: float,
+                           original_context: int = LLAMA3_ORIGINAL_CONTEXT,
+                           low_freq_factor: float = LLAMA3_LOW_FREQ_FACTOR,
+                           high_freq_factor: float = LLAMA3_HIGH_FREQ_FACTOR) -> torch.Tensor:
+    """Llama 3.1's rotary frequency scaling: a frequency whose wavelength (2 pi / f) is longer than
+    original_context / low_freq_factor is divided by `factor`, one shorter than
+    original_context / high_freq_factor is kept, and in between the two are blended linearly in
+    original_context / wavelength."""
+    wavelength = 2 * math.pi / inv_freq
+    long_limit = original_context / low_freq_factor
+    short_limit = original_context / high_freq_factor
+    blend = (original_context / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    blended = (1 - blend) * inv_freq / factor + blend * inv_freq
+    scaled = torch.where(wavelength > long_limit, inv_freq / factor, inv_freq)
+    in_between = (wavelength >= short_limit) & (wavelength <= long_limit)
+    return torch.where(in_between, blended, scaled)
 
 
 class RotaryEmbedding(nn.Module):
@@ -24,7 +49,7 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, kv_channels: int, rotary_percent: float = 1.0, rotary_base: float = 10000,
                  rotary_interleaved: bool = False, seq_len_interpolation_factor: Optional[float] = None,
-                 device=None):
+                 device=None, rope_scaling: bool = False, rope_scaling_factor: float = 8.0):
         super().__init__()
         dim = int(kv_channels * rotary_percent)
         if dim < 2 or dim % 2:
@@ -34,6 +59,8 @@ class RotaryEmbedding(nn.Module):
         self.interleaved = rotary_interleaved
         self.seq_len_interpolation_factor = seq_len_interpolation_factor
         inv_freq = 1.0 / (rotary_base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+        if rope_scaling:
+            inv_freq = llama3_scaled_inv_freq(inv_freq, rope_scaling_factor)
         # Kept out of the state dict (Megatron does not checkpoint it) and recomputed on load.
         self.register_buffer("inv_freq", inv_freq.float().to(device), persistent=False)
 

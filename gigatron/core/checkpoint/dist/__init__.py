@@ -16,8 +16,9 @@ data/context-parallel rank 0); a tied output layer on the last pipeline stage is
 is the word embedding. Routed experts (SequentialMLP) are stored under their GLOBAL expert number
 (`….mlp.experts.local_experts.{g}.…`), each written by expert-data-parallel rank 0 of the ranks
 holding it (sharded over the expert tensor-parallel ranks like tensor-parallel weights), so they
-load at any expert-parallel size; GroupedMLP weights load only where the expert layout is the
-tensor-parallel one (expert-parallel size 1, expert tensor-parallel size = tensor-parallel size). Optimizer state (fp32 main params and the optimizer's per-element states)
+load at any expert-parallel size; GroupedMLP weight1/weight2 are split into their expert blocks,
+each stored (transposed) under that expert's SequentialMLP key and shape, so they too load at any
+expert-parallel / expert tensor-parallel size and into either implementation. Optimizer state (fp32 main params and the optimizer's per-element states)
 is stored the same way under `optimizer.state.{fp32_param,exp_avg,exp_avg_sq}.{global name}`
 (`fp32_param` only for bf16/fp16 parameters: an fp32 parameter's main param is the model weight);
 the distributed optimizer's flat ranges become rectangular chunks in model space, so a checkpoint

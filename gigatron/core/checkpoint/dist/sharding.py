@@ -35,12 +35,13 @@ __all__ = [
     "STATE_KEYS", "ShardPiece", "unwrap", "global_param_name", "storage_key", "global_shape",
     "local_box_to_global", "flat_range_boxes", "pieces_of_flat_range", "check_groups", "is_writer",
     "named_chunk_params", "sharded_model_state", "optimizer_kind", "param_keys", "sharded_optimizer_state",
-    "optimizer_load_pieces",
+    "optimizer_load_pieces", "grouped_expert_layout",
 ]
 
 STATE_KEYS = {"adam": ("exp_avg", "exp_avg_sq"), "sgd": ("momentum_buffer",)}
 _LAYER_NAME = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
 _LOCAL_EXPERT_NAME = re.compile(r"^(decoder\.layers\.\d+\.mlp\.experts)\.local_experts\.(\d+)\.(.*)$")
+_GROUPED_WEIGHT_NAME = re.compile(r"^(decoder\.layers\.\d+\.mlp\.experts)\.weight([12])$")
 
 
 @dataclass
@@ -125,10 +126,14 @@ def local_box_to_global(local: torch.Tensor, local_offsets: Sequence[int], param
                          ) -> list[tuple[torch.Tensor, tuple]]:
     """Split a box of the local shard (data `local` at `local_offsets`) at the blocks of the
     partition dim (stride blocks or partition segments); return (data, global offsets) per piece."""
-    dim, stride, rank, num_shards = tp_layout(param)
+    return _box_to_global(local, local_offsets, tuple(param.shape), tp_layout(param), partition_segments(param))
+
+
+def _box_to_global(local, local_offsets, local_shape, layout, segments) -> list[tuple[torch.Tensor, tuple]]:
+    dim, stride, rank, num_shards = layout
     if dim < 0:
         return [(local, tuple(local_offsets))]
-    blocks = partition_blocks(param.shape[dim] * num_shards, stride, partition_segments(param))
+    blocks = partition_blocks(local_shape[dim] * num_shards, stride, segments)
     lo, hi = local_offsets[dim], local_offsets[dim] + local.shape[dim]
     pieces = []
     local_start = global_start = 0
@@ -173,10 +178,68 @@ def flat_range_boxes(shape: Sequence[int], start: int, end: int) -> list[tuple[t
     return boxes
 
 
+def grouped_expert_layout(module: torch.nn.Module, name: str):
+    """For a GroupedMLP weight (`decoder.layers.{i}.mlp.experts.weight1` / `weight2`): (layer-global
+    experts prefix, "fc1"/"fc2", global expert ids of the local blocks, block shape in memory,
+    tensor-parallel layout of one expert's [out, in] shard); else None.
+
+    weight1's memory is G blocks [h, fo/t], each the transpose of SequentialMLP's fc1 shard
+    [fo/t, h] (rows [gate_r; up_r] with --swiglu); weight2's is G blocks [f/t, h], each the
+    transpose of fc2's shard [h, f/t]. So block j is stored as the transpose under expert
+    local_expert_ids[j]'s SequentialMLP key, and both implementations share one layout."""
+    match = _GROUPED_WEIGHT_NAME.match(name)
+    if match is None:
+        return None
+    experts = module.get_submodule(match.group(1))
+    if not hasattr(experts, "expert_weights"):
+        return None
+    prefix = global_param_name(module, f"{match.group(1)}.weight{match.group(2)}").rsplit(".", 1)[0]
+    param = getattr(experts, f"weight{match.group(2)}")
+    g = experts.num_local_experts
+    sharded = is_tensor_parallel(param)
+    rank, shards = (tp_layout(param)[2], tp_layout(param)[3]) if sharded else (0, 1)
+    if match.group(2) == "1":
+        block = (experts.hidden, experts.fc1_local)  # [h, fo/t]
+        layout = (0, 2 if experts.swiglu else 1, rank, shards) if sharded else (-1, 1, 0, 1)
+        kind = "fc1"
+    else:
+        block = (experts.ffn_local, experts.hidden)  # [f/t, h]
+        layout = (1, 1, rank, shards) if sharded else (-1, 1, 0, 1)
+        kind = "fc2"
+    assert g * block[0] * block[1] == param.numel()
+    return prefix, kind, list(experts.local_expert_ids), block, layout
+
+
+def _grouped_pieces(grouped, kind_prefix: str, flat: torch.Tensor, start: int, write: bool) -> list[ShardPiece]:
+    """Pieces for elements [start, start + flat.numel()) of a GroupedMLP weight, one key per expert."""
+    prefix, kind, ids, block, layout = grouped
+    size = block[0] * block[1]
+    shard_shape = (block[1], block[0])  # one expert's [out, in] shard (SequentialMLP's)
+    gshape = list(shard_shape)
+    if layout[0] >= 0:
+        gshape[layout[0]] *= layout[3]
+    pieces = []
+    end = start + flat.numel()
+    for j, expert in enumerate(ids):
+        lo, hi = max(start, j * size), min(end, (j + 1) * size)
+        if lo >= hi:
+            continue
+        key = f"{kind_prefix}{prefix}.local_experts.{expert}.linear_{kind}.weight"
+        for offsets, sizes, flat_start in flat_range_boxes(block, lo - j * size, hi - j * size):
+            at = j * size + flat_start - start
+            box = flat[at: at + math.prod(sizes)].view(sizes).t()  # in the [out, in] shard
+            for data, goffsets in _box_to_global(box, (offsets[1], offsets[0]), shard_shape, layout, None):
+                pieces.append(ShardPiece(key, data, tuple(gshape), goffsets, write, False))
+    return pieces
+
+
 def pieces_of_flat_range(key: str, flat: torch.Tensor, param: torch.Tensor, start: int, write: bool,
-                          vocab: bool) -> list[ShardPiece]:
+                          vocab: bool, grouped=None, kind_prefix: str = "") -> list[ShardPiece]:
     """Pieces for elements [start, start + flat.numel()) of the local shard `param`, with data `flat`
-    (1-D, contiguous)."""
+    (1-D, contiguous). `grouped`: the param's `grouped_expert_layout` (keys `kind_prefix` + the
+    per-expert name)."""
+    if grouped is not None:
+        return _grouped_pieces(grouped, kind_prefix, flat, start, write)
     pieces = []
     gshape = global_shape(param)
     for offsets, sizes, flat_start in flat_range_boxes(param.shape, start, start + flat.numel()):
@@ -187,20 +250,16 @@ def pieces_of_flat_range(key: str, flat: torch.Tensor, param: torch.Tensor, star
 
 
 def check_groups(groups, model_chunks: Sequence[torch.nn.Module] = ()) -> None:
-    """Refuse expert weights that are not stored per expert (GroupedMLP's weight1/weight2 hold all
-    local experts in one tensor) when the expert layout is not the tensor-parallel one."""
-    ep = getattr(groups, "ep", None)
-    expt_tp = getattr(groups, "expt_tp", None)
-    ep_size = ep.size if ep is not None else 1
-    etp_size = expt_tp.size if expt_tp is not None else groups.tp.size
-    if ep_size == 1 and etp_size == groups.tp.size:
-        return
+    """Every expert weight is stored per expert under its global number (GroupedMLP's weight1 /
+    weight2 split into their expert blocks, see `grouped_expert_layout`), so any expert-parallel /
+    expert tensor-parallel layout saves and loads; kept as the save/load entry check of the
+    model's parameters: each must have a checkpoint key."""
     for module, name, param in named_chunk_params(model_chunks):
-        if is_expert_parallel(param) and _LOCAL_EXPERT_NAME.match(name) is None:
-            raise ValueError(f"--ckpt-format torch_dist stores expert weights per expert; {name} holds several "
-                             f"experts (--moe-grouped-gemm) and cannot be saved at --expert-model-parallel-size "
-                             f"{ep_size} / --expert-tensor-parallel-size {etp_size}. Drop --moe-grouped-gemm "
-                             "or use --ckpt-format torch.")
+        if is_expert_parallel(param) and _LOCAL_EXPERT_NAME.match(name) is None \
+                and grouped_expert_layout(module, name) is None:
+            raise ValueError(f"--ckpt-format torch_dist stores expert weights per expert; {name} is neither a "
+                             "SequentialMLP expert weight nor a GroupedMLP weight1/weight2, so it has no "
+                             "per-expert key. Use --ckpt-format torch.")
 
 
 def is_writer(param: torch.Tensor, groups, data_sharded: bool = False) -> bool:
@@ -234,6 +293,11 @@ def sharded_model_state(model_chunks: Sequence[torch.nn.Module], groups) -> list
         key, written = storage_key(module, name, param)
         replica0 = is_writer(param, groups)
         vocab = key in VOCAB_PARAMS
+        grouped = grouped_expert_layout(module, name)
+        if grouped is not None:
+            pieces += pieces_of_flat_range(key, param.detach().reshape(-1), param, 0, written and replica0, False,
+                                           grouped)
+            continue
         zeros = (0,) * param.dim()
         for data, offsets in local_box_to_global(param.detach(), zeros, param):
             pieces.append(ShardPiece(key, data, global_shape(param), offsets, written and replica0, vocab))
@@ -249,11 +313,11 @@ def optimizer_is_sharded(optimizer) -> bool:
 
 
 def param_keys(model_chunks) -> dict:
-    """param -> (storage key, written, vocab)."""
+    """param -> (storage key, written, vocab, grouped_expert_layout or None)."""
     out = {}
     for module, name, param in named_chunk_params(model_chunks):
         key, written = storage_key(module, name, param)
-        out[param] = (key, written, key in VOCAB_PARAMS)
+        out[param] = (key, written, key in VOCAB_PARAMS, grouped_expert_layout(module, name))
     return out
 
 
@@ -281,7 +345,7 @@ def sharded_optimizer_state(optimizer, model_chunks: Sequence[torch.nn.Module], 
     sharded = optimizer_is_sharded(optimizer)
     pieces = []
     for entry in optimizer.entries:
-        key, written, vocab = keys[entry.model_param]
+        key, written, vocab, grouped = keys[entry.model_param]
         replica0 = is_writer(entry.model_param, groups, data_sharded=sharded)
         # an fp32 parameter is its own main param: the model entry above already stores it
         tensors = {"fp32_param": entry.main_param} if optimizer.stores_main_copy(entry.model_param) else {}
@@ -294,7 +358,8 @@ def sharded_optimizer_state(optimizer, model_chunks: Sequence[torch.nn.Module], 
                 tensors[name] = state[name]
         for name, tensor in tensors.items():
             pieces += pieces_of_flat_range(f"{OPTIMIZER_PREFIX}{name}.{key}", tensor.detach().reshape(-1),
-                                            entry.model_param, entry.start, written and replica0, vocab)
+                                            entry.model_param, entry.start, written and replica0, vocab,
+                                            grouped, f"{OPTIMIZER_PREFIX}{name}.")
     common = {
         "kind": kind,
         "step": step,
@@ -313,9 +378,10 @@ def optimizer_load_pieces(optimizer, model_chunks, kind: str, initialized: bool,
     keys = param_keys(model_chunks)
     pieces, states = [], []
     for entry in optimizer.entries:
-        key, _, vocab = keys[entry.model_param]
+        key, _, vocab, grouped = keys[entry.model_param]
         targets = {}
-        if optimizer.stores_main_copy(entry.model_param) and f"{OPTIMIZER_PREFIX}fp32_param.{key}" in saved_keys:
+        probe = key if grouped is None else f"{grouped[0]}.local_experts.{grouped[2][0]}.linear_{grouped[1]}.weight"
+        if optimizer.stores_main_copy(entry.model_param) and f"{OPTIMIZER_PREFIX}fp32_param.{probe}" in saved_keys:
             targets["fp32_param"] = entry.main_param
         new_state = {"main_param_read": "fp32_param" in targets}
         if initialized:
@@ -324,6 +390,7 @@ def optimizer_load_pieces(optimizer, model_chunks, kind: str, initialized: bool,
                 targets[name] = new_state[name]
         for name, tensor in targets.items():
             pieces += pieces_of_flat_range(f"{OPTIMIZER_PREFIX}{name}.{key}", tensor.detach().reshape(-1),
-                                            entry.model_param, entry.start, False, vocab)
+                                            entry.model_param, entry.start, False, vocab,
+                                            grouped, f"{OPTIMIZER_PREFIX}{name}.")
         states.append((entry, new_state))
     return pieces, states

@@ -41,6 +41,13 @@ class MoEConfig:
     moe_router_load_balancing_type: str = "aux_loss"
     """Load balancing: aux_loss (Switch/GShard loss over the micro-batch), seq_aux_loss (the same
     per sequence, averaged), sinkhorn (S-BASE balanced assignment) or none."""
+    moe_apply_probs_on_input: bool = False
+    """Multiply each token by its routing probability before the expert instead of multiplying the
+    expert's output (needs --moe-router-topk 1)."""
+    moe_layer_recompute: bool = run_setting(False)
+    """Recompute the MoE layers (router, dispatch and experts) in the backward pass instead of
+    keeping their activations: the same as adding `moe` to --recompute-modules with selective
+    recompute (which this flag turns on; with --recompute-granularity full it changes nothing)."""
     moe_router_topk: int = 2
     """Number of experts each token is routed to."""
     moe_router_score_function: str = "softmax"
@@ -94,6 +101,9 @@ def check_moe_flags(c) -> None:
         return
     if c.num_experts < 1:
         raise ValueError(f"--num-experts must be >= 1, got {c.num_experts}")
+    if getattr(c, "moe_apply_probs_on_input", False) and c.moe_router_topk != 1:
+        raise ValueError(f"--moe-apply-probs-on-input scales each token by the probability of its one expert: it "
+                         f"needs --moe-router-topk 1 (got {c.moe_router_topk})")
     for name, allowed in (("moe_router_load_balancing_type", LOAD_BALANCING_TYPES),
                           ("moe_router_score_function", SCORE_FUNCTIONS),
                           ("moe_token_dispatcher_type", TOKEN_DISPATCHER_TYPES),

@@ -82,6 +82,11 @@ class MoELayer(nn.Module):
         seq_length, batch_size, hidden = x.shape
         probs, routing_map = self.router(x)  # [T, E] each
         tokens = x.reshape(-1, hidden)  # [T, h]
+        if self.moe_config.moe_apply_probs_on_input:
+            # Top-1 routing: each token enters its expert scaled by that expert's probability, and
+            # the expert's output is combined with weight 1.
+            tokens = tokens * probs.sum(dim=-1, keepdim=True).to(tokens.dtype)  # [T, h]
+            probs = routing_map.to(probs.dtype)  # [T, E]
         routed = self.token_dispatcher.forward(tokens, probs, routing_map, self.experts)  # [T, h]
         out = routed.view(seq_length, batch_size, hidden)  # [s, b, h]
         if self.shared_experts is not None:
