@@ -123,13 +123,8 @@ def forward_step(data_iterator, model):
 
 def datasets_provider(ctx, train_valid_test_num_samples):
     """GPT datasets from --data-path / per-split paths / --mock-data and the run's tokenizer."""
-    from gigatron.core.data import MockGPTLowLevelDataset, build_gpt_datasets
+    from gigatron.core.data import build_gpt_datasets
 
-    if ctx.configs.data.mock_data and ctx.padded_vocab_size < MockGPTLowLevelDataset.max_sequence_length:
-        raise ValueError(
-            f"--mock-data documents hold token ids up to {MockGPTLowLevelDataset.max_sequence_length - 1}, but the "
-            f"padded vocabulary has {ctx.padded_vocab_size} entries; use --vocab-size "
-            f"{MockGPTLowLevelDataset.max_sequence_length} or more (or a real tokenizer)")
     print_rank_0(f"> building GPT datasets (train, valid, test samples: {tuple(train_valid_test_num_samples)})")
     barrier = dist.barrier if dist.is_available() and dist.is_initialized() else None
     datasets = build_gpt_datasets(ctx.configs.data, ctx.tokenizer, train_valid_test_num_samples,

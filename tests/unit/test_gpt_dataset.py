@@ -379,9 +379,14 @@ def test_mock_dataset():
     lengths = np.random.default_rng(0).integers(1, 4096, size=100000, dtype=np.int32)
     np.testing.assert_array_equal(low.sequence_lengths, lengths)
     n = int(lengths[3])
-    assert low[3].tolist() == list(range(1, n)) + [0]
+    assert n > 1000 and low[3].tolist() == [i % 1000 for i in range(1, n)] + [0]  # ids wrap at vocab_size
     train, valid, test = build_gpt_datasets(DataConfig(mock_data=True, seq_length=128), tok, [64, 8, 8])
     assert train.config.split == "1,1,1"
+    # Megatron-Core splits mock documents evenly whatever --split says
+    assert build_gpt_datasets(DataConfig(mock_data=True, seq_length=128, split="98,1,1"), tok,
+                              [64, 8, 8])[0].config.split == "1,1,1"
+    with pytest.raises(ValueError, match="vocab_size"):
+        MockGPTLowLevelDataset(StandInTokenizer(eod=0, vocab_size=None))
     assert train[0]["tokens"].shape == (128,)
     assert not train.built_anew_on_cache_miss or train.unique_identifiers["dataset_path"] is None
 

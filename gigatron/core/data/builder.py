@@ -98,7 +98,12 @@ def gpt_dataset_config_from_data_config(config: DataConfig, tokenizer) -> GPTDat
     split = config.split
     if split is None and data_path:
         split = LEGACY_DEFAULT_SPLIT
-    if split is None and config.mock_data:
+    if config.mock_data:
+        # Megatron-Core always splits its mock documents evenly, whatever --split says; a mock run
+        # follows it so that both frameworks draw the same samples.
+        if split is not None and split != MOCK_DEFAULT_SPLIT:
+            logger.warning("--mock-data splits its documents %s (train, valid, test) as Megatron does; "
+                           "--split %s is ignored", MOCK_DEFAULT_SPLIT, split)
         split = MOCK_DEFAULT_SPLIT
     return GPTDatasetConfig(
         random_seed=config.seed,
