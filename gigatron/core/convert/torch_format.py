@@ -73,15 +73,15 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "vocab.json", "merges.txt", "added_tokens.json", "vocab.txt")
 
 
-def _check_moe_args(args: dict) -> None:
-    """What the conversion messages cannot carry (the torch layout's reader refuses grouped-GEMM
-    experts and an expert tensor-parallel split that differs from the dense one)."""
-    if not args.get("num_experts"):
-        return
-    if args.get("moe_grouped_gemm"):
-        raise ConversionError("this checkpoint stores its experts as GroupedMLP weight1/weight2 (--moe-grouped-gemm); "
-                              "only SequentialMLP experts (mlp.experts.local_experts.*) are converted: save it "
-                              "without --moe-grouped-gemm first")
+def _check_expert_tensors(state: ModelState) -> None:
+    """The conversion messages carry experts one by one (SequentialMLP names). Every reader of the
+    registry gives them so (torch_dist stores GroupedMLP experts per expert; the torch layout's reader
+    refuses GroupedMLP files), so grouped weights here mean a reader that does not split them."""
+    grouped = sorted(name for name in state.tensors if re.search(r"\.experts\.weight[12]$", name))
+    if grouped:
+        raise ConversionError(f"{state.path} stores experts as GroupedMLP weight1/weight2 ({grouped[0]}, ...); only "
+                              "per-expert weights (mlp.experts.local_experts.*) are converted: save it without "
+                              "--moe-grouped-gemm first")
 
 
 # ------------------------------------------------------------------ reading
@@ -142,7 +142,7 @@ def model_state_to_metadata(state: ModelState, true_vocab_size: Optional[int] = 
     if not args:
         raise CheckpointError(f"{state.path} holds no model flags (args); it cannot be converted without knowing "
                               "the model shape")
-    _check_moe_args(args)
+    _check_expert_tensors(state)
     tensors = dict(state.tensors)
     stored_rows = tensors["embedding.word_embeddings.weight"].shape[0]
     vocab = true_vocab_size_of(args, stored_rows, true_vocab_size)
