@@ -25,7 +25,7 @@ def initialize_task(args, task):
     """Validate the flags, start torch.distributed and the parallel groups, build the tokenizer
     (zero-shot evaluation, which runs no training loop; `task` is the TaskConfig).
 
-    Returns a gigatron.training.loop.TrainContext (args, configs, run, tokenizer, padded_vocab_size).
+    Returns a gigatron.training.loop.TrainContext (configs, run, tokenizer, padded_vocab_size).
     The training length is not required here."""
     from gigatron.core.tokenizers import build_tokenizer, vocab_size_with_padding
     from gigatron.training.arguments import configs_from_args
@@ -47,7 +47,7 @@ def initialize_task(args, task):
         raise ValueError(f"--task {task.task} needs --seq-length")
     configs = configs_from_args(args)
     run = initialize(args, configs)
-    ctx = TrainContext(args=args, configs=configs, run=run)
+    ctx = TrainContext(configs=configs, run=run)
     if getattr(args, "tokenizer_type", None) is None:
         raise ValueError(f"--task {task.task} reads text: give --tokenizer-type and its files")
     ctx.tokenizer = build_tokenizer(args)
