@@ -61,10 +61,6 @@ def _extra_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--cuda-context-gib", type=float, default=0.0,
                        help="CUDA context and kernel images outside the allocator (about 0.5 GiB on H100), shown "
                             "as its own line. Default 0.")
-    group.add_argument("--padded-vocab-size", type=int, default=None,
-                       help="Rows of the embedding and output layer, used as given (instead of the tokenizer "
-                            f"flags or --vocab-size). Default without either: GPT-2's {DEFAULT_VOCAB_SIZE} ids, "
-                            "padded as training pads them.")
 
 
 def padded_vocab_size(args) -> tuple:
@@ -75,8 +71,6 @@ def padded_vocab_size(args) -> tuple:
     if args.padded_vocab_size is not None:
         if args.padded_vocab_size < 1:
             raise ValueError(f"--padded-vocab-size must be >= 1, got {args.padded_vocab_size}")
-        if args.tokenizer_type is not None or args.vocab_size is not None:
-            raise ValueError("give --padded-vocab-size or the tokenizer flags / --vocab-size, not both")
         return args.padded_vocab_size, None
     if args.tokenizer_type is not None or args.vocab_size is not None:
         return None, None  # the training's rule: from the tokenizer, padded

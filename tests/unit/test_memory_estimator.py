@@ -325,8 +325,9 @@ def test_estimate_tool_needs_only_model_layout_batch_and_precision(capsys):
 
     with pytest.raises(ValueError, match="--train-iters and --train-samples are mutually exclusive"):
         tool.main(MODEL_ONLY + ["--train-iters", "10", "--train-samples", "100"])
-    with pytest.raises(ValueError, match="--padded-vocab-size or the tokenizer flags"):
-        tool.main(MODEL_ONLY + ["--padded-vocab-size", "50304", "--vocab-size", "50257"])
+    # Both, as in training: --padded-vocab-size gives the rows (Megatron's --padded-vocab-size).
+    out = _tool_output(capsys, MODEL_ONLY + ["--padded-vocab-size", "50432", "--vocab-size", "50257"])
+    assert "padded vocab 50432" in " ".join(out.split())
 
 
 @pytest.mark.parametrize("overheads", [[], ["--cuda-context-gib", "0.5", "--allocator-overhead-fraction", "0.05"]])
