@@ -23,6 +23,7 @@ from gigatron.core.convert.protocol import (
     TOKENIZER_FLAGS,
     collect_state,
     dtype_from_name,
+    mamba_config_from_metadata,
     moe_config_from_metadata,
     transformer_config_from_metadata,
 )
@@ -39,12 +40,13 @@ _TOKENIZER_FLAGS = TOKENIZER_FLAGS  # what the checkpoint's metadata says about 
 
 
 class PretrainedGPT(nn.Module):
-    """A GPTModel on one device whose forward returns logits over the true vocabulary.
+    """A GPTModel (or, for a Mamba / hybrid checkpoint, a MambaModel) on one device whose forward
+    returns logits over the true vocabulary.
 
     forward(input_ids [b, s], position_ids [b, s] | None, attention_mask | None) -> logits [b, s, V]
     (the padded vocabulary entries are cut off, so they never receive probability).
 
-    Attributes: `model` (the GPTModel), `config` (its TransformerConfig), `vocab_size` (V),
+    Attributes: `model` (the GPTModel or MambaModel), `config` (its TransformerConfig), `vocab_size` (V),
     `padded_vocab_size` (Vp), `tokenizer_args` (the tokenizer flags), `tokenizer_path` (the
     tokenizer file or folder, or None) and `metadata` (what the checkpoint said about the model)."""
 
@@ -108,7 +110,7 @@ def from_pretrained(path: Union[str, os.PathLike], device: Union[str, torch.devi
     """Load a model for inference on one device.
 
     path: a HuggingFace folder (config.json + safetensors/bin weights; GPT-2, Llama, Mistral,
-      Mixtral), or
+      Mixtral, Mamba-2, Nemotron-H), or
       a Gigatron/Megatron checkpoint in any format the registry reads (gigatron/core/checkpoint/
       formats.py: `torch` at any tensor/pipeline parallel layout, torch_dist): a save directory with
       latest_checkpointed_iteration.txt, or an iter_NNNNNNN / release directory. Every file is
@@ -131,7 +133,14 @@ def from_pretrained(path: Union[str, os.PathLike], device: Union[str, torch.devi
         md, 1, 1, params_dtype=params_dtype, attention_dropout=0.0, hidden_dropout=0.0,
         perform_initialization=False, use_cpu_initialization=True)
     padded = vocab_size_with_padding(int(md["true_vocab_size"]), md["make_vocab_size_divisible_by"], 1)
-    model = GPTModel(config, ParallelGroups.single(), padded, moe_config=moe_config_from_metadata(md))
+    mamba_config = mamba_config_from_metadata(md)
+    if mamba_config is not None:
+        from gigatron.core.models.mamba import MambaModel
+
+        model = MambaModel(config, mamba_config, ParallelGroups.single(), padded,
+                           moe_config=moe_config_from_metadata(md))
+    else:
+        model = GPTModel(config, ParallelGroups.single(), padded, moe_config=moe_config_from_metadata(md))
     state = rank_state_dicts(md, tensors, 1, 1, padded)[(0, 0)]
     model.load_state_dict(state, strict=True)
     model.to(device)

@@ -1,5 +1,7 @@
-"""HuggingFace checkpoints (GPT-2, Llama 2/3, Mistral, Mixtral) <-> the conversion messages.
-Mixtral is Mistral with mixture-of-experts MLPs; its expert and router map is in mixtral.py.
+"""HuggingFace checkpoints (GPT-2, Llama 2/3, Mistral, Mixtral, Mamba-2, Nemotron-H) <-> the conversion
+messages. Mixtral is Mistral with mixture-of-experts MLPs; its expert and router map is in mixtral.py.
+Mamba-2 (Mamba2ForCausalLM) and the hybrid Nemotron-H (NemotronHForCausalLM) are MambaModels; their
+map is in mamba_hf.py.
 
 Shape legend: h = hidden, f = ffn hidden, d = head dim, nh = query heads, ng = key/value heads,
 V = vocabulary.
@@ -53,6 +55,7 @@ from gigatron.core.convert.protocol import (
     ConversionError,
     Message,
     MessageReader,
+    complete_metadata,
     dtype_from_name,
     dtype_name,
     layer_message,
@@ -69,11 +72,15 @@ __all__ = [
     "hf_messages",
     "save_hf_checkpoint",
     "export_tokenizer",
+    "write_safetensors",
+    "MAMBA_FAMILIES",
 ]
 
-FAMILIES = ("gpt2", "llama", "mistral", "mixtral")
+FAMILIES = ("gpt2", "llama", "mistral", "mixtral", "mamba2", "nemotron_h")
 _ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                   "mixtral": "MixtralForCausalLM"}
+# Families of MambaModel (gigatron/core/convert/mamba_hf.py); the others are GPTModels.
+MAMBA_FAMILIES = ("mamba2", "nemotron_h")
 _DEFAULT_SHARD_BYTES = 5 * 1024 ** 3
 
 
@@ -217,7 +224,11 @@ def _params_dtype(cfg: dict, weights: Optional[HFWeights], probe: Optional[str])
 def metadata_from_hf_config(cfg: dict, params_dtype: str = "float32") -> dict:
     """Conversion metadata (Megatron flag names) for a HuggingFace config.json dict."""
     family = _family(cfg)
-    if family == "gpt2":
+    if family in MAMBA_FAMILIES:
+        from gigatron.core.convert.mamba_hf import mamba_family_metadata
+
+        md = mamba_family_metadata(cfg)
+    elif family == "gpt2":
         md = _gpt2_metadata(cfg)
     else:
         md = _llama_metadata(cfg, family)
@@ -292,6 +303,10 @@ def _llama_metadata(cfg: dict, family: str) -> dict:
 def infer_family(md: dict) -> str:
     """The HuggingFace family of a model: from its hf_config, else from its shape flags."""
     source = (md.get("hf_config") or {}).get("model_type")
+    if md.get("mamba_model"):
+        from gigatron.core.convert.mamba_hf import mamba_family_of
+
+        return mamba_family_of(md)
     if md.get("num_experts"):
         return "mixtral"
     if source in FAMILIES:
@@ -313,6 +328,9 @@ def infer_family(md: dict) -> str:
 
 def _check_exportable(md: dict, family: str) -> None:
     problems = []
+    if md.get("mamba_model"):
+        raise ConversionError(f"cannot export to HuggingFace {family}: the model is a Mamba / hybrid model (export it "
+                              f"as {' or '.join(MAMBA_FAMILIES)})")
     if md.get("apply_layernorm_1p"):
         problems.append("--apply-layernorm-1p")
     if md.get("qk_layernorm"):
@@ -498,6 +516,17 @@ def hf_messages(path: str, params_dtype: Optional[torch.dtype] = None) -> Iterat
     cfg = read_hf_config(path)
     family = _family(cfg)
     weights = HFWeights(path)
+    if family in MAMBA_FAMILIES:
+        from gigatron.core.convert.mamba_hf import hf_mamba_messages
+
+        emb = next((n for n in ("backbone.embeddings.weight", "model.embeddings.weight") if n in weights), None)
+        md = metadata_from_hf_config(cfg, _params_dtype(cfg, weights, emb))
+        if params_dtype is not None:
+            md["params_dtype"] = dtype_name(params_dtype)
+        md["tokenizer_dir"] = os.path.abspath(path)
+        md.update(tokenizer_flags_for_dir(path, md))
+        yield from hf_mamba_messages(path, cfg, complete_metadata(md), weights, params_dtype)
+        return
     prefix = _gpt2_prefix(weights) if family == "gpt2" else ""
     embed_name = f"{prefix}wte.weight" if family == "gpt2" else "model.embed_tokens.weight"
     md = metadata_from_hf_config(cfg, _params_dtype(cfg, weights, embed_name))
@@ -610,7 +639,7 @@ def _llama_bias_flags(md: dict, tensors: Dict[str, torch.Tensor]) -> Dict[str, b
     return flags
 
 
-def _write_safetensors(tensors: Dict[str, torch.Tensor], save_dir: str, max_shard_bytes: int) -> None:
+def write_safetensors(tensors: Dict[str, torch.Tensor], save_dir: str, max_shard_bytes: int) -> None:
     from safetensors.torch import save as safetensors_save
 
     shards: List[Dict[str, torch.Tensor]] = [{}]
@@ -773,10 +802,21 @@ def save_hf_checkpoint(messages: Iterable[Message], save_dir: str, checking: boo
     family = family or infer_family(md)
     if family not in FAMILIES:
         raise ConversionError(f"unknown HuggingFace family {family!r}; choose one of {', '.join(FAMILIES)}")
-    _check_exportable(md, family)
+    if family in MAMBA_FAMILIES:
+        from gigatron.core.convert.mamba_hf import mamba_export_problems
+
+        problems = mamba_export_problems(md, family)
+        if problems:
+            raise ConversionError(f"cannot export to HuggingFace {family}: unsupported {'; '.join(problems)}")
+    else:
+        _check_exportable(md, family)
     if os.path.isdir(save_dir) and any(f.endswith((".safetensors", ".bin")) or f.endswith(".index.json")
                                        for f in os.listdir(save_dir)):
         raise ValueError(f"{save_dir} already holds model weights; choose an empty --save-dir or remove them first")
+    if family in MAMBA_FAMILIES:
+        from gigatron.core.convert.mamba_hf import save_mamba_hf_checkpoint
+
+        return save_mamba_hf_checkpoint(reader, md, save_dir, family, params_dtype, max_shard_bytes)
     tensors: Dict[str, torch.Tensor] = {}
     tied = not md["untie_embeddings_and_output_weights"]
     for name, payload in reader:
@@ -804,7 +844,7 @@ def save_hf_checkpoint(messages: Iterable[Message], save_dir: str, checking: boo
     if tied:
         tensors.pop("lm_head.weight", None)
     os.makedirs(save_dir, exist_ok=True)
-    _write_safetensors(tensors, save_dir, max_shard_bytes)
+    write_safetensors(tensors, save_dir, max_shard_bytes)
     special = export_tokenizer(md, save_dir, md.get("max_position_embeddings"))
     for key in ("bos_token_id", "eos_token_id"):  # a source model's own ids are kept
         if cfg.get(key) is None and key in special:

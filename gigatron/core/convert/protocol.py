@@ -24,8 +24,12 @@ among them), ``tokenizer_dir`` (a folder whose tokenizer files a saver copies, o
 ``release``), the consumed-sample counts, and ``hf_config`` (the HuggingFace config.json the model
 came from, or None). Mixture-of-experts models also carry `MOE_FLAGS` (MoEConfig's model fields;
 ``num_experts`` set), and their MoE layers' messages hold the router and every expert's weights
-(global expert numbers) instead of the dense MLP. The three lists are derived from the config
-dataclasses, so a new model field travels through every converter without an edit here.
+(global expert numbers) instead of the dense MLP. Mamba-2 and hybrid models (MambaModel) carry
+``mamba_model`` True and `MAMBA_FLAGS` (MambaConfig's model fields: the --mamba-* and --hybrid-*
+flags); their layer messages hold each layer's tensors by its pattern symbol (`M`: norm and
+mixer.*, `*`: input_layernorm and self_attention.*, `-` / `E`: pre_mlp_layernorm and mlp.*) and the
+final norm is ``decoder.final_norm.*``. The lists are derived from the config dataclasses, so a new
+model field travels through every converter without an edit here.
 
 `run_conversion` runs a loader in a background thread that feeds a bounded queue
 (``--max-queue-size`` messages) while the saver consumes it in the calling thread, so reading
@@ -45,6 +49,8 @@ __all__ = [
     "Message",
     "MODEL_FLAGS",
     "MOE_FLAGS",
+    "MAMBA_FLAGS",
+    "MAMBA_MODEL",
     "TOKENIZER_FLAGS",
     "model_metadata_from_args",
     "complete_metadata",
@@ -61,6 +67,8 @@ __all__ = [
     "dtype_name",
     "moe_layer_flags",
     "moe_config_from_metadata",
+    "mamba_config_from_metadata",
+    "hybrid_layer_symbols",
 ]
 
 Message = Tuple[str, Dict[str, Any]]
@@ -72,6 +80,7 @@ class ConversionError(ValueError):
 from gigatron.core.data.config import DataConfig, tokenizer_fields  # noqa: E402
 from gigatron.core.fields import model_fields  # noqa: E402
 from gigatron.core.transformer.config import TransformerConfig  # noqa: E402
+from gigatron.core.transformer.mamba.config import MambaConfig  # noqa: E402
 from gigatron.core.transformer.moe.config import MoEConfig  # noqa: E402
 
 # The model flags carried in the metadata (Megatron's flag names, TransformerConfig fields).
@@ -82,6 +91,11 @@ MODEL_FLAGS = model_fields(TransformerConfig)
 # mlp.experts.local_experts.j.linear_fc1.weight [fo, h] / linear_fc2.weight [h, f] (full tensors,
 # global expert numbers) instead of mlp.linear_fc1 / linear_fc2.
 MOE_FLAGS = model_fields(MoEConfig)
+
+# Mamba-2 / hybrid flags carried in the metadata of a MambaModel (MambaConfig's model fields), which is
+# marked by MAMBA_MODEL: True (a GPTModel's metadata has neither).
+MAMBA_FLAGS = model_fields(MambaConfig)
+MAMBA_MODEL = "mamba_model"
 
 # The tokenizer flags carried in the metadata (DataConfig's tokenizer fields).
 TOKENIZER_FLAGS = tokenizer_fields()
@@ -97,11 +111,12 @@ def _defaults(cls) -> Dict[str, Any]:
     return values
 
 
-def model_metadata_from_args(args: dict) -> dict:
+def model_metadata_from_args(args: dict, mamba: bool = False) -> dict:
     """The model part of the conversion metadata from a checkpoint's flat `args`: every
     `MODEL_FLAGS` entry (a missing or None one takes TransformerConfig's default, then the
     defaults that TransformerConfig derives: kv_channels, num_query_groups, ffn_hidden_size, …),
-    the `MOE_FLAGS` of an MoE model and the `TOKENIZER_FLAGS`."""
+    the `MOE_FLAGS` of an MoE model, the `MAMBA_FLAGS` of a Mamba / hybrid model (`mamba`: the
+    checkpoint holds a MambaModel) and the `TOKENIZER_FLAGS`."""
     defaults = _defaults(TransformerConfig)
     md = {name: args.get(name) if args.get(name) is not None else defaults.get(name) for name in MODEL_FLAGS}
     if all(md.get(name) for name in ("num_layers", "hidden_size", "num_attention_heads")):
@@ -117,6 +132,11 @@ def model_metadata_from_args(args: dict) -> dict:
         moe_defaults = _defaults(MoEConfig)
         md.update({name: args.get(name) if args.get(name) is not None else moe_defaults.get(name)
                    for name in MOE_FLAGS})
+    if mamba:
+        mamba_defaults = _defaults(MambaConfig)
+        md.update({name: args.get(name) if args.get(name) is not None else mamba_defaults.get(name)
+                   for name in MAMBA_FLAGS})
+        md[MAMBA_MODEL] = True
     data_defaults = _defaults(DataConfig)
     md.update({name: args.get(name) if args.get(name) is not None else data_defaults.get(name)
                for name in TOKENIZER_FLAGS})
@@ -132,6 +152,9 @@ def complete_metadata(md: dict) -> dict:
     if md.get("num_experts"):
         missing.update({name: value for name, value in _defaults(MoEConfig).items()
                         if name in MOE_FLAGS and md.get(name) is None and value is not None})
+    if md.get(MAMBA_MODEL):
+        missing.update({name: value for name, value in _defaults(MambaConfig).items()
+                        if name in MAMBA_FLAGS and name not in md})
     return {**md, **missing} if missing else md
 
 
@@ -146,46 +169,89 @@ def _norm_names(prefix: str, md: dict) -> List[str]:
     return names
 
 
+def _attention_names(p: str, md: dict) -> List[str]:
+    bias = bool(md["add_bias_linear"])
+    names = _norm_names(p + ".input_layernorm", md)
+    names.append(p + ".self_attention.linear_qkv.weight")
+    if bias or md.get("add_qkv_bias"):
+        names.append(p + ".self_attention.linear_qkv.bias")
+    if md.get("qk_layernorm"):
+        names += _norm_names(p + ".self_attention.q_layernorm", md)
+        names += _norm_names(p + ".self_attention.k_layernorm", md)
+    names.append(p + ".self_attention.linear_proj.weight")
+    if bias:
+        names.append(p + ".self_attention.linear_proj.bias")
+    return names
+
+
+def _mlp_names(p: str, md: dict, moe: bool) -> List[str]:
+    bias = bool(md["add_bias_linear"])
+    names = _norm_names(p + ".pre_mlp_layernorm", md)
+    if moe:
+        names.append(p + ".mlp.router.weight")
+        for j in range(int(md["num_experts"])):
+            names += [f"{p}.mlp.experts.local_experts.{j}.linear_fc1.weight",
+                      f"{p}.mlp.experts.local_experts.{j}.linear_fc2.weight"]
+        return names
+    names.append(p + ".mlp.linear_fc1.weight")
+    if bias:
+        names.append(p + ".mlp.linear_fc1.bias")
+    names.append(p + ".mlp.linear_fc2.weight")
+    if bias:
+        names.append(p + ".mlp.linear_fc2.bias")
+    return names
+
+
+# A Mamba layer's mixer tensors (Megatron-Core's names; see gigatron/core/transformer/mamba/mixer.py).
+MAMBA_MIXER_TENSORS = ("in_proj.weight", "conv1d.weight", "conv1d.bias", "A_log", "D", "dt_bias", "norm.weight",
+                       "out_proj.weight")
+
+
+def _mamba_names(p: str, md: dict) -> List[str]:
+    return _norm_names(p + ".norm", md) + [f"{p}.mixer.{name}" for name in MAMBA_MIXER_TENSORS]
+
+
 def expected_tensors(md: dict) -> Dict[str, List[str]]:
     """Message name -> the tensor names that message must carry for the model `md` describes."""
-    bias = bool(md["add_bias_linear"])
     out: Dict[str, List[str]] = {}
     emb = ["embedding.word_embeddings.weight"]
     if md["position_embedding_type"] == "learned_absolute":
         emb.append("embedding.position_embeddings.weight")
     out["embeddings"] = emb
-    moe_layers = moe_layer_flags(md)
-    for i in range(md["num_layers"]):
-        p = f"decoder.layers.{i}"
-        names = _norm_names(p + ".input_layernorm", md)
-        names.append(p + ".self_attention.linear_qkv.weight")
-        if bias or md.get("add_qkv_bias"):
-            names.append(p + ".self_attention.linear_qkv.bias")
-        if md.get("qk_layernorm"):
-            names += _norm_names(p + ".self_attention.q_layernorm", md)
-            names += _norm_names(p + ".self_attention.k_layernorm", md)
-        names.append(p + ".self_attention.linear_proj.weight")
-        if bias:
-            names.append(p + ".self_attention.linear_proj.bias")
-        names += _norm_names(p + ".pre_mlp_layernorm", md)
-        if moe_layers[i]:
-            names.append(p + ".mlp.router.weight")
-            for j in range(int(md["num_experts"])):
-                names += [f"{p}.mlp.experts.local_experts.{j}.linear_fc1.weight",
-                          f"{p}.mlp.experts.local_experts.{j}.linear_fc2.weight"]
-            out[layer_message(i)] = names
-            continue
-        names.append(p + ".mlp.linear_fc1.weight")
-        if bias:
-            names.append(p + ".mlp.linear_fc1.bias")
-        names.append(p + ".mlp.linear_fc2.weight")
-        if bias:
-            names.append(p + ".mlp.linear_fc2.bias")
-        out[layer_message(i)] = names
-    out["final norm"] = _norm_names("decoder.final_layernorm", md)
+    if md.get(MAMBA_MODEL):
+        for i, symbol in enumerate(hybrid_layer_symbols(md)):
+            p = f"decoder.layers.{i}"
+            out[layer_message(i)] = (_mamba_names(p, md) if symbol == "M" else _attention_names(p, md)
+                                     if symbol == "*" else _mlp_names(p, md, symbol == "E"))
+        out["final norm"] = _norm_names("decoder.final_norm", md)
+    else:
+        moe_layers = moe_layer_flags(md)
+        for i in range(md["num_layers"]):
+            p = f"decoder.layers.{i}"
+            out[layer_message(i)] = _attention_names(p, md) + _mlp_names(p, md, moe_layers[i])
+        out["final norm"] = _norm_names("decoder.final_layernorm", md)
     if md["untie_embeddings_and_output_weights"]:
         out["output layer"] = ["output_layer.weight"]
     return out
+
+
+def mamba_config_from_metadata(md: dict):
+    """The MambaConfig of the Mamba / hybrid model `md` describes, or None for a GPT model."""
+    if not md.get(MAMBA_MODEL):
+        return None
+    defaults = _defaults(MambaConfig)
+    return MambaConfig(**{name: md.get(name, defaults[name]) for name in MAMBA_FLAGS})
+
+
+def hybrid_layer_symbols(md: dict) -> List[str]:
+    """The pattern symbol (M, *, -, E) of every layer of the Mamba / hybrid model `md` describes."""
+    from gigatron.core.transformer.mamba.config import hybrid_layer_types
+
+    config = mamba_config_from_metadata(md)
+    if config is None:
+        raise ConversionError("the metadata describes a GPT model, not a Mamba / hybrid one")
+    return hybrid_layer_types(int(md["num_layers"]), config.hybrid_attention_ratio, config.hybrid_mlp_ratio,
+                              config.hybrid_override_pattern)
 
 
 def moe_config_from_metadata(md: dict):
@@ -201,6 +267,8 @@ def moe_config_from_metadata(md: dict):
 def moe_layer_flags(md: dict) -> List[bool]:
     """For each layer of the model `md` describes, whether it is an MoE layer."""
     config = moe_config_from_metadata(md)
+    if md.get(MAMBA_MODEL):
+        return [symbol == "E" for symbol in hybrid_layer_symbols(md)]
     if config is None:
         return [False] * int(md["num_layers"])
     from gigatron.core.transformer.moe.config import moe_layer_pattern

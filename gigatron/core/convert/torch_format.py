@@ -32,6 +32,8 @@ from gigatron.core.checkpoint.paths import TRACKER_FILENAME, resolve_checkpoint_
 from gigatron.core.checkpoint.state import ModelState
 from gigatron.core.checkpoint.tp_layout import VOCAB_PARAMS, compact, mamba_segments, pad_vocab, split_for_tp
 from gigatron.core.convert.protocol import (
+    MAMBA_FLAGS,
+    MAMBA_MODEL,
     MODEL_FLAGS,
     MOE_FLAGS,
     TOKENIZER_FLAGS,
@@ -60,6 +62,7 @@ __all__ = [
     "split_for_ep",
     "copy_tokenizer_files",
     "tokenizer_flags_for_dir",
+    "holds_mamba_model",
 ]
 
 MODEL_FILENAME = torch_layout.MODEL_FILENAME
@@ -105,13 +108,15 @@ def true_vocab_size_of(args: dict, padded: int, override: Optional[int]) -> int:
     return padded
 
 
-def metadata_from_args(args: dict, true_vocab_size: int, iteration: Optional[int], params_dtype: torch.dtype) -> dict:
-    """The conversion metadata of a checkpoint saved with the flags `args` (the model, MoE and
-    tokenizer flags derived from the config dataclasses: protocol.model_metadata_from_args)."""
+def metadata_from_args(args: dict, true_vocab_size: int, iteration: Optional[int], params_dtype: torch.dtype,
+                       mamba: bool = False) -> dict:
+    """The conversion metadata of a checkpoint saved with the flags `args` (the model, MoE, Mamba and
+    tokenizer flags derived from the config dataclasses: protocol.model_metadata_from_args).
+    `mamba`: the checkpoint holds a Mamba / hybrid model (MambaModel)."""
     for name in ("num_layers", "hidden_size", "num_attention_heads"):
         if args.get(name) is None:
             raise ConversionError(f"the checkpoint's args lack {name}; it was not saved by Gigatron or Megatron")
-    md = model_metadata_from_args(args)
+    md = model_metadata_from_args(args, mamba=mamba)
     md.update(
         true_vocab_size=true_vocab_size,
         tokenizer_dir=None,
@@ -153,7 +158,13 @@ def model_state_to_metadata(state: ModelState, true_vocab_size: Optional[int] = 
     for name in VOCAB_PARAMS:
         if name in tensors:
             tensors[name] = tensors[name][:vocab].contiguous()
-    return metadata_from_args(args, vocab, state.iteration, state.dtype), tensors
+    return metadata_from_args(args, vocab, state.iteration, state.dtype, mamba=holds_mamba_model(tensors)), tensors
+
+
+def holds_mamba_model(tensors) -> bool:
+    """Whether full tensors (or their names) are a MambaModel's: its stack ends in decoder.final_norm
+    (a GPTModel's in decoder.final_layernorm) and its Mamba layers hold mixer.* tensors."""
+    return any(name.startswith("decoder.final_norm.") or ".mixer." in name for name in tensors)
 
 
 def torch_checkpoint_messages(path: str, true_vocab_size: Optional[int] = None,
@@ -253,6 +264,8 @@ def _stage_layout(md: dict, tp: int, pp: int) -> List[Tuple[int, int]]:
 def args_for_target(md: dict, tp: int, pp: int, padded: int, tokenizer_flags: dict, ep: int = 1) -> dict:
     args = {name: md.get(name) for name in MODEL_FLAGS}
     args.update({name: md[name] for name in TOKENIZER_FLAGS if name in md})
+    if md.get(MAMBA_MODEL):
+        args.update({name: md.get(name) for name in MAMBA_FLAGS})
     if md.get("num_experts"):
         args.update({name: md.get(name) for name in MOE_FLAGS})
         # MoE layers at tensor-parallel size > 1 need sequence parallelism (validate_moe).
@@ -311,7 +324,7 @@ def rank_state_dicts(md: dict, tensors: Dict[str, torch.Tensor], tp: int = 1, pp
     for pp_rank, (first, count) in enumerate(stages):
         stage = {k: v for k, v in tensors.items()
                  if not k.startswith("embedding.") or pp_rank == 0}
-        stage = {k: v for k, v in stage.items() if not k.startswith("decoder.final_layernorm")
+        stage = {k: v for k, v in stage.items() if not k.startswith(("decoder.final_layernorm", "decoder.final_norm."))
                  and k != "output_layer.weight" or pp_rank == pp - 1}
         if pp_rank == pp - 1 and tied and pp > 1:
             stage["output_layer.weight"] = tensors["embedding.word_embeddings.weight"]

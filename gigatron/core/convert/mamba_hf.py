@@ -1,0 +1,411 @@
+"""HuggingFace Mamba-2 (Mamba2ForCausalLM) and Nemotron-H (NemotronHForCausalLM) <-> the conversion
+messages of a MambaModel (gigatron/core/models/mamba.py).
+
+Shape legend: h = hidden, H = Mamba heads, P = Mamba head dim, I = H * P, G = Mamba groups,
+N = state dim, K = conv kernel (4), f = MLP hidden, nh / ng / d = attention heads / key-value heads /
+head dim, V = vocabulary.
+
+Name and layout map (layer i; HF under `backbone.layers.i.` — Nemotron-H also as `model.layers.i.`,
+which transformers uses in memory — Gigatron under `decoder.layers.i.`):
+
+  backbone.embeddings.weight [V, h]       embedding.word_embeddings.weight
+  backbone.norm_f.weight                  decoder.final_norm.weight                (RMSNorm)
+  lm_head.weight (absent when tied)       output_layer.weight (untied only)
+  Mamba layer (Mamba-2: every layer; Nemotron-H: "M" / linear_attention):
+    norm.weight                           norm.weight
+    mixer.in_proj.weight [2I+2GN+H, h]    mixer.in_proj.weight        (the same rows: [z; x; B; C; dt])
+    mixer.conv1d.weight [I+2GN, 1, K]     mixer.conv1d.weight         (over [x; B; C])
+    mixer.conv1d.bias, A_log, D, dt_bias  the same names
+    mixer.norm.weight [I]                 mixer.norm.weight           (gated RMSNorm, groups of I / G)
+    mixer.out_proj.weight [h, I]          mixer.out_proj.weight
+  Nemotron-H attention layer ("*"; no position embedding, no biases):
+    norm.weight                           input_layernorm.weight
+    mixer.{q,k,v}_proj.weight             self_attention.linear_qkv.weight   (grouped per KV head)
+    mixer.o_proj.weight                   self_attention.linear_proj.weight
+  Nemotron-H MLP layer ("-"; relu2 = --squared-relu, no gate):
+    norm.weight                           pre_mlp_layernorm.weight
+    mixer.up_proj.weight [f, h]           mlp.linear_fc1.weight
+    mixer.down_proj.weight [h, f]         mlp.linear_fc2.weight
+
+The math is the same on both sides: softplus(dt + dt_bias) with no clamp (time_step_limit (0, inf)),
+A = -exp(A_log), head j reading group j // (H / G) of B and C, D skip, SiLU after the short conv,
+rmsnorm(y * silu(z)) per group, pre-norm residual layers. HuggingFace uses one epsilon
+(layer_norm_epsilon) for the layer norms and the gated norm; Gigatron's gated norm has Megatron's
+fixed 1e-5, so only layer_norm_epsilon 1e-5 (the default of both families) converts. Mamba-2's
+residual_in_fp32 keeps the residual stream in fp32 for a bf16/fp16 model; Gigatron keeps it in the
+parameter dtype (--fp32-residual-connection is a run setting), so half-precision logits differ by
+rounding; an export writes residual_in_fp32 false unless the model came from a Mamba-2 folder.
+Nemotron-H MoE layers (shared experts, sigmoid routing with a score-correction bias) are not
+converted.
+
+Every transform is a rename, split or concatenation, so HF -> Gigatron -> HF is bitwise identical.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Callable, Dict, Iterable, Iterator, List, Optional
+
+import torch
+
+from gigatron.core.convert.layout import grouped_to_qkv, qkv_to_grouped
+from gigatron.core.convert.protocol import (
+    MAMBA_MODEL,
+    MAMBA_MIXER_TENSORS as MIXER_TENSORS,
+    ConversionError,
+    Message,
+    hybrid_layer_symbols,
+    layer_message,
+)
+
+__all__ = ["MAMBA_FAMILIES", "mamba_family_metadata", "mamba_family_of", "hf_mamba_messages",
+           "save_mamba_hf_checkpoint", "mamba_hf_config_from_metadata", "mamba_export_problems"]
+
+MAMBA_FAMILIES = ("mamba2", "nemotron_h")
+ARCHITECTURES = {"mamba2": "Mamba2ForCausalLM", "nemotron_h": "NemotronHForCausalLM"}
+GATED_NORM_EPS = 1e-5  # gigatron.core.transformer.mamba.mixer.GATED_NORM_EPS (Megatron's fixed value)
+CONV_KERNEL = 4  # gigatron.core.transformer.mamba.config.MAMBA_CONV_KERNEL
+_SYMBOL = {"M": "mamba", "*": "attention", "-": "mlp", "E": "moe"}
+# Nemotron-H's layer kinds: its current names and the older ones its configs may still carry.
+_NEMOTRON_KINDS = {"linear_attention": "M", "mamba": "M", "full_attention": "*", "attention": "*", "mlp": "-",
+                   "moe": "E"}
+_NEMOTRON_NAMES = {"M": "linear_attention", "*": "full_attention", "-": "mlp", "E": "moe"}
+
+
+# ------------------------------------------------------------------ configs
+
+
+def _float(value) -> float:
+    # transformers 5 writes non-finite floats as {"__float__": "Infinity"}; older ones as JSON's Infinity.
+    return float(value["__float__"]) if isinstance(value, dict) and "__float__" in value else float(value)
+
+
+def _float_pair(value) -> tuple:
+    return tuple(_float(v) for v in value)
+
+
+def _check_mixer_config(cfg: dict, family: str) -> None:
+    act = cfg.get("hidden_act" if family == "mamba2" else "mamba_hidden_act", "silu")
+    problems = []
+    if act != "silu":
+        problems.append(f"mixer activation {act!r} (the Mamba-2 mixer uses silu)")
+    kernel = int(cfg.get("conv_kernel", CONV_KERNEL))
+    if kernel != CONV_KERNEL:
+        problems.append(f"conv_kernel {kernel} (Megatron's Mamba mixer has a fixed kernel of {CONV_KERNEL})")
+    limit = _float_pair(cfg.get("time_step_limit", (0.0, math.inf)))
+    if limit != (0.0, math.inf):
+        problems.append(f"time_step_limit {list(limit)} (Gigatron does not clamp dt; only (0, inf) converts)")
+    if cfg.get("use_bias") or cfg.get("mamba_proj_bias"):
+        problems.append("use_bias (biases on the mixer's in_proj / out_proj)")
+    eps = float(cfg.get("layer_norm_epsilon", GATED_NORM_EPS))
+    if eps != GATED_NORM_EPS:
+        problems.append(f"layer_norm_epsilon {eps} (it is also the gated norm's epsilon, which is fixed at "
+                        f"{GATED_NORM_EPS} as in Megatron)")
+    if problems:
+        raise ConversionError(f"HuggingFace {family} model with unsupported {'; '.join(problems)}")
+
+
+def nemotron_pattern(cfg: dict) -> str:
+    """The layer pattern (M, *, -, E) of a Nemotron-H config.json."""
+    if cfg.get("hybrid_override_pattern"):
+        return str(cfg["hybrid_override_pattern"])
+    kinds = cfg.get("layers_block_type") or cfg.get("layer_types")
+    if not kinds:
+        raise ConversionError("a Nemotron-H config.json needs layers_block_type (or hybrid_override_pattern)")
+    unknown = sorted({k for k in kinds if k not in _NEMOTRON_KINDS})
+    if unknown:
+        raise ConversionError(f"Nemotron-H layer types {unknown} are unknown; expected {sorted(_NEMOTRON_KINDS)}")
+    return "".join(_NEMOTRON_KINDS[k] for k in kinds)
+
+
+def mamba_family_metadata(cfg: dict) -> dict:
+    """The model metadata (Megatron flag names) of a Mamba2 or Nemotron-H config.json dict."""
+    family = cfg.get("model_type")
+    _check_mixer_config(cfg, family)
+    h = int(cfg["hidden_size"])
+    groups = int(cfg.get("n_groups", 8))
+    if family == "mamba2":
+        heads, head_dim, state = int(cfg["num_heads"]), int(cfg["head_dim"]), int(cfg["state_size"])
+        if int(cfg.get("expand", 2)) * h != heads * head_dim:
+            raise ConversionError(f"Mamba-2 config: expand * hidden_size ({int(cfg.get('expand', 2)) * h}) must equal "
+                                  f"num_heads * head_dim ({heads * head_dim})")
+        layers = int(cfg["num_hidden_layers"])
+        pattern = "M" * layers
+        # An all-Mamba model has no attention layer; the attention flags only have to be valid ones
+        # (the groups' count splits over the same tensor-parallel sizes as the Mamba groups).
+        nh = groups if h % groups == 0 else 1
+        attention = dict(num_attention_heads=nh, kv_channels=h // nh, group_query_attention=False,
+                         num_query_groups=nh, ffn_hidden_size=4 * h, squared_relu=False,
+                         seq_length=4096, max_position_embeddings=4096, attention_dropout=0.0, hidden_dropout=0.0)
+        hybrid = False
+    elif family == "nemotron_h":
+        heads, head_dim = int(cfg["mamba_num_heads"]), int(cfg["mamba_head_dim"])
+        state = int(cfg["ssm_state_size"])
+        pattern = nemotron_pattern(cfg)
+        layers = len(pattern)
+        if "E" in pattern:
+            raise ConversionError("Nemotron-H MoE layers ('moe' / E: shared experts and sigmoid routing with a "
+                                  "correction bias) are not converted; dense Nemotron-H models (M, *, -) are")
+        if int(cfg.get("num_nextn_predict_layers") or 0):
+            raise ConversionError("Nemotron-H multi-token prediction layers (num_nextn_predict_layers) are not converted")
+        act = cfg.get("mlp_hidden_act", "relu2")
+        if "-" in pattern and act != "relu2":
+            raise ConversionError(f"Nemotron-H mlp_hidden_act {act!r} is not supported (relu2 = --squared-relu)")
+        if cfg.get("mlp_bias") or cfg.get("attention_bias"):
+            raise ConversionError("Nemotron-H with attention_bias / mlp_bias is not supported (no linear biases)")
+        if cfg.get("sliding_window") is not None:
+            raise ConversionError("Nemotron-H with a sliding_window is not supported (full causal attention only)")
+        nh = int(cfg["num_attention_heads"])
+        nkv = int(cfg.get("num_key_value_heads") or nh)
+        positions = int(cfg.get("max_position_embeddings", 4096))
+        attention = dict(num_attention_heads=nh, kv_channels=int(cfg.get("head_dim") or h // nh),
+                         group_query_attention=nkv != nh, num_query_groups=nkv,
+                         ffn_hidden_size=int(cfg["intermediate_size"]), squared_relu=True,
+                         seq_length=min(positions, 4096), max_position_embeddings=positions,
+                         attention_dropout=float(cfg.get("attention_dropout", 0.0)),
+                         hidden_dropout=float(cfg.get("hidden_dropout", 0.0)))
+        hybrid = True
+    else:
+        raise ConversionError(f"model_type {family!r} is not a Mamba family ({', '.join(MAMBA_FAMILIES)})")
+    return dict(
+        attention, num_layers=layers, hidden_size=h, position_embedding_type="none", rotary_base=10000,
+        rotary_percent=1.0, rotary_interleaved=False, normalization="RMSNorm",
+        norm_epsilon=float(cfg.get("layer_norm_epsilon", GATED_NORM_EPS)), apply_layernorm_1p=False, swiglu=False,
+        openai_gelu=False, add_bias_linear=False, add_qkv_bias=False, qk_layernorm=False,
+        untie_embeddings_and_output_weights=not cfg.get("tie_word_embeddings", False),
+        true_vocab_size=int(cfg["vocab_size"]),
+        mamba_state_dim=state, mamba_head_dim=head_dim, mamba_num_groups=groups, mamba_num_heads=heads,
+        hybrid_override_pattern=pattern, hybrid_attention_ratio=0.0, hybrid_mlp_ratio=0.0, is_hybrid_model=hybrid,
+        **{MAMBA_MODEL: True},
+    )
+
+
+# ------------------------------------------------------------------ HF -> messages
+
+
+def _prefix(family: str, keys: Callable[[str], bool]) -> str:
+    if family == "nemotron_h" and not keys("backbone.embeddings.weight") and keys("model.embeddings.weight"):
+        return "model."
+    return "backbone."
+
+
+def _hf_layer_to_ours(md: dict, symbol: str, i: int, hp: str, get: Callable[[str], torch.Tensor],
+                      has: Callable[[str], bool], dtype: torch.dtype) -> Dict[str, torch.Tensor]:
+    p = f"decoder.layers.{i}."
+    if symbol == "M":
+        out = {p + "norm.weight": get(hp + "norm.weight")}
+        for name in MIXER_TENSORS:
+            if name == "conv1d.bias" and not has(hp + "mixer.conv1d.bias"):
+                # use_conv_bias false: a zero bias computes the same function.
+                channels = get(hp + "mixer.conv1d.weight").shape[0]
+                out[p + "mixer.conv1d.bias"] = torch.zeros(channels, dtype=dtype)
+                continue
+            out[p + "mixer." + name] = get(hp + "mixer." + name)
+        return out
+    if symbol == "*":
+        q, k, v = (get(hp + f"mixer.{x}_proj.weight") for x in "qkv")
+        return {p + "input_layernorm.weight": get(hp + "norm.weight"),
+                p + "self_attention.linear_qkv.weight": qkv_to_grouped(q, k, v, md["num_attention_heads"],
+                                                                       md["num_query_groups"], md["kv_channels"]),
+                p + "self_attention.linear_proj.weight": get(hp + "mixer.o_proj.weight")}
+    return {p + "pre_mlp_layernorm.weight": get(hp + "norm.weight"),
+            p + "mlp.linear_fc1.weight": get(hp + "mixer.up_proj.weight"),
+            p + "mlp.linear_fc2.weight": get(hp + "mixer.down_proj.weight")}
+
+
+def hf_mamba_messages(path: str, cfg: dict, md: dict, weights, params_dtype: Optional[torch.dtype]
+                      ) -> Iterator[Message]:
+    """The conversion messages of a Mamba2 / Nemotron-H folder (`md`: its metadata, complete;
+    `weights`: its hf.HFWeights)."""
+    family = cfg["model_type"]
+    prefix = _prefix(family, weights.__contains__)
+    used = set()
+
+    def get(name: str) -> torch.Tensor:
+        used.add(name)
+        t = weights.get(name)
+        return t.to(params_dtype) if params_dtype is not None else t
+
+    yield "metadata", md
+    emb = get(prefix + "embeddings.weight")
+    if emb.shape[0] != md["true_vocab_size"]:
+        raise ConversionError(f"{prefix}embeddings.weight has {emb.shape[0]} rows but config.json says vocab_size "
+                              f"{md['true_vocab_size']}")
+    yield "embeddings", {"embedding.word_embeddings.weight": emb}
+    dtype = emb.dtype
+    for i, symbol in enumerate(hybrid_layer_symbols(md)):
+        yield layer_message(i), _hf_layer_to_ours(md, symbol, i, f"{prefix}layers.{i}.", get,
+                                                  weights.__contains__, dtype)
+    yield "final norm", {"decoder.final_norm.weight": get(prefix + "norm_f.weight")}
+    tied = not md["untie_embeddings_and_output_weights"]
+    if not tied:
+        yield "output layer", {"output_layer.weight": get("lm_head.weight")}
+    left = sorted(n for n in weights.keys() if n not in used and not (n == "lm_head.weight" and tied))
+    if left:
+        raise ConversionError(f"{path} holds tensors this converter does not map (an unsupported feature?): "
+                              f"{', '.join(left[:6])}{' ...' if len(left) > 6 else ''}")
+    yield "done", {}
+
+
+# ------------------------------------------------------------------ messages -> HF
+
+
+def mamba_family_of(md: dict) -> str:
+    """The HuggingFace family of a Mamba / hybrid model: Mamba2 when every layer is a Mamba layer,
+    Nemotron-H otherwise (a Nemotron-H source stays Nemotron-H)."""
+    source = (md.get("hf_config") or {}).get("model_type")
+    symbols = hybrid_layer_symbols(md)
+    if all(s == "M" for s in symbols) and source != "nemotron_h":
+        return "mamba2"
+    return "nemotron_h"
+
+
+def mamba_export_problems(md: dict, family: str) -> List[str]:
+    """What keeps the model `md` describes from being a HuggingFace `family` model (empty: exportable)."""
+    problems = []
+    if not md.get(MAMBA_MODEL):
+        return [f"a GPT model (the {family} family holds Mamba / hybrid models: export it as llama, mistral, "
+                "mixtral or gpt2)"]
+    symbols = hybrid_layer_symbols(md)
+    if md["normalization"] != "RMSNorm":
+        problems.append(f"--normalization {md['normalization']} (RMSNorm only)")
+    if float(md["norm_epsilon"]) != GATED_NORM_EPS:
+        problems.append(f"--norm-epsilon {md['norm_epsilon']} (HuggingFace uses one epsilon for the layer norms and "
+                        f"the mixer's gated norm, whose epsilon is {GATED_NORM_EPS})")
+    for flag in ("apply_layernorm_1p", "qk_layernorm", "apply_residual_connection_post_layernorm", "add_bias_linear",
+                 "add_qkv_bias"):
+        if md.get(flag):
+            problems.append("--" + flag.replace("_", "-").replace("add-bias-linear", "add-bias-linear (biases)"))
+    if md["position_embedding_type"] == "learned_absolute":
+        problems.append("learned absolute position embeddings (use --position-embedding-type none)")
+    if "E" in symbols:
+        problems.append("MoE layers (E)")
+    if family == "mamba2":
+        wrong = sorted({_SYMBOL[s] for s in symbols if s != "M"})
+        if wrong:
+            problems.append(f"{', '.join(wrong)} layers (Mamba2ForCausalLM is all Mamba; export it as nemotron_h)")
+        heads, head_dim = _heads(md)
+        if (heads * head_dim) % int(md["hidden_size"]) != 0:
+            problems.append(f"an inner width {heads * head_dim} that is not a multiple of --hidden-size "
+                            f"{md['hidden_size']} (Mamba2 derives it as expand * hidden_size)")
+    else:
+        if "*" in symbols and md["position_embedding_type"] == "rope":
+            problems.append("rotary position embeddings (Nemotron-H attention has none: --position-embedding-type "
+                            "none)")
+        if "-" in symbols and (md["swiglu"] or not md.get("squared_relu")):
+            problems.append("an MLP activation other than squared ReLU (Nemotron-H's relu2: --squared-relu)")
+        if "*" in symbols and md.get("window_size") is not None:
+            problems.append("--window-size (sliding-window attention)")
+    return problems
+
+
+def _heads(md: dict) -> tuple:
+    from gigatron.core.transformer.mamba.config import mamba_num_heads
+    from gigatron.core.convert.protocol import mamba_config_from_metadata
+
+    config = mamba_config_from_metadata(md)
+    return mamba_num_heads(config, int(md["hidden_size"])), config.mamba_head_dim
+
+
+def mamba_hf_config_from_metadata(md: dict, family: str, conv_bias: bool = True) -> dict:
+    """config.json for the Mamba / hybrid model `md` describes, as HuggingFace `family`. The source
+    hf_config (same family) keeps its other fields (token ids, initializer range, chunk size, ...)."""
+    source = md.get("hf_config") or {}
+    same = source.get("model_type") == family
+    cfg = dict(source) if same else {}
+    for key in ("transformers_version", "_name_or_path"):
+        cfg.pop(key, None)
+    heads, head_dim = _heads(md)
+    h = int(md["hidden_size"])
+    dtype = md.get("params_dtype", "float32")
+    cfg.update(architectures=[ARCHITECTURES[family]], model_type=family, dtype=dtype, torch_dtype=dtype,
+               vocab_size=int(md["true_vocab_size"]), hidden_size=h, n_groups=int(md["mamba_num_groups"]),
+               conv_kernel=CONV_KERNEL, use_bias=False, use_conv_bias=conv_bias,
+               layer_norm_epsilon=float(md["norm_epsilon"]),
+               tie_word_embeddings=not md["untie_embeddings_and_output_weights"])
+    if not same or "time_step_limit" not in cfg:
+        cfg["time_step_limit"] = [0.0, math.inf]
+    if family == "mamba2":
+        cfg.update(num_heads=heads, head_dim=head_dim, state_size=int(md["mamba_state_dim"]),
+                   expand=heads * head_dim // h, num_hidden_layers=int(md["num_layers"]), hidden_act="silu")
+        cfg.setdefault("residual_in_fp32", False)
+        return cfg
+    symbols = hybrid_layer_symbols(md)
+    cfg.pop("hybrid_override_pattern", None)
+    cfg.pop("layer_types", None)
+    cfg.update(layers_block_type=[_NEMOTRON_NAMES[s] for s in symbols], num_hidden_layers=len(symbols),
+               mamba_num_heads=heads, mamba_head_dim=head_dim, ssm_state_size=int(md["mamba_state_dim"]),
+               mamba_hidden_act="silu", mamba_proj_bias=False,
+               num_attention_heads=int(md["num_attention_heads"]), num_key_value_heads=int(md["num_query_groups"]),
+               head_dim=int(md["kv_channels"]), intermediate_size=int(md["ffn_hidden_size"]),
+               mlp_hidden_act="relu2", mlp_bias=False, attention_bias=False, sliding_window=None,
+               max_position_embeddings=int(md["max_position_embeddings"]),
+               attention_dropout=float(md.get("attention_dropout") or 0.0),
+               hidden_dropout=float(md.get("hidden_dropout") or 0.0), num_nextn_predict_layers=0)
+    return cfg
+
+
+def _ours_layer_to_hf(md: dict, symbol: str, i: int, hp: str, t: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    p = f"decoder.layers.{i}."
+    if symbol == "M":
+        out = {hp + "norm.weight": t[p + "norm.weight"]}
+        out.update({hp + "mixer." + name: t[p + "mixer." + name] for name in MIXER_TENSORS})
+        return out
+    if symbol == "*":
+        q, k, v = grouped_to_qkv(t[p + "self_attention.linear_qkv.weight"], md["num_attention_heads"],
+                                 md["num_query_groups"], md["kv_channels"])
+        return {hp + "norm.weight": t[p + "input_layernorm.weight"], hp + "mixer.q_proj.weight": q,
+                hp + "mixer.k_proj.weight": k, hp + "mixer.v_proj.weight": v,
+                hp + "mixer.o_proj.weight": t[p + "self_attention.linear_proj.weight"]}
+    return {hp + "norm.weight": t[p + "pre_mlp_layernorm.weight"], hp + "mixer.up_proj.weight": t[p + "mlp.linear_fc1.weight"],
+            hp + "mixer.down_proj.weight": t[p + "mlp.linear_fc2.weight"]}
+
+
+def save_mamba_hf_checkpoint(reader: Iterable[Message], md: dict, save_dir: str, family: str,
+                             params_dtype: Optional[torch.dtype], max_shard_bytes: int) -> str:
+    """Write the Mamba / hybrid model of a checked message stream (`reader`, whose metadata is `md`)
+    as a HuggingFace `family` folder: safetensors, config.json, generation_config.json and the
+    tokenizer files (hf.export_tokenizer)."""
+    from gigatron.core.checkpoint.io import atomic_write_text
+    from gigatron.core.convert.hf import export_tokenizer, write_safetensors
+
+    problems = mamba_export_problems(md, family)
+    if problems:
+        raise ConversionError(f"cannot export to HuggingFace {family}: unsupported {'; '.join(problems)}")
+    symbols = hybrid_layer_symbols(md)
+    tensors: Dict[str, torch.Tensor] = {}
+    for name, payload in reader:
+        if params_dtype is not None:
+            payload = {k: v.to(params_dtype) for k, v in payload.items()}
+        if name == "embeddings":
+            tensors["backbone.embeddings.weight"] = payload["embedding.word_embeddings.weight"]
+        elif name == "final norm":
+            tensors["backbone.norm_f.weight"] = payload["decoder.final_norm.weight"]
+        elif name == "output layer":
+            tensors["lm_head.weight"] = payload["output_layer.weight"]
+        else:
+            i = int(name.rsplit(" ", 1)[1])
+            tensors.update(_ours_layer_to_hf(md, symbols[i], i, f"backbone.layers.{i}.", payload))
+    # A source without conv biases (use_conv_bias false) was imported with zero ones: leave them out again.
+    source = md.get("hf_config") or {}
+    conv_biases = [n for n in tensors if n.endswith(".mixer.conv1d.bias")]
+    conv_bias = bool(source.get("use_conv_bias", True)) or any(bool(tensors[n].any()) for n in conv_biases)
+    if not conv_bias:
+        for n in conv_biases:
+            del tensors[n]
+    cfg = mamba_hf_config_from_metadata(md, family, conv_bias)
+    os.makedirs(save_dir, exist_ok=True)
+    write_safetensors(tensors, save_dir, max_shard_bytes)
+    special = export_tokenizer(md, save_dir, md.get("max_position_embeddings"))
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if cfg.get(key) is None and key in special:
+            cfg[key] = special[key]
+    atomic_write_text(os.path.join(save_dir, "config.json"), json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    generation = {key: cfg[key] for key in ("bos_token_id", "eos_token_id", "pad_token_id") if cfg.get(key) is not None}
+    if generation:
+        atomic_write_text(os.path.join(save_dir, "generation_config.json"),
+                          json.dumps(generation, indent=2, sort_keys=True) + "\n")
+    return save_dir
+
