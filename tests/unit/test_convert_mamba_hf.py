@@ -185,3 +185,10 @@ def test_nemotron_h_without_conv_bias_round_trips(tmp_path):
     save_hf_checkpoint(state_to_messages(md, tensors), str(tmp_path / "back"))
     before, after = load_safetensors_dir(str(tmp_path / "hf")), load_safetensors_dir(str(tmp_path / "back"))
     assert sorted(before) == sorted(after) and all(torch.equal(before[n], after[n]) for n in before)
+
+
+def test_legacy_saver_refuses_a_mamba_model(tmp_path):
+    make_mamba2(str(tmp_path / "hf"))
+    with pytest.raises(ValueError, match="no Mamba / hybrid layer names"):
+        run_convert("--loader", "hf", "--saver", "legacy", "--load-dir", tmp_path / "hf", "--save-dir",
+                    tmp_path / "legacy")

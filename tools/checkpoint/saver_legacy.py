@@ -28,6 +28,8 @@ def add_arguments(parser) -> None:
 def _content(header: dict, state_dict: dict, md: dict) -> dict:
     if md.get("num_experts"):
         raise ValueError("the legacy layout has no mixture-of-experts names; save MoE models with --saver core")
+    if md.get("mamba_model"):
+        raise ValueError("the legacy layout has no Mamba / hybrid layer names; save Mamba models with --saver core")
     return legacy_file_content(header, state_dict, tied_head=not md["untie_embeddings_and_output_weights"])
 
 
