@@ -1,5 +1,5 @@
-"""HuggingFace Mamba-2 (Mamba2ForCausalLM) and Nemotron-H (NemotronHForCausalLM, the hybrid family)
-import/export (gigatron/core/convert/mamba_hf.py): tiny random transformers models -> our logits
+"""HuggingFace Mamba-2 (Mamba2ForCausalLM) and the hybrid families Nemotron-H (NemotronHForCausalLM)
+and Bamba (BambaForCausalLM) import/export (gigatron/core/convert/mamba_hf.py): tiny random transformers models -> our logits
 within 1e-4 of transformers' (fp32; transformers runs its PyTorch reference path on the CPU);
 HF -> `torch` checkpoint at tp 2 -> HF through tools/checkpoint/convert.py is bitwise; a MambaModel
 of ours exported to HuggingFace loads in transformers with our logits; what a family cannot hold
@@ -49,6 +49,17 @@ def make_nemotron_h(path, seed=0, **overrides):
     return save_model(transformers.NemotronHForCausalLM(transformers.NemotronHConfig(**kw)), seed, path)
 
 
+def make_bamba(path, seed=0, **overrides):
+    """A tiny random BambaForCausalLM: 3 layers (Mamba, attention, Mamba), each with a SwiGLU MLP."""
+    import transformers
+
+    kw = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, attn_layer_indices=[1], num_attention_heads=4,
+              num_key_value_heads=2, intermediate_size=48, mamba_n_heads=8, mamba_d_head=8, mamba_n_groups=2,
+              mamba_d_state=16, mamba_chunk_size=8, max_position_embeddings=64, attn_implementation="eager")
+    kw.update(overrides)
+    return save_model(transformers.BambaForCausalLM(transformers.BambaConfig(**kw)), seed, path)
+
+
 def _ids(batch=2, seq=19):
     return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(3))
 
@@ -64,10 +75,12 @@ def _ours_logits(path, ids):
         return model(ids)
 
 
-MAKERS = {"mamba2": make_mamba2, "nemotron_h": make_nemotron_h}
+MAKERS = {"mamba2": make_mamba2, "nemotron_h": make_nemotron_h, "bamba": make_bamba}
+PATTERNS = {"mamba2": "MMM", "nemotron_h": "M*M-", "bamba": "M-*-M-"}
 
 
-@pytest.mark.parametrize("family,tied", [("mamba2", False), ("mamba2", True), ("nemotron_h", False)])
+@pytest.mark.parametrize("family,tied", [("mamba2", False), ("mamba2", True), ("nemotron_h", False),
+                                         ("bamba", False)])
 def test_import_gives_transformers_logits(tmp_path, family, tied):
     hf = MAKERS[family](str(tmp_path / "hf"), tie_word_embeddings=tied)
     ids = _ids()
@@ -76,11 +89,11 @@ def test_import_gives_transformers_logits(tmp_path, family, tied):
     assert (ours - _hf_logits(hf, ids)).abs().max().item() < 1e-4
     md, _ = collect_state(hf_messages(str(tmp_path / "hf")))
     assert md[MAMBA_MODEL] and md["untie_embeddings_and_output_weights"] == (not tied)
-    assert md["hybrid_override_pattern"] == ("MMM" if family == "mamba2" else "M*M-")
+    assert md["hybrid_override_pattern"] == PATTERNS[family]
     assert (md["mamba_num_heads"], md["mamba_head_dim"], md["mamba_num_groups"], md["mamba_state_dim"]) == (8, 8, 2, 16)
 
 
-@pytest.mark.parametrize("family", ["mamba2", "nemotron_h"])
+@pytest.mark.parametrize("family", ["mamba2", "nemotron_h", "bamba"])
 def test_round_trip_through_a_tp2_checkpoint_is_bitwise(tmp_path, family):
     import transformers
 
@@ -127,17 +140,23 @@ def _our_model(pattern, **overrides):
     return model, md
 
 
-@pytest.mark.parametrize("pattern,family", [("MMM", "mamba2"), ("M*M-M", "nemotron_h")])
-def test_export_of_our_model_loads_in_transformers_with_our_logits(tmp_path, pattern, family):
+BAMBA_LIKE = dict(squared_relu=False, swiglu=True, position_embedding_type="rope", rotary_percent=0.5,
+                  rotary_base=5000)
+
+
+@pytest.mark.parametrize("pattern,family,overrides", [("MMM", "mamba2", {}), ("M*M-M", "nemotron_h", {}),
+                                                      ("M-*-M-", "bamba", BAMBA_LIKE)])
+def test_export_of_our_model_loads_in_transformers_with_our_logits(tmp_path, pattern, family, overrides):
     import transformers
 
-    model, md = _our_model(pattern)
+    model, md = _our_model(pattern, **overrides)
     tensors = {k: v.detach().clone() for k, v in model.state_dict().items()}
     save_hf_checkpoint(state_to_messages(md, tensors), str(tmp_path / "hf"))  # the family is inferred
     with open(tmp_path / "hf" / "config.json", encoding="utf-8") as handle:
         assert json.load(handle)["model_type"] == family
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), attn_implementation="eager").eval()
-    assert type(hf).__name__ == {"mamba2": "Mamba2ForCausalLM", "nemotron_h": "NemotronHForCausalLM"}[family]
+    assert type(hf).__name__ == {"mamba2": "Mamba2ForCausalLM", "nemotron_h": "NemotronHForCausalLM",
+                                 "bamba": "BambaForCausalLM"}[family]
     ids = _ids()
     with torch.no_grad():
         ours = model(ids).transpose(0, 1)
@@ -162,6 +181,8 @@ def test_export_refuses_what_the_family_cannot_hold(tmp_path):
     swiglu_model, swiglu_md = _our_model("M*M-", squared_relu=False, swiglu=True)
     with pytest.raises(ConversionError, match="--squared-relu"):
         save_hf_checkpoint(state_to_messages(swiglu_md, dict(swiglu_model.state_dict())), str(tmp_path / "d"))
+    with pytest.raises(ConversionError, match="'M-' / '\\*-' pairs"):
+        save_hf_checkpoint(state_to_messages(md, tensors), str(tmp_path / "e"), family="bamba")
     assert not os.path.exists(tmp_path / "a" / "model.safetensors")
 
 
@@ -171,6 +192,8 @@ def test_export_refuses_what_the_family_cannot_hold(tmp_path):
     ("mamba2", dict(conv_kernel=3), "conv_kernel"),
     ("nemotron_h", dict(layers_block_type=["linear_attention", "moe"]), "MoE layers"),
     ("nemotron_h", dict(mlp_hidden_act="silu"), "mlp_hidden_act"),
+    ("bamba", dict(rms_norm_eps=1e-6), "rms_norm_eps"),
+    ("bamba", dict(mamba_proj_bias=True), "mamba_proj_bias"),
 ])
 def test_import_refuses_what_gigatron_cannot_compute(tmp_path, family, overrides, match):
     MAKERS[family](str(tmp_path / "hf"), **overrides)

@@ -1,5 +1,5 @@
 """Loader for HuggingFace folders (config.json + safetensors or pytorch_model.bin): GPT-2, Llama 2/3,
-Mistral, Mixtral, and the Mamba families Mamba-2 and Nemotron-H (a hybrid MambaModel; see
+Mistral, Mixtral, and the Mamba families Mamba-2 and Nemotron-H (hybrid MambaModels; Bamba too; see
 gigatron/core/convert/mamba_hf.py). The family is read from config.json's model_type. With --model-type BERT it reads a
 HuggingFace BERT (BertModel, BertForPreTraining, MiniLM; see gigatron/core/convert/bert_hf.py)."""
 

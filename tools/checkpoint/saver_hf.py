@@ -1,5 +1,5 @@
 """Saver for HuggingFace folders: model.safetensors (sharded above --max-shard-size-gb), config.json
-and the tokenizer files. The family (gpt2, llama, mistral, mixtral; mamba2 or nemotron_h for a Mamba /
+and the tokenizer files. The family (gpt2, llama, mistral, mixtral; mamba2, nemotron_h or bamba for a Mamba /
 hybrid model) is the source model's, or the one the checkpoint's args fit, unless --hf-family names it."""
 
 from __future__ import annotations

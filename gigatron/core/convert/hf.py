@@ -1,7 +1,7 @@
-"""HuggingFace checkpoints (GPT-2, Llama 2/3, Mistral, Mixtral, Mamba-2, Nemotron-H) <-> the conversion
-messages. Mixtral is Mistral with mixture-of-experts MLPs; its expert and router map is in mixtral.py.
-Mamba-2 (Mamba2ForCausalLM) and the hybrid Nemotron-H (NemotronHForCausalLM) are MambaModels; their
-map is in mamba_hf.py.
+"""HuggingFace checkpoints (GPT-2, Llama 2/3, Mistral, Mixtral, Mamba-2, Nemotron-H, Bamba) <-> the
+conversion messages. Mixtral is Mistral with mixture-of-experts MLPs; its expert and router map is in
+mixtral.py. Mamba-2 (Mamba2ForCausalLM) and the hybrids Nemotron-H (NemotronHForCausalLM) and Bamba
+(BambaForCausalLM) are MambaModels; their map is in mamba_hf.py.
 
 Shape legend: h = hidden, f = ffn hidden, d = head dim, nh = query heads, ng = key/value heads,
 V = vocabulary.
@@ -76,11 +76,11 @@ __all__ = [
     "MAMBA_FAMILIES",
 ]
 
-FAMILIES = ("gpt2", "llama", "mistral", "mixtral", "mamba2", "nemotron_h")
+FAMILIES = ("gpt2", "llama", "mistral", "mixtral", "mamba2", "nemotron_h", "bamba")
 _ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                   "mixtral": "MixtralForCausalLM"}
 # Families of MambaModel (gigatron/core/convert/mamba_hf.py); the others are GPTModels.
-MAMBA_FAMILIES = ("mamba2", "nemotron_h")
+MAMBA_FAMILIES = ("mamba2", "nemotron_h", "bamba")
 _DEFAULT_SHARD_BYTES = 5 * 1024 ** 3
 
 
@@ -519,7 +519,8 @@ def hf_messages(path: str, params_dtype: Optional[torch.dtype] = None) -> Iterat
     if family in MAMBA_FAMILIES:
         from gigatron.core.convert.mamba_hf import hf_mamba_messages
 
-        emb = next((n for n in ("backbone.embeddings.weight", "model.embeddings.weight") if n in weights), None)
+        emb = next((n for n in ("backbone.embeddings.weight", "model.embeddings.weight", "model.embed_tokens.weight")
+                    if n in weights), None)
         md = metadata_from_hf_config(cfg, _params_dtype(cfg, weights, emb))
         if params_dtype is not None:
             md["params_dtype"] = dtype_name(params_dtype)

@@ -1,5 +1,5 @@
-"""HuggingFace Mamba-2 (Mamba2ForCausalLM) and Nemotron-H (NemotronHForCausalLM) <-> the conversion
-messages of a MambaModel (gigatron/core/models/mamba.py).
+"""HuggingFace Mamba-2 (Mamba2ForCausalLM) and the hybrids Nemotron-H (NemotronHForCausalLM) and Bamba
+(BambaForCausalLM) <-> the conversion messages of a MambaModel (gigatron/core/models/mamba.py).
 
 Shape legend: h = hidden, H = Mamba heads, P = Mamba head dim, I = H * P, G = Mamba groups,
 N = state dim, K = conv kernel (4), f = MLP hidden, nh / ng / d = attention heads / key-value heads /
@@ -26,6 +26,17 @@ which transformers uses in memory — Gigatron under `decoder.layers.i.`):
     norm.weight                           pre_mlp_layernorm.weight
     mixer.up_proj.weight [f, h]           mlp.linear_fc1.weight
     mixer.down_proj.weight [h, f]         mlp.linear_fc2.weight
+
+Bamba (under `model.`): each Bamba layer j is two of ours, 2j (Mamba or attention) and 2j+1 (a SwiGLU
+MLP), so its pattern is "M-" / "*-" per layer (attn_layer_indices give the "*"):
+  model.embed_tokens.weight / model.final_layernorm.weight / lm_head.weight
+  layers.j.input_layernorm.weight         layer 2j: norm.weight (Mamba) or input_layernorm.weight
+  layers.j.mamba.*                        layer 2j: mixer.* (as above)
+  layers.j.self_attn.{q,k,v,o}_proj       layer 2j: self_attention.* (grouped QKV; RoPE on the first
+                                          partial_rotary_factor of each head, half-split, as ours)
+  layers.j.pre_ff_layernorm.weight        layer 2j+1: pre_mlp_layernorm.weight
+  layers.j.feed_forward.{gate,up}_proj    layer 2j+1: mlp.linear_fc1.weight = [gate; up] (SwiGLU)
+  layers.j.feed_forward.down_proj         layer 2j+1: mlp.linear_fc2.weight
 
 The math is the same on both sides: softplus(dt + dt_bias) with no clamp (time_step_limit (0, inf)),
 A = -exp(A_log), head j reading group j // (H / G) of B and C, D skip, SiLU after the short conv,
@@ -63,8 +74,18 @@ from gigatron.core.convert.protocol import (
 __all__ = ["MAMBA_FAMILIES", "mamba_family_metadata", "mamba_family_of", "hf_mamba_messages",
            "save_mamba_hf_checkpoint", "mamba_hf_config_from_metadata", "mamba_export_problems"]
 
-MAMBA_FAMILIES = ("mamba2", "nemotron_h")
-ARCHITECTURES = {"mamba2": "Mamba2ForCausalLM", "nemotron_h": "NemotronHForCausalLM"}
+MAMBA_FAMILIES = ("mamba2", "nemotron_h", "bamba")
+ARCHITECTURES = {"mamba2": "Mamba2ForCausalLM", "nemotron_h": "NemotronHForCausalLM", "bamba": "BambaForCausalLM"}
+# Each family's config.json keys for the mixer settings (mixer activation, conv kernel, projection biases,
+# norm epsilon, conv bias).
+_KEYS = {
+    "mamba2": dict(act="hidden_act", kernel="conv_kernel", bias=("use_bias",), eps="layer_norm_epsilon",
+                   conv_bias="use_conv_bias"),
+    "nemotron_h": dict(act="mamba_hidden_act", kernel="conv_kernel", bias=("use_bias", "mamba_proj_bias"),
+                       eps="layer_norm_epsilon", conv_bias="use_conv_bias"),
+    "bamba": dict(act="hidden_act", kernel="mamba_d_conv", bias=("mamba_proj_bias",), eps="rms_norm_eps",
+                  conv_bias="mamba_conv_bias"),
+}
 GATED_NORM_EPS = 1e-5  # gigatron.core.transformer.mamba.mixer.GATED_NORM_EPS (Megatron's fixed value)
 CONV_KERNEL = 4  # gigatron.core.transformer.mamba.config.MAMBA_CONV_KERNEL
 _SYMBOL = {"M": "mamba", "*": "attention", "-": "mlp", "E": "moe"}
@@ -87,21 +108,24 @@ def _float_pair(value) -> tuple:
 
 
 def _check_mixer_config(cfg: dict, family: str) -> None:
-    act = cfg.get("hidden_act" if family == "mamba2" else "mamba_hidden_act", "silu")
+    keys = _KEYS[family]
+    act = cfg.get(keys["act"], "silu")
     problems = []
     if act != "silu":
-        problems.append(f"mixer activation {act!r} (the Mamba-2 mixer uses silu)")
-    kernel = int(cfg.get("conv_kernel", CONV_KERNEL))
+        problems.append(f"{keys['act']} {act!r} (the Mamba-2 mixer uses silu)")
+    kernel = int(cfg.get(keys["kernel"], CONV_KERNEL))
     if kernel != CONV_KERNEL:
-        problems.append(f"conv_kernel {kernel} (Megatron's Mamba mixer has a fixed kernel of {CONV_KERNEL})")
-    limit = _float_pair(cfg.get("time_step_limit", (0.0, math.inf)))
+        problems.append(f"{keys['kernel']} {kernel} (Megatron's Mamba mixer has a fixed kernel of {CONV_KERNEL})")
+    limit = cfg.get("time_step_limit", (0.0, math.inf))
+    limit = (0.0, math.inf) if limit is None else _float_pair(limit)
     if limit != (0.0, math.inf):
         problems.append(f"time_step_limit {list(limit)} (Gigatron does not clamp dt; only (0, inf) converts)")
-    if cfg.get("use_bias") or cfg.get("mamba_proj_bias"):
-        problems.append("use_bias (biases on the mixer's in_proj / out_proj)")
-    eps = float(cfg.get("layer_norm_epsilon", GATED_NORM_EPS))
+    for key in keys["bias"]:
+        if cfg.get(key):
+            problems.append(f"{key} (biases on the mixer's in_proj / out_proj)")
+    eps = float(cfg.get(keys["eps"], GATED_NORM_EPS))
     if eps != GATED_NORM_EPS:
-        problems.append(f"layer_norm_epsilon {eps} (it is also the gated norm's epsilon, which is fixed at "
+        problems.append(f"{keys['eps']} {eps} (it is also the gated norm's epsilon, which is fixed at "
                         f"{GATED_NORM_EPS} as in Megatron)")
     if problems:
         raise ConversionError(f"HuggingFace {family} model with unsupported {'; '.join(problems)}")
@@ -123,9 +147,11 @@ def nemotron_pattern(cfg: dict) -> str:
 def mamba_family_metadata(cfg: dict) -> dict:
     """The model metadata (Megatron flag names) of a Mamba2 or Nemotron-H config.json dict."""
     family = cfg.get("model_type")
+    if family not in MAMBA_FAMILIES:
+        raise ConversionError(f"model_type {family!r} is not a Mamba family ({', '.join(MAMBA_FAMILIES)})")
     _check_mixer_config(cfg, family)
     h = int(cfg["hidden_size"])
-    groups = int(cfg.get("n_groups", 8))
+    groups = int(cfg.get("mamba_n_groups" if family == "bamba" else "n_groups", 1 if family == "bamba" else 8))
     if family == "mamba2":
         heads, head_dim, state = int(cfg["num_heads"]), int(cfg["head_dim"]), int(cfg["state_size"])
         if int(cfg.get("expand", 2)) * h != heads * head_dim:
@@ -167,6 +193,8 @@ def mamba_family_metadata(cfg: dict) -> dict:
                          attention_dropout=float(cfg.get("attention_dropout", 0.0)),
                          hidden_dropout=float(cfg.get("hidden_dropout", 0.0)))
         hybrid = True
+    elif family == "bamba":
+        return _bamba_metadata(cfg, h, groups)
     else:
         raise ConversionError(f"model_type {family!r} is not a Mamba family ({', '.join(MAMBA_FAMILIES)})")
     return dict(
@@ -182,37 +210,102 @@ def mamba_family_metadata(cfg: dict) -> dict:
     )
 
 
+def _bamba_metadata(cfg: dict, h: int, groups: int) -> dict:
+    layers = int(cfg["num_hidden_layers"])
+    attention_layers = set(cfg.get("attn_layer_indices") or [])
+    pattern = "".join(("*" if j in attention_layers else "M") + "-" for j in range(layers))
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise ConversionError(f"Bamba hidden_act {cfg.get('hidden_act')!r} is not supported (SwiGLU needs silu)")
+    if cfg.get("attention_bias") or cfg.get("mlp_bias"):
+        raise ConversionError("Bamba with attention_bias / mlp_bias is not supported (no linear biases)")
+    rope = dict(cfg.get("rope_parameters") or {})
+    rope.update({k: v for k, v in (cfg.get("rope_scaling") or {}).items() if k not in rope})
+    kind = rope.get("rope_type") or rope.get("type") or "default"
+    if kind != "default":
+        raise ConversionError(f"Bamba RoPE scaling {kind!r} is not supported (plain RoPE only)")
+    heads = int(cfg["mamba_n_heads"])
+    expand = int(cfg.get("mamba_expand", 2))
+    head_dim = cfg.get("mamba_d_head", "auto")
+    head_dim = expand * h // heads if head_dim in (None, "auto") else int(head_dim)
+    if heads * head_dim != expand * h:
+        raise ConversionError(f"Bamba config: mamba_n_heads * mamba_d_head ({heads * head_dim}) must equal "
+                              f"mamba_expand * hidden_size ({expand * h})")
+    nh = int(cfg["num_attention_heads"])
+    nkv = int(cfg.get("num_key_value_heads") or nh)
+    positions = int(cfg.get("max_position_embeddings", 4096))
+    return dict(
+        num_layers=2 * layers, hidden_size=h, num_attention_heads=nh, kv_channels=int(cfg.get("head_dim") or h // nh),
+        group_query_attention=nkv != nh, num_query_groups=nkv, ffn_hidden_size=int(cfg["intermediate_size"]),
+        seq_length=min(positions, 4096), max_position_embeddings=positions, position_embedding_type="rope",
+        rotary_base=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
+        rotary_percent=float(rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 0.5))),
+        rotary_interleaved=False, rotary_seq_len_interpolation_factor=None, normalization="RMSNorm",
+        norm_epsilon=float(cfg.get("rms_norm_eps", GATED_NORM_EPS)), apply_layernorm_1p=False, swiglu=True,
+        squared_relu=False, openai_gelu=False, add_bias_linear=False, add_qkv_bias=False, qk_layernorm=False,
+        attention_dropout=float(cfg.get("attention_dropout") or 0.0), hidden_dropout=0.0,
+        untie_embeddings_and_output_weights=not cfg.get("tie_word_embeddings", False),
+        true_vocab_size=int(cfg["vocab_size"]), mamba_state_dim=int(cfg["mamba_d_state"]), mamba_head_dim=head_dim,
+        mamba_num_groups=groups, mamba_num_heads=heads, hybrid_override_pattern=pattern, hybrid_attention_ratio=0.0,
+        hybrid_mlp_ratio=0.0, is_hybrid_model=True, **{MAMBA_MODEL: True},
+    )
+
+
 # ------------------------------------------------------------------ HF -> messages
 
 
 def _prefix(family: str, keys: Callable[[str], bool]) -> str:
+    if family == "bamba":
+        return "model."
     if family == "nemotron_h" and not keys("backbone.embeddings.weight") and keys("model.embeddings.weight"):
         return "model."
     return "backbone."
 
 
-def _hf_layer_to_ours(md: dict, symbol: str, i: int, hp: str, get: Callable[[str], torch.Tensor],
+def _hf_names(family: str, symbol: str, i: int, prefix: str) -> dict:
+    """HF names of layer i's tensors (our numbering): norm, mixer (Mamba or attention module prefix),
+    and the MLP's up / gate / down."""
+    if family == "bamba":
+        hp = f"{prefix}layers.{i // 2}."
+        if symbol == "-":
+            return dict(norm=hp + "pre_ff_layernorm.weight", up=hp + "feed_forward.up_proj.weight",
+                        gate=hp + "feed_forward.gate_proj.weight", down=hp + "feed_forward.down_proj.weight")
+        return dict(norm=hp + "input_layernorm.weight", mixer=hp + ("mamba." if symbol == "M" else "self_attn."))
+    hp = f"{prefix}layers.{i}."
+    return dict(norm=hp + "norm.weight", mixer=hp + "mixer.", up=hp + "mixer.up_proj.weight",
+                down=hp + "mixer.down_proj.weight")
+
+
+def _hf_layer_to_ours(md: dict, symbol: str, i: int, names: dict, get: Callable[[str], torch.Tensor],
                       has: Callable[[str], bool], dtype: torch.dtype) -> Dict[str, torch.Tensor]:
     p = f"decoder.layers.{i}."
     if symbol == "M":
-        out = {p + "norm.weight": get(hp + "norm.weight")}
+        mp = names["mixer"]
+        out = {p + "norm.weight": get(names["norm"])}
         for name in MIXER_TENSORS:
-            if name == "conv1d.bias" and not has(hp + "mixer.conv1d.bias"):
+            if name == "conv1d.bias" and not has(mp + "conv1d.bias"):
                 # use_conv_bias false: a zero bias computes the same function.
-                channels = get(hp + "mixer.conv1d.weight").shape[0]
+                channels = get(mp + "conv1d.weight").shape[0]
                 out[p + "mixer.conv1d.bias"] = torch.zeros(channels, dtype=dtype)
                 continue
-            out[p + "mixer." + name] = get(hp + "mixer." + name)
+            out[p + "mixer." + name] = get(mp + name)
         return out
     if symbol == "*":
-        q, k, v = (get(hp + f"mixer.{x}_proj.weight") for x in "qkv")
-        return {p + "input_layernorm.weight": get(hp + "norm.weight"),
+        q, k, v = (get(names["mixer"] + f"{x}_proj.weight") for x in "qkv")
+        return {p + "input_layernorm.weight": get(names["norm"]),
                 p + "self_attention.linear_qkv.weight": qkv_to_grouped(q, k, v, md["num_attention_heads"],
                                                                        md["num_query_groups"], md["kv_channels"]),
-                p + "self_attention.linear_proj.weight": get(hp + "mixer.o_proj.weight")}
-    return {p + "pre_mlp_layernorm.weight": get(hp + "norm.weight"),
-            p + "mlp.linear_fc1.weight": get(hp + "mixer.up_proj.weight"),
-            p + "mlp.linear_fc2.weight": get(hp + "mixer.down_proj.weight")}
+                p + "self_attention.linear_proj.weight": get(names["mixer"] + "o_proj.weight")}
+    up = get(names["up"])
+    fc1 = torch.cat([get(names["gate"]), up], dim=0) if "gate" in names else up  # SwiGLU: [gate; up]
+    return {p + "pre_mlp_layernorm.weight": get(names["norm"]), p + "mlp.linear_fc1.weight": fc1,
+            p + "mlp.linear_fc2.weight": get(names["down"])}
+
+
+def _outer_names(family: str, prefix: str) -> tuple:
+    """(word embedding, final norm) names of a family's folder."""
+    if family == "bamba":
+        return prefix + "embed_tokens.weight", prefix + "final_layernorm.weight"
+    return prefix + "embeddings.weight", prefix + "norm_f.weight"
 
 
 def hf_mamba_messages(path: str, cfg: dict, md: dict, weights, params_dtype: Optional[torch.dtype]
@@ -229,16 +322,17 @@ def hf_mamba_messages(path: str, cfg: dict, md: dict, weights, params_dtype: Opt
         return t.to(params_dtype) if params_dtype is not None else t
 
     yield "metadata", md
-    emb = get(prefix + "embeddings.weight")
+    emb_name, final_name = _outer_names(family, prefix)
+    emb = get(emb_name)
     if emb.shape[0] != md["true_vocab_size"]:
-        raise ConversionError(f"{prefix}embeddings.weight has {emb.shape[0]} rows but config.json says vocab_size "
+        raise ConversionError(f"{emb_name} has {emb.shape[0]} rows but config.json says vocab_size "
                               f"{md['true_vocab_size']}")
     yield "embeddings", {"embedding.word_embeddings.weight": emb}
     dtype = emb.dtype
     for i, symbol in enumerate(hybrid_layer_symbols(md)):
-        yield layer_message(i), _hf_layer_to_ours(md, symbol, i, f"{prefix}layers.{i}.", get,
+        yield layer_message(i), _hf_layer_to_ours(md, symbol, i, _hf_names(family, symbol, i, prefix), get,
                                                   weights.__contains__, dtype)
-    yield "final norm", {"decoder.final_norm.weight": get(prefix + "norm_f.weight")}
+    yield "final norm", {"decoder.final_norm.weight": get(final_name)}
     tied = not md["untie_embeddings_and_output_weights"]
     if not tied:
         yield "output layer", {"output_layer.weight": get("lm_head.weight")}
@@ -252,13 +346,23 @@ def hf_mamba_messages(path: str, cfg: dict, md: dict, weights, params_dtype: Opt
 # ------------------------------------------------------------------ messages -> HF
 
 
+def _bamba_pairs(symbols: List[str]) -> bool:
+    return len(symbols) % 2 == 0 and all(symbols[k] in "M*" and symbols[k + 1] == "-"
+                                         for k in range(0, len(symbols), 2))
+
+
 def mamba_family_of(md: dict) -> str:
-    """The HuggingFace family of a Mamba / hybrid model: Mamba2 when every layer is a Mamba layer,
-    Nemotron-H otherwise (a Nemotron-H source stays Nemotron-H)."""
+    """The HuggingFace family of a Mamba / hybrid model: the source's (from a Mamba family folder),
+    else Mamba2 when every layer is a Mamba layer, Bamba for (M|*)- pairs with a SwiGLU MLP and
+    RoPE, Nemotron-H otherwise."""
     source = (md.get("hf_config") or {}).get("model_type")
+    if source in MAMBA_FAMILIES:
+        return source
     symbols = hybrid_layer_symbols(md)
-    if all(s == "M" for s in symbols) and source != "nemotron_h":
+    if all(s == "M" for s in symbols):
         return "mamba2"
+    if _bamba_pairs(symbols) and md.get("swiglu") and md["position_embedding_type"] == "rope":
+        return "bamba"
     return "nemotron_h"
 
 
@@ -290,6 +394,21 @@ def mamba_export_problems(md: dict, family: str) -> List[str]:
         if (heads * head_dim) % int(md["hidden_size"]) != 0:
             problems.append(f"an inner width {heads * head_dim} that is not a multiple of --hidden-size "
                             f"{md['hidden_size']} (Mamba2 derives it as expand * hidden_size)")
+    elif family == "bamba":
+        if not _bamba_pairs(symbols):
+            problems.append("a pattern other than Mamba or attention layers each followed by an MLP layer "
+                            "('M-' / '*-' pairs: a Bamba layer is both)")
+        if not md["swiglu"]:
+            problems.append("an MLP without SwiGLU (Bamba's feed-forward is gate/up/down: --swiglu)")
+        if "*" in symbols and (md["position_embedding_type"] != "rope" or md.get("rotary_interleaved")
+                               or md.get("rotary_seq_len_interpolation_factor") or md.get("use_rope_scaling")):
+            problems.append("attention without plain half-split RoPE (Bamba rotates each head's first "
+                            "partial_rotary_factor channels: --position-embedding-type rope --rotary-percent)")
+        if "*" in symbols and md.get("window_size") is not None:
+            problems.append("--window-size (sliding-window attention)")
+        heads, head_dim = _heads(md)
+        if (heads * head_dim) % int(md["hidden_size"]) != 0:
+            problems.append(f"an inner width {heads * head_dim} that is not a multiple of --hidden-size")
     else:
         if "*" in symbols and md["position_embedding_type"] == "rope":
             problems.append("rotary position embeddings (Nemotron-H attention has none: --position-embedding-type "
@@ -320,6 +439,8 @@ def mamba_hf_config_from_metadata(md: dict, family: str, conv_bias: bool = True)
     heads, head_dim = _heads(md)
     h = int(md["hidden_size"])
     dtype = md.get("params_dtype", "float32")
+    if family == "bamba":
+        return _bamba_config(cfg, md, heads, head_dim, conv_bias)
     cfg.update(architectures=[ARCHITECTURES[family]], model_type=family, dtype=dtype, torch_dtype=dtype,
                vocab_size=int(md["true_vocab_size"]), hidden_size=h, n_groups=int(md["mamba_num_groups"]),
                conv_kernel=CONV_KERNEL, use_bias=False, use_conv_bias=conv_bias,
@@ -347,20 +468,52 @@ def mamba_hf_config_from_metadata(md: dict, family: str, conv_bias: bool = True)
     return cfg
 
 
-def _ours_layer_to_hf(md: dict, symbol: str, i: int, hp: str, t: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+def _bamba_config(cfg: dict, md: dict, heads: int, head_dim: int, conv_bias: bool) -> dict:
+    h = int(md["hidden_size"])
+    symbols = hybrid_layer_symbols(md)
+    dtype = md.get("params_dtype", "float32")
+    theta = float(md["rotary_base"])
+    cfg.pop("rope_scaling", None)
+    cfg.update(architectures=[ARCHITECTURES["bamba"]], model_type="bamba", dtype=dtype, torch_dtype=dtype,
+               vocab_size=int(md["true_vocab_size"]), hidden_size=h, num_hidden_layers=len(symbols) // 2,
+               attn_layer_indices=[k // 2 for k in range(0, len(symbols), 2) if symbols[k] == "*"],
+               num_attention_heads=int(md["num_attention_heads"]), num_key_value_heads=int(md["num_query_groups"]),
+               intermediate_size=int(md["ffn_hidden_size"]), hidden_act="silu", attention_bias=False, mlp_bias=False,
+               rms_norm_eps=float(md["norm_epsilon"]), max_position_embeddings=int(md["max_position_embeddings"]),
+               attention_dropout=float(md.get("attention_dropout") or 0.0),
+               tie_word_embeddings=not md["untie_embeddings_and_output_weights"],
+               rope_theta=theta, partial_rotary_factor=float(md.get("rotary_percent", 1.0)),
+               rope_parameters={"rope_type": "default", "rope_theta": theta,
+                                "partial_rotary_factor": float(md.get("rotary_percent", 1.0))},
+               mamba_n_heads=heads, mamba_d_head=head_dim, mamba_n_groups=int(md["mamba_num_groups"]),
+               mamba_d_state=int(md["mamba_state_dim"]), mamba_d_conv=CONV_KERNEL, mamba_expand=heads * head_dim // h,
+               mamba_conv_bias=conv_bias, mamba_proj_bias=False)
+    if int(md["kv_channels"]) != h // int(md["num_attention_heads"]):
+        cfg["head_dim"] = int(md["kv_channels"])
+    cfg.setdefault("time_step_limit", [0.0, math.inf])
+    return cfg
+
+
+def _ours_layer_to_hf(md: dict, symbol: str, i: int, names: dict, t: Dict[str, torch.Tensor]
+                      ) -> Dict[str, torch.Tensor]:
     p = f"decoder.layers.{i}."
     if symbol == "M":
-        out = {hp + "norm.weight": t[p + "norm.weight"]}
-        out.update({hp + "mixer." + name: t[p + "mixer." + name] for name in MIXER_TENSORS})
+        out = {names["norm"]: t[p + "norm.weight"]}
+        out.update({names["mixer"] + name: t[p + "mixer." + name] for name in MIXER_TENSORS})
         return out
     if symbol == "*":
         q, k, v = grouped_to_qkv(t[p + "self_attention.linear_qkv.weight"], md["num_attention_heads"],
                                  md["num_query_groups"], md["kv_channels"])
-        return {hp + "norm.weight": t[p + "input_layernorm.weight"], hp + "mixer.q_proj.weight": q,
-                hp + "mixer.k_proj.weight": k, hp + "mixer.v_proj.weight": v,
-                hp + "mixer.o_proj.weight": t[p + "self_attention.linear_proj.weight"]}
-    return {hp + "norm.weight": t[p + "pre_mlp_layernorm.weight"], hp + "mixer.up_proj.weight": t[p + "mlp.linear_fc1.weight"],
-            hp + "mixer.down_proj.weight": t[p + "mlp.linear_fc2.weight"]}
+        mp = names["mixer"]
+        return {names["norm"]: t[p + "input_layernorm.weight"], mp + "q_proj.weight": q, mp + "k_proj.weight": k,
+                mp + "v_proj.weight": v, mp + "o_proj.weight": t[p + "self_attention.linear_proj.weight"]}
+    fc1 = t[p + "mlp.linear_fc1.weight"]
+    out = {names["norm"]: t[p + "pre_mlp_layernorm.weight"], names["down"]: t[p + "mlp.linear_fc2.weight"]}
+    if "gate" in names:
+        out[names["gate"]], out[names["up"]] = torch.chunk(fc1, 2, dim=0)
+    else:
+        out[names["up"]] = fc1
+    return out
 
 
 def save_mamba_hf_checkpoint(reader: Iterable[Message], md: dict, save_dir: str, family: str,
@@ -375,23 +528,26 @@ def save_mamba_hf_checkpoint(reader: Iterable[Message], md: dict, save_dir: str,
     if problems:
         raise ConversionError(f"cannot export to HuggingFace {family}: unsupported {'; '.join(problems)}")
     symbols = hybrid_layer_symbols(md)
+    prefix = "model." if family == "bamba" else "backbone."
+    emb_name, final_name = _outer_names(family, prefix)
     tensors: Dict[str, torch.Tensor] = {}
     for name, payload in reader:
         if params_dtype is not None:
             payload = {k: v.to(params_dtype) for k, v in payload.items()}
         if name == "embeddings":
-            tensors["backbone.embeddings.weight"] = payload["embedding.word_embeddings.weight"]
+            tensors[emb_name] = payload["embedding.word_embeddings.weight"]
         elif name == "final norm":
-            tensors["backbone.norm_f.weight"] = payload["decoder.final_norm.weight"]
+            tensors[final_name] = payload["decoder.final_norm.weight"]
         elif name == "output layer":
             tensors["lm_head.weight"] = payload["output_layer.weight"]
         else:
             i = int(name.rsplit(" ", 1)[1])
-            tensors.update(_ours_layer_to_hf(md, symbols[i], i, f"backbone.layers.{i}.", payload))
+            tensors.update(_ours_layer_to_hf(md, symbols[i], i, _hf_names(family, symbols[i], i, prefix), payload))
     # A source without conv biases (use_conv_bias false) was imported with zero ones: leave them out again.
     source = md.get("hf_config") or {}
     conv_biases = [n for n in tensors if n.endswith(".mixer.conv1d.bias")]
-    conv_bias = bool(source.get("use_conv_bias", True)) or any(bool(tensors[n].any()) for n in conv_biases)
+    conv_bias = (bool(source.get(_KEYS[family]["conv_bias"], True)) if source.get("model_type") == family else True) \
+        or any(bool(tensors[n].any()) for n in conv_biases)
     if not conv_bias:
         for n in conv_biases:
             del tensors[n]
