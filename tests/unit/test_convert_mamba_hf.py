@@ -210,8 +210,8 @@ def test_nemotron_h_without_conv_bias_round_trips(tmp_path):
     assert sorted(before) == sorted(after) and all(torch.equal(before[n], after[n]) for n in before)
 
 
-def test_legacy_saver_refuses_a_mamba_model(tmp_path):
+@pytest.mark.parametrize("saver", ["legacy", "megatron_torch", "megatron_dist"])
+def test_gpt_only_savers_refuse_a_mamba_model(tmp_path, saver):
     make_mamba2(str(tmp_path / "hf"))
-    with pytest.raises(ValueError, match="no Mamba / hybrid layer names"):
-        run_convert("--loader", "hf", "--saver", "legacy", "--load-dir", tmp_path / "hf", "--save-dir",
-                    tmp_path / "legacy")
+    with pytest.raises(ValueError, match="save Mamba .*models with --saver core"):
+        run_convert("--loader", "hf", "--saver", saver, "--load-dir", tmp_path / "hf", "--save-dir", tmp_path / saver)

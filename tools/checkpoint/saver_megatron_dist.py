@@ -36,6 +36,9 @@ def save_checkpoint(messages, args):
     md, tensors = collect_state(messages, args.checking)
     if md.get("num_experts"):
         raise ValueError("--saver megatron_dist writes dense GPT models; save mixture-of-experts models with --saver core")
+    if md.get("mamba_model"):
+        raise ValueError("--saver megatron_dist writes dense GPT models (Megatron-Core's GPTModel layout); save Mamba / "
+                         "hybrid models with --saver core")
     if args.make_vocab_size_divisible_by is not None:
         md["make_vocab_size_divisible_by"] = int(args.make_vocab_size_divisible_by)
     if args.saver_params_dtype:

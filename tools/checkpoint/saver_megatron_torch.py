@@ -41,6 +41,9 @@ def save_checkpoint(messages, args):
     te = args.saver_transformer_impl == "transformer_engine"
 
     def content(header: dict, state_dict: dict, md: dict) -> dict:
+        if md.get("mamba_model"):
+            raise ValueError("--saver megatron_torch writes GPT models (its Transformer Engine names are GPTModel's); "
+                             "save Mamba / hybrid models with --saver core")
         header = dict(header, args=dict(header["args"], transformer_impl=args.saver_transformer_impl))
         return megatron_file_content(header, state_dict, transformer_engine=te)
 
