@@ -174,9 +174,12 @@ def run_fitting(kind, sizes, seq, tokens_per_iter, device, dtype, pattern, warmu
     try:
         return run_row(kind, sizes, seq, tokens_per_iter, device, dtype, False, pattern, warmup, iters)
     except _oom_error():
-        gc.collect()
-        torch.cuda.empty_cache()
-        return run_row(kind, sizes, seq, tokens_per_iter, device, dtype, True, pattern, warmup, iters)
+        pass  # retried below, once the exception (and the failed model its traceback holds) is gone
+    gc.collect()
+    torch.cuda.empty_cache()
+    print(f"  ({kind} at sequence {seq} does not fit without activation recompute: retrying with full recompute)",
+          flush=True)
+    return run_row(kind, sizes, seq, tokens_per_iter, device, dtype, True, pattern, warmup, iters)
 
 
 def _fmt(value, spec, missing="-"):
