@@ -28,7 +28,7 @@ Model FLOPs are gigatron.core.flops.num_floating_point_operations (Megatron's co
 the hybrid, each layer by its kind, the Mamba scan as 7*I*N per token per pass); recompute is not
 counted. MFU is against the dense bf16 peak of the card found.
 
-    python bench/bench_hybrid.py                    # one H100: seq 4096, 16384, 32768 (~3 minutes)
+    python bench/bench_hybrid.py                    # one GPU: seq 4096, 16384, 32768 (sized for < 4 min on an H100)
     python bench/bench_hybrid.py --seqs 4096 16384 --json out.json
     python bench/bench_hybrid.py --tiny             # CPU smoke test in seconds (tiny shapes)
 """
