@@ -201,8 +201,9 @@ def test_import_refuses_what_gigatron_cannot_compute(tmp_path, family, overrides
         collect_state(hf_messages(str(tmp_path / "hf")))
 
 
-def test_nemotron_h_without_conv_bias_round_trips(tmp_path):
-    make_nemotron_h(str(tmp_path / "hf"), use_conv_bias=False)
+@pytest.mark.parametrize("family,flag", [("nemotron_h", "use_conv_bias"), ("bamba", "mamba_conv_bias")])
+def test_a_model_without_conv_bias_round_trips(tmp_path, family, flag):
+    MAKERS[family](str(tmp_path / "hf"), **{flag: False})
     md, tensors = collect_state(hf_messages(str(tmp_path / "hf")))
     assert not tensors["decoder.layers.0.mixer.conv1d.bias"].any()
     save_hf_checkpoint(state_to_messages(md, tensors), str(tmp_path / "back"))

@@ -789,6 +789,34 @@ def _tokenizer_config(kind: str, tokenizer, ids: Dict[str, int], written: set,
     return {k: v for k, v in config.items() if v is not None}
 
 
+def _gpt_hf_tensors_and_config(reader: Iterable[Message], md: dict, family: str,
+                               params_dtype: Optional[torch.dtype]) -> tuple:
+    """(HF tensors, config.json) of a GPT family's export from the checked message stream `reader`."""
+    tensors: Dict[str, torch.Tensor] = {}
+    for name, payload in reader:
+        if params_dtype is not None:
+            payload = {k: v.to(params_dtype) for k, v in payload.items()}
+        if name == "embeddings":
+            if family == "gpt2":
+                tensors["transformer.wte.weight"] = payload["embedding.word_embeddings.weight"]
+                tensors["transformer.wpe.weight"] = payload["embedding.position_embeddings.weight"]
+            else:
+                tensors["model.embed_tokens.weight"] = payload["embedding.word_embeddings.weight"]
+        elif name == "final norm":
+            if family == "gpt2":
+                tensors["transformer.ln_f.weight"] = payload["decoder.final_layernorm.weight"]
+                tensors["transformer.ln_f.bias"] = payload["decoder.final_layernorm.bias"]
+            else:
+                tensors["model.norm.weight"] = payload["decoder.final_layernorm.weight"]
+        elif name == "output layer":
+            tensors["lm_head.weight"] = payload["output_layer.weight"]
+        else:
+            i = int(name.rsplit(" ", 1)[1])
+            tensors.update(_ours_layer_to_hf(family, md, i, payload))
+    bias_flags = _llama_bias_flags(md, tensors) if family != "gpt2" else None
+    return tensors, hf_config_from_metadata(md, family, bias_flags)
+
+
 def save_hf_checkpoint(messages: Iterable[Message], save_dir: str, checking: bool = True,
                        family: Optional[str] = None, params_dtype: Optional[torch.dtype] = None,
                        max_shard_bytes: int = _DEFAULT_SHARD_BYTES) -> str:
@@ -814,34 +842,13 @@ def save_hf_checkpoint(messages: Iterable[Message], save_dir: str, checking: boo
     if os.path.isdir(save_dir) and any(f.endswith((".safetensors", ".bin")) or f.endswith(".index.json")
                                        for f in os.listdir(save_dir)):
         raise ValueError(f"{save_dir} already holds model weights; choose an empty --save-dir or remove them first")
-    if family in MAMBA_FAMILIES:
-        from gigatron.core.convert.mamba_hf import save_mamba_hf_checkpoint
-
-        return save_mamba_hf_checkpoint(reader, md, save_dir, family, params_dtype, max_shard_bytes)
-    tensors: Dict[str, torch.Tensor] = {}
     tied = not md["untie_embeddings_and_output_weights"]
-    for name, payload in reader:
-        if params_dtype is not None:
-            payload = {k: v.to(params_dtype) for k, v in payload.items()}
-        if name == "embeddings":
-            if family == "gpt2":
-                tensors["transformer.wte.weight"] = payload["embedding.word_embeddings.weight"]
-                tensors["transformer.wpe.weight"] = payload["embedding.position_embeddings.weight"]
-            else:
-                tensors["model.embed_tokens.weight"] = payload["embedding.word_embeddings.weight"]
-        elif name == "final norm":
-            if family == "gpt2":
-                tensors["transformer.ln_f.weight"] = payload["decoder.final_layernorm.weight"]
-                tensors["transformer.ln_f.bias"] = payload["decoder.final_layernorm.bias"]
-            else:
-                tensors["model.norm.weight"] = payload["decoder.final_layernorm.weight"]
-        elif name == "output layer":
-            tensors["lm_head.weight"] = payload["output_layer.weight"]
-        else:
-            i = int(name.rsplit(" ", 1)[1])
-            tensors.update(_ours_layer_to_hf(family, md, i, payload))
-    bias_flags = _llama_bias_flags(md, tensors) if family != "gpt2" else None
-    cfg = hf_config_from_metadata(md, family, bias_flags)
+    if family in MAMBA_FAMILIES:
+        from gigatron.core.convert.mamba_hf import mamba_hf_tensors_and_config
+
+        tensors, cfg = mamba_hf_tensors_and_config(reader, md, family, params_dtype)
+    else:
+        tensors, cfg = _gpt_hf_tensors_and_config(reader, md, family, params_dtype)
     if tied:
         tensors.pop("lm_head.weight", None)
     os.makedirs(save_dir, exist_ok=True)

@@ -54,9 +54,7 @@ Every transform is a rename, split or concatenation, so HF -> Gigatron -> HF is 
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from typing import Callable, Dict, Iterable, Iterator, List, Optional
 
 import torch
@@ -72,7 +70,7 @@ from gigatron.core.convert.protocol import (
 )
 
 __all__ = ["MAMBA_FAMILIES", "mamba_family_metadata", "mamba_family_of", "hf_mamba_messages",
-           "save_mamba_hf_checkpoint", "mamba_hf_config_from_metadata", "mamba_export_problems"]
+           "mamba_hf_tensors_and_config", "mamba_hf_config_from_metadata", "mamba_export_problems"]
 
 MAMBA_FAMILIES = ("mamba2", "nemotron_h", "bamba")
 ARCHITECTURES = {"mamba2": "Mamba2ForCausalLM", "nemotron_h": "NemotronHForCausalLM", "bamba": "BambaForCausalLM"}
@@ -516,14 +514,11 @@ def _ours_layer_to_hf(md: dict, symbol: str, i: int, names: dict, t: Dict[str, t
     return out
 
 
-def save_mamba_hf_checkpoint(reader: Iterable[Message], md: dict, save_dir: str, family: str,
-                             params_dtype: Optional[torch.dtype], max_shard_bytes: int) -> str:
-    """Write the Mamba / hybrid model of a checked message stream (`reader`, whose metadata is `md`)
-    as a HuggingFace `family` folder: safetensors, config.json, generation_config.json and the
-    tokenizer files (hf.export_tokenizer)."""
-    from gigatron.core.checkpoint.io import atomic_write_text
-    from gigatron.core.convert.hf import export_tokenizer, write_safetensors
-
+def mamba_hf_tensors_and_config(reader: Iterable[Message], md: dict, family: str,
+                                params_dtype: Optional[torch.dtype]) -> tuple:
+    """(HF tensors, config.json) of the Mamba / hybrid model of a checked message stream (`reader`,
+    whose metadata is `md`) as HuggingFace `family`; hf.save_hf_checkpoint writes them with the
+    tokenizer files."""
     problems = mamba_export_problems(md, family)
     if problems:
         raise ConversionError(f"cannot export to HuggingFace {family}: unsupported {'; '.join(problems)}")
@@ -545,23 +540,12 @@ def save_mamba_hf_checkpoint(reader: Iterable[Message], md: dict, save_dir: str,
             tensors.update(_ours_layer_to_hf(md, symbols[i], i, _hf_names(family, symbols[i], i, prefix), payload))
     # A source without conv biases (use_conv_bias false) was imported with zero ones: leave them out again.
     source = md.get("hf_config") or {}
-    conv_biases = [n for n in tensors if n.endswith(".mixer.conv1d.bias")]
+    conv_biases = [n for n in tensors if n.endswith(("mixer.conv1d.bias", "mamba.conv1d.bias"))]
     conv_bias = (bool(source.get(_KEYS[family]["conv_bias"], True)) if source.get("model_type") == family else True) \
         or any(bool(tensors[n].any()) for n in conv_biases)
     if not conv_bias:
         for n in conv_biases:
             del tensors[n]
     cfg = mamba_hf_config_from_metadata(md, family, conv_bias)
-    os.makedirs(save_dir, exist_ok=True)
-    write_safetensors(tensors, save_dir, max_shard_bytes)
-    special = export_tokenizer(md, save_dir, md.get("max_position_embeddings"))
-    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        if cfg.get(key) is None and key in special:
-            cfg[key] = special[key]
-    atomic_write_text(os.path.join(save_dir, "config.json"), json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    generation = {key: cfg[key] for key in ("bos_token_id", "eos_token_id", "pad_token_id") if cfg.get(key) is not None}
-    if generation:
-        atomic_write_text(os.path.join(save_dir, "generation_config.json"),
-                          json.dumps(generation, indent=2, sort_keys=True) + "\n")
-    return save_dir
+    return tensors, cfg
 
