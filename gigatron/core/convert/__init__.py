@@ -1,11 +1,12 @@
-"""Checkpoint conversion: HuggingFace (GPT-2, Llama 2/3, Mistral) and Megatron's `torch` layout at
-any tensor/pipeline parallel size, through one message protocol of full tensors.
+"""Checkpoint conversion: HuggingFace (GPT-2, Llama 2/3, Mistral, Mixtral; Mamba-2, Nemotron-H and Bamba
+for Mamba / hybrid models) and Megatron's `torch` layout at any tensor/pipeline parallel size,
+through one message protocol of full tensors.
 
     from gigatron.core.convert import hf_messages, save_torch_checkpoint, run_conversion
     run_conversion(hf_messages("llama-hf/"), lambda m: save_torch_checkpoint(m, "ckpt/", target_tp=2))
 
 See protocol.py (messages and metadata), layout.py (sharding and the fused QKV / SwiGLU layouts),
-hf.py (HuggingFace names) and torch_format.py (the `torch` checkpoint files).
+hf.py and mamba_hf.py (HuggingFace names) and torch_format.py (the `torch` checkpoint files).
 """
 
 from .hf import FAMILIES, HFWeights, hf_config_from_metadata, hf_messages, infer_family, is_hf_checkpoint, \

@@ -143,7 +143,7 @@ def nemotron_pattern(cfg: dict) -> str:
 
 
 def mamba_family_metadata(cfg: dict) -> dict:
-    """The model metadata (Megatron flag names) of a Mamba2 or Nemotron-H config.json dict."""
+    """The model metadata (Megatron flag names) of a Mamba2, Nemotron-H or Bamba config.json dict."""
     family = cfg.get("model_type")
     if family not in MAMBA_FAMILIES:
         raise ConversionError(f"model_type {family!r} is not a Mamba family ({', '.join(MAMBA_FAMILIES)})")
