@@ -257,7 +257,6 @@ NOT_BUILT: dict[str, str] = {
     "--tensor-parallel-num-weight-shards": "weight sharding within tensor parallelism",
     "--expert-tensor-parallel-num-weight-shards": "weight sharding within tensor parallelism",
     "--sft": "supervised fine-tuning datasets",
-    "--step-batch-size-schedule": "step batch-size schedules",
     "--inference-": "the inference server's flags (tools/run_text_generation_server.py takes its own)",
     "--grpo-": "reinforcement learning (GRPO)",
     "--rl-": "reinforcement learning (GRPO)",

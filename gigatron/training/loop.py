@@ -38,6 +38,7 @@ from gigatron.training.checkpointing import (
 from gigatron.training.config import CheckpointConfig
 from gigatron.training.initialize import RunContext, collective_phase, initialize
 from gigatron.training.logging import TrainingLog, print_rank_0, print_rank_last
+from gigatron.training.microbatches import MicroBatchCalculator
 from gigatron.training.profiling import start_profiler, validate_profile_args
 from gigatron.training.validate import validate_args
 
@@ -59,53 +60,7 @@ class NonFiniteLossError(RuntimeError):
     """The loss or the gradient norm became NaN/Inf (--check-for-nan-in-loss-and-grad)."""
 
 
-# ------------------------------------------------------------------ batch sizes
-
-
-class MicroBatchCalculator:
-    """Global batch size and number of micro-batches at a given consumed-sample count.
-
-    Without ramp-up: constant. With --rampup-batch-size START INCREMENT SAMPLES the global batch
-    grows from START by INCREMENT every SAMPLES / ((GBS - START) / INCREMENT) consumed samples,
-    reaching --global-batch-size after SAMPLES samples (Megatron's rule).
-    """
-
-    def __init__(self, global_batch_size: int, micro_batch_size: int, data_parallel_size: int,
-                 rampup_batch_size: Optional[Sequence[int]] = None) -> None:
-        self.global_batch_size = global_batch_size
-        self.micro_batch_size = micro_batch_size
-        self.data_parallel_size = data_parallel_size
-        self.rampup = None
-        if rampup_batch_size:
-            start, increment, samples = (int(v) for v in rampup_batch_size)
-            num_increments = (global_batch_size - start) // increment
-            per_increment = samples / num_increments if num_increments > 0 else 0.0
-            self.rampup = (start, increment, samples, per_increment)
-
-    def global_batch_size_at(self, consumed_samples: int) -> int:
-        if self.rampup is None:
-            return self.global_batch_size
-        start, increment, samples, per_increment = self.rampup
-        if consumed_samples > samples or per_increment <= 0:
-            return self.global_batch_size
-        steps = int(consumed_samples / per_increment)
-        return min(start + steps * increment, self.global_batch_size)
-
-    def num_microbatches_at(self, consumed_samples: int) -> int:
-        return self.global_batch_size_at(consumed_samples) // (self.micro_batch_size * self.data_parallel_size)
-
-    def train_iters_for_samples(self, train_samples: int) -> int:
-        """Iterations needed to consume `train_samples` (ramp-up included)."""
-        if self.rampup is None:
-            return train_samples // self.global_batch_size
-        consumed, iterations = 0, 0
-        while consumed < train_samples:
-            batch = self.global_batch_size_at(consumed)
-            if consumed >= self.rampup[2] and batch == self.global_batch_size:
-                return iterations + (train_samples - consumed) // self.global_batch_size
-            consumed += batch
-            iterations += 1
-        return iterations
+# ------------------------------------------------------------------ batch sizes: gigatron/training/microbatches.py
 
 
 # ------------------------------------------------------------------ context
@@ -297,7 +252,10 @@ def setup(model_provider: Callable, args: argparse.Namespace | Configs) -> Train
                  "(one implementation serves both local and transformer_engine)")
     _build_tokenizer(ctx)
     ctx.calculator = MicroBatchCalculator(training.global_batch_size, training.micro_batch_size, ctx.groups.dp.size,
-                                          training.rampup_batch_size)
+                                          training.rampup_batch_size, training.step_batch_size_schedule,
+                                          configs.transformer.seq_length)
+    if ctx.calculator.describe() is not None:
+        print_rank_0(ctx.calculator.describe())
     if training.train_iters is not None:
         ctx.train_iters = training.train_iters
     elif training.train_samples is not None:
@@ -309,6 +267,7 @@ def setup(model_provider: Callable, args: argparse.Namespace | Configs) -> Train
             ctx.optimizer, configs.scheduler, configs.optimizer, global_batch_size=training.global_batch_size,
             train_iters=training.train_iters, train_samples=training.train_samples)
     _load(ctx)
+    ctx.calculator.check_reachable(ctx.consumed_train_samples, training.train_samples)
     if configs.checkpoint.async_save:
         from gigatron.core.checkpoint.dist import AsyncCheckpointSaver
         ctx.async_saver = AsyncCheckpointSaver()
@@ -366,6 +325,11 @@ def build_data_iterators(ctx: TrainContext, datasets_provider: Callable):
     training, data = ctx.configs.training, ctx.configs.data
     num_samples = train_valid_test_num_samples(ctx.train_iters, training.eval_interval, training.eval_iters,
                                                training.global_batch_size, training.train_samples)
+    if training.step_batch_size_schedule and training.train_samples is not None:
+        # A schedule's smaller early batches make more iterations than train_samples // GBS: one
+        # validation per --eval-interval of the actual iterations (Megatron's count).
+        valid = (ctx.train_iters // training.eval_interval + 1) * training.eval_iters * training.global_batch_size
+        num_samples = (num_samples[0], max(num_samples[1], valid), num_samples[2])
     with collective_phase("building the datasets"):
         train_ds, valid_ds, test_ds = datasets_provider(ctx, num_samples)
     groups = ctx.groups
@@ -729,7 +693,7 @@ def train(ctx: TrainContext, forward_step_func: Callable, train_iterator, valid_
             if profiler is not None:
                 profiler.before_iteration(ctx.iteration)
             batch_size = ctx.calculator.global_batch_size_at(ctx.consumed_train_samples)
-            num_microbatches = batch_size // (training.micro_batch_size * ctx.groups.dp.size)
+            num_microbatches = ctx.calculator.num_microbatches_at(ctx.consumed_train_samples)
             compiling = _announce_compilation(ctx)
             losses, update_successful, grad_norm, num_zeros = train_step(ctx, forward_step_func, train_iterator,
                                                                          num_microbatches)
