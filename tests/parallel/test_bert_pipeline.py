@@ -47,7 +47,18 @@ def _batches():
     return batches
 
 
-def _run_pipeline(world_size, layer_norm, vp):
+def _gather_full(t, param, group):
+    import torch.distributed as dist
+    from gigatron.core.parallel import tags
+
+    if not tags.is_tensor_parallel(param) or group.size == 1:
+        return t
+    parts = [torch.empty_like(t) for _ in range(group.size)]
+    dist.all_gather(parts, t.contiguous(), group=group.group)
+    return torch.cat(parts, dim=tags.partition_dim(param))
+
+
+def _run_pipeline(world_size, layer_norm, vp, tp=1):
     from gigatron.core.distributed import DDPConfig, DistributedDataParallel, finalize_model_grads
     from gigatron.core.models.bert import BertModel
     from gigatron.core.parallel.config import ParallelConfig
@@ -55,9 +66,11 @@ def _run_pipeline(world_size, layer_norm, vp):
     from gigatron.core.pipeline import get_forward_backward_func
 
     vp_size = vp if vp > 1 else None
-    groups = ParallelGroups.build(ParallelConfig(pipeline_model_parallel_size=world_size,
+    pp = world_size // tp
+    groups = ParallelGroups.build(ParallelConfig(pipeline_model_parallel_size=pp, tensor_model_parallel_size=tp,
                                                  virtual_pipeline_model_parallel_size=vp_size))
-    config = _config(pipeline_model_parallel_size=world_size, virtual_pipeline_model_parallel_size=vp_size)
+    config = _config(pipeline_model_parallel_size=pp, tensor_model_parallel_size=tp,
+                     virtual_pipeline_model_parallel_size=vp_size)
     chunks = []
     for chunk in range(vp):
         stage = chunk if vp_size else None
@@ -66,7 +79,7 @@ def _run_pipeline(world_size, layer_norm, vp):
                           post_process=groups.is_pipeline_last_stage(stage), vp_stage=stage)
         chunks.append(DistributedDataParallel(DDPConfig(), model, groups))
     batches = _batches()
-    schedule = get_forward_backward_func(world_size, vp_size)
+    schedule = get_forward_backward_func(pp, vp_size)
     logs = schedule(
         forward_step_func=bert_training.forward_step,
         data_iterator=[iter(batches) for _ in chunks] if vp_size else iter(batches),
@@ -80,14 +93,18 @@ def _run_pipeline(world_size, layer_norm, vp):
             parts = name.split(".")
             if parts[:2] == ["encoder", "layers"]:
                 parts[2] = str(int(parts[2]) + module.encoder.layer_offset)  # local -> global layer number
-            grads[".".join(parts)] = param.main_grad.clone()
+            grads[".".join(parts)] = _gather_full(param.main_grad.clone(), param, groups.tp)
         shapes[(module.pre_process, module.post_process)] = sorted(n.split(".")[0] for n, _ in
                                                                    module.named_children())
-    return {"logs": logs, "grads": grads, "stages": shapes}
+    return {"logs": logs, "grads": grads, "stages": shapes, "pp_rank": groups.pp.rank}
 
 
 def _worker(rank, world_size):
     return {(ln, vp): _run_pipeline(world_size, ln, vp) for ln in ("pre", "post") for vp in (1, 2)}
+
+
+def _tp_worker(rank, world_size):
+    return _run_pipeline(world_size, "pre", 1, tp=2)
 
 
 def _serial(layer_norm):
@@ -139,3 +156,27 @@ def test_stage_without_input_tensor_is_refused():
 
     with pytest.raises(ValueError, match="first stage of BERT"):
         BertModel(_config(), ParallelGroups.single(), VOCAB).set_input_tensor(torch.zeros(SEQ, MBS, 16))
+
+
+def _check_stages(first, last, ref_logs, ref_grads, what):
+    assert first["logs"] == []
+    assert len(last["logs"]) == MICROBATCHES
+    for got, want in zip(last["logs"], ref_logs, strict=True):
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(last["grads"]["output_layer.weight"], first["grads"]["embedding.word_embeddings.weight"])
+    merged = {**first["grads"], **{k: v for k, v in last["grads"].items() if k != "output_layer.weight"}}
+    assert set(merged) == set(ref_grads)
+    for name, want in ref_grads.items():
+        torch.testing.assert_close(merged[name], want, rtol=1e-5, atol=1e-6, msg=f"{what}: {name}")
+
+
+@pytest.mark.slow
+def test_bert_pipeline_times_tensor_parallel_matches_one_process():
+    """pp=2 x tp=2 (four ranks): each stage's tensor-parallel shards, gathered, equal the one-process gradients."""
+    results = run_distributed(_tp_worker, 4, timeout=300)
+    ref_logs, ref_grads = _serial("pre")
+    for tp_rank in range(2):
+        first = next(r for i, r in enumerate(results) if r["pp_rank"] == 0 and i % 2 == tp_rank)
+        last = next(r for i, r in enumerate(results) if r["pp_rank"] == 1 and i % 2 == tp_rank)
+        _check_stages(first, last, ref_logs, ref_grads, f"pp2 x tp2, tp rank {tp_rank}")
