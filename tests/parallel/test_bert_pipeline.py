@@ -103,8 +103,8 @@ def _worker(rank, world_size):
     return {(ln, vp): _run_pipeline(world_size, ln, vp) for ln in ("pre", "post") for vp in (1, 2)}
 
 
-def _tp_worker(rank, world_size):
-    return _run_pipeline(world_size, "pre", 1, tp=2)
+def _four_rank_worker(rank, world_size):
+    return {"pp2_tp2": _run_pipeline(world_size, "pre", 1, tp=2), "pp4": _run_pipeline(world_size, "post", 1)}
 
 
 def _serial(layer_norm):
@@ -172,11 +172,19 @@ def _check_stages(first, last, ref_logs, ref_grads, what):
 
 
 @pytest.mark.slow
-def test_bert_pipeline_times_tensor_parallel_matches_one_process():
-    """pp=2 x tp=2 (four ranks): each stage's tensor-parallel shards, gathered, equal the one-process gradients."""
-    results = run_distributed(_tp_worker, 4, timeout=300)
+def test_bert_four_ranks_pp2_tp2_and_pp4_match_one_process():
+    """Four ranks: pp=2 x tp=2 (each stage's tensor-parallel shards, gathered, equal the one-process
+    gradients) and pp=4 (two middle stages with neither embedding nor heads, post-LN)."""
+    results = run_distributed(_four_rank_worker, 4, timeout=400)
     ref_logs, ref_grads = _serial("pre")
     for tp_rank in range(2):
-        first = next(r for i, r in enumerate(results) if r["pp_rank"] == 0 and i % 2 == tp_rank)
-        last = next(r for i, r in enumerate(results) if r["pp_rank"] == 1 and i % 2 == tp_rank)
+        first = next(r["pp2_tp2"] for i, r in enumerate(results) if r["pp2_tp2"]["pp_rank"] == 0 and i % 2 == tp_rank)
+        last = next(r["pp2_tp2"] for i, r in enumerate(results) if r["pp2_tp2"]["pp_rank"] == 1 and i % 2 == tp_rank)
         _check_stages(first, last, ref_logs, ref_grads, f"pp2 x tp2, tp rank {tp_rank}")
+    stages = sorted((r["pp4"] for r in results), key=lambda r: r["pp_rank"])
+    assert [sorted(r["stages"]) for r in stages][1:3] == [[(False, False)], [(False, False)]]
+    assert stages[1]["stages"][(False, False)] == ["encoder"] and stages[1]["logs"] == stages[2]["logs"] == []
+    first, last = stages[0], stages[3]
+    first = {**first, "grads": {**first["grads"], **stages[1]["grads"], **stages[2]["grads"]}}
+    ref_logs, ref_grads = _serial("post")
+    _check_stages(first, last, ref_logs, ref_grads, "pp4")
