@@ -233,6 +233,11 @@ def _bert_pipeline_rank(rank, world_size, argv, torch_save, dist_save):
     # The same run saved at iteration 2 in both of our formats.
     for save, fmt in ((torch_save, "torch"), (dist_save, "torch_dist")):
         _bert_history(argv + ["--save", save, "--ckpt-format", fmt, "--exit-interval", "2"])
+    # The torch checkpoint (one file per stage) converted to torch_dist at its own layout.
+    pretrain(bert.datasets_provider, bert.model_provider, bert.forward_step,
+             args=parse_args(argv + ["--load", torch_save, "--ckpt-convert-format", "torch_dist",
+                                     "--ckpt-convert-save", torch_save + "-converted"],
+                             extra_args_provider=bert.extra_args_provider))
     return history, interleaved
 
 
@@ -240,9 +245,9 @@ def _bert_pipeline_rank(rank, world_size, argv, torch_save, dist_save):
 def test_bert_pipeline_trains_like_one_process_and_its_checkpoints_load_at_pp1(data, tmp_path):
     """pretrain_bert.py with --pipeline-model-parallel-size 2 (1F1B, and interleaved with
     --num-layers-per-virtual-pipeline-stage) logs the losses of the one-process run; its checkpoint
-    saved as torch_dist resumes in one process with the uninterrupted run's losses, and the one
-    saved as torch reads back (read_model: stages merged, layer numbers made global) as the
-    one-process run's checkpoint."""
+    saved as torch_dist resumes in one process with the uninterrupted run's losses, and so does the
+    one saved as torch once converted (--ckpt-convert-format torch_dist); the torch one also reads
+    back whole (read_model: stages merged, layer numbers made global) as the one-process run's."""
     from gigatron.core.checkpoint.formats import read_model
     from tests.parallel.harness import run_distributed
 
@@ -259,9 +264,10 @@ def test_bert_pipeline_trains_like_one_process_and_its_checkpoints_load_at_pp1(d
         for (_, a), (_, b) in zip(ours, theirs):
             assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
 
-    resumed = _bert_history(argv + ["--load", dist_save])
-    assert [i for i, _ in resumed] == [3]
-    assert resumed[0][1] == pytest.approx(serial[2][1], rel=1e-5, abs=1e-6)
+    for load in (dist_save, os.path.join(torch_save + "-converted", "torch_dist")):
+        resumed = _bert_history(argv + ["--load", load])
+        assert [i for i, _ in resumed] == [3], load
+        assert resumed[0][1] == pytest.approx(serial[2][1], rel=1e-5, abs=1e-6), load
 
     serial_save = str(tmp_path / "pp1-torch")
     _bert_history(argv + ["--save", serial_save, "--ckpt-format", "torch", "--exit-interval", "2"])
