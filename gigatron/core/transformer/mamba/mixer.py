@@ -163,19 +163,90 @@ class MambaMixer(nn.Module):
             init_method=output_init_method(config, mamba_config.is_hybrid_model), bias=False,
             input_is_parallel=True, skip_bias_add=True, init_key=prefix + ".out_proj")
 
-    def forward(self, hidden: torch.Tensor):
+    def forward(self, hidden: torch.Tensor, inference_context=None):
+        """inference_context: None (training, whole sequences from zero states), or the context of a
+        generation step holding `mamba_states` (gigatron/core/inference/state_cache.py): the step
+        starts from the cached states of its rows and writes their new states back."""
         zxbcdt, _ = self.in_proj(hidden)  # [s, b, 2I + 2GN + H]
         s, b = zxbcdt.shape[0], zxbcdt.shape[1]
         z, xbc, dt = torch.split(zxbcdt, [self.d_inner, self.conv_dim, self.num_heads], dim=-1)
+        states = getattr(inference_context, "mamba_states", None) if inference_context is not None else None
+        if states is not None:
+            if s == 1:
+                y = self._decode_step(xbc[0], dt[0], inference_context, states)  # [b, I]
+                return self.out_proj(self.norm(y[None], z))
+            return self.out_proj(self.norm(self._prefill(xbc, dt, inference_context, states), z))
         xbc = self.conv1d(xbc.transpose(0, 1))  # [b, s, I + 2GN] (stored sequence-major)
-        x, B, C = torch.split(xbc, [self.d_inner, self.num_groups * self.state_dim,
-                                    self.num_groups * self.state_dim], dim=-1)
-        x = x.unflatten(-1, (self.num_heads, self.head_dim))  # [b, s, H, P]
-        B = B.unflatten(-1, (self.num_groups, self.state_dim))  # [b, s, G, N]
-        C = C.unflatten(-1, (self.num_groups, self.state_dim))  # [b, s, G, N]
+        x, B, C = self._split_xbc(xbc)
         dt = F.softplus(dt.float() + self.dt_bias.float()).transpose(0, 1)  # [b, s, H]
         A = -torch.exp(self.A_log.float())  # [H]
         y, _ = ssd_scan(x, dt, A, B, C, self.D, chunk_size=self.chunk_size)  # [b, s, H, P]
         y = y.transpose(0, 1).reshape(s, b, self.d_inner)  # [s, b, I]
         y = self.norm(y, z)  # [s, b, I]
         return self.out_proj(y)
+
+    def _split_xbc(self, xbc: torch.Tensor):
+        """[..., I + 2GN] -> x [..., H, P], B [..., G, N], C [..., G, N]."""
+        x, B, C = torch.split(xbc, [self.d_inner, self.num_groups * self.state_dim,
+                                    self.num_groups * self.state_dim], dim=-1)
+        return (x.unflatten(-1, (self.num_heads, self.head_dim)), B.unflatten(-1, (self.num_groups, self.state_dim)),
+                C.unflatten(-1, (self.num_groups, self.state_dim)))
+
+    def _start_states(self, inference_context, states, b: int):
+        """(conv [b, C, K-1], ssm [b, H, P, N]) the step starts from: the cached states, zeros for a
+        row whose first new position is 0 (a new sequence), and the cache views to write back."""
+        conv_cache, ssm_cache = states.layer(self.layer_number, b)
+        fresh = inference_context.positions[:, 0] == 0  # [b]
+        conv0 = torch.where(fresh[:, None, None], torch.zeros((), dtype=conv_cache.dtype, device=conv_cache.device),
+                            conv_cache)
+        ssm0 = torch.where(fresh[:, None, None, None], torch.zeros((), device=ssm_cache.device), ssm_cache)
+        return conv0, ssm0, conv_cache, ssm_cache
+
+    def _prefill(self, xbc: torch.Tensor, dt: torch.Tensor, inference_context, states) -> torch.Tensor:
+        """s > 1 new tokens per row from the cached states: xbc [s, b, I + 2GN], dt [s, b, H] ->
+        y [s, b, I]; writes the states after each row's last real token (states.lengths) back."""
+        s, b = xbc.shape[0], xbc.shape[1]
+        conv0, ssm0, conv_cache, ssm_cache = self._start_states(inference_context, states, b)
+        width = conv0.shape[-1]  # K - 1
+        lengths = states.lengths[:b] if states.lengths is not None else None
+        inputs = torch.cat([conv0.transpose(1, 2).to(xbc.dtype), xbc.transpose(0, 1)], dim=1)  # [b, K-1+s, C]
+        conv_out = self.conv1d(inputs)[:, width:]  # [b, s, C]
+        x, B, C = self._split_xbc(conv_out)
+        dt = F.softplus(dt.float() + self.dt_bias.float()).transpose(0, 1)  # [b, s, H]
+        if lengths is not None:  # padding past a row's length neither decays nor feeds its state
+            real = torch.arange(s, device=dt.device)[None, :] < lengths[:, None]  # [b, s]
+            dt = dt * real[..., None]
+        A = -torch.exp(self.A_log.float())  # [H]
+        y, final = ssd_scan(x, dt, A, B, C, self.D, initial_state=ssm0, chunk_size=self.chunk_size)
+        ends = lengths if lengths is not None else torch.full((b,), s, dtype=torch.long, device=xbc.device)
+        window = ends[:, None] + torch.arange(width, device=xbc.device)[None, :]  # [b, K-1] indices into inputs
+        last = inputs.gather(1, window[..., None].expand(b, width, inputs.shape[-1]))  # [b, K-1, C]
+        conv_cache.copy_(last.transpose(1, 2).to(conv_cache.dtype))
+        ssm_cache.copy_(final)
+        return y.transpose(0, 1).reshape(s, b, self.d_inner)
+
+    def _decode_step(self, xbc: torch.Tensor, dt: torch.Tensor, inference_context, states) -> torch.Tensor:
+        """One new token per row, the recurrence in plain PyTorch: xbc [b, I + 2GN], dt [b, H] ->
+        y [b, I]; updates the cached states in place (rows of length 0 keep theirs)."""
+        b = xbc.shape[0]
+        conv0, ssm0, conv_cache, ssm_cache = self._start_states(inference_context, states, b)
+        window = torch.cat([conv0.float(), xbc.float()[..., None]], dim=-1)  # [b, C, K]
+        conv = (window * self.conv1d.weight[:, 0, :].float()).sum(-1) + self.conv1d.bias.float()  # [b, C]
+        conv = F.silu(conv).to(xbc.dtype)
+        x, B, C = self._split_xbc(conv)  # [b, H, P], [b, G, N], [b, G, N]
+        xf = x.float()
+        repeat = self.num_heads // self.num_groups
+        Bh = B.float().repeat_interleave(repeat, dim=1)  # [b, H, N]
+        Ch = C.float().repeat_interleave(repeat, dim=1)
+        dt = F.softplus(dt.float() + self.dt_bias.float())  # [b, H]
+        decay = torch.exp(dt * -torch.exp(self.A_log.float()))  # [b, H]
+        ssm = ssm0 * decay[..., None, None] + (dt[..., None] * xf)[..., None] * Bh[:, :, None, :]  # [b, H, P, N]
+        y = torch.einsum("bhpn,bhn->bhp", ssm, Ch) + self.D.float()[:, None] * xf  # [b, H, P]
+        new_conv = window[..., 1:].to(conv_cache.dtype)
+        if states.lengths is not None:
+            keep = states.lengths[:b] == 0  # [b]
+            new_conv = torch.where(keep[:, None, None], conv_cache, new_conv)
+            ssm = torch.where(keep[:, None, None, None], ssm_cache, ssm)
+        conv_cache.copy_(new_conv)
+        ssm_cache.copy_(ssm)
+        return y.to(x.dtype).reshape(b, self.d_inner)
