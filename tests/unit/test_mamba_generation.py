@@ -25,7 +25,7 @@ from gigatron.core.models.mamba import MambaModel
 from gigatron.core.ops.ssd import reference_ssd_scan
 from gigatron.core.parallel.groups import ParallelGroups
 from gigatron.core.transformer.config import TransformerConfig
-from gigatron.core.transformer.mamba.config import MambaConfig
+from gigatron.core.transformer.mamba.config import MambaConfig, allocate_hybrid_layers
 
 sys.path.insert(0, os.path.dirname(__file__))
 from _inference_fixtures import PADDED_VOCAB, CharTokenizer, tiny_model  # noqa: E402
@@ -261,3 +261,21 @@ def test_captured_decode_of_a_hybrid_model_equals_eager_on_gpu(mode):
     for i, p in enumerate(prompts):
         ids, steps = reference_greedy(model, p, 12)
         assert eager.tokens[i] == ids
+
+
+def test_decode_bench_cpu_smoke(capsys):
+    """bench/bench_mamba_decode.py --cpu-smoke times both models' decode and checks the hybrid's
+    cached greedy tokens against its full forward; the full-size hybrid is ~1.3B parameters with
+    ~8% attention layers."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "bench", "bench_mamba_decode.py")
+    spec = importlib.util.spec_from_file_location("bench_mamba_decode", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--cpu-smoke", "--prompt-length", "24", "--new-tokens", "3", "--repeats", "1"])
+    out = capsys.readouterr().out
+    assert "card: cpu" in out and "cpu smoke: ok" in out and "hybrid pattern: M-MM*-M-" in out
+    full = bench.FULL
+    pattern = allocate_hybrid_layers(full["hybrid_layers"], full["attention_ratio"], full["mlp_ratio"])
+    assert (pattern.count("M"), pattern.count("-"), pattern.count("*")) == (20, 17, 3)

@@ -31,6 +31,11 @@ One call of step():
      when its on_token callback says so (a stop string) or when it is withdrawn (its client went
      away); its slot is free for the next step.
 
+A Mamba / hybrid model also has one row of recurrent states per slot (state_cache.py): a
+sequence's first prefill chunk (position 0) starts from zero states, so a reused slot is reset by
+its new sequence, and the decode step tells the model which rows are decoding (lengths 1 / 0), so
+the padding fed by free and prefilling slots never reaches their states.
+
 Greedy results equal those of running each request alone (tested); a seeded sequence draws from
 its own generator seeded with its seed (row i of a request: seed + i), so a one-row seeded request
 draws what the static engine draws for it alone. Log-probabilities are the model's own (before

@@ -11,6 +11,10 @@ position; row r's first generated token is sampled from the logits at its last p
 to slots at or before its own position, so padding is never attended by a real token. Decode steps
 feed one token per row ([b, 1]) at that row's own position.
 
+A MambaModel's Mamba layers keep recurrent states instead of keys and values (state_cache.py):
+the prefill is told each row's prompt length, so that the right padding does not advance a row's
+state, and a decode step advances every row's state by its new token.
+
 With tensor parallelism every rank runs the same steps; the vocab-parallel logits are gathered
 over the tensor-parallel group and the sampled tokens are broadcast from its first rank, so all
 ranks keep identical sequences. Only the true vocabulary is ever scored or sampled (the padded
