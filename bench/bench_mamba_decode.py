@@ -19,7 +19,9 @@ Decode tokens/s = N / (time(prompt + N + 1 tokens) - time(prompt + 1 token)): th
 first sampled token are subtracted, so only the cached one-token steps count (as bench_decode.py).
 Greedy, no early stop. Modes: eager (the model op by op each step) and cuda_graph (each step one
 CUDA graph replay; the GPT's step runs the Triton decode kernels, the hybrid's the model's own
-layers); `--modes compiled` adds torch.compile (slow to compile at these depths).
+layers with the Mamba step's two Triton kernels, gigatron/core/ops/ssd_step_triton.py);
+cuda_graph-pytorch (hybrid only) runs the Mamba step as plain PyTorch ops instead, to show what the
+kernels bring; `--modes compiled` adds torch.compile (slow to compile at these depths).
 
     python bench/bench_mamba_decode.py                 # one H100: prompt 16384, 128 new tokens
     python bench/bench_mamba_decode.py --cpu-smoke     # tiny models on the CPU: checks the whole path
@@ -120,8 +122,10 @@ def main(argv=None) -> int:
     parser.add_argument("--prompt-length", type=int, default=None, help="default 16384 (GPU), 48 (CPU smoke)")
     parser.add_argument("--new-tokens", type=int, default=None, help="default 128 (GPU), 6 (CPU smoke)")
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--modes", nargs="+", default=None, choices=["eager", "cuda_graph", "compiled"],
-                        help="decode modes to time (default: eager and cuda_graph on the GPU, eager on the CPU)")
+    parser.add_argument("--modes", nargs="+", default=None,
+                        choices=["eager", "cuda_graph", "cuda_graph-pytorch", "compiled"],
+                        help="decode modes to time (default: eager, cuda_graph and cuda_graph-pytorch on the GPU, "
+                             "eager on the CPU); -pytorch: the hybrid's Mamba step as PyTorch ops, not Triton")
     parser.add_argument("--models", nargs="+", default=["gpt", "hybrid"], choices=["gpt", "hybrid"])
     args = parser.parse_args(argv)
 
@@ -135,7 +139,7 @@ def main(argv=None) -> int:
             raise SystemExit("bench_mamba_decode.py needs a GPU; use --cpu-smoke to check it on the CPU")
         device, dtype, shape = torch.device("cuda"), torch.bfloat16, FULL
         prompt_len, new_tokens = args.prompt_length or 16384, args.new_tokens or 128
-        modes = args.modes or ["eager", "cuda_graph"]
+        modes = args.modes or ["eager", "cuda_graph", "cuda_graph-pytorch"]
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     positions = prompt_len + new_tokens + 2
     tokenizer = NullTokenizer(shape["vocab"] - 1)  # ids 0..V-2 plus the end-of-document id V-1
@@ -150,8 +154,14 @@ def main(argv=None) -> int:
         pattern = "".join(model.layer_types) if name == "hybrid" else "*-" * shape["gpt_layers"]
         tokens = None
         for mode in modes:
+            decode_mode, _, variant = mode.partition("-")
+            if variant and name != "hybrid":
+                continue
+            for layer in model.decoder.layers:
+                if hasattr(layer, "mixer"):
+                    layer.mixer.decode_kernel = "reference" if variant == "pytorch" else "auto"
             engine = InferenceEngine(model, tokenizer, max_batch_size=1, max_sequence_length=positions,
-                                     decode_mode=mode)
+                                     decode_mode=decode_mode)
             rate, ms, got = decode_rate(engine, prompt, new_tokens, device, args.repeats)
             same = "" if tokens is None else ("yes" if got == tokens else "no")
             tokens = tokens if tokens is not None else got
@@ -180,7 +190,8 @@ def main(argv=None) -> int:
     print("-" * len(header))
     gpt_rate = {r["mode"]: r["rate"] for r in rows if r["model"] == "gpt"}
     for r in rows:
-        ratio = f"{r['rate'] / gpt_rate[r['mode']]:.2f}x" if r["mode"] in gpt_rate else "-"
+        base = gpt_rate.get(r["mode"].partition("-")[0])
+        ratio = f"{r['rate'] / base:.2f}x" if base else "-"
         print(f"{r['model']:<7} {r['params'] / 1e6:>7.1f}M {r['mode']:<11} {r['rate']:>9.1f} {r['ms']:>9.3f} "
               f"{ratio:>7} {r['kv'] / 2**20:>10.1f} MiB {r['states'] / 2**20:>12.2f} MiB {r['same'] or '-':>8}")
     hybrid = next((r for r in rows if r["model"] == "hybrid"), None)

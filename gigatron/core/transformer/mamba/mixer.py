@@ -30,6 +30,7 @@ from torch import nn
 
 from gigatron.core.ops.causal_conv1d import causal_conv1d
 from gigatron.core.ops.ssd import DEFAULT_CHUNK_SIZE, ssd_scan
+from gigatron.core.ops.ssd_step import mamba_decode_step
 from gigatron.core.parallel import tags
 from gigatron.core.transformer.mamba.config import MAMBA_CONV_KERNEL, mamba_num_heads
 from gigatron.core.transformer.mamba.layout import (
@@ -125,6 +126,7 @@ class MambaMixer(nn.Module):
         self.config = config
         self.layer_number = layer_number
         self.chunk_size = chunk_size
+        self.decode_kernel = "auto"  # the generation step's kernel (ops/ssd_step.py); benchmarks set "reference"
         self.head_dim = mamba_config.mamba_head_dim
         self.state_dim = mamba_config.mamba_state_dim
         num_heads = mamba_num_heads(mamba_config, config.hidden_size)
@@ -226,27 +228,13 @@ class MambaMixer(nn.Module):
         return y.transpose(0, 1).reshape(s, b, self.d_inner)
 
     def _decode_step(self, xbc: torch.Tensor, dt: torch.Tensor, inference_context, states) -> torch.Tensor:
-        """One new token per row, the recurrence in plain PyTorch: xbc [b, I + 2GN], dt [b, H] ->
-        y [b, I]; updates the cached states in place (rows of length 0 keep theirs)."""
+        """One new token per row: xbc [b, I + 2GN], dt [b, H] -> y [b, I]; updates the cached states in
+        place (gigatron/core/ops/ssd_step.py: the recurrence in plain PyTorch, one Triton kernel for
+        the convolution and one for the state on CUDA); rows of length 0 keep their states."""
         b = xbc.shape[0]
-        conv0, ssm0, conv_cache, ssm_cache = self._start_states(inference_context, states, b)
-        window = torch.cat([conv0.float(), xbc.float()[..., None]], dim=-1)  # [b, C, K]
-        conv = (window * self.conv1d.weight[:, 0, :].float()).sum(-1) + self.conv1d.bias.float()  # [b, C]
-        conv = F.silu(conv).to(xbc.dtype)
-        x, B, C = self._split_xbc(conv)  # [b, H, P], [b, G, N], [b, G, N]
-        xf = x.float()
-        repeat = self.num_heads // self.num_groups
-        Bh = B.float().repeat_interleave(repeat, dim=1)  # [b, H, N]
-        Ch = C.float().repeat_interleave(repeat, dim=1)
-        dt = F.softplus(dt.float() + self.dt_bias.float())  # [b, H]
-        decay = torch.exp(dt * -torch.exp(self.A_log.float()))  # [b, H]
-        ssm = ssm0 * decay[..., None, None] + (dt[..., None] * xf)[..., None] * Bh[:, :, None, :]  # [b, H, P, N]
-        y = torch.einsum("bhpn,bhn->bhp", ssm, Ch) + self.D.float()[:, None] * xf  # [b, H, P]
-        new_conv = window[..., 1:].to(conv_cache.dtype)
-        if states.lengths is not None:
-            keep = states.lengths[:b] == 0  # [b]
-            new_conv = torch.where(keep[:, None, None], conv_cache, new_conv)
-            ssm = torch.where(keep[:, None, None, None], ssm_cache, ssm)
-        conv_cache.copy_(new_conv)
-        ssm_cache.copy_(ssm)
-        return y.to(x.dtype).reshape(b, self.d_inner)
+        conv_cache, ssm_cache = states.layer(self.layer_number, b)
+        fresh = inference_context.positions[:, 0] == 0  # [b]: a new sequence starts from zero states
+        keep = states.lengths[:b] == 0 if states.lengths is not None else None
+        return mamba_decode_step(xbc, dt, conv_cache, self.conv1d.weight[:, 0, :], self.conv1d.bias, ssm_cache,
+                                 self.A_log, self.D, self.dt_bias, self.num_groups, fresh=fresh, keep=keep,
+                                 kernel=self.decode_kernel)
