@@ -98,9 +98,10 @@ def mamba_decode_step(xbc: torch.Tensor, dt: torch.Tensor, conv_state: torch.Ten
     """The decode step; kernel: "auto" (Triton on CUDA tensors when Triton is installed and not
     under torch.compile, else the reference), "triton" or "reference"."""
     if kernel == "auto":
-        from gigatron.core.ops.ssd import ssd_triton_available
-        kernel = ("triton" if xbc.is_cuda and ssd_triton_available() and not torch.compiler.is_compiling()
-                  else "reference")
+        kernel = "reference"
+        if xbc.is_cuda and not torch.compiler.is_compiling():
+            from gigatron.core.ops.ssd import ssd_triton_available
+            kernel = "triton" if ssd_triton_available() else "reference"
     if kernel == "reference":
         return reference_mamba_decode_step(xbc, dt, conv_state, weight, bias, ssm_state, A_log, D, dt_bias, groups,
                                            fresh, keep)
