@@ -267,7 +267,8 @@ class ContinuousBatcher:
             view.value_cache = {k: t[:m] for k, t in self.ctx.value_cache.items()}
             view.positions, view._rows, view.kv_len = None, None, self.S
         logits = engine._forward(view, torch.tensor(tokens, device=device)[:, None],
-                                 torch.tensor(positions, device=device)[:, None], kv_len, lengths=lengths)[:, -1]  # [m, V]
+                                 torch.tensor(positions, device=device)[:, None], kv_len,
+                                 lengths=lengths)[:, -1]  # [m, V]
         rows = torch.tensor([seq.slot for seq in decoding], device=device)
         logits = logits[rows]  # [k, V], in the order of `decoding`
         self._take(decoding, logits, F.log_softmax(logits, dim=-1), ended)
