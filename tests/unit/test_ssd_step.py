@@ -1,8 +1,8 @@
 """The Mamba-2 decode step (gigatron/core/ops/ssd_step.py): the plain-PyTorch step, run token by
 token from zero states, equals the sequential references of the convolution and the scan over the
 whole sequence (outputs at every position and the final states); `fresh` and `keep` rows; the
-Triton kernels against the reference under Triton's interpreter on the CPU (fp32 and bf16,
-strided inputs as the mixer passes them) and on the GPU (marked `gpu`)."""
+Triton kernels (the step and the gated norm) against the reference under Triton's interpreter on
+the CPU (fp32 and bf16, strided inputs as the mixer passes them) and on the GPU (marked `gpu`)."""
 
 import os
 import subprocess
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from gigatron.core.ops.causal_conv1d import reference_causal_conv1d
 from gigatron.core.ops.ssd import reference_ssd_scan
-from gigatron.core.ops.ssd_step import mamba_decode_step, reference_mamba_decode_step
+from gigatron.core.ops.ssd_step import gated_rmsnorm, mamba_decode_step, reference_mamba_decode_step
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -94,6 +94,12 @@ def compare_triton_with_reference(device: str) -> None:
             torch.testing.assert_close(out["tri"].float(), out["ref"].float(), rtol=tol, atol=tol)
             for a, r in zip(states["tri"], states["ref"]):
                 torch.testing.assert_close(a.float(), r.float(), rtol=tol, atol=tol)
+        # The gated norm of the step's output with z, a strided view of the projection (2 groups of 80).
+        y = out["ref"]
+        z = torch.randn(1, b, 3 + h * p + 5, generator=gen).to(device, dtype)[0, :, 3: 3 + h * p]
+        weight = torch.randn(h * p, generator=gen).to(device, dtype)
+        normed = {kernel: gated_rmsnorm(y, z, weight, h * p // g, kernel=kernel) for kernel in ("reference", "triton")}
+        torch.testing.assert_close(normed["triton"].float(), normed["reference"].float(), rtol=tol, atol=tol)
 
 
 def generate_with_the_triton_step() -> None:

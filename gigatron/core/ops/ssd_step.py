@@ -13,7 +13,9 @@ dim, G = groups (head i uses group i // (H / G)), N = state dim, I = H * P.
     conv_state <- window[..., 1:]
 
 which is one position of gigatron/core/ops/causal_conv1d.py and gigatron/core/ops/ssd.py (the
-state h is the scan's state S_t). Rows where `fresh` is set start from zero states (a new
+state h is the scan's state S_t). The mixer then applies its gated RMSNorm to y and z
+(gated_rmsnorm: rmsnorm(y * silu(z)) * weight per group of channels, also one Triton kernel on
+CUDA in place of about ten ops). Rows where `fresh` is set start from zero states (a new
 sequence); rows where `keep` is set leave their states as they were (their output is computed but
 meaningless). The states are updated in place.
 
@@ -30,7 +32,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-__all__ = ["reference_mamba_decode_step", "mamba_decode_step"]
+__all__ = ["reference_mamba_decode_step", "mamba_decode_step", "reference_gated_rmsnorm", "gated_rmsnorm"]
 
 
 def _check(xbc, dt, conv_state, weight, bias, ssm_state, A_log, D, dt_bias, groups):
@@ -111,3 +113,34 @@ def mamba_decode_step(xbc: torch.Tensor, dt: torch.Tensor, conv_state: torch.Ten
         return triton_mamba_decode_step(xbc, dt, conv_state, weight, bias, ssm_state, A_log, D, dt_bias, groups,
                                         fresh, keep)
     raise ValueError(f"mamba step: kernel {kernel!r} is not one of auto, triton, reference")
+
+
+def reference_gated_rmsnorm(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, group_size: int,
+                            eps: float = 1e-5) -> torch.Tensor:
+    """rmsnorm(y * silu(z)) * weight over each group of `group_size` channels of the last dim;
+    computed in fp32, returned in y's dtype. [..., I] -> [..., I] (the Mamba mixer's output norm)."""
+    g = (y.float() * F.silu(z.float()))
+    grouped = g.unflatten(-1, (g.shape[-1] // group_size, group_size))  # [..., I/gs, gs]
+    normed = grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + eps)
+    return (normed.flatten(-2) * weight.float()).to(y.dtype)
+
+
+def gated_rmsnorm(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, group_size: int, eps: float = 1e-5,
+                  kernel: str = "auto") -> torch.Tensor:
+    """The gated RMSNorm of rows y, z [b, I] (z may be a strided view) -> [b, I]; kernel: "auto"
+    (Triton on CUDA tensors when Triton is installed and not under torch.compile, else the
+    reference), "triton" or "reference"."""
+    if kernel == "auto":
+        kernel = "reference"
+        if y.is_cuda and not torch.compiler.is_compiling():
+            from gigatron.core.ops.ssd import ssd_triton_available
+            kernel = "triton" if ssd_triton_available() else "reference"
+    if kernel == "reference":
+        return reference_gated_rmsnorm(y, z, weight, group_size, eps)
+    if kernel == "triton":
+        if y.dim() != 2 or z.shape != y.shape or weight.shape != (y.shape[1],) or y.shape[1] % group_size:
+            raise ValueError(f"gated norm: y and z must be [b, I] and weight [I] with I divisible by {group_size}, "
+                             f"got {tuple(y.shape)}, {tuple(z.shape)} and {tuple(weight.shape)}")
+        from gigatron.core.ops.ssd_step_triton import triton_gated_rmsnorm
+        return triton_gated_rmsnorm(y, z, weight, group_size, eps)
+    raise ValueError(f"gated norm: kernel {kernel!r} is not one of auto, triton, reference")

@@ -9,6 +9,7 @@ G = groups, N = state dim.
 2. state step, one program per (row, head, block of head dim): reads its x, its group's B and C
    and dt, updates its [block, N] slice of the fp32 state in place and writes y = h C + D x.
 Each program owns the cache entries it rewrites, so the in-place updates need no synchronisation.
+3. gated RMSNorm, one program per (row, group of channels): rmsnorm(y * silu(z)) * weight.
 softplus is computed as log1p(exp(v)) with Goldberg's log1p (accurate for small exp(v)), and v
 itself above 20, as torch's softplus.
 """
@@ -21,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["triton_mamba_decode_step"]
+__all__ = ["triton_mamba_decode_step", "triton_gated_rmsnorm"]
 
 BLOCK_C = 128
 BLOCK_P = 32
@@ -123,3 +124,29 @@ def triton_mamba_decode_step(xbc: torch.Tensor, dt: torch.Tensor, conv_state: to
         H=h, P=p, G=groups, N=n, HAS_FRESH=fresh is not None, HAS_KEEP=keep is not None,
         BLOCK_P=BLOCK_P, BLOCK_N=triton.next_power_of_2(n))
     return y
+
+
+@triton.jit
+def _gated_norm_kernel(Y, stride_yb, Z, stride_zb, W, OUT, stride_ob, eps, GS: tl.constexpr, BLOCK: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * GS + tl.arange(0, BLOCK)
+    mask = tl.arange(0, BLOCK) < GS
+    y = tl.load(Y + b * stride_yb + offs, mask=mask, other=0.0).to(tl.float32)
+    z = tl.load(Z + b * stride_zb + offs, mask=mask, other=0.0).to(tl.float32)
+    g = y * (z * tl.sigmoid(z))
+    inv = tl.rsqrt(tl.sum(g * g, axis=0) / GS + eps)
+    w = tl.load(W + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(OUT + b * stride_ob + offs, (g * inv * w).to(OUT.dtype.element_ty), mask=mask)
+
+
+def triton_gated_rmsnorm(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, group_size: int,
+                         eps: float) -> torch.Tensor:
+    """See gigatron/core/ops/ssd_step.py: y, z [b, I] (last dim contiguous) -> [b, I]."""
+    b, width = y.shape
+    if y.stride(1) != 1 or z.stride(1) != 1:
+        y, z = y.contiguous(), z.contiguous()
+    out = torch.empty(b, width, dtype=y.dtype, device=y.device)
+    _gated_norm_kernel[(b, width // group_size)](y, y.stride(0), z, z.stride(0), weight.contiguous(), out,
+                                                 out.stride(0), eps, GS=group_size,
+                                                 BLOCK=triton.next_power_of_2(group_size))
+    return out

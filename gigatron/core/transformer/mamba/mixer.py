@@ -30,7 +30,7 @@ from torch import nn
 
 from gigatron.core.ops.causal_conv1d import causal_conv1d
 from gigatron.core.ops.ssd import DEFAULT_CHUNK_SIZE, ssd_scan
-from gigatron.core.ops.ssd_step import mamba_decode_step
+from gigatron.core.ops.ssd_step import gated_rmsnorm, mamba_decode_step, reference_gated_rmsnorm
 from gigatron.core.parallel import tags
 from gigatron.core.transformer.mamba.config import MAMBA_CONV_KERNEL, mamba_num_heads
 from gigatron.core.transformer.mamba.layout import (
@@ -67,16 +67,6 @@ def output_init_method(config, is_hybrid_model: bool):
     hybrid model (--is-hybrid-model) and 2 otherwise (Megatron's output_layer_init_method)."""
     multiplier = 1.0 if is_hybrid_model else 2.0
     return _Normal(config.init_method_std / math.sqrt(multiplier * config.num_layers))
-
-
-def reference_gated_rmsnorm(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, group_size: int,
-                            eps: float = GATED_NORM_EPS) -> torch.Tensor:
-    """rmsnorm(y * silu(z)) * weight over each group of `group_size` channels of the last dim;
-    computed in fp32, returned in y's dtype. [..., I] -> [..., I]."""
-    g = (y.float() * F.silu(z.float()))
-    grouped = g.unflatten(-1, (g.shape[-1] // group_size, group_size))  # [..., I/gs, gs]
-    normed = grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + eps)
-    return (normed.flatten(-2) * weight.float()).to(y.dtype)
 
 
 class GatedRMSNorm(nn.Module):
@@ -176,7 +166,9 @@ class MambaMixer(nn.Module):
         if states is not None:
             if s == 1:
                 y = self._decode_step(xbc[0], dt[0], inference_context, states)  # [b, I]
-                return self.out_proj(self.norm(y[None], z))
+                y = gated_rmsnorm(y, z[0], self.norm.weight, self.norm.group_size, self.norm.eps,
+                                  kernel=self.decode_kernel)  # [b, I]
+                return self.out_proj(y[None])
             return self.out_proj(self.norm(self._prefill(xbc, dt, inference_context, states), z))
         xbc = self.conv1d(xbc.transpose(0, 1))  # [b, s, I + 2GN] (stored sequence-major)
         x, B, C = self._split_xbc(xbc)
