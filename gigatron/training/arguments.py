@@ -181,11 +181,8 @@ ACCEPTED_NO_EFFECT: dict[str, str] = {
     "--use-mcore-models": "Gigatron's models are always Megatron-Core models.",
     "--no-masked-softmax-fusion": "Gigatron has no fused masked-softmax kernel (attention uses PyTorch SDPA).",
     "--no-bias-dropout-fusion": "Gigatron has no fused bias-dropout-add kernel.",
-    "--no-bias-gelu-fusion": "Gigatron has no fused bias-GeLU kernel.",
-    "--no-bias-swiglu-fusion": "Gigatron has no fused bias-SwiGLU kernel.",
     "--no-rope-fusion": "Gigatron has no fused rotary-embedding kernel.",
     "--no-gradient-accumulation-fusion": "Gigatron accumulates weight gradients into main_grad without a fused kernel.",
-    "--no-persist-layer-norm": "Gigatron has no persistent layer-norm kernel (norms are PyTorch's LayerNorm/RMSNorm).",
     "--moe-permute-fusion": "Gigatron has no fused token-permutation kernel; tokens are permuted with index_select/"
                             "scatter_add, which compute the same result.",
     "--moe-shared-expert-overlap": "an overlap of the shared expert's computation with the token dispatch: a "
@@ -235,7 +232,6 @@ NOT_BUILT: dict[str, str] = {
     "--quick-geglu": "gpt-oss models (quick GeGLU)",
     "--window-attn-skip-freq": "interleaved sliding-window/full attention layers",
     "--use-fused-weighted-squared-relu": "fused weighted squared-ReLU kernels",
-    "--cross-entropy-fusion-impl": "a choice of cross-entropy fusion kernels",
     "--init-model-with-meta-device": "building the model on the meta device",
     "--rerun-mode": "the rerun state machine (result validation by re-running iterations)",
     "--log-straggler": "straggler detection",
