@@ -246,8 +246,9 @@ def print_profile(trace_dir: str, ms_per_iter: Optional[float]) -> None:
         print(f"no trace written under {trace_dir}")
         return
     by_category, rows = profile_breakdown(os.path.join(trace_dir, traces[-1]), steps=2)
-    total = sum(by_category.values()) or 1.0
-    print(f"\nkernel time per iteration by kind (trace {traces[-1]}; device busy {total:.1f} ms"
+    busy = sum(by_category.values())
+    total = busy or 1.0
+    print(f"\nkernel time per iteration by kind (trace {traces[-1]}; device busy {busy:.1f} ms"
           + (f", iteration {ms_per_iter:.1f} ms" if ms_per_iter else "") + ")")
     for category in ("GEMM", "attention", "norm+elementwise", "optimizer", "other"):
         ms = by_category.get(category, 0.0)

@@ -55,7 +55,8 @@ class DeferredChecks:
     def __init__(self) -> None:
         self._pending: list[tuple[int, torch.Tensor]] = []
 
-    def add(self, iteration: int, grad_norm: Optional[torch.Tensor]) -> None:
+    def add(self, iteration: int, grad_norm) -> None:
+        """grad_norm: a one-element device tensor, a float, or None (a skipped step)."""
         if grad_norm is not None:
             self._pending.append((iteration, grad_norm))
 
@@ -65,7 +66,9 @@ class DeferredChecks:
         if not self._pending:
             return
         pending, self._pending = self._pending, []
-        values = torch.cat([g.detach().reshape(-1)[:1].double() for _, g in pending]).tolist()  # the one sync
+        tensors = [g.detach().reshape(-1)[:1].double() for _, g in pending if isinstance(g, torch.Tensor)]
+        read = iter(torch.cat(tensors).tolist() if tensors else [])  # the one sync
+        values = [next(read) if isinstance(g, torch.Tensor) else float(g) for _, g in pending]
         check = ctx.configs.training.check_for_nan_in_loss_and_grad
         for (iteration, _), value in zip(pending, values):
             if math.isfinite(value):
