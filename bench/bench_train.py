@@ -301,7 +301,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", help="comma-separated configuration names (default: all; see --list)")
     parser.add_argument("--iters", type=int, default=None, help="training iterations per run (default 12; tiny 6)")
-    parser.add_argument("--warmup", type=int, default=None, help="iterations left out of the median (default 3; tiny 2)")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="iterations left out of the median (default 3; tiny 2)")
     parser.add_argument("--extra-args", default="", help="flags appended to every pretrain_gpt.py command")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per run before it is stopped")
     parser.add_argument("--profile", metavar="CONFIG", help="run CONFIG once more with --profile "

@@ -57,7 +57,7 @@ class _FusedBiasActivation(torch.autograd.Function):
             dx = k.swiglu_backward(dy, x, bias)
         else:
             dx = k.gelu_backward(dy, x, bias, tanh=ctx.kind == "gelu_tanh")
-        dbias = dx.float().sum(0).to(bias.dtype) if bias is not None and ctx.needs_input_grad[1] else None
+        dbias = dx.sum(0, dtype=torch.float32).to(bias.dtype) if bias is not None and ctx.needs_input_grad[1] else None
         return dx, dbias, None
 
 

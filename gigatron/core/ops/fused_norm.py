@@ -77,7 +77,7 @@ class _FusedAddNorm(torch.autograd.Function):
                                                zero_centered)
         dx = dr.to(x_dtype)
         dresidual = dr.to(residual_dtype) if has_residual else None
-        dadd_bias = dr.float().sum(0).to(add_bias_dtype) if has_add_bias else None
+        dadd_bias = dr.sum(0, dtype=torch.float32).to(add_bias_dtype) if has_add_bias else None
         return dx, dresidual, dadd_bias, dweight, dbias, None, None, None
 
 

@@ -107,7 +107,8 @@ class MLP(nn.Module):
         self.linear_fc1 = ColumnParallelLinear(
             config.hidden_size, 2 * ffn if config.swiglu else ffn, config=config, tp=groups.tp,
             init_method=normal_init_method(config), bias=config.add_bias_linear, gather_output=False,
-            skip_bias_add=self.fused_kind is not None, stride=2 if config.swiglu else 1, init_key=prefix + ".linear_fc1")
+            skip_bias_add=self.fused_kind is not None, stride=2 if config.swiglu else 1,
+            init_key=prefix + ".linear_fc1")
         self.linear_fc2 = RowParallelLinear(
             ffn, config.hidden_size, config=config, tp=groups.tp, init_method=scaled_init_method(config),
             bias=config.add_bias_linear, input_is_parallel=True, skip_bias_add=True,
