@@ -55,7 +55,7 @@ def test_cpu_uses_the_plain_path():
     x = torch.randn(4, 2, 16)
     assert not fused_norm_available(x) and not fused_activation_available(x)
     config = TransformerConfig(num_layers=1, hidden_size=16, num_attention_heads=2, seq_length=4,
-                               max_position_embeddings=4, hidden_dropout=0.0)
+                               max_position_embeddings=4, hidden_dropout=0.0, use_cpu_initialization=True)
     assert config.persist_layer_norm and config.bias_gelu_fusion and config.bias_swiglu_fusion
     layer = TransformerLayer(config, ParallelGroups.single(), 0)
     assert layer.mlp.fused_kind is None and not layer.mlp.linear_fc1.skip_bias_add
@@ -150,7 +150,7 @@ def _tiny_gpt(fusion: bool):
 
     config = TransformerConfig(num_layers=2, hidden_size=16, num_attention_heads=2, seq_length=8,
                                max_position_embeddings=8, hidden_dropout=0.0, attention_dropout=0.0,
-                               cross_entropy_loss_fusion=fusion)
+                               cross_entropy_loss_fusion=fusion, use_cpu_initialization=True)
     return GPTModel(config, ParallelGroups.single(), vocab_size=64, seed=7)
 
 
