@@ -6,7 +6,9 @@ ms/iter is the median over the steady iterations (the first --warmup iterations,
 --torch-compile the compiling ones, are dropped). FLOPs per iteration come from the product's
 formula (gigatron/core/flops.py, Megatron's convention: causal attention at half, no recompute),
 and MFU divides by `device_peak_flops` of the card found (H100 SXM / H200 bf16: 989.4 TFLOP/s).
-Peak memory is the largest "peak allocated memory" the log reports.
+Peak memory is the largest "peak allocated memory" the log reports; the last loss (lm loss of the
+last iteration, same seed and data in every row of a configuration) shows that an option kept the
+numerics.
 
     python bench/bench_train.py                          # every configuration (one H100: ~8 min)
     python bench/bench_train.py --configs gpt1p3b_mb4,gpt1p3b_mb4_compile --iters 20
@@ -272,7 +274,8 @@ def device_description() -> tuple[str, Optional[float]]:
 
 
 def format_table(rows: list[dict], card: str, peak_tflops: Optional[float]) -> str:
-    header = f"{'config':<22} {'ms/iter':>9} {'tokens/s':>11} {'TFLOP/s':>9} {'MFU':>7} {'peak GiB':>9}  card"
+    header = (f"{'config':<22} {'ms/iter':>9} {'tokens/s':>11} {'TFLOP/s':>9} {'MFU':>7} {'peak GiB':>9} "
+              f"{'last loss':>10}  card")
     lines = [header, "-" * len(header)]
     for row in rows:
         if "ms_per_iter" not in row:
@@ -280,8 +283,9 @@ def format_table(rows: list[dict], card: str, peak_tflops: Optional[float]) -> s
             continue
         mfu = f"{100.0 * row['tflops'] / peak_tflops:6.1f}%" if peak_tflops else "    n/a"
         peak = f"{row['peak_gib']:9.2f}" if row.get("peak_gib") is not None else f"{'n/a':>9}"
+        loss = f"{row['loss']:10.4f}" if row.get("loss") is not None else f"{'n/a':>10}"
         lines.append(f"{row['config']:<22} {row['ms_per_iter']:9.1f} {row['tokens_per_s']:11.0f} "
-                     f"{row['tflops']:9.1f} {mfu:>7} {peak}  {card}")
+                     f"{row['tflops']:9.1f} {mfu:>7} {peak} {loss}  {card}")
     return "\n".join(lines)
 
 

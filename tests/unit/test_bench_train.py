@@ -50,9 +50,9 @@ def test_kernel_categories():
 
 def test_table_names_the_card():
     rows = [{"config": "a", "status": 0, "ms_per_iter": 500.0, "tokens_per_s": 65536.0, "tflops": 494.7,
-             "peak_gib": 20.0}, {"config": "b", "status": 1}]
+             "peak_gib": 20.0, "loss": 8.0812}, {"config": "b", "status": 1}]
     table = bench_train.format_table(rows, "NVIDIA H100 80GB HBM3", 989.4)
-    assert "50.0%" in table and "NVIDIA H100 80GB HBM3" in table and "failed (1)" in table
+    assert "50.0%" in table and "NVIDIA H100 80GB HBM3" in table and "failed (1)" in table and "8.0812" in table
 
 
 def test_tiny_run_through_pretrain_gpt(tmp_path):
