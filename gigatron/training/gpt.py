@@ -114,10 +114,21 @@ def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor, cp=None, per
     return loss, {"lm loss": torch.stack([loss_sum.detach(), num_tokens.detach()])}
 
 
+def _fused_loss_takes_mask(stage) -> bool:
+    """A GPT last stage with --cross-entropy-loss-fusion: loss_func below weights the per-token
+    losses by the loss mask, so the model may make the output layer's gradients in forward."""
+    from gigatron.core.models.gpt import GPTModel
+
+    return isinstance(stage, GPTModel) and stage.post_process and stage.config.cross_entropy_loss_fusion
+
+
 def forward_step(data_iterator, model):
     """The schedules' forward step: (output_tensor, loss_func bound to this micro-batch's mask)."""
     tokens, labels, loss_mask, attention_mask, position_ids = get_batch(data_iterator, model)
-    output_tensor = model(tokens, position_ids, attention_mask, labels=labels)
+    extra = {}
+    if _fused_loss_takes_mask(_stage_of(model)):
+        extra["loss_mask"] = loss_mask  # the fused output layer makes its gradients in forward
+    output_tensor = model(tokens, position_ids, attention_mask, labels=labels, **extra)
     return output_tensor, partial(loss_func, loss_mask, cp=_stage_of(model).groups.cp, per_token=per_token_loss([model]))
 
 

@@ -58,6 +58,10 @@ class GPTModel(nn.Module):
     inference_context (keyword, generation only): a KV cache
     (gigatron.core.inference.kv_cache.InferenceContext); input_ids are then the new tokens only,
     position_ids their positions and attention_mask [b, 1, s_new, kv_len] over the cached keys.
+    loss_mask (keyword, [b, s], optional): the weights the caller's loss puts on the per-token
+    losses. With --cross-entropy-loss-fusion the gradients of the output layer are then made in
+    the forward pass; the gradient reaching the returned losses must be proportional to loss_mask
+    (a masked mean or sum, as the GPT loss function takes). Ignored otherwise.
     With context parallelism (groups.cp.size > 1) input_ids, position_ids and labels hold this
     rank's tokens as split by context_parallel.get_batch_on_this_cp_rank (s/cp of them; position_ids
     required) and the loss is [b, s/cp].
@@ -139,7 +143,7 @@ class GPTModel(nn.Module):
 
     def forward(self, input_ids: Optional[torch.Tensor], position_ids: Optional[torch.Tensor] = None,
                 attention_mask: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
-                inference_context=None):
+                inference_context=None, loss_mask: Optional[torch.Tensor] = None):
         cp = self.groups.cp
         if position_ids is None and cp.size > 1:
             # This rank holds chunks r and 2C-1-r of the sequence (also on stages that read no
@@ -164,9 +168,10 @@ class GPTModel(nn.Module):
             hidden = self.decoder(hidden, attention_mask, rotary, inference_context=inference_context)
         if not self.post_process:
             return hidden
-        return self._output(hidden, labels)
+        return self._output(hidden, labels, loss_mask)
 
-    def _output(self, hidden: torch.Tensor, labels: Optional[torch.Tensor]) -> torch.Tensor:
+    def _output(self, hidden: torch.Tensor, labels: Optional[torch.Tensor],
+                loss_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         weight = self.output_weight()
         if labels is None:
             logits, _ = self.output_layer(hidden, weight)  # [s, b, V/tp]
@@ -178,7 +183,9 @@ class GPTModel(nn.Module):
                 full = gather_from_sequence_parallel_region(hidden, tp)  # [s, b, h]
             else:
                 full = copy_to_tensor_parallel_region(hidden, tp)  # [s, b, h]
-            loss = chunked_output_cross_entropy(full, weight, target, tp)  # [s, b]
+            # With the loss mask the gradients are made in the same pass (see cross_entropy.py).
+            weights = None if loss_mask is None else loss_mask.transpose(0, 1).contiguous()  # [b, s] -> [s, b]
+            loss = chunked_output_cross_entropy(full, weight, target, tp, loss_weights=weights)  # [s, b]
         else:
             logits, _ = self.output_layer(hidden, weight)  # [s, b, V/tp]
             loss = vocab_parallel_cross_entropy(logits, target, self.groups.tp)  # [s, b]

@@ -23,6 +23,7 @@ ATTENTION_BACKENDS = ("auto", "flash", "fused", "cudnn", "efficient", "unfused",
 RECOMPUTE_GRANULARITIES = ("full", "selective")
 RECOMPUTE_METHODS = ("uniform", "block")
 RECOMPUTE_MODULES = ("core_attn", "mlp", "layernorm", "moe")
+CROSS_ENTROPY_FUSION_IMPLS = ("native", "te")
 CP_COMM_TYPES = ("p2p", "all_gather", "a2a")
 
 
@@ -138,8 +139,22 @@ class TransformerConfig(ModelParallelConfig, PrecisionConfig, SequenceLengthConf
     use_flash_attn: bool = run_setting(False)
     """Use FlashAttention (same as --attention-backend flash)."""
     cross_entropy_loss_fusion: bool = run_setting(False)
-    """Compute the output layer and the cross entropy chunk by chunk, never holding the logits of
-    the whole micro-batch (recomputes the logit GEMM in backward)."""
+    """Compute the output layer and the cross entropy chunk by chunk, never holding the fp32 logits
+    of the whole micro-batch; the gradients of the hidden states and of the output weight are made
+    in the same pass (gigatron/core/ops/cross_entropy.py)."""
+    cross_entropy_fusion_impl: str = run_setting("native")
+    """Kernel of --cross-entropy-loss-fusion: native (Gigatron's chunked output layer + cross
+    entropy) or te (Megatron's Transformer Engine kernel, which Gigatron maps to native)."""
+    persist_layer_norm: bool = run_setting(True)
+    """On CUDA, run LayerNorm/RMSNorm as fused Triton kernels, with the residual add before each
+    pre-MLP norm folded in (gigatron/core/ops/fused_norm.py); --no-persist-layer-norm keeps
+    PyTorch's norms. CPUs always use PyTorch's."""
+    bias_gelu_fusion: bool = run_setting(True)
+    """On CUDA, add linear_fc1's bias inside one fused GeLU kernel forward and backward
+    (gigatron/core/ops/fused_activation.py); --no-bias-gelu-fusion keeps the unfused path."""
+    bias_swiglu_fusion: bool = run_setting(True)
+    """On CUDA, add linear_fc1's bias (if any) inside one fused SwiGLU kernel forward and backward;
+    --no-bias-swiglu-fusion keeps the unfused path."""
     # ---------------------------------------------------------------- parallelism
     decoder_first_pipeline_num_layers: Optional[int] = run_setting(None)
     """Number of layers on the first pipeline stage (uneven split); the rest are spread evenly."""
@@ -241,6 +256,7 @@ def _validate_choices(c: TransformerConfig) -> None:
         ("normalization", NORMALIZATIONS),
         ("attention_backend", ATTENTION_BACKENDS),
         ("cp_comm_type", CP_COMM_TYPES),
+        ("cross_entropy_fusion_impl", CROSS_ENTROPY_FUSION_IMPLS),
     )
     for name, choices in checks:
         if getattr(c, name) not in choices:
