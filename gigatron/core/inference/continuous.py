@@ -40,18 +40,21 @@ penalties and bias), as in the static engine.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import random
-from typing import Callable, Deque, Dict, List, Optional
+from typing import Callable, Deque, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
+from gigatron.core.inference.decode_step import DecodeStep
 from gigatron.core.inference.engine import InferenceEngine, SamplingParams
 from gigatron.core.inference.kv_cache import InferenceContext
-from gigatron.core.inference.sampling import sample
+from gigatron.core.inference.sampling import greedy_tokens, sample
 
-__all__ = ["Sequence", "ContinuousBatcher", "continuous_capable", "slot_bytes", "slots_for_buffer"]
+__all__ = ["Sequence", "ContinuousBatcher", "SlotDecodeStep", "continuous_capable", "slot_bytes",
+           "slots_for_buffer", "step_buckets"]
 
 
 def slot_bytes(model, max_sequence_length: int) -> int:
@@ -105,14 +108,170 @@ class Sequence:
     done: bool = False
     generator: Optional[torch.Generator] = None
     counts: Optional[torch.Tensor] = None  # [V] each token's count in the generation (penalties)
+    # Prompt scores on the device, one entry per prefill chunk (log-probabilities [k], top ids and
+    # values [k, n] or None), read with the first token (the step's one read of the device).
+    pending_prompt: List[tuple] = dataclasses.field(default_factory=list)
+
+
+def step_buckets(max_requests: int, count: Optional[int] = None) -> List[int]:
+    """The batch sizes of the continuous step's static shapes (one CUDA graph each): 1, 2, 4, 8, ...
+    below max_requests, then max_requests; with count (--inference-dynamic-batching-num-cuda-graphs)
+    `count` sizes evenly spaced up to max_requests instead (fewer where max_requests is smaller).
+    A step of m running rows runs the smallest size >= m."""
+    if max_requests < 1:
+        raise ValueError(f"--inference-max-requests must be >= 1, got {max_requests}")
+    if count is not None:
+        if count < 1:
+            raise ValueError(f"--inference-dynamic-batching-num-cuda-graphs must be >= 1, got {count}")
+        return sorted({-(-max_requests * i // count) for i in range(1, count + 1)})
+    sizes, size = [], 1
+    while size < max_requests:
+        sizes.append(size)
+        size *= 2
+    return sizes + [max_requests]
+
+
+class SlotDecodeStep:
+    """The continuous batch's decode step with static shapes: rows 0..b-1 of the slot cache, b one
+    of step_buckets(), each row at its own position.
+
+    SlotDecodeStep(engine, ctx, buckets, capture)
+      run(tokens, positions) (host lists of b = a bucket's entries) -> (logits [b, V] fp32,
+        log-probabilities [b, V], packed [b, 2] float64: each row's greedy token and its
+        log-probability), valid until the next run.
+
+    The step is the engine's decode step (decode_step.DecodeStep, on CPU its plain-PyTorch
+    references) with the decode-attention kernel at every batch size (each row reads its own slots
+    0..position only; the attention length is the whole cache, which sizes only the kernel's work
+    split), then log_softmax and the greedy token. Tokens and positions live in one static device
+    buffer [2, B]; run() writes them into pinned host memory and copies them in with one
+    asynchronous copy, so the host never waits for the device here. With `capture` (CUDA) each
+    bucket's step is captured in a CUDA graph at its first use (compiled by torch.compile first
+    under decode_mode "compiled"), which reads its slice of that buffer: a step is the copy and one
+    replay. Without it the same function runs op by op (compiled under "compiled")."""
+
+    def __init__(self, engine: InferenceEngine, ctx: InferenceContext, buckets: List[int], capture: bool):
+        self.engine = engine
+        self.ctx = ctx
+        self.buckets = list(buckets)
+        self.capture = bool(capture)
+        device = engine.device
+        on_cuda = device.type == "cuda"
+        if self.capture and not on_cuda:
+            raise ValueError("the continuous step is captured in CUDA graphs only on a CUDA device")
+        kernels = dataclasses.replace(engine.decode_kernels, attention_every_batch=True)
+        self.model = DecodeStep(engine.model, kernels) if kernels.gemv else engine.model
+        largest = self.buckets[-1]
+        self.inputs = torch.zeros(2, largest, dtype=torch.long, device=device)  # tokens, positions
+        self.staging = torch.zeros(2, largest, dtype=torch.long, pin_memory=on_cuda)
+        self.copied = torch.cuda.Event() if on_cuda else None  # the staging buffer may be rewritten
+        self.views: Dict[int, InferenceContext] = {}
+        self.graphs: Dict[int, Tuple[torch.cuda.CUDAGraph, tuple]] = {}
+        self.pool = None
+        self.compiled = set()
+        self.function = self._compute
+        if engine.decode_mode == "compiled":
+            config = torch._dynamo.config
+            name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+            setattr(config, name, max(getattr(config, name), 2 * len(self.buckets)))
+            self.function = torch.compile(self._compute, dynamic=False)
+
+    def bucket(self, rows: int) -> int:
+        """The smallest static batch size that holds `rows` rows."""
+        for size in self.buckets:
+            if size >= rows:
+                return size
+        raise ValueError(f"{rows} rows exceed the largest continuous step of {self.buckets[-1]} rows")
+
+    def _view(self, b: int) -> InferenceContext:
+        """Rows 0..b-1 of the slot cache as a context of b rows (views: writes land in the slots)."""
+        view = self.views.get(b)
+        if view is None:
+            view = object.__new__(InferenceContext)
+            view.max_batch_size = b
+            view.max_sequence_length = self.ctx.max_sequence_length
+            view.key_cache = {k: t[:b] for k, t in self.ctx.key_cache.items()}
+            view.value_cache = {k: t[:b] for k, t in self.ctx.value_cache.items()}
+            view.positions, view._rows, view.kv_len = None, None, self.ctx.max_sequence_length
+            self.views[b] = view
+        return view
+
+    def _compute(self, ctx: InferenceContext, tokens: torch.Tensor, positions: torch.Tensor):
+        """tokens, positions [b, 1] -> (logits [b, V], log-probabilities [b, V], packed [b, 2])."""
+        engine = self.engine
+        logits = engine._forward(ctx, tokens, positions, ctx.max_sequence_length, self.model)[:, -1]  # [b, V]
+        lp = F.log_softmax(logits, dim=-1)
+        greedy = greedy_tokens(logits)  # [b]
+        packed = torch.stack([greedy.double(), lp.gather(-1, greedy[:, None])[:, 0].double()], dim=1)  # [b, 2]
+        return logits, lp, packed
+
+    def _call(self, b: int):
+        tokens, positions = self.inputs[0, :b].view(b, 1), self.inputs[1, :b].view(b, 1)
+        return self.function(self._view(b), tokens, positions)
+
+    def _capture(self, b: int):
+        """Capture the step of b rows. The warm-up and the capture write position 0 of rows
+        0..b-1, which may hold live keys/values: saved and restored around them (and the inputs)."""
+        device = self.engine.device
+        ctx = self.ctx
+        saved_inputs = self.inputs.clone()
+        self.inputs.zero_()
+        saved = {k: (ctx.key_cache[k][:b, :1].clone(), ctx.value_cache[k][:b, :1].clone()) for k in ctx.key_cache}
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):  # compiles and autotunes outside the capture
+            for _ in range(2):
+                self._call(b)
+        torch.cuda.current_stream(device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            outputs = self._call(b)
+        for k, (kc, vc) in saved.items():
+            ctx.key_cache[k][:b, :1].copy_(kc)
+            ctx.value_cache[k][:b, :1].copy_(vc)
+        self.inputs.copy_(saved_inputs)
+        self.graphs[b] = (graph, outputs)
+
+    def run(self, tokens: List[int], positions: List[int]):
+        b = len(tokens)
+        if b not in self.buckets or len(positions) != b:
+            raise ValueError(f"the continuous step runs {self.buckets} rows, got {b} tokens and {len(positions)} "
+                             "positions")
+        if self.copied is not None:
+            self.copied.synchronize()  # the last step's copy out of the staging buffer is done (long since)
+        self.staging[0, :b] = torch.tensor(tokens, dtype=torch.long)
+        self.staging[1, :b] = torch.tensor(positions, dtype=torch.long)
+        self.inputs[:, :b].copy_(self.staging[:, :b], non_blocking=True)
+        if self.copied is not None:
+            self.copied.record()
+        compiling = self.engine.decode_mode == "compiled" and b not in self.compiled and b not in self.graphs
+        with self.engine._compiling(b, self.ctx.max_sequence_length) if compiling else contextlib.nullcontext():
+            if self.capture:
+                if b not in self.graphs:
+                    self._capture(b)
+                graph, outputs = self.graphs[b]
+                graph.replay()
+            else:
+                outputs = self._call(b)
+        self.compiled.add(b)
+        return outputs
 
 
 class ContinuousBatcher:
-    """ContinuousBatcher(engine, max_requests, prefill_chunk=256): add(seq) queues a sequence;
-    step() runs one step (see the module docstring) and returns the sequences that ended in it;
-    busy() says whether anything is waiting or running."""
+    """ContinuousBatcher(engine, max_requests, prefill_chunk=256, *, static_step=None,
+    graph_buckets=None): add(seq) queues a sequence; step() runs one step (see the module
+    docstring) and returns the sequences that ended in it; busy() says whether anything is waiting
+    or running.
 
-    def __init__(self, engine: InferenceEngine, max_requests: int, prefill_chunk: int = 256):
+    static_step: decode through SlotDecodeStep (static shapes; on CUDA captured in CUDA graphs);
+    default: when the engine's decode_mode is not "eager". Otherwise the decode step is the model's
+    own forward over the slots in use (the reference the static step is tested against).
+    graph_buckets: the static step's batch sizes (default step_buckets(max_requests))."""
+
+    def __init__(self, engine: InferenceEngine, max_requests: int, prefill_chunk: int = 256, *,
+                 static_step: Optional[bool] = None, graph_buckets: Optional[List[int]] = None):
         if max_requests < 1:
             raise ValueError(f"--inference-max-requests must be >= 1, got {max_requests}")
         if prefill_chunk < 1:
@@ -130,6 +289,18 @@ class ContinuousBatcher:
         self.steps = 0
         self.largest_batch = 0
         self.admissions = 0
+        self.on_cuda = engine.device.type == "cuda"
+        self._read_buffer: Optional[torch.Tensor] = None  # pinned host memory of the step's one read
+        self._read_done = torch.cuda.Event() if self.on_cuda else None
+        if static_step is None:
+            static_step = engine.decode_mode != "eager"
+        self.decoder: Optional[SlotDecodeStep] = None
+        if static_step:
+            buckets = graph_buckets if graph_buckets is not None else step_buckets(self.max_requests)
+            if not buckets or buckets != sorted(set(buckets)) or buckets[0] < 1 or buckets[-1] != self.max_requests:
+                raise ValueError(f"the continuous step's batch sizes must rise from >= 1 to --inference-max-requests "
+                                 f"{self.max_requests}, got {buckets}")
+            self.decoder = SlotDecodeStep(engine, self.ctx, buckets, capture=self.on_cuda)
 
     # ------------------------------------------------------------------ queue
     def add(self, seq: Sequence) -> None:
@@ -172,12 +343,18 @@ class ContinuousBatcher:
         decoding = [s for s in self.slots if s is not None and s.prefilled == len(s.prompt) and s.generated]
         prefilling = [s for s in self.slots if s is not None and s.prefilled < len(s.prompt)]
         budget = self.prefill_chunk  # 2. prompt tokens read this step, oldest prompt first
+        groups = []  # (sequences, their rows of the logits, logits, log-probabilities, packed greedy or None, first)
         for seq in sorted(prefilling, key=lambda s: s.admitted):
             if budget <= 0:
                 break
-            budget -= self._prefill_chunk(seq, ended, budget)
+            read, last = self._prefill_chunk(seq, budget)
+            budget -= read
+            if last is not None:  # the prompt is read: its last logits give the first token
+                groups.append(([seq], [0], *last, None, True))
         if decoding:  # 3. one token for every decoding sequence
-            self._decode(decoding, ended)
+            groups.append((decoding, *self._decode(decoding), False))
+        if groups:
+            self._take(groups, ended)
         self.steps += 1
         return ended
 
@@ -200,13 +377,21 @@ class ContinuousBatcher:
         view.positions, view._rows, view.kv_len = None, None, self.S
         return view
 
-    def _prefill_chunk(self, seq: Sequence, ended: List[Sequence], budget: int) -> int:
-        """Read the next at most `budget` prompt tokens of seq; returns how many."""
+    def _device_longs(self, values: List[int]) -> torch.Tensor:
+        """A host list as a long tensor on the device, copied asynchronously (from pinned memory)."""
+        host = torch.tensor(values, dtype=torch.long, pin_memory=self.on_cuda)
+        return host.to(self.engine.device, non_blocking=True)
+
+    def _prefill_chunk(self, seq: Sequence, budget: int):
+        """Read the next at most `budget` prompt tokens of seq -> (how many, (logits [1, V],
+        log-probabilities [1, V]) at the last prompt token once the prompt is read, else None).
+        Queues device work only: the prompt's scores stay on the device until the first token's
+        read."""
         engine = self.engine
         lo = seq.prefilled
         hi = min(len(seq.prompt), lo + budget)
         device = engine.device
-        tokens = torch.tensor([seq.prompt[lo:hi]], dtype=torch.long, device=device)  # [1, c]
+        tokens = self._device_longs(seq.prompt[lo:hi])[None]  # [1, c]
         positions = torch.arange(lo, hi, device=device)[None]  # [1, c]
         logits = engine._forward(self._slot_view(seq.slot), tokens, positions, hi)[0]  # [c, V]
         seq.prefilled = hi
@@ -214,24 +399,27 @@ class ContinuousBatcher:
         following = seq.prompt[lo + 1: hi + 1]  # the prompt tokens these positions predict
         if following:
             k = len(following)
-            seq.prompt_logprobs += lp[:k].gather(-1, torch.tensor(following, device=device)[:, None])[:, 0].tolist()
+            chosen = lp[:k].gather(-1, self._device_longs(following)[:, None])[:, 0]  # [k]
             n = min(seq.params.top_logprobs, engine.vocab_size)
-            if seq.params.prompt_top_logprobs and n > 0:
-                values, ids = lp[:k].topk(n, dim=-1)
-                seq.prompt_top_logprobs += [dict(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
-        if hi == len(seq.prompt):  # the prompt is read: its last logits give the first token
-            self._take([seq], logits[-1:], lp[-1:], ended, first=True)
-        return hi - lo
+            top = lp[:k].topk(n, dim=-1) if seq.params.prompt_top_logprobs and n > 0 else None
+            seq.pending_prompt.append((chosen, None if top is None else top[1], None if top is None else top[0]))
+        last = (logits[-1:], lp[-1:]) if hi == len(seq.prompt) else None
+        return hi - lo, last
 
-    def _decode(self, decoding: List[Sequence], ended: List[Sequence]) -> None:
+    def _decode(self, decoding: List[Sequence]):
+        """Queue the decode step of the sequences in `decoding` -> (their rows of the logits,
+        logits [R, V], log-probabilities [R, V], packed greedy tokens and their log-probabilities
+        [R, 2] or None). Row r is slot r; rows of free slots or of sequences still in prefill feed
+        padding (see the module docstring)."""
         engine = self.engine
         device = engine.device
         m = max(s.slot for s in decoding) + 1
         self.largest_batch = max(self.largest_batch, len(decoding))
-        tokens = [engine.eod] * m
-        positions = [0] * m
+        rows = m if self.decoder is None else self.decoder.bucket(m)
+        tokens = [engine.eod] * rows
+        positions = [0] * rows
         now = {id(s) for s in decoding}
-        for slot in range(m):
+        for slot in range(rows):
             seq = self.slots[slot]
             if seq is None:
                 continue
@@ -240,6 +428,10 @@ class ContinuousBatcher:
                 positions[slot] = len(seq.prompt) + len(seq.generated) - 1
             else:  # in prefill: padding at the first position it has not written (overwritten later)
                 positions[slot] = seq.prefilled
+        order = [seq.slot for seq in decoding]
+        if self.decoder is not None:
+            logits, lp, packed = self.decoder.run(tokens, positions)
+            return order, logits, lp, packed
         kv_len = max(positions) + 1
         view = object.__new__(InferenceContext)
         view.max_batch_size = m
@@ -247,32 +439,30 @@ class ContinuousBatcher:
         view.key_cache = {k: t[:m] for k, t in self.ctx.key_cache.items()}
         view.value_cache = {k: t[:m] for k, t in self.ctx.value_cache.items()}
         view.positions, view._rows, view.kv_len = None, None, self.S
-        logits = engine._forward(view, torch.tensor(tokens, device=device)[:, None],
-                                 torch.tensor(positions, device=device)[:, None], kv_len)[:, -1]  # [m, V]
-        rows = torch.tensor([seq.slot for seq in decoding], device=device)
-        logits = logits[rows]  # [k, V], in the order of `decoding`
-        self._take(decoding, logits, F.log_softmax(logits, dim=-1), ended)
+        logits = engine._forward(view, self._device_longs(tokens)[:, None], self._device_longs(positions)[:, None],
+                                 kv_len)[:, -1]  # [m, V]
+        return order, logits, F.log_softmax(logits, dim=-1), None
 
-    def _take(self, seqs: List[Sequence], logits: torch.Tensor, lp: torch.Tensor, ended: List[Sequence],
-              first: bool = False) -> None:
-        """Sample the next token of each of seqs from its row of logits [k, V] (log-probabilities
-        lp [k, V]) and apply the stop rules. The device work is queued for every row first (greedy
-        rows share one argmax, the others sample one by one from their own generators) and read
-        back once: tokens, their log-probabilities and the top log-probabilities."""
+    def _choose(self, seqs: List[Sequence], rows: List[int], logits: torch.Tensor, lp: torch.Tensor,
+                packed: Optional[torch.Tensor]) -> torch.Tensor:
+        """Queue the choice of the next token of each of seqs from its row of logits [R, V] ->
+        float64 [R, 2 + 2n] on the device: per row the token, its log-probability (the model's own,
+        before penalties and bias), the n top token ids and their log-probabilities (n = the most
+        any of seqs asks for). Greedy rows take the argmax (`packed` [R, 2] where the step computed
+        it), the others sample one by one from their own generators."""
         engine = self.engine
         device = logits.device
-        k = len(seqs)
-        plain = [i for i, s in enumerate(seqs) if s.params.top_k == 1 and not s.params.shapes_logits()]
-        new = torch.empty(k, dtype=torch.long, device=device)  # [k]
-        if plain:
-            index = torch.tensor(plain, device=device)
-            new[index] = logits[index].argmax(dim=-1)
-        greedy = set(plain)
-        for i, seq in enumerate(seqs):
-            if i in greedy:
-                continue
+        if packed is None:
+            greedy = logits.argmax(dim=-1)  # [R]
+            packed = torch.stack([greedy.double(), lp.gather(-1, greedy[:, None])[:, 0].double()], dim=1)
+        out = packed
+        for seq, r in zip(seqs, rows):
             params = seq.params
-            shaped = logits[i: i + 1]
+            if params.top_k == 1 and not params.shapes_logits():
+                continue
+            if out is packed:
+                out = packed.clone()
+            shaped = logits[r: r + 1]
             if params.shapes_logits():
                 if seq.counts is not None:
                     shaped = (shaped - params.frequency_penalty * seq.counts
@@ -281,34 +471,87 @@ class ContinuousBatcher:
                     shaped = shaped.clone()
                 for token, bias in params.logit_bias:
                     shaped[0, token] += bias
-            new[i] = sample(shaped, top_k=params.top_k, top_p=params.top_p, temperature=params.temperature,
-                            generator=seq.generator)[0]
-        for i, seq in enumerate(seqs):
+            new = sample(shaped, top_k=params.top_k, top_p=params.top_p, temperature=params.temperature,
+                         generator=seq.generator)  # [1]
+            out[r: r + 1, 0] = new.double()
+            out[r: r + 1, 1] = lp[r: r + 1].gather(-1, new[:, None])[:, 0].double()
+        for seq, r in zip(seqs, rows):
             if seq.counts is not None:
-                seq.counts.index_add_(0, new[i: i + 1], torch.ones(1, device=device))
-        chosen = lp.gather(-1, new[:, None])[:, 0]  # [k]
+                seq.counts.index_add_(0, out[r: r + 1, 0].long(), torch.ones(1, device=device))
         n = min(max(s.params.top_logprobs for s in seqs), engine.vocab_size)
-        top_values = top_ids = None
         if n > 0:
-            top_values, top_ids = lp.topk(n, dim=-1)  # [k, n]
-            top_values, top_ids = top_values.tolist(), top_ids.tolist()
-        tokens, logprobs = new.tolist(), chosen.tolist()  # the one read of the step
-        for i, seq in enumerate(seqs):
-            params = seq.params
-            token = tokens[i]
-            top = None
-            if params.top_logprobs > 0:
-                m = min(params.top_logprobs, engine.vocab_size)
-                top = dict(zip(top_ids[i][:m], top_values[i][:m]))
-                seq.top_logprobs.append(top)
-            seq.generated.append(token)
-            seq.logprobs.append(logprobs[i])
-            stop = False
-            if seq.on_token is not None:
-                prompt_scores = ((seq.prompt_logprobs, seq.prompt_top_logprobs if params.prompt_top_logprobs else None)
-                                 if first else None)
-                stop = bool(seq.on_token(token, logprobs[i], top, prompt_scores))
-            if (stop or (params.stop_at_eod and token == engine.eod)
-                    or len(seq.generated) >= params.tokens_to_generate
-                    or (seq.withdrawn is not None and seq.withdrawn())):
-                self._end(seq, ended)
+            values, ids = lp.topk(n, dim=-1)  # [R, n]
+            out = torch.cat([out, ids.double(), values.double()], dim=1)
+        return out
+
+    def _read(self, tensors: List[torch.Tensor]) -> List[torch.Tensor]:
+        """The step's one read of the device: every tensor (any shape) as float64 on the host, by
+        one copy into pinned memory (on CUDA) and a wait for that copy alone."""
+        flat = [t.reshape(-1).double() for t in tensors]
+        whole = flat[0] if len(flat) == 1 else torch.cat(flat)
+        if self.on_cuda:
+            size = whole.numel()
+            if self._read_buffer is None or self._read_buffer.numel() < size:
+                self._read_buffer = torch.empty(max(size, 1024), dtype=torch.float64, pin_memory=True)
+            host = self._read_buffer[:size]
+            host.copy_(whole, non_blocking=True)
+            self._read_done.record()
+            self._read_done.synchronize()
+        else:
+            host = whole
+        out, at = [], 0
+        for t in tensors:
+            out.append(host[at: at + t.numel()].view(t.shape))
+            at += t.numel()
+        return out
+
+    def _take(self, groups, ended: List[Sequence]) -> None:
+        """Choose the next token of every sequence of the step (groups of (sequences, their rows,
+        logits, log-probabilities, packed greedy or None, first token)), read the device once
+        (tokens, log-probabilities, top log-probabilities and the prompt scores of sequences that
+        take their first token), then apply the stop rules on the host."""
+        engine = self.engine
+        chosen = [self._choose(seqs, rows, logits, lp, packed) for seqs, rows, logits, lp, packed, _ in groups]
+        prompt_parts = []  # (seq, index of its first tensor in the read, entries)
+        reads = list(chosen)
+        for seqs, _, _, _, _, first in groups:
+            if not first:
+                continue
+            for seq in seqs:
+                prompt_parts.append((seq, len(reads), seq.pending_prompt))
+                for entry in seq.pending_prompt:
+                    reads += [t for t in entry if t is not None]
+        host = self._read(reads)
+        for seq, at, entries in prompt_parts:
+            for chosen_lp, ids, values in entries:
+                seq.prompt_logprobs += host[at].tolist()
+                at += 1
+                if ids is not None:
+                    ids_list = [[int(i) for i in row] for row in host[at].tolist()]
+                    seq.prompt_top_logprobs += [dict(zip(i, v)) for i, v in zip(ids_list, host[at + 1].tolist())]
+                    at += 2
+            seq.pending_prompt = []
+        for (seqs, rows, _, _, _, first), values in zip(groups, host):
+            table = values.tolist()  # [R][2 + 2n]
+            n = (len(table[0]) - 2) // 2
+            for seq, r in zip(seqs, rows):
+                params = seq.params
+                entry = table[r]
+                token, logprob = int(entry[0]), entry[1]
+                top = None
+                if params.top_logprobs > 0:
+                    k = min(params.top_logprobs, engine.vocab_size, n)
+                    top = dict(zip((int(i) for i in entry[2: 2 + k]), entry[2 + n: 2 + n + k]))
+                    seq.top_logprobs.append(top)
+                seq.generated.append(token)
+                seq.logprobs.append(logprob)
+                stop = False
+                if seq.on_token is not None:
+                    prompt_scores = ((seq.prompt_logprobs,
+                                      seq.prompt_top_logprobs if params.prompt_top_logprobs else None)
+                                     if first else None)
+                    stop = bool(seq.on_token(token, logprob, top, prompt_scores))
+                if (stop or (params.stop_at_eod and token == engine.eod)
+                        or len(seq.generated) >= params.tokens_to_generate
+                        or (seq.withdrawn is not None and seq.withdrawn())):
+                    self._end(seq, ended)

@@ -1,0 +1,159 @@
+"""The continuous batch's static-shape decode step (continuous.SlotDecodeStep): rows padded to a
+batch-size bucket, tokens and positions in one static buffer, the decode-attention kernel over
+each row's own valid slots; captured in CUDA graphs on a GPU. It must give what the eager step (the
+model's forward over the slots in use) gives, with one read of the device per step."""
+
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _inference_fixtures import CharTokenizer, tiny_model  # noqa: E402
+
+from gigatron.core.inference.continuous import ContinuousBatcher, Sequence, step_buckets  # noqa: E402
+from gigatron.core.inference.engine import InferenceEngine, SamplingParams  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+TOK = CharTokenizer()
+PROMPTS = ["hello", "a much longer prompt than the others, read in chunks", "ab", "the cat", "x", "zzz top",
+           "one two three four", "q"]
+
+
+def _params(i):
+    if i == 3:
+        return SamplingParams(tokens_to_generate=9, temperature=0.9, top_p=0.9, random_seed=11, top_logprobs=2)
+    if i == 5:
+        return SamplingParams(tokens_to_generate=7, top_k=1, frequency_penalty=1.0, presence_penalty=0.5,
+                              logit_bias=((TOK.tokenize("e")[0], 2.0),))
+    return SamplingParams(tokens_to_generate=3 + (5 * i) % 11, top_k=1, stop_at_eod=i % 2 == 0,
+                          return_log_probs=True, top_logprobs=2 if i % 3 else 0, prompt_top_logprobs=i == 1)
+
+
+def _run(engine, static: bool, max_requests=5, **kw):
+    """The same joins and leaves: two sequences now, the others one every other step."""
+    batcher = ContinuousBatcher(engine, max_requests=max_requests, prefill_chunk=6, static_step=static, **kw)
+    seqs = [Sequence(TOK.tokenize(p), _params(i), seed=_params(i).random_seed) for i, p in enumerate(PROMPTS)]
+    pending = list(seqs)
+    batcher.add(pending.pop(0))
+    batcher.add(pending.pop(0))
+    step = 0
+    while batcher.busy() or pending:
+        if pending and step % 2 == 1:
+            batcher.add(pending.pop(0))
+        batcher.step()
+        step += 1
+    return batcher, seqs
+
+
+def _assert_same(seqs, want, tol):
+    for got, ref in zip(seqs, want):
+        assert got.done and got.generated == ref.generated, got.prompt
+        assert got.logprobs == pytest.approx(ref.logprobs, abs=tol)
+        assert got.prompt_logprobs == pytest.approx(ref.prompt_logprobs, abs=tol)
+        assert [sorted(t) for t in got.top_logprobs] == [sorted(t) for t in ref.top_logprobs]
+        assert [sorted(t) for t in got.prompt_top_logprobs] == [sorted(t) for t in ref.prompt_top_logprobs]
+
+
+@pytest.fixture(scope="module", params=["rope", "learned_absolute"])
+def engine(request):
+    return InferenceEngine(tiny_model(seed=3, position_embedding_type=request.param), TOK, max_batch_size=4)
+
+
+def test_step_buckets():
+    assert step_buckets(1) == [1]
+    assert step_buckets(64) == [1, 2, 4, 8, 16, 32, 64]
+    assert step_buckets(48) == [1, 2, 4, 8, 16, 32, 48]
+    assert step_buckets(64, 4) == [16, 32, 48, 64]  # --inference-dynamic-batching-num-cuda-graphs 4
+    assert step_buckets(3, 8) == [1, 2, 3]
+    with pytest.raises(ValueError, match="num-cuda-graphs"):
+        step_buckets(8, 0)
+
+
+def test_static_step_equals_the_eager_step_as_sequences_join_and_leave(engine):
+    """Tokens equal (greedy, seeded sampling, penalties and bias), log-probabilities to float
+    rounding, while the running rows change bucket (1, 2, 4 and the padded 5)."""
+    _, want = _run(engine, static=False)
+    batcher, seqs = _run(engine, static=True)
+    assert batcher.decoder is not None and batcher.decoder.compiled >= {1, 2, 4}
+    assert max(batcher.decoder.compiled) == 5
+    _assert_same(seqs, want, 1e-5)
+
+
+def test_static_step_with_fewer_buckets_pads_more_rows(engine):
+    """--inference-dynamic-batching-num-cuda-graphs 1: every step runs all 5 rows, the same results."""
+    _, want = _run(engine, static=False)
+    batcher, seqs = _run(engine, static=True, graph_buckets=[5])
+    assert batcher.decoder.compiled == {5}
+    _assert_same(seqs, want, 1e-5)
+
+
+def test_bad_buckets_are_refused(engine):
+    with pytest.raises(ValueError, match="rise from >= 1 to --inference-max-requests 5"):
+        ContinuousBatcher(engine, max_requests=5, static_step=True, graph_buckets=[2, 4])
+
+
+def test_each_step_reads_the_device_once(engine, monkeypatch):
+    """Tokens, log-probabilities, top log-probabilities and the prompt scores of sequences taking
+    their first token arrive in one read per step (one copy into pinned memory on a GPU)."""
+    reads = []
+    original = ContinuousBatcher._read
+
+    def counted(self, tensors):
+        reads.append(self.steps)
+        return original(self, tensors)
+
+    monkeypatch.setattr(ContinuousBatcher, "_read", counted)
+    batcher, seqs = _run(engine, static=True)
+    assert len(reads) == len(set(reads))  # never twice in a step
+    assert len(reads) >= max(len(s.generated) for s in seqs)  # and in every step that made tokens
+    assert len(reads) < batcher.steps  # steps that only read a prompt chunk read nothing
+
+
+def test_the_engine_decode_mode_picks_the_step():
+    """decode_mode "compiled" (on CPU: the compiled step, no graph) decodes through the static
+    step by default; "eager" through the model's own forward."""
+    model = tiny_model(seed=3, position_embedding_type="rope")
+    assert ContinuousBatcher(InferenceEngine(model, TOK), max_requests=2).decoder is None
+    assert ContinuousBatcher(InferenceEngine(model, TOK, decode_mode="compiled"), max_requests=2).decoder is not None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["cuda_graph", "compiled"])
+def test_graph_step_equals_the_eager_step_on_gpu(mode):
+    """On a GPU (fp32 model): the CUDA-graph step gives the eager step's tokens and, to float
+    rounding, its log-probabilities."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    model = tiny_model(seed=3, position_embedding_type="rope").cuda()
+    _, want = _run(InferenceEngine(model, TOK), static=False)
+    batcher, seqs = _run(InferenceEngine(model, TOK, decode_mode=mode), static=None)
+    assert set(batcher.decoder.graphs) >= {1, 2, 4}
+    _assert_same(seqs, want, 1e-4)
+
+
+@pytest.mark.gpu
+def test_graph_steps_do_not_synchronise_the_gpu():
+    """After the graphs are captured, greedy decode steps never synchronise implicitly (a
+    .item()/.tolist() on a device tensor, a copy from pageable memory): the only wait is for the
+    step's one copy into pinned memory (torch.cuda.set_sync_debug_mode turns the others into
+    errors)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    model = tiny_model(seed=3, position_embedding_type="rope").cuda()
+    engine = InferenceEngine(model, TOK, decode_mode="cuda_graph")
+    batcher = ContinuousBatcher(engine, max_requests=4, prefill_chunk=64)
+    params = SamplingParams(tokens_to_generate=30, top_k=1, stop_at_eod=False, top_logprobs=2)
+    for prompt in ("hello", "ab", "the cat", "xyz"):
+        batcher.add(Sequence(TOK.tokenize(prompt), params))
+    for _ in range(3):  # prefill, then capture the 4-row graph
+        batcher.step()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(20):
+            batcher.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(len(s.generated) == 23 for s in batcher.slots)
