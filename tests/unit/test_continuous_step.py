@@ -157,3 +157,66 @@ def test_graph_steps_do_not_synchronise_the_gpu():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert all(len(s.generated) == 23 for s in batcher.slots)
+
+
+def test_megatron_dynamic_batching_flags_reach_the_scheduler(engine):
+    """--inference-dynamic-batching-max-requests (another name of --inference-max-requests),
+    --inference-dynamic-batching-num-cuda-graphs and --inference-dynamic-batching-max-tokens parse
+    in the server tool and arrive in the continuous batcher."""
+    import argparse
+
+    from gigatron.core.inference.broadcast import LocalRunner
+    from gigatron.core.inference.server.app import build_app
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                                    "tools"))
+    from run_text_generation_server import add_text_generate_args
+
+    parser = add_text_generate_args(argparse.ArgumentParser())
+    args = parser.parse_args(["--inference-dynamic-batching", "--inference-dynamic-batching-max-requests", "6",
+                              "--inference-dynamic-batching-num-cuda-graphs", "3",
+                              "--inference-dynamic-batching-max-tokens", "9"])
+    assert (args.inference_max_requests, args.inference_dynamic_batching_num_cuda_graphs,
+            args.inference_dynamic_batching_max_tokens) == (6, 3, 9)
+    app = build_app(LocalRunner(engine), TOK, max_batch_size=4, max_sequence_length=64, dynamic_batching=True,
+                    max_requests=args.inference_max_requests, num_cuda_graphs=3, max_step_tokens=9)
+    try:
+        batcher = app.state.scheduler.batcher
+        assert batcher.max_requests == 6 and batcher.graph_buckets == [2, 4, 6] and batcher.max_step_tokens == 9
+    finally:
+        app.state.scheduler.close()
+    with pytest.raises(ValueError, match="--inference-dynamic-batching-max-tokens 3 is below the 4 sequences"):
+        ContinuousBatcher(engine, max_requests=4, max_step_tokens=3)
+
+
+def test_max_step_tokens_counts_decoded_and_prompt_tokens(engine):
+    """With --inference-dynamic-batching-max-tokens 6 and two sequences decoding, a step reads at
+    most 4 prompt tokens (the prefill chunk alone would allow 20)."""
+    batcher = ContinuousBatcher(engine, max_requests=3, prefill_chunk=20, max_step_tokens=6)
+    params = SamplingParams(tokens_to_generate=20, top_k=1, stop_at_eod=False)
+    short = [Sequence(TOK.tokenize(p), params) for p in ("ab", "cd")]
+    for seq in short:
+        batcher.add(seq)
+    batcher.step()  # both prompts (4 tokens) read, first tokens taken
+    long = Sequence(TOK.tokenize("a long prompt of many characters"), params)
+    batcher.add(long)
+    batcher.step()
+    assert long.prefilled == 4 and [len(s.generated) for s in short] == [2, 2]
+    batcher.step()
+    assert long.prefilled == 8
+
+
+def test_warm_up_runs_every_bucket_before_any_sequence(engine):
+    """The server prepares every batch size's step before it listens (a GPU captures the graphs
+    there); the results after it are unchanged."""
+    _, want = _run(engine, static=False)
+    batcher = ContinuousBatcher(engine, max_requests=5, prefill_chunk=6, static_step=True)
+    batcher.warm_up()
+    assert batcher.decoder.compiled == {1, 2, 4, 5}
+    batcher.add(Sequence(TOK.tokenize(PROMPTS[0]), _params(0)))
+    with pytest.raises(RuntimeError, match="before any sequence"):
+        batcher.step()
+        batcher.warm_up()
+    while batcher.busy():
+        batcher.step()
+    assert batcher.slots == [None] * 5

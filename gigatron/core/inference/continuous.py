@@ -268,14 +268,24 @@ class ContinuousBatcher:
     static_step: decode through SlotDecodeStep (static shapes; on CUDA captured in CUDA graphs);
     default: when the engine's decode_mode is not "eager". Otherwise the decode step is the model's
     own forward over the slots in use (the reference the static step is tested against).
-    graph_buckets: the static step's batch sizes (default step_buckets(max_requests))."""
+    graph_buckets: the static step's batch sizes (default step_buckets(max_requests)).
+    max_step_tokens: at most this many tokens in one step, decoded and prompt tokens together
+    (--inference-dynamic-batching-max-tokens): a step's prompt budget is the smaller of
+    prefill_chunk and max_step_tokens minus the sequences it decodes; at least max_requests, so a
+    free slot's prompt always gets a token."""
 
     def __init__(self, engine: InferenceEngine, max_requests: int, prefill_chunk: int = 256, *,
-                 static_step: Optional[bool] = None, graph_buckets: Optional[List[int]] = None):
+                 static_step: Optional[bool] = None, graph_buckets: Optional[List[int]] = None,
+                 max_step_tokens: Optional[int] = None):
         if max_requests < 1:
             raise ValueError(f"--inference-max-requests must be >= 1, got {max_requests}")
         if prefill_chunk < 1:
             raise ValueError(f"--inference-prefill-chunk-size must be >= 1, got {prefill_chunk}")
+        if max_step_tokens is not None and max_step_tokens < max_requests:
+            raise ValueError(f"--inference-dynamic-batching-max-tokens {max_step_tokens} is below the "
+                             f"{max_requests} sequences a step may decode (--inference-max-requests); give at least "
+                             f"{max_requests}")
+        self.max_step_tokens = None if max_step_tokens is None else int(max_step_tokens)
         if engine.groups.tp.size != 1:
             raise ValueError("continuous batching runs on one process; use --tensor-model-parallel-size 1 "
                              "or leave --inference-dynamic-batching off")
@@ -295,12 +305,26 @@ class ContinuousBatcher:
         if static_step is None:
             static_step = engine.decode_mode != "eager"
         self.decoder: Optional[SlotDecodeStep] = None
+        self.graph_buckets = list(graph_buckets) if graph_buckets is not None else step_buckets(self.max_requests)
         if static_step:
-            buckets = graph_buckets if graph_buckets is not None else step_buckets(self.max_requests)
+            buckets = self.graph_buckets
             if not buckets or buckets != sorted(set(buckets)) or buckets[0] < 1 or buckets[-1] != self.max_requests:
                 raise ValueError(f"the continuous step's batch sizes must rise from >= 1 to --inference-max-requests "
                                  f"{self.max_requests}, got {buckets}")
             self.decoder = SlotDecodeStep(engine, self.ctx, buckets, capture=self.on_cuda)
+
+    @torch.no_grad()
+    def warm_up(self) -> None:
+        """Capture (and under decode_mode "compiled" compile) the static step of every batch size
+        now, so that no request waits for it; only while no sequence holds a slot (the steps write
+        padding at position 0 of the slots)."""
+        if self.decoder is None:
+            return
+        if any(s is not None for s in self.slots):
+            raise RuntimeError("warm_up() runs before any sequence is admitted")
+        self.engine.model.eval()
+        for b in self.decoder.buckets:
+            self.decoder.run([self.engine.eod] * b, [0] * b)
 
     # ------------------------------------------------------------------ queue
     def add(self, seq: Sequence) -> None:
@@ -343,6 +367,8 @@ class ContinuousBatcher:
         decoding = [s for s in self.slots if s is not None and s.prefilled == len(s.prompt) and s.generated]
         prefilling = [s for s in self.slots if s is not None and s.prefilled < len(s.prompt)]
         budget = self.prefill_chunk  # 2. prompt tokens read this step, oldest prompt first
+        if self.max_step_tokens is not None:
+            budget = min(budget, self.max_step_tokens - len(decoding))
         groups = []  # (sequences, their rows of the logits, logits, log-probabilities, packed greedy or None, first)
         for seq in sorted(prefilling, key=lambda s: s.admitted):
             if budget <= 0:

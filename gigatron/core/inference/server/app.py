@@ -143,12 +143,15 @@ def build_app(runner, tokenizer, *, max_batch_size: int, max_sequence_length: in
               defaults: ServerDefaults = ServerDefaults(), model_name: str = "gigatron",
               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, chat_template: Optional[str] = None,
               dynamic_batching: bool = False, max_requests: Optional[int] = None, prefill_chunk: int = 256,
-              max_tokens_to_oom: Optional[int] = None):
+              max_tokens_to_oom: Optional[int] = None, num_cuda_graphs: Optional[int] = None,
+              max_step_tokens: Optional[int] = None):
     """The FastAPI app; `runner` is a LocalRunner or LeaderRunner (gigatron.core.inference.broadcast).
     model_name: the id of GET /v1/models (a request naming another model gets 404); chat_template:
     the Jinja chat template of /v1/chat/completions (server/chat.py; None: that route answers 400).
     dynamic_batching: requests join and leave one running batch at every step (ContinuousScheduler,
-    max_requests slots, default max_batch_size; prompts read prefill_chunk tokens a step);
+    max_requests slots, default max_batch_size; prompts read prefill_chunk tokens a step, and a
+    step holds at most max_step_tokens tokens; on a GPU its decode step is captured in CUDA graphs
+    of num_cuda_graphs batch sizes, default 1, 2, 4, ... max_requests);
     otherwise compatible requests are batched whole (Scheduler), and a request whose rows (up to
     max_batch_size) times its longest prompt plus the tokens to generate exceed max_tokens_to_oom
     is refused with 400 (Megatron's --max-tokens-to-oom; continuous batching queues instead)."""
@@ -161,7 +164,8 @@ def build_app(runner, tokenizer, *, max_batch_size: int, max_sequence_length: in
         template = ChatTemplate(chat_template, bos_token=_special_text(tokenizer, "bos"),
                                 eos_token=_special_text(tokenizer, "eod"))
     if dynamic_batching:
-        scheduler = ContinuousScheduler(runner, max_requests or max_batch_size, prefill_chunk)
+        scheduler = ContinuousScheduler(runner, max_requests or max_batch_size, prefill_chunk,
+                                        num_cuda_graphs=num_cuda_graphs, max_step_tokens=max_step_tokens)
     else:
         scheduler = Scheduler(runner, max_batch_size)
     app = FastAPI(title="Gigatron text generation")
