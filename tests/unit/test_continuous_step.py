@@ -213,10 +213,11 @@ def test_warm_up_runs_every_bucket_before_any_sequence(engine):
     batcher = ContinuousBatcher(engine, max_requests=5, prefill_chunk=6, static_step=True)
     batcher.warm_up()
     assert batcher.decoder.compiled == {1, 2, 4, 5}
-    batcher.add(Sequence(TOK.tokenize(PROMPTS[0]), _params(0)))
+    seq = Sequence(TOK.tokenize(PROMPTS[0]), _params(0))
+    batcher.add(seq)
     with pytest.raises(RuntimeError, match="before any sequence"):
         batcher.step()
         batcher.warm_up()
     while batcher.busy():
         batcher.step()
-    assert batcher.slots == [None] * 5
+    assert seq.generated == want[0].generated and batcher.slots == [None] * 5
