@@ -36,7 +36,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gigatron.core.inference.engine import PromptTooLongError
 from gigatron.core.inference.server.chat import ChatTemplate, ChatTemplateError
-from gigatron.core.inference.server.completions import CompletionTracker, chat_logprobs, completion_logprobs
+from gigatron.core.inference.server.completions import (
+    CompletionTracker,
+    chat_logprobs,
+    completion_logprobs,
+    json_logprob,
+)
 from gigatron.core.inference.server.scheduler import ContinuousScheduler, Job, Scheduler
 from gigatron.core.inference.server.validation import (
     DEFAULT_MAX_REQUEST_BYTES,
@@ -299,8 +304,10 @@ def build_app(runner, tokenizer, *, max_batch_size: int, max_sequence_length: in
             return JSONResponse(status_code=400, content={"error": str(exc), "field": None})
         if result is _DISCONNECTED:
             return Response(status_code=499)
-        return {"text": result.texts, "segments": result.segments,
-                "logprobs": result.logprobs if req.params.return_log_probs else None, "tokens": result.tokens}
+        logprobs = None
+        if req.params.return_log_probs:
+            logprobs = [[json_logprob(lp) for lp in row] for row in result.logprobs]
+        return {"text": result.texts, "segments": result.segments, "logprobs": logprobs, "tokens": result.tokens}
 
     def check_model(name):
         if name is not None and name != model_name:
