@@ -299,6 +299,10 @@ class ContinuousBatcher:
         self.steps = 0
         self.largest_batch = 0
         self.admissions = 0
+        # Decode work so far (benchmarks: the mean running batch and the KV positions the steps read).
+        self.decode_steps = 0
+        self.decoded_rows = 0
+        self.kv_positions_read = 0
         self.on_cuda = engine.device.type == "cuda"
         self._read_buffer: Optional[torch.Tensor] = None  # pinned host memory of the step's one read
         self._read_done = torch.cuda.Event() if self.on_cuda else None
@@ -455,6 +459,9 @@ class ContinuousBatcher:
             else:  # in prefill: padding at the first position it has not written (overwritten later)
                 positions[slot] = seq.prefilled
         order = [seq.slot for seq in decoding]
+        self.decode_steps += 1
+        self.decoded_rows += len(decoding)
+        self.kv_positions_read += sum(positions[r] + 1 for r in order)
         if self.decoder is not None:
             logits, lp, packed = self.decoder.run(tokens, positions)
             return order, logits, lp, packed
