@@ -144,7 +144,7 @@ class SlotDecodeStep:
     references) with the decode-attention kernel at every batch size (each row reads its own slots
     0..position only; the attention length is the whole cache, which sizes only the kernel's work
     split), then log_softmax and the greedy token. Tokens and positions live in one static device
-    buffer [2, B]; run() writes them into pinned host memory and copies them in with one
+    buffer [2 * B] (tokens then positions of a step's b rows); run() writes them into pinned host memory and copies them in with one
     asynchronous copy, so the host never waits for the device here. With `capture` (CUDA) each
     bucket's step is captured in a CUDA graph at its first use (compiled by torch.compile first
     under decode_mode "compiled"), which reads its slice of that buffer: a step is the copy and one
@@ -162,8 +162,10 @@ class SlotDecodeStep:
         kernels = dataclasses.replace(engine.decode_kernels, attention_every_batch=True)
         self.model = DecodeStep(engine.model, kernels) if kernels.gemv else engine.model
         largest = self.buckets[-1]
-        self.inputs = torch.zeros(2, largest, dtype=torch.long, device=device)  # tokens, positions
-        self.staging = torch.zeros(2, largest, dtype=torch.long, pin_memory=on_cuda)
+        # A step of b rows reads its tokens from inputs[:b] and its positions from inputs[b:2b]
+        # (contiguous, so the host's staging copy is one asynchronous copy from pinned memory).
+        self.inputs = torch.zeros(2 * largest, dtype=torch.long, device=device)
+        self.staging = torch.zeros(2 * largest, dtype=torch.long, pin_memory=on_cuda)
         self.copied = torch.cuda.Event() if on_cuda else None  # the staging buffer may be rewritten
         self.views: Dict[int, InferenceContext] = {}
         self.graphs: Dict[int, Tuple[torch.cuda.CUDAGraph, tuple]] = {}
@@ -206,7 +208,7 @@ class SlotDecodeStep:
         return logits, lp, packed
 
     def _call(self, b: int):
-        tokens, positions = self.inputs[0, :b].view(b, 1), self.inputs[1, :b].view(b, 1)
+        tokens, positions = self.inputs[:b].view(b, 1), self.inputs[b: 2 * b].view(b, 1)
         return self.function(self._view(b), tokens, positions)
 
     def _capture(self, b: int):
@@ -241,9 +243,8 @@ class SlotDecodeStep:
                              "positions")
         if self.copied is not None:
             self.copied.synchronize()  # the last step's copy out of the staging buffer is done (long since)
-        self.staging[0, :b] = torch.tensor(tokens, dtype=torch.long)
-        self.staging[1, :b] = torch.tensor(positions, dtype=torch.long)
-        self.inputs[:, :b].copy_(self.staging[:, :b], non_blocking=True)
+        self.staging[:2 * b] = torch.tensor(tokens + positions, dtype=torch.long)
+        self.inputs[:2 * b].copy_(self.staging[:2 * b], non_blocking=True)
         if self.copied is not None:
             self.copied.record()
         compiling = self.engine.decode_mode == "compiled" and b not in self.compiled and b not in self.graphs
