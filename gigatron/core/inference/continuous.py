@@ -31,6 +31,14 @@ One call of step():
      when its on_token callback says so (a stop string) or when it is withdrawn (its client went
      away); its slot is free for the next step.
 
+The static step (SlotDecodeStep, on CUDA captured in CUDA graphs; chosen when the engine's
+decode_mode is not "eager") pads the decoding rows to a batch-size bucket and feeds each slot's
+latest token from a device buffer that the sampling writes, so the host needs no token value to
+launch a step. It therefore takes a step's tokens (4.) in the next step, after launching that one:
+the host's bookkeeping and callbacks run while the device computes. A sequence that ends by a
+token value (end-of-document, a stop string) decodes once more, and that token is dropped; one that
+reaches its token limit does not (the host counts the tokens it has asked for, `issued`).
+
 Greedy results equal those of running each request alone (tested); a seeded sequence draws from
 its own generator seeded with its seed (row i of a request: seed + i), so a one-row seeded request
 draws what the static engine draws for it alone. Log-probabilities are the model's own (before
@@ -104,6 +112,7 @@ class Sequence:
     prompt_top_logprobs: List[Dict[int, float]] = dataclasses.field(default_factory=list)
     slot: Optional[int] = None
     prefilled: int = 0  # prompt tokens whose keys/values are in the slot
+    issued: int = 0  # tokens chosen on the device (the static step reads them one step later)
     admitted: int = -1  # admission order (the oldest prompt is read first)
     done: bool = False
     generator: Optional[torch.Generator] = None
@@ -136,15 +145,17 @@ class SlotDecodeStep:
     of step_buckets(), each row at its own position.
 
     SlotDecodeStep(engine, ctx, buckets, capture)
-      run(tokens, positions) (host lists of b = a bucket's entries) -> (logits [b, V] fp32,
+      tokens [B] (device): each slot's latest token, which the caller writes on the device;
+      run(positions) (a host list of b = a bucket's entries) -> (logits [b, V] fp32,
         log-probabilities [b, V], packed [b, 2] float64: each row's greedy token and its
-        log-probability), valid until the next run.
+        log-probability) of rows 0..b-1 feeding tokens[:b], valid until the next run.
 
     The step is the engine's decode step (decode_step.DecodeStep, on CPU its plain-PyTorch
     references) with the decode-attention kernel at every batch size (each row reads its own slots
     0..position only; the attention length is the whole cache, which sizes only the kernel's work
-    split), then log_softmax and the greedy token. Tokens and positions live in one static device
-    buffer [2 * B] (tokens then positions of a step's b rows); run() writes them into pinned host memory and copies them in with one
+    split), then log_softmax and the greedy token. Tokens and positions live in static device
+    buffers: the tokens never leave the device (the sampling of one step writes the next step's),
+    and run() writes the positions into pinned host memory and copies them in with one
     asynchronous copy, so the host never waits for the device here. With `capture` (CUDA) each
     bucket's step is captured in a CUDA graph at its first use (compiled by torch.compile first
     under decode_mode "compiled"), which reads its slice of that buffer: a step is the copy and one
@@ -162,11 +173,14 @@ class SlotDecodeStep:
         kernels = dataclasses.replace(engine.decode_kernels, attention_every_batch=True)
         self.model = DecodeStep(engine.model, kernels) if kernels.gemv else engine.model
         largest = self.buckets[-1]
-        # A step of b rows reads its tokens from inputs[:b] and its positions from inputs[b:2b]
-        # (contiguous, so the host's staging copy is one asynchronous copy from pinned memory).
-        self.inputs = torch.zeros(2 * largest, dtype=torch.long, device=device)
-        self.staging = torch.zeros(2 * largest, dtype=torch.long, pin_memory=on_cuda)
-        self.copied = torch.cuda.Event() if on_cuda else None  # the staging buffer may be rewritten
+        # A step of b rows feeds tokens[:b] (each slot's latest token, which the batcher's sampling
+        # writes on the device) at positions[:b] (from the host: one asynchronous copy out of
+        # pinned memory, two staging rows used in turn).
+        self.tokens = torch.zeros(largest, dtype=torch.long, device=device)
+        self.positions = torch.zeros(largest, dtype=torch.long, device=device)
+        self.staging = torch.zeros(2, largest, dtype=torch.long, pin_memory=on_cuda)
+        self.copied = [torch.cuda.Event(), torch.cuda.Event()] if on_cuda else None
+        self.runs = 0
         self.views: Dict[int, InferenceContext] = {}
         self.graphs: Dict[int, Tuple[torch.cuda.CUDAGraph, tuple]] = {}
         self.pool = None
@@ -208,16 +222,16 @@ class SlotDecodeStep:
         return logits, lp, packed
 
     def _call(self, b: int):
-        tokens, positions = self.inputs[:b].view(b, 1), self.inputs[b: 2 * b].view(b, 1)
-        return self.function(self._view(b), tokens, positions)
+        return self.function(self._view(b), self.tokens[:b].view(b, 1), self.positions[:b].view(b, 1))
 
     def _capture(self, b: int):
         """Capture the step of b rows. The warm-up and the capture write position 0 of rows
         0..b-1, which may hold live keys/values: saved and restored around them (and the inputs)."""
         device = self.engine.device
         ctx = self.ctx
-        saved_inputs = self.inputs.clone()
-        self.inputs.zero_()
+        saved_inputs = (self.tokens.clone(), self.positions.clone())
+        self.tokens.zero_()
+        self.positions.zero_()
         saved = {k: (ctx.key_cache[k][:b, :1].clone(), ctx.value_cache[k][:b, :1].clone()) for k in ctx.key_cache}
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
@@ -233,20 +247,23 @@ class SlotDecodeStep:
         for k, (kc, vc) in saved.items():
             ctx.key_cache[k][:b, :1].copy_(kc)
             ctx.value_cache[k][:b, :1].copy_(vc)
-        self.inputs.copy_(saved_inputs)
+        self.tokens.copy_(saved_inputs[0])
+        self.positions.copy_(saved_inputs[1])
         self.graphs[b] = (graph, outputs)
 
-    def run(self, tokens: List[int], positions: List[int]):
-        b = len(tokens)
-        if b not in self.buckets or len(positions) != b:
-            raise ValueError(f"the continuous step runs {self.buckets} rows, got {b} tokens and {len(positions)} "
-                             "positions")
+    def run(self, positions: List[int]):
+        """One step of b = len(positions) rows (a bucket size): row r feeds tokens[r] at positions[r]."""
+        b = len(positions)
+        if b not in self.buckets:
+            raise ValueError(f"the continuous step runs {self.buckets} rows, got {b} positions")
+        turn = self.runs % 2
+        self.runs += 1
         if self.copied is not None:
-            self.copied.synchronize()  # the last step's copy out of the staging buffer is done (long since)
-        self.staging[:2 * b] = torch.tensor(tokens + positions, dtype=torch.long)
-        self.inputs[:2 * b].copy_(self.staging[:2 * b], non_blocking=True)
+            self.copied[turn].synchronize()  # this staging row's copy of two steps ago is done (long since)
+        self.staging[turn, :b] = torch.tensor(positions, dtype=torch.long)
+        self.positions[:b].copy_(self.staging[turn, :b], non_blocking=True)
         if self.copied is not None:
-            self.copied.record()
+            self.copied[turn].record()
         compiling = self.engine.decode_mode == "compiled" and b not in self.compiled and b not in self.graphs
         with self.engine._compiling(b, self.ctx.max_sequence_length) if compiling else contextlib.nullcontext():
             if self.capture:
@@ -305,8 +322,12 @@ class ContinuousBatcher:
         self.decoded_rows = 0
         self.kv_positions_read = 0
         self.on_cuda = engine.device.type == "cuda"
-        self._read_buffer: Optional[torch.Tensor] = None  # pinned host memory of the step's one read
-        self._read_done = torch.cuda.Event() if self.on_cuda else None
+        # The step's one read: pinned host memory and an event per turn (two, used in turn: the
+        # static step reads a step's results while the next step's read is queued).
+        self._read_buffers: List[Optional[torch.Tensor]] = [None, None]
+        self._read_events = [torch.cuda.Event(), torch.cuda.Event()] if self.on_cuda else None
+        self._reads = 0
+        self._pending = None  # the static step's results not yet taken: (groups, prompt parts, read)
         if static_step is None:
             static_step = engine.decode_mode != "eager"
         self.decoder: Optional[SlotDecodeStep] = None
@@ -325,11 +346,18 @@ class ContinuousBatcher:
         padding at position 0 of the slots)."""
         if self.decoder is None:
             return
-        if any(s is not None for s in self.slots):
+        if self.busy():
             raise RuntimeError("warm_up() runs before any sequence is admitted")
         self.engine.model.eval()
         for b in self.decoder.buckets:
-            self.decoder.run([self.engine.eod] * b, [0] * b)
+            self.decoder.run([0] * b)
+
+    def clear(self) -> None:
+        """Forget every sequence, waiting, running or with results not yet taken (after a failed
+        step; the callers have been told)."""
+        self.waiting.clear()
+        self.slots = [None] * self.max_requests
+        self._pending = None
 
     # ------------------------------------------------------------------ queue
     def add(self, seq: Sequence) -> None:
@@ -349,7 +377,7 @@ class ContinuousBatcher:
         self.waiting.append(seq)
 
     def busy(self) -> bool:
-        return bool(self.waiting) or any(s is not None for s in self.slots)
+        return bool(self.waiting) or any(s is not None for s in self.slots) or self._pending is not None
 
     def running(self) -> int:
         return sum(s is not None for s in self.slots)
@@ -369,7 +397,9 @@ class ContinuousBatcher:
             seq.admitted = self.admissions
             self.admissions += 1
             self.slots[seq.slot] = seq
-        decoding = [s for s in self.slots if s is not None and s.prefilled == len(s.prompt) and s.generated]
+        # Decoding: past the prompt, with a first token chosen (read or not) and tokens left to choose.
+        decoding = [s for s in self.slots if s is not None and s.prefilled == len(s.prompt)
+                    and 0 < s.issued < s.params.tokens_to_generate]
         prefilling = [s for s in self.slots if s is not None and s.prefilled < len(s.prompt)]
         budget = self.prefill_chunk  # 2. prompt tokens read this step, oldest prompt first
         if self.max_step_tokens is not None:
@@ -384,8 +414,19 @@ class ContinuousBatcher:
                 groups.append(([seq], [0], *last, None, True))
         if decoding:  # 3. one token for every decoding sequence
             groups.append((decoding, *self._decode(decoding), False))
-        if groups:
-            self._take(groups, ended)
+        for seqs, *_ in groups:
+            for seq in seqs:
+                seq.issued += 1
+        if self.decoder is None:
+            if groups:  # 4. read the tokens and apply them at once
+                self._apply(*self._queue_read(groups), ended)
+        else:
+            # The static step: this step's tokens are on the device already (the next step feeds
+            # them from there); its read is queued, and the host takes the previous step's tokens
+            # while the device runs this one.
+            previous, self._pending = self._pending, (self._queue_read(groups) if groups else None)
+            if previous is not None:
+                self._apply(*previous, ended)
         self.steps += 1
         return ended
 
@@ -441,9 +482,9 @@ class ContinuousBatcher:
         """Queue the decode step of the sequences in `decoding` -> (their rows of the logits,
         logits [R, V], log-probabilities [R, V], packed greedy tokens and their log-probabilities
         [R, 2] or None). Row r is slot r; rows of free slots or of sequences still in prefill feed
-        padding (see the module docstring)."""
+        padding (see the module docstring). The static step feeds each slot's latest token from
+        the device (SlotDecodeStep.tokens); the eager step feeds the host's."""
         engine = self.engine
-        device = engine.device
         m = max(s.slot for s in decoding) + 1
         self.largest_batch = max(self.largest_batch, len(decoding))
         rows = m if self.decoder is None else self.decoder.bucket(m)
@@ -455,8 +496,9 @@ class ContinuousBatcher:
             if seq is None:
                 continue
             if id(seq) in now:
-                tokens[slot] = seq.generated[-1]
-                positions[slot] = len(seq.prompt) + len(seq.generated) - 1
+                positions[slot] = len(seq.prompt) + seq.issued - 1
+                if self.decoder is None:
+                    tokens[slot] = seq.generated[-1]
             else:  # in prefill: padding at the first position it has not written (overwritten later)
                 positions[slot] = seq.prefilled
         order = [seq.slot for seq in decoding]
@@ -464,9 +506,8 @@ class ContinuousBatcher:
         self.decoded_rows += len(decoding)
         self.kv_positions_read += sum(positions[r] + 1 for r in order)
         if self.decoder is not None:
-            logits, lp, packed = self.decoder.run(tokens, positions)
+            logits, lp, packed = self.decoder.run(positions)
             return order, logits, lp, packed
-        kv_len = max(positions) + 1
         view = object.__new__(InferenceContext)
         view.max_batch_size = m
         view.max_sequence_length = self.S
@@ -474,7 +515,7 @@ class ContinuousBatcher:
         view.value_cache = {k: t[:m] for k, t in self.ctx.value_cache.items()}
         view.positions, view._rows, view.kv_len = None, None, self.S
         logits = engine._forward(view, self._device_longs(tokens)[:, None], self._device_longs(positions)[:, None],
-                                 kv_len)[:, -1]  # [m, V]
+                                 max(positions) + 1)[:, -1]  # [m, V]
         return order, logits, F.log_softmax(logits, dim=-1), None
 
     def _choose(self, seqs: List[Sequence], rows: List[int], logits: torch.Tensor, lp: torch.Tensor,
@@ -518,57 +559,89 @@ class ContinuousBatcher:
             out = torch.cat([out, ids.double(), values.double()], dim=1)
         return out
 
-    def _read(self, tensors: List[torch.Tensor]) -> List[torch.Tensor]:
-        """The step's one read of the device: every tensor (any shape) as float64 on the host, by
-        one copy into pinned memory (on CUDA) and a wait for that copy alone."""
-        flat = [t.reshape(-1).double() for t in tensors]
-        whole = flat[0] if len(flat) == 1 else torch.cat(flat)
-        if self.on_cuda:
-            size = whole.numel()
-            if self._read_buffer is None or self._read_buffer.numel() < size:
-                self._read_buffer = torch.empty(max(size, 1024), dtype=torch.float64, pin_memory=True)
-            host = self._read_buffer[:size]
-            host.copy_(whole, non_blocking=True)
-            self._read_done.record()
-            self._read_done.synchronize()
-        else:
-            host = whole
-        out, at = [], 0
-        for t in tensors:
-            out.append(host[at: at + t.numel()].view(t.shape))
-            at += t.numel()
-        return out
-
-    def _take(self, groups, ended: List[Sequence]) -> None:
-        """Choose the next token of every sequence of the step (groups of (sequences, their rows,
-        logits, log-probabilities, packed greedy or None, first token)), read the device once
-        (tokens, log-probabilities, top log-probabilities and the prompt scores of sequences that
-        take their first token), then apply the stop rules on the host."""
-        engine = self.engine
+    def _queue_read(self, groups):
+        """Queue the choice of every group's tokens (groups of (sequences, their rows, logits,
+        log-probabilities, packed greedy or None, first token)), for the static step also write
+        them where its next step feeds them from, and queue the step's one read of the device:
+        the tokens, their log-probabilities and top log-probabilities and the prompt scores of
+        sequences taking their first token, as one float64 vector copied into pinned memory
+        (on CUDA). -> (groups, prompt parts, the read) for _apply."""
         chosen = [self._choose(seqs, rows, logits, lp, packed) for seqs, rows, logits, lp, packed, _ in groups]
+        if self.decoder is not None:  # each slot's latest token, where the next decode step reads it
+            slot_tokens = self.decoder.tokens
+            # The decode step's rows first: row r is slot r, every row of the step is written
+            # (rows that did not decode feed padding anyway) ...
+            for (seqs, rows, *_, first), values in zip(groups, chosen):
+                if not first:
+                    slot_tokens[: values.shape[0]].copy_(values[:, 0])
+            # ... then the first tokens of prompts read this step, over their slots' padding rows.
+            for (seqs, rows, *_, first), values in zip(groups, chosen):
+                if first:  # one sequence, one row
+                    slot_tokens[seqs[0].slot: seqs[0].slot + 1].copy_(values[:1, 0])
         prompt_parts = []  # (seq, index of its first tensor in the read, entries)
         reads = list(chosen)
-        for seqs, _, _, _, _, first in groups:
+        for seqs, *_, first in groups:
             if not first:
                 continue
             for seq in seqs:
                 prompt_parts.append((seq, len(reads), seq.pending_prompt))
                 for entry in seq.pending_prompt:
                     reads += [t for t in entry if t is not None]
-        host = self._read(reads)
+                seq.pending_prompt = []
+        meta = [(seqs, rows, first) for seqs, rows, *_, first in groups]
+        flat = [t.reshape(-1).double() for t in reads]
+        whole = flat[0] if len(flat) == 1 else torch.cat(flat)
+        turn = self._reads % 2
+        self._reads += 1
+        if self.on_cuda:
+            size = whole.numel()
+            self._read_events[turn].synchronize()  # this buffer's read of two steps ago was taken
+            buffer = self._read_buffers[turn]
+            if buffer is None or buffer.numel() < size:
+                buffer = self._read_buffers[turn] = torch.empty(max(size, 4096), dtype=torch.float64,
+                                                                pin_memory=True)
+            host = buffer[:size]
+            host.copy_(whole, non_blocking=True)
+            self._read_events[turn].record()
+            event = self._read_events[turn]
+        else:
+            host, event = whole, None
+        return meta, prompt_parts, (host, event, [t.shape for t in reads])
+
+    def _read(self, read) -> List[torch.Tensor]:
+        """Wait for a queued read (its copy alone) -> the tensors it holds, on the host, float64."""
+        host, event, shapes = read
+        if event is not None:
+            event.synchronize()
+        out, at = [], 0
+        for shape in shapes:
+            size = 1
+            for extent in shape:
+                size *= extent
+            out.append(host[at: at + size].view(shape))
+            at += size
+        return out
+
+    def _apply(self, meta, prompt_parts, read, ended: List[Sequence]) -> None:
+        """Take a step's tokens from its read and apply the stop rules on the host. A sequence
+        that ended meanwhile (withdrawn, or a stop seen in the step before, which the static step
+        learns one step late) ignores its token."""
+        engine = self.engine
+        host = self._read(read)
         for seq, at, entries in prompt_parts:
-            for chosen_lp, ids, values in entries:
+            for _, ids, _ in entries:
                 seq.prompt_logprobs += host[at].tolist()
                 at += 1
                 if ids is not None:
                     ids_list = [[int(i) for i in row] for row in host[at].tolist()]
                     seq.prompt_top_logprobs += [dict(zip(i, v)) for i, v in zip(ids_list, host[at + 1].tolist())]
                     at += 2
-            seq.pending_prompt = []
-        for (seqs, rows, _, _, _, first), values in zip(groups, host):
+        for (seqs, rows, first), values in zip(meta, host):
             table = values.tolist()  # [R][2 + 2n]
             n = (len(table[0]) - 2) // 2
             for seq, r in zip(seqs, rows):
+                if seq.done:
+                    continue
                 params = seq.params
                 entry = table[r]
                 token, logprob = int(entry[0]), entry[1]

@@ -273,8 +273,7 @@ class ContinuousScheduler(_QueueWorker):
                     if not job.future.done():
                         job.future.set_exception(exc)
                 running.clear()
-                self.batcher.waiting.clear()
-                self.batcher.slots = [None] * len(self.batcher.slots)
+                self.batcher.clear()
             running[:] = [job for job in running if not job.future.done()]
 
     def _run_static(self, job: Job) -> None:
