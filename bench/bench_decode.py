@@ -21,7 +21,9 @@ copy: bytes read + written / time):
         bound tokens/s = b * N * BW / sum_j bytes_j.
 
 Modes: eager (the model run op by op each step), cuda_graph (each step one CUDA graph replay),
-compiled (the step compiled by torch.compile, then captured in a CUDA graph), continuous (the
+compiled (the step compiled by torch.compile, then captured in a CUDA graph), a "-skinny" suffix
+(continuous-skinny, compiled-skinny: linear layers of 2 to 16 rows through the Triton few-row
+kernel, gigatron/core/ops/skinny_gemm.py, instead of cuBLAS), continuous (the
 continuous batcher of the server's --inference-dynamic-batching with every request present from
 the start: its static-shape step captured in a CUDA graph per batch size, each row attending over
 its own slots), continuous-compiled (that step compiled first); the graph modes run
@@ -66,7 +68,8 @@ from gigatron.core.tokenizers import NullTokenizer  # noqa: E402
 from gigatron.core.transformer.config import TransformerConfig  # noqa: E402
 
 MODES = ["eager", "cuda_graph", "compiled", "cuda_graph-cublas", "compiled-cublas", "cuda_graph-unfused",
-         "compiled-unfused", "compiled-nopdl", "continuous", "continuous-compiled"]
+         "compiled-unfused", "compiled-nopdl", "continuous", "continuous-compiled", "continuous-skinny",
+         "compiled-skinny"]
 FULL = dict(layers=24, hidden=2048, heads=16, seq=2048, vocab=50257, padded=50304)
 SMOKE = dict(layers=2, hidden=64, heads=4, seq=128, vocab=500, padded=512)
 
@@ -192,12 +195,13 @@ def make_engine(model, tokenizer, batch: int, max_sequence_length: int, mode: st
     rest of a layer as PyTorch ops) or "<decode mode>-nopdl" (the Triton decode kernels launched
     one after another, without programmatic dependent launch)."""
     decode_mode, _, variant = mode.partition("-")
+    skinny = variant == "skinny"
     if decode_mode == "continuous":  # the continuous batcher's step: captured (compiled first), on CPU run as is
         on_cuda = next(model.parameters()).is_cuda
         decode_mode = ("compiled" if variant == "compiled" else "cuda_graph") if on_cuda else "eager"
         variant = ""
     kernels = DecodeKernels(gemv=variant != "cublas", fused=variant != "unfused", attention=variant != "unfused",
-                            pdl=variant not in ("unfused", "nopdl"))
+                            pdl=variant not in ("unfused", "nopdl"), skinny=skinny)
     return InferenceEngine(model, tokenizer, max_batch_size=batch, max_sequence_length=max_sequence_length,
                            decode_mode=decode_mode, _decode_kernels=kernels)
 

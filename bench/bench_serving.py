@@ -37,7 +37,8 @@ Reported (p50 / p99 over requests or gaps):
 --suite (one command, about 5 minutes on one H100 for both models) runs for the 1.3B GPT and, if
 its weights and KV cache fit the GPU's free memory, the 8B-shaped Llama:
   1. offline decode through the continuous batcher (its static step captured in CUDA graphs, every
-     request present from the start) at batch 1, 8 and 64, prompt 128, 128 new tokens: tokens/s,
+     request present from the start) at batch 1, 8 and 64, prompt 128, 128 new tokens (and batch 8
+     again with the few-row Triton kernel instead of cuBLAS, kernels "skinny"): tokens/s,
      ms per step and the fraction of the bound above (bench_decode.py's formula, summed over the
      steps' lengths; targets: >= 60% at 8 and 64, >= 70% at 1);
   2. the load run with the continuous scheduler: 64 clients, Poisson arrivals at --rate, lengths
@@ -291,15 +292,17 @@ def run_one(args, scheduler: str, model, vocab: int, device) -> dict:
 
 
 def offline_decode(model, vocab: int, device, batch: int, prompt_len: int, new_tokens: int, repeats: int,
-                   decode_mode: str, bandwidth: float) -> dict:
+                   decode_mode: str, bandwidth: float, skinny: bool = False) -> dict:
     """Decode through the continuous batcher with every request present (bench_decode.py's
     ContinuousRun and its timing: N decode steps = time(N + 1 tokens) - time(1 token)), next to the
     bound counting the weights and the KV cache."""
     from bench_decode import ContinuousRun, decode_rate, kv_bytes_per_position, weights_kv_bound
 
     tokenizer = NullTokenizer(vocab)
+    from gigatron.core.inference.decode_step import DecodeKernels
+
     engine = InferenceEngine(model, tokenizer, max_batch_size=batch, max_sequence_length=prompt_len + new_tokens + 2,
-                             decode_mode=decode_mode)
+                             decode_mode=decode_mode, _decode_kernels=DecodeKernels(skinny=skinny))
     runner = ContinuousRun(engine, batch, batch * prompt_len)
     g = torch.Generator().manual_seed(batch)
     prompts = torch.randint(0, vocab - 1, (batch, prompt_len), generator=g).tolist()
@@ -307,7 +310,7 @@ def offline_decode(model, vocab: int, device, batch: int, prompt_len: int, new_t
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     bound = weights_kv_bound(weights, kv_bytes_per_position(model), batch, prompt_len, new_tokens, bandwidth)
     del runner, engine
-    return {"batch": batch, "tokens_per_s": rate, "ms_per_step": ms, "bound_tokens_per_s": bound,
+    return {"batch": batch, "kernels": "skinny" if skinny else "default", "tokens_per_s": rate, "ms_per_step": ms, "bound_tokens_per_s": bound,
             "fraction_of_bound": rate / bound, "weights_only_limit_tokens_per_s": batch * bandwidth / weights}
 
 
@@ -353,6 +356,10 @@ def suite(args, device, dtype, card: str) -> dict:
         bandwidth = measure_bandwidth(device, args.copy_gib)
         decode_rows = [offline_decode(model, vocab, device, b, args.suite_prompt, args.suite_new_tokens, args.repeats,
                                       args.decode_mode, bandwidth) for b in args.suite_batches]
+        # The few-row Triton kernel where it applies (2..16 rows), next to cuBLAS.
+        decode_rows += [offline_decode(model, vocab, device, b, args.suite_prompt, args.suite_new_tokens,
+                                       args.repeats, args.decode_mode, bandwidth, skinny=True)
+                        for b in args.suite_batches if 2 <= b <= 16]
         load = run_one(args, "continuous", model, vocab, device)
         step_1 = next((r["ms_per_step"] for r in decode_rows if r["batch"] == 1), None)
         if step_1:

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from gigatron.core.ops.activations import fused_activation_name
 from gigatron.core.ops.decode_attention import decode_attention_preferred
 from gigatron.core.ops.gemv import NORM_CODES, fused_gemv, gemv_applies, maybe_gemv
+from gigatron.core.ops.skinny_gemm import skinny_applies, skinny_linear
 from gigatron.core.parallel.mappings import (
     copy_to_tensor_parallel_region,
     gather_from_tensor_parallel_region,
@@ -70,6 +71,9 @@ class DecodeKernels:
     (False: SDPA, and no fused one-row layers, which attend only through it)."""
     pdl: bool = True
     """Launch the decode kernels with programmatic dependent launch on GPUs that have it."""
+    skinny: bool = False
+    """Linear layers of 2 to 16 rows through the Triton few-row kernel
+    (gigatron/core/ops/skinny_gemm.py) instead of cuBLAS."""
     attention_every_batch: bool = False
     """Attend through the decode-attention kernel at every batch size, not only where rows x heads
     leave the GPU idle: the continuous batch's step (continuous.py), whose rows have different
@@ -105,6 +109,7 @@ class DecodeStep:
         self.attention = self.gemv and bool(kernels.attention)
         self.pdl = self.gemv and bool(kernels.pdl)
         self.attention_every_batch = self.attention and bool(kernels.attention_every_batch)
+        self.skinny = self.gemv and bool(kernels.skinny)
         self.fused_activations = [_fusable_activation(layer) for layer in model.decoder.layers]
         norm = model.decoder.final_layernorm
         self.fusable_head = (norm is not None and type(norm).__name__ in NORM_CODES and model.groups.tp.size == 1)
@@ -122,6 +127,8 @@ class DecodeStep:
 
     # ------------------------------------------------------------------ the parallel linear layers
     def _linear(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if self.skinny and skinny_applies(x, weight):
+            return skinny_linear(x, weight, bias)
         if self.gemv:
             return maybe_gemv(x, weight, bias, pdl=self.pdl)
         return F.linear(x, weight, bias)
