@@ -309,7 +309,6 @@ def offline_decode(model, vocab: int, device, batch: int, prompt_len: int, new_t
     rate, ms, _ = decode_rate(lambda n: runner.run(prompts, n), batch, new_tokens, device, repeats)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     bound = weights_kv_bound(weights, kv_bytes_per_position(model), batch, prompt_len, new_tokens, bandwidth)
-    del runner, engine
     return {"batch": batch, "kernels": "skinny" if skinny else "default", "tokens_per_s": rate, "ms_per_step": ms, "bound_tokens_per_s": bound,
             "fraction_of_bound": rate / bound, "weights_only_limit_tokens_per_s": batch * bandwidth / weights}
 
@@ -354,12 +353,16 @@ def suite(args, device, dtype, card: str) -> dict:
         torch.manual_seed(args.seed)
         model, vocab = build_model(name, device, dtype)
         bandwidth = measure_bandwidth(device, args.copy_gib)
-        decode_rows = [offline_decode(model, vocab, device, b, args.suite_prompt, args.suite_new_tokens, args.repeats,
-                                      args.decode_mode, bandwidth) for b in args.suite_batches]
-        # The few-row Triton kernel where it applies (2..16 rows), next to cuBLAS.
-        decode_rows += [offline_decode(model, vocab, device, b, args.suite_prompt, args.suite_new_tokens,
-                                       args.repeats, args.decode_mode, bandwidth, skinny=True)
-                        for b in args.suite_batches if 2 <= b <= 16]
+        # The default kernels at every batch size, then the few-row Triton kernel where it applies
+        # (2..16 rows) next to cuBLAS; each run's cache and graphs are freed before the next.
+        decode_rows = []
+        for b, skinny in [(b, False) for b in args.suite_batches] + [(b, True) for b in args.suite_batches
+                                                                      if 2 <= b <= 16]:
+            decode_rows.append(offline_decode(model, vocab, device, b, args.suite_prompt, args.suite_new_tokens,
+                                              args.repeats, args.decode_mode, bandwidth, skinny=skinny))
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
         load = run_one(args, "continuous", model, vocab, device)
         step_1 = next((r["ms_per_step"] for r in decode_rows if r["batch"] == 1), None)
         if step_1:

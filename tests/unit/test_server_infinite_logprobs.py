@@ -7,7 +7,6 @@ import os
 import sys
 
 import pytest
-import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from _inference_fixtures import CharTokenizer, tiny_model  # noqa: E402

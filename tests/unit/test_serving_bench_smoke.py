@@ -4,7 +4,6 @@ code at full size."""
 
 import json
 import os
-import sys
 
 import pytest
 
