@@ -15,7 +15,9 @@ decode step's static attention length, > every position) only sizes the work spl
 
 One decode step of a GPT otherwise runs three to five kernels per layer here (the split of the
 QKV output, two cache writes, the mask and the attention, which reads all kv_len slots); this is
-one kernel that reads only the slots a row attends to. Each program takes one (row, query head, slot range):
+one kernel that reads only the slots a row attends to. Each program takes one (row, query head, slot range)
+(the heads vary fastest in launch order, so the heads that share a key/value group run side by
+side and read its keys/values from L2):
 it walks its range in BLOCK_L-slot tiles (the next tile in flight while one is reduced) with an
 online softmax in fp32, and the program of slot range 0 also scores the new key from registers
 and the first head of each group stores the new key/value into the cache (no program reads the
@@ -97,8 +99,10 @@ def _kernels():
                          BLOCK_L: tl.constexpr, SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, PDL: tl.constexpr):
         if PDL:  # see gemv.pdl_supported
             tl.extra.cuda.gdc_launch_dependents()
-        row = tl.program_id(0)
-        head = tl.program_id(1)
+        # Heads vary fastest in launch order: the heads of one key/value group (GQA) run side by
+        # side and read the group's cached keys/values from L2 rather than each from HBM.
+        head = tl.program_id(0)
+        row = tl.program_id(1)
         split = tl.program_id(2)
         group = head // HPG
         d = tl.arange(0, D_P2)
@@ -166,7 +170,7 @@ def _kernels():
             # Leave this range's (max, sum, weighted values); the program that finishes last for
             # its (row, head) combines all ranges (a counter per (row, head), reset by that program,
             # so no second kernel and a zeroed counter for the next call).
-            pair = row64 * tl.num_programs(1) + head
+            pair = row64 * tl.num_programs(0) + head
             base = part_ptr + (pair * SPLITS + split) * (D_P2 + 2)
             tl.store(base + d, acc)
             tl.store(base + D_P2, m)
@@ -223,7 +227,7 @@ def _triton_decode_attention(q, k, v, key_cache, value_cache, positions, kv_len:
             value_cache.stride(0), value_cache.stride(1), value_cache.stride(2), out.stride(0), out.stride(1),
             float(scale))
     pdl = pdl_supported(pdl)
-    attention_kernel[(b, nq, splits)](*args, HPG=nq // ng, D=d, D_P2=d_p2, BLOCK_L=BLOCK_L, SPLITS=splits,
+    attention_kernel[(nq, b, splits)](*args, HPG=nq // ng, D=d, D_P2=d_p2, BLOCK_L=BLOCK_L, SPLITS=splits,
                                       SPLITS_P2=triton.next_power_of_2(splits), PDL=pdl, num_warps=4,
                                       **({"launch_pdl": True} if pdl else {}))
     return out
