@@ -265,3 +265,70 @@ def test_clear_forgets_pending_results(engine):
     while batcher.busy():
         batcher.step()
     assert seq.done and len(seq.generated) == 3
+
+
+def test_server_answers_equal_with_the_static_step(engine, monkeypatch):
+    """The OpenAI route through --inference-dynamic-batching answers the same with the static step
+    (tokens taken one step late, stop strings seen one step late) as with the eager step: texts,
+    finish reasons, usage and log-probabilities, streamed or not, with requests joining and leaving."""
+    import json
+
+    from fastapi.testclient import TestClient
+
+    from gigatron.core.inference import continuous
+    from gigatron.core.inference.broadcast import LocalRunner
+    from gigatron.core.inference.server.app import build_app
+
+    requests = [
+        {"prompt": "hello", "max_tokens": 9, "temperature": 0, "logprobs": 2, "stop": ["e"]},
+        {"prompt": "the cat", "max_tokens": 6, "temperature": 0, "echo": True, "logprobs": 1},
+        {"prompt": "ab", "max_tokens": 12, "temperature": 0.8, "seed": 5, "n": 2},
+        {"prompt": "one two", "max_tokens": 7, "temperature": 0, "stream": True, "logprobs": 2,
+         "stream_options": {"include_usage": True}},
+        {"prompt": "x", "max_tokens": 5, "temperature": 0, "frequency_penalty": 1.0, "stop": ["a", "b"]},
+    ]
+
+    def serve(static):
+        if static:
+            class Static(continuous.ContinuousBatcher):
+                def __init__(self, *args, **kw):
+                    super().__init__(*args, static_step=True, **kw)
+
+            monkeypatch.setattr(continuous, "ContinuousBatcher", Static)
+        app = build_app(LocalRunner(engine), TOK, max_batch_size=4, max_sequence_length=64, dynamic_batching=True,
+                        max_requests=3, prefill_chunk=4)
+        try:
+            client = TestClient(app)
+            assert (app.state.scheduler.batcher.decoder is not None) == static
+            answers = []
+            for body in requests:
+                r = client.post("/v1/completions", json=body)
+                assert r.status_code == 200, r.text
+                if body.get("stream"):
+                    chunks = [json.loads(line[6:]) for line in r.text.splitlines()
+                              if line.startswith("data: ") and line != "data: [DONE]"]
+                    answers.append([(c["choices"][0]["text"] if c["choices"] else None, c.get("usage"))
+                                    for c in chunks])
+                else:
+                    answer = r.json()
+                    answers.append([(c["text"], c["finish_reason"], c["logprobs"]) for c in answer["choices"]]
+                                   + [answer["usage"]])
+            return answers
+        finally:
+            app.state.scheduler.close()
+            monkeypatch.undo()
+
+    def close(a, b):
+        if isinstance(a, float) or isinstance(b, float):
+            return a == pytest.approx(b, abs=1e-5)
+        if isinstance(a, (list, tuple)):
+            return isinstance(b, (list, tuple)) and len(a) == len(b) and all(close(x, y) for x, y in zip(a, b))
+        if isinstance(a, dict):
+            return isinstance(b, dict) and a.keys() == b.keys() and all(close(a[k], b[k]) for k in a)
+        return a == b
+
+    want = serve(False)
+    got = serve(True)
+    assert len(got) == len(want) == len(requests)
+    for g, w in zip(got, want):
+        assert close(g, w), (g, w)
