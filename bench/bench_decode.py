@@ -174,7 +174,8 @@ class ContinuousRun:
     def __init__(self, engine: InferenceEngine, batch: int, prefill_chunk: int):
         from gigatron.core.inference.continuous import ContinuousBatcher
 
-        self.batcher = ContinuousBatcher(engine, batch, prefill_chunk, static_step=True)
+        # Every request is present from the start: each step runs all `batch` rows, one bucket.
+        self.batcher = ContinuousBatcher(engine, batch, prefill_chunk, static_step=True, graph_buckets=[batch])
         self.batcher.warm_up()
 
     def run(self, prompts, n: int):

@@ -34,11 +34,14 @@ Reported (p50 / p99 over requests or gaps):
     those the continuous batch's decode steps actually ran (its counters); fraction_of_bound is
     output tokens/s over that bound.
 
---suite (one command, about 5 minutes on one H100 for both models) runs for the 1.3B GPT and, if
+--suite (one command per model is safest: --suite-models gpt1p3b, then --suite-models llama8b;
+a few minutes each on one H100, most of it the compilations) runs for the 1.3B GPT and, if
 its weights and KV cache fit the GPU's free memory, the 8B-shaped Llama:
   1. offline decode through the continuous batcher (its static step captured in CUDA graphs, every
      request present from the start) at batch 1, 8 and 64, prompt 128, 128 new tokens (and batch 8
-     again with the few-row Triton kernel instead of cuBLAS, kernels "skinny"): tokens/s,
+     again with the few-row Triton kernel instead of cuBLAS, kernels "skinny"; then batch 8 and 64
+     with the step compiled by torch.compile first, decode_mode "compiled", batch 8 also with the
+     few-row kernel; one compilation each, tens of seconds): tokens/s,
      ms per step and the fraction of the bound above (bench_decode.py's formula, summed over the
      steps' lengths; targets: >= 60% at 8 and 64, >= 70% at 1);
   2. the load run with the continuous scheduler: 64 clients, Poisson arrivals at --rate, lengths
@@ -46,7 +49,8 @@ its weights and KV cache fit the GPU's free memory, the 8B-shaped Llama:
      >= 0.9) and ITL p99 over the batch-1 step time of 1. (target: <= 2).
 It prints one table per model with the card and writes every row to --json.
 
-    python bench/bench_serving.py --suite --json serving.json           # the GPU run (one H100)
+    python bench/bench_serving.py --suite --suite-models gpt1p3b --json serving_gpt.json    # the GPU runs
+    python bench/bench_serving.py --suite --suite-models llama8b --json serving_llama.json  # (one H100)
     python bench/bench_serving.py --suite --cpu-smoke                   # tiny model on CPU: checks the path
     python bench/bench_serving.py --cpu-smoke                           # tiny model on CPU, both schedulers
     python bench/bench_serving.py --scheduler continuous --clients 64 --requests 512 --rate 20
@@ -309,7 +313,8 @@ def offline_decode(model, vocab: int, device, batch: int, prompt_len: int, new_t
     rate, ms, _ = decode_rate(lambda n: runner.run(prompts, n), batch, new_tokens, device, repeats)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     bound = weights_kv_bound(weights, kv_bytes_per_position(model), batch, prompt_len, new_tokens, bandwidth)
-    return {"batch": batch, "kernels": "skinny" if skinny else "default", "tokens_per_s": rate, "ms_per_step": ms, "bound_tokens_per_s": bound,
+    return {"batch": batch, "decode_mode": decode_mode, "kernels": "skinny" if skinny else "default",
+            "tokens_per_s": rate, "ms_per_step": ms, "bound_tokens_per_s": bound,
             "fraction_of_bound": rate / bound, "weights_only_limit_tokens_per_s": batch * bandwidth / weights}
 
 
@@ -355,11 +360,18 @@ def suite(args, device, dtype, card: str) -> dict:
         bandwidth = measure_bandwidth(device, args.copy_gib)
         # The default kernels at every batch size, then the few-row Triton kernel where it applies
         # (2..16 rows) next to cuBLAS; each run's cache and graphs are freed before the next.
+        # Then the step compiled by torch.compile (fuses the norms, biases, activations and residual
+        # adds that the captured step runs as separate small kernels at batch > 1) at
+        # --suite-compiled-batches, with the few-row kernel too where it applies.
+        runs = [(b, args.decode_mode, False) for b in args.suite_batches]
+        runs += [(b, args.decode_mode, True) for b in args.suite_batches if 2 <= b <= 16]
+        compiled = "compiled" if device.type == "cuda" else "eager"  # on CPU: the uncompiled step (smoke)
+        runs += [(b, compiled, skinny) for b in args.suite_compiled_batches for skinny in (False, True)
+                 if not skinny or 2 <= b <= 16]
         decode_rows = []
-        for b, skinny in [(b, False) for b in args.suite_batches] + [(b, True) for b in args.suite_batches
-                                                                      if 2 <= b <= 16]:
+        for b, mode, skinny in runs:
             decode_rows.append(offline_decode(model, vocab, device, b, args.suite_prompt, args.suite_new_tokens,
-                                              args.repeats, args.decode_mode, bandwidth, skinny=skinny))
+                                              args.repeats, mode, bandwidth, skinny=skinny))
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -406,6 +418,9 @@ def main(argv=None) -> int:
                         "(module docstring)")
     p.add_argument("--suite-models", nargs="+", choices=["gpt1p3b", "llama8b"], default=["gpt1p3b", "llama8b"])
     p.add_argument("--suite-batches", type=int, nargs="+", default=[1, 8, 64])
+    p.add_argument("--suite-compiled-batches", type=int, nargs="*", default=[8, 64],
+                   help="batch sizes also timed with the step compiled by torch.compile (one compilation each, "
+                        "tens of seconds); none: skip")
     p.add_argument("--suite-prompt", type=int, default=128)
     p.add_argument("--suite-new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=2, help="timings of the offline decode (the best is kept)")
@@ -418,6 +433,7 @@ def main(argv=None) -> int:
         args.max_batch_size, args.max_requests, args.prefill_chunk = 4, 3, 8
         args.decode_mode = args.decode_mode or "eager"
         args.suite_models, args.suite_batches, args.suite_prompt, args.suite_new_tokens = ["smoke"], [1, 3], 8, 6
+        args.suite_compiled_batches = [3]
         args.copy_gib, args.repeats = 0.0625, 1
         torch.set_num_threads(1)
     else:

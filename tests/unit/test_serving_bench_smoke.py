@@ -23,7 +23,8 @@ def test_serving_suite_cpu_smoke(tmp_path, capsys):
     result = json.loads(out.read_text())
     assert result["card"] == "CPU"
     smoke = result["models"]["smoke"]
-    assert [(r["batch"], r["kernels"]) for r in smoke["decode"]] == [(1, "default"), (3, "default"), (3, "skinny")]
+    assert [(r["batch"], r["kernels"]) for r in smoke["decode"]] == [(1, "default"), (3, "default"), (3, "skinny"),
+                                                                     (3, "default"), (3, "skinny")]
     for row in smoke["decode"]:
         assert row["tokens_per_s"] > 0 and 0 < row["bound_tokens_per_s"] < row["weights_only_limit_tokens_per_s"]
     load = smoke["load"]
