@@ -332,3 +332,25 @@ def test_server_answers_equal_with_the_static_step(engine, monkeypatch):
     assert len(got) == len(want) == len(requests)
     for g, w in zip(got, want):
         assert close(g, w), (g, w)
+
+
+@pytest.mark.slow
+def test_compiled_static_step_equals_the_eager_step():
+    """decode_mode "compiled" (on CPU: the step compiled by torch.compile, no graph; about a
+    minute): the same tokens and log-probabilities as the eager step. The compiled step mutates the
+    whole cache tensors it is given (no row views)."""
+    model = tiny_model(seed=3, position_embedding_type="rope")
+
+    def run(mode):
+        batcher = ContinuousBatcher(InferenceEngine(model, TOK, decode_mode=mode), max_requests=2, prefill_chunk=8,
+                                    graph_buckets=[2], static_step=True)
+        seqs = [Sequence(TOK.tokenize(p), SamplingParams(tokens_to_generate=6, top_k=1, stop_at_eod=False,
+                                                         top_logprobs=2)) for p in ("hello", "ab", "xyz")]
+        for seq in seqs:
+            batcher.add(seq)
+        while batcher.busy():
+            batcher.step()
+        return seqs
+
+    for got, want in zip(run("compiled"), run("eager")):
+        assert got.generated == want.generated and got.logprobs == pytest.approx(want.logprobs, abs=1e-5)

@@ -200,14 +200,17 @@ class SlotDecodeStep:
         raise ValueError(f"{rows} rows exceed the largest continuous step of {self.buckets[-1]} rows")
 
     def _view(self, b: int) -> InferenceContext:
-        """Rows 0..b-1 of the slot cache as a context of b rows (views: writes land in the slots)."""
+        """The slot cache as the context of the step of b rows (one object per b, for
+        torch.compile's guards). It holds the whole cache tensors, not row slices: a step of b
+        rows writes and reads rows 0..b-1 of them, and a compiled step then mutates its inputs
+        themselves rather than views of them (which would make it copy the cache back)."""
         view = self.views.get(b)
         if view is None:
             view = object.__new__(InferenceContext)
-            view.max_batch_size = b
+            view.max_batch_size = self.ctx.max_batch_size
             view.max_sequence_length = self.ctx.max_sequence_length
-            view.key_cache = {k: t[:b] for k, t in self.ctx.key_cache.items()}
-            view.value_cache = {k: t[:b] for k, t in self.ctx.value_cache.items()}
+            view.key_cache = dict(self.ctx.key_cache)
+            view.value_cache = dict(self.ctx.value_cache)
             view.positions, view._rows, view.kv_len = None, None, self.ctx.max_sequence_length
             self.views[b] = view
         return view
