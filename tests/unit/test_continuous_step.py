@@ -354,3 +354,14 @@ def test_compiled_static_step_equals_the_eager_step():
 
     for got, want in zip(run("compiled"), run("eager")):
         assert got.generated == want.generated and got.logprobs == pytest.approx(want.logprobs, abs=1e-5)
+
+
+def test_a_hybrid_model_keeps_the_eager_step():
+    """The static step is the GPT decode step: a Mamba / hybrid model decodes through the eager
+    step even under a captured decode mode, and asking for the static step names the fix."""
+    from test_mamba_generation import hybrid_model
+
+    engine = InferenceEngine(hybrid_model("M*"), TOK, decode_mode="compiled")
+    assert ContinuousBatcher(engine, max_requests=2).decoder is None
+    with pytest.raises(ValueError, match="Mamba or hybrid model decodes through the eager step"):
+        ContinuousBatcher(engine, max_requests=2, static_step=True)

@@ -31,6 +31,11 @@ One call of step():
      when its on_token callback says so (a stop string) or when it is withdrawn (its client went
      away); its slot is free for the next step.
 
+A Mamba / hybrid model also has one row of recurrent states per slot (state_cache.py): a
+sequence's first prefill chunk (position 0) starts from zero states, so a reused slot is reset by
+its new sequence, and the decode step tells the model which rows are decoding (lengths 1 / 0), so
+the padding fed by free and prefilling slots never reaches their states.
+
 The static step (SlotDecodeStep, on CUDA captured in CUDA graphs; chosen when the engine's
 decode_mode is not "eager") pads the decoding rows to a batch-size bucket and feeds each slot's
 latest token from a device buffer that the sampling writes, so the host needs no token value to
@@ -38,6 +43,7 @@ launch a step. It therefore takes a step's tokens (4.) in the next step, after l
 the host's bookkeeping and callbacks run while the device computes. A sequence that ends by a
 token value (end-of-document, a stop string) decodes once more, and that token is dropped; one that
 reaches its token limit does not (the host counts the tokens it has asked for, `issued`).
+Mamba / hybrid models decode through the eager step (the static step is the GPT decode step).
 
 Greedy results equal those of running each request alone (tested); a seeded sequence draws from
 its own generator seeded with its seed (row i of a request: seed + i), so a one-row seeded request
@@ -60,18 +66,24 @@ from gigatron.core.inference.decode_step import DecodeStep
 from gigatron.core.inference.engine import InferenceEngine, SamplingParams
 from gigatron.core.inference.kv_cache import InferenceContext
 from gigatron.core.inference.sampling import greedy_tokens, sample
+from gigatron.core.inference.state_cache import inference_context_for, is_recurrent_model, mamba_state_bytes_per_row
 
 __all__ = ["Sequence", "ContinuousBatcher", "SlotDecodeStep", "continuous_capable", "slot_bytes",
            "slots_for_buffer", "step_buckets"]
 
 
 def slot_bytes(model, max_sequence_length: int) -> int:
-    """KV-cache bytes of one slot: keys and values of every local layer for S positions
-    (2 * layers * S * key/value groups on this rank * head dim * bytes per element)."""
+    """KV-cache bytes of one slot: keys and values of every local attention layer for S positions
+    (2 * layers * S * key/value groups on this rank * head dim * bytes per element), plus a Mamba
+    model's recurrent states of one sequence (state_cache.py; constant in S)."""
     config = model.config
     element = next(model.parameters()).element_size()
     groups = config.num_query_groups // config.tensor_model_parallel_size
-    return 2 * len(model.decoder.layers) * max_sequence_length * groups * config.kv_channels * element
+    if not is_recurrent_model(model):
+        return 2 * len(model.decoder.layers) * max_sequence_length * groups * config.kv_channels * element
+    attention = sum(hasattr(layer, "self_attention") for layer in model.decoder.layers)
+    return (2 * attention * max_sequence_length * groups * config.kv_channels * element
+            + mamba_state_bytes_per_row(model))
 
 
 def slots_for_buffer(model, max_sequence_length: int, buffer_gb: float) -> int:
@@ -287,7 +299,7 @@ class ContinuousBatcher:
     or running.
 
     static_step: decode through SlotDecodeStep (static shapes; on CUDA captured in CUDA graphs);
-    default: when the engine's decode_mode is not "eager". Otherwise the decode step is the model's
+    default: when the engine's decode_mode is not "eager" and the model has no Mamba layers. Otherwise the decode step is the model's
     own forward over the slots in use (the reference the static step is tested against).
     graph_buckets: the static step's batch sizes (default step_buckets(max_requests)).
     max_step_tokens: at most this many tokens in one step, decoded and prompt tokens together
@@ -314,7 +326,7 @@ class ContinuousBatcher:
         self.max_requests = int(max_requests)
         self.prefill_chunk = int(prefill_chunk)
         self.S = engine.max_sequence_length
-        self.ctx = InferenceContext.for_model(engine.model, self.max_requests, self.S)
+        self.ctx = inference_context_for(engine.model, self.max_requests, self.S)
         self.waiting: Deque[Sequence] = collections.deque()
         self.slots: List[Optional[Sequence]] = [None] * self.max_requests
         self.steps = 0
@@ -331,8 +343,12 @@ class ContinuousBatcher:
         self._read_events = [torch.cuda.Event(), torch.cuda.Event()] if self.on_cuda else None
         self._reads = 0
         self._pending = None  # the static step's results not yet taken: (groups, prompt parts, read)
+        recurrent = is_recurrent_model(engine.model)
         if static_step is None:
-            static_step = engine.decode_mode != "eager"
+            static_step = engine.decode_mode != "eager" and not recurrent
+        if static_step and recurrent:
+            raise ValueError("the continuous batch's static decode step runs GPT models; a Mamba or hybrid model "
+                             "decodes through the eager step (decode_mode 'eager')")
         self.decoder: Optional[SlotDecodeStep] = None
         self.graph_buckets = list(graph_buckets) if graph_buckets is not None else step_buckets(self.max_requests)
         if static_step:
@@ -444,6 +460,8 @@ class ContinuousBatcher:
     def _slot_view(self, slot: int) -> InferenceContext:
         """The cache of one slot as a one-row context (views of the cache tensors: writes land in
         the slot)."""
+        if getattr(self.ctx, "mamba_states", None) is not None:
+            return self.ctx.rows(slot, slot + 1)
         view = object.__new__(InferenceContext)
         view.max_batch_size = 1
         view.max_sequence_length = self.S
@@ -511,14 +529,20 @@ class ContinuousBatcher:
         if self.decoder is not None:
             logits, lp, packed = self.decoder.run(positions)
             return order, logits, lp, packed
-        view = object.__new__(InferenceContext)
-        view.max_batch_size = m
-        view.max_sequence_length = self.S
-        view.key_cache = {k: t[:m] for k, t in self.ctx.key_cache.items()}
-        view.value_cache = {k: t[:m] for k, t in self.ctx.value_cache.items()}
-        view.positions, view._rows, view.kv_len = None, None, self.S
+        lengths = None
+        if getattr(self.ctx, "mamba_states", None) is not None:
+            # The padding fed by free and prefilling slots must not reach their recurrent states.
+            view = self.ctx.rows(0, m)
+            lengths = self._device_longs([int(id(self.slots[r]) in now) for r in range(m)])
+        else:
+            view = object.__new__(InferenceContext)
+            view.max_batch_size = m
+            view.max_sequence_length = self.S
+            view.key_cache = {k: t[:m] for k, t in self.ctx.key_cache.items()}
+            view.value_cache = {k: t[:m] for k, t in self.ctx.value_cache.items()}
+            view.positions, view._rows, view.kv_len = None, None, self.S
         logits = engine._forward(view, self._device_longs(tokens)[:, None], self._device_longs(positions)[:, None],
-                                 max(positions) + 1)[:, -1]  # [m, V]
+                                 max(positions) + 1, lengths=lengths)[:, -1]  # [m, V]
         return order, logits, F.log_softmax(logits, dim=-1), None
 
     def _choose(self, seqs: List[Sequence], rows: List[int], logits: torch.Tensor, lp: torch.Tensor,
