@@ -248,3 +248,40 @@ def test_matches_megatron_core(tmp_path, mtp):
     if mtp:
         ours = torch.stack([logged[f"mtp_{k} loss"][0] / logged[f"mtp_{k} loss"][1] for k in (1, 2)])
         torch.testing.assert_close(ours, ref["mtp"].float(), rtol=1e-4, atol=1e-5)
+
+
+def test_memory_estimate_counts_mla_and_mtp_parameters():
+    from gigatron.core import memory
+
+    for kw in (dict(mtp_num_layers=2), dict(q_lora_rank=None, qk_layernorm=False, normalization="LayerNorm")):
+        config = mla_config(**kw)
+        model = build(config)
+        counted = memory.stage_parameter_numels(config, VOCAB)
+        assert [n for n, _ in counted] == [p.numel() for p in model.parameters()], kw  # registration order
+    with pytest.raises(ValueError, match="does not model its activations"):
+        memory.layer_activation_bytes(mla_config(), 2, 16)
+
+
+def test_flops_count_the_latent_projections_and_mtp_blocks():
+    """Megatron's MLA count equals the multiply-adds of the modules as built: every attention weight
+    once per token (plus one per latent channel for the norms), core attention over dq and dv
+    channels at half the s x s matrix; each MTP block adds a layer, eh_proj, three norms and logits."""
+    from gigatron.core.flops import num_floating_point_operations
+
+    b, s = 2, 16
+    for kw in (dict(), dict(q_lora_rank=None)):
+        config = mla_config(**kw)
+        model = build(config)
+        attention = model.decoder.layers[0].self_attention
+        weights = sum(m.weight.numel() for m in attention.modules() if hasattr(m, "weight") and m.weight is not None
+                      and m.weight.dim() == 2)
+        norms = (config.q_lora_rank or 0) + config.kv_lora_rank
+        core = s * 4 * (10 + 5) / 2
+        mlp = sum(m.weight.numel() for m in model.decoder.layers[0].mlp.modules()
+                  if hasattr(m, "weight") and m.weight is not None and m.weight.dim() == 2)
+        logits = 32 * VOCAB
+        expected = 6 * b * s * (2 * (weights + norms + core + mlp) + logits)
+        assert num_floating_point_operations(config, VOCAB, b, s) == pytest.approx(expected)
+        with_mtp = mla_config(mtp_num_layers=2, **kw)
+        block = weights + norms + core + mlp + 2 * 32 * 32 + 3 * 32 + logits
+        assert num_floating_point_operations(with_mtp, VOCAB, b, s) == pytest.approx(expected + 6 * b * s * 2 * block)
