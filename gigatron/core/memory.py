@@ -250,7 +250,8 @@ def stage_parameter_numels(config, vocab_size: int, pp_rank: int = 0, vp_stage: 
     h = config.hidden_size
     numels = []
     if pre_process:
-        numels.append((vocab_size // tp * h, tied and not post_process))
+        shared = tied or bool(getattr(config, "mtp_num_layers", None))  # a copy lives on the last stage
+        numels.append((vocab_size // tp * h, shared and not post_process))
         if config.position_embedding_type == "learned_absolute":
             numels.append((config.max_position_embeddings * h, False))
     if mamba_config is not None:
@@ -263,7 +264,10 @@ def stage_parameter_numels(config, vocab_size: int, pp_rank: int = 0, vp_stage: 
         numels += [(n, False) for n in _norm_numels(config, h)]
         if not (tied and pre_process):
             numels.append((vocab_size // tp * h, tied))
-        for _ in range(getattr(config, "mtp_num_layers", None) or 0):
+        mtp = getattr(config, "mtp_num_layers", None) or 0
+        if mtp and not pre_process:  # the blocks' copy of the word embedding (registered before them)
+            numels.append((vocab_size // tp * h, True))
+        for _ in range(mtp):
             # a multi-token prediction block: enorm, hnorm, eh_proj [h/tp, 2h], a layer, final_layernorm
             block = _norm_numels(config, h) * 2 + [h // tp * 2 * h] + _layer_parameter_numels(config)
             numels += [(n, False) for n in block + _norm_numels(config, h)]

@@ -193,3 +193,83 @@ def test_mla_tensor_and_sequence_parallel_equal_single_process_and_checkpoints_r
     fresh, groups = _model(CKPT_VARIANT, 1, OTHER_SEED)
     torch_layout.load_training_state(str(tmp_path / "torch" / "iter_0000001"), [fresh], None, groups)
     torch.testing.assert_close(_logits(fresh, groups), ref_logits, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------- pipeline parallel
+PP_CONFIG = dict(BASE, q_lora_rank=12, qk_layernorm=True, swiglu=True, untie_embeddings_and_output_weights=True,
+                 mtp_num_layers=2, mtp_loss_scaling_factor=0.3, num_layers=4)
+MICROBATCHES = 2
+
+
+def _microbatches():
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for _ in range(MICROBATCHES):
+        tokens = torch.randint(0, VOCAB, (2, 17), generator=g)
+        mask = (torch.rand(2, 16, generator=g) > 0.2).float()
+        out.append({"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": mask,
+                    "position_ids": torch.arange(16)[None].expand(2, 16)})
+    return out
+
+
+def _pp_worker(rank, world_size, root):
+    from gigatron.core.checkpoint.dist import global_param_name
+    from gigatron.core.distributed import DDPConfig, DistributedDataParallel, finalize_model_grads
+    from gigatron.core.pipeline import get_forward_backward_func
+    from gigatron.training.gpt import forward_step
+
+    cfg = TransformerConfig(**PP_CONFIG, pipeline_model_parallel_size=world_size)
+    groups = ParallelGroups.build(ParallelConfig(pipeline_model_parallel_size=world_size))
+    model_parallel_seed(1234, groups)
+    model = GPTModel(cfg, groups, VOCAB, pre_process=groups.pp.rank == 0, post_process=groups.pp.rank == world_size - 1,
+                     seed=SEED)
+    ddp = DistributedDataParallel(DDPConfig(), model, groups)
+    ddp.train()
+    schedule = get_forward_backward_func(world_size, None)
+    logged = schedule(forward_step_func=forward_step, data_iterator=iter(_microbatches()), model=[ddp],
+                      num_microbatches=MICROBATCHES, seq_length=16, micro_batch_size=2, groups=groups, config=cfg,
+                      finalize_model_grads_func=lambda chunks, num_tokens=None: finalize_model_grads(
+                          chunks, groups, cfg, num_tokens))
+    # torch_dist at pp=2: the last stage's embedding copy is read from the first stage's key, not written
+    save_torch_dist(os.path.join(root, "pp2"), [model], None, {"iteration": 1, "args": ARGS}, groups)
+    grads = {}
+    for name, p in model.named_parameters():
+        key = global_param_name(model, name) + (" (last-stage copy)" if name.startswith("embedding.") and
+                                                 not model.pre_process else "")
+        grads[key] = p.main_grad.detach().clone()
+    return {"logged": logged, "grads": grads}
+
+
+def test_mtp_on_the_last_pipeline_stage_equals_single_process(tmp_path):
+    from gigatron.training.gpt import loss_func
+
+    results = run_distributed(_pp_worker, 2, str(tmp_path), timeout=300)
+    reference = GPTModel(TransformerConfig(**PP_CONFIG), ParallelGroups.single(), VOCAB, seed=SEED)
+    reference.train()
+    logged = []
+    for mb in _microbatches():
+        per_token = reference(mb["tokens"], mb["position_ids"], labels=mb["labels"])
+        loss, entry = loss_func(mb["loss_mask"], per_token, mtp_losses=reference.pop_mtp_losses(),
+                                mtp_loss_scaling_factor=0.3)
+        (loss / MICROBATCHES).backward()
+        logged.append(entry)
+    first, last = results
+    assert first["logged"] == [] and len(last["logged"]) == MICROBATCHES
+    for got, ref in zip(last["logged"], logged):
+        assert set(got) == {"lm loss", "mtp_1 loss", "mtp_2 loss"}
+        for key in ref:
+            torch.testing.assert_close(got[key], ref[key], rtol=1e-5, atol=1e-5)
+    grads = {**first["grads"], **last["grads"]}
+    names = {n for n, _ in reference.named_parameters()}
+    assert set(grads) == names | {"embedding.word_embeddings.weight (last-stage copy)"}
+    for name, p in reference.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+    # The last stage's copy of the word embedding got the same summed gradient (it stays equal).
+    torch.testing.assert_close(grads["embedding.word_embeddings.weight (last-stage copy)"],
+                               grads["embedding.word_embeddings.weight"], rtol=0, atol=0)
+
+    # The pp=2 torch_dist checkpoint loads in one process as the same model.
+    fresh = GPTModel(TransformerConfig(**PP_CONFIG), ParallelGroups.single(), VOCAB, seed=OTHER_SEED)
+    load_torch_dist(str(tmp_path / "pp2"), [fresh], None, ParallelGroups.single())
+    for name, tensor in reference.state_dict().items():
+        assert torch.equal(fresh.state_dict()[name], tensor), name

@@ -172,8 +172,10 @@ def test_bad_mla_and_mtp_flags_name_the_fix():
         mla_config(rotary_interleaved=True)
     with pytest.raises(ValueError, match="--mtp-num-layers must be >= 1"):
         mla_config(mtp_num_layers=0)
-    with pytest.raises(ValueError, match="--pipeline-model-parallel-size 1 only"):
-        mla_config(mtp_num_layers=1, pipeline_model_parallel_size=2)
+    with pytest.raises(ValueError, match="needs --untie-embeddings-and-output-weights"):
+        mla_config(mtp_num_layers=1, pipeline_model_parallel_size=2, untie_embeddings_and_output_weights=False)
+    with pytest.raises(ValueError, match="needs rotary or no position embeddings"):
+        mla_config(mtp_num_layers=1, pipeline_model_parallel_size=2, position_embedding_type="learned_absolute")
     with pytest.raises(ValueError, match="--rope-type 'ntk' is not one of"):
         mla_config(rope_type="ntk")
     assert mla_config().rope_type == "yarn"  # Megatron's default with MLA

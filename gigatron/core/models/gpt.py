@@ -111,7 +111,8 @@ class GPTModel(nn.Module):
                 init_key=init_key, skip_weight_param_allocation=tied_here)
             if self.share_embeddings_and_output_weights and not pre_process:
                 tags.mark_shared_embedding(self.output_layer.weight)
-        if pre_process and self.share_embeddings_and_output_weights and not post_process:
+        if pre_process and not post_process and (self.share_embeddings_and_output_weights
+                                                 or getattr(config, "mtp_num_layers", None)):
             tags.mark_shared_embedding(self.embedding.word_embeddings.weight)
         # Multi-token prediction (--mtp-num-layers): blocks after the decoder, on the stage that holds
         # both the embedding and the output layer (gigatron/core/transformer/mtp.py).
@@ -122,8 +123,11 @@ class GPTModel(nn.Module):
                 raise ValueError("--mtp-num-layers is not built for --context-parallel-size > 1 (the shifted tokens "
                                  "cross context-parallel ranks); drop one of them")
             if not pre_process:
-                raise ValueError("--mtp-num-layers needs the embedding on the last pipeline stage, which is built "
-                                 "for --pipeline-model-parallel-size 1 only; drop one of them")
+                # The blocks embed shifted tokens on the last stage: a copy of the word embedding, seeded
+                # like the first stage's and kept equal by summing both copies' gradients over the
+                # embedding group (finalize_model_grads), as a tied output layer is.
+                self.embedding = LanguageModelEmbedding(config, groups, vocab_size)
+                tags.mark_shared_embedding(self.embedding.word_embeddings.weight)
             from gigatron.core.transformer.mtp import MultiTokenPredictionBlock
             self.mtp = MultiTokenPredictionBlock(config, groups, moe_config)
 

@@ -390,9 +390,14 @@ def _validate_latent_attention(c: TransformerConfig) -> None:
         if c.mtp_num_layers < 1:
             raise ValueError(f"--mtp-num-layers must be >= 1 (or unset for no multi-token prediction), "
                              f"got {c.mtp_num_layers}")
-        if c.pipeline_model_parallel_size > 1:
-            raise ValueError("--mtp-num-layers is built for --pipeline-model-parallel-size 1 only (the blocks need "
-                             "the embedding and the output layer on one stage); drop one of them")
+        if c.pipeline_model_parallel_size > 1 and not c.untie_embeddings_and_output_weights:
+            raise ValueError("--mtp-num-layers with --pipeline-model-parallel-size > 1 needs "
+                             "--untie-embeddings-and-output-weights (the last stage keeps a copy of the word "
+                             "embedding for the blocks; a tied output layer would be a second one)")
+        if c.pipeline_model_parallel_size > 1 and c.position_embedding_type == "learned_absolute":
+            raise ValueError("--mtp-num-layers with --pipeline-model-parallel-size > 1 needs rotary or no position "
+                             "embeddings (--position-embedding-type rope or none): learned positions are not "
+                             "copied to the last stage")
         if c.mtp_loss_scaling_factor < 0:
             raise ValueError(f"--mtp-loss-scaling-factor must be >= 0, got {c.mtp_loss_scaling_factor}")
 

@@ -97,9 +97,13 @@ def global_param_name(module: torch.nn.Module, name: str) -> str:
 
 def storage_key(module: torch.nn.Module, name: str, param: torch.Tensor) -> tuple[str, bool]:
     """(key in the checkpoint, whether this copy is written). A tied output layer on a stage
-    without the embedding is the word embedding: read from its key, never written."""
+    without the embedding, and the multi-token prediction blocks' copy of the word embedding on the
+    last stage, are the word embedding: read from its key, never written."""
     if name == "output_layer.weight" and is_shared_embedding(param):
         return "embedding.word_embeddings.weight", False
+    if name.startswith("embedding.") and is_shared_embedding(param) and not getattr(module, "pre_process", True):
+        # the last stage's copy of the word embedding for multi-token prediction: read, never written
+        return name, False
     return global_param_name(module, name), True
 
 
