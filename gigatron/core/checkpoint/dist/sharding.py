@@ -40,8 +40,10 @@ __all__ = [
 
 STATE_KEYS = {"adam": ("exp_avg", "exp_avg_sq"), "sgd": ("momentum_buffer",)}
 _LAYER_NAME = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
-_LOCAL_EXPERT_NAME = re.compile(r"^(decoder\.layers\.\d+\.mlp\.experts)\.local_experts\.(\d+)\.(.*)$")
-_GROUPED_WEIGHT_NAME = re.compile(r"^(decoder\.layers\.\d+\.mlp\.experts)\.weight([12])$")
+# the experts of a decoder layer or of a multi-token prediction block's layer
+_EXPERTS = r"(?:decoder\.layers\.\d+|mtp\.layers\.\d+\.transformer_layer)\.mlp\.experts"
+_LOCAL_EXPERT_NAME = re.compile(rf"^({_EXPERTS})\.local_experts\.(\d+)\.(.*)$")
+_GROUPED_WEIGHT_NAME = re.compile(rf"^({_EXPERTS})\.weight([12])$")
 
 
 @dataclass
