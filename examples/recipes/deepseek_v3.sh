@@ -116,7 +116,7 @@ TRAINING_ARGS=(
     --bf16
     --cross-entropy-loss-fusion
     --recompute-granularity selective
-    --recompute-modules layernorm moe
+    --recompute-modules mla_up_proj layernorm
 )
 
 MODEL_PARALLEL_ARGS=(

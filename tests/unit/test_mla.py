@@ -287,3 +287,32 @@ def test_flops_count_the_latent_projections_and_mtp_blocks():
         with_mtp = mla_config(mtp_num_layers=2, **kw)
         block = weights + norms + core + mlp + 2 * 32 * 32 + 3 * 32 + logits
         assert num_floating_point_operations(with_mtp, VOCAB, b, s) == pytest.approx(expected + 6 * b * s * 2 * block)
+
+
+def test_mla_up_proj_recompute_keeps_less_and_changes_nothing():
+    def run(**kw):
+        model = build(mla_config(**kw))
+        model.train()
+        ids, labels = batch()
+        saved = {}
+
+        def pack(t):
+            saved.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+            return t
+
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = model(ids, labels=labels).mean()
+        loss.backward()
+        kept = sum(n for ptr, n in saved.items() if ptr not in params)
+        return loss.detach(), {n: p.grad for n, p in model.named_parameters()}, kept
+
+    loss, grads, kept = run()
+    loss_r, grads_r, kept_r = run(recompute_granularity="selective", recompute_modules=["mla_up_proj"])
+    torch.testing.assert_close(loss_r, loss, rtol=0, atol=0)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grads_r[name], grad, rtol=1e-6, atol=1e-7, msg=name)
+    assert kept_r < kept
+    with pytest.raises(ValueError, match="mla_up_proj needs --multi-latent-attention"):
+        TransformerConfig(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=16,
+                          recompute_granularity="selective", recompute_modules=["mla_up_proj"])

@@ -22,7 +22,7 @@ NORMALIZATIONS = ("LayerNorm", "RMSNorm")
 ATTENTION_BACKENDS = ("auto", "flash", "fused", "cudnn", "efficient", "unfused", "math", "local")
 RECOMPUTE_GRANULARITIES = ("full", "selective")
 RECOMPUTE_METHODS = ("uniform", "block")
-RECOMPUTE_MODULES = ("core_attn", "mlp", "layernorm", "moe")
+RECOMPUTE_MODULES = ("core_attn", "mlp", "layernorm", "moe", "mla_up_proj")
 CP_COMM_TYPES = ("p2p", "all_gather", "a2a")
 
 
@@ -205,7 +205,8 @@ class TransformerConfig(ModelParallelConfig, PrecisionConfig, SequenceLengthConf
     """Layers per recompute chunk (uniform) or number of recomputed layers per stage (block)."""
     recompute_modules: Optional[List[str]] = run_setting(None)
     """With selective recompute, the parts of each layer to recompute: core_attn, mlp (the layer's
-    MLP, dense or MoE), layernorm, moe (the MoE layers only). Default: core_attn."""
+    MLP, dense or MoE), layernorm, moe (the MoE layers only), mla_up_proj (multi-latent attention's
+    up-projections and rotary embedding, recomputed from the latents). Default: core_attn."""
     distribute_saved_activations: bool = run_setting(False)
     """With full recompute, shard each checkpointed layer input across the tensor-parallel group."""
 
@@ -386,6 +387,9 @@ def _validate_latent_attention(c: TransformerConfig) -> None:
         given = ["--" + f.replace("_", "-") for f in mla_flags] + (["--rope-type yarn"] if c.rope_type == "yarn" else [])
         raise ValueError(f"{', '.join(given)} configure multi-latent attention; add --multi-latent-attention "
                          "(YaRN rotary scaling is built for MLA only)")
+    if (c.recompute_granularity == "selective" and "mla_up_proj" in (c.recompute_modules or ())
+            and not c.multi_latent_attention):
+        raise ValueError("--recompute-modules mla_up_proj needs --multi-latent-attention; drop mla_up_proj")
     if c.mtp_num_layers is not None:
         if c.mtp_num_layers < 1:
             raise ValueError(f"--mtp-num-layers must be >= 1 (or unset for no multi-token prediction), "

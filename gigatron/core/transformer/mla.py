@@ -200,8 +200,9 @@ class MLASelfAttention(nn.Module):
         self.linear_proj = RowParallelLinear(
             n_all * self.dv, h, config=config, tp=groups.tp, init_method=scaled_init_method(config),
             bias=config.add_bias_linear, input_is_parallel=True, skip_bias_add=True, init_key=prefix + ".linear_proj")
-        self.recompute_core_attention = (config.recompute_granularity == "selective"
-                                         and "core_attn" in config.recompute_modules)
+        selective = config.recompute_modules if config.recompute_granularity == "selective" else ()
+        self.recompute_core_attention = "core_attn" in selective
+        self.recompute_up_proj = "mla_up_proj" in selective
 
     # ------------------------------------------------------------------ projections
     def _latents(self, x: torch.Tensor):
@@ -227,8 +228,20 @@ class MLASelfAttention(nn.Module):
         return q_latent, c, k_r
 
     def query_key_value(self, x: torch.Tensor, rotary_pos_emb: Optional[torch.Tensor]):
-        """x -> query [s, b, n, dq], key [s, b, n, dq], value [s, b, n, dv]."""
+        """x -> query [s, b, n, dq], key [s, b, n, dq], value [s, b, n, dv]. With --recompute-modules
+        mla_up_proj the up-projections and the rotary embedding run under a checkpoint: backward
+        recomputes them from the latents instead of keeping their intermediates."""
+        if rotary_pos_emb is None:
+            raise ValueError("multi-latent attention needs the rotary angles of mla_rotary_embedding "
+                             "(GPTModel passes them)")
         q_latent, c, k_r = self._latents(x)
+        if self.recompute_up_proj and self.training and torch.is_grad_enabled():
+            from gigatron.core.parallel.random import checkpoint
+            return checkpoint(self._up_projections, False, q_latent, c, k_r, rotary_pos_emb)
+        return self._up_projections(q_latent, c, k_r, rotary_pos_emb)
+
+    def _up_projections(self, q_latent, c, k_r, rotary_pos_emb):
+        """Latents -> query, key, value per head, the rotary part rotated."""
         if self.config.q_lora_rank is not None:
             q, _ = self.linear_q_up_proj(q_latent)  # [s, b, n*dq]
         else:
@@ -240,9 +253,6 @@ class MLASelfAttention(nn.Module):
         q_nope, q_r = torch.split(q, [self.dn, self.dr], dim=-1)
         k_nope, v = torch.split(kv, [self.dn, self.dv], dim=-1)
         k_r = k_r.unsqueeze(2)  # [s, b, 1, dr]
-        if rotary_pos_emb is None:
-            raise ValueError("multi-latent attention needs the rotary angles of mla_rotary_embedding "
-                             "(GPTModel passes them)")
         q_r = apply_mla_rotary_pos_emb(q_r, rotary_pos_emb, self.rope_mscale)
         k_r = apply_mla_rotary_pos_emb(k_r, rotary_pos_emb, self.rope_mscale)
         query = torch.cat((q_nope, q_r), dim=-1)  # [s, b, n, dq]
