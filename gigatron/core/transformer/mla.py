@@ -284,8 +284,9 @@ class MLASelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 rotary_pos_emb: Optional[torch.Tensor] = None, inference_context=None):
         if inference_context is not None:
-            raise ValueError("KV-cache generation is not built for --multi-latent-attention (the cache holds "
-                             "--kv-channels heads of --num-query-groups); generate without a KV cache")
+            raise ValueError("text generation is not built for --multi-latent-attention yet: the KV cache holds "
+                             "--num-query-groups heads of --kv-channels for keys and values alike, while MLA's keys "
+                             "(--qk-head-dim + --qk-pos-emb-head-dim) and values (--v-head-dim) differ")
         query, key, value = self.query_key_value(x, rotary_pos_emb)
         if self.recompute_core_attention and self.training and torch.is_grad_enabled():
             from gigatron.core.parallel.random import checkpoint
