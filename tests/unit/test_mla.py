@@ -319,3 +319,61 @@ def test_mla_up_proj_recompute_keeps_less_and_changes_nothing():
     with pytest.raises(ValueError, match="mla_up_proj needs --multi-latent-attention"):
         TransformerConfig(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=16,
                           recompute_granularity="selective", recompute_modules=["mla_up_proj"])
+
+
+def test_mla_mtp_checkpoint_converts_to_tp2_and_pp2_and_trains_on(tmp_path):
+    """A `torch` checkpoint of a trained MLA + MTP model, converted by tools/checkpoint/convert.py to
+    tp=2 and to pp=2 (the last stage with the blocks and their embedding copy), holds the same
+    tensors and continues training with the same losses as the tp=1 conversion."""
+    import os
+    import re as regex
+
+    from gigatron.core.checkpoint import torch_layout
+    from tests.parallel.harness import free_port
+
+    flags = ("--num-layers 2 --hidden-size 32 --num-attention-heads 4 --seq-length 16 --max-position-embeddings 16 "
+             "--micro-batch-size 2 --global-batch-size 4 --lr 1e-3 --mock-data --vocab-size 64 "
+             "--tokenizer-type NullTokenizer --multi-latent-attention --q-lora-rank 12 --kv-lora-rank 8 "
+             "--qk-head-dim 6 --qk-pos-emb-head-dim 4 --v-head-dim 5 --qk-layernorm --normalization RMSNorm "
+             "--position-embedding-type rope --swiglu --disable-bias-linear --untie-embeddings-and-output-weights "
+             "--mtp-num-layers 1 --rotary-scaling-factor 40 --mscale-all-dim 1.0 --attention-dropout 0 "
+             "--hidden-dropout 0 --log-interval 1 --eval-iters 0 --make-vocab-size-divisible-by 64").split()
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+
+    def run(*argv, processes=1):
+        launcher = [sys.executable] if processes == 1 else [
+            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+            "--master_port", str(free_port())]
+        result = subprocess.run(launcher + [str(a) for a in argv], capture_output=True, text=True, timeout=300,
+                                cwd=tmp_path, env=env)
+        assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+        return result.stdout + result.stderr
+
+    run(ROOT / "pretrain_gpt.py", *flags, "--train-iters", "2", "--save", "ck", "--save-interval", "2",
+        "--ckpt-format", "torch")
+    convert = [ROOT / "tools" / "checkpoint" / "convert.py", "--model-type", "GPT", "--loader", "torch",
+               "--saver", "torch", "--load-dir", "ck"]
+    for target, extra in (("tp1", []), ("tp2", ["--target-tensor-parallel-size", "2"]),
+                          ("pp2", ["--target-pipeline-parallel-size", "2"])):
+        run(*convert, "--save-dir", target, *extra)
+    full = torch_layout.read_model(str(tmp_path / "tp1" / "iter_0000002")).tensors
+    assert "mtp.layers.0.transformer_layer.self_attention.linear_kv_up_proj.weight" in full
+    for target in ("tp2", "pp2"):
+        merged = torch_layout.read_model(str(tmp_path / target / "iter_0000002")).tensors
+        assert set(merged) == set(full)
+        for name, tensor in full.items():
+            assert torch.equal(merged[name], tensor), (target, name)
+    last_stage = torch_layout.read_rank_file(str(tmp_path / "pp2" / "iter_0000002" / "mp_rank_00_001"
+                                                 / torch_layout.MODEL_FILENAME))["model"]
+    assert "embedding.word_embeddings.weight" in last_stage and "mtp.layers.0.eh_proj.weight" in last_stage
+
+    def losses(out):
+        line = [ln for ln in out.splitlines() if regex.search(r"iteration\s+3/\s*3", ln)][0]
+        return regex.search(r"lm loss: (\S+) \| mtp_1 loss: (\S+)", line).groups()
+
+    more = ["--train-iters", "3", "--no-load-optim", "--no-load-rng"]
+    reference = losses(run(ROOT / "pretrain_gpt.py", *flags, *more, "--load", "tp1"))
+    assert losses(run(ROOT / "pretrain_gpt.py", *flags, *more, "--load", "pp2", "--pipeline-model-parallel-size", "2",
+                      processes=2)) == reference
+    assert losses(run(ROOT / "pretrain_gpt.py", *flags, *more, "--load", "tp2", "--tensor-model-parallel-size", "2",
+                      "--sequence-parallel", processes=2)) == reference
