@@ -371,6 +371,12 @@ def test_mla_mtp_checkpoint_converts_to_tp2_and_pp2_and_trains_on(tmp_path):
         line = [ln for ln in out.splitlines() if regex.search(r"iteration\s+3/\s*3", ln)][0]
         return regex.search(r"lm loss: (\S+) \| mtp_1 loss: (\S+)", line).groups()
 
+    # HuggingFace has no layout for them here: one line naming the flags.
+    result = subprocess.run([sys.executable, str(convert[0]), *map(str, convert[1:6]), "hf", "--load-dir", "ck",
+                             "--save-dir", "hf"], capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    assert result.returncode != 0 and "--multi-latent-attention" in result.stdout + result.stderr
+    assert "--mtp-num-layers" in result.stdout + result.stderr
+
     more = ["--train-iters", "3", "--no-load-optim", "--no-load-rng"]
     reference = losses(run(ROOT / "pretrain_gpt.py", *flags, *more, "--load", "tp1"))
     assert losses(run(ROOT / "pretrain_gpt.py", *flags, *more, "--load", "pp2", "--pipeline-model-parallel-size", "2",
