@@ -55,6 +55,11 @@ class GPTModel(nn.Module):
       not post_process:        hidden [s, b, h] ([s/tp, b, h] with sequence parallel)
     attention_mask: None for causal attention, or a bool [b | 1, 1, s, s] with True where a query
     must not see a key (Megatron's convention; e.g. --reset-attention-mask).
+    With --mtp-num-layers D (config.mtp_num_layers) the last stage also holds the multi-token
+    prediction blocks (`mtp`); a training forward with labels computes their per-token losses
+    [D, b, s], which `pop_mtp_losses()` hands over (gigatron/training/gpt.py's loss_func adds them).
+    With --multi-latent-attention the layers' attention is MLASelfAttention and the rotary angles
+    are MLA's (mla_rotary_embedding).
     inference_context (keyword, generation only): a KV cache
     (gigatron.core.inference.kv_cache.InferenceContext); input_ids are then the new tokens only,
     position_ids their positions and attention_mask [b, 1, s_new, kv_len] over the cached keys.
@@ -114,8 +119,9 @@ class GPTModel(nn.Module):
         if pre_process and not post_process and (self.share_embeddings_and_output_weights
                                                  or getattr(config, "mtp_num_layers", None)):
             tags.mark_shared_embedding(self.embedding.word_embeddings.weight)
-        # Multi-token prediction (--mtp-num-layers): blocks after the decoder, on the stage that holds
-        # both the embedding and the output layer (gigatron/core/transformer/mtp.py).
+        # Multi-token prediction (--mtp-num-layers): blocks after the decoder on the last stage
+        # (gigatron/core/transformer/mtp.py); a training forward with labels keeps their per-token
+        # losses for pop_mtp_losses().
         self.mtp = None
         self.mtp_losses = None
         if post_process and getattr(config, "mtp_num_layers", None):
