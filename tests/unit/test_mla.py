@@ -383,3 +383,23 @@ def test_mla_mtp_checkpoint_converts_to_tp2_and_pp2_and_trains_on(tmp_path):
                       processes=2)) == reference
     assert losses(run(ROOT / "pretrain_gpt.py", *flags, *more, "--load", "tp2", "--tensor-model-parallel-size", "2",
                       "--sequence-parallel", processes=2)) == reference
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["auto", "efficient", "math"])
+def test_mla_on_cuda_in_bf16_matches_the_cpu_model(backend):
+    """MLA's queries/keys (dq = qk_head_dim + qk_pos_emb_head_dim) and values (dv) have different
+    head sizes: the CUDA SDPA kernels must take them, in bf16, forward and backward."""
+    cpu = build(mla_config(mtp_num_layers=1))
+    cuda = build(mla_config(mtp_num_layers=1, bf16=True, attention_backend=backend)).cuda()
+    cuda.load_state_dict({k: v.to(torch.bfloat16) for k, v in cpu.state_dict().items()})
+    ids, labels = batch()
+    cpu.train()
+    cuda.train()
+    ref = cpu(ids, labels=labels)
+    got = cuda(ids.cuda(), labels=labels.cuda())
+    torch.testing.assert_close(got.float().cpu(), ref.detach(), rtol=0.05, atol=0.05)
+    mtp = cuda.pop_mtp_losses()
+    assert mtp.shape == (1, 2, 16)
+    (got.float().mean() + mtp.float().mean()).backward()
+    assert all(torch.isfinite(p.grad).all() for p in cuda.parameters() if p.grad is not None)
