@@ -9,14 +9,24 @@ and the first sampled token are subtracted, so only the KV-cached one-token step
 ms/token is the time of one such step (one new token in every row), 1000 * batch / tokens/s.
 Both engines decode greedily with no early stop (ours: stop_at_eod off; HF: min_new_tokens).
 
-Bandwidth limit: each decode step reads every weight once, so one step cannot take less than
-weight bytes / HBM bandwidth; at batch b that is at most b * bandwidth / weight bytes tokens/s
-(KV-cache reads ignored: they are small at these lengths), i.e. weight bytes / bandwidth ms per
-token; "fraction of limit" is our tokens/s over that limit. The bandwidth is measured in the same
-run with a large device-to-device copy (bytes read + written / time).
+Bandwidth limits (BW = the copy bandwidth, measured in the same run with a large device-to-device
+copy: bytes read + written / time):
+  - weights only ("bandwidth_limit", "fraction_of_limit"): each decode step reads every weight
+    once, so at batch b at most b * BW / W tokens/s, W = the parameters' bytes;
+  - weights and KV cache ("bound", "fraction_of_bound"; the issue's target): decode step j (j = 0
+    .. N-1 after a prompt of P tokens) of b rows reads every weight once and, for each row, the
+    keys and values of its P + j + 1 positions:
+        bytes_j = W + b * (P + j + 1) * kv,   kv = 2 * layers * key/value groups * head dim * bytes per element
+    and the N timed steps cannot take less than sum_j bytes_j / BW, so
+        bound tokens/s = b * N * BW / sum_j bytes_j.
 
 Modes: eager (the model run op by op each step), cuda_graph (each step one CUDA graph replay),
-compiled (the step compiled by torch.compile, then captured in a CUDA graph); the graph modes run
+compiled (the step compiled by torch.compile, then captured in a CUDA graph), a "-skinny" suffix
+(continuous-skinny, compiled-skinny: linear layers of 2 to 16 rows through the Triton few-row
+kernel, gigatron/core/ops/skinny_gemm.py, instead of cuBLAS), continuous (the
+continuous batcher of the server's --inference-dynamic-batching with every request present from
+the start: its static-shape step captured in a CUDA graph per batch size, each row attending over
+its own slots), continuous-compiled (that step compiled first); the graph modes run
 one-row steps (batch 1) through the Triton GEMV, and a "-cublas" suffix (cuda_graph-cublas,
 compiled-cublas) keeps cuBLAS there, to show what the kernel brings.
 
@@ -58,7 +68,8 @@ from gigatron.core.tokenizers import NullTokenizer  # noqa: E402
 from gigatron.core.transformer.config import TransformerConfig  # noqa: E402
 
 MODES = ["eager", "cuda_graph", "compiled", "cuda_graph-cublas", "compiled-cublas", "cuda_graph-unfused",
-         "compiled-unfused", "compiled-nopdl"]
+         "compiled-unfused", "compiled-nopdl", "continuous", "continuous-compiled", "continuous-skinny",
+         "compiled-skinny"]
 FULL = dict(layers=24, hidden=2048, heads=16, seq=2048, vocab=50257, padded=50304)
 SMOKE = dict(layers=2, hidden=64, heads=4, seq=128, vocab=500, padded=512)
 
@@ -140,14 +151,58 @@ def decode_rate(run, batch: int, new_tokens: int, device, repeats: int):
     return batch / step, 1000.0 * step, out["x"]
 
 
+def kv_bytes_per_position(model) -> int:
+    """Bytes of the keys and values of one position of one sequence, every layer."""
+    config = model.config
+    element = next(model.parameters()).element_size()
+    return 2 * config.num_layers * config.num_query_groups * config.kv_channels * element
+
+
+def weights_kv_bound(weight_bytes: int, kv_per_position: int, batch: int, prompt_len: int, steps: int,
+                     bandwidth: float) -> float:
+    """Tokens/s bound of `steps` decode steps of `batch` rows after prompts of prompt_len tokens:
+    b * N * BW / sum_j (W + b * (P + j + 1) * kv) (the module docstring)."""
+    total = sum(weight_bytes + batch * (prompt_len + j + 1) * kv_per_position for j in range(steps))
+    return batch * steps * bandwidth / total
+
+
+class ContinuousRun:
+    """run(prompts, n) -> token lists: the prompts through one ContinuousBatcher of len(prompts)
+    slots (the server's --inference-dynamic-batching), every request added before the first step,
+    greedy, n tokens each. The batcher (and its captured steps) is kept across calls."""
+
+    def __init__(self, engine: InferenceEngine, batch: int, prefill_chunk: int):
+        from gigatron.core.inference.continuous import ContinuousBatcher
+
+        # Every request is present from the start: each step runs all `batch` rows, one bucket.
+        self.batcher = ContinuousBatcher(engine, batch, prefill_chunk, static_step=True, graph_buckets=[batch])
+        self.batcher.warm_up()
+
+    def run(self, prompts, n: int):
+        from gigatron.core.inference.continuous import Sequence
+
+        params = SamplingParams(tokens_to_generate=n, top_k=1, stop_at_eod=False)
+        seqs = [Sequence(list(p), params) for p in prompts]
+        for seq in seqs:
+            self.batcher.add(seq)
+        while self.batcher.busy():
+            self.batcher.step()
+        return [list(p) + seq.generated for p, seq in zip(prompts, seqs)]
+
+
 def make_engine(model, tokenizer, batch: int, max_sequence_length: int, mode: str) -> InferenceEngine:
     """The engine a bench mode names: "<decode mode>", "<decode mode>-cublas" (cuBLAS and cuDNN,
     no Triton decode kernels) or "<decode mode>-unfused" (the Triton GEMV per linear layer, the
     rest of a layer as PyTorch ops) or "<decode mode>-nopdl" (the Triton decode kernels launched
     one after another, without programmatic dependent launch)."""
     decode_mode, _, variant = mode.partition("-")
+    skinny = variant == "skinny"
+    if decode_mode == "continuous":  # the continuous batcher's step: captured (compiled first), on CPU run as is
+        on_cuda = next(model.parameters()).is_cuda
+        decode_mode = ("compiled" if variant == "compiled" else "cuda_graph") if on_cuda else "eager"
+        variant = ""
     kernels = DecodeKernels(gemv=variant != "cublas", fused=variant != "unfused", attention=variant != "unfused",
-                            pdl=variant not in ("unfused", "nopdl"))
+                            pdl=variant not in ("unfused", "nopdl"), skinny=skinny)
     return InferenceEngine(model, tokenizer, max_batch_size=batch, max_sequence_length=max_sequence_length,
                            decode_mode=decode_mode, _decode_kernels=kernels)
 
@@ -206,7 +261,7 @@ def profile_decode(engine, prompt, steps: int, device, mode: str) -> None:
 def _fmt(key: str, value) -> str:
     if not isinstance(value, float):
         return str(value)
-    if key.endswith(("fraction_of_limit", "ms_per_token")):
+    if key.endswith(("fraction_of_limit", "fraction_of_bound", "ms_per_token")):
         return f"{value:.3f}"
     return f"{value:.1f}"
 
@@ -234,7 +289,7 @@ def main(argv=None) -> int:
         device, dtype, shape = torch.device("cpu"), torch.float32, SMOKE
         batches = args.batch_sizes or [1, 4]
         prompt_len, new_tokens = args.prompt_length or 8, args.new_tokens or 8
-        modes = args.modes or ["eager"]
+        modes = args.modes or ["eager", "continuous"]
         copy_gib = min(args.copy_gib, 0.125)
         torch.set_num_threads(1)
     else:
@@ -243,7 +298,7 @@ def main(argv=None) -> int:
         device, dtype, shape = torch.device("cuda"), torch.bfloat16, FULL
         batches = args.batch_sizes or [1, 8, 64]
         prompt_len, new_tokens = args.prompt_length or 128, args.new_tokens or 128
-        modes = args.modes or ["eager", "cuda_graph-cublas", "cuda_graph", "compiled"]
+        modes = args.modes or ["eager", "cuda_graph-cublas", "cuda_graph", "compiled", "continuous"]
         copy_gib = args.copy_gib
 
     torch.manual_seed(0)
@@ -255,25 +310,33 @@ def main(argv=None) -> int:
     print(f"device {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'} | weights "
           f"{weight_bytes / 1e9:.3f} GB | copy bandwidth {bandwidth / 1e9:.1f} GB/s | prompt {prompt_len} | "
           f"new tokens {new_tokens}")
+    kv = kv_bytes_per_position(model)
     rows = []
     for batch in batches:
         g = torch.Generator().manual_seed(batch)
         prompts = torch.randint(0, shape["vocab"] - 1, (batch, prompt_len), generator=g)
         limit = batch * bandwidth / weight_bytes
+        bound = weights_kv_bound(weight_bytes, kv, batch, prompt_len, new_tokens, bandwidth)
         row = {"batch": batch, "bandwidth_limit_tokens_per_s": limit,
-               "bandwidth_limit_ms_per_token": 1000.0 * weight_bytes / bandwidth}
+               "bandwidth_limit_ms_per_token": 1000.0 * weight_bytes / bandwidth, "bound_tokens_per_s": bound}
         ours_tokens = None
         for mode in modes:
             engine = make_engine(model, tokenizer, batch, prompt_len + new_tokens + 2, mode)
+            if mode.startswith("continuous"):
+                runner = ContinuousRun(engine, batch, batch * prompt_len)
 
-            def run(n, engine=engine):
-                params = SamplingParams(tokens_to_generate=n, top_k=1, stop_at_eod=False)
-                return engine.generate_tokens(prompts.tolist(), params).tokens
+                def run(n, runner=runner):
+                    return runner.run(prompts.tolist(), n)
+            else:
+                def run(n, engine=engine):
+                    params = SamplingParams(tokens_to_generate=n, top_k=1, stop_at_eod=False)
+                    return engine.generate_tokens(prompts.tolist(), params).tokens
 
             rate, ms, tokens = decode_rate(run, batch, new_tokens, device, args.repeats)
             row[f"gigatron_{mode}_tokens_per_s"] = rate
             row[f"gigatron_{mode}_ms_per_token"] = ms
             row[f"gigatron_{mode}_fraction_of_limit"] = rate / limit
+            row[f"gigatron_{mode}_fraction_of_bound"] = rate / bound
             if ours_tokens is None:
                 ours_tokens = tokens
             elif tokens != ours_tokens:

@@ -55,9 +55,18 @@ def add_text_generate_args(parser: argparse.ArgumentParser) -> argparse.Argument
     group.add_argument("--inference-dynamic-batching", action="store_true",
                        help="continuous batching: requests join and leave one running batch at every decode step "
                             "(one process; see docs/architecture.md, Inference)")
-    group.add_argument("--inference-max-requests", type=int, default=None,
+    group.add_argument("--inference-max-requests", "--inference-dynamic-batching-max-requests",
+                       dest="inference_max_requests", type=int, default=None,
                        help="with --inference-dynamic-batching: KV-cache slots, i.e. sequences decoded together; "
                             "more wait in a queue (default --max-batch-size)")
+    group.add_argument("--inference-dynamic-batching-num-cuda-graphs", type=int, default=None,
+                       help="with --inference-dynamic-batching and --cuda-graphs or --compile-decode: how many batch "
+                            "sizes the decode step is captured for, evenly spaced up to --inference-max-requests "
+                            "(a step pads its rows to the next one); default 1, 2, 4, ... and the slots")
+    group.add_argument("--inference-dynamic-batching-max-tokens", type=int, default=None,
+                       help="with --inference-dynamic-batching: at most this many tokens in one step, decoded and "
+                            "prompt tokens together (at least --inference-max-requests); default: the decoded "
+                            "sequences plus --inference-prefill-chunk-size")
     group.add_argument("--inference-dynamic-batching-buffer-size-gb", type=float, default=None,
                        help="with --inference-dynamic-batching: the KV-cache memory; the slots are as many as fit "
                             "(at most --inference-max-requests where given)")
@@ -199,7 +208,8 @@ def main(argv=None, mamba: bool = False) -> int:
         raise ValueError(f"--max-request-bytes must be >= 1, got {args.max_request_bytes}")
     if args.inference_dynamic_batching and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
         raise ValueError("--inference-dynamic-batching serves from one process; drop it or run without torchrun")
-    for flag in ("inference_max_requests", "inference_prefill_chunk_size", "max_tokens_to_oom"):
+    for flag in ("inference_max_requests", "inference_prefill_chunk_size", "max_tokens_to_oom",
+                 "inference_dynamic_batching_num_cuda_graphs", "inference_dynamic_batching_max_tokens"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
@@ -223,7 +233,14 @@ def main(argv=None, mamba: bool = False) -> int:
                         max_request_bytes=args.max_request_bytes, model_name=args.served_model_name,
                         chat_template=chat_template_from_args(args, engine.tokenizer),
                         dynamic_batching=args.inference_dynamic_batching, max_requests=dynamic_slots(args, engine),
-                        prefill_chunk=args.inference_prefill_chunk_size, max_tokens_to_oom=args.max_tokens_to_oom)
+                        prefill_chunk=args.inference_prefill_chunk_size, max_tokens_to_oom=args.max_tokens_to_oom,
+                        num_cuda_graphs=args.inference_dynamic_batching_num_cuda_graphs,
+                        max_step_tokens=args.inference_dynamic_batching_max_tokens)
+        if args.inference_dynamic_batching and engine.decode_mode != "eager":
+            print("capturing the continuous decode step for each batch size ...", flush=True)
+            start = time.perf_counter()
+            app.state.scheduler.batcher.warm_up()
+            print(f"captured in {time.perf_counter() - start:.1f} s", flush=True)
         serve(app, host=args.host, port=args.port)
         return 0
     finally:

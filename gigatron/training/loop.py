@@ -497,6 +497,10 @@ def _finish_moe_step(ctx: TrainContext, tracker, num_microbatches: int, update_s
     from gigatron.core.transformer.moe.config import moe_layer_pattern
 
     moe, num_layers = ctx.configs.moe, ctx.configs.transformer.num_layers
+    # Multi-token prediction layers are numbered after the decoder's and built like its last layer.
+    pattern = moe_layer_pattern(moe, num_layers)
+    pattern = pattern + [pattern[-1]] * (ctx.configs.transformer.mtp_num_layers or 0)
+    num_layers = len(pattern)
     if update_successful and moe.moe_router_enable_expert_bias:
         for chunk in ctx.model:
             update_expert_bias(chunk, ctx.groups)
@@ -504,7 +508,7 @@ def _finish_moe_step(ctx: TrainContext, tracker, num_microbatches: int, update_s
     if names:
         with collective_phase("the MoE aux-loss reduction"):
             reduced = tracker.reduce(ctx.groups, num_layers, names, device=ctx.device)
-        moe_layers = [i for i, is_moe in enumerate(moe_layer_pattern(moe, num_layers)) if is_moe]
+        moe_layers = [i for i, is_moe in enumerate(pattern) if is_moe]
         summary = tracker.summary(reduced, num_microbatches, moe_layers, moe.moe_per_layer_logging)
         for key, value in summary.items():
             losses[key] = torch.tensor(value, dtype=torch.float32, device=ctx.device)

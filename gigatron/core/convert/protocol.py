@@ -169,21 +169,6 @@ def _norm_names(prefix: str, md: dict) -> List[str]:
     return names
 
 
-def _attention_names(p: str, md: dict) -> List[str]:
-    bias = bool(md["add_bias_linear"])
-    names = _norm_names(p + ".input_layernorm", md)
-    names.append(p + ".self_attention.linear_qkv.weight")
-    if bias or md.get("add_qkv_bias"):
-        names.append(p + ".self_attention.linear_qkv.bias")
-    if md.get("qk_layernorm"):
-        names += _norm_names(p + ".self_attention.q_layernorm", md)
-        names += _norm_names(p + ".self_attention.k_layernorm", md)
-    names.append(p + ".self_attention.linear_proj.weight")
-    if bias:
-        names.append(p + ".self_attention.linear_proj.bias")
-    return names
-
-
 def _mlp_names(p: str, md: dict, moe: bool) -> List[str]:
     bias = bool(md["add_bias_linear"])
     names = _norm_names(p + ".pre_mlp_layernorm", md)
@@ -218,21 +203,56 @@ def expected_tensors(md: dict) -> Dict[str, List[str]]:
     if md["position_embedding_type"] == "learned_absolute":
         emb.append("embedding.position_embeddings.weight")
     out["embeddings"] = emb
+    moe_layers = moe_layer_flags(md)
     if md.get(MAMBA_MODEL):
         for i, symbol in enumerate(hybrid_layer_symbols(md)):
             p = f"decoder.layers.{i}"
-            out[layer_message(i)] = (_mamba_names(p, md) if symbol == "M" else _attention_names(p, md)
+            out[layer_message(i)] = (_mamba_names(p, md) if symbol == "M"
+                                     else _norm_names(p + ".input_layernorm", md) + _attention_names(p, md)
                                      if symbol == "*" else _mlp_names(p, md, symbol == "E"))
         out["final norm"] = _norm_names("decoder.final_norm", md)
     else:
-        moe_layers = moe_layer_flags(md)
         for i in range(md["num_layers"]):
-            p = f"decoder.layers.{i}"
-            out[layer_message(i)] = _attention_names(p, md) + _mlp_names(p, md, moe_layers[i])
+            out[layer_message(i)] = _layer_names(f"decoder.layers.{i}", md, moe_layers[i])
         out["final norm"] = _norm_names("decoder.final_layernorm", md)
     if md["untie_embeddings_and_output_weights"]:
         out["output layer"] = ["output_layer.weight"]
+    for k in range(int(md.get("mtp_num_layers") or 0)):
+        # a multi-token prediction block; its layer is built like the decoder's last
+        p = f"mtp.layers.{k}"
+        out[f"mtp layer {k}"] = (_norm_names(p + ".enorm", md) + _norm_names(p + ".hnorm", md) + [p + ".eh_proj.weight"]
+                                 + _layer_names(p + ".transformer_layer", md, moe_layers[-1])
+                                 + _norm_names(p + ".final_layernorm", md))
     return out
+
+
+def _attention_names(p: str, md: dict) -> List[str]:
+    """The self-attention tensors of the layer at prefix `p` (grouped QKV, or multi-latent attention's)."""
+    bias = bool(md["add_bias_linear"])
+    a = p + ".self_attention"
+    if md.get("multi_latent_attention"):
+        lora_q = md.get("q_lora_rank") is not None
+        names = [a + ".linear_q_down_proj.weight", a + ".linear_q_up_proj.weight"] if lora_q \
+            else [a + ".linear_q_proj.weight"]
+        names += [a + ".linear_kv_down_proj.weight", a + ".linear_kv_up_proj.weight"]
+        if md.get("qk_layernorm"):
+            names += (_norm_names(a + ".q_layernorm", md) if lora_q else []) + _norm_names(a + ".kv_layernorm", md)
+    else:
+        names = [a + ".linear_qkv.weight"]
+        if bias or md.get("add_qkv_bias"):
+            names.append(a + ".linear_qkv.bias")
+        if md.get("qk_layernorm"):
+            names += _norm_names(a + ".q_layernorm", md)
+            names += _norm_names(a + ".k_layernorm", md)
+    names.append(a + ".linear_proj.weight")
+    if bias:
+        names.append(a + ".linear_proj.bias")
+    return names
+
+
+def _layer_names(p: str, md: dict, is_moe: bool) -> List[str]:
+    """The tensors of the transformer layer at prefix `p`."""
+    return _norm_names(p + ".input_layernorm", md) + _attention_names(p, md) + _mlp_names(p, md, is_moe)
 
 
 def mamba_config_from_metadata(md: dict):

@@ -19,7 +19,9 @@ embedding, layers and output layer itself and picks, per call, the decode kernel
 - elsewhere every one-row linear layer runs the plain Triton GEMV (`DecodeKernels.gemv`), and a
   step whose rows x heads do not fill the GPU attends through the decode-attention kernel, which
   also writes the new key/value into the cache (gigatron/core/ops/decode_attention.py,
-  `decode_attention_preferred`; `DecodeKernels.attention`); MoE layers run their own MLP module;
+  `decode_attention_preferred`; `DecodeKernels.attention`; the continuous batch's step attends
+  through it at every batch size, `DecodeKernels.attention_every_batch`); MoE layers run their
+  own MLP module;
 - with `DecodeKernels.pdl`, on GPUs that have it (Hopper and later), those kernels are launched
   with programmatic dependent launch (gemv.pdl_supported): each streams its weights while the
   kernel before it finishes.
@@ -41,6 +43,7 @@ import torch.nn.functional as F
 from gigatron.core.ops.activations import fused_activation_name
 from gigatron.core.ops.decode_attention import decode_attention_preferred
 from gigatron.core.ops.gemv import NORM_CODES, fused_gemv, gemv_applies, maybe_gemv
+from gigatron.core.ops.skinny_gemm import skinny_applies, skinny_linear
 from gigatron.core.parallel.mappings import (
     copy_to_tensor_parallel_region,
     gather_from_tensor_parallel_region,
@@ -68,6 +71,13 @@ class DecodeKernels:
     (False: SDPA, and no fused one-row layers, which attend only through it)."""
     pdl: bool = True
     """Launch the decode kernels with programmatic dependent launch on GPUs that have it."""
+    skinny: bool = False
+    """Linear layers of 2 to 16 rows through the Triton few-row kernel
+    (gigatron/core/ops/skinny_gemm.py) instead of cuBLAS."""
+    attention_every_batch: bool = False
+    """Attend through the decode-attention kernel at every batch size, not only where rows x heads
+    leave the GPU idle: the continuous batch's step (continuous.py), whose rows have different
+    lengths and must each read only their own valid slots of a cache of the full length."""
 
 
 def _fusable_activation(layer) -> Optional[str]:
@@ -98,6 +108,8 @@ class DecodeStep:
         self.fused = self.gemv and bool(kernels.fused)
         self.attention = self.gemv and bool(kernels.attention)
         self.pdl = self.gemv and bool(kernels.pdl)
+        self.attention_every_batch = self.attention and bool(kernels.attention_every_batch)
+        self.skinny = self.gemv and bool(kernels.skinny)
         self.fused_activations = [_fusable_activation(layer) for layer in model.decoder.layers]
         norm = model.decoder.final_layernorm
         self.fusable_head = (norm is not None and type(norm).__name__ in NORM_CODES and model.groups.tp.size == 1)
@@ -110,10 +122,13 @@ class DecodeStep:
 
     def _attention_kernel(self, attention, s: int, b: int) -> bool:
         """A step of s = 1 new token per row attends through the decode-attention kernel."""
-        return self.attention and s == 1 and decode_attention_preferred(b, attention.num_heads)
+        return self.attention and s == 1 and (self.attention_every_batch
+                                              or decode_attention_preferred(b, attention.num_heads))
 
     # ------------------------------------------------------------------ the parallel linear layers
     def _linear(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if self.skinny and skinny_applies(x, weight):
+            return skinny_linear(x, weight, bias)
         if self.gemv:
             return maybe_gemv(x, weight, bias, pdl=self.pdl)
         return F.linear(x, weight, bias)

@@ -256,6 +256,7 @@ class InferenceEngine:
             raise ValueError("decode_mode='cuda_graph' needs the model on a CUDA device; use 'eager' on CPU")
         self.decode_mode = decode_mode
         kernels = _decode_kernels if _decode_kernels is not None else DecodeKernels()
+        self.decode_kernels = kernels  # also what the continuous batch's captured step builds on
         # What a captured decode step runs: the decode step with the Triton kernels on CUDA, the
         # model's own forward elsewhere (and with the kernels off, and for models with Mamba layers,
         # whose recurrent step is the mixer's own).

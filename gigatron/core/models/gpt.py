@@ -55,6 +55,11 @@ class GPTModel(nn.Module):
       not post_process:        hidden [s, b, h] ([s/tp, b, h] with sequence parallel)
     attention_mask: None for causal attention, or a bool [b | 1, 1, s, s] with True where a query
     must not see a key (Megatron's convention; e.g. --reset-attention-mask).
+    With --mtp-num-layers D (config.mtp_num_layers) the last stage also holds the multi-token
+    prediction blocks (`mtp`); a training forward with labels computes their per-token losses
+    [D, b, s], which `pop_mtp_losses()` hands over (gigatron/training/gpt.py's loss_func adds them).
+    With --multi-latent-attention the layers' attention is MLASelfAttention and the rotary angles
+    are MLA's (mla_rotary_embedding).
     inference_context (keyword, generation only): a KV cache
     (gigatron.core.inference.kv_cache.InferenceContext); input_ids are then the new tokens only,
     position_ids their positions and attention_mask [b, 1, s_new, kv_len] over the cached keys.
@@ -91,7 +96,10 @@ class GPTModel(nn.Module):
 
         if pre_process:
             self.embedding = LanguageModelEmbedding(config, groups, vocab_size)
-        if config.position_embedding_type == "rope":
+        if getattr(config, "multi_latent_attention", False):
+            from gigatron.core.transformer.mla import mla_rotary_embedding
+            self.rotary_pos_emb = mla_rotary_embedding(config)  # MLA's rotated channels (qk_pos_emb_head_dim)
+        elif config.position_embedding_type == "rope":
             self.rotary_pos_emb = RotaryEmbedding(
                 config.kv_channels, config.rotary_percent, config.rotary_base, config.rotary_interleaved,
                 config.rotary_seq_len_interpolation_factor, device=param_device(config),
@@ -112,8 +120,26 @@ class GPTModel(nn.Module):
                 init_key=init_key, skip_weight_param_allocation=tied_here)
             if self.share_embeddings_and_output_weights and not pre_process:
                 tags.mark_shared_embedding(self.output_layer.weight)
-        if pre_process and self.share_embeddings_and_output_weights and not post_process:
+        if pre_process and not post_process and (self.share_embeddings_and_output_weights
+                                                 or getattr(config, "mtp_num_layers", None)):
             tags.mark_shared_embedding(self.embedding.word_embeddings.weight)
+        # Multi-token prediction (--mtp-num-layers): blocks after the decoder on the last stage
+        # (gigatron/core/transformer/mtp.py); a training forward with labels keeps their per-token
+        # losses for pop_mtp_losses().
+        self.mtp = None
+        self.mtp_losses = None
+        if post_process and getattr(config, "mtp_num_layers", None):
+            if groups.cp.size > 1:
+                raise ValueError("--mtp-num-layers is not built for --context-parallel-size > 1 (the shifted tokens "
+                                 "cross context-parallel ranks); drop one of them")
+            if not pre_process:
+                # The blocks embed shifted tokens on the last stage: a copy of the word embedding, seeded
+                # like the first stage's and kept equal by summing both copies' gradients over the
+                # embedding group (finalize_model_grads), as a tied output layer is.
+                self.embedding = LanguageModelEmbedding(config, groups, vocab_size)
+                tags.mark_shared_embedding(self.embedding.word_embeddings.weight)
+            from gigatron.core.transformer.mtp import MultiTokenPredictionBlock
+            self.mtp = MultiTokenPredictionBlock(config, groups, moe_config)
 
         if config.perform_initialization:
             from gigatron.core.parallel.init import initialize_parameters
@@ -168,7 +194,28 @@ class GPTModel(nn.Module):
             hidden = self.decoder(hidden, attention_mask, rotary, inference_context=inference_context)
         if not self.post_process:
             return hidden
+        if self.mtp is not None:
+            self.mtp_losses = None
+            if labels is not None and self.training and inference_context is None:
+                self.mtp_losses = self._mtp_losses(input_ids, position_ids, hidden, labels, attention_mask, rotary)
         return self._output(hidden, labels, loss_mask)
+
+    def _mtp_losses(self, input_ids, position_ids, hidden, labels, attention_mask, rotary):
+        """Per-token losses [D, b, s] of the multi-token prediction blocks (block k's labels are the
+        labels shifted left by k; the last k positions are left for the loss mask to drop)."""
+        from gigatron.core.transformer.mtp import shift_left
+
+        states = self.mtp(input_ids, position_ids, hidden, self.embedding, attention_mask, rotary)
+        losses = []
+        for k, state in enumerate(states, start=1):
+            losses.append(self._output(state, shift_left(labels, k)))  # [b, s]
+        return torch.stack(losses)  # [D, b, s]
+
+    def pop_mtp_losses(self):
+        """The per-token losses [D, b, s] of the multi-token prediction blocks from the last training
+        forward with labels (None without --mtp-num-layers), handed over once."""
+        losses, self.mtp_losses = self.mtp_losses, None
+        return losses
 
     def _output(self, hidden: torch.Tensor, labels: Optional[torch.Tensor],
                 loss_mask: Optional[torch.Tensor] = None) -> torch.Tensor:

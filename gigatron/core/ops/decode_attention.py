@@ -15,12 +15,17 @@ decode step's static attention length, > every position) only sizes the work spl
 
 One decode step of a GPT otherwise runs three to five kernels per layer here (the split of the
 QKV output, two cache writes, the mask and the attention, which reads all kv_len slots); this is
-one kernel that reads only the slots a row attends to. Each program takes one (row, query head, slot range):
+one kernel that reads only the slots a row attends to. Each program takes one (row, query head, slot range)
+(the heads vary fastest in launch order, so the heads that share a key/value group run side by
+side and read its keys/values from L2):
 it walks its range in BLOCK_L-slot tiles (the next tile in flight while one is reduced) with an
 online softmax in fp32, and the program of slot range 0 also scores the new key from registers
 and the first head of each group stores the new key/value into the cache (no program reads the
 slot being written). The slots are split into ranges until there are about as many programs as
-SMs (a batch-1 step of 16 heads would otherwise stream its cache through 16 SMs); with more
+SMs (a batch-1 step of 16 heads would otherwise stream its cache through 16 SMs); each row splits
+its own slots 0..positions[r]-1 into that many equal ranges of whole tiles, so rows of different
+lengths in one step (continuous batching, whose step passes the whole cache length as kv_len)
+each spread their work evenly and read nothing past their position; with more
 than one range every program leaves its (max, sum, weighted values) in a workspace and counts
 itself in with an atomic add; the last program of a (row, head) to arrive combines the ranges
 (the split-K "last block reduces" pattern), so the step needs no second kernel.
@@ -90,18 +95,23 @@ def _kernels():
     @triton.jit
     def attention_kernel(q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, pos_ptr, o_ptr, part_ptr, count_ptr,
                          sq_b, sq_h, sk_b, sk_h, sv_b, sv_h, sc_b, sc_s, sc_h, svc_b, svc_s, svc_h, so_b, so_h,
-                         chunk, scale, HPG: tl.constexpr, D: tl.constexpr, D_P2: tl.constexpr,
+                         scale, HPG: tl.constexpr, D: tl.constexpr, D_P2: tl.constexpr,
                          BLOCK_L: tl.constexpr, SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, PDL: tl.constexpr):
         if PDL:  # see gemv.pdl_supported
             tl.extra.cuda.gdc_launch_dependents()
-        row = tl.program_id(0)
-        head = tl.program_id(1)
+        # Heads vary fastest in launch order: the heads of one key/value group (GQA) run side by
+        # side and read the group's cached keys/values from L2 rather than each from HBM.
+        head = tl.program_id(0)
+        row = tl.program_id(1)
         split = tl.program_id(2)
         group = head // HPG
         d = tl.arange(0, D_P2)
         d_ok = d < D
         row64 = row.to(tl.int64)
         pos = tl.load(pos_ptr + row)
+        # This row's own split of its pos cached slots: equal ranges of whole tiles, so a short
+        # row next to long ones (continuous batching) spreads its few tiles over its programs.
+        chunk = tl.cdiv(tl.cdiv(pos, SPLITS), BLOCK_L) * BLOCK_L
         start = split * chunk
         end = tl.minimum(start + chunk, pos)  # this range's cached slots: [start, end), all before pos
         slots = tl.arange(0, BLOCK_L)
@@ -160,7 +170,7 @@ def _kernels():
             # Leave this range's (max, sum, weighted values); the program that finishes last for
             # its (row, head) combines all ranges (a counter per (row, head), reset by that program,
             # so no second kernel and a zeroed counter for the next call).
-            pair = row64 * tl.num_programs(1) + head
+            pair = row64 * tl.num_programs(0) + head
             base = part_ptr + (pair * SPLITS + split) * (D_P2 + 2)
             tl.store(base + d, acc)
             tl.store(base + D_P2, m)
@@ -206,7 +216,6 @@ def _triton_decode_attention(q, k, v, key_cache, value_cache, positions, kv_len:
     ng = k.shape[1]
     out = torch.empty(b, nq, d, dtype=q.dtype, device=q.device)
     splits = decode_attention_splits(b, nq, kv_len)
-    chunk = -(-kv_len // splits)
     d_p2 = triton.next_power_of_2(d)
     part = (torch.empty(b, nq, splits, d_p2 + 2, dtype=torch.float32, device=q.device) if splits > 1
             else out)  # unused with one range
@@ -216,9 +225,9 @@ def _triton_decode_attention(q, k, v, key_cache, value_cache, positions, kv_len:
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
             value_cache.stride(0), value_cache.stride(1), value_cache.stride(2), out.stride(0), out.stride(1),
-            chunk, float(scale))
+            float(scale))
     pdl = pdl_supported(pdl)
-    attention_kernel[(b, nq, splits)](*args, HPG=nq // ng, D=d, D_P2=d_p2, BLOCK_L=BLOCK_L, SPLITS=splits,
+    attention_kernel[(nq, b, splits)](*args, HPG=nq // ng, D=d, D_P2=d_p2, BLOCK_L=BLOCK_L, SPLITS=splits,
                                       SPLITS_P2=triton.next_power_of_2(splits), PDL=pdl, num_warps=4,
                                       **({"launch_pdl": True} if pdl else {}))
     return out

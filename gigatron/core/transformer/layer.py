@@ -90,10 +90,15 @@ class TransformerLayer(nn.Module):
         self.is_moe = False
         if moe_config is not None and moe_config.num_experts is not None:
             from gigatron.core.transformer.moe.config import is_moe_layer
-            self.is_moe = is_moe_layer(moe_config, layer_number, config.num_layers)
+            # Multi-token prediction layers (numbered after the decoder) are built like its last layer.
+            self.is_moe = is_moe_layer(moe_config, min(layer_number, config.num_layers - 1), config.num_layers)
         prefix = f"decoder.layers.{layer_number}"
         self.input_layernorm = build_norm(config, config.hidden_size, groups, init_key=prefix + ".input_layernorm")
-        self.self_attention = SelfAttention(config, groups, layer_number)
+        if getattr(config, "multi_latent_attention", False):
+            from gigatron.core.transformer.mla import MLASelfAttention
+            self.self_attention = MLASelfAttention(config, groups, layer_number)
+        else:
+            self.self_attention = SelfAttention(config, groups, layer_number)
         self.pre_mlp_layernorm = build_norm(config, config.hidden_size, groups,
                                             init_key=prefix + ".pre_mlp_layernorm")
         if self.is_moe:

@@ -40,8 +40,10 @@ __all__ = [
 
 STATE_KEYS = {"adam": ("exp_avg", "exp_avg_sq"), "sgd": ("momentum_buffer",)}
 _LAYER_NAME = re.compile(r"^(decoder|encoder)\.layers\.(\d+)\.(.*)$")
-_LOCAL_EXPERT_NAME = re.compile(r"^(decoder\.layers\.\d+\.mlp\.experts)\.local_experts\.(\d+)\.(.*)$")
-_GROUPED_WEIGHT_NAME = re.compile(r"^(decoder\.layers\.\d+\.mlp\.experts)\.weight([12])$")
+# the experts of a decoder layer or of a multi-token prediction block's layer
+_EXPERTS = r"(?:decoder\.layers\.\d+|mtp\.layers\.\d+\.transformer_layer)\.mlp\.experts"
+_LOCAL_EXPERT_NAME = re.compile(rf"^({_EXPERTS})\.local_experts\.(\d+)\.(.*)$")
+_GROUPED_WEIGHT_NAME = re.compile(rf"^({_EXPERTS})\.weight([12])$")
 
 
 @dataclass
@@ -97,9 +99,13 @@ def global_param_name(module: torch.nn.Module, name: str) -> str:
 
 def storage_key(module: torch.nn.Module, name: str, param: torch.Tensor) -> tuple[str, bool]:
     """(key in the checkpoint, whether this copy is written). A tied output layer on a stage
-    without the embedding is the word embedding: read from its key, never written."""
+    without the embedding, and the multi-token prediction blocks' copy of the word embedding on the
+    last stage, are the word embedding: read from its key, never written."""
     if name == "output_layer.weight" and is_shared_embedding(param):
         return "embedding.word_embeddings.weight", False
+    if name.startswith("embedding.") and is_shared_embedding(param) and not getattr(module, "pre_process", True):
+        # the last stage's copy of the word embedding for multi-token prediction: read, never written
+        return name, False
     return global_param_name(module, name), True
 
 

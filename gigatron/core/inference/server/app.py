@@ -36,7 +36,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gigatron.core.inference.engine import PromptTooLongError
 from gigatron.core.inference.server.chat import ChatTemplate, ChatTemplateError
-from gigatron.core.inference.server.completions import CompletionTracker, chat_logprobs, completion_logprobs
+from gigatron.core.inference.server.completions import (
+    CompletionTracker,
+    chat_logprobs,
+    completion_logprobs,
+    json_logprob,
+)
 from gigatron.core.inference.server.scheduler import ContinuousScheduler, Job, Scheduler
 from gigatron.core.inference.server.validation import (
     DEFAULT_MAX_REQUEST_BYTES,
@@ -143,12 +148,15 @@ def build_app(runner, tokenizer, *, max_batch_size: int, max_sequence_length: in
               defaults: ServerDefaults = ServerDefaults(), model_name: str = "gigatron",
               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, chat_template: Optional[str] = None,
               dynamic_batching: bool = False, max_requests: Optional[int] = None, prefill_chunk: int = 256,
-              max_tokens_to_oom: Optional[int] = None):
+              max_tokens_to_oom: Optional[int] = None, num_cuda_graphs: Optional[int] = None,
+              max_step_tokens: Optional[int] = None):
     """The FastAPI app; `runner` is a LocalRunner or LeaderRunner (gigatron.core.inference.broadcast).
     model_name: the id of GET /v1/models (a request naming another model gets 404); chat_template:
     the Jinja chat template of /v1/chat/completions (server/chat.py; None: that route answers 400).
     dynamic_batching: requests join and leave one running batch at every step (ContinuousScheduler,
-    max_requests slots, default max_batch_size; prompts read prefill_chunk tokens a step);
+    max_requests slots, default max_batch_size; prompts read prefill_chunk tokens a step, and a
+    step holds at most max_step_tokens tokens; on a GPU its decode step is captured in CUDA graphs
+    of num_cuda_graphs batch sizes, default 1, 2, 4, ... max_requests);
     otherwise compatible requests are batched whole (Scheduler), and a request whose rows (up to
     max_batch_size) times its longest prompt plus the tokens to generate exceed max_tokens_to_oom
     is refused with 400 (Megatron's --max-tokens-to-oom; continuous batching queues instead)."""
@@ -161,7 +169,8 @@ def build_app(runner, tokenizer, *, max_batch_size: int, max_sequence_length: in
         template = ChatTemplate(chat_template, bos_token=_special_text(tokenizer, "bos"),
                                 eos_token=_special_text(tokenizer, "eod"))
     if dynamic_batching:
-        scheduler = ContinuousScheduler(runner, max_requests or max_batch_size, prefill_chunk)
+        scheduler = ContinuousScheduler(runner, max_requests or max_batch_size, prefill_chunk,
+                                        num_cuda_graphs=num_cuda_graphs, max_step_tokens=max_step_tokens)
     else:
         scheduler = Scheduler(runner, max_batch_size)
     app = FastAPI(title="Gigatron text generation")
@@ -295,8 +304,10 @@ def build_app(runner, tokenizer, *, max_batch_size: int, max_sequence_length: in
             return JSONResponse(status_code=400, content={"error": str(exc), "field": None})
         if result is _DISCONNECTED:
             return Response(status_code=499)
-        return {"text": result.texts, "segments": result.segments,
-                "logprobs": result.logprobs if req.params.return_log_probs else None, "tokens": result.tokens}
+        logprobs = None
+        if req.params.return_log_probs:
+            logprobs = [[json_logprob(lp) for lp in row] for row in result.logprobs]
+        return {"text": result.texts, "segments": result.segments, "logprobs": logprobs, "tokens": result.tokens}
 
     def check_model(name):
         if name is not None and name != model_name:

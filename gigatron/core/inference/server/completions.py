@@ -17,7 +17,19 @@ from __future__ import annotations
 import threading
 from typing import Dict, List, Optional
 
-__all__ = ["CompletionTracker", "completion_logprobs", "chat_logprobs"]
+__all__ = ["CompletionTracker", "completion_logprobs", "chat_logprobs", "json_logprob", "LOWEST_LOGPROB"]
+
+LOWEST_LOGPROB = -9999.0
+"""What a log-probability of -inf (a token the sampling rules made impossible) is sent as: JSON
+has no infinity, and OpenAI's API sends this value for such tokens."""
+
+
+def json_logprob(value: Optional[float]) -> Optional[float]:
+    """A log-probability as JSON can carry it: -inf (or NaN) becomes LOWEST_LOGPROB; None stays."""
+    if value is None:
+        return None
+    value = float(value)
+    return value if value == value and value > LOWEST_LOGPROB else LOWEST_LOGPROB
 
 
 class CompletionTracker:
@@ -145,7 +157,7 @@ def _top_dict(tokenizer, top: Optional[Dict[int, float]], n: int) -> Optional[Di
     best = sorted(top.items(), key=lambda x: -x[1])[:n]
     out: Dict[str, float] = {}
     for token, lp in best:  # two ids with the same text keep the likelier one
-        out.setdefault(tokenizer.detokenize([token]), lp)
+        out.setdefault(tokenizer.detokenize([token]), json_logprob(lp))
     return out
 
 
@@ -158,7 +170,7 @@ def completion_logprobs(tokenizer, segments: List[str], logprobs: List[Optional[
     for seg in segments:
         offsets.append(start)
         start += len(seg)
-    return {"tokens": list(segments), "token_logprobs": list(logprobs),
+    return {"tokens": list(segments), "token_logprobs": [json_logprob(lp) for lp in logprobs],
             "top_logprobs": [_top_dict(tokenizer, t, n) for t in tops] if n else None,
             "text_offset": offsets}
 
@@ -172,6 +184,7 @@ def chat_logprobs(tokenizer, segments: List[str], logprobs: List[Optional[float]
         if n and top is not None:
             for token, value in sorted(top.items(), key=lambda x: -x[1])[:n]:
                 text = tokenizer.detokenize([token])
-                entries.append({"token": text, "logprob": value, "bytes": list(text.encode("utf-8"))})
-        content.append({"token": seg, "logprob": lp, "bytes": list(seg.encode("utf-8")), "top_logprobs": entries})
+                entries.append({"token": text, "logprob": json_logprob(value), "bytes": list(text.encode("utf-8"))})
+        content.append({"token": seg, "logprob": json_logprob(lp), "bytes": list(seg.encode("utf-8")),
+                        "top_logprobs": entries})
     return {"content": content}

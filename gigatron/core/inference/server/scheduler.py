@@ -220,17 +220,21 @@ def _slice(result: GenerationResult, lo: int, hi: int) -> GenerationResult:
 
 
 class ContinuousScheduler(_QueueWorker):
-    """ContinuousScheduler(runner, max_requests, prefill_chunk).submit(job) -> job.future: the rows
+    """ContinuousScheduler(runner, max_requests, prefill_chunk, num_cuda_graphs=None,
+    max_step_tokens=None).submit(job) -> job.future: the rows
     of every request join one running batch (gigatron.core.inference.continuous) as slots free up
     and leave it when they end, so a short request does not wait for a long one. Jobs the
     continuous batch does not run (beam search, scoring with max_tokens=0, Megatron's newline rules
     and top_p decay) run between two of its steps in the static engine, with its own cache.
     One process only (tensor parallelism keeps the static Scheduler)."""
 
-    def __init__(self, runner, max_requests: int, prefill_chunk: int = 256):
-        from gigatron.core.inference.continuous import ContinuousBatcher
+    def __init__(self, runner, max_requests: int, prefill_chunk: int = 256, num_cuda_graphs: Optional[int] = None,
+                 max_step_tokens: Optional[int] = None):
+        from gigatron.core.inference.continuous import ContinuousBatcher, step_buckets
 
-        self.batcher = ContinuousBatcher(runner.engine, max_requests, prefill_chunk)
+        buckets = step_buckets(max_requests, num_cuda_graphs) if num_cuda_graphs is not None else None
+        self.batcher = ContinuousBatcher(runner.engine, max_requests, prefill_chunk, graph_buckets=buckets,
+                                         max_step_tokens=max_step_tokens)
         super().__init__(runner, max_requests)
 
     @property
@@ -269,8 +273,7 @@ class ContinuousScheduler(_QueueWorker):
                     if not job.future.done():
                         job.future.set_exception(exc)
                 running.clear()
-                self.batcher.waiting.clear()
-                self.batcher.slots = [None] * len(self.batcher.slots)
+                self.batcher.clear()
             running[:] = [job for job in running if not job.future.done()]
 
     def _run_static(self, job: Job) -> None:
