@@ -72,13 +72,20 @@ VARIANTS = {
             "--moe-input-jitter-eps", "0.01", "--moe-expert-capacity-factor", "1.5",
             "--moe-pad-expert-input-to-capacity", "--moe-token-drop-policy", "position",
             "--moe-router-bias-update-rate", "0.01"],
+    # Multi-latent attention with YaRN RoPE and a multi-token prediction block.
+    "mla": ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "32",
+            "--max-position-embeddings", "32", "--position-embedding-type", "rope", "--normalization", "RMSNorm",
+            "--swiglu", "--disable-bias-linear", "--multi-latent-attention", "--q-lora-rank", "12",
+            "--kv-lora-rank", "8", "--qk-head-dim", "6", "--qk-pos-emb-head-dim", "4", "--v-head-dim", "5",
+            "--rotary-scaling-factor", "40", "--mscale", "0.9", "--mscale-all-dim", "0.7", "--rope-type", "yarn",
+            "--mtp-num-layers", "1", "--mtp-loss-scaling-factor", "0.2"],
     # Shared experts and the expert bias: recorded and restored, but refused by the converters.
     "moe_shared": ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "32",
                    "--swiglu", "--disable-bias-linear", "--num-experts", "4", "--moe-router-topk", "1",
                    "--moe-router-score-function", "sigmoid", "--moe-router-enable-expert-bias",
                    "--moe-shared-expert-intermediate-size", "16"],
 }
-CONVERTIBLE = ("dense", "squared_relu", "gpt2", "llama", "moe")
+CONVERTIBLE = ("dense", "squared_relu", "gpt2", "llama", "moe", "mla")
 HF_FAMILY = {"gpt2": "gpt2", "llama": "llama"}
 # Training-only regularization that a HuggingFace family has no field for (Llama has no residual dropout).
 HF_UNREPRESENTED = {"llama": {"hidden_dropout"}, "gpt2": set()}
