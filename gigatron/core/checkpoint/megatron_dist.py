@@ -20,8 +20,11 @@ at ANY tensor/pipeline layout), the read of the matching box of Megatron's globa
 layer number becomes an offset along the stacked axis — and reads only those. The iteration,
 consumed samples (in args), FLOPs counter and learning-rate schedule come from common.pt, and at
 the writer's tp/pp this rank's RNG state from Megatron's `rng_state` ShardedObject (its bytes
-entry read directly and unpickled through the Megatron allow-list); the optimizer state is
-refused with the flags to use instead. Expert tensors other than the routed experts and the router
+entry read directly and unpickled through the Megatron allow-list). Megatron's Adam state (plain
+optimizer, or the distributed optimizer saved as "fully_reshardable") is model-space like the
+weights: each of this rank's optimizer chunks reads its box of `optimizer.state.{exp_avg,
+exp_avg_sq,fp32_param|param}.<Megatron key>`, so it too loads at any layout, into the plain or the
+distributed optimizer; the step and parameter-group hyper-parameters come from common.pt. Expert tensors other than the routed experts and the router
 (shared experts, for one) are refused with the Megatron-LM command that re-saves the model.
 
 Writing (`write_megatron_dist`, convert.py --saver megatron_dist): a model as Megatron-Core's own
@@ -55,7 +58,7 @@ from gigatron.core.checkpoint.megatron_names import (
     stacked_candidates,
     unstacked_name,
 )
-from gigatron.core.checkpoint.megatron_torch import OPTIMIZER_HINT, header_of, plain_args
+from gigatron.core.checkpoint.megatron_torch import header_of, plain_args
 from gigatron.core.checkpoint.state import ModelState, TrainingState
 
 __all__ = ["NAME", "WRITES", "detect", "read_common", "read_args", "read_model", "save_training_state",
@@ -177,17 +180,24 @@ def megatron_pieces(pieces: list[ShardPiece], entries: dict) -> tuple[list[Shard
 
 def load_training_state(iter_dir: str, model_chunks: Sequence[torch.nn.Module], optimizer, groups, *,
                         strict: bool = True) -> TrainingState:
-    """Load the weights into the model chunks at this run's layout (collective); header and schedule
-    from common.pt. `optimizer` must be None."""
-    if optimizer is not None:
-        raise CheckpointError(f"{iter_dir} was written by Megatron-Core, whose optimizer state Gigatron does not "
-                              f"read yet: {OPTIMIZER_HINT}")
+    """Load the weights (and, with `optimizer`, Megatron's Adam state: see `megatron_optimizer_pieces`)
+    into the model chunks at this run's layout (collective); header and schedule from common.pt."""
     common = read_common(iter_dir)
     metadata = read_dcp_metadata(iter_dir)
     entries = _model_entries(metadata, iter_dir)
     pieces, problems = megatron_pieces(sharded_model_state(model_chunks, groups), entries)
+    states, opt_common = [], None
+    if optimizer is not None:
+        try:
+            opt_common = megatron_optimizer_common(iter_dir, common, metadata, optimizer)
+        except CheckpointError as exc:
+            problems.append(str(exc))
+        else:
+            opt_pieces, states, opt_problems = megatron_optimizer_pieces(optimizer, model_chunks, metadata)
+            pieces += opt_pieces
+            problems += opt_problems
     if strict:
-        used = {(p.key, tuple(p.global_offsets[:stacked_axes(p.key)])) for p in pieces}
+        used = {(p.key, tuple(p.global_offsets[:stacked_axes(p.key)])) for p in pieces if p.key in entries}
         everywhere = set().union(*[set(u) for u in Comm().all_gather_object(sorted(used))])
         unused = sorted(key for key, md in entries.items()
                         if any((key, index) not in everywhere for index in
@@ -200,11 +210,143 @@ def load_training_state(iter_dir: str, model_chunks: Sequence[torch.nn.Module], 
         raise CheckpointError(f"Megatron-Core checkpoint {iter_dir} does not fit this model (check the model flags, "
                               "or use --use-checkpoint-args): " + "; ".join(merged[:10]))
     _read(iter_dir, metadata, pieces)
+    if optimizer is not None:
+        from gigatron.core.checkpoint.dist.load import _install_optimizer_state as install_optimizer_state
+
+        install_optimizer_state(optimizer, states, opt_common)
     header = header_of(common, common["args"])
     rng_state, missing = _rng_state(iter_dir, metadata, common["args"], groups)
-    return TrainingState(header=header, path=iter_dir, optimizer_loaded=False,
+    return TrainingState(header=header, path=iter_dir, optimizer_loaded=optimizer is not None,
                          scheduler_state=common.get("opt_param_scheduler"), rng_state=rng_state,
                          rng_missing=missing, rng_missing_is_error=False)
+
+
+# ------------------------------------------------------------------ Megatron-Core's optimizer state
+#
+# What Megatron-Core 0.16 stores for Adam (`optimizer.sharded_state_dict`, under the state's
+# "optimizer" entry): per-element states as ShardedTensors in MODEL space, keyed by the model key,
+#   plain optimizer (FP32Optimizer / Float16OptimizerWithFloat16Params):
+#       optimizer.state.exp_avg.<key>, optimizer.state.exp_avg_sq.<key>,
+#       optimizer.state.fp32_param.<key> (bf16/fp16 parameters only);
+#       common.pt: optimizer.state.common_step, optimizer.param_groups (bf16/fp16: under
+#       optimizer.optimizer, with the grad scaler beside it)
+#   distributed optimizer, distrib_optim_sharding_type "fully_reshardable":
+#       optimizer.state.param.<key> (the fp32 main param, always), exp_avg, exp_avg_sq;
+#       common.pt: optimizer.optimizer.param_groups (each with the step), param_state_sharding_type
+# The distributed optimizer's other sharding types store Megatron's internal gradient-buffer
+# layout ("dp_reshardable", Megatron-LM's default without --dist-ckpt-optim-fully-reshardable:
+# one flat tensor per bucket; "dp_zero_gather_scatter": a pickled object) or cannot be saved by
+# 0.16 at all ("fully_sharded_model_space", megatron-core's own fallback: its flattened ranges are
+# refused by dist_checkpointing); they are refused with the Megatron-LM flag that re-saves them.
+
+_MAIN_PARAM_NAMES = ("fp32_param", "param")  # plain optimizer, distributed optimizer (fully_reshardable)
+_ADAM_STATES = ("exp_avg", "exp_avg_sq")
+
+
+def _optimizer_record(common: dict) -> tuple[dict, Optional[str]]:
+    """(the torch optimizer's state dict, the distributed optimizer's sharding type or None) of
+    common.pt's "optimizer" entry, for each of Megatron's nestings."""
+    record = common.get("optimizer")
+    if not isinstance(record, dict):
+        return {}, None
+    sharding = record.get("param_state_sharding_type")
+    inner = record.get("optimizer") if isinstance(record.get("optimizer"), dict) else record
+    return inner, sharding
+
+
+def _step_of(inner: dict) -> Optional[int]:
+    step = (inner.get("state") or {}).get("common_step") if isinstance(inner.get("state"), dict) else None
+    if step is None:
+        steps = {float(g["step"]) for g in inner.get("param_groups") or [] if isinstance(g, dict) and "step" in g}
+        if len(steps) > 1:
+            raise CheckpointError(f"the optimizer's parameter groups disagree on the step ({sorted(steps)})")
+        step = steps.pop() if steps else None
+    return None if step is None else int(float(step))
+
+
+def megatron_optimizer_common(iter_dir: str, common: dict, metadata, optimizer) -> dict:
+    """What `install_optimizer_state` needs (kind, step, parameter-group hyper-parameters, grad
+    scaler) from common.pt, the groups matched to ours by (weight-decay multiplier, lr multiplier);
+    a CheckpointError where Megatron's optimizer state cannot be read."""
+    from gigatron.core.checkpoint.dist.sharding import optimizer_kind
+
+    inner, sharding = _optimizer_record(common)
+    has_sharded_keys = any(k.startswith(_OPTIMIZER_PREFIX) for k in metadata.state_dict_metadata)
+    if not inner and not has_sharded_keys:
+        raise CheckpointError("it holds no optimizer state (saved with --no-save-optim): load it with "
+                              "--no-load-optim or --finetune")
+    if sharding is not None and sharding != "fully_reshardable":
+        raise CheckpointError(
+            f"its distributed-optimizer state is in Megatron-Core's '{sharding}' layout (Megatron's internal "
+            "gradient-buffer order), which Gigatron does not read: re-save it with Megatron-LM adding "
+            "--dist-ckpt-optim-fully-reshardable (model-space optimizer state), or load it with --no-load-optim")
+    if optimizer_kind(optimizer) != "adam":
+        raise CheckpointError("Gigatron reads Megatron-Core's Adam state only; use --optimizer adam or --no-load-optim")
+    if not any(k.startswith(f"{_OPTIMIZER_PREFIX}state.{name}.") for k in metadata.state_dict_metadata
+               for name in _ADAM_STATES):
+        raise CheckpointError("its optimizer holds no Adam state (exp_avg, exp_avg_sq): it was saved by another "
+                              "optimizer; load it with --no-load-optim")
+    step = _step_of(inner)
+    if step is None:
+        raise CheckpointError("common.pt records no optimizer step (optimizer.state.common_step or the "
+                              "parameter groups' step)")
+    saved = {(float(g.get("wd_mult", 1.0)), float(g.get("lr_mult", 1.0)), bool(g.get("is_decoupled_lr"))): g
+             for g in inner.get("param_groups") or [] if isinstance(g, dict)}
+    groups = []
+    for group in optimizer.optimizer.param_groups:
+        key = (float(group.get("wd_mult", 1.0)), float(group.get("lr_mult", 1.0)), "max_lr" in group)
+        match = saved.get(key)
+        if match is None:
+            raise CheckpointError(f"its optimizer has no parameter group with wd_mult/lr_mult/decoupled lr {key} "
+                                  f"(it has {sorted(saved)}): check --weight-decay-related and --decoupled-lr flags")
+        groups.append({k: match[k] for k in ("lr", "weight_decay", "betas", "eps") if k in match})
+    scaler = inner.get("grad_scaler", (common.get("optimizer") or {}).get("grad_scaler"))
+    return {"kind": "adam", "step": step, "initialized": True, "param_groups": groups,
+            "grad_scaler": scaler if isinstance(scaler, dict) else None}
+
+
+class _SavedAsOurs:
+    """The checkpoint's optimizer keys answered under our names: `optimizer.state.fp32_param.{our
+    name}` is present where Megatron stored the main param of that parameter (fp32_param or param)."""
+
+    def __init__(self, metadata) -> None:
+        self.names = set()
+        for key, md in metadata.state_dict_metadata.items():
+            for main in _MAIN_PARAM_NAMES:
+                prefix = f"{_OPTIMIZER_PREFIX}state.{main}."
+                if key.startswith(prefix) and isinstance(md, TensorStorageMetadata):
+                    model_key = key[len(prefix):]
+                    axes = stacked_axes(model_key)
+                    for index in itertools.product(*(range(int(n)) for n in md.size[:axes])):
+                        self.names.add(unstacked_name(model_key, index) if axes else model_key)
+
+    def __contains__(self, key: str) -> bool:
+        prefix = f"{_OPTIMIZER_PREFIX}state.fp32_param."
+        return key.startswith(prefix) and key[len(prefix):] in self.names
+
+
+def megatron_optimizer_pieces(optimizer, model_chunks, metadata) -> tuple[list[ShardPiece], list, list[str]]:
+    """Destination pieces (Megatron's keys) of this rank's Adam state and main params, at ANY layout
+    of this run (tensor/pipeline/data parallel, distributed optimizer or not), and the new states to
+    install. Returns (pieces, states, problems)."""
+    import dataclasses
+
+    from gigatron.core.checkpoint.dist.sharding import optimizer_load_pieces
+
+    ours, states = optimizer_load_pieces(optimizer, model_chunks, "adam", True, _SavedAsOurs(metadata))
+    tensor_keys = {k: md for k, md in metadata.state_dict_metadata.items() if isinstance(md, TensorStorageMetadata)}
+    main_name = next((m for m in _MAIN_PARAM_NAMES for k in tensor_keys
+                      if k.startswith(f"{_OPTIMIZER_PREFIX}state.{m}.")), "fp32_param")
+    pieces, problems = [], []
+    for piece in ours:
+        state_name, model_key = piece.key[len(_OPTIMIZER_PREFIX) + len("state."):].split(".", 1)
+        saved_name = main_name if state_name == "fp32_param" else state_name
+        prefix = f"{_OPTIMIZER_PREFIX}state.{saved_name}."
+        entries = {k[len(prefix):]: md for k, md in tensor_keys.items() if k.startswith(prefix)}
+        mapped, missing = megatron_pieces([dataclasses.replace(piece, key=model_key)], entries)
+        pieces += [dataclasses.replace(m, key=prefix + m.key) for m in mapped]
+        problems += [f"optimizer state {saved_name}: {p}" for p in missing]
+    return pieces, states, problems
 
 
 def _read_object(iter_dir: str, metadata, key: str):
