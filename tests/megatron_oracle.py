@@ -16,6 +16,9 @@ into the test process (it would hide exactly the refusals the tests check). Test
     python tests/megatron_oracle.py train --root DIR --optim distributed   (dp processes: Megatron-Core's
                             DDP + get_megatron_optimizer train, save a full torch_dist checkpoint at
                             --iteration, train on; DIR/losses.pt holds every iteration's loss)
+    python tests/megatron_oracle.py resume --root DIR --iteration 4 --total 6   (the same objects load
+                            DIR/iter_4 with dist_checkpointing.load, model + optimizer + scheduler, and
+                            train on; DIR/resumed_losses.pt)
 
 Every command writes DIR/reference.pt: {"tokens", "logits"} (fp32, Megatron-Core's forward).
 
@@ -449,6 +452,52 @@ def train_and_save(root: str, kind: str, num_layers: int, distributed: bool, ite
     return losses
 
 
+def _keep_adam_step(distributed_optimizer) -> None:
+    """Megatron-Core 0.16.1's fully_reshardable load copies every entry of torch AdamW's state,
+    "step" included, from the loaded tensors, which leave "step" out (it comes from the parameter
+    groups), so without Apex/TE the load raises KeyError('step'); give it the step it already set."""
+    original = distributed_optimizer._set_main_param_and_optimizer_states
+
+    def set_states(model_param, tensors):
+        group, order = distributed_optimizer.model_param_group_index_map[model_param]
+        main = distributed_optimizer.optimizer.param_groups[group]["params"][order]
+        step = distributed_optimizer.optimizer.state[main].get("step")
+        original(model_param, tensors if step is None or "step" in tensors else dict(tensors, step=step))
+
+    distributed_optimizer._set_main_param_and_optimizer_states = set_states
+
+
+def load_and_train(root: str, kind: str, num_layers: int, distributed: bool, iteration: int, total: int,
+                   bf16: bool = False) -> list:
+    """Megatron-LM's resume: its model, optimizer and scheduler load the full training state of
+    ROOT/iter_{iteration} with dist_checkpointing.load (strict), then train to `total`. Returns the
+    losses of iterations iteration .. total-1."""
+    from megatron.core import dist_checkpointing
+
+    model, ddp, optimizer, scheduler = _megatron_training(kind, num_layers, distributed, bf16)
+    model_state = model.sharded_state_dict()
+    with cpu_training():
+        if distributed:  # with torch's AdamW (no Apex/TE) its state_dict() needs Adam state to exist: a
+            # zero-gradient step creates it; the load below replaces the main params and the moments
+            for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+                inner._init_optimizer_states_with_dummy_values()
+                _keep_adam_step(inner)
+        template = {"model": model_state, "optimizer": optimizer.sharded_state_dict(
+            model_state, is_loading=True,
+            metadata={"distrib_optim_sharding_type": "fully_reshardable"} if distributed else None)}
+        loaded = dist_checkpointing.load(template, os.path.join(root, f"iter_{iteration:07d}"))
+        model.load_state_dict(loaded["model"], strict=True)
+        optimizer.load_state_dict(loaded["optimizer"])
+    if distributed:  # without Apex/TE its load gives every parameter's AdamW state ONE shared "step"
+        # tensor, which each parameter's update then increments: give each its own copy
+        for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+            for st in inner.optimizer.state.values():
+                st["step"] = st["step"].clone()
+    scheduler.load_state_dict(loaded["opt_param_scheduler"])
+    assert loaded["iteration"] == iteration
+    return [_train_step(model, ddp, optimizer, scheduler, it) for it in range(iteration, total)]
+
+
 def _write_reference(root: str, toks: torch.Tensor, out: torch.Tensor) -> None:
     torch.save({"tokens": toks, "logits": out.detach().float()}, os.path.join(root, "reference.pt"))
 
@@ -456,7 +505,7 @@ def _write_reference(root: str, toks: torch.Tensor, out: torch.Tensor) -> None:
 def _main(argv=None) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("command", choices=["write-torch", "write-dist", "write-legacy", "logits", "load-torch",
-                                                       "train"])
+                                                       "train", "resume"])
     parser.add_argument("--optim", default="plain", choices=["plain", "distributed"], help="train: optimizer")
     parser.add_argument("--sharding", default="fully_sharded_model_space",
                         help="train: the distributed optimizer's distrib_optim_sharding_type")
@@ -491,6 +540,13 @@ def _main(argv=None) -> None:
                                 opts.total, opts.bf16, opts.sharding)
         if rank == 0:
             torch.save({"losses": torch.tensor(losses, dtype=torch.float64)}, os.path.join(opts.root, "losses.pt"))
+    elif opts.command == "resume":  # WORLD_SIZE data-parallel processes, tp = pp = 1
+        init_parallel(1, 1, opts.port)
+        losses = load_and_train(opts.root, opts.kind, opts.layers, opts.optim == "distributed", opts.iteration,
+                                opts.total, opts.bf16)
+        if rank == 0:
+            torch.save({"losses": torch.tensor(losses, dtype=torch.float64)},
+                       os.path.join(opts.root, "resumed_losses.pt"))
     elif opts.command == "write-torch":  # one process, tp = pp = 1
         model = build_model(opts.kind, num_layers=opts.layers)
         path = os.path.join(iter_dir, "mp_rank_00", "model_optim_rng.pt")

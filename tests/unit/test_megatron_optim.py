@@ -174,3 +174,40 @@ def test_bf16_resume_reads_megatrons_fp32_main_params(plain_bf16, use_distribute
     reference = _megatron_losses(root)
     assert (ours - reference).abs().max() < (fresh - reference).abs().max() / 10
     torch.testing.assert_close(ours, reference, rtol=0, atol=2e-3)
+
+
+@pytest.mark.parametrize("which,use_distributed_optimizer", [("plain", False), ("distributed", True)],
+                         ids=["plain", "distopt"])
+def test_megatron_resumes_what_our_training_saves(which, use_distributed_optimizer, request, tmp_path):
+    """Both directions: we resume Megatron's checkpoint, train one iteration and save
+    --ckpt-format megatron_torch_dist; Megatron-Core loads model, optimizer and scheduler from it
+    (strict) and its next losses are the ones our uninterrupted run computes."""
+    import argparse
+
+    from gigatron.core.checkpoint import formats
+    from gigatron.core.distributed import finalize_model_grads
+    from gigatron.training.checkpointing import load_checkpoint, save_checkpoint
+
+    root, dp = request.getfixturevalue(which)
+    groups, ddp, optimizer, scheduler = _ours(root, dp, use_distributed_optimizer)
+    loaded = load_checkpoint(str(root), [ddp], optimizer, scheduler, groups)
+    args = argparse.Namespace(**formats.read_args(str(root)))
+    ours, mine = [], tmp_path / "ours"
+    for it in range(loaded.iteration, TOTAL):
+        if it == SAVED_AT + 1:
+            save_checkpoint(str(mine), it, [ddp], optimizer, scheduler, args, groups, ckpt_format="megatron_torch_dist",
+                            consumed_train_samples=it * T["micro_batch"] * dp)
+        batch = torch.cat([oracle.train_batch(it, r, dp) for r in range(dp)])
+        ddp.zero_grad_buffer()
+        optimizer.zero_grad()
+        loss = ddp(batch[:, :-1], None, None, labels=batch[:, 1:]).float().mean()
+        loss.backward()
+        finalize_model_grads([ddp], groups)
+        optimizer.step()
+        scheduler.step(T["micro_batch"] * dp)
+        ours.append(loss.item())
+    optim = ["--optim", "distributed"] if use_distributed_optimizer else []
+    oracle.run_oracle("resume", "--root", str(mine), "--iteration", str(SAVED_AT + 1), "--total", str(TOTAL), *optim,
+                      processes=dp, port=free_port())
+    megatron = torch.load(mine / "resumed_losses.pt", weights_only=True)["losses"]
+    torch.testing.assert_close(megatron, torch.tensor(ours[1:], dtype=torch.float64), rtol=0, atol=2e-5)
