@@ -108,3 +108,19 @@ def test_megatron_core_loads_the_training_checkpoint(tmp_path, tp):
     with torch.no_grad():
         ours = gigatron.from_pretrained(save)(megatron["tokens"])
     torch.testing.assert_close(megatron["logits"], ours, rtol=0, atol=1e-5)
+
+
+def test_ckpt_convert_format_writes_megatron_layout(tmp_path):
+    """--ckpt-convert-format megatron_torch_dist turns a Gigatron checkpoint into Megatron-Core's
+    layout (model, optimizer, schedule) and exits; the result gives the same logits."""
+    save, out = str(tmp_path / "ckpt"), str(tmp_path / "converted")
+    _train(["--save-interval", str(ITERS), "--save", save])
+    _train(["--load", save, "--ckpt-convert-format", "megatron_torch_dist", "--ckpt-convert-save", out])
+    converted = os.path.join(out, "megatron_torch_dist")
+    iter_dir, iteration, module = formats.locate(converted)
+    assert module.NAME == "megatron_torch_dist" and iteration == ITERS
+    assert "optimizer.state.exp_avg.decoder.layers.mlp.linear_fc2.weight" in read_dcp_metadata(iter_dir).state_dict_metadata
+    tokens = torch.randint(0, 4095, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(gigatron.from_pretrained(converted)(tokens), gigatron.from_pretrained(save)(tokens),
+                                   rtol=0, atol=0)
