@@ -24,13 +24,16 @@ entry read directly and unpickled through the Megatron allow-list). Megatron's A
 optimizer, or the distributed optimizer saved as "fully_reshardable") is model-space like the
 weights: each of this rank's optimizer chunks reads its box of `optimizer.state.{exp_avg,
 exp_avg_sq,fp32_param|param}.<Megatron key>`, so it too loads at any layout, into the plain or the
-distributed optimizer; the step and parameter-group hyper-parameters come from common.pt. Expert tensors other than the routed experts and the router
-(shared experts, for one) are refused with the Megatron-LM command that re-saves the model.
+distributed optimizer; the step and parameter-group hyper-parameters come from common.pt. Expert
+tensors other than the routed experts and the router (shared experts, for one) are refused with
+the Megatron-LM command that re-saves the model.
 
 Writing (`write_megatron_dist`, convert.py --saver megatron_dist): a model as Megatron-Core's own
 torch_dist, loadable by `megatron.core.dist_checkpointing.load` into its GPTModel: stacked keys,
 fused-norm names, the `_extra_state` objects its loader expects, common.pt with a Namespace `args`
-and Megatron's four-key metadata.json. Training saves Gigatron's own torch_dist (dist/).
+and Megatron's four-key metadata.json. Training writes the same layout with --ckpt-format
+megatron_torch_dist (`save_training_state`, model and Adam state from every rank: see the section
+at the end); --ckpt-format torch_dist stays Gigatron's own (dist/).
 """
 
 from __future__ import annotations
@@ -61,10 +64,11 @@ from gigatron.core.checkpoint.megatron_names import (
 from gigatron.core.checkpoint.megatron_torch import header_of, plain_args
 from gigatron.core.checkpoint.state import ModelState, TrainingState
 
-__all__ = ["NAME", "detect", "read_common", "read_args", "read_model", "save_training_state",
+__all__ = ["NAME", "WRITES", "detect", "read_common", "read_args", "read_model", "save_training_state",
            "load_training_state", "megatron_pieces", "megatron_state", "write_megatron_dist", "MEGATRON_RECORD"]
 
 NAME = "megatron_torch_dist"
+WRITES = True  # --ckpt-format megatron_torch_dist
 
 _OPTIMIZER_PREFIX = "optimizer."
 
