@@ -39,5 +39,6 @@ def test_parallel_save_resumes_in_one_process(tmp_path, layout, world, rng_objec
     torch.set_num_threads(1)
     resumed = _pretrain(_argv(RESUME + ["--load", save]))
     assert resumed.iteration == 8 and resumed.consumed_train_samples == 64
-    _assert_same_curve(resumed.log.train_history, full_train, "training loss across the resume")
-    _assert_same_curve(resumed.log.valid_history, full_valid, "validation loss across the resume")
+    _assert_same_curve(resumed.log.train_history, full_train[4:], "training loss after the resume")
+    _assert_same_curve(resumed.log.valid_history, [v for v in full_valid if v[0] > 4],
+                       "validation loss after the resume")
