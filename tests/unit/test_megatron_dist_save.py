@@ -124,3 +124,24 @@ def test_ckpt_convert_format_writes_megatron_layout(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(gigatron.from_pretrained(converted)(tokens), gigatron.from_pretrained(save)(tokens),
                                    rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--num-experts", "4", "--moe-router-topk", "2"], "mixture-of-experts"),
+    (["--optimizer", "sgd"], "Adam's state only"),
+])
+def test_what_megatron_layout_does_not_write_is_refused_at_start_up(extra, message):
+    from gigatron.training.validate import validate_args
+
+    with pytest.raises(ValueError, match=message):
+        validate_args(parse_args(BASE + FMT + extra + ["--save", "x"]))
+
+
+def test_a_non_gpt_model_is_refused_at_save(tmp_path):
+    from gigatron.core.checkpoint.io import CheckpointError
+    from gigatron.core.checkpoint.megatron_dist import save_training_state
+    from gigatron.core.parallel.groups import ParallelGroups
+
+    with pytest.raises(CheckpointError, match="GPT models only, not Linear"):
+        save_training_state(str(tmp_path), 1, [torch.nn.Linear(2, 2)], None, ParallelGroups.single(),
+                            {"args": {"num_layers": 1}})

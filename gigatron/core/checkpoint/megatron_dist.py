@@ -681,6 +681,13 @@ def save_training_state(root: str, iteration: int, model_chunks, optimizer, grou
     if async_saver is not None:
         raise ValueError("--async-save writes --ckpt-format torch_dist only")
     check_groups(groups, model_chunks)
+    from gigatron.core.models.gpt import GPTModel
+
+    for chunk in model_chunks:
+        module = getattr(chunk, "module", chunk)
+        if not isinstance(module, GPTModel):
+            raise CheckpointError(f"--ckpt-format megatron_torch_dist writes GPT models only, not "
+                                  f"{type(module).__name__}: use --ckpt-format torch_dist")
     args = dict(header.get("args") or {})
     num_layers = int(args.get("num_layers") or 0)
     comm = Comm()
