@@ -288,6 +288,9 @@ def _loop_args(args, task, schedule: _Schedule):
         raise ValueError(f"--task {task.task} reads --train-data/--valid-data; drop {' and '.join(sources)}")
     if getattr(args, "rampup_batch_size", None):
         raise ValueError("fine-tuning cuts its epochs into steps of --global-batch-size; drop --rampup-batch-size")
+    if getattr(args, "step_batch_size_schedule", None):
+        raise ValueError("fine-tuning cuts its epochs into steps of --global-batch-size; drop "
+                         "--step-batch-size-schedule and give --global-batch-size")
     run = copy.copy(args)
     for name in ("data_path", "train_data_path", "valid_data_path", "test_data_path", "mock_data"):
         if hasattr(run, name):

@@ -8,6 +8,11 @@ Two conventions:
                    + core attention, 2*s*(nq*d) at half for the causal mask
                    + MLP, 2*h*f (x 3/2 with SwiGLU)
         + logits h*V ].
+  With multi-latent attention the attention term is Megatron's MLA count instead: query
+  (h*nh*dq, or rq*(h + nh*dq + 1) through the latent), kv latent rkv*(h + nh*(dn + dv) + 1),
+  shared rotary key h*dr, output projection nh*dv*h, core attention s*nh*(dq + dv)/2. Each
+  multi-token prediction block adds a layer like the decoder's last, eh_proj 2h*h, 3h for its
+  norms and another h*V for the output layer.
   Recompute is never counted.
   A hybrid Mamba model (`mamba_config`) counts each layer by its kind in the pattern: attention
   layers the QKV, output projection and core attention terms above, MLP layers the MLP term, Mamba
@@ -47,30 +52,58 @@ def num_floating_point_operations(config, vocab_size: int, batch_size: int, seq_
         return _hybrid_flops(config, mamba_config, vocab_size, batch_size, seq_length, moe_config)
     h = config.hidden_size
     layers = config.num_layers
-    heads = config.num_attention_heads
-    groups = config.num_query_groups if config.group_query_attention else heads
-    query_size = config.kv_channels * heads
     gated = 1.5 if config.swiglu else 1.0
     per_token_per_layer = (
-        # QKV (queries full size, keys and values per group) and the output projection: 2 GEMMs of
-        # h x query_size plus 2 of h x (groups * d).
-        2 * h * query_size * (1.0 + groups / heads)
-        # Core attention: QK^T and AV, half of the s x s matrix under the causal mask.
-        + query_size * seq_length
+        _attention_macs(config, seq_length)
         # MLP: fc1 and fc2 (SwiGLU's fc1 is twice as wide).
         + 2 * h * config.ffn_hidden_size * gated
     )
     per_token = layers * per_token_per_layer + h * vocab_size
+    last_is_moe = False
     if moe_config is not None and moe_config.num_experts is not None:
         from gigatron.core.transformer.moe.config import moe_layer_pattern
 
-        num_moe = sum(moe_layer_pattern(moe_config, layers))
+        pattern = moe_layer_pattern(moe_config, layers)
+        last_is_moe = pattern[-1]
+        num_moe = sum(pattern)
         moe_ffn = moe_config.moe_ffn_hidden_size or config.ffn_hidden_size
         shared = moe_config.moe_shared_expert_intermediate_size or 0
         moe_mlp = 2 * h * (moe_ffn * moe_config.moe_router_topk + shared) * gated
         per_token += num_moe * (moe_mlp - 2 * h * config.ffn_hidden_size * gated)
+    mtp = getattr(config, "mtp_num_layers", None) or 0
+    if mtp:
+        # Each multi-token prediction block: a layer like the decoder's last, eh_proj (2h -> h),
+        # its three norms (as Megatron counts them) and another pass through the output layer.
+        last_layer = per_token_per_layer + (moe_mlp - 2 * h * config.ffn_hidden_size * gated if last_is_moe else 0)
+        per_token += mtp * (last_layer + 2 * h * h + 3 * h + h * vocab_size)
     # 3 passes (fwd, wgrad, dgrad) x 2 FLOPs per multiply-add.
     return 6.0 * batch_size * seq_length * per_token
+
+
+def _attention_macs(config, seq_length: int) -> float:
+    """Multiply-adds per token of one attention sub-layer: projections plus core attention (half of
+    the s x s matrix under the causal mask)."""
+    h = config.hidden_size
+    heads = config.num_attention_heads
+    if getattr(config, "multi_latent_attention", False):
+        dq = config.qk_head_dim + config.qk_pos_emb_head_dim
+        if config.q_lora_rank is None:
+            q_term = h * heads * dq
+        else:  # down-projection, norm and up-projection of the query latent
+            q_term = config.q_lora_rank * (h + heads * dq + 1)
+        return (q_term
+                # kv latent (down-projection, norm, up-projection to k_nope and v) and the shared rotary key
+                + config.kv_lora_rank * (h + heads * (config.qk_head_dim + config.v_head_dim) + 1)
+                + h * config.qk_pos_emb_head_dim
+                # output projection
+                + heads * config.v_head_dim * h
+                # QK^T over dq channels and AV over v_head_dim channels
+                + seq_length * heads * dq / 2 + seq_length * heads * config.v_head_dim / 2)
+    groups = config.num_query_groups if config.group_query_attention else heads
+    query_size = config.kv_channels * heads
+    # QKV (queries full size, keys and values per group) and the output projection: 2 GEMMs of
+    # h x query_size plus 2 of h x (groups * d); QK^T and AV.
+    return 2 * h * query_size * (1.0 + groups / heads) + query_size * seq_length
 
 
 def _hybrid_flops(config, mamba_config, vocab_size: int, batch_size: int, seq_length: int, moe_config) -> float:

@@ -54,6 +54,8 @@ N state dim, H heads / tp, conv width C = I + 2GN) what its CUDA kernels and PyT
 The Triton scan and convolution keep only those inputs (and recompute the rest in backward); on
 the CPU the chunked PyTorch scan keeps more, so CPU estimates of Mamba layers are a lower bound.
 
+Multi-latent attention and multi-token prediction: their parameters (and so the model state) are
+counted; their activations are not modelled yet (layer_activation_bytes refuses MLA).
 Not modelled: MoE layers, context parallelism's ring-attention buffers (the attention terms use
 the local s / cp), an explicit attention mask from the batch (--reset-attention-mask), and
 --torch-compile (Inductor decides what to save; the eager numbers are then an upper bound).
@@ -121,6 +123,26 @@ def _norm_numels(config, size: int) -> List[int]:
     return [size, size] if config.normalization == "LayerNorm" else [size]
 
 
+def _mla_parameter_numels(config) -> List[int]:
+    """Multi-latent attention's projections and latent norms on one tensor-parallel rank (replicated
+    down-projections, per-head up-projections), in registration order, before linear_proj."""
+    tp = config.tensor_model_parallel_size
+    h, heads = config.hidden_size, config.num_attention_heads // tp
+    dq = config.qk_head_dim + config.qk_pos_emb_head_dim
+    numels = []
+    if config.q_lora_rank is None:
+        numels.append(heads * dq * h)  # linear_q_proj
+    else:
+        numels += [config.q_lora_rank * h, heads * dq * config.q_lora_rank]  # linear_q_down_proj, linear_q_up_proj
+    numels.append((config.kv_lora_rank + config.qk_pos_emb_head_dim) * h)  # linear_kv_down_proj
+    numels.append(heads * (config.qk_head_dim + config.v_head_dim) * config.kv_lora_rank)  # linear_kv_up_proj
+    if config.qk_layernorm:
+        if config.q_lora_rank is not None:
+            numels += _norm_numels(config, config.q_lora_rank)
+        numels += _norm_numels(config, config.kv_lora_rank)
+    return numels
+
+
 def _layer_parameter_numels(config) -> List[int]:
     """Parameter sizes of one layer on one tensor-parallel rank, in registration order."""
     tp = config.tensor_model_parallel_size
@@ -128,12 +150,16 @@ def _layer_parameter_numels(config) -> List[int]:
     qkv = (config.num_attention_heads + 2 * config.num_query_groups) * d // tp
     fc1 = (2 if config.swiglu else 1) * config.ffn_hidden_size // tp
     numels = _norm_numels(config, h)
-    numels.append(qkv * h)
-    if config.add_bias_linear or config.add_qkv_bias:
-        numels.append(qkv)
-    if config.qk_layernorm:
-        numels += _norm_numels(config, d) + _norm_numels(config, d)
-    numels.append(h * config.num_attention_heads * d // tp)
+    if getattr(config, "multi_latent_attention", False):
+        numels += _mla_parameter_numels(config)
+        numels.append(h * config.num_attention_heads * config.v_head_dim // tp)
+    else:
+        numels.append(qkv * h)
+        if config.add_bias_linear or config.add_qkv_bias:
+            numels.append(qkv)
+        if config.qk_layernorm:
+            numels += _norm_numels(config, d) + _norm_numels(config, d)
+        numels.append(h * config.num_attention_heads * d // tp)
     if config.add_bias_linear:
         numels.append(h)
     numels += _norm_numels(config, h)
@@ -224,7 +250,8 @@ def stage_parameter_numels(config, vocab_size: int, pp_rank: int = 0, vp_stage: 
     h = config.hidden_size
     numels = []
     if pre_process:
-        numels.append((vocab_size // tp * h, tied and not post_process))
+        shared = tied or bool(getattr(config, "mtp_num_layers", None))  # a copy lives on the last stage
+        numels.append((vocab_size // tp * h, shared and not post_process))
         if config.position_embedding_type == "learned_absolute":
             numels.append((config.max_position_embeddings * h, False))
     if mamba_config is not None:
@@ -237,6 +264,13 @@ def stage_parameter_numels(config, vocab_size: int, pp_rank: int = 0, vp_stage: 
         numels += [(n, False) for n in _norm_numels(config, h)]
         if not (tied and pre_process):
             numels.append((vocab_size // tp * h, tied))
+        mtp = getattr(config, "mtp_num_layers", None) or 0
+        if mtp and not pre_process:  # the blocks' copy of the word embedding (registered before them)
+            numels.append((vocab_size // tp * h, True))
+        for _ in range(mtp):
+            # a multi-token prediction block: enorm, hnorm, eh_proj [h/tp, 2h], a layer, final_layernorm
+            block = _norm_numels(config, h) * 2 + [h // tp * 2 * h] + _layer_parameter_numels(config)
+            numels += [(n, False) for n in block + _norm_numels(config, h)]
     return numels
 
 
@@ -467,6 +501,9 @@ def layer_activation_bytes(config, micro_batch_size: int, seq_length: int, *, de
     position ids (RoPE angles are then [s, b, r] instead of [s, 1, r])."""
     if checkpointed:
         return {}
+    if getattr(config, "multi_latent_attention", False):
+        raise ValueError("the memory estimate counts multi-latent attention's parameters and optimizer state "
+                         "(state_bytes) but does not model its activations yet")
     shape = _shape(config, micro_batch_size, seq_length, device_type, context_parallel_size)
     modules = set(config.recompute_modules or ()) if config.recompute_granularity == "selective" else set()
     h = config.hidden_size

@@ -54,21 +54,20 @@ def num_tokentypes(args) -> int:
 
 
 def model_provider(ctx, pre_process: bool = True, post_process: bool = True, vp_stage: Optional[int] = None):
-    """The BERT model (one stage), initialized from --seed."""
+    """One pipeline stage (model chunk) of the BERT model, initialized from --seed."""
     from gigatron.core.models.bert import BertModel
 
     extra, data = ctx.configs.extra, ctx.configs.data
-    if vp_stage is not None:
-        raise ValueError("BERT does not support virtual pipeline stages; drop --num-layers-per-virtual-pipeline-stage")
     return BertModel(ctx.configs.transformer, ctx.groups, ctx.padded_vocab_size,
                      num_tokentypes=num_tokentypes({**extra, "bert_binary_head": data.bert_binary_head}),
                      add_binary_head=bool(data.bert_binary_head), layer_norm=extra.get("bert_layernorm", "pre"),
-                     pre_process=pre_process, post_process=post_process, seed=data.seed)
+                     pre_process=pre_process, post_process=post_process, seed=data.seed, vp_stage=vp_stage)
 
 
 def get_batch(data_iterator, model):
     """(tokens, types, sentence_order, loss_mask, lm_labels, padding_mask), all [b, s] but
-    sentence_order [b], on the model's device."""
+    sentence_order [b], on the model's device. Every pipeline stage reads each micro-batch: all
+    need the padding mask, the first the tokens, the last the labels."""
     inner = getattr(model, "module", model)
     batch = next(data_iterator)
     device = next(inner.parameters()).device
@@ -101,7 +100,8 @@ def loss_func(loss_mask: torch.Tensor, sentence_order: torch.Tensor, output_tens
 
 
 def forward_step(data_iterator, model):
-    """The schedules' forward step: ((lm loss per token, binary logits), loss_func)."""
+    """The schedules' forward step: ((lm loss per token, binary logits), loss_func) on the last
+    pipeline stage, (hidden states for the next stage, loss_func) on the others."""
     tokens, types, sentence_order, loss_mask, lm_labels, padding_mask = get_batch(data_iterator, model)
     inner = getattr(model, "module", model)
     tokentype_ids = types if inner.num_tokentypes > 0 else None

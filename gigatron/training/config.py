@@ -35,6 +35,13 @@ class TrainingConfig:
     """Batch size ramp up with three values: start batch size, batch size increment and the number
     of samples over which to ramp up, e.g. `--rampup-batch-size 16 8 300000`."""
 
+    step_batch_size_schedule: Optional[str] = None
+    """Step-wise global batch size schedule "THRESHOLD:BS THRESHOLD:BS ...": the global batch size
+    becomes BS once THRESHOLD tokens (converted to samples with --seq-length) have been consumed.
+    Thresholds take a K, M, B or T suffix (1e3, 1e6, 1e9, 1e12); the first must be 0, e.g.
+    "0:768 250B:1536 500B:3072". Sets --global-batch-size (the last entry's batch); not with
+    --global-batch-size or --rampup-batch-size; needs --train-samples."""
+
     train_iters: Optional[int] = None
     """Total number of iterations to train over all training runs. Give either this or
     --train-samples."""

@@ -89,7 +89,8 @@ def _needs_mask(inner) -> bool:
     return bool(getattr(inner, "reset_attention_mask", False))
 
 
-def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor, cp=None, per_token: bool = False):
+def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor, cp=None, per_token: bool = False,
+              mtp_losses: Optional[torch.Tensor] = None, mtp_loss_scaling_factor: float = 0.1):
     """Mean of the per-token losses [b, s] over the tokens of the loss mask.
 
     With context parallelism each rank holds s/cp tokens of every sequence: it backpropagates
@@ -98,27 +99,66 @@ def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor, cp=None, per
 
     Returns (loss, {"lm loss": tensor([loss_sum, num_tokens])}); with `per_token`
     (--calculate-per-token-loss) (loss_sum, num_tokens, the same dict): the schedule divides the
-    step's gradients once by its token count over micro-batches and data x context ranks."""
+    step's gradients once by its token count over micro-batches and data x context ranks.
+
+    mtp_losses [D, b, s] (--mtp-num-layers): block k's per-token losses, masked by the loss mask
+    shifted left by k; the loss gains mtp_loss_scaling_factor / D times the sum over blocks of each
+    block's mean (with `per_token`, of each block's sum), and the dict `mtp_k loss` entries
+    ([sum, count] of block k, as Megatron logs them; not part of `lm loss`)."""
     losses = output_tensor.float().reshape(-1)  # [b * s]
     mask = loss_mask.reshape(-1)  # [b * s]
     loss_sum = torch.sum(losses * mask)
     num_tokens = mask.sum()
+    logged = {"lm loss": torch.stack([loss_sum.detach(), num_tokens.detach()])}
+    mtp_term = None
+    if mtp_losses is not None:
+        from gigatron.core.transformer.mtp import shift_left
+
+        depth = mtp_losses.shape[0]
+        mtp_term = loss_sum.new_zeros(())
+        for k in range(1, depth + 1):
+            mask_k = shift_left(loss_mask, k)  # [b, s]
+            sum_k = torch.sum(mtp_losses[k - 1].float() * mask_k)
+            tokens_k = mask_k.sum()
+            logged[f"mtp_{k} loss"] = torch.stack([sum_k.detach(), tokens_k.detach()])
+            mtp_term = mtp_term + (sum_k if per_token else sum_k / tokens_k.clamp(min=1.0))
+        mtp_term = mtp_term * (mtp_loss_scaling_factor / depth)
     if per_token:
-        return loss_sum, num_tokens, {"lm loss": torch.stack([loss_sum.detach(), num_tokens.detach()])}
+        if mtp_term is not None:
+            loss_sum = loss_sum + mtp_term
+        return loss_sum, num_tokens, logged
     if cp is not None and cp.size > 1:
         total_tokens = num_tokens.detach().clone()
         dist.all_reduce(total_tokens, group=cp.group)
         loss = loss_sum * cp.size / total_tokens.clamp(min=1.0)
     else:
         loss = loss_sum / num_tokens.clamp(min=1.0)
-    return loss, {"lm loss": torch.stack([loss_sum.detach(), num_tokens.detach()])}
+    if mtp_term is not None:
+        loss = loss + mtp_term
+    return loss, logged
+
+
+def _fused_loss_takes_mask(stage) -> bool:
+    """A GPT last stage with --cross-entropy-loss-fusion: loss_func below weights the per-token
+    losses by the loss mask, so the model may make the output layer's gradients in forward."""
+    from gigatron.core.models.gpt import GPTModel
+
+    return isinstance(stage, GPTModel) and stage.post_process and stage.config.cross_entropy_loss_fusion
 
 
 def forward_step(data_iterator, model):
-    """The schedules' forward step: (output_tensor, loss_func bound to this micro-batch's mask)."""
+    """The schedules' forward step: (output_tensor, loss_func bound to this micro-batch's mask and,
+    with --mtp-num-layers, its multi-token prediction losses)."""
     tokens, labels, loss_mask, attention_mask, position_ids = get_batch(data_iterator, model)
-    output_tensor = model(tokens, position_ids, attention_mask, labels=labels)
-    return output_tensor, partial(loss_func, loss_mask, cp=_stage_of(model).groups.cp, per_token=per_token_loss([model]))
+    inner = _stage_of(model)
+    kwargs = {}
+    if _fused_loss_takes_mask(inner):
+        kwargs["loss_mask"] = loss_mask  # the fused output layer makes its gradients in forward
+    output_tensor = model(tokens, position_ids, attention_mask, labels=labels, **kwargs)
+    extra = {}
+    if getattr(inner, "mtp", None) is not None:
+        extra = dict(mtp_losses=inner.pop_mtp_losses(), mtp_loss_scaling_factor=inner.config.mtp_loss_scaling_factor)
+    return output_tensor, partial(loss_func, loss_mask, cp=inner.groups.cp, per_token=per_token_loss([model]), **extra)
 
 
 def datasets_provider(ctx, train_valid_test_num_samples):

@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import argparse
 import gc
-import math
 import os
 import signal
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -37,8 +36,20 @@ from gigatron.training.checkpointing import (
 )
 from gigatron.training.config import CheckpointConfig
 from gigatron.training.initialize import RunContext, collective_phase, initialize
-from gigatron.training.logging import TrainingLog, print_rank_0, print_rank_last
+from gigatron.training.evaluation import evaluate, evaluate_and_report, final_validation_label, run_evaluation_hook
+from gigatron.training.logging import TrainingLog, print_rank_0
+from gigatron.training.microbatches import MicroBatchCalculator
 from gigatron.training.profiling import start_profiler, validate_profile_args
+from gigatron.training.train_report import (
+    DeferredChecks,
+    NonFiniteLossError,
+    announce_peak,
+    current_lr,
+    dump_memory_snapshot,
+    host_float,
+    report,
+    start_memory_history,
+)
 from gigatron.training.validate import validate_args
 
 __all__ = [
@@ -55,57 +66,7 @@ __all__ = [
 ]
 
 
-class NonFiniteLossError(RuntimeError):
-    """The loss or the gradient norm became NaN/Inf (--check-for-nan-in-loss-and-grad)."""
-
-
-# ------------------------------------------------------------------ batch sizes
-
-
-class MicroBatchCalculator:
-    """Global batch size and number of micro-batches at a given consumed-sample count.
-
-    Without ramp-up: constant. With --rampup-batch-size START INCREMENT SAMPLES the global batch
-    grows from START by INCREMENT every SAMPLES / ((GBS - START) / INCREMENT) consumed samples,
-    reaching --global-batch-size after SAMPLES samples (Megatron's rule).
-    """
-
-    def __init__(self, global_batch_size: int, micro_batch_size: int, data_parallel_size: int,
-                 rampup_batch_size: Optional[Sequence[int]] = None) -> None:
-        self.global_batch_size = global_batch_size
-        self.micro_batch_size = micro_batch_size
-        self.data_parallel_size = data_parallel_size
-        self.rampup = None
-        if rampup_batch_size:
-            start, increment, samples = (int(v) for v in rampup_batch_size)
-            num_increments = (global_batch_size - start) // increment
-            per_increment = samples / num_increments if num_increments > 0 else 0.0
-            self.rampup = (start, increment, samples, per_increment)
-
-    def global_batch_size_at(self, consumed_samples: int) -> int:
-        if self.rampup is None:
-            return self.global_batch_size
-        start, increment, samples, per_increment = self.rampup
-        if consumed_samples > samples or per_increment <= 0:
-            return self.global_batch_size
-        steps = int(consumed_samples / per_increment)
-        return min(start + steps * increment, self.global_batch_size)
-
-    def num_microbatches_at(self, consumed_samples: int) -> int:
-        return self.global_batch_size_at(consumed_samples) // (self.micro_batch_size * self.data_parallel_size)
-
-    def train_iters_for_samples(self, train_samples: int) -> int:
-        """Iterations needed to consume `train_samples` (ramp-up included)."""
-        if self.rampup is None:
-            return train_samples // self.global_batch_size
-        consumed, iterations = 0, 0
-        while consumed < train_samples:
-            batch = self.global_batch_size_at(consumed)
-            if consumed >= self.rampup[2] and batch == self.global_batch_size:
-                return iterations + (train_samples - consumed) // self.global_batch_size
-            consumed += batch
-            iterations += 1
-        return iterations
+# ------------------------------------------------------------------ batch sizes: gigatron/training/microbatches.py
 
 
 # ------------------------------------------------------------------ context
@@ -301,7 +262,10 @@ def setup(model_provider: Callable, args: argparse.Namespace | Configs) -> Train
                  "(one implementation serves both local and transformer_engine)")
     _build_tokenizer(ctx)
     ctx.calculator = MicroBatchCalculator(training.global_batch_size, training.micro_batch_size, ctx.groups.dp.size,
-                                          training.rampup_batch_size)
+                                          training.rampup_batch_size, training.step_batch_size_schedule,
+                                          configs.transformer.seq_length)
+    if ctx.calculator.describe() is not None:
+        print_rank_0(ctx.calculator.describe())
     if training.train_iters is not None:
         ctx.train_iters = training.train_iters
     elif training.train_samples is not None:
@@ -313,6 +277,7 @@ def setup(model_provider: Callable, args: argparse.Namespace | Configs) -> Train
             ctx.optimizer, configs.scheduler, configs.optimizer, global_batch_size=training.global_batch_size,
             train_iters=training.train_iters, train_samples=training.train_samples)
     _load(ctx)
+    ctx.calculator.check_reachable(ctx.consumed_train_samples, training.train_samples)
     if configs.checkpoint.async_save:
         from gigatron.core.checkpoint.dist import AsyncCheckpointSaver
         ctx.async_saver = AsyncCheckpointSaver()
@@ -370,6 +335,11 @@ def build_data_iterators(ctx: TrainContext, datasets_provider: Callable):
     training, data = ctx.configs.training, ctx.configs.data
     num_samples = train_valid_test_num_samples(ctx.train_iters, training.eval_interval, training.eval_iters,
                                                training.global_batch_size, training.train_samples)
+    if training.step_batch_size_schedule and training.train_samples is not None:
+        # A schedule's smaller early batches make more iterations than train_samples // GBS: one
+        # validation per --eval-interval of the actual iterations (Megatron's count).
+        valid = (ctx.train_iters // training.eval_interval + 1) * training.eval_iters * training.global_batch_size
+        num_samples = (num_samples[0], max(num_samples[1], valid), num_samples[2])
     with collective_phase("building the datasets"):
         train_ds, valid_ds, test_ds = datasets_provider(ctx, num_samples)
     groups = ctx.groups
@@ -453,7 +423,8 @@ def _reduce_losses(losses_reduced: list, groups, device) -> dict[str, torch.Tens
 def train_step(ctx: TrainContext, forward_step_func: Callable, data_iterator, num_microbatches: int):
     """One optimizer step over `num_microbatches` micro-batches per data-parallel rank.
 
-    Returns (losses: key -> device scalar, update_successful, grad_norm, num_zeros_in_grad)."""
+    Returns (losses: key -> device scalar, update_successful, grad_norm, num_zeros_in_grad), the
+    last two as one-element device tensors (or None)."""
     from gigatron.core.pipeline import get_forward_backward_func
 
     training, groups = ctx.configs.training, ctx.groups
@@ -486,7 +457,8 @@ def train_step(ctx: TrainContext, forward_step_func: Callable, data_iterator, nu
         with collective_phase("the FP8 amax reduction"):
             update_model_fp8_states(ctx.fp8_states, groups)
     with collective_phase("the optimizer step"), timers.time("optimizer"):
-        update_successful, grad_norm, num_zeros = ctx.optimizer.step()
+        # The gradient norm stays on the device (no host sync); the loop reads it at log intervals.
+        update_successful, grad_norm, num_zeros = ctx.optimizer.step(host_sync=False)
     if training.empty_unused_memory_level >= 1 and ctx.device.type == "cuda":
         torch.cuda.empty_cache()
     with collective_phase("the loss all-reduce"), timers.time("loss-all-reduce"):
@@ -525,6 +497,10 @@ def _finish_moe_step(ctx: TrainContext, tracker, num_microbatches: int, update_s
     from gigatron.core.transformer.moe.config import moe_layer_pattern
 
     moe, num_layers = ctx.configs.moe, ctx.configs.transformer.num_layers
+    # Multi-token prediction layers are numbered after the decoder's and built like its last layer.
+    pattern = moe_layer_pattern(moe, num_layers)
+    pattern = pattern + [pattern[-1]] * (ctx.configs.transformer.mtp_num_layers or 0)
+    num_layers = len(pattern)
     if update_successful and moe.moe_router_enable_expert_bias:
         for chunk in ctx.model:
             update_expert_bias(chunk, ctx.groups)
@@ -532,82 +508,11 @@ def _finish_moe_step(ctx: TrainContext, tracker, num_microbatches: int, update_s
     if names:
         with collective_phase("the MoE aux-loss reduction"):
             reduced = tracker.reduce(ctx.groups, num_layers, names, device=ctx.device)
-        moe_layers = [i for i, is_moe in enumerate(moe_layer_pattern(moe, num_layers)) if is_moe]
+        moe_layers = [i for i, is_moe in enumerate(pattern) if is_moe]
         summary = tracker.summary(reduced, num_microbatches, moe_layers, moe.moe_per_layer_logging)
         for key, value in summary.items():
             losses[key] = torch.tensor(value, dtype=torch.float32, device=ctx.device)
     tracker.clear()
-
-
-# ------------------------------------------------------------------ evaluation
-
-
-def evaluate(ctx: TrainContext, forward_step_func: Callable, data_iterator, num_iters: int) -> dict[str, float]:
-    """Forward-only over `num_iters` global batches; returns key -> mean loss on the last stage
-    (empty elsewhere). Advances consumed_valid_samples."""
-    from gigatron.core.pipeline import get_forward_backward_func
-
-    training, groups = ctx.configs.training, ctx.groups
-    forward_backward = get_forward_backward_func(groups.pp.size, groups.vp_size)
-    num_microbatches = training.global_batch_size // (training.micro_batch_size * groups.dp.size)
-    from gigatron.core.fp8.model import amax_recording_paused
-
-    for chunk in ctx.model:
-        chunk.eval()
-    totals: dict[str, torch.Tensor] = {}
-    try:
-        with torch.no_grad(), collective_phase("evaluation"), amax_recording_paused(ctx.fp8_states):
-            for _ in range(num_iters):
-                losses_reduced = forward_backward(
-                    forward_step_func=forward_step_func, data_iterator=data_iterator, model=ctx.model,
-                    num_microbatches=num_microbatches, seq_length=ctx.configs.transformer.seq_length,
-                    micro_batch_size=training.micro_batch_size, groups=groups, config=ctx.configs.transformer,
-                    forward_only=True)
-                for entry in losses_reduced:
-                    for key, value in entry.items():
-                        value = value.detach().float().reshape(-1)
-                        if value.numel() == 1:
-                            value = torch.cat([value, torch.ones_like(value)])
-                        totals[key] = totals[key] + value if key in totals else value.clone()
-                ctx.consumed_valid_samples += training.global_batch_size
-            keys = sorted(totals)
-            if not keys:
-                return {}
-            stacked = torch.stack([totals[k] for k in keys]).to(ctx.device)  # [keys, 2]
-            if groups.dp_cp.group is not None:
-                dist.all_reduce(stacked, group=groups.dp_cp.group)
-            values = (stacked[:, 0] / stacked[:, 1].clamp(min=1)).tolist()
-    finally:
-        for chunk in ctx.model:
-            chunk.train()
-    if training.empty_unused_memory_level >= 2 and ctx.device.type == "cuda":
-        torch.cuda.empty_cache()
-    return dict(zip(keys, values))
-
-
-def _run_evaluation_hook(ctx: TrainContext) -> None:
-    """pretrain's `evaluation_hook(ctx)` (a task's own evaluation), at most once per iteration."""
-    if ctx.evaluation_hook is None or ctx.evaluation_hook_iteration == ctx.iteration:
-        return
-    ctx.evaluation_hook_iteration = ctx.iteration
-    from gigatron.core.fp8.model import amax_recording_paused
-
-    with amax_recording_paused(ctx.fp8_states):  # a task's forward passes leave the FP8 scales alone
-        ctx.evaluation_hook(ctx)
-
-
-def _evaluate_and_report(ctx: TrainContext, forward_step_func, iterator, prefix: str, record: bool = True) -> dict:
-    training = ctx.configs.training
-    if iterator is None or training.eval_iters == 0:
-        return {}
-    if training.manual_gc and training.manual_gc_eval:
-        gc.collect()
-    losses = evaluate(ctx, forward_step_func, iterator, training.eval_iters)
-    if training.manual_gc and training.manual_gc_eval:
-        gc.collect()
-    if losses:
-        ctx.log.report_validation(prefix, ctx.iteration, losses, record=record)
-    return losses
 
 
 # ------------------------------------------------------------------ saving and exiting
@@ -690,16 +595,6 @@ def _should_exit(ctx: TrainContext, start_time: float, signal_flag: Optional[_Si
 # ------------------------------------------------------------------ the loop
 
 
-def _check_finite(ctx: TrainContext, grad_norm, losses: dict) -> None:
-    if not ctx.configs.training.check_for_nan_in_loss_and_grad:
-        return
-    if grad_norm is not None and not math.isfinite(grad_norm):
-        raise NonFiniteLossError(
-            f"iteration {ctx.iteration}: the gradient norm is {grad_norm} (rank {ctx.run.rank}). The loss or a "
-            "gradient became NaN/Inf: lower --lr, use --bf16 instead of --fp16, or check the data; "
-            "--no-check-for-nan-in-loss-and-grad turns this check off.")
-
-
 def _iteration_flops(ctx: TrainContext, batch_size: int) -> float:
     from gigatron.core.flops import num_floating_point_operations
 
@@ -728,12 +623,13 @@ def train(ctx: TrainContext, forward_step_func: Callable, train_iterator, valid_
     profiler = start_profiler(training, ctx.run.rank, ctx.iteration, ctx.train_iters, ctx.device.type == "cuda",
                               trace_dir=logging.tensorboard_dir)
     log.start_interval()
+    checks = DeferredChecks()
     try:
         while ctx.iteration < ctx.train_iters:
             if profiler is not None:
                 profiler.before_iteration(ctx.iteration)
             batch_size = ctx.calculator.global_batch_size_at(ctx.consumed_train_samples)
-            num_microbatches = batch_size // (training.micro_batch_size * ctx.groups.dp.size)
+            num_microbatches = ctx.calculator.num_microbatches_at(ctx.consumed_train_samples)
             compiling = _announce_compilation(ctx)
             losses, update_successful, grad_norm, num_zeros = train_step(ctx, forward_step_func, train_iterator,
                                                                          num_microbatches)
@@ -751,35 +647,40 @@ def train(ctx: TrainContext, forward_step_func: Callable, train_iterator, valid_
             ctx.num_floating_point_operations_so_far += flops_cache[batch_size]
             if update_successful and ctx.scheduler is not None:
                 ctx.scheduler.step(increment=batch_size)
-            _check_finite(ctx, grad_norm, losses)
+            checks.add(ctx.iteration, grad_norm)  # NaN/Inf checked at the next flush, no sync here
             log.add_iteration(losses, skipped=not update_successful, tokens=batch_size * ctx.configs.transformer.seq_length,
                               flops=flops_cache[batch_size])
-            if grad_norm is not None and not math.isfinite(grad_norm):
-                log.add_nan()
             if log.has_backends and ctx.iteration % logging.tensorboard_log_interval == 0:
-                log.tensorboard_step(ctx.iteration, losses, learning_rate=_current_lr(ctx), global_batch_size=batch_size,
-                                     loss_scale=float(ctx.optimizer.get_loss_scale().item()), grad_norm=grad_norm)
+                checks.flush(ctx)
+                log.tensorboard_step(ctx.iteration, losses, learning_rate=current_lr(ctx), global_batch_size=batch_size,
+                                     loss_scale=float(ctx.optimizer.get_loss_scale().item()),
+                                     grad_norm=host_float(grad_norm))
             if ctx.iteration % logging.log_interval == 0:
-                _report(ctx, batch_size, grad_norm, num_zeros)
+                checks.flush(ctx)
+                report(ctx, batch_size, grad_norm, num_zeros)
             if training.profile and training.profile_step_end == ctx.iteration:
                 dump_memory_snapshot(ctx)
             if training.manual_gc and training.manual_gc_interval and ctx.iteration % training.manual_gc_interval == 0:
                 gc.collect()
             evaluates = valid_iterator is not None or ctx.evaluation_hook is not None
             if evaluates and training.eval_interval and ctx.iteration % training.eval_interval == 0:
+                checks.flush(ctx)
                 paused = time.perf_counter()
-                _evaluate_and_report(ctx, forward_step_func, valid_iterator, f"iteration {ctx.iteration}")
-                _run_evaluation_hook(ctx)
+                evaluate_and_report(ctx, forward_step_func, valid_iterator, f"iteration {ctx.iteration}")
+                run_evaluation_hook(ctx)
                 log.exclude_time(time.perf_counter() - paused)
             if checkpoint.save and checkpoint.save_interval and ctx.iteration % checkpoint.save_interval == 0:
+                checks.flush(ctx)  # never save a model whose last steps went NaN (with the check on)
                 paused = time.perf_counter()
                 _save(ctx)
                 log.exclude_time(time.perf_counter() - paused)
             reason = _should_exit(ctx, start_time, signal_flag)
             if reason is not None:
                 print_rank_0(f" {reason}")
+                checks.flush(ctx)
                 _save(ctx)
                 break
+        checks.flush(ctx)
     finally:
         if profiler is not None:
             profiler.close(ctx.iteration)
@@ -799,128 +700,6 @@ def _announce_compilation(ctx: TrainContext) -> Optional[float]:
     ctx.compile_announced = True
     print_rank_0("> compiling the transformer layers (--torch-compile) during the first iteration …")
     return time.perf_counter()
-
-
-def _report_timers(ctx: TrainContext) -> None:
-    """--timing-log-level: the step timers' line after the log line (the rank that prints it), and
-    with --log-timers-to-tensorboard the timers in TensorBoard/W&B."""
-    if ctx.timers is None:
-        return
-    means = ctx.timers.means_ms()
-    line = ctx.timers.report()
-    if line is None:
-        return
-    print_rank_last(line)
-    if ctx.configs.logging.log_timers_to_tensorboard and ctx.log.has_backends:
-        for name, value in means.items():
-            ctx.log._scalar(f"{name}-time", value, ctx.iteration)  # noqa: SLF001 - the log's one writer
-
-
-def _current_lr(ctx: TrainContext) -> float:
-    return ctx.scheduler.get_lr() if ctx.scheduler is not None else ctx.optimizer.param_groups[0]["lr"]
-
-
-def _report(ctx: TrainContext, batch_size: int, grad_norm, num_zeros) -> None:
-    params_norm = None
-    if ctx.configs.logging.log_params_norm:
-        params_norm = _params_norm(ctx)
-    lr = _current_lr(ctx)
-    loss_scale = float(ctx.optimizer.get_loss_scale().item())
-    ctx.log.report(
-        iteration=ctx.iteration, consumed_samples=ctx.consumed_train_samples, learning_rate=lr,
-        global_batch_size=batch_size, loss_scale=loss_scale, grad_norm=grad_norm, num_zeros_in_grad=num_zeros,
-        params_norm=params_norm)
-    _report_timers(ctx)
-    if not ctx.memory_reported:
-        _report_rank_memory(ctx)
-    if ctx.configs.training.check_for_nan_in_loss_and_grad and ctx.log.train_history:
-        last_iteration, last_loss = ctx.log.train_history[-1]
-        if last_iteration == ctx.iteration and not math.isfinite(last_loss):
-            raise NonFiniteLossError(f"iteration {ctx.iteration}: the training loss is {last_loss}; lower --lr or "
-                                     "check the data (--no-check-for-nan-in-loss-and-grad turns this check off)")
-
-
-def _report_rank_memory(ctx: TrainContext) -> None:
-    """Megatron's once-per-run line of each rank of the first data-parallel replica: allocated and
-    peak allocated / reserved device memory in MB after the first logged iteration."""
-    ctx.memory_reported = True
-    if ctx.device.type != "cuda" or ctx.groups.dp.rank != 0:
-        return
-    mb = 1024.0 * 1024.0
-    print(f"[Rank {ctx.run.rank}] (after {ctx.iteration} iterations) memory (MB) | allocated: "
-          f"{torch.cuda.memory_allocated(ctx.device) / mb} | max allocated: "
-          f"{torch.cuda.max_memory_allocated(ctx.device) / mb} | reserved: {torch.cuda.memory_reserved(ctx.device) / mb} | "
-          f"max reserved: {torch.cuda.max_memory_reserved(ctx.device) / mb}", flush=True)
-
-
-# ------------------------------------------------------------------ --record-memory-history
-
-
-def start_memory_history(training) -> bool:
-    """--record-memory-history (a TrainingConfig field): start recording the CUDA allocator's history
-    (before anything is allocated). Raises ValueError without CUDA. Returns whether recording started."""
-    if not getattr(training, "record_memory_history", False):
-        return False
-    if not torch.cuda.is_available():
-        raise ValueError("--record-memory-history needs CUDA (it records the CUDA caching allocator), but no CUDA "
-                         "device is available; drop the flag, or use --dry-run / tools/estimate_memory.py for an "
-                         "estimate on the CPU")
-    torch.cuda.memory._record_memory_history(max_entries=1_000_000)
-    return True
-
-
-def dump_memory_snapshot(ctx: TrainContext) -> Optional[str]:
-    """Write the allocator snapshot of --record-memory-history (once) atomically to
-    --memory-snapshot-path (rank r > 0: <name>_rank{r}<ext>); returns the path."""
-    training = ctx.configs.training
-    if not training.record_memory_history or ctx.memory_snapshot_written:
-        return None
-    ctx.memory_snapshot_written = True
-    path = training.memory_snapshot_path
-    if ctx.run.rank > 0:
-        root, ext = os.path.splitext(path)
-        path = f"{root}_rank{ctx.run.rank}{ext}"
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    temporary = f"{path}.tmp{os.getpid()}"
-    torch.cuda.memory._dump_snapshot(temporary)
-    os.replace(temporary, path)
-    torch.cuda.memory._record_memory_history(enabled=None)
-    print(f"> rank {ctx.run.rank}: wrote the allocator snapshot of iteration {ctx.iteration} to {path} "
-          "(open it at https://pytorch.org/memory_viz)", flush=True)
-    return path
-
-
-def _params_norm(ctx: TrainContext) -> float:
-    """L2 norm of all parameters, each element counted once over tensor and pipeline ranks."""
-    from gigatron.core.parallel.tags import is_shared_embedding, is_tensor_parallel
-
-    groups = ctx.groups
-    total = torch.zeros(1, dtype=torch.float32, device=ctx.device)
-    for chunk in ctx.model:
-        for param in chunk.module.parameters():
-            duplicate_over_tp = not is_tensor_parallel(param) and groups.tp.rank > 0
-            duplicate_embedding = is_shared_embedding(param) and not groups.is_pipeline_first_stage()
-            if duplicate_over_tp or duplicate_embedding:
-                continue
-            total += param.detach().float().norm() ** 2
-    if groups.mp.group is not None:
-        dist.all_reduce(total, group=groups.mp.group)
-    return float(total.sqrt().item())
-
-
-def _announce_peak(ctx: TrainContext) -> Optional[float]:
-    from gigatron.core.flops import device_peak_flops
-
-    dtype = ctx.configs.transformer.params_dtype
-    peak = device_peak_flops(ctx.device, dtype)
-    if peak is None:
-        print_rank_0(f"> MFU: no known dense peak for {ctx.device.type} / {dtype}; MFU is not reported "
-                     "(model FLOPs follow Megatron's convention)")
-        return None
-    tflops, description = peak
-    print_rank_0(f"> MFU is model FLOPs (Megatron's convention, no recompute) / peak of {description}")
-    return tflops * 1e12
 
 
 def pretrain(datasets_provider: Callable, model_provider: Callable, forward_step_func: Callable,
@@ -943,7 +722,7 @@ def pretrain(datasets_provider: Callable, model_provider: Callable, forward_step
         return convert_checkpoint_format(ctx)
     training = configs.training
     ctx.log = TrainingLog(
-        configs.logging, train_iters=ctx.train_iters, peak_flops=_announce_peak(ctx), device=ctx.device,
+        configs.logging, train_iters=ctx.train_iters, peak_flops=announce_peak(ctx), device=ctx.device,
         world_size=ctx.run.world_size, output_dir=_output_dir(configs), run_config=_recorded_args(ctx))
     ctx.log.resume_history(ctx.iteration)
     try:
@@ -956,10 +735,10 @@ def pretrain(datasets_provider: Callable, model_provider: Callable, forward_step
         if finished:
             evaluated_here = (not training.skip_train and bool(training.eval_interval)
                               and ctx.iteration % training.eval_interval == 0)
-            _evaluate_and_report(ctx, forward_step_func, valid_iterator, _final_validation_label(ctx, evaluated_here),
+            evaluate_and_report(ctx, forward_step_func, valid_iterator, final_validation_label(ctx, evaluated_here),
                                  record=not training.skip_train and not evaluated_here)
-            _run_evaluation_hook(ctx)
-            _evaluate_and_report(ctx, forward_step_func, test_iterator, f"iteration {ctx.iteration} on test set",
+            run_evaluation_hook(ctx)
+            evaluate_and_report(ctx, forward_step_func, test_iterator, f"iteration {ctx.iteration} on test set",
                                  record=False)
         ctx.log.write_loss_curve()
         dump_memory_snapshot(ctx)
@@ -980,17 +759,6 @@ def pretrain_and_exit(datasets_provider: Callable, model_provider: Callable, for
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
     return 0
-
-
-def _final_validation_label(ctx: TrainContext, evaluated_here: bool) -> str:
-    """Megatron's label of the end-of-run validation; when the periodic evaluation has just run at
-    the same iteration, the label says why the two values differ (other validation batches)."""
-    label = f"iteration {ctx.iteration} on validation set"
-    if evaluated_here:
-        batches = ctx.configs.training.eval_iters
-        label += (f" (final evaluation, on the next {batches} validation batch{'es' if batches != 1 else ''}; "
-                  f"the evaluation at iteration {ctx.iteration} above used earlier ones)")
-    return label
 
 
 def _recorded_args(ctx: TrainContext) -> dict:

@@ -27,6 +27,7 @@ __all__ = [
     "check_parallel_sizes",
     "check_batch_sizes",
     "check_rampup_batch_size",
+    "check_step_batch_size_schedule",
     "check_context_parallel_seq_length",
     "check_train_length",
     "check_lr",
@@ -80,12 +81,17 @@ def check_parallel_sizes(args, world_size: int) -> int:
     return world_size // model_parallel
 
 
-def check_batch_sizes(args, data_parallel_size: int) -> int:
-    """--micro-batch-size is required; --global-batch-size defaults to mbs x dp and must be a multiple
-    of it. Returns the number of micro-batches per step (at the full batch size)."""
+def _check_micro_batch_size(args) -> int:
     mbs = getattr(args, "micro_batch_size", None)
     if mbs is None or mbs < 1:
         raise ValueError(f"--micro-batch-size must be given and >= 1 (got {mbs}).")
+    return mbs
+
+
+def check_batch_sizes(args, data_parallel_size: int) -> int:
+    """--micro-batch-size is required; --global-batch-size defaults to mbs x dp and must be a multiple
+    of it. Returns the number of micro-batches per step (at the full batch size)."""
+    mbs = _check_micro_batch_size(args)
     gbs = getattr(args, "global_batch_size", None)
     if gbs is None:
         gbs = mbs * data_parallel_size
@@ -127,6 +133,32 @@ def check_rampup_batch_size(args, data_parallel_size: int) -> None:
     if getattr(args, "train_samples", None) is None and getattr(args, "train_iters", None) is not None:
         raise ValueError("--rampup-batch-size needs --train-samples instead of --train-iters (the length of a "
                          "run with a changing batch size is given in samples).")
+
+
+def check_step_batch_size_schedule(args) -> None:
+    """--step-batch-size-schedule "THRESHOLD:BS ...": well formed (gigatron/training/microbatches.py),
+    not with --global-batch-size or --rampup-batch-size (the schedule sets the batch size, and the
+    run's --global-batch-size becomes its last entry's batch), with --train-samples (a run whose batch
+    size changes is measured in samples). Each batch size's divisibility by micro-batch size x
+    data-parallel size is checked when the run reaches it (MicroBatchCalculator.check_reachable)."""
+    schedule = getattr(args, "step_batch_size_schedule", None)
+    if schedule is None:
+        return
+    from gigatron.training.microbatches import parse_step_batch_size_schedule
+
+    if getattr(args, "rampup_batch_size", None):
+        raise ValueError("--step-batch-size-schedule and --rampup-batch-size both set the batch size over "
+                         "training; give one of them (a ramp-up is a schedule of steps).")
+    final = parse_step_batch_size_schedule(schedule, getattr(args, "seq_length", None))[-1][1]
+    gbs = getattr(args, "global_batch_size", None)
+    if gbs is not None and getattr(args, "_global_batch_size_from_schedule", None) != gbs:
+        raise ValueError(f"--global-batch-size ({gbs}) and --step-batch-size-schedule both set the global batch "
+                         "size; drop --global-batch-size (the schedule's last entry is the run's global batch size).")
+    if getattr(args, "train_samples", None) is None and getattr(args, "train_iters", None) is not None:
+        raise ValueError("--step-batch-size-schedule needs --train-samples instead of --train-iters (the length of "
+                         "a run with a changing batch size is given in samples).")
+    args.global_batch_size = final
+    args._global_batch_size_from_schedule = final
 
 
 def check_context_parallel_seq_length(args) -> None:
@@ -352,7 +384,12 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
     args.data_parallel_size = check_parallel_sizes(args, world_size)
     check_train_length(args)
     if hasattr(args, "micro_batch_size"):
-        args.num_microbatches = check_batch_sizes(args, args.data_parallel_size)
+        check_step_batch_size_schedule(args)
+        if getattr(args, "step_batch_size_schedule", None) is None:
+            args.num_microbatches = check_batch_sizes(args, args.data_parallel_size)
+        else:
+            _check_micro_batch_size(args)
+            args.num_microbatches = max(1, args.global_batch_size // (args.micro_batch_size * args.data_parallel_size))
         check_rampup_batch_size(args, args.data_parallel_size)
     check_context_parallel_seq_length(args)
     check_lr(args)

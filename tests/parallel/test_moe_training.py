@@ -49,9 +49,10 @@ def _train(argv):
     norms = []
     step = MegatronOptimizer.step
 
-    def recording_step(self):
-        result = step(self)
-        norms.append(result[1])
+    def recording_step(self, *args, **kwargs):
+        result = step(self, *args, **kwargs)
+        # The loop asks for the norm as a device tensor (no host sync); read it here.
+        norms.append(None if result[1] is None else float(result[1]))
         return result
 
     MegatronOptimizer.step = recording_step

@@ -183,7 +183,7 @@ def test_bad_configurations_are_rejected():
         BertModel(_config(untie_embeddings_and_output_weights=True), groups, VOCAB)
     with pytest.raises(ValueError, match="layer_norm"):
         BertModel(_config(), groups, VOCAB, layer_norm="middle")
-    with pytest.raises(ValueError, match="pipeline parallelism"):
+    with pytest.raises(ValueError, match="pipeline-parallel group has 1 ranks"):
         BertModel(_config(pipeline_model_parallel_size=2), groups, VOCAB)
     with pytest.raises(ValueError, match="--position-embedding-type learned_absolute"):
         BertModel(_config(position_embedding_type="rope"), groups, VOCAB)

@@ -111,13 +111,13 @@ def test_mamba_flags_send_pretrain_gpt_users_to_pretrain_mamba():
 
 
 def test_a_missing_capability_is_one_line_naming_it():
-    message = _parse_error(["--mtp-num-layers", "1", "--num-layers", "2"])
+    message = _parse_error(["--moe-latent-size", "1", "--num-layers", "2"])
     lines = [line for line in message.splitlines() if "error:" in line]
     assert lines == [lines[0]]
-    assert "--mtp-num-layers needs multi-token prediction (MTP), which Gigatron does not have yet" in lines[0]
+    assert "--moe-latent-size needs latent MoE, which Gigatron does not have yet" in lines[0]
     assert "unrecognized" not in message
     # The family prefix covers flags that the list does not name.
-    assert "needs multi-token prediction (MTP)" in _parse_error(["--mtp-future-flag", "2"])
+    assert "needs CUDA graphs" in _parse_error(["--cuda-graph-future-flag", "2"])
     # A plain typo is still an unknown flag with suggestions.
     assert "unrecognized arguments: --num-layer" in _parse_error(["--num-layer", "2"])
 

@@ -36,8 +36,16 @@ RECIPE_SIZES = {
     "gpt3_175b.sh": {"--tensor-model-parallel-size": "2"},
     "llama3_8b.sh": {"--context-parallel-size": "2", "--global-batch-size": "2"},
     "mixtral_8x7b.sh": {"--expert-model-parallel-size": "2"},
-    "bert_340m.sh": {"--tensor-model-parallel-size": "2", "--micro-batch-size": "2"},
+    # Megatron's BERT recipe splits the model over pipeline stages: so does its shrunk run.
+    "bert_340m.sh": {"--pipeline-model-parallel-size": "2", "--micro-batch-size": "2"},
     "t5_220m.sh": {"--micro-batch-size": "2"},
+    # MLA + MoE + MTP on two pipeline stages (the MTP block on the last one, with its embedding copy).
+    "deepseek_v3.sh": {"--pipeline-model-parallel-size": "2", "--decoder-first-pipeline-num-layers": "1",
+                       "--moe-layer-freq": '"([0]*1+[1]*1)"', "--moe-ffn-hidden-size": "16",
+                       "--moe-shared-expert-intermediate-size": "16", "--moe-router-topk": "2",
+                       "--moe-router-num-groups": "2", "--moe-router-group-topk": "1", "--q-lora-rank": "12",
+                       "--kv-lora-rank": "8", "--qk-head-dim": "8", "--qk-pos-emb-head-dim": "4",
+                       "--v-head-dim": "8"},
 }
 
 
@@ -111,7 +119,7 @@ def _arguments(name: str, tmp: Path) -> list[str]:
     if name == "gpt3_175b.sh":
         vocab, merges = _gpt2_files()
         return [ckpt, tb, vocab, merges, _write_documents(tmp / "data", range(0, 50257))]
-    if name == "llama3_8b.sh":
+    if name in ("llama3_8b.sh", "deepseek_v3.sh"):
         return [ckpt, tb, _hf_tokenizer(tmp / "tokenizer.json"), _write_documents(tmp / "data", range(4, 50))]
     if name == "mixtral_8x7b.sh":
         # Its split 99990,8,2 leaves 1 in 50000 documents to the test set.
@@ -140,5 +148,7 @@ def test_recipe_runs_shrunk_on_two_cpu_processes(tmp_path, name):
     out = result.stdout + result.stderr
     assert result.returncode == 0, out[-6000:]
     assert "Gigatron's own PyTorch layers" in out
+    if name == "deepseek_v3.sh":
+        assert re.search(r"mtp_1 loss: \d", out), out[-3000:]  # the multi-token prediction loss is logged
     assert re.search(r"iteration\s+3/\s*3", out) or re.search(r"iteration\s+\d+/\s*\d+ .*consumed samples:\s+12", out), \
         out[-3000:]

@@ -396,7 +396,8 @@ def test_finetuning_refuses_pretraining_length_and_data_flags(tmp_path):
     train = _synthetic_mnli(tmp_path / "train.tsv", 16, seed=0)
     for extra, message in ((["--train-iters", "5"], "runs --epochs 1 over --train-data; drop --train-iters"),
                            (["--mock-data"], "reads --train-data/--valid-data; drop --mock-data"),
-                           (["--rampup-batch-size", "4", "4", "8"], "drop --rampup-batch-size")):
+                           (["--rampup-batch-size", "4", "4", "8"], "drop --rampup-batch-size"),
+                           (["--step-batch-size-schedule", "0:4 1K:8"], "drop --step-batch-size-schedule")):
         with pytest.raises(ValueError, match=message):
             run_finetune(_task_args(tmp_path, "MNLI", [train], [train], ["--epochs", "1", *extra]),
                          encoder_provider=_stand_in)

@@ -65,7 +65,7 @@ MODEL_FILENAME = "model_optim_rng.pt"
 CHECKSUMS_FILENAME = "checksums.json"
 
 _RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?(?:_(\d{3}))?$")
-_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+_LAYER = re.compile(r"^(decoder|encoder)\.layers\.(\d+)\.(.+)$")
 _EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(.+)$")
 
 # Megatron-LM's Transformer Engine layer spec fuses the norms into the following linear layer.
@@ -241,12 +241,13 @@ def _check_expert_layout(args: dict) -> None:
                               "only checkpoints whose experts are split like the dense layers are read")
 
 
-def _merge_stage(states: dict, key: str, pp_rank: int, sizes: Tuple[int, int], offset: int, local_experts: int,
-                 args: dict, merged: Dict[str, torch.Tensor]) -> int:
+def _merge_stage(states: dict, key: str, pp_rank: int, sizes: Tuple[int, int], offsets: Dict[str, int],
+                 local_experts: int, args: dict, merged: Dict[str, torch.Tensor]) -> Dict[str, int]:
     """Merge one model chunk of one pipeline rank over its tp (and ep) ranks into `merged`
-    (global layer numbers from `offset`); returns the number of layers it holds."""
+    (global layer numbers of the decoder / encoder from `offsets`); returns the number of layers
+    of each stack it holds."""
     tp_size, ep_size = sizes
-    local_layers = set()
+    local_layers: Dict[str, set] = {}
     for ep_rank in range(ep_size):
         shards = [states[(t, pp_rank, ep_rank)][key] for t in range(tp_size)]
         for name in shards[0]:
@@ -255,15 +256,15 @@ def _merge_stage(states: dict, key: str, pp_rank: int, sizes: Tuple[int, int], o
                 continue
             match = _LAYER.match(name)
             if match:
-                local = int(match.group(1))
-                local_layers.add(local)
-                suffix = _TE_NORM_NAMES.get(match.group(2), match.group(2))
+                stack, local = match.group(1), int(match.group(2))
+                local_layers.setdefault(stack, set()).add(local)
+                suffix = _TE_NORM_NAMES.get(match.group(3), match.group(3))
                 expert = _EXPERT.match(suffix)
                 if expert:  # local expert j of expert-parallel rank e is global expert e * G + j
                     suffix = f"mlp.experts.local_experts.{int(expert.group(1)) + ep_rank * local_experts}.{expert.group(2)}"
                 elif ep_rank > 0:
                     continue  # everything but the experts is the same on every expert-parallel rank
-                global_name = f"decoder.layers.{local + offset}.{suffix}"
+                global_name = f"{stack}.layers.{local + offsets.get(stack, 0)}.{suffix}"
             elif ep_rank > 0:
                 continue
             else:
@@ -272,9 +273,11 @@ def _merge_stage(states: dict, key: str, pp_rank: int, sizes: Tuple[int, int], o
                 continue  # the tied output layer's copy on the last stage
             segments = mamba_segments(global_name, args) if tp_size > 1 else None
             merged[global_name] = merge_from_tp(global_name, tensor_list, bool(args.get("swiglu")), segments)
-    if local_layers and sorted(local_layers) != list(range(len(local_layers))):
-        raise CheckpointError(f"pipeline rank {pp_rank} ({key}) holds layers {sorted(local_layers)}; expected 0..n-1")
-    return len(local_layers)
+    for stack, layers in local_layers.items():
+        if sorted(layers) != list(range(len(layers))):
+            raise CheckpointError(f"pipeline rank {pp_rank} ({key}) holds {stack} layers {sorted(layers)}; "
+                                  "expected 0..n-1")
+    return {stack: len(layers) for stack, layers in local_layers.items()}
 
 
 def read_model(iter_dir: str, allow_namespace: bool = False,
@@ -310,12 +313,16 @@ def read_model(iter_dir: str, allow_namespace: bool = False,
     # Model chunks in global order: virtual stage first, then pipeline rank.
     num_chunks = len(_chunk_keys(states[(0, 0, 0)]))
     merged: Dict[str, torch.Tensor] = {}
-    offset = 0
+    offsets: Dict[str, int] = {}
     for v in range(num_chunks):
         for pp_rank in range(pp_size):
             key = _chunk_keys(states[(0, pp_rank, 0)])[v]
-            offset += _merge_stage(states, key, pp_rank, (tp_size, ep_size), offset, num_experts // ep_size,
-                                   args, merged)
+            counts = _merge_stage(states, key, pp_rank, (tp_size, ep_size), offsets, num_experts // ep_size,
+                                  args, merged)
+            for stack, count in counts.items():
+                offsets[stack] = offsets.get(stack, 0) + count
+    # The layer count of a GPT (decoder) or BERT (encoder); T5's stacks carry their own counts.
+    offset = offsets.get("decoder", offsets.get("encoder", 0))
     if "embedding.word_embeddings.weight" not in merged:
         raise CheckpointError(f"{iter_dir} holds no embedding.word_embeddings.weight; it is not a GPT checkpoint")
     if args.get("num_layers") is not None and int(args["num_layers"]) != offset:

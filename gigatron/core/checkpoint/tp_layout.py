@@ -12,7 +12,9 @@ A *full* tensor is the whole logical parameter, independent of the parallel layo
   sharding and removed when merging).
 
 The shards are what GPTModel holds on tensor-parallel rank r:
-- column-parallel (linear_qkv, linear_fc1, word embedding, output layer): contiguous dim-0 chunks,
+- column-parallel (linear_qkv, linear_fc1, word embedding, output layer, multi-latent attention's
+  linear_q_proj / linear_q_up_proj / linear_kv_up_proj, multi-token prediction's eh_proj):
+  contiguous dim-0 chunks,
   except the SwiGLU fc1, where rank r holds [gate_r; up_r];
 - row-parallel (linear_proj.weight, linear_fc2.weight): contiguous dim-1 chunks;
 - routed experts (mlp.experts.local_experts.j.*, split over the expert tensor-parallel ranks,
@@ -47,7 +49,13 @@ __all__ = [
 VOCAB_PARAMS = ("embedding.word_embeddings.weight", "output_layer.weight")
 
 _COLUMN_SUFFIXES = ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias",
-                    "mlp.linear_fc1.weight", "mlp.linear_fc1.bias")
+                    "mlp.linear_fc1.weight", "mlp.linear_fc1.bias",
+                    # multi-latent attention's per-head projections; its down-projections and latent
+                    # norms are replicated
+                    "self_attention.linear_q_proj.weight", "self_attention.linear_q_up_proj.weight",
+                    "self_attention.linear_kv_up_proj.weight",
+                    # multi-token prediction's projection of [embedding; hidden]
+                    ".eh_proj.weight")
 _ROW_SUFFIXES = ("self_attention.linear_proj.weight", "mlp.linear_fc2.weight", ".mixer.out_proj.weight")
 _MAMBA_IN_PROJ = ".mixer.in_proj.weight"
 _MAMBA_CONV = (".mixer.conv1d.weight", ".mixer.conv1d.bias")

@@ -317,6 +317,10 @@ def _check_exportable(md: dict, family: str) -> None:
         problems.append("--apply-layernorm-1p")
     if md.get("qk_layernorm"):
         problems.append("--qk-layernorm")
+    if md.get("multi_latent_attention"):
+        problems.append("--multi-latent-attention (DeepSeek's HF layout is not built)")
+    if md.get("mtp_num_layers"):
+        problems.append("--mtp-num-layers")
     if md.get("apply_residual_connection_post_layernorm"):
         problems.append("--apply-residual-connection-post-layernorm")
     if md.get("add_qkv_bias") and not md["add_bias_linear"]:

@@ -156,36 +156,61 @@ def expected_tensors(md: dict) -> Dict[str, List[str]]:
     out["embeddings"] = emb
     moe_layers = moe_layer_flags(md)
     for i in range(md["num_layers"]):
-        p = f"decoder.layers.{i}"
-        names = _norm_names(p + ".input_layernorm", md)
-        names.append(p + ".self_attention.linear_qkv.weight")
-        if bias or md.get("add_qkv_bias"):
-            names.append(p + ".self_attention.linear_qkv.bias")
-        if md.get("qk_layernorm"):
-            names += _norm_names(p + ".self_attention.q_layernorm", md)
-            names += _norm_names(p + ".self_attention.k_layernorm", md)
-        names.append(p + ".self_attention.linear_proj.weight")
-        if bias:
-            names.append(p + ".self_attention.linear_proj.bias")
-        names += _norm_names(p + ".pre_mlp_layernorm", md)
-        if moe_layers[i]:
-            names.append(p + ".mlp.router.weight")
-            for j in range(int(md["num_experts"])):
-                names += [f"{p}.mlp.experts.local_experts.{j}.linear_fc1.weight",
-                          f"{p}.mlp.experts.local_experts.{j}.linear_fc2.weight"]
-            out[layer_message(i)] = names
-            continue
-        names.append(p + ".mlp.linear_fc1.weight")
-        if bias:
-            names.append(p + ".mlp.linear_fc1.bias")
-        names.append(p + ".mlp.linear_fc2.weight")
-        if bias:
-            names.append(p + ".mlp.linear_fc2.bias")
-        out[layer_message(i)] = names
+        out[layer_message(i)] = _layer_names(f"decoder.layers.{i}", md, moe_layers[i])
     out["final norm"] = _norm_names("decoder.final_layernorm", md)
     if md["untie_embeddings_and_output_weights"]:
         out["output layer"] = ["output_layer.weight"]
+    for k in range(int(md.get("mtp_num_layers") or 0)):
+        # a multi-token prediction block; its layer is built like the decoder's last
+        p = f"mtp.layers.{k}"
+        out[f"mtp layer {k}"] = (_norm_names(p + ".enorm", md) + _norm_names(p + ".hnorm", md) + [p + ".eh_proj.weight"]
+                                 + _layer_names(p + ".transformer_layer", md, moe_layers[-1])
+                                 + _norm_names(p + ".final_layernorm", md))
     return out
+
+
+def _attention_names(p: str, md: dict) -> List[str]:
+    """The self-attention tensors of the layer at prefix `p` (grouped QKV, or multi-latent attention's)."""
+    bias = bool(md["add_bias_linear"])
+    a = p + ".self_attention"
+    if md.get("multi_latent_attention"):
+        lora_q = md.get("q_lora_rank") is not None
+        names = [a + ".linear_q_down_proj.weight", a + ".linear_q_up_proj.weight"] if lora_q \
+            else [a + ".linear_q_proj.weight"]
+        names += [a + ".linear_kv_down_proj.weight", a + ".linear_kv_up_proj.weight"]
+        if md.get("qk_layernorm"):
+            names += (_norm_names(a + ".q_layernorm", md) if lora_q else []) + _norm_names(a + ".kv_layernorm", md)
+    else:
+        names = [a + ".linear_qkv.weight"]
+        if bias or md.get("add_qkv_bias"):
+            names.append(a + ".linear_qkv.bias")
+        if md.get("qk_layernorm"):
+            names += _norm_names(a + ".q_layernorm", md)
+            names += _norm_names(a + ".k_layernorm", md)
+    names.append(a + ".linear_proj.weight")
+    if bias:
+        names.append(a + ".linear_proj.bias")
+    return names
+
+
+def _layer_names(p: str, md: dict, is_moe: bool) -> List[str]:
+    """The tensors of the transformer layer at prefix `p`."""
+    bias = bool(md["add_bias_linear"])
+    names = _norm_names(p + ".input_layernorm", md) + _attention_names(p, md)
+    names += _norm_names(p + ".pre_mlp_layernorm", md)
+    if is_moe:
+        names.append(p + ".mlp.router.weight")
+        for j in range(int(md["num_experts"])):
+            names += [f"{p}.mlp.experts.local_experts.{j}.linear_fc1.weight",
+                      f"{p}.mlp.experts.local_experts.{j}.linear_fc2.weight"]
+        return names
+    names.append(p + ".mlp.linear_fc1.weight")
+    if bias:
+        names.append(p + ".mlp.linear_fc1.bias")
+    names.append(p + ".mlp.linear_fc2.weight")
+    if bias:
+        names.append(p + ".mlp.linear_fc2.bias")
+    return names
 
 
 def moe_config_from_metadata(md: dict):

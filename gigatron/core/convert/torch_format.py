@@ -311,10 +311,13 @@ def rank_state_dicts(md: dict, tensors: Dict[str, torch.Tensor], tp: int = 1, pp
     for pp_rank, (first, count) in enumerate(stages):
         stage = {k: v for k, v in tensors.items()
                  if not k.startswith("embedding.") or pp_rank == 0}
-        stage = {k: v for k, v in stage.items() if not k.startswith("decoder.final_layernorm")
+        stage = {k: v for k, v in stage.items() if not k.startswith(("decoder.final_layernorm", "mtp."))
                  and k != "output_layer.weight" or pp_rank == pp - 1}
         if pp_rank == pp - 1 and tied and pp > 1:
             stage["output_layer.weight"] = tensors["embedding.word_embeddings.weight"]
+        if pp_rank == pp - 1 and md.get("mtp_num_layers") and pp > 1:
+            # the multi-token prediction blocks' copy of the word embedding on the last stage
+            stage["embedding.word_embeddings.weight"] = tensors["embedding.word_embeddings.weight"]
         for tp_rank, state in enumerate(_shard_stage(stage, first, count, tp, bool(md["swiglu"]), padded, md)):
             out[(tp_rank, pp_rank)] = state
     return out
@@ -384,6 +387,7 @@ def save_torch_checkpoint(messages: Iterable[Message], save_dir: str, target_tp:
     args = args_for_target(md, target_tp, target_pp, padded, tokenizer_flags, target_ep)
     swiglu = bool(md["swiglu"])
     tied = not md["untie_embeddings_and_output_weights"]
+    mtp = bool(md.get("mtp_num_layers"))  # the last stage keeps a copy of the word embedding
     dtype = None if params_dtype is None else params_dtype
     header = checkpoint_header(args, iteration, consumed_train_samples=args["consumed_train_samples"],
                                consumed_valid_samples=args["consumed_valid_samples"])
@@ -394,7 +398,8 @@ def save_torch_checkpoint(messages: Iterable[Message], save_dir: str, target_tp:
         stage = dict(tensors)
         last = pp_rank == target_pp - 1
         if pp_rank != 0:
-            stage.pop("embedding.word_embeddings.weight", None)
+            if not (last and mtp):
+                stage.pop("embedding.word_embeddings.weight", None)
             stage.pop("embedding.position_embeddings.weight", None)
         if last and tied and target_pp > 1:
             stage["output_layer.weight"] = tensors["embedding.word_embeddings.weight"]
@@ -415,7 +420,7 @@ def save_torch_checkpoint(messages: Iterable[Message], save_dir: str, target_tp:
         buffer.update(payload)
         while stage < target_pp - 1 and _stage_complete(buffer, stages[stage]):
             write_stage(stage, buffer)
-            keep = {"embedding.word_embeddings.weight"} if tied else set()
+            keep = {"embedding.word_embeddings.weight"} if tied or mtp else set()
             first, count = stages[stage]
             buffer = {k: v for k, v in buffer.items() if k in keep or _layer_of(k) is not None
                       and _layer_of(k) >= first + count}

@@ -171,7 +171,9 @@ class DecodeStep:
         mlp = layer.mlp
         if layer.is_moe:
             return mlp(x)
-        intermediate, _ = self._column(mlp.linear_fc1, x)  # [s, b, f/tp]
+        intermediate, fc1_bias = self._column(mlp.linear_fc1, x)  # [s, b, f/tp]
+        if fc1_bias is not None:  # --bias-gelu-fusion / --bias-swiglu-fusion: fc1 skips its bias
+            intermediate = intermediate + fc1_bias
         return self._row(mlp.linear_fc2, mlp.activation(intermediate))
 
     def _layer(self, layer, activation: Optional[str], hidden: torch.Tensor, mask, rotary, ctx) -> torch.Tensor:

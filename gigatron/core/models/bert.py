@@ -71,9 +71,11 @@ def rekey_init(module: nn.Module, old_prefix: str, new_prefix: str) -> None:
             tags.set_init(param, spec.init_fn, new_prefix + spec.key[len(old_prefix):])
 
 
-def check_single_stage_model(config, groups, model: str, position_types=("learned_absolute",)) -> None:
-    """BERT and T5 run as one pipeline stage without sequence or context parallelism."""
-    if config.pipeline_model_parallel_size != 1 or groups.pp.size != 1:
+def check_single_stage_model(config, groups, model: str, position_types=("learned_absolute",),
+                             pipeline: bool = False) -> None:
+    """T5 runs as one pipeline stage, BERT (`pipeline`) over any number of stages; neither with
+    sequence or context parallelism."""
+    if not pipeline and (config.pipeline_model_parallel_size != 1 or groups.pp.size != 1):
         raise ValueError(f"{model} does not support pipeline parallelism (--pipeline-model-parallel-size "
                          f"{config.pipeline_model_parallel_size}); use tensor and data parallelism")
     if config.sequence_parallel and groups.tp.size > 1:
@@ -84,6 +86,9 @@ def check_single_stage_model(config, groups, model: str, position_types=("learne
     if config.tensor_model_parallel_size != groups.tp.size:
         raise ValueError(f"--tensor-model-parallel-size is {config.tensor_model_parallel_size} but the "
                          f"tensor-parallel group has {groups.tp.size} ranks")
+    if pipeline and config.pipeline_model_parallel_size != groups.pp.size:
+        raise ValueError(f"--pipeline-model-parallel-size is {config.pipeline_model_parallel_size} but the "
+                         f"pipeline-parallel group has {groups.pp.size} ranks")
     if config.position_embedding_type not in position_types:
         raise ValueError(f"{model} supports --position-embedding-type {' or '.join(position_types)}, not "
                          f"{config.position_embedding_type}")
@@ -228,30 +233,52 @@ class PostLNTransformerLayer(nn.Module):
 
 
 class PostLNEncoder(nn.Module):
-    """All layers of a post-LN encoder (no final LayerNorm).
+    """The post-LN encoder layers of one pipeline stage (no final LayerNorm); `layer_offset` is the
+    global number of its first layer. Stages after the first take their input from
+    set_input_tensor.
 
-    forward(hidden [s, b, h], attention_mask) -> [s, b, h]."""
+    forward(hidden [s, b, h] | None, attention_mask) -> [s, b, h]."""
 
-    def __init__(self, config, groups, prefix: str = "encoder"):
+    def __init__(self, config, groups, prefix: str = "encoder", pre_process: bool = True,
+                 vp_stage: Optional[int] = None):
         super().__init__()
+        from gigatron.core.transformer.block import layer_offset, num_layers_on_stage
+
         self.config = config
         self.tp = groups.tp
-        self.layers = nn.ModuleList(PostLNTransformerLayer(config, groups, i, prefix)
-                                    for i in range(config.num_layers))
+        self.pre_process = pre_process
+        pp_rank, pp_size, vp_size = groups.pp.rank, groups.pp.size, groups.vp_size
+        if vp_size is not None and vp_stage is None:
+            vp_stage = 0
+        self.num_local_layers = num_layers_on_stage(config, pp_rank, pp_size, vp_stage, vp_size)
+        self.layer_offset = layer_offset(config, pp_rank, pp_size, vp_stage, vp_size)
+        self.layers = nn.ModuleList(PostLNTransformerLayer(config, groups, self.layer_offset + i, prefix)
+                                    for i in range(self.num_local_layers))
         self.final_layernorm = None
+        self.input_tensor = None
 
-    def forward(self, hidden: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def set_input_tensor(self, tensor: Optional[torch.Tensor]) -> None:
+        """Input of a stage after the first: [s, b, h]."""
+        self.input_tensor = tensor
+
+    def forward(self, hidden: Optional[torch.Tensor], attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if not self.pre_process:
+            if self.input_tensor is None:
+                raise RuntimeError("a pipeline stage after the first needs set_input_tensor() before forward")
+            hidden = self.input_tensor
         return run_layers(self.layers, self.config, self.tp, hidden, attention_mask)
 
 
-def build_encoder(config, groups, layer_norm: str, prefix: str = "encoder") -> nn.Module:
-    """The encoder layers (pre-LN: Megatron's TransformerBlock with a final LayerNorm; post-LN:
-    PostLNEncoder), their init keys named under `prefix`."""
+def build_encoder(config, groups, layer_norm: str, prefix: str = "encoder", pre_process: bool = True,
+                  post_process: bool = True, vp_stage: Optional[int] = None) -> nn.Module:
+    """The encoder layers of one pipeline stage (pre-LN: Megatron's TransformerBlock, with the final
+    LayerNorm on the last stage; post-LN: PostLNEncoder), their init keys named under `prefix` with
+    global layer numbers."""
     if layer_norm not in LAYER_NORM_PLACEMENTS:
         raise ValueError(f"layer_norm must be one of {LAYER_NORM_PLACEMENTS}, got {layer_norm!r}")
     if layer_norm == "post":
-        return PostLNEncoder(config, groups, prefix)
-    block = TransformerBlock(config, groups, post_process=True, pre_process=True)
+        return PostLNEncoder(config, groups, prefix, pre_process=pre_process, vp_stage=vp_stage)
+    block = TransformerBlock(config, groups, post_process=post_process, pre_process=pre_process, vp_stage=vp_stage)
     rekey_init(block, "decoder.", prefix + ".")
     return block
 
@@ -283,29 +310,40 @@ class Pooler(nn.Module):
 
 # ------------------------------------------------------------------------------ model
 class BertModel(nn.Module):
-    """BERT with the masked-LM head and (optionally) the sentence-order binary head.
+    """BERT with the masked-LM head and (optionally) the sentence-order binary head; one pipeline
+    stage of it with pipeline parallelism.
 
     BertModel(config, groups, vocab_size, num_tokentypes=2, add_binary_head=True, layer_norm="pre",
-              pre_process=True, post_process=True, seed=1234)
+              pre_process=True, post_process=True, seed=1234, vp_stage=None)
       vocab_size: the padded vocabulary (divisible by tp).
       num_tokentypes: token-type (segment) embeddings; 0 for none.
       layer_norm: "pre" (Megatron's BERT) or "post" (the original BERT: HuggingFace, MiniLM).
+      pre_process: this stage holds the embedding (the first stage).
+      post_process: this stage holds the LM head, the output bias, the pooler and the binary head
+        (the last stage). The output layer is tied to the word embedding: on a last stage without
+        the embedding it is a copy seeded like it, kept equal by all-reducing the two gradients
+        over the embedding group (gigatron.core.distributed.finalize_model_grads), as for GPT.
+      vp_stage: the virtual pipeline stage (model chunk) this is, with interleaving.
+    Encoder layers are split over the stages as GPT's decoder layers are
+    (gigatron.core.transformer.block); their parameter names carry stage-local numbers, their init
+    keys and checkpoint names global ones.
 
-    forward(input_ids [b, s], attention_mask [b, s] (1 real, 0 padding) | None,
+    forward(input_ids [b, s] | None, attention_mask [b, s] (1 real, 0 padding) | None,
             tokentype_ids [b, s] | None, lm_labels [b, s] | None)
-      with lm_labels:    (per-token masked-LM loss [b, s] fp32, binary logits [b, 2] | None)
-      without lm_labels: (vocab-parallel logits [s, b, V/tp], binary logits [b, 2] | None)
+      last stage, with lm_labels:    (per-token masked-LM loss [b, s] fp32, binary logits [b, 2] | None)
+      last stage, without lm_labels: (vocab-parallel logits [s, b, V/tp], binary logits [b, 2] | None)
+      other stages:                  the hidden states [s, b, h] for the next stage
+    Every stage takes the padding mask (padding keys are masked in every layer); stages after the
+    first read their input from set_input_tensor and ignore input_ids.
     Labels may hold -1 (unmasked positions); their loss is computed against id 0 and must be
-    zeroed by the loss mask. encode(...) returns the encoder output [s, b, h].
+    zeroed by the loss mask. encode(...) returns the encoder output [s, b, h] (one-stage model).
     """
 
     def __init__(self, config, groups, vocab_size: int, num_tokentypes: int = 2, add_binary_head: bool = True,
                  layer_norm: str = "pre", pre_process: bool = True, post_process: bool = True,
-                 seed: int = 1234):
+                 seed: int = 1234, vp_stage: Optional[int] = None):
         super().__init__()
-        check_single_stage_model(config, groups, "BERT")
-        if not (pre_process and post_process):
-            raise ValueError("BERT is built as a single pipeline stage (pre_process and post_process)")
+        check_single_stage_model(config, groups, "BERT", pipeline=True)
         if vocab_size % groups.tp.size != 0:
             raise ValueError(f"the padded vocabulary ({vocab_size}) must be divisible by "
                              f"--tensor-model-parallel-size ({groups.tp.size}); pad it with --make-vocab-size-divisible-by")
@@ -320,56 +358,95 @@ class BertModel(nn.Module):
         self.vocab_size = vocab_size
         self.pre_process = pre_process
         self.post_process = post_process
+        self.vp_stage = vp_stage
         self.num_tokentypes = num_tokentypes
         self.add_binary_head = add_binary_head
         self.layer_norm = layer_norm
-        self.embedding = BertEmbedding(config, groups, vocab_size, num_tokentypes, layernorm=layer_norm == "post")
-        self.encoder = build_encoder(config, groups, layer_norm, "encoder")
-        self.lm_head = BertLMHead(config, groups)
-        self.output_layer = ColumnParallelLinear(
-            config.hidden_size, vocab_size, config=config, tp=groups.tp, init_method=normal_init_method(config),
-            bias=True, gather_output=False, init_key="output_layer", skip_weight_param_allocation=True)
-        if add_binary_head:
-            self.pooler = Pooler(config)
-            self.binary_head = replicated_linear(config.hidden_size, 2, config, "binary_head")
-        else:
-            self.pooler = None
-            self.binary_head = None
+        self.embedding = (BertEmbedding(config, groups, vocab_size, num_tokentypes, layernorm=layer_norm == "post")
+                          if pre_process else None)
+        self.encoder = build_encoder(config, groups, layer_norm, "encoder", pre_process=pre_process,
+                                     post_process=post_process, vp_stage=vp_stage)
+        self.lm_head = self.output_layer = self.pooler = self.binary_head = None
+        if post_process:
+            self.lm_head = BertLMHead(config, groups)
+            # The output weight is the word embedding: on a stage without it, an own copy seeded by
+            # the embedding's init key (so both start equal), its gradient shared with the embedding.
+            self.output_layer = ColumnParallelLinear(
+                config.hidden_size, vocab_size, config=config, tp=groups.tp, init_method=normal_init_method(config),
+                bias=True, gather_output=False, init_key="output_layer", skip_weight_param_allocation=pre_process)
+            if not pre_process:
+                tags.set_init(self.output_layer.weight, normal_init_method(config), "embedding.word_embeddings.weight")
+                tags.mark_shared_embedding(self.output_layer.weight)
+            if add_binary_head:
+                self.pooler = Pooler(config)
+                self.binary_head = replicated_linear(config.hidden_size, 2, config, "binary_head")
+        if pre_process and not post_process:
+            tags.mark_shared_embedding(self.embedding.word_embeddings.weight)
         if config.perform_initialization:
             from gigatron.core.parallel.init import initialize_parameters
             initialize_parameters(self, seed, device="cpu" if config.use_cpu_initialization else None)
 
     def set_input_tensor(self, input_tensor) -> None:
-        """BERT runs as one stage: there is never an input from a previous stage."""
-        reject_pipeline_input(input_tensor, "BERT")
+        """Activations from the previous stage [s, b, h]; a one-stage model takes none."""
+        if isinstance(input_tensor, (list, tuple)):
+            if len(input_tensor) != 1:
+                raise ValueError(f"BERT takes one input tensor, got {len(input_tensor)}")
+            input_tensor = input_tensor[0]
+        if self.pre_process:
+            reject_pipeline_input(input_tensor, "The first stage of BERT")
+            return
+        self.encoder.set_input_tensor(input_tensor)
+
+    def output_weight(self) -> torch.Tensor:
+        """The output layer's weight [V/tp, h] (the word embedding when it is on this stage)."""
+        if self.output_layer.weight is not None:
+            return self.output_layer.weight
+        return self.embedding.word_embeddings.weight
+
+    def _attention_mask(self, attention_mask: Optional[torch.Tensor], b: int, s: int, device) -> torch.Tensor:
+        if attention_mask is None:
+            return torch.zeros(1, 1, 1, s, dtype=torch.bool, device=device)  # [1, 1, 1, s] all visible
+        if attention_mask.shape != (b, s):
+            raise ValueError(f"attention_mask must be the padding mask [b, s] = {(b, s)}, got "
+                             f"{tuple(attention_mask.shape)}")
+        return padding_attention_mask(attention_mask)  # [b, 1, 1, s]
+
+    def _encode_stage(self, input_ids, attention_mask, tokentype_ids, position_ids) -> torch.Tensor:
+        if self.pre_process:
+            b, s = input_ids.shape
+            hidden = self.embedding(input_ids, position_ids, tokentype_ids)  # [s, b, h]
+            reference = hidden
+        else:
+            reference = self.encoder.input_tensor
+            if reference is None:
+                raise RuntimeError("a BERT pipeline stage after the first needs set_input_tensor() before forward")
+            s, b = reference.shape[0], reference.shape[1]
+            hidden = None
+        mask = self._attention_mask(attention_mask, b, s, reference.device)
+        if not torch.compiler.is_compiling():
+            dropout = self.training and self.config.attention_dropout > 0
+            check_attention_backend(self.config, reference.device, self.config.params_dtype, True, dropout)
+        return self.encoder(hidden, mask)  # [s, b, h]
 
     def encode(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                tokentype_ids: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None
                ) -> torch.Tensor:
-        """The encoder's output (last hidden states) [s, b, h]."""
-        b, s = input_ids.shape
-        if attention_mask is None:
-            mask = torch.zeros(1, 1, 1, s, dtype=torch.bool, device=input_ids.device)  # [1, 1, 1, s] all visible
-        else:
-            if attention_mask.shape != (b, s):
-                raise ValueError(f"attention_mask must be the padding mask [b, s] = {(b, s)}, got "
-                                 f"{tuple(attention_mask.shape)}")
-            mask = padding_attention_mask(attention_mask)  # [b, 1, 1, s]
-        hidden = self.embedding(input_ids, position_ids, tokentype_ids)  # [s, b, h]
-        if not torch.compiler.is_compiling():
-            dropout = self.training and self.config.attention_dropout > 0
-            check_attention_backend(self.config, hidden.device, self.config.params_dtype, True, dropout)
-        return self.encoder(hidden, mask)  # [s, b, h]
+        """The encoder's output (last hidden states) [s, b, h] of a one-stage model."""
+        if not (self.pre_process and self.post_process):
+            raise ValueError("encode() needs the whole BERT model (one pipeline stage); this is a stage of a "
+                             "pipelined model: call forward on each stage instead")
+        return self._encode_stage(input_ids, attention_mask, tokentype_ids, position_ids)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+    def forward(self, input_ids: Optional[torch.Tensor], attention_mask: Optional[torch.Tensor] = None,
                 tokentype_ids: Optional[torch.Tensor] = None, lm_labels: Optional[torch.Tensor] = None,
                 position_ids: Optional[torch.Tensor] = None):
-        hidden = self.encode(input_ids, attention_mask, tokentype_ids, position_ids)  # [s, b, h]
+        hidden = self._encode_stage(input_ids, attention_mask, tokentype_ids, position_ids)  # [s, b, h]
+        if not self.post_process:
+            return hidden
         binary_logits = None
         if self.binary_head is not None:
             binary_logits = self.binary_head(self.pooler(hidden, 0))  # [b, 2]
-        weight = self.embedding.word_embeddings.weight
-        logits, _ = self.output_layer(self.lm_head(hidden), weight)  # [s, b, V/tp]
+        logits, _ = self.output_layer(self.lm_head(hidden), self.output_weight())  # [s, b, V/tp]
         if lm_labels is None:
             return logits, binary_logits
         target = lm_labels.clamp(min=0).transpose(0, 1).contiguous()  # [b, s] -> [s, b]

@@ -55,9 +55,18 @@ class GPTModel(nn.Module):
       not post_process:        hidden [s, b, h] ([s/tp, b, h] with sequence parallel)
     attention_mask: None for causal attention, or a bool [b | 1, 1, s, s] with True where a query
     must not see a key (Megatron's convention; e.g. --reset-attention-mask).
+    With --mtp-num-layers D (config.mtp_num_layers) the last stage also holds the multi-token
+    prediction blocks (`mtp`); a training forward with labels computes their per-token losses
+    [D, b, s], which `pop_mtp_losses()` hands over (gigatron/training/gpt.py's loss_func adds them).
+    With --multi-latent-attention the layers' attention is MLASelfAttention and the rotary angles
+    are MLA's (mla_rotary_embedding).
     inference_context (keyword, generation only): a KV cache
     (gigatron.core.inference.kv_cache.InferenceContext); input_ids are then the new tokens only,
     position_ids their positions and attention_mask [b, 1, s_new, kv_len] over the cached keys.
+    loss_mask (keyword, [b, s], optional): the weights the caller's loss puts on the per-token
+    losses. With --cross-entropy-loss-fusion the gradients of the output layer are then made in
+    the forward pass; the gradient reaching the returned losses must be proportional to loss_mask
+    (a masked mean or sum, as the GPT loss function takes). Ignored otherwise.
     With context parallelism (groups.cp.size > 1) input_ids, position_ids and labels hold this
     rank's tokens as split by context_parallel.get_batch_on_this_cp_rank (s/cp of them; position_ids
     required) and the loss is [b, s/cp].
@@ -87,7 +96,10 @@ class GPTModel(nn.Module):
 
         if pre_process:
             self.embedding = LanguageModelEmbedding(config, groups, vocab_size)
-        if config.position_embedding_type == "rope":
+        if getattr(config, "multi_latent_attention", False):
+            from gigatron.core.transformer.mla import mla_rotary_embedding
+            self.rotary_pos_emb = mla_rotary_embedding(config)  # MLA's rotated channels (qk_pos_emb_head_dim)
+        elif config.position_embedding_type == "rope":
             self.rotary_pos_emb = RotaryEmbedding(
                 config.kv_channels, config.rotary_percent, config.rotary_base, config.rotary_interleaved,
                 config.rotary_seq_len_interpolation_factor, device=param_device(config),
@@ -108,8 +120,26 @@ class GPTModel(nn.Module):
                 init_key=init_key, skip_weight_param_allocation=tied_here)
             if self.share_embeddings_and_output_weights and not pre_process:
                 tags.mark_shared_embedding(self.output_layer.weight)
-        if pre_process and self.share_embeddings_and_output_weights and not post_process:
+        if pre_process and not post_process and (self.share_embeddings_and_output_weights
+                                                 or getattr(config, "mtp_num_layers", None)):
             tags.mark_shared_embedding(self.embedding.word_embeddings.weight)
+        # Multi-token prediction (--mtp-num-layers): blocks after the decoder on the last stage
+        # (gigatron/core/transformer/mtp.py); a training forward with labels keeps their per-token
+        # losses for pop_mtp_losses().
+        self.mtp = None
+        self.mtp_losses = None
+        if post_process and getattr(config, "mtp_num_layers", None):
+            if groups.cp.size > 1:
+                raise ValueError("--mtp-num-layers is not built for --context-parallel-size > 1 (the shifted tokens "
+                                 "cross context-parallel ranks); drop one of them")
+            if not pre_process:
+                # The blocks embed shifted tokens on the last stage: a copy of the word embedding, seeded
+                # like the first stage's and kept equal by summing both copies' gradients over the
+                # embedding group (finalize_model_grads), as a tied output layer is.
+                self.embedding = LanguageModelEmbedding(config, groups, vocab_size)
+                tags.mark_shared_embedding(self.embedding.word_embeddings.weight)
+            from gigatron.core.transformer.mtp import MultiTokenPredictionBlock
+            self.mtp = MultiTokenPredictionBlock(config, groups, moe_config)
 
         if config.perform_initialization:
             from gigatron.core.parallel.init import initialize_parameters
@@ -139,7 +169,7 @@ class GPTModel(nn.Module):
 
     def forward(self, input_ids: Optional[torch.Tensor], position_ids: Optional[torch.Tensor] = None,
                 attention_mask: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
-                inference_context=None):
+                inference_context=None, loss_mask: Optional[torch.Tensor] = None):
         cp = self.groups.cp
         if position_ids is None and cp.size > 1:
             # This rank holds chunks r and 2C-1-r of the sequence (also on stages that read no
@@ -164,9 +194,31 @@ class GPTModel(nn.Module):
             hidden = self.decoder(hidden, attention_mask, rotary, inference_context=inference_context)
         if not self.post_process:
             return hidden
-        return self._output(hidden, labels)
+        if self.mtp is not None:
+            self.mtp_losses = None
+            if labels is not None and self.training and inference_context is None:
+                self.mtp_losses = self._mtp_losses(input_ids, position_ids, hidden, labels, attention_mask, rotary)
+        return self._output(hidden, labels, loss_mask)
 
-    def _output(self, hidden: torch.Tensor, labels: Optional[torch.Tensor]) -> torch.Tensor:
+    def _mtp_losses(self, input_ids, position_ids, hidden, labels, attention_mask, rotary):
+        """Per-token losses [D, b, s] of the multi-token prediction blocks (block k's labels are the
+        labels shifted left by k; the last k positions are left for the loss mask to drop)."""
+        from gigatron.core.transformer.mtp import shift_left
+
+        states = self.mtp(input_ids, position_ids, hidden, self.embedding, attention_mask, rotary)
+        losses = []
+        for k, state in enumerate(states, start=1):
+            losses.append(self._output(state, shift_left(labels, k)))  # [b, s]
+        return torch.stack(losses)  # [D, b, s]
+
+    def pop_mtp_losses(self):
+        """The per-token losses [D, b, s] of the multi-token prediction blocks from the last training
+        forward with labels (None without --mtp-num-layers), handed over once."""
+        losses, self.mtp_losses = self.mtp_losses, None
+        return losses
+
+    def _output(self, hidden: torch.Tensor, labels: Optional[torch.Tensor],
+                loss_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         weight = self.output_weight()
         if labels is None:
             logits, _ = self.output_layer(hidden, weight)  # [s, b, V/tp]
@@ -178,7 +230,9 @@ class GPTModel(nn.Module):
                 full = gather_from_sequence_parallel_region(hidden, tp)  # [s, b, h]
             else:
                 full = copy_to_tensor_parallel_region(hidden, tp)  # [s, b, h]
-            loss = chunked_output_cross_entropy(full, weight, target, tp)  # [s, b]
+            # With the loss mask the gradients are made in the same pass (see cross_entropy.py).
+            weights = None if loss_mask is None else loss_mask.transpose(0, 1).contiguous()  # [b, s] -> [s, b]
+            loss = chunked_output_cross_entropy(full, weight, target, tp, loss_weights=weights)  # [s, b]
         else:
             logits, _ = self.output_layer(hidden, weight)  # [s, b, V/tp]
             loss = vocab_parallel_cross_entropy(logits, target, self.groups.tp)  # [s, b]

@@ -5,17 +5,25 @@ Vl = V / tp, this rank's vocabulary shard, c = tokens per chunk.
 
 The plain path materialises logits [s, b, V] in the compute dtype plus an fp32 copy (and keeps
 the softmax for backward): for a 1.3B GPT with s=2048, b=8 and V=50304 that is about 5 GiB.
-`chunked_output_cross_entropy` holds the fp32 logits of one chunk of c tokens at a time:
+`chunked_output_cross_entropy` holds the fp32 logits of one chunk of c tokens at a time.
 
-  forward:  per chunk, logits = hidden_c @ W^T; keep only logsumexp [T] (fp32) and the loss [T].
-  backward: per chunk, recompute the logits, dlogits = (softmax - onehot) * grad_loss,
-            grad_hidden_c = dlogits @ W, grad_W += dlogits^T @ hidden_c (fp32 accumulation).
+With `loss_weights` (the loss mask; the training path), everything happens in forward:
 
-The price is one extra logit GEMM (the recompute in backward). With a tensor-parallel group the
-weight is the rank's vocabulary shard and the max / sum-exp / target logit are all-reduced over
-the group exactly as in vocab_parallel_cross_entropy; the caller feeds the full-sequence hidden
-through copy_to_tensor_parallel_region (or the sequence-parallel all-gather), whose backward sums
-the partial hidden gradients.
+  forward:  per chunk, logits = hidden_c @ W^T; loss = logsumexp - target logit;
+            dlogits = (softmax - onehot) * w_c; grad_hidden_c = dlogits @ W;
+            grad_W += dlogits^T @ hidden_c (fp32 accumulation)
+  backward: the gradient of the per-token losses is g = k * w for one scalar k (the loss is a
+            weighted mean of the losses, scaled by the loss scale and the micro-batch count), so
+            k = sum(g) / sum(w) (on the device, no host sync) and the gradients are k times the
+            stored ones. A masked token (w = 0) gets no gradient.
+
+Without `loss_weights` (any per-token gradient allowed), forward keeps only the logsumexp and
+backward recomputes each chunk's logits (one extra logit GEMM).
+
+With a tensor-parallel group the weight is the rank's vocabulary shard and the max / sum-exp /
+target logit are all-reduced over the group exactly as in vocab_parallel_cross_entropy; the caller
+feeds the full-sequence hidden through copy_to_tensor_parallel_region (or the sequence-parallel
+all-gather), whose backward sums the partial hidden gradients.
 """
 
 from __future__ import annotations
@@ -89,20 +97,26 @@ def _kernel(name: str, like: torch.Tensor):
 
 
 class _ChunkedOutputCrossEntropy(torch.autograd.Function):
-    """forward: per-token loss [T] from hidden [T, h], weight [Vl, h] and target [T];
-    backward: recomputes each chunk's logits (no collective; the caller's mapping reduces grad_hidden)."""
+    """forward: per-token loss [T] from hidden [T, h], weight [Vl, h], target [T] and, in the
+    gradients-in-forward mode, loss_weights [T]; backward: scales the stored gradients, or
+    recomputes each chunk's logits (no collective; the caller's mapping reduces grad_hidden)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, target, tp, chunk_tokens):
+    def forward(ctx, hidden, weight, target, loss_weights, tp, chunk_tokens, grads_in_forward):
         num_tokens = hidden.shape[0]
         vocab_local = weight.shape[0]
         vocab_start = (tp.rank if tp is not None else 0) * vocab_local
         losses = torch.empty(num_tokens, dtype=torch.float32, device=hidden.device)
         lse = torch.empty(num_tokens, dtype=torch.float32, device=hidden.device)
         single = tp is None or tp.size == 1
+        if grads_in_forward:
+            grad_hidden = torch.empty_like(hidden)
+            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+            chunk_weights = loss_weights.float()
         for start in range(0, num_tokens, chunk_tokens):
             end = min(start + chunk_tokens, num_tokens)
-            logits = torch.matmul(hidden[start:end], weight.t())  # [c, Vl] in the compute dtype
+            h_c = hidden[start:end]  # [c, h]
+            logits = torch.matmul(h_c, weight.t())  # [c, Vl] in the compute dtype
             local_target = target[start:end] - vocab_start  # [c]
             if single:
                 chunk_lse, picked = _kernel("lse_and_target_logit", hidden)(logits, local_target)
@@ -110,13 +124,30 @@ class _ChunkedOutputCrossEntropy(torch.autograd.Function):
                 chunk_lse, picked = _vocab_parallel_lse_and_target_logit(logits, local_target, tp)
             lse[start:end] = chunk_lse
             losses[start:end] = chunk_lse - picked
-        ctx.save_for_backward(hidden, weight, target, lse)
+            if grads_in_forward:
+                dlogits = _kernel("dlogits", hidden)(logits, chunk_lse, local_target,
+                                                     chunk_weights[start:end])  # [c, Vl]
+                grad_hidden[start:end] = torch.matmul(dlogits, weight)  # [c, h]
+                grad_weight += torch.matmul(dlogits.t(), h_c).float()  # [Vl, h]
+        ctx.grads_in_forward = grads_in_forward
+        if grads_in_forward:
+            ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype), loss_weights)
+        else:
+            ctx.save_for_backward(hidden, weight, target, lse)
         ctx.vocab_start = vocab_start
         ctx.chunk_tokens = chunk_tokens
         return losses
 
     @staticmethod
     def backward(ctx, grad_losses):
+        if ctx.grads_in_forward:
+            grad_hidden, grad_weight, loss_weights = ctx.saved_tensors
+            weights = loss_weights.float()
+            total = weights.sum()
+            # g = k * w: k = sum(g) / sum(w); 0 when every token is masked.
+            k = torch.where(total != 0, grad_losses.float().sum() / torch.where(total != 0, total, 1.0), 0.0)
+            return (grad_hidden * k.to(grad_hidden.dtype), grad_weight * k.to(grad_weight.dtype),
+                    None, None, None, None, None)
         hidden, weight, target, lse = ctx.saved_tensors
         num_tokens = hidden.shape[0]
         grad_hidden = torch.empty_like(hidden)
@@ -131,26 +162,38 @@ class _ChunkedOutputCrossEntropy(torch.autograd.Function):
                                                  grad_losses[start:end])  # [c, Vl]
             grad_hidden[start:end] = torch.matmul(dlogits, weight)  # [c, h]
             grad_weight += torch.matmul(dlogits.t(), h_c).float()  # [Vl, h]
-        return grad_hidden, grad_weight.to(weight.dtype), None, None, None
+        return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None, None
 
 
 def chunked_output_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
-                                 tp=None, chunk_tokens: Optional[int] = None) -> torch.Tensor:
+                                 tp=None, chunk_tokens: Optional[int] = None,
+                                 loss_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Per-token cross entropy of logits = hidden @ weight^T, never holding all logits.
 
     hidden [s, b, h] (the full sequence on every tensor-parallel rank), weight [V/tp, h] (this rank's
-    vocabulary shard; tp a gigatron Group or None), target [s, b] int -> loss [s, b] fp32."""
+    vocabulary shard; tp a gigatron Group or None), target [s, b] int -> loss [s, b] fp32.
+
+    loss_weights [s, b] (the loss mask): the gradients are made in forward, which needs the
+    gradient reaching the returned losses to be proportional to loss_weights (as a masked mean or
+    sum of the losses makes it); backward then only scales them. Without it, backward recomputes."""
     if hidden.shape[:-1] != target.shape:
         raise ValueError(f"hidden {tuple(hidden.shape)} and target {tuple(target.shape)} disagree on [s, b]")
     if hidden.shape[-1] != weight.shape[1]:
         raise ValueError(f"hidden size {hidden.shape[-1]} does not match the weight's {weight.shape[1]}")
+    if loss_weights is not None and loss_weights.shape != target.shape:
+        raise ValueError(f"loss_weights {tuple(loss_weights.shape)} and target {tuple(target.shape)} disagree "
+                         "on [s, b]")
     if chunk_tokens is None:
         chunk_tokens = default_chunk_tokens(weight.shape[0])
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])  # [T, h]
     flat_target = target.reshape(-1).long()  # [T]
-    loss = _ChunkedOutputCrossEntropy.apply(flat_hidden, weight, flat_target, tp, int(chunk_tokens))
+    needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    grads_in_forward = loss_weights is not None and needs_grad
+    flat_weights = loss_weights.reshape(-1).detach() if loss_weights is not None else None  # [T]
+    loss = _ChunkedOutputCrossEntropy.apply(flat_hidden, weight, flat_target, flat_weights, tp, int(chunk_tokens),
+                                            grads_in_forward)
     return loss.view(target.shape)  # [s, b]
 
 

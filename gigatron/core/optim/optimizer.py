@@ -21,7 +21,6 @@ step() returns (update_successful, grad_norm, num_zeros_in_grad).
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -31,7 +30,7 @@ import torch.distributed as dist
 
 from gigatron.core.parallel.tags import is_expert_parallel, is_shared_embedding, is_tensor_parallel
 
-from .clip_grads import clip_grads_by_total_norm_fp32, count_zeros_fp32, get_grad_norm_fp32
+from .clip_grads import clip_grads_by_total_norm_fp32, count_zeros_fp32_tensor, grad_norm_fp32_tensor
 from .config import OptimizerConfig
 from .grad_scaler import MegatronGradScaler
 
@@ -197,18 +196,26 @@ class MegatronOptimizer(ABC):
             entry.main_param.grad = None
 
     @torch.no_grad()
-    def step(self) -> tuple[bool, Optional[float], Optional[int]]:
+    def step(self, host_sync: bool = True) -> tuple[bool, Any, Any]:
         """Unscale / check, clip, update, copy back. Returns (update_successful, grad_norm,
-        num_zeros_in_grad); (False, None, None) when the loss scaler found Inf/NaN."""
+        num_zeros_in_grad); (False, None, None) when the loss scaler found Inf/NaN.
+
+        host_sync=False: grad_norm (and num_zeros_in_grad) come back as one-element device tensors
+        and nothing waits for the device (except the loss scaler's Inf/NaN check with fp16, which
+        decides whether the step is taken); the training loop reads them at its log interval."""
         try:
-            return self._step()
+            update_successful, grad_norm, num_zeros = self._step()
         finally:
             # Drop the .grad aliases of main_grad, so that a later backward cannot accumulate
             # into the buffer through them.
             for entry in self.entries:
                 entry.main_param.grad = None
+        if host_sync and grad_norm is not None:
+            grad_norm = float(grad_norm.item())
+            num_zeros = int(num_zeros.item()) if num_zeros is not None else None
+        return update_successful, grad_norm, num_zeros
 
-    def _step(self) -> tuple[bool, Optional[float], Optional[int]]:
+    def _step(self) -> tuple[bool, Optional[torch.Tensor], Optional[torch.Tensor]]:
         self._before_step()
         self._copy_model_grads_to_main_grads()
         if self.grad_scaler is not None:
@@ -217,21 +224,21 @@ class MegatronOptimizer(ABC):
             if found_inf:
                 return False, None, None
         grads_for_norm = self._main_grads_for_norm()
-        grad_norm = get_grad_norm_fp32(grads_for_norm, self._grad_stats_groups(), device=self.device)
+        grad_norm = grad_norm_fp32_tensor(grads_for_norm, self._grad_stats_groups(), device=self.device)
         if self._has_expert_params():
             # Each expert counted once globally: summed over the expert model-parallel ranks
             # (expert tp x ep x pp; with the distributed optimizer also its expert-dp shards).
             expert_grads = self._main_grads_for_norm(expert=True)
-            expert_norm = get_grad_norm_fp32(expert_grads, self._expert_grad_stats_groups(), device=self.device)
-            grad_norm = math.sqrt(grad_norm ** 2 + expert_norm ** 2)
+            expert_norm = grad_norm_fp32_tensor(expert_grads, self._expert_grad_stats_groups(), device=self.device)
+            grad_norm = torch.sqrt(grad_norm.double() ** 2 + expert_norm.double() ** 2)  # float64, as in Python
         if self.config.clip_grad > 0.0:
             clip_grads_by_total_norm_fp32(self._main_grads(), self.config.clip_grad, grad_norm)
         num_zeros = None
         if self.config.log_num_zeros_in_grad:
-            num_zeros = count_zeros_fp32(grads_for_norm, self._grad_stats_groups(), device=self.device)
+            num_zeros = count_zeros_fp32_tensor(grads_for_norm, self._grad_stats_groups(), device=self.device)
             if self._has_expert_params():
-                num_zeros += count_zeros_fp32(self._main_grads_for_norm(expert=True),
-                                              self._expert_grad_stats_groups(), device=self.device)
+                num_zeros += count_zeros_fp32_tensor(self._main_grads_for_norm(expert=True),
+                                                     self._expert_grad_stats_groups(), device=self.device)
         self.optimizer.step()
         self._copy_main_params_to_model_params()
         self._after_step()

@@ -22,7 +22,8 @@ NORMALIZATIONS = ("LayerNorm", "RMSNorm")
 ATTENTION_BACKENDS = ("auto", "flash", "fused", "cudnn", "efficient", "unfused", "math", "local")
 RECOMPUTE_GRANULARITIES = ("full", "selective")
 RECOMPUTE_METHODS = ("uniform", "block")
-RECOMPUTE_MODULES = ("core_attn", "mlp", "layernorm", "moe")
+RECOMPUTE_MODULES = ("core_attn", "mlp", "layernorm", "moe", "mla_up_proj")
+CROSS_ENTROPY_FUSION_IMPLS = ("native", "te")
 CP_COMM_TYPES = ("p2p", "all_gather", "a2a")
 
 
@@ -102,6 +103,49 @@ class TransformerConfig(ModelParallelConfig, PrecisionConfig, SequenceLengthConf
     """Add a bias to the QKV projection even with --disable-bias-linear."""
     qk_layernorm: bool = False
     """Normalize queries and keys per head (with --normalization) before attention."""
+    # ---------------------------------------------------------------- multi-latent attention, MTP
+    multi_latent_attention: bool = False
+    """Multi-latent attention (MLA, DeepSeek-V2/V3): queries and keys/values are projected through
+    low-rank latents (--q-lora-rank, --kv-lora-rank); each head's query and key are a part without
+    position (--qk-head-dim) plus a rotated part (--qk-pos-emb-head-dim) whose key is shared by all
+    heads; values have --v-head-dim channels. Rotary embeddings are applied inside the attention
+    (YaRN-scaled unless --rope-type rope); --kv-channels and --num-query-groups are not used."""
+    q_lora_rank: Optional[int] = None
+    """MLA: rank of the query latent (down-projection, norm, up-projection). Unset: queries come
+    from one full-rank projection (linear_q_proj)."""
+    kv_lora_rank: int = 32
+    """MLA: rank of the shared key/value latent."""
+    qk_head_dim: int = 128
+    """MLA: channels of each query/key head that carry no position (the rotated part is
+    --qk-pos-emb-head-dim more)."""
+    qk_pos_emb_head_dim: int = 64
+    """MLA: channels of each query/key head rotated by the rotary embedding (decoupled RoPE; the
+    key's rotated part is shared by all heads)."""
+    v_head_dim: int = 128
+    """MLA: channels of each value head."""
+    rope_type: Optional[str] = None
+    """Rotary embedding of multi-latent attention: rope (plain) or yarn (YaRN frequency
+    interpolation by --rotary-scaling-factor with --mscale/--mscale-all-dim). Default: yarn with
+    --multi-latent-attention."""
+    rotary_scaling_factor: float = 1.0
+    """YaRN context-extension factor of MLA's rotary embedding: low frequencies are divided by it
+    (with an original context of 4096 positions, beta_fast 32, beta_slow 1) and attention is
+    sharpened by the matching mscale; 1 leaves the frequencies and scale unchanged."""
+    mscale: float = 1.0
+    """YaRN mscale of MLA's rotary part: the rotated channels are multiplied by
+    (0.1 * mscale * ln(factor) + 1) / (0.1 * mscale_all_dim * ln(factor) + 1) (factor:
+    --rotary-scaling-factor; no change when factor <= 1)."""
+    mscale_all_dim: float = 0.0
+    """YaRN mscale of MLA's softmax: the attention scale is (0.1 * mscale_all_dim * ln(factor) + 1)^2
+    / sqrt(qk_head_dim + qk_pos_emb_head_dim) (factor: --rotary-scaling-factor)."""
+    mtp_num_layers: Optional[int] = None
+    """Multi-token prediction (DeepSeek-V3): this many extra blocks after the decoder; block k
+    predicts the token k+1 positions beyond the next one from the previous block's hidden state and
+    the embedding of the input shifted by k, through the shared output layer. Its losses are
+    averaged over the blocks, scaled by --mtp-loss-scaling-factor, added to the training loss and
+    logged as `mtp_k loss`."""
+    mtp_loss_scaling_factor: float = 0.1
+    """Weight of the multi-token prediction loss (the mean over the --mtp-num-layers blocks)."""
     # ---------------------------------------------------------------- regularization, init
     attention_dropout: float = 0.1
     """Dropout probability on the attention probabilities."""
@@ -138,8 +182,22 @@ class TransformerConfig(ModelParallelConfig, PrecisionConfig, SequenceLengthConf
     use_flash_attn: bool = run_setting(False)
     """Use FlashAttention (same as --attention-backend flash)."""
     cross_entropy_loss_fusion: bool = run_setting(False)
-    """Compute the output layer and the cross entropy chunk by chunk, never holding the logits of
-    the whole micro-batch (recomputes the logit GEMM in backward)."""
+    """Compute the output layer and the cross entropy chunk by chunk, never holding the fp32 logits
+    of the whole micro-batch; the gradients of the hidden states and of the output weight are made
+    in the same pass (gigatron/core/ops/cross_entropy.py)."""
+    cross_entropy_fusion_impl: str = run_setting("native")
+    """Kernel of --cross-entropy-loss-fusion: native (Gigatron's chunked output layer + cross
+    entropy) or te (Megatron's Transformer Engine kernel, which Gigatron maps to native)."""
+    persist_layer_norm: bool = run_setting(True)
+    """On CUDA, run LayerNorm/RMSNorm as fused Triton kernels, with the residual add before each
+    pre-MLP norm folded in (gigatron/core/ops/fused_norm.py); --no-persist-layer-norm keeps
+    PyTorch's norms. CPUs always use PyTorch's."""
+    bias_gelu_fusion: bool = run_setting(True)
+    """On CUDA, add linear_fc1's bias inside one fused GeLU kernel forward and backward
+    (gigatron/core/ops/fused_activation.py); --no-bias-gelu-fusion keeps the unfused path."""
+    bias_swiglu_fusion: bool = run_setting(True)
+    """On CUDA, add linear_fc1's bias (if any) inside one fused SwiGLU kernel forward and backward;
+    --no-bias-swiglu-fusion keeps the unfused path."""
     # ---------------------------------------------------------------- parallelism
     decoder_first_pipeline_num_layers: Optional[int] = run_setting(None)
     """Number of layers on the first pipeline stage (uneven split); the rest are spread evenly."""
@@ -162,7 +220,8 @@ class TransformerConfig(ModelParallelConfig, PrecisionConfig, SequenceLengthConf
     """Layers per recompute chunk (uniform) or number of recomputed layers per stage (block)."""
     recompute_modules: Optional[List[str]] = run_setting(None)
     """With selective recompute, the parts of each layer to recompute: core_attn, mlp (the layer's
-    MLP, dense or MoE), layernorm, moe (the MoE layers only). Default: core_attn."""
+    MLP, dense or MoE), layernorm, moe (the MoE layers only), mla_up_proj (multi-latent attention's
+    up-projections and rotary embedding, recomputed from the latents). Default: core_attn."""
     distribute_saved_activations: bool = run_setting(False)
     """With full recompute, shard each checkpointed layer input across the tensor-parallel group."""
 
@@ -172,6 +231,7 @@ class TransformerConfig(ModelParallelConfig, PrecisionConfig, SequenceLengthConf
         _validate_choices(self)
         _validate_heads(self)
         _validate_positions(self)
+        _validate_latent_attention(self)
         _validate_activation(self)
         _validate_precision(self)
         _validate_parallel(self)
@@ -241,6 +301,7 @@ def _validate_choices(c: TransformerConfig) -> None:
         ("normalization", NORMALIZATIONS),
         ("attention_backend", ATTENTION_BACKENDS),
         ("cp_comm_type", CP_COMM_TYPES),
+        ("cross_entropy_fusion_impl", CROSS_ENTROPY_FUSION_IMPLS),
     )
     for name, choices in checks:
         if getattr(c, name) not in choices:
@@ -310,6 +371,55 @@ def _validate_positions(c: TransformerConfig) -> None:
     if c.window_size is not None:
         if len(c.window_size) != 2 or any(v < -1 for v in c.window_size):
             raise ValueError(f"--window-size takes LEFT,RIGHT with each >= 0 or -1 (unlimited), got {c.window_size}")
+
+
+ROPE_TYPES = ("rope", "yarn")
+
+
+def _validate_latent_attention(c: TransformerConfig) -> None:
+    """The MLA and MTP flags (rope_type defaults to yarn with MLA, as in Megatron)."""
+    mla_flags = [f for f in ("q_lora_rank",) if getattr(c, f) is not None]
+    if c.rope_type is not None and c.rope_type not in ROPE_TYPES:
+        raise ValueError(f"--rope-type {c.rope_type!r} is not one of {ROPE_TYPES}")
+    if c.multi_latent_attention:
+        if c.rope_type is None:
+            c.rope_type = "yarn"
+        for name in ("kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim"):
+            if getattr(c, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(c, name)}")
+        if c.q_lora_rank is not None and c.q_lora_rank <= 0:
+            raise ValueError(f"--q-lora-rank must be positive (or left unset for a full-rank query), got {c.q_lora_rank}")
+        if c.qk_pos_emb_head_dim % 2:
+            raise ValueError(f"--qk-pos-emb-head-dim ({c.qk_pos_emb_head_dim}) must be even (rotated in pairs)")
+        if c.rotary_interleaved:
+            raise ValueError("--rotary-interleaved does not apply to --multi-latent-attention (MLA rotates its "
+                             "channel pairs in its own order); drop --rotary-interleaved")
+        if c.rotary_scaling_factor <= 0:
+            raise ValueError(f"--rotary-scaling-factor must be positive, got {c.rotary_scaling_factor}")
+        if c.add_qkv_bias:
+            raise ValueError("--add-qkv-bias does not apply to --multi-latent-attention (its projections have "
+                             "no biases); drop --add-qkv-bias")
+    elif mla_flags or c.rope_type == "yarn":
+        given = ["--" + f.replace("_", "-") for f in mla_flags] + (["--rope-type yarn"] if c.rope_type == "yarn" else [])
+        raise ValueError(f"{', '.join(given)} configure multi-latent attention; add --multi-latent-attention "
+                         "(YaRN rotary scaling is built for MLA only)")
+    if (c.recompute_granularity == "selective" and "mla_up_proj" in (c.recompute_modules or ())
+            and not c.multi_latent_attention):
+        raise ValueError("--recompute-modules mla_up_proj needs --multi-latent-attention; drop mla_up_proj")
+    if c.mtp_num_layers is not None:
+        if c.mtp_num_layers < 1:
+            raise ValueError(f"--mtp-num-layers must be >= 1 (or unset for no multi-token prediction), "
+                             f"got {c.mtp_num_layers}")
+        if c.pipeline_model_parallel_size > 1 and not c.untie_embeddings_and_output_weights:
+            raise ValueError("--mtp-num-layers with --pipeline-model-parallel-size > 1 needs "
+                             "--untie-embeddings-and-output-weights (the last stage keeps a copy of the word "
+                             "embedding for the blocks; a tied output layer would be a second one)")
+        if c.pipeline_model_parallel_size > 1 and c.position_embedding_type == "learned_absolute":
+            raise ValueError("--mtp-num-layers with --pipeline-model-parallel-size > 1 needs rotary or no position "
+                             "embeddings (--position-embedding-type rope or none): learned positions are not "
+                             "copied to the last stage")
+        if c.mtp_loss_scaling_factor < 0:
+            raise ValueError(f"--mtp-loss-scaling-factor must be >= 0, got {c.mtp_loss_scaling_factor}")
 
 
 def _validate_activation(c: TransformerConfig) -> None:

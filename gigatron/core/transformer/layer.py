@@ -9,6 +9,10 @@ Shape legend: s = sequence (s/tp with sequence parallelism), b = batch, h = hidd
 With --fp32-residual-connection the stream arriving from the embedding is fp32 and stays fp32
 (norms return the weight dtype for the GEMMs; the residual add promotes back to fp32).
 
+On CUDA with --persist-layer-norm (and no dropout) the residual add after attention and the
+pre-MLP norm run as one fused kernel (`_Norm.add_and_norm`); elsewhere the code path is the plain
+one above.
+
 The forward has no host synchronisation and no data-dependent Python branches, so each layer
 compiles to one graph with torch.compile (branches depend only on the config and on whether
 dropout is active).
@@ -25,7 +29,7 @@ from torch import nn
 
 from gigatron.core.transformer.attention import SelfAttention
 from gigatron.core.transformer.mlp import MLP
-from gigatron.core.transformer.norm import build_norm
+from gigatron.core.transformer.norm import LayerNorm, RMSNorm, build_norm
 
 __all__ = ["TransformerLayer", "bias_dropout_add"]
 
@@ -86,10 +90,15 @@ class TransformerLayer(nn.Module):
         self.is_moe = False
         if moe_config is not None and moe_config.num_experts is not None:
             from gigatron.core.transformer.moe.config import is_moe_layer
-            self.is_moe = is_moe_layer(moe_config, layer_number, config.num_layers)
+            # Multi-token prediction layers (numbered after the decoder) are built like its last layer.
+            self.is_moe = is_moe_layer(moe_config, min(layer_number, config.num_layers - 1), config.num_layers)
         prefix = f"decoder.layers.{layer_number}"
         self.input_layernorm = build_norm(config, config.hidden_size, groups, init_key=prefix + ".input_layernorm")
-        self.self_attention = SelfAttention(config, groups, layer_number)
+        if getattr(config, "multi_latent_attention", False):
+            from gigatron.core.transformer.mla import MLASelfAttention
+            self.self_attention = MLASelfAttention(config, groups, layer_number)
+        else:
+            self.self_attention = SelfAttention(config, groups, layer_number)
         self.pre_mlp_layernorm = build_norm(config, config.hidden_size, groups,
                                             init_key=prefix + ".pre_mlp_layernorm")
         if self.is_moe:
@@ -121,6 +130,18 @@ class TransformerLayer(nn.Module):
             return y, _DiscardNormOutput(norm, x, y).hooks()
         return norm(x), nullcontext()
 
+    def _fuse_add_and_norm(self, attn_out: torch.Tensor) -> bool:
+        """Whether the residual add after attention and the pre-MLP norm run as one fused kernel:
+        the norm's fused path applies to `attn_out`, no dropout is active, the residual is the
+        layer input, and the norm is not recomputed."""
+        cfg = self.config
+        dropout = self.training and cfg.hidden_dropout > 0.0
+        recomputed = self.recompute_layernorm and self._recomputing()
+        if dropout or recomputed or cfg.apply_residual_connection_post_layernorm:
+            return False
+        norm = self.pre_mlp_layernorm
+        return isinstance(norm, (LayerNorm, RMSNorm)) and norm.uses_fused_add(attn_out)
+
     def _mlp_with_bias(self, x: torch.Tensor) -> torch.Tensor:
         out, bias = self.mlp(x)
         return out if bias is None else out + bias
@@ -141,10 +162,15 @@ class TransformerLayer(nn.Module):
             attn_out, attn_bias = self.self_attention(normed, attention_mask, rotary_pos_emb,
                                                       inference_context=inference_context)
         residual = normed if cfg.apply_residual_connection_post_layernorm else hidden
-        with self._dropout_context():
-            hidden = bias_dropout_add(attn_out, attn_bias, residual, p, self.training)
-        # MLP sub-layer.
-        normed, consumer_context = self._norm(self.pre_mlp_layernorm, hidden)
+        if self._fuse_add_and_norm(attn_out):
+            # The residual add and the pre-MLP norm in one kernel (--persist-layer-norm, CUDA).
+            normed, hidden = self.pre_mlp_layernorm.add_and_norm(attn_out, attn_bias, residual)
+            consumer_context = nullcontext()
+        else:
+            with self._dropout_context():
+                hidden = bias_dropout_add(attn_out, attn_bias, residual, p, self.training)
+            # MLP sub-layer.
+            normed, consumer_context = self._norm(self.pre_mlp_layernorm, hidden)
         with consumer_context:
             mlp_out, mlp_bias = self._mlp(normed)
         residual = normed if cfg.apply_residual_connection_post_layernorm else hidden

@@ -6,6 +6,12 @@ f = ffn_hidden_size, tp = tensor-parallel size.
 With --swiglu, linear_fc1 produces 2f outputs. Its logical weight is [gate (f rows); up (f rows)]
 tagged with partition stride 2, so tensor-parallel rank r holds [gate_r; up_r] (Megatron's layout)
 and splits its local output in two halves.
+
+Fused activations (--bias-gelu-fusion, --bias-swiglu-fusion, on by default): when the parameters
+live on a CUDA device, linear_fc1 returns its bias unapplied and one Triton kernel adds it inside
+the activation, forward and backward (gigatron/core/ops/fused_activation.py). Where the kernel
+cannot run (a CPU tensor, inside torch.compile) the same bias is added before the activation in
+PyTorch; CPU-built models keep the bias inside linear_fc1 exactly as without fusion.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import torch
 from torch import nn
 
 from gigatron.core.ops.activations import gelu, openai_gelu, squared_relu, swiglu
+from gigatron.core.ops.fused_activation import fused_activation_available, fused_bias_activation
 
 __all__ = ["MLP", "gelu", "openai_gelu", "squared_relu", "swiglu", "activation_function",
            "normal_init_method", "scaled_init_method"]
@@ -71,6 +78,20 @@ def scaled_init_method(config):
     return _NormalInit(config.init_method_std / math.sqrt(2.0 * config.num_layers))
 
 
+def fused_activation_kind(config):
+    """The fused kernel's name for the MLP's activation when its fusion flag is on and the model is
+    built on a CUDA device, else None (--bias-gelu-fusion / --bias-swiglu-fusion)."""
+    from gigatron.core.transformer.norm import param_device
+
+    if param_device(config).type != "cuda":
+        return None
+    if config.swiglu:
+        return "swiglu" if getattr(config, "bias_swiglu_fusion", False) else None
+    if config.squared_relu or not getattr(config, "bias_gelu_fusion", False):
+        return None
+    return "gelu_tanh" if config.openai_gelu else "gelu"
+
+
 class MLP(nn.Module):
     """forward(x [s, b, h] or [s/tp, b, h] with sequence parallel) -> (y, bias or None), y in the
     same sequence layout as x; the fc2 bias is returned for the fused bias-dropout-add."""
@@ -82,16 +103,23 @@ class MLP(nn.Module):
         prefix = f"decoder.layers.{layer_number}.mlp"
         ffn = config.ffn_hidden_size
         self.activation = activation_function(config)
+        self.fused_kind = fused_activation_kind(config)
         self.linear_fc1 = ColumnParallelLinear(
             config.hidden_size, 2 * ffn if config.swiglu else ffn, config=config, tp=groups.tp,
             init_method=normal_init_method(config), bias=config.add_bias_linear, gather_output=False,
-            skip_bias_add=False, stride=2 if config.swiglu else 1, init_key=prefix + ".linear_fc1")
+            skip_bias_add=self.fused_kind is not None, stride=2 if config.swiglu else 1,
+            init_key=prefix + ".linear_fc1")
         self.linear_fc2 = RowParallelLinear(
             ffn, config.hidden_size, config=config, tp=groups.tp, init_method=scaled_init_method(config),
             bias=config.add_bias_linear, input_is_parallel=True, skip_bias_add=True,
             init_key=prefix + ".linear_fc2")
 
     def forward(self, x: torch.Tensor):
-        intermediate, _ = self.linear_fc1(x)  # [s, b, f/tp] (x2 with swiglu)
-        intermediate = self.activation(intermediate)  # [s, b, f/tp]
+        intermediate, fc1_bias = self.linear_fc1(x)  # [s, b, f/tp] (x2 with swiglu); bias when fused
+        if self.fused_kind is not None and fused_activation_available(intermediate):
+            intermediate = fused_bias_activation(intermediate, fc1_bias, self.fused_kind)  # [s, b, f/tp]
+        else:
+            if fc1_bias is not None:
+                intermediate = intermediate + fc1_bias
+            intermediate = self.activation(intermediate)  # [s, b, f/tp]
         return self.linear_fc2(intermediate)

@@ -39,9 +39,11 @@ __all__ = [
 ]
 
 STATE_KEYS = {"adam": ("exp_avg", "exp_avg_sq"), "sgd": ("momentum_buffer",)}
-_LAYER_NAME = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
-_LOCAL_EXPERT_NAME = re.compile(r"^(decoder\.layers\.\d+\.mlp\.experts)\.local_experts\.(\d+)\.(.*)$")
-_GROUPED_WEIGHT_NAME = re.compile(r"^(decoder\.layers\.\d+\.mlp\.experts)\.weight([12])$")
+_LAYER_NAME = re.compile(r"^(decoder|encoder)\.layers\.(\d+)\.(.*)$")
+# the experts of a decoder layer or of a multi-token prediction block's layer
+_EXPERTS = r"(?:decoder\.layers\.\d+|mtp\.layers\.\d+\.transformer_layer)\.mlp\.experts"
+_LOCAL_EXPERT_NAME = re.compile(rf"^({_EXPERTS})\.local_experts\.(\d+)\.(.*)$")
+_GROUPED_WEIGHT_NAME = re.compile(rf"^({_EXPERTS})\.weight([12])$")
 
 
 @dataclass
@@ -84,22 +86,26 @@ def global_expert_name(module: torch.nn.Module, name: str) -> str:
 
 def global_param_name(module: torch.nn.Module, name: str) -> str:
     """`name` of a parameter of one model stage with the stage's layer number made global
-    (`decoder.layers.{i + layer_offset}.…`) and, for a routed expert, its expert number made global
-    (`….local_experts.{g}.…`, g in [0, num_experts))."""
+    (`decoder.layers.{i + layer_offset}.…`, and `encoder.layers.…` of a pipelined BERT encoder) and,
+    for a routed expert, its expert number made global (`….local_experts.{g}.…`, g in [0, num_experts))."""
     name = global_expert_name(module, name)
     match = _LAYER_NAME.match(name)
     if match is None:
         return name
-    decoder = getattr(module, "decoder", None)
-    offset = int(getattr(decoder, "layer_offset", 0) or 0)
-    return f"decoder.layers.{int(match.group(1)) + offset}.{match.group(2)}"
+    stack = getattr(module, match.group(1), None)
+    offset = int(getattr(stack, "layer_offset", 0) or 0)
+    return f"{match.group(1)}.layers.{int(match.group(2)) + offset}.{match.group(3)}"
 
 
 def storage_key(module: torch.nn.Module, name: str, param: torch.Tensor) -> tuple[str, bool]:
     """(key in the checkpoint, whether this copy is written). A tied output layer on a stage
-    without the embedding is the word embedding: read from its key, never written."""
+    without the embedding, and the multi-token prediction blocks' copy of the word embedding on the
+    last stage, are the word embedding: read from its key, never written."""
     if name == "output_layer.weight" and is_shared_embedding(param):
         return "embedding.word_embeddings.weight", False
+    if name.startswith("embedding.") and is_shared_embedding(param) and not getattr(module, "pre_process", True):
+        # the last stage's copy of the word embedding for multi-token prediction: read, never written
+        return name, False
     return global_param_name(module, name), True
 
 
