@@ -363,7 +363,8 @@ def check_fp8(args) -> None:
 
 def check_megatron_ckpt_format(args) -> None:
     """--ckpt-format megatron_torch_dist (and --ckpt-convert-format) writes Megatron-Core's layout of
-    dense GPT models with Adam only: refuse experts and SGD before any training is done."""
+    dense GPT models (standard attention) with Adam only: refuse experts, multi-latent attention,
+    multi-token prediction and SGD before any training is done."""
     chosen = [f"--{flag.replace('_', '-')}" for flag in ("ckpt_format", "ckpt_convert_format")
               if getattr(args, flag, None) == "megatron_torch_dist"]
     if not chosen:
@@ -371,6 +372,9 @@ def check_megatron_ckpt_format(args) -> None:
     if getattr(args, "num_experts", None):
         raise ValueError(f"{chosen[0]} megatron_torch_dist does not write mixture-of-experts models yet; use "
                          "--ckpt-format torch_dist (Gigatron's layout) for --num-experts.")
+    if getattr(args, "multi_latent_attention", False) or getattr(args, "mtp_num_layers", None):
+        raise ValueError(f"{chosen[0]} megatron_torch_dist does not write multi-latent attention or "
+                         "multi-token prediction layers yet; use --ckpt-format torch_dist.")
     if _get(args, "optimizer", "adam") != "adam":
         raise ValueError(f"{chosen[0]} megatron_torch_dist writes Adam's state only; use --optimizer adam or "
                          "--ckpt-format torch_dist.")

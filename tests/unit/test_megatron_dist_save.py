@@ -129,6 +129,7 @@ def test_ckpt_convert_format_writes_megatron_layout(tmp_path):
 @pytest.mark.parametrize("extra,message", [
     (["--num-experts", "4", "--moe-router-topk", "2"], "mixture-of-experts"),
     (["--optimizer", "sgd"], "Adam's state only"),
+    (["--mtp-num-layers", "1"], "multi-token prediction"),
 ])
 def test_what_megatron_layout_does_not_write_is_refused_at_start_up(extra, message):
     from gigatron.training.validate import validate_args
