@@ -18,6 +18,15 @@ name: `decoder.layers.{i}.self_attention.linear_qkv.weight`. Megatron-Core's tor
   expert-parallel size) holds our `decoder.layers.{i}.mlp.experts.local_experts.{e}.linear_fc1.weight`;
   the router is `decoder.layers.mlp.router.weight` [num_layers, num_experts, hidden].
 
+BERT and T5 (Megatron-Core's BertModel and T5Model) stack their `encoder.layers.*` the same way
+(`encoder.layers.self_attention.linear_qkv.weight` [num_layers, rows, hidden], the same fused-norm
+names); T5's decoder layers add `pre_cross_attn_layernorm.*` and `cross_attention.(linear_q |
+linear_kv | linear_proj).*`, stored as they are. T5Model registers its output layer and position
+embedding twice, so its torch_dist also holds `output_layer.bias` (a copy of
+`lm_head.output_layer.bias`) and `position_embeddings.weight` (a copy of
+`embedding.position_embeddings.weight`): `ALIASES` names them; they are skipped on reading and
+written as copies.
+
 The rest is the same: embedding.word_embeddings.weight and embedding.position_embeddings.weight,
 decoder.final_layernorm.*, output_layer.weight (absent when tied to the embedding), the fused
 QKV in Megatron's grouped-row layout and the SwiGLU fc1 as `[gate; up]` (both the tensor-parallel
@@ -30,9 +39,10 @@ from __future__ import annotations
 import re
 from typing import Optional
 
-__all__ = ["FUSED_NORMS", "UNFUSED_NORMS", "STACKED_PREFIX", "EXPERTS_PREFIX", "is_stacked_key", "stacked_axes",
-           "unstacked_name", "stacked_candidates", "split_layer_name", "flatten", "nest", "legacy_to_ours",
-           "ours_to_legacy", "legacy_qkv_to_ours"]
+__all__ = ["FUSED_NORMS", "UNFUSED_NORMS", "STACKED_PREFIX", "BLOCK_PREFIXES", "EXPERTS_PREFIX", "ALIASES",
+           "is_stacked_key", "stacked_axes", "unstacked_name", "stacked_candidates", "split_layer_name",
+           "split_block_name", "aliases_in", "flatten", "nest", "legacy_to_ours", "ours_to_legacy",
+           "legacy_qkv_to_ours"]
 
 FUSED_NORMS = {
     "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
@@ -42,7 +52,12 @@ FUSED_NORMS = {
 }
 UNFUSED_NORMS = {fused: ours for ours, fused in FUSED_NORMS.items()}
 STACKED_PREFIX = "decoder.layers."
+BLOCK_PREFIXES = (STACKED_PREFIX, "encoder.layers.")  # GPT's decoder; BERT's encoder; T5's both
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+_BLOCK_LAYER = re.compile(r"^((?:en|de)coder\.layers\.)(\d+)\.(.+)$")
+# Megatron-Core key -> the key it copies (T5Model's second registration of the same module).
+ALIASES = {"output_layer.bias": "lm_head.output_layer.bias",
+           "position_embeddings.weight": "embedding.position_embeddings.weight"}
 
 
 def split_layer_name(name: str) -> Optional[tuple[int, str]]:
@@ -51,13 +66,30 @@ def split_layer_name(name: str) -> Optional[tuple[int, str]]:
     return (int(match.group(1)), match.group(2)) if match else None
 
 
+def split_block_name(name: str) -> Optional[tuple[str, int, str]]:
+    """(block prefix, global layer, suffix) of `{encoder|decoder}.layers.{i}.{suffix}`, else None."""
+    match = _BLOCK_LAYER.match(name)
+    return (match.group(1), int(match.group(2)), match.group(3)) if match else None
+
+
+def aliases_in(keys) -> set:
+    """The keys of a Megatron-Core checkpoint that copy another key also present (T5Model's)."""
+    keys = set(keys)
+    return {alias for alias, real in ALIASES.items() if alias in keys and real in keys}
+
+
 EXPERTS_PREFIX = STACKED_PREFIX + "mlp.experts.experts."
 _LOCAL_EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(.+)$")
 
 
+def _block_of(key: str) -> Optional[str]:
+    return next((p for p in BLOCK_PREFIXES if key.startswith(p)), None)
+
+
 def is_stacked_key(key: str) -> bool:
-    """A Megatron-Core torch_dist key holding all layers of the decoder (leading layer axis)."""
-    return key.startswith(STACKED_PREFIX) and not key[len(STACKED_PREFIX):][:1].isdigit()
+    """A Megatron-Core torch_dist key holding all layers of a block (leading layer axis)."""
+    block = _block_of(key)
+    return block is not None and not key[len(block):][:1].isdigit()
 
 
 def stacked_axes(key: str) -> int:
@@ -73,20 +105,22 @@ def unstacked_name(key: str, index: tuple) -> str:
     if key.startswith(EXPERTS_PREFIX):
         layer, expert = index
         return f"decoder.layers.{layer}.mlp.experts.local_experts.{expert}.{key[len(EXPERTS_PREFIX):]}"
-    suffix = key[len(STACKED_PREFIX):]
-    return f"decoder.layers.{index[0]}.{UNFUSED_NORMS.get(suffix, suffix)}"
+    block = _block_of(key)
+    suffix = key[len(block):]
+    return f"{block}{index[0]}.{UNFUSED_NORMS.get(suffix, suffix)}"
 
 
-def stacked_candidates(suffix: str) -> list[tuple[str, tuple]]:
+def stacked_candidates(suffix: str, block: str = STACKED_PREFIX) -> list[tuple[str, tuple]]:
     """(Megatron-Core key, offsets after the layer axis) that may hold our layer parameter
-    `decoder.layers.{i}.{suffix}`, in the order to try (a fused norm name first); a routed
-    expert's global number is the offset along the experts key's second axis."""
+    `{block}{i}.{suffix}` (block: `decoder.layers.` or `encoder.layers.`), in the order to try (a
+    fused norm name first); a routed expert's global number is the offset along the experts key's
+    second axis."""
     expert = _LOCAL_EXPERT.match(suffix)
-    if expert:
+    if expert and block == STACKED_PREFIX:
         return [(EXPERTS_PREFIX + expert.group(2), (int(expert.group(1)),))]
-    keys = [(STACKED_PREFIX + suffix, ())]
+    keys = [(block + suffix, ())]
     if suffix in FUSED_NORMS:
-        keys.insert(0, (STACKED_PREFIX + FUSED_NORMS[suffix], ()))
+        keys.insert(0, (block + FUSED_NORMS[suffix], ()))
     return keys
 
 
