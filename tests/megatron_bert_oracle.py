@@ -2,7 +2,7 @@
 why this runs in a subprocess and how Megatron-Core is made to run on the CPU).
 
     python tests/megatron_bert_oracle.py write-dist --kind bert --root DIR --tp 2   (tp processes)
-    python tests/megatron_bert_oracle.py write-torch --kind t5 --root DIR           (tp = 1)
+    python tests/megatron_bert_oracle.py write-torch --kind t5 --root DIR --tp 2    (tp processes)
     python tests/megatron_bert_oracle.py write-legacy --root DIR --tp 2 --release   (BERT; one process)
     python tests/megatron_bert_oracle.py logits --kind bert --root DIR [--tp 2]     (Megatron-Core loads
                                         DIR's torch_dist strictly into its own model, then runs it)
@@ -225,13 +225,18 @@ def _main(argv=None) -> None:
         base.save_dist(state, iter_dir)
         if rank == 0:
             base.write_tracker(opts.root, opts.iteration)
-    elif opts.command == "write-torch":  # one process, tp = 1
+    elif opts.command == "write-torch":  # tp processes, each writing its rank's file
+        from megatron.core import parallel_state
+
         model = build_model(opts.kind, opts.layers)
-        path = os.path.join(iter_dir, "mp_rank_00", "model_optim_rng.pt")
+        tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        path = os.path.join(iter_dir, f"mp_rank_{tp_rank:02d}", "model_optim_rng.pt")
         os.makedirs(os.path.dirname(path), exist_ok=True)
         torch.save(base.torch_state(model, args, opts.iteration), path)
-        base.write_tracker(opts.root, opts.iteration)
-        _reference(opts.root, data, outputs(opts.kind, model, data))
+        out = outputs(opts.kind, model, data)
+        if rank == 0:
+            base.write_tracker(opts.root, opts.iteration)
+            _reference(opts.root, data, out)
     elif opts.command == "write-legacy":  # one process; tensor-parallel files split here
         model = build_model("bert", opts.layers)
         args = megatron_args("bert", opts.layers, opts.tp, opts.iteration)
