@@ -63,3 +63,19 @@ def check_outputs(kind, ref, logits, binary):
         torch.testing.assert_close(binary, ref["binary_logits"], rtol=0, atol=1e-5)
     else:
         torch.testing.assert_close(logits, ref["logits"], rtol=0, atol=1e-5)
+
+
+def pretrain_setup(kind, root, *extra):
+    """What `pretrain_bert.py` / `pretrain_t5.py --load ROOT --use-checkpoint-args --no-load-optim`
+    builds and loads before its first step (the model shape, tokenizer and iteration come from the
+    checkpoint). Returns the TrainContext."""
+    from gigatron.training import bert as bert_training
+    from gigatron.training import t5 as t5_training
+    from gigatron.training.arguments import parse_args
+    from gigatron.training.loop import setup
+
+    train = bert_training if kind == "bert" else t5_training
+    argv = ["--load", str(root), "--use-checkpoint-args", "--no-load-optim", "--no-load-rng", "--micro-batch-size",
+            "2", "--global-batch-size", "2", "--train-iters", "10", "--lr", "1e-4", "--distributed-backend", "gloo",
+            "--attention-dropout", "0", "--hidden-dropout", "0", "--mock-data", *extra]
+    return setup(train.model_provider, parse_args(argv, extra_args_provider=train.extra_args_provider))

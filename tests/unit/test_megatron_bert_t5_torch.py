@@ -14,7 +14,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import megatron_bert_oracle as oracle  # noqa: E402
 import megatron_oracle  # noqa: E402
-from _bert_t5_fixtures import check_outputs, our_model, our_outputs  # noqa: E402
+from _bert_t5_fixtures import check_outputs, our_model, our_outputs, pretrain_setup  # noqa: E402
 
 from gigatron.core.checkpoint import formats  # noqa: E402
 from gigatron.core.checkpoint.io import CheckpointError  # noqa: E402
@@ -45,6 +45,18 @@ def test_megatron_torch_bert_t5_loads_with_megatron_logits(megatron_ckpt):
     assert (loaded.iteration, loaded.consumed_train_samples) == (5, 40)
     check_outputs(kind, ref, *our_outputs(kind, model, ref))
 
+
+
+def test_pretrain_load_with_checkpoint_args(megatron_ckpt):
+    """pretrain_bert.py / pretrain_t5.py --load DIR --use-checkpoint-args: the model is built from
+    Megatron's args and starts from Megatron's weights at its iteration."""
+    root, kind = megatron_ckpt
+    ctx = pretrain_setup(kind, root)
+    assert ctx.iteration == 5
+    model = ctx.model[0].module.eval()
+    assert type(model).__name__ == ("BertModel" if kind == "bert" else "T5Model")
+    ref = torch.load(root / "reference.pt", weights_only=True)
+    check_outputs(kind, ref, *our_outputs(kind, model, ref))
 
 def test_read_model_merges_tensor_parallel_files(megatron_ckpt):
     root, kind = megatron_ckpt
