@@ -17,7 +17,7 @@ import megatron_oracle  # noqa: E402
 from _bert_t5_fixtures import check_outputs, our_model, our_outputs, pretrain_setup  # noqa: E402
 
 from gigatron.core.checkpoint import formats  # noqa: E402
-from gigatron.core.checkpoint.io import CheckpointError  # noqa: E402
+from gigatron.core.checkpoint.io import CheckpointError, safe_torch_load  # noqa: E402
 from tests.parallel.harness import free_port  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not megatron_oracle.megatron_available(), reason="megatron-core is not installed")
@@ -92,7 +92,7 @@ def test_tensor_parallel_write_round_trips(tmp_path):
     model = our_model("t5", seed=3)
     tensors = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
     write_megatron_torch(str(tmp_path), tensors, dict(num_layers=2), 5, tp=2)
-    shard = torch.load(tmp_path / "iter_0000005" / "mp_rank_01" / "model_optim_rng.pt", weights_only=False)
+    shard = safe_torch_load(tmp_path / "iter_0000005" / "mp_rank_01" / "model_optim_rng.pt", allow_namespace=True)
     assert shard["model"]["decoder.layers.0.cross_attention.linear_kv.weight"].shape[0] == 2 * oracle.HIDDEN // 2
     back = formats.read_model(str(tmp_path))
     assert all(torch.equal(back.tensors[k], v) for k, v in tensors.items())

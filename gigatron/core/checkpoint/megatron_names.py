@@ -41,7 +41,7 @@ from typing import Optional
 
 __all__ = ["FUSED_NORMS", "UNFUSED_NORMS", "STACKED_PREFIX", "BLOCK_PREFIXES", "EXPERTS_PREFIX", "ALIASES",
            "is_stacked_key", "stacked_axes", "unstacked_name", "stacked_candidates", "split_layer_name",
-           "split_block_name", "aliases_in", "flatten", "nest", "legacy_to_ours", "ours_to_legacy",
+           "split_block_name", "aliases_in", "is_legacy_bert", "flatten", "nest", "legacy_to_ours", "ours_to_legacy",
            "legacy_qkv_to_ours"]
 
 FUSED_NORMS = {
@@ -142,6 +142,16 @@ def stacked_candidates(suffix: str, block: str = STACKED_PREFIX) -> list[tuple[s
 #   language_model.output_layer.weight                     output_layer.weight  (untied)
 #   word_embeddings_for_head.weight                        output_layer.weight  (tied copy, last stage)
 #
+# A BERT rank file (megatron/model/bert_model.py) holds the same `language_model` (its layers become
+# our `encoder.layers.{i}.`, its final norm `encoder.final_layernorm.*`) plus
+#
+#   language_model.embedding.tokentype_embeddings.weight   embedding.tokentype_embeddings.weight
+#   language_model.pooler.dense.{weight,bias}              pooler.dense.*
+#   lm_head.dense.{weight,bias}                            lm_head.dense.*
+#   lm_head.layernorm.{weight,bias}                        lm_head.layer_norm.*
+#   lm_head.bias  [V/tp per rank]                          output_layer.bias
+#   binary_head.{weight,bias}                              binary_head.*   (with the binary head)
+#
 # The fused QKV rows are per head [q; k; v] (per query group with GQA) from checkpoint_version 2.0
 # on, which is Megatron-Core's layout; version 0 stored [all q; all k; all v] and version 1.0
 # [head][head dim][q, k, v] (legacy_qkv_to_ours reorders both).
@@ -171,6 +181,32 @@ _LEGACY_OTHER = {
 }
 
 
+_LEGACY_BERT_OTHER = {
+    "language_model.embedding.word_embeddings.weight": "embedding.word_embeddings.weight",
+    "language_model.embedding.position_embeddings.weight": "embedding.position_embeddings.weight",
+    "language_model.embedding.tokentype_embeddings.weight": "embedding.tokentype_embeddings.weight",
+    "language_model.encoder.final_layernorm.weight": "encoder.final_layernorm.weight",
+    "language_model.encoder.final_layernorm.bias": "encoder.final_layernorm.bias",
+    "language_model.transformer.final_layernorm.weight": "encoder.final_layernorm.weight",
+    "language_model.transformer.final_layernorm.bias": "encoder.final_layernorm.bias",
+    "language_model.pooler.dense.weight": "pooler.dense.weight",
+    "language_model.pooler.dense.bias": "pooler.dense.bias",
+    "lm_head.dense.weight": "lm_head.dense.weight",
+    "lm_head.dense.bias": "lm_head.dense.bias",
+    "lm_head.layernorm.weight": "lm_head.layer_norm.weight",
+    "lm_head.layernorm.bias": "lm_head.layer_norm.bias",
+    "lm_head.bias": "output_layer.bias",
+    "binary_head.weight": "binary_head.weight",
+    "binary_head.bias": "binary_head.bias",
+}
+_OUR_BERT_OTHER = {ours: legacy for legacy, ours in _LEGACY_BERT_OTHER.items() if ".transformer." not in legacy}
+
+
+def is_legacy_bert(names) -> bool:
+    """Flattened legacy names of a BERT (its masked-LM head `lm_head.*`; a GPT has none)."""
+    return any(name.startswith("lm_head.") for name in names)
+
+
 def flatten(tree: dict, prefix: str = "") -> dict:
     """A nested state dict as {dotted name: value}."""
     flat = {}
@@ -183,13 +219,15 @@ def flatten(tree: dict, prefix: str = "") -> dict:
     return flat
 
 
-def legacy_to_ours(name: str) -> Optional[str]:
-    """Our name for a flattened legacy name, or None if it is not a GPT weight we know."""
-    if name in _LEGACY_OTHER:
-        return _LEGACY_OTHER[name]
+def legacy_to_ours(name: str, bert: bool = False) -> Optional[str]:
+    """Our name for a flattened legacy name, or None if it is not a GPT (`bert`: BERT) weight we know."""
+    table = _LEGACY_BERT_OTHER if bert else _LEGACY_OTHER
+    if name in table:
+        return table[name]
     match = _LEGACY_LAYER.match(name)
     if match and match.group(2) in LEGACY_LAYER_NAMES:
-        return f"decoder.layers.{match.group(1)}.{LEGACY_LAYER_NAMES[match.group(2)]}.{match.group(3)}"
+        block = "encoder" if bert else "decoder"
+        return f"{block}.layers.{match.group(1)}.{LEGACY_LAYER_NAMES[match.group(2)]}.{match.group(3)}"
     return None
 
 
@@ -198,12 +236,15 @@ def ours_to_legacy(name: str, tied_head: bool = False) -> str:
     copy of a tied embedding (`word_embeddings_for_head.weight`)."""
     if name == "output_layer.weight" and tied_head:
         return "word_embeddings_for_head.weight"
+    if name in _OUR_BERT_OTHER and (name.startswith(("encoder.", "lm_head.", "pooler.", "binary_head."))
+                                    or name in ("output_layer.bias", "embedding.tokentype_embeddings.weight")):
+        return _OUR_BERT_OTHER[name]
     for legacy, ours in _LEGACY_OTHER.items():
         if ours == name and ".transformer." not in legacy and not legacy.startswith("word_embeddings_for_head"):
             return legacy
-    split = split_layer_name(name)
+    split = split_block_name(name)
     if split is not None:
-        layer, suffix = split
+        _, layer, suffix = split
         module, _, leaf = suffix.rpartition(".")
         if module in OUR_LAYER_NAMES:
             return f"language_model.encoder.layers.{layer}.{OUR_LAYER_NAMES[module]}.{leaf}"
