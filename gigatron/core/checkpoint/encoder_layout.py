@@ -186,6 +186,7 @@ def write_megatron_torch(root: str, tensors: dict, args: dict, iteration: Option
     header = {"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": int(iteration or 0)}
     records = dict(torch_layout.write_rank_file(
         iter_dir, os.path.join(f"mp_rank_{rank:02d}", torch_layout.MODEL_FILENAME),
-        megatron_encoder_file(header, state_dict, transformer_engine)) for rank, state_dict in enumerate(shard(tensors, tp)))
+        megatron_encoder_file(header, state_dict, transformer_engine))
+        for rank, state_dict in enumerate(shard(tensors, tp)))
     torch_layout.finish_save(root, iter_dir, iteration, records)
     return iter_dir

@@ -138,8 +138,6 @@ def write_legacy_bert(root: str, tensors: dict, args: dict, iteration: Optional[
     tensor-parallel size `tp`: iter_N/mp_rank_TT/model_optim_rng.pt (release/ and the tracker
     `release` without an iteration, as the published 345M BERT), our checksum manifest, then the
     tracker. Returns the iteration directory."""
-    import os
-
     if tp < 1:
         raise ValueError(f"--target-tensor-parallel-size must be >= 1, got {tp}")
     iter_dir = os.path.join(root, "release" if iteration is None else f"iter_{int(iteration):07d}")
@@ -147,8 +145,8 @@ def write_legacy_bert(root: str, tensors: dict, args: dict, iteration: Optional[
         raise ValueError(f"{iter_dir} already holds a checkpoint; choose an empty --save-dir")
     header = {"args": dict(args, tensor_model_parallel_size=tp, pipeline_model_parallel_size=1),
               "iteration": int(iteration or 0)}
-    records = dict(torch_layout.write_rank_file(iter_dir, os.path.join(f"mp_rank_{rank:02d}", torch_layout.MODEL_FILENAME),
-                                                legacy_file_content(header, state_dict))
-                   for rank, state_dict in enumerate(encoder_layout.shard(tensors, tp)))
+    records = dict(torch_layout.write_rank_file(
+        iter_dir, os.path.join(f"mp_rank_{rank:02d}", torch_layout.MODEL_FILENAME),
+        legacy_file_content(header, state_dict)) for rank, state_dict in enumerate(encoder_layout.shard(tensors, tp)))
     torch_layout.finish_save(root, iter_dir, iteration, records)
     return iter_dir
