@@ -84,4 +84,12 @@ def test_wrong_model_type_and_plugins_are_clear_errors(tmp_path):
     out = convert("--model-type", "BERT", "--loader", "hf", "--saver", "megatron_dist", "--load-dir", source,
                   "--save-dir", tmp_path / "c")
     assert out.returncode == 2 and "--model-type BERT is converted" in out.stderr
-    assert not any((tmp_path / d).exists() for d in "abc")
+    out = convert("--model-type", "GPT", "--loader", "core", "--saver", "core", "--load-dir", source,
+                  "--save-dir", tmp_path / "d")  # a BERT's encoder is never taken for a GPT's decoder
+    assert out.returncode == 2 and "holds a BERT model, not a GPT" in out.stderr
+    import gigatron
+    from gigatron.core.convert.protocol import ConversionError
+
+    with pytest.raises(ConversionError, match="from_pretrained loads GPT models"):
+        gigatron.from_pretrained(source)
+    assert not any((tmp_path / d).exists() for d in "abcd")
