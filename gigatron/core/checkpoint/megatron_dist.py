@@ -24,8 +24,13 @@ entry read directly and unpickled through the Megatron allow-list); the optimize
 refused with the flags to use instead. Expert tensors other than the routed experts and the router
 (shared experts, for one) are refused with the Megatron-LM command that re-saves the model.
 
+BERT and T5 (Megatron-Core's BertModel / T5Model) are read and written the same way: their
+`encoder.layers.*` are stacked like the decoder's, T5's duplicate keys are skipped and written as
+copies (megatron_names.py).
+
 Writing (`write_megatron_dist`, convert.py --saver megatron_dist): a model as Megatron-Core's own
-torch_dist, loadable by `megatron.core.dist_checkpointing.load` into its GPTModel: stacked keys,
+torch_dist, loadable by `megatron.core.dist_checkpointing.load` into its GPTModel (BertModel,
+T5Model): stacked keys,
 fused-norm names, the `_extra_state` objects its loader expects, common.pt with a Namespace `args`
 and Megatron's four-key metadata.json. Training saves Gigatron's own torch_dist (dist/).
 """

@@ -19,6 +19,7 @@ Training saves `--ckpt-format torch` with torch_layout.py (args as a plain dict)
 builds a rank file Megatron-LM loads (convert.py --saver megatron_torch): args as an
 argparse.Namespace of plain values, the `_extra_state` entries (None) Megatron-Core's modules
 expect, and with `transformer_engine=True` the fused-norm names of its Transformer Engine spec.
+BERT and T5 files (Megatron-Core's BertModel / T5Model) are merged and written by encoder_layout.py.
 """
 
 from __future__ import annotations
