@@ -28,9 +28,9 @@ from gigatron.core.convert.protocol import (
 )
 from gigatron.core.convert.torch_format import (
     TOKENIZER_DIRNAME,
+    model_state_to_metadata,
     rank_state_dicts,
     tokenizer_flags_for_dir,
-    torch_checkpoint_messages,
 )
 
 __all__ = ["PretrainedGPT", "from_pretrained"]
@@ -111,7 +111,8 @@ def from_pretrained(path: Union[str, os.PathLike], device: Union[str, torch.devi
       Mixtral), or
       a Gigatron/Megatron checkpoint in any format the registry reads (gigatron/core/checkpoint/
       formats.py: `torch` at any tensor/pipeline parallel layout, torch_dist): a save directory with
-      latest_checkpointed_iteration.txt, or an iter_NNNNNNN / release directory. Every file is
+      latest_checkpointed_iteration.txt, or an iter_NNNNNNN / release directory; a checkpoint of
+      pretrain_mamba.py (Mamba layers) gives a MambaModel. Every file is
       checked against the checkpoint's checksums before it is read, and loading never runs code
       stored in the checkpoint.
     device: where the model runs. dtype: the parameter dtype (default: the checkpoint's).
@@ -124,7 +125,16 @@ def from_pretrained(path: Union[str, os.PathLike], device: Union[str, torch.devi
     if dtype is not None:
         dtype = dtype_from_name(dtype)
     from_hf = is_hf_folder(path)
-    messages = hf_messages(path) if from_hf else torch_checkpoint_messages(path)
+    if from_hf:
+        messages = hf_messages(path)
+    else:
+        from gigatron.core.checkpoint.formats import read_model
+        from gigatron.core.convert.protocol import state_to_messages
+
+        saved = read_model(path)
+        if any(".mixer." in name for name in saved.tensors):  # Mamba layers: pretrain_mamba.py's model
+            return _mamba_from_state(saved, path, device, dtype)
+        messages = state_to_messages(*model_state_to_metadata(saved))
     md, tensors = collect_state(messages)
     params_dtype = dtype or dtype_from_name(md.get("params_dtype", "float32"))
     config = transformer_config_from_metadata(
@@ -137,4 +147,33 @@ def from_pretrained(path: Union[str, os.PathLike], device: Union[str, torch.devi
     model.to(device)
     _check_attention(config, device, params_dtype)
     wrapper = PretrainedGPT(model, md["true_vocab_size"], _tokenizer_args(md, path, from_hf), md)
+    return wrapper.eval()
+
+
+def _mamba_from_state(saved, path: str, device, dtype: Optional[torch.dtype]) -> PretrainedGPT:
+    """A Mamba / hybrid model (gigatron/core/models/mamba.py) from a checkpoint read by the registry:
+    the TransformerConfig from the model flags, the MambaConfig from the --mamba-* / --hybrid-* flags
+    the checkpoint was saved with, the tensors at tensor-parallel size 1."""
+    import dataclasses
+
+    from gigatron.core.models.mamba import MambaModel
+    from gigatron.core.parallel.groups import ParallelGroups
+    from gigatron.core.tokenizers import vocab_size_with_padding
+    from gigatron.core.transformer.mamba.config import MambaConfig
+
+    md, tensors = model_state_to_metadata(saved)
+    params_dtype = dtype or dtype_from_name(md.get("params_dtype", "float32"))
+    config = transformer_config_from_metadata(
+        md, 1, 1, params_dtype=params_dtype, attention_dropout=0.0, hidden_dropout=0.0,
+        perform_initialization=False, use_cpu_initialization=True)
+    mamba_config = MambaConfig(**{f.name: saved.args[f.name] for f in dataclasses.fields(MambaConfig)
+                                  if saved.args.get(f.name) is not None})
+    padded = vocab_size_with_padding(int(md["true_vocab_size"]), md["make_vocab_size_divisible_by"], 1)
+    model = MambaModel(config, mamba_config, ParallelGroups.single(), padded, moe_config=moe_config_from_metadata(md))
+    state = rank_state_dicts(md, tensors, 1, 1, padded)[(0, 0)]
+    model.load_state_dict(state, strict=True)
+    model.to(device)
+    if "*" in model.layer_types:
+        _check_attention(config, device, params_dtype)
+    wrapper = PretrainedGPT(model, md["true_vocab_size"], _tokenizer_args(md, path, False), md)
     return wrapper.eval()

@@ -123,9 +123,11 @@ def decode_mode_from_args(args) -> str:
     return "cuda_graph" if args.cuda_graphs else "eager"
 
 
-def build_engine_from_args(args):
+def build_engine_from_args(args, mamba: bool = False):
     """Initialize (torch.distributed when launched with torchrun), build the model and tokenizer,
-    load --load and return (engine, groups)."""
+    load --load and return (engine, groups). The model is a MambaModel (pretrain_mamba.py's) where
+    `mamba` is set or the flags describe one (a hybrid pattern or ratio, --is-hybrid-model, or
+    --spec of the Mamba stack; with --use-checkpoint-args the checkpoint's), else a GPTModel."""
     from gigatron.core.inference.engine import InferenceEngine
     from gigatron.core.models.gpt import GPTModel
     from gigatron.core.tokenizers import build_tokenizer, vocab_size_with_padding
@@ -163,7 +165,14 @@ def build_engine_from_args(args):
         raise ValueError("give --tokenizer-type (with its files), or --vocab-size V for a NullTokenizer")
     tokenizer = build_tokenizer(args)
     padded = vocab_size_with_padding(tokenizer.vocab_size, args.make_vocab_size_divisible_by, run.groups.tp.size)
-    model = GPTModel(configs.transformer, run.groups, padded, seed=args.seed).to(run.device)
+    from gigatron.training.mamba import check_mamba_args, is_mamba_run
+    if mamba or is_mamba_run(args):
+        from gigatron.core.models.mamba import MambaModel
+        check_mamba_args(args)
+        model = MambaModel(configs.transformer, configs.mamba, run.groups, padded, seed=args.seed,
+                           moe_config=getattr(configs, "moe", None)).to(run.device)
+    else:
+        model = GPTModel(configs.transformer, run.groups, padded, seed=args.seed).to(run.device)
     load_checkpoint(args.load, [model], None, None, run.groups, ckpt_step=getattr(args, "ckpt_step", None),
                     load_optim=False, load_rng=False, exit_on_missing_checkpoint=True, rng_tracker=run.rng_tracker,
                     finetune=True)
@@ -174,7 +183,9 @@ def build_engine_from_args(args):
     return engine, run
 
 
-def main(argv=None) -> int:
+def main(argv=None, mamba: bool = False) -> int:
+    """mamba: serve a Mamba / hybrid model even where the flags do not say so (a pure Mamba
+    checkpoint: tools/run_mamba_text_generation_server.py)."""
     from gigatron.core.inference.broadcast import LeaderRunner, LocalRunner, follower_loop
     from gigatron.core.inference.server.app import build_app, serve
     from gigatron.core.inference.server.validation import ServerDefaults
@@ -195,7 +206,7 @@ def main(argv=None) -> int:
     if args.chat_template:
         from gigatron.core.inference.server.chat import load_chat_template
         load_chat_template(args.chat_template)  # a missing or empty file fails before the model loads
-    engine, run = build_engine_from_args(args)
+    engine, run = build_engine_from_args(args, mamba=mamba)
     try:
         if run.rank == 0:
             logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")

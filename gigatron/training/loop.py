@@ -235,6 +235,10 @@ def _enable_fp8(ctx: TrainContext, module: torch.nn.Module, recipe) -> None:
 
     fp8 = ctx.configs.fp8
     ctx.fp8_states.update(enable_fp8(module, fp8, recipe, ctx.device))
+    if fp8.fp8_param_gather:
+        from gigatron.core.fp8.param_gather import mark_fp8_param_gather
+
+        mark_fp8_param_gather(module)
     linears = [linear for _, linear in fp8_linears(module)]
     in_fp8 = sum(linear.fp8_recipe is not None for linear in linears)
     print_rank_0(f"> FP8 (--fp8-format {fp8.fp8}, --fp8-recipe {fp8.fp8_recipe}): {in_fp8} of the {len(linears)} "

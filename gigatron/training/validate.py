@@ -313,23 +313,20 @@ def check_padded_vocab_size(args) -> None:
 
 
 def check_fp8(args) -> None:
-    """The FP8 flags against the rest of the run: --fp8-param-gather is not implemented (FP8
-    compute runs with the bf16 parameter all-gather) and --first-last-layers-bf16 must leave a layer in
-    FP8. The card, and that the model is a GPT, are checked when the model is built
-    (gigatron.training.loop.get_model)."""
+    """The FP8 flags against the rest of the run: --fp8-param-gather needs the distributed optimizer
+    and a per-tensor recipe, and --first-last-layers-bf16 must leave a layer in FP8. The card, and
+    that the model is a GPT, are checked when the model is built (gigatron.training.loop.get_model)."""
     fmt = getattr(args, "fp8", None)
     if fmt is None:
         return
-    if getattr(args, "fp8_param_gather", False):
-        raise ValueError("--fp8-param-gather (the distributed optimizer all-gathering FP8 weights) is not "
-                         "implemented yet; drop it: the linear layers still compute in FP8 and the parameters "
-                         "are all-gathered in their own dtype.")
-    from gigatron.core.fp8.config import FP8Config, check_bf16_layer_counts
+    from gigatron.core.fp8.config import FP8Config, check_bf16_layer_counts, check_fp8_param_gather
 
     fields = ("fp8", "fp8_recipe", "fp8_margin", "fp8_amax_history_len", "fp8_amax_compute_algo", "fp8_wgrad",
-              "first_last_layers_bf16", "num_layers_at_start_in_bf16", "num_layers_at_end_in_bf16")
+              "fp8_param_gather", "first_last_layers_bf16", "num_layers_at_start_in_bf16",
+              "num_layers_at_end_in_bf16")
     config = FP8Config(**{name: getattr(args, name) for name in fields if hasattr(args, name)})
     check_bf16_layer_counts(config, _get(args, "num_layers", 1))
+    check_fp8_param_gather(config, bool(_get(args, "use_distributed_optimizer", False)))
 
 
 def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) -> argparse.Namespace:

@@ -8,11 +8,10 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-# Megatron's Llama-3 8B recipe: the FP8 flags unchanged (--fp8-param-gather aside: refused below),
-# the model shrunk (8B: 32 layers, hidden 4096, FFN 14336, 32 heads, 8 groups, sequence 8192).
+# Megatron's Llama-3 8B recipe: the FP8 flags unchanged, the model shrunk (8B: 32 layers, hidden 4096, FFN 14336, 32 heads, 8 groups, sequence 8192).
 LLAMA3_8B_FP8_SHRUNK = [
     "--fp8-format", "hybrid", "--fp8-amax-history-len", "1024", "--fp8-amax-compute-algo", "max",
-    "--bf16", "--use-distributed-optimizer", "--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "224",
+    "--fp8-param-gather", "--bf16", "--use-distributed-optimizer", "--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "224",
     "--num-attention-heads", "4", "--group-query-attention", "--num-query-groups", "2", "--seq-length", "32",
     "--max-position-embeddings", "32", "--position-embedding-type", "rope", "--rotary-base", "500000",
     "--normalization", "RMSNorm", "--swiglu", "--disable-bias-linear", "--untie-embeddings-and-output-weights",
@@ -39,8 +38,12 @@ def test_llama3_8b_fp8_recipe_runs_from_the_script(tmp_path):
     assert len(losses) == 3 and all(0 < v < 20 for v in losses), result.stdout[-2000:]
 
 
-def test_fp8_param_gather_is_refused_with_one_line(tmp_path):
-    result = _run(LLAMA3_8B_FP8_SHRUNK + ["--fp8-param-gather"], tmp_path)
+def test_fp8_param_gather_with_blockwise_is_refused_with_one_line(tmp_path):
+    argv = list(LLAMA3_8B_FP8_SHRUNK)
+    for flag in ("--fp8-amax-history-len", "--fp8-amax-compute-algo"):  # delayed-only flags
+        i = argv.index(flag)
+        del argv[i:i + 2]
+    result = _run(argv + ["--fp8-recipe", "blockwise"], tmp_path)
     assert result.returncode == 2
     errors = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "--fp8-param-gather" in errors[0] and "not implemented yet" in errors[0]
+    assert len(errors) == 1 and "--fp8-param-gather" in errors[0] and "blockwise" in errors[0], errors

@@ -128,3 +128,40 @@ def test_fp8_state_of_a_one_process_checkpoint_loads_at_another_layout(layout, t
     assert sorted(loaded) == sorted(saved)
     for name, (history, scale) in saved.items():
         assert torch.equal(loaded[name][0], history) and torch.equal(loaded[name][1], scale), name
+
+
+def _rank_run_gather(rank, world_size, argv):
+    return _run_gather(argv)
+
+
+def _run_gather(argv):
+    ctx = pretrain(gpt.datasets_provider, gpt.model_provider, gpt.forward_step, args=parse_args(argv))
+    buffers = [buf for chunk in ctx.model for buf in chunk.grad_buffers if buf.fp8_params]
+    weights = [p for buf in buffers for p in buf.params]
+    exact = all(torch.equal((w.fp8_data.float() * w.fp8_scale_inv).to(w.dtype), w.detach()) for w in weights)
+    return {"train": [loss for _, loss in ctx.log.train_history], "fp8_weights": len(weights),
+            "storage": sorted({str(buf.param_data.dtype) for buf in buffers}), "read_back_exact": exact,
+            "fp8": {n: p.fp8_data.view(torch.uint8).clone() for n, p in ctx.model[0].module.named_parameters()
+                    if hasattr(p, "fp8_data")}}
+
+
+@pytest.mark.parametrize("recipe", ["tensorwise", "delayed"])
+def test_fp8_param_gather_dp2_matches_one_process(recipe, tmp_path):
+    """--fp8-param-gather with the distributed optimizer at dp=2 (each rank casts its shard with the
+    weight's global amax and the ranks all-gather FP8 bytes): both ranks end with the same FP8
+    weights, the parameters equal their FP8 copies read back, and the losses are one process's
+    (rel 2e-3: the gradients are reduced in another order)."""
+    flags, _ = RECIPES[recipe]
+    argv = (BASE + flags + ["--use-distributed-optimizer", "--fp8-param-gather", "--overlap-grad-reduce",
+                            "--overlap-param-gather", "--data-cache-path", str(tmp_path / "cache")])
+    torch.set_num_threads(1)
+    serial = _run_gather(argv)
+    assert serial["fp8_weights"] == 2 * 4 and serial["storage"] == ["torch.uint8"] and serial["read_back_exact"]
+    results = run_distributed(_rank_run_gather, 2, argv, timeout=300)
+    for result in results:
+        assert result["fp8_weights"] == 2 * 4 and result["read_back_exact"]
+        assert result["train"] == pytest.approx(serial["train"], rel=2e-3), (result["train"], serial["train"])
+    first, second = results
+    assert sorted(first["fp8"]) == sorted(serial["fp8"])
+    for name, data in first["fp8"].items():
+        assert torch.equal(data, second["fp8"][name]), name

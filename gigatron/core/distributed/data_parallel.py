@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .config import DDPConfig
+from gigatron.core.fp8.param_gather import is_fp8_gathered
 from gigatron.core.parallel.tags import is_expert_parallel
 
 from .param_and_grad_buffer import ParamAndGradBuffer
@@ -79,12 +80,14 @@ class DistributedDataParallel(nn.Module):
 
         # One buffer per (param dtype, grad dtype, expert or dense), parameters in reverse
         # registration order.
+        # With --fp8-param-gather the FP8 linears' weights get buffers of their own (FP8 storage).
         by_dtype: dict[tuple, list] = {}
         for param in reversed(params):
-            key = (param.dtype, config.grad_dtype_for(param.dtype), is_expert_parallel(param))
+            fp8 = config.use_distributed_optimizer and is_fp8_gathered(param)
+            key = (param.dtype, config.grad_dtype_for(param.dtype), is_expert_parallel(param), fp8)
             by_dtype.setdefault(key, []).append(param)
         self.grad_buffers: list[ParamAndGradBuffer] = []  # (not `buffers`: nn.Module.buffers())
-        for (param_dtype, grad_dtype, expert), dtype_params in by_dtype.items():
+        for (param_dtype, grad_dtype, expert, fp8), dtype_params in by_dtype.items():
             self.grad_buffers.append(
                 ParamAndGradBuffer(
                     dtype_params,
@@ -100,6 +103,7 @@ class DistributedDataParallel(nn.Module):
                     average_in_collective=expt_average if expert else average_in_collective,
                     check_for_nan_in_grad=config.check_for_nan_in_grad,
                     param_names=names,
+                    fp8_params=fp8,
                 )
             )
             self.grad_buffers[-1].is_expert = expert

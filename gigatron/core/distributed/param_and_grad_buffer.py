@@ -13,7 +13,9 @@ each bucket of n elements.
 
 Each parameter gets `param.main_grad`, a view of its slice of the gradient buffer (param shape).
 With the distributed optimizer `param.data` also becomes a view into the parameter buffer, so the
-all-gather of updated shards writes straight into the model's parameters.
+all-gather of updated shards writes straight into the model's parameters. A buffer of FP8-gathered
+weights (--fp8-param-gather, gigatron.core.fp8.param_gather) instead holds one byte per element:
+the gather fills each weight's FP8 copy, which is then read back into the (separate) parameter.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from gigatron.core.fp8.param_gather import attach_fp8_storage, read_back_weights
 from gigatron.core.parallel.tags import is_shared_embedding
 
 __all__ = ["Bucket", "ParamAndGradBuffer", "NonFiniteGradientError"]
@@ -66,6 +69,7 @@ class Bucket:
         self.grad_handle = None
         self.grad_reduce_launched = False
         self.param_handle = None
+        self.read_back_pending = False
 
     # ---------------------------------------------------------------- shards
     def shard_range(self, dp_rank: int) -> tuple[int, int]:
@@ -148,16 +152,25 @@ class Bucket:
         """All-gather the updated parameter shards of the data-parallel ranks into this bucket."""
         self.finish_param_sync()
         buf = self.buffer
-        if buf.dp_group is None:
-            return
-        self.param_handle = _all_gather(self.param_data, self.local_param_shard(), buf.dp_group, async_op)
-        if not async_op:
+        self.read_back_pending = buf.fp8_params
+        if buf.dp_group is not None:
+            self.param_handle = _all_gather(self.param_data, self.local_param_shard(), buf.dp_group, async_op)
+            if async_op:
+                return
             self.param_handle = None
+        self._read_back()
 
     def finish_param_sync(self) -> None:
         if self.param_handle is not None:
             self.param_handle.wait()
             self.param_handle = None
+        self._read_back()
+
+    def _read_back(self) -> None:
+        # FP8-gathered weights: the parameters take the values of their gathered FP8 copies.
+        if self.read_back_pending:
+            self.read_back_pending = False
+            read_back_weights(self.params)
 
 
 class ParamAndGradBuffer:
@@ -190,6 +203,7 @@ class ParamAndGradBuffer:
         average_in_collective: bool,
         check_for_nan_in_grad: bool,
         param_names: dict,
+        fp8_params: bool = False,
     ) -> None:
         if not params:
             raise ValueError("ParamAndGradBuffer needs at least one parameter")
@@ -204,6 +218,10 @@ class ParamAndGradBuffer:
         self.average_in_collective = average_in_collective
         self.check_for_nan_in_grad = check_for_nan_in_grad
         self.param_names = param_names
+        if fp8_params and not use_distributed_optimizer:
+            raise ValueError("FP8-gathered weights (--fp8-param-gather) need the distributed optimizer "
+                             "(--use-distributed-optimizer)")
+        self.fp8_params = fp8_params
         self.global_rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
         device = self.params[0].device
 
@@ -247,14 +265,17 @@ class ParamAndGradBuffer:
         self.grad_data = torch.zeros(self.numel, dtype=grad_dtype, device=device)
         self.param_data = None
         if use_distributed_optimizer:
-            self.param_data = torch.zeros(self.numel, dtype=param_dtype, device=device)
+            storage_dtype = torch.uint8 if fp8_params else param_dtype
+            self.param_data = torch.zeros(self.numel, dtype=storage_dtype, device=device)
         with torch.no_grad():
             for param in self.params:
                 start, end, _ = self.param_index_map[param]
-                if self.param_data is not None:
+                if self.param_data is not None and not fp8_params:
                     self.param_data[start:end].copy_(param.data.view(-1))
                     param.data = self.param_data[start:end].view(param.shape)
                 param.main_grad = self.grad_data[start:end].view(param.shape)
+        if fp8_params:
+            attach_fp8_storage(self.params, self.param_data, self.param_index_map)
         self.buckets = [Bucket(self, i, ps, s, e) for i, (s, e, ps) in enumerate(bucket_ranges)]
 
     def bucket_of(self, param) -> Bucket:

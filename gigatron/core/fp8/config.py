@@ -60,9 +60,10 @@ class FP8Config:
     fp8_wgrad: bool = True
     """Run the weight-gradient GEMM in FP8 (--no-fp8-wgrad runs it in the activation dtype)."""
     fp8_param_gather: bool = False
-    """Keep the compute weights in FP8 and all-gather them in FP8 with the distributed optimizer
-    (half the bytes of a bf16 parameter all-gather); needs --use-distributed-optimizer. Not
-    implemented yet: pretrain refuses it."""
+    """The distributed optimizer casts the FP8 linears' weights to FP8 once per step (each weight
+    with its current amax) and all-gathers them in FP8, half the bytes of the bf16 parameter
+    all-gather; the linears use that FP8 copy. Needs --use-distributed-optimizer and --fp8-recipe
+    tensorwise or delayed."""
     first_last_layers_bf16: bool = False
     """Run the first and last transformer layers in bf16 instead of FP8 (how many: --num-layers-at-
     start-in-bf16 and --num-layers-at-end-in-bf16)."""
@@ -156,10 +157,17 @@ def check_bf16_layer_counts(config: FP8Config, num_layers: int) -> None:
 
 
 def check_fp8_param_gather(config: FP8Config, use_distributed_optimizer: bool) -> None:
-    """--fp8-param-gather is the distributed optimizer's parameter all-gather done in FP8."""
-    if config.fp8_param_gather and not use_distributed_optimizer:
+    """--fp8-param-gather is the distributed optimizer's parameter all-gather done in FP8, with one
+    scale per weight (gigatron.core.fp8.param_gather)."""
+    if not config.fp8_param_gather:
+        return
+    if not use_distributed_optimizer:
         raise ValueError("--fp8-param-gather all-gathers FP8 weights in the distributed optimizer: "
                          "add --use-distributed-optimizer or drop --fp8-param-gather")
+    if config.fp8_recipe == "blockwise":
+        raise ValueError("--fp8-param-gather casts each weight with one scale in the distributed optimizer; "
+                         "--fp8-recipe blockwise scales 128x128 weight blocks, which do not line up with the "
+                         "optimizer's shards: use --fp8-recipe tensorwise or delayed, or drop --fp8-param-gather")
 
 
 def layer_uses_fp8(config: FP8Config, layer_number: int, num_layers: int) -> bool:

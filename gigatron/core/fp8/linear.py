@@ -51,7 +51,7 @@ from .casting import (
 )
 from .state import GRAD_OUTPUT, INPUT, WEIGHT, FP8LinearState, record_amax
 
-__all__ = ["FP8Recipe", "fp8_linear", "scaled_gemm", "blockwise_scaled_mm_works"]
+__all__ = ["FP8Recipe", "fp8_linear", "quantize_weight", "scaled_gemm", "blockwise_scaled_mm_works"]
 
 
 @dataclass(frozen=True)
@@ -153,6 +153,26 @@ def _tensor_scale(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return scale_from_amax(amax(t), FP8_MAX[dtype])
 
 
+def quantize_weight(weight: torch.Tensor, recipe: FP8Recipe, amax_history: Optional[torch.Tensor],
+                    scale: Optional[torch.Tensor]) -> Quantized:
+    """The FP8 operand of `weight` [N, K] for a forward GEMM.
+
+    With --fp8-param-gather the distributed optimizer has already cast the weight to FP8 after its
+    step (`weight.fp8_data` with `weight.fp8_scale_inv`, scaled by the weight's current amax; see
+    gigatron.core.fp8.param_gather): that copy is used as it is. Otherwise the weight is cast here:
+    blockwise in 128x128 blocks, delayed with the scale of the layer's amax history (recording this
+    step's amax), tensorwise with its current amax."""
+    cached = getattr(weight, "fp8_data", None)
+    if cached is not None and recipe.kind != "blockwise":
+        return Quantized(cached, weight.fp8_scale_inv, "tensor")
+    if recipe.kind == "blockwise":
+        return quantize_128x128(weight, recipe.fwd_dtype)
+    if recipe.kind == "delayed":
+        record_amax(amax_history, WEIGHT, weight)
+        return quantize_tensorwise(weight, scale[WEIGHT], recipe.fwd_dtype)
+    return quantize_tensorwise(weight, _tensor_scale(weight, recipe.fwd_dtype), recipe.fwd_dtype)
+
+
 class _FP8LinearFunction(torch.autograd.Function):
     """forward: y = x W^T + b in FP8; backward: dgrad and wgrad GEMMs in FP8 (no communication)."""
 
@@ -161,20 +181,18 @@ class _FP8LinearFunction(torch.autograd.Function):
         in_features = x.shape[-1]
         x2 = x.reshape(-1, in_features)  # [M, K]
         fwd = recipe.fwd_dtype
+        wq = quantize_weight(weight, recipe, amax_history, scale)
         if recipe.kind == "blockwise":
             xq = quantize_1x128(x2, fwd)
-            wq = quantize_128x128(weight, fwd)
             y = scaled_gemm(xq, wq, x.dtype, blockwise_backend=recipe.blockwise_backend)  # [M, N]
             x_saved = quantize_1x128(x2.t(), fwd) if recipe.wgrad_in_fp8 else None  # x^T [K, M]
         else:
             if recipe.kind == "delayed":
-                x_scale, w_scale = scale[INPUT], scale[WEIGHT]
+                x_scale = scale[INPUT]
                 record_amax(amax_history, INPUT, x2)
-                record_amax(amax_history, WEIGHT, weight)
             else:
-                x_scale, w_scale = _tensor_scale(x2, fwd), _tensor_scale(weight, fwd)
+                x_scale = _tensor_scale(x2, fwd)
             xq = quantize_tensorwise(x2, x_scale, fwd)
-            wq = quantize_tensorwise(weight, w_scale, fwd)
             y = scaled_gemm(xq, wq, x.dtype, fast_accum=True)  # [M, N]
             x_saved = xq if recipe.wgrad_in_fp8 else None
         if bias is not None:

@@ -30,9 +30,9 @@ import torch.distributed as dist
 from gigatron.core.parallel.groups import Group
 from gigatron.core.parallel.mappings import all_gather, reduce_scatter
 
-from .casting import FP8_MAX, Quantized, amax, quantize_128x128, quantize_1x128, quantize_tensorwise, scale_from_amax
-from .linear import FP8Recipe, fp8_linear, scaled_gemm
-from .state import GRAD_OUTPUT, INPUT, WEIGHT, FP8LinearState, record_amax
+from .casting import FP8_MAX, Quantized, amax, quantize_1x128, quantize_tensorwise, scale_from_amax
+from .linear import FP8Recipe, fp8_linear, quantize_weight, scaled_gemm
+from .state import GRAD_OUTPUT, INPUT, FP8LinearState, record_amax
 
 __all__ = ["fp8_linear_with_sequence_parallel_gather", "all_gather_fp8"]
 
@@ -62,22 +62,19 @@ class _FP8LinearWithSequenceParallelGather(torch.autograd.Function):
         k = x.shape[-1]
         x2 = x.reshape(-1, k)  # [s/t * b, K]
         fwd = recipe.fwd_dtype
+        wq = quantize_weight(weight, recipe, amax_history, scale)
         if recipe.kind == "blockwise":
             xq = quantize_1x128(x2, fwd)
             x_full = Quantized(all_gather_fp8(xq.data, group), all_gather(xq.scale_inv, group, dim=0), "1x128")
-            wq = quantize_128x128(weight, fwd)
             ctx.save_for_backward(x2, wq.data, wq.scale_inv)
         else:
             if recipe.kind == "delayed":
-                x_scale, w_scale = scale[INPUT], scale[WEIGHT]
+                x_scale = scale[INPUT]
                 record_amax(amax_history, INPUT, x2)
-                record_amax(amax_history, WEIGHT, weight)
             else:
                 x_scale = scale_from_amax(_group_amax(x2, group), FP8_MAX[fwd])
-                w_scale = scale_from_amax(amax(weight), FP8_MAX[fwd])
             xq = quantize_tensorwise(x2, x_scale, fwd)
             x_full = Quantized(all_gather_fp8(xq.data, group), xq.scale_inv, "tensor")
-            wq = quantize_tensorwise(weight, w_scale, fwd)
             ctx.save_for_backward(xq.data, xq.scale_inv, wq.data, wq.scale_inv)
         y = scaled_gemm(x_full, wq, x.dtype, fast_accum=recipe.kind != "blockwise",
                         blockwise_backend=recipe.blockwise_backend)  # [s * b, N/t]

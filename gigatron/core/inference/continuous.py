@@ -31,6 +31,11 @@ One call of step():
      when its on_token callback says so (a stop string) or when it is withdrawn (its client went
      away); its slot is free for the next step.
 
+A Mamba / hybrid model also has one row of recurrent states per slot (state_cache.py): a
+sequence's first prefill chunk (position 0) starts from zero states, so a reused slot is reset by
+its new sequence, and the decode step tells the model which rows are decoding (lengths 1 / 0), so
+the padding fed by free and prefilling slots never reaches their states.
+
 Greedy results equal those of running each request alone (tested); a seeded sequence draws from
 its own generator seeded with its seed (row i of a request: seed + i), so a one-row seeded request
 draws what the static engine draws for it alone. Log-probabilities are the model's own (before
@@ -50,17 +55,23 @@ import torch.nn.functional as F
 from gigatron.core.inference.engine import InferenceEngine, SamplingParams
 from gigatron.core.inference.kv_cache import InferenceContext
 from gigatron.core.inference.sampling import sample
+from gigatron.core.inference.state_cache import inference_context_for, is_recurrent_model, mamba_state_bytes_per_row
 
 __all__ = ["Sequence", "ContinuousBatcher", "continuous_capable", "slot_bytes", "slots_for_buffer"]
 
 
 def slot_bytes(model, max_sequence_length: int) -> int:
-    """KV-cache bytes of one slot: keys and values of every local layer for S positions
-    (2 * layers * S * key/value groups on this rank * head dim * bytes per element)."""
+    """KV-cache bytes of one slot: keys and values of every local attention layer for S positions
+    (2 * layers * S * key/value groups on this rank * head dim * bytes per element), plus a Mamba
+    model's recurrent states of one sequence (state_cache.py; constant in S)."""
     config = model.config
     element = next(model.parameters()).element_size()
     groups = config.num_query_groups // config.tensor_model_parallel_size
-    return 2 * len(model.decoder.layers) * max_sequence_length * groups * config.kv_channels * element
+    if not is_recurrent_model(model):
+        return 2 * len(model.decoder.layers) * max_sequence_length * groups * config.kv_channels * element
+    attention = sum(hasattr(layer, "self_attention") for layer in model.decoder.layers)
+    return (2 * attention * max_sequence_length * groups * config.kv_channels * element
+            + mamba_state_bytes_per_row(model))
 
 
 def slots_for_buffer(model, max_sequence_length: int, buffer_gb: float) -> int:
@@ -124,7 +135,7 @@ class ContinuousBatcher:
         self.max_requests = int(max_requests)
         self.prefill_chunk = int(prefill_chunk)
         self.S = engine.max_sequence_length
-        self.ctx = InferenceContext.for_model(engine.model, self.max_requests, self.S)
+        self.ctx = inference_context_for(engine.model, self.max_requests, self.S)
         self.waiting: Deque[Sequence] = collections.deque()
         self.slots: List[Optional[Sequence]] = [None] * self.max_requests
         self.steps = 0
@@ -192,6 +203,8 @@ class ContinuousBatcher:
     def _slot_view(self, slot: int) -> InferenceContext:
         """The cache of one slot as a one-row context (views of the cache tensors: writes land in
         the slot)."""
+        if getattr(self.ctx, "mamba_states", None) is not None:
+            return self.ctx.rows(slot, slot + 1)
         view = object.__new__(InferenceContext)
         view.max_batch_size = 1
         view.max_sequence_length = self.S
@@ -241,14 +254,21 @@ class ContinuousBatcher:
             else:  # in prefill: padding at the first position it has not written (overwritten later)
                 positions[slot] = seq.prefilled
         kv_len = max(positions) + 1
-        view = object.__new__(InferenceContext)
-        view.max_batch_size = m
-        view.max_sequence_length = self.S
-        view.key_cache = {k: t[:m] for k, t in self.ctx.key_cache.items()}
-        view.value_cache = {k: t[:m] for k, t in self.ctx.value_cache.items()}
-        view.positions, view._rows, view.kv_len = None, None, self.S
+        lengths = None
+        if getattr(self.ctx, "mamba_states", None) is not None:
+            # The padding fed by free and prefilling slots must not reach their recurrent states.
+            view = self.ctx.rows(0, m)
+            lengths = torch.tensor([int(id(self.slots[r]) in now) for r in range(m)], device=device)
+        else:
+            view = object.__new__(InferenceContext)
+            view.max_batch_size = m
+            view.max_sequence_length = self.S
+            view.key_cache = {k: t[:m] for k, t in self.ctx.key_cache.items()}
+            view.value_cache = {k: t[:m] for k, t in self.ctx.value_cache.items()}
+            view.positions, view._rows, view.kv_len = None, None, self.S
         logits = engine._forward(view, torch.tensor(tokens, device=device)[:, None],
-                                 torch.tensor(positions, device=device)[:, None], kv_len)[:, -1]  # [m, V]
+                                 torch.tensor(positions, device=device)[:, None], kv_len,
+                                 lengths=lengths)[:, -1]  # [m, V]
         rows = torch.tensor([seq.slot for seq in decoding], device=device)
         logits = logits[rows]  # [k, V], in the order of `decoding`
         self._take(decoding, logits, F.log_softmax(logits, dim=-1), ended)

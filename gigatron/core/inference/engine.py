@@ -11,6 +11,10 @@ position; row r's first generated token is sampled from the logits at its last p
 to slots at or before its own position, so padding is never attended by a real token. Decode steps
 feed one token per row ([b, 1]) at that row's own position.
 
+A MambaModel's Mamba layers keep recurrent states instead of keys and values (state_cache.py):
+the prefill is told each row's prompt length, so that the right padding does not advance a row's
+state, and a decode step advances every row's state by its new token.
+
 With tensor parallelism every rank runs the same steps; the vocab-parallel logits are gathered
 over the tensor-parallel group and the sampled tokens are broadcast from its first rank, so all
 ranks keep identical sequences. Only the true vocabulary is ever scored or sampled (the padded
@@ -94,6 +98,7 @@ from gigatron.core.inference.advance import StopTokens, advance
 from gigatron.core.inference.decode_step import DecodeKernels, DecodeStep
 from gigatron.core.inference.kv_cache import InferenceContext, causal_cache_mask, decode_kv_bucket, decode_kv_buckets
 from gigatron.core.inference.sampling import check_sampling_params, greedy_tokens, sample
+from gigatron.core.inference.state_cache import inference_context_for, is_recurrent_model
 
 __all__ = ["InferenceEngine", "SamplingParams", "GenerationResult", "BeamResult", "PromptTooLongError",
            "DECODE_MODES"]
@@ -197,7 +202,9 @@ def _single_token(tokenizer, text: str) -> Optional[int]:
 
 
 class InferenceEngine:
-    """Generation from a GPTModel (one pipeline stage holding every layer).
+    """Generation from a GPTModel, or a MambaModel (Mamba / hybrid: its Mamba layers keep a
+    recurrent state cache beside the attention layers' KV cache, state_cache.py), one pipeline
+    stage holding every layer.
 
     InferenceEngine(model, tokenizer, *, groups=None, vocab_size=None, max_batch_size=8,
                     max_sequence_length=None, decode_mode="eager")
@@ -250,9 +257,10 @@ class InferenceEngine:
         self.decode_mode = decode_mode
         kernels = _decode_kernels if _decode_kernels is not None else DecodeKernels()
         # What a captured decode step runs: the decode step with the Triton kernels on CUDA, the
-        # model's own forward elsewhere (and with the kernels off).
+        # model's own forward elsewhere (and with the kernels off, and for models with Mamba layers,
+        # whose recurrent step is the mixer's own).
         self._decode_model = (DecodeStep(model, kernels) if self.device.type == "cuda" and kernels.gemv
-                              else model)
+                              and not is_recurrent_model(model) else model)
         self._compiled_step = None  # torch.compile of _decode_forward (decode_mode "compiled")
         self.eod = tokenizer.eod
         self.newline = _single_token(tokenizer, "\n")
@@ -267,7 +275,7 @@ class InferenceEngine:
     # ------------------------------------------------------------------ helpers
     def context(self) -> InferenceContext:
         if self._context is None:
-            self._context = InferenceContext.for_model(self.model, self.max_batch_size, self.max_sequence_length)
+            self._context = inference_context_for(self.model, self.max_batch_size, self.max_sequence_length)
         return self._context
 
     def tokenize_prompts(self, prompts: Sequence[str], add_BOS: bool = False) -> List[List[int]]:
@@ -306,10 +314,15 @@ class InferenceEngine:
         return tokens
 
     def _forward(self, ctx: InferenceContext, tokens: torch.Tensor, positions: torch.Tensor,
-                 kv_len: int, model=None) -> torch.Tensor:
+                 kv_len: int, model=None, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
         """tokens, positions [b, s] -> logits [b, s, V] (fp32), through `model` (default: the
-        model's own forward; captured decode steps pass the decode step)."""
+        model's own forward; captured decode steps pass the decode step). lengths [b]: the real
+        tokens of each row (the rest is right padding), for the recurrent states of Mamba layers
+        (state_cache.py); None: all s."""
         ctx.set_positions(positions, kv_len)
+        states = getattr(ctx, "mamba_states", None)
+        if states is not None:
+            states.set_lengths(lengths)
         mask = causal_cache_mask(positions, kv_len)  # [b, 1, s, kv_len]
         logits = (self.model if model is None else model)(tokens, positions, mask, inference_context=ctx)  # [s, b, Vp/tp]
         return self._full_logits(logits)
@@ -450,7 +463,7 @@ class InferenceEngine:
 
         ctx = self.context()
         positions = torch.arange(longest, device=device).expand(b, longest)  # [b, L]
-        logits = self._forward(ctx, tokens[:, :longest], positions, longest)  # [b, L, V]
+        logits = self._forward(ctx, tokens[:, :longest], positions, longest, lengths=lengths)  # [b, L, V]
         token_logprobs = torch.zeros(b, total, device=device)  # [b, L + T]; entry j: log p(token j)
         num_top = min(params.top_logprobs, self.vocab_size)
         prompt_top = None  # (values, ids) [b, L-1, n]: the top n at every prompt position after the first
@@ -689,6 +702,8 @@ class InferenceEngine:
             tokens = torch.cat([tokens[beam_idx], new[:, None]], dim=1)  # [bw, cur_len]
             for cache in (*ctx.key_cache.values(), *ctx.value_cache.values()):
                 cache[:beam_width] = cache[beam_idx]  # reorder rows to follow their beams
+            if getattr(ctx, "mamba_states", None) is not None:
+                ctx.mamba_states.reorder(beam_idx)
             pos = torch.full((beam_width, 1), cur_len - 1, device=device, dtype=torch.long)
             logits = self._forward(ctx, new[:, None], pos, cur_len)[:, -1]  # [bw, V]
         out_tokens = [hyp for _, hyp in finished]
@@ -778,6 +793,8 @@ class _DecodeGraph:
         positions.zero_()
         saved = {k: (ctx.key_cache[k][:batch, :1].clone(), ctx.value_cache[k][:batch, :1].clone())
                  for k in ctx.key_cache}
+        states = getattr(ctx, "mamba_states", None)  # the Mamba layers' recurrent states advance too
+        saved_states = [t[:batch].clone() for t in states.tensors()] if states is not None else []
         step = engine._step_function()
         stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
@@ -793,6 +810,9 @@ class _DecodeGraph:
         for k, (kc, vc) in saved.items():
             ctx.key_cache[k][:batch, :1].copy_(kc)
             ctx.value_cache[k][:batch, :1].copy_(vc)
+        if states is not None:
+            for t, kept in zip(states.tensors(), saved_states):
+                t[:batch].copy_(kept)
         tokens.copy_(saved_inputs[0])
         positions.copy_(saved_inputs[1])
 

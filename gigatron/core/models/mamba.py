@@ -55,6 +55,9 @@ class MambaModel(nn.Module):
       not post_process:        hidden [s, b, h] ([s/tp, b, h] with sequence parallel)
     attention_mask (attention layers only): None for causal, or Megatron's bool [b | 1, 1, s, s]
     with True where a query must not see a key. Mamba layers are causal by construction.
+    inference_context (keyword, generation only): the caches of a generation step, a
+    HybridInferenceContext (gigatron/core/inference/state_cache.py): the KV cache of the attention
+    layers and the recurrent states of the Mamba layers, read and written in place.
     """
 
     def __init__(self, config, mamba_config, groups, vocab_size: int, pre_process: bool = True,
@@ -127,7 +130,8 @@ class MambaModel(nn.Module):
         return local * self.groups.tp.size if self.sequence_parallel else local
 
     def forward(self, input_ids: Optional[torch.Tensor], position_ids: Optional[torch.Tensor] = None,
-                attention_mask: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None):
+                attention_mask: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
+                inference_context=None):
         hidden = self.embedding(input_ids, position_ids) if self.pre_process else None
         rotary = None
         if self.rotary_pos_emb is not None:
@@ -137,7 +141,7 @@ class MambaModel(nn.Module):
             dropout = self.training and self.config.attention_dropout > 0
             check_attention_backend(self.config, reference.device, self.config.params_dtype,
                                     attention_mask is not None, dropout)
-        hidden = self.decoder(hidden, attention_mask, rotary)
+        hidden = self.decoder(hidden, attention_mask, rotary, inference_context=inference_context)
         if not self.post_process:
             return hidden
         return self._output(hidden, labels)

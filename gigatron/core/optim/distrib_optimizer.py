@@ -10,6 +10,11 @@ after the step the updated shard is written into the parameter buffer and all-ga
 
 Bytes per parameter (d = data-parallel size; padding aside): bf16 params + fp32 grads: 2 + 4 +
 (4 main + 8 Adam) / d = 6 + 12/d; fp32 params + fp32 grads: 4 + 4 + 8/d.
+
+With --fp8-param-gather the FP8 linears' weights sit in buffers of FP8 storage: the updated
+shards are cast to FP8 with each weight's global amax (one MAX all-reduce per buffer) and the
+all-gather moves one byte per element (gigatron.core.fp8.param_gather); those weights cost one
+byte per element more (2 + 1 + 4 + 12/d).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from typing import Any, Optional
 
 import torch
 
+from gigatron.core.fp8.param_gather import cast_main_shards
 from gigatron.core.parallel.tags import is_expert_parallel
 
 from .config import OptimizerConfig
@@ -59,7 +65,9 @@ class DistributedOptimizer(MegatronOptimizer):
                             continue
                         if param not in group_of:
                             raise ValueError("a DDP parameter is missing from the optimizer param groups")
-                        if buf.param_dtype == torch.float32:
+                        if buf.fp8_params:  # FP8 storage: the shard's values come from the parameter
+                            main = param.detach().reshape(-1)[lo - p_lo:hi - p_lo].float()
+                        elif buf.param_dtype == torch.float32:
                             main = buf.param_data[lo:hi]  # the fp32 model weights themselves
                         else:
                             main = buf.param_data[lo:hi].detach().float()  # fp32 copy of the shard
@@ -69,6 +77,9 @@ class DistributedOptimizer(MegatronOptimizer):
                         mains_per_group[gi].append(main)
         main_groups = [{**g, "params": mains} for g, mains in zip(param_groups, mains_per_group)]
         self.optimizer = _make_torch_optimizer(config, main_groups, self.device)
+        # Buffers of FP8-gathered weights, each with the entries of its local shards.
+        self._fp8_buffers = [(buf, [i for i, (b, _, _) in enumerate(self._entry_buffer_range) if b is buf])
+                             for chunk in self.model_chunks for buf in chunk.grad_buffers if buf.fp8_params]
 
     # ------------------------------------------------------------ step pieces
     def _before_step(self) -> None:
@@ -90,9 +101,23 @@ class DistributedOptimizer(MegatronOptimizer):
 
     def _copy_main_params_to_model_params(self) -> None:
         for entry, (buf, lo, hi) in zip(self.entries, self._entry_buffer_range):
+            if buf.fp8_params:
+                continue
             shard = buf.param_data[lo:hi]
             if entry.main_param.data_ptr() != shard.data_ptr():
                 shard.copy_(entry.main_param)
+        for buf, indices in self._fp8_buffers:
+            pieces = [(self.entries[i].model_param, self.entries[i].main_param,
+                       buf.param_data[self._entry_buffer_range[i][1]:self._entry_buffer_range[i][2]])
+                      for i in indices]
+            cast_main_shards(buf.params, pieces, buf.dp_group)
+
+    def reload_model_params(self) -> None:
+        super().reload_model_params()
+        if self._fp8_buffers:
+            # The FP8 copies the linears read must follow the loaded weights before the next forward.
+            self._copy_main_params_to_model_params()
+            self._after_load()
 
     def _grad_stats_groups(self) -> list:
         # Each element's gradient lives on exactly one data-parallel rank: add over both.
@@ -126,6 +151,7 @@ class DistributedOptimizer(MegatronOptimizer):
         """Bytes this rank holds: model params/grads in the DDP buffers, fp32 main params that are
         not views of the model params, and optimizer states."""
         param_bytes = sum(b.param_data.numel() * b.param_data.element_size()
+                          + (sum(p.numel() * p.element_size() for p in b.params) if b.fp8_params else 0)
                           for c in self.model_chunks for b in c.grad_buffers)
         grad_bytes = sum(b.grad_data.numel() * b.grad_data.element_size()
                          for c in self.model_chunks for b in c.grad_buffers)

@@ -30,6 +30,7 @@ from torch import nn
 
 from gigatron.core.ops.causal_conv1d import causal_conv1d
 from gigatron.core.ops.ssd import DEFAULT_CHUNK_SIZE, ssd_scan
+from gigatron.core.ops.ssd_step import gated_rmsnorm, mamba_decode_step, reference_gated_rmsnorm
 from gigatron.core.parallel import tags
 from gigatron.core.transformer.mamba.config import MAMBA_CONV_KERNEL, mamba_num_heads
 from gigatron.core.transformer.mamba.layout import (
@@ -66,16 +67,6 @@ def output_init_method(config, is_hybrid_model: bool):
     hybrid model (--is-hybrid-model) and 2 otherwise (Megatron's output_layer_init_method)."""
     multiplier = 1.0 if is_hybrid_model else 2.0
     return _Normal(config.init_method_std / math.sqrt(multiplier * config.num_layers))
-
-
-def reference_gated_rmsnorm(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, group_size: int,
-                            eps: float = GATED_NORM_EPS) -> torch.Tensor:
-    """rmsnorm(y * silu(z)) * weight over each group of `group_size` channels of the last dim;
-    computed in fp32, returned in y's dtype. [..., I] -> [..., I]."""
-    g = (y.float() * F.silu(z.float()))
-    grouped = g.unflatten(-1, (g.shape[-1] // group_size, group_size))  # [..., I/gs, gs]
-    normed = grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + eps)
-    return (normed.flatten(-2) * weight.float()).to(y.dtype)
 
 
 class GatedRMSNorm(nn.Module):
@@ -125,6 +116,7 @@ class MambaMixer(nn.Module):
         self.config = config
         self.layer_number = layer_number
         self.chunk_size = chunk_size
+        self.decode_kernel = "auto"  # the generation step's kernel (ops/ssd_step.py); benchmarks set "reference"
         self.head_dim = mamba_config.mamba_head_dim
         self.state_dim = mamba_config.mamba_state_dim
         num_heads = mamba_num_heads(mamba_config, config.hidden_size)
@@ -163,19 +155,78 @@ class MambaMixer(nn.Module):
             init_method=output_init_method(config, mamba_config.is_hybrid_model), bias=False,
             input_is_parallel=True, skip_bias_add=True, init_key=prefix + ".out_proj")
 
-    def forward(self, hidden: torch.Tensor):
+    def forward(self, hidden: torch.Tensor, inference_context=None):
+        """inference_context: None (training, whole sequences from zero states), or the context of a
+        generation step holding `mamba_states` (gigatron/core/inference/state_cache.py): the step
+        starts from the cached states of its rows and writes their new states back."""
         zxbcdt, _ = self.in_proj(hidden)  # [s, b, 2I + 2GN + H]
         s, b = zxbcdt.shape[0], zxbcdt.shape[1]
         z, xbc, dt = torch.split(zxbcdt, [self.d_inner, self.conv_dim, self.num_heads], dim=-1)
+        states = getattr(inference_context, "mamba_states", None) if inference_context is not None else None
+        if states is not None:
+            if s == 1:
+                y = self._decode_step(xbc[0], dt[0], inference_context, states)  # [b, I]
+                y = gated_rmsnorm(y, z[0], self.norm.weight, self.norm.group_size, self.norm.eps,
+                                  kernel=self.decode_kernel)  # [b, I]
+                return self.out_proj(y[None])
+            return self.out_proj(self.norm(self._prefill(xbc, dt, inference_context, states), z))
         xbc = self.conv1d(xbc.transpose(0, 1))  # [b, s, I + 2GN] (stored sequence-major)
-        x, B, C = torch.split(xbc, [self.d_inner, self.num_groups * self.state_dim,
-                                    self.num_groups * self.state_dim], dim=-1)
-        x = x.unflatten(-1, (self.num_heads, self.head_dim))  # [b, s, H, P]
-        B = B.unflatten(-1, (self.num_groups, self.state_dim))  # [b, s, G, N]
-        C = C.unflatten(-1, (self.num_groups, self.state_dim))  # [b, s, G, N]
+        x, B, C = self._split_xbc(xbc)
         dt = F.softplus(dt.float() + self.dt_bias.float()).transpose(0, 1)  # [b, s, H]
         A = -torch.exp(self.A_log.float())  # [H]
         y, _ = ssd_scan(x, dt, A, B, C, self.D, chunk_size=self.chunk_size)  # [b, s, H, P]
         y = y.transpose(0, 1).reshape(s, b, self.d_inner)  # [s, b, I]
         y = self.norm(y, z)  # [s, b, I]
         return self.out_proj(y)
+
+    def _split_xbc(self, xbc: torch.Tensor):
+        """[..., I + 2GN] -> x [..., H, P], B [..., G, N], C [..., G, N]."""
+        x, B, C = torch.split(xbc, [self.d_inner, self.num_groups * self.state_dim,
+                                    self.num_groups * self.state_dim], dim=-1)
+        return (x.unflatten(-1, (self.num_heads, self.head_dim)), B.unflatten(-1, (self.num_groups, self.state_dim)),
+                C.unflatten(-1, (self.num_groups, self.state_dim)))
+
+    def _start_states(self, inference_context, states, b: int):
+        """(conv [b, C, K-1], ssm [b, H, P, N]) the step starts from: the cached states, zeros for a
+        row whose first new position is 0 (a new sequence), and the cache views to write back."""
+        conv_cache, ssm_cache = states.layer(self.layer_number, b)
+        fresh = inference_context.positions[:, 0] == 0  # [b]
+        conv0 = torch.where(fresh[:, None, None], torch.zeros((), dtype=conv_cache.dtype, device=conv_cache.device),
+                            conv_cache)
+        ssm0 = torch.where(fresh[:, None, None, None], torch.zeros((), device=ssm_cache.device), ssm_cache)
+        return conv0, ssm0, conv_cache, ssm_cache
+
+    def _prefill(self, xbc: torch.Tensor, dt: torch.Tensor, inference_context, states) -> torch.Tensor:
+        """s > 1 new tokens per row from the cached states: xbc [s, b, I + 2GN], dt [s, b, H] ->
+        y [s, b, I]; writes the states after each row's last real token (states.lengths) back."""
+        s, b = xbc.shape[0], xbc.shape[1]
+        conv0, ssm0, conv_cache, ssm_cache = self._start_states(inference_context, states, b)
+        width = conv0.shape[-1]  # K - 1
+        lengths = states.lengths[:b] if states.lengths is not None else None
+        inputs = torch.cat([conv0.transpose(1, 2).to(xbc.dtype), xbc.transpose(0, 1)], dim=1)  # [b, K-1+s, C]
+        conv_out = self.conv1d(inputs)[:, width:]  # [b, s, C]
+        x, B, C = self._split_xbc(conv_out)
+        dt = F.softplus(dt.float() + self.dt_bias.float()).transpose(0, 1)  # [b, s, H]
+        if lengths is not None:  # padding past a row's length neither decays nor feeds its state
+            real = torch.arange(s, device=dt.device)[None, :] < lengths[:, None]  # [b, s]
+            dt = dt * real[..., None]
+        A = -torch.exp(self.A_log.float())  # [H]
+        y, final = ssd_scan(x, dt, A, B, C, self.D, initial_state=ssm0, chunk_size=self.chunk_size)
+        ends = lengths if lengths is not None else torch.full((b,), s, dtype=torch.long, device=xbc.device)
+        window = ends[:, None] + torch.arange(width, device=xbc.device)[None, :]  # [b, K-1] indices into inputs
+        last = inputs.gather(1, window[..., None].expand(b, width, inputs.shape[-1]))  # [b, K-1, C]
+        conv_cache.copy_(last.transpose(1, 2).to(conv_cache.dtype))
+        ssm_cache.copy_(final)
+        return y.transpose(0, 1).reshape(s, b, self.d_inner)
+
+    def _decode_step(self, xbc: torch.Tensor, dt: torch.Tensor, inference_context, states) -> torch.Tensor:
+        """One new token per row: xbc [b, I + 2GN], dt [b, H] -> y [b, I]; updates the cached states in
+        place (gigatron/core/ops/ssd_step.py: the recurrence in plain PyTorch, one Triton kernel for
+        the convolution and one for the state on CUDA); rows of length 0 keep their states."""
+        b = xbc.shape[0]
+        conv_cache, ssm_cache = states.layer(self.layer_number, b)
+        fresh = inference_context.positions[:, 0] == 0  # [b]: a new sequence starts from zero states
+        keep = states.lengths[:b] == 0 if states.lengths is not None else None
+        return mamba_decode_step(xbc, dt, conv_cache, self.conv1d.weight[:, 0, :], self.conv1d.bias, ssm_cache,
+                                 self.A_log, self.D, self.dt_bias, self.num_groups, fresh=fresh, keep=keep,
+                                 kernel=self.decode_kernel)

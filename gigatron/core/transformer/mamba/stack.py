@@ -65,15 +65,16 @@ class _ResidualLayer(nn.Module):
 
 
 class MambaLayer(_ResidualLayer):
-    """forward(hidden [s, b, h], attention_mask=None, rotary_pos_emb=None) -> [s, b, h]."""
+    """forward(hidden [s, b, h], attention_mask=None, rotary_pos_emb=None, inference_context=None)
+    -> [s, b, h] (inference_context: a generation step's caches, see MambaMixer.forward)."""
 
     def __init__(self, config, mamba_config, groups, layer_number: int):
         super().__init__(config, layer_number)
         self.norm = build_norm(config, config.hidden_size, groups, init_key=f"decoder.layers.{layer_number}.norm")
         self.mixer = MambaMixer(config, mamba_config, groups, layer_number)
 
-    def forward(self, hidden, attention_mask=None, rotary_pos_emb=None):
-        out, bias = self.mixer(self.norm(hidden))
+    def forward(self, hidden, attention_mask=None, rotary_pos_emb=None, inference_context=None):
+        out, bias = self.mixer(self.norm(hidden), inference_context)
         return self._residual(out, bias, hidden)
 
 
@@ -90,8 +91,9 @@ class AttentionLayer(_ResidualLayer):
             tags.set_init(self.self_attention.linear_proj.weight, output_init_method(config, True),
                           prefix + ".self_attention.linear_proj.weight")
 
-    def forward(self, hidden, attention_mask=None, rotary_pos_emb=None):
-        out, bias = self.self_attention(self.input_layernorm(hidden), attention_mask, rotary_pos_emb)
+    def forward(self, hidden, attention_mask=None, rotary_pos_emb=None, inference_context=None):
+        out, bias = self.self_attention(self.input_layernorm(hidden), attention_mask, rotary_pos_emb,
+                                        inference_context=inference_context)
         return self._residual(out, bias, hidden)
 
 
@@ -115,7 +117,7 @@ class MLPLayer(_ResidualLayer):
                 tags.set_init(self.mlp.linear_fc2.weight, output_init_method(config, True),
                               prefix + ".mlp.linear_fc2.weight")
 
-    def forward(self, hidden, attention_mask=None, rotary_pos_emb=None):
+    def forward(self, hidden, attention_mask=None, rotary_pos_emb=None, inference_context=None):
         out, bias = self.mlp(self.pre_mlp_layernorm(hidden))
         return self._residual(out, bias, hidden)
 
@@ -175,9 +177,9 @@ class MambaStack(nn.Module):
         """Input of a stage after the first: [s, b, h] (or [s/tp, b, h] with sequence parallel)."""
         self.input_tensor = tensor
 
-    def _run_layers(self, start: int, end: int, hidden, attention_mask, rotary_pos_emb):
+    def _run_layers(self, start: int, end: int, hidden, attention_mask, rotary_pos_emb, inference_context=None):
         for layer in self.layers[start:end]:
-            hidden = layer(hidden, attention_mask, rotary_pos_emb)
+            hidden = layer(hidden, attention_mask, rotary_pos_emb, inference_context)
             router = getattr(getattr(layer, "mlp", None), "router", None)
             if router is not None and router.pending_aux_losses:
                 router.flush_aux_losses()  # values a compiled MoE layer queued
@@ -208,7 +210,9 @@ class MambaStack(nn.Module):
         return hidden
 
     def forward(self, hidden: Optional[torch.Tensor], attention_mask: Optional[torch.Tensor] = None,
-                rotary_pos_emb=None) -> torch.Tensor:
+                rotary_pos_emb=None, inference_context=None) -> torch.Tensor:
+        """inference_context: None, or a generation step's caches (KV cache of the attention
+        layers, recurrent states of the Mamba layers: gigatron/core/inference/state_cache.py)."""
         if not self.pre_process:
             if self.input_tensor is None:
                 raise RuntimeError("a pipeline stage after the first needs set_input_tensor() before forward")
@@ -216,7 +220,8 @@ class MambaStack(nn.Module):
         if self.config.recompute_granularity == "full" and self.training and torch.is_grad_enabled():
             hidden = self._forward_full_recompute(hidden, attention_mask, rotary_pos_emb)
         else:
-            hidden = self._run_layers(0, self.num_local_layers, hidden, attention_mask, rotary_pos_emb)
+            hidden = self._run_layers(0, self.num_local_layers, hidden, attention_mask, rotary_pos_emb,
+                                      inference_context)
         if self.final_norm is not None:
             hidden = self.final_norm(hidden)
         return hidden
