@@ -28,8 +28,13 @@ distributed optimizer; the step and parameter-group hyper-parameters come from c
 tensors other than the routed experts and the router (shared experts, for one) are refused with
 the Megatron-LM command that re-saves the model.
 
+BERT and T5 (Megatron-Core's BertModel / T5Model) are read and written the same way: their
+`encoder.layers.*` are stacked like the decoder's, T5's duplicate keys are skipped and written as
+copies (megatron_names.py).
+
 Writing (`write_megatron_dist`, convert.py --saver megatron_dist): a model as Megatron-Core's own
-torch_dist, loadable by `megatron.core.dist_checkpointing.load` into its GPTModel: stacked keys,
+torch_dist, loadable by `megatron.core.dist_checkpointing.load` into its GPTModel (BertModel,
+T5Model): stacked keys,
 fused-norm names, the `_extra_state` objects its loader expects, common.pt with a Namespace `args`
 and Megatron's four-key metadata.json. Training writes the same layout with --ckpt-format
 megatron_torch_dist (`save_training_state`, model and Adam state from every rank: see the section
@@ -56,7 +61,8 @@ from gigatron.core.checkpoint.foreign import rng_state_from_megatron
 from gigatron.core.checkpoint.io import CheckpointError, CorruptCheckpointError, safe_torch_load
 from gigatron.core.checkpoint.megatron_names import (
     EXPERTS_PREFIX,
-    split_layer_name,
+    aliases_in,
+    split_block_name,
     stacked_axes,
     stacked_candidates,
     unstacked_name,
@@ -102,6 +108,8 @@ def _model_entries(metadata, iter_dir: str = "") -> dict:
                if isinstance(md, TensorStorageMetadata) and not key.startswith(_OPTIMIZER_PREFIX)}
     unread = sorted(key for key in entries if ".mlp." in key and ("experts." in key or ".router." in key)
                     and not key.startswith(EXPERTS_PREFIX) and key != "decoder.layers.mlp.router.weight")
+    for alias in aliases_in(entries):  # T5Model's second copy of its output bias / position embedding
+        del entries[alias]
     if unread:
         raise CheckpointError(f"{iter_dir} holds mixture-of-experts tensors Gigatron does not read from Megatron-Core's "
                               f"torch_dist ({', '.join(unread[:4])}): save it with Megatron-LM as --ckpt-format torch "
@@ -155,12 +163,12 @@ def megatron_pieces(pieces: list[ShardPiece], entries: dict) -> tuple[list[Shard
     (layer, global expert)). Returns (pieces, problems)."""
     mapped, problems = [], []
     for piece in pieces:
-        split = split_layer_name(piece.key)
+        split = split_block_name(piece.key)
         if split is None:
             mapped.append(piece)
             continue
-        layer, suffix = split
-        candidates = stacked_candidates(suffix)
+        block, layer, suffix = split
+        candidates = stacked_candidates(suffix, block)
         key, extra = next(((k, e) for k, e in candidates if k in entries), candidates[0])
         if key not in entries:
             problems.append(f"missing from checkpoint: {piece.key} (Megatron key {key})")
@@ -408,44 +416,71 @@ def _rng_state(iter_dir: str, metadata, args: dict, groups):
 
 # ------------------------------------------------------------------ writing Megatron-Core's layout
 
-# Megatron-Core's GPT layers carry one `_extra_state` entry (Transformer Engine's FP8 metadata;
-# None without it) per linear module; its loader expects them as ShardedObjects.
+# Megatron-Core's layers carry one `_extra_state` entry (Transformer Engine's FP8 metadata; None
+# without it) per linear module, as does the output layer; its loader expects them as ShardedObjects.
 _EXTRA_STATE_MODULES = ("self_attention.linear_proj", "self_attention.linear_qkv", "mlp.linear_fc1",
-                        "mlp.linear_fc2")
+                        "mlp.linear_fc2", "cross_attention.linear_q", "cross_attention.linear_kv",
+                        "cross_attention.linear_proj")
+_EXTRA_STATE_TOP = ("output_layer", "lm_head.output_layer")
 MEGATRON_RECORD = {"sharded_backend": "torch_dist", "sharded_backend_version": 1, "common_backend": "torch",
                    "common_backend_version": 1}
 
 
-def megatron_state(tensors: dict, num_layers: int, tied: bool) -> dict:
+def megatron_state(tensors: dict, num_layers, tied: bool) -> dict:
     """Our full tensors (global names) as Megatron-Core's torch_dist state: layer parameters stacked
-    under one key with the fused-norm names, a tied output layer left out, and the `_extra_state`
-    ShardedObjects Megatron's loader expects (`[None]`, stored as torch.save bytes, as it writes them)."""
-    from gigatron.core.checkpoint.megatron_names import FUSED_NORMS, STACKED_PREFIX
+    under one key per block with the fused-norm names, a tied output layer left out, T5's aliases
+    (megatron_names.ALIASES) as copies, and the `_extra_state` ShardedObjects Megatron's loader
+    expects (`[None]`, stored as torch.save bytes, as it writes them). `num_layers`: the decoder's
+    layer count (GPT), or {block prefix: layer count} (`encoder.layers.` / `decoder.layers.`)."""
+    from gigatron.core.checkpoint.megatron_names import ALIASES, FUSED_NORMS, STACKED_PREFIX
 
-    per_suffix: dict[str, dict[int, torch.Tensor]] = {}
+    counts = dict(num_layers) if isinstance(num_layers, dict) else {STACKED_PREFIX: int(num_layers)}
+    per_suffix: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
     state = {}
     for name, tensor in tensors.items():
-        split = split_layer_name(name)
+        split = split_block_name(name)
         if split is None:
             if name == "output_layer.weight" and tied:
                 continue
             state[name] = tensor.contiguous()
             continue
-        layer, suffix = split
+        block, layer, suffix = split
         if ".mlp.experts." in f".{suffix}" or suffix.startswith("mlp.router"):
             raise CheckpointError("writing Megatron-Core's torch_dist layout of mixture-of-experts models is not "
                                   "supported; save them as torch (--saver core)")
-        per_suffix.setdefault(suffix, {})[layer] = tensor
-    for suffix, layers in per_suffix.items():
-        if sorted(layers) != list(range(num_layers)):
-            raise CheckpointError(f"decoder.layers.*.{suffix} is present for layers {sorted(layers)}, not for all "
-                                  f"{num_layers}")
-        state[STACKED_PREFIX + FUSED_NORMS.get(suffix, suffix)] = torch.stack([layers[i] for i in range(num_layers)])
-    for module in _EXTRA_STATE_MODULES:
-        if any(s.startswith(module + ".") for s in per_suffix):
-            for layer in range(num_layers):  # PyTorch's writer stores a non-tensor value with torch.save
-                state[f"{STACKED_PREFIX}{module}._extra_state/shard_{layer}_{num_layers}"] = [None]
+        per_suffix.setdefault((block, suffix), {})[layer] = tensor
+    for (block, suffix), layers in per_suffix.items():
+        if block not in counts:
+            raise CheckpointError(f"{block}* tensors given, but no layer count for that block")
+        if sorted(layers) != list(range(counts[block])):
+            raise CheckpointError(f"{block}*.{suffix} is present for layers {sorted(layers)}, not for all "
+                                  f"{counts[block]}")
+        state[block + FUSED_NORMS.get(suffix, suffix)] = torch.stack([layers[i] for i in range(counts[block])])
+    for block, count in counts.items():
+        for module in _EXTRA_STATE_MODULES:
+            if any(b == block and s.startswith(module + ".") for b, s in per_suffix):
+                for layer in range(count):  # PyTorch's writer stores a non-tensor value with torch.save
+                    state[f"{block}{module}._extra_state/shard_{layer}_{count}"] = [None]
+    if "lm_head.output_layer.bias" in state:  # T5Model saves both registrations of these modules
+        for alias, real in ALIASES.items():
+            if real in state:
+                state[alias] = state[real].clone()
+    for module in _EXTRA_STATE_TOP:
+        if f"{module}.weight" in state or f"{module}.bias" in state:
+            state[f"{module}._extra_state/shard_0_1"] = [None]
     return state
+
+
+def block_layer_counts(args: dict, tensors: dict) -> dict:
+    """{block prefix: layer count} of a model from its flags: GPT's decoder (--num-layers); BERT's
+    encoder (--num-layers); T5's encoder (--encoder-num-layers or --num-layers) and decoder
+    (--decoder-num-layers or the encoder's)."""
+    blocks = {split[0] for split in map(split_block_name, tensors) if split is not None}
+    layers = int(args["num_layers"])
+    if blocks == {"encoder.layers.", "decoder.layers."}:
+        encoder = int(args.get("encoder_num_layers") or layers)
+        return {"encoder.layers.": encoder, "decoder.layers.": int(args.get("decoder_num_layers") or encoder)}
+    return {block: layers for block in blocks or {"decoder.layers."}}
 
 
 def write_megatron_dist(root: str, tensors: dict, args: dict, iteration: Optional[int]) -> str:
@@ -467,7 +502,8 @@ def write_megatron_dist(root: str, tensors: dict, args: dict, iteration: Optiona
     iter_dir = checkpoint_dir(root, int(iteration or 0), release=iteration is None)
     if os.path.exists(iter_dir) and os.listdir(iter_dir):
         raise ValueError(f"{iter_dir} already exists and is not empty; choose an empty --save-dir")
-    state = megatron_state(tensors, int(args["num_layers"]), not args.get("untie_embeddings_and_output_weights"))
+    state = megatron_state(tensors, block_layer_counts(args, tensors),
+                           not args.get("untie_embeddings_and_output_weights"))
     staging = iter_dir + ".partial"
     shutil.rmtree(staging, ignore_errors=True)
     os.makedirs(staging)
