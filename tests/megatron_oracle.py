@@ -13,6 +13,12 @@ into the test process (it would hide exactly the refusals the tests check). Test
     python tests/megatron_oracle.py load-torch --kind llama --root DIR    (Megatron loads our torch file)
     python tests/megatron_oracle.py logits --kind llama --root DIR    (Megatron loads DIR at tp=pp=1;
                                                           with --tp 2 in two processes at tp=2)
+    python tests/megatron_oracle.py train --root DIR --optim distributed   (dp processes: Megatron-Core's
+                            DDP + get_megatron_optimizer train, save a full torch_dist checkpoint at
+                            --iteration, train on; DIR/losses.pt holds every iteration's loss)
+    python tests/megatron_oracle.py resume --root DIR --iteration 4 --total 6   (the same objects load
+                            DIR/iter_4 with dist_checkpointing.load, model + optimizer + scheduler, and
+                            train on; DIR/resumed_losses.pt)
 
 Every command writes DIR/reference.pt: {"tokens", "logits"} (fp32, Megatron-Core's forward).
 
@@ -59,6 +65,43 @@ def cpu_only():
     finally:
         torch.cuda.current_device, torch.cuda.synchronize, torch.Tensor.cuda = original
         del tracker.fork
+
+
+@contextlib.contextmanager
+def cpu_training():
+    """`cpu_only` plus what Megatron-Core's DDP and optimizers ask of CUDA on the CPU: tensors made
+    with device="cuda" are made on the CPU, and a CPU tensor reports its CUDA type name
+    (`torch.cuda.FloatTensor`), which the optimizers check before accepting a parameter."""
+    if torch.cuda.is_available():
+        yield
+        return
+    factories = ("tensor", "zeros", "ones", "empty", "full", "arange", "zeros_like", "empty_like")
+    originals = {name: getattr(torch, name) for name in factories}
+    type_name = torch.Tensor.type
+
+    def on_cpu(factory):
+        def make(*args, **kwargs):
+            device = kwargs.get("device")
+            if device is not None and "cuda" in str(device):
+                kwargs["device"] = "cpu"
+            return factory(*args, **kwargs)
+        return make
+
+    def cuda_type(self, *args, **kwargs):
+        if args or kwargs:
+            return type_name(self, *args, **kwargs)
+        return type_name(self).replace("torch.", "torch.cuda.", 1)
+
+    for name, factory in originals.items():
+        setattr(torch, name, on_cpu(factory))
+    torch.Tensor.type = cuda_type
+    try:
+        with cpu_only():
+            yield
+    finally:
+        for name, factory in originals.items():
+            setattr(torch, name, factory)
+        torch.Tensor.type = type_name
 
 
 def init_parallel(tp: int = 1, pp: int = 1, port: Optional[int] = None, ep: int = 1) -> None:
@@ -302,13 +345,172 @@ def legacy_rank_files(model, args: argparse.Namespace, tp: int, version: float, 
     return ranks
 
 
+# ------------------------------------------------------------------ training (model + optimizer)
+
+TRAIN = dict(lr=2e-3, min_lr=2e-4, weight_decay=0.1, beta1=0.9, beta2=0.95, eps=1e-8, clip_grad=1.0,
+             micro_batch=2, warmup=2, decay_iters=20)
+
+
+def train_batch(iteration: int, dp_rank: int, dp_size: int) -> torch.Tensor:
+    """The micro-batch of data-parallel rank `dp_rank` at `iteration`: [micro_batch, SEQ + 1] token ids
+    (inputs and shifted labels); the global batch is the ranks' micro-batches in rank order."""
+    g = torch.Generator().manual_seed(1000 + iteration)
+    batch = torch.randint(0, VOCAB, (TRAIN["micro_batch"] * dp_size, SEQ + 1), generator=g)
+    return batch[dp_rank * TRAIN["micro_batch"]:(dp_rank + 1) * TRAIN["micro_batch"]]
+
+
+def _megatron_training(kind: str, num_layers: int, distributed: bool, bf16: bool):
+    """Megatron-Core's DDP-wrapped GPTModel, its get_megatron_optimizer (torch AdamW without Apex/TE)
+    and its OptimizerParamScheduler, as Megatron-LM's training loop builds them."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    model = build_model(kind, num_layers=num_layers).train()
+    if bf16:
+        model = model.to(torch.bfloat16)
+        model.config.bf16, model.config.params_dtype = True, torch.bfloat16
+    ddp_config = DistributedDataParallelConfig(use_distributed_optimizer=distributed, grad_reduce_in_fp32=True)
+    with cpu_training():
+        ddp = DistributedDataParallel(model.config, ddp_config, model)
+        optimizer = get_megatron_optimizer(
+            OptimizerConfig(optimizer="adam", lr=TRAIN["lr"], min_lr=TRAIN["min_lr"],
+                            weight_decay=TRAIN["weight_decay"], adam_beta1=TRAIN["beta1"],
+                            adam_beta2=TRAIN["beta2"], adam_eps=TRAIN["eps"], clip_grad=TRAIN["clip_grad"],
+                            use_distributed_optimizer=distributed, bf16=bf16,
+                            params_dtype=torch.bfloat16 if bf16 else torch.float32),
+            [ddp], use_gloo_process_groups=True)
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=TRAIN["lr"], min_lr=TRAIN["min_lr"], lr_warmup_steps=TRAIN["warmup"],
+        lr_decay_steps=TRAIN["decay_iters"], lr_decay_style="cosine", start_wd=TRAIN["weight_decay"],
+        end_wd=TRAIN["weight_decay"], wd_incr_steps=TRAIN["decay_iters"], wd_incr_style="constant")
+    return model, ddp, optimizer, scheduler
+
+
+def _train_step(model, ddp, optimizer, scheduler, iteration: int) -> float:
+    """One Megatron-LM style iteration (one micro-batch per data-parallel rank); the global mean loss."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from megatron.core.distributed import finalize_model_grads
+
+    dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+    batch = train_batch(iteration, dp_rank, dp_size)
+    toks, labels = batch[:, :-1], batch[:, 1:]
+    positions = torch.arange(SEQ).unsqueeze(0).expand_as(toks)
+    mask = torch.triu(torch.ones(SEQ, SEQ, dtype=torch.bool), diagonal=1)[None, None]
+    with cpu_training():
+        ddp.zero_grad_buffer()
+        optimizer.zero_grad()
+        losses = ddp(toks, positions, mask, labels=labels)
+        loss = losses.float().mean()
+        loss.backward()  # Megatron-Core's DDP averages the gradients over data-parallel ranks
+        finalize_model_grads([ddp])
+        ok, _, _ = optimizer.step()
+        assert ok
+        scheduler.step(increment=TRAIN["micro_batch"] * dp_size)
+    total = loss.detach().clone()
+    dist.all_reduce(total)
+    return float(total) / dp_size
+
+
+def _training_common(args, iteration: int, scheduler) -> dict:
+    state = _sharded_common(args, iteration)
+    state["opt_param_scheduler"] = scheduler.state_dict()
+    return state
+
+
+def train_and_save(root: str, kind: str, num_layers: int, distributed: bool, iteration: int, total: int,
+                   bf16: bool = False, sharding: str = "fully_sharded_model_space") -> list:
+    """Train `iteration` iterations, save the full training state as Megatron-LM does (model,
+    optimizer.sharded_state_dict, scheduler, RNG, args) with dist_checkpointing, train on to
+    `total`. Returns every iteration's loss (the same on every rank)."""
+    from megatron.core import parallel_state
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    model, ddp, optimizer, scheduler = _megatron_training(kind, num_layers, distributed, bf16)
+    dp = parallel_state.get_data_parallel_world_size()
+    losses = []
+    for it in range(total):
+        if it == iteration:
+            args = megatron_args(kind, num_layers=num_layers, iteration=iteration, bf16=bf16,
+                                 params_dtype=torch.bfloat16 if bf16 else torch.float32,
+                                 use_distributed_optimizer=distributed, micro_batch_size=TRAIN["micro_batch"],
+                                 global_batch_size=TRAIN["micro_batch"] * dp, data_parallel_size=dp,
+                                 consumed_train_samples=iteration * TRAIN["micro_batch"] * dp)
+            state = _training_common(args, iteration, scheduler)
+            model_state = model.sharded_state_dict()
+            state["model"] = model_state
+            with cpu_training():
+                state["optimizer"] = optimizer.sharded_state_dict(
+                    model_state, metadata={"distrib_optim_sharding_type": sharding} if distributed else None)
+            state["rng_state"] = ShardedObject("rng_state", [rng_state()], (1, 1), (0, 0),
+                                               replica_id=parallel_state.get_data_parallel_rank())
+            save_dist(state, os.path.join(root, f"iter_{iteration:07d}"))
+            if int(os.environ.get("RANK", "0")) == 0:
+                write_tracker(root, iteration)
+        losses.append(_train_step(model, ddp, optimizer, scheduler, it))
+    return losses
+
+
+def _keep_adam_step(distributed_optimizer) -> None:
+    """Megatron-Core 0.16.1's fully_reshardable load copies every entry of torch AdamW's state,
+    "step" included, from the loaded tensors, which leave "step" out (it comes from the parameter
+    groups), so without Apex/TE the load raises KeyError('step'); give it the step it already set."""
+    original = distributed_optimizer._set_main_param_and_optimizer_states
+
+    def set_states(model_param, tensors):
+        group, order = distributed_optimizer.model_param_group_index_map[model_param]
+        main = distributed_optimizer.optimizer.param_groups[group]["params"][order]
+        step = distributed_optimizer.optimizer.state[main].get("step")
+        original(model_param, tensors if step is None or "step" in tensors else dict(tensors, step=step))
+
+    distributed_optimizer._set_main_param_and_optimizer_states = set_states
+
+
+def load_and_train(root: str, kind: str, num_layers: int, distributed: bool, iteration: int, total: int,
+                   bf16: bool = False) -> list:
+    """Megatron-LM's resume: its model, optimizer and scheduler load the full training state of
+    ROOT/iter_{iteration} with dist_checkpointing.load (strict), then train to `total`. Returns the
+    losses of iterations iteration .. total-1."""
+    from megatron.core import dist_checkpointing
+
+    model, ddp, optimizer, scheduler = _megatron_training(kind, num_layers, distributed, bf16)
+    model_state = model.sharded_state_dict()
+    with cpu_training():
+        if distributed:  # with torch's AdamW (no Apex/TE) its state_dict() needs Adam state to exist: a
+            # zero-gradient step creates it; the load below replaces the main params and the moments
+            for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+                inner._init_optimizer_states_with_dummy_values()
+                _keep_adam_step(inner)
+        template = {"model": model_state, "optimizer": optimizer.sharded_state_dict(
+            model_state, is_loading=True,
+            metadata={"distrib_optim_sharding_type": "fully_reshardable"} if distributed else None)}
+        loaded = dist_checkpointing.load(template, os.path.join(root, f"iter_{iteration:07d}"))
+        model.load_state_dict(loaded["model"], strict=True)
+        optimizer.load_state_dict(loaded["optimizer"])
+    if distributed:  # without Apex/TE its load gives every parameter's AdamW state ONE shared "step"
+        # tensor, which each parameter's update then increments: give each its own copy
+        for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+            for st in inner.optimizer.state.values():
+                st["step"] = st["step"].clone()
+    scheduler.load_state_dict(loaded["opt_param_scheduler"])
+    assert loaded["iteration"] == iteration
+    return [_train_step(model, ddp, optimizer, scheduler, it) for it in range(iteration, total)]
+
+
 def _write_reference(root: str, toks: torch.Tensor, out: torch.Tensor) -> None:
     torch.save({"tokens": toks, "logits": out.detach().float()}, os.path.join(root, "reference.pt"))
 
 
 def _main(argv=None) -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("command", choices=["write-torch", "write-dist", "write-legacy", "logits", "load-torch"])
+    parser.add_argument("command", choices=["write-torch", "write-dist", "write-legacy", "logits", "load-torch",
+                                                       "train", "resume"])
+    parser.add_argument("--optim", default="plain", choices=["plain", "distributed"], help="train: optimizer")
+    parser.add_argument("--sharding", default="fully_sharded_model_space",
+                        help="train: the distributed optimizer's distrib_optim_sharding_type")
+    parser.add_argument("--bf16", action="store_true", help="train: bf16 parameters (fp32 main params)")
+    parser.add_argument("--total", type=int, default=6, help="train: iterations in all")
     parser.add_argument("--version", type=float, default=3.0, help="write-legacy: checkpoint_version")
     parser.add_argument("--release", action="store_true", help="write-legacy: release/ and tracker 'release'")
     parser.add_argument("--kind", default="gpt", choices=sorted(OPTIONS))
@@ -332,7 +534,20 @@ def _main(argv=None) -> None:
     iter_dir = os.path.join(opts.root, f"iter_{opts.iteration:07d}")
     args = megatron_args(opts.kind, num_layers=opts.layers, tp=opts.tp, pp=opts.pp, iteration=opts.iteration,
                          expert_model_parallel_size=opts.ep)
-    if opts.command == "write-torch":  # one process, tp = pp = 1
+    if opts.command == "train":  # WORLD_SIZE data-parallel processes, tp = pp = 1
+        init_parallel(1, 1, opts.port)
+        losses = train_and_save(opts.root, opts.kind, opts.layers, opts.optim == "distributed", opts.iteration,
+                                opts.total, opts.bf16, opts.sharding)
+        if rank == 0:
+            torch.save({"losses": torch.tensor(losses, dtype=torch.float64)}, os.path.join(opts.root, "losses.pt"))
+    elif opts.command == "resume":  # WORLD_SIZE data-parallel processes, tp = pp = 1
+        init_parallel(1, 1, opts.port)
+        losses = load_and_train(opts.root, opts.kind, opts.layers, opts.optim == "distributed", opts.iteration,
+                                opts.total, opts.bf16)
+        if rank == 0:
+            torch.save({"losses": torch.tensor(losses, dtype=torch.float64)},
+                       os.path.join(opts.root, "resumed_losses.pt"))
+    elif opts.command == "write-torch":  # one process, tp = pp = 1
         model = build_model(opts.kind, num_layers=opts.layers)
         path = os.path.join(iter_dir, "mp_rank_00", "model_optim_rng.pt")
         os.makedirs(os.path.dirname(path), exist_ok=True)

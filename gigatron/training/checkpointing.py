@@ -3,7 +3,8 @@
 The formats themselves live in gigatron/core/checkpoint (one module each, behind the registry in
 formats.py): `--ckpt-format torch` is Megatron's one-file-per-model-parallel-rank layout
 (torch_layout.py, with a checksum manifest), `torch_dist` (the flag's default) the parallelism
-independent one (dist/: loads at any tp/pp/dp). This module builds the checkpoint header (the
+independent one (dist/: loads at any tp/pp/dp), `megatron_torch_dist` Megatron-Core's own torch_dist
+keys (megatron_dist.py: Megatron-LM resumes from it). This module builds the checkpoint header (the
 run's flags and counters), gathers the RNG state, hands both to the format's
 `save_training_state`, and on load asks the registry which format the iteration directory holds,
 lets it restore the model (and optimizer), then applies the scheduler and RNG state.

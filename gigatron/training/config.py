@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-SUPPORTED_CKPT_FORMATS = ("torch", "torch_dist")
+SUPPORTED_CKPT_FORMATS = ("torch", "torch_dist", "megatron_torch_dist")
 
 
 def _check_at_least(minimum: int, *flags: tuple[str, Optional[int]]) -> None:
@@ -218,10 +218,13 @@ class CheckpointConfig:
     """With --load, exit with an error if no checkpoint is found instead of starting from a random
     initialization."""
 
-    ckpt_format: Literal["torch", "torch_dist", "torch_dcp", "zarr", "fsdp_dtensor"] = "torch_dist"
-    """Checkpoint format: torch_dist (parallelism independent: loads at any tensor, pipeline and
-    data-parallel layout; per-file checksums) or torch (one file per model-parallel rank, Megatron's
-    legacy layout). A load detects the format of the directory it finds."""
+    ckpt_format: Literal["torch", "torch_dist", "megatron_torch_dist", "torch_dcp", "zarr",
+                         "fsdp_dtensor"] = "torch_dist"
+    """Checkpoint format: torch_dist (Gigatron's parallelism-independent layout: loads at any tensor,
+    pipeline and data-parallel layout; per-file checksums; every model family), megatron_torch_dist
+    (Megatron-Core's own torch_dist keys, which Megatron-LM loads: GPT without experts, Adam; no
+    checksums) or torch (one file per model-parallel rank, Megatron's legacy layout). A load detects
+    the format of the directory it finds."""
 
     dist_ckpt_strictness: Literal["assume_ok_unexpected", "log_unexpected", "log_all", "raise_unexpected",
                                   "raise_all", "return_unexpected", "return_all", "ignore_all"] = "assume_ok_unexpected"
@@ -240,7 +243,7 @@ class CheckpointConfig:
     """Write torch_dist checkpoints in the background: the state is copied to host memory, training
     goes on, and the tracker file is updated once every rank has written its files."""
 
-    ckpt_convert_format: Optional[Literal["torch", "torch_dist"]] = None
+    ckpt_convert_format: Optional[Literal["torch", "torch_dist", "megatron_torch_dist"]] = None
     """Convert the checkpoint in --load to this format, save it under --ckpt-convert-save/<format>
     and exit."""
 

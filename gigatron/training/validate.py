@@ -361,6 +361,25 @@ def check_fp8(args) -> None:
     check_fp8_param_gather(config, bool(_get(args, "use_distributed_optimizer", False)))
 
 
+def check_megatron_ckpt_format(args) -> None:
+    """--ckpt-format megatron_torch_dist (and --ckpt-convert-format) writes Megatron-Core's layout of
+    dense GPT models (standard attention) with Adam only: refuse experts, multi-latent attention,
+    multi-token prediction and SGD before any training is done."""
+    chosen = [f"--{flag.replace('_', '-')}" for flag in ("ckpt_format", "ckpt_convert_format")
+              if getattr(args, flag, None) == "megatron_torch_dist"]
+    if not chosen:
+        return
+    if getattr(args, "num_experts", None):
+        raise ValueError(f"{chosen[0]} megatron_torch_dist does not write mixture-of-experts models yet; use "
+                         "--ckpt-format torch_dist (Gigatron's layout) for --num-experts.")
+    if getattr(args, "multi_latent_attention", False) or getattr(args, "mtp_num_layers", None):
+        raise ValueError(f"{chosen[0]} megatron_torch_dist does not write multi-latent attention or "
+                         "multi-token prediction layers yet; use --ckpt-format torch_dist.")
+    if _get(args, "optimizer", "adam") != "adam":
+        raise ValueError(f"{chosen[0]} megatron_torch_dist writes Adam's state only; use --optimizer adam or "
+                         "--ckpt-format torch_dist.")
+
+
 def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) -> argparse.Namespace:
     """Run every check; fill in world_size, data_parallel_size, global_batch_size and
     num_microbatches (at the full batch size). Returns `args`."""
@@ -391,4 +410,5 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
     check_xavier_init(args)
     check_padded_vocab_size(args)
     check_fp8(args)
+    check_megatron_ckpt_format(args)
     return args

@@ -139,6 +139,7 @@ def test_unknown_legacy_names_are_named(tmp_path):
     torch.save({"args": argparse.Namespace(num_layers=1, hidden_size=4, num_attention_heads=1),
                 "checkpoint_version": 3.0,
                 "model": {"language_model": {"embedding": {"word_embeddings": {"weight": torch.zeros(8, 4)}}},
-                          "lm_head": {"bias": torch.zeros(8)}}}, iter_dir / "model_optim_rng.pt")
-    with pytest.raises(CheckpointError, match="lm_head.bias.*BERT checkpoint"):
+                          "lm_head": {"bias": torch.zeros(8), "mystery.weight": torch.zeros(2)}}},
+               iter_dir / "model_optim_rng.pt")
+    with pytest.raises(CheckpointError, match="not a BERT model's.*lm_head.mystery.weight"):
         formats.read_model(str(tmp_path))

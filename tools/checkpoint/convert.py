@@ -26,6 +26,14 @@ NemotronHForCausalLM and BambaForCausalLM) converts with --model-type GPT throug
 
     python tools/checkpoint/convert.py --model-type BERT --loader hf --saver core \
         --load-dir bert-base-uncased --save-dir bert-ckpt --target-tensor-parallel-size 2
+
+--model-type BERT or T5 between Megatron's own layouts (Megatron-Core's BertModel / T5Model:
+torch_dist, Megatron-LM's torch files, the legacy BERT 345M layout) takes --loader core (any of
+them) or legacy (BERT) and --saver megatron_dist, megatron_torch or legacy (BERT; see
+gigatron/core/convert/encoder_models.py):
+
+    python tools/checkpoint/convert.py --model-type BERT --loader legacy --saver megatron_dist \
+        --load-dir megatron_bert_345m --save-dir bert-mcore
 Each loader module has add_arguments(parser) and load_checkpoint(args) -> iterable of messages;
 each saver module has add_arguments(parser) and save_checkpoint(messages, args). The loader runs in
 a background thread feeding a queue of at most --max-queue-size messages (see
@@ -48,9 +56,12 @@ from gigatron.cli import run_cli  # noqa: E402
 from gigatron.core.convert.protocol import run_conversion  # noqa: E402
 
 
-# The loaders and savers that handle --model-type BERT (the others are GPT-only).
+# The loaders and savers that handle --model-type BERT (the others are GPT-only): a HuggingFace BERT
+# (post-LayerNorm) into Gigatron's layouts, or Megatron-Core's BERT / T5 between Megatron's layouts.
 _BERT_LOADERS = ("hf",)
 _BERT_SAVERS = ("core", "torch")
+_MEGATRON_ENCODER_LOADERS = ("core", "legacy")
+_MEGATRON_ENCODER_SAVERS = ("megatron_dist", "megatron_torch", "legacy")
 
 
 def _plugin(kind: str, name: str):
@@ -65,7 +76,7 @@ def _plugin(kind: str, name: str):
 def build_parser(argv) -> tuple[argparse.ArgumentParser, object, object]:
     parser = argparse.ArgumentParser(description="Gigatron checkpoint converter", allow_abbrev=False,
                                      conflict_handler="resolve")
-    parser.add_argument("--model-type", type=str, required=True, choices=["GPT", "BERT"],
+    parser.add_argument("--model-type", type=str, required=True, choices=["GPT", "BERT", "T5"],
                         help="Type of the model.")
     parser.add_argument("--loader", type=str, default="core", help="Module name of the loader (loader_<name>.py).")
     parser.add_argument("--saver", type=str, default="core", help="Module name of the saver (saver_<name>.py).")
@@ -87,10 +98,16 @@ def main(argv=None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser, loader, saver = build_parser(argv)
     args = parser.parse_args(argv)
-    if args.model_type == "BERT" and (args.loader not in _BERT_LOADERS or args.saver not in _BERT_SAVERS):
+    megatron_pair = args.loader in _MEGATRON_ENCODER_LOADERS and args.saver in _MEGATRON_ENCODER_SAVERS
+    if args.model_type == "BERT" and not megatron_pair and (args.loader not in _BERT_LOADERS
+                                                            or args.saver not in _BERT_SAVERS):
         parser.error(f"--model-type BERT is converted with --loader {' or '.join(_BERT_LOADERS)} (a HuggingFace BERT "
-                     f"folder) and --saver {' or '.join(_BERT_SAVERS)}; --loader {args.loader} --saver {args.saver} "
-                     "handle GPT models only")
+                     f"folder) and --saver {' or '.join(_BERT_SAVERS)}, or between Megatron's layouts with --loader "
+                     f"{' or '.join(_MEGATRON_ENCODER_LOADERS)} and --saver {' or '.join(_MEGATRON_ENCODER_SAVERS)}; "
+                     f"--loader {args.loader} --saver {args.saver} handle GPT models only")
+    if args.model_type == "T5" and not (args.loader == "core" and args.saver in _MEGATRON_ENCODER_SAVERS[:2]):
+        parser.error(f"--model-type T5 is converted between Megatron's layouts with --loader core and --saver "
+                     f"megatron_dist or megatron_torch, not --loader {args.loader} --saver {args.saver}")
     if os.path.abspath(args.load_dir) == os.path.abspath(args.save_dir):
         parser.error("--save-dir must differ from --load-dir")
     run_conversion(loader.load_checkpoint(args), lambda messages: saver.save_checkpoint(messages, args),

@@ -4,6 +4,7 @@ directory with latest_checkpointed_iteration.txt, or an iteration directory."""
 
 from __future__ import annotations
 
+from gigatron.core.convert.encoder_models import ENCODER_MODEL_TYPES, encoder_checkpoint_messages
 from gigatron.core.convert.torch_format import torch_checkpoint_messages
 
 
@@ -18,4 +19,6 @@ def add_arguments(parser) -> None:
 
 
 def load_checkpoint(args):
+    if getattr(args, "model_type", "GPT") in ENCODER_MODEL_TYPES:  # Megatron-Core's BertModel / T5Model
+        return encoder_checkpoint_messages(args.load_dir, args.model_type)
     return torch_checkpoint_messages(args.load_dir, args.true_vocab_size, args.allow_pickle)

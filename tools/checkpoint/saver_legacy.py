@@ -2,13 +2,16 @@
 size: `language_model.embedding…`, `language_model.encoder.layers.N.self_attention.query_key_value…`
 (gigatron/core/checkpoint/legacy.py), `args` as an argparse.Namespace of plain values (Megatron-LM
 reads `args.<flag>`), checkpoint_version 3.0. A checkpoint without an iteration is written as
-`release/` with the tracker `release`, like the published 345M model."""
+`release/` with the tracker `release`, like the published 345M model.
+--model-type BERT (Megatron's BERT layout, e.g. the published 345M BERT) goes through
+gigatron/core/convert/encoder_models.py."""
 
 from __future__ import annotations
 
 import torch
 
 from gigatron.core.checkpoint.legacy import legacy_file_content
+from gigatron.core.convert.encoder_models import ENCODER_MODEL_TYPES, save_encoder_checkpoint
 from gigatron.core.convert.torch_format import save_torch_checkpoint
 
 
@@ -34,6 +37,10 @@ def _content(header: dict, state_dict: dict, md: dict) -> dict:
 
 
 def save_checkpoint(messages, args):
+    if getattr(args, "model_type", "GPT") in ENCODER_MODEL_TYPES:  # Megatron-Core's BertModel / T5Model
+        return save_encoder_checkpoint(messages, args.save_dir, args.model_type, "legacy",
+                                       getattr(args, "target_tensor_parallel_size", 1), args.saver_params_dtype,
+                                       transformer_engine=False)
     for flag in ("target_tensor_parallel_size", "target_pipeline_parallel_size"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1")

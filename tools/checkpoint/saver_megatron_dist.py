@@ -2,7 +2,9 @@
 directory `megatron.core.dist_checkpointing.load` reads into Megatron-Core's GPTModel at any
 tensor/pipeline size (decoder layers stacked under one key, fused-norm names; see
 gigatron/core/checkpoint/megatron_dist.py). Gigatron reads it back too (from_pretrained, --load,
---loader core). Dense GPT models; mixture-of-experts models are refused."""
+--loader core). Dense GPT models; mixture-of-experts models are refused.
+--model-type BERT and T5 (Megatron-Core's BertModel / T5Model) go through
+gigatron/core/convert/encoder_models.py."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import torch
 
 from gigatron.core.checkpoint.megatron_dist import write_megatron_dist
 from gigatron.core.checkpoint.tp_layout import VOCAB_PARAMS, pad_vocab
+from gigatron.core.convert.encoder_models import ENCODER_MODEL_TYPES, save_encoder_checkpoint
 from gigatron.core.convert.protocol import collect_state, dtype_name
 from gigatron.core.convert.torch_format import args_for_target, copy_tokenizer_files
 
@@ -27,6 +30,10 @@ def add_arguments(parser) -> None:
 
 
 def save_checkpoint(messages, args):
+    if getattr(args, "model_type", "GPT") in ENCODER_MODEL_TYPES:  # Megatron-Core's BertModel / T5Model
+        return save_encoder_checkpoint(messages, args.save_dir, args.model_type, "megatron_dist",
+                                       getattr(args, "target_tensor_parallel_size", 1), args.saver_params_dtype,
+                                       transformer_engine=False)
     import os
 
     from gigatron.core.tokenizers import vocab_size_with_padding

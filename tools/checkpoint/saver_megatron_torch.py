@@ -4,13 +4,16 @@
 `--saver-transformer-impl transformer_engine` (Megatron's default) the fused-norm names of its
 Transformer Engine layer spec (gigatron/core/checkpoint/megatron_torch.py). Gigatron reads the
 result back like any Megatron-LM checkpoint. No optimizer or RNG state: load it in Megatron-LM with
---finetune, or --no-load-optim --no-load-rng."""
+--finetune, or --no-load-optim --no-load-rng.
+--model-type BERT and T5 (Megatron-Core's BertModel / T5Model) go through
+gigatron/core/convert/encoder_models.py."""
 
 from __future__ import annotations
 
 import torch
 
 from gigatron.core.checkpoint.megatron_torch import megatron_file_content
+from gigatron.core.convert.encoder_models import ENCODER_MODEL_TYPES, save_encoder_checkpoint
 from gigatron.core.convert.torch_format import save_torch_checkpoint
 
 
@@ -34,6 +37,10 @@ def add_arguments(parser) -> None:
 
 
 def save_checkpoint(messages, args):
+    if getattr(args, "model_type", "GPT") in ENCODER_MODEL_TYPES:  # Megatron-Core's BertModel / T5Model
+        return save_encoder_checkpoint(messages, args.save_dir, args.model_type, "megatron_torch",
+                                       getattr(args, "target_tensor_parallel_size", 1), args.saver_params_dtype,
+                                       transformer_engine=args.saver_transformer_impl == "transformer_engine")
     for flag in ("target_tensor_parallel_size", "target_pipeline_parallel_size", "target_expert_parallel_size"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1")

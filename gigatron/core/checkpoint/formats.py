@@ -11,8 +11,10 @@ interface, listed in `FORMATS`:
                         scheduler_state, rng_state, save_optim, ...) -> iteration directory
     load_training_state(iter_dir, model_chunks, optimizer, groups, *, strict) -> TrainingState
 
-`torch` (torch_layout.py: one file per model-parallel rank) and `torch_dist` (dist/: one logical
-copy, loads at any parallel layout) are registered. A new layout (Megatron-Core's own torch_dist,
+`torch` (torch_layout.py: one file per model-parallel rank), `torch_dist` (dist/: one logical
+copy, loads at any parallel layout) and `megatron_torch_dist` (megatron_dist.py: Megatron-Core's own
+keys, which Megatron-LM loads) are written by training; Megatron-LM's `torch` files and the legacy
+layout are read only. A new layout (Megatron-Core's own torch_dist,
 the pre-Megatron-Core "legacy" names) is one more module with this interface and one more entry
 in `FORMATS`, placed before any format whose `detect` would also claim its directories.
 

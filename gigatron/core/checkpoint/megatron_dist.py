@@ -20,14 +20,25 @@ at ANY tensor/pipeline layout), the read of the matching box of Megatron's globa
 layer number becomes an offset along the stacked axis — and reads only those. The iteration,
 consumed samples (in args), FLOPs counter and learning-rate schedule come from common.pt, and at
 the writer's tp/pp this rank's RNG state from Megatron's `rng_state` ShardedObject (its bytes
-entry read directly and unpickled through the Megatron allow-list); the optimizer state is
-refused with the flags to use instead. Expert tensors other than the routed experts and the router
-(shared experts, for one) are refused with the Megatron-LM command that re-saves the model.
+entry read directly and unpickled through the Megatron allow-list). Megatron's Adam state (plain
+optimizer, or the distributed optimizer saved as "fully_reshardable") is model-space like the
+weights: each of this rank's optimizer chunks reads its box of `optimizer.state.{exp_avg,
+exp_avg_sq,fp32_param|param}.<Megatron key>`, so it too loads at any layout, into the plain or the
+distributed optimizer; the step and parameter-group hyper-parameters come from common.pt. Expert
+tensors other than the routed experts and the router (shared experts, for one) are refused with
+the Megatron-LM command that re-saves the model.
+
+BERT and T5 (Megatron-Core's BertModel / T5Model) are read and written the same way: their
+`encoder.layers.*` are stacked like the decoder's, T5's duplicate keys are skipped and written as
+copies (megatron_names.py).
 
 Writing (`write_megatron_dist`, convert.py --saver megatron_dist): a model as Megatron-Core's own
-torch_dist, loadable by `megatron.core.dist_checkpointing.load` into its GPTModel: stacked keys,
+torch_dist, loadable by `megatron.core.dist_checkpointing.load` into its GPTModel (BertModel,
+T5Model): stacked keys,
 fused-norm names, the `_extra_state` objects its loader expects, common.pt with a Namespace `args`
-and Megatron's four-key metadata.json. Training saves Gigatron's own torch_dist (dist/).
+and Megatron's four-key metadata.json. Training writes the same layout with --ckpt-format
+megatron_torch_dist (`save_training_state`, model and Adam state from every rank: see the section
+at the end); --ckpt-format torch_dist stays Gigatron's own (dist/).
 """
 
 from __future__ import annotations
@@ -42,7 +53,7 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.planner import LoadPlan
 
-from gigatron.core.checkpoint.dist.common import COMMON_FILENAME, Comm, process_rank
+from gigatron.core.checkpoint.dist.common import COMMON_FILENAME, Comm, parallel_layout, process_rank
 from gigatron.core.checkpoint.dist.load import ViewLoadPlanner, plan_reads
 from gigatron.core.checkpoint.dist.metadata import looks_like_megatron_torch_dist, read_dcp_metadata
 from gigatron.core.checkpoint.dist.sharding import ShardPiece, sharded_model_state
@@ -50,19 +61,20 @@ from gigatron.core.checkpoint.foreign import rng_state_from_megatron
 from gigatron.core.checkpoint.io import CheckpointError, CorruptCheckpointError, safe_torch_load
 from gigatron.core.checkpoint.megatron_names import (
     EXPERTS_PREFIX,
-    split_layer_name,
+    aliases_in,
+    split_block_name,
     stacked_axes,
     stacked_candidates,
     unstacked_name,
 )
-from gigatron.core.checkpoint.megatron_torch import OPTIMIZER_HINT, header_of, plain_args
+from gigatron.core.checkpoint.megatron_torch import header_of, plain_args
 from gigatron.core.checkpoint.state import ModelState, TrainingState
 
 __all__ = ["NAME", "WRITES", "detect", "read_common", "read_args", "read_model", "save_training_state",
            "load_training_state", "megatron_pieces", "megatron_state", "write_megatron_dist", "MEGATRON_RECORD"]
 
 NAME = "megatron_torch_dist"
-WRITES = False
+WRITES = True  # --ckpt-format megatron_torch_dist
 
 _OPTIMIZER_PREFIX = "optimizer."
 
@@ -96,6 +108,8 @@ def _model_entries(metadata, iter_dir: str = "") -> dict:
                if isinstance(md, TensorStorageMetadata) and not key.startswith(_OPTIMIZER_PREFIX)}
     unread = sorted(key for key in entries if ".mlp." in key and ("experts." in key or ".router." in key)
                     and not key.startswith(EXPERTS_PREFIX) and key != "decoder.layers.mlp.router.weight")
+    for alias in aliases_in(entries):  # T5Model's second copy of its output bias / position embedding
+        del entries[alias]
     if unread:
         raise CheckpointError(f"{iter_dir} holds mixture-of-experts tensors Gigatron does not read from Megatron-Core's "
                               f"torch_dist ({', '.join(unread[:4])}): save it with Megatron-LM as --ckpt-format torch "
@@ -143,23 +157,18 @@ def read_model(iter_dir: str, allow_namespace: bool = True) -> ModelState:
                       dtype=tensors["embedding.word_embeddings.weight"].dtype)
 
 
-def save_training_state(root: str, iteration: int, model_chunks, optimizer, groups, header: dict, **kwargs) -> str:
-    raise CheckpointError("megatron_torch_dist is read-only here: Gigatron saves --ckpt-format torch_dist in its own "
-                          "layout (gigatron/core/checkpoint/dist)")
-
-
 def megatron_pieces(pieces: list[ShardPiece], entries: dict) -> tuple[list[ShardPiece], list[str]]:
     """Our chunks (global names) as chunks of Megatron-Core's keys: a layer parameter becomes a
     [1, ...] box of the stacked key at the layer's offset (a routed expert a [1, 1, ...] box at
     (layer, global expert)). Returns (pieces, problems)."""
     mapped, problems = [], []
     for piece in pieces:
-        split = split_layer_name(piece.key)
+        split = split_block_name(piece.key)
         if split is None:
             mapped.append(piece)
             continue
-        layer, suffix = split
-        candidates = stacked_candidates(suffix)
+        block, layer, suffix = split
+        candidates = stacked_candidates(suffix, block)
         key, extra = next(((k, e) for k, e in candidates if k in entries), candidates[0])
         if key not in entries:
             problems.append(f"missing from checkpoint: {piece.key} (Megatron key {key})")
@@ -177,17 +186,24 @@ def megatron_pieces(pieces: list[ShardPiece], entries: dict) -> tuple[list[Shard
 
 def load_training_state(iter_dir: str, model_chunks: Sequence[torch.nn.Module], optimizer, groups, *,
                         strict: bool = True) -> TrainingState:
-    """Load the weights into the model chunks at this run's layout (collective); header and schedule
-    from common.pt. `optimizer` must be None."""
-    if optimizer is not None:
-        raise CheckpointError(f"{iter_dir} was written by Megatron-Core, whose optimizer state Gigatron does not "
-                              f"read yet: {OPTIMIZER_HINT}")
+    """Load the weights (and, with `optimizer`, Megatron's Adam state: see `megatron_optimizer_pieces`)
+    into the model chunks at this run's layout (collective); header and schedule from common.pt."""
     common = read_common(iter_dir)
     metadata = read_dcp_metadata(iter_dir)
     entries = _model_entries(metadata, iter_dir)
     pieces, problems = megatron_pieces(sharded_model_state(model_chunks, groups), entries)
+    states, opt_common = [], None
+    if optimizer is not None:
+        try:
+            opt_common = megatron_optimizer_common(iter_dir, common, metadata, optimizer)
+        except CheckpointError as exc:
+            problems.append(str(exc))
+        else:
+            opt_pieces, states, opt_problems = megatron_optimizer_pieces(optimizer, model_chunks, metadata)
+            pieces += opt_pieces
+            problems += opt_problems
     if strict:
-        used = {(p.key, tuple(p.global_offsets[:stacked_axes(p.key)])) for p in pieces}
+        used = {(p.key, tuple(p.global_offsets[:stacked_axes(p.key)])) for p in pieces if p.key in entries}
         everywhere = set().union(*[set(u) for u in Comm().all_gather_object(sorted(used))])
         unused = sorted(key for key, md in entries.items()
                         if any((key, index) not in everywhere for index in
@@ -200,11 +216,149 @@ def load_training_state(iter_dir: str, model_chunks: Sequence[torch.nn.Module], 
         raise CheckpointError(f"Megatron-Core checkpoint {iter_dir} does not fit this model (check the model flags, "
                               "or use --use-checkpoint-args): " + "; ".join(merged[:10]))
     _read(iter_dir, metadata, pieces)
+    if optimizer is not None:
+        from gigatron.core.checkpoint.dist.load import _install_optimizer_state as install_optimizer_state
+
+        install_optimizer_state(optimizer, states, opt_common)
     header = header_of(common, common["args"])
-    rng_state, missing = _rng_state(iter_dir, metadata, common["args"], groups)
-    return TrainingState(header=header, path=iter_dir, optimizer_loaded=False,
+    ours = common.get(GIGATRON_ENTRY) if isinstance(common.get(GIGATRON_ENTRY), dict) else {}
+    if ours.get("fp8_state") is not None:
+        header["fp8_state"] = ours["fp8_state"]
+    if ours.get("rng_states") and ours.get("parallel_layout") == parallel_layout(groups):
+        rng_state, missing = ours["rng_states"][process_rank()], None  # ours, the tracker's states included
+    else:
+        rng_state, missing = _rng_state(iter_dir, metadata, common["args"], groups)
+    return TrainingState(header=header, path=iter_dir, optimizer_loaded=optimizer is not None,
                          scheduler_state=common.get("opt_param_scheduler"), rng_state=rng_state,
                          rng_missing=missing, rng_missing_is_error=False)
+
+
+# ------------------------------------------------------------------ Megatron-Core's optimizer state
+#
+# What Megatron-Core 0.16 stores for Adam (`optimizer.sharded_state_dict`, under the state's
+# "optimizer" entry): per-element states as ShardedTensors in MODEL space, keyed by the model key,
+#   plain optimizer (FP32Optimizer / Float16OptimizerWithFloat16Params):
+#       optimizer.state.exp_avg.<key>, optimizer.state.exp_avg_sq.<key>,
+#       optimizer.state.fp32_param.<key> (bf16/fp16 parameters only);
+#       common.pt: optimizer.state.common_step, optimizer.param_groups (bf16/fp16: under
+#       optimizer.optimizer, with the grad scaler beside it)
+#   distributed optimizer, distrib_optim_sharding_type "fully_reshardable":
+#       optimizer.state.param.<key> (the fp32 main param, always), exp_avg, exp_avg_sq;
+#       common.pt: optimizer.optimizer.param_groups (each with the step), param_state_sharding_type
+# The distributed optimizer's other sharding types store Megatron's internal gradient-buffer
+# layout ("dp_reshardable", Megatron-LM's default without --dist-ckpt-optim-fully-reshardable:
+# one flat tensor per bucket; "dp_zero_gather_scatter": a pickled object) or cannot be saved by
+# 0.16 at all ("fully_sharded_model_space", megatron-core's own fallback: its flattened ranges are
+# refused by dist_checkpointing); they are refused with the Megatron-LM flag that re-saves them.
+
+_MAIN_PARAM_NAMES = ("fp32_param", "param")  # plain optimizer, distributed optimizer (fully_reshardable)
+_ADAM_STATES = ("exp_avg", "exp_avg_sq")
+
+
+def _optimizer_record(common: dict) -> tuple[dict, Optional[str]]:
+    """(the torch optimizer's state dict, the distributed optimizer's sharding type or None) of
+    common.pt's "optimizer" entry, for each of Megatron's nestings."""
+    record = common.get("optimizer")
+    if not isinstance(record, dict):
+        return {}, None
+    sharding = record.get("param_state_sharding_type")
+    inner = record.get("optimizer") if isinstance(record.get("optimizer"), dict) else record
+    return inner, sharding
+
+
+def _step_of(inner: dict) -> Optional[int]:
+    step = (inner.get("state") or {}).get("common_step") if isinstance(inner.get("state"), dict) else None
+    if step is None:
+        steps = {float(g["step"]) for g in inner.get("param_groups") or [] if isinstance(g, dict) and "step" in g}
+        if len(steps) > 1:
+            raise CheckpointError(f"the optimizer's parameter groups disagree on the step ({sorted(steps)})")
+        step = steps.pop() if steps else None
+    return None if step is None else int(float(step))
+
+
+def megatron_optimizer_common(iter_dir: str, common: dict, metadata, optimizer) -> dict:
+    """What `install_optimizer_state` needs (kind, step, parameter-group hyper-parameters, grad
+    scaler) from common.pt, the groups matched to ours by (weight-decay multiplier, lr multiplier);
+    a CheckpointError where Megatron's optimizer state cannot be read."""
+    from gigatron.core.checkpoint.dist.sharding import optimizer_kind
+
+    inner, sharding = _optimizer_record(common)
+    has_sharded_keys = any(k.startswith(_OPTIMIZER_PREFIX) for k in metadata.state_dict_metadata)
+    if not inner and not has_sharded_keys:
+        raise CheckpointError("it holds no optimizer state (saved with --no-save-optim): load it with "
+                              "--no-load-optim or --finetune")
+    if sharding is not None and sharding != "fully_reshardable":
+        raise CheckpointError(
+            f"its distributed-optimizer state is in Megatron-Core's '{sharding}' layout (Megatron's internal "
+            "gradient-buffer order), which Gigatron does not read: re-save it with Megatron-LM adding "
+            "--dist-ckpt-optim-fully-reshardable (model-space optimizer state), or load it with --no-load-optim")
+    if optimizer_kind(optimizer) != "adam":
+        raise CheckpointError("Gigatron reads Megatron-Core's Adam state only; use --optimizer adam or --no-load-optim")
+    if not any(k.startswith(f"{_OPTIMIZER_PREFIX}state.{name}.") for k in metadata.state_dict_metadata
+               for name in _ADAM_STATES):
+        raise CheckpointError("its optimizer holds no Adam state (exp_avg, exp_avg_sq): it was saved by another "
+                              "optimizer; load it with --no-load-optim")
+    step = _step_of(inner)
+    if step is None:
+        raise CheckpointError("common.pt records no optimizer step (optimizer.state.common_step or the "
+                              "parameter groups' step)")
+    saved = {(float(g.get("wd_mult", 1.0)), float(g.get("lr_mult", 1.0)), bool(g.get("is_decoupled_lr"))): g
+             for g in inner.get("param_groups") or [] if isinstance(g, dict)}
+    groups = []
+    for group in optimizer.optimizer.param_groups:
+        key = (float(group.get("wd_mult", 1.0)), float(group.get("lr_mult", 1.0)), "max_lr" in group)
+        match = saved.get(key)
+        if match is None:
+            raise CheckpointError(f"its optimizer has no parameter group with wd_mult/lr_mult/decoupled lr {key} "
+                                  f"(it has {sorted(saved)}): check --weight-decay-related and --decoupled-lr flags")
+        groups.append({k: match[k] for k in ("lr", "weight_decay", "betas", "eps") if k in match})
+    scaler = inner.get("grad_scaler", (common.get("optimizer") or {}).get("grad_scaler"))
+    return {"kind": "adam", "step": step, "initialized": True, "param_groups": groups,
+            "grad_scaler": scaler if isinstance(scaler, dict) else None}
+
+
+class _SavedAsOurs:
+    """The checkpoint's optimizer keys answered under our names: `optimizer.state.fp32_param.{our
+    name}` is present where Megatron stored the main param of that parameter (fp32_param or param)."""
+
+    def __init__(self, metadata) -> None:
+        self.names = set()
+        for key, md in metadata.state_dict_metadata.items():
+            for main in _MAIN_PARAM_NAMES:
+                prefix = f"{_OPTIMIZER_PREFIX}state.{main}."
+                if key.startswith(prefix) and isinstance(md, TensorStorageMetadata):
+                    model_key = key[len(prefix):]
+                    axes = stacked_axes(model_key)
+                    for index in itertools.product(*(range(int(n)) for n in md.size[:axes])):
+                        self.names.add(unstacked_name(model_key, index) if axes else model_key)
+
+    def __contains__(self, key: str) -> bool:
+        prefix = f"{_OPTIMIZER_PREFIX}state.fp32_param."
+        return key.startswith(prefix) and key[len(prefix):] in self.names
+
+
+def megatron_optimizer_pieces(optimizer, model_chunks, metadata) -> tuple[list[ShardPiece], list, list[str]]:
+    """Destination pieces (Megatron's keys) of this rank's Adam state and main params, at ANY layout
+    of this run (tensor/pipeline/data parallel, distributed optimizer or not), and the new states to
+    install. Returns (pieces, states, problems)."""
+    import dataclasses
+
+    from gigatron.core.checkpoint.dist.sharding import optimizer_load_pieces
+
+    ours, states = optimizer_load_pieces(optimizer, model_chunks, "adam", True, _SavedAsOurs(metadata))
+    tensor_keys = {k: md for k, md in metadata.state_dict_metadata.items() if isinstance(md, TensorStorageMetadata)}
+    main_name = next((m for m in _MAIN_PARAM_NAMES for k in tensor_keys
+                      if k.startswith(f"{_OPTIMIZER_PREFIX}state.{m}.")), "fp32_param")
+    pieces, problems = [], []
+    for piece in ours:
+        state_name, model_key = piece.key[len(_OPTIMIZER_PREFIX) + len("state."):].split(".", 1)
+        saved_name = main_name if state_name == "fp32_param" else state_name
+        prefix = f"{_OPTIMIZER_PREFIX}state.{saved_name}."
+        entries = {k[len(prefix):]: md for k, md in tensor_keys.items() if k.startswith(prefix)}
+        mapped, missing = megatron_pieces([dataclasses.replace(piece, key=model_key)], entries)
+        pieces += [dataclasses.replace(m, key=prefix + m.key) for m in mapped]
+        problems += [f"optimizer state {saved_name}: {p}" for p in missing]
+    return pieces, states, problems
 
 
 def _read_object(iter_dir: str, metadata, key: str):
@@ -262,44 +416,71 @@ def _rng_state(iter_dir: str, metadata, args: dict, groups):
 
 # ------------------------------------------------------------------ writing Megatron-Core's layout
 
-# Megatron-Core's GPT layers carry one `_extra_state` entry (Transformer Engine's FP8 metadata;
-# None without it) per linear module; its loader expects them as ShardedObjects.
+# Megatron-Core's layers carry one `_extra_state` entry (Transformer Engine's FP8 metadata; None
+# without it) per linear module, as does the output layer; its loader expects them as ShardedObjects.
 _EXTRA_STATE_MODULES = ("self_attention.linear_proj", "self_attention.linear_qkv", "mlp.linear_fc1",
-                        "mlp.linear_fc2")
+                        "mlp.linear_fc2", "cross_attention.linear_q", "cross_attention.linear_kv",
+                        "cross_attention.linear_proj")
+_EXTRA_STATE_TOP = ("output_layer", "lm_head.output_layer")
 MEGATRON_RECORD = {"sharded_backend": "torch_dist", "sharded_backend_version": 1, "common_backend": "torch",
                    "common_backend_version": 1}
 
 
-def megatron_state(tensors: dict, num_layers: int, tied: bool) -> dict:
+def megatron_state(tensors: dict, num_layers, tied: bool) -> dict:
     """Our full tensors (global names) as Megatron-Core's torch_dist state: layer parameters stacked
-    under one key with the fused-norm names, a tied output layer left out, and the `_extra_state`
-    ShardedObjects Megatron's loader expects (`[None]`, stored as torch.save bytes, as it writes them)."""
-    from gigatron.core.checkpoint.megatron_names import FUSED_NORMS, STACKED_PREFIX
+    under one key per block with the fused-norm names, a tied output layer left out, T5's aliases
+    (megatron_names.ALIASES) as copies, and the `_extra_state` ShardedObjects Megatron's loader
+    expects (`[None]`, stored as torch.save bytes, as it writes them). `num_layers`: the decoder's
+    layer count (GPT), or {block prefix: layer count} (`encoder.layers.` / `decoder.layers.`)."""
+    from gigatron.core.checkpoint.megatron_names import ALIASES, FUSED_NORMS, STACKED_PREFIX
 
-    per_suffix: dict[str, dict[int, torch.Tensor]] = {}
+    counts = dict(num_layers) if isinstance(num_layers, dict) else {STACKED_PREFIX: int(num_layers)}
+    per_suffix: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
     state = {}
     for name, tensor in tensors.items():
-        split = split_layer_name(name)
+        split = split_block_name(name)
         if split is None:
             if name == "output_layer.weight" and tied:
                 continue
             state[name] = tensor.contiguous()
             continue
-        layer, suffix = split
+        block, layer, suffix = split
         if ".mlp.experts." in f".{suffix}" or suffix.startswith("mlp.router"):
             raise CheckpointError("writing Megatron-Core's torch_dist layout of mixture-of-experts models is not "
                                   "supported; save them as torch (--saver core)")
-        per_suffix.setdefault(suffix, {})[layer] = tensor
-    for suffix, layers in per_suffix.items():
-        if sorted(layers) != list(range(num_layers)):
-            raise CheckpointError(f"decoder.layers.*.{suffix} is present for layers {sorted(layers)}, not for all "
-                                  f"{num_layers}")
-        state[STACKED_PREFIX + FUSED_NORMS.get(suffix, suffix)] = torch.stack([layers[i] for i in range(num_layers)])
-    for module in _EXTRA_STATE_MODULES:
-        if any(s.startswith(module + ".") for s in per_suffix):
-            for layer in range(num_layers):  # PyTorch's writer stores a non-tensor value with torch.save
-                state[f"{STACKED_PREFIX}{module}._extra_state/shard_{layer}_{num_layers}"] = [None]
+        per_suffix.setdefault((block, suffix), {})[layer] = tensor
+    for (block, suffix), layers in per_suffix.items():
+        if block not in counts:
+            raise CheckpointError(f"{block}* tensors given, but no layer count for that block")
+        if sorted(layers) != list(range(counts[block])):
+            raise CheckpointError(f"{block}*.{suffix} is present for layers {sorted(layers)}, not for all "
+                                  f"{counts[block]}")
+        state[block + FUSED_NORMS.get(suffix, suffix)] = torch.stack([layers[i] for i in range(counts[block])])
+    for block, count in counts.items():
+        for module in _EXTRA_STATE_MODULES:
+            if any(b == block and s.startswith(module + ".") for b, s in per_suffix):
+                for layer in range(count):  # PyTorch's writer stores a non-tensor value with torch.save
+                    state[f"{block}{module}._extra_state/shard_{layer}_{count}"] = [None]
+    if "lm_head.output_layer.bias" in state:  # T5Model saves both registrations of these modules
+        for alias, real in ALIASES.items():
+            if real in state:
+                state[alias] = state[real].clone()
+    for module in _EXTRA_STATE_TOP:
+        if f"{module}.weight" in state or f"{module}.bias" in state:
+            state[f"{module}._extra_state/shard_0_1"] = [None]
     return state
+
+
+def block_layer_counts(args: dict, tensors: dict) -> dict:
+    """{block prefix: layer count} of a model from its flags: GPT's decoder (--num-layers); BERT's
+    encoder (--num-layers); T5's encoder (--encoder-num-layers or --num-layers) and decoder
+    (--decoder-num-layers or the encoder's)."""
+    blocks = {split[0] for split in map(split_block_name, tensors) if split is not None}
+    layers = int(args["num_layers"])
+    if blocks == {"encoder.layers.", "decoder.layers."}:
+        encoder = int(args.get("encoder_num_layers") or layers)
+        return {"encoder.layers.": encoder, "decoder.layers.": int(args.get("decoder_num_layers") or encoder)}
+    return {block: layers for block in blocks or {"decoder.layers."}}
 
 
 def write_megatron_dist(root: str, tensors: dict, args: dict, iteration: Optional[int]) -> str:
@@ -321,7 +502,8 @@ def write_megatron_dist(root: str, tensors: dict, args: dict, iteration: Optiona
     iter_dir = checkpoint_dir(root, int(iteration or 0), release=iteration is None)
     if os.path.exists(iter_dir) and os.listdir(iter_dir):
         raise ValueError(f"{iter_dir} already exists and is not empty; choose an empty --save-dir")
-    state = megatron_state(tensors, int(args["num_layers"]), not args.get("untie_embeddings_and_output_weights"))
+    state = megatron_state(tensors, block_layer_counts(args, tensors),
+                           not args.get("untie_embeddings_and_output_weights"))
     staging = iter_dir + ".partial"
     shutil.rmtree(staging, ignore_errors=True)
     os.makedirs(staging)
@@ -338,4 +520,253 @@ def write_megatron_dist(root: str, tensors: dict, args: dict, iteration: Optiona
         os.rmdir(iter_dir)
     os.replace(staging, iter_dir)
     write_tracker(root, iteration)
+    return iter_dir
+
+
+# ------------------------------------------------------------------ training saves Megatron-Core's layout
+#
+# `--ckpt-format megatron_torch_dist`: every rank writes its chunks of the model and optimizer state
+# under Megatron-Core's keys (what `megatron_pieces` reads, mapped the other way), plus the
+# ShardedObjects Megatron-LM's loader asks for (`_extra_state` of each linear, `rng_state` of each
+# (pp, tp) rank); rank 0 writes common.pt as Megatron-LM's loop does (args as a Namespace,
+# iteration, checkpoint_version, opt_param_scheduler, FLOPs, the optimizer's non-sharded state)
+# with one more entry, "gigatron", that Megatron ignores: every rank's RNG state in our form (the
+# model-parallel tracker included), the FP8 delayed-scaling state and the saved parallel layout, so
+# that our own resume from it is exact. Megatron writes no checksums; neither does this layout.
+
+GIGATRON_ENTRY = "gigatron"
+
+
+class _WriteShapes:
+    """Stand-in for a checkpoint's entries when writing: every stacked key holds `num_layers`
+    layers (and `num_experts` experts)."""
+
+    def __init__(self, num_layers: int, num_experts: int) -> None:
+        from types import SimpleNamespace
+
+        self._entry = SimpleNamespace(size=(num_layers, num_experts))
+
+    def __contains__(self, key: str) -> bool:
+        return True
+
+    def __getitem__(self, key: str):
+        return self._entry
+
+
+def _as_megatron(pieces: list[ShardPiece], shapes: _WriteShapes, prefix: str = "") -> list[ShardPiece]:
+    import dataclasses
+
+    out = []
+    for piece in pieces:
+        mapped, problems = megatron_pieces([dataclasses.replace(piece, key=piece.key[len(prefix):])], shapes)
+        if problems:
+            raise CheckpointError("; ".join(problems))
+        out += [dataclasses.replace(m, key=prefix + m.key) for m in mapped]
+    return out
+
+
+def _megatron_group(group: dict, step: Optional[int]) -> dict:
+    """One of our optimizer's parameter groups as Megatron-Core's Adam records it in common.pt."""
+    out = {"is_expert_parallel": False, "default_config": True, "wd_mult": float(group.get("wd_mult", 1.0)),
+           "lr_mult": float(group.get("lr_mult", 1.0)), "is_decoupled_lr": "max_lr" in group}
+    out.update({k: group[k] for k in ("max_lr", "min_lr") if k in group})
+    out.update(lr=float(group["lr"]), betas=tuple(group["betas"]), eps=float(group["eps"]),
+               weight_decay=float(group["weight_decay"]), amsgrad=False, maximize=False, foreach=None,
+               capturable=False, differentiable=False, fused=None, decoupled_weight_decay=True)
+    if step is not None:
+        out["step"] = float(step)
+    return out
+
+
+def megatron_optimizer_state(optimizer, model_chunks, groups, model_pieces: list[ShardPiece], shapes
+                             ) -> tuple[list[ShardPiece], dict]:
+    """This rank's Adam state as Megatron-Core's pieces and common.pt entry: the plain optimizer's
+    layout (exp_avg, exp_avg_sq, fp32_param of bf16/fp16 parameters; common_step) or, for the
+    distributed optimizer, "fully_reshardable" (param = the fp32 main param of every parameter;
+    the step in each parameter group). Collective."""
+    import dataclasses
+
+    from gigatron.core.checkpoint.dist.sharding import optimizer_is_sharded, optimizer_kind, sharded_optimizer_state
+    from gigatron.core.optim import MixedPrecisionOptimizer
+
+    if optimizer_kind(optimizer) != "adam":
+        raise CheckpointError("--ckpt-format megatron_torch_dist writes Adam's state only (Megatron-Core's layout "
+                              "for SGD is not written): use --ckpt-format torch_dist, or --no-save-optim")
+    ours, common = sharded_optimizer_state(optimizer, model_chunks, groups)
+    distributed = optimizer_is_sharded(optimizer)
+    state = f"{_OPTIMIZER_PREFIX}state."
+    if distributed:
+        has_main = {p.key[len(state) + len("fp32_param."):] for p in ours if p.key.startswith(state + "fp32_param.")}
+        managed = {p.key[len(state) + len("exp_avg."):] for p in ours if p.key.startswith(state + "exp_avg.")}
+        ours = [dataclasses.replace(p, key=state + "param." + p.key[len(state) + len("fp32_param."):])
+                if p.key.startswith(state + "fp32_param.") else p for p in ours]
+        # an fp32 parameter's main param is the model weight: stored again as Megatron's `param`
+        ours += [dataclasses.replace(p, key=state + "param." + p.key) for p in model_pieces
+                 if p.key in managed and p.key not in has_main]
+    pieces = []
+    for name in ("param", "fp32_param", "exp_avg", "exp_avg_sq"):
+        pieces += _as_megatron([p for p in ours if p.key.startswith(f"{state}{name}.")], shapes,
+                               prefix=f"{state}{name}.")
+    step = int(common["step"])
+    param_groups = [_megatron_group(g, step if distributed else None) for g in optimizer.optimizer.param_groups]
+    scaler = {"grad_scaler": common["grad_scaler"]} if common.get("grad_scaler") else {}
+    if distributed:
+        record = {"optimizer": {"param_groups": param_groups}, "param_state_sharding_type": "fully_reshardable",
+                  **scaler}
+    else:
+        inner = {"state": {"common_step": torch.tensor(float(step))}, "param_groups": param_groups}
+        record = {"optimizer": inner, **scaler} if isinstance(optimizer, MixedPrecisionOptimizer) else inner
+    return pieces, record
+
+
+def _megatron_rng(state: dict) -> dict:
+    """Our RNG state as one data-parallel rank's entry of Megatron-LM's `rng_state` (numpy's state
+    with its key array, the tracker's CUDA states by name)."""
+    import numpy as np
+
+    name, keys, pos, has_gauss, cached = state["np_rng_state"]
+    keys = keys.numpy() if isinstance(keys, torch.Tensor) else np.asarray(keys)
+    tracker = state.get("rng_tracker_states") or {}
+    return {"random_rng_state": state["random_rng_state"],
+            "np_rng_state": (name, keys.astype(np.uint32), int(pos), int(has_gauss), float(cached)),
+            "torch_rng_state": state["torch_rng_state"], "cuda_rng_state": state.get("cuda_rng_state"),
+            "rng_tracker_states": {k: v["cuda"] for k, v in tracker.items() if v.get("cuda") is not None}}
+
+
+def _objects(pieces: list[ShardPiece], num_layers: int, groups, rng_states: Optional[list]) -> dict:
+    """The ShardedObjects this rank writes: the `_extra_state` (None) of each linear module of the
+    layers whose first chunk it writes, and its (pp, tp) `rng_state` (the list over data-parallel
+    ranks) where it is data-parallel rank 0."""
+    from gigatron.core.checkpoint.megatron_names import STACKED_PREFIX
+
+    objects = {}
+    for piece in pieces:
+        for module in _EXTRA_STATE_MODULES:
+            if (piece.key == f"{STACKED_PREFIX}{module}.weight" and piece.write
+                    and all(o == 0 for o in piece.global_offsets[1:])):
+                objects[f"{STACKED_PREFIX}{module}._extra_state/shard_{piece.global_offsets[0]}_{num_layers}"] = [None]
+    if rng_states is not None and groups.dp.rank == 0 and groups.cp.rank == 0:
+        mine = (groups.pp.rank, groups.tp.rank)
+        states = [_megatron_rng(state) for pp, tp, cp, dp, state in sorted(rng_states, key=lambda r: r[3])
+                  if (pp, tp) == mine and cp == 0]
+        objects[f"rng_state/shard_{mine[0]}.{mine[1]}_{groups.pp.size}.{groups.tp.size}"] = [states]
+    return objects
+
+
+class _ObjectPlanner:
+    """Hands PyTorch's writer the snapshot of each tensor chunk and each ShardedObject's value."""
+
+    def __new__(cls, snapshot: dict, objects: dict):
+        from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+
+        class Planner(DefaultSavePlanner):
+            def lookup_object(self, index):
+                if index.offset is None:
+                    return objects[index.fqn]
+                return snapshot[(index.fqn, tuple(index.offset))]
+
+        return Planner()
+
+
+def _write_files(iter_dir: str, pieces: list[ShardPiece], objects: dict, comm: Comm) -> tuple:
+    """Every rank writes its data file; returns (the global metadata, the gathered write results)
+    on every rank, or raises on every rank when one failed."""
+    from torch.distributed.checkpoint import FileSystemWriter
+    from torch.distributed.checkpoint.default_planner import create_default_global_save_plan
+    from torch.distributed.checkpoint.metadata import MetadataIndex
+    from torch.distributed.checkpoint.planner import SavePlan, WriteItem, WriteItemType
+
+    from gigatron.core.checkpoint.dist.save import _snapshot, _validate_coverage, _write_item
+
+    to_write = [p for p in pieces if p.write]
+    items = [_write_item(p) for p in to_write] + [WriteItem(index=MetadataIndex(key), type=WriteItemType.BYTE_IO)
+                                                  for key in sorted(objects)]
+    all_plans = comm.all_gather_object(SavePlan(items))
+    global_plans, metadata = create_default_global_save_plan(all_plans)
+    _validate_coverage(metadata)
+    writer = FileSystemWriter(iter_dir, single_file_per_rank=True, sync_files=True, overwrite=True)
+    writer.set_up_storage_writer(comm.rank == 0, rank=comm.rank, use_collectives=True)
+    global_plans = writer.prepare_global_plan(global_plans)
+    try:
+        results = {"results": writer.write_data(global_plans[comm.rank],
+                                                _ObjectPlanner(_snapshot(to_write, None), objects)).value()}
+    except Exception as exc:  # reported on every rank
+        results = {"error": f"rank {comm.rank}: {type(exc).__name__}: {exc}"}
+    gathered = comm.all_gather_object(results)
+    errors = [g["error"] for g in gathered if "error" in g]
+    if errors:
+        raise CheckpointError(f"saving {iter_dir} failed: " + " | ".join(errors))
+    return writer, metadata, [g["results"] for g in gathered]
+
+
+def save_training_state(root: str, iteration: int, model_chunks, optimizer, groups, header: dict, *,
+                        scheduler_state: Optional[dict] = None, rng_state: Optional[dict] = None,
+                        save_optim: bool = True, async_saver=None) -> str:
+    """Save iteration `iteration` under `root` in Megatron-Core's torch_dist layout (collective);
+    metadata.json (Megatron's completeness marker) and then the tracker are written last."""
+    import argparse
+    import json
+
+    from gigatron.core.checkpoint.dist.common import METADATA_FILENAME, to_cpu
+    from gigatron.core.checkpoint.dist.save import _remove_stale_files
+    from gigatron.core.checkpoint.dist.sharding import check_groups
+    from gigatron.core.checkpoint.header import CHECKPOINT_VERSION
+    from gigatron.core.checkpoint.io import atomic_torch_save, atomic_write_text, to_plain
+    from gigatron.core.checkpoint.paths import checkpoint_dir, write_tracker
+
+    if async_saver is not None:
+        raise ValueError("--async-save writes --ckpt-format torch_dist only")
+    check_groups(groups, model_chunks)
+    from gigatron.core.models.gpt import GPTModel
+
+    for chunk in model_chunks:
+        module = getattr(chunk, "module", chunk)
+        if not isinstance(module, GPTModel):
+            raise CheckpointError(f"--ckpt-format megatron_torch_dist writes GPT models only, not "
+                                  f"{type(module).__name__}: use --ckpt-format torch_dist")
+    args = dict(header.get("args") or {})
+    num_layers = int(args.get("num_layers") or 0)
+    comm = Comm()
+    model = sharded_model_state(model_chunks, groups)
+    moe = sorted({p.key for p in model if ".mlp.experts." in p.key or ".mlp.router." in p.key})
+    if moe:
+        raise CheckpointError(f"--ckpt-format megatron_torch_dist does not write mixture-of-experts models yet "
+                              f"({moe[0]}, …): save them with --ckpt-format torch_dist")
+    shapes = _WriteShapes(num_layers, int(args.get("num_experts") or 0))
+    pieces = _as_megatron(model, shapes)
+    opt_record = None
+    if optimizer is not None and save_optim:
+        opt_pieces, opt_record = megatron_optimizer_state(optimizer, model_chunks, groups, model, shapes)
+        pieces += opt_pieces
+    me = (groups.pp.rank, groups.tp.rank, groups.cp.rank, groups.dp.rank, to_cpu(rng_state))
+    rng_states = comm.all_gather_object(me) if rng_state is not None else None
+    objects = _objects(pieces, num_layers, groups, rng_states)
+
+    iter_dir = os.path.abspath(checkpoint_dir(root, iteration))
+    if comm.rank == 0:
+        os.makedirs(iter_dir, exist_ok=True)
+        _remove_stale_files(iter_dir, comm.size)  # metadata.json first: an interrupted save is incomplete
+        for name in os.listdir(iter_dir):
+            if name == COMMON_FILENAME:
+                os.unlink(os.path.join(iter_dir, name))
+    comm.barrier()
+    writer, metadata, results = _write_files(iter_dir, pieces, objects, comm)
+    if comm.rank == 0:
+        writer.finish(metadata, results)  # .metadata
+        common = {"args": argparse.Namespace(**args), "checkpoint_version": CHECKPOINT_VERSION,
+                  "iteration": int(iteration),
+                  "num_floating_point_operations_so_far": float(header.get("num_floating_point_operations_so_far")
+                                                                or 0.0),
+                  "opt_param_scheduler": to_plain(scheduler_state) if scheduler_state is not None else None,
+                  GIGATRON_ENTRY: to_plain({"fp8_state": header.get("fp8_state"),
+                                            "rng_states": [r[4] for r in rng_states] if rng_states else None,
+                                            "parallel_layout": parallel_layout(groups)})}
+        if opt_record is not None:
+            common["optimizer"] = opt_record
+        atomic_torch_save(to_cpu(common), os.path.join(iter_dir, COMMON_FILENAME))
+        atomic_write_text(os.path.join(iter_dir, METADATA_FILENAME), json.dumps(MEGATRON_RECORD))
+    comm.barrier()
+    if comm.rank == 0:
+        write_tracker(root, iteration)
+    comm.barrier()
     return iter_dir

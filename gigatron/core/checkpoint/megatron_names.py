@@ -18,6 +18,15 @@ name: `decoder.layers.{i}.self_attention.linear_qkv.weight`. Megatron-Core's tor
   expert-parallel size) holds our `decoder.layers.{i}.mlp.experts.local_experts.{e}.linear_fc1.weight`;
   the router is `decoder.layers.mlp.router.weight` [num_layers, num_experts, hidden].
 
+BERT and T5 (Megatron-Core's BertModel and T5Model) stack their `encoder.layers.*` the same way
+(`encoder.layers.self_attention.linear_qkv.weight` [num_layers, rows, hidden], the same fused-norm
+names); T5's decoder layers add `pre_cross_attn_layernorm.*` and `cross_attention.(linear_q |
+linear_kv | linear_proj).*`, stored as they are. T5Model registers its output layer and position
+embedding twice, so its torch_dist also holds `output_layer.bias` (a copy of
+`lm_head.output_layer.bias`) and `position_embeddings.weight` (a copy of
+`embedding.position_embeddings.weight`): `ALIASES` names them; they are skipped on reading and
+written as copies.
+
 The rest is the same: embedding.word_embeddings.weight and embedding.position_embeddings.weight,
 decoder.final_layernorm.*, output_layer.weight (absent when tied to the embedding), the fused
 QKV in Megatron's grouped-row layout and the SwiGLU fc1 as `[gate; up]` (both the tensor-parallel
@@ -30,9 +39,10 @@ from __future__ import annotations
 import re
 from typing import Optional
 
-__all__ = ["FUSED_NORMS", "UNFUSED_NORMS", "STACKED_PREFIX", "EXPERTS_PREFIX", "is_stacked_key", "stacked_axes",
-           "unstacked_name", "stacked_candidates", "split_layer_name", "flatten", "nest", "legacy_to_ours",
-           "ours_to_legacy", "legacy_qkv_to_ours"]
+__all__ = ["FUSED_NORMS", "UNFUSED_NORMS", "STACKED_PREFIX", "BLOCK_PREFIXES", "EXPERTS_PREFIX", "ALIASES",
+           "is_stacked_key", "stacked_axes", "unstacked_name", "stacked_candidates", "split_layer_name",
+           "split_block_name", "aliases_in", "is_legacy_bert", "flatten", "nest", "legacy_to_ours", "ours_to_legacy",
+           "legacy_qkv_to_ours"]
 
 FUSED_NORMS = {
     "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
@@ -42,7 +52,12 @@ FUSED_NORMS = {
 }
 UNFUSED_NORMS = {fused: ours for ours, fused in FUSED_NORMS.items()}
 STACKED_PREFIX = "decoder.layers."
+BLOCK_PREFIXES = (STACKED_PREFIX, "encoder.layers.")  # GPT's decoder; BERT's encoder; T5's both
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+_BLOCK_LAYER = re.compile(r"^((?:en|de)coder\.layers\.)(\d+)\.(.+)$")
+# Megatron-Core key -> the key it copies (T5Model's second registration of the same module).
+ALIASES = {"output_layer.bias": "lm_head.output_layer.bias",
+           "position_embeddings.weight": "embedding.position_embeddings.weight"}
 
 
 def split_layer_name(name: str) -> Optional[tuple[int, str]]:
@@ -51,13 +66,30 @@ def split_layer_name(name: str) -> Optional[tuple[int, str]]:
     return (int(match.group(1)), match.group(2)) if match else None
 
 
+def split_block_name(name: str) -> Optional[tuple[str, int, str]]:
+    """(block prefix, global layer, suffix) of `{encoder|decoder}.layers.{i}.{suffix}`, else None."""
+    match = _BLOCK_LAYER.match(name)
+    return (match.group(1), int(match.group(2)), match.group(3)) if match else None
+
+
+def aliases_in(keys) -> set:
+    """The keys of a Megatron-Core checkpoint that copy another key also present (T5Model's)."""
+    keys = set(keys)
+    return {alias for alias, real in ALIASES.items() if alias in keys and real in keys}
+
+
 EXPERTS_PREFIX = STACKED_PREFIX + "mlp.experts.experts."
 _LOCAL_EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(.+)$")
 
 
+def _block_of(key: str) -> Optional[str]:
+    return next((p for p in BLOCK_PREFIXES if key.startswith(p)), None)
+
+
 def is_stacked_key(key: str) -> bool:
-    """A Megatron-Core torch_dist key holding all layers of the decoder (leading layer axis)."""
-    return key.startswith(STACKED_PREFIX) and not key[len(STACKED_PREFIX):][:1].isdigit()
+    """A Megatron-Core torch_dist key holding all layers of a block (leading layer axis)."""
+    block = _block_of(key)
+    return block is not None and not key[len(block):][:1].isdigit()
 
 
 def stacked_axes(key: str) -> int:
@@ -73,20 +105,22 @@ def unstacked_name(key: str, index: tuple) -> str:
     if key.startswith(EXPERTS_PREFIX):
         layer, expert = index
         return f"decoder.layers.{layer}.mlp.experts.local_experts.{expert}.{key[len(EXPERTS_PREFIX):]}"
-    suffix = key[len(STACKED_PREFIX):]
-    return f"decoder.layers.{index[0]}.{UNFUSED_NORMS.get(suffix, suffix)}"
+    block = _block_of(key)
+    suffix = key[len(block):]
+    return f"{block}{index[0]}.{UNFUSED_NORMS.get(suffix, suffix)}"
 
 
-def stacked_candidates(suffix: str) -> list[tuple[str, tuple]]:
+def stacked_candidates(suffix: str, block: str = STACKED_PREFIX) -> list[tuple[str, tuple]]:
     """(Megatron-Core key, offsets after the layer axis) that may hold our layer parameter
-    `decoder.layers.{i}.{suffix}`, in the order to try (a fused norm name first); a routed
-    expert's global number is the offset along the experts key's second axis."""
+    `{block}{i}.{suffix}` (block: `decoder.layers.` or `encoder.layers.`), in the order to try (a
+    fused norm name first); a routed expert's global number is the offset along the experts key's
+    second axis."""
     expert = _LOCAL_EXPERT.match(suffix)
-    if expert:
+    if expert and block == STACKED_PREFIX:
         return [(EXPERTS_PREFIX + expert.group(2), (int(expert.group(1)),))]
-    keys = [(STACKED_PREFIX + suffix, ())]
+    keys = [(block + suffix, ())]
     if suffix in FUSED_NORMS:
-        keys.insert(0, (STACKED_PREFIX + FUSED_NORMS[suffix], ()))
+        keys.insert(0, (block + FUSED_NORMS[suffix], ()))
     return keys
 
 
@@ -107,6 +141,16 @@ def stacked_candidates(suffix: str) -> list[tuple[str, tuple]]:
 #   language_model.encoder.final_layernorm.{weight,bias}   decoder.final_layernorm.*
 #   language_model.output_layer.weight                     output_layer.weight  (untied)
 #   word_embeddings_for_head.weight                        output_layer.weight  (tied copy, last stage)
+#
+# A BERT rank file (megatron/model/bert_model.py) holds the same `language_model` (its layers become
+# our `encoder.layers.{i}.`, its final norm `encoder.final_layernorm.*`) plus
+#
+#   language_model.embedding.tokentype_embeddings.weight   embedding.tokentype_embeddings.weight
+#   language_model.pooler.dense.{weight,bias}              pooler.dense.*
+#   lm_head.dense.{weight,bias}                            lm_head.dense.*
+#   lm_head.layernorm.{weight,bias}                        lm_head.layer_norm.*
+#   lm_head.bias  [V/tp per rank]                          output_layer.bias
+#   binary_head.{weight,bias}                              binary_head.*   (with the binary head)
 #
 # The fused QKV rows are per head [q; k; v] (per query group with GQA) from checkpoint_version 2.0
 # on, which is Megatron-Core's layout; version 0 stored [all q; all k; all v] and version 1.0
@@ -137,6 +181,32 @@ _LEGACY_OTHER = {
 }
 
 
+_LEGACY_BERT_OTHER = {
+    "language_model.embedding.word_embeddings.weight": "embedding.word_embeddings.weight",
+    "language_model.embedding.position_embeddings.weight": "embedding.position_embeddings.weight",
+    "language_model.embedding.tokentype_embeddings.weight": "embedding.tokentype_embeddings.weight",
+    "language_model.encoder.final_layernorm.weight": "encoder.final_layernorm.weight",
+    "language_model.encoder.final_layernorm.bias": "encoder.final_layernorm.bias",
+    "language_model.transformer.final_layernorm.weight": "encoder.final_layernorm.weight",
+    "language_model.transformer.final_layernorm.bias": "encoder.final_layernorm.bias",
+    "language_model.pooler.dense.weight": "pooler.dense.weight",
+    "language_model.pooler.dense.bias": "pooler.dense.bias",
+    "lm_head.dense.weight": "lm_head.dense.weight",
+    "lm_head.dense.bias": "lm_head.dense.bias",
+    "lm_head.layernorm.weight": "lm_head.layer_norm.weight",
+    "lm_head.layernorm.bias": "lm_head.layer_norm.bias",
+    "lm_head.bias": "output_layer.bias",
+    "binary_head.weight": "binary_head.weight",
+    "binary_head.bias": "binary_head.bias",
+}
+_OUR_BERT_OTHER = {ours: legacy for legacy, ours in _LEGACY_BERT_OTHER.items() if ".transformer." not in legacy}
+
+
+def is_legacy_bert(names) -> bool:
+    """Flattened legacy names of a BERT (its masked-LM head `lm_head.*`; a GPT has none)."""
+    return any(name.startswith("lm_head.") for name in names)
+
+
 def flatten(tree: dict, prefix: str = "") -> dict:
     """A nested state dict as {dotted name: value}."""
     flat = {}
@@ -149,13 +219,15 @@ def flatten(tree: dict, prefix: str = "") -> dict:
     return flat
 
 
-def legacy_to_ours(name: str) -> Optional[str]:
-    """Our name for a flattened legacy name, or None if it is not a GPT weight we know."""
-    if name in _LEGACY_OTHER:
-        return _LEGACY_OTHER[name]
+def legacy_to_ours(name: str, bert: bool = False) -> Optional[str]:
+    """Our name for a flattened legacy name, or None if it is not a GPT (`bert`: BERT) weight we know."""
+    table = _LEGACY_BERT_OTHER if bert else _LEGACY_OTHER
+    if name in table:
+        return table[name]
     match = _LEGACY_LAYER.match(name)
     if match and match.group(2) in LEGACY_LAYER_NAMES:
-        return f"decoder.layers.{match.group(1)}.{LEGACY_LAYER_NAMES[match.group(2)]}.{match.group(3)}"
+        block = "encoder" if bert else "decoder"
+        return f"{block}.layers.{match.group(1)}.{LEGACY_LAYER_NAMES[match.group(2)]}.{match.group(3)}"
     return None
 
 
@@ -164,12 +236,15 @@ def ours_to_legacy(name: str, tied_head: bool = False) -> str:
     copy of a tied embedding (`word_embeddings_for_head.weight`)."""
     if name == "output_layer.weight" and tied_head:
         return "word_embeddings_for_head.weight"
+    if name in _OUR_BERT_OTHER and (name.startswith(("encoder.", "lm_head.", "pooler.", "binary_head."))
+                                    or name in ("output_layer.bias", "embedding.tokentype_embeddings.weight")):
+        return _OUR_BERT_OTHER[name]
     for legacy, ours in _LEGACY_OTHER.items():
         if ours == name and ".transformer." not in legacy and not legacy.startswith("word_embeddings_for_head"):
             return legacy
-    split = split_layer_name(name)
+    split = split_block_name(name)
     if split is not None:
-        layer, suffix = split
+        _, layer, suffix = split
         module, _, leaf = suffix.rpartition(".")
         if module in OUR_LAYER_NAMES:
             return f"language_model.encoder.layers.{layer}.{OUR_LAYER_NAMES[module]}.{leaf}"

@@ -192,3 +192,10 @@ def holds_legacy_names(path: str) -> bool:
     `language_model` (a flag such as `language_model_type` in the args does not count)."""
     program = pickle_program(path)
     return any(encoded in program for encoded in _pickled_string("language_model"))
+
+
+def holds_name(path: str, name: str) -> bool:
+    """The torch.save file at `path` holds the string `name` whole (a state dict key, say) in the
+    first part of its pickle program, which the state dict's keys are part of."""
+    program = pickle_program(path)
+    return any(encoded in program for encoded in _pickled_string(name))

@@ -19,6 +19,7 @@ Training saves `--ckpt-format torch` with torch_layout.py (args as a plain dict)
 builds a rank file Megatron-LM loads (convert.py --saver megatron_torch): args as an
 argparse.Namespace of plain values, the `_extra_state` entries (None) Megatron-Core's modules
 expect, and with `transformer_engine=True` the fused-norm names of its Transformer Engine spec.
+BERT and T5 files (Megatron-Core's BertModel / T5Model) are merged and written by encoder_layout.py.
 """
 
 from __future__ import annotations
@@ -29,10 +30,10 @@ from typing import Optional, Sequence
 
 import torch
 
-from gigatron.core.checkpoint import torch_layout
+from gigatron.core.checkpoint import encoder_layout, torch_layout
 from gigatron.core.checkpoint.foreign import load_full_tensors, rng_state_from_megatron
 from gigatron.core.checkpoint.io import CheckpointError, to_plain
-from gigatron.core.checkpoint.megatron_pickle import holds_legacy_names, written_by_megatron
+from gigatron.core.checkpoint.megatron_pickle import holds_legacy_names, holds_name, written_by_megatron
 from gigatron.core.checkpoint.state import ModelState, TrainingState
 
 __all__ = ["NAME", "WRITES", "megatron_file_content", "detect", "read_args", "read_model", "plain_args", "save_training_state",
@@ -89,10 +90,23 @@ def read_args(iter_dir: str, allow_namespace: bool = True) -> dict:
     return plain_args(torch_layout.read_rank_file(first, allow_namespace=True, manifest=None).get("args"))
 
 
+def is_encoder_checkpoint(iter_dir: str) -> bool:
+    """A BERT or T5 (Megatron-Core's BertModel / T5Model): its files hold `encoder.final_layernorm`."""
+    first = _first_file(iter_dir)
+    return first is not None and any(holds_name(first, f"encoder.final_layernorm.{leaf}") for leaf in ("weight", "bias"))
+
+
+def _read_full(iter_dir: str, transform) -> ModelState:
+    if is_encoder_checkpoint(iter_dir):
+        return encoder_layout.read_model(iter_dir, transform)
+    return torch_layout.read_model(iter_dir, allow_namespace=True, transform=transform)
+
+
 def read_model(iter_dir: str, allow_namespace: bool = True) -> ModelState:
-    """Every rank's file merged into full tensors under our names (any tp/pp/ep of the writer)."""
+    """Every rank's file merged into full tensors under our names (any tp/pp/ep of the writer; a
+    BERT or T5 at pipeline size 1, encoder_layout.py)."""
     del allow_namespace
-    return torch_layout.read_model(iter_dir, allow_namespace=True, transform=_plain_state)
+    return _read_full(iter_dir, _plain_state)
 
 
 def save_training_state(root: str, iteration: int, model_chunks, optimizer, groups, header: dict, **kwargs) -> str:
@@ -128,8 +142,7 @@ def load_training_state(iter_dir: str, model_chunks: Sequence[torch.nn.Module], 
                                                    "opt_param_scheduler", "rng_state")}
         return state
 
-    model = (model_reader or (lambda d, t: torch_layout.read_model(d, allow_namespace=True, transform=t)))(
-        iter_dir, keep)
+    model = (model_reader or _read_full)(iter_dir, keep)
     untied = bool(model.args.get("untie_embeddings_and_output_weights"))
     tensors = dict(model.tensors)
     if not untied and "output_layer.weight" in tensors:

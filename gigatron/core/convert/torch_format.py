@@ -148,6 +148,11 @@ def model_state_to_metadata(state: ModelState, true_vocab_size: Optional[int] = 
         raise CheckpointError(f"{state.path} holds no model flags (args); it cannot be converted without knowing "
                               "the model shape")
     _check_expert_tensors(state)
+    if any(name.startswith("encoder.") for name in state.tensors):  # Megatron-Core's BertModel / T5Model
+        kind = "T5" if any(name.startswith("decoder.") for name in state.tensors) else "BERT"
+        raise ConversionError(f"{state.path} holds a {kind} model, not a GPT: convert it with convert.py --model-type "
+                              f"{kind} --loader core --saver megatron_dist or megatron_torch (from_pretrained loads "
+                              "GPT models)")
     tensors = dict(state.tensors)
     stored_rows = tensors["embedding.word_embeddings.weight"].shape[0]
     vocab = true_vocab_size_of(args, stored_rows, true_vocab_size)
