@@ -5,8 +5,9 @@
 # with the aux-loss-free expert bias) plus one shared expert; one multi-token prediction block)
 # with Megatron's flag set, on tensor 2 x pipeline 8 x expert 64 parallelism. Usage:
 #   bash examples/recipes/deepseek_v3.sh CHECKPOINT_DIR TENSORBOARD_DIR TOKENIZER_MODEL DATA_PREFIX
-# Megatron's recipe uses the flex token dispatcher (DeepEP) and FP8; Gigatron has neither yet, so
-# this script dispatches tokens with alltoall and trains in bf16.
+# Megatron's recipe uses the flex token dispatcher (DeepEP), which Gigatron does not have: this
+# script dispatches tokens with alltoall. It trains in FP8 with DeepSeek-V3's blockwise scaling
+# (1x128 activation tiles, 128x128 weight blocks); the grouped-GEMM experts stay in bf16.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -76,6 +77,7 @@ MOE_ARGS=(
     --moe-router-group-topk 4
     --moe-router-topk-scaling-factor 2.5
     --moe-router-score-function sigmoid
+    --moe-router-pre-softmax
     --moe-router-enable-expert-bias
     --moe-router-bias-update-rate 1e-3
     --moe-router-load-balancing-type seq_aux_loss
@@ -114,6 +116,8 @@ TRAINING_ARGS=(
     --adam-beta2 0.95
     --clip-grad 1.0
     --bf16
+    --fp8-format e4m3
+    --fp8-recipe blockwise
     --cross-entropy-loss-fusion
     --recompute-granularity selective
     --recompute-modules mla_up_proj layernorm

@@ -298,3 +298,18 @@ def test_bf16_checkpoint_resumes_in_fp8_with_fresh_state_and_back(tmp_path, caps
     for name, state in trained.fp8_states.items():
         assert torch.equal(again.fp8_states[name].scale, state.scale)
         assert torch.equal(again.fp8_states[name].amax_history, state.amax_history)
+
+
+def test_multi_latent_attention_and_mtp_layers_run_in_fp8():
+    """DeepSeek-V3-style layers: MLA's tensor-parallel projections and the multi-token prediction
+    block's layer (named by its own path, after the decoder's layers) run in FP8; the delayed
+    states of the MTP layer do not collide with the decoder's."""
+    mla = ["--multi-latent-attention", "--q-lora-rank", "16", "--kv-lora-rank", "16", "--qk-head-dim", "8",
+           "--qk-pos-emb-head-dim", "8", "--v-head-dim", "8", "--qk-layernorm", "--mtp-num-layers", "1",
+           "--train-iters", "2", "--eval-iters", "0"]
+    ctx = _train(DELAYED + mla)
+    layers = _fp8_layers(ctx)
+    mtp = [name for name in layers if name.startswith("mtp.layers.0.transformer_layer.")]
+    assert mtp and all(layers[name] == "delayed" for name in mtp)
+    assert set(mtp) <= set(ctx.fp8_states) and len(ctx.fp8_states) == sum(kind is not None for kind in layers.values())
+    assert all(torch.isfinite(torch.tensor(_losses(ctx))))

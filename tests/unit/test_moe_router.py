@@ -71,6 +71,16 @@ def test_sigmoid_topk_normalised_and_expert_bias_only_chooses():
     assert_close(probs, chosen / chosen.sum(-1, keepdim=True))  # weights from the unbiased scores
 
 
+def test_pre_softmax_with_sigmoid_scores_is_accepted_and_changes_nothing():
+    """Megatron takes the sigmoid before the top-k whatever --moe-router-pre-softmax says, and its
+    DeepSeek-V3 recipe passes the flag with sigmoid scores: accepted, same routing."""
+    MoEConfig(num_experts=8, moe_router_topk=2, moe_router_score_function="sigmoid", moe_router_pre_softmax=True)
+    logits = torch.randn(6, 8, generator=torch.Generator().manual_seed(0))
+    plain = topk_routing(logits, 2, score_function="sigmoid")
+    pre = topk_routing(logits, 2, score_function="sigmoid", pre_softmax=True)
+    assert torch.equal(plain[0], pre[0]) and torch.equal(plain[1], pre[1])
+
+
 def test_aux_loss_value_and_gradient_match_formula():
     tracker = MoEAuxLossTracker()
     tracker.set_backward_scale(0.25)  # e.g. 4 micro-batches

@@ -33,6 +33,7 @@ __all__ = ["enable_fp8", "fp8_linears", "update_model_fp8_states", "fp8_state_di
            "load_fp8_state_dict", "amax_recording_paused", "is_expert_state"]
 
 EXPERT_MARK = ".mlp.experts."
+MTP_MARK = "mtp."
 
 
 def is_expert_state(name: str) -> bool:
@@ -47,10 +48,12 @@ def fp8_linears(module: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Module]
     from gigatron.core.transformer.layer import TransformerLayer
     from gigatron.core.transformer.moe.experts import _ExpertLinear
 
-    for layer in module.modules():
+    for path, layer in module.named_modules():
         if not isinstance(layer, TransformerLayer):
             continue
-        prefix = f"decoder.layers.{layer.layer_number}"
+        # Decoder layers by their global number; a multi-token prediction block's layer (last stage
+        # only) by its own path, mtp.layers.{k}.transformer_layer.
+        prefix = path if path.startswith(MTP_MARK) else f"decoder.layers.{layer.layer_number}"
         for name, sub in layer.named_modules():
             if isinstance(sub, (ColumnParallelLinear, RowParallelLinear)):
                 yield f"{prefix}.{name}", sub
@@ -66,12 +69,15 @@ def enable_fp8(module: torch.nn.Module, config: FP8Config, recipe: FP8Recipe,
 
     if not config.enabled:
         return {}
-    selected = {layer.layer_number for layer in module.modules()
-                if isinstance(layer, TransformerLayer)
+    selected = {layer.layer_number for path, layer in module.named_modules()
+                if isinstance(layer, TransformerLayer) and not path.startswith(MTP_MARK)
                 and layer_uses_fp8(config, layer.layer_number, layer.config.num_layers)}
+    # Multi-token prediction layers come after the last decoder layer: in FP8 unless the last
+    # layers are kept in bf16.
+    mtp_in_fp8 = not (config.first_last_layers_bf16 and config.num_layers_at_end_in_bf16 > 0)
     states: dict[str, FP8LinearState] = {}
     for name, linear in fp8_linears(module):
-        if int(name.split(".")[2]) not in selected:
+        if not (mtp_in_fp8 if name.startswith(MTP_MARK) else int(name.split(".")[2]) in selected):
             continue
         state = FP8LinearState.from_config(config, device) if recipe.kind == "delayed" else None
         linear.enable_fp8(recipe, state)

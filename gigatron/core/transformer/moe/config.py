@@ -54,7 +54,8 @@ class MoEConfig:
     """Score function of the router: softmax or sigmoid."""
     moe_router_pre_softmax: bool = False
     """With softmax scores: take the softmax over all experts before the top-k (default: softmax
-    over the top-k logits only)."""
+    over the top-k logits only). With sigmoid scores it changes nothing, as in Megatron (the
+    sigmoid is always taken before the top-k), so recipes that pass it with sigmoid run unchanged."""
     moe_router_num_groups: Optional[int] = None
     """Number of expert groups for group-limited (node-limited) routing: each token first picks
     --moe-router-group-topk groups, then its top-k experts inside them."""
@@ -118,8 +119,6 @@ def check_moe_flags(c) -> None:
     _validate_groups(c)
     if c.moe_router_enable_expert_bias and c.moe_router_score_function != "sigmoid":
         raise ValueError("--moe-router-enable-expert-bias needs --moe-router-score-function sigmoid")
-    if c.moe_router_pre_softmax and c.moe_router_score_function != "softmax":
-        raise ValueError("--moe-router-pre-softmax applies to --moe-router-score-function softmax only")
     if c.moe_expert_capacity_factor is not None and c.moe_expert_capacity_factor <= 0:
         raise ValueError(f"--moe-expert-capacity-factor must be positive, got {c.moe_expert_capacity_factor}")
     if c.moe_pad_expert_input_to_capacity and c.moe_expert_capacity_factor is None:
