@@ -55,7 +55,8 @@ def hybrid_model(pattern="M*M-", seed=3, chunk_size=4, groups=None, tp=1, **kw):
 @torch.no_grad()
 def full_logits(model, ids):
     """The full-sequence forward of one row: logits [len, V] (fp32, true vocabulary)."""
-    return model(torch.tensor([ids]))[:, 0, :V].float()
+    device = next(model.parameters()).device
+    return model(torch.tensor([ids], device=device))[:, 0, :V].float()
 
 
 @torch.no_grad()
