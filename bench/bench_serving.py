@@ -62,6 +62,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import importlib.util
 import json
 import os
 import random
@@ -348,6 +349,10 @@ def suite(args, device, dtype, card: str) -> dict:
     run with the continuous scheduler (see the module docstring)."""
     from bench_decode import measure_bandwidth
 
+    missing = [pkg for pkg in ("fastapi", "uvicorn") if importlib.util.find_spec(pkg) is None]
+    if missing:  # the load run serves over HTTP: say so before minutes of offline runs
+        raise SystemExit(f"error: the load run of --suite serves over HTTP and needs {' and '.join(missing)}; "
+                         f"install the project's requirements (pip install {' '.join(missing)})")
     out = {"card": card, "models": {}}
     for name in args.suite_models:
         ok, need = fits(name, device, args.max_requests or args.max_batch_size)
@@ -375,14 +380,15 @@ def suite(args, device, dtype, card: str) -> dict:
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+        # The offline table first: it stands even if the load run fails.
+        _print_table(f"model {name}, {card}, copy bandwidth {bandwidth / 1e9:.0f} GB/s; offline decode through "
+                     f"the continuous batcher (prompt {args.suite_prompt}, {args.suite_new_tokens} new tokens, "
+                     f"decode mode {args.decode_mode})", decode_rows)
         load = run_one(args, "continuous", model, vocab, device)
         step_1 = next((r["ms_per_step"] for r in decode_rows if r["batch"] == 1), None)
         if step_1:
             load["batch1_step_ms"] = step_1
             load["itl_p99_over_batch1_step"] = load["itl_p99_ms"] / step_1
-        _print_table(f"model {name}, {card}, copy bandwidth {bandwidth / 1e9:.0f} GB/s; offline decode through "
-                     f"the continuous batcher (prompt {args.suite_prompt}, {args.suite_new_tokens} new tokens, "
-                     f"decode mode {args.decode_mode})", decode_rows)
         _print_table(f"model {name}, {card}: {args.requests} requests, {args.clients} clients, Poisson "
                      f"{args.rate}/s, prompts {args.prompt_min}-{args.prompt_max}, outputs "
                      f"{args.output_min}-{args.output_max}", [load])
