@@ -232,7 +232,7 @@ def test_layouts_we_do_not_read_are_described(tmp_path):
     (loose / "weights.pt").write_bytes(b"")
     with pytest.raises(CheckpointError, match="weight files .*weights.pt"):
         gigatron.from_pretrained(loose)
-    with pytest.raises(ValueError, match="--ckpt-format zarr is not supported; use one of torch_dist, torch"):
+    with pytest.raises(ValueError, match="--ckpt-format zarr is not supported; use one of megatron_torch_dist, torch_dist, torch"):
         formats.get_format("zarr")
 
 

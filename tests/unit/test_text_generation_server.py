@@ -142,6 +142,25 @@ def test_malformed_requests_get_4xx_naming_the_field(server):
     assert httpx.get(url + "/health", timeout=5).status_code == 200
 
 
+def test_nesting_limit_holds_when_the_recursion_limit_was_raised(server):
+    """json.loads's own depth limit follows sys.getrecursionlimit(), which torch.compile and other
+    libraries raise in the serving process: the server checks the depth itself."""
+    import sys
+
+    from gigatron.core.inference.server.app import MAX_JSON_DEPTH
+
+    url = server[0]
+    old = sys.getrecursionlimit()
+    sys.setrecursionlimit(100_000)
+    try:
+        body = b'{"prompts": ' + b"[" * (MAX_JSON_DEPTH + 1) + b"]" * (MAX_JSON_DEPTH + 1) + b"}"
+        r = httpx.put(url + "/api", content=body, headers={"Content-Type": "application/json"}, timeout=60)
+    finally:
+        sys.setrecursionlimit(old)
+    assert r.status_code == 400 and error_field(r) == "body", r.text
+    assert f"more than {MAX_JSON_DEPTH} deep" in r.text
+
+
 def test_tokenizing_does_not_hold_up_the_event_loop(guarded):
     url, _ = guarded
     slow = threading.Thread(target=lambda: httpx.put(url + "/api", json={"prompts": ["zzab"], "tokens_to_generate": 1},

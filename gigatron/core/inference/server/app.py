@@ -26,10 +26,12 @@ import dataclasses
 import datetime
 import json
 import logging
+import re
 import time
 import uuid
 from typing import Any, Optional
 
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -111,11 +113,30 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+# Deepest JSON nesting a request may have (Python's default recursion limit). Checked before
+# parsing, because json.loads's own limit follows sys.getrecursionlimit(), which libraries in the
+# same process (torch.compile among them) raise.
+MAX_JSON_DEPTH = 1000
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+
+
+def _json_depth(body: bytes) -> int:
+    """The deepest nesting of arrays/objects in `body` (brackets inside strings not counted)."""
+    raw = np.frombuffer(_JSON_STRING.sub(b'""', body), dtype=np.uint8)
+    steps = np.zeros(raw.shape, dtype=np.int32)
+    steps[(raw == ord("[")) | (raw == ord("{"))] = 1
+    steps[(raw == ord("]")) | (raw == ord("}"))] = -1
+    return int(np.cumsum(steps).max(initial=0))
+
+
 def _parse_json(body: bytes) -> Any:
     try:
+        if _json_depth(body) > MAX_JSON_DEPTH:
+            raise RecursionError
         return json.loads(body)
     except RecursionError:
-        raise RequestError("body", "the request body nests JSON arrays/objects too deeply") from None
+        raise RequestError("body", f"the request body nests JSON arrays/objects more than {MAX_JSON_DEPTH} "
+                                   "deep") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise RequestError("body", f"the request body is not valid JSON: {exc}") from None
 
