@@ -10,7 +10,7 @@ Each layer is one pre-norm sub-layer with a residual connection:
     E  MLPLayer with an MoE layer as `mlp` (router + experts)
 These are the parameter names of Megatron-Core's hybrid stack with unfused norms; its Transformer
 Engine spec fuses each pre-norm into the next linear layer, which renames the norm weight
-(MEGATRON_TE_NORM_NAMES maps those names to ours). The stack ends with `final_norm` on the last
+(torch_layout._TE_NORM_NAMES maps those names to ours). The stack ends with `final_norm` on the last
 pipeline stage (Megatron's MambaStack name, not final_layernorm).
 
 Pipeline stages take their layers from the whole pattern as TransformerBlock does (even split, or
@@ -32,16 +32,7 @@ from gigatron.core.transformer.mamba.config import ATTENTION, MAMBA, MLP, MOE, v
 from gigatron.core.transformer.mamba.mixer import MambaMixer, output_init_method
 from gigatron.core.transformer.norm import build_norm
 
-__all__ = ["MambaLayer", "AttentionLayer", "MLPLayer", "MambaStack", "MEGATRON_TE_NORM_NAMES"]
-
-# Megatron's Transformer Engine layer names (the norm fused into the next linear) -> ours, per layer.
-MEGATRON_TE_NORM_NAMES = {
-    "mixer.in_proj.layer_norm_weight": "norm.weight",
-    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
-    "self_attention.linear_qkv.layer_norm_bias": "input_layernorm.bias",
-    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
-    "mlp.linear_fc1.layer_norm_bias": "pre_mlp_layernorm.bias",
-}
+__all__ = ["MambaLayer", "AttentionLayer", "MLPLayer", "MambaStack"]
 
 
 class _ResidualLayer(nn.Module):
