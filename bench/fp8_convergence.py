@@ -120,25 +120,11 @@ def main(argv=None) -> int:
 
 
 def _plot(curves: dict, path: str, iters: int) -> None:
-    import matplotlib
+    from gigatron.training.logging import write_loss_curves
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for variant, (_, valid) in curves.items():
-        if valid:
-            xs = sorted(valid)
-            ax.plot(xs, [valid[x] for x in xs], marker="o", markersize=3, label=variant)
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("validation loss")
-    ax.set_title(f"GPT ~350M, bf16 vs FP8 recipes ({iters} iterations)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    write_loss_curves(path, {variant: (sorted(train.items()), sorted(valid.items()))
+                             for variant, (train, valid) in curves.items()},
+                      f"GPT ~350M, bf16 vs FP8 recipes ({iters} iterations)")
     print(f"plot: {path}")
 
 

@@ -95,29 +95,11 @@ def parameter_count(log_path: str) -> int | None:
 
 
 def plot(curves: dict, path: str, title: str) -> None:
-    import matplotlib
+    """Both runs' training and validation curves in one PNG."""
+    from gigatron.training.logging import write_loss_curves
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from gigatron.core.checkpoint.io import atomic_write
-
-    figure, axes = plt.subplots(figsize=(7, 4.2), dpi=110)
-    for (label, curve), color in zip(curves.items(), ("tab:blue", "tab:orange")):
-        train = sorted(curve["train"].items())
-        valid = sorted(curve["valid"].items())
-        axes.plot([i for i, _ in train], [v for _, v in train], color=color, alpha=0.35, linewidth=1.0,
-                  label=f"{label} training")
-        axes.plot([i for i, _ in valid], [v for _, v in valid], "o-", color=color, linewidth=1.6,
-                  label=f"{label} validation")
-    axes.set_xlabel("iteration (16 x 128 tokens each)")
-    axes.set_ylabel("lm loss")
-    axes.set_title(title)
-    axes.grid(alpha=0.3)
-    axes.legend()
-    figure.tight_layout()
-    atomic_write(path, lambda handle: figure.savefig(handle, format="png"))
-    plt.close(figure)
+    write_loss_curves(path, {label: (sorted(c["train"].items()), sorted(c["valid"].items()))
+                             for label, c in curves.items()}, title, xlabel="iteration (16 x 128 tokens each)")
 
 
 def main(argv=None) -> int:

@@ -30,6 +30,7 @@ __all__ = [
     "memory_report",
     "TrainingLog",
     "write_loss_curve",
+    "write_loss_curves",
 ]
 
 SKIPPED_KEY = "skipped iterations"
@@ -134,7 +135,15 @@ def memory_report(device: torch.device) -> dict[str, str]:
 def write_loss_curve(path: str, train: list[tuple[int, float]], valid: list[tuple[int, float]],
                      title: str = "loss") -> Optional[str]:
     """Plot training and validation loss against iteration into a PNG (written atomically)."""
-    if not train and not valid:
+    return write_loss_curves(path, {"": (train, valid)}, title)
+
+
+def write_loss_curves(path: str, runs: dict, title: str = "loss", xlabel: str = "iteration") -> Optional[str]:
+    """Several runs' loss curves in one PNG (written atomically): `runs` maps a label to (training,
+    validation) lists of (iteration, loss); the label "" names a run's curves plainly ("training
+    loss"). Training curves are drawn thin (faint beside other runs), validation with markers.
+    None when there is nothing to draw."""
+    if not any(train or valid for train, valid in runs.values()):
         return None
     import matplotlib
 
@@ -144,11 +153,16 @@ def write_loss_curve(path: str, train: list[tuple[int, float]], valid: list[tupl
     from gigatron.core.checkpoint.io import atomic_write
 
     figure, axes = plt.subplots(figsize=(7, 4.2), dpi=110)
-    if train:
-        axes.plot([i for i, _ in train], [v for _, v in train], label="training loss", linewidth=1.4)
-    if valid:
-        axes.plot([i for i, _ in valid], [v for _, v in valid], "o-", label="validation loss", linewidth=1.4)
-    axes.set_xlabel("iteration")
+    several = len(runs) > 1
+    for index, (label, (train, valid)) in enumerate(runs.items()):
+        color = f"C{index}"
+        if train:
+            axes.plot([i for i, _ in train], [v for _, v in train], color=color, linewidth=1.0 if several else 1.4,
+                      alpha=0.35 if several else 1.0, label=f"{label} training" if label else "training loss")
+        if valid:
+            axes.plot([i for i, _ in valid], [v for _, v in valid], "o-", color=color, linewidth=1.4,
+                      label=f"{label} validation" if label else "validation loss")
+    axes.set_xlabel(xlabel)
     axes.set_ylabel("lm loss")
     axes.set_title(title)
     axes.grid(alpha=0.3)
