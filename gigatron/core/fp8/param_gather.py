@@ -81,27 +81,23 @@ def attach_fp8_storage(params: Sequence[torch.Tensor], storage: torch.Tensor, in
 
 
 @torch.no_grad()
-def cast_main_shards(params: Sequence[torch.Tensor], pieces: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+def cast_main_shards(params: Sequence[torch.Tensor], pieces: Sequence[tuple[int, torch.Tensor, torch.Tensor]],
                      group) -> None:
     """Steps 1-2 above for one buffer. `params`: the buffer's FP8-gathered weights (the same list,
-    in the same order, on every rank of `group`); `pieces`: (param, fp32 main shard, uint8 slice
-    of the storage it is cast into) for the shards this rank owns. Collective over `group`
-    (None: one rank)."""
-    pieces = list(pieces)
+    in the same order, on every rank of `group`); `pieces`: (index into `params`, fp32 main shard,
+    uint8 slice of the storage it is cast into) for the shards this rank owns. Collective over
+    `group` (None: one rank)."""
     if not params:
         return
-    position = {param: i for i, param in enumerate(params)}
-    device = params[0].fp8_scale_inv.device
-    amaxes = torch.zeros(len(params), dtype=torch.float32, device=device)
-    for param, main, _ in pieces:
-        i = position[param]
+    amaxes = torch.zeros(len(params), dtype=torch.float32, device=params[0].fp8_scale_inv.device)
+    for i, main, _ in pieces:
         amaxes[i] = torch.maximum(amaxes[i], amax(main))
     if group is not None:
         dist.all_reduce(amaxes, op=dist.ReduceOp.MAX, group=group)
     scales = scale_from_amax(amaxes, FP8_MAX[PARAM_DTYPE])
     torch._foreach_copy_([p.fp8_scale_inv for p in params], list(scales.reciprocal().unbind(0)))
-    for param, main, target in pieces:
-        target.view(PARAM_DTYPE).copy_(saturating_cast(main, scales[position[param]], PARAM_DTYPE))
+    for i, main, target in pieces:
+        target.view(PARAM_DTYPE).copy_(saturating_cast(main, scales[i], PARAM_DTYPE))
 
 
 @torch.no_grad()

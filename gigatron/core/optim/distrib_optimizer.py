@@ -77,9 +77,16 @@ class DistributedOptimizer(MegatronOptimizer):
                         mains_per_group[gi].append(main)
         main_groups = [{**g, "params": mains} for g, mains in zip(param_groups, mains_per_group)]
         self.optimizer = _make_torch_optimizer(config, main_groups, self.device)
-        # Buffers of FP8-gathered weights, each with the entries of its local shards.
-        self._fp8_buffers = [(buf, [i for i, (b, _, _) in enumerate(self._entry_buffer_range) if b is buf])
-                             for chunk in self.model_chunks for buf in chunk.grad_buffers if buf.fp8_params]
+        # Buffers of FP8-gathered weights, each with its local shards: (index of the weight in the
+        # buffer, fp32 main shard, the uint8 storage slice it is cast into).
+        self._fp8_buffers = []
+        for chunk in self.model_chunks:
+            for buf in chunk.grad_buffers:
+                if buf.fp8_params:
+                    index = {param: i for i, param in enumerate(buf.params)}
+                    pieces = [(index[entry.model_param], entry.main_param, b.param_data[lo:hi])
+                              for entry, (b, lo, hi) in zip(self.entries, self._entry_buffer_range) if b is buf]
+                    self._fp8_buffers.append((buf, pieces))
 
     # ------------------------------------------------------------ step pieces
     def _before_step(self) -> None:
@@ -106,10 +113,7 @@ class DistributedOptimizer(MegatronOptimizer):
             shard = buf.param_data[lo:hi]
             if entry.main_param.data_ptr() != shard.data_ptr():
                 shard.copy_(entry.main_param)
-        for buf, indices in self._fp8_buffers:
-            pieces = [(self.entries[i].model_param, self.entries[i].main_param,
-                       buf.param_data[self._entry_buffer_range[i][1]:self._entry_buffer_range[i][2]])
-                      for i in indices]
+        for buf, pieces in self._fp8_buffers:
             cast_main_shards(buf.params, pieces, buf.dp_group)
 
     def reload_model_params(self) -> None:
