@@ -29,7 +29,7 @@ moved in, so an interrupted, failed or empty run never leaves a pair that looks 
 replaces an existing dataset. An input without documents or tokens is refused.
 
 Interrupts: workers and partition processes ignore SIGINT (Ctrl-C reaches the whole process group)
-and die with their parent; the main process turns SIGTERM into an exit that runs the same clean-up
+and die with their parent (and quietly, by SIGPIPE, if they write to a reader that is gone); the main process turns SIGTERM into an exit that runs the same clean-up
 as Ctrl-C: the workers are terminated at once (never waited for; see ``_stop_pool``), partition
 processes are killed, temporaries are removed, and nothing is renamed into place. A worker or
 partition that dies (killed, out of memory) stops the run with an error instead of a wait forever.
@@ -282,6 +282,9 @@ def _init_worker(config: PreprocessConfig, threads: int, parent_pid: int) -> Non
     # Ctrl-C is for the main process: it terminates the workers. SIGTERM (sent by terminate) just ends them.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    # A worker whose reader was just killed (a stopped partition) must end quietly when it writes
+    # its result, not print a BrokenPipeError traceback in the moment before its own SIGKILL comes.
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     _die_with_parent(parent_pid, signal.SIGKILL)
     # The Rust tokenizers library sizes its thread pool from this variable on first use.
     os.environ["RAYON_NUM_THREADS"] = str(threads)
@@ -583,6 +586,9 @@ def _partition_main(config, workers, start, end, out_prefixes, dtype, label, que
     # arbitrary point, which could leave the pool half torn down and the process unable to exit.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    # A worker whose reader was just killed (a stopped partition) must end quietly when it writes
+    # its result, not print a BrokenPipeError traceback in the moment before its own SIGKILL comes.
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     _die_with_parent(parent_pid, signal.SIGKILL)
     try:
         stats = _process_range(config, workers, start, end, out_prefixes, dtype, label)
