@@ -366,7 +366,10 @@ def _megatron_training(kind: str, num_layers: int, distributed: bool, bf16: bool
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-    model = build_model(kind, num_layers=num_layers).train()
+    from megatron.core import parallel_state
+
+    model = build_model(kind, num_layers=num_layers, pre_process=parallel_state.is_pipeline_first_stage(),
+                        post_process=parallel_state.is_pipeline_last_stage()).train()
     if bf16:
         model = model.to(torch.bfloat16)
         model.config.bf16, model.config.params_dtype = True, torch.bfloat16
@@ -623,14 +626,16 @@ def megatron_available() -> bool:
     return importlib.util.find_spec("megatron") is not None and importlib.util.find_spec("megatron.core") is not None
 
 
-def run_oracle(*argv: str, processes: int = 1, port: int = 29650, timeout: int = 300) -> None:
-    """Run this file's command `argv` in `processes` fresh processes (ranks of one gloo group)."""
+def run_oracle(*argv: str, processes: int = 1, port: int = 29650, timeout: int = 300,
+               script: Optional[str] = None) -> None:
+    """Run this file's command `argv` (or the script `script`'s) in `processes` fresh processes
+    (ranks of one gloo group)."""
     import subprocess
     import sys
 
     env = dict(os.environ, WORLD_SIZE=str(processes), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                PYTHONWARNINGS="ignore")
-    procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), *argv, "--port", str(port)],
+    procs = [subprocess.Popen([sys.executable, script or os.path.abspath(__file__), *argv, "--port", str(port)],
                               env=dict(env, RANK=str(rank)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True) for rank in range(processes)]
     failures = []

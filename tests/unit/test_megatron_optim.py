@@ -16,14 +16,14 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import megatron_oracle as oracle  # noqa: E402
 
-import gigatron  # noqa: E402
 from gigatron.core.checkpoint.io import CheckpointError  # noqa: E402
 from tests.parallel.harness import free_port  # noqa: E402
+from tests.unit._megatron_optim_fixtures import SAVED_AT, T, TOTAL  # noqa: E402
+from tests.unit._megatron_optim_fixtures import build_training as _ours  # noqa: E402
+from tests.unit._megatron_optim_fixtures import megatron_losses as _megatron_losses  # noqa: E402
+from tests.unit._megatron_optim_fixtures import resume as _resume  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not oracle.megatron_available(), reason="megatron-core is not installed")
-
-SAVED_AT, TOTAL = 3, 6
-T = oracle.TRAIN
 
 
 def _train(root, processes, *extra):
@@ -41,57 +41,6 @@ def plain(tmp_path_factory):
 def distributed(tmp_path_factory):
     return _train(tmp_path_factory.mktemp("mcore_distopt"), 2, "--optim", "distributed", "--sharding",
                   "fully_reshardable"), 2
-
-
-def _ours(root, dp, use_distributed_optimizer, bf16=False):
-    """Our model, optimizer and schedule with the flags the Megatron run used."""
-    import dataclasses
-
-    from gigatron.core.distributed import DDPConfig, DistributedDataParallel
-    from gigatron.core.models.gpt import GPTModel
-    from gigatron.core.optim import OptimizerConfig, OptimizerParamScheduler, SchedulerConfig, get_optimizer
-    from gigatron.core.parallel.groups import ParallelGroups
-
-    groups = ParallelGroups.single()
-    template = gigatron.from_pretrained(root)
-    model_config = dataclasses.replace(template.config, bf16=bf16, params_dtype=torch.bfloat16 if bf16 else None)
-    model = GPTModel(model_config, groups, template.padded_vocab_size, seed=42)
-    ddp = DistributedDataParallel(DDPConfig(use_distributed_optimizer=use_distributed_optimizer), model, groups)
-    config = OptimizerConfig(bf16=bf16, lr=T["lr"], min_lr=T["min_lr"], weight_decay=T["weight_decay"], adam_beta1=T["beta1"],
-                             adam_beta2=T["beta2"], adam_eps=T["eps"], clip_grad=T["clip_grad"],
-                             use_distributed_optimizer=use_distributed_optimizer)
-    optimizer = get_optimizer(config, [ddp], groups)
-    scheduler = OptimizerParamScheduler(
-        optimizer, SchedulerConfig(lr_decay_style="cosine", lr_warmup_samples=T["warmup"],
-                                   lr_decay_samples=T["decay_iters"]), config,
-        global_batch_size=T["micro_batch"] * dp, train_samples=T["decay_iters"])
-    return groups, ddp, optimizer, scheduler
-
-
-def _resume(root, dp, use_distributed_optimizer, load_optim=True, bf16=False):
-    """Load the Megatron checkpoint and train to TOTAL; (loaded checkpoint, our losses)."""
-    from gigatron.core.distributed import finalize_model_grads
-    from gigatron.training.checkpointing import load_checkpoint
-
-    groups, ddp, optimizer, scheduler = _ours(root, dp, use_distributed_optimizer, bf16)
-    loaded = load_checkpoint(str(root), [ddp], optimizer, scheduler, groups, load_optim=load_optim)
-    losses = []
-    for it in range(loaded.iteration, TOTAL):
-        batch = torch.cat([oracle.train_batch(it, r, dp) for r in range(dp)])  # the global batch
-        ddp.zero_grad_buffer()
-        optimizer.zero_grad()
-        loss = ddp(batch[:, :-1], None, None, labels=batch[:, 1:]).float().mean()
-        loss.backward()
-        finalize_model_grads([ddp], groups)
-        ok, _, _ = optimizer.step()
-        assert ok
-        scheduler.step(T["micro_batch"] * dp)
-        losses.append(loss.item())
-    return loaded, torch.tensor(losses, dtype=torch.float64)
-
-
-def _megatron_losses(root):
-    return torch.load(os.path.join(root, "losses.pt"), weights_only=True)["losses"][SAVED_AT:]
 
 
 @pytest.mark.parametrize("use_distributed_optimizer", [False, True], ids=["plain", "distopt"])
