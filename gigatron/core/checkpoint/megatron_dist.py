@@ -46,6 +46,7 @@ from __future__ import annotations
 import io
 import itertools
 import os
+import re
 from typing import Optional, Sequence
 
 import torch
@@ -62,6 +63,10 @@ from gigatron.core.checkpoint.io import CheckpointError, CorruptCheckpointError,
 from gigatron.core.checkpoint.megatron_names import (
     EXPERTS_PREFIX,
     aliases_in,
+    holds_hybrid_layers,
+    hybrid_key,
+    hybrid_parts,
+    hybrid_to_ours,
     split_block_name,
     stacked_axes,
     stacked_candidates,
@@ -149,6 +154,8 @@ def read_model(iter_dir: str, allow_namespace: bool = True) -> ModelState:
         axes = stacked_axes(key)
         for index in itertools.product(*(range(n) for n in tensor.shape[:axes])):
             tensors[unstacked_name(key, index) if axes else key] = tensor[index].clone()
+    if holds_hybrid_layers(whole):  # a MambaModel: per-layer keys, fused norms, split mixer tensors
+        tensors = hybrid_to_ours(tensors)
     if "embedding.word_embeddings.weight" not in tensors:
         raise CheckpointError(f"{iter_dir} holds no embedding.word_embeddings.weight; it is not a GPT checkpoint")
     release = os.path.basename(os.path.normpath(iter_dir)) == "release"
@@ -170,6 +177,11 @@ def megatron_pieces(pieces: list[ShardPiece], entries: dict) -> tuple[list[Shard
         block, layer, suffix = split
         candidates = stacked_candidates(suffix, block)
         key, extra = next(((k, e) for k, e in candidates if k in entries), candidates[0])
+        per_layer = None if key in entries else _per_layer_pieces(piece, entries)
+        if per_layer is not None:  # a hybrid model (MambaStack): the layer's own keys
+            mapped += per_layer[0]
+            problems += per_layer[1]
+            continue
         if key not in entries:
             problems.append(f"missing from checkpoint: {piece.key} (Megatron key {key})")
             continue
@@ -182,6 +194,35 @@ def megatron_pieces(pieces: list[ShardPiece], entries: dict) -> tuple[list[Shard
         mapped.append(ShardPiece(key, tensor, (*stacked, *piece.global_shape), (*index, *piece.global_offsets),
                                  piece.write, piece.vocab))
     return mapped, problems
+
+
+def _per_layer_pieces(piece: ShardPiece, entries: dict) -> Optional[tuple[list[ShardPiece], list[str]]]:
+    """Our chunk of a layer parameter as chunks of Megatron-Core's per-layer keys of a hybrid model
+    (megatron_names.hybrid_key: `decoder.layers.{i}.…`, fused norm names; a split mixer tensor's
+    rows go to its parts `….z`, `….x`, … at their offsets within each part); None where the
+    checkpoint has no such key. Returns (pieces, problems)."""
+    import dataclasses
+
+    key, parts = hybrid_key(piece.key), hybrid_parts(piece.key)
+    if parts is None:
+        return ([dataclasses.replace(piece, key=key)], []) if key in entries else None
+    keys = [f"{key}.{part}" for part in parts]
+    if not all(k in entries for k in keys):
+        return None
+    start, end = piece.global_offsets[0], piece.global_offsets[0] + piece.tensor.shape[0]
+    out, part_start = [], 0
+    for part_key in keys:
+        rows = int(entries[part_key].size[0])
+        lo, hi = max(start, part_start), min(end, part_start + rows)
+        if lo < hi:
+            out.append(ShardPiece(part_key, piece.tensor.narrow(0, lo - start, hi - lo),
+                                  (rows, *piece.global_shape[1:]), (lo - part_start, *piece.global_offsets[1:]),
+                                  piece.write, piece.vocab))
+        part_start += rows
+    if part_start != piece.global_shape[0]:
+        return [], [f"{piece.key} has {piece.global_shape[0]} rows, the checkpoint's parts {', '.join(keys)} "
+                    f"{part_start}: check the --mamba-* flags"]
+    return out, []
 
 
 def load_training_state(iter_dir: str, model_chunks: Sequence[torch.nn.Module], optimizer, groups, *,
@@ -422,18 +463,61 @@ _EXTRA_STATE_MODULES = ("self_attention.linear_proj", "self_attention.linear_qkv
                         "mlp.linear_fc2", "cross_attention.linear_q", "cross_attention.linear_kv",
                         "cross_attention.linear_proj")
 _EXTRA_STATE_TOP = ("output_layer", "lm_head.output_layer")
+# A hybrid model's layers (Transformer Engine linears all): under each layer's own key (shard_0_1).
+_HYBRID_EXTRA_STATE_MODULES = ("mixer.in_proj", "mixer.out_proj") + _EXTRA_STATE_MODULES[:4]
+_HYBRID_LAYER = re.compile(r"^(decoder\.layers\.\d+\.)(.+)\.weight(?:\.[A-Za-z]+)?$")
+
+
+def is_hybrid_model(tensors) -> bool:
+    """Whether our tensor names are a MambaModel's (its stack ends in decoder.final_norm)."""
+    return any(name.startswith("decoder.final_norm.") or ".mixer." in name for name in tensors)
+
+
+def _hybrid_extra_states(keys) -> dict:
+    """The `_extra_state` ShardedObjects of a hybrid model's linear modules, one per layer."""
+    objects = {}
+    for key in keys:
+        match = _HYBRID_LAYER.match(key)
+        if match and match.group(2) in _HYBRID_EXTRA_STATE_MODULES:
+            objects[f"{match.group(1)}{match.group(2)}._extra_state/shard_0_1"] = [None]
+    return objects
+
+
+def _hybrid_state(tensors: dict, args: dict, tied: bool) -> dict:
+    """A MambaModel's full tensors as Megatron-Core's torch_dist state (megatron_names.ours_to_hybrid:
+    per-layer keys, fused norm names, the mixer's in_proj and conv1d split into their parts)."""
+    from gigatron.core.checkpoint.megatron_names import ours_to_hybrid
+    from gigatron.core.checkpoint.tp_layout import mamba_segments
+
+    moe = sorted(name for name in tensors if ".mlp.experts." in name or ".mlp.router." in name)
+    if moe:
+        raise CheckpointError(f"writing Megatron-Core's torch_dist layout of a hybrid model's mixture-of-experts "
+                              f"layers is not supported ({moe[0]}, …); save it as torch (--saver core)")
+    state = {key: tensor.contiguous() for key, tensor in
+             ours_to_hybrid(tensors, lambda name: mamba_segments(name, args)).items()
+             if not (key == "output_layer.weight" and tied)}
+    state.update(_hybrid_extra_states(list(state)))
+    return state
 MEGATRON_RECORD = {"sharded_backend": "torch_dist", "sharded_backend_version": 1, "common_backend": "torch",
                    "common_backend_version": 1}
 
 
-def megatron_state(tensors: dict, num_layers, tied: bool) -> dict:
+def megatron_state(tensors: dict, num_layers, tied: bool, args: Optional[dict] = None) -> dict:
     """Our full tensors (global names) as Megatron-Core's torch_dist state: layer parameters stacked
     under one key per block with the fused-norm names, a tied output layer left out, T5's aliases
     (megatron_names.ALIASES) as copies, and the `_extra_state` ShardedObjects Megatron's loader
     expects (`[None]`, stored as torch.save bytes, as it writes them). `num_layers`: the decoder's
-    layer count (GPT), or {block prefix: layer count} (`encoder.layers.` / `decoder.layers.`)."""
+    layer count (GPT), or {block prefix: layer count} (`encoder.layers.` / `decoder.layers.`).
+    A MambaModel's layers are not stacked (`_hybrid_state`; `args`: its Mamba flags)."""
     from gigatron.core.checkpoint.megatron_names import ALIASES, FUSED_NORMS, STACKED_PREFIX
 
+    if is_hybrid_model(tensors):
+        if args is None:
+            raise CheckpointError("a Mamba / hybrid model's torch_dist layout needs its --mamba-* flags (args)")
+        state = _hybrid_state(tensors, args, tied)
+        if "output_layer.weight" in state:
+            state["output_layer._extra_state/shard_0_1"] = [None]
+        return state
     counts = dict(num_layers) if isinstance(num_layers, dict) else {STACKED_PREFIX: int(num_layers)}
     per_suffix: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
     state = {}
@@ -503,7 +587,7 @@ def write_megatron_dist(root: str, tensors: dict, args: dict, iteration: Optiona
     if os.path.exists(iter_dir) and os.listdir(iter_dir):
         raise ValueError(f"{iter_dir} already exists and is not empty; choose an empty --save-dir")
     state = megatron_state(tensors, block_layer_counts(args, tensors),
-                           not args.get("untie_embeddings_and_output_weights"))
+                           not args.get("untie_embeddings_and_output_weights"), args)
     staging = iter_dir + ".partial"
     shutil.rmtree(staging, ignore_errors=True)
     os.makedirs(staging)
@@ -539,18 +623,31 @@ GIGATRON_ENTRY = "gigatron"
 
 class _WriteShapes:
     """Stand-in for a checkpoint's entries when writing: every stacked key holds `num_layers`
-    layers (and `num_experts` experts)."""
+    layers (and `num_experts` experts). With `hybrid_args` (a MambaModel's flags) the keys are
+    per layer instead, and a split mixer tensor's part holds its segment's rows."""
 
-    def __init__(self, num_layers: int, num_experts: int) -> None:
+    def __init__(self, num_layers: int, num_experts: int, hybrid_args: Optional[dict] = None) -> None:
         from types import SimpleNamespace
 
         self._entry = SimpleNamespace(size=(num_layers, num_experts))
+        self._hybrid_args = hybrid_args
 
     def __contains__(self, key: str) -> bool:
-        return True
+        from gigatron.core.checkpoint.megatron_names import is_stacked_key
+
+        return self._hybrid_args is None or not is_stacked_key(key)
 
     def __getitem__(self, key: str):
-        return self._entry
+        from types import SimpleNamespace
+
+        from gigatron.core.checkpoint.megatron_names import hybrid_parts
+        from gigatron.core.checkpoint.tp_layout import mamba_segments
+
+        base, _, part = key.rpartition(".")
+        parts = hybrid_parts(base) if self._hybrid_args is not None else None
+        if parts is None or part not in parts:
+            return self._entry
+        return SimpleNamespace(size=(mamba_segments(base, self._hybrid_args)[parts.index(part)],))
 
 
 def _as_megatron(pieces: list[ShardPiece], shapes: _WriteShapes, prefix: str = "") -> list[ShardPiece]:
@@ -635,11 +732,14 @@ def _megatron_rng(state: dict) -> dict:
 
 def _objects(pieces: list[ShardPiece], num_layers: int, groups, rng_states: Optional[list]) -> dict:
     """The ShardedObjects this rank writes: the `_extra_state` (None) of each linear module of the
-    layers whose first chunk it writes, and its (pp, tp) `rng_state` (the list over data-parallel
+    layers (a hybrid model's: per layer) and of the output layer whose first chunk it writes, and its (pp, tp) `rng_state` (the list over data-parallel
     ranks) where it is data-parallel rank 0."""
     from gigatron.core.checkpoint.megatron_names import STACKED_PREFIX
 
-    objects = {}
+    firsts = [p.key for p in pieces if p.write and not any(p.global_offsets)]
+    objects = _hybrid_extra_states(firsts)
+    objects.update({f"{module}._extra_state/shard_0_1": [None] for module in _EXTRA_STATE_TOP
+                    if f"{module}.weight" in firsts})
     for piece in pieces:
         for module in _EXTRA_STATE_MODULES:
             if (piece.key == f"{STACKED_PREFIX}{module}.weight" and piece.write
@@ -718,12 +818,15 @@ def save_training_state(root: str, iteration: int, model_chunks, optimizer, grou
         raise ValueError("--async-save writes --ckpt-format torch_dist only")
     check_groups(groups, model_chunks)
     from gigatron.core.models.gpt import GPTModel
+    from gigatron.core.models.mamba import MambaModel
 
+    hybrid = False
     for chunk in model_chunks:
         module = getattr(chunk, "module", chunk)
-        if not isinstance(module, GPTModel):
-            raise CheckpointError(f"--ckpt-format megatron_torch_dist writes GPT models only, not "
+        if not isinstance(module, (GPTModel, MambaModel)):
+            raise CheckpointError(f"--ckpt-format megatron_torch_dist writes GPT and Mamba / hybrid models only, not "
                                   f"{type(module).__name__}: use --ckpt-format torch_dist")
+        hybrid = hybrid or isinstance(module, MambaModel)
     args = dict(header.get("args") or {})
     num_layers = int(args.get("num_layers") or 0)
     comm = Comm()
@@ -732,7 +835,7 @@ def save_training_state(root: str, iteration: int, model_chunks, optimizer, grou
     if moe:
         raise CheckpointError(f"--ckpt-format megatron_torch_dist does not write mixture-of-experts models yet "
                               f"({moe[0]}, …): save them with --ckpt-format torch_dist")
-    shapes = _WriteShapes(num_layers, int(args.get("num_experts") or 0))
+    shapes = _WriteShapes(num_layers, int(args.get("num_experts") or 0), args if hybrid else None)
     pieces = _as_megatron(model, shapes)
     opt_record = None
     if optimizer is not None and save_optim:
