@@ -459,3 +459,53 @@ def test_convert_to_megatron_torch(dist_fixture, reference, tmp_path, tp):
             if tensor is not None:
                 assert torch.equal(state["model"][key], tensor), key
     torch.testing.assert_close(_logits(gigatron.from_pretrained(str(out)).model), reference[1], rtol=0, atol=1e-5)
+
+
+# ------------------------------------------------------------------ training state
+
+
+def _training(use_distributed_optimizer, seed=5):
+    from gigatron.core.distributed import DDPConfig, DistributedDataParallel
+    from gigatron.core.optim import OptimizerConfig, get_optimizer
+
+    model, groups = _model(seed=seed)
+    model.train()
+    ddp = DistributedDataParallel(DDPConfig(use_distributed_optimizer=use_distributed_optimizer), model, groups)
+    optimizer = get_optimizer(OptimizerConfig(lr=1e-2, weight_decay=0.1, clip_grad=1.0,
+                                              use_distributed_optimizer=use_distributed_optimizer), [ddp], groups)
+    return groups, ddp, optimizer
+
+
+def _step(groups, ddp, optimizer, iteration):
+    from gigatron.core.distributed import finalize_model_grads
+
+    batch = torch.randint(0, VOCAB, (2, 17), generator=torch.Generator().manual_seed(100 + iteration))
+    ddp.zero_grad_buffer()
+    optimizer.zero_grad()
+    loss = ddp(batch[:, :-1], None, None, labels=batch[:, 1:]).float().mean()
+    loss.backward()
+    finalize_model_grads([ddp], groups)
+    assert optimizer.step()[0]
+    return loss.item()
+
+
+def test_training_state_round_trip(tmp_path):
+    """A hybrid model's weights and Adam state saved in Megatron-Core's layout (training's
+    --ckpt-format megatron_torch_dist, plain optimizer) resume into the distributed optimizer:
+    the next losses are the uninterrupted run's."""
+    from gigatron.core.checkpoint import megatron_dist
+    from gigatron.core.checkpoint.dist import read_dcp_metadata
+    from gigatron.training.checkpointing import load_checkpoint
+
+    groups, ddp, optimizer = _training(False)
+    for it in range(2):
+        _step(groups, ddp, optimizer, it)
+    megatron_dist.save_training_state(str(tmp_path), 2, [ddp], optimizer, groups, {"args": ARGS, "iteration": 2})
+    expected = [_step(groups, ddp, optimizer, it) for it in range(2, 4)]
+    keys = set(read_dcp_metadata(str(tmp_path / "iter_0000002")).state_dict_metadata)
+    assert "optimizer.state.exp_avg.decoder.layers.0.mixer.in_proj.weight.dt" in keys
+    assert "optimizer.state.exp_avg_sq.decoder.layers.1.self_attention.linear_qkv.layer_norm_weight" in keys
+    groups, ddp, optimizer = _training(True, seed=77)
+    assert load_checkpoint(str(tmp_path), [ddp], optimizer, None, groups).iteration == 2
+    resumed = [_step(groups, ddp, optimizer, it) for it in range(2, 4)]
+    torch.testing.assert_close(torch.tensor(resumed), torch.tensor(expected), rtol=0, atol=1e-6)

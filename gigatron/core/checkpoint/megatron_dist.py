@@ -824,7 +824,7 @@ def save_training_state(root: str, iteration: int, model_chunks, optimizer, grou
     for chunk in model_chunks:
         module = getattr(chunk, "module", chunk)
         if not isinstance(module, (GPTModel, MambaModel)):
-            raise CheckpointError(f"--ckpt-format megatron_torch_dist writes GPT and Mamba / hybrid models only, not "
+            raise CheckpointError(f"--ckpt-format megatron_torch_dist writes Mamba / hybrid and GPT models only, not "
                                   f"{type(module).__name__}: use --ckpt-format torch_dist")
         hybrid = hybrid or isinstance(module, MambaModel)
     args = dict(header.get("args") or {})
