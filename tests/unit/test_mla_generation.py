@@ -178,6 +178,19 @@ def test_absorbed_and_expanded_attention_agree():
     torch.testing.assert_close(absorbed, expanded, rtol=1e-5, atol=1e-6)
 
 
+def test_bf16_cache_steps_track_the_full_forward():
+    """In bf16 (weights, latent cache, activations) the cached steps stay within bf16 rounding of
+    the full forward: the absorbed form reorders the products, so equality is not expected."""
+    model = mla_model(seed=4, bf16=True, params_dtype=torch.bfloat16)
+    engine = InferenceEngine(model, TOK, max_batch_size=4, max_sequence_length=64)
+    assert all(t.dtype == torch.bfloat16 for t in engine.context().tensors())
+    prompts = [TOK.tokenize(p) for p in PROMPTS]
+    got, logits = cached_greedy(engine, prompts, 4)
+    for i, p in enumerate(prompts):
+        want = torch.stack([full_logits(model, got[i][:len(p) + t])[-1] for t in range(4)])
+        torch.testing.assert_close(logits[i], want, rtol=0, atol=1e-2)
+
+
 def test_sliding_window_counts_from_each_position():
     """With --window-size the cached steps of rows at different positions equal the full forward."""
     model = mla_model("full_rank_q", seed=5, window_size=(3, 0))
@@ -270,6 +283,75 @@ def test_a_cache_and_a_layer_that_disagree_fail_clearly():
     mixed.set_positions(torch.zeros(1, 1, dtype=torch.long), 8)
     keys, values = mixed.store(1, torch.ones(1, 1, 2, 6), torch.ones(1, 1, 2, 3))
     assert keys.shape == (8, 1, 2, 6) and values.shape == (8, 1, 2, 3) and float(values[0].sum()) == 6.0
+
+
+# ---------------------------------------------------------------------- GPU: captured decode steps
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("mode", ["cuda_graph", "compiled"])
+def test_captured_decode_equals_the_full_forward_on_cuda(mode):
+    """The decode step captured in CUDA graphs (compiled first under "compiled"), MLA layers
+    through their absorbed form inside the engine's decode step, gives the full forward's greedy
+    tokens (fp32) and eager's log-probabilities."""
+    model = mla_model(seed=11).cuda()
+    params = SamplingParams(tokens_to_generate=12, top_k=1, stop_at_eod=False, return_log_probs=True)
+    prompts = [TOK.tokenize(p) for p in PROMPTS]
+    eager = InferenceEngine(model, TOK, max_batch_size=4).generate_tokens(prompts, params)
+    captured = InferenceEngine(model, TOK, max_batch_size=4, decode_mode=mode).generate_tokens(prompts, params)
+    assert captured.tokens == eager.tokens
+    for x, y in zip(captured.logprobs, eager.logprobs):
+        torch.testing.assert_close(torch.tensor(x), torch.tensor(y), rtol=1e-4, atol=1e-4)
+    for i, p in enumerate(prompts):
+        assert eager.tokens[i] == reference_greedy(model, p, 12)[0]
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_mla_decode_steps_do_not_synchronize_on_cuda(monkeypatch):
+    """No synchronizing CUDA call in the decode steps of an MLA model (its position mask is built
+    on the device)."""
+    model = mla_model(seed=2).cuda()
+    engine = InferenceEngine(model, TOK, max_batch_size=2, decode_mode="cuda_graph")
+    prompts = [TOK.tokenize("hello there"), TOK.tokenize("ab")]
+    params = SamplingParams(tokens_to_generate=10, top_p=0.9, random_seed=1, return_log_probs=True)
+    expected = engine.generate_tokens(prompts, params)  # warm-up: the probe, the graphs
+    steps = InferenceEngine._decode_steps
+
+    def strict(self, *args, **kwargs):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return steps(self, *args, **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    monkeypatch.setattr(InferenceEngine, "_decode_steps", strict)
+    out = engine.generate_tokens(prompts, params)
+    assert (out.tokens, out.logprobs) == (expected.tokens, expected.logprobs)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_captured_continuous_step_equals_eager_on_cuda():
+    """The continuous batch's static step captured in CUDA graphs gives the eager step's greedy
+    tokens for an MLA model."""
+    model = mla_model(seed=13).cuda()
+    engine = InferenceEngine(model, TOK, max_batch_size=4, max_sequence_length=64, decode_mode="cuda_graph")
+    prompts = ["hello", "a longer prompt read in chunks", "ab", "the cat", "x"]
+
+    def run(static):
+        batcher = ContinuousBatcher(engine, max_requests=3, prefill_chunk=4, static_step=static)
+        seqs = [Sequence(TOK.tokenize(p), SamplingParams(tokens_to_generate=6 + i, top_k=1, stop_at_eod=False))
+                for i, p in enumerate(prompts)]
+        for seq in seqs:
+            batcher.add(seq)
+        while batcher.busy():
+            batcher.step()
+        return [seq.generated for seq in seqs]
+
+    assert run(True) == run(False)
 
 
 # ---------------------------------------------------------------------- tensor parallelism
