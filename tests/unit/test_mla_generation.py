@@ -424,13 +424,9 @@ def _free_port():
         return sock.getsockname()[1]
 
 
-@pytest.mark.parametrize("dynamic", [False, True])
-def test_server_tool_serves_an_mla_checkpoint(checkpoint, dynamic):
-    """tools/run_text_generation_server.py on the checkpoint answers /api and /v1/completions
-    (static batches, and continuous batching) with the greedy text of gigatron.from_pretrained's
-    model, itself equal to the full forward on the growing sequence."""
-    import httpx
-
+def _greedy_reference(checkpoint):
+    """gigatron.from_pretrained's model of the checkpoint, an engine on it, and its greedy texts
+    of two prompts (checked against the full forward on the growing sequence)."""
     import gigatron
     from gigatron.core.tokenizers import NullTokenizer
 
@@ -443,11 +439,30 @@ def test_server_tool_serves_an_mla_checkpoint(checkpoint, dynamic):
         for _ in range(4):
             grow.append(int(loaded.model(torch.tensor([grow]))[-1, 0, :4097].argmax()))
     assert want[0].split() == [str(t) for t in grow]
+    return engine, want
+
+
+def _ask(url, want):
+    import httpx
+
+    api = httpx.put(url + "/api", json={"prompts": ["1 2 3", "7"], "tokens_to_generate": 4, "top_k": 1}, timeout=60)
+    assert api.status_code == 200, api.text
+    assert api.json()["text"] == want
+    completion = httpx.post(url + "/v1/completions", json={"prompt": "1 2 3", "max_tokens": 4, "temperature": 0},
+                            timeout=60)
+    assert completion.status_code == 200, completion.text
+    assert completion.json()["choices"][0]["text"].split() == want[0].split()[3:]  # the 4 generated ids
+
+
+def test_server_tool_serves_an_mla_checkpoint(checkpoint):
+    """tools/run_text_generation_server.py on the checkpoint answers /api and /v1/completions with
+    the greedy text of gigatron.from_pretrained's model."""
+    import httpx
+
+    _, want = _greedy_reference(checkpoint)
     port = _free_port()
     cmd = [sys.executable, os.path.join(ROOT, "tools", "run_text_generation_server.py"), "--load", checkpoint,
            "--use-checkpoint-args", "--vocab-size", "4096", "--port", str(port), "--max-batch-size", "2"]
-    if dynamic:
-        cmd += ["--inference-dynamic-batching", "--inference-max-requests", "2", "--inference-prefill-chunk-size", "2"]
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     url = f"http://127.0.0.1:{port}"
@@ -462,14 +477,23 @@ def test_server_tool_serves_an_mla_checkpoint(checkpoint, dynamic):
                 pass
             assert time.time() < deadline, "the server did not come up"
             time.sleep(0.5)
-        api = httpx.put(url + "/api", json={"prompts": ["1 2 3", "7"], "tokens_to_generate": 4, "top_k": 1},
-                        timeout=60)
-        assert api.status_code == 200, api.text
-        assert api.json()["text"] == want
-        completion = httpx.post(url + "/v1/completions", json={"prompt": "1 2 3", "max_tokens": 4, "temperature": 0},
-                                timeout=60)
-        assert completion.status_code == 200, completion.text
-        assert completion.json()["choices"][0]["text"].split() == want[0].split()[3:]  # the 4 generated ids
+        _ask(url, want)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_continuous_batching_server_serves_an_mla_checkpoint(checkpoint):
+    """The server app with continuous batching (--inference-dynamic-batching: slots of the latent
+    cache, prompts read 2 tokens a step) gives the same answers."""
+    from gigatron.core.inference.broadcast import LocalRunner
+    from gigatron.core.inference.server.app import build_app
+    from gigatron.core.inference.server.background import serve_in_background
+
+    engine, want = _greedy_reference(checkpoint)
+    app = build_app(LocalRunner(engine), engine.tokenizer, max_batch_size=2,
+                    max_sequence_length=engine.max_sequence_length, dynamic_batching=True, max_requests=2,
+                    prefill_chunk=2)
+    assert type(app.state.scheduler).__name__ == "ContinuousScheduler"
+    with serve_in_background(app) as server:
+        _ask(server.url, want)
