@@ -41,7 +41,9 @@ MLA = dict(num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=
 VARIANTS = {
     "lora_q_mtp": dict(q_lora_rank=12, qk_layernorm=True, mtp_num_layers=2),
     "full_rank_q": dict(q_lora_rank=None, qk_layernorm=False),
-    "lora_q_plain_rope": dict(q_lora_rank=12, qk_layernorm=True, rope_type="rope", mtp_num_layers=1),
+    # Trained with selective recomputation, which does not apply at inference (no gradients).
+    "lora_q_plain_rope": dict(q_lora_rank=12, qk_layernorm=True, rope_type="rope", mtp_num_layers=1,
+                              recompute_granularity="selective", recompute_modules=["mla_up_proj", "core_attn"]),
 }
 
 
