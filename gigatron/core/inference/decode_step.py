@@ -127,6 +127,8 @@ class DecodeStep:
 
     def _attention_kernel(self, attention, s: int, b: int) -> bool:
         """A step of s = 1 new token per row attends through the decode-attention kernel."""
+        if attention.core_attention.window_size is not None:  # the kernel attends the whole cache
+            return False
         return self.attention and s == 1 and (self.attention_every_batch
                                               or decode_attention_preferred(b, attention.num_heads))
 
@@ -184,7 +186,7 @@ class DecodeStep:
                                  pdl=self.pdl)  # [1, b, nq*d]
         else:
             k, v = ctx.store(attention.layer_number, k, v)  # [kv_len, b, ng, d] each
-            context = attention.core_attention(q, k, v, mask)  # [s, b, nq*d]
+            context = attention.core_attention(q, k, v, mask, window_in_mask=True)  # [s, b, nq*d]
         return self._row(attention.linear_proj, context)
 
     def _mlp(self, layer, x: torch.Tensor):

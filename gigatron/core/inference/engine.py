@@ -324,7 +324,7 @@ class InferenceEngine:
         states = getattr(ctx, "mamba_states", None)
         if states is not None:
             states.set_lengths(lengths)
-        mask = causal_cache_mask(positions, kv_len)  # [b, 1, s, kv_len]
+        mask = causal_cache_mask(positions, kv_len, getattr(self.config, "window_size", None))  # [b, 1, s, kv_len]
         logits = (self.model if model is None else model)(tokens, positions, mask, inference_context=ctx)  # [s, b, Vp/tp]
         return self._full_logits(logits)
 

@@ -29,6 +29,8 @@ from typing import Dict, Iterable, Optional
 
 import torch
 
+from gigatron.core.transformer.attention import outside_window
+
 __all__ = ["InferenceContext", "cache_head_dims", "causal_cache_mask", "decode_kv_bucket", "decode_kv_buckets",
            "SMALLEST_KV_BUCKET"]
 
@@ -60,11 +62,14 @@ def decode_kv_buckets(max_sequence_length: int, smallest: int = SMALLEST_KV_BUCK
     return sizes + [max_sequence_length]
 
 
-def causal_cache_mask(positions: torch.Tensor, kv_len: int) -> torch.Tensor:
+def causal_cache_mask(positions: torch.Tensor, kv_len: int, window=None) -> torch.Tensor:
     """positions [b, s] -> bool mask [b, 1, s, kv_len], True where slot j > the query's position
-    (Megatron's convention: True = not attended)."""
-    slots = torch.arange(kv_len, device=positions.device)  # [kv_len]
-    return (slots[None, None, None, :] > positions[:, None, :, None])  # [b, 1, s, kv_len]
+    (Megatron's convention: True = not attended); with window (--window-size LEFT,RIGHT) also the
+    slots outside each query's window, counted from that query's own position."""
+    mask = torch.arange(kv_len, device=positions.device)[None, None, None, :] > positions[:, None, :, None]
+    if window is not None:
+        mask = mask | outside_window(positions, kv_len, window)
+    return mask  # [b, 1, s, kv_len]
 
 
 def cache_head_dims(config):

@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gigatron.core.parallel.tags import mark_sequence_parallel, set_init
-from gigatron.core.transformer.attention import core_attention, sliding_window_mask
+from gigatron.core.transformer.attention import core_attention, outside_window, sliding_window_mask
 from gigatron.core.transformer.mlp import normal_init_method, scaled_init_method
 from gigatron.core.transformer.norm import build_norm, param_device
 from gigatron.core.transformer.rope import RotaryEmbedding, rotate_half
@@ -349,15 +349,13 @@ class MLASelfAttention(nn.Module):
         if positions is None or positions.shape[1] != s:
             raise ValueError(f"the inference context's positions do not match the {s} new tokens of this step; "
                              "call set_positions with the step's positions first")
-        slots = torch.arange(kv_len, device=device)[None, None, None, :]  # [1, 1, 1, kv]
-        query_positions = positions.to(device)[:, None, :, None]  # [b, 1, s, 1]
-        mask = attention_mask if attention_mask is not None else slots > query_positions
+        positions = positions.to(device)
+        if attention_mask is not None:
+            mask = attention_mask
+        else:
+            mask = torch.arange(kv_len, device=device)[None, None, None, :] > positions[:, None, :, None]
         if self.window_size is not None:
-            left, right = self.window_size
-            if left >= 0:
-                mask = mask | (slots < query_positions - left)
-            if right >= 0:
-                mask = mask | (slots > query_positions + right)
+            mask = mask | outside_window(positions, kv_len, self.window_size)
         return mask
 
     def _kv_up_weights(self):
