@@ -46,7 +46,7 @@ def fp8_linears(module: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Module]
     selected or not."""
     from gigatron.core.parallel.layers import ColumnParallelLinear, RowParallelLinear
     from gigatron.core.transformer.layer import TransformerLayer
-    from gigatron.core.transformer.moe.experts import _ExpertLinear
+    from gigatron.core.transformer.moe.experts import GroupedMLP, _ExpertLinear
 
     for path, layer in module.named_modules():
         if not isinstance(layer, TransformerLayer):
@@ -59,6 +59,8 @@ def fp8_linears(module: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Module]
                 yield f"{prefix}.{name}", sub
             elif isinstance(sub, _ExpertLinear) and sub.fp8_key is not None:
                 yield sub.fp8_key, sub
+            elif isinstance(sub, GroupedMLP):
+                yield from sub.fp8_slots()
 
 
 def enable_fp8(module: torch.nn.Module, config: FP8Config, recipe: FP8Recipe,
