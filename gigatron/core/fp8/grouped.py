@@ -105,10 +105,11 @@ def adopt_expert_state(history: torch.Tensor, scale: torch.Tensor, index: int, s
 class _Rows:
     """Which expert each row belongs to, and (kernel path) where it goes in the padded layout.
 
-    row_expert [N]; counts [G] int64. Padded layout (P = N + G*(GROUP_ALIGN-1) rows rounded up to a
-    multiple of GROUP_ALIGN, a bound known without reading the counts): expert g's rows start at a multiple of GROUP_ALIGN; dest [N] is each
-    row's padded position, offs [G] int32 the padded groups' cumulative ends, pad_expert [P] the
-    expert of each padded row (rows past the last group count as the last expert's)."""
+    row_expert [N]; counts [G] int64. Padded layout: P = N + G*(GROUP_ALIGN-1) rows rounded up to a
+    multiple of GROUP_ALIGN (a bound known without reading the counts); expert g's rows start at a
+    multiple of GROUP_ALIGN; dest [N] is each row's padded position, offs [G] int32 the padded
+    groups' cumulative ends, pad_expert [P] the expert of each padded row (rows past the last group
+    count as the last expert's)."""
 
     def __init__(self, counts: torch.Tensor, n: int, padded: bool):
         groups = counts.shape[0]
@@ -171,13 +172,14 @@ def _emulated_wgrad(a: torch.Tensor, a_sinv: Optional[torch.Tensor], b: torch.Te
 
 
 def _kernel_rows_mm(a: torch.Tensor, a_sinv: torch.Tensor, b_colmajor: torch.Tensor, b_sinv: torch.Tensor,
-                    rows: _Rows) -> torch.Tensor:
-    """Padded a [P, C] (row-major FP8), b [G, C, D] (column-major FP8) -> [P, D] bf16."""
+                    rows: _Rows, fast_accum: bool) -> torch.Tensor:
+    """Padded a [P, C] (row-major FP8), b [G, C, D] (column-major FP8) -> [P, D] bf16. Fast
+    accumulation in the forward GEMM only, as the dense FP8 linear does."""
     groups, _, d = b_colmajor.shape
     scale_a = a_sinv[rows.pad_expert].contiguous()  # [P]
     scale_b = b_sinv[:, None].expand(groups, d).contiguous()  # [G, D]
     return torch._scaled_grouped_mm(a, b_colmajor, scale_a, scale_b, offs=rows.offs, out_dtype=torch.bfloat16,
-                                    use_fast_accum=True)
+                                    use_fast_accum=fast_accum)
 
 
 def _kernel_wgrad(a: torch.Tensor, a_sinv: torch.Tensor, b: torch.Tensor, b_sinv: torch.Tensor,
@@ -189,8 +191,8 @@ def _kernel_wgrad(a: torch.Tensor, a_sinv: torch.Tensor, b: torch.Tensor, b_sinv
     mat_b = b.t().contiguous().t()  # [P, D] column-major
     scale_a = a_sinv.repeat_interleave(c)  # [G*C], expert-major
     scale_b = b_sinv.repeat_interleave(d)  # [G*D]
-    out = torch._scaled_grouped_mm(mat_a, mat_b, scale_a, scale_b, offs=rows.offs, out_dtype=torch.bfloat16,
-                                   use_fast_accum=True)  # [G, C, D]
+    out = torch._scaled_grouped_mm(mat_a, mat_b, scale_a, scale_b, offs=rows.offs,
+                                   out_dtype=torch.bfloat16)  # [G, C, D]
     return _zero_empty_experts(out, rows)
 
 
@@ -228,7 +230,7 @@ class _FP8GroupedFunction(torch.autograd.Function):
         xq = saturating_cast(x_in, x_scale[rows.expert_of_rows()].unsqueeze(1), GROUPED_DTYPE)
         if use_kernel:
             w_colmajor = wq.transpose(1, 2).contiguous().transpose(1, 2)  # [G, K, M], column-major
-            y = _kernel_rows_mm(xq, x_sinv, w_colmajor, w_sinv, rows)[rows.dest].to(x.dtype)  # [N, M]
+            y = _kernel_rows_mm(xq, x_sinv, w_colmajor, w_sinv, rows, True)[rows.dest].to(x.dtype)  # [N, M]
         else:
             y = _emulated_rows_mm(xq, x_sinv, wq, w_sinv, rows, x.dtype)  # [N, M]
         x_saved = xq if wgrad_in_fp8 else x_in
@@ -261,7 +263,7 @@ class _FP8GroupedFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             wt = wq.transpose(1, 2)  # [G, M, K]: column-major view of the row-major [G, K, M]
             if ctx.use_kernel:
-                grad_x = _kernel_rows_mm(dyq, dy_sinv, wt, w_sinv, rows)[rows.dest].to(ctx.x_dtype)
+                grad_x = _kernel_rows_mm(dyq, dy_sinv, wt, w_sinv, rows, False)[rows.dest].to(ctx.x_dtype)
             else:
                 grad_x = _emulated_rows_mm(dyq, dy_sinv, wt, w_sinv, rows, ctx.x_dtype)
         if ctx.needs_input_grad[1]:
@@ -271,7 +273,8 @@ class _FP8GroupedFunction(torch.autograd.Function):
                 grad_w = _emulated_wgrad(x_saved, x_sinv, dyq, dy_sinv, rows, groups)
             elif ctx.use_kernel:
                 # --no-fp8-wgrad: x and dy in their own dtype, bf16 grouped GEMM over the padded rows.
-                grad_w = torch._grouped_mm(x_saved.t().to(torch.bfloat16), dy_in.to(torch.bfloat16), offs=rows.offs)
+                x_t = x_saved.t().to(torch.bfloat16).contiguous()  # [K, P]
+                grad_w = torch._grouped_mm(x_t, dy_in.to(torch.bfloat16), offs=rows.offs)  # [G, K, M]
                 grad_w = _zero_empty_experts(grad_w, rows)
             else:
                 grad_w = _emulated_wgrad(x_saved, None, dy, None, rows, groups)
