@@ -463,6 +463,24 @@ def test_gpu_scaled_grouped_mm_equals_the_emulated_path(kind):
 
 
 @pytest.mark.gpu
+def test_gpu_torch_compile_of_the_fp8_grouped_gemm():
+    device = torch.device("cuda")
+    recipe = FP8Recipe.for_device(_recipe("tensorwise"), device)
+    gen = torch.Generator().manual_seed(1)
+    counts = torch.tensor([100, 0, 3, 250]).to(device)
+    x = torch.randn(353, 128, generator=gen).to(device, torch.bfloat16)
+    w = (torch.randn(4, 128, 256, generator=gen) / 128 ** 0.5).to(device, torch.bfloat16)
+    dy = torch.randn(353, 256, generator=gen).to(device, torch.bfloat16)
+    results = []
+    for fn in (fp8_grouped_mm, torch.compile(fp8_grouped_mm)):
+        xi, wi = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        y = fn(xi, wi, counts, recipe)
+        results.append((y, *torch.autograd.grad(y, (xi, wi), dy)))
+    for got, ref in zip(*results):
+        assert_close(got.float(), ref.float(), rtol=2e-2, atol=2e-2 * ref.float().abs().max().item())
+
+
+@pytest.mark.gpu
 def test_gpu_one_training_step_with_fp8_grouped_experts(tmp_path, capsys):
     ctx = _pretrain(["--fp8-format", "hybrid", "--fp8-recipe", "delayed", "--bf16", "--train-iters", "2",
                      "--hidden-size", "64", "--moe-ffn-hidden-size", "64"], tmp_path)

@@ -129,6 +129,20 @@ class _Rows:
             self.pad_expert = torch.searchsorted(ends, torch.arange(self.rows, device=device), right=True)
             self.pad_expert = self.pad_expert.clamp_(max=groups - 1)  # [P]
 
+    def tensors(self) -> tuple:
+        """The index tensors, for save_for_backward (with `restore`)."""
+        return (self.counts, self.row_expert) + ((self.dest, self.offs, self.pad_expert) if self.padded else ())
+
+    @classmethod
+    def restore(cls, tensors, rows: int) -> "_Rows":
+        out = cls.__new__(cls)
+        out.counts, out.row_expert = tensors[0], tensors[1]
+        out.padded = len(tensors) > 2
+        if out.padded:
+            out.dest, out.offs, out.pad_expert = tensors[2:]
+            out.rows = rows
+        return out
+
     def pad(self, t: torch.Tensor) -> torch.Tensor:
         """t [N, C] -> [P, C], zero rows between the experts' groups."""
         out = t.new_zeros(self.rows, t.shape[1])
@@ -234,19 +248,19 @@ class _FP8GroupedFunction(torch.autograd.Function):
         else:
             y = _emulated_rows_mm(xq, x_sinv, wq, w_sinv, rows, x.dtype)  # [N, M]
         x_saved = xq if wgrad_in_fp8 else x_in
-        ctx.save_for_backward(x_saved, x_sinv, wq.contiguous(), w_sinv)
+        ctx.save_for_backward(x_saved, x_sinv, wq.contiguous(), w_sinv, *rows.tensors())
         # The delayed state is updated in place by later casts (other micro-batches): held, not saved.
         ctx.history, ctx.scale = history, scale
-        ctx.rows = rows
+        ctx.padded_rows = rows.rows if use_kernel else 0
         ctx.use_kernel, ctx.wgrad_in_fp8 = use_kernel, wgrad_in_fp8
         ctx.x_dtype, ctx.w_dtype = x.dtype, w.dtype
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x_saved, x_sinv, wq, w_sinv = ctx.saved_tensors
+        x_saved, x_sinv, wq, w_sinv, *index = ctx.saved_tensors
         history, scale = ctx.history, ctx.scale
-        rows: _Rows = ctx.rows
+        rows = _Rows.restore(index, ctx.padded_rows)
         groups = wq.shape[0]
         dy = dy.contiguous()
         dy_amax = expert_amax(dy, rows.row_expert, groups)
