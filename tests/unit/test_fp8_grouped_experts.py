@@ -179,6 +179,20 @@ def test_bad_shapes_and_missing_state_are_refused():
         fp8_grouped_mm(x, w, torch.tensor(COUNTS), recipe)
 
 
+def test_the_log_line_says_how_the_grouped_experts_run():
+    import dataclasses
+
+    from gigatron.core.fp8.grouped import grouped_experts_note
+
+    tensorwise = FP8Recipe.for_device(_recipe("tensorwise"), "cpu")
+    assert "emulated" in grouped_experts_note(tensorwise)
+    kernel = dataclasses.replace(tensorwise, grouped_backend="scaled_grouped_mm")
+    assert grouped_experts_note(kernel).endswith(": torch._scaled_grouped_mm")
+    assert "E4M3 for activations, weights and gradients" in grouped_experts_note(kernel)
+    blockwise = grouped_experts_note(FP8Recipe.for_device(_recipe("blockwise"), "cpu"))
+    assert "expert by expert" in blockwise and "use --fp8-recipe tensorwise or delayed" in blockwise
+
+
 # ------------------------------------------------------------------ the kernel path's layout
 def _stand_in_scaled_grouped_mm(mat_a, mat_b, scale_a, scale_b, offs=None, bias=None, scale_result=None,
                                 out_dtype=None, use_fast_accum=False):
