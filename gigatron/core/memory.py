@@ -44,15 +44,18 @@ N state dim, H heads / tp, conv width C = I + 2GN) what its CUDA kernels and PyT
     norm              as the input norm above
     in_proj           its input [Ts, h] (a) and its output [T, 2I + 2GN + H] (a; the convolution
                       keeps it through its x/B/C view, z and dt are views too)
-    conv1d            its output [T, C] (a; the scan's x, B and C are views of it; when the scan pads
-                      the sequence to whole chunks it keeps padded copies [b, L, C] instead)
-    dt                softplus's fp32 input [T, H] and the scan's fp32 dt and decay cumsum [b, H, L]
+    conv1d            its output [T, C] (a; the scan's x, B and C are views of it)
+    dt                softplus's fp32 input and its fp32 output (the scan's dt) [T, H]
     A                 -exp(A_log): exp's result and its negation [H] fp32
-    gated norm        fp32 y, silu(z), y * silu(z) and the normalized product [T, I] (plus fp32 z
-                      and the fp32 weight [I] when a != 4), the per-group rsqrt [T, G] fp32
+    gated norm        its input y [T, I] (a; z is a view of the in_proj output)
     out_proj          its input [T, I] (a)
-The Triton scan and convolution keep only those inputs (and recompute the rest in backward); on
-the CPU the chunked PyTorch scan keeps more, so CPU estimates of Mamba layers are a lower bound.
+The convolution, the scan and the gated norm keep only their inputs and recompute the rest in
+backward: the Triton kernels by construction, the CPU conv1d and chunked scan and the gated norm
+on every device through gigatron/core/ops/ssd_recompute.py (bitwise the gradients of the plain
+ops). The CPU and CUDA paths therefore keep the same bytes, measured on the CPU with saved-tensor
+hooks by tests/unit/test_mamba_memory.py. At hidden 2048 (I = 4096, 64 heads, 8 groups of state
+128, bf16, unfused RMSNorm) that is 70,310 bytes per token, 38,022 of them the norm and in_proj
+input the attention and MLP layers keep too.
 
 Multi-latent attention and multi-token prediction: their parameters (and so the model state) are
 counted; their activations are not modelled yet (layer_activation_bytes refuses MLA).
@@ -532,22 +535,16 @@ def layer_activation_bytes(config, micro_batch_size: int, seq_length: int, *, de
 
 def _mamba_saved(config, mamba_config, shape: _Shape) -> Dict[str, int]:
     """What one Mamba layer keeps for backward (see the module docstring)."""
-    from gigatron.core.ops.ssd import DEFAULT_CHUNK_SIZE
-
     m = _mamba_sizes(config, mamba_config)
     I, G, N, H, C = m["I"], m["G"], m["N"], m["H"], m["C"]
     T, Ts, a, h = shape.T, shape.Ts, shape.a, config.hidden_size
-    L = -(-shape.s // DEFAULT_CHUNK_SIZE) * DEFAULT_CHUNK_SIZE  # the scan pads to whole chunks
     out = _prefixed("norm", _norm_saved(config, shape, Ts, h, shape.r))
     out["in_proj input"] = Ts * h * a
     out["in_proj output"] = T * (2 * I + 2 * G * N + H) * a
-    if L != shape.s:
-        out["scan padded x, B, C"] = shape.b * L * C * a  # copies: the conv1d output itself is not kept
-    else:
-        out["conv1d output"] = T * C * a  # the scan keeps x, B and C as views of it
-    out["dt (softplus input; scan dt and cumsum)"] = T * H * 4 + 2 * shape.b * L * H * 4
+    out["conv1d output"] = T * C * a  # the scan keeps x, B and C as views of it
+    out["dt (softplus input and output)"] = 2 * T * H * 4
     out["A"] = 2 * H * 4
-    out["gated norm"] = 4 * T * I * 4 + ((T + 1) * I * 4 if a != 4 else 0) + T * G * 4
+    out["gated norm input y"] = T * I * a
     out["out_proj input"] = T * I * a
     if config.hidden_dropout > 0:
         out["hidden dropout mask"] = Ts * h * shape.mask

@@ -26,10 +26,13 @@ input), which changes neither the outputs nor the final state.
 
 from __future__ import annotations
 
+import functools
 from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+
+from gigatron.core.ops.ssd_recompute import keep_inputs_only
 
 __all__ = ["reference_ssd_scan", "chunked_ssd_scan", "ssd_scan", "ssd_triton_available", "ssd_flops",
            "DEFAULT_CHUNK_SIZE"]
@@ -157,13 +160,20 @@ def ssd_triton_available() -> bool:
     return True
 
 
+def _chunked_of(x, dt, A, B, C, D, initial_state, chunk_size):
+    return chunked_ssd_scan(x, dt, A, B, C, D, initial_state, chunk_size)
+
+
 def ssd_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
              D: Optional[torch.Tensor] = None, initial_state: Optional[torch.Tensor] = None,
              chunk_size: int = DEFAULT_CHUNK_SIZE, kernel: str = "auto") -> Tuple[torch.Tensor, torch.Tensor]:
     """The SSD scan: (y [b, l, h, p], final state [b, h, p, n] fp32).
 
     kernel: "auto" (Triton on CUDA tensors when Triton is installed, else the chunked PyTorch path),
-    "triton", "chunked" or "reference" (the sequential recurrence)."""
+    "triton", "chunked" or "reference" (the sequential recurrence). The Triton and chunked paths
+    keep only their inputs for backward (x, dt, A, B, C, D, initial_state) and recompute the rest
+    there; the chunked path through gigatron/core/ops/ssd_recompute.py, with gradients bitwise
+    those of chunked_ssd_scan's own autograd graph."""
     if kernel == "auto":
         kernel = "triton" if x.is_cuda and ssd_triton_available() else "chunked"
     if kernel == "triton":
@@ -175,7 +185,11 @@ def ssd_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor
         _check_shapes(x, dt, A, B, C, D, initial_state)
         return triton_ssd_scan(x, dt, A, B, C, D, initial_state, chunk_size)
     if kernel == "chunked":
-        return chunked_ssd_scan(x, dt, A, B, C, D, initial_state, chunk_size)
+        # Keeps the inputs only (x, B, C stay views of the conv1d output), as the Triton scan does,
+        # instead of the per-chunk decay and score matrices; they are recomputed in backward.
+        _check_shapes(x, dt, A, B, C, D, initial_state)
+        return keep_inputs_only(functools.partial(_chunked_of, chunk_size=chunk_size), x, dt, A, B, C, D,
+                                initial_state)
     if kernel == "reference":
         return reference_ssd_scan(x, dt, A, B, C, D, initial_state)
     raise ValueError(f"ssd scan: kernel {kernel!r} is not one of auto, triton, chunked, reference")

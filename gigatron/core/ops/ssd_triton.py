@@ -410,30 +410,45 @@ def _sum_groups(per_head: torch.Tensor, groups: int) -> torch.Tensor:
     return per_head.view(b, L, groups, h // groups, n).sum(3)
 
 
+def _scan_operands(x, dt, A, B, C, chunk: int):
+    """The padded x, B, C [b, L, ...], dt [b, h, L] fp32, A fp32 and the decay cumsum cs [b, h, L]
+    that the kernels read; the forward makes them and the backward makes them again from the
+    same inputs (keeping them would cost the padded copies and two fp32 [b, h, L] per scan)."""
+    b, l, h, _ = x.shape
+    nc = triton.cdiv(l, chunk)
+    pad = nc * chunk - l
+    xp, Bp, Cp = _pad_seq(x, pad), _pad_seq(B, pad), _pad_seq(C, pad)
+    dt_t = _pad_seq(dt.float(), pad).transpose(1, 2).contiguous()  # [b, h, L]
+    A32 = A.float()
+    cs = (dt_t * A32[None, :, None]).view(b, h, nc, chunk).cumsum(-1).view(b, h, nc * chunk)  # [b, h, L]
+    return xp, Bp, Cp, dt_t, A32, cs
+
+
 class _SSDScan(torch.autograd.Function):
+    """Keeps only its inputs for backward (x, B, C as they come: views of the conv1d output in the
+    mixer); the padding, dt [b, h, L], the decay cumsum and the chunk states are recomputed."""
+
     @staticmethod
     def forward(ctx, x, dt, A, B, C, D, initial_state, chunk):
         b, l, h, p = x.shape
         nc = triton.cdiv(l, chunk)
-        pad = nc * chunk - l
-        xp, Bp, Cp = _pad_seq(x, pad), _pad_seq(B, pad), _pad_seq(C, pad)
-        dt_t = _pad_seq(dt.float(), pad).transpose(1, 2).contiguous()  # [b, h, L]
-        A32 = A.float()
-        cs = (dt_t * A32[None, :, None]).view(b, h, nc, chunk).cumsum(-1).view(b, h, nc * chunk)  # [b, h, L]
+        xp, Bp, Cp, dt_t, A32, cs = _scan_operands(x, dt, A, B, C, chunk)
         states = _chunk_state(xp, Bp, dt_t, cs, chunk, dy_mode=False)  # [b, c, h, p, n]
         s_all = _state_forward(states, cs, initial_state, chunk)  # [b, c + 1, h, p, n]
         del states
         y = _chunk_scan(MODE_Y, Cp, Bp, xp, s_all, True, dt_t, cs, D, chunk, h, x.dtype)  # [b, L, h, p]
         final = s_all[:, nc].clone()  # [b, h, p, n]
-        ctx.save_for_backward(xp, Bp, Cp, dt_t, A32, cs, D, initial_state)
+        ctx.save_for_backward(x, dt, A, B, C, D, initial_state)
         ctx.chunk, ctx.length = chunk, l
         ctx.dtypes = (dt.dtype, A.dtype)
         return y[:, :l], final
 
     @staticmethod
     def backward(ctx, dy, dfinal):
-        xp, Bp, Cp, dt_t, A32, cs, D, initial_state = ctx.saved_tensors
+        x, dt, A, B, C, D, initial_state = ctx.saved_tensors
         chunk, l = ctx.chunk, ctx.length
+        xp, Bp, Cp, dt_t, A32, cs = _scan_operands(x, dt, A, B, C, chunk)
+        del x, dt, B, C
         b, L, h, p = xp.shape
         g = Bp.shape[2]
         nc = L // chunk

@@ -22,6 +22,7 @@ Float16Module then casts the whole model); the scan reads them in fp32.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -30,6 +31,7 @@ from torch import nn
 
 from gigatron.core.ops.causal_conv1d import causal_conv1d
 from gigatron.core.ops.ssd import DEFAULT_CHUNK_SIZE, ssd_scan
+from gigatron.core.ops.ssd_recompute import keep_inputs_only
 from gigatron.core.ops.ssd_step import gated_rmsnorm, mamba_decode_step, reference_gated_rmsnorm
 from gigatron.core.parallel import tags
 from gigatron.core.transformer.mamba.config import MAMBA_CONV_KERNEL, mamba_num_heads
@@ -84,7 +86,10 @@ class GatedRMSNorm(nn.Module):
         tags.set_init(self.weight, OnesInit(), init_key + ".weight")
 
     def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        return reference_gated_rmsnorm(y, z, self.weight, self.group_size, self.eps)
+        # Keeps y, z (a view of the in_proj output) and the weight for backward, not the fp32
+        # y, z, silu(z), product and normalized product: those are recomputed in backward.
+        norm = functools.partial(reference_gated_rmsnorm, group_size=self.group_size, eps=self.eps)
+        return keep_inputs_only(norm, y, z, self.weight)
 
 
 class DepthwiseConv1d(nn.Module):
