@@ -20,8 +20,10 @@ mixed-precision optimizer, the no-pipelining schedule) on random tokens: the Tri
 causal conv1d kernels on CUDA, attention through --attention-backend auto (flash / cuDNN SDPA), the
 output layer and loss fused in chunks (--cross-entropy-loss-fusion: no [s, V] logits in memory).
 Every iteration holds the same number of tokens (--tokens-per-iter, default 32768: micro-batches
-of one sequence at 16k and 32k, of two at 4k). A row that runs out of memory is retried with full
-activation recompute (uniform, one layer per chunk), and the row says so. Whole iterations
+of two sequences at 4k and 16k, of one at 32k). A row that runs out of memory is retried with full
+activation recompute (uniform, one layer per chunk), and the row says so (Megatron-Core has no
+selective recompute module for Mamba layers; the mixer itself keeps only the inputs of its conv1d,
+scan and gated norm, see gigatron/core/memory.py). Whole iterations
 (forward, backward, gradient reduction, optimizer step) are timed with CUDA events after warm-up.
 
 Model FLOPs are gigatron.core.flops.num_floating_point_operations (Megatron's convention; for

@@ -54,8 +54,8 @@ backward: the Triton kernels by construction, the CPU conv1d and chunked scan an
 on every device through gigatron/core/ops/ssd_recompute.py (bitwise the gradients of the plain
 ops). The CPU and CUDA paths therefore keep the same bytes, measured on the CPU with saved-tensor
 hooks by tests/unit/test_mamba_memory.py. At hidden 2048 (I = 4096, 64 heads, 8 groups of state
-128, bf16, unfused RMSNorm) that is 70,310 bytes per token, 38,022 of them the norm and in_proj
-input the attention and MLP layers keep too.
+128, bf16, unfused RMSNorm) that is 70,276 bytes per token: norm 16,388, in_proj input 4,096 and
+output 20,608, conv1d output 12,288, dt 512, gated norm input 8,192, out_proj input 8,192.
 
 Multi-latent attention and multi-token prediction: their parameters (and so the model state) are
 counted; their activations are not modelled yet (layer_activation_bytes refuses MLA).
