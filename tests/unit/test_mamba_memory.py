@@ -7,21 +7,25 @@ on the CPU, the Triton kernels on CUDA) and recompute the rest in backward. Chec
 - each piece keeps no storage of its own beyond its inputs;
 - per layer kind (Mamba, attention, MLP) at the bench's width ratios, the bytes kept per token are
   the estimate of gigatron/core/memory.py, and the Mamba layer keeps exactly the listed minimum;
-- (GPU) the Triton scan keeps only its inputs too.
+- a Mamba layer's backward transient (the gated norm recomputed in fp32) is the estimate's;
+- (GPU) the Triton scan and the fused conv1d + scan keep only their inputs too.
 """
 
 from __future__ import annotations
 
 import functools
+import weakref
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from gigatron.core import memory
 from gigatron.core.models.mamba import MambaModel
 from gigatron.core.ops.causal_conv1d import causal_conv1d, reference_causal_conv1d
-from gigatron.core.ops.ssd import chunked_ssd_scan, ssd_scan
+from gigatron.core.ops.ssd import chunked_ssd_scan, conv_ssd_scan, ssd_scan
 from gigatron.core.ops.ssd_recompute import keep_inputs_only
 from gigatron.core.ops.ssd_step import reference_gated_rmsnorm
 from gigatron.core.parallel.groups import ParallelGroups
@@ -155,9 +159,10 @@ def _bench_like(dtype=torch.bfloat16):
 def mamba_minimum_bytes_per_token(h, I, G, N, H, a=2):
     """What a Mamba-2 layer needs for backward without recomputing a GEMM or the scan's forward, per
     token: the residual norm (unfused RMSNorm: fp32 input and normalized input, fp32 rsqrt), in_proj's
-    input, the in_proj output (conv input; z and dt are views), the conv output (x, B, C of the scan),
-    softplus's fp32 input and output (dt), the gated norm's input y and out_proj's input."""
-    return (8 * h + 4) + a * h + a * (2 * I + 2 * G * N + H) + a * (I + 2 * G * N) + 2 * 4 * H + a * I + a * I
+    input, the in_proj output (the conv input; z and dt are views of it; the conv output, the scan's
+    x, B, C, is recomputed from it), softplus's fp32 input and output (dt), the gated norm's input y
+    and out_proj's input."""
+    return (8 * h + 4) + a * h + a * (2 * I + 2 * G * N + H) + 2 * 4 * H + a * I + a * I
 
 
 def test_bytes_per_token_per_layer_kind_are_the_estimate():
@@ -207,3 +212,119 @@ def test_triton_scan_keeps_only_its_inputs():
     want = torch.autograd.grad(yr, (xf, dt), gy.float())
     for a, w in zip(got, want):
         assert ((a.float() - w).abs().max() / w.abs().max()) < 3e-2
+
+
+class _LiveBytes(TorchDispatchMode):
+    """The peak of the bytes of the tensors created inside the mode and still alive (each new
+    storage counted once, freed when the tensor that brought it dies)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.peak, self.seen = 0, 0, set()
+
+    def _freed(self, ptr, n):
+        self.seen.discard(ptr)
+        self.live -= n
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in self.seen:
+                ptr, n = t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()
+                self.seen.add(ptr)
+                self.live += n
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(t, self._freed, ptr, n)
+        return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_gated_norm_backward_transient_is_the_estimate(dtype):
+    cfg, mc = _bench_like(dtype)
+    mixer = MambaMixer(cfg, mc, ParallelGroups.single(), layer_number=0)
+    T = 1024
+    g = torch.Generator().manual_seed(3)
+    y = torch.randn(T, 1, mixer.d_inner, generator=g).to(dtype).requires_grad_()
+    z = torch.randn(T, 1, mixer.d_inner, generator=g).to(dtype).requires_grad_()
+    out = mixer.norm(y, z)
+    grad = torch.randn(out.shape, generator=g).to(dtype)
+    tracker = _LiveBytes()
+    with tracker:
+        out.backward(grad)
+    terms = memory.temporary_bytes(cfg, 1, T, 64, device_type="cpu", mamba_config=mc)
+    estimate = terms["backward of a Mamba layer (gated norm recomputed)"]
+    assert abs(tracker.peak - estimate) <= 0.03 * estimate, (tracker.peak, estimate)
+
+
+def test_fused_conv_scan_glue_routes_every_gradient(monkeypatch):
+    """The CUDA conv1d + scan Function (ops/ssd_triton.py _ConvSSDScan), its four kernel entry points
+    replaced by the CPU references, against the chunked path: the recomputed convolution, the split
+    into x, B, C and the gradients' way back through the convolution."""
+    pytest.importorskip("triton")
+    from gigatron.core.ops import causal_conv1d_triton, ssd_triton
+
+    def grads_of(fn, inputs, outs_grads):
+        leaves = [t.detach().requires_grad_() if t is not None else None for t in inputs]
+        with torch.enable_grad():
+            outs = fn(*leaves)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        pairs = [(o, g) for o, g in zip(outs, outs_grads) if g is not None]
+        wanted = [t for t in leaves if t is not None]
+        got = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True))
+        return [next(got) if t is not None else None for t in leaves]
+
+    monkeypatch.setattr(causal_conv1d_triton, "conv_forward", lambda x, w, b, silu: reference_causal_conv1d(x, w, b, silu))
+    monkeypatch.setattr(causal_conv1d_triton, "conv_backward", lambda x, w, b, silu, dout, wd: tuple(
+        grads_of(lambda x, w, b: reference_causal_conv1d(x, w, b, silu), (x, w, b), (dout,))))
+    monkeypatch.setattr(ssd_triton, "scan_forward", lambda x, dt, A, B, C, D, init, chunk: chunked_ssd_scan(
+        x, dt, A, B, C, D, init, chunk))
+    monkeypatch.setattr(ssd_triton, "scan_backward", lambda x, dt, A, B, C, D, init, chunk, dy, dfinal: tuple(
+        grads_of(lambda *a: chunked_ssd_scan(*a, chunk_size=chunk), (x, dt, A, B, C, D, init), (dy, dfinal))))
+
+    g = torch.Generator().manual_seed(4)
+    H, P, G, N, b, l = 4, 8, 2, 8, 2, 40
+    width = H * P + 2 * G * N
+    zxbcdt = torch.randn(l, b, width + 5, generator=g, requires_grad=True)
+    xbc = zxbcdt[..., 3:3 + width].transpose(0, 1)  # a strided view, as in the mixer
+    weight = torch.randn(width, 4, generator=g, requires_grad=True)
+    bias = torch.randn(width, generator=g, requires_grad=True)
+    dt = (torch.rand(b, l, H, generator=g) * 0.3 + 0.01).requires_grad_()
+    A = (-torch.rand(H, generator=g) - 0.5).requires_grad_()
+    D = torch.randn(H, generator=g, requires_grad=True)
+    dy = torch.randn(b, l, H, P, generator=g)
+    leaves = (zxbcdt, weight, bias, dt, A, D)
+    results = []
+    for run in (lambda: ssd_triton._ConvSSDScan.apply(xbc, weight, bias, dt, A, D, (H, P, G, N), 16),
+                lambda: conv_ssd_scan(xbc, weight, bias, dt, A, D, (H, P, G, N), chunk_size=16, kernel="chunked")):
+        y = run()
+        results.append([y.detach()] + list(torch.autograd.grad(y, leaves, dy)))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.gpu
+def test_triton_conv_scan_keeps_only_its_inputs_and_matches_the_chunked_path():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    g = torch.Generator(device="cuda").manual_seed(1)
+    H, P, G, N, b, l = 8, 16, 2, 16, 2, 200
+    width = H * P + 2 * G * N
+    results = []
+    for kernel in ("triton", "chunked"):
+        g.manual_seed(1)
+        zxbcdt = torch.randn(l, b, width + 7, device="cuda", generator=g, dtype=torch.bfloat16, requires_grad=True)
+        xbc = zxbcdt[..., 3:3 + width].transpose(0, 1)
+        weight = (torch.randn(width, 4, device="cuda", generator=g) * 0.5).to(torch.bfloat16).requires_grad_()
+        bias = (torch.randn(width, device="cuda", generator=g) * 0.1).to(torch.bfloat16).requires_grad_()
+        dt = (torch.rand(b, l, H, device="cuda", generator=g) * 0.1 + 0.01).requires_grad_()
+        A = (-torch.rand(H, device="cuda", generator=g) - 0.5).requires_grad_()
+        D = torch.ones(H, device="cuda").requires_grad_()
+        leaves = (zxbcdt, weight, bias, dt, A, D)
+        run = functools.partial(conv_ssd_scan, xbc, weight, bias, dt, A, D, (H, P, G, N), chunk_size=64, kernel=kernel)
+        assert saved_bytes(run, exclude=leaves) == 0
+        y = run()
+        dy = torch.randn(y.shape, device="cuda", generator=g, dtype=y.dtype)
+        results.append([y.detach()] + list(torch.autograd.grad(y, leaves, dy)))
+    for got, want in zip(*results):
+        scale = want.float().abs().max().clamp(min=1e-3)
+        assert (got.float() - want.float()).abs().max() / scale < 3e-2
