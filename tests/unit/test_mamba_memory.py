@@ -273,7 +273,8 @@ def test_fused_conv_scan_glue_routes_every_gradient(monkeypatch):
         got = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True))
         return [next(got) if t is not None else None for t in leaves]
 
-    monkeypatch.setattr(causal_conv1d_triton, "conv_forward", lambda x, w, b, silu: reference_causal_conv1d(x, w, b, silu))
+    monkeypatch.setattr(causal_conv1d_triton, "conv_forward",
+                        lambda x, w, b, silu: reference_causal_conv1d(x, w, b, silu))
     monkeypatch.setattr(causal_conv1d_triton, "conv_backward", lambda x, w, b, silu, dout, wd: tuple(
         grads_of(lambda x, w, b: reference_causal_conv1d(x, w, b, silu), (x, w, b), (dout,))))
     monkeypatch.setattr(ssd_triton, "scan_forward", lambda x, dt, A, B, C, D, init, chunk: chunked_ssd_scan(

@@ -3,8 +3,9 @@
 Parameters: stage_parameter_numels with a MambaConfig lists exactly the MambaModel's parameters in
 registration order (per tensor-parallel rank: the tp=1 model's tensors divided by their tags).
 Activations: each layer kind keeps what the estimate says, counted with saved_tensors_hooks on the
-CPU (whose conv1d, chunked scan and gated norm keep only their inputs, as the Triton kernels do). FLOPs follow the per-kind counts. tools/estimate_memory.py and pretrain_mamba.py --dry-run
-take the Mamba flags."""
+CPU (whose conv1d, chunked scan and gated norm keep only their inputs, as the Triton kernels do).
+FLOPs follow the per-kind counts. tools/estimate_memory.py and pretrain_mamba.py --dry-run take
+the Mamba flags."""
 
 from __future__ import annotations
 

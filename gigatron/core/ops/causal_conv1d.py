@@ -49,10 +49,6 @@ def reference_causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: Optiona
     return out.transpose(1, 2).to(x.dtype)  # [b, l, d]
 
 
-def _reference_of(x, weight, bias, silu):
-    return reference_causal_conv1d(x, weight, bias, silu)
-
-
 def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, silu: bool = True,
                   kernel: str = "auto") -> torch.Tensor:
     """The causal depthwise convolution; kernel: "auto" (Triton on CUDA when installed, else the
@@ -64,7 +60,7 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     if kernel == "reference":
         # Keeps x (a view of the in_proj output in the mixer), weight and bias, as the Triton kernel
         # does, instead of fp32 copies of x and of the pre-activation; recomputed in backward.
-        return keep_inputs_only(functools.partial(_reference_of, silu=silu), x, weight, bias)
+        return keep_inputs_only(functools.partial(reference_causal_conv1d, silu=silu), x, weight, bias)
     if kernel == "triton":
         _check(x, weight, bias)
         if not x.is_cuda:

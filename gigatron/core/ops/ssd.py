@@ -34,8 +34,8 @@ import torch.nn.functional as F
 
 from gigatron.core.ops.ssd_recompute import keep_inputs_only
 
-__all__ = ["reference_ssd_scan", "chunked_ssd_scan", "ssd_scan", "conv_ssd_scan", "ssd_triton_available", "ssd_flops",
-           "DEFAULT_CHUNK_SIZE"]
+__all__ = ["reference_ssd_scan", "chunked_ssd_scan", "ssd_scan", "conv_ssd_scan", "split_xbc",
+           "ssd_triton_available", "ssd_flops", "DEFAULT_CHUNK_SIZE"]
 
 # Megatron-Core's MambaMixer chunk size.
 DEFAULT_CHUNK_SIZE = 128
@@ -160,10 +160,6 @@ def ssd_triton_available() -> bool:
     return True
 
 
-def _chunked_of(x, dt, A, B, C, D, initial_state, chunk_size):
-    return chunked_ssd_scan(x, dt, A, B, C, D, initial_state, chunk_size)
-
-
 def ssd_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
              D: Optional[torch.Tensor] = None, initial_state: Optional[torch.Tensor] = None,
              chunk_size: int = DEFAULT_CHUNK_SIZE, kernel: str = "auto") -> Tuple[torch.Tensor, torch.Tensor]:
@@ -188,14 +184,15 @@ def ssd_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor
         # Keeps the inputs only (x, B, C stay views of the conv1d output), as the Triton scan does,
         # instead of the per-chunk decay and score matrices; they are recomputed in backward.
         _check_shapes(x, dt, A, B, C, D, initial_state)
-        return keep_inputs_only(functools.partial(_chunked_of, chunk_size=chunk_size), x, dt, A, B, C, D,
+        return keep_inputs_only(functools.partial(chunked_ssd_scan, chunk_size=chunk_size), x, dt, A, B, C, D,
                                 initial_state)
     if kernel == "reference":
         return reference_ssd_scan(x, dt, A, B, C, D, initial_state)
     raise ValueError(f"ssd scan: kernel {kernel!r} is not one of auto, triton, chunked, reference")
 
 
-def _split_xbc(xbc: torch.Tensor, heads: int, head_dim: int, groups: int, state_dim: int):
+def split_xbc(xbc: torch.Tensor, heads: int, head_dim: int, groups: int, state_dim: int):
+    """The mixer's convolved [..., H P + 2 G N] -> views x [..., H, P], B [..., G, N], C [..., G, N]."""
     x, B, C = torch.split(xbc, [heads * head_dim, groups * state_dim, groups * state_dim], dim=-1)
     return (x.unflatten(-1, (heads, head_dim)), B.unflatten(-1, (groups, state_dim)),
             C.unflatten(-1, (groups, state_dim)))
@@ -204,7 +201,7 @@ def _split_xbc(xbc: torch.Tensor, heads: int, head_dim: int, groups: int, state_
 def _conv_then_chunked(xbc, weight, bias, dt, A, D, sizes, chunk_size):
     from gigatron.core.ops.causal_conv1d import reference_causal_conv1d
 
-    x, B, C = _split_xbc(reference_causal_conv1d(xbc, weight, bias, silu=True), *sizes)
+    x, B, C = split_xbc(reference_causal_conv1d(xbc, weight, bias, silu=True), *sizes)
     return chunked_ssd_scan(x, dt, A, B, C, D, chunk_size=chunk_size)[0]
 
 

@@ -47,7 +47,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-__all__ = ["triton_ssd_scan", "triton_conv_ssd_scan", "scan_forward", "scan_backward", "split_xbc"]
+from gigatron.core.ops.ssd import split_xbc
+
+__all__ = ["triton_ssd_scan", "triton_conv_ssd_scan", "scan_forward", "scan_backward"]
 
 
 @triton.jit
@@ -504,13 +506,6 @@ class _SSDScan(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, dfinal):
         return (*scan_backward(*ctx.saved_tensors, ctx.chunk, dy, dfinal), None)
-
-
-def split_xbc(xbc: torch.Tensor, heads: int, head_dim: int, groups: int, state_dim: int):
-    """[b, l, H P + 2 G N] -> views x [b, l, H, P], B [b, l, G, N], C [b, l, G, N]."""
-    x, B, C = torch.split(xbc, [heads * head_dim, groups * state_dim, groups * state_dim], dim=-1)
-    return (x.unflatten(-1, (heads, head_dim)), B.unflatten(-1, (groups, state_dim)),
-            C.unflatten(-1, (groups, state_dim)))
 
 
 class _ConvSSDScan(torch.autograd.Function):

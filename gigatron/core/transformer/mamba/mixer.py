@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gigatron.core.ops.causal_conv1d import causal_conv1d
-from gigatron.core.ops.ssd import DEFAULT_CHUNK_SIZE, conv_ssd_scan, ssd_scan
+from gigatron.core.ops.ssd import DEFAULT_CHUNK_SIZE, conv_ssd_scan, split_xbc, ssd_scan
 from gigatron.core.ops.ssd_recompute import keep_inputs_only
 from gigatron.core.ops.ssd_step import gated_rmsnorm, mamba_decode_step, reference_gated_rmsnorm
 from gigatron.core.parallel import tags
@@ -191,10 +191,7 @@ class MambaMixer(nn.Module):
 
     def _split_xbc(self, xbc: torch.Tensor):
         """[..., I + 2GN] -> x [..., H, P], B [..., G, N], C [..., G, N]."""
-        x, B, C = torch.split(xbc, [self.d_inner, self.num_groups * self.state_dim,
-                                    self.num_groups * self.state_dim], dim=-1)
-        return (x.unflatten(-1, (self.num_heads, self.head_dim)), B.unflatten(-1, (self.num_groups, self.state_dim)),
-                C.unflatten(-1, (self.num_groups, self.state_dim)))
+        return split_xbc(xbc, self.num_heads, self.head_dim, self.num_groups, self.state_dim)
 
     def _start_states(self, inference_context, states, b: int):
         """(conv [b, C, K-1], ssm [b, H, P, N]) the step starts from: the cached states, zeros for a
