@@ -14,6 +14,9 @@ on the CPU, the Triton kernels on CUDA) and recompute the rest in backward. Chec
 from __future__ import annotations
 
 import functools
+import os
+import subprocess
+import sys
 import weakref
 
 import pytest
@@ -256,51 +259,77 @@ def test_the_gated_norm_backward_transient_is_the_estimate(dtype):
     assert abs(tracker.peak - estimate) <= 0.03 * estimate, (tracker.peak, estimate)
 
 
-def test_fused_conv_scan_glue_routes_every_gradient(monkeypatch):
-    """The CUDA conv1d + scan Function (ops/ssd_triton.py _ConvSSDScan), its four kernel entry points
-    replaced by the CPU references, against the chunked path: the recomputed convolution, the split
-    into x, B, C and the gradients' way back through the convolution."""
-    pytest.importorskip("triton")
+def _grads_of(fn, inputs, outs_grads):
+    leaves = [t.detach().requires_grad_() if t is not None else None for t in inputs]
+    with torch.enable_grad():
+        outs = fn(*leaves)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    pairs = [(o, g) for o, g in zip(outs, outs_grads) if g is not None]
+    wanted = [t for t in leaves if t is not None]
+    got = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True))
+    return [next(got) if t is not None else None for t in leaves]
+
+
+def check_conv_scan_glue(cpu_conv: bool) -> None:
+    """The CUDA conv1d + scan Function (ops/ssd_triton.py _ConvSSDScan) on CPU tensors, the scan's
+    kernel entry points (and with cpu_conv the convolution's) replaced by the CPU references,
+    against the chunked path: the recomputed convolution, the split into x, B, C and the gradients'
+    way back through the convolution. Without cpu_conv the Triton convolution kernels run, which
+    needs TRITON_INTERPRET=1."""
     from gigatron.core.ops import causal_conv1d_triton, ssd_triton
 
-    def grads_of(fn, inputs, outs_grads):
-        leaves = [t.detach().requires_grad_() if t is not None else None for t in inputs]
-        with torch.enable_grad():
-            outs = fn(*leaves)
-        outs = outs if isinstance(outs, tuple) else (outs,)
-        pairs = [(o, g) for o, g in zip(outs, outs_grads) if g is not None]
-        wanted = [t for t in leaves if t is not None]
-        got = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True))
-        return [next(got) if t is not None else None for t in leaves]
+    replaced = {(ssd_triton, "scan_forward"): lambda x, dt, A, B, C, D, init, chunk: chunked_ssd_scan(
+                    x, dt, A, B, C, D, init, chunk),
+                (ssd_triton, "scan_backward"): lambda x, dt, A, B, C, D, init, chunk, dy, dfinal: tuple(
+                    _grads_of(lambda *a: chunked_ssd_scan(*a, chunk_size=chunk), (x, dt, A, B, C, D, init),
+                              (dy, dfinal)))}
+    if cpu_conv:
+        replaced[(causal_conv1d_triton, "conv_forward")] = (
+            lambda x, w, b, silu: reference_causal_conv1d(x, w, b, silu))
+        replaced[(causal_conv1d_triton, "conv_backward")] = lambda x, w, b, silu, dout, wd: tuple(
+            _grads_of(lambda x, w, b: reference_causal_conv1d(x, w, b, silu), (x, w, b), (dout,)))
+    originals = {key: getattr(*key) for key in replaced}
+    try:
+        for (module, name), fn in replaced.items():
+            setattr(module, name, fn)
+        g = torch.Generator().manual_seed(4)
+        H, P, G, N, b, l = 4, 8, 2, 8, 2, 40
+        width = H * P + 2 * G * N
+        zxbcdt = torch.randn(l, b, width + 5, generator=g, requires_grad=True)
+        xbc = zxbcdt[..., 3:3 + width].transpose(0, 1)  # a strided view, as in the mixer
+        weight = torch.randn(width, 4, generator=g, requires_grad=True)
+        bias = torch.randn(width, generator=g, requires_grad=True)
+        dt = (torch.rand(b, l, H, generator=g) * 0.3 + 0.01).requires_grad_()
+        A = (-torch.rand(H, generator=g) - 0.5).requires_grad_()
+        D = torch.randn(H, generator=g, requires_grad=True)
+        dy = torch.randn(b, l, H, P, generator=g)
+        leaves = (zxbcdt, weight, bias, dt, A, D)
+        results = []
+        for run in (lambda: ssd_triton._ConvSSDScan.apply(xbc, weight, bias, dt, A, D, (H, P, G, N), 16),
+                    lambda: conv_ssd_scan(xbc, weight, bias, dt, A, D, (H, P, G, N), chunk_size=16, kernel="chunked")):
+            y = run()
+            results.append([y.detach()] + list(torch.autograd.grad(y, leaves, dy)))
+        tol = 1e-6 if cpu_conv else 1e-4
+        for got, want in zip(*results):
+            torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    finally:
+        for (module, name), fn in originals.items():
+            setattr(module, name, fn)
 
-    monkeypatch.setattr(causal_conv1d_triton, "conv_forward",
-                        lambda x, w, b, silu: reference_causal_conv1d(x, w, b, silu))
-    monkeypatch.setattr(causal_conv1d_triton, "conv_backward", lambda x, w, b, silu, dout, wd: tuple(
-        grads_of(lambda x, w, b: reference_causal_conv1d(x, w, b, silu), (x, w, b), (dout,))))
-    monkeypatch.setattr(ssd_triton, "scan_forward", lambda x, dt, A, B, C, D, init, chunk: chunked_ssd_scan(
-        x, dt, A, B, C, D, init, chunk))
-    monkeypatch.setattr(ssd_triton, "scan_backward", lambda x, dt, A, B, C, D, init, chunk, dy, dfinal: tuple(
-        grads_of(lambda *a: chunked_ssd_scan(*a, chunk_size=chunk), (x, dt, A, B, C, D, init), (dy, dfinal))))
 
-    g = torch.Generator().manual_seed(4)
-    H, P, G, N, b, l = 4, 8, 2, 8, 2, 40
-    width = H * P + 2 * G * N
-    zxbcdt = torch.randn(l, b, width + 5, generator=g, requires_grad=True)
-    xbc = zxbcdt[..., 3:3 + width].transpose(0, 1)  # a strided view, as in the mixer
-    weight = torch.randn(width, 4, generator=g, requires_grad=True)
-    bias = torch.randn(width, generator=g, requires_grad=True)
-    dt = (torch.rand(b, l, H, generator=g) * 0.3 + 0.01).requires_grad_()
-    A = (-torch.rand(H, generator=g) - 0.5).requires_grad_()
-    D = torch.randn(H, generator=g, requires_grad=True)
-    dy = torch.randn(b, l, H, P, generator=g)
-    leaves = (zxbcdt, weight, bias, dt, A, D)
-    results = []
-    for run in (lambda: ssd_triton._ConvSSDScan.apply(xbc, weight, bias, dt, A, D, (H, P, G, N), 16),
-                lambda: conv_ssd_scan(xbc, weight, bias, dt, A, D, (H, P, G, N), chunk_size=16, kernel="chunked")):
-        y = run()
-        results.append([y.detach()] + list(torch.autograd.grad(y, leaves, dy)))
-    for got, want in zip(*results):
-        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+def test_fused_conv_scan_glue_routes_every_gradient():
+    pytest.importorskip("triton")
+    check_conv_scan_glue(cpu_conv=True)
+
+
+def test_fused_conv_scan_with_the_triton_conv_under_the_interpreter():
+    pytest.importorskip("triton")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    code = ("import sys; sys.path.insert(0, 'tests/unit'); import torch; torch.set_num_threads(1); "
+            "from test_mamba_memory import check_conv_scan_glue; check_conv_scan_glue(False); print('ok')")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=root)
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
 
 
 @pytest.mark.gpu
