@@ -22,6 +22,9 @@ embedding, layers and output layer itself and picks, per call, the decode kernel
   `decode_attention_preferred`; `DecodeKernels.attention`; the continuous batch's step attends
   through it at every batch size, `DecodeKernels.attention_every_batch`); MoE layers run their
   own MLP module;
+- multi-latent attention layers (--multi-latent-attention) run MLASelfAttention's own forward with
+  the latent cache (transformer/mla.py: the absorbed form for one new token per row), their MLPs as
+  above;
 - with `DecodeKernels.pdl`, on GPUs that have it (Hopper and later), those kernels are launched
   with programmatic dependent launch (gemv.pdl_supported): each streams its weights while the
   kernel before it finishes.
@@ -52,6 +55,7 @@ from gigatron.core.parallel.mappings import (
 )
 from gigatron.core.transformer.attention import check_attention_backend
 from gigatron.core.transformer.layer import bias_dropout_add
+from gigatron.core.transformer.mla import MLASelfAttention
 
 __all__ = ["DecodeKernels", "DecodeStep"]
 
@@ -84,7 +88,8 @@ def _fusable_activation(layer) -> Optional[str]:
     """The fused GEMV's name for a layer's MLP activation when the layer can run as four fused
     GEMVs at all (a dense MLP, tp = 1, the residual taken before the norms); None otherwise."""
     cfg = layer.config
-    if layer.is_moe or cfg.tensor_model_parallel_size != 1 or cfg.apply_residual_connection_post_layernorm:
+    if (layer.is_moe or cfg.tensor_model_parallel_size != 1 or cfg.apply_residual_connection_post_layernorm
+            or isinstance(layer.self_attention, MLASelfAttention)):
         return None
     return fused_activation_name(getattr(layer.mlp, "activation", None))
 
@@ -170,6 +175,8 @@ class DecodeStep:
 
     def _self_attention(self, attention, x: torch.Tensor, mask, rotary, ctx):
         """SelfAttention.forward with the cache: -> (out [s, b, h], linear_proj bias or None)."""
+        if isinstance(attention, MLASelfAttention):  # its own forward with the latent cache
+            return attention(x, mask, rotary, inference_context=ctx)
         mixed, _ = self._column(attention.linear_qkv, x)  # [s, b, ng*(hpg+2)*d]
         q, k, v = attention.query_key_value(mixed, rotary)
         if self._attention_kernel(attention, q.shape[0], q.shape[1]):
