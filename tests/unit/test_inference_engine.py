@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _inference_fixtures import PADDED_VOCAB, CharTokenizer, tiny_model  # noqa: E402
+from _inference_fixtures import PADDED_VOCAB, CharTokenizer, assert_decode_steps_never_synchronize, tiny_model  # noqa: E402
 
 import gigatron.core.inference.engine as engine_module  # noqa: E402
 from gigatron.core.inference.engine import InferenceEngine, PromptTooLongError, SamplingParams  # noqa: E402
@@ -566,19 +566,7 @@ def test_decode_steps_do_not_synchronize_on_cuda(mode, monkeypatch):
     prompts = [TOK.tokenize("hello there"), TOK.tokenize("a b c: x")]
     params = SamplingParams(tokens_to_generate=12, top_p=0.9, random_seed=1, return_log_probs=True, top_logprobs=2,
                             prevent_newline_after_colon=True)
-    expected = engine.generate_tokens(prompts, params)  # warm-up: kernels, the attention probe, graphs
-    steps = InferenceEngine._decode_steps
-
-    def strict(self, *args, **kwargs):
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            return steps(self, *args, **kwargs)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-
-    monkeypatch.setattr(InferenceEngine, "_decode_steps", strict)
-    out = engine.generate_tokens(prompts, params)
-    assert (out.tokens, out.logprobs) == (expected.tokens, expected.logprobs)
+    assert_decode_steps_never_synchronize(engine, prompts, params, monkeypatch)
 
 
 # ---------------------------------------------------------------------- compiled decode step

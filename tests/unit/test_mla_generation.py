@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _inference_fixtures import PADDED_VOCAB, CharTokenizer  # noqa: E402
+from _inference_fixtures import (PADDED_VOCAB, CharTokenizer, assert_decode_steps_never_synchronize,  # noqa: E402
+                                 cached_greedy, full_logits, reference_greedy)
 
 from gigatron.core.inference.continuous import ContinuousBatcher, Sequence, slot_bytes  # noqa: E402
 from gigatron.core.inference.engine import InferenceEngine, SamplingParams  # noqa: E402
@@ -29,7 +30,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOK = CharTokenizer()
-V = TOK.vocab_size
 PROMPTS = ["the cat sat on", "ab", "hello world", "x"]
 
 MLA = dict(num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=48, seq_length=64,
@@ -59,45 +59,7 @@ def mla_model(variant="lora_q_mtp", seed=3, groups=None, tp=1, **kw):
     return model.eval()
 
 
-@torch.no_grad()
-def full_logits(model, ids):
-    """The full-sequence forward (no cache) of one row: logits [len, V] (fp32, true vocabulary)."""
-    return model(torch.tensor([ids]))[:, 0, :V].float()
 
-
-@torch.no_grad()
-def reference_greedy(model, ids, n):
-    """Greedy continuation recomputing the full forward for every new token: (ids, logits [n, V])."""
-    ids, steps = list(ids), []
-    for _ in range(n):
-        last = full_logits(model, ids)[-1]
-        steps.append(last)
-        ids.append(int(last.argmax()))
-    return ids, torch.stack(steps)
-
-
-@torch.no_grad()
-def cached_greedy(engine, prompts, n):
-    """Greedy decoding through the engine's cache step by step (prefill of the right-padded batch,
-    then one token per row at its own position): (ids per row, logits of each step [b, n, V])."""
-    ctx = engine.context()
-    b = len(prompts)
-    lengths = torch.tensor([len(p) for p in prompts])
-    longest = int(lengths.max())
-    tokens = torch.zeros(b, longest, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        tokens[i, : len(p)] = torch.tensor(p)
-    positions = torch.arange(longest).expand(b, longest)
-    logits = engine._forward(ctx, tokens, positions, longest)  # [b, L, V]
-    step = logits[torch.arange(b), lengths - 1]  # [b, V]
-    out, seen = [list(p) for p in prompts], []
-    for t in range(n):
-        seen.append(step)
-        new = step.argmax(-1)
-        for i in range(b):
-            out[i].append(int(new[i]))
-        step = engine._forward(ctx, new[:, None], (lengths + t)[:, None], longest + t + 1)[:, -1]
-    return out, torch.stack(seen, dim=1)
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
@@ -319,19 +281,7 @@ def test_mla_decode_steps_do_not_synchronize_on_cuda(monkeypatch):
     engine = InferenceEngine(model, TOK, max_batch_size=2, decode_mode="cuda_graph")
     prompts = [TOK.tokenize("hello there"), TOK.tokenize("ab")]
     params = SamplingParams(tokens_to_generate=10, top_p=0.9, random_seed=1, return_log_probs=True)
-    expected = engine.generate_tokens(prompts, params)  # warm-up: the probe, the graphs
-    steps = InferenceEngine._decode_steps
-
-    def strict(self, *args, **kwargs):
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            return steps(self, *args, **kwargs)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-
-    monkeypatch.setattr(InferenceEngine, "_decode_steps", strict)
-    out = engine.generate_tokens(prompts, params)
-    assert (out.tokens, out.logprobs) == (expected.tokens, expected.logprobs)
+    assert_decode_steps_never_synchronize(engine, prompts, params, monkeypatch)
 
 
 @pytest.mark.gpu
