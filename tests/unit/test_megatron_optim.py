@@ -6,8 +6,9 @@ iteration 6. Gigatron's load_checkpoint resumes from that directory and its next
 match Megatron's within fp32 rounding: for the plain optimizer, and for the distributed optimizer
 saved "fully_reshardable" at data-parallel size 2 (resumed at size 1, with the plain and the
 distributed optimizer), and for the distributed optimizer saved "dp_reshardable" (Megatron-LM's
-default: flat gradient-bucket tensors, megatron_dp_buffers.py) by the same run, and by a bf16 run
-with several buckets and padded parameters. Without the optimizer state the losses differ, so the
+default: flat gradient-bucket tensors, megatron_dp_buffers.py) by the same run (resumed at size 1,
+and at size 2 in two processes into our distributed optimizer), and by a bf16 run with several
+buckets and padded parameters. Without the optimizer state the losses differ, so the
 comparison sees it."""
 
 import os
@@ -68,8 +69,9 @@ def dp_reshardable_bf16(tmp_path_factory):
                   "dp_reshardable", "--bf16", "--ffn", "200", "--bucket-size", "20000"), 2
 
 
-def _ours(root, dp, use_distributed_optimizer, bf16=False):
-    """Our model, optimizer and schedule with the flags the Megatron run used."""
+def _ours(root, dp, use_distributed_optimizer, bf16=False, groups=None):
+    """Our model, optimizer and schedule with the flags the Megatron run used (one process, or
+    `groups` of a multi-process run)."""
     import dataclasses
 
     from gigatron.core.distributed import DDPConfig, DistributedDataParallel
@@ -77,7 +79,7 @@ def _ours(root, dp, use_distributed_optimizer, bf16=False):
     from gigatron.core.optim import OptimizerConfig, OptimizerParamScheduler, SchedulerConfig, get_optimizer
     from gigatron.core.parallel.groups import ParallelGroups
 
-    groups = ParallelGroups.single()
+    groups = groups or ParallelGroups.single()
     template = gigatron.from_pretrained(root)
     model_config = dataclasses.replace(template.config, bf16=bf16, params_dtype=torch.bfloat16 if bf16 else None)
     model = GPTModel(model_config, groups, template.padded_vocab_size, seed=42)
@@ -93,16 +95,23 @@ def _ours(root, dp, use_distributed_optimizer, bf16=False):
     return groups, ddp, optimizer, scheduler
 
 
-def _resume(root, dp, use_distributed_optimizer, load_optim=True, bf16=False):
-    """Load the Megatron checkpoint and train to TOTAL; (loaded checkpoint, our losses)."""
+def _resume(root, dp, use_distributed_optimizer, load_optim=True, bf16=False, groups=None):
+    """Load the Megatron checkpoint and train to TOTAL; (loaded checkpoint, our losses). In one
+    process the global batch is this rank's; with data-parallel `groups` each rank takes its own
+    micro-batch and the losses are averaged over the ranks."""
+    import torch.distributed as dist
+
     from gigatron.core.distributed import finalize_model_grads
     from gigatron.training.checkpointing import load_checkpoint
 
-    groups, ddp, optimizer, scheduler = _ours(root, dp, use_distributed_optimizer, bf16)
+    groups, ddp, optimizer, scheduler = _ours(root, dp, use_distributed_optimizer, bf16, groups)
     loaded = load_checkpoint(str(root), [ddp], optimizer, scheduler, groups, load_optim=load_optim)
     losses = []
     for it in range(loaded.iteration, TOTAL):
-        batch = torch.cat([oracle.train_batch(it, r, dp) for r in range(dp)])  # the global batch
+        if groups.dp.size > 1:
+            batch = oracle.train_batch(it, groups.dp.rank, dp)
+        else:
+            batch = torch.cat([oracle.train_batch(it, r, dp) for r in range(dp)])  # the global batch
         ddp.zero_grad_buffer()
         optimizer.zero_grad()
         loss = ddp(batch[:, :-1], None, None, labels=batch[:, 1:]).float().mean()
@@ -111,8 +120,21 @@ def _resume(root, dp, use_distributed_optimizer, load_optim=True, bf16=False):
         ok, _, _ = optimizer.step()
         assert ok
         scheduler.step(T["micro_batch"] * dp)
-        losses.append(loss.item())
+        total = loss.detach().clone()
+        if groups.dp.size > 1:
+            dist.all_reduce(total)
+        losses.append(total.item() / groups.dp.size)
     return loaded, torch.tensor(losses, dtype=torch.float64)
+
+
+def _resume_at_dp2(rank, world_size, root):
+    from gigatron.core.parallel import ParallelConfig
+    from gigatron.core.parallel.groups import ParallelGroups
+
+    groups = ParallelGroups.build(ParallelConfig())
+    assert groups.dp.size == world_size == 2
+    loaded, losses = _resume(root, world_size, True, groups=groups)
+    return loaded.iteration, losses
 
 
 def _megatron_losses(root):
@@ -186,6 +208,18 @@ def test_dp_reshardable_bf16_buckets_and_padding_resume(dp_reshardable_bf16):
         _, ours = _resume(root, dp, use_distributed_optimizer, bf16=True)
         assert (ours - reference).abs().max() < (fresh - reference).abs().max() / 10
         torch.testing.assert_close(ours, reference, rtol=0, atol=2e-3)
+
+
+def test_dp_reshardable_resumes_into_our_distributed_optimizer_at_dp2(dp_reshardable):
+    """The same data-parallel size as the writer, in two processes: each rank's distributed
+    optimizer shard is cut out of Megatron's buckets, and the losses continue Megatron's."""
+    from tests.parallel.harness import run_distributed
+
+    root, dp = dp_reshardable
+    results = run_distributed(_resume_at_dp2, 2, str(root), timeout=300)
+    for iteration, losses in results:
+        assert iteration == SAVED_AT
+        torch.testing.assert_close(losses, _megatron_losses(root), rtol=0, atol=2e-5)
 
 
 def test_dp_reshardable_layout_guessed_wrong_is_an_error(dp_reshardable, monkeypatch):
