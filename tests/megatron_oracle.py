@@ -19,6 +19,10 @@ into the test process (it would hide exactly the refusals the tests check). Test
     python tests/megatron_oracle.py resume --root DIR --iteration 4 --total 6   (the same objects load
                             DIR/iter_4 with dist_checkpointing.load, model + optimizer + scheduler, and
                             train on; DIR/resumed_losses.pt)
+    python tests/megatron_oracle.py step-save --root DIR --tp 2 --pp 2 --kinds gpt,llama --sharding \
+        dp_reshardable --also-save fully_reshardable DIR2   (tp*pp processes: for each kind, the
+                            distributed optimizer takes two steps on fixed random gradients, no
+                            forward; its state saved in both shardings, DIR/KIND and DIR2/KIND)
 
 Every command writes DIR/reference.pt: {"tokens", "logits"} (fp32, Megatron-Core's forward).
 
@@ -505,6 +509,50 @@ def load_and_train(root: str, kind: str, num_layers: int, distributed: bool, ite
     return [_train_step(model, ddp, optimizer, scheduler, it) for it in range(iteration, total)]
 
 
+def step_and_save(root: str, kind: str, num_layers: int, iteration: int, sharding: str,
+                  also_save: Optional[tuple]) -> None:
+    """Megatron-Core's distributed optimizer at this process's tensor/pipeline rank (dp 1) takes two
+    Adam steps on fixed random gradients (no forward: no pipeline schedule is needed), then the
+    model and optimizer state are saved with `sharding` under `root` (and `also_save`'s sharding
+    under its root): the same optimizer state in two layouts."""
+    from megatron.core import parallel_state
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    model = build_model(kind, num_layers=num_layers, pre_process=parallel_state.is_pipeline_first_stage(),
+                        post_process=parallel_state.is_pipeline_last_stage()).train()
+    with cpu_training():
+        ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(
+            use_distributed_optimizer=True, grad_reduce_in_fp32=True), model)
+        optimizer = get_megatron_optimizer(
+            OptimizerConfig(optimizer="adam", lr=TRAIN["lr"], weight_decay=TRAIN["weight_decay"],
+                            adam_beta1=TRAIN["beta1"], adam_beta2=TRAIN["beta2"], adam_eps=TRAIN["eps"],
+                            clip_grad=TRAIN["clip_grad"], use_distributed_optimizer=True),
+            [ddp], use_gloo_process_groups=True)
+    rank = int(os.environ.get("RANK", "0"))
+    for step in range(2):  # the same draws on every tensor-parallel rank: replicated weights stay equal
+        generator = torch.Generator().manual_seed(100 * step + parallel_state.get_pipeline_model_parallel_rank())
+        with cpu_training():
+            ddp.zero_grad_buffer()
+            optimizer.zero_grad()
+            for param in ddp.module.parameters():
+                param.main_grad.copy_(0.01 * torch.randn(param.shape, generator=generator))
+            ok, _, _ = optimizer.step()
+            assert ok
+    args = megatron_args(kind, num_layers=num_layers, tp=_tp_size(), pp=_pp_size(), iteration=iteration,
+                         use_distributed_optimizer=True, data_parallel_size=1)
+    for kind_of_sharding, where in [(sharding, root)] + ([also_save] if also_save else []):
+        state = _sharded_common(args, iteration)
+        model_state = model.sharded_state_dict()
+        state["model"] = model_state
+        with cpu_training():
+            state["optimizer"] = optimizer.sharded_state_dict(
+                model_state, metadata={"distrib_optim_sharding_type": kind_of_sharding})
+        save_dist(state, os.path.join(where, f"iter_{iteration:07d}"))
+        if rank == 0:
+            write_tracker(where, iteration)
+
+
 def _write_reference(root: str, toks: torch.Tensor, out: torch.Tensor) -> None:
     torch.save({"tokens": toks, "logits": out.detach().float()}, os.path.join(root, "reference.pt"))
 
@@ -512,7 +560,7 @@ def _write_reference(root: str, toks: torch.Tensor, out: torch.Tensor) -> None:
 def _main(argv=None) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("command", choices=["write-torch", "write-dist", "write-legacy", "logits", "load-torch",
-                                                       "train", "resume"])
+                                                       "train", "resume", "step-save"])
     parser.add_argument("--optim", default="plain", choices=["plain", "distributed"], help="train: optimizer")
     parser.add_argument("--sharding", default="fully_sharded_model_space",
                         help="train: the distributed optimizer's distrib_optim_sharding_type")
@@ -522,6 +570,7 @@ def _main(argv=None) -> None:
     parser.add_argument("--bucket-size", type=int, default=None,
                         help="train: --overlap-grad-reduce with this --ddp-bucket-size")
     parser.add_argument("--ffn", type=int, default=256, help="train: ffn_hidden_size")
+    parser.add_argument("--kinds", default="gpt", help="step-save: the model kinds, comma-separated")
     parser.add_argument("--total", type=int, default=6, help="train: iterations in all")
     parser.add_argument("--version", type=float, default=3.0, help="write-legacy: checkpoint_version")
     parser.add_argument("--release", action="store_true", help="write-legacy: release/ and tracker 'release'")
@@ -561,6 +610,10 @@ def _main(argv=None) -> None:
         if rank == 0:
             torch.save({"losses": torch.tensor(losses, dtype=torch.float64)},
                        os.path.join(opts.root, "resumed_losses.pt"))
+    elif opts.command == "step-save":  # tp * pp processes, dp = 1; each kind under ROOT/KIND
+        for kind in opts.kinds.split(","):
+            also = (opts.also_save[0], os.path.join(opts.also_save[1], kind)) if opts.also_save else None
+            step_and_save(os.path.join(opts.root, kind), kind, opts.layers, opts.iteration, opts.sharding, also)
     elif opts.command == "write-torch":  # one process, tp = pp = 1
         model = build_model(opts.kind, num_layers=opts.layers)
         path = os.path.join(iter_dir, "mp_rank_00", "model_optim_rng.pt")

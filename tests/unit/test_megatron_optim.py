@@ -7,8 +7,9 @@ match Megatron's within fp32 rounding: for the plain optimizer, and for the dist
 saved "fully_reshardable" at data-parallel size 2 (resumed at size 1, with the plain and the
 distributed optimizer), and for the distributed optimizer saved "dp_reshardable" (Megatron-LM's
 default: flat gradient-bucket tensors, megatron_dp_buffers.py) by the same run (resumed at size 1,
-and at size 2 in two processes into our distributed optimizer), and by a bf16 run with several
-buckets and padded parameters. Without the optimizer state the losses differ, so the
+and at size 2 in two processes into our distributed optimizer), by a bf16 run with several
+buckets and padded parameters, and at tensor- and pipeline-parallel size 2 (compared with the
+fully_reshardable layout of the same state). Without the optimizer state the losses differ, so the
 comparison sees it."""
 
 import os
@@ -222,6 +223,42 @@ def test_dp_reshardable_resumes_into_our_distributed_optimizer_at_dp2(dp_reshard
         torch.testing.assert_close(losses, _megatron_losses(root), rtol=0, atol=2e-5)
 
 
+@pytest.fixture(scope="module")
+def tp2_pp2(tmp_path_factory):
+    """Megatron-Core's distributed optimizer at tensor- and pipeline-parallel size 2 (four processes)
+    takes two steps on fixed gradients; the same state saved dp_reshardable (dp/KIND) and
+    fully_reshardable (fully/KIND), for a GPT with biases and tied embeddings (the last stage keeps
+    its own copy of the embedding in a bucket of its own) and a Llama-style model (SwiGLU's
+    [gate; up] fc1 split per rank, GQA, untied output layer)."""
+    base = tmp_path_factory.mktemp("mcore_tp2pp2")
+    oracle.run_oracle("step-save", "--root", str(base / "dp"), "--tp", "2", "--pp", "2", "--kinds", "gpt,llama",
+                      "--layers", "4", "--iteration", "2", "--sharding", "dp_reshardable",
+                      "--also-save", "fully_reshardable", str(base / "fully"), processes=4, port=free_port(),
+                      timeout=600)
+    return base
+
+
+@pytest.mark.parametrize("kind", ["gpt", "llama"])
+def test_dp_reshardable_from_tensor_and_pipeline_parallel_writers(tp2_pp2, kind):
+    """Each (tensor, pipeline) rank's buckets hold its local shards: put together they give exactly
+    the optimizer state Megatron's own fully_reshardable layout of the same state gives."""
+    from gigatron.training.checkpointing import load_checkpoint
+
+    loaded = {}
+    for sharding in ("fully", "dp"):
+        root = tp2_pp2 / sharding / kind
+        groups, ddp, optimizer, _ = _ours(root, 1, True)
+        load_checkpoint(str(root), [ddp], optimizer, None, groups)
+        loaded[sharding] = [(e.main_param, optimizer.optimizer.state[e.main_param]) for e in optimizer.entries]
+    assert len(loaded["dp"]) == len(loaded["fully"]) > 0
+    for (main, state), (reference_main, reference) in zip(loaded["dp"], loaded["fully"]):
+        assert torch.equal(main, reference_main)
+        assert int(state["step"]) == int(reference["step"]) == 2
+        assert torch.equal(state["exp_avg"], reference["exp_avg"])
+        assert torch.equal(state["exp_avg_sq"], reference["exp_avg_sq"])
+    assert all(state["exp_avg_sq"].abs().sum() > 0 for _, state in loaded["dp"])
+
+
 def test_dp_reshardable_layout_guessed_wrong_is_an_error(dp_reshardable, monkeypatch):
     """The bucket offsets are re-derived from Megatron's buffer rules; a parameter order that fits
     the stored chunk boundaries but is wrong (fc1 and fc2 weights have the same size) is caught by
@@ -240,9 +277,10 @@ def test_dp_reshardable_layout_guessed_wrong_is_an_error(dp_reshardable, monkeyp
 
 
 def test_dp_reshardable_writers_not_placed_are_refused_with_the_fix(dp_reshardable, plain):
-    """Writers whose buffers this reader does not place (tensor/pipeline-parallel > 1, experts), a
-    model that does not fit the buckets, and the deprecated dp_zero_gather_scatter layout get one
-    error naming --dist-ckpt-optim-fully-reshardable; --no-load-optim still loads the weights."""
+    """Writers whose buffers this reader does not place (experts, uneven pipeline stages, args that
+    disagree with the stored data-parallel groups), a model that does not fit the buckets, and the
+    deprecated dp_zero_gather_scatter layout get one error naming --dist-ckpt-optim-fully-reshardable;
+    --no-load-optim still loads the weights."""
     from gigatron.core.checkpoint import megatron_dist
     from gigatron.core.checkpoint.dist.metadata import read_dcp_metadata
     from gigatron.core.checkpoint.megatron_dp_buffers import bucket_layout
@@ -254,8 +292,11 @@ def test_dp_reshardable_writers_not_placed_are_refused_with_the_fix(dp_reshardab
     read = megatron_dist._dp_reshardable_read(metadata, {}, megatron_dist._model_entries(metadata))
     shapes = {name: slot.shape for name, slot in read.slots.items()}
     assert len(shapes) == 2 * 12 + 4  # every parameter placed
-    for args in ({"tensor_model_parallel_size": 2}, {"pipeline_model_parallel_size": 2}, {"num_experts": 4}):
-        with pytest.raises(CheckpointError, match="dp_reshardable.*saved with --.*--dist-ckpt-optim-fully-reshardable"):
+    for args, why in (({"num_experts": 4}, "--num-experts 4"),
+                      ({"pipeline_model_parallel_size": 2, "num_layers": 2, "decoder_first_pipeline_num_layers": 1},
+                       "--pipeline-model-parallel-size 2 with --decoder-first-pipeline-num-layers"),
+                      ({"tensor_model_parallel_size": 2}, r"data-parallel groups \[0\] for tensor/pipeline")):
+        with pytest.raises(CheckpointError, match=f"'dp_reshardable'.*saved with {why}.*--dist-ckpt-optim-fully"):
             bucket_layout(metadata, args, shapes)
     del shapes["decoder.layers.1.mlp.linear_fc2.bias"]
     with pytest.raises(CheckpointError, match="do not match this model's parameters.*--dist-ckpt-optim-fully"):

@@ -269,7 +269,7 @@ def load_training_state(iter_dir: str, model_chunks: Sequence[torch.nn.Module], 
 #   bucket_idx_K.{param,exp_avg,exp_avg_sq}); the param groups with the step in the ShardedObject
 #   optimizer.distributed.dp_group_idx_G.optimizer; common.pt: param_state_sharding_type only.
 #   megatron_dp_buffers.py re-derives each parameter's offset in its bucket and reads it into
-#   model space (writers at tensor/pipeline-parallel size 1 without experts; others refused).
+#   model space (dense GPT writers at any tp/pp/dp with equal pipeline stages; others refused).
 # "dp_zero_gather_scatter" (a pickled object gathered on data-parallel rank 0, deprecated) is
 # refused, and "fully_sharded_model_space" (megatron-core's own fallback) cannot be saved by 0.16
 # at all (dist_checkpointing refuses its flattened ranges); the refusal names the Megatron-LM

@@ -13,8 +13,15 @@ What megatron-core 0.16 writes in that layout (checked on files its DistributedO
     optimizer.distributed.dp_group_idx_{G}.per_bucket_numel[_unpadded]   ShardedObjects: bucket sizes
     common.pt: optimizer.param_state_sharding_type = "dp_reshardable"
 
-G numbers the (tensor, pipeline)-parallel rank's data-parallel group, B the gradient buffers of
-its model chunks (one per parameter/gradient dtype pair; expert parameters have their own).
+G numbers the data-parallel group by its model-parallel rank (pipeline rank * tp + tensor rank),
+B the gradient buffers of its model chunks (one per parameter/gradient dtype pair; expert
+parameters have their own). Each group's buckets hold that rank's tensor-parallel LOCAL
+parameters: column-parallel weights (QKV, fc1, the vocabulary-parallel embedding and output
+layer) split along dim 0 (SwiGLU's fc1 as [gate_r; up_r], the r-th slices of the global [gate;
+up]), row-parallel weights along dim 1, the rest replicated (tensor-parallel rank 0's copy is
+read). A pipeline stage holds its layers (equal counts), the embedding on the first stage, the
+final norm and output layer on the last; with tied embeddings and more than one stage the last
+stage keeps its own copy of the embedding (in a bucket of its own, as is the first stage's).
 
 Where a parameter lies in its bucket is not recorded; it follows from how Megatron's gradient
 buffer places parameters, which this module re-derives:
@@ -37,9 +44,11 @@ end fall on the chunk boundaries the writers recorded in `.metadata`; after read
 parameter's stored main param must equal the checkpoint's model weight (cast to its dtype), so a
 layout guessed wrong is an error, never a silently wrong optimizer state.
 
-Read: writers at tensor- and pipeline-parallel size 1 (any data-parallel size, bucket size,
-fp32/bf16/fp16 parameters, fp32 or bf16 gradients) of GPT models without experts. Other writers are
-refused with the Megatron-LM flag that re-saves the state in model space.
+Read: dense GPT writers at any tensor/pipeline/data-parallel size (equal pipeline stages, no
+virtual stages), any bucket size, fp32/bf16/fp16 parameters, fp32 or bf16 gradients, into any
+reader layout (each parameter is put together from its writer parts, then cut into this rank's
+chunks). Other writers (experts, uneven or virtual pipeline stages) are refused with the Megatron-LM
+flag that re-saves the state in model space.
 """
 
 from __future__ import annotations
@@ -103,16 +112,28 @@ class Bucket:
 
 
 @dataclasses.dataclass(frozen=True)
-class Slot:
-    """Where one parameter (our global name) lies: elements [start, start + numel) of `bucket`."""
+class Part:
+    """One writer rank's copy of a parameter: elements [start, start + numel) of `bucket`, of the
+    rank's (tensor-parallel local) `shape`; `boxes`: (dim, local start, length, global offsets) of
+    the pieces of it that make up the global tensor (two for SwiGLU's [gate; up] fc1)."""
 
     bucket: Bucket
     start: int
     shape: tuple
+    boxes: tuple
 
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class Slot:
+    """Where one parameter (our global name, the checkpoint's global `shape`) lies: the parts of
+    the writer ranks that together hold it once (tensor-parallel rank 0's copy of a replicated one)."""
+
+    shape: tuple
+    parts: tuple
 
 
 def _buckets(metadata) -> dict[tuple, dict]:
@@ -153,34 +174,51 @@ def read_optimizer_object(iter_dir: str, metadata, read_object) -> dict:
     return value
 
 
+_UNEVEN_PIPELINE = ("decoder_first_pipeline_num_layers", "decoder_last_pipeline_num_layers",
+                    "pipeline_model_parallel_layout", "account_for_embedding_in_pipeline_split",
+                    "account_for_loss_in_pipeline_split", "virtual_pipeline_model_parallel_size",
+                    "num_layers_per_virtual_pipeline_stage")
+
+
+def pipeline_size(args: dict) -> int:
+    return int(args.get("pipeline_model_parallel_size") or 1)
+
+
+def tensor_size(args: dict) -> int:
+    return int(args.get("tensor_model_parallel_size") or 1)
+
+
 def _writer_problem(args: dict, found: dict) -> Optional[str]:
     """Why this reader cannot place the buffers of the checkpoint's writer, or None."""
-    sizes = {"--tensor-model-parallel-size": args.get("tensor_model_parallel_size"),
-             "--pipeline-model-parallel-size": args.get("pipeline_model_parallel_size")}
-    big = [f"{flag} {int(v)}" for flag, v in sizes.items() if v is not None and int(v) > 1]
-    if args.get("virtual_pipeline_model_parallel_size") or args.get("num_layers_per_virtual_pipeline_stage"):
-        big.append("virtual pipeline stages")
+    big = []
+    tp, pp = tensor_size(args), pipeline_size(args)
+    uneven = [f"--{name.replace('_', '-')}" for name in _UNEVEN_PIPELINE if args.get(name)]
+    if pp > 1 and (uneven or int(args.get("num_layers") or 0) % pp):
+        big.append(f"--pipeline-model-parallel-size {pp} with " + (", ".join(uneven) or "uneven stages"))
     if args.get("num_experts"):
         big.append(f"--num-experts {args['num_experts']}")
-    groups = {g for g, _, _ in found}
-    buffers = {b for _, b, _ in found}
-    if not big and len(groups) > 1:
-        big.append(f"{len(groups)} data-parallel groups")
-    if not big and len(buffers) > 1:
-        big.append(f"{len(buffers)} gradient buffers (parameters of several dtypes, or expert parameters)")
+    groups = sorted({g for g, _, _ in found})
+    if not big and groups != list(range(pp * tp)):
+        big.append(f"data-parallel groups {groups} for tensor/pipeline-parallel size {tp}/{pp}")
+    buffers = {(g, b) for g, b, _ in found}
+    if not big and len(buffers) > len(groups):
+        big.append("several gradient buffers per rank (parameters of several dtypes, or expert parameters)")
     if big:
         return (f"its distributed-optimizer state is in Megatron-Core's '{SHARDING}' layout, which Gigatron reads "
-                f"from writers at tensor/pipeline-parallel size 1 with one gradient buffer; this one was saved "
-                f"with {', '.join(big)}: {RESAVE}")
+                f"from writers of dense GPT models (pipeline stages of equal layer counts, no virtual stages) with one "
+                f"gradient buffer per rank; this one was saved with {', '.join(big)}: {RESAVE}")
     incomplete = sorted(key for key, states in found.items() if set(states) != set(_STATES))
     if incomplete:
         return f"its '{SHARDING}' buckets {incomplete[:4]} lack one of {_STATES}"
     return None
 
 
-def _stored_buckets(found: dict) -> list[Bucket]:
+def _stored_buckets(found: dict, group: int) -> list[Bucket]:
+    """The buckets of data-parallel group `group` (one pipeline stage), in buffer order."""
     out = []
-    for (_, _, _), states in sorted(found.items()):
+    for (g, _, _), states in sorted(found.items()):
+        if g != group:
+            continue
         key, md = states["param"]
         size = int(md.size[0])
         for state in _STATES:
@@ -193,6 +231,41 @@ def _stored_buckets(found: dict) -> list[Bucket]:
         dtypes = tuple((state, states[state][1].properties.dtype) for state in _STATES)
         out.append(Bucket(key[:-len(".param")], size, frozenset(bounds), dtypes))
     return out
+
+
+# Megatron-Core's tensor-parallel split of a GPT's parameters: column-parallel (dim 0: the fused
+# QKV, fc1, the vocabulary-parallel embedding and output layer) and row-parallel (dim 1) weights;
+# all else (norms, row-parallel biases, position embeddings) is replicated on every rank.
+_COLUMN = ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias", "mlp.linear_fc1.weight",
+           "mlp.linear_fc1.bias", "embedding.word_embeddings.weight", "output_layer.weight")
+_ROW = ("self_attention.linear_proj.weight", "mlp.linear_fc2.weight")
+
+
+def _split_dim(name: str) -> Optional[int]:
+    match = _LAYER_NAME.match(name)
+    suffix = match.group(2) if match else name
+    return 0 if suffix in _COLUMN else 1 if suffix in _ROW else None
+
+
+def _local(name: str, shape: tuple, tp: int, rank: int, swiglu: bool) -> tuple[tuple, tuple]:
+    """(local shape, boxes) of tensor-parallel rank `rank`'s copy of `name` (global `shape`)."""
+    dim = _split_dim(name)
+    if dim is None or tp == 1:
+        return tuple(shape), ((0, 0, shape[0] if shape else 1, (0,) * len(shape)),)
+    if shape[dim] % tp:
+        raise CheckpointError(f"{name} {tuple(shape)} does not split into {tp} tensor-parallel parts along dim {dim}")
+    local = list(shape)
+    local[dim] //= tp
+    n = local[dim]
+    if swiglu and name.endswith(("mlp.linear_fc1.weight", "mlp.linear_fc1.bias")):
+        half, gates = n // 2, shape[0] // 2  # local [gate_r; up_r] of the global [gate; up]
+        offsets = [(0,) * len(shape), (0,) * len(shape)]
+        offsets[0] = (rank * half,) + offsets[0][1:]
+        offsets[1] = (gates + rank * half,) + offsets[1][1:]
+        return tuple(local), ((0, 0, half, offsets[0]), (0, half, half, offsets[1]))
+    offsets = [0] * len(shape)
+    offsets[dim] = rank * n
+    return tuple(local), ((dim, 0, n, tuple(offsets)),)
 
 
 def megatron_order(shapes: dict, layer_order: tuple) -> Optional[list[str]]:
@@ -227,12 +300,32 @@ def _walk(order: list[str], shapes: dict, buckets: list[Bucket]) -> Optional[dic
         end = start + math.prod(shapes[name])
         if end > bucket.size or start not in bucket.bounds or end not in bucket.bounds:
             return None
-        slots[name] = Slot(bucket, start, tuple(shapes[name]))
+        slots[name] = (bucket, start)
         if end == bucket.size:
             index, cursor = index + 1, 0
         else:
             cursor = end
     return slots if index == len(buckets) else None
+
+
+def _stage_shapes(shapes: dict, stage: int, stages: int, num_layers: int) -> dict:
+    """The parameters pipeline stage `stage` registers (equal layer counts): the embedding on the
+    first, the final norm and output layer on the last; with a tied output layer and more than one
+    stage, the last stage's own copy of the embedding (`output_layer.weight`, read nowhere)."""
+    per_stage = num_layers // stages
+    out = {}
+    for name, shape in shapes.items():
+        match = _LAYER_NAME.match(name)
+        if match:
+            keep = stage * per_stage <= int(match.group(1)) < (stage + 1) * per_stage
+        else:
+            keep = stage == 0 if name in _BEFORE_LAYERS else stage == stages - 1
+        if keep:
+            out[name] = shape
+    if (stages > 1 and stage == stages - 1 and "output_layer.weight" not in shapes
+            and "embedding.word_embeddings.weight" in shapes):
+        out["output_layer.weight"] = shapes["embedding.word_embeddings.weight"]
+    return out
 
 
 def bucket_layout(metadata, args: dict, shapes: dict) -> dict:
@@ -245,23 +338,47 @@ def bucket_layout(metadata, args: dict, shapes: dict) -> dict:
     problem = _writer_problem(args, found)
     if problem:
         raise CheckpointError(problem)
-    buckets = _stored_buckets(found)
+    stages = pipeline_size(args)
+    num_layers = int(args.get("num_layers") or 0)
+    layers = {int(m.group(1)) for m in map(_LAYER_NAME.match, shapes) if m}
+    if stages > 1 and layers != set(range(num_layers)):
+        raise CheckpointError(f"its args say --num-layers {num_layers}, its model holds layers {sorted(layers)[:8]}")
     impl = str(args.get("transformer_impl") or "transformer_engine")
     names = sorted(LAYER_ORDERS, key=lambda n: (not n.startswith(impl), n != impl))
-    tried = []
-    for name in names:
-        order = megatron_order(shapes, LAYER_ORDERS[name])
-        if order is None:
-            unknown = sorted(n for n in shapes if megatron_order({n: shapes[n]}, LAYER_ORDERS[name]) is None)
-            raise CheckpointError(f"its '{SHARDING}' optimizer state belongs to parameters whose place in Megatron's "
-                                  f"gradient buffer Gigatron does not know ({', '.join(unknown[:4])}): {RESAVE}")
-        slots = _walk(order, shapes, buckets)
-        if slots is not None:
-            return slots
-        tried.append(name)
-    sizes = ", ".join(str(b.size) for b in buckets)
-    raise CheckpointError(f"its '{SHARDING}' buckets (lengths {sizes}) do not match this model's parameters in "
-                          f"Megatron-Core's buffer order (tried the {', '.join(tried)} layer specs): {RESAVE}")
+    tp, swiglu = tensor_size(args), bool(args.get("swiglu"))
+    parts: dict[str, list] = {}
+    for stage in range(stages):
+        stage_shapes = _stage_shapes(shapes, stage, stages, num_layers) if stages > 1 else shapes
+        for rank in range(tp):
+            # Megatron numbers a rank's data-parallel group by its model-parallel rank (tp fastest)
+            group = stage * tp + rank
+            local = {name: _local(name, shape, tp, rank, swiglu) for name, shape in stage_shapes.items()}
+            local_shapes = {name: shape for name, (shape, _) in local.items()}
+            buckets = _stored_buckets(found, group)
+            tried, placed = [], None
+            for name in names:
+                order = megatron_order(local_shapes, LAYER_ORDERS[name])
+                if order is None:
+                    unknown = sorted(n for n in local_shapes
+                                     if megatron_order({n: local_shapes[n]}, LAYER_ORDERS[name]) is None)
+                    raise CheckpointError(f"its '{SHARDING}' optimizer state belongs to parameters whose place in "
+                                          f"Megatron's gradient buffer Gigatron does not know "
+                                          f"({', '.join(unknown[:4])}): {RESAVE}")
+                placed = _walk(order, local_shapes, buckets)
+                if placed is not None:
+                    break
+                tried.append(name)
+            if placed is None:
+                sizes = ", ".join(str(b.size) for b in buckets)
+                raise CheckpointError(f"its '{SHARDING}' buckets of pipeline stage {stage}, tensor-parallel rank "
+                                      f"{rank} (lengths {sizes}) do not match this model's parameters in "
+                                      f"Megatron-Core's buffer order (tried the {', '.join(tried)} layer specs): "
+                                      f"{RESAVE}")
+            for name, (bucket, start) in placed.items():
+                if name in shapes and (rank == 0 or _split_dim(name) is not None):
+                    shape, boxes = local[name]
+                    parts.setdefault(name, []).append(Part(bucket, start, shape, boxes))
+    return {name: Slot(tuple(shapes[name]), tuple(found_parts)) for name, found_parts in parts.items()}
 
 
 class _MainSaved:
@@ -277,14 +394,15 @@ class _MainSaved:
 
 
 class DpReshardableRead:
-    """This rank's part of a dp_reshardable optimizer state: the flat segments to read (one whole
-    parameter per segment, into temporaries), then each of our optimizer chunks copied out of its
-    parameter's segment, and the stored main params checked against the checkpoint's weights."""
+    """This rank's part of a dp_reshardable optimizer state: the flat segments to read (every
+    writer part of each parameter it needs, into temporaries), then each parameter assembled in
+    its global shape, each of our optimizer chunks copied out of it, and the stored main params
+    checked against the checkpoint's weights."""
 
     def __init__(self, slots: dict, model_entries: dict) -> None:
         self.slots = slots
         self.entries = model_entries
-        self.temps: dict[tuple, torch.Tensor] = {}
+        self.temps: dict[tuple, torch.Tensor] = {}  # (state, name, part) -> flat segment
         self.copies: list[tuple] = []  # (destination piece, state, name)
         self.weights: dict[str, torch.Tensor] = {}  # the checkpoint's weights, to check the main params
         self.problems: list[str] = []
@@ -292,16 +410,16 @@ class DpReshardableRead:
     def saved_keys(self) -> _MainSaved:
         return _MainSaved(self.slots)
 
-    def _temp(self, state: str, name: str) -> torch.Tensor:
-        if (state, name) not in self.temps:
-            slot = self.slots[name]
-            self.temps[(state, name)] = torch.empty(slot.numel, dtype=slot.bucket.dtype(state))
-        return self.temps[(state, name)]
+    def _need(self, state: str, name: str) -> None:
+        for index, part in enumerate(self.slots[name].parts):
+            if (state, name, index) not in self.temps:
+                self.temps[(state, name, index)] = torch.empty(part.numel, dtype=part.bucket.dtype(state))
 
     def add(self, pieces) -> None:
         """Our optimizer pieces (`optimizer.state.{fp32_param|exp_avg|exp_avg_sq}.{global name}`)."""
         for piece in pieces:
             state, name = piece.key[len("optimizer.state."):].split(".", 1)
+            state = "param" if state == "fp32_param" else state
             slot = self.slots.get(name)
             if slot is None:
                 self.problems.append(f"optimizer state of {name}: not in the checkpoint's '{SHARDING}' buckets")
@@ -310,9 +428,9 @@ class DpReshardableRead:
             if saved != ours and not (piece.vocab and saved[1:] == ours[1:]):
                 self.problems.append(f"optimizer state of {name}: checkpoint shape {saved} vs model {ours}")
                 continue
-            self._temp("param" if state == "fp32_param" else state, name)
-            self._temp("param", name)  # every touched parameter's main param is checked
-            self.copies.append((piece, "param" if state == "fp32_param" else state, name))
+            self._need(state, name)
+            self._need("param", name)  # every touched parameter's main param is checked
+            self.copies.append((piece, state, name))
 
     def read_pieces(self) -> list:
         """The segments to read, and the model weights to check the main params against."""
@@ -320,16 +438,13 @@ class DpReshardableRead:
         from gigatron.core.checkpoint.megatron_dist import megatron_pieces
 
         pieces = []
-        for (state, name), temp in self.temps.items():
-            slot = self.slots[name]
-            pieces.append(ShardPiece(f"{slot.bucket.key}.{state}", temp, (slot.bucket.size,), (slot.start,)))
-        for (state, name) in list(self.temps):
-            if state != "param":
-                continue
-            slot = self.slots[name]
-            weight = torch.empty(slot.shape, dtype=self._weight_dtype(name))
-            mapped, problems = megatron_pieces([ShardPiece(name, weight, slot.shape, (0,) * len(slot.shape))],
-                                               self.entries)
+        for (state, name, index), temp in self.temps.items():
+            part = self.slots[name].parts[index]
+            pieces.append(ShardPiece(f"{part.bucket.key}.{state}", temp, (part.bucket.size,), (part.start,)))
+        for name in sorted({name for state, name, _ in self.temps if state == "param"}):
+            shape = self.slots[name].shape
+            weight = torch.empty(shape, dtype=self._weight_dtype(name))
+            mapped, problems = megatron_pieces([ShardPiece(name, weight, shape, (0,) * len(shape))], self.entries)
             self.problems += problems
             pieces += mapped
             self.weights[name] = weight
@@ -344,20 +459,34 @@ class DpReshardableRead:
         md = self.entries.get(key)
         return md.properties.dtype if md is not None else torch.float32
 
+    def _whole(self, state: str, name: str) -> torch.Tensor:
+        """The parameter's `state` in its global shape, put together from the writer parts."""
+        slot = self.slots[name]
+        whole = torch.empty(slot.shape, dtype=slot.parts[0].bucket.dtype(state))
+        for index, part in enumerate(slot.parts):
+            local = self.temps[(state, name, index)].view(part.shape)
+            for dim, start, length, offsets in part.boxes:
+                box = local.narrow(dim, start, length) if local.dim() else local
+                target = whole[tuple(slice(o, o + n) for o, n in zip(offsets, box.shape))]
+                target.copy_(box)
+        return whole
+
     @torch.no_grad()
     def finish(self) -> list[str]:
         """Check the main params, copy the states into our pieces; returns this rank's problems."""
         problems = []
         for name, weight in self.weights.items():
-            main = self.temps[("param", name)].view(weight.shape)
-            if not torch.equal(main.to(weight.dtype), weight):
-                slot = self.slots[name]
-                problems.append(f"the '{SHARDING}' main param placed at {slot.bucket.key}[{slot.start}:] is not the "
-                                f"checkpoint's {name} (Megatron's buffer layout was not recognised): {RESAVE}")
+            if not torch.equal(self._whole("param", name).to(weight.dtype), weight):
+                where = ", ".join(f"{p.bucket.key}[{p.start}:]" for p in self.slots[name].parts[:2])
+                problems.append(f"the '{SHARDING}' main param placed at {where} is not the checkpoint's {name} "
+                                f"(Megatron's buffer layout was not recognised): {RESAVE}")
         if problems:
             return problems[:4]
+        wholes = {}
         for piece, state, name in self.copies:
-            whole = self.temps[(state, name)].view(self.slots[name].shape)
+            if (state, name) not in wholes:
+                wholes[(state, name)] = self._whole(state, name)
+            whole = wholes[(state, name)]
             offsets, sizes = tuple(piece.global_offsets), list(piece.sizes)
             destination = piece.tensor
             if piece.vocab and whole.shape[0] != piece.global_shape[0]:  # vocabulary padded differently
