@@ -279,4 +279,4 @@ def test_decode_bench_cpu_smoke(capsys):
     assert "card: cpu" in out and "cpu smoke: ok" in out and "hybrid pattern: M-MM*-M-" in out
     full = bench.FULL
     pattern = allocate_hybrid_layers(full["hybrid_layers"], full["attention_ratio"], full["mlp_ratio"])
-    assert (pattern.count("M"), pattern.count("-"), pattern.count("*")) == (20, 17, 3)
+    assert (pattern.count("M"), pattern.count("-"), pattern.count("*")) == (17, 20, 3)  # bench_hybrid's model
