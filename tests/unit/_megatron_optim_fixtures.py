@@ -8,8 +8,9 @@ tensor/pipeline layout, loaded from its torch_dist directory and trained on over
     megatron_losses(root)                                          # Megatron's own continuation
 
 One process holds the whole data-parallel batch (the `dp` ranks' micro-batches in rank order);
-in a gloo group (tests/parallel/harness.py) `groups` gives the tensor/pipeline layout, and the
-losses come back on the last pipeline stage only (None elsewhere)."""
+in a gloo group (tests/parallel/harness.py) `groups` gives the tensor/pipeline/data layout: each
+data-parallel rank takes its own micro-batch, the losses are averaged over them and come back on
+the last pipeline stage only (None elsewhere)."""
 
 from __future__ import annotations
 
@@ -60,7 +61,10 @@ def train_step(groups, ddp, optimizer, scheduler, iteration, dp):
     from gigatron.core.distributed import finalize_model_grads
     from gigatron.core.pipeline import get_forward_backward_func
 
-    batch = torch.cat([oracle.train_batch(iteration, r, dp) for r in range(dp)])  # the global batch
+    if groups.dp.size > 1:
+        batch = oracle.train_batch(iteration, groups.dp.rank, dp)  # this data-parallel rank's share
+    else:
+        batch = torch.cat([oracle.train_batch(iteration, r, dp) for r in range(dp)])  # the global batch
 
     def loss_func(per_token):
         loss = per_token.float().mean()
@@ -79,7 +83,14 @@ def train_step(groups, ddp, optimizer, scheduler, iteration, dp):
     ok, _, _ = optimizer.step()
     assert ok
     scheduler.step(T["micro_batch"] * dp)
-    return float(reports[0]["loss"]) if reports else None
+    if not reports:
+        return None
+    loss = reports[0]["loss"].detach().clone()
+    if groups.dp.size > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(loss, group=groups.dp.group)
+    return float(loss) / groups.dp.size
 
 
 def resume(root, dp, use_distributed_optimizer, load_optim=True, bf16=False, groups=None):

@@ -24,7 +24,9 @@ entry read directly and unpickled through the Megatron allow-list). Megatron's A
 optimizer, or the distributed optimizer saved as "fully_reshardable") is model-space like the
 weights: each of this rank's optimizer chunks reads its box of `optimizer.state.{exp_avg,
 exp_avg_sq,fp32_param|param}.<Megatron key>`, so it too loads at any layout, into the plain or the
-distributed optimizer; the step and parameter-group hyper-parameters come from common.pt. Expert
+distributed optimizer; the step and parameter-group hyper-parameters come from common.pt. The
+distributed optimizer's default "dp_reshardable" state (flat per-bucket tensors in Megatron's
+gradient-buffer order) is placed back into model space by megatron_dp_buffers.py. Expert
 tensors other than the routed experts and the router (shared experts, for one) are refused with
 the Megatron-LM command that re-saves the model.
 
@@ -233,16 +235,27 @@ def load_training_state(iter_dir: str, model_chunks: Sequence[torch.nn.Module], 
     metadata = read_dcp_metadata(iter_dir)
     entries = _model_entries(metadata, iter_dir)
     pieces, problems = megatron_pieces(sharded_model_state(model_chunks, groups), entries)
-    states, opt_common = [], None
+    states, opt_common, buffers = [], None, None
     if optimizer is not None:
         try:
             opt_common = megatron_optimizer_common(iter_dir, common, metadata, optimizer)
+            if _optimizer_record(common)[1] == "dp_reshardable":
+                buffers = _dp_reshardable_read(metadata, common["args"], entries)
         except CheckpointError as exc:
             problems.append(str(exc))
         else:
-            opt_pieces, states, opt_problems = megatron_optimizer_pieces(optimizer, model_chunks, metadata)
-            pieces += opt_pieces
-            problems += opt_problems
+            if buffers is not None:  # flat bucket segments, read apart from the model (below)
+                from gigatron.core.checkpoint.dist.sharding import optimizer_load_pieces
+
+                opt_pieces, states = optimizer_load_pieces(optimizer, model_chunks, "adam", True,
+                                                           buffers.saved_keys())
+                buffers.add(opt_pieces)
+                buffer_pieces = buffers.read_pieces()
+                problems += buffers.problems
+            else:
+                opt_pieces, states, opt_problems = megatron_optimizer_pieces(optimizer, model_chunks, metadata)
+                pieces += opt_pieces
+                problems += opt_problems
     if strict:
         used = {(p.key, tuple(p.global_offsets[:stacked_axes(p.key)])) for p in pieces if p.key in entries}
         everywhere = set().union(*[set(u) for u in Comm().all_gather_object(sorted(used))])
@@ -257,6 +270,11 @@ def load_training_state(iter_dir: str, model_chunks: Sequence[torch.nn.Module], 
         raise CheckpointError(f"Megatron-Core checkpoint {iter_dir} does not fit this model (check the model flags, "
                               "or use --use-checkpoint-args): " + "; ".join(merged[:10]))
     _read(iter_dir, metadata, pieces)
+    if buffers is not None:
+        _read(iter_dir, metadata, buffer_pieces)
+        mismatches = [p for ps in Comm().all_gather_object(buffers.finish()) for p in ps]
+        if mismatches:
+            raise CheckpointError(f"Megatron-Core checkpoint {iter_dir}: " + "; ".join(mismatches[:4]))
     if optimizer is not None:
         from gigatron.core.checkpoint.dist.load import _install_optimizer_state as install_optimizer_state
 
@@ -286,11 +304,17 @@ def load_training_state(iter_dir: str, model_chunks: Sequence[torch.nn.Module], 
 #   distributed optimizer, distrib_optim_sharding_type "fully_reshardable":
 #       optimizer.state.param.<key> (the fp32 main param, always), exp_avg, exp_avg_sq;
 #       common.pt: optimizer.optimizer.param_groups (each with the step), param_state_sharding_type
-# The distributed optimizer's other sharding types store Megatron's internal gradient-buffer
-# layout ("dp_reshardable", Megatron-LM's default without --dist-ckpt-optim-fully-reshardable:
-# one flat tensor per bucket; "dp_zero_gather_scatter": a pickled object) or cannot be saved by
-# 0.16 at all ("fully_sharded_model_space", megatron-core's own fallback: its flattened ranges are
-# refused by dist_checkpointing); they are refused with the Megatron-LM flag that re-saves them.
+#   distributed optimizer, "dp_reshardable" (Megatron-LM's default without
+#   --dist-ckpt-optim-fully-reshardable): Megatron's internal gradient-buffer layout, one flat
+#   tensor per bucket and state (optimizer.distributed.dp_group_idx_G.gbuf_idx_B.dtype_(...).
+#   bucket_idx_K.{param,exp_avg,exp_avg_sq}); the param groups with the step in the ShardedObject
+#   optimizer.distributed.dp_group_idx_G.optimizer; common.pt: param_state_sharding_type only.
+#   megatron_dp_buffers.py re-derives each parameter's offset in its bucket and reads it into
+#   model space (dense GPT writers at any tp/pp/dp with equal pipeline stages; others refused).
+# "dp_zero_gather_scatter" (a pickled object gathered on data-parallel rank 0, deprecated) is
+# refused, and "fully_sharded_model_space" (megatron-core's own fallback) cannot be saved by 0.16
+# at all (dist_checkpointing refuses its flattened ranges); the refusal names the Megatron-LM
+# flag that re-saves the state in model space.
 
 _MAIN_PARAM_NAMES = ("fp32_param", "param")  # plain optimizer, distributed optimizer (fully_reshardable)
 _ADAM_STATES = ("exp_avg", "exp_avg_sq")
@@ -323,20 +347,27 @@ def megatron_optimizer_common(iter_dir: str, common: dict, metadata, optimizer) 
     a CheckpointError where Megatron's optimizer state cannot be read."""
     from gigatron.core.checkpoint.dist.sharding import optimizer_kind
 
+    from gigatron.core.checkpoint import megatron_dp_buffers as dp_buffers
+
     inner, sharding = _optimizer_record(common)
     has_sharded_keys = any(k.startswith(_OPTIMIZER_PREFIX) for k in metadata.state_dict_metadata)
     if not inner and not has_sharded_keys:
         raise CheckpointError("it holds no optimizer state (saved with --no-save-optim): load it with "
                               "--no-load-optim or --finetune")
-    if sharding is not None and sharding != "fully_reshardable":
+    if sharding is not None and sharding not in ("fully_reshardable", dp_buffers.SHARDING):
         raise CheckpointError(
-            f"its distributed-optimizer state is in Megatron-Core's '{sharding}' layout (Megatron's internal "
-            "gradient-buffer order), which Gigatron does not read: re-save it with Megatron-LM adding "
+            f"its distributed-optimizer state is in Megatron-Core's '{sharding}' layout (a pickled object "
+            "gathered on data-parallel rank 0), which Gigatron does not read: re-save it with Megatron-LM adding "
             "--dist-ckpt-optim-fully-reshardable (model-space optimizer state), or load it with --no-load-optim")
     if optimizer_kind(optimizer) != "adam":
         raise CheckpointError("Gigatron reads Megatron-Core's Adam state only; use --optimizer adam or --no-load-optim")
-    if not any(k.startswith(f"{_OPTIMIZER_PREFIX}state.{name}.") for k in metadata.state_dict_metadata
-               for name in _ADAM_STATES):
+    if sharding == dp_buffers.SHARDING:
+        if not dp_buffers.has_adam_buckets(metadata):
+            raise CheckpointError("its optimizer holds no Adam state (exp_avg, exp_avg_sq buckets): it was saved by "
+                                  "another optimizer; load it with --no-load-optim")
+        inner = dp_buffers.read_optimizer_object(iter_dir, metadata, _read_object)
+    elif not any(k.startswith(f"{_OPTIMIZER_PREFIX}state.{name}.") for k in metadata.state_dict_metadata
+                 for name in _ADAM_STATES):
         raise CheckpointError("its optimizer holds no Adam state (exp_avg, exp_avg_sq): it was saved by another "
                               "optimizer; load it with --no-load-optim")
     step = _step_of(inner)
@@ -356,6 +387,19 @@ def megatron_optimizer_common(iter_dir: str, common: dict, metadata, optimizer) 
     scaler = inner.get("grad_scaler", (common.get("optimizer") or {}).get("grad_scaler"))
     return {"kind": "adam", "step": step, "initialized": True, "param_groups": groups,
             "grad_scaler": scaler if isinstance(scaler, dict) else None}
+
+
+def _dp_reshardable_read(metadata, args: dict, entries: dict):
+    """The reader of a "dp_reshardable" state (megatron_dp_buffers.py): every parameter of the
+    checkpoint (our global names, per-layer shapes) placed in Megatron's flat buckets."""
+    from gigatron.core.checkpoint.megatron_dp_buffers import DpReshardableRead, bucket_layout
+
+    shapes = {}
+    for key, md in entries.items():
+        axes = stacked_axes(key)
+        for index in itertools.product(*(range(int(n)) for n in md.size[:axes])):
+            shapes[unstacked_name(key, index) if axes else key] = tuple(int(n) for n in md.size[axes:])
+    return DpReshardableRead(bucket_layout(metadata, args, shapes), entries)
 
 
 class _SavedAsOurs:
