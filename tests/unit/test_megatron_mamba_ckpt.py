@@ -75,8 +75,8 @@ ARGS = dict(num_layers=len(PATTERN), hidden_size=HIDDEN, ffn_hidden_size=FFN, nu
 
 def _model(tp=1, seed=5):
     cfg = TransformerConfig(num_layers=len(PATTERN), hidden_size=HIDDEN, ffn_hidden_size=FFN, num_attention_heads=HEADS,
-                            group_query_attention=True, num_query_groups=QUERY_GROUPS, seq_length=16, attention_dropout=0.0, hidden_dropout=0.0,
-                            normalization="RMSNorm", position_embedding_type="none", add_bias_linear=False,
+                            group_query_attention=True, num_query_groups=QUERY_GROUPS, seq_length=16,
+                            attention_dropout=0.0, hidden_dropout=0.0, normalization="RMSNorm", position_embedding_type="none", add_bias_linear=False,
                             swiglu=True, untie_embeddings_and_output_weights=True, tensor_model_parallel_size=tp)
     mc = MambaConfig(mamba_state_dim=STATE, mamba_head_dim=HEAD_DIM, mamba_num_groups=GROUPS,
                      hybrid_override_pattern=PATTERN, is_hybrid_model=True)
@@ -163,8 +163,8 @@ def _tp_split(name: str, tensor: torch.Tensor, tp: int) -> list:
     if layer_part == "mlp.linear_fc1.weight":  # SwiGLU [gate; up]: each rank [gate_r; up_r]
         gate, up = tensor.chunk(2)
         return [torch.cat([gate.chunk(tp)[r], up.chunk(tp)[r]]) for r in range(tp)]
-    if layer_part in ("mixer.A_log", "mixer.D", "mixer.dt_bias", "mixer.norm.weight", "self_attention.linear_qkv.weight",
-                      "embedding.word_embeddings.weight", "output_layer.weight"):
+    if layer_part in ("mixer.A_log", "mixer.D", "mixer.dt_bias", "mixer.norm.weight",
+                      "self_attention.linear_qkv.weight", "embedding.word_embeddings.weight", "output_layer.weight"):
         return list(tensor.chunk(tp, dim=0))  # query groups split whole: [q.., k, v] per group
     if layer_part in ("mixer.out_proj.weight", "self_attention.linear_proj.weight", "mlp.linear_fc2.weight"):
         return list(tensor.chunk(tp, dim=1))

@@ -34,6 +34,10 @@ BERT and T5 (Megatron-Core's BertModel / T5Model) are read and written the same 
 `encoder.layers.*` are stacked like the decoder's, T5's duplicate keys are skipped and written as
 copies (megatron_names.py).
 
+Mamba / hybrid models (Megatron-Core's MambaModel) keep every layer under its own number and
+split the mixer's in_proj / conv1d into parts (megatron_names.py); `_per_layer_pieces` maps a
+chunk onto them, so they load at any layout and are written the same ways as a GPT.
+
 Writing (`write_megatron_dist`, convert.py --saver megatron_dist): a model as Megatron-Core's own
 torch_dist, loadable by `megatron.core.dist_checkpointing.load` into its GPTModel (BertModel,
 T5Model): stacked keys,
@@ -507,6 +511,8 @@ _EXTRA_STATE_MODULES = ("self_attention.linear_proj", "self_attention.linear_qkv
                         "mlp.linear_fc2", "cross_attention.linear_q", "cross_attention.linear_kv",
                         "cross_attention.linear_proj")
 _EXTRA_STATE_TOP = ("output_layer", "lm_head.output_layer")
+MEGATRON_RECORD = {"sharded_backend": "torch_dist", "sharded_backend_version": 1, "common_backend": "torch",
+                   "common_backend_version": 1}
 # A hybrid model's layers (Transformer Engine linears all): under each layer's own key (shard_0_1).
 _HYBRID_EXTRA_STATE_MODULES = ("mixer.in_proj", "mixer.out_proj") + _EXTRA_STATE_MODULES[:4]
 _HYBRID_LAYER = re.compile(r"^(decoder\.layers\.\d+\.)(.+)\.weight(?:\.[A-Za-z]+)?$")
@@ -542,8 +548,6 @@ def _hybrid_state(tensors: dict, args: dict, tied: bool) -> dict:
              if not (key == "output_layer.weight" and tied)}
     state.update(_hybrid_extra_states(list(state)))
     return state
-MEGATRON_RECORD = {"sharded_backend": "torch_dist", "sharded_backend_version": 1, "common_backend": "torch",
-                   "common_backend_version": 1}
 
 
 def megatron_state(tensors: dict, num_layers, tied: bool, args: Optional[dict] = None) -> dict:
@@ -776,8 +780,8 @@ def _megatron_rng(state: dict) -> dict:
 
 def _objects(pieces: list[ShardPiece], num_layers: int, groups, rng_states: Optional[list]) -> dict:
     """The ShardedObjects this rank writes: the `_extra_state` (None) of each linear module of the
-    layers (a hybrid model's: per layer) and of the output layer whose first chunk it writes, and its (pp, tp) `rng_state` (the list over data-parallel
-    ranks) where it is data-parallel rank 0."""
+    layers (a hybrid model's: per layer) and of the output layer whose first chunk it writes, and
+    its (pp, tp) `rng_state` (the list over data-parallel ranks) where it is data-parallel rank 0."""
     from gigatron.core.checkpoint.megatron_names import STACKED_PREFIX
 
     firsts = [p.key for p in pieces if p.write and not any(p.global_offsets)]
