@@ -29,7 +29,6 @@ the torch_dist directories we write (training's save at tp=2, convert.py --saver
 import argparse
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -247,11 +246,12 @@ def torch_tp2_fixture(reference, tmp_path_factory):
 
 
 def _convert(load_dir, save_dir, saver, *extra):
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "checkpoint", "convert.py"), "--model-type",
-                          "GPT", "--loader", "core", "--saver", saver, "--load-dir", str(load_dir), "--save-dir",
-                          str(save_dir), *extra], capture_output=True, text=True, timeout=300, cwd=ROOT,
-                         env=dict(os.environ, PYTHONPATH=ROOT))
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    """tools/checkpoint/convert.py --loader core --saver SAVER, in this process."""
+    sys.path.insert(0, os.path.join(ROOT, "tools", "checkpoint"))
+    import convert
+
+    convert.main(["--model-type", "GPT", "--loader", "core", "--saver", saver, "--load-dir", str(load_dir),
+                  "--save-dir", str(save_dir), *extra])
     return save_dir
 
 
