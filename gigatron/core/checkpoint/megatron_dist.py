@@ -254,7 +254,7 @@ def load_training_state(iter_dir: str, model_chunks: Sequence[torch.nn.Module], 
                 opt_pieces, states = optimizer_load_pieces(optimizer, model_chunks, "adam", True,
                                                            buffers.saved_keys())
                 buffers.add(opt_pieces)
-                buffer_pieces = buffers.read_pieces()
+                buffer_pieces = buffers.read_pieces(megatron_pieces)
                 problems += buffers.problems
             else:
                 opt_pieces, states, opt_problems = megatron_optimizer_pieces(optimizer, model_chunks, metadata)

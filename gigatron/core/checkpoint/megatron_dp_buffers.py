@@ -432,10 +432,11 @@ class DpReshardableRead:
             self._need("param", name)  # every touched parameter's main param is checked
             self.copies.append((piece, state, name))
 
-    def read_pieces(self) -> list:
-        """The segments to read, and the model weights to check the main params against."""
+    def read_pieces(self, megatron_pieces) -> list:
+        """The segments to read, and the model weights to check the main params against;
+        megatron_pieces: the model reader's mapping of our pieces to the checkpoint's keys
+        (megatron_dist.megatron_pieces, passed in by the reader that uses this module)."""
         from gigatron.core.checkpoint.dist.sharding import ShardPiece
-        from gigatron.core.checkpoint.megatron_dist import megatron_pieces
 
         pieces = []
         for (state, name, index), temp in self.temps.items():

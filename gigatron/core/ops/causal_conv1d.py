@@ -55,7 +55,7 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     reference), "triton" or "reference". Either keeps only x, weight and bias for backward (the
     reference recomputes its fp32 intermediates there; gigatron/core/ops/ssd_recompute.py)."""
     if kernel == "auto":
-        from gigatron.core.ops.ssd import ssd_triton_available
+        from gigatron.core.ops.ssd_base import ssd_triton_available
         kernel = "triton" if x.is_cuda and ssd_triton_available() else "reference"
     if kernel == "reference":
         # Keeps x (a view of the in_proj output in the mixer), weight and bias, as the Triton kernel

@@ -32,6 +32,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from gigatron.core.ops.ssd_base import split_xbc, ssd_triton_available  # noqa: F401 - part of this module's API
 from gigatron.core.ops.ssd_recompute import keep_inputs_only
 
 __all__ = ["reference_ssd_scan", "chunked_ssd_scan", "ssd_scan", "conv_ssd_scan", "split_xbc",
@@ -151,13 +152,6 @@ def chunked_ssd_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torc
     return y.to(x.dtype), state
 
 
-def ssd_triton_available() -> bool:
-    """Whether the Triton kernels can be imported (Triton installed)."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def ssd_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
@@ -191,11 +185,6 @@ def ssd_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor
     raise ValueError(f"ssd scan: kernel {kernel!r} is not one of auto, triton, chunked, reference")
 
 
-def split_xbc(xbc: torch.Tensor, heads: int, head_dim: int, groups: int, state_dim: int):
-    """The mixer's convolved [..., H P + 2 G N] -> views x [..., H, P], B [..., G, N], C [..., G, N]."""
-    x, B, C = torch.split(xbc, [heads * head_dim, groups * state_dim, groups * state_dim], dim=-1)
-    return (x.unflatten(-1, (heads, head_dim)), B.unflatten(-1, (groups, state_dim)),
-            C.unflatten(-1, (groups, state_dim)))
 
 
 def _conv_then_chunked(xbc, weight, bias, dt, A, D, sizes, chunk_size):

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from gigatron.core.ops.ssd import split_xbc
+from gigatron.core.ops.ssd_base import split_xbc
 
 __all__ = ["triton_ssd_scan", "triton_conv_ssd_scan", "scan_forward", "scan_backward"]
 
