@@ -364,18 +364,22 @@ def train_batch(iteration: int, dp_rank: int, dp_size: int) -> torch.Tensor:
 
 
 def _megatron_training(kind: str, num_layers: int, distributed: bool, bf16: bool, ffn: int = 256,
-                       bucket_size: Optional[int] = None):
-    """Megatron-Core's DDP-wrapped GPTModel, its get_megatron_optimizer (torch AdamW without Apex/TE)
-    and its OptimizerParamScheduler, as Megatron-LM's training loop builds them; `bucket_size`:
-    --overlap-grad-reduce with that --ddp-bucket-size (several gradient buckets)."""
+                       bucket_size: Optional[int] = None, model=None):
+    """Megatron-Core's DDP-wrapped GPTModel (or the given Megatron-Core `model`), its
+    get_megatron_optimizer (torch AdamW without Apex/TE) and its OptimizerParamScheduler, as
+    Megatron-LM's training loop builds them; `bucket_size`: --overlap-grad-reduce with that
+    --ddp-bucket-size (several gradient buckets)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     from megatron.core import parallel_state
 
-    model = build_model(kind, num_layers=num_layers, ffn=ffn, pre_process=parallel_state.is_pipeline_first_stage(),
-                        post_process=parallel_state.is_pipeline_last_stage()).train()
+    if model is None:
+        model = build_model(kind, num_layers=num_layers, ffn=ffn,
+                            pre_process=parallel_state.is_pipeline_first_stage(),
+                            post_process=parallel_state.is_pipeline_last_stage())
+    model = model.train()
     if bf16:
         model = model.to(torch.bfloat16)
         model.config.bf16, model.config.params_dtype = True, torch.bfloat16

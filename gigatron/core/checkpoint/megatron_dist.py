@@ -32,7 +32,11 @@ the Megatron-LM command that re-saves the model.
 
 BERT and T5 (Megatron-Core's BertModel / T5Model) are read and written the same way: their
 `encoder.layers.*` are stacked like the decoder's, T5's duplicate keys are skipped and written as
-copies (megatron_names.py).
+copies (megatron_names.py). Their Adam state (plain optimizer, distributed optimizer
+"fully_reshardable") loads as a GPT's does; T5's state of its output bias and position embedding
+may be stored under the duplicate name (`_saved_alias`). A BERT/T5 "dp_reshardable" state is
+refused (megatron_dp_buffers.py knows a GPT's gradient-buffer order only) with the flag that
+re-saves it in model space.
 
 Mamba / hybrid models (Megatron-Core's MambaModel) keep every layer under its own number and
 split the mixer's in_proj / conv1d into parts (megatron_names.py); `_per_layer_pieces` maps a
@@ -67,6 +71,7 @@ from gigatron.core.checkpoint.dist.sharding import ShardPiece, sharded_model_sta
 from gigatron.core.checkpoint.foreign import rng_state_from_megatron
 from gigatron.core.checkpoint.io import CheckpointError, CorruptCheckpointError, safe_torch_load
 from gigatron.core.checkpoint.megatron_names import (
+    ALIASES,
     EXPERTS_PREFIX,
     aliases_in,
     holds_hybrid_layers,
@@ -416,7 +421,7 @@ class _SavedAsOurs:
             for main in _MAIN_PARAM_NAMES:
                 prefix = f"{_OPTIMIZER_PREFIX}state.{main}."
                 if key.startswith(prefix) and isinstance(md, TensorStorageMetadata):
-                    model_key = key[len(prefix):]
+                    model_key = ALIASES.get(key[len(prefix):], key[len(prefix):])
                     axes = stacked_axes(model_key)
                     for index in itertools.product(*(range(int(n)) for n in md.size[:axes])):
                         self.names.add(unstacked_name(model_key, index) if axes else model_key)
@@ -444,10 +449,23 @@ def megatron_optimizer_pieces(optimizer, model_chunks, metadata) -> tuple[list[S
         saved_name = main_name if state_name == "fp32_param" else state_name
         prefix = f"{_OPTIMIZER_PREFIX}state.{saved_name}."
         entries = {k[len(prefix):]: md for k, md in tensor_keys.items() if k.startswith(prefix)}
+        model_key = _saved_alias(model_key, entries)
         mapped, missing = megatron_pieces([dataclasses.replace(piece, key=model_key)], entries)
         pieces += [dataclasses.replace(m, key=prefix + m.key) for m in mapped]
         problems += [f"optimizer state {saved_name}: {p}" for p in missing]
     return pieces, states, problems
+
+
+_ALIAS_OF = {real: alias for alias, real in ALIASES.items()}
+
+
+def _saved_alias(model_key: str, entries: dict) -> str:
+    """The key Megatron stored `model_key`'s optimizer state under: T5Model registers its output
+    bias and position embedding twice, and Megatron-Core's optimizer keys each one's state by one
+    of the two names (megatron-core 0.16.1: the duplicate, `output_layer.bias` and
+    `position_embeddings.weight`; megatron_names.ALIASES), so either is accepted."""
+    alias = _ALIAS_OF.get(model_key)
+    return alias if model_key not in entries and alias in entries else model_key
 
 
 def _read_object(iter_dir: str, metadata, key: str):
