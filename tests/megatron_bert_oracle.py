@@ -7,9 +7,9 @@ why this runs in a subprocess and how Megatron-Core is made to run on the CPU).
     python tests/megatron_bert_oracle.py logits --kind bert --root DIR [--tp 2]     (Megatron-Core loads
                                         DIR's torch_dist strictly into its own model, then runs it)
     python tests/megatron_bert_oracle.py load-torch --kind t5 --root DIR            (a tp=1 `torch` file)
-    python tests/megatron_bert_oracle.py train-save --kind t5 --root DIR --optim distributed
-                                        (three Adam steps, the full training state saved as
-                                        Megatron-LM does; see `train_and_save`)
+    python tests/megatron_bert_oracle.py train-save --kind t5 --root DIR --runs distributed,plain-bf16
+                                        (three Adam steps per run, the full training state saved
+                                        as Megatron-LM does under DIR/RUN; see `train_and_save`)
 
 Every command but train-save writes DIR/reference.pt: the inputs (`tokens`, `tokentypes`, `padding` for BERT;
 `encoder_tokens`, `decoder_tokens` for T5) and Megatron-Core's fp32 outputs (`logits` [b, s, V],
@@ -250,11 +250,15 @@ def megatron_adam_state(ddp, optimizer) -> dict:
                     continue
                 group, order = index[param]
                 main = inner.optimizer.param_groups[group]["params"][order]
-            else:
-                groups = [g for g in inner.optimizer.param_groups if any(p is param for p in g["params"])]
+            else:  # plain optimizer: bf16/fp16 parameters have an fp32 copy, fp32 ones are their own
+                copies = {id(p): m for ps, ms in zip(getattr(inner, "float16_groups", []),
+                                                     getattr(inner, "fp32_from_float16_groups", []))
+                          for p, m in zip(ps, ms)}
+                main = copies.get(id(param), param)
+                groups = [g for g in inner.optimizer.param_groups if any(p is main for p in g["params"])]
                 if not groups:
                     continue
-                group, main = inner.optimizer.param_groups.index(groups[0]), param
+                group = inner.optimizer.param_groups.index(groups[0])
             state = inner.optimizer.state[main]
             out[name] = {"exp_avg": state["exp_avg"].detach().reshape(param.shape).clone(),
                          "exp_avg_sq": state["exp_avg_sq"].detach().reshape(param.shape).clone(),
@@ -264,18 +268,19 @@ def megatron_adam_state(ddp, optimizer) -> dict:
 
 
 def train_and_save(kind: str, root: str, distributed: bool, num_layers: int = 2, steps: int = TRAIN_STEPS,
-                   sharding: str = "fully_reshardable") -> None:
+                   sharding: str = "fully_reshardable", bf16: bool = False) -> None:
     """Megatron-Core's BertModel / T5Model takes `steps` Adam steps with its own DDP, optimizer and
     scheduler (one process), then the full training state is saved as Megatron-LM's loop saves it
     (model, optimizer.sharded_state_dict — the distributed optimizer's with `sharding` —, the
     scheduler, RNG and args in common.pt) under ROOT/iter_{steps}; ROOT/megatron_adam.pt holds
     Megatron's Adam state per parameter (megatron_adam_state), ROOT/megatron_next_weights.pt the
-    weights after one more step (of `training_batch(kind, steps)`)."""
+    weights after one more step (of `training_batch(kind, steps)`). `bf16`: bf16 parameters with
+    fp32 main params."""
     from megatron.core.dist_checkpointing.mapping import ShardedObject
     from megatron.core.distributed import finalize_model_grads
 
     T = base.TRAIN
-    model, ddp, optimizer, scheduler = base._megatron_training(kind, num_layers, distributed, False,
+    model, ddp, optimizer, scheduler = base._megatron_training(kind, num_layers, distributed, bf16,
                                                                model=build_model(kind, num_layers))
 
     def train_step(step):
@@ -291,7 +296,8 @@ def train_and_save(kind: str, root: str, distributed: bool, num_layers: int = 2,
     for step in range(steps):
         train_step(step)
     args = megatron_args(kind, num_layers, 1, steps)
-    extra = dict(use_distributed_optimizer=distributed, micro_batch_size=T["micro_batch"],
+    extra = dict(use_distributed_optimizer=distributed, bf16=bf16,
+                 params_dtype=torch.bfloat16 if bf16 else torch.float32, micro_batch_size=T["micro_batch"],
                  global_batch_size=T["micro_batch"], data_parallel_size=1,
                  consumed_train_samples=steps * T["micro_batch"],
                  lr=T["lr"], min_lr=T["min_lr"], weight_decay=T["weight_decay"], adam_beta1=T["beta1"],
@@ -318,7 +324,9 @@ def _main(argv=None) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("command", choices=["write-dist", "write-torch", "write-legacy", "logits", "load-torch",
                                             "train-save"])
-    parser.add_argument("--optim", default="plain", choices=["plain", "distributed"], help="train-save: optimizer")
+    parser.add_argument("--runs", default="plain",
+                        help="train-save: comma-separated runs, each plain or distributed (the optimizer), "
+                             "-bf16 appended for bf16 parameters; run R is saved under ROOT/R")
     parser.add_argument("--sharding", default="fully_reshardable",
                         help="train-save: the distributed optimizer's distrib_optim_sharding_type")
     parser.add_argument("--kind", default="bert", choices=KINDS)
@@ -337,7 +345,12 @@ def _main(argv=None) -> None:
     data = inputs(opts.kind)
     os.makedirs(opts.root, exist_ok=True)
     if opts.command == "train-save":  # one process
-        train_and_save(opts.kind, opts.root, opts.optim == "distributed", opts.layers, sharding=opts.sharding)
+        for run in opts.runs.split(","):
+            optim, _, precision = run.partition("-")
+            if optim not in ("plain", "distributed") or precision not in ("", "bf16"):
+                raise SystemExit(f"--runs: {run} is not plain or distributed with an optional -bf16")
+            train_and_save(opts.kind, os.path.join(opts.root, run), optim == "distributed", opts.layers,
+                           sharding=opts.sharding, bf16=precision == "bf16")
     elif opts.command == "write-dist":  # tp processes; Megatron-Core loads it back at tp=1 for the reference
         from megatron.core import parallel_state
         from megatron.core.dist_checkpointing.mapping import ShardedObject
