@@ -4,9 +4,11 @@ and OptimizerParamScheduler; tests/megatron_bert_oracle.py `train-save`, one sub
 kind and optimizer) and saves the full training state as Megatron-LM's loop does, with a dump of
 its own per-parameter Adam state. Our BertModel / T5Model with our plain and distributed optimizer
 load it through load_checkpoint: every parameter's exp_avg, exp_avg_sq and fp32 main param equal
-Megatron's exactly, as do the step, the learning rate and the schedule; pretrain_bert.py /
+Megatron's exactly, as do the step, the learning rate and the schedule, also read at
+tensor-parallel size 2; our next step gives Megatron's next weights; pretrain_bert.py /
 pretrain_t5.py --load resume at Megatron's iteration with that state."""
 
+import dataclasses
 import os
 import sys
 
@@ -37,23 +39,29 @@ def megatron_run(request, tmp_path_factory):
     fully_reshardable) and, in bf16 with fp32 main params, its plain one: each read below into
     both of our optimizers. Returns (run directory, kind, run)."""
     kind, run = request.param
+    return _megatron_dir(tmp_path_factory, kind) / run, kind, run
+
+
+def _megatron_dir(tmp_path_factory, kind):
+    """The directory of Megatron's runs of `kind` (RUNS), written by one oracle process."""
     if kind not in _ROOTS:
         root = tmp_path_factory.mktemp(f"mcore_{kind}_optim")
         oracle.run_oracle("train-save", "--kind", kind, "--runs", RUNS[kind], "--root", str(root), port=free_port())
         _ROOTS[kind] = root
-    return _ROOTS[kind] / run, kind, run
+    return _ROOTS[kind]
 
 
-def _ours(kind, use_distributed_optimizer, bf16=False):
+def _ours(kind, use_distributed_optimizer, bf16=False, groups=None):
     from gigatron.core.distributed import DDPConfig, DistributedDataParallel
     from gigatron.core.models.bert import BertModel
     from gigatron.core.models.t5 import T5Model
     from gigatron.core.optim import OptimizerConfig, OptimizerParamScheduler, SchedulerConfig, get_optimizer
     from gigatron.core.parallel.groups import ParallelGroups
 
-    groups = ParallelGroups.single()
-    if bf16:
-        config = our_config(bf16=True, params_dtype=torch.bfloat16)
+    groups = groups or ParallelGroups.single()
+    if bf16 or groups.tp.size > 1:
+        config = our_config(bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32,
+                            tensor_model_parallel_size=groups.tp.size)
         model = (BertModel(config, groups, oracle.VOCAB, num_tokentypes=2, add_binary_head=True, seed=5)
                  if kind == "bert" else
                  T5Model(config, groups, oracle.VOCAB, seed=5, position_embedding_type="learned_absolute"))
@@ -72,20 +80,23 @@ def _ours(kind, use_distributed_optimizer, bf16=False):
 
 
 def _our_adam_state(optimizer, ddp, groups) -> dict:
-    """Our optimizer's state per parameter (our names, whole tensors): {name: {state: tensor}}; an
-    fp32 parameter's main param is the model weight."""
-    from gigatron.core.checkpoint.dist.sharding import OPTIMIZER_PREFIX, sharded_optimizer_state
+    """Our optimizer's state per parameter (our names, global shapes; NaN where another
+    tensor-parallel rank holds it): {name: {state: tensor}}; an fp32 parameter's main param is the
+    model weight."""
+    from gigatron.core.checkpoint.dist.sharding import OPTIMIZER_PREFIX, sharded_model_state, sharded_optimizer_state
 
     pieces, common = sharded_optimizer_state(optimizer, [ddp], groups)
+    weights = [dataclasses.replace(p, key=f"{OPTIMIZER_PREFIX}weight.{p.key}")
+               for p in sharded_model_state([ddp], groups)]
     out = {}
-    for piece in pieces:
+    for piece in pieces + weights:
         state, name = piece.key[len(OPTIMIZER_PREFIX):].split(".", 1)
         whole = out.setdefault(name, {}).setdefault(state, torch.full(piece.global_shape, float("nan")))
         box = tuple(slice(o, o + n) for o, n in zip(piece.global_offsets, piece.tensor.shape))
         whole[box] = piece.tensor.float()
-    weights = dict(ddp.module.named_parameters())
-    for name, states in out.items():
-        states.setdefault("fp32_param", weights[name].detach().float())
+    for states in out.values():
+        weight = states.pop("weight")
+        states.setdefault("fp32_param", weight)
     return out, common
 
 
@@ -207,3 +218,44 @@ def test_next_step_is_megatrons(megatron_run, load_optim):
         assert diff.mean() < 1e-8 and diff.max() < 0.01 * T["lr"], (diff.mean(), diff.max())
     else:
         assert diff.mean() > 0.1 * T["lr"], diff.mean()
+
+
+def _state_at_tp2(rank, world_size, roots):
+    """Rank `rank` of a tensor-parallel-size-2 reader: each run's Adam state as loaded into our
+    distributed optimizer, this rank's shards in global tensors (NaN elsewhere)."""
+    from gigatron.core.parallel import ParallelConfig
+    from gigatron.core.parallel.groups import ParallelGroups
+    from gigatron.training.checkpointing import load_checkpoint
+
+    groups = ParallelGroups.build(ParallelConfig(tensor_model_parallel_size=2))
+    out = []
+    for root, kind, run in roots:
+        groups, ddp, optimizer, scheduler = _ours(kind, True, bf16="bf16" in run, groups=groups)
+        load_checkpoint(root, [ddp], optimizer, scheduler, groups)
+        out.append(_our_adam_state(optimizer, ddp, groups)[0])
+    return out
+
+
+def test_adam_state_loads_at_tensor_parallel_size_2(tmp_path_factory):
+    """Megatron's tp-1 BERT and T5 runs read at tensor-parallel size 2: the two ranks' shards of
+    every parameter's moments and main param put together are Megatron's, exactly."""
+    from tests.parallel.harness import run_distributed
+
+    runs = [(_megatron_dir(tmp_path_factory, kind) / run, kind, run)
+            for kind, run in (("bert", "plain"), ("t5", "plain-bf16"))]
+    ranks = run_distributed(_state_at_tp2, 2, [(str(r), k, n) for r, k, n in runs], timeout=300)
+    for index, (root, kind, run) in enumerate(runs):
+        reference = torch.load(root / "megatron_adam.pt", weights_only=True)
+        ours = ranks[0][index]
+        split = 0
+        for name, states in ours.items():
+            for state, tensor in states.items():
+                other = ranks[1][index][name][state]
+                split += int(torch.isnan(tensor).any())
+                states[state] = torch.where(torch.isnan(tensor), other, tensor)
+        assert split > 0  # some parameters are split over the two ranks
+        for megatron_name, ref in reference.items():
+            mine = ours[_our_name(megatron_name, ours)]
+            for state, theirs in (("exp_avg", ref["exp_avg"]), ("exp_avg_sq", ref["exp_avg_sq"]),
+                                  ("fp32_param", ref["main_param"])):
+                torch.testing.assert_close(mine[state], theirs, rtol=0, atol=0, msg=f"{run} {megatron_name} {state}")
