@@ -7,9 +7,11 @@ why this runs in a subprocess and how Megatron-Core is made to run on the CPU).
     python tests/megatron_bert_oracle.py logits --kind bert --root DIR [--tp 2]     (Megatron-Core loads
                                         DIR's torch_dist strictly into its own model, then runs it)
     python tests/megatron_bert_oracle.py load-torch --kind t5 --root DIR            (a tp=1 `torch` file)
-    python tests/megatron_bert_oracle.py train-save --kind t5 --root DIR --runs distributed,plain-bf16
+    python tests/megatron_bert_oracle.py train-save --kind t5 --root DIR --runs distributed,dp_reshardable
                                         (three Adam steps per run, the full training state saved
-                                        as Megatron-LM does under DIR/RUN; see `train_and_save`)
+                                        as Megatron-LM does under DIR/RUN; see `train_and_save`;
+                                        dp_reshardable: the distributed run's state saved again in
+                                        that sharding)
 
 Every command but train-save writes DIR/reference.pt: the inputs (`tokens`, `tokentypes`, `padding` for BERT;
 `encoder_tokens`, `decoder_tokens` for T5) and Megatron-Core's fp32 outputs (`logits` [b, s, V],
@@ -27,6 +29,7 @@ import argparse
 import os
 import sys
 import warnings
+from typing import Optional
 
 import torch
 
@@ -198,6 +201,7 @@ def legacy_bert_rank_files(model, tp: int) -> list:
 
 
 TRAIN_STEPS = 3
+SHARDING_RUN = "dp_reshardable"  # a train-save run: the distributed optimizer saved in this sharding
 
 
 def training_batch(kind: str, step: int) -> dict:
@@ -268,14 +272,16 @@ def megatron_adam_state(ddp, optimizer) -> dict:
 
 
 def train_and_save(kind: str, root: str, distributed: bool, num_layers: int = 2, steps: int = TRAIN_STEPS,
-                   sharding: str = "fully_reshardable", bf16: bool = False) -> None:
+                   sharding: str = "fully_reshardable", bf16: bool = False,
+                   also_save: Optional[tuple] = None) -> None:
     """Megatron-Core's BertModel / T5Model takes `steps` Adam steps with its own DDP, optimizer and
     scheduler (one process), then the full training state is saved as Megatron-LM's loop saves it
     (model, optimizer.sharded_state_dict — the distributed optimizer's with `sharding` —, the
     scheduler, RNG and args in common.pt) under ROOT/iter_{steps}; ROOT/megatron_adam.pt holds
     Megatron's Adam state per parameter (megatron_adam_state), ROOT/megatron_next_weights.pt the
     weights after one more step (of `training_batch(kind, steps)`). `bf16`: bf16 parameters with
-    fp32 main params."""
+    fp32 main params. `also_save`: (sharding, root) of a second copy of the same state with the
+    distributed optimizer's other sharding type (with the same two files beside it)."""
     from megatron.core.dist_checkpointing.mapping import ShardedObject
     from megatron.core.distributed import finalize_model_grads
 
@@ -305,19 +311,23 @@ def train_and_save(kind: str, root: str, distributed: bool, num_layers: int = 2,
                  lr_warmup_iters=T["warmup"], lr_decay_iters=T["decay_iters"], train_iters=T["decay_iters"])
     for key, value in extra.items():
         setattr(args, key, value)
-    state = base._training_common(args, steps, scheduler)
-    model_state = model.sharded_state_dict()
-    state["model"] = model_state
-    with base.cpu_training():
-        state["optimizer"] = optimizer.sharded_state_dict(
-            model_state, metadata={"distrib_optim_sharding_type": sharding} if distributed else None)
-    state["rng_state"] = ShardedObject("rng_state", [base.rng_state()], (1, 1), (0, 0), replica_id=0)
-    base.save_dist(state, os.path.join(root, f"iter_{steps:07d}"))
-    base.write_tracker(root, steps)
-    torch.save(megatron_adam_state(ddp, optimizer), os.path.join(root, "megatron_adam.pt"))
+    roots = [root] + ([also_save[1]] if also_save else [])
+    for kind_of_sharding, where in [(sharding, root)] + ([also_save] if also_save else []):
+        state = base._training_common(args, steps, scheduler)
+        model_state = model.sharded_state_dict()
+        state["model"] = model_state
+        with base.cpu_training():
+            state["optimizer"] = optimizer.sharded_state_dict(
+                model_state, metadata={"distrib_optim_sharding_type": kind_of_sharding} if distributed else None)
+        state["rng_state"] = ShardedObject("rng_state", [base.rng_state()], (1, 1), (0, 0), replica_id=0)
+        base.save_dist(state, os.path.join(where, f"iter_{steps:07d}"))
+        base.write_tracker(where, steps)
+    adam = megatron_adam_state(ddp, optimizer)
     train_step(steps)  # Megatron's next step from that state: the weights it gives
-    torch.save({name: p.detach().clone() for name, p in ddp.module.named_parameters()},
-               os.path.join(root, "megatron_next_weights.pt"))
+    next_weights = {name: p.detach().clone() for name, p in ddp.module.named_parameters()}
+    for where in roots:
+        torch.save(adam, os.path.join(where, "megatron_adam.pt"))
+        torch.save(next_weights, os.path.join(where, "megatron_next_weights.pt"))
 
 
 def _main(argv=None) -> None:
@@ -325,8 +335,11 @@ def _main(argv=None) -> None:
     parser.add_argument("command", choices=["write-dist", "write-torch", "write-legacy", "logits", "load-torch",
                                             "train-save"])
     parser.add_argument("--runs", default="plain",
-                        help="train-save: comma-separated runs, each plain or distributed (the optimizer), "
-                             "-bf16 appended for bf16 parameters; run R is saved under ROOT/R")
+                        help="train-save: comma-separated runs, each plain or distributed (the optimizer; "
+                             "distributed saved with --sharding) or dp_reshardable (the distributed optimizer "
+                             "saved dp_reshardable: beside the distributed run of the same precision, from the "
+                             "same training, where both are asked for), -bf16 appended for bf16 parameters; run "
+                             "R is saved under ROOT/R")
     parser.add_argument("--sharding", default="fully_reshardable",
                         help="train-save: the distributed optimizer's distrib_optim_sharding_type")
     parser.add_argument("--kind", default="bert", choices=KINDS)
@@ -345,12 +358,21 @@ def _main(argv=None) -> None:
     data = inputs(opts.kind)
     os.makedirs(opts.root, exist_ok=True)
     if opts.command == "train-save":  # one process
-        for run in opts.runs.split(","):
+        runs = opts.runs.split(",")
+        for run in runs:
             optim, _, precision = run.partition("-")
-            if optim not in ("plain", "distributed") or precision not in ("", "bf16"):
-                raise SystemExit(f"--runs: {run} is not plain or distributed with an optional -bf16")
-            train_and_save(opts.kind, os.path.join(opts.root, run), optim == "distributed", opts.layers,
-                           sharding=opts.sharding, bf16=precision == "bf16")
+            if optim not in ("plain", "distributed", SHARDING_RUN) or precision not in ("", "bf16"):
+                raise SystemExit(f"--runs: {run} is not plain, distributed or {SHARDING_RUN} with an optional -bf16")
+        for run in runs:
+            optim, _, precision = run.partition("-")
+            twin = run.replace(optim, SHARDING_RUN, 1)
+            if optim == SHARDING_RUN and run.replace(optim, "distributed", 1) in runs:
+                continue  # saved beside its distributed run: the same training, the other sharding
+            sharding = SHARDING_RUN if optim == SHARDING_RUN else opts.sharding
+            also = ((SHARDING_RUN, os.path.join(opts.root, twin))
+                    if optim == "distributed" and twin in runs else None)
+            train_and_save(opts.kind, os.path.join(opts.root, run), optim != "plain", opts.layers,
+                           sharding=sharding, bf16=precision == "bf16", also_save=also)
     elif opts.command == "write-dist":  # tp processes; Megatron-Core loads it back at tp=1 for the reference
         from megatron.core import parallel_state
         from megatron.core.dist_checkpointing.mapping import ShardedObject

@@ -1,12 +1,13 @@
 """A Megatron-Core BERT / T5 torch_dist checkpoint's Adam state loads: megatron-core 0.16.1 trains
 its own BertModel / T5Model three Adam steps (its DDP, get_megatron_optimizer with torch's AdamW
 and OptimizerParamScheduler; tests/megatron_bert_oracle.py `train-save`, one subprocess per model
-kind and optimizer) and saves the full training state as Megatron-LM's loop does, with a dump of
+kind) and saves the full training state as Megatron-LM's loop does, with a dump of
 its own per-parameter Adam state. Our BertModel / T5Model with our plain and distributed optimizer
 load it through load_checkpoint: every parameter's exp_avg, exp_avg_sq and fp32 main param equal
 Megatron's exactly, as do the step, the learning rate and the schedule, also read at
-tensor-parallel size 2; our next step gives Megatron's next weights; pretrain_bert.py /
-pretrain_t5.py --load resume at Megatron's iteration with that state."""
+tensor-parallel size 2, and with Megatron's distributed optimizer saved in its default
+'dp_reshardable' sharding (flat gradient-buffer buckets); our next step gives Megatron's next
+weights; pretrain_bert.py / pretrain_t5.py --load resume at Megatron's iteration with that state."""
 
 import dataclasses
 import os
@@ -28,7 +29,9 @@ T = megatron_oracle.TRAIN
 STEPS = oracle.TRAIN_STEPS
 
 
-RUNS = {"bert": "plain", "t5": "distributed,plain-bf16"}  # one Megatron process per model kind
+# one Megatron process per model kind; dp_reshardable: the distributed optimizer saved in Megatron-LM's
+# default sharding (T5: the distributed run's own state saved a second time)
+RUNS = {"bert": "plain,dp_reshardable", "t5": "distributed,plain-bf16,dp_reshardable"}
 _ROOTS = {}
 
 
@@ -110,9 +113,42 @@ def _our_name(megatron_name, names):
 
 @pytest.mark.parametrize("use_distributed_optimizer", [False, True], ids=["plain", "distopt"])
 def test_adam_state_is_megatrons(megatron_run, use_distributed_optimizer):
+    _check_adam_state(*megatron_run, use_distributed_optimizer)
+
+
+@pytest.mark.parametrize("use_distributed_optimizer", [False, True], ids=["plain", "distopt"])
+@pytest.mark.parametrize("kind", ["bert", "t5"])
+def test_dp_reshardable_adam_state_is_megatrons(tmp_path_factory, kind, use_distributed_optimizer):
+    """Megatron's distributed optimizer saved in its default 'dp_reshardable' sharding (flat
+    per-bucket tensors in its gradient-buffer order): the BertModel's / T5Model's parameters are
+    placed in the buckets, and every moment and main param equals Megatron's own, exactly."""
+    _check_adam_state(_megatron_dir(tmp_path_factory, kind) / "dp_reshardable", kind, "dp_reshardable",
+                      use_distributed_optimizer)
+
+
+def test_dp_reshardable_of_a_pipelined_bert_is_refused(tmp_path_factory):
+    """A BERT/T5 writer's buckets are placed at pipeline-parallel size 1 only: at another size the
+    error names the Megatron-LM flag that re-saves the state in model space."""
+    from gigatron.core.checkpoint import megatron_dist
+    from gigatron.core.checkpoint.dist.metadata import read_dcp_metadata
+    from gigatron.core.checkpoint.io import CheckpointError
+
+    root = _megatron_dir(tmp_path_factory, "bert") / "dp_reshardable"
+    iter_dir = str(root / f"iter_{STEPS:07d}")
+    metadata = read_dcp_metadata(iter_dir)
+    entries = megatron_dist._model_entries(metadata, iter_dir)
+    args = dict(megatron_dist.read_common(iter_dir)["args"])
+    placed = megatron_dist._dp_reshardable_read(metadata, args, entries).slots  # as saved: every parameter
+    assert set(placed) == set(torch.load(root / "megatron_adam.pt", weights_only=True))
+    with pytest.raises(CheckpointError, match="BERT/T5 at --pipeline-model-parallel-size 2.*--dist-ckpt-optim-fully"):
+        megatron_dist._dp_reshardable_read(metadata, {**args, "pipeline_model_parallel_size": 2}, entries)
+
+
+def _check_adam_state(root, kind, run, use_distributed_optimizer):
+    """Megatron's run `run` of `kind` under `root` loaded into our plain or distributed optimizer:
+    step, learning rate, schedule and every parameter's moments and main param are Megatron's."""
     from gigatron.training.checkpointing import load_checkpoint
 
-    root, kind, run = megatron_run
     groups, ddp, optimizer, scheduler = _ours(kind, use_distributed_optimizer, bf16="bf16" in run)
     loaded = load_checkpoint(str(root), [ddp], optimizer, scheduler, groups)
     assert loaded.iteration == STEPS
@@ -237,12 +273,13 @@ def _state_at_tp2(rank, world_size, roots):
 
 
 def test_adam_state_loads_at_tensor_parallel_size_2(tmp_path_factory):
-    """Megatron's tp-1 BERT and T5 runs read at tensor-parallel size 2: the two ranks' shards of
-    every parameter's moments and main param put together are Megatron's, exactly."""
+    """Megatron's tp-1 BERT and T5 runs (T5's distributed optimizer saved dp_reshardable among them)
+    read at tensor-parallel size 2: the two ranks' shards of every parameter's moments and main
+    param put together are Megatron's, exactly."""
     from tests.parallel.harness import run_distributed
 
     runs = [(_megatron_dir(tmp_path_factory, kind) / run, kind, run)
-            for kind, run in (("bert", "plain"), ("t5", "plain-bf16"))]
+            for kind, run in (("bert", "plain"), ("t5", "plain-bf16"), ("t5", "dp_reshardable"))]
     ranks = run_distributed(_state_at_tp2, 2, [(str(r), k, n) for r, k, n in runs], timeout=300)
     for index, (root, kind, run) in enumerate(runs):
         reference = torch.load(root / "megatron_adam.pt", weights_only=True)

@@ -37,18 +37,24 @@ buffer places parameters, which this module re-derives:
 
 Bucket boundaries are taken from the checkpoint (each bucket's stored length) rather than from
 --ddp-bucket-size, whose default depends on the data-parallel size and --overlap-grad-reduce. The
-registration order is Megatron-Core's GPTModel's (embedding, the layers, the final norm, the
-output layer; inside a layer the order of its layer spec, which Transformer Engine's fused
-norm-linear modules change). A candidate order is accepted only when every parameter's start and
-end fall on the chunk boundaries the writers recorded in `.metadata`; after reading, each
-parameter's stored main param must equal the checkpoint's model weight (cast to its dtype), so a
-layout guessed wrong is an error, never a silently wrong optimizer state.
+registration order is Megatron-Core's (checked on its 0.16.1 models): GPTModel's embedding, the
+layers, the final norm, the output layer; BertModel's embeddings (word, position, token type),
+encoder layers, encoder final norm, lm_head.dense, lm_head.layer_norm, output_layer.bias,
+binary_head, pooler; T5Model's embeddings, encoder layers and final norm, decoder layers and final
+norm, lm_head.output_layer.bias (its second registrations of the position embedding and output
+bias are the same tensors, in the buffer once). Inside a layer the order of its layer spec, which
+Transformer Engine's fused norm-linear modules change; a T5 decoder layer's cross-attention (its
+norm, linear_proj, linear_q, linear_kv) comes between its self-attention and its MLP norm. A
+candidate order is accepted only when every parameter's start and end fall on the chunk boundaries
+the writers recorded in `.metadata`; after reading, each parameter's stored main param must equal
+the checkpoint's model weight (cast to its dtype), so a layout guessed wrong is an error, never a
+silently wrong optimizer state.
 
 Read: dense GPT writers at any tensor/pipeline/data-parallel size (equal pipeline stages, no
-virtual stages), any bucket size, fp32/bf16/fp16 parameters, fp32 or bf16 gradients, into any
-reader layout (each parameter is put together from its writer parts, then cut into this rank's
-chunks). Other writers (experts, uneven or virtual pipeline stages) are refused with the Megatron-LM
-flag that re-saves the state in model space.
+virtual stages), BERT and T5 writers at pipeline-parallel size 1, any bucket size, fp32/bf16/fp16
+parameters, fp32 or bf16 gradients, into any reader layout (each parameter is put together from its
+writer parts, then cut into this rank's chunks). Other writers (experts, uneven or virtual pipeline
+stages) are refused with the Megatron-LM flag that re-saves the state in model space.
 """
 
 from __future__ import annotations
@@ -83,18 +89,31 @@ _FC1 = ("mlp.linear_fc1.weight", "mlp.linear_fc1.bias")
 _FC2 = ("mlp.linear_fc2.weight", "mlp.linear_fc2.bias")
 _IN_NORM = ("input_layernorm.weight", "input_layernorm.bias")
 _MLP_NORM = ("pre_mlp_layernorm.weight", "pre_mlp_layernorm.bias")
+# a T5 decoder layer's cross-attention (local spec: its own norm module, then linear_proj, linear_q,
+# linear_kv), registered between the self-attention and the MLP norm
+_CROSS = ("pre_cross_attn_layernorm.weight", "pre_cross_attn_layernorm.bias", "cross_attention.linear_proj.weight",
+          "cross_attention.linear_proj.bias", "cross_attention.linear_q.weight", "cross_attention.linear_q.bias",
+          "cross_attention.linear_kv.weight", "cross_attention.linear_kv.bias")
 LAYER_ORDERS = {
     # local spec: separate norm modules before the attention and the MLP
-    "local": _IN_NORM + _PROJ + _QKV + _ATTENTION_NORMS + _MLP_NORM + _FC1 + _FC2,
+    "local": _IN_NORM + _PROJ + _QKV + _ATTENTION_NORMS + _CROSS + _MLP_NORM + _FC1 + _FC2,
     # Transformer Engine spec: the norms live inside linear_qkv / linear_fc1, before their weight
-    "transformer_engine": _PROJ + _IN_NORM + _QKV + _ATTENTION_NORMS + _MLP_NORM + _FC1 + _FC2,
+    "transformer_engine": _PROJ + _IN_NORM + _QKV + _ATTENTION_NORMS + _CROSS + _MLP_NORM + _FC1 + _FC2,
     # the same with the fused norm registered after the linear's own parameters
-    "transformer_engine_norm_last": _PROJ + _QKV + _IN_NORM + _ATTENTION_NORMS + _FC1 + _MLP_NORM + _FC2,
+    "transformer_engine_norm_last": _PROJ + _QKV + _IN_NORM + _ATTENTION_NORMS + _CROSS + _FC1 + _MLP_NORM + _FC2,
 }
-_BEFORE_LAYERS = ("embedding.word_embeddings.weight", "embedding.position_embeddings.weight")
-_AFTER_LAYERS = ("decoder.final_layernorm.weight", "decoder.final_layernorm.bias", "output_layer.weight",
-                 "output_layer.bias")
-_LAYER_NAME = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+# Megatron-Core's registration order outside the layers, as a GPTModel, BertModel and T5Model
+# register them: the embedding first; then (rank 1) the encoder's layers, (2) the encoder's final
+# norm, (3) the decoder's layers; then the heads. A model has the entries of its kind only.
+_BEFORE_LAYERS = ("embedding.word_embeddings.weight", "embedding.position_embeddings.weight",
+                  "embedding.tokentype_embeddings.weight")
+_ENCODER_NORM = ("encoder.final_layernorm.weight", "encoder.final_layernorm.bias")
+_AFTER_LAYERS = ("decoder.final_layernorm.weight", "decoder.final_layernorm.bias",
+                 "lm_head.dense.weight", "lm_head.dense.bias", "lm_head.layer_norm.weight", "lm_head.layer_norm.bias",
+                 "output_layer.weight", "output_layer.bias", "lm_head.output_layer.bias",
+                 "binary_head.weight", "binary_head.bias", "pooler.dense.weight", "pooler.dense.bias")
+_LAYER_NAME = re.compile(r"^(encoder|decoder)\.layers\.(\d+)\.(.+)$")
+_BLOCK_RANK = {"encoder": 1, "decoder": 3}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,8 +224,8 @@ def _writer_problem(args: dict, found: dict) -> Optional[str]:
         big.append("several gradient buffers per rank (parameters of several dtypes, or expert parameters)")
     if big:
         return (f"its distributed-optimizer state is in Megatron-Core's '{SHARDING}' layout, which Gigatron reads "
-                f"from writers of dense GPT models (pipeline stages of equal layer counts, no virtual stages) with one "
-                f"gradient buffer per rank; this one was saved with {', '.join(big)}: {RESAVE}")
+                f"from writers of dense GPT, BERT and T5 models (pipeline stages of equal layer counts, no virtual "
+                f"stages) with one gradient buffer per rank; this one was saved with {', '.join(big)}: {RESAVE}")
     incomplete = sorted(key for key, states in found.items() if set(states) != set(_STATES))
     if incomplete:
         return f"its '{SHARDING}' buckets {incomplete[:4]} lack one of {_STATES}"
@@ -237,13 +256,15 @@ def _stored_buckets(found: dict, group: int) -> list[Bucket]:
 # QKV, fc1, the vocabulary-parallel embedding and output layer) and row-parallel (dim 1) weights;
 # all else (norms, row-parallel biases, position embeddings) is replicated on every rank.
 _COLUMN = ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias", "mlp.linear_fc1.weight",
-           "mlp.linear_fc1.bias", "embedding.word_embeddings.weight", "output_layer.weight")
-_ROW = ("self_attention.linear_proj.weight", "mlp.linear_fc2.weight")
+           "mlp.linear_fc1.bias", "embedding.word_embeddings.weight", "output_layer.weight", "output_layer.bias",
+           "lm_head.output_layer.bias", "cross_attention.linear_q.weight", "cross_attention.linear_q.bias",
+           "cross_attention.linear_kv.weight", "cross_attention.linear_kv.bias")
+_ROW = ("self_attention.linear_proj.weight", "mlp.linear_fc2.weight", "cross_attention.linear_proj.weight")
 
 
 def _split_dim(name: str) -> Optional[int]:
     match = _LAYER_NAME.match(name)
-    suffix = match.group(2) if match else name
+    suffix = match.group(3) if match else name
     return 0 if suffix in _COLUMN else 1 if suffix in _ROW else None
 
 
@@ -275,14 +296,16 @@ def megatron_order(shapes: dict, layer_order: tuple) -> Optional[list[str]]:
     for name in shapes:
         match = _LAYER_NAME.match(name)
         if match:
-            suffix = match.group(2)
+            suffix = match.group(3)
             if suffix not in layer_order:
                 return None
-            ranked.append(((1, int(match.group(1)), layer_order.index(suffix)), name))
+            ranked.append(((_BLOCK_RANK[match.group(1)], int(match.group(2)), layer_order.index(suffix)), name))
         elif name in _BEFORE_LAYERS:
             ranked.append(((0, 0, _BEFORE_LAYERS.index(name)), name))
+        elif name in _ENCODER_NORM:
+            ranked.append(((2, 0, _ENCODER_NORM.index(name)), name))
         elif name in _AFTER_LAYERS:
-            ranked.append(((2, 0, _AFTER_LAYERS.index(name)), name))
+            ranked.append(((4, 0, _AFTER_LAYERS.index(name)), name))
         else:
             return None
     return [name for _, name in sorted(ranked)]
@@ -317,7 +340,7 @@ def _stage_shapes(shapes: dict, stage: int, stages: int, num_layers: int) -> dic
     for name, shape in shapes.items():
         match = _LAYER_NAME.match(name)
         if match:
-            keep = stage * per_stage <= int(match.group(1)) < (stage + 1) * per_stage
+            keep = stage * per_stage <= int(match.group(2)) < (stage + 1) * per_stage
         else:
             keep = stage == 0 if name in _BEFORE_LAYERS else stage == stages - 1
         if keep:
@@ -335,12 +358,17 @@ def bucket_layout(metadata, args: dict, shapes: dict) -> dict:
     if not found:
         raise CheckpointError(f"common.pt says its optimizer state is '{SHARDING}', but it holds no "
                               "optimizer.distributed.*.bucket_idx_* tensors: the checkpoint is incomplete")
+    stages = pipeline_size(args)
+    if stages > 1 and any(name.startswith("encoder.") for name in shapes):
+        raise CheckpointError(f"its '{SHARDING}' optimizer state was saved by a BERT/T5 at "
+                              f"--pipeline-model-parallel-size {stages}; Gigatron places the gradient buffers of "
+                              f"BERT/T5 writers at pipeline-parallel size 1 only: {RESAVE}")
     problem = _writer_problem(args, found)
     if problem:
         raise CheckpointError(problem)
-    stages = pipeline_size(args)
     num_layers = int(args.get("num_layers") or 0)
-    layers = {int(m.group(1)) for m in map(_LAYER_NAME.match, shapes) if m}
+    matches = [m for m in map(_LAYER_NAME.match, shapes) if m]
+    layers = {int(m.group(2)) for m in matches}
     if stages > 1 and layers != set(range(num_layers)):
         raise CheckpointError(f"its args say --num-layers {num_layers}, its model holds layers {sorted(layers)[:8]}")
     impl = str(args.get("transformer_impl") or "transformer_engine")
