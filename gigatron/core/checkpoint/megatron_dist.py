@@ -34,9 +34,10 @@ BERT and T5 (Megatron-Core's BertModel / T5Model) are read and written the same 
 `encoder.layers.*` are stacked like the decoder's, T5's duplicate keys are skipped and written as
 copies (megatron_names.py). Their Adam state (plain optimizer, distributed optimizer
 "fully_reshardable") loads as a GPT's does; T5's state of its output bias and position embedding
-may be stored under the duplicate name (`_saved_alias`). A BERT/T5 "dp_reshardable" state is
-refused (megatron_dp_buffers.py knows a GPT's gradient-buffer order only) with the flag that
-re-saves it in model space.
+may be stored under the duplicate name (`_saved_alias`). Their "dp_reshardable" state is placed
+by megatron_dp_buffers.py, which knows BertModel's and T5Model's registration order as well as
+GPTModel's (writers at pipeline-parallel size 1; others refused with the flag that re-saves it
+in model space).
 
 Mamba / hybrid models (Megatron-Core's MambaModel) keep every layer under its own number and
 split the mixer's in_proj / conv1d into parts (megatron_names.py); `_per_layer_pieces` maps a
@@ -319,7 +320,8 @@ def load_training_state(iter_dir: str, model_chunks: Sequence[torch.nn.Module], 
 #   bucket_idx_K.{param,exp_avg,exp_avg_sq}); the param groups with the step in the ShardedObject
 #   optimizer.distributed.dp_group_idx_G.optimizer; common.pt: param_state_sharding_type only.
 #   megatron_dp_buffers.py re-derives each parameter's offset in its bucket and reads it into
-#   model space (dense GPT writers at any tp/pp/dp with equal pipeline stages; others refused).
+#   model space (dense GPT writers at any tp/pp/dp with equal pipeline stages, BERT/T5 writers at
+#   pp 1; others refused).
 # "dp_zero_gather_scatter" (a pickled object gathered on data-parallel rank 0, deprecated) is
 # refused, and "fully_sharded_model_space" (megatron-core's own fallback) cannot be saved by 0.16
 # at all (dist_checkpointing refuses its flattened ranges); the refusal names the Megatron-LM
