@@ -20,8 +20,10 @@ mixed-precision optimizer, the no-pipelining schedule) on random tokens: the Tri
 causal conv1d kernels on CUDA, attention through --attention-backend auto (flash / cuDNN SDPA), the
 output layer and loss fused in chunks (--cross-entropy-loss-fusion: no [s, V] logits in memory).
 Every iteration holds the same number of tokens (--tokens-per-iter, default 32768: micro-batches
-of one sequence at 16k and 32k, of two at 4k). A row that runs out of memory is retried with full
-activation recompute (uniform, one layer per chunk), and the row says so. Whole iterations
+of two sequences at 4k and 16k, of one at 32k). A row that runs out of memory is retried with full
+activation recompute (uniform, one layer per chunk), and the row says so (Megatron-Core has no
+selective recompute module for Mamba layers; the mixer itself keeps only the inputs of its conv1d,
+scan and gated norm, see gigatron/core/memory.py). Whole iterations
 (forward, backward, gradient reduction, optimizer step) are timed with CUDA events after warm-up.
 
 Model FLOPs are gigatron.core.flops.num_floating_point_operations (Megatron's convention; for
@@ -70,22 +72,34 @@ def hybrid_pattern(layers: int, attention_ratio: float = ATTENTION_RATIO, mlp_ra
     return "".join(allocate_hybrid_layers(layers, attention_ratio, mlp_ratio))
 
 
-def build_configs(kind: str, sizes: dict, seq: int, dtype: torch.dtype, recompute: bool, pattern: str):
-    """(TransformerConfig, MambaConfig or None) of the `kind` ("gpt" or "hybrid") model."""
-    common = dict(hidden_size=sizes["hidden"], num_attention_heads=sizes["heads"], seq_length=seq,
-                  max_position_embeddings=seq, attention_dropout=0.0, hidden_dropout=0.0,
-                  bf16=dtype == torch.bfloat16, params_dtype=dtype, ffn_hidden_size=4 * sizes["hidden"],
-                  cross_entropy_loss_fusion=True)
-    if recompute:
-        common.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
-    if kind == "gpt":
-        return TransformerConfig(num_layers=sizes["gpt_layers"], position_embedding_type="rope", **common), None
-    config = TransformerConfig(num_layers=len(pattern), position_embedding_type="none", normalization="RMSNorm",
-                               squared_relu=True, add_bias_linear=False, group_query_attention=True,
-                               num_query_groups=sizes["query_groups"], **common)
+def hybrid_configs(sizes: dict, seq: int, dtype: torch.dtype, pattern: str, **extra):
+    """(TransformerConfig, MambaConfig) of the ~1.3B hybrid (the one definition that this bench and
+    bench_mamba_decode.py use): `sizes` as FULL (or TINY), `pattern` from hybrid_pattern, `extra`
+    further TransformerConfig fields (recompute, loss fusion, CPU initialization)."""
+    config = TransformerConfig(
+        num_layers=len(pattern), hidden_size=sizes["hidden"], num_attention_heads=sizes["heads"],
+        group_query_attention=True, num_query_groups=sizes["query_groups"], ffn_hidden_size=4 * sizes["hidden"],
+        squared_relu=True, normalization="RMSNorm", add_bias_linear=False, position_embedding_type="none",
+        seq_length=seq, max_position_embeddings=seq, attention_dropout=0.0, hidden_dropout=0.0,
+        bf16=dtype == torch.bfloat16, params_dtype=dtype, **extra)
     mamba = MambaConfig(mamba_state_dim=sizes["mamba_state"], mamba_head_dim=sizes["mamba_head_dim"],
                         mamba_num_groups=sizes["mamba_groups"], hybrid_override_pattern=pattern, is_hybrid_model=True)
     return config, mamba
+
+
+def build_configs(kind: str, sizes: dict, seq: int, dtype: torch.dtype, recompute: bool, pattern: str):
+    """(TransformerConfig, MambaConfig or None) of the `kind` ("gpt" or "hybrid") model."""
+    extra = dict(cross_entropy_loss_fusion=True)
+    if recompute:
+        extra.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    if kind == "hybrid":
+        return hybrid_configs(sizes, seq, dtype, pattern, **extra)
+    config = TransformerConfig(
+        num_layers=sizes["gpt_layers"], hidden_size=sizes["hidden"], num_attention_heads=sizes["heads"],
+        position_embedding_type="rope", seq_length=seq, max_position_embeddings=seq, attention_dropout=0.0,
+        hidden_dropout=0.0, bf16=dtype == torch.bfloat16, params_dtype=dtype, ffn_hidden_size=4 * sizes["hidden"],
+        **extra)
+    return config, None
 
 
 def _oom_error():

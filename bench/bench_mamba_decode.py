@@ -5,12 +5,12 @@ Models (random weights, bf16, tied embeddings, vocabulary 50257 padded to 50304)
   GPT     Megatron's classic 1.3B GPT (bench/bench_gpt_1p3b.py): 24 layers, hidden 2048, 16 heads,
           LayerNorm, GeLU, learned absolute positions (extended to prompt + new tokens, so that a
           16k prompt fits; the extra rows are only looked up).
-  hybrid  NVIDIA's 8B Mamba-2-Hybrid recipe scaled down (Megatron's examples/mamba): ~8% attention
-          layers, the rest Mamba-2 and MLP, spread by Megatron's allocation: 40 layers of hidden
-          2048 with --hybrid-attention-ratio 0.08 --hybrid-mlp-ratio 0.42 (20 Mamba, 17 MLP, 3
-          attention), Mamba state 128, head dim 64, 8 groups (64 Mamba heads), attention 16 heads
-          with 8 query groups, MLP 4 * hidden with squared ReLU, RMSNorm, no biases, no position
-          embedding: ~1.30B parameters.
+  hybrid  the ~1.3B hybrid of bench_hybrid.py (one definition, hybrid_configs there): NVIDIA's 8B
+          Mamba-2-Hybrid recipe scaled down, our allocation of --hybrid-attention-ratio 0.08
+          --hybrid-mlp-ratio 0.5 over 40 layers of hidden 2048 (17 Mamba, 20 MLP, 3 attention),
+          Mamba state 128, head dim 64, 8 groups (64 Mamba heads), attention 16 heads with 8 query
+          groups, MLP 4 * hidden with squared ReLU, RMSNorm, no biases, no position embedding:
+          1.314B parameters.
 The GPT's attention reads its whole KV cache at every step (24 layers x 16k positions), the hybrid
 reads 3 layers' KV cache and the constant recurrent states of its Mamba layers
 (gigatron/core/inference/state_cache.py); the table shows both caches per sequence.
@@ -37,6 +37,9 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_hybrid, also when loaded by path
+
+import bench_hybrid  # noqa: E402
 
 from gigatron.core.inference.engine import InferenceEngine, SamplingParams  # noqa: E402
 from gigatron.core.inference.state_cache import inference_context_for  # noqa: E402
@@ -45,12 +48,10 @@ from gigatron.core.models.mamba import MambaModel  # noqa: E402
 from gigatron.core.parallel.groups import ParallelGroups  # noqa: E402
 from gigatron.core.tokenizers import NullTokenizer  # noqa: E402
 from gigatron.core.transformer.config import TransformerConfig  # noqa: E402
-from gigatron.core.transformer.mamba.config import MambaConfig  # noqa: E402
 
-FULL = dict(hidden=2048, gpt_layers=24, gpt_heads=16, hybrid_layers=40, attention_ratio=0.08, mlp_ratio=0.42,
-            heads=16, query_groups=8, state=128, head_dim=64, groups=8, vocab=50257, padded=50304)
-SMOKE = dict(hidden=64, gpt_layers=2, gpt_heads=4, hybrid_layers=8, attention_ratio=0.125, mlp_ratio=0.375,
-             heads=4, query_groups=2, state=16, head_dim=16, groups=2, vocab=500, padded=512)
+FULL = dict(bench_hybrid.FULL, attention_ratio=bench_hybrid.ATTENTION_RATIO, mlp_ratio=bench_hybrid.MLP_RATIO)
+SMOKE = dict(hidden=64, gpt_layers=2, heads=4, hybrid_layers=8, attention_ratio=0.125, mlp_ratio=0.375,
+             query_groups=2, mamba_state=16, mamba_head_dim=16, mamba_groups=2, vocab=500, padded_vocab=512)
 
 
 def _sync(device):
@@ -60,26 +61,20 @@ def _sync(device):
 
 def build_gpt(shape, positions, device, dtype):
     config = TransformerConfig(
-        num_layers=shape["gpt_layers"], hidden_size=shape["hidden"], num_attention_heads=shape["gpt_heads"],
+        num_layers=shape["gpt_layers"], hidden_size=shape["hidden"], num_attention_heads=shape["heads"],
         seq_length=positions, max_position_embeddings=positions, attention_dropout=0.0, hidden_dropout=0.0,
         bf16=dtype == torch.bfloat16, params_dtype=dtype, use_cpu_initialization=device.type == "cpu")
     with torch.device(device):
-        model = GPTModel(config, ParallelGroups.single(), vocab_size=shape["padded"])
+        model = GPTModel(config, ParallelGroups.single(), vocab_size=shape["padded_vocab"])
     return model.to(device).eval()
 
 
 def build_hybrid(shape, positions, device, dtype):
-    config = TransformerConfig(
-        num_layers=shape["hybrid_layers"], hidden_size=shape["hidden"], num_attention_heads=shape["heads"],
-        group_query_attention=True, num_query_groups=shape["query_groups"], ffn_hidden_size=4 * shape["hidden"],
-        squared_relu=True, normalization="RMSNorm", add_bias_linear=False, position_embedding_type="none",
-        seq_length=positions, max_position_embeddings=positions, attention_dropout=0.0, hidden_dropout=0.0,
-        bf16=dtype == torch.bfloat16, params_dtype=dtype, use_cpu_initialization=device.type == "cpu")
-    mamba = MambaConfig(mamba_state_dim=shape["state"], mamba_head_dim=shape["head_dim"],
-                        mamba_num_groups=shape["groups"], hybrid_attention_ratio=shape["attention_ratio"],
-                        hybrid_mlp_ratio=shape["mlp_ratio"], is_hybrid_model=True)
+    pattern = bench_hybrid.hybrid_pattern(shape["hybrid_layers"], shape["attention_ratio"], shape["mlp_ratio"])
+    config, mamba = bench_hybrid.hybrid_configs(shape, positions, dtype, pattern,
+                                                use_cpu_initialization=device.type == "cpu")
     with torch.device(device):
-        model = MambaModel(config, mamba, ParallelGroups.single(), shape["padded"])
+        model = MambaModel(config, mamba, ParallelGroups.single(), shape["padded_vocab"])
     return model.to(device).eval()
 
 

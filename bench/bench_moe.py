@@ -4,12 +4,16 @@ alone against its loop reference.
 
     python bench/bench_moe.py [--hidden 2048] [--moe-ffn 1408] [--experts 64] [--topk 6]
                               [--tokens 8192] [--iters 20] [--cpu-smoke]
+                              [--fp8 tensorwise,delayed,blockwise] [--fp8-format hybrid]
 
 Default shape: a DeepSeek-V2-Lite-like layer (h 2048, 64 experts of ffn 1408, top-6, SwiGLU), bf16.
 Expert FLOPs counted as 6 * h * ffn * tokens * topk per forward (SwiGLU fc1 of 2*ffn rows plus
 fc2), x3 for forward + backward; the router and the shared experts are not counted.
 --cpu-smoke runs tiny fp32 shapes on the CPU for a few iterations and checks that both expert
 implementations agree (a check that the script runs, not a measurement).
+--fp8 RECIPES adds rows for the GroupedMLP layer with its experts' grouped GEMMs in FP8 (each
+recipe against the bf16 grouped layer in the same run: time, speed-up, which grouped GEMM path the
+recipe probed, output difference); the delayed recipe updates its scales after every step.
 """
 
 from __future__ import annotations
@@ -88,6 +92,64 @@ def bench_layer(args, dtype, device):
     print(f"max |Sequential - Grouped| = {diff:.3e} (output max {scale:.3e})")
     if not diff <= 2e-2 * max(scale, 1e-6):
         raise SystemExit("SequentialMLP and GroupedMLP disagree")
+
+
+def enable_expert_fp8(layer, recipe_name: str, fp8_format: str, device):
+    """Switch the layer's GroupedMLP experts to FP8 (as enable_fp8 does in a model); return
+    (recipe, delayed states)."""
+    from gigatron.core.fp8 import FP8Config, FP8LinearState, FP8Recipe
+    from gigatron.core.transformer.moe.experts import GroupedMLP
+
+    extra = dict(fp8_amax_history_len=1024, fp8_amax_compute_algo="max") if recipe_name == "delayed" else {}
+    config = FP8Config(fp8=fp8_format, fp8_recipe=recipe_name, **extra)
+    recipe = FP8Recipe.for_device(config, device)
+    states = []
+    for module in layer.modules():
+        if isinstance(module, GroupedMLP):
+            for _, slot in module.fp8_slots():
+                state = FP8LinearState.from_config(config, device) if recipe.kind == "delayed" else None
+                slot.enable_fp8(recipe, state)
+                states += [state] if state is not None else []
+    return recipe, states
+
+
+def bench_fp8_layer(args, dtype, device):
+    """The GroupedMLP layer with bf16 experts against each --fp8 recipe, side by side."""
+    from gigatron.core.fp8 import update_fp8_states
+
+    torch.manual_seed(0)
+    x = torch.randn(args.tokens, 1, args.hidden, device=device, dtype=dtype)
+    grad = torch.randn_like(x)
+    flops = 3 * 6 * args.hidden * args.moe_ffn * args.tokens * args.topk
+    print(f"| GroupedMLP experts (--fp8-format {args.fp8_format}) | grouped GEMM path | fwd+bwd ms | expert TFLOP/s "
+          f"| speed-up | output rel. diff vs first row |")
+    print("|---|---|---|---|---|---|")
+    baseline = reference = None
+    plain = str(dtype).replace("torch.", "")
+    for name in [plain] + [r for r in args.fp8.split(",") if r]:
+        layer = build_layer(args, True, dtype, device)
+        path, states = "torch._grouped_mm or loop", []
+        if name != plain:
+            recipe, states = enable_expert_fp8(layer, name, args.fp8_format, device)
+            path = ("per-expert fp8_linear" if recipe.kind == "blockwise" else
+                    "torch._scaled_grouped_mm" if recipe.grouped_backend == "scaled_grouped_mm" else "emulated")
+        inp = x.clone().requires_grad_(True)
+
+        def step():
+            out, _ = layer(inp)
+            out.backward(grad)
+            if states:
+                update_fp8_states(states)
+            return out
+
+        seconds = time_it(step, args.iters, args.warmup, device)
+        out = step().detach().float()  # after the warm-up steps: delayed scales from real amaxes
+        reference = out if reference is None else reference
+        baseline = seconds if baseline is None else baseline
+        diff = ((out - reference).norm() / reference.norm().clamp(min=1e-12)).item()
+        print(f"| {name} | {path} | {seconds * 1e3:.3f} | {flops / seconds / 1e12:.1f} | {baseline / seconds:.2f}x "
+              f"| {diff:.2e} |", flush=True)
+        del layer
 
 
 def print_profile(step, device, title: str, row_limit: int, width: int) -> None:
@@ -183,6 +245,9 @@ def main(argv=None):
     parser.add_argument("--profile", action="store_true", help="also print torch.profiler's top ops of the grouped layer")
     parser.add_argument("--dispatch-variants", action="store_true",
                         help="also time the grouped layer with each dropless permutation, eager and compiled")
+    parser.add_argument("--fp8", default="", help="comma-separated FP8 recipes (tensorwise, delayed, blockwise) "
+                        "to time the GroupedMLP layer's experts in, against bf16")
+    parser.add_argument("--fp8-format", choices=("e4m3", "hybrid"), default="hybrid")
     args = parser.parse_args(argv)
     if args.cpu_smoke:
         args.hidden, args.moe_ffn, args.experts, args.topk, args.tokens = 32, 48, 8, 2, 64
@@ -199,6 +264,8 @@ def main(argv=None):
           f"{args.tokens} tokens, {dtype}")
     bench_layer(args, dtype, device)
     bench_grouped_gemm(args, dtype, device)
+    if args.fp8:
+        bench_fp8_layer(args, dtype, device)
     if args.profile:
         profile_layer(args, dtype, device)
     if args.dispatch_variants:

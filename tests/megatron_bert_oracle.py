@@ -7,8 +7,11 @@ why this runs in a subprocess and how Megatron-Core is made to run on the CPU).
     python tests/megatron_bert_oracle.py logits --kind bert --root DIR [--tp 2]     (Megatron-Core loads
                                         DIR's torch_dist strictly into its own model, then runs it)
     python tests/megatron_bert_oracle.py load-torch --kind t5 --root DIR            (a tp=1 `torch` file)
+    python tests/megatron_bert_oracle.py train-save --kind t5 --root DIR --runs distributed,plain-bf16
+                                        (three Adam steps per run, the full training state saved
+                                        as Megatron-LM does under DIR/RUN; see `train_and_save`)
 
-Every command writes DIR/reference.pt: the inputs (`tokens`, `tokentypes`, `padding` for BERT;
+Every command but train-save writes DIR/reference.pt: the inputs (`tokens`, `tokentypes`, `padding` for BERT;
 `encoder_tokens`, `decoder_tokens` for T5) and Megatron-Core's fp32 outputs (`logits` [b, s, V],
 and `binary_logits` [b, 2] for BERT).
 
@@ -194,9 +197,138 @@ def legacy_bert_rank_files(model, tp: int) -> list:
     return ranks
 
 
+TRAIN_STEPS = 3
+
+
+def training_batch(kind: str, step: int) -> dict:
+    """The fixed random batch of training step `step`: BERT `tokens`, `padding`, `tokentypes`; T5
+    `encoder_tokens`, `decoder_tokens`; and `labels` [b, s] (s: the decoder's length for T5)."""
+    g = torch.Generator().manual_seed(500 + step)
+    if kind == "bert":
+        batch = dict(inputs("bert"), tokens=torch.randint(0, VOCAB, (2, SEQ), generator=g))
+    else:
+        batch = {"encoder_tokens": torch.randint(0, VOCAB, (2, SEQ), generator=g),
+                 "decoder_tokens": torch.randint(0, VOCAB, (2, SEQ - 4), generator=g)}
+    length = SEQ if kind == "bert" else SEQ - 4
+    batch["labels"] = torch.randint(0, VOCAB, (2, length), generator=g)
+    return batch
+
+
+def training_loss(logits: torch.Tensor, binary, batch: dict) -> torch.Tensor:
+    """The loss of the training steps from the outputs (logits [b, s, V]): the mean negative
+    log-softmax of the LM logits at the batch's `labels` over real tokens (BERT's padding
+    positions left out: what a model computes there is not defined alike), plus for BERT the
+    binary logits' mean square (so that the binary head gets gradients too)."""
+    picked = torch.log_softmax(logits.float(), dim=-1).gather(-1, batch["labels"].unsqueeze(-1)).squeeze(-1)
+    real = batch["padding"].bool() if "padding" in batch else torch.ones_like(picked, dtype=torch.bool)
+    return -picked[real].mean() + (0.0 if binary is None else binary.float().square().mean())
+
+
+def _training_loss(kind: str, ddp, step: int) -> torch.Tensor:
+    """Megatron-Core's forward of `training_batch(kind, step)` and its `training_loss`."""
+    batch = training_batch(kind, step)
+    if kind == "bert":
+        logits, binary = ddp(batch["tokens"], batch["padding"], tokentype_ids=batch["tokentypes"])
+    else:
+        enc, dec = batch["encoder_tokens"], batch["decoder_tokens"]
+        sd = dec.shape[1]
+        logits, binary = ddp(enc, dec, torch.zeros(2, 1, SEQ, SEQ, dtype=torch.bool),
+                             torch.triu(torch.ones(sd, sd, dtype=torch.bool), diagonal=1).expand(2, 1, sd, sd),
+                             torch.zeros(2, 1, sd, SEQ, dtype=torch.bool)), None
+    return training_loss(logits, binary, batch)
+
+
+def megatron_adam_state(ddp, optimizer) -> dict:
+    """Megatron-Core's own Adam state per parameter name (Megatron's names): exp_avg, exp_avg_sq and
+    the fp32 main param in the parameter's shape, the step and the learning rate of its group."""
+    out = {}
+    for name, param in ddp.module.named_parameters():
+        for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+            index = getattr(inner, "model_param_group_index_map", None)
+            if index is not None:  # distributed optimizer: its main param and state (dp 1: the whole param)
+                if param not in index:
+                    continue
+                group, order = index[param]
+                main = inner.optimizer.param_groups[group]["params"][order]
+            else:  # plain optimizer: bf16/fp16 parameters have an fp32 copy, fp32 ones are their own
+                copies = {id(p): m for ps, ms in zip(getattr(inner, "float16_groups", []),
+                                                     getattr(inner, "fp32_from_float16_groups", []))
+                          for p, m in zip(ps, ms)}
+                main = copies.get(id(param), param)
+                groups = [g for g in inner.optimizer.param_groups if any(p is main for p in g["params"])]
+                if not groups:
+                    continue
+                group = inner.optimizer.param_groups.index(groups[0])
+            state = inner.optimizer.state[main]
+            out[name] = {"exp_avg": state["exp_avg"].detach().reshape(param.shape).clone(),
+                         "exp_avg_sq": state["exp_avg_sq"].detach().reshape(param.shape).clone(),
+                         "main_param": main.detach().float().reshape(param.shape).clone(),
+                         "step": int(state["step"]), "lr": float(inner.optimizer.param_groups[group]["lr"])}
+    return out
+
+
+def train_and_save(kind: str, root: str, distributed: bool, num_layers: int = 2, steps: int = TRAIN_STEPS,
+                   sharding: str = "fully_reshardable", bf16: bool = False) -> None:
+    """Megatron-Core's BertModel / T5Model takes `steps` Adam steps with its own DDP, optimizer and
+    scheduler (one process), then the full training state is saved as Megatron-LM's loop saves it
+    (model, optimizer.sharded_state_dict — the distributed optimizer's with `sharding` —, the
+    scheduler, RNG and args in common.pt) under ROOT/iter_{steps}; ROOT/megatron_adam.pt holds
+    Megatron's Adam state per parameter (megatron_adam_state), ROOT/megatron_next_weights.pt the
+    weights after one more step (of `training_batch(kind, steps)`). `bf16`: bf16 parameters with
+    fp32 main params."""
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+    from megatron.core.distributed import finalize_model_grads
+
+    T = base.TRAIN
+    model, ddp, optimizer, scheduler = base._megatron_training(kind, num_layers, distributed, bf16,
+                                                               model=build_model(kind, num_layers))
+
+    def train_step(step):
+        with base.cpu_training():
+            ddp.zero_grad_buffer()
+            optimizer.zero_grad()
+            _training_loss(kind, ddp, step).backward()
+            finalize_model_grads([ddp])
+            ok, _, _ = optimizer.step()
+            assert ok
+            scheduler.step(increment=T["micro_batch"])
+
+    for step in range(steps):
+        train_step(step)
+    args = megatron_args(kind, num_layers, 1, steps)
+    extra = dict(use_distributed_optimizer=distributed, bf16=bf16,
+                 params_dtype=torch.bfloat16 if bf16 else torch.float32, micro_batch_size=T["micro_batch"],
+                 global_batch_size=T["micro_batch"], data_parallel_size=1,
+                 consumed_train_samples=steps * T["micro_batch"],
+                 lr=T["lr"], min_lr=T["min_lr"], weight_decay=T["weight_decay"], adam_beta1=T["beta1"],
+                 adam_beta2=T["beta2"], adam_eps=T["eps"], clip_grad=T["clip_grad"], lr_decay_style="cosine",
+                 lr_warmup_iters=T["warmup"], lr_decay_iters=T["decay_iters"], train_iters=T["decay_iters"])
+    for key, value in extra.items():
+        setattr(args, key, value)
+    state = base._training_common(args, steps, scheduler)
+    model_state = model.sharded_state_dict()
+    state["model"] = model_state
+    with base.cpu_training():
+        state["optimizer"] = optimizer.sharded_state_dict(
+            model_state, metadata={"distrib_optim_sharding_type": sharding} if distributed else None)
+    state["rng_state"] = ShardedObject("rng_state", [base.rng_state()], (1, 1), (0, 0), replica_id=0)
+    base.save_dist(state, os.path.join(root, f"iter_{steps:07d}"))
+    base.write_tracker(root, steps)
+    torch.save(megatron_adam_state(ddp, optimizer), os.path.join(root, "megatron_adam.pt"))
+    train_step(steps)  # Megatron's next step from that state: the weights it gives
+    torch.save({name: p.detach().clone() for name, p in ddp.module.named_parameters()},
+               os.path.join(root, "megatron_next_weights.pt"))
+
+
 def _main(argv=None) -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("command", choices=["write-dist", "write-torch", "write-legacy", "logits", "load-torch"])
+    parser.add_argument("command", choices=["write-dist", "write-torch", "write-legacy", "logits", "load-torch",
+                                            "train-save"])
+    parser.add_argument("--runs", default="plain",
+                        help="train-save: comma-separated runs, each plain or distributed (the optimizer), "
+                             "-bf16 appended for bf16 parameters; run R is saved under ROOT/R")
+    parser.add_argument("--sharding", default="fully_reshardable",
+                        help="train-save: the distributed optimizer's distrib_optim_sharding_type")
     parser.add_argument("--kind", default="bert", choices=KINDS)
     parser.add_argument("--root", required=True)
     parser.add_argument("--iteration", type=int, default=5)
@@ -212,7 +344,14 @@ def _main(argv=None) -> None:
     args = megatron_args(opts.kind, opts.layers, opts.tp, opts.iteration)
     data = inputs(opts.kind)
     os.makedirs(opts.root, exist_ok=True)
-    if opts.command == "write-dist":  # tp processes; Megatron-Core loads it back at tp=1 for the reference
+    if opts.command == "train-save":  # one process
+        for run in opts.runs.split(","):
+            optim, _, precision = run.partition("-")
+            if optim not in ("plain", "distributed") or precision not in ("", "bf16"):
+                raise SystemExit(f"--runs: {run} is not plain or distributed with an optional -bf16")
+            train_and_save(opts.kind, os.path.join(opts.root, run), optim == "distributed", opts.layers,
+                           sharding=opts.sharding, bf16=precision == "bf16")
+    elif opts.command == "write-dist":  # tp processes; Megatron-Core loads it back at tp=1 for the reference
         from megatron.core import parallel_state
         from megatron.core.dist_checkpointing.mapping import ShardedObject
 

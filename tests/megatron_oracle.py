@@ -19,6 +19,10 @@ into the test process (it would hide exactly the refusals the tests check). Test
     python tests/megatron_oracle.py resume --root DIR --iteration 4 --total 6   (the same objects load
                             DIR/iter_4 with dist_checkpointing.load, model + optimizer + scheduler, and
                             train on; DIR/resumed_losses.pt)
+    python tests/megatron_oracle.py step-save --root DIR --tp 2 --pp 2 --kinds gpt,llama --sharding \
+        dp_reshardable --also-save fully_reshardable DIR2   (tp*pp processes: for each kind, the
+                            distributed optimizer takes two steps on fixed random gradients, no
+                            forward; its state saved in both shardings, DIR/KIND and DIR2/KIND)
 
 Every command writes DIR/reference.pt: {"tokens", "logits"} (fp32, Megatron-Core's forward).
 
@@ -359,18 +363,28 @@ def train_batch(iteration: int, dp_rank: int, dp_size: int) -> torch.Tensor:
     return batch[dp_rank * TRAIN["micro_batch"]:(dp_rank + 1) * TRAIN["micro_batch"]]
 
 
-def _megatron_training(kind: str, num_layers: int, distributed: bool, bf16: bool):
-    """Megatron-Core's DDP-wrapped GPTModel, its get_megatron_optimizer (torch AdamW without Apex/TE)
-    and its OptimizerParamScheduler, as Megatron-LM's training loop builds them."""
+def _megatron_training(kind: str, num_layers: int, distributed: bool, bf16: bool, ffn: int = 256,
+                       bucket_size: Optional[int] = None, model=None):
+    """Megatron-Core's DDP-wrapped GPTModel (or the given Megatron-Core `model`), its
+    get_megatron_optimizer (torch AdamW without Apex/TE) and its OptimizerParamScheduler, as
+    Megatron-LM's training loop builds them; `bucket_size`: --overlap-grad-reduce with that
+    --ddp-bucket-size (several gradient buckets)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-    model = build_model(kind, num_layers=num_layers).train()
+    from megatron.core import parallel_state
+
+    if model is None:
+        model = build_model(kind, num_layers=num_layers, ffn=ffn,
+                            pre_process=parallel_state.is_pipeline_first_stage(),
+                            post_process=parallel_state.is_pipeline_last_stage())
+    model = model.train()
     if bf16:
         model = model.to(torch.bfloat16)
         model.config.bf16, model.config.params_dtype = True, torch.bfloat16
-    ddp_config = DistributedDataParallelConfig(use_distributed_optimizer=distributed, grad_reduce_in_fp32=True)
+    ddp_config = DistributedDataParallelConfig(use_distributed_optimizer=distributed, grad_reduce_in_fp32=True,
+                                               overlap_grad_reduce=bucket_size is not None, bucket_size=bucket_size)
     with cpu_training():
         ddp = DistributedDataParallel(model.config, ddp_config, model)
         optimizer = get_megatron_optimizer(
@@ -420,34 +434,38 @@ def _training_common(args, iteration: int, scheduler) -> dict:
 
 
 def train_and_save(root: str, kind: str, num_layers: int, distributed: bool, iteration: int, total: int,
-                   bf16: bool = False, sharding: str = "fully_sharded_model_space") -> list:
+                   bf16: bool = False, sharding: str = "fully_sharded_model_space", ffn: int = 256,
+                   bucket_size: Optional[int] = None, also_save: Optional[tuple] = None) -> list:
     """Train `iteration` iterations, save the full training state as Megatron-LM does (model,
     optimizer.sharded_state_dict, scheduler, RNG, args) with dist_checkpointing, train on to
-    `total`. Returns every iteration's loss (the same on every rank)."""
+    `total`. `also_save`: (sharding, root) of a second copy of the same state with the distributed
+    optimizer's other sharding type. Returns every iteration's loss (the same on every rank)."""
     from megatron.core import parallel_state
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-    model, ddp, optimizer, scheduler = _megatron_training(kind, num_layers, distributed, bf16)
+    model, ddp, optimizer, scheduler = _megatron_training(kind, num_layers, distributed, bf16, ffn, bucket_size)
     dp = parallel_state.get_data_parallel_world_size()
     losses = []
     for it in range(total):
         if it == iteration:
-            args = megatron_args(kind, num_layers=num_layers, iteration=iteration, bf16=bf16,
+            args = megatron_args(kind, num_layers=num_layers, iteration=iteration, bf16=bf16, ffn=ffn,
+                                 ddp_bucket_size=bucket_size, overlap_grad_reduce=bucket_size is not None,
                                  params_dtype=torch.bfloat16 if bf16 else torch.float32,
                                  use_distributed_optimizer=distributed, micro_batch_size=TRAIN["micro_batch"],
                                  global_batch_size=TRAIN["micro_batch"] * dp, data_parallel_size=dp,
                                  consumed_train_samples=iteration * TRAIN["micro_batch"] * dp)
-            state = _training_common(args, iteration, scheduler)
-            model_state = model.sharded_state_dict()
-            state["model"] = model_state
-            with cpu_training():
-                state["optimizer"] = optimizer.sharded_state_dict(
-                    model_state, metadata={"distrib_optim_sharding_type": sharding} if distributed else None)
-            state["rng_state"] = ShardedObject("rng_state", [rng_state()], (1, 1), (0, 0),
-                                               replica_id=parallel_state.get_data_parallel_rank())
-            save_dist(state, os.path.join(root, f"iter_{iteration:07d}"))
-            if int(os.environ.get("RANK", "0")) == 0:
-                write_tracker(root, iteration)
+            for kind_of_sharding, where in [(sharding, root)] + ([also_save] if also_save else []):
+                state = _training_common(args, iteration, scheduler)
+                model_state = model.sharded_state_dict()
+                state["model"] = model_state
+                metadata = {"distrib_optim_sharding_type": kind_of_sharding} if distributed else None
+                with cpu_training():
+                    state["optimizer"] = optimizer.sharded_state_dict(model_state, metadata=metadata)
+                state["rng_state"] = ShardedObject("rng_state", [rng_state()], (1, 1), (0, 0),
+                                                   replica_id=parallel_state.get_data_parallel_rank())
+                save_dist(state, os.path.join(where, f"iter_{iteration:07d}"))
+                if int(os.environ.get("RANK", "0")) == 0:
+                    write_tracker(where, iteration)
         losses.append(_train_step(model, ddp, optimizer, scheduler, it))
     return losses
 
@@ -498,6 +516,50 @@ def load_and_train(root: str, kind: str, num_layers: int, distributed: bool, ite
     return [_train_step(model, ddp, optimizer, scheduler, it) for it in range(iteration, total)]
 
 
+def step_and_save(root: str, kind: str, num_layers: int, iteration: int, sharding: str,
+                  also_save: Optional[tuple]) -> None:
+    """Megatron-Core's distributed optimizer at this process's tensor/pipeline rank (dp 1) takes two
+    Adam steps on fixed random gradients (no forward: no pipeline schedule is needed), then the
+    model and optimizer state are saved with `sharding` under `root` (and `also_save`'s sharding
+    under its root): the same optimizer state in two layouts."""
+    from megatron.core import parallel_state
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    model = build_model(kind, num_layers=num_layers, pre_process=parallel_state.is_pipeline_first_stage(),
+                        post_process=parallel_state.is_pipeline_last_stage()).train()
+    with cpu_training():
+        ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(
+            use_distributed_optimizer=True, grad_reduce_in_fp32=True), model)
+        optimizer = get_megatron_optimizer(
+            OptimizerConfig(optimizer="adam", lr=TRAIN["lr"], weight_decay=TRAIN["weight_decay"],
+                            adam_beta1=TRAIN["beta1"], adam_beta2=TRAIN["beta2"], adam_eps=TRAIN["eps"],
+                            clip_grad=TRAIN["clip_grad"], use_distributed_optimizer=True),
+            [ddp], use_gloo_process_groups=True)
+    rank = int(os.environ.get("RANK", "0"))
+    for step in range(2):  # the same draws on every tensor-parallel rank: replicated weights stay equal
+        generator = torch.Generator().manual_seed(100 * step + parallel_state.get_pipeline_model_parallel_rank())
+        with cpu_training():
+            ddp.zero_grad_buffer()
+            optimizer.zero_grad()
+            for param in ddp.module.parameters():
+                param.main_grad.copy_(0.01 * torch.randn(param.shape, generator=generator))
+            ok, _, _ = optimizer.step()
+            assert ok
+    args = megatron_args(kind, num_layers=num_layers, tp=_tp_size(), pp=_pp_size(), iteration=iteration,
+                         use_distributed_optimizer=True, data_parallel_size=1)
+    for kind_of_sharding, where in [(sharding, root)] + ([also_save] if also_save else []):
+        state = _sharded_common(args, iteration)
+        model_state = model.sharded_state_dict()
+        state["model"] = model_state
+        with cpu_training():
+            state["optimizer"] = optimizer.sharded_state_dict(
+                model_state, metadata={"distrib_optim_sharding_type": kind_of_sharding})
+        save_dist(state, os.path.join(where, f"iter_{iteration:07d}"))
+        if rank == 0:
+            write_tracker(where, iteration)
+
+
 def _write_reference(root: str, toks: torch.Tensor, out: torch.Tensor) -> None:
     torch.save({"tokens": toks, "logits": out.detach().float()}, os.path.join(root, "reference.pt"))
 
@@ -505,11 +567,17 @@ def _write_reference(root: str, toks: torch.Tensor, out: torch.Tensor) -> None:
 def _main(argv=None) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("command", choices=["write-torch", "write-dist", "write-legacy", "logits", "load-torch",
-                                                       "train", "resume"])
+                                                       "train", "resume", "step-save"])
     parser.add_argument("--optim", default="plain", choices=["plain", "distributed"], help="train: optimizer")
     parser.add_argument("--sharding", default="fully_sharded_model_space",
                         help="train: the distributed optimizer's distrib_optim_sharding_type")
     parser.add_argument("--bf16", action="store_true", help="train: bf16 parameters (fp32 main params)")
+    parser.add_argument("--also-save", nargs=2, metavar=("SHARDING", "ROOT"), default=None,
+                        help="train: save the same state again with this distrib_optim_sharding_type under ROOT")
+    parser.add_argument("--bucket-size", type=int, default=None,
+                        help="train: --overlap-grad-reduce with this --ddp-bucket-size")
+    parser.add_argument("--ffn", type=int, default=256, help="train: ffn_hidden_size")
+    parser.add_argument("--kinds", default="gpt", help="step-save: the model kinds, comma-separated")
     parser.add_argument("--total", type=int, default=6, help="train: iterations in all")
     parser.add_argument("--version", type=float, default=3.0, help="write-legacy: checkpoint_version")
     parser.add_argument("--release", action="store_true", help="write-legacy: release/ and tracker 'release'")
@@ -537,9 +605,11 @@ def _main(argv=None) -> None:
     if opts.command == "train":  # WORLD_SIZE data-parallel processes, tp = pp = 1
         init_parallel(1, 1, opts.port)
         losses = train_and_save(opts.root, opts.kind, opts.layers, opts.optim == "distributed", opts.iteration,
-                                opts.total, opts.bf16, opts.sharding)
+                                opts.total, opts.bf16, opts.sharding, opts.ffn, opts.bucket_size,
+                                tuple(opts.also_save) if opts.also_save else None)
         if rank == 0:
-            torch.save({"losses": torch.tensor(losses, dtype=torch.float64)}, os.path.join(opts.root, "losses.pt"))
+            for where in [opts.root] + ([opts.also_save[1]] if opts.also_save else []):
+                torch.save({"losses": torch.tensor(losses, dtype=torch.float64)}, os.path.join(where, "losses.pt"))
     elif opts.command == "resume":  # WORLD_SIZE data-parallel processes, tp = pp = 1
         init_parallel(1, 1, opts.port)
         losses = load_and_train(opts.root, opts.kind, opts.layers, opts.optim == "distributed", opts.iteration,
@@ -547,6 +617,10 @@ def _main(argv=None) -> None:
         if rank == 0:
             torch.save({"losses": torch.tensor(losses, dtype=torch.float64)},
                        os.path.join(opts.root, "resumed_losses.pt"))
+    elif opts.command == "step-save":  # tp * pp processes, dp = 1; each kind under ROOT/KIND
+        for kind in opts.kinds.split(","):
+            also = (opts.also_save[0], os.path.join(opts.also_save[1], kind)) if opts.also_save else None
+            step_and_save(os.path.join(opts.root, kind), kind, opts.layers, opts.iteration, opts.sharding, also)
     elif opts.command == "write-torch":  # one process, tp = pp = 1
         model = build_model(opts.kind, num_layers=opts.layers)
         path = os.path.join(iter_dir, "mp_rank_00", "model_optim_rng.pt")

@@ -42,17 +42,20 @@ dropout mask; an MLP layer (`-`) the pre-MLP norm (of the residual stream), line
 MLP terms and one dropout mask; a Mamba layer (`M`; per rank I = inner width / tp, G groups / tp,
 N state dim, H heads / tp, conv width C = I + 2GN) what its CUDA kernels and PyTorch ops keep:
     norm              as the input norm above
-    in_proj           its input [Ts, h] (a) and its output [T, 2I + 2GN + H] (a; the convolution
-                      keeps it through its x/B/C view, z and dt are views too)
-    conv1d            its output [T, C] (a; the scan's x, B and C are views of it; when the scan pads
-                      the sequence to whole chunks it keeps padded copies [b, L, C] instead)
-    dt                softplus's fp32 input [T, H] and the scan's fp32 dt and decay cumsum [b, H, L]
+    in_proj           its input [Ts, h] (a) and its output [T, 2I + 2GN + H] (a; the conv1d
+                      input x/B/C, z and dt are views of it)
+    dt                softplus's fp32 input and its fp32 output (the scan's dt) [T, H]
     A                 -exp(A_log): exp's result and its negation [H] fp32
-    gated norm        fp32 y, silu(z), y * silu(z) and the normalized product [T, I] (plus fp32 z
-                      and the fp32 weight [I] when a != 4), the per-group rsqrt [T, G] fp32
+    gated norm        its input y [T, I] (a; z is a view of the in_proj output)
     out_proj          its input [T, I] (a)
-The Triton scan and convolution keep only those inputs (and recompute the rest in backward); on
-the CPU the chunked PyTorch scan keeps more, so CPU estimates of Mamba layers are a lower bound.
+The conv1d and the scan run as one step that keeps only its inputs (ops/ssd.py conv_ssd_scan:
+the convolution's output [T, C] is made again in backward), and the gated norm keeps only y, z
+and its weight: the Triton kernels by construction, the CPU conv1d + chunked scan and the gated
+norm on every device through gigatron/core/ops/ssd_recompute.py (bitwise the gradients of the
+plain ops). The CPU and CUDA paths therefore keep the same bytes, measured on the CPU with
+saved-tensor hooks by tests/unit/test_mamba_memory.py. At hidden 2048 (I = 4096, 64 heads, 8
+groups of state 128, bf16, unfused RMSNorm) that is 57,988 bytes per token: norm 16,388, in_proj
+input 4,096 and output 20,608, dt 512, gated norm input 8,192, out_proj input 8,192.
 
 Multi-latent attention and multi-token prediction: their parameters (and so the model state) are
 counted; their activations are not modelled yet (layer_activation_bytes refuses MLA).
@@ -532,22 +535,15 @@ def layer_activation_bytes(config, micro_batch_size: int, seq_length: int, *, de
 
 def _mamba_saved(config, mamba_config, shape: _Shape) -> Dict[str, int]:
     """What one Mamba layer keeps for backward (see the module docstring)."""
-    from gigatron.core.ops.ssd import DEFAULT_CHUNK_SIZE
-
     m = _mamba_sizes(config, mamba_config)
-    I, G, N, H, C = m["I"], m["G"], m["N"], m["H"], m["C"]
+    I, G, N, H = m["I"], m["G"], m["N"], m["H"]
     T, Ts, a, h = shape.T, shape.Ts, shape.a, config.hidden_size
-    L = -(-shape.s // DEFAULT_CHUNK_SIZE) * DEFAULT_CHUNK_SIZE  # the scan pads to whole chunks
     out = _prefixed("norm", _norm_saved(config, shape, Ts, h, shape.r))
     out["in_proj input"] = Ts * h * a
     out["in_proj output"] = T * (2 * I + 2 * G * N + H) * a
-    if L != shape.s:
-        out["scan padded x, B, C"] = shape.b * L * C * a  # copies: the conv1d output itself is not kept
-    else:
-        out["conv1d output"] = T * C * a  # the scan keeps x, B and C as views of it
-    out["dt (softplus input; scan dt and cumsum)"] = T * H * 4 + 2 * shape.b * L * H * 4
+    out["dt (softplus input and output)"] = 2 * T * H * 4
     out["A"] = 2 * H * 4
-    out["gated norm"] = 4 * T * I * 4 + ((T + 1) * I * 4 if a != 4 else 0) + T * G * 4
+    out["gated norm input y"] = T * I * a
     out["out_proj input"] = T * I * a
     if config.hidden_dropout > 0:
         out["hidden dropout mask"] = Ts * h * shape.mask
@@ -719,7 +715,8 @@ def temporary_bytes(config, micro_batch_size: int, seq_length: int, vocab_size: 
     - loss: the plain loss's logits in the compute dtype next to its fp32 softmax (or one chunk of
       the fused loss plus its fp32 weight-gradient accumulator);
     - backward: two activation gradients of the widest layer tensor, plus the largest parameter
-      gradient before the DDP hook moves it into the fp32 buffer;
+      gradient before the DDP hook moves it into the fp32 buffer; in a hybrid stage with Mamba
+      layers also a Mamba layer's backward, which recomputes its gated norm in fp32;
     - recompute: while the last checkpointed part of the last micro-batch runs its backward, its
       recomputed activations (a whole chunk for full recompute, the MLP / attention output / norm
       outputs for selective), less what that micro-batch no longer keeps by then (the loss and
@@ -746,6 +743,12 @@ def temporary_bytes(config, micro_batch_size: int, seq_length: int, vocab_size: 
             out["loss (logits)"] = T * V * a + (T * V * 4 if a == 4 else 0)
     params = stage_parameter_numels(config, vocab_size, pp_rank, vp_stage, mamba_config)
     out["backward (activation + parameter gradients)"] = layer_grads + max(n for n, _ in params) * a
+    if mamba_config is not None and "M" in hybrid_layer_kinds(config, mamba_config, pp_rank):
+        # A Mamba layer's backward recomputes its gated norm in fp32 (it keeps only y and z): about
+        # ten fp32 [T, I] tensors at once, plus the recomputed output rounded to the compute dtype
+        # (measured on the CPU: 42 bytes per element in bf16, 40 in fp32).
+        I = _mamba_sizes(config, mamba_config)["I"]
+        out["backward of a Mamba layer (gated norm recomputed)"] = T * I * (40 + (a if a != 4 else 0))
     kept = stage_activation_bytes(config, micro_batch_size, seq_length, vocab_size, pp_rank=pp_rank,
                                   vp_stage=vp_stage, device_type=device_type, position_ids=position_ids,
                                   context_parallel_size=context_parallel_size, mamba_config=mamba_config)

@@ -205,9 +205,10 @@ def _enable_fp8(ctx: TrainContext, module: torch.nn.Module, recipe) -> None:
     print_rank_0(f"> FP8 (--fp8-format {fp8.fp8}, --fp8-recipe {fp8.fp8_recipe}): {in_fp8} of the {len(linears)} "
                  f"transformer-layer linears of this stage in FP8; the output layer and embeddings in "
                  f"{module.config.params_dtype}")
-    if any(isinstance(m, GroupedMLP) for m in module.modules()):
-        print_rank_0("> FP8: --moe-grouped-gemm experts run in the parameters' dtype (no FP8 grouped GEMM yet); "
-                     "drop --moe-grouped-gemm to run the experts in FP8")
+    if any(isinstance(m, GroupedMLP) and m.fp8_recipe is not None for m in module.modules()):
+        from gigatron.core.fp8.grouped import grouped_experts_note
+
+        print_rank_0(f"> FP8: {grouped_experts_note(recipe)}")
 
 
 def compile_transformer_layers(module: torch.nn.Module) -> int:

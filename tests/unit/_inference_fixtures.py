@@ -52,3 +52,70 @@ def tiny_model(seed=7, groups=None, **kw):
     groups = groups or ParallelGroups.single()
     model = GPTModel(config, groups, PADDED_VOCAB, seed=seed)
     return model.eval()
+
+
+V = CharTokenizer().vocab_size  # the true vocabulary (logits are cut to it)
+
+
+@torch.no_grad()
+def full_logits(model, ids):
+    """The full-sequence forward (no cache) of one row: logits [len, V] (fp32, true vocabulary)."""
+    device = next(model.parameters()).device
+    return model(torch.tensor([ids], device=device))[:, 0, :V].float()
+
+
+@torch.no_grad()
+def reference_greedy(model, ids, n):
+    """Greedy continuation recomputing the full forward for every new token: (ids, logits [n, V])."""
+    ids, steps = list(ids), []
+    for _ in range(n):
+        last = full_logits(model, ids)[-1]
+        steps.append(last)
+        ids.append(int(last.argmax()))
+    return ids, torch.stack(steps)
+
+
+@torch.no_grad()
+def cached_greedy(engine, prompts, n):
+    """Greedy decoding through the engine's cache step by step (prefill of the right-padded batch,
+    each row's real length passed for recurrent layers, then one token per row at its own
+    position): (ids per row, logits of each step [b, n, V])."""
+    ctx = engine.context()
+    b = len(prompts)
+    lengths = torch.tensor([len(p) for p in prompts])
+    longest = int(lengths.max())
+    tokens = torch.zeros(b, longest, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        tokens[i, : len(p)] = torch.tensor(p)
+    positions = torch.arange(longest).expand(b, longest)
+    logits = engine._forward(ctx, tokens, positions, longest, lengths=lengths)  # [b, L, V]
+    step = logits[torch.arange(b), lengths - 1]  # [b, V]
+    out, seen = [list(p) for p in prompts], []
+    for t in range(n):
+        seen.append(step)
+        new = step.argmax(-1)
+        for i in range(b):
+            out[i].append(int(new[i]))
+        step = engine._forward(ctx, new[:, None], (lengths + t)[:, None], longest + t + 1)[:, -1]
+    return out, torch.stack(seen, dim=1)
+
+
+def assert_decode_steps_never_synchronize(engine, prompts, params, monkeypatch):
+    """Generate once (warm-up: kernels, probes, graphs), then again with
+    torch.cuda.set_sync_debug_mode('error') around the decode steps, which raises on any
+    synchronizing CUDA call (item, nonzero, a blocking copy to the host); both runs agree."""
+    from gigatron.core.inference.engine import InferenceEngine
+
+    expected = engine.generate_tokens(prompts, params)
+    steps = InferenceEngine._decode_steps
+
+    def strict(self, *args, **kwargs):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return steps(self, *args, **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    monkeypatch.setattr(InferenceEngine, "_decode_steps", strict)
+    out = engine.generate_tokens(prompts, params)
+    assert (out.tokens, out.logprobs) == (expected.tokens, expected.logprobs)

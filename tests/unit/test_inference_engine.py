@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _inference_fixtures import PADDED_VOCAB, CharTokenizer, tiny_model  # noqa: E402
+from _inference_fixtures import PADDED_VOCAB, CharTokenizer, assert_decode_steps_never_synchronize, tiny_model  # noqa: E402
 
 import gigatron.core.inference.engine as engine_module  # noqa: E402
 from gigatron.core.inference.engine import InferenceEngine, PromptTooLongError, SamplingParams  # noqa: E402
@@ -566,19 +566,7 @@ def test_decode_steps_do_not_synchronize_on_cuda(mode, monkeypatch):
     prompts = [TOK.tokenize("hello there"), TOK.tokenize("a b c: x")]
     params = SamplingParams(tokens_to_generate=12, top_p=0.9, random_seed=1, return_log_probs=True, top_logprobs=2,
                             prevent_newline_after_colon=True)
-    expected = engine.generate_tokens(prompts, params)  # warm-up: kernels, the attention probe, graphs
-    steps = InferenceEngine._decode_steps
-
-    def strict(self, *args, **kwargs):
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            return steps(self, *args, **kwargs)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-
-    monkeypatch.setattr(InferenceEngine, "_decode_steps", strict)
-    out = engine.generate_tokens(prompts, params)
-    assert (out.tokens, out.logprobs) == (expected.tokens, expected.logprobs)
+    assert_decode_steps_never_synchronize(engine, prompts, params, monkeypatch)
 
 
 # ---------------------------------------------------------------------- compiled decode step
@@ -678,3 +666,44 @@ def test_bf16_graph_decode_with_gemv_scores_like_eager(mode, monkeypatch):
     scored = InferenceEngine(model, TOK, max_batch_size=1).generate_tokens(
         out.tokens, SamplingParams(tokens_to_generate=0, return_log_probs=True))
     torch.testing.assert_close(torch.tensor(out.logprobs[0]), torch.tensor(scored.logprobs[0]), rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("kind", sorted(MODELS))
+def test_sliding_window_rows_at_different_positions_equal_recompute(kind):
+    """--window-size over the KV cache is counted from each row's own position: in a batch whose
+    prompts differ in length, every row's cached greedy steps equal the full forward's."""
+    model = tiny_model(seed=5, window_size=(3, 0), **MODELS[kind])
+    engine = InferenceEngine(model, TOK, max_batch_size=2)
+    prompts = [TOK.tokenize("the quick brown fox"), TOK.tokenize("ab")]
+    params = SamplingParams(tokens_to_generate=8, top_k=1, return_log_probs=True, stop_at_eod=False)
+    out = engine.generate_tokens(prompts, params)
+    for i, prompt in enumerate(prompts):
+        ref_tokens, ref_lp = naive_generate(model, prompt, 8, lambda logits: logits.argmax())
+        assert out.tokens[i][:len(ref_tokens)] == ref_tokens
+        torch.testing.assert_close(torch.tensor(out.logprobs[i][len(prompt) - 1:len(ref_tokens) - 1]),
+                                   torch.tensor(ref_lp), rtol=1e-4, atol=1e-4)
+
+
+def test_decode_step_keeps_the_sliding_window():
+    """The engine's decode step (what CUDA graphs capture; on CPU the kernels' references) honours
+    --window-size for rows at different positions: its logits equal the model's cached forward."""
+    from gigatron.core.inference.decode_step import DecodeKernels, DecodeStep
+    from gigatron.core.inference.kv_cache import causal_cache_mask
+
+    model = tiny_model(seed=3, window_size=(2, 0), **MODELS["rope_gqa_swiglu"])
+    step = DecodeStep(model, DecodeKernels())
+    prompts = [TOK.tokenize("hello there"), TOK.tokenize("abc")]
+    tokens = torch.tensor([prompts[0], prompts[1] + [0] * 8])
+    positions = torch.arange(11).expand(2, 11)
+    new, new_positions = torch.tensor([[5], [9]]), torch.tensor([[11], [3]])
+    outs = []
+    with torch.no_grad():
+        for run in (model, step):
+            ctx = InferenceContext.for_model(model, 2, 32)
+            ctx.set_positions(positions, 11)
+            model(tokens, positions, causal_cache_mask(positions, 11, (2, 0)), inference_context=ctx)
+            ctx.set_positions(new_positions, 32)
+            outs.append(run(new, new_positions, causal_cache_mask(new_positions, 32, (2, 0)), inference_context=ctx))
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-6, atol=1e-6)
+    full = model(torch.tensor([prompts[1] + [9]]))[-1, 0]  # row 1's new token at position 3, no cache
+    torch.testing.assert_close(outs[0][-1, 1], full, rtol=1e-5, atol=1e-5)

@@ -3,9 +3,9 @@
 Parameters: stage_parameter_numels with a MambaConfig lists exactly the MambaModel's parameters in
 registration order (per tensor-parallel rank: the tp=1 model's tensors divided by their tags).
 Activations: each layer kind keeps what the estimate says, counted with saved_tensors_hooks on the
-CPU with the scan and the convolution standing in for their Triton kernels (which keep only their
-inputs). FLOPs follow the per-kind counts. tools/estimate_memory.py and pretrain_mamba.py --dry-run
-take the Mamba flags."""
+CPU (whose conv1d, chunked scan and gated norm keep only their inputs, as the Triton kernels do).
+FLOPs follow the per-kind counts. tools/estimate_memory.py and pretrain_mamba.py --dry-run take
+the Mamba flags."""
 
 from __future__ import annotations
 
@@ -19,13 +19,10 @@ import torch
 from gigatron.core import memory
 from gigatron.core.flops import num_floating_point_operations
 from gigatron.core.models.mamba import MambaModel
-from gigatron.core.ops.ssd import chunked_ssd_scan
-from gigatron.core.ops.causal_conv1d import causal_conv1d
 from gigatron.core.parallel import tags
 from gigatron.core.parallel.groups import ParallelGroups
 from gigatron.core.parallel.random import model_parallel_seed
 from gigatron.core.transformer.config import TransformerConfig
-from gigatron.core.transformer.mamba import mixer as mixer_module
 from gigatron.core.transformer.mamba.config import MambaConfig
 from tests.unit.test_memory_estimator import saved_activation_bytes
 
@@ -57,36 +54,8 @@ def test_parameter_numels_match_the_model(kw):
     assert [n for n, _ in memory.stage_parameter_numels(cfg2, VOCAB, mamba_config=mc)] == per_rank
 
 
-class _ScanKeepingInputs(torch.autograd.Function):
-    """The chunked scan, keeping for backward what the Triton scan keeps: x, B, C (padded to whole
-    chunks), dt [b, h, L] fp32, A fp32, the decay cumsum [b, h, L] and D."""
-
-    @staticmethod
-    def forward(ctx, x, dt, A, B, C, D, chunk):
-        b, l, h, _ = x.shape
-        L = -(-l // chunk) * chunk
-        pad = (lambda t: t if L == l else torch.nn.functional.pad(t, (0, 0) * (t.dim() - 2) + (0, L - l)))
-        dt_t = pad(dt.float()).transpose(1, 2).contiguous()
-        A32 = A.float()
-        cs = (dt_t * A32[None, :, None]).view(b, h, L // chunk, chunk).cumsum(-1).view(b, h, L)
-        ctx.save_for_backward(pad(x), pad(B), pad(C), dt_t, A32, cs, D)
-        with torch.no_grad():
-            return chunked_ssd_scan(x, dt, A, B, C, D, chunk_size=chunk)[0]
-
-
-class _ConvKeepingInputs(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias):
-        ctx.save_for_backward(x, weight, bias)
-        with torch.no_grad():
-            return causal_conv1d(x, weight, bias, silu=True)
-
-
-def _measure_layers(cfg, mc, monkeypatch):
+def _measure_layers(cfg, mc):
     seq = cfg.seq_length
-    monkeypatch.setattr(mixer_module, "ssd_scan", lambda x, dt, A, B, C, D, chunk_size: (
-        _ScanKeepingInputs.apply(x, dt, A, B, C, D, chunk_size), None))
-    monkeypatch.setattr(mixer_module, "causal_conv1d", lambda x, w, b, silu: _ConvKeepingInputs.apply(x, w, b))
     groups = ParallelGroups.single()
     model_parallel_seed(1, groups)
     model = MambaModel(cfg, mc, groups, VOCAB).to(cfg.params_dtype)
@@ -103,9 +72,9 @@ def _measure_layers(cfg, mc, monkeypatch):
 @pytest.mark.parametrize("kw", [{}, {"hidden_dropout": 0.1}, {"params_dtype": torch.bfloat16},
                                 {"normalization": "LayerNorm"}, {"seq_length": 2 * 128}],
                          ids=["fp32", "dropout", "bf16", "layernorm", "whole-chunks"])
-def test_each_layer_kind_keeps_what_the_estimate_says(kw, monkeypatch):
+def test_each_layer_kind_keeps_what_the_estimate_says(kw):
     cfg, mc = _configs(**kw)
-    measured = _measure_layers(cfg, mc, monkeypatch)
+    measured = _measure_layers(cfg, mc)
     kinds = memory.hybrid_layer_kinds(cfg, mc)
     assert kinds == list("M*M-")
     for kind, got in zip(kinds, measured):

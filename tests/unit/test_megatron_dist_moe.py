@@ -76,3 +76,27 @@ def test_load_checkpoint_holds_megatrons_weights(moe_ckpt):
     loaded = load_checkpoint(str(moe_ckpt), [model], None, None, ParallelGroups.single(), load_optim=False)
     assert loaded.iteration == 5
     _assert_same(model.state_dict(), megatron_weights(moe_ckpt))
+
+
+def test_grouped_gemm_experts_load_megatrons_weights(moe_ckpt):
+    """Megatron-Core writes its experts in one layout whatever their implementation (its GroupedMLP
+    and TEGroupedMLP save as SequentialMLP does): the checkpoint loads into our --moe-grouped-gemm
+    experts too, which then compute exactly what the per-expert model loaded from it computes."""
+    import dataclasses
+
+    from gigatron.core.convert.protocol import moe_config_from_metadata
+    from gigatron.core.models.gpt import GPTModel
+    from gigatron.core.parallel.groups import ParallelGroups
+    from gigatron.training.checkpointing import load_checkpoint
+
+    template = gigatron.from_pretrained(moe_ckpt)
+    grouped_config = dataclasses.replace(moe_config_from_metadata(template.metadata), moe_grouped_gemm=True)
+    grouped = GPTModel(template.config, ParallelGroups.single(), template.padded_vocab_size, seed=5,
+                       moe_config=grouped_config)
+    load_checkpoint(str(moe_ckpt), [grouped], None, None, ParallelGroups.single(), load_optim=False)
+    assert any("GroupedMLP" in type(m).__name__ for m in grouped.modules())
+    tokens = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = template.model.eval()(tokens)
+        got = grouped.eval()(tokens)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -17,7 +17,9 @@ Megatron-LM's own torch files, Megatron-Core's torch_dist and the pre-Megatron-C
     python tools/checkpoint/convert.py --model-type GPT --loader legacy --saver core \
         --load-dir megatron_345m --save-dir ckpt
 A Mamba-2 or hybrid model (MambaModel: pretrain_mamba.py checkpoints, HuggingFace Mamba2ForCausalLM
-NemotronHForCausalLM and BambaForCausalLM) converts with --model-type GPT through the same loaders and savers (hf, core):
+NemotronHForCausalLM and BambaForCausalLM) converts with --model-type GPT through the same loaders and savers (hf, core,
+and Megatron's own layouts: --loader core reads Megatron-Core's MambaModel torch_dist and Megatron-LM's torch
+files, --saver megatron_dist / megatron_torch write them):
 
     python tools/checkpoint/convert.py --model-type GPT --loader hf --saver core \
         --load-dir mamba2-hf --save-dir ckpt --target-tensor-parallel-size 2

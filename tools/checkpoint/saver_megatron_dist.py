@@ -1,8 +1,10 @@
 """Saver for Megatron-Core's own torch_dist layout (Megatron-LM's default --ckpt-format): a
 directory `megatron.core.dist_checkpointing.load` reads into Megatron-Core's GPTModel at any
 tensor/pipeline size (decoder layers stacked under one key, fused-norm names; see
-gigatron/core/checkpoint/megatron_dist.py). Gigatron reads it back too (from_pretrained, --load,
---loader core). Dense GPT models; mixture-of-experts models are refused.
+gigatron/core/checkpoint/megatron_dist.py), and a Mamba / hybrid model as its MambaModel's
+(layers under their own numbers, the mixer's in_proj and conv1d split into parts: see
+megatron_names.py). Gigatron reads it back too (from_pretrained, --load, --loader core). Dense
+models; mixture-of-experts models are refused.
 --model-type BERT and T5 (Megatron-Core's BertModel / T5Model) go through
 gigatron/core/convert/encoder_models.py."""
 
@@ -43,9 +45,6 @@ def save_checkpoint(messages, args):
     md, tensors = collect_state(messages, args.checking)
     if md.get("num_experts"):
         raise ValueError("--saver megatron_dist writes dense GPT models; save mixture-of-experts models with --saver core")
-    if md.get("mamba_model"):
-        raise ValueError("--saver megatron_dist writes dense GPT models (Megatron-Core's GPTModel layout); save Mamba / "
-                         "hybrid models with --saver core")
     if args.make_vocab_size_divisible_by is not None:
         md["make_vocab_size_divisible_by"] = int(args.make_vocab_size_divisible_by)
     if args.saver_params_dtype:

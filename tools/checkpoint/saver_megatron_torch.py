@@ -2,7 +2,8 @@
 `--saver core`, but written for Megatron-LM's loader — `args` as an argparse.Namespace (it reads
 `args.<flag>`), the `_extra_state` entries Megatron-Core's modules expect, and with
 `--saver-transformer-impl transformer_engine` (Megatron's default) the fused-norm names of its
-Transformer Engine layer spec (gigatron/core/checkpoint/megatron_torch.py). Gigatron reads the
+Transformer Engine layer spec (gigatron/core/checkpoint/megatron_torch.py; always for a Mamba / hybrid
+model, whose only Megatron-Core spec it is). Gigatron reads the
 result back like any Megatron-LM checkpoint. No optimizer or RNG state: load it in Megatron-LM with
 --finetune, or --no-load-optim --no-load-rng.
 --model-type BERT and T5 (Megatron-Core's BertModel / T5Model) go through
@@ -45,14 +46,12 @@ def save_checkpoint(messages, args):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1")
     dtype = getattr(torch, args.saver_params_dtype) if args.saver_params_dtype else None
-    te = args.saver_transformer_impl == "transformer_engine"
 
     def content(header: dict, state_dict: dict, md: dict) -> dict:
-        if md.get("mamba_model"):
-            raise ValueError("--saver megatron_torch writes GPT models (its Transformer Engine names are GPTModel's); "
-                             "save Mamba / hybrid models with --saver core")
-        header = dict(header, args=dict(header["args"], transformer_impl=args.saver_transformer_impl))
-        return megatron_file_content(header, state_dict, transformer_engine=te)
+        # Megatron-Core's one Mamba stack spec is Transformer Engine's: a MambaModel gets its names
+        impl = "transformer_engine" if md.get("mamba_model") else args.saver_transformer_impl
+        header = dict(header, args=dict(header["args"], transformer_impl=impl))
+        return megatron_file_content(header, state_dict, transformer_engine=impl == "transformer_engine")
 
     return save_torch_checkpoint(messages, args.save_dir, args.target_tensor_parallel_size,
                                  args.target_pipeline_parallel_size, checking=args.checking,

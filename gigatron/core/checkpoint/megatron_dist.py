@@ -24,13 +24,23 @@ entry read directly and unpickled through the Megatron allow-list). Megatron's A
 optimizer, or the distributed optimizer saved as "fully_reshardable") is model-space like the
 weights: each of this rank's optimizer chunks reads its box of `optimizer.state.{exp_avg,
 exp_avg_sq,fp32_param|param}.<Megatron key>`, so it too loads at any layout, into the plain or the
-distributed optimizer; the step and parameter-group hyper-parameters come from common.pt. Expert
+distributed optimizer; the step and parameter-group hyper-parameters come from common.pt. The
+distributed optimizer's default "dp_reshardable" state (flat per-bucket tensors in Megatron's
+gradient-buffer order) is placed back into model space by megatron_dp_buffers.py. Expert
 tensors other than the routed experts and the router (shared experts, for one) are refused with
 the Megatron-LM command that re-saves the model.
 
 BERT and T5 (Megatron-Core's BertModel / T5Model) are read and written the same way: their
 `encoder.layers.*` are stacked like the decoder's, T5's duplicate keys are skipped and written as
-copies (megatron_names.py).
+copies (megatron_names.py). Their Adam state (plain optimizer, distributed optimizer
+"fully_reshardable") loads as a GPT's does; T5's state of its output bias and position embedding
+may be stored under the duplicate name (`_saved_alias`). A BERT/T5 "dp_reshardable" state is
+refused (megatron_dp_buffers.py knows a GPT's gradient-buffer order only) with the flag that
+re-saves it in model space.
+
+Mamba / hybrid models (Megatron-Core's MambaModel) keep every layer under its own number and
+split the mixer's in_proj / conv1d into parts (megatron_names.py); `_per_layer_pieces` maps a
+chunk onto them, so they load at any layout and are written the same ways as a GPT.
 
 Writing (`write_megatron_dist`, convert.py --saver megatron_dist): a model as Megatron-Core's own
 torch_dist, loadable by `megatron.core.dist_checkpointing.load` into its GPTModel (BertModel,
@@ -46,6 +56,7 @@ from __future__ import annotations
 import io
 import itertools
 import os
+import re
 from typing import Optional, Sequence
 
 import torch
@@ -60,8 +71,13 @@ from gigatron.core.checkpoint.dist.sharding import ShardPiece, sharded_model_sta
 from gigatron.core.checkpoint.foreign import rng_state_from_megatron
 from gigatron.core.checkpoint.io import CheckpointError, CorruptCheckpointError, safe_torch_load
 from gigatron.core.checkpoint.megatron_names import (
+    ALIASES,
     EXPERTS_PREFIX,
     aliases_in,
+    holds_hybrid_layers,
+    hybrid_key,
+    hybrid_parts,
+    hybrid_to_ours,
     split_block_name,
     stacked_axes,
     stacked_candidates,
@@ -149,6 +165,8 @@ def read_model(iter_dir: str, allow_namespace: bool = True) -> ModelState:
         axes = stacked_axes(key)
         for index in itertools.product(*(range(n) for n in tensor.shape[:axes])):
             tensors[unstacked_name(key, index) if axes else key] = tensor[index].clone()
+    if holds_hybrid_layers(whole):  # a MambaModel: per-layer keys, fused norms, split mixer tensors
+        tensors = hybrid_to_ours(tensors)
     if "embedding.word_embeddings.weight" not in tensors:
         raise CheckpointError(f"{iter_dir} holds no embedding.word_embeddings.weight; it is not a GPT checkpoint")
     release = os.path.basename(os.path.normpath(iter_dir)) == "release"
@@ -170,6 +188,11 @@ def megatron_pieces(pieces: list[ShardPiece], entries: dict) -> tuple[list[Shard
         block, layer, suffix = split
         candidates = stacked_candidates(suffix, block)
         key, extra = next(((k, e) for k, e in candidates if k in entries), candidates[0])
+        per_layer = None if key in entries else _per_layer_pieces(piece, entries)
+        if per_layer is not None:  # a hybrid model (MambaStack): the layer's own keys
+            mapped += per_layer[0]
+            problems += per_layer[1]
+            continue
         if key not in entries:
             problems.append(f"missing from checkpoint: {piece.key} (Megatron key {key})")
             continue
@@ -184,6 +207,35 @@ def megatron_pieces(pieces: list[ShardPiece], entries: dict) -> tuple[list[Shard
     return mapped, problems
 
 
+def _per_layer_pieces(piece: ShardPiece, entries: dict) -> Optional[tuple[list[ShardPiece], list[str]]]:
+    """Our chunk of a layer parameter as chunks of Megatron-Core's per-layer keys of a hybrid model
+    (megatron_names.hybrid_key: `decoder.layers.{i}.…`, fused norm names; a split mixer tensor's
+    rows go to its parts `….z`, `….x`, … at their offsets within each part); None where the
+    checkpoint has no such key. Returns (pieces, problems)."""
+    import dataclasses
+
+    key, parts = hybrid_key(piece.key), hybrid_parts(piece.key)
+    if parts is None:
+        return ([dataclasses.replace(piece, key=key)], []) if key in entries else None
+    keys = [f"{key}.{part}" for part in parts]
+    if not all(k in entries for k in keys):
+        return None
+    start, end = piece.global_offsets[0], piece.global_offsets[0] + piece.tensor.shape[0]
+    out, part_start = [], 0
+    for part_key in keys:
+        rows = int(entries[part_key].size[0])
+        lo, hi = max(start, part_start), min(end, part_start + rows)
+        if lo < hi:
+            out.append(ShardPiece(part_key, piece.tensor.narrow(0, lo - start, hi - lo),
+                                  (rows, *piece.global_shape[1:]), (lo - part_start, *piece.global_offsets[1:]),
+                                  piece.write, piece.vocab))
+        part_start += rows
+    if part_start != piece.global_shape[0]:
+        return [], [f"{piece.key} has {piece.global_shape[0]} rows, the checkpoint's parts {', '.join(keys)} "
+                    f"{part_start}: check the --mamba-* flags"]
+    return out, []
+
+
 def load_training_state(iter_dir: str, model_chunks: Sequence[torch.nn.Module], optimizer, groups, *,
                         strict: bool = True) -> TrainingState:
     """Load the weights (and, with `optimizer`, Megatron's Adam state: see `megatron_optimizer_pieces`)
@@ -192,16 +244,27 @@ def load_training_state(iter_dir: str, model_chunks: Sequence[torch.nn.Module], 
     metadata = read_dcp_metadata(iter_dir)
     entries = _model_entries(metadata, iter_dir)
     pieces, problems = megatron_pieces(sharded_model_state(model_chunks, groups), entries)
-    states, opt_common = [], None
+    states, opt_common, buffers = [], None, None
     if optimizer is not None:
         try:
             opt_common = megatron_optimizer_common(iter_dir, common, metadata, optimizer)
+            if _optimizer_record(common)[1] == "dp_reshardable":
+                buffers = _dp_reshardable_read(metadata, common["args"], entries)
         except CheckpointError as exc:
             problems.append(str(exc))
         else:
-            opt_pieces, states, opt_problems = megatron_optimizer_pieces(optimizer, model_chunks, metadata)
-            pieces += opt_pieces
-            problems += opt_problems
+            if buffers is not None:  # flat bucket segments, read apart from the model (below)
+                from gigatron.core.checkpoint.dist.sharding import optimizer_load_pieces
+
+                opt_pieces, states = optimizer_load_pieces(optimizer, model_chunks, "adam", True,
+                                                           buffers.saved_keys())
+                buffers.add(opt_pieces)
+                buffer_pieces = buffers.read_pieces(megatron_pieces)
+                problems += buffers.problems
+            else:
+                opt_pieces, states, opt_problems = megatron_optimizer_pieces(optimizer, model_chunks, metadata)
+                pieces += opt_pieces
+                problems += opt_problems
     if strict:
         used = {(p.key, tuple(p.global_offsets[:stacked_axes(p.key)])) for p in pieces if p.key in entries}
         everywhere = set().union(*[set(u) for u in Comm().all_gather_object(sorted(used))])
@@ -216,6 +279,11 @@ def load_training_state(iter_dir: str, model_chunks: Sequence[torch.nn.Module], 
         raise CheckpointError(f"Megatron-Core checkpoint {iter_dir} does not fit this model (check the model flags, "
                               "or use --use-checkpoint-args): " + "; ".join(merged[:10]))
     _read(iter_dir, metadata, pieces)
+    if buffers is not None:
+        _read(iter_dir, metadata, buffer_pieces)
+        mismatches = [p for ps in Comm().all_gather_object(buffers.finish()) for p in ps]
+        if mismatches:
+            raise CheckpointError(f"Megatron-Core checkpoint {iter_dir}: " + "; ".join(mismatches[:4]))
     if optimizer is not None:
         from gigatron.core.checkpoint.dist.load import _install_optimizer_state as install_optimizer_state
 
@@ -245,11 +313,17 @@ def load_training_state(iter_dir: str, model_chunks: Sequence[torch.nn.Module], 
 #   distributed optimizer, distrib_optim_sharding_type "fully_reshardable":
 #       optimizer.state.param.<key> (the fp32 main param, always), exp_avg, exp_avg_sq;
 #       common.pt: optimizer.optimizer.param_groups (each with the step), param_state_sharding_type
-# The distributed optimizer's other sharding types store Megatron's internal gradient-buffer
-# layout ("dp_reshardable", Megatron-LM's default without --dist-ckpt-optim-fully-reshardable:
-# one flat tensor per bucket; "dp_zero_gather_scatter": a pickled object) or cannot be saved by
-# 0.16 at all ("fully_sharded_model_space", megatron-core's own fallback: its flattened ranges are
-# refused by dist_checkpointing); they are refused with the Megatron-LM flag that re-saves them.
+#   distributed optimizer, "dp_reshardable" (Megatron-LM's default without
+#   --dist-ckpt-optim-fully-reshardable): Megatron's internal gradient-buffer layout, one flat
+#   tensor per bucket and state (optimizer.distributed.dp_group_idx_G.gbuf_idx_B.dtype_(...).
+#   bucket_idx_K.{param,exp_avg,exp_avg_sq}); the param groups with the step in the ShardedObject
+#   optimizer.distributed.dp_group_idx_G.optimizer; common.pt: param_state_sharding_type only.
+#   megatron_dp_buffers.py re-derives each parameter's offset in its bucket and reads it into
+#   model space (dense GPT writers at any tp/pp/dp with equal pipeline stages; others refused).
+# "dp_zero_gather_scatter" (a pickled object gathered on data-parallel rank 0, deprecated) is
+# refused, and "fully_sharded_model_space" (megatron-core's own fallback) cannot be saved by 0.16
+# at all (dist_checkpointing refuses its flattened ranges); the refusal names the Megatron-LM
+# flag that re-saves the state in model space.
 
 _MAIN_PARAM_NAMES = ("fp32_param", "param")  # plain optimizer, distributed optimizer (fully_reshardable)
 _ADAM_STATES = ("exp_avg", "exp_avg_sq")
@@ -282,20 +356,27 @@ def megatron_optimizer_common(iter_dir: str, common: dict, metadata, optimizer) 
     a CheckpointError where Megatron's optimizer state cannot be read."""
     from gigatron.core.checkpoint.dist.sharding import optimizer_kind
 
+    from gigatron.core.checkpoint import megatron_dp_buffers as dp_buffers
+
     inner, sharding = _optimizer_record(common)
     has_sharded_keys = any(k.startswith(_OPTIMIZER_PREFIX) for k in metadata.state_dict_metadata)
     if not inner and not has_sharded_keys:
         raise CheckpointError("it holds no optimizer state (saved with --no-save-optim): load it with "
                               "--no-load-optim or --finetune")
-    if sharding is not None and sharding != "fully_reshardable":
+    if sharding is not None and sharding not in ("fully_reshardable", dp_buffers.SHARDING):
         raise CheckpointError(
-            f"its distributed-optimizer state is in Megatron-Core's '{sharding}' layout (Megatron's internal "
-            "gradient-buffer order), which Gigatron does not read: re-save it with Megatron-LM adding "
+            f"its distributed-optimizer state is in Megatron-Core's '{sharding}' layout (a pickled object "
+            "gathered on data-parallel rank 0), which Gigatron does not read: re-save it with Megatron-LM adding "
             "--dist-ckpt-optim-fully-reshardable (model-space optimizer state), or load it with --no-load-optim")
     if optimizer_kind(optimizer) != "adam":
         raise CheckpointError("Gigatron reads Megatron-Core's Adam state only; use --optimizer adam or --no-load-optim")
-    if not any(k.startswith(f"{_OPTIMIZER_PREFIX}state.{name}.") for k in metadata.state_dict_metadata
-               for name in _ADAM_STATES):
+    if sharding == dp_buffers.SHARDING:
+        if not dp_buffers.has_adam_buckets(metadata):
+            raise CheckpointError("its optimizer holds no Adam state (exp_avg, exp_avg_sq buckets): it was saved by "
+                                  "another optimizer; load it with --no-load-optim")
+        inner = dp_buffers.read_optimizer_object(iter_dir, metadata, _read_object)
+    elif not any(k.startswith(f"{_OPTIMIZER_PREFIX}state.{name}.") for k in metadata.state_dict_metadata
+                 for name in _ADAM_STATES):
         raise CheckpointError("its optimizer holds no Adam state (exp_avg, exp_avg_sq): it was saved by another "
                               "optimizer; load it with --no-load-optim")
     step = _step_of(inner)
@@ -317,6 +398,19 @@ def megatron_optimizer_common(iter_dir: str, common: dict, metadata, optimizer) 
             "grad_scaler": scaler if isinstance(scaler, dict) else None}
 
 
+def _dp_reshardable_read(metadata, args: dict, entries: dict):
+    """The reader of a "dp_reshardable" state (megatron_dp_buffers.py): every parameter of the
+    checkpoint (our global names, per-layer shapes) placed in Megatron's flat buckets."""
+    from gigatron.core.checkpoint.megatron_dp_buffers import DpReshardableRead, bucket_layout
+
+    shapes = {}
+    for key, md in entries.items():
+        axes = stacked_axes(key)
+        for index in itertools.product(*(range(int(n)) for n in md.size[:axes])):
+            shapes[unstacked_name(key, index) if axes else key] = tuple(int(n) for n in md.size[axes:])
+    return DpReshardableRead(bucket_layout(metadata, args, shapes), entries)
+
+
 class _SavedAsOurs:
     """The checkpoint's optimizer keys answered under our names: `optimizer.state.fp32_param.{our
     name}` is present where Megatron stored the main param of that parameter (fp32_param or param)."""
@@ -327,7 +421,7 @@ class _SavedAsOurs:
             for main in _MAIN_PARAM_NAMES:
                 prefix = f"{_OPTIMIZER_PREFIX}state.{main}."
                 if key.startswith(prefix) and isinstance(md, TensorStorageMetadata):
-                    model_key = key[len(prefix):]
+                    model_key = ALIASES.get(key[len(prefix):], key[len(prefix):])
                     axes = stacked_axes(model_key)
                     for index in itertools.product(*(range(int(n)) for n in md.size[:axes])):
                         self.names.add(unstacked_name(model_key, index) if axes else model_key)
@@ -355,10 +449,23 @@ def megatron_optimizer_pieces(optimizer, model_chunks, metadata) -> tuple[list[S
         saved_name = main_name if state_name == "fp32_param" else state_name
         prefix = f"{_OPTIMIZER_PREFIX}state.{saved_name}."
         entries = {k[len(prefix):]: md for k, md in tensor_keys.items() if k.startswith(prefix)}
+        model_key = _saved_alias(model_key, entries)
         mapped, missing = megatron_pieces([dataclasses.replace(piece, key=model_key)], entries)
         pieces += [dataclasses.replace(m, key=prefix + m.key) for m in mapped]
         problems += [f"optimizer state {saved_name}: {p}" for p in missing]
     return pieces, states, problems
+
+
+_ALIAS_OF = {real: alias for alias, real in ALIASES.items()}
+
+
+def _saved_alias(model_key: str, entries: dict) -> str:
+    """The key Megatron stored `model_key`'s optimizer state under: T5Model registers its output
+    bias and position embedding twice, and Megatron-Core's optimizer keys each one's state by one
+    of the two names (megatron-core 0.16.1: the duplicate, `output_layer.bias` and
+    `position_embeddings.weight`; megatron_names.ALIASES), so either is accepted."""
+    alias = _ALIAS_OF.get(model_key)
+    return alias if model_key not in entries and alias in entries else model_key
 
 
 def _read_object(iter_dir: str, metadata, key: str):
@@ -424,16 +531,59 @@ _EXTRA_STATE_MODULES = ("self_attention.linear_proj", "self_attention.linear_qkv
 _EXTRA_STATE_TOP = ("output_layer", "lm_head.output_layer")
 MEGATRON_RECORD = {"sharded_backend": "torch_dist", "sharded_backend_version": 1, "common_backend": "torch",
                    "common_backend_version": 1}
+# A hybrid model's layers (Transformer Engine linears all): under each layer's own key (shard_0_1).
+_HYBRID_EXTRA_STATE_MODULES = ("mixer.in_proj", "mixer.out_proj") + _EXTRA_STATE_MODULES[:4]
+_HYBRID_LAYER = re.compile(r"^(decoder\.layers\.\d+\.)(.+)\.weight(?:\.[A-Za-z]+)?$")
 
 
-def megatron_state(tensors: dict, num_layers, tied: bool) -> dict:
+def is_hybrid_model(tensors) -> bool:
+    """Whether our tensor names are a MambaModel's (its stack ends in decoder.final_norm)."""
+    return any(name.startswith("decoder.final_norm.") or ".mixer." in name for name in tensors)
+
+
+def _hybrid_extra_states(keys) -> dict:
+    """The `_extra_state` ShardedObjects of a hybrid model's linear modules, one per layer."""
+    objects = {}
+    for key in keys:
+        match = _HYBRID_LAYER.match(key)
+        if match and match.group(2) in _HYBRID_EXTRA_STATE_MODULES:
+            objects[f"{match.group(1)}{match.group(2)}._extra_state/shard_0_1"] = [None]
+    return objects
+
+
+def _hybrid_state(tensors: dict, args: dict, tied: bool) -> dict:
+    """A MambaModel's full tensors as Megatron-Core's torch_dist state (megatron_names.ours_to_hybrid:
+    per-layer keys, fused norm names, the mixer's in_proj and conv1d split into their parts)."""
+    from gigatron.core.checkpoint.megatron_names import ours_to_hybrid
+    from gigatron.core.checkpoint.tp_layout import mamba_segments
+
+    moe = sorted(name for name in tensors if ".mlp.experts." in name or ".mlp.router." in name)
+    if moe:
+        raise CheckpointError(f"writing Megatron-Core's torch_dist layout of a hybrid model's mixture-of-experts "
+                              f"layers is not supported ({moe[0]}, …); save it as torch (--saver core)")
+    state = {key: tensor.contiguous() for key, tensor in
+             ours_to_hybrid(tensors, lambda name: mamba_segments(name, args)).items()
+             if not (key == "output_layer.weight" and tied)}
+    state.update(_hybrid_extra_states(list(state)))
+    return state
+
+
+def megatron_state(tensors: dict, num_layers, tied: bool, args: Optional[dict] = None) -> dict:
     """Our full tensors (global names) as Megatron-Core's torch_dist state: layer parameters stacked
     under one key per block with the fused-norm names, a tied output layer left out, T5's aliases
     (megatron_names.ALIASES) as copies, and the `_extra_state` ShardedObjects Megatron's loader
     expects (`[None]`, stored as torch.save bytes, as it writes them). `num_layers`: the decoder's
-    layer count (GPT), or {block prefix: layer count} (`encoder.layers.` / `decoder.layers.`)."""
+    layer count (GPT), or {block prefix: layer count} (`encoder.layers.` / `decoder.layers.`).
+    A MambaModel's layers are not stacked (`_hybrid_state`; `args`: its Mamba flags)."""
     from gigatron.core.checkpoint.megatron_names import ALIASES, FUSED_NORMS, STACKED_PREFIX
 
+    if is_hybrid_model(tensors):
+        if args is None:
+            raise CheckpointError("a Mamba / hybrid model's torch_dist layout needs its --mamba-* flags (args)")
+        state = _hybrid_state(tensors, args, tied)
+        if "output_layer.weight" in state:
+            state["output_layer._extra_state/shard_0_1"] = [None]
+        return state
     counts = dict(num_layers) if isinstance(num_layers, dict) else {STACKED_PREFIX: int(num_layers)}
     per_suffix: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
     state = {}
@@ -503,7 +653,7 @@ def write_megatron_dist(root: str, tensors: dict, args: dict, iteration: Optiona
     if os.path.exists(iter_dir) and os.listdir(iter_dir):
         raise ValueError(f"{iter_dir} already exists and is not empty; choose an empty --save-dir")
     state = megatron_state(tensors, block_layer_counts(args, tensors),
-                           not args.get("untie_embeddings_and_output_weights"))
+                           not args.get("untie_embeddings_and_output_weights"), args)
     staging = iter_dir + ".partial"
     shutil.rmtree(staging, ignore_errors=True)
     os.makedirs(staging)
@@ -539,18 +689,31 @@ GIGATRON_ENTRY = "gigatron"
 
 class _WriteShapes:
     """Stand-in for a checkpoint's entries when writing: every stacked key holds `num_layers`
-    layers (and `num_experts` experts)."""
+    layers (and `num_experts` experts). With `hybrid_args` (a MambaModel's flags) the keys are
+    per layer instead, and a split mixer tensor's part holds its segment's rows."""
 
-    def __init__(self, num_layers: int, num_experts: int) -> None:
+    def __init__(self, num_layers: int, num_experts: int, hybrid_args: Optional[dict] = None) -> None:
         from types import SimpleNamespace
 
         self._entry = SimpleNamespace(size=(num_layers, num_experts))
+        self._hybrid_args = hybrid_args
 
     def __contains__(self, key: str) -> bool:
-        return True
+        from gigatron.core.checkpoint.megatron_names import is_stacked_key
+
+        return self._hybrid_args is None or not is_stacked_key(key)
 
     def __getitem__(self, key: str):
-        return self._entry
+        from types import SimpleNamespace
+
+        from gigatron.core.checkpoint.megatron_names import hybrid_parts
+        from gigatron.core.checkpoint.tp_layout import mamba_segments
+
+        base, _, part = key.rpartition(".")
+        parts = hybrid_parts(base) if self._hybrid_args is not None else None
+        if parts is None or part not in parts:
+            return self._entry
+        return SimpleNamespace(size=(mamba_segments(base, self._hybrid_args)[parts.index(part)],))
 
 
 def _as_megatron(pieces: list[ShardPiece], shapes: _WriteShapes, prefix: str = "") -> list[ShardPiece]:
@@ -635,11 +798,14 @@ def _megatron_rng(state: dict) -> dict:
 
 def _objects(pieces: list[ShardPiece], num_layers: int, groups, rng_states: Optional[list]) -> dict:
     """The ShardedObjects this rank writes: the `_extra_state` (None) of each linear module of the
-    layers whose first chunk it writes, and its (pp, tp) `rng_state` (the list over data-parallel
-    ranks) where it is data-parallel rank 0."""
+    layers (a hybrid model's: per layer) and of the output layer whose first chunk it writes, and
+    its (pp, tp) `rng_state` (the list over data-parallel ranks) where it is data-parallel rank 0."""
     from gigatron.core.checkpoint.megatron_names import STACKED_PREFIX
 
-    objects = {}
+    firsts = [p.key for p in pieces if p.write and not any(p.global_offsets)]
+    objects = _hybrid_extra_states(firsts)
+    objects.update({f"{module}._extra_state/shard_0_1": [None] for module in _EXTRA_STATE_TOP
+                    if f"{module}.weight" in firsts})
     for piece in pieces:
         for module in _EXTRA_STATE_MODULES:
             if (piece.key == f"{STACKED_PREFIX}{module}.weight" and piece.write
@@ -718,12 +884,15 @@ def save_training_state(root: str, iteration: int, model_chunks, optimizer, grou
         raise ValueError("--async-save writes --ckpt-format torch_dist only")
     check_groups(groups, model_chunks)
     from gigatron.core.models.gpt import GPTModel
+    from gigatron.core.models.mamba import MambaModel
 
+    hybrid = False
     for chunk in model_chunks:
         module = getattr(chunk, "module", chunk)
-        if not isinstance(module, GPTModel):
-            raise CheckpointError(f"--ckpt-format megatron_torch_dist writes GPT models only, not "
+        if not isinstance(module, (GPTModel, MambaModel)):
+            raise CheckpointError(f"--ckpt-format megatron_torch_dist writes Mamba / hybrid and GPT models only, not "
                                   f"{type(module).__name__}: use --ckpt-format torch_dist")
+        hybrid = hybrid or isinstance(module, MambaModel)
     args = dict(header.get("args") or {})
     num_layers = int(args.get("num_layers") or 0)
     comm = Comm()
@@ -732,7 +901,7 @@ def save_training_state(root: str, iteration: int, model_chunks, optimizer, grou
     if moe:
         raise CheckpointError(f"--ckpt-format megatron_torch_dist does not write mixture-of-experts models yet "
                               f"({moe[0]}, …): save them with --ckpt-format torch_dist")
-    shapes = _WriteShapes(num_layers, int(args.get("num_experts") or 0))
+    shapes = _WriteShapes(num_layers, int(args.get("num_experts") or 0), args if hybrid else None)
     pieces = _as_megatron(model, shapes)
     opt_record = None
     if optimizer is not None and save_optim:

@@ -39,10 +39,13 @@ from __future__ import annotations
 import re
 from typing import Optional
 
+import torch
+
 __all__ = ["FUSED_NORMS", "UNFUSED_NORMS", "STACKED_PREFIX", "BLOCK_PREFIXES", "EXPERTS_PREFIX", "ALIASES",
            "is_stacked_key", "stacked_axes", "unstacked_name", "stacked_candidates", "split_layer_name",
            "split_block_name", "aliases_in", "is_legacy_bert", "flatten", "nest", "legacy_to_ours", "ours_to_legacy",
-           "legacy_qkv_to_ours"]
+           "legacy_qkv_to_ours", "MAMBA_FUSED_NORMS", "HYBRID_FUSED_NORMS", "HYBRID_UNFUSED_NORMS", "MAMBA_PARTS",
+           "hybrid_key", "hybrid_parts", "holds_hybrid_layers", "hybrid_to_ours", "ours_to_hybrid"]
 
 FUSED_NORMS = {
     "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
@@ -281,3 +284,97 @@ def legacy_qkv_to_ours(tensor, version: float, head_dim: int):
     else:  # [heads][head_dim][3] -> [heads][3][head_dim]
         ordered = tensor.reshape(heads, head_dim, 3, *rest).transpose(1, 2)
     return ordered.reshape(rows, *rest).contiguous()
+
+
+# ------------------------------------------------------------------ Mamba / hybrid models (MambaModel)
+#
+# Megatron-Core's MambaStack (megatron/core/ssm/mamba_block.py, 0.16.1) does NOT stack its layers
+# in torch_dist: each layer of a hybrid model, Mamba, attention or MLP alike, is stored under its
+# own global number (`decoder.layers.{i}.…`, no layer axis). Its one layer spec is Transformer
+# Engine's, so every norm before a linear layer has the fused name, the Mamba layer's too:
+#
+#   ours (MambaModel)                          Megatron-Core (torch_dist key, and `torch` state dict)
+#   decoder.layers.{i}.norm.weight             decoder.layers.{i}.mixer.in_proj.layer_norm_weight
+#   decoder.layers.{i}.input_layernorm.*       decoder.layers.{i}.self_attention.linear_qkv.layer_norm_*
+#   decoder.layers.{i}.pre_mlp_layernorm.*     decoder.layers.{i}.mlp.linear_fc1.layer_norm_*
+#   decoder.layers.{i}.mixer.{A_log, D, dt_bias, norm.weight, out_proj.weight}   the same
+#   decoder.final_norm.weight                  the same
+#
+# and the mixer's fused tensors are split into their parts, each a global tensor of its own (the
+# mixer's sharded_state_dict splits each rank's [z_r; x_r; B_r; C_r; dt_r] and shards every part
+# evenly over the tensor-parallel ranks, so a part's global tensor is its tp=1 rows):
+#
+#   mixer.in_proj.weight [z; x; B; C; dt]      mixer.in_proj.weight.z, .x, .B, .C, .dt
+#   mixer.conv1d.weight / .bias [x; B; C]      mixer.conv1d.weight.x, .B, .C (and .bias.x, .B, .C)
+#
+# In Megatron's `torch` rank files the layers are numbered within the pipeline stage and the fused
+# tensors are whole, each rank's rows [z_r; x_r; B_r; C_r; dt_r] (tp_layout.py merges and splits them).
+
+MAMBA_FUSED_NORMS = {"norm.weight": "mixer.in_proj.layer_norm_weight", "norm.bias": "mixer.in_proj.layer_norm_bias"}
+HYBRID_FUSED_NORMS = {**FUSED_NORMS, **MAMBA_FUSED_NORMS}
+HYBRID_UNFUSED_NORMS = {fused: ours for ours, fused in HYBRID_FUSED_NORMS.items()}
+MAMBA_PARTS = {"mixer.in_proj.weight": ("z", "x", "B", "C", "dt"), "mixer.conv1d.weight": ("x", "B", "C"),
+               "mixer.conv1d.bias": ("x", "B", "C")}
+_PER_LAYER_KEY = re.compile(r"^(decoder\.layers\.\d+\.)(.+)$")
+
+
+def hybrid_key(name: str) -> str:
+    """Megatron-Core's per-layer key of our (global) name in a hybrid model; for a split mixer
+    tensor the key its parts extend (`….mixer.in_proj.weight` -> `….mixer.in_proj.weight.z`, …)."""
+    match = _PER_LAYER_KEY.match(name)
+    if match is None:
+        return name
+    return match.group(1) + HYBRID_FUSED_NORMS.get(match.group(2), match.group(2))
+
+
+def hybrid_parts(name: str) -> Optional[tuple]:
+    """The part names (z, x, B, C, dt / x, B, C) Megatron-Core splits the mixer tensor `name` into, else None."""
+    match = _PER_LAYER_KEY.match(name)
+    return MAMBA_PARTS.get(match.group(2)) if match else None
+
+
+def holds_hybrid_layers(keys) -> bool:
+    """Whether Megatron-Core keys are a MambaStack's: layers under their own numbers, not stacked."""
+    return any(_PER_LAYER_KEY.match(key) for key in keys)
+
+
+def hybrid_to_ours(tensors: dict) -> dict:
+    """A hybrid model's tensors under Megatron-Core's per-layer keys (fused norms, split mixer
+    tensors) as ours: norms unfused, each split tensor the concatenation of its parts in order."""
+    out, parts = {}, {}
+    for key, tensor in tensors.items():
+        match = _PER_LAYER_KEY.match(key)
+        if match is None:
+            out[key] = tensor
+            continue
+        base, _, part = key.rpartition(".")
+        split = _PER_LAYER_KEY.match(base)
+        if split is not None and part in MAMBA_PARTS.get(split.group(2), ()):
+            parts.setdefault(base, {})[part] = tensor
+            continue
+        out[match.group(1) + HYBRID_UNFUSED_NORMS.get(match.group(2), match.group(2))] = tensor
+    for base, found in parts.items():
+        order = MAMBA_PARTS[_PER_LAYER_KEY.match(base).group(2)]
+        missing = [p for p in order if p not in found]
+        if missing:
+            raise KeyError(f"{base} is stored in parts {order}, but {', '.join(f'{base}.{p}' for p in missing)} "
+                           "are missing")
+        out[base] = torch.cat([found[p] for p in order], dim=0)
+    return out
+
+
+def ours_to_hybrid(tensors: dict, segments_of) -> dict:
+    """Our hybrid model's tensors (global names) under Megatron-Core's per-layer keys; a split mixer
+    tensor becomes its parts, `segments_of(name)` giving the parts' row counts (tp_layout.mamba_segments)."""
+    out = {}
+    for name, tensor in tensors.items():
+        key, parts = hybrid_key(name), hybrid_parts(name)
+        if parts is None:
+            out[key] = tensor
+            continue
+        sizes = list(segments_of(name))
+        if len(sizes) != len(parts) or sum(sizes) != tensor.shape[0]:
+            raise ValueError(f"{name} has {tensor.shape[0]} rows; its parts {parts} are {sizes} rows")
+        for part, chunk in zip(parts, torch.split(tensor, sizes, dim=0)):
+            out[f"{key}.{part}"] = chunk.contiguous()
+    return out

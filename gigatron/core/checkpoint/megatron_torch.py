@@ -173,7 +173,7 @@ def load_training_state(iter_dir: str, model_chunks: Sequence[torch.nn.Module], 
 # The modules of a Megatron-Core GPT layer (and the output layer) that carry an `_extra_state`
 # entry in its state dict (None without Transformer Engine's FP8 metadata).
 _EXTRA_STATE_SUFFIXES = ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1",
-                         "mlp.linear_fc2")
+                         "mlp.linear_fc2", "mixer.in_proj", "mixer.out_proj")
 
 
 def megatron_file_content(header: dict, state_dict: dict, transformer_engine: bool = False) -> dict:
@@ -181,14 +181,16 @@ def megatron_file_content(header: dict, state_dict: dict, transformer_engine: bo
     argparse.Namespace of plain values (it reads `args.tensor_model_parallel_size` and friends; a
     Namespace is on our loader's allow-list), and the model with `_extra_state: None` beside each
     linear module (Megatron-Core's strict load expects them); `transformer_engine`: the norms under
-    the Transformer Engine spec's fused names (`self_attention.linear_qkv.layer_norm_weight`, ...)."""
-    from gigatron.core.checkpoint.megatron_names import FUSED_NORMS, split_layer_name
+    the Transformer Engine spec's fused names (`self_attention.linear_qkv.layer_norm_weight`, ...;
+    a Mamba layer's `norm.weight` as `mixer.in_proj.layer_norm_weight`: Megatron-Core's only Mamba
+    stack spec is Transformer Engine's, so a MambaModel is always written with it)."""
+    from gigatron.core.checkpoint.megatron_names import HYBRID_FUSED_NORMS, split_layer_name
 
     model = {}
     for name, tensor in state_dict.items():
         split = split_layer_name(name)
-        if transformer_engine and split is not None and split[1] in FUSED_NORMS:
-            name = f"decoder.layers.{split[0]}.{FUSED_NORMS[split[1]]}"
+        if transformer_engine and split is not None and split[1] in HYBRID_FUSED_NORMS:
+            name = f"decoder.layers.{split[0]}.{HYBRID_FUSED_NORMS[split[1]]}"
         model[name] = tensor
         module, _, leaf = name.rpartition(".")
         if leaf == "weight" and (module == "output_layer" or module.endswith(_EXTRA_STATE_SUFFIXES)):

@@ -39,7 +39,7 @@ from gigatron.core.checkpoint.io import (
     to_plain,
     verify_file,
 )
-from gigatron.core.checkpoint.megatron_names import UNFUSED_NORMS
+from gigatron.core.checkpoint.megatron_names import HYBRID_UNFUSED_NORMS
 from gigatron.core.checkpoint.paths import checkpoint_dir, write_tracker
 from gigatron.core.checkpoint.state import ModelState, TrainingState
 from gigatron.core.checkpoint.tp_layout import mamba_segments, merge_from_tp
@@ -69,9 +69,9 @@ _RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?(?:_(\d{3}))?$")
 _LAYER = re.compile(r"^(decoder|encoder)\.layers\.(\d+)\.(.+)$")
 _EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(.+)$")
 
-# Megatron-LM's Transformer Engine layer spec fuses the norms into the following linear layer
-# (megatron_names.UNFUSED_NORMS), the Mamba layer's norm into its input projection.
-_TE_NORM_NAMES = {**UNFUSED_NORMS, "mixer.in_proj.layer_norm_weight": "norm.weight"}
+# Megatron-LM's Transformer Engine layer spec fuses the norms into the following linear layer, the
+# Mamba layer's norm into its input projection (megatron_names.HYBRID_UNFUSED_NORMS).
+_TE_NORM_NAMES = HYBRID_UNFUSED_NORMS
 
 
 # ------------------------------------------------------------------ paths

@@ -6,6 +6,7 @@
     recipe = FP8Recipe.for_device(config, device)        # once, when the model is built
     state = FP8LinearState.from_config(config, device)   # one per linear (delayed only)
     y = fp8_linear(x, weight, bias, recipe, state)       # every step
+    y = fp8_grouped_mm(x, w, tokens_per_expert, recipe, history, scale)  # GroupedMLP experts
     update_fp8_states(all_states, group)                 # after each step's last backward
 """
 
@@ -29,7 +30,7 @@ from .config import (
     check_fp8_param_gather,
     layer_uses_fp8,
 )
-from .linear import FP8Recipe, blockwise_scaled_mm_works, fp8_linear, scaled_gemm
+from .linear import FP8Recipe, blockwise_scaled_mm_works, fp8_grouped_mm, fp8_linear, scaled_gemm
 from .sequence_parallel import all_gather_fp8, fp8_linear_with_sequence_parallel_gather
 from .state import FP8LinearState, update_fp8_states
 
@@ -37,6 +38,6 @@ __all__ = [
     "E4M3", "E5M2", "FP8_MAX", "Quantized", "dequantize", "format_dtypes", "quantize_128x128",
     "quantize_1x128", "quantize_tensorwise", "saturating_cast", "scale_from_amax",
     "FP8Config", "check_bf16_layer_counts", "check_fp8_device", "check_fp8_param_gather", "layer_uses_fp8",
-    "FP8Recipe", "blockwise_scaled_mm_works", "fp8_linear", "scaled_gemm",
+    "FP8Recipe", "blockwise_scaled_mm_works", "fp8_grouped_mm", "fp8_linear", "scaled_gemm",
     "FP8LinearState", "update_fp8_states", "all_gather_fp8", "fp8_linear_with_sequence_parallel_gather",
 ]

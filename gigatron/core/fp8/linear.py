@@ -22,6 +22,9 @@ Recipes:
   power-of-two scales) and multiplied in bf16 on CUDA (the product rounded to bf16, as a bf16
   layer's) or in fp32 on the CPU.
 
+`fp8_grouped_mm` (end of this module) is the same for the experts of a GroupedMLP, x [N, K] rows
+grouped by expert times w [G, K, M], one scale per expert (see gigatron.core.fp8.grouped).
+
 Saved for backward: the FP8 x (x^T for blockwise) and FP8 W, half the bytes of bf16 (with
 --no-fp8-wgrad: x in its own dtype). Outputs and input gradients come in x's dtype. The weight
 gradient is computed in fp32 and added into `weight.main_grad` when the weight has one (our DDP
@@ -49,9 +52,10 @@ from .casting import (
     quantize_tensorwise,
     scale_from_amax,
 )
+from .grouped import scaled_fp8_grouped_mm, scaled_grouped_mm_works
 from .state import GRAD_OUTPUT, INPUT, WEIGHT, FP8LinearState, record_amax
 
-__all__ = ["FP8Recipe", "fp8_linear", "quantize_weight", "scaled_gemm", "blockwise_scaled_mm_works"]
+__all__ = ["FP8Recipe", "fp8_linear", "fp8_grouped_mm", "quantize_weight", "scaled_gemm", "blockwise_scaled_mm_works"]
 
 
 @dataclass(frozen=True)
@@ -63,21 +67,24 @@ class FP8Recipe:
     bwd_dtype: torch.dtype
     wgrad_in_fp8: bool = True
     blockwise_backend: str = "dequantize"  # scaled_mm (Hopper, probed) | dequantize
+    grouped_backend: str = "emulate"  # scaled_grouped_mm (Hopper, probed) | emulate: GroupedMLP experts
 
     @classmethod
     def for_device(cls, config, device=None) -> "FP8Recipe":
-        """The recipe of an FP8Config on `device` (the blockwise GEMM path is probed on CUDA)."""
+        """The recipe of an FP8Config on `device` (the blockwise GEMM path and, for tensorwise and
+        delayed, the grouped experts' torch._scaled_grouped_mm path are probed on CUDA)."""
         if config.fp8_recipe not in ("tensorwise", "delayed", "blockwise"):
             raise ValueError(f"--fp8-recipe {config.fp8_recipe} has no FP8 linear here; use tensorwise, "
                              f"delayed or blockwise")
         fwd, bwd = format_dtypes(config.fp8)
-        backend = "dequantize"
-        if config.fp8_recipe == "blockwise":
-            device = torch.device(device if device is not None else
-                                  ("cuda" if torch.cuda.is_available() else "cpu"))
-            if device.type == "cuda" and blockwise_scaled_mm_works(device, fwd, bwd):
+        backend, grouped = "dequantize", "emulate"
+        device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+        if device.type == "cuda":
+            if config.fp8_recipe == "blockwise" and blockwise_scaled_mm_works(device, fwd, bwd):
                 backend = "scaled_mm"
-        return cls(config.fp8_recipe, fwd, bwd, config.fp8_wgrad, backend)
+            if config.fp8_recipe != "blockwise" and scaled_grouped_mm_works(device, config.fp8_wgrad):
+                grouped = "scaled_grouped_mm"
+        return cls(config.fp8_recipe, fwd, bwd, config.fp8_wgrad, backend, grouped)
 
 
 # ---------------------------------------------------------------------- GEMMs
@@ -280,3 +287,38 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     else:
         history = scale = None
     return _FP8LinearFunction.apply(x, weight, bias, history, scale, recipe, accumulate_into_main_grad)
+
+
+def _blockwise_grouped_mm(x: torch.Tensor, w: torch.Tensor, tokens_per_expert: torch.Tensor,
+                          recipe: FP8Recipe) -> torch.Tensor:
+    """Blockwise recipe for grouped experts: one fp8_linear per expert (no grouped kernel takes
+    1x128 / 128x128 scales); expert g's weight [M, K] is the transpose of w[g]."""
+    counts = [int(c) for c in tokens_per_expert.tolist()]
+    pieces = torch.split(x, counts, dim=0)
+    # An expert without rows: an empty product (zero gradients, still in the autograd graph).
+    outs = [fp8_linear(piece, w[g].t(), None, recipe, None, accumulate_into_main_grad=False)
+            if piece.shape[0] else piece @ w[g].to(piece.dtype) for g, piece in enumerate(pieces)]
+    if not outs:
+        return x.new_zeros(0, w.shape[-1])
+    return torch.cat(outs, dim=0)  # [N, M]
+
+
+def fp8_grouped_mm(x: torch.Tensor, w: torch.Tensor, tokens_per_expert: torch.Tensor, recipe: FP8Recipe,
+                   history: Optional[torch.Tensor] = None, scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x [N, K] grouped by expert (tokens_per_expert [G] rows each), w [G, K, M] -> [N, M]: the
+    grouped experts' GEMM and its two backward GEMMs in FP8 by `recipe`, one scale per expert
+    (gigatron.core.fp8.grouped). Delayed: `history` [G, L, 3] and `scale` [G, 3], the experts'
+    stacked FP8LinearStates. Communicates nothing."""
+    if w.dim() != 3 or x.dim() != 2 or x.shape[1] != w.shape[1]:
+        raise ValueError(f"fp8_grouped_mm: expected x [N, K] and w [G, K, M], got {tuple(x.shape)} and "
+                         f"{tuple(w.shape)}")
+    if tokens_per_expert.numel() != w.shape[0]:
+        raise ValueError(f"fp8_grouped_mm: {tokens_per_expert.numel()} group sizes for {w.shape[0]} experts")
+    if recipe.kind == "blockwise":
+        return _blockwise_grouped_mm(x, w, tokens_per_expert, recipe)
+    if recipe.kind == "delayed":
+        if history is None or scale is None:
+            raise ValueError("fp8_grouped_mm: --fp8-recipe delayed needs the experts' stacked amax history and scales")
+    else:
+        history = scale = None
+    return scaled_fp8_grouped_mm(x, w, tokens_per_expert, recipe, history, scale)

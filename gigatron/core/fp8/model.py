@@ -7,14 +7,25 @@
     load_fp8_state_dict(states, saved)                     # resume (missing names keep a fresh state)
 
 Selection (Megatron's): the QKV, projection and MLP fc1/fc2 linears (the shared experts' too) of
-every TransformerLayer whose global layer number `layer_uses_fp8` selects, and the experts of a
-SequentialMLP in those layers. The output layer and the embeddings stay in the parameters' dtype,
-and so do GroupedMLP experts (their grouped GEMM has no FP8 form here yet).
+every TransformerLayer whose global layer number `layer_uses_fp8` selects, and the routed experts
+of those layers: SequentialMLP experts (one FP8 linear each) and GroupedMLP experts
+(--moe-grouped-gemm: fc1 and fc2 as FP8 grouped GEMMs, forward, dgrad and wgrad, one scale per
+expert; `GroupedMLP.fp8_slots` gives one entry per expert and GEMM). The output layer and the
+embeddings stay in the parameters' dtype.
+
+GroupedMLP experts by recipe (gigatron.core.fp8.grouped): tensorwise and delayed run
+torch._scaled_grouped_mm on Hopper (probed when the recipe is made; elsewhere, or with expert
+dims not multiples of 16, the same FP8 math runs as dequantized per-expert GEMMs), with E4M3
+gradients under both --fp8-format values (the grouped kernel takes E4M3 only); blockwise runs
+`fp8_linear` expert by expert (no grouped kernel takes 1x128/128x128 scales), FP8 numerics without
+FP8 grouped speed. --fp8-param-gather leaves GroupedMLP weights to the bf16 all-gather (they are
+cast per expert in each forward).
 
 States are named by the linear's global module name (`decoder.layers.7.self_attention.linear_qkv`;
-experts by their global expert number, `decoder.layers.3.mlp.experts.local_experts.5.linear_fc1`),
-so a checkpoint's FP8 state loads at another pipeline or tensor-parallel layout. Only the delayed
-recipe has state; tensorwise and blockwise scale from each tensor itself.
+experts by their global expert number, `decoder.layers.3.mlp.experts.local_experts.5.linear_fc1`,
+the same names for SequentialMLP and GroupedMLP experts), so a checkpoint's FP8 state loads at
+another pipeline, tensor or expert-parallel layout. Only the delayed recipe has state; tensorwise
+and blockwise scale from each tensor itself.
 """
 
 from __future__ import annotations
@@ -46,7 +57,7 @@ def fp8_linears(module: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Module]
     selected or not."""
     from gigatron.core.parallel.layers import ColumnParallelLinear, RowParallelLinear
     from gigatron.core.transformer.layer import TransformerLayer
-    from gigatron.core.transformer.moe.experts import _ExpertLinear
+    from gigatron.core.transformer.moe.experts import GroupedMLP, _ExpertLinear
 
     for path, layer in module.named_modules():
         if not isinstance(layer, TransformerLayer):
@@ -59,6 +70,8 @@ def fp8_linears(module: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Module]
                 yield f"{prefix}.{name}", sub
             elif isinstance(sub, _ExpertLinear) and sub.fp8_key is not None:
                 yield sub.fp8_key, sub
+            elif isinstance(sub, GroupedMLP):
+                yield from sub.fp8_slots()
 
 
 def enable_fp8(module: torch.nn.Module, config: FP8Config, recipe: FP8Recipe,

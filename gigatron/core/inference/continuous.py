@@ -64,7 +64,7 @@ import torch.nn.functional as F
 
 from gigatron.core.inference.decode_step import DecodeStep
 from gigatron.core.inference.engine import InferenceEngine, SamplingParams
-from gigatron.core.inference.kv_cache import InferenceContext
+from gigatron.core.inference.kv_cache import InferenceContext, cache_head_dims
 from gigatron.core.inference.sampling import greedy_tokens, sample
 from gigatron.core.inference.state_cache import inference_context_for, is_recurrent_model, mamba_state_bytes_per_row
 
@@ -73,17 +73,18 @@ __all__ = ["Sequence", "ContinuousBatcher", "SlotDecodeStep", "continuous_capabl
 
 
 def slot_bytes(model, max_sequence_length: int) -> int:
-    """KV-cache bytes of one slot: keys and values of every local attention layer for S positions
-    (2 * layers * S * key/value groups on this rank * head dim * bytes per element), plus a Mamba
-    model's recurrent states of one sequence (state_cache.py; constant in S)."""
-    config = model.config
+    """KV-cache bytes of one slot: what every local attention layer caches for S positions
+    (layers * S * groups on this rank * (key head dim + value head dim) * bytes per element; for
+    multi-latent attention one latent of kv_lora_rank + qk_pos_emb_head_dim per position, see
+    kv_cache.cache_head_dims), plus a Mamba model's recurrent states of one sequence
+    (state_cache.py; constant in S)."""
     element = next(model.parameters()).element_size()
-    groups = config.num_query_groups // config.tensor_model_parallel_size
+    groups, key_dim, value_dim = cache_head_dims(model.config)
+    per_position = groups * (key_dim + value_dim) * element
     if not is_recurrent_model(model):
-        return 2 * len(model.decoder.layers) * max_sequence_length * groups * config.kv_channels * element
+        return len(model.decoder.layers) * max_sequence_length * per_position
     attention = sum(hasattr(layer, "self_attention") for layer in model.decoder.layers)
-    return (2 * attention * max_sequence_length * groups * config.kv_channels * element
-            + mamba_state_bytes_per_row(model))
+    return attention * max_sequence_length * per_position + mamba_state_bytes_per_row(model)
 
 
 def slots_for_buffer(model, max_sequence_length: int, buffer_gb: float) -> int:
@@ -218,13 +219,7 @@ class SlotDecodeStep:
         themselves rather than views of them (which would make it copy the cache back)."""
         view = self.views.get(b)
         if view is None:
-            view = object.__new__(InferenceContext)
-            view.max_batch_size = self.ctx.max_batch_size
-            view.max_sequence_length = self.ctx.max_sequence_length
-            view.key_cache = dict(self.ctx.key_cache)
-            view.value_cache = dict(self.ctx.value_cache)
-            view.positions, view._rows, view.kv_len = None, None, self.ctx.max_sequence_length
-            self.views[b] = view
+            view = self.views[b] = self.ctx.whole()
         return view
 
     def _compute(self, ctx: InferenceContext, tokens: torch.Tensor, positions: torch.Tensor):
@@ -247,7 +242,7 @@ class SlotDecodeStep:
         saved_inputs = (self.tokens.clone(), self.positions.clone())
         self.tokens.zero_()
         self.positions.zero_()
-        saved = {k: (ctx.key_cache[k][:b, :1].clone(), ctx.value_cache[k][:b, :1].clone()) for k in ctx.key_cache}
+        saved = [t[:b, :1].clone() for t in ctx.tensors()]
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream(device)
@@ -259,9 +254,8 @@ class SlotDecodeStep:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             outputs = self._call(b)
-        for k, (kc, vc) in saved.items():
-            ctx.key_cache[k][:b, :1].copy_(kc)
-            ctx.value_cache[k][:b, :1].copy_(vc)
+        for t, kept in zip(ctx.tensors(), saved):
+            t[:b, :1].copy_(kept)
         self.tokens.copy_(saved_inputs[0])
         self.positions.copy_(saved_inputs[1])
         self.graphs[b] = (graph, outputs)
@@ -460,15 +454,7 @@ class ContinuousBatcher:
     def _slot_view(self, slot: int) -> InferenceContext:
         """The cache of one slot as a one-row context (views of the cache tensors: writes land in
         the slot)."""
-        if getattr(self.ctx, "mamba_states", None) is not None:
-            return self.ctx.rows(slot, slot + 1)
-        view = object.__new__(InferenceContext)
-        view.max_batch_size = 1
-        view.max_sequence_length = self.S
-        view.key_cache = {k: t[slot: slot + 1] for k, t in self.ctx.key_cache.items()}
-        view.value_cache = {k: t[slot: slot + 1] for k, t in self.ctx.value_cache.items()}
-        view.positions, view._rows, view.kv_len = None, None, self.S
-        return view
+        return self.ctx.rows(slot, slot + 1)
 
     def _device_longs(self, values: List[int]) -> torch.Tensor:
         """A host list as a long tensor on the device, copied asynchronously (from pinned memory)."""
@@ -530,17 +516,10 @@ class ContinuousBatcher:
             logits, lp, packed = self.decoder.run(positions)
             return order, logits, lp, packed
         lengths = None
+        view = self.ctx.rows(0, m)
         if getattr(self.ctx, "mamba_states", None) is not None:
             # The padding fed by free and prefilling slots must not reach their recurrent states.
-            view = self.ctx.rows(0, m)
             lengths = self._device_longs([int(id(self.slots[r]) in now) for r in range(m)])
-        else:
-            view = object.__new__(InferenceContext)
-            view.max_batch_size = m
-            view.max_sequence_length = self.S
-            view.key_cache = {k: t[:m] for k, t in self.ctx.key_cache.items()}
-            view.value_cache = {k: t[:m] for k, t in self.ctx.value_cache.items()}
-            view.positions, view._rows, view.kv_len = None, None, self.S
         logits = engine._forward(view, self._device_longs(tokens)[:, None], self._device_longs(positions)[:, None],
                                  max(positions) + 1, lengths=lengths)[:, -1]  # [m, V]
         return order, logits, F.log_softmax(logits, dim=-1), None

@@ -22,6 +22,9 @@ embedding, layers and output layer itself and picks, per call, the decode kernel
   `decode_attention_preferred`; `DecodeKernels.attention`; the continuous batch's step attends
   through it at every batch size, `DecodeKernels.attention_every_batch`); MoE layers run their
   own MLP module;
+- multi-latent attention layers (--multi-latent-attention) run MLASelfAttention's own forward with
+  the latent cache (transformer/mla.py: the absorbed form for one new token per row), their MLPs as
+  above;
 - with `DecodeKernels.pdl`, on GPUs that have it (Hopper and later), those kernels are launched
   with programmatic dependent launch (gemv.pdl_supported): each streams its weights while the
   kernel before it finishes.
@@ -52,6 +55,7 @@ from gigatron.core.parallel.mappings import (
 )
 from gigatron.core.transformer.attention import check_attention_backend
 from gigatron.core.transformer.layer import bias_dropout_add
+from gigatron.core.transformer.mla import MLASelfAttention
 
 __all__ = ["DecodeKernels", "DecodeStep"]
 
@@ -84,7 +88,8 @@ def _fusable_activation(layer) -> Optional[str]:
     """The fused GEMV's name for a layer's MLP activation when the layer can run as four fused
     GEMVs at all (a dense MLP, tp = 1, the residual taken before the norms); None otherwise."""
     cfg = layer.config
-    if layer.is_moe or cfg.tensor_model_parallel_size != 1 or cfg.apply_residual_connection_post_layernorm:
+    if (layer.is_moe or cfg.tensor_model_parallel_size != 1 or cfg.apply_residual_connection_post_layernorm
+            or isinstance(layer.self_attention, MLASelfAttention)):
         return None
     return fused_activation_name(getattr(layer.mlp, "activation", None))
 
@@ -122,6 +127,8 @@ class DecodeStep:
 
     def _attention_kernel(self, attention, s: int, b: int) -> bool:
         """A step of s = 1 new token per row attends through the decode-attention kernel."""
+        if attention.core_attention.window_size is not None:  # the kernel attends the whole cache
+            return False
         return self.attention and s == 1 and (self.attention_every_batch
                                               or decode_attention_preferred(b, attention.num_heads))
 
@@ -170,6 +177,8 @@ class DecodeStep:
 
     def _self_attention(self, attention, x: torch.Tensor, mask, rotary, ctx):
         """SelfAttention.forward with the cache: -> (out [s, b, h], linear_proj bias or None)."""
+        if isinstance(attention, MLASelfAttention):  # its own forward with the latent cache
+            return attention(x, mask, rotary, inference_context=ctx)
         mixed, _ = self._column(attention.linear_qkv, x)  # [s, b, ng*(hpg+2)*d]
         q, k, v = attention.query_key_value(mixed, rotary)
         if self._attention_kernel(attention, q.shape[0], q.shape[1]):
@@ -177,7 +186,7 @@ class DecodeStep:
                                  pdl=self.pdl)  # [1, b, nq*d]
         else:
             k, v = ctx.store(attention.layer_number, k, v)  # [kv_len, b, ng, d] each
-            context = attention.core_attention(q, k, v, mask)  # [s, b, nq*d]
+            context = attention.core_attention(q, k, v, mask, window_in_mask=True)  # [s, b, nq*d]
         return self._row(attention.linear_proj, context)
 
     def _mlp(self, layer, x: torch.Tensor):

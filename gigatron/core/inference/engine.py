@@ -324,7 +324,7 @@ class InferenceEngine:
         states = getattr(ctx, "mamba_states", None)
         if states is not None:
             states.set_lengths(lengths)
-        mask = causal_cache_mask(positions, kv_len)  # [b, 1, s, kv_len]
+        mask = causal_cache_mask(positions, kv_len, getattr(self.config, "window_size", None))  # [b, 1, s, kv_len]
         logits = (self.model if model is None else model)(tokens, positions, mask, inference_context=ctx)  # [s, b, Vp/tp]
         return self._full_logits(logits)
 
@@ -701,7 +701,7 @@ class InferenceEngine:
             new = torch.tensor([x[1] for x in next_beams], device=device)
             scores = torch.tensor([x[2] for x in next_beams], device=device)
             tokens = torch.cat([tokens[beam_idx], new[:, None]], dim=1)  # [bw, cur_len]
-            for cache in (*ctx.key_cache.values(), *ctx.value_cache.values()):
+            for cache in ctx.tensors():
                 cache[:beam_width] = cache[beam_idx]  # reorder rows to follow their beams
             if getattr(ctx, "mamba_states", None) is not None:
                 ctx.mamba_states.reorder(beam_idx)
@@ -792,8 +792,7 @@ class _DecodeGraph:
         saved_inputs = (tokens.clone(), positions.clone())
         tokens.zero_()
         positions.zero_()
-        saved = {k: (ctx.key_cache[k][:batch, :1].clone(), ctx.value_cache[k][:batch, :1].clone())
-                 for k in ctx.key_cache}
+        saved = [t[:batch, :1].clone() for t in ctx.tensors()]
         states = getattr(ctx, "mamba_states", None)  # the Mamba layers' recurrent states advance too
         saved_states = [t[:batch].clone() for t in states.tensors()] if states is not None else []
         step = engine._step_function()
@@ -808,9 +807,8 @@ class _DecodeGraph:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=pool):
             self.logits, self.greedy = step(ctx, self.tokens, self.positions, kv_len)  # [b, V], [b]
-        for k, (kc, vc) in saved.items():
-            ctx.key_cache[k][:batch, :1].copy_(kc)
-            ctx.value_cache[k][:batch, :1].copy_(vc)
+        for t, kept in zip(ctx.tensors(), saved):
+            t[:batch, :1].copy_(kept)
         if states is not None:
             for t, kept in zip(states.tensors(), saved_states):
                 t[:batch].copy_(kept)

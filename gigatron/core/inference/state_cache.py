@@ -37,7 +37,7 @@ from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 
-from gigatron.core.inference.kv_cache import InferenceContext
+from gigatron.core.inference.kv_cache import InferenceContext, cache_head_dims
 
 __all__ = ["MambaStateCache", "HybridInferenceContext", "inference_context_for", "is_recurrent_model",
            "mamba_state_bytes_per_row"]
@@ -143,30 +143,25 @@ class HybridInferenceContext(InferenceContext):
     rows(start, stop) -> a context over rows start..stop-1 of both caches (views)."""
 
     def __init__(self, attention_layer_numbers: Iterable[int], mamba_states: MambaStateCache, max_batch_size: int,
-                 max_sequence_length: int, num_groups: int, head_dim: int, dtype: torch.dtype, device):
+                 max_sequence_length: int, num_groups: int, head_dim: int, dtype: torch.dtype, device,
+                 value_head_dim: Optional[int] = None):
         super().__init__(attention_layer_numbers, max_batch_size, max_sequence_length, num_groups, head_dim,
-                         dtype, device)
+                         dtype, device, value_head_dim=value_head_dim)
         self.mamba_states = mamba_states
 
     @classmethod
     def for_model(cls, model, max_batch_size: int, max_sequence_length: int, dtype=None, device=None):
-        config = model.config
         param = next(model.parameters())
-        tp = config.tensor_model_parallel_size
+        groups, key_dim, value_dim = cache_head_dims(model.config)
         return cls(_attention_layer_numbers(model), MambaStateCache.for_model(model, max_batch_size, dtype, device),
-                   max_batch_size, max_sequence_length, config.num_query_groups // tp, config.kv_channels,
-                   dtype or param.dtype, device or param.device)
+                   max_batch_size, max_sequence_length, groups, key_dim, dtype or param.dtype,
+                   device or param.device, value_head_dim=value_dim)
 
     def nbytes(self) -> int:
         return super().nbytes() + self.mamba_states.nbytes()
 
     def rows(self, start: int, stop: int) -> "HybridInferenceContext":
-        view = object.__new__(HybridInferenceContext)
-        view.max_batch_size = stop - start
-        view.max_sequence_length = self.max_sequence_length
-        view.key_cache = {k: t[start:stop] for k, t in self.key_cache.items()}
-        view.value_cache = {k: t[start:stop] for k, t in self.value_cache.items()}
-        view.positions, view._rows, view.kv_len = None, None, self.max_sequence_length
+        view = super().rows(start, stop)
         view.mamba_states = self.mamba_states.rows(start, stop)
         return view
 

@@ -15,10 +15,13 @@ installed causal_conv1d runs the kernels of gigatron/core/ops/causal_conv1d_trit
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
+
+from gigatron.core.ops.ssd_recompute import keep_inputs_only
 
 __all__ = ["reference_causal_conv1d", "causal_conv1d"]
 
@@ -49,12 +52,15 @@ def reference_causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: Optiona
 def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, silu: bool = True,
                   kernel: str = "auto") -> torch.Tensor:
     """The causal depthwise convolution; kernel: "auto" (Triton on CUDA when installed, else the
-    reference), "triton" or "reference"."""
+    reference), "triton" or "reference". Either keeps only x, weight and bias for backward (the
+    reference recomputes its fp32 intermediates there; gigatron/core/ops/ssd_recompute.py)."""
     if kernel == "auto":
-        from gigatron.core.ops.ssd import ssd_triton_available
+        from gigatron.core.ops.ssd_base import ssd_triton_available
         kernel = "triton" if x.is_cuda and ssd_triton_available() else "reference"
     if kernel == "reference":
-        return reference_causal_conv1d(x, weight, bias, silu)
+        # Keeps x (a view of the in_proj output in the mixer), weight and bias, as the Triton kernel
+        # does, instead of fp32 copies of x and of the pre-activation; recomputed in backward.
+        return keep_inputs_only(functools.partial(reference_causal_conv1d, silu=silu), x, weight, bias)
     if kernel == "triton":
         _check(x, weight, bias)
         if not x.is_cuda:

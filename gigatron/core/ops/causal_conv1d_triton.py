@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["triton_causal_conv1d"]
+__all__ = ["triton_causal_conv1d", "conv_forward", "conv_backward"]
 
 BLOCK_L = 64
 BLOCK_D = 64
@@ -119,40 +119,54 @@ def _grid(b: int, l: int, d: int):
     return (b, triton.cdiv(l, BLOCK_L), triton.cdiv(d, BLOCK_D))
 
 
+def conv_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], silu: bool) -> torch.Tensor:
+    """x [b, l, d] (any strides), weight [d, W], bias [d] | None -> [b, l, d] in x's layout, no graph."""
+    b, l, d = x.shape
+    width = weight.shape[1]
+    w = weight.contiguous()
+    out = _like_layout(x, x.dtype)
+    _conv_forward_kernel[_grid(b, l, d)](
+        x, w, bias if bias is not None else w, out, l, d, *x.stride(), *out.stride(),
+        WIDTH=width, HAS_BIAS=bias is not None, SILU=silu, BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D, num_warps=4)
+    return out
+
+
+def conv_backward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], silu: bool,
+                  dout: torch.Tensor, weight_dtype: torch.dtype):
+    """(dx in x's layout, dweight [d, W] in weight_dtype, dbias | None) from x, the parameters and
+    dout [b, l, d] (any strides)."""
+    b, l, d = x.shape
+    w = weight.contiguous()
+    width = w.shape[1]
+    g = torch.empty(b, l, d, dtype=torch.float32, device=x.device)
+    _conv_grad_pre_kernel[_grid(b, l, d)](
+        x, w, bias if bias is not None else w, dout, g, l, d, *x.stride(), *dout.stride(),
+        WIDTH=width, HAS_BIAS=bias is not None, SILU=silu, BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D, num_warps=4)
+    nblocks_l = triton.cdiv(l, BLOCK_L)
+    dx = _like_layout(x, x.dtype)
+    dw_part = torch.empty(b * nblocks_l, width, d, dtype=torch.float32, device=x.device)
+    db_part = torch.empty(b * nblocks_l, d, dtype=torch.float32, device=x.device)
+    _conv_backward_kernel[_grid(b, l, d)](
+        x, w, g, dx, dw_part, db_part, l, d, nblocks_l, *x.stride(), *dx.stride(),
+        WIDTH=width, BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D, num_warps=4)
+    dweight = dw_part.sum(0).t().to(weight_dtype)  # [d, W]
+    dbias = db_part.sum(0).to(bias.dtype) if bias is not None else None
+    return dx, dweight, dbias
+
+
 class _CausalConv1d(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, silu):
-        b, l, d = x.shape
-        width = weight.shape[1]
         w = weight.contiguous()
-        out = _like_layout(x, x.dtype)
-        _conv_forward_kernel[_grid(b, l, d)](
-            x, w, bias if bias is not None else w, out, l, d, *x.stride(), *out.stride(),
-            WIDTH=width, HAS_BIAS=bias is not None, SILU=silu, BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D, num_warps=4)
         ctx.save_for_backward(x, w, bias)
         ctx.silu = silu
         ctx.weight_dtype = weight.dtype
-        return out
+        return conv_forward(x, w, bias, silu)
 
     @staticmethod
     def backward(ctx, dout):
         x, w, bias = ctx.saved_tensors
-        b, l, d = x.shape
-        width = w.shape[1]
-        g = torch.empty(b, l, d, dtype=torch.float32, device=x.device)
-        _conv_grad_pre_kernel[_grid(b, l, d)](
-            x, w, bias if bias is not None else w, dout, g, l, d, *x.stride(), *dout.stride(),
-            WIDTH=width, HAS_BIAS=bias is not None, SILU=ctx.silu, BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D, num_warps=4)
-        nblocks_l = triton.cdiv(l, BLOCK_L)
-        dx = _like_layout(x, x.dtype)
-        dw_part = torch.empty(b * nblocks_l, width, d, dtype=torch.float32, device=x.device)
-        db_part = torch.empty(b * nblocks_l, d, dtype=torch.float32, device=x.device)
-        _conv_backward_kernel[_grid(b, l, d)](
-            x, w, g, dx, dw_part, db_part, l, d, nblocks_l, *x.stride(), *dx.stride(),
-            WIDTH=width, BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D, num_warps=4)
-        dweight = dw_part.sum(0).t().to(ctx.weight_dtype)  # [d, W]
-        dbias = db_part.sum(0).to(bias.dtype) if bias is not None else None
-        return dx, dweight, dbias, None
+        return (*conv_backward(x, w, bias, ctx.silu, dout, ctx.weight_dtype), None)
 
 
 def triton_causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,

@@ -26,13 +26,17 @@ input), which changes neither the outputs nor the final state.
 
 from __future__ import annotations
 
+import functools
 from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["reference_ssd_scan", "chunked_ssd_scan", "ssd_scan", "ssd_triton_available", "ssd_flops",
-           "DEFAULT_CHUNK_SIZE"]
+from gigatron.core.ops.ssd_base import split_xbc, ssd_triton_available  # noqa: F401 - part of this module's API
+from gigatron.core.ops.ssd_recompute import keep_inputs_only
+
+__all__ = ["reference_ssd_scan", "chunked_ssd_scan", "ssd_scan", "conv_ssd_scan", "split_xbc",
+           "ssd_triton_available", "ssd_flops", "DEFAULT_CHUNK_SIZE"]
 
 # Megatron-Core's MambaMixer chunk size.
 DEFAULT_CHUNK_SIZE = 128
@@ -148,13 +152,6 @@ def chunked_ssd_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torc
     return y.to(x.dtype), state
 
 
-def ssd_triton_available() -> bool:
-    """Whether the Triton kernels can be imported (Triton installed)."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def ssd_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
@@ -163,7 +160,10 @@ def ssd_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor
     """The SSD scan: (y [b, l, h, p], final state [b, h, p, n] fp32).
 
     kernel: "auto" (Triton on CUDA tensors when Triton is installed, else the chunked PyTorch path),
-    "triton", "chunked" or "reference" (the sequential recurrence)."""
+    "triton", "chunked" or "reference" (the sequential recurrence). The Triton and chunked paths
+    keep only their inputs for backward (x, dt, A, B, C, D, initial_state) and recompute the rest
+    there; the chunked path through gigatron/core/ops/ssd_recompute.py, with gradients bitwise
+    those of chunked_ssd_scan's own autograd graph."""
     if kernel == "auto":
         kernel = "triton" if x.is_cuda and ssd_triton_available() else "chunked"
     if kernel == "triton":
@@ -175,10 +175,49 @@ def ssd_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor
         _check_shapes(x, dt, A, B, C, D, initial_state)
         return triton_ssd_scan(x, dt, A, B, C, D, initial_state, chunk_size)
     if kernel == "chunked":
-        return chunked_ssd_scan(x, dt, A, B, C, D, initial_state, chunk_size)
+        # Keeps the inputs only (x, B, C stay views of the conv1d output), as the Triton scan does,
+        # instead of the per-chunk decay and score matrices; they are recomputed in backward.
+        _check_shapes(x, dt, A, B, C, D, initial_state)
+        return keep_inputs_only(functools.partial(chunked_ssd_scan, chunk_size=chunk_size), x, dt, A, B, C, D,
+                                initial_state)
     if kernel == "reference":
         return reference_ssd_scan(x, dt, A, B, C, D, initial_state)
     raise ValueError(f"ssd scan: kernel {kernel!r} is not one of auto, triton, chunked, reference")
+
+
+
+
+def _conv_then_chunked(xbc, weight, bias, dt, A, D, sizes, chunk_size):
+    from gigatron.core.ops.causal_conv1d import reference_causal_conv1d
+
+    x, B, C = split_xbc(reference_causal_conv1d(xbc, weight, bias, silu=True), *sizes)
+    return chunked_ssd_scan(x, dt, A, B, C, D, chunk_size=chunk_size)[0]
+
+
+def conv_ssd_scan(xbc: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], dt: torch.Tensor,
+                  A: torch.Tensor, D: Optional[torch.Tensor], sizes: Tuple[int, int, int, int],
+                  chunk_size: int = DEFAULT_CHUNK_SIZE, kernel: str = "auto") -> torch.Tensor:
+    """The Mamba mixer's training path from the in_proj output to the scan: x, B, C =
+    split(silu(causal conv1d(xbc))), then y = ssd_scan(x, dt, A, B, C, D) from zero states.
+    xbc [b, l, H P + 2 G N] (any strides), weight [H P + 2 G N, W], bias, dt [b, l, H] (after
+    softplus), A, D [H], sizes = (H, P, G, N) -> y [b, l, H, P].
+
+    Keeps only its inputs for backward (xbc is a view of the in_proj output in the mixer): the
+    convolution's output is made again in backward (one memory-bound pass) instead of being kept.
+    kernel: "auto" (Triton on CUDA tensors when Triton is installed, else "chunked"), "triton" or
+    "chunked" (reference_causal_conv1d and chunked_ssd_scan, recomputed through
+    gigatron/core/ops/ssd_recompute.py: gradients bitwise those of the plain ops)."""
+    if kernel == "auto":
+        kernel = "triton" if xbc.is_cuda and ssd_triton_available() else "chunked"
+    if kernel == "triton":
+        if not xbc.is_cuda or not ssd_triton_available():
+            raise ValueError("conv_ssd_scan: the Triton kernels need CUDA tensors and Triton; use kernel='chunked'")
+        from gigatron.core.ops.ssd_triton import triton_conv_ssd_scan
+        return triton_conv_ssd_scan(xbc, weight, bias, dt, A, D, sizes, chunk_size)
+    if kernel == "chunked":
+        return keep_inputs_only(functools.partial(_conv_then_chunked, sizes=tuple(sizes), chunk_size=chunk_size),
+                                xbc, weight, bias, dt, A, D)
+    raise ValueError(f"conv_ssd_scan: kernel {kernel!r} is not one of auto, triton, chunked")
 
 
 def ssd_flops(batch: int, seq: int, heads: int, head_dim: int, state_dim: int,

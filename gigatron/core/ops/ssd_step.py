@@ -102,7 +102,7 @@ def mamba_decode_step(xbc: torch.Tensor, dt: torch.Tensor, conv_state: torch.Ten
     if kernel == "auto":
         kernel = "reference"
         if xbc.is_cuda and not torch.compiler.is_compiling():
-            from gigatron.core.ops.ssd import ssd_triton_available
+            from gigatron.core.ops.ssd_base import ssd_triton_available
             kernel = "triton" if ssd_triton_available() else "reference"
     if kernel == "reference":
         return reference_mamba_decode_step(xbc, dt, conv_state, weight, bias, ssm_state, A_log, D, dt_bias, groups,
@@ -133,7 +133,7 @@ def gated_rmsnorm(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, group_
     if kernel == "auto":
         kernel = "reference"
         if y.is_cuda and not torch.compiler.is_compiling():
-            from gigatron.core.ops.ssd import ssd_triton_available
+            from gigatron.core.ops.ssd_base import ssd_triton_available
             kernel = "triton" if ssd_triton_available() else "reference"
     if kernel == "reference":
         return reference_gated_rmsnorm(y, z, weight, group_size, eps)

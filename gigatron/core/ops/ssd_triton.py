@@ -30,6 +30,10 @@ chunk; every term enters once, so none cancels). (The shorter closed form
 dcs_t = dy_t . (y_t - D x_t) - dt_t x_t . du_t sums the in-chunk pairs twice with opposite signs:
 with bf16 operands the rounding of the large diagonal terms then swamps dA.) dB and dC are
 computed per head and summed over the heads of a group.
+The scan keeps only its inputs for backward (scan_forward / scan_backward make the padding, dt,
+cs and chunk states again); _ConvSSDScan (triton_conv_ssd_scan, the mixer's training path) runs
+the causal conv1d kernel, splits its output into x, B, C and scans, keeping the convolution's
+input instead of its output, which backward makes again before the scan's backward.
 Products run on tensor cores in the input dtype (fp32 inputs: exact fp32, not tf32) and
 accumulate in fp32.
 """
@@ -43,7 +47,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-__all__ = ["triton_ssd_scan"]
+from gigatron.core.ops.ssd_base import split_xbc
+
+__all__ = ["triton_ssd_scan", "triton_conv_ssd_scan", "scan_forward", "scan_backward"]
 
 
 @triton.jit
@@ -410,69 +416,138 @@ def _sum_groups(per_head: torch.Tensor, groups: int) -> torch.Tensor:
     return per_head.view(b, L, groups, h // groups, n).sum(3)
 
 
+def _scan_operands(x, dt, A, B, C, chunk: int):
+    """The padded x, B, C [b, L, ...], dt [b, h, L] fp32, A fp32 and the decay cumsum cs [b, h, L]
+    that the kernels read; the forward makes them and the backward makes them again from the
+    same inputs (keeping them would cost the padded copies and two fp32 [b, h, L] per scan)."""
+    b, l, h, _ = x.shape
+    nc = triton.cdiv(l, chunk)
+    pad = nc * chunk - l
+    xp, Bp, Cp = _pad_seq(x, pad), _pad_seq(B, pad), _pad_seq(C, pad)
+    dt_t = _pad_seq(dt.float(), pad).transpose(1, 2).contiguous()  # [b, h, L]
+    A32 = A.float()
+    cs = (dt_t * A32[None, :, None]).view(b, h, nc, chunk).cumsum(-1).view(b, h, nc * chunk)  # [b, h, L]
+    return xp, Bp, Cp, dt_t, A32, cs
+
+
+def scan_forward(x, dt, A, B, C, D, initial_state, chunk: int):
+    """(y [b, l, h, p] in x's dtype, final state [b, h, p, n] fp32), no graph."""
+    l = x.shape[1]
+    nc = triton.cdiv(l, chunk)
+    h = x.shape[2]
+    xp, Bp, Cp, dt_t, A32, cs = _scan_operands(x, dt, A, B, C, chunk)
+    states = _chunk_state(xp, Bp, dt_t, cs, chunk, dy_mode=False)  # [b, c, h, p, n]
+    s_all = _state_forward(states, cs, initial_state, chunk)  # [b, c + 1, h, p, n]
+    del states
+    y = _chunk_scan(MODE_Y, Cp, Bp, xp, s_all, True, dt_t, cs, D, chunk, h, x.dtype)  # [b, L, h, p]
+    final = s_all[:, nc].clone()  # [b, h, p, n]
+    return y[:, :l], final
+
+
+def scan_backward(x, dt, A, B, C, D, initial_state, chunk: int, dy, dfinal):
+    """The gradients (dx, ddt, dA, dB, dC, dD, dinit) of scan_forward's inputs (dD / dinit None
+    without D / initial_state), from the same inputs and the outputs' gradients dy, dfinal (either
+    may be None)."""
+    l = x.shape[1]
+    dt_dtype, A_dtype = dt.dtype, A.dtype
+    xp, Bp, Cp, dt_t, A32, cs = _scan_operands(x, dt, A, B, C, chunk)
+    del x, dt, B, C
+    b, L, h, p = xp.shape
+    g = Bp.shape[2]
+    nc = L // chunk
+    if dy is None:
+        dy = torch.zeros(b, l, h, p, dtype=xp.dtype, device=xp.device)
+    dyp = _pad_seq(dy.to(xp.dtype), L - l)  # [b, L, h, p]
+    # Recompute the chunk states (cheaper than keeping [b, c + 1, h, p, n] for backward).
+    states = _chunk_state(xp, Bp, dt_t, cs, chunk, dy_mode=False)
+    s_all = _state_forward(states, cs, initial_state, chunk)
+    del states
+    local = _chunk_state(dyp, Cp, dt_t, cs, chunk, dy_mode=True)  # [b, c, h, p, n]
+    dstates, dinit, last = _state_backward(local, s_all, cs, dfinal, chunk)
+    del local
+    dx, xdu, xdu_state = _chunk_scan(MODE_DX, Bp, Cp, dyp, dstates, True, dt_t, cs, D, chunk, h, xp.dtype, x=xp)
+    dC = _chunk_scan(MODE_DC, dyp, xp, Bp, s_all, False, dt_t, cs, None, chunk, h, torch.float32)
+    dB = _chunk_scan(MODE_DB, xp, dyp, Cp, dstates, False, dt_t, cs, None, chunk, h, torch.float32)
+    dy_y_off = _chunk_scan(MODE_Y_OFF, Cp, Bp, dyp, s_all, True, dt_t, cs, None, chunk, h, torch.float32,
+                           x=dyp)  # [b, h, L]: dy_t . (the state term of y_t)
+    del s_all, dstates
+    dD = (dyp.float() * xp.float()).sum((0, 1, 3)) if D is not None else None  # [h]
+    # d(dt * A): the in-chunk pairs summed without cancellation (_chunk_da_kernel), plus the
+    # state terms through cs (reverse cumulative sum inside each chunk).
+    # With S_all[c + 1] = exp(cs_last) S_all[c] + sum_t exp(cs_last - cs_t) u_t B_t^T, the state
+    # terms give da_s = sum_{t >= s} dy_t . y_off_t + sum_{t < s} u_t . du_state_t
+    # + exp(cs_last) <dR[c + 1], S_all[c]>: each a sum of its own terms, no cancellation.
+    from_y = dy_y_off.view(b, h, nc, chunk)
+    from_states = (dt_t * xdu_state).view(b, h, nc, chunk)
+    da = (from_y.flip(-1).cumsum(-1).flip(-1) + from_states.cumsum(-1) - from_states
+          + last[..., None]).reshape(b, h, L)
+    da = da + _chunk_da(dyp, xp, Bp, Cp, dt_t, cs, chunk)
+    ddt = xdu + da * A32[None, :, None]  # [b, h, L]
+    dA = (da * dt_t).sum((0, 2))  # [h]
+    ddt = ddt.transpose(1, 2)[:, :l].to(dt_dtype)  # [b, l, h]
+    dB = _sum_groups(dB, g)[:, :l].to(Bp.dtype)
+    dC = _sum_groups(dC, g)[:, :l].to(Cp.dtype)
+    dinit = dinit.to(initial_state.dtype) if initial_state is not None else None
+    if dD is not None:
+        dD = dD.to(D.dtype)
+    return dx[:, :l], ddt, dA.to(A_dtype), dB, dC, dD, dinit
+
+
 class _SSDScan(torch.autograd.Function):
+    """Keeps only its inputs for backward (x, B, C as they come: views of the conv1d output in the
+    mixer); the padding, dt [b, h, L], the decay cumsum and the chunk states are recomputed."""
+
     @staticmethod
     def forward(ctx, x, dt, A, B, C, D, initial_state, chunk):
-        b, l, h, p = x.shape
-        nc = triton.cdiv(l, chunk)
-        pad = nc * chunk - l
-        xp, Bp, Cp = _pad_seq(x, pad), _pad_seq(B, pad), _pad_seq(C, pad)
-        dt_t = _pad_seq(dt.float(), pad).transpose(1, 2).contiguous()  # [b, h, L]
-        A32 = A.float()
-        cs = (dt_t * A32[None, :, None]).view(b, h, nc, chunk).cumsum(-1).view(b, h, nc * chunk)  # [b, h, L]
-        states = _chunk_state(xp, Bp, dt_t, cs, chunk, dy_mode=False)  # [b, c, h, p, n]
-        s_all = _state_forward(states, cs, initial_state, chunk)  # [b, c + 1, h, p, n]
-        del states
-        y = _chunk_scan(MODE_Y, Cp, Bp, xp, s_all, True, dt_t, cs, D, chunk, h, x.dtype)  # [b, L, h, p]
-        final = s_all[:, nc].clone()  # [b, h, p, n]
-        ctx.save_for_backward(xp, Bp, Cp, dt_t, A32, cs, D, initial_state)
-        ctx.chunk, ctx.length = chunk, l
-        ctx.dtypes = (dt.dtype, A.dtype)
-        return y[:, :l], final
+        ctx.save_for_backward(x, dt, A, B, C, D, initial_state)
+        ctx.chunk = chunk
+        return scan_forward(x, dt, A, B, C, D, initial_state, chunk)
 
     @staticmethod
     def backward(ctx, dy, dfinal):
-        xp, Bp, Cp, dt_t, A32, cs, D, initial_state = ctx.saved_tensors
-        chunk, l = ctx.chunk, ctx.length
-        b, L, h, p = xp.shape
-        g = Bp.shape[2]
-        nc = L // chunk
-        if dy is None:
-            dy = torch.zeros(b, l, h, p, dtype=xp.dtype, device=xp.device)
-        dyp = _pad_seq(dy.to(xp.dtype), L - l)  # [b, L, h, p]
-        # Recompute the chunk states (cheaper than keeping [b, c + 1, h, p, n] for backward).
-        states = _chunk_state(xp, Bp, dt_t, cs, chunk, dy_mode=False)
-        s_all = _state_forward(states, cs, initial_state, chunk)
-        del states
-        local = _chunk_state(dyp, Cp, dt_t, cs, chunk, dy_mode=True)  # [b, c, h, p, n]
-        dstates, dinit, last = _state_backward(local, s_all, cs, dfinal, chunk)
-        del local
-        dx, xdu, xdu_state = _chunk_scan(MODE_DX, Bp, Cp, dyp, dstates, True, dt_t, cs, D, chunk, h, xp.dtype, x=xp)
-        dC = _chunk_scan(MODE_DC, dyp, xp, Bp, s_all, False, dt_t, cs, None, chunk, h, torch.float32)
-        dB = _chunk_scan(MODE_DB, xp, dyp, Cp, dstates, False, dt_t, cs, None, chunk, h, torch.float32)
-        dy_y_off = _chunk_scan(MODE_Y_OFF, Cp, Bp, dyp, s_all, True, dt_t, cs, None, chunk, h, torch.float32,
-                               x=dyp)  # [b, h, L]: dy_t . (the state term of y_t)
-        del s_all, dstates
-        dD = (dyp.float() * xp.float()).sum((0, 1, 3)) if D is not None else None  # [h]
-        # d(dt * A): the in-chunk pairs summed without cancellation (_chunk_da_kernel), plus the
-        # state terms through cs (reverse cumulative sum inside each chunk).
-        # With S_all[c + 1] = exp(cs_last) S_all[c] + sum_t exp(cs_last - cs_t) u_t B_t^T, the state
-        # terms give da_s = sum_{t >= s} dy_t . y_off_t + sum_{t < s} u_t . du_state_t
-        # + exp(cs_last) <dR[c + 1], S_all[c]>: each a sum of its own terms, no cancellation.
-        from_y = dy_y_off.view(b, h, nc, chunk)
-        from_states = (dt_t * xdu_state).view(b, h, nc, chunk)
-        da = (from_y.flip(-1).cumsum(-1).flip(-1) + from_states.cumsum(-1) - from_states
-              + last[..., None]).reshape(b, h, L)
-        da = da + _chunk_da(dyp, xp, Bp, Cp, dt_t, cs, chunk)
-        ddt = xdu + da * A32[None, :, None]  # [b, h, L]
-        dA = (da * dt_t).sum((0, 2))  # [h]
-        ddt = ddt.transpose(1, 2)[:, :l].to(ctx.dtypes[0])  # [b, l, h]
-        dB = _sum_groups(dB, g)[:, :l].to(Bp.dtype)
-        dC = _sum_groups(dC, g)[:, :l].to(Cp.dtype)
-        dinit = dinit.to(initial_state.dtype) if initial_state is not None else None
-        if dD is not None:
-            dD = dD.to(D.dtype)
-        return dx[:, :l], ddt, dA.to(ctx.dtypes[1]), dB, dC, dD, dinit, None
+        return (*scan_backward(*ctx.saved_tensors, ctx.chunk, dy, dfinal), None)
+
+
+class _ConvSSDScan(torch.autograd.Function):
+    """silu(causal conv1d(xbc)) split into x, B, C, then the scan (no initial state): keeps the
+    conv1d's input (a view of the in_proj output in the mixer), its weight and bias, dt, A and D;
+    backward runs the convolution's forward again (one memory-bound pass) for the scan's backward
+    instead of keeping its [b, l, H P + 2 G N] output."""
+
+    @staticmethod
+    def forward(ctx, xbc, weight, bias, dt, A, D, sizes, chunk):
+        from gigatron.core.ops.causal_conv1d_triton import conv_forward
+
+        conv = conv_forward(xbc, weight, bias, True)
+        x, B, C = split_xbc(conv, *sizes)
+        y, _ = scan_forward(x, dt, A, B, C, D, None, chunk)
+        ctx.save_for_backward(xbc, weight, bias, dt, A, D)
+        ctx.sizes, ctx.chunk = sizes, chunk
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        from gigatron.core.ops.causal_conv1d_triton import conv_backward, conv_forward
+
+        xbc, weight, bias, dt, A, D = ctx.saved_tensors
+        conv = conv_forward(xbc, weight, bias, True)
+        x, B, C = split_xbc(conv, *ctx.sizes)
+        dx, ddt, dA, dB, dC, dD, _ = scan_backward(x, dt, A, B, C, D, None, ctx.chunk, dy, None)
+        del conv, x, B, C
+        dconv = torch.cat([dx.flatten(-2), dB.flatten(-2), dC.flatten(-2)], dim=-1)  # [b, l, H P + 2 G N]
+        del dx, dB, dC
+        dxbc, dweight, dbias = conv_backward(xbc, weight, bias, True, dconv, weight.dtype)
+        return dxbc, dweight, dbias, ddt, dA, dD, None, None
+
+
+def triton_conv_ssd_scan(xbc: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], dt: torch.Tensor,
+                         A: torch.Tensor, D: Optional[torch.Tensor], sizes, chunk_size: int = 128) -> torch.Tensor:
+    """The Mamba mixer's conv1d + SiLU + scan on CUDA: xbc [b, l, H P + 2 G N] (any strides),
+    weight [H P + 2 G N, W], bias, dt [b, l, H] (after softplus), A, D [H]; sizes = (H, P, G, N)
+    -> y [b, l, H, P] in xbc's dtype. chunk_size a power of two >= 16."""
+    if chunk_size < 16 or chunk_size & (chunk_size - 1):
+        raise ValueError(f"the Triton SSD scan needs a power-of-two chunk size >= 16, got {chunk_size}")
+    return _ConvSSDScan.apply(xbc, weight, bias, dt, A, D, tuple(sizes), chunk_size)
 
 
 def triton_ssd_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,

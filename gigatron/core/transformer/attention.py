@@ -56,6 +56,21 @@ def sliding_window_mask(s_q: int, s_k: int, window, device=None) -> torch.Tensor
     return outside
 
 
+def outside_window(positions: torch.Tensor, kv_len: int, window) -> torch.Tensor:
+    """positions [b, s] (a KV-cache step's query positions) -> bool [b, 1, s, kv_len], True where
+    slot j lies outside the query's window: position - LEFT <= j <= position + RIGHT (a side of -1
+    is unlimited). The cached counterpart of sliding_window_mask, for rows at different positions."""
+    left, right = window
+    slots = torch.arange(kv_len, device=positions.device)[None, None, None, :]  # [1, 1, 1, kv]
+    query = positions[:, None, :, None]  # [b, 1, s, 1]
+    outside = torch.zeros(positions.shape[0], 1, positions.shape[1], kv_len, dtype=torch.bool, device=positions.device)
+    if left >= 0:
+        outside = outside | (slots < query - left)
+    if right >= 0:
+        outside = outside | (slots > query + right)
+    return outside
+
+
 class AttentionBackendError(RuntimeError):
     """The requested attention backend cannot run with this device, dtype or head size."""
 
@@ -225,14 +240,18 @@ class CoreAttention(nn.Module):
         return ring_attention(q, k, v, self.cp, causal=True, softmax_scale=self.scale,
                               comm_type=self.config.cp_comm_type, kernel=kernel)  # [b, nq, s/cp, d]
 
-    def forward(self, q, k, v, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, q, k, v, attention_mask: Optional[torch.Tensor] = None,
+                window_in_mask: bool = False) -> torch.Tensor:
+        """window_in_mask: the mask already holds --window-size (a KV-cache step, whose queries sit
+        at each row's own positions: kv_cache.causal_cache_mask); otherwise the window is added
+        here for queries that are the last s_q of the s_k keys (a full sequence)."""
         if self.cp is not None:
             s, b = q.shape[0], q.shape[1]
             q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, n, s/cp, d]
             out = self._context_parallel(q, k, v, attention_mask)
             return out.permute(2, 0, 1, 3).reshape(s, b, -1)  # [b, nq, s, d] -> [s, b, nq*d]
         dropout_p = self.dropout_p if self.training else 0.0
-        if self.window_size is not None:
+        if self.window_size is not None and not window_in_mask:
             attention_mask = self._with_window(attention_mask, q.shape[0], k.shape[0], q.device)
         if not torch.compiler.is_compiling():
             check_attention_backend(self.config, q.device, q.dtype, attention_mask is not None, dropout_p > 0)
@@ -311,7 +330,8 @@ class SelfAttention(nn.Module):
         """inference_context: None (training, full sequences), or a KV cache
         (gigatron.core.inference.kv_cache.InferenceContext): the new keys and values are written
         into it and attention runs over the cached ones, with attention_mask shaped
-        [b, 1, s_new, kv_len] by the caller."""
+        [b, 1, s_new, kv_len] by the caller (kv_cache.causal_cache_mask: by each token's position,
+        --window-size included)."""
         mixed, _ = self.linear_qkv(x)  # [s, b, ng*(hpg+2)*d]
         context = self.attend(mixed, attention_mask, rotary_pos_emb, inference_context)  # [s, b, nq*d]
         return self.linear_proj(context)
@@ -336,6 +356,8 @@ class SelfAttention(nn.Module):
         q, k, v = self.query_key_value(mixed, rotary_pos_emb)
         if inference_context is not None:
             k, v = inference_context.store(self.layer_number, k, v)  # [kv_len, b, ng, d] each
+            # The caller's mask is over the cache, by position, window included (causal_cache_mask).
+            return self.core_attention(q, k, v, attention_mask, window_in_mask=True)  # [s, b, nq*d]
         if self.recompute_core_attention and self.training and torch.is_grad_enabled():
             from gigatron.core.parallel.random import checkpoint
             if attention_mask is None:

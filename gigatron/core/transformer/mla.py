@@ -26,6 +26,23 @@ up-projections gather the sequence, and the shared rotary key k_r is all-gathere
 sequence (its gradient reduce-scattered). Without sequence parallelism k_r enters the
 tensor-parallel region through copy_to_tensor_parallel_region (its gradient, one part per rank's
 heads, all-reduced).
+
+Generation (forward with an inference_context, gigatron/core/inference/kv_cache.py): the cache
+holds, per token, the latent and the rotated rotary key, l = [c; rope(k_r)] [rkv + dr] (the same
+on every tensor-parallel rank), not per-head keys and values: (rkv + dr) numbers per token and
+layer instead of n * (dq + dv). With W_uk [n, dn, rkv] and W_uv [n, dv, rkv] the key and value
+rows of linear_kv_up_proj's weight, two equal ways attend over the cached tokens j (kv = kv_len):
+  - expanded (a step of several new tokens: prefill, prefill chunks): the cached latents
+    [kv, b, rkv] go through linear_kv_up_proj to k_nope and v, the keys are [k_nope; rope(k_r)]
+    and attention runs as in training (core_attention, the configured backend);
+  - absorbed (a decode step, one new token per row): query . key = q_nope . (W_uk c_j) +
+    q_r . k_r_j = [W_uk^T q_nope; q_r] . l_j, and sum_j p_j v_j = W_uv (sum_j p_j c_j), so each
+    head attends over the latents themselves ([b, n, 1, rkv + dr] against [b, 1, kv, rkv + dr],
+    the values being the latents' first rkv channels) and only the context goes through W_uv: a
+    step reads (rkv + dr) numbers per cached token, with no up-projection of the cache.
+Both run with the softmax scale of training (the dot products are the same numbers) and a mask
+from each new token's position (causal over the cache; --window-size counted from the position).
+--recompute-modules mla_up_proj / core_attn do not apply (no gradients at inference).
 """
 
 from __future__ import annotations
@@ -39,7 +56,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gigatron.core.parallel.tags import mark_sequence_parallel, set_init
-from gigatron.core.transformer.attention import core_attention, sliding_window_mask
+from gigatron.core.transformer.attention import core_attention, outside_window, sliding_window_mask
 from gigatron.core.transformer.mlp import normal_init_method, scaled_init_method
 from gigatron.core.transformer.norm import build_norm, param_device
 from gigatron.core.transformer.rope import RotaryEmbedding, rotate_half
@@ -283,10 +300,11 @@ class MLASelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 rotary_pos_emb: Optional[torch.Tensor] = None, inference_context=None):
+        """inference_context: None (training, full sequences), or the latent cache of a generation
+        step (see the module docstring): attention_mask is then [b, 1, s_new, kv_len] by the
+        caller, or None for causal over the positions the context was given."""
         if inference_context is not None:
-            raise ValueError("text generation is not built for --multi-latent-attention yet: the KV cache holds "
-                             "--num-query-groups heads of --kv-channels for keys and values alike, while MLA's keys "
-                             "(--qk-head-dim + --qk-pos-emb-head-dim) and values (--v-head-dim) differ")
+            return self.linear_proj(self._cached_attention(x, attention_mask, rotary_pos_emb, inference_context))
         query, key, value = self.query_key_value(x, rotary_pos_emb)
         if self.recompute_core_attention and self.training and torch.is_grad_enabled():
             from gigatron.core.parallel.random import checkpoint
@@ -297,3 +315,81 @@ class MLASelfAttention(nn.Module):
         else:
             context = self._core_attention(query, key, value, attention_mask)
         return self.linear_proj(context)
+
+    # ------------------------------------------------------------------ generation (latent cache)
+    def _cached_attention(self, x: torch.Tensor, attention_mask: Optional[torch.Tensor],
+                          rotary_pos_emb: Optional[torch.Tensor], inference_context) -> torch.Tensor:
+        """x [s, b, h] (the new tokens) -> context [s, b, n*dv]: writes the new tokens' latents
+        into the cache, then attends over slots 0..kv_len-1 (absorbed for one new token per row,
+        expanded otherwise)."""
+        if rotary_pos_emb is None:
+            raise ValueError("multi-latent attention needs the rotary angles of mla_rotary_embedding "
+                             "(GPTModel passes them)")
+        q_latent, c, k_r = self._latents(x)  # [s, b, rq | h], [s, b, rkv], [s, b, dr]
+        if self.config.q_lora_rank is not None:
+            q, _ = self.linear_q_up_proj(q_latent)  # [s, b, n*dq]
+        else:
+            q, _ = self.linear_q_proj(q_latent)  # [s, b, n*dq]
+        s, b = q.shape[0], q.shape[1]
+        q_nope, q_r = torch.split(q.view(s, b, self.num_heads, self.dq), [self.dn, self.dr], dim=-1)
+        q_r = apply_mla_rotary_pos_emb(q_r, rotary_pos_emb, self.rope_mscale)  # [s, b, n, dr]
+        k_r = apply_mla_rotary_pos_emb(k_r.unsqueeze(2), rotary_pos_emb, self.rope_mscale)  # [s, b, 1, dr]
+        latent = torch.cat((c.unsqueeze(2).to(k_r.dtype), k_r), dim=-1)  # [s, b, 1, rkv + dr]
+        cached, _ = inference_context.store(self.layer_number, latent)  # [kv, b, 1, rkv + dr]
+        mask = self._cache_mask(attention_mask, inference_context, s, cached.shape[0], x.device)  # [b|1, 1, s, kv]
+        if s == 1:
+            return self.absorbed_attention(q_nope, q_r, cached, mask)
+        return self.expanded_attention(q_nope, q_r, cached, mask)
+
+    def _cache_mask(self, attention_mask, inference_context, s: int, kv_len: int, device) -> torch.Tensor:
+        """The mask over the cache [b | 1, 1, s, kv_len] (True = not attended): the caller's, or
+        causal over the context's positions; with --window-size also the slots outside each
+        query's window, counted from its position."""
+        positions = inference_context.positions  # [b, s]
+        if positions is None or positions.shape[1] != s:
+            raise ValueError(f"the inference context's positions do not match the {s} new tokens of this step; "
+                             "call set_positions with the step's positions first")
+        positions = positions.to(device)
+        if attention_mask is not None:
+            mask = attention_mask
+        else:
+            mask = torch.arange(kv_len, device=device)[None, None, None, :] > positions[:, None, :, None]
+        if self.window_size is not None:
+            mask = mask | outside_window(positions, kv_len, self.window_size)
+        return mask
+
+    def _kv_up_weights(self):
+        """linear_kv_up_proj's weight [n*(dn+dv), rkv] as W_uk [n, dn, rkv] and W_uv [n, dv, rkv]."""
+        weight = self.linear_kv_up_proj.weight.view(self.num_heads, self.dn + self.dv, -1)  # [n, dn+dv, rkv]
+        return weight[:, : self.dn], weight[:, self.dn:]
+
+    def absorbed_attention(self, q_nope: torch.Tensor, q_r: torch.Tensor, cached: torch.Tensor,
+                           mask: torch.Tensor) -> torch.Tensor:
+        """Attention in the latent space: q_nope [s, b, n, dn], rotated q_r [s, b, n, dr], cached
+        latents [kv, b, 1, rkv + dr], mask [b | 1, 1, s, kv] -> context [s, b, n*dv]."""
+        s, b = q_nope.shape[0], q_nope.shape[1]
+        w_uk, w_uv = self._kv_up_weights()
+        q_absorbed = torch.einsum("sbnd,ndr->sbnr", q_nope, w_uk)  # [s, b, n, rkv]
+        query = torch.cat((q_absorbed, q_r), dim=-1).permute(1, 2, 0, 3)  # [b, n, s, rkv + dr]
+        keys = cached.permute(1, 2, 0, 3)  # [b, 1, kv, rkv + dr]
+        scores = torch.matmul(query, keys.transpose(-2, -1)).float() * self.softmax_scale  # [b, n, s, kv]
+        probs = torch.softmax(scores.masked_fill(mask, float("-inf")), dim=-1).to(keys.dtype)
+        context = torch.matmul(probs, keys[..., : self.config.kv_lora_rank])  # [b, n, s, rkv]
+        out = torch.einsum("bnsr,ndr->sbnd", context, w_uv)  # [s, b, n, dv]
+        return out.reshape(s, b, self.num_heads * self.dv)  # [s, b, n*dv]
+
+    def expanded_attention(self, q_nope: torch.Tensor, q_r: torch.Tensor, cached: torch.Tensor,
+                           mask: torch.Tensor) -> torch.Tensor:
+        """Per-head keys and values rebuilt from the cached latents, then core attention:
+        q_nope [s, b, n, dn], q_r [s, b, n, dr], cached [kv, b, 1, rkv + dr], mask
+        [b | 1, 1, s, kv] -> context [s, b, n*dv]."""
+        s, b, kv = q_nope.shape[0], q_nope.shape[1], cached.shape[0]
+        c, k_r = torch.split(cached[:, :, 0], [self.config.kv_lora_rank, self.dr], dim=-1)  # [kv, b, rkv], [kv, b, dr]
+        up, _ = self.linear_kv_up_proj(c)  # [kv, b, n*(dn+dv)]
+        k_nope, value = torch.split(up.view(kv, b, self.num_heads, self.dn + self.dv), [self.dn, self.dv], dim=-1)
+        key = torch.cat((k_nope, k_r.unsqueeze(2).expand(-1, -1, self.num_heads, -1)), dim=-1)  # [kv, b, n, dq]
+        query = torch.cat((q_nope, q_r), dim=-1)  # [s, b, n, dq]
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value.contiguous()))  # [b, n, s | kv, d]
+        out = core_attention(q, k, v, mask, backend=self.backend, scale=self.softmax_scale,
+                             softmax_in_fp32=self.config.attention_softmax_in_fp32)  # [b, n, s, dv]
+        return out.permute(2, 0, 1, 3).reshape(s, b, -1)  # [s, b, n*dv]

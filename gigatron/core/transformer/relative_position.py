@@ -100,7 +100,8 @@ def additive_mask(bias: torch.Tensor, mask: Optional[torch.Tensor], causal: bool
 class RelativeBiasCoreAttention(CoreAttention):
     """forward(q [s, b, n, d], k, v, additive_mask float [b | 1, n, sq, sk]) -> [s, b, n*d]."""
 
-    def forward(self, q, k, v, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, q, k, v, attention_mask: Optional[torch.Tensor] = None,
+                window_in_mask: bool = False) -> torch.Tensor:  # T5 has no sliding window
         if attention_mask is None or attention_mask.dtype == torch.bool:
             raise ValueError("relative position attention needs the additive float mask (bias + -inf)")
         dropout_p = self.dropout_p if self.training else 0.0

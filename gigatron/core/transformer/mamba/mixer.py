@@ -16,12 +16,17 @@ Parameters (Megatron-Core's names and per-rank shapes): in_proj.weight [2I + 2GN
 conv1d.weight [I + 2GN, 1, K], conv1d.bias [I + 2GN], A_log [H], D [H], dt_bias [H],
 norm.weight [I], out_proj.weight [h, I]. No biases on the projections. The fused in_proj
 and conv1d rows are split segment by segment over the ranks (gigatron/core/transformer/mamba/layout.py).
+Saved for backward (training): in_proj's input, the in_proj output (z, xBC and dt are views of
+it), softplus's fp32 input and output, y and out_proj's input; the conv1d + scan step
+(ops/ssd.py conv_ssd_scan) and the gated norm keep only their inputs and recompute the rest in
+backward (ops/ssd_recompute.py on the CPU; gradients bitwise those of the plain ops).
 A_log and D are created in the model's params dtype (Megatron creates them in fp32 but its
 Float16Module then casts the whole model); the scan reads them in fp32.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -29,7 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from gigatron.core.ops.causal_conv1d import causal_conv1d
-from gigatron.core.ops.ssd import DEFAULT_CHUNK_SIZE, ssd_scan
+from gigatron.core.ops.ssd import DEFAULT_CHUNK_SIZE, conv_ssd_scan, split_xbc, ssd_scan
+from gigatron.core.ops.ssd_recompute import keep_inputs_only
 from gigatron.core.ops.ssd_step import gated_rmsnorm, mamba_decode_step, reference_gated_rmsnorm
 from gigatron.core.parallel import tags
 from gigatron.core.transformer.mamba.config import MAMBA_CONV_KERNEL, mamba_num_heads
@@ -84,7 +90,10 @@ class GatedRMSNorm(nn.Module):
         tags.set_init(self.weight, OnesInit(), init_key + ".weight")
 
     def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        return reference_gated_rmsnorm(y, z, self.weight, self.group_size, self.eps)
+        # Keeps y, z (a view of the in_proj output) and the weight for backward, not the fp32
+        # y, z, silu(z), product and normalized product: those are recomputed in backward.
+        norm = functools.partial(reference_gated_rmsnorm, group_size=self.group_size, eps=self.eps)
+        return keep_inputs_only(norm, y, z, self.weight)
 
 
 class DepthwiseConv1d(nn.Module):
@@ -170,21 +179,19 @@ class MambaMixer(nn.Module):
                                   kernel=self.decode_kernel)  # [b, I]
                 return self.out_proj(y[None])
             return self.out_proj(self.norm(self._prefill(xbc, dt, inference_context, states), z))
-        xbc = self.conv1d(xbc.transpose(0, 1))  # [b, s, I + 2GN] (stored sequence-major)
-        x, B, C = self._split_xbc(xbc)
         dt = F.softplus(dt.float() + self.dt_bias.float()).transpose(0, 1)  # [b, s, H]
         A = -torch.exp(self.A_log.float())  # [H]
-        y, _ = ssd_scan(x, dt, A, B, C, self.D, chunk_size=self.chunk_size)  # [b, s, H, P]
+        # silu(conv1d(xbc)) -> x, B, C -> scan, keeping only the inputs (the conv output is made
+        # again in backward): y [b, s, H, P]
+        y = conv_ssd_scan(xbc.transpose(0, 1), self.conv1d.weight[:, 0, :], self.conv1d.bias, dt, A, self.D,
+                          (self.num_heads, self.head_dim, self.num_groups, self.state_dim), chunk_size=self.chunk_size)
         y = y.transpose(0, 1).reshape(s, b, self.d_inner)  # [s, b, I]
         y = self.norm(y, z)  # [s, b, I]
         return self.out_proj(y)
 
     def _split_xbc(self, xbc: torch.Tensor):
         """[..., I + 2GN] -> x [..., H, P], B [..., G, N], C [..., G, N]."""
-        x, B, C = torch.split(xbc, [self.d_inner, self.num_groups * self.state_dim,
-                                    self.num_groups * self.state_dim], dim=-1)
-        return (x.unflatten(-1, (self.num_heads, self.head_dim)), B.unflatten(-1, (self.num_groups, self.state_dim)),
-                C.unflatten(-1, (self.num_groups, self.state_dim)))
+        return split_xbc(xbc, self.num_heads, self.head_dim, self.num_groups, self.state_dim)
 
     def _start_states(self, inference_context, states, b: int):
         """(conv [b, C, K-1], ssm [b, H, P, N]) the step starts from: the cached states, zeros for a

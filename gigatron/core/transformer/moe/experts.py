@@ -185,8 +185,29 @@ class SequentialMLP(_ExpertsBase):
         return torch.cat(outs, dim=0) if outs else rows.new_zeros(0, self.hidden)  # [N, h]
 
 
+class _GroupedExpertSlot:
+    """One expert's fc1 or fc2 inside a GroupedMLP, as the FP8 model code sees a linear (a name, a
+    `fp8_recipe`, `enable_fp8(recipe, state)`); the GroupedMLP holds the weights and runs the GEMMs."""
+
+    def __init__(self, owner: "GroupedMLP", fc: str, index: int, key: str):
+        self.owner, self.fc, self.index, self.fp8_key = owner, fc, index, key
+
+    @property
+    def fp8_recipe(self):
+        return self.owner.fp8_recipe
+
+    def enable_fp8(self, recipe, state=None) -> None:
+        self.owner._enable_fp8_expert(self.fc, self.index, recipe, state)
+
+
 class GroupedMLP(_ExpertsBase):
-    """All local experts in two grouped GEMMs (torch._grouped_mm where supported, else a loop)."""
+    """All local experts in two grouped GEMMs (torch._grouped_mm where supported, else a loop).
+
+    FP8 (after `enable_fp8` through its `fp8_slots`): both grouped GEMMs and their backward GEMMs
+    run in FP8 by gigatron.core.fp8.grouped, with one scale per expert; the delayed recipe's state
+    is one FP8LinearState per expert and GEMM, named as SequentialMLP's
+    (`...mlp.experts.local_experts.{global expert}.linear_fc1`), whose tensors are rows of the
+    stacked [G, L, 3] history and [G, 3] scales the grouped GEMM reads."""
 
     def __init__(self, config, moe_config, groups, layer_number: int):
         super().__init__(config, moe_config, groups, layer_number)
@@ -195,6 +216,39 @@ class GroupedMLP(_ExpertsBase):
                                        self._init("fc1", self.local_expert_ids, grouped=True), "fc1")
         self.weight2 = self._new_param((g * self.ffn_local, self.hidden), 0, 1,
                                        self._init("fc2", self.local_expert_ids, grouped=True), "fc2")
+        self.fp8_recipe = None
+        self.fp8_stacks: dict = {}  # "fc1"/"fc2" -> (amax history [G, L, 3], scale [G, 3]): delayed only
+
+    def fp8_slots(self):
+        """(global name, slot) for each local expert's fc1 and fc2, by global expert number."""
+        for index, expert in enumerate(self.local_expert_ids):
+            for fc in ("fc1", "fc2"):
+                key = f"{self.key}.local_experts.{expert}.linear_{fc}"
+                yield key, _GroupedExpertSlot(self, fc, index, key)
+
+    def _enable_fp8_expert(self, fc: str, index: int, recipe, state) -> None:
+        from gigatron.core.fp8.grouped import adopt_expert_state
+
+        if self.fp8_recipe is not None and self.fp8_recipe != recipe:
+            raise ValueError("a GroupedMLP runs all its experts with one FP8 recipe")
+        self.fp8_recipe = recipe
+        if state is None:
+            return
+        if fc not in self.fp8_stacks:
+            history = torch.zeros(self.num_local_experts, *state.amax_history.shape, dtype=torch.float32,
+                                  device=state.amax_history.device)
+            scale = torch.ones(self.num_local_experts, *state.scale.shape, dtype=torch.float32,
+                               device=state.scale.device)
+            self.fp8_stacks[fc] = (history, scale)
+        adopt_expert_state(*self.fp8_stacks[fc], index, state)
+
+    def _mm(self, fc: str, x: torch.Tensor, w: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        if self.fp8_recipe is None:
+            return grouped_mm(x, w, tokens_per_expert)
+        from gigatron.core.fp8 import fp8_grouped_mm
+
+        history, scale = self.fp8_stacks.get(fc, (None, None))
+        return fp8_grouped_mm(x, w, tokens_per_expert, self.fp8_recipe, history, scale)
 
     def expert_weights(self):
         """(w1 [G, h, fo/t], w2 [G, f/t, h]): views of weight1/weight2 in Megatron's memory layout."""
@@ -204,8 +258,8 @@ class GroupedMLP(_ExpertsBase):
 
     def forward(self, rows: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         w1, w2 = self.expert_weights()
-        inter = grouped_mm(rows, w1, tokens_per_expert)  # [N, fo/t]
-        return grouped_mm(self.activation(inter), w2, tokens_per_expert)  # [N, h]
+        inter = self._mm("fc1", rows, w1, tokens_per_expert)  # [N, fo/t]
+        return self._mm("fc2", self.activation(inter), w2, tokens_per_expert)  # [N, h]
 
 
 def build_experts(config, moe_config, groups, layer_number: int) -> nn.Module:
