@@ -430,19 +430,14 @@ def _main(argv=None) -> None:
 
 
 def run_oracle(*argv: str, processes: int = 1, port: int = 29650, timeout: int = 300) -> None:
-    """Run this file's command `argv` in `processes` fresh processes (ranks of one gloo group)."""
-    import subprocess
-
+    """Run this file's command `argv` in `processes` fresh processes (ranks of one gloo group),
+    forked from a server that has imported megatron.core once (tests/script_server.py)."""
+    script_server = base._script_server()
     env = dict(os.environ, WORLD_SIZE=str(processes), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                PYTHONWARNINGS="ignore")
-    procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), *argv, "--port", str(port)],
-                              env=dict(env, RANK=str(rank)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True) for rank in range(processes)]
-    failures = []
-    for rank, proc in enumerate(procs):
-        out, _ = proc.communicate(timeout=timeout)
-        if proc.returncode != 0:
-            failures.append(f"rank {rank} exited {proc.returncode}:\n{out[-4000:]}")
+    results = script_server.run_script(__file__, [*argv, "--port", str(port)],
+                                       [dict(env, RANK=str(rank)) for rank in range(processes)], timeout=timeout)
+    failures = [f"rank {rank} exited {code}:\n{out[-4000:]}" for rank, (code, out) in enumerate(results) if code != 0]
     if failures:
         raise RuntimeError("Megatron-Core oracle failed: " + "\n".join(failures))
 

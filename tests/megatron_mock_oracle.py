@@ -68,16 +68,19 @@ def _main(argv=None) -> None:
 
 
 def run_mock_oracle(out: str, *argv: str, timeout: int = 300) -> None:
-    """Run this file with ``--out out`` and ``argv`` in a fresh Python process."""
-    import subprocess
+    """Run this file with ``--out out`` and ``argv`` in a fresh Python process (forked from a server
+    that has imported megatron.core once, tests/script_server.py)."""
     import sys
 
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--out", out, *argv],
-                          env=dict(os.environ, PYTHONWARNINGS="ignore"), capture_output=True, text=True,
-                          timeout=timeout)
-    if proc.returncode != 0:
-        raise RuntimeError(f"Megatron-Core mock-data oracle exited {proc.returncode}:\n{proc.stdout[-2000:]}"
-                           f"{proc.stderr[-4000:]}")
+    here = os.path.dirname(os.path.abspath(__file__))
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    from megatron_oracle import _script_server
+
+    [(code, output)] = _script_server().run_script(__file__, ["--out", out, *argv],
+                                                   [dict(os.environ, PYTHONWARNINGS="ignore")], timeout=timeout)
+    if code != 0:
+        raise RuntimeError(f"Megatron-Core mock-data oracle exited {code}:\n{output[-6000:]}")
 
 
 if __name__ == "__main__":

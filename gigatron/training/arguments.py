@@ -27,6 +27,7 @@ import argparse
 import ast
 import dataclasses
 import difflib
+import functools
 import importlib
 import inspect
 import sys
@@ -291,6 +292,13 @@ class FlagSpec:
 
 def field_docstrings(cls: type) -> dict[str, str]:
     """Map field name -> the string literal that follows it in the class body (bases included)."""
+    return dict(_field_docstrings(cls))
+
+
+# Reading and parsing a class's source is most of the time of building a parser, which every
+# parse_args does: each class is read once per process (a class's source does not change).
+@functools.lru_cache(maxsize=None)
+def _field_docstrings(cls: type) -> dict[str, str]:
     docs: dict[str, str] = {}
     for klass in reversed(cls.__mro__):
         if klass is object or not dataclasses.is_dataclass(klass):
@@ -315,6 +323,11 @@ def field_docstrings(cls: type) -> dict[str, str]:
 
 
 def _resolve_types(cls: type) -> dict[str, Any]:
+    return dict(_resolved_types(cls))
+
+
+@functools.lru_cache(maxsize=None)
+def _resolved_types(cls: type) -> dict[str, Any]:
     try:
         return typing.get_type_hints(cls)
     except Exception:

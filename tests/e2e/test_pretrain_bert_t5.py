@@ -198,6 +198,27 @@ def _t5_history(argv):
     return pretrain(t5.datasets_provider, t5.model_provider, t5.forward_step, args=args).log.train_history
 
 
+def _parallel_argv(kind, data):
+    lengths = (["--seq-length", "48"] if kind == "bert" else
+               ["--encoder-seq-length", "48", "--decoder-seq-length", "24", "--vocab-extra-ids", "100"])
+    return PARALLEL + lengths + ["--data-path", data["sentence"], "--data-cache-path", data["cache"]]
+
+
+@pytest.fixture(scope="module")
+def serial_history(data):
+    """kind -> the one-process run's training history (one intra-op thread) that the parallel
+    layouts must match; each kind is trained once for the module."""
+    histories = {}
+
+    def history(kind):
+        if kind not in histories:
+            torch.set_num_threads(1)
+            histories[kind] = (_bert_history if kind == "bert" else _t5_history)(_parallel_argv(kind, data))
+        return histories[kind]
+
+    return history
+
+
 def _parallel_rank(rank, world_size, kind, argv):
     torch.set_num_threads(1)
     return (_bert_history if kind == "bert" else _t5_history)(argv)
@@ -206,14 +227,12 @@ def _parallel_rank(rank, world_size, kind, argv):
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["bert", "t5"])
 @pytest.mark.parametrize("extra", [[], ["--tensor-model-parallel-size", "2"]], ids=["dp2", "tp2"])
-def test_two_processes_match_one(data, kind, extra):
+def test_two_processes_match_one(data, serial_history, kind, extra):
     from tests.parallel.harness import run_distributed
 
     torch.set_num_threads(1)
-    lengths = (["--seq-length", "48"] if kind == "bert" else
-               ["--encoder-seq-length", "48", "--decoder-seq-length", "24", "--vocab-extra-ids", "100"])
-    argv = PARALLEL + lengths + ["--data-path", data["sentence"], "--data-cache-path", data["cache"]]
-    serial = (_bert_history if kind == "bert" else _t5_history)(argv)
+    argv = _parallel_argv(kind, data)
+    serial = serial_history(kind)
     results = run_distributed(_parallel_rank, 2, kind, argv + extra, timeout=300)
     ours = results[-1]
     assert [i for i, _ in ours] == [i for i, _ in serial] == [1, 2, 3]
@@ -242,7 +261,7 @@ def _bert_pipeline_rank(rank, world_size, argv, torch_save, dist_save):
 
 
 @pytest.mark.slow
-def test_bert_pipeline_trains_like_one_process_and_its_checkpoints_load_at_pp1(data, tmp_path):
+def test_bert_pipeline_trains_like_one_process_and_its_checkpoints_load_at_pp1(data, serial_history, tmp_path):
     """pretrain_bert.py with --pipeline-model-parallel-size 2 (1F1B, and interleaved with
     --num-layers-per-virtual-pipeline-stage) logs the losses of the one-process run; its checkpoint
     saved as torch_dist resumes in one process with the uninterrupted run's losses, and so does the
@@ -252,8 +271,8 @@ def test_bert_pipeline_trains_like_one_process_and_its_checkpoints_load_at_pp1(d
     from tests.parallel.harness import run_distributed
 
     torch.set_num_threads(1)
-    argv = PARALLEL + ["--seq-length", "48", "--data-path", data["sentence"], "--data-cache-path", data["cache"]]
-    serial = _bert_history(argv)
+    argv = _parallel_argv("bert", data)
+    serial = serial_history("bert")
     serial_interleaved = _bert_history(argv + INTERLEAVED[:2])  # the same 4 layers in one stage
     torch_save, dist_save = str(tmp_path / "pp2-torch"), str(tmp_path / "pp2-dist")
     results = run_distributed(_bert_pipeline_rank, 2, argv + ["--pipeline-model-parallel-size", "2"],

@@ -76,9 +76,18 @@ def _run(argv):
     return ctx.log.train_history, ctx.log.valid_history, ctx
 
 
-def test_resume_is_exact(tmp_path):
+@pytest.fixture(scope="module")
+def full_run():
+    """The uninterrupted 12-iteration run (one intra-op thread) that every resume test compares
+    with: (train history, validation history), computed once for the module."""
     torch.set_num_threads(1)
-    full_train, full_valid, _ = _run(TINY + ["--train-iters", "12"])
+    train, valid, _ = _run(TINY + ["--train-iters", "12"])
+    return train, valid
+
+
+def test_resume_is_exact(tmp_path, full_run):
+    torch.set_num_threads(1)
+    full_train, full_valid = full_run
     save = str(tmp_path / "ckpt")
     first_train, first_valid, first = _run(TINY + ["--train-iters", "12", "--save", save, "--exit-interval", "6"])
     assert first.iteration == 6
@@ -104,6 +113,14 @@ PARALLEL = [a for a in TINY] + ["--train-iters", "4", "--hidden-dropout", "0", "
                                 "--eval-interval", "2", "--distributed-backend", "gloo"]
 
 
+@pytest.fixture(scope="module")
+def serial_run():
+    """The one-process run that each two-process layout must match, computed once for the module."""
+    torch.set_num_threads(1)
+    train, valid, _ = _run(PARALLEL)
+    return train, valid
+
+
 def _parallel_rank(rank, world_size, extra):
     torch.set_num_threads(1)
     train, valid, ctx = _run(PARALLEL + extra)
@@ -115,11 +132,11 @@ def _parallel_rank(rank, world_size, extra):
                                           (["--context-parallel-size", "2"], (1, 1)),
                                           (["--pipeline-model-parallel-size", "2"], (1, 1))],
                          ids=["dp2", "tp2", "cp2", "pp2"])
-def test_two_processes_match_one(extra, sizes):
+def test_two_processes_match_one(serial_run, extra, sizes):
     from tests.parallel.harness import run_distributed
 
     torch.set_num_threads(1)
-    serial_train, serial_valid, _ = _run(PARALLEL)
+    serial_train, serial_valid = serial_run
     results = run_distributed(_parallel_rank, 2, _with_cache(extra), timeout=300)
     last = results[-1]
     assert last["groups"] == sizes
@@ -269,11 +286,11 @@ def test_torch_compile_trains_like_eager():
 
 @pytest.mark.parametrize("fmt, extra", [("torch_dist", []), ("torch_dist", ["--async-save"]), ("torch", [])],
                          ids=["torch_dist", "torch_dist-async", "torch"])
-def test_resume_is_exact_in_each_checkpoint_format(tmp_path, fmt, extra):
+def test_resume_is_exact_in_each_checkpoint_format(tmp_path, full_run, fmt, extra):
     """6 + resume + 6 iterations equal 12 in one run, for each format (the default is torch_dist);
     with --async-save the tracker names the iteration only once its files are complete."""
     torch.set_num_threads(1)
-    full_train, _, _ = _run(TINY + ["--train-iters", "12"])
+    full_train, _ = full_run
     save = str(tmp_path / "ckpt")
     argv = TINY + ["--train-iters", "12", "--save", save, "--ckpt-format", fmt] + extra
     _run(argv + ["--exit-interval", "6"])

@@ -96,6 +96,22 @@ def test_help_text_comes_from_docstrings():
     assert "How many." in help_text and "Which mode." in help_text
 
 
+def test_a_parser_built_again_reads_no_source(monkeypatch):
+    """Every parse_args builds a parser: the classes' source is read and parsed once per process
+    (it was most of parse_args' time), and the help text stays the docstrings."""
+    import inspect
+
+    A.build_parser(TOY)
+    read = []
+    getsource = inspect.getsource
+    monkeypatch.setattr(A.inspect, "getsource", lambda obj: read.append(obj) or getsource(obj))
+    help_text = A.build_parser(TOY).format_help()
+    assert read == [] and "How many." in help_text
+    docs = A.field_docstrings(_Toy)
+    docs["count"] = "changed by a caller"
+    assert A.field_docstrings(_Toy)["count"] == "How many."  # callers get their own copy
+
+
 def test_types_defaults_and_bool_forms():
     args = A.parse_args([], classes=TOY)
     assert args.count == 3 and args.rate is None and args.mode == "a" and args.fused is True

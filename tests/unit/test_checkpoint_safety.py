@@ -6,7 +6,6 @@ generation tools, the tasks); the payload's marker file never appears."""
 import json
 import os
 import pickle
-import subprocess
 import sys
 import zlib
 
@@ -19,6 +18,9 @@ from gigatron.core.checkpoint.io import CheckpointError
 from gigatron.core.models.gpt import GPTModel
 from gigatron.core.parallel.groups import ParallelGroups
 from gigatron.core.transformer.config import TransformerConfig
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from script_server import run_python  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 VOCAB = 63  # NullTokenizer: ids 0..62 plus end-of-document
@@ -130,9 +132,9 @@ def test_from_pretrained_refuses(poisoned):
 
 def test_convert_refuses(poisoned, tmp_path):
     root, _ = poisoned
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "checkpoint", "convert.py"), "--model-type", "GPT",
-                          "--loader", "core", "--saver", "hf", "--load-dir", str(root), "--save-dir",
-                          str(tmp_path / "hf")], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    out = run_python([os.path.join(ROOT, "tools", "checkpoint", "convert.py"), "--model-type", "GPT",
+                      "--loader", "core", "--saver", "hf", "--load-dir", str(root), "--save-dir",
+                      str(tmp_path / "hf")], timeout=300, cwd=ROOT)
     assert out.returncode == 2, out.stderr
     assert out.stderr.startswith("error: ") and "Traceback" not in out.stderr
     _refused(out.stderr)
@@ -140,7 +142,7 @@ def test_convert_refuses(poisoned, tmp_path):
 
 def _run_tool(args):
     env = dict(os.environ, PYTHONPATH=ROOT)
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    return run_python([*args], timeout=300, cwd=ROOT, env=env)
 
 
 def test_generate_text_and_server_loader_refuse(poisoned):

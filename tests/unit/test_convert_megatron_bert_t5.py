@@ -4,7 +4,6 @@ converts, and Megatron-Core loads the converted torch_dist strictly with its own
 conversion keeps the tensors exactly."""
 
 import os
-import subprocess
 import sys
 
 import pytest
@@ -13,6 +12,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import megatron_bert_oracle as oracle  # noqa: E402
 import megatron_oracle  # noqa: E402
+from script_server import run_python  # noqa: E402
 
 from gigatron.core.checkpoint import formats  # noqa: E402
 from tests.parallel.harness import free_port  # noqa: E402
@@ -23,8 +23,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def convert(*argv):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "tools", "checkpoint", "convert.py"), *map(str, argv)],
-                          capture_output=True, text=True, timeout=300, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT))
+    return run_python([os.path.join(ROOT, "tools", "checkpoint", "convert.py"), *map(str, argv)],
+                       timeout=300, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT))
 
 
 def same_tensors(a, b):

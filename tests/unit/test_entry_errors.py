@@ -6,6 +6,9 @@ import sys
 
 import pytest
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from script_server import run_python  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 MODEL = ["--num-layers", "2", "--hidden-size", "16", "--num-attention-heads", "2", "--seq-length", "16",
@@ -16,7 +19,9 @@ def _run(argv, env_extra=None):
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
     env.pop("GIGATRON_DEBUG", None)
     env.update(env_extra or {})
-    return subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
+    if argv[0] == "-m":
+        return subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
+    return run_python(argv, timeout=120, env=env, cwd=ROOT)  # a script forked with torch imported already
 
 
 @pytest.mark.parametrize("script, argv, message", [

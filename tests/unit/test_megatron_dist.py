@@ -6,7 +6,6 @@ tp=pp=1) within 1e-5 in fp32, for GPT-2-style and Llama-style (RoPE, RMSNorm, Sw
 
 import dataclasses
 import os
-import subprocess
 import sys
 
 import pytest
@@ -14,6 +13,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import megatron_oracle as oracle  # noqa: E402
+from script_server import run_python  # noqa: E402
 
 import gigatron  # noqa: E402
 from gigatron.core.checkpoint import formats  # noqa: E402
@@ -108,10 +108,10 @@ def test_convert_loader_core(megatron_ckpt, tmp_path):
     root, kind = megatron_ckpt
     if kind != "llama":
         pytest.skip("one model family is enough for the converter")
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "checkpoint", "convert.py"), "--model-type",
-                          "GPT", "--loader", "core", "--saver", "core", "--load-dir", str(root), "--save-dir",
-                          str(tmp_path / "ours")], capture_output=True, text=True, timeout=300, cwd=ROOT,
-                         env=dict(os.environ, PYTHONPATH=ROOT))
+    out = run_python([os.path.join(ROOT, "tools", "checkpoint", "convert.py"), "--model-type",
+                      "GPT", "--loader", "core", "--saver", "core", "--load-dir", str(root), "--save-dir",
+                      str(tmp_path / "ours")], timeout=300, cwd=ROOT,
+                     env=dict(os.environ, PYTHONPATH=ROOT))
     assert out.returncode == 0, out.stderr
     ref = _reference(root)
     with torch.no_grad():
@@ -168,13 +168,13 @@ def test_pretrain_gpt_resumes_a_megatron_core_run(megatron_ckpt, tmp_path):
     args = formats.read_args(str(root))
     if kind != "gpt" or args["pipeline_model_parallel_size"] != 1:
         pytest.skip("one end-to-end run is enough")
-    out = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "pretrain_gpt.py"), "--load", str(root), "--use-checkpoint-args",
+    out = run_python(
+        [os.path.join(ROOT, "pretrain_gpt.py"), "--load", str(root), "--use-checkpoint-args",
          "--no-load-optim", "--micro-batch-size", "2", "--global-batch-size", "8", "--train-iters", "6",
          "--mock-data", "--lr", "1e-4", "--eval-iters", "0", "--attention-dropout", "0", "--hidden-dropout", "0",
          "--distributed-backend", "gloo", "--use-cpu-initialization", "--log-interval", "1",
          "--data-cache-path", str(tmp_path / "cache")],
-        capture_output=True, text=True, timeout=300, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT))
+        timeout=300, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT))
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     log = out.stdout + out.stderr
     assert "iteration        6/       6" in log and "iteration        5/" not in log
@@ -188,16 +188,16 @@ def test_generate_text_and_tasks_accept_it(megatron_ckpt, tmp_path):
     if kind != "llama" or args["tensor_model_parallel_size"] != 1 or args["pipeline_model_parallel_size"] != 1:
         pytest.skip("one model is enough")
     env = dict(os.environ, PYTHONPATH=ROOT)
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "generate_text.py"), "--load", str(root),
-                          "--use-checkpoint-args", "--prompt", "1 2 3", "--tokens-to-generate", "3"],
-                         capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    out = run_python([os.path.join(ROOT, "tools", "generate_text.py"), "--load", str(root),
+                      "--use-checkpoint-args", "--prompt", "1 2 3", "--tokens-to-generate", "3"],
+                     timeout=300, cwd=ROOT, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     wiki = tmp_path / "wiki.test.tokens"
     wiki.write_text(" ".join(str(i % 40 + 1) for i in range(60)) + " \n")
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "tasks", "main.py"), "--task", "WIKITEXT103",
-                          "--valid-data", str(wiki), "--load", str(root), "--use-checkpoint-args",
-                          "--micro-batch-size", "1", "--overlapping-eval", "8",
-                          "--results-path", str(tmp_path / "results.json")],
-                         capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    out = run_python([os.path.join(ROOT, "tasks", "main.py"), "--task", "WIKITEXT103",
+                      "--valid-data", str(wiki), "--load", str(root), "--use-checkpoint-args",
+                      "--micro-batch-size", "1", "--overlapping-eval", "8",
+                      "--results-path", str(tmp_path / "results.json")],
+                     timeout=300, cwd=ROOT, env=env)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     assert (tmp_path / "results.json").is_file()

@@ -8,7 +8,6 @@ convert.py --saver legacy writes the layout back."""
 
 import argparse
 import os
-import subprocess
 import sys
 
 import pytest
@@ -16,6 +15,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import megatron_oracle as oracle  # noqa: E402
+from script_server import run_python  # noqa: E402
 
 import gigatron  # noqa: E402
 from gigatron.core.checkpoint import formats  # noqa: E402
@@ -42,9 +42,9 @@ def _reference(root):
 
 
 def _convert(*argv):
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "checkpoint", "convert.py"), "--model-type",
-                          "GPT", *map(str, argv)], capture_output=True, text=True, timeout=300, cwd=ROOT,
-                         env=dict(os.environ, PYTHONPATH=ROOT))
+    out = run_python([os.path.join(ROOT, "tools", "checkpoint", "convert.py"), "--model-type",
+                      "GPT", *map(str, argv)], timeout=300, cwd=ROOT,
+                     env=dict(os.environ, PYTHONPATH=ROOT))
     return out
 
 
@@ -122,12 +122,12 @@ def test_pretrain_gpt_starts_from_a_release_checkpoint(legacy_ckpt, tmp_path):
     root, release = legacy_ckpt
     if not release or "v1" not in str(root):  # the tp=1 release checkpoint (the flags take its tp)
         pytest.skip("one end-to-end run is enough")
-    out = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "pretrain_gpt.py"), "--load", str(root), "--use-checkpoint-args",
+    out = run_python(
+        [os.path.join(ROOT, "pretrain_gpt.py"), "--load", str(root), "--use-checkpoint-args",
          "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "1", "--mock-data", "--lr", "1e-4",
          "--eval-iters", "0", "--attention-dropout", "0", "--hidden-dropout", "0", "--distributed-backend", "gloo",
          "--use-cpu-initialization", "--log-interval", "1", "--data-cache-path", str(tmp_path / "cache")],
-        capture_output=True, text=True, timeout=300, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT))
+        timeout=300, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT))
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "iteration        1/       1" in out.stdout + out.stderr
 

@@ -6,7 +6,6 @@ tests/megatron_oracle.py). Anything outside the allow-list is refused and runs n
 
 import argparse
 import os
-import subprocess
 import sys
 
 import pytest
@@ -14,6 +13,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import megatron_oracle as oracle  # noqa: E402
+from script_server import run_python  # noqa: E402
 
 import gigatron  # noqa: E402
 from gigatron.core.checkpoint import formats  # noqa: E402
@@ -67,10 +67,10 @@ def test_from_pretrained_matches_megatron_logits(megatron_ckpt):
 
 def test_convert_loader_core_reads_it(megatron_ckpt, tmp_path):
     root, _ = megatron_ckpt
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "checkpoint", "convert.py"), "--model-type",
-                          "GPT", "--loader", "core", "--saver", "core", "--load-dir", str(root), "--save-dir",
-                          str(tmp_path / "ours"), "--target-tensor-parallel-size", "2"],
-                         capture_output=True, text=True, timeout=300, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT))
+    out = run_python([os.path.join(ROOT, "tools", "checkpoint", "convert.py"), "--model-type",
+                      "GPT", "--loader", "core", "--saver", "core", "--load-dir", str(root), "--save-dir",
+                      str(tmp_path / "ours"), "--target-tensor-parallel-size", "2"],
+                     timeout=300, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT))
     assert out.returncode == 0, out.stderr
     ref = _reference(root)
     with torch.no_grad():
@@ -114,13 +114,13 @@ def test_pretrain_gpt_resumes_a_megatron_run(megatron_ckpt, tmp_path):
     root, kind = megatron_ckpt
     if kind != "gpt":
         pytest.skip("one end-to-end run is enough")
-    out = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "pretrain_gpt.py"), "--load", str(root), "--use-checkpoint-args",
+    out = run_python(
+        [os.path.join(ROOT, "pretrain_gpt.py"), "--load", str(root), "--use-checkpoint-args",
          "--no-load-optim", "--micro-batch-size", "2", "--global-batch-size", "8", "--train-iters", "6",
          "--mock-data", "--lr", "1e-4", "--eval-iters", "0", "--attention-dropout", "0", "--hidden-dropout", "0",
          "--distributed-backend", "gloo", "--use-cpu-initialization", "--log-interval", "1",
          "--data-cache-path", str(tmp_path / "cache")],
-        capture_output=True, text=True, timeout=300, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT))
+        timeout=300, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT))
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     log = out.stdout + out.stderr
     assert "iteration        6/       6" in log and "iteration        5/" not in log

@@ -5,7 +5,6 @@ strict load_state_dict and gives Gigatron's logits; the Transformer Engine varia
 names) reads back into Gigatron with the same logits."""
 
 import os
-import subprocess
 import sys
 
 import pytest
@@ -13,6 +12,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import megatron_oracle as oracle  # noqa: E402
+from script_server import run_python  # noqa: E402
 
 import gigatron  # noqa: E402
 from gigatron.core.checkpoint import formats  # noqa: E402
@@ -32,10 +32,10 @@ def source(request, tmp_path_factory):
 
 
 def _save(source, dest, impl):
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "checkpoint", "convert.py"), "--model-type",
-                          "GPT", "--loader", "core", "--saver", "megatron_torch", "--saver-transformer-impl", impl,
-                          "--load-dir", str(source), "--save-dir", str(dest)], capture_output=True, text=True,
-                         timeout=300, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT))
+    out = run_python([os.path.join(ROOT, "tools", "checkpoint", "convert.py"), "--model-type",
+                      "GPT", "--loader", "core", "--saver", "megatron_torch", "--saver-transformer-impl", impl,
+                      "--load-dir", str(source), "--save-dir", str(dest)], timeout=300, cwd=ROOT,
+                     env=dict(os.environ, PYTHONPATH=ROOT))
     assert out.returncode == 0, out.stderr
     return dest
 

@@ -5,7 +5,6 @@ checkpoint (1e-5, fp32) — for a Megatron-trained model and for one trained by 
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -13,6 +12,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import megatron_oracle as oracle  # noqa: E402
+from script_server import run_python  # noqa: E402
 
 import gigatron  # noqa: E402
 from gigatron.core.checkpoint import formats  # noqa: E402
@@ -25,8 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def _run(*argv):
-    return subprocess.run([sys.executable, *map(str, argv)], capture_output=True, text=True, timeout=300, cwd=ROOT,
-                          env=dict(os.environ, PYTHONPATH=ROOT))
+    return run_python([*map(str, argv)], timeout=300, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT))
 
 
 def _to_megatron(source, dest):

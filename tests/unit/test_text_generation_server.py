@@ -16,6 +16,9 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from _inference_fixtures import CharTokenizer, tiny_model  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from script_server import run_python  # noqa: E402
+
 from gigatron.core.inference.broadcast import LocalRunner  # noqa: E402
 from gigatron.core.inference.engine import InferenceEngine, SamplingParams  # noqa: E402
 from gigatron.core.inference.server.app import build_app  # noqa: E402
@@ -456,9 +459,8 @@ def test_cli_one_shot_and_interactive(server, capsys, monkeypatch):
     host = url[len("http://"):]
     ref = reference.generate(["hello"], SamplingParams(tokens_to_generate=5, top_k=1)).texts[0]
     # One shot, as a script would run it.
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "text_generation_cli.py"), host,
-                          "--prompt", "hello", "--tokens", "5", "--top-k", "1"], capture_output=True, text=True,
-                         timeout=120)
+    out = run_python([os.path.join(ROOT, "tools", "text_generation_cli.py"), host, "--prompt", "hello", "--tokens",
+                      "5", "--top-k", "1"], timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.rstrip("\n") == ref
     cli = _cli()
@@ -498,17 +500,16 @@ def test_generate_text_tool_from_a_checkpoint(checkpoint, tmp_path):
     from gigatron.core.tokenizers import NullTokenizer
 
     save = checkpoint
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "generate_text.py"), "--load", save,
-                          "--use-checkpoint-args", "--vocab-size", "4096", "--prompt", "1 2 3", "--prompt", "7",
-                          "--tokens-to-generate", "4", "--greedy"], capture_output=True, text=True, timeout=300)
+    out = run_python([os.path.join(ROOT, "tools", "generate_text.py"), "--load", save, "--use-checkpoint-args",
+                      "--vocab-size", "4096", "--prompt", "1 2 3", "--prompt", "7", "--tokens-to-generate", "4",
+                      "--greedy"], timeout=300)
     assert out.returncode == 0, out.stderr
     loaded = gigatron.from_pretrained(save)
     engine = InferenceEngine(loaded.model, NullTokenizer(4096), max_batch_size=2)
     ref = engine.generate(["1 2 3", "7"], SamplingParams(tokens_to_generate=4, top_k=1)).texts
     assert [block for block in out.stdout.split("\n\n") if block.strip()] == ref
-    bad = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "generate_text.py"), "--load",
-                          str(tmp_path / "missing"), "--use-checkpoint-args", "--vocab-size", "4096", "--prompt", "1"],
-                         capture_output=True, text=True, timeout=300)
+    bad = run_python([os.path.join(ROOT, "tools", "generate_text.py"), "--load", str(tmp_path / "missing"),
+                      "--use-checkpoint-args", "--vocab-size", "4096", "--prompt", "1"], timeout=300)
     assert bad.returncode == 2 and "latest_checkpointed_iteration" in bad.stderr
     assert "error: " in bad.stderr and "Traceback" not in bad.stderr  # gigatron.cli.run_cli: one line
 
@@ -606,7 +607,7 @@ def test_server_tool_reports_user_errors_in_one_line():
                            (["--load", "ckpt", "--vocab-size", "100", "--inference-dynamic-batching",
                              "--inference-max-requests", "0"],
                             "error: --inference-max-requests must be >= 1, got 0")):
-        out = subprocess.run([sys.executable, tool, *flags], capture_output=True, text=True, timeout=300)
+        out = run_python([tool, *flags], timeout=300)
         assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
 
 
