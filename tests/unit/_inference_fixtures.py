@@ -1,6 +1,12 @@
-"""Tiny GPT models and a character tokenizer shared by the generation tests."""
+"""Tiny GPT models, a character tokenizer and the checks shared by the generation tests."""
 
+import contextlib
+import os
+import socket
 import string
+import subprocess
+import sys
+import time
 
 import torch
 
@@ -119,3 +125,69 @@ def assert_decode_steps_never_synchronize(engine, prompts, params, monkeypatch):
     monkeypatch.setattr(InferenceEngine, "_decode_steps", strict)
     out = engine.generate_tokens(prompts, params)
     assert (out.tokens, out.logprobs) == (expected.tokens, expected.logprobs)
+
+
+def assert_engine_generation_equals_full_forward(model, engine, prompts, n):
+    """generate_tokens (the engine's own loop) gives the full forward's greedy tokens and
+    log-probabilities for each of `prompts` (token ids), batched and one prompt at a time."""
+    import torch.nn.functional as F
+
+    from gigatron.core.inference.engine import SamplingParams
+
+    params = SamplingParams(tokens_to_generate=n, top_k=1, stop_at_eod=False, return_log_probs=True)
+    batched = engine.generate_tokens(prompts, params)
+    for i, p in enumerate(prompts):
+        ids, _ = reference_greedy(model, p, n)
+        assert batched.tokens[i] == ids
+        want = F.log_softmax(full_logits(model, ids[:-1]), -1).gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
+        torch.testing.assert_close(torch.tensor(batched.logprobs[i]), want, rtol=1e-5, atol=1e-5)
+        assert engine.generate_tokens([p], params).tokens[0] == ids
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_server(tool: str, args, env=None, seconds: float = 240):
+    """Start tools/<tool> (a text-generation server) with `args` and a free --port, wait until its
+    /health answers, yield its base URL; the server is terminated afterwards."""
+    import httpx
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    port = free_port()
+    cmd = [sys.executable, os.path.join(root, "tools", tool), *args, "--port", str(port)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + seconds
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline, "the server did not come up"
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def assert_server_answers_greedily(url, want):
+    """The server at `url` answers PUT /api for the prompts "1 2 3" and "7" (4 greedy tokens each,
+    ids of a NullTokenizer) with the texts `want`, and POST /v1/completions for "1 2 3" with the
+    same 4 generated ids."""
+    import httpx
+
+    api = httpx.put(url + "/api", json={"prompts": ["1 2 3", "7"], "tokens_to_generate": 4, "top_k": 1}, timeout=60)
+    assert api.status_code == 200, api.text
+    assert api.json()["text"] == want
+    completion = httpx.post(url + "/v1/completions", json={"prompt": "1 2 3", "max_tokens": 4, "temperature": 0},
+                            timeout=60)
+    assert completion.status_code == 200, completion.text
+    assert completion.json()["choices"][0]["text"].split() == want[0].split()[3:]  # the 4 generated ids

@@ -28,7 +28,8 @@ from gigatron.core.transformer.config import TransformerConfig
 from gigatron.core.transformer.mamba.config import MambaConfig, allocate_hybrid_layers
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _inference_fixtures import PADDED_VOCAB, CharTokenizer, cached_greedy, full_logits, reference_greedy, tiny_model  # noqa: E402
+from _inference_fixtures import (PADDED_VOCAB, CharTokenizer, assert_engine_generation_equals_full_forward,  # noqa: E402
+                                 cached_greedy, full_logits, reference_greedy, tiny_model)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -74,15 +75,7 @@ def test_engine_greedy_and_logprobs_equal_the_full_forward(pattern):
     log-probabilities, batched and one prompt at a time."""
     model = hybrid_model(pattern, seed=11)
     engine = InferenceEngine(model, TOK, max_batch_size=4, max_sequence_length=64)
-    prompts = [TOK.tokenize(p) for p in PROMPTS]
-    params = SamplingParams(tokens_to_generate=10, top_k=1, stop_at_eod=False, return_log_probs=True)
-    batched = engine.generate_tokens(prompts, params)
-    for i, p in enumerate(prompts):
-        ids, steps = reference_greedy(model, p, 10)
-        assert batched.tokens[i] == ids
-        want = F.log_softmax(full_logits(model, ids[:-1]), -1).gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
-        torch.testing.assert_close(torch.tensor(batched.logprobs[i]), want, rtol=1e-5, atol=1e-5)
-        assert engine.generate_tokens([p], params).tokens[0] == ids
+    assert_engine_generation_equals_full_forward(model, engine, [TOK.tokenize(p) for p in PROMPTS], 10)
 
 
 def test_padding_does_not_reach_the_state():

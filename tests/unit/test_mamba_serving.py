@@ -4,16 +4,16 @@ weights (loaded with gigatron.from_pretrained, which builds a MambaModel for it)
 batching serves it too; tools/generate_text.py prints the same text."""
 
 import os
-import socket
 import subprocess
 import sys
-import time
 
-import httpx
 import pytest
 import torch
 
-from gigatron.core.inference.engine import InferenceEngine, SamplingParams
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _inference_fixtures import assert_server_answers_greedily, running_server  # noqa: E402
+
+from gigatron.core.inference.engine import InferenceEngine, SamplingParams  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MAMBA_FLAGS = ["--hybrid-override-pattern", "M*M-", "--mamba-state-dim", "8", "--mamba-head-dim", "8",
@@ -40,11 +40,6 @@ def checkpoint(tmp_path_factory):
     pretrain(mamba.datasets_provider, mamba.model_provider, mamba.forward_step, args=args)
     return save
 
-
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _reference(checkpoint):
@@ -82,36 +77,12 @@ def test_from_pretrained_loads_the_trained_weights(checkpoint):
 def test_server_tool_serves_a_hybrid_checkpoint(checkpoint, dynamic):
     _, engine = _reference(checkpoint)
     want = engine.generate(["1 2 3", "7"], SamplingParams(tokens_to_generate=4, top_k=1)).texts
-    port = _free_port()
     tool = "run_mamba_text_generation_server.py" if dynamic else "run_text_generation_server.py"
-    cmd = [sys.executable, os.path.join(ROOT, "tools", tool), "--load", checkpoint, "--use-checkpoint-args",
-           "--vocab-size", "4096", "--port", str(port), "--max-batch-size", "2"]
+    args = ["--load", checkpoint, "--use-checkpoint-args", "--vocab-size", "4096", "--max-batch-size", "2"]
     if dynamic:
-        cmd += ["--inference-dynamic-batching", "--inference-max-requests", "2", "--inference-prefill-chunk-size", "2"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 240
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.time() < deadline, "the server did not come up"
-            time.sleep(0.5)
-        api = httpx.put(url + "/api", json={"prompts": ["1 2 3", "7"], "tokens_to_generate": 4, "top_k": 1},
-                        timeout=60)
-        assert api.status_code == 200, api.text
-        assert api.json()["text"] == want
-        completion = httpx.post(url + "/v1/completions", json={"prompt": "1 2 3", "max_tokens": 4, "temperature": 0},
-                                timeout=60)
-        assert completion.status_code == 200, completion.text
-        assert completion.json()["choices"][0]["text"].split() == want[0].split()[3:]  # the 4 generated ids
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        args += ["--inference-dynamic-batching", "--inference-max-requests", "2", "--inference-prefill-chunk-size", "2"]
+    with running_server(tool, args) as url:
+        assert_server_answers_greedily(url, want)
 
 
 def test_generate_text_tool_from_a_hybrid_checkpoint(checkpoint):

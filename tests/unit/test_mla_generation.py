@@ -6,10 +6,7 @@ different lengths; the absorbed and expanded attention agree; beam search scores
 batching (eager and static steps) and tp=2 match; the server tool serves a trained MLA checkpoint."""
 
 import os
-import socket
-import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -17,7 +14,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
 from _inference_fixtures import (PADDED_VOCAB, CharTokenizer, assert_decode_steps_never_synchronize,  # noqa: E402
-                                 cached_greedy, full_logits, reference_greedy)
+                                 assert_engine_generation_equals_full_forward, assert_server_answers_greedily,
+                                 cached_greedy, full_logits, reference_greedy, running_server)
 
 from gigatron.core.inference.continuous import ContinuousBatcher, Sequence, slot_bytes  # noqa: E402
 from gigatron.core.inference.engine import InferenceEngine, SamplingParams  # noqa: E402
@@ -88,15 +86,7 @@ def test_engine_greedy_and_logprobs_equal_the_full_forward(variant):
         for block in model.mtp.layers:
             block.register_forward_pre_hook(refuse)
     engine = InferenceEngine(model, TOK, max_batch_size=4, max_sequence_length=64)
-    prompts = [TOK.tokenize(p) for p in PROMPTS]
-    params = SamplingParams(tokens_to_generate=12, top_k=1, stop_at_eod=False, return_log_probs=True)
-    batched = engine.generate_tokens(prompts, params)
-    for i, p in enumerate(prompts):
-        ids, _ = reference_greedy(model, p, 12)
-        assert batched.tokens[i] == ids
-        want = F.log_softmax(full_logits(model, ids[:-1]), -1).gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
-        torch.testing.assert_close(torch.tensor(batched.logprobs[i]), want, rtol=1e-5, atol=1e-5)
-        assert engine.generate_tokens([p], params).tokens[0] == ids
+    assert_engine_generation_equals_full_forward(model, engine, [TOK.tokenize(p) for p in PROMPTS], 12)
 
 
 def test_the_cache_holds_the_latent_only():
@@ -370,11 +360,6 @@ def checkpoint(tmp_path_factory):
     return save
 
 
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 def _greedy_reference(checkpoint):
     """gigatron.from_pretrained's model of the checkpoint, an engine on it, and its greedy texts
@@ -394,45 +379,15 @@ def _greedy_reference(checkpoint):
     return engine, want
 
 
-def _ask(url, want):
-    import httpx
-
-    api = httpx.put(url + "/api", json={"prompts": ["1 2 3", "7"], "tokens_to_generate": 4, "top_k": 1}, timeout=60)
-    assert api.status_code == 200, api.text
-    assert api.json()["text"] == want
-    completion = httpx.post(url + "/v1/completions", json={"prompt": "1 2 3", "max_tokens": 4, "temperature": 0},
-                            timeout=60)
-    assert completion.status_code == 200, completion.text
-    assert completion.json()["choices"][0]["text"].split() == want[0].split()[3:]  # the 4 generated ids
-
 
 def test_server_tool_serves_an_mla_checkpoint(checkpoint):
     """tools/run_text_generation_server.py on the checkpoint answers /api and /v1/completions with
     the greedy text of gigatron.from_pretrained's model."""
-    import httpx
-
     _, want = _greedy_reference(checkpoint)
-    port = _free_port()
-    cmd = [sys.executable, os.path.join(ROOT, "tools", "run_text_generation_server.py"), "--load", checkpoint,
-           "--use-checkpoint-args", "--vocab-size", "4096", "--port", str(port), "--max-batch-size", "2"]
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 240
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.time() < deadline, "the server did not come up"
-            time.sleep(0.5)
-        _ask(url, want)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    args = ["--load", checkpoint, "--use-checkpoint-args", "--vocab-size", "4096", "--max-batch-size", "2"]
+    with running_server("run_text_generation_server.py", args, env=env) as url:
+        assert_server_answers_greedily(url, want)
 
 
 def test_continuous_batching_server_serves_an_mla_checkpoint(checkpoint):
@@ -448,4 +403,4 @@ def test_continuous_batching_server_serves_an_mla_checkpoint(checkpoint):
                     prefill_chunk=2)
     assert type(app.state.scheduler).__name__ == "ContinuousScheduler"
     with serve_in_background(app) as server:
-        _ask(server.url, want)
+        assert_server_answers_greedily(server.url, want)
