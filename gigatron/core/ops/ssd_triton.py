@@ -540,13 +540,17 @@ class _ConvSSDScan(torch.autograd.Function):
         return dxbc, dweight, dbias, ddt, dA, dD, None, None
 
 
+def _check_chunk_size(chunk_size: int) -> None:
+    if chunk_size < 16 or chunk_size & (chunk_size - 1):
+        raise ValueError(f"the Triton SSD scan needs a power-of-two chunk size >= 16, got {chunk_size}")
+
+
 def triton_conv_ssd_scan(xbc: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], dt: torch.Tensor,
                          A: torch.Tensor, D: Optional[torch.Tensor], sizes, chunk_size: int = 128) -> torch.Tensor:
     """The Mamba mixer's conv1d + SiLU + scan on CUDA: xbc [b, l, H P + 2 G N] (any strides),
     weight [H P + 2 G N, W], bias, dt [b, l, H] (after softplus), A, D [H]; sizes = (H, P, G, N)
     -> y [b, l, H, P] in xbc's dtype. chunk_size a power of two >= 16."""
-    if chunk_size < 16 or chunk_size & (chunk_size - 1):
-        raise ValueError(f"the Triton SSD scan needs a power-of-two chunk size >= 16, got {chunk_size}")
+    _check_chunk_size(chunk_size)
     return _ConvSSDScan.apply(xbc, weight, bias, dt, A, D, tuple(sizes), chunk_size)
 
 
@@ -555,8 +559,7 @@ def triton_ssd_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch
                     chunk_size: int = 128):
     """The chunked SSD scan on CUDA: (y [b, l, h, p] in x's dtype, final state [b, h, p, n] fp32).
     chunk_size must be a power of two >= 16."""
-    if chunk_size < 16 or chunk_size & (chunk_size - 1):
-        raise ValueError(f"the Triton SSD scan needs a power-of-two chunk size >= 16, got {chunk_size}")
+    _check_chunk_size(chunk_size)
     if B.dtype != x.dtype or C.dtype != x.dtype:
         raise ValueError(f"the Triton SSD scan needs x, B and C of one dtype, got {x.dtype}, {B.dtype}, {C.dtype}")
     return _SSDScan.apply(x, dt, A, B, C, D, initial_state, chunk_size)
